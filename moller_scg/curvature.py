@@ -1,0 +1,89 @@
+"""Hessian-vector products s = E''(w) v: the curvature SCG needs along its search direction.
+
+Three ways to get s, each knowing nothing of SCG or of data:
+
+* :func:`graph_hvp` — exact, by ``torch.autograd`` double-backward through gradients that were computed with
+  ``create_graph=True`` (Pearlmutter 1994). It reuses the graph of the evaluation that produced the gradient,
+  so it costs one backward pass and no forward pass.
+* :func:`functional_hvp` — exact, by forward-over-reverse differentiation with ``torch.func`` (``jvp`` of
+  ``grad``), for a loss written as a function of the parameters.
+* :func:`finite_difference_hvp` — Møller's original approximation s = (E'(w + σₖ v) − E'(w)) / σₖ, from
+  two gradients (Møller 1993, step 2).
+
+References:
+    Møller, M. F. (1993). A scaled conjugate gradient algorithm for fast supervised learning.
+    Neural Networks 6(4), 525–533.
+    Pearlmutter, B. A. (1994). Fast exact multiplication by the Hessian. Neural Computation 6(1), 147–160.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping, Sequence
+
+import torch
+
+from moller_scg._vectors import TensorList, as_real
+
+MISSING_GRAPH_MESSAGE = (
+    "double-backward curvature needs gradients that carry their autograd graph, but no gradient does: "
+    "call loss.backward(create_graph=True) in the closure, pass a closure with an hvp() method "
+    "(such as moller_scg.GradientAccumulator), or use hvp='finite-difference'"
+)
+
+
+def graph_hvp(
+    gradients: Sequence[torch.Tensor | None],
+    params: Sequence[torch.Tensor],
+    vectors: Sequence[torch.Tensor],
+) -> TensorList:
+    """s = E''(w) v by double-backward: the gradient of gᵀv with respect to w, where g = E'(w) carries its graph.
+
+    Args:
+        gradients: g = E'(w) per parameter, computed with ``create_graph=True``. A gradient without a graph
+            (``None``, or one that does not require grad) does not depend on w and contributes nothing.
+        params: the parameters w the gradients were taken with respect to.
+        vectors: v, one tensor per parameter (no graph).
+
+    Returns:
+        s = E''(w) v, detached, one tensor per parameter.
+
+    Raises:
+        RuntimeError: when no gradient carries a graph (the loss was not differentiated with
+            ``create_graph=True``).
+    """
+    pairs = [(g, v) for g, v in zip(gradients, vectors) if g is not None and g.requires_grad]
+    if not pairs:
+        raise RuntimeError(MISSING_GRAPH_MESSAGE)
+    with torch.enable_grad():
+        directional = sum(torch.sum(as_real(g) * as_real(v)) for g, v in pairs)
+        products = torch.autograd.grad(directional, list(params), allow_unused=True)
+    return [torch.zeros_like(p) if s is None else s.detach() for p, s in zip(params, products)]
+
+
+def functional_hvp(
+    loss_of_params: Callable[[dict[str, torch.Tensor]], torch.Tensor],
+    params: Mapping[str, torch.Tensor],
+    vectors: Mapping[str, torch.Tensor],
+) -> dict[str, torch.Tensor]:
+    """s = E''(w) v by forward-over-reverse differentiation (``torch.func.jvp`` of ``torch.func.grad``).
+
+    Args:
+        loss_of_params: E as a pure function of a name → tensor mapping of parameters (for example built on
+            ``torch.func.functional_call``).
+        params: w, by name.
+        vectors: v, by the same names.
+
+    Returns:
+        s = E''(w) v, by name.
+    """
+    _, products = torch.func.jvp(torch.func.grad(loss_of_params), (dict(params),), (dict(vectors),))
+    return products
+
+
+def finite_difference_hvp(
+    shifted_gradients: Sequence[torch.Tensor],
+    gradients: Sequence[torch.Tensor],
+    sigma_k: float,
+) -> TensorList:
+    """Møller's s = (E'(w + σₖ p) − E'(w)) / σₖ from the gradient at the shifted point and at w (step 2)."""
+    return [(shifted - g) / sigma_k for shifted, g in zip(shifted_gradients, gradients)]

@@ -1,0 +1,520 @@
+"""Møller's Scaled Conjugate Gradient (SCG) as a ``torch.optim.Optimizer``.
+
+One call of :meth:`SCG.step` is one iteration of the paper (steps 2–9). The step length comes from a
+Levenberg–Marquardt-scaled quadratic model along the conjugate direction, so there is no learning rate and no
+line search. Each step is marked in the code with the paper's step number; ``docs/algorithm.md`` maps them.
+
+References:
+    Møller, M. F. (1993). A scaled conjugate gradient algorithm for fast supervised learning.
+    Neural Networks 6(4), 525–533.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import math
+import numbers
+from collections.abc import Callable, Iterable
+from typing import Any
+
+import torch
+
+from moller_scg import _vectors as vec
+from moller_scg.curvature import MISSING_GRAPH_MESSAGE, finite_difference_hvp, graph_hvp
+
+logger = logging.getLogger(__name__)
+
+HVP_MODES = ("double-backward", "finite-difference")
+
+# Constants of the paper (Møller 1993, steps 7 and 8).
+GOOD_COMPARISON = 0.75  # Δ ≥ 0.75: the quadratic model is good, reduce the scale λ (step 7)
+POOR_COMPARISON = 0.25  # Δ < 0.25: the quadratic model is poor, raise the scale λ (step 8)
+LAMBDA_DECREASE_FACTOR = 4.0  # λ ← λ / 4 on a good step (step 7)
+
+# Safeguards of this implementation (not in the paper).
+NON_FINITE_COMPARISON = -2.0
+"""Δ assumed for λ's increase (step 8) when the trial loss or gradient is not finite: the next α shrinks 4×."""
+MAX_NON_FINITE_TRIALS = 20
+"""Non-finite trials in a row after which :meth:`SCG.step` raises ``FloatingPointError`` instead of going on."""
+
+
+@dataclasses.dataclass(frozen=True)
+class SCGTrace:
+    """The numbers of the latest iteration — what the blog's Figure 3 plots.
+
+    Attributes:
+        k: iterations done so far (successful or not).
+        loss: E(w) at the weights the parameters hold after the step.
+        success: whether the trial point w + αp was accepted (Δ ≥ 0).
+        lambd: λ after the update of steps 7–8, the scale used by the next iteration.
+        delta: δ = pᵀs + λ|p|², the scaled curvature along p (after step 4).
+        comparison: Δ = 2δ(E(w) − E(w + αp)) / μ², the comparison ratio (step 6); NaN for a non-finite trial.
+        mu: μ = pᵀr (step 5).
+        alpha: α = μ / δ, the step length (step 5).
+        residual_norm: |r| = |E'(w)| at the weights held after the step.
+        direction_norm: |p| of the direction the next iteration searches along.
+        closure_calls: closure evaluations since the optimizer was made.
+        hvp_calls: Hessian-vector products (curvature evaluations) since the optimizer was made.
+    """
+
+    k: int
+    loss: float
+    success: bool
+    lambd: float
+    delta: float
+    comparison: float
+    mu: float
+    alpha: float
+    residual_norm: float
+    direction_norm: float
+    closure_calls: int
+    hvp_calls: int
+
+
+@dataclasses.dataclass
+class SCGScalars:
+    """What SCG remembers between steps besides the per-parameter vectors p (direction) and r (residual).
+
+    Every field is a Python ``int``, ``bool`` or ``float`` (IEEE float64), whatever the parameters' dtype, so a
+    ``state_dict`` round trip keeps them exactly.
+
+    Attributes:
+        k: iterations done (the paper's k − 1); restarts happen when the paper's k is a multiple of N.
+        loss: E(w) at the accepted weights; NaN before the first evaluation.
+        lambd: λ, the Levenberg–Marquardt scale of the next iteration.
+        lambd_bar: λ̄, the scale already contained in ``delta`` (reset to 0 after a success).
+        delta: δ of the last iteration, reused when the last trial failed (step 2 is then skipped).
+        success: whether the last trial succeeded, i.e. whether the next iteration needs fresh curvature.
+        non_finite_trials: non-finite trials in a row.
+        closure_calls: closure evaluations so far.
+        hvp_calls: curvature evaluations so far.
+        started: whether E(w₁) and r₁ have been evaluated (step 1).
+    """
+
+    k: int = 0
+    loss: float = math.nan
+    lambd: float = 0.0
+    lambd_bar: float = 0.0
+    delta: float = 0.0
+    success: bool = True
+    non_finite_trials: int = 0
+    closure_calls: int = 0
+    hvp_calls: int = 0
+    started: bool = False
+
+
+def _loss_value(raw: Any) -> float:
+    """The closure's loss as a Python float (one host synchronisation), or ``TypeError``."""
+    if isinstance(raw, torch.Tensor):
+        if raw.numel() != 1:
+            raise TypeError(
+                f"the closure must return a scalar loss (a 0-dim or one-element tensor or a number), "
+                f"got a tensor of shape {tuple(raw.shape)}"
+            )
+        if raw.is_complex():
+            raise TypeError(f"the closure must return a real loss, got a complex tensor of dtype {raw.dtype}")
+        return float(raw.detach())
+    if isinstance(raw, numbers.Real) and not isinstance(raw, bool):
+        return float(raw)
+    raise TypeError(
+        f"the closure must return a scalar loss (a 0-dim or one-element tensor or a number), "
+        f"got {type(raw).__name__}: {raw!r:.80}"
+    )
+
+
+class SCG(torch.optim.Optimizer):
+    r"""Møller's Scaled Conjugate Gradient: full-batch, second-order-aware, no learning rate, no line search.
+
+    Each :meth:`step` is one iteration of Møller (1993), steps 2–9:
+
+    2. after a successful step, the curvature along p: σₖ = σ/|p|, s = E''(w)p, δ = pᵀs;
+    3. scale: δ ← δ + (λ − λ̄)|p|²;
+    4. if δ ≤ 0, make it positive: λ̄ = 2(λ − δ/|p|²), δ ← −δ + λ|p|², λ ← λ̄;
+    5. μ = pᵀr, α = μ/δ;
+    6. Δ = 2δ(E(w) − E(w + αp)) / μ² from one evaluation at the trial point w + αp;
+    7. if Δ ≥ 0, accept: w ← w + αp, r ← −E'(w), λ̄ ← 0; restart p ← r when k mod N = 0, otherwise
+       β = (|r₊|² − r₊ᵀr)/μ and p ← r₊ + βp; if Δ ≥ 0.75, λ ← λ/4. Otherwise keep w and set λ̄ ← λ;
+    8. if Δ < 0.25, λ ← λ + δ(1 − Δ)/|p|²;
+    9. k ← k + 1.
+
+    The first call also evaluates E(w₁) and r₁ = p₁ = −E'(w₁) (step 1). The gradient of an accepted trial is
+    r of the next iteration, so no point is evaluated twice.
+
+    Args:
+        params: parameters or parameter groups, as for any ``torch.optim.Optimizer`` (``named_parameters()``
+            works too). SCG treats all parameters as one vector w, so every group must use the same σ, λ₁,
+            ``hvp`` and ``restart``.
+        sigma: σ, the finite-difference scale (σₖ = σ/|p|); the paper suggests 0 < σ ≤ 1e-4. Used only with
+            ``hvp="finite-difference"``.
+        lambd: λ₁, the initial Levenberg–Marquardt scale; the paper suggests 0 < λ₁ ≤ 1e-6.
+        hvp: how s = E''(w)p is obtained. ``"double-backward"`` (default): exactly, by double-backward through
+            the graph of the evaluation that produced the current gradient — the closure must call
+            ``loss.backward(create_graph=True)``. ``"finite-difference"``: Møller's
+            s = (E'(w + σₖp) − E'(w))/σₖ, one extra closure call. In ``"double-backward"`` mode a closure
+            with an ``hvp(vectors)`` method (such as :class:`moller_scg.GradientAccumulator`) is asked for the
+            exact product instead.
+        restart: N, the restart period: p ← r whenever the iteration count k is a multiple of N (k counts
+            every iteration). Default: the number of real scalars in the parameters, as in the paper.
+
+    Closure calls per step: a success costs 1 trial call (plus 1 curvature call with finite differences); a
+    failure costs 1 trial call. The first step adds the evaluation of w₁.
+
+    Example:
+        >>> import torch
+        >>> from moller_scg import SCG
+        >>> w = torch.nn.Parameter(torch.tensor([-1.2, 1.0], dtype=torch.float64))
+        >>> optimizer = SCG([w])
+        >>> def closure():
+        ...     optimizer.zero_grad()
+        ...     loss = (1 - w[0]) ** 2 + 100 * (w[1] - w[0] ** 2) ** 2
+        ...     loss.backward(create_graph=True)
+        ...     return loss
+        >>> for _ in range(100):
+        ...     loss = optimizer.step(closure)
+        >>> bool(loss < 1e-12)
+        True
+    """
+
+    def __init__(
+        self,
+        params: Iterable[torch.Tensor] | Iterable[dict[str, Any]] | Iterable[tuple[str, torch.Tensor]],
+        sigma: float = 5e-5,
+        lambd: float = 5e-7,
+        hvp: str = "double-backward",
+        restart: int | None = None,
+    ) -> None:
+        defaults = {"sigma": sigma, "lambd": lambd, "hvp": hvp, "restart": restart}
+        _validate_hyperparameters(defaults)
+        super().__init__(params, defaults)
+        self._scalars = SCGScalars(lambd=float(lambd))
+        self._trace: SCGTrace | None = None
+        self._reset_transient()
+
+    # ----------------------------------------------------------------------------------------------------------
+    # torch.optim.Optimizer interface
+
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
+        """Add a group; its σ, λ₁, ``hvp`` and ``restart`` must equal the other groups' (SCG has one w)."""
+        super().add_param_group(param_group)
+        group = self.param_groups[-1]
+        _validate_hyperparameters(group)
+        for key in self.defaults:
+            if group[key] != self.param_groups[0][key]:
+                raise ValueError(
+                    f"SCG optimizes all parameters as one vector, so every parameter group needs the same "
+                    f"{key!r}: got {group[key]!r} in group {len(self.param_groups) - 1} and "
+                    f"{self.param_groups[0][key]!r} in group 0"
+                )
+        if hasattr(self, "_scalars"):
+            # A parameter added after construction has no direction yet: the next step starts again at step 1.
+            self._scalars.started = False
+
+    def state_dict(self) -> dict[str, Any]:
+        """The usual optimizer state plus ``"scg"``: the scalars of :class:`SCGScalars` and the latest trace."""
+        state = super().state_dict()
+        state["scg"] = {
+            "scalars": dataclasses.asdict(self._scalars),
+            "trace": None if self._trace is None else dataclasses.asdict(self._trace),
+        }
+        return state
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Load a state saved by :meth:`state_dict`; the run then continues exactly as it would have."""
+        scg_state = state_dict.get("scg") if isinstance(state_dict, dict) else None
+        if not isinstance(scg_state, dict) or not isinstance(scg_state.get("scalars"), dict):
+            raise ValueError(
+                "this is not an SCG state_dict: it has no 'scg' entry with the scalars λ, λ̄, δ, k "
+                "(was it saved by another optimizer?)"
+            )
+        try:
+            scalars = SCGScalars(**scg_state["scalars"])
+            trace = None if scg_state.get("trace") is None else SCGTrace(**scg_state["trace"])
+        except TypeError as error:
+            raise ValueError(f"the 'scg' entry of this state_dict does not match SCG's scalars: {error}") from None
+        super().load_state_dict(state_dict)
+        self._scalars = scalars
+        self._trace = trace
+        self._reset_transient()
+
+    def __getstate__(self) -> dict[str, Any]:
+        # The autograd graph of the last evaluation cannot be copied or pickled; it is rebuilt when needed.
+        state = super().__getstate__()
+        state["_scalars"] = dataclasses.replace(self._scalars)
+        state["_trace"] = self._trace
+        return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        super().__setstate__(state)
+        self._reset_transient()
+
+    @property
+    def trace(self) -> SCGTrace | None:
+        """The latest iteration's k, E, success, λ, δ, Δ, μ, α, |r|, |p| and call counts (``None`` before a step)."""
+        return self._trace
+
+    # ----------------------------------------------------------------------------------------------------------
+    # The iteration
+
+    @torch.no_grad()
+    def step(self, closure: Callable[[], Any]) -> torch.Tensor:  # type: ignore[override]
+        """One iteration of SCG (Møller 1993, steps 2–9); the first call also does step 1.
+
+        Args:
+            closure: re-evaluates the model and returns the loss E(w) after setting each parameter's ``.grad`` to
+                E'(w) (``zero_grad``, forward, ``backward``), as for ``torch.optim.LBFGS``. With
+                ``hvp="double-backward"`` it calls ``loss.backward(create_graph=True)``, unless it has an
+                ``hvp(vectors)`` method.
+
+        Returns:
+            E(w) at the weights the parameters hold after the step, as a detached float64 scalar tensor.
+
+        Raises:
+            TypeError: the closure is missing or returns something other than a scalar loss, or a gradient is
+                sparse.
+            FloatingPointError: the loss or gradient at the accepted weights, or the curvature, is not finite, or
+                the trial was not finite ``MAX_NON_FINITE_TRIALS`` times in a row. The weights are never left
+                at a trial point or set to a non-finite value.
+        """
+        if closure is None or not callable(closure):
+            raise TypeError(f"SCG.step needs a closure that re-evaluates the model and returns the loss, got {closure!r}")
+        params = self._params()
+        if not params:
+            raise ValueError("SCG has no parameters to optimize")
+        if not self._scalars.started or self._weights_changed_outside(params):
+            self._start(closure, params)
+        accepted = vec.clone(params)
+        try:
+            self._iterate(closure, params, accepted)
+        except BaseException:
+            # Whatever the closure raised, the parameters hold the accepted point w afterwards.
+            vec.copy_(params, accepted)
+            raise
+        finally:
+            self._param_versions = [p._version for p in params]
+        return torch.tensor(self._scalars.loss, dtype=torch.float64)
+
+    def _start(self, closure: Callable[[], Any], params: list[torch.Tensor]) -> None:
+        """Step 1: evaluate E(w₁) and r₁ = −E'(w₁); p₁ = r₁; λ = λ₁, λ̄ = 0, success = true."""
+        if self._scalars.started:
+            logger.info("parameters were changed outside SCG.step: restarting SCG from the current weights")
+        loss, gradients = self._evaluate(closure, params)
+        _require_finite(loss, gradients, "at the starting weights")
+        residual = vec.negated(gradients)
+        for p, r in zip(params, residual):
+            self.state[p]["residual"] = r
+            self.state[p]["direction"] = r.clone()
+        scalars = self._scalars
+        scalars.loss = loss
+        scalars.lambd = float(self.param_groups[0]["lambd"])
+        scalars.lambd_bar = 0.0
+        scalars.delta = 0.0
+        scalars.success = True
+        scalars.non_finite_trials = 0
+        scalars.started = True
+        self._trace = self._make_trace(params, comparison=math.nan, mu=math.nan, alpha=0.0, success=False)
+
+    def _iterate(self, closure: Callable[[], Any], params: list[torch.Tensor], accepted: list[torch.Tensor]) -> None:
+        """Steps 2–9. State is committed only once every closure call of the iteration has returned."""
+        group = self.param_groups[0]
+        scalars = self._scalars
+        residual = [self.state[p]["residual"] for p in params]
+        direction = [self.state[p]["direction"] for p in params]
+        if vec.squared_norm(residual) == 0.0:
+            # r = 0: w is a stationary point (step 9 terminates); the weights stay as they are.
+            self._trace = self._make_trace(params, comparison=math.nan, mu=0.0, alpha=0.0, success=False)
+            return
+        success = scalars.success
+        lambd, lambd_bar = scalars.lambd, scalars.lambd_bar
+        mu = vec.dot(direction, residual)
+        if mu == 0.0:
+            # p ⟂ r would give α = 0 and Δ = 0/0; search along steepest descent instead (not in the paper).
+            direction = [r.clone() for r in residual]
+            mu, success, lambd_bar = vec.squared_norm(residual), True, 0.0
+        direction_sq = vec.squared_norm(direction)
+
+        # Step 2: the second-order information along p, only after a success.
+        if success:
+            curvature = self._curvature_along(direction, direction_sq, closure, params, accepted, group)
+            delta = vec.dot(direction, curvature)
+            if not math.isfinite(delta):
+                raise FloatingPointError(f"the curvature δ = pᵀs along the search direction is not finite ({delta})")
+        else:
+            delta = scalars.delta
+        # Step 3: scale δ by λ.
+        delta += (lambd - lambd_bar) * direction_sq
+        # Step 4: make the Hessian positive definite along p.
+        if delta <= 0.0:
+            lambd_bar = 2.0 * (lambd - delta / direction_sq)
+            delta = -delta + lambd * direction_sq
+            lambd = lambd_bar
+        # Step 5: the step length.
+        alpha = mu / delta
+        # Step 6: the comparison ratio, from one evaluation at the trial point.
+        vec.add_(params, direction, alpha)
+        trial_loss, trial_gradients = self._evaluate(closure, params)
+        finite = math.isfinite(trial_loss) and vec.all_finite(trial_gradients)
+        comparison = 2.0 * delta * (scalars.loss - trial_loss) / mu**2 if finite else math.nan
+
+        # Step 7: accept or reject the trial point. Nothing below calls the closure, so state can be committed.
+        scalars.k += 1
+        if finite and comparison >= 0.0:
+            new_residual = vec.negated(trial_gradients)
+            if scalars.k % self._restart_period(params) == 0:
+                new_direction = [r.clone() for r in new_residual]
+            else:
+                beta = (vec.squared_norm(new_residual) - vec.dot(new_residual, residual)) / mu
+                new_direction = [r + beta * p for r, p in zip(new_residual, direction)]
+            for p, r, d in zip(params, new_residual, new_direction):
+                self.state[p]["residual"] = r
+                self.state[p]["direction"] = d
+            scalars.loss = trial_loss
+            lambd_bar = 0.0
+            success = True
+            if comparison >= GOOD_COMPARISON:
+                lambd = lambd / LAMBDA_DECREASE_FACTOR
+            scalars.non_finite_trials = 0
+        else:
+            vec.copy_(params, accepted)
+            self._graph_gradients = None
+            for p, d in zip(params, direction):
+                self.state[p]["direction"] = d
+            lambd_bar = lambd
+            success = False
+            scalars.non_finite_trials = 0 if finite else scalars.non_finite_trials + 1
+        # Step 8: raise the scale when the quadratic model was poor.
+        effective_comparison = comparison if finite else NON_FINITE_COMPARISON
+        if effective_comparison < POOR_COMPARISON:
+            lambd = lambd + delta * (1.0 - effective_comparison) / direction_sq
+        scalars.lambd, scalars.lambd_bar, scalars.delta, scalars.success = lambd, lambd_bar, delta, success
+        self._trace = self._make_trace(params, comparison=comparison, mu=mu, alpha=alpha, success=success)
+        if not math.isfinite(lambd):
+            raise FloatingPointError(f"the scale λ overflowed ({lambd}): the quadratic model fails at every step length")
+        if scalars.non_finite_trials >= MAX_NON_FINITE_TRIALS:
+            raise FloatingPointError(
+                f"the loss or gradient at the trial point was not finite {scalars.non_finite_trials} times in a row "
+                f"(last trial loss: {trial_loss}); the weights were kept at the last accepted point"
+            )
+
+    # ----------------------------------------------------------------------------------------------------------
+    # Helpers, each one idea
+
+    def _params(self) -> list[torch.Tensor]:
+        return [p for group in self.param_groups for p in group["params"]]
+
+    def _restart_period(self, params: list[torch.Tensor]) -> int:
+        """N: the user's restart period, or the number of real scalars in w (the paper's default)."""
+        restart = self.param_groups[0]["restart"]
+        return restart if restart is not None else sum(vec.as_real(p).numel() for p in params)
+
+    def _evaluate(self, closure: Callable[[], Any], params: list[torch.Tensor]) -> tuple[float, list[torch.Tensor]]:
+        """E(w) and E'(w) at the weights the parameters hold, by one closure call.
+
+        A ``None`` gradient counts as zero. In double-backward mode the gradients (with their graph) are kept
+        for :meth:`_curvature_along`; they are replaced, never modified in place.
+        """
+        with torch.enable_grad():
+            raw_loss = closure()
+        self._scalars.closure_calls += 1
+        loss = _loss_value(raw_loss)
+        gradients = []
+        for index, p in enumerate(params):
+            if p.grad is not None and p.grad.is_sparse:
+                raise TypeError(f"SCG does not support sparse gradients, but parameter {self._name(index)} has one")
+            gradients.append(torch.zeros_like(p) if p.grad is None else p.grad)
+        if self._uses_graph(closure):
+            if not any(g.requires_grad for g in gradients):
+                raise RuntimeError(MISSING_GRAPH_MESSAGE)
+            self._graph_gradients = gradients
+            self._graph_versions = [p._version for p in params]
+        return loss, [g.detach() for g in gradients]
+
+    def _uses_graph(self, closure: Callable[[], Any]) -> bool:
+        return self.param_groups[0]["hvp"] == "double-backward" and not callable(getattr(closure, "hvp", None))
+
+    def _curvature_along(
+        self,
+        direction: list[torch.Tensor],
+        direction_sq: float,
+        closure: Callable[[], Any],
+        params: list[torch.Tensor],
+        accepted: list[torch.Tensor],
+        group: dict[str, Any],
+    ) -> list[torch.Tensor]:
+        """s ≈ E''(w)p at the accepted weights w (step 2)."""
+        self._scalars.hvp_calls += 1
+        if group["hvp"] == "finite-difference":
+            sigma_k = group["sigma"] / math.sqrt(direction_sq)
+            vec.add_(params, direction, sigma_k)
+            _, shifted_gradients = self._evaluate(closure, params)
+            vec.copy_(params, accepted)
+            if not vec.all_finite(shifted_gradients):
+                raise FloatingPointError(
+                    f"the gradient at w + σₖp (σₖ = {sigma_k:.3g}) for the finite-difference curvature is not finite"
+                )
+            residual = [self.state[p]["residual"] for p in params]
+            return finite_difference_hvp(shifted_gradients, vec.negated(residual), sigma_k)
+        hvp_method = getattr(closure, "hvp", None)
+        if callable(hvp_method):
+            with torch.enable_grad():
+                products = list(hvp_method([d.detach() for d in direction]))
+            if len(products) != len(params):
+                raise ValueError(f"closure.hvp returned {len(products)} tensors for {len(params)} parameters")
+            return products
+        if self._graph_gradients is None or self._graph_versions != [p._version for p in params]:
+            # No graph at w (after loading a state_dict, a copy, or an error inside the last step): rebuild it.
+            self._evaluate(closure, params)
+        gradients, self._graph_gradients = self._graph_gradients, None
+        return graph_hvp(gradients, params, direction)
+
+    def _weights_changed_outside(self, params: list[torch.Tensor]) -> bool:
+        """Whether the parameters were written to since the last step (then r and E are stale)."""
+        return self._param_versions is not None and self._param_versions != [p._version for p in params]
+
+    def _make_trace(
+        self, params: list[torch.Tensor], *, comparison: float, mu: float, alpha: float, success: bool
+    ) -> SCGTrace:
+        scalars = self._scalars
+        return SCGTrace(
+            k=scalars.k,
+            loss=scalars.loss,
+            success=success,
+            lambd=scalars.lambd,
+            delta=scalars.delta,
+            comparison=comparison,
+            mu=mu,
+            alpha=alpha,
+            residual_norm=math.sqrt(vec.squared_norm([self.state[p]["residual"] for p in params])),
+            direction_norm=math.sqrt(vec.squared_norm([self.state[p]["direction"] for p in params])),
+            closure_calls=scalars.closure_calls,
+            hvp_calls=scalars.hvp_calls,
+        )
+
+    def _name(self, index: int) -> str:
+        names = [name for group in self.param_groups for name in group.get("param_names", [])]
+        return repr(names[index]) if index < len(names) else f"#{index}"
+
+    def _reset_transient(self) -> None:
+        """Forget what cannot outlive this object: the graph of the last evaluation and the weights' versions."""
+        self._graph_gradients: list[torch.Tensor] | None = None
+        self._graph_versions: list[int] | None = None
+        self._param_versions: list[int] | None = None
+
+
+def _validate_hyperparameters(group: dict[str, Any]) -> None:
+    sigma, lambd, hvp, restart = group["sigma"], group["lambd"], group["hvp"], group["restart"]
+    if not isinstance(sigma, numbers.Real) or not (0.0 < sigma < math.inf):
+        raise ValueError(f"Invalid sigma (σ) value: {sigma!r}; it must be positive and finite (the paper uses ≤ 1e-4)")
+    if not isinstance(lambd, numbers.Real) or not (0.0 < lambd < math.inf):
+        raise ValueError(f"Invalid lambd (λ₁) value: {lambd!r}; it must be positive and finite (the paper uses ≤ 1e-6)")
+    if hvp not in HVP_MODES:
+        raise ValueError(f"Invalid hvp value: {hvp!r}; choose one of {', '.join(map(repr, HVP_MODES))}")
+    if restart is not None and (isinstance(restart, bool) or not isinstance(restart, int) or restart < 1):
+        raise ValueError(f"Invalid restart (N) value: {restart!r}; it must be an int ≥ 1, or None for n = #weights")
+
+
+def _require_finite(loss: float, gradients: list[torch.Tensor], where: str) -> None:
+    if not math.isfinite(loss):
+        raise FloatingPointError(f"the loss {where} is not finite ({loss})")
+    if not vec.all_finite(gradients):
+        raise FloatingPointError(f"the gradient {where} is not finite")
