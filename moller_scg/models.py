@@ -1,0 +1,28 @@
+"""The models of the examples and benchmarks."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+
+class MnistCNN(nn.Module):
+    """The blog's MNIST network: one convolution of 32 filters, max-pooling by 2, 100 tanh units, a linear output.
+
+    Layout: 1×28×28 → conv 5×5, 32 filters, tanh → max-pool 2 → 32×12×12 → fully connected 100, tanh →
+    linear 10 (logits for ``nn.CrossEntropyLoss``). The blog does not give the kernel size; 5×5 is our choice.
+    """
+
+    def __init__(self, filters: int = 32, kernel_size: int = 5, hidden: int = 100, classes: int = 10) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(1, filters, kernel_size)
+        side = (28 - kernel_size + 1) // 2
+        self.hidden = nn.Linear(filters * side * side, hidden)
+        self.output = nn.Linear(hidden, classes)
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        """Logits for a batch of images shaped (B, 1, 28, 28) or (B, 784)."""
+        x = images.reshape(-1, 1, 28, 28)
+        x = torch.max_pool2d(torch.tanh(self.conv(x)), 2)
+        x = torch.tanh(self.hidden(x.flatten(1)))
+        return self.output(x)
