@@ -35,6 +35,10 @@ LAMBDA_DECREASE_FACTOR = 4.0  # λ ← λ / 4 on a good step (step 7)
 # Safeguards of this implementation (not in the paper).
 NON_FINITE_COMPARISON = -2.0
 """Δ assumed for λ's increase (step 8) when the trial loss or gradient is not finite: the next α shrinks 4×."""
+LAMBDA_MAX = 1e100
+"""Upper bound on λ (netlab's ``betamax`` plays the same role). Once the loss no longer changes at rounding level,
+Δ = 0 on every step and step 8 doubles λ each iteration; the bound keeps λ finite so that further steps are
+harmless no-ops. ``fit`` reports a run whose λ reaches it as stalled."""
 MAX_NON_FINITE_TRIALS = 20
 """Non-finite trials in a row after which :meth:`SCG.step` raises ``FloatingPointError`` instead of going on."""
 
@@ -257,7 +261,7 @@ class SCG(torch.optim.Optimizer):
     # The iteration
 
     @torch.no_grad()
-    def step(self, closure: Callable[[], Any]) -> torch.Tensor:  # type: ignore[override]
+    def step(self, closure: Callable[[], Any] | None = None) -> torch.Tensor:  # type: ignore[override]
         """One iteration of SCG (Møller 1993, steps 2–9); the first call also does step 1.
 
         Args:
@@ -385,11 +389,9 @@ class SCG(torch.optim.Optimizer):
         # Step 8: raise the scale when the quadratic model was poor.
         effective_comparison = comparison if finite else NON_FINITE_COMPARISON
         if effective_comparison < POOR_COMPARISON:
-            lambd = lambd + delta * (1.0 - effective_comparison) / direction_sq
+            lambd = min(lambd + delta * (1.0 - effective_comparison) / direction_sq, LAMBDA_MAX)
         scalars.lambd, scalars.lambd_bar, scalars.delta, scalars.success = lambd, lambd_bar, delta, success
         self._trace = self._make_trace(params, comparison=comparison, mu=mu, alpha=alpha, success=success)
-        if not math.isfinite(lambd):
-            raise FloatingPointError(f"the scale λ overflowed ({lambd}): the quadratic model fails at every step length")
         if scalars.non_finite_trials >= MAX_NON_FINITE_TRIALS:
             raise FloatingPointError(
                 f"the loss or gradient at the trial point was not finite {scalars.non_finite_trials} times in a row "

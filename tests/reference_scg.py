@@ -1,0 +1,115 @@
+"""A plain float64 implementation of Møller's SCG (1993, steps 1–9) on one flat vector, written from the paper.
+
+It shares no code with ``moller_scg`` so that the optimizer can be checked against it: no parameter groups, no
+closures, no safeguards beyond the paper — just the steps, on ``torch.float64`` vectors.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+
+Vector = torch.Tensor
+
+
+def dot(x: Vector, y: Vector) -> float:
+    """xᵀy as the sum of the elementwise products."""
+    return float(torch.sum(x * y))
+
+
+@dataclass
+class Problem:
+    """E(w), E'(w) and E''(w)v of a problem on a flat float64 vector w."""
+
+    loss: Callable[[Vector], float]
+    gradient: Callable[[Vector], Vector]
+    hessian_vector: Callable[[Vector, Vector], Vector]
+
+
+def problem_from_function(function: Callable[[Vector], torch.Tensor]) -> Problem:
+    """E, E' and E''v of a differentiable function of a flat vector, by plain autograd."""
+
+    def loss(w: Vector) -> float:
+        return float(function(w.detach()))
+
+    def gradient(w: Vector) -> Vector:
+        w = w.detach().requires_grad_(True)
+        return torch.autograd.grad(function(w), w)[0].detach()
+
+    def hessian_vector(w: Vector, v: Vector) -> Vector:
+        w = w.detach().requires_grad_(True)
+        (g,) = torch.autograd.grad(function(w), w, create_graph=True)
+        return torch.autograd.grad(torch.sum(g * v), w)[0].detach()
+
+    return Problem(loss, gradient, hessian_vector)
+
+
+def reference_scg(
+    problem: Problem,
+    w1: Vector,
+    iterations: int,
+    *,
+    sigma: float = 5e-5,
+    lambd1: float = 5e-7,
+    restart: int | None = None,
+    finite_difference: bool = False,
+) -> list[Vector]:
+    """The weights w after each of ``iterations`` iterations (the accepted point after a failed trial)."""
+    n = restart if restart is not None else w1.numel()
+    # Step 1.
+    w = w1.clone()
+    loss = problem.loss(w)
+    r = -problem.gradient(w)
+    p = r.clone()
+    lambd, lambd_bar, success = lambd1, 0.0, True
+    delta = 0.0
+    weights = []
+    for k in range(1, iterations + 1):
+        if dot(r, r) == 0.0:
+            weights.append(w.clone())
+            continue
+        p_sq = dot(p, p)
+        # Step 2.
+        if success:
+            if finite_difference:
+                sigma_k = sigma / math.sqrt(p_sq)
+                s = (problem.gradient(torch.add(w, p, alpha=sigma_k)) - problem.gradient(w)) / sigma_k
+            else:
+                s = problem.hessian_vector(w, p)
+            delta = dot(p, s)
+        # Step 3.
+        delta = delta + (lambd - lambd_bar) * p_sq
+        # Step 4.
+        if delta <= 0:
+            lambd_bar = 2 * (lambd - delta / p_sq)
+            delta = -delta + lambd * p_sq
+            lambd = lambd_bar
+        # Step 5.
+        mu = dot(p, r)
+        alpha = mu / delta
+        # Step 6.
+        w_trial = torch.add(w, p, alpha=alpha)
+        loss_trial = problem.loss(w_trial)
+        comparison = 2 * delta * (loss - loss_trial) / mu**2
+        # Step 7.
+        if comparison >= 0:
+            r_new = -problem.gradient(w_trial)
+            lambd_bar, success = 0.0, True
+            if k % n == 0:
+                p_new = r_new.clone()
+            else:
+                beta = (dot(r_new, r_new) - dot(r_new, r)) / mu
+                p_new = r_new + beta * p
+            w, loss, r, p = w_trial, loss_trial, r_new, p_new
+            if comparison >= 0.75:
+                lambd = lambd / 4
+        else:
+            lambd_bar, success = lambd, False
+        # Step 8.
+        if comparison < 0.25:
+            lambd = lambd + delta * (1 - comparison) / p_sq
+        weights.append(w.clone())
+    return weights

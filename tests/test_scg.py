@@ -1,0 +1,712 @@
+"""SCG against an independent float64 implementation of the paper, and its torch.optim conventions."""
+
+from __future__ import annotations
+
+import copy
+import io
+import math
+import pickle
+import warnings
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from reference_scg import problem_from_function, reference_scg
+from torch import nn
+
+from moller_scg import SCG
+from moller_scg.scg import MAX_NON_FINITE_TRIALS
+
+
+MODES = ["double-backward", "finite-difference"]
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Problems: each a function of one flat float64 vector, and the same function of a model's parameters.
+
+
+def rosenbrock(w: torch.Tensor) -> torch.Tensor:
+    return torch.sum(100 * (w[1:] - w[:-1] ** 2) ** 2 + (1 - w[:-1]) ** 2)
+
+
+def spd_quadratic(n: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    generator = torch.Generator().manual_seed(seed)
+    q, _ = torch.linalg.qr(torch.randn(n, n, generator=generator, dtype=torch.float64))
+    eigenvalues = torch.linspace(1.0, 10.0, n, dtype=torch.float64)
+    a = q @ torch.diag(eigenvalues) @ q.T
+    b = torch.randn(n, generator=generator, dtype=torch.float64)
+    return a, b
+
+
+def quadratic_function(a: torch.Tensor, b: torch.Tensor):
+    return lambda w: 0.5 * w @ a @ w - b @ w
+
+
+def make_mlp(seed: int = 0) -> nn.Module:
+    torch.manual_seed(seed)
+    return nn.Sequential(nn.Linear(3, 5), nn.Tanh(), nn.Linear(5, 2)).double()
+
+
+def mlp_data() -> tuple[torch.Tensor, torch.Tensor]:
+    generator = torch.Generator().manual_seed(1)
+    x = torch.randn(20, 3, generator=generator, dtype=torch.float64)
+    y = torch.sin(x[:, :2]) + 0.1 * x[:, 2:]
+    return x, y
+
+
+def mlp_flat_function(model: nn.Module):
+    """The MLP's mean-squared error as a function of its flattened parameters."""
+    x, y = mlp_data()
+    shapes = [(name, p.shape) for name, p in model.named_parameters()]
+
+    def function(w: torch.Tensor) -> torch.Tensor:
+        params, offset = {}, 0
+        for name, shape in shapes:
+            size = math.prod(shape)
+            params[name] = w[offset : offset + size].reshape(shape)
+            offset += size
+        return torch.mean((torch.func.functional_call(model, params, (x,)) - y) ** 2)
+
+    return function
+
+
+def closure_for(optimizer: SCG, params: list[torch.Tensor], loss_of_params, mode: str, calls: list | None = None):
+    def closure():
+        if calls is not None:
+            calls.append(1)
+        optimizer.zero_grad()
+        loss = loss_of_params()
+        loss.backward(create_graph=(mode == "double-backward"))
+        return loss
+
+    return closure
+
+
+def flat(params) -> torch.Tensor:
+    return torch.cat([p.detach().reshape(-1) for p in params])
+
+
+def run_scg(params, loss_of_params, iterations: int, **options) -> list[torch.Tensor]:
+    optimizer = SCG(params, **options)
+    closure = closure_for(optimizer, params, loss_of_params, options.get("hvp", "double-backward"))
+    trajectory = []
+    for _ in range(iterations):
+        optimizer.step(closure)
+        trajectory.append(flat(params))
+    return trajectory
+
+
+def assert_trajectories_equal(actual, expected, rtol=1e-10):
+    assert len(actual) == len(expected)
+    for k, (a, e) in enumerate(zip(actual, expected), start=1):
+        scale = max(float(e.abs().max()), 1e-300)
+        error = float((a - e).abs().max()) / scale
+        assert error <= rtol, f"iteration {k}: relative difference {error:.3g} > {rtol:g}"
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The trajectory equals the paper's steps.
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_rosenbrock_trajectory_matches_reference(mode):
+    w1 = torch.tensor([-1.2, 1.0, -0.5, 0.8], dtype=torch.float64)
+    w = nn.Parameter(w1.clone())
+    actual = run_scg([w], lambda: rosenbrock(w), 60, hvp=mode)
+    expected = reference_scg(
+        problem_from_function(rosenbrock), w1, 60, finite_difference=(mode == "finite-difference")
+    )
+    assert_trajectories_equal(actual, expected)
+    assert rosenbrock(expected[-1]) < rosenbrock(w1)
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_tanh_mlp_trajectory_matches_reference(mode):
+    model = make_mlp()
+    w1 = flat(model.parameters())
+    function = mlp_flat_function(make_mlp())
+    x, y = mlp_data()
+    params = list(model.parameters())
+    actual = run_scg(params, lambda: torch.mean((model(x) - y) ** 2), 40, hvp=mode)
+    expected = reference_scg(problem_from_function(function), w1, 40, finite_difference=(mode == "finite-difference"))
+    assert_trajectories_equal(actual, expected, rtol=1e-9)
+
+
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("restart", [None, 3])
+def test_quadratic_trajectory_matches_reference_with_restarts(mode, restart):
+    a, b = spd_quadratic(6, seed=2)
+    function = quadratic_function(a, b)
+    w1 = torch.zeros(6, dtype=torch.float64)
+    w = nn.Parameter(w1.clone())
+    actual = run_scg([w], lambda: function(w), 12, hvp=mode, restart=restart)
+    expected = reference_scg(
+        problem_from_function(function), w1, 12, restart=restart, finite_difference=(mode == "finite-difference")
+    )
+    assert_trajectories_equal(actual, expected, rtol=1e-8)
+
+
+def test_restart_period_sets_direction_to_residual():
+    a, b = spd_quadratic(5, seed=3)
+    function = quadratic_function(a, b)
+    w = nn.Parameter(torch.zeros(5, dtype=torch.float64))
+    optimizer = SCG([w], restart=2)
+    closure = closure_for(optimizer, [w], lambda: function(w), "double-backward")
+    for k in range(1, 5):
+        optimizer.step(closure)
+        state = optimizer.state[w]
+        assert optimizer.trace.success
+        if k % 2 == 0:
+            assert torch.equal(state["direction"], state["residual"])
+        else:
+            assert not torch.equal(state["direction"], state["residual"])
+
+
+@pytest.mark.parametrize("n", [5, 12])
+def test_finite_termination_on_spd_quadratic(n):
+    a, b = spd_quadratic(n, seed=n)
+    function = quadratic_function(a, b)
+    w = nn.Parameter(torch.zeros(n, dtype=torch.float64))
+    optimizer = SCG([w])
+    closure = closure_for(optimizer, [w], lambda: function(w), "double-backward")
+    for _ in range(n + 1):
+        optimizer.step(closure)
+    solution = torch.linalg.solve(a, b)
+    assert torch.allclose(w.detach(), solution, rtol=0, atol=1e-6 * float(solution.abs().max()))
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Evaluation counts.
+
+
+@pytest.mark.parametrize("mode, calls_per_success", [("double-backward", 1), ("finite-difference", 2)])
+def test_closure_calls_per_iteration(mode, calls_per_success):
+    a, b = spd_quadratic(8, seed=4)
+    function = quadratic_function(a, b)
+    w = nn.Parameter(torch.zeros(8, dtype=torch.float64))
+    optimizer = SCG([w], hvp=mode)
+    calls = []
+    closure = closure_for(optimizer, [w], lambda: function(w), mode, calls)
+    optimizer.step(closure)
+    assert len(calls) == 1 + calls_per_success  # the first step also evaluates w₁
+    for _ in range(5):
+        before = len(calls)
+        optimizer.step(closure)
+        assert optimizer.trace.success
+        assert len(calls) - before == calls_per_success
+    assert optimizer.trace.closure_calls == len(calls)
+    assert optimizer.trace.hvp_calls == 6
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_failed_trial_costs_one_call_and_skips_curvature(mode):
+    w = nn.Parameter(torch.tensor([-1.2, 1.0], dtype=torch.float64))
+    optimizer = SCG([w], hvp=mode)
+    calls = []
+    closure = closure_for(optimizer, [w], lambda: rosenbrock(w), mode, calls)
+    failures = 0
+    previous_success = True
+    for _ in range(40):
+        before, hvp_before = len(calls), optimizer.trace.hvp_calls if optimizer.trace else 0
+        optimizer.step(closure)
+        if before == 0:
+            continue
+        expected_hvp = 1 if previous_success else 0
+        assert optimizer.trace.hvp_calls - hvp_before == expected_hvp
+        expected_calls = 1 + (expected_hvp if mode == "finite-difference" else 0)
+        assert len(calls) - before == expected_calls
+        if not optimizer.trace.success:
+            failures += 1
+        previous_success = optimizer.trace.success
+    assert failures > 0, "the problem should produce failed trials for this test to mean anything"
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Nothing is lost.
+
+
+def test_failed_trial_leaves_weights_at_accepted_point():
+    w = nn.Parameter(torch.tensor([-1.2, 1.0], dtype=torch.float64))
+    optimizer = SCG([w])
+    closure = closure_for(optimizer, [w], lambda: rosenbrock(w), "double-backward")
+    seen_failure = False
+    for _ in range(40):
+        before = w.detach().clone()
+        loss = optimizer.step(closure)
+        if not optimizer.trace.success:
+            seen_failure = True
+            assert torch.equal(w.detach(), before)
+        assert float(loss) == float(rosenbrock(w.detach()))
+    assert seen_failure
+
+
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("failing_call", [2, 3, 4, 5])
+def test_closure_error_restores_weights_and_run_continues_identically(mode, failing_call):
+    w1 = torch.tensor([-1.2, 1.0], dtype=torch.float64)
+    expected = reference_scg(problem_from_function(rosenbrock), w1, 6, finite_difference=(mode == "finite-difference"))
+
+    w = nn.Parameter(w1.clone())
+    optimizer = SCG([w], hvp=mode)
+    calls = []
+
+    def closure():
+        calls.append(1)
+        if len(calls) == failing_call:
+            raise KeyboardInterrupt("simulated failure inside the closure")
+        optimizer.zero_grad()
+        loss = rosenbrock(w)
+        loss.backward(create_graph=(mode == "double-backward"))
+        return loss
+
+    trajectory = []
+    while len(trajectory) < 6:
+        before = w.detach().clone()
+        try:
+            optimizer.step(closure)
+        except KeyboardInterrupt:
+            assert torch.equal(w.detach(), before), "weights must be restored to the accepted point"
+            continue
+        trajectory.append(flat([w]))
+    assert_trajectories_equal(trajectory, expected, rtol=1e-12)
+
+
+def test_non_finite_trial_is_a_failure_and_never_reaches_the_weights():
+    # E(w) = (w - 3)² but not finite beyond w = 2: the first trial, w = 3, lands there.
+    w = nn.Parameter(torch.tensor([0.0], dtype=torch.float64))
+
+    def function():
+        loss = ((w - 3) ** 2).sum()
+        return loss * float("nan") if float(w.detach()) > 2 else loss
+
+    optimizer = SCG([w])
+    closure = closure_for(optimizer, [w], function, "double-backward")
+    optimizer.step(closure)
+    assert not optimizer.trace.success and math.isnan(optimizer.trace.comparison)
+    assert torch.equal(w.detach(), torch.tensor([0.0], dtype=torch.float64))
+    # λ grew as for Δ = −2: the next step is 4× shorter (α = 0.125 instead of 0.5), finite, and accepted.
+    assert optimizer.trace.lambd == pytest.approx(6.0, rel=1e-6)
+    optimizer.step(closure)
+    assert optimizer.trace.success
+    assert float(w) == pytest.approx(0.75, rel=1e-6)
+
+
+def test_non_finite_loss_at_start_raises():
+    w = nn.Parameter(torch.tensor([1.0], dtype=torch.float64))
+    optimizer = SCG([w])
+
+    def closure():
+        optimizer.zero_grad()
+        loss = (w**2 * float("nan")).sum()
+        loss.backward(create_graph=True)
+        return loss
+
+    with pytest.raises(FloatingPointError, match="loss at the starting weights is not finite"):
+        optimizer.step(closure)
+    assert torch.equal(w.detach(), torch.tensor([1.0], dtype=torch.float64))
+
+
+def test_non_finite_gradient_at_start_raises():
+    w = nn.Parameter(torch.tensor([0.0], dtype=torch.float64))
+    optimizer = SCG([w])
+
+    def closure():
+        optimizer.zero_grad()
+        loss = torch.sqrt(w.abs()).sum()  # finite value, infinite derivative at 0
+        loss.backward(create_graph=True)
+        return loss
+
+    with pytest.raises(FloatingPointError, match="gradient at the starting weights is not finite"):
+        optimizer.step(closure)
+
+
+def test_persistent_non_finite_trials_raise_instead_of_looping():
+    w = nn.Parameter(torch.tensor([1.0, 2.0], dtype=torch.float64))
+    optimizer = SCG([w])
+    calls = []
+
+    def closure():
+        calls.append(1)
+        optimizer.zero_grad()
+        loss = (w**2).sum() * (1.0 if len(calls) == 1 else float("inf"))
+        loss.backward(create_graph=True)
+        return loss
+
+    start = w.detach().clone()
+    with pytest.raises(FloatingPointError, match=f"{MAX_NON_FINITE_TRIALS} times in a row"):
+        for _ in range(MAX_NON_FINITE_TRIALS + 5):
+            optimizer.step(closure)
+    assert len(calls) == 1 + MAX_NON_FINITE_TRIALS
+    assert torch.equal(w.detach(), start)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# state_dict, copies, pickling.
+
+
+def _mlp_setup(mode="double-backward", seed=0):
+    model = make_mlp(seed)
+    x, y = mlp_data()
+    optimizer = SCG(model.parameters(), hvp=mode)
+    closure = closure_for(optimizer, list(model.parameters()), lambda: torch.mean((model(x) - y) ** 2), mode)
+    return model, optimizer, closure
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_state_dict_round_trip_with_weights_only_continues_bit_identically(mode):
+    reference_model, reference_optimizer, reference_closure = _mlp_setup(mode)
+    for _ in range(15):
+        reference_optimizer.step(reference_closure)
+
+    model, optimizer, closure = _mlp_setup(mode)
+    for _ in range(7):
+        optimizer.step(closure)
+    buffer = io.BytesIO()
+    torch.save({"model": model.state_dict(), "optimizer": optimizer.state_dict()}, buffer)
+    buffer.seek(0)
+    saved = torch.load(buffer, weights_only=True)
+
+    fresh_model, fresh_optimizer, fresh_closure = _mlp_setup(mode, seed=123)
+    fresh_model.load_state_dict(saved["model"])
+    fresh_optimizer.load_state_dict(saved["optimizer"])
+    assert fresh_optimizer.state_dict()["scg"] == optimizer.state_dict()["scg"]
+    for _ in range(8):
+        fresh_optimizer.step(fresh_closure)
+    for p, q in zip(fresh_model.parameters(), reference_model.parameters()):
+        assert torch.equal(p, q)
+
+
+def test_state_dict_in_lockstep_after_every_step():
+    model, optimizer, closure = _mlp_setup()
+    for _ in range(6):
+        twin_model = copy.deepcopy(model)
+        twin_optimizer = SCG(twin_model.parameters())
+        twin_optimizer.load_state_dict(optimizer.state_dict())
+        x, y = mlp_data()
+        twin_closure = closure_for(
+            twin_optimizer, list(twin_model.parameters()), lambda: torch.mean((twin_model(x) - y) ** 2), "double-backward"
+        )
+        optimizer.step(closure)
+        twin_optimizer.step(twin_closure)
+        for p, q in zip(model.parameters(), twin_model.parameters()):
+            assert torch.equal(p, q)
+        assert twin_optimizer.state_dict()["scg"]["scalars"] | {"closure_calls": 0, "hvp_calls": 0} == optimizer.state_dict()[
+            "scg"
+        ]["scalars"] | {"closure_calls": 0, "hvp_calls": 0}
+
+
+def test_float64_scalars_survive_load_state_dict_with_float32_params():
+    torch.manual_seed(0)
+    model = nn.Linear(4, 1)
+    x = torch.randn(16, 4)
+    optimizer = SCG(model.parameters())
+    closure = closure_for(optimizer, list(model.parameters()), lambda: (model(x) ** 2).mean(), "double-backward")
+    for _ in range(3):
+        optimizer.step(closure)
+    fresh = SCG(nn.Linear(4, 1).parameters())
+    fresh.load_state_dict(optimizer.state_dict())
+    scalars = fresh.state_dict()["scg"]["scalars"]
+    assert scalars == optimizer.state_dict()["scg"]["scalars"]
+    assert all(type(scalars[key]) is float for key in ("loss", "lambd", "lambd_bar", "delta"))
+
+
+def test_load_state_dict_refuses_a_foreign_state():
+    model, optimizer, _ = _mlp_setup()
+    adam_state = torch.optim.Adam(model.parameters()).state_dict()
+    with pytest.raises(ValueError, match="not an SCG state_dict"):
+        optimizer.load_state_dict(adam_state)
+
+
+def test_deepcopy_and_pickle_keep_the_state():
+    model, optimizer, closure = _mlp_setup()
+    for _ in range(4):
+        optimizer.step(closure)
+    for twin in (copy.deepcopy(optimizer), pickle.loads(pickle.dumps(optimizer))):
+        assert twin.state_dict()["scg"] == optimizer.state_dict()["scg"]
+        assert twin.trace == optimizer.trace
+
+
+def test_deepcopied_model_and_optimizer_continue_identically():
+    model, optimizer, closure = _mlp_setup()
+    for _ in range(4):
+        optimizer.step(closure)
+    twin_model, twin_optimizer = copy.deepcopy((model, optimizer))
+    x, y = mlp_data()
+    twin_closure = closure_for(
+        twin_optimizer, list(twin_model.parameters()), lambda: torch.mean((twin_model(x) - y) ** 2), "double-backward"
+    )
+    for _ in range(4):
+        optimizer.step(closure)
+        twin_optimizer.step(twin_closure)
+    for p, q in zip(model.parameters(), twin_model.parameters()):
+        assert torch.equal(p, q)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# torch.optim conventions.
+
+
+@pytest.mark.parametrize(
+    "make_loss",
+    [
+        lambda loss: loss,  # 0-dim tensor
+        lambda loss: loss.reshape(1),  # one-element tensor
+        lambda loss: float(loss),  # Python float
+    ],
+)
+def test_closure_may_return_tensor_or_number(make_loss):
+    w = nn.Parameter(torch.tensor([-1.2, 1.0], dtype=torch.float64))
+    optimizer = SCG([w])
+
+    def closure():
+        optimizer.zero_grad()
+        loss = rosenbrock(w)
+        loss.backward(create_graph=True)
+        return make_loss(loss)
+
+    for _ in range(3):
+        loss = optimizer.step(closure)
+    assert isinstance(loss, torch.Tensor) and loss.dim() == 0 and loss.dtype == torch.float64
+    assert float(loss) == float(rosenbrock(w.detach()))
+
+
+@pytest.mark.parametrize("bad", [torch.ones(2), "1.0", None, True])
+def test_closure_returning_a_non_scalar_raises_type_error(bad):
+    w = nn.Parameter(torch.tensor([1.0], dtype=torch.float64))
+    optimizer = SCG([w])
+
+    def closure():
+        optimizer.zero_grad()
+        (w**2).sum().backward(create_graph=True)
+        return bad
+
+    with pytest.raises(TypeError, match="scalar loss"):
+        optimizer.step(closure)
+
+
+def test_step_without_closure_raises_type_error():
+    optimizer = SCG([nn.Parameter(torch.zeros(1))])
+    with pytest.raises(TypeError, match="needs a closure"):
+        optimizer.step()  # type: ignore[call-arg]
+
+
+def test_missing_create_graph_raises_a_clear_error():
+    w = nn.Parameter(torch.tensor([1.0, 2.0], dtype=torch.float64))
+    optimizer = SCG([w])
+
+    def closure():
+        optimizer.zero_grad()
+        loss = (w**2).sum()
+        loss.backward()
+        return loss
+
+    with pytest.raises(RuntimeError, match="create_graph=True"):
+        optimizer.step(closure)
+
+
+@pytest.mark.parametrize(
+    "options, match",
+    [
+        ({"sigma": 0.0}, "sigma"),
+        ({"sigma": -1e-5}, "sigma"),
+        ({"sigma": float("nan")}, "sigma"),
+        ({"lambd": 0.0}, "lambd"),
+        ({"lambd": -1.0}, "lambd"),
+        ({"hvp": "exact"}, "hvp"),
+        ({"restart": 0}, "restart"),
+        ({"restart": 2.5}, "restart"),
+    ],
+)
+def test_bad_hyperparameters_raise_value_error_naming_the_value(options, match):
+    with pytest.raises(ValueError, match=match):
+        SCG([nn.Parameter(torch.zeros(1))], **options)
+
+
+def test_param_groups_must_share_hyperparameters():
+    with pytest.raises(ValueError, match="same 'lambd'"):
+        SCG([{"params": [nn.Parameter(torch.zeros(1))]}, {"params": [nn.Parameter(torch.zeros(1))], "lambd": 1e-6}])
+
+
+def test_param_groups_optimize_like_one_group():
+    single_model, grouped_model = make_mlp(), make_mlp()
+    x, y = mlp_data()
+    single = run_scg(list(single_model.parameters()), lambda: torch.mean((single_model(x) - y) ** 2), 10)
+    layers = list(grouped_model.children())
+    groups = [{"params": layers[0].parameters()}, {"params": layers[2].parameters()}]
+    optimizer = SCG(groups)
+    params = list(grouped_model.parameters())
+    closure = closure_for(optimizer, params, lambda: torch.mean((grouped_model(x) - y) ** 2), "double-backward")
+    grouped = []
+    for _ in range(10):
+        optimizer.step(closure)
+        grouped.append(flat(params))
+    assert_trajectories_equal(grouped, single, rtol=0)
+
+
+def test_named_parameters_work_as_params():
+    model = make_mlp()
+    twin = make_mlp()
+    x, y = mlp_data()
+    by_name = SCG(model.named_parameters())
+    closure = closure_for(by_name, list(model.parameters()), lambda: torch.mean((model(x) - y) ** 2), "double-backward")
+    plain = run_scg(list(twin.parameters()), lambda: torch.mean((twin(x) - y) ** 2), 5)
+    for _ in range(5):
+        by_name.step(closure)
+    assert torch.equal(flat(model.parameters()), plain[-1])
+    assert by_name.state_dict()["param_groups"][0]["param_names"] == [name for name, _ in model.named_parameters()]
+
+
+def test_parameter_without_grad_has_zero_gradient_and_stays_put():
+    w = nn.Parameter(torch.tensor([-1.2, 1.0], dtype=torch.float64))
+    unused = nn.Parameter(torch.tensor([3.0, 4.0], dtype=torch.float64))
+    optimizer = SCG([w, unused])
+    closure = closure_for(optimizer, [w, unused], lambda: rosenbrock(w), "double-backward")
+    alone = nn.Parameter(torch.tensor([-1.2, 1.0], dtype=torch.float64))
+    # The unused parameter only counts towards the default restart period N = 4.
+    expected = run_scg([alone], lambda: rosenbrock(alone), 20, restart=4)
+    for k in range(20):
+        optimizer.step(closure)
+        assert torch.equal(w.detach(), expected[k])
+    assert unused.grad is None
+    assert torch.equal(unused.detach(), torch.tensor([3.0, 4.0], dtype=torch.float64))
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_step_at_zero_gradient_leaves_weights_unchanged(mode):
+    w = nn.Parameter(torch.tensor([1.0, 1.0], dtype=torch.float64))  # the minimum of Rosenbrock
+    optimizer = SCG([w], hvp=mode)
+    closure = closure_for(optimizer, [w], lambda: rosenbrock(w), mode)
+    for _ in range(3):
+        loss = optimizer.step(closure)
+    assert torch.equal(w.detach(), torch.tensor([1.0, 1.0], dtype=torch.float64))
+    assert float(loss) == 0.0
+
+
+def test_grad_is_never_modified_in_place():
+    model, optimizer, closure = _mlp_setup()
+    produced = []
+
+    def recording_closure():
+        loss = closure()
+        produced.append([(p.grad, p.grad.detach().clone()) for p in model.parameters()])
+        return loss
+
+    for _ in range(5):
+        optimizer.step(recording_closure)
+    for grads in produced:
+        for grad, snapshot in grads:
+            assert torch.equal(grad.detach(), snapshot)
+
+
+def test_complex_parameters_are_optimized_as_real_and_imaginary_parts():
+    generator = torch.Generator().manual_seed(5)
+    a = torch.randn(4, 4, dtype=torch.complex128, generator=generator)
+    b = torch.randn(4, dtype=torch.complex128, generator=generator)
+
+    def complex_loss(z):
+        return torch.sum(torch.abs(a @ z - b) ** 2) + torch.sum(torch.abs(z) ** 4)
+
+    z = nn.Parameter(torch.zeros(4, dtype=torch.complex128))
+    complex_trajectory = run_scg([z], lambda: complex_loss(z), 15)
+
+    x = nn.Parameter(torch.zeros(4, 2, dtype=torch.float64))
+    real_trajectory = run_scg([x], lambda: complex_loss(torch.view_as_complex(x)), 15)
+    complex_as_real = [torch.view_as_real(t.view(torch.complex128)).reshape(-1) for t in complex_trajectory]
+    # complex_trajectory holds complex values flattened; compare in the real view.
+    complex_as_real = [torch.view_as_real(t).reshape(-1) for t in complex_trajectory]
+    assert_trajectories_equal(complex_as_real, real_trajectory, rtol=1e-10)
+    assert complex_loss(z.detach()) < complex_loss(torch.zeros(4, dtype=torch.complex128))
+
+
+def test_non_contiguous_parameter_optimizes_like_a_contiguous_one():
+    a, b = spd_quadratic(6, seed=7)
+    function = quadratic_function(a, b)
+    contiguous = nn.Parameter(torch.zeros(2, 3, dtype=torch.float64))
+    strided = nn.Parameter(torch.zeros(3, 2, dtype=torch.float64).t())
+    assert not strided.is_contiguous()
+    expected = run_scg([contiguous], lambda: function(contiguous.reshape(-1)), 8)
+    actual = run_scg([strided], lambda: function(strided.reshape(-1)), 8)
+    assert_trajectories_equal(actual, expected, rtol=1e-12)
+
+
+def test_sparse_gradient_raises_type_error():
+    embedding = nn.Embedding(5, 2, sparse=True).double()
+    optimizer = SCG(embedding.parameters(), hvp="finite-difference")
+
+    def closure():
+        optimizer.zero_grad()
+        loss = embedding(torch.tensor([0, 1])).pow(2).sum()
+        loss.backward()
+        return loss
+
+    with pytest.raises(TypeError, match="sparse"):
+        optimizer.step(closure)
+
+
+def test_step_hooks_called_once_per_step():
+    model, optimizer, closure = _mlp_setup()
+    pre, post = [], []
+    optimizer.register_step_pre_hook(lambda *args: pre.append(1))
+    optimizer.register_step_post_hook(lambda *args: post.append(1))
+    for _ in range(3):
+        optimizer.step(closure)
+    assert len(pre) == len(post) == 3
+
+
+def test_zero_grad_and_repr():
+    model, optimizer, closure = _mlp_setup()
+    optimizer.step(closure)
+    optimizer.zero_grad()
+    assert all(p.grad is None for p in model.parameters())
+    text = repr(optimizer)
+    assert text.startswith("SCG (") and "lambd" in text and "sigma" in text
+
+
+def test_weights_changed_between_steps_restart_from_the_new_point():
+    a, b = spd_quadratic(5, seed=8)
+    function = quadratic_function(a, b)
+    w = nn.Parameter(torch.zeros(5, dtype=torch.float64))
+    optimizer = SCG([w])
+    calls = []
+    closure = closure_for(optimizer, [w], lambda: function(w), "double-backward", calls)
+    optimizer.step(closure)
+    with torch.no_grad():
+        w.fill_(0.5)
+    fresh_w = nn.Parameter(torch.full((5,), 0.5, dtype=torch.float64))
+    expected = run_scg([fresh_w], lambda: function(fresh_w), 1)
+    before = len(calls)
+    optimizer.step(closure)
+    assert len(calls) - before == 2  # re-evaluation at the new weights + the trial
+    assert torch.equal(w.detach(), expected[-1])
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Properties on random quadratics.
+
+
+@settings(max_examples=25, deadline=None)
+@given(
+    n=st.integers(min_value=1, max_value=8),
+    seed=st.integers(min_value=0, max_value=10_000),
+    mode=st.sampled_from(MODES),
+)
+def test_random_spd_quadratics_match_reference_and_never_increase_the_loss(n, seed, mode):
+    a, b = spd_quadratic(n, seed)
+    function = quadratic_function(a, b)
+    generator = torch.Generator().manual_seed(seed + 1)
+    w1 = torch.randn(n, generator=generator, dtype=torch.float64)
+    w = nn.Parameter(w1.clone())
+    optimizer = SCG([w], hvp=mode)
+    closure = closure_for(optimizer, [w], lambda: function(w), mode)
+    losses, trajectory = [], []
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        for _ in range(2 * n + 2):
+            losses.append(float(optimizer.step(closure)))
+            trajectory.append(flat([w]))
+    expected = reference_scg(problem_from_function(function), w1, 2 * n + 2, finite_difference=(mode == "finite-difference"))
+    assert_trajectories_equal(trajectory, expected, rtol=1e-8)
+    assert all(later <= earlier for earlier, later in zip(losses, losses[1:]))
+    solution = torch.linalg.solve(a, b)
+    assert float(function(w.detach()) - function(solution)) <= 1e-8 * max(1.0, abs(float(function(solution))))
