@@ -1,6 +1,16 @@
-"""moller_scg: full-batch training with Møller's Scaled Conjugate Gradient (SCG) in PyTorch."""
+"""moller_scg: full-batch training with Møller's Scaled Conjugate Gradient (SCG) in PyTorch.
 
-from moller_scg.scg import SCG, SCGTrace
+- :class:`SCG` — Møller's algorithm as a ``torch.optim.Optimizer`` driven by ``step(closure)``.
+- :class:`GradientAccumulator` — the exact full-batch loss, gradient and Hessian-vector product, streamed in
+  minibatches; the closure ``SCG.step`` calls.
+- :func:`fit` — training with stopping rules, validation early stopping, checkpoints and a :class:`History`.
+"""
 
-__all__ = ["SCG", "SCGTrace", "__version__"]
 __version__ = "0.1.0"
+
+from moller_scg.accumulate import GradientAccumulator
+from moller_scg.history import History
+from moller_scg.scg import SCG, SCGTrace
+from moller_scg.train import accuracy, fit
+
+__all__ = ["SCG", "SCGTrace", "GradientAccumulator", "History", "fit", "accuracy", "__version__"]

@@ -1,0 +1,206 @@
+"""The record of a training run: one row per iteration, and why the run stopped.
+
+A :class:`History` is what :func:`moller_scg.fit` returns (the role of ``scipy.optimize.OptimizeResult``): per
+iteration the trace of the optimizer — k, E, success, λ, δ, Δ, μ, α, |r|, |p|, closure and HVP calls, wall
+time — and the validation loss and metric when there is validation data; at the end the stop reason. It
+round-trips through CSV and through a plain dict (which ``torch.load(weights_only=True)`` accepts), and draws
+the blog's Figure 3.
+"""
+
+from __future__ import annotations
+
+import csv
+import dataclasses
+import math
+from collections.abc import Iterator, Mapping
+from pathlib import Path
+from typing import Any
+
+COLUMNS = (
+    "k",
+    "loss",
+    "success",
+    "lambd",
+    "delta",
+    "comparison",
+    "mu",
+    "alpha",
+    "residual_norm",
+    "direction_norm",
+    "closure_calls",
+    "hvp_calls",
+    "time",
+    "val_loss",
+    "val_metric",
+)
+"""The per-iteration columns. ``loss`` is E at the weights held after the iteration; ``time`` is wall seconds since
+the run (including any run it resumed) began; ``val_loss`` and ``val_metric`` are NaN without validation data."""
+
+_INTEGER_COLUMNS = {"k", "closure_calls", "hvp_calls"}
+_BOOLEAN_COLUMNS = {"success"}
+
+STOP_REASONS = {
+    "max_iter": "the iteration budget max_iter was used up",
+    "goal": "the training loss reached the goal",
+    "min_grad": "the gradient norm |E'(w)| fell to min_grad",
+    "max_time": "the time budget max_time ran out",
+    "max_fail": "the validation loss did not improve for max_fail successful iterations; best weights restored",
+    "stalled": "no progress: λ reached its bound or the loss stopped decreasing (converged to rounding level?)",
+    "callback": "a callback asked to stop",
+    "non_finite": "the loss or gradient became non-finite (see detail); the weights hold the last accepted point",
+    "interrupted": "interrupted (Ctrl-C or SIGTERM) after a completed iteration",
+}
+"""Every reason :func:`moller_scg.fit` can stop for, with the sentence that explains it."""
+
+
+@dataclasses.dataclass
+class History:
+    """Per-iteration records of a run, and how it ended.
+
+    Attributes:
+        columns: column name → list of values, one per iteration (see :data:`COLUMNS`), from the first
+            iteration (k = 1) on.
+        stop_reason: a key of :data:`STOP_REASONS`, or ``None`` while the run is going on.
+        best_iteration: the k with the lowest validation loss, or ``None`` without validation data.
+        detail: more about the stop when there is more to say (the error behind ``"non_finite"``).
+    """
+
+    columns: dict[str, list[Any]] = dataclasses.field(default_factory=lambda: {name: [] for name in COLUMNS})
+    stop_reason: str | None = None
+    best_iteration: int | None = None
+    detail: str | None = None
+
+    def append(self, **row: Any) -> None:
+        """Add one iteration's row; missing columns are NaN, unknown columns are an error."""
+        unknown = set(row) - set(COLUMNS)
+        if unknown:
+            raise ValueError(f"unknown History columns {sorted(unknown)}; the columns are {list(COLUMNS)}")
+        for name in COLUMNS:
+            self.columns[name].append(row.get(name, math.nan))
+
+    def __len__(self) -> int:
+        return len(self.columns["k"])
+
+    def __getitem__(self, name: str) -> list[Any]:
+        return self.columns[name]
+
+    def rows(self) -> Iterator[dict[str, Any]]:
+        """Each iteration as a dict of column → value."""
+        for index in range(len(self)):
+            yield {name: self.columns[name][index] for name in COLUMNS}
+
+    @property
+    def last(self) -> dict[str, Any]:
+        """The latest row."""
+        if not len(self):
+            raise IndexError("the History has no rows yet")
+        return {name: self.columns[name][-1] for name in COLUMNS}
+
+    @property
+    def message(self) -> str:
+        """Why the run stopped, in words."""
+        return STOP_REASONS.get(self.stop_reason, "the run has not stopped") if self.stop_reason else "running"
+
+    # ----------------------------------------------------------------------------------------------------------
+    # Round trips
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain lists, numbers and strings only: safe for JSON and for ``torch.load(weights_only=True)``."""
+        return {
+            "columns": {name: list(values) for name, values in self.columns.items()},
+            "stop_reason": self.stop_reason,
+            "best_iteration": self.best_iteration,
+            "detail": self.detail,
+        }
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> History:
+        """The inverse of :meth:`to_dict`; ``ValueError`` if the columns are not the expected ones."""
+        if not isinstance(data, Mapping) or not isinstance(data.get("columns"), Mapping):
+            raise ValueError("a History dict needs a 'columns' mapping of column name → list")
+        columns = data["columns"]
+        if set(columns) != set(COLUMNS):
+            raise ValueError(f"History columns {sorted(columns)} differ from the expected {sorted(COLUMNS)}")
+        lengths = {len(values) for values in columns.values()}
+        if len(lengths) > 1:
+            raise ValueError(f"History columns have different lengths {sorted(lengths)}")
+        return cls(
+            columns={name: list(columns[name]) for name in COLUMNS},
+            stop_reason=data.get("stop_reason"),
+            best_iteration=data.get("best_iteration"),
+            detail=data.get("detail"),
+        )
+
+    def to_csv(self, path: str | Path) -> None:
+        """Write one row per iteration with a header line; floats are written with full precision (``repr``)."""
+        with open(path, "w", newline="", encoding="utf-8") as file:
+            writer = csv.writer(file)
+            writer.writerow(COLUMNS)
+            for row in self.rows():
+                writer.writerow([repr(value) if isinstance(value, float) else value for value in row.values()])
+
+    @classmethod
+    def from_csv(cls, path: str | Path) -> History:
+        """Read a file written by :meth:`to_csv` (the stop reason is not part of the CSV)."""
+        history = cls()
+        with open(path, newline="", encoding="utf-8") as file:
+            reader = csv.DictReader(file)
+            if tuple(reader.fieldnames or ()) != COLUMNS:
+                raise ValueError(f"{path}: the header {reader.fieldnames} is not the History columns {list(COLUMNS)}")
+            for row in reader:
+                history.append(**{name: _parse(name, text) for name, text in row.items()})
+        return history
+
+    # ----------------------------------------------------------------------------------------------------------
+    # Figure 3
+
+    def plot(self, filename: str | Path | None = None, title: str | None = None):
+        """Draw the blog's Figure 3: (a) loss and success, (b) |p| and |r|, (c) δ and λ, against iterations.
+
+        matplotlib is imported here, so it is needed only for plotting (``pip install moller-scg[examples]``).
+
+        Returns:
+            The matplotlib ``Figure``; it is also saved to ``filename`` when given.
+        """
+        try:
+            import matplotlib
+        except ImportError as error:  # pragma: no cover - depends on the environment
+            raise ImportError("History.plot needs matplotlib: pip install 'moller-scg[examples]'") from error
+        if filename is not None:
+            matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        k = self.columns["k"]
+        figure, (loss_axes, vector_axes, scale_axes) = plt.subplots(1, 3, figsize=(15, 4.2))
+        loss_axes.semilogy(k, self.columns["loss"], label="training loss")
+        if any(math.isfinite(value) for value in self.columns["val_loss"]):
+            loss_axes.semilogy(k, self.columns["val_loss"], "--", label="validation loss")
+        successes = [index for index, success in zip(k, self.columns["success"]) if success is True]
+        if successes:
+            bottom = min(value for value in self.columns["loss"] if math.isfinite(value) and value > 0)
+            loss_axes.plot(successes, [bottom] * len(successes), "|", color="tab:green", label="successful step")
+        loss_axes.set(title="a) loss and successful steps", xlabel="iteration k")
+        vector_axes.semilogy(k, self.columns["direction_norm"], label="|p| (search direction)")
+        vector_axes.semilogy(k, self.columns["residual_norm"], label="|r| = |E'(w)| (gradient)")
+        vector_axes.set(title="b) direction and gradient norms", xlabel="iteration k")
+        positive_delta = [value if value > 0 else math.nan for value in self.columns["delta"]]
+        scale_axes.semilogy(k, positive_delta, label="δ (scaled curvature)")
+        scale_axes.semilogy(k, self.columns["lambd"], label="λ (scale)")
+        scale_axes.set(title="c) δ and λ", xlabel="iteration k")
+        for axes in (loss_axes, vector_axes, scale_axes):
+            axes.legend(fontsize="small")
+        if title:
+            figure.suptitle(title)
+        figure.tight_layout()
+        if filename is not None:
+            figure.savefig(filename, dpi=110)
+            plt.close(figure)
+        return figure
+
+
+def _parse(name: str, text: str) -> Any:
+    if name in _BOOLEAN_COLUMNS:
+        return {"True": True, "False": False}.get(text, math.nan)
+    if name in _INTEGER_COLUMNS:
+        return int(text)
+    return float(text)

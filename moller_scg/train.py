@@ -1,0 +1,375 @@
+"""``fit``: full-batch training in one call, with the stopping rules of MATLAB's ``trainscg`` and safe checkpoints.
+
+Each iteration is one ``optimizer.step`` on the exact full-batch objective, streamed by a
+:class:`~moller_scg.GradientAccumulator`. The run stops for the first of the reasons in
+:data:`moller_scg.history.STOP_REASONS` and says which in the returned :class:`~moller_scg.History`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import dataclasses
+import logging
+import math
+import os
+import signal
+import threading
+import time
+from collections.abc import Callable, Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from moller_scg.accumulate import GradientAccumulator
+from moller_scg.checkpoint import load_checkpoint, make_checkpoint, restore, save_checkpoint
+from moller_scg.history import History
+from moller_scg.scg import LAMBDA_MAX, SCG, SCGTrace
+
+logger = logging.getLogger(__name__)
+
+Callback = Callable[[History], Any]
+"""Called after every iteration with the History so far; returning ``True`` stops the run (reason "callback")."""
+
+
+@dataclasses.dataclass
+class _EarlyStopping:
+    """What validation early stopping remembers: the best validation loss, its weights, and the failures since."""
+
+    best_loss: float = math.inf
+    best_iteration: int | None = None
+    best_weights: dict[str, torch.Tensor] | None = None
+    fails: int = 0
+
+    def update(self, model: nn.Module, k: int, val_loss: float, moved: bool) -> None:
+        """A new best is remembered; a successful step (the weights ``moved``) that is no better is one fail."""
+        if val_loss < self.best_loss:
+            self.best_loss, self.best_iteration, self.fails = val_loss, k, 0
+            self.best_weights = {name: value.detach().clone() for name, value in model.state_dict().items()}
+        elif moved:
+            self.fails += 1
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self) | {"best_weights": self.best_weights}
+
+
+class _StopRequests:
+    """Turns the first Ctrl-C or SIGTERM into a request to stop after the current iteration.
+
+    A second Ctrl-C raises ``KeyboardInterrupt`` at once (SCG then restores the accepted weights). Handlers are
+    installed only in the main thread and are put back as they were on exit.
+    """
+
+    def __init__(self) -> None:
+        self.requested = False
+        self._previous: dict[int, Any] = {}
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        if self.requested and signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        self.requested = True
+        logger.warning("%s received: stopping after the current iteration", signal.Signals(signum).name)
+
+    @contextlib.contextmanager
+    def installed(self) -> Iterator[_StopRequests]:
+        if threading.current_thread() is not threading.main_thread():
+            yield self
+            return
+        for signum in (signal.SIGINT, signal.SIGTERM):
+            self._previous[signum] = signal.signal(signum, self._handle)
+        try:
+            yield self
+        finally:
+            for signum, handler in self._previous.items():
+                signal.signal(signum, handler)
+
+
+def fit(
+    model: nn.Module,
+    loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+    train_data: Any,
+    *,
+    reduction: str | None = None,
+    val_data: Any = None,
+    metric: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
+    optimizer: torch.optim.Optimizer | None = None,
+    batch_size: int | None = None,
+    device: str | torch.device | None = None,
+    max_iter: int,
+    goal: float | None = None,
+    min_grad: float | None = None,
+    max_time: float | None = None,
+    max_fail: int | None = 6,
+    max_stall: int = 50,
+    checkpoint: str | os.PathLike[str] | None = None,
+    checkpoint_every: int = 10,
+    resume: bool = False,
+    progress: bool = True,
+    callbacks: Sequence[Callback] = (),
+) -> History:
+    """Train ``model`` by full-batch SCG (or another closure optimizer) until a stopping rule fires.
+
+    Args:
+        model: the network; moved to ``device`` when one is given.
+        loss_fn: ``loss_fn(outputs, targets)`` with ``reduction="mean"`` or ``"sum"``; the objective E(w) is this
+            loss over the whole training set.
+        train_data: ``(inputs, targets)`` tensors, a map-style ``Dataset`` or a ``DataLoader`` (see
+            :class:`~moller_scg.GradientAccumulator`).
+        reduction: ``"mean"`` or ``"sum"`` for a ``loss_fn`` without a ``reduction`` attribute.
+        val_data: validation data in the same forms; its loss is computed after every successful step.
+        metric: ``metric(outputs, targets)`` → the batch mean of a score (for example :func:`accuracy`), reported
+            on the validation data as ``val_metric``.
+        optimizer: default ``SCG(model.parameters())`` with exact curvature from the accumulator. Any optimizer
+            whose ``step`` takes a closure works (``torch.optim.LBFGS``); then only E is recorded per iteration.
+        batch_size: samples per streamed minibatch (memory, not the objective: every batch size gives the same
+            E, E' and E''p). Default: the accumulator's.
+        device: where the model and batches go.
+        max_iter: the iteration budget (total, counting iterations before a resume).
+        goal: stop when the training loss is ≤ ``goal``.
+        min_grad: stop when |E'(w)| ≤ ``min_grad`` (SCG only). A zero gradient always stops.
+        max_time: stop after this many seconds of training (total, counting time before a resume).
+        max_fail: stop when the validation loss has not improved on its best for this many successful steps in a
+            row, and restore the weights of the best validation loss. ``None`` disables it.
+        max_stall: stop when the training loss has not decreased for this many iterations in a row, or once λ
+            reaches its bound (SCG only): progress has stopped.
+        checkpoint: a file to write the run's state to every ``checkpoint_every`` iterations and when it stops,
+            atomically. Loaded with ``weights_only=True``.
+        checkpoint_every: iterations between checkpoints.
+        resume: continue from ``checkpoint`` if it exists, so that the run ends bit-identical to one that was
+            never interrupted; without a file the run starts afresh.
+        progress: show a tqdm bar over iterations with the loss, validation loss, λ and success rate.
+        callbacks: called after every iteration with the :class:`History`; one returning ``True`` stops the run.
+
+    Returns:
+        The :class:`History` of the run, with ``stop_reason`` set.
+
+    Raises:
+        ValueError: a bad argument (named in the message), or ``resume=True`` without ``checkpoint``.
+        moller_scg.checkpoint.CheckpointError: the checkpoint to resume from is corrupt or belongs to another
+            model or optimizer; nothing was loaded.
+    """
+    _validate_arguments(max_iter, goal, min_grad, max_time, max_fail, max_stall, checkpoint, checkpoint_every, resume)
+    if device is not None:
+        model.to(device)
+    # A non-finite trial is SCG's to reject (it shrinks the step), so the training pass returns it instead of raising.
+    train = GradientAccumulator(
+        model, loss_fn, train_data, batch_size, device, reduction=reduction, on_non_finite="return"
+    )
+    validation = scoring = None
+    if val_data is not None:
+        validation = GradientAccumulator(model, loss_fn, val_data, batch_size, device, reduction=reduction)
+        if metric is not None:
+            scoring = GradientAccumulator(model, metric, val_data, batch_size, device, reduction="mean")
+    if optimizer is None:
+        optimizer = SCG(model.parameters())
+    if min_grad is not None and not isinstance(optimizer, SCG):
+        raise ValueError("min_grad needs the gradient norm, which only SCG reports; drop min_grad or use SCG")
+
+    history, early, elapsed_before = History(), _EarlyStopping(), 0.0
+    if resume and checkpoint is not None and Path(checkpoint).exists():
+        history, early, elapsed_before = _resume(model, optimizer, checkpoint)
+        logger.info("resumed from %s after %d iterations", checkpoint, len(history))
+    elif resume:
+        logger.info("no checkpoint at %s yet: starting afresh", checkpoint)
+
+    started = time.perf_counter() - elapsed_before
+    bar = _progress_bar(progress, max_iter, initial=len(history))
+    stops = _StopRequests()
+    try:
+        with stops.installed():
+            while history.stop_reason is None:
+                history.stop_reason = _budget_exhausted(history, max_iter, max_time, started, stops)
+                if history.stop_reason is not None:
+                    break
+                try:
+                    loss = optimizer.step(train)
+                except KeyboardInterrupt:
+                    history.stop_reason = "interrupted"
+                    break
+                except FloatingPointError as error:
+                    history.stop_reason, history.detail = "non_finite", str(error)
+                    logger.warning("stopping: %s", error)
+                    break
+                row = _row(optimizer, loss, history, started)
+                row |= _validation_row(validation, scoring, history, weights_moved=row["success"])
+                history.append(**row)
+                if validation is not None:
+                    early.update(model, row["k"], row["val_loss"], moved=row["success"])
+                    history.best_iteration = early.best_iteration
+                _update_bar(bar, history)
+                history.stop_reason = _converged(history, goal, min_grad, max_fail, max_stall, early)
+                if history.stop_reason is None and any(callback(history) is True for callback in callbacks):
+                    history.stop_reason = "callback"
+                if checkpoint is not None and history.stop_reason is None and len(history) % checkpoint_every == 0:
+                    _save(checkpoint, model, optimizer, history, early, started)
+    finally:
+        if bar is not None:
+            bar.close()
+    if history.stop_reason == "max_fail" and early.best_weights is not None:
+        model.load_state_dict(early.best_weights)
+    if checkpoint is not None:
+        _save(checkpoint, model, optimizer, history, early, started)
+    logger.info("stopped after %d iterations: %s", len(history), history.message)
+    return history
+
+
+def accuracy(outputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """The fraction of samples whose largest output is at the target class (a ``metric`` for :func:`fit`)."""
+    return (outputs.argmax(dim=-1) == targets).to(torch.float64).mean()
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Helpers of fit, each one rule
+
+
+def _row(optimizer: torch.optim.Optimizer, loss: Any, history: History, started: float) -> dict[str, Any]:
+    """One History row: SCG's trace, or for other optimizers the loss their ``step`` returned."""
+    elapsed = time.perf_counter() - started
+    trace = getattr(optimizer, "trace", None)
+    if isinstance(trace, SCGTrace):
+        return dataclasses.asdict(trace) | {"time": elapsed}
+    # Other optimizers (LBFGS, …) move the weights at every step and report only the loss.
+    return {"k": len(history) + 1, "loss": float(loss), "success": True, "time": elapsed}
+
+
+def _validation_row(
+    validation: GradientAccumulator | None, scoring: GradientAccumulator | None, history: History, weights_moved: bool
+) -> dict[str, float]:
+    """Validation loss and metric, evaluated only when the weights moved (a failed SCG trial leaves them as they were)."""
+    if validation is None:
+        return {}
+    if not weights_moved and len(history):
+        return {"val_loss": history["val_loss"][-1], "val_metric": history["val_metric"][-1]}
+    row = {"val_loss": float(validation.loss())}
+    if scoring is not None:
+        row["val_metric"] = float(scoring.loss())
+    return row
+
+
+def _budget_exhausted(
+    history: History, max_iter: int, max_time: float | None, started: float, stops: _StopRequests
+) -> str | None:
+    """The reason to stop before the next iteration: iteration or time budget used, or a stop was requested."""
+    if stops.requested:
+        return "interrupted"
+    if len(history) >= max_iter:
+        return "max_iter"
+    if max_time is not None and time.perf_counter() - started >= max_time:
+        return "max_time"
+    return None
+
+
+def _converged(
+    history: History,
+    goal: float | None,
+    min_grad: float | None,
+    max_fail: int | None,
+    max_stall: int,
+    early: _EarlyStopping,
+) -> str | None:
+    """The reason to stop after the iteration just recorded, if any."""
+    row = history.last
+    if goal is not None and row["loss"] <= goal:
+        return "goal"
+    if row["residual_norm"] == 0.0 or (min_grad is not None and row["residual_norm"] <= min_grad):
+        return "min_grad"
+    if max_fail is not None and early.fails >= max_fail:
+        return "max_fail"
+    if row["lambd"] >= LAMBDA_MAX or _iterations_without_decrease(history["loss"]) >= max_stall:
+        return "stalled"
+    return None
+
+
+def _iterations_without_decrease(losses: list[float]) -> int:
+    """How many of the latest iterations did not lower the loss below its value before them."""
+    count, best = 0, losses[-1]
+    for earlier in reversed(losses[:-1]):
+        if earlier > best:
+            break
+        count += 1
+    return count
+
+
+def _progress_bar(progress: bool, total: int, initial: int):
+    if not progress:
+        return None
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, initial=initial, desc="SCG", unit="it", dynamic_ncols=True)
+
+
+def _update_bar(bar: Any, history: History) -> None:
+    if bar is None:
+        return
+    row = history.last
+    successes = history["success"]
+    postfix = {"loss": f"{row['loss']:.4g}", "λ": f"{row['lambd']:.2g}", "success": f"{sum(successes) / len(successes):.0%}"}
+    if math.isfinite(row["val_loss"]):
+        postfix["val"] = f"{row['val_loss']:.4g}"
+    bar.set_postfix(postfix, refresh=False)
+    bar.update(1)
+
+
+def _save(
+    path: str | os.PathLike[str],
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    history: History,
+    early: _EarlyStopping,
+    started: float,
+) -> None:
+    extra = {
+        "stop_reason": history.stop_reason,
+        "best_iteration": history.best_iteration,
+        "early_stopping": early.to_dict(),
+        "elapsed": time.perf_counter() - started,
+    }
+    save_checkpoint(path, make_checkpoint(model, optimizer, iteration=len(history), history=history.columns, extra=extra))
+
+
+def _resume(
+    model: nn.Module, optimizer: torch.optim.Optimizer, path: str | os.PathLike[str]
+) -> tuple[History, _EarlyStopping, float]:
+    """Load a checkpoint into model and optimizer (all or nothing) and return the run state it holds."""
+    state = load_checkpoint(path)
+    history = History.from_dict({"columns": state["history"], "best_iteration": state["extra"].get("best_iteration")})
+    early = _EarlyStopping(**state["extra"].get("early_stopping", {}))
+    restore(model, optimizer, state, source=path)
+    return history, early, float(state["extra"].get("elapsed", 0.0))
+
+
+def _validate_arguments(
+    max_iter: Any,
+    goal: Any,
+    min_grad: Any,
+    max_time: Any,
+    max_fail: Any,
+    max_stall: Any,
+    checkpoint: Any,
+    checkpoint_every: Any,
+    resume: Any,
+) -> None:
+    def positive_int(name: str, value: Any, allow_none: bool = False) -> None:
+        if value is None and allow_none:
+            return
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(f"{name} must be an int ≥ 1{' or None' if allow_none else ''}, got {value!r}")
+
+    def non_negative(name: str, value: Any) -> None:
+        if value is None:
+            return
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not value >= 0:
+            raise ValueError(f"{name} must be a number ≥ 0 or None, got {value!r}")
+
+    positive_int("max_iter", max_iter)
+    positive_int("max_fail", max_fail, allow_none=True)
+    positive_int("max_stall", max_stall)
+    positive_int("checkpoint_every", checkpoint_every)
+    non_negative("min_grad", min_grad)
+    non_negative("max_time", max_time)
+    if goal is not None and (isinstance(goal, bool) or not isinstance(goal, (int, float)) or math.isnan(goal)):
+        raise ValueError(f"goal must be a number or None, got {goal!r}")
+    if resume and checkpoint is None:
+        raise ValueError("resume=True needs checkpoint=PATH: the file to resume from")

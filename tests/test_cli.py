@@ -1,0 +1,102 @@
+"""The moller-scg command line and the MNIST main job, on small data."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from test_data import FILE_NAMES, idx_bytes, write_file
+
+from moller_scg import __version__
+from moller_scg.cli import main
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def write_tiny_mnist(folder: Path, train: int = 60, test: int = 20, gz: bool = False) -> None:
+    rng = np.random.default_rng(7)
+    arrays = {}
+    for split, count in (("train", train), ("test", test)):
+        labels = np.arange(count, dtype=np.uint8) % 10
+        images = rng.integers(0, 40, size=(count, 28, 28), dtype=np.uint8)
+        for index, label in enumerate(labels):  # a bright bar whose position is the class: learnable
+            images[index, 2 + 2 * label : 4 + 2 * label, 4:24] = 255
+        arrays[(split, "images")] = images
+        arrays[(split, "labels")] = labels
+    for (split, kind), name in FILE_NAMES.items():
+        write_file(folder, name, idx_bytes(arrays[(split, kind)]), gz=gz)
+
+
+def test_version(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--version"])
+    assert exit_info.value.code == 0
+    assert __version__ in capsys.readouterr().out
+
+
+def test_help_explains_the_mnist_command(capsys):
+    with pytest.raises(SystemExit):
+        main(["mnist", "--help"])
+    text = capsys.readouterr().out
+    for option in ("--data", "--batch-size", "--max-iter", "--device", "--hvp", "--checkpoint", "--resume", "--plot"):
+        assert option in text
+    assert "embedded" in text
+
+
+def test_mnist_smoke_run_on_200_embedded_images(capsys, tmp_path):
+    plot = tmp_path / "trace.png"
+    status = main(["mnist", "--max-train", "200", "--max-iter", "3", "--quiet", "--plot", str(plot)])
+    output = capsys.readouterr().out
+    assert status == 0, output
+    for label in ("train loss", "test accuracy", "iterations     3", "closure calls", "wall time", "stop reason    max_iter"):
+        assert label in output
+    assert "(200 images)" in output and "(1000 images)" in output
+    assert plot.read_bytes().startswith(b"\x89PNG")
+
+
+@pytest.mark.parametrize("gz", [False, True])
+def test_mnist_on_tiny_idx_files(capsys, tmp_path, gz):
+    write_tiny_mnist(tmp_path / "MNIST" / "raw", gz=gz)
+    status = main(["mnist", "--data", str(tmp_path), "--max-iter", "5", "--quiet", "--batch-size", "16"])
+    output = capsys.readouterr().out
+    assert status == 0, output
+    assert "(50 images)" in output and "(20 images)" in output  # 60 train → 50 train + 10 validation
+
+
+def test_mnist_checkpoint_and_resume(capsys, tmp_path):
+    write_tiny_mnist(tmp_path)
+    checkpoint = tmp_path / "run.pt"
+    arguments = ["mnist", "--data", str(tmp_path), "--quiet", "--batch-size", "32", "--checkpoint", str(checkpoint)]
+    assert main([*arguments, "--max-iter", "2"]) == 0
+    assert main([*arguments, "--max-iter", "4", "--resume"]) == 0
+    output = capsys.readouterr().out
+    assert "iterations     4" in output
+
+
+def test_mnist_bad_path_is_a_clear_error(capsys, tmp_path):
+    status = main(["mnist", "--data", str(tmp_path / "nowhere"), "--quiet"])
+    assert status == 1
+    assert "nowhere" in capsys.readouterr().err
+
+
+def test_mnist_malformed_file_is_a_clear_error(capsys, tmp_path):
+    write_tiny_mnist(tmp_path)
+    (tmp_path / "train-images-idx3-ubyte").write_bytes(b"\x00\x00\x08\x03garbage")
+    status = main(["mnist", "--data", str(tmp_path), "--quiet"])
+    assert status == 1
+    assert "train-images-idx3-ubyte" in capsys.readouterr().err
+
+
+def test_resume_without_checkpoint_is_refused(capsys):
+    assert main(["mnist", "--resume", "--quiet"]) == 2
+    assert "--checkpoint" in capsys.readouterr().err
+
+
+def test_python_dash_m_runs_the_command():
+    result = subprocess.run(
+        [sys.executable, "-m", "moller_scg", "--version"], capture_output=True, text=True, cwd=ROOT, timeout=120
+    )
+    assert result.returncode == 0 and __version__ in result.stdout

@@ -1,0 +1,85 @@
+"""History: rows, CSV and dict round trips, and the Figure 3 plot."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from torch import nn
+
+from moller_scg import History, fit
+from moller_scg.history import COLUMNS
+
+
+def trained_history(max_iter: int = 8, with_validation: bool = True) -> History:
+    generator = torch.Generator().manual_seed(0)
+    x = torch.randn(40, 3, generator=generator, dtype=torch.float64)
+    y = torch.tanh(x.sum(dim=1, keepdim=True))
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(3, 6), nn.Tanh(), nn.Linear(6, 1)).double()
+    validation = (x[:10] * 1.1, y[:10]) if with_validation else None
+    return fit(model, nn.MSELoss(), (x, y), val_data=validation, batch_size=16, max_iter=max_iter, progress=False)
+
+
+def test_rows_hold_the_optimizer_trace():
+    history = trained_history()
+    assert len(history) == 8
+    assert list(history.last) == list(COLUMNS)
+    assert history["closure_calls"] == sorted(history["closure_calls"])
+    assert all(isinstance(value, bool) for value in history["success"])
+    assert all(math.isfinite(value) for value in history["val_loss"])
+    assert history["time"] == sorted(history["time"])
+
+
+def test_csv_round_trip_is_exact(tmp_path):
+    history = trained_history()
+    path = tmp_path / "history.csv"
+    history.to_csv(path)
+    again = History.from_csv(path)
+    for name in COLUMNS:
+        for a, b in zip(history[name], again[name]):
+            assert a == b or (isinstance(a, float) and math.isnan(a) and math.isnan(b)), name
+            assert type(a) is type(b), name
+
+
+def test_csv_with_foreign_header_is_refused(tmp_path):
+    path = tmp_path / "other.csv"
+    path.write_text("a,b\n1,2\n", encoding="utf-8")
+    with pytest.raises(ValueError, match="not the History columns"):
+        History.from_csv(path)
+
+
+def test_dict_round_trip_and_weights_only_safety(tmp_path):
+    history = trained_history()
+    history.stop_reason = "max_iter"
+    path = tmp_path / "history.pt"
+    torch.save(history.to_dict(), path)
+    again = History.from_dict(torch.load(path, weights_only=True))
+    assert again.to_dict() == history.to_dict() or all(
+        a == b or (math.isnan(a) and math.isnan(b))
+        for name in COLUMNS
+        for a, b in zip(history[name], again[name])
+        if isinstance(a, float)
+    )
+    assert again.stop_reason == "max_iter"
+
+
+def test_from_dict_rejects_wrong_columns():
+    with pytest.raises(ValueError, match="columns"):
+        History.from_dict({"columns": {"k": [1]}})
+    with pytest.raises(ValueError, match="different lengths"):
+        History.from_dict({"columns": {name: [1] * (2 if name == "loss" else 1) for name in COLUMNS}})
+
+
+def test_append_rejects_unknown_columns():
+    with pytest.raises(ValueError, match="unknown History columns"):
+        History().append(k=1, learning_rate=0.1)
+
+
+def test_plot_writes_a_non_empty_png(tmp_path):
+    history = trained_history()
+    path = tmp_path / "figure3.png"
+    history.plot(path, title="test")
+    content = path.read_bytes()
+    assert content.startswith(b"\x89PNG") and len(content) > 10_000

@@ -1,0 +1,351 @@
+"""fit: each stop reason, early stopping, checkpoints, interruption, and kill-and-resume bit-identity."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+from moller_scg import SCG, History, fit
+from moller_scg.checkpoint import CheckpointError, load_checkpoint
+from moller_scg.history import STOP_REASONS
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def regression_problem(seed: int = 0, n: int = 48):
+    generator = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, 2, generator=generator, dtype=torch.float64)
+    y = torch.sin(2 * x[:, :1]) * torch.cos(x[:, 1:])
+    torch.manual_seed(seed)
+    model = nn.Sequential(nn.Linear(2, 8), nn.Tanh(), nn.Linear(8, 1)).double()
+    return model, (x, y)
+
+
+def quiet_fit(model, data, **options):
+    options.setdefault("max_iter", 30)
+    return fit(model, nn.MSELoss(), data, progress=False, batch_size=16, **options)
+
+
+def test_max_iter_stops_after_the_budget_and_records_every_iteration():
+    model, data = regression_problem()
+    history = quiet_fit(model, data, max_iter=7)
+    assert history.stop_reason == "max_iter" and len(history) == 7
+    assert history["k"] == list(range(1, 8))
+    losses = history["loss"]
+    assert all(later <= earlier for earlier, later in zip(losses, losses[1:]))
+    assert losses[-1] < losses[0]
+
+
+def test_goal_stops_when_the_loss_reaches_it():
+    model, data = regression_problem()
+    first = quiet_fit(*regression_problem(), max_iter=5)["loss"]
+    goal = first[2]
+    history = quiet_fit(model, data, goal=goal)
+    assert history.stop_reason == "goal"
+    assert history["loss"][-1] <= goal and all(loss > goal for loss in history["loss"][:-1])
+
+
+def test_min_grad_stops_when_the_gradient_is_small():
+    model, data = regression_problem()
+    norms = quiet_fit(*regression_problem(), max_iter=6)["residual_norm"]
+    history = quiet_fit(model, data, min_grad=norms[3])
+    assert history.stop_reason == "min_grad"
+    assert history["residual_norm"][-1] <= norms[3]
+
+
+def test_max_time_stops_on_the_time_budget():
+    model, data = regression_problem()
+    started = time.perf_counter()
+    history = quiet_fit(model, data, max_iter=10_000, max_time=0.5, callbacks=[lambda h: time.sleep(0.05)])
+    assert history.stop_reason == "max_time"
+    assert time.perf_counter() - started >= 0.5
+    assert 1 <= len(history) <= 0.5 / 0.05 + 1
+
+
+def test_callback_can_stop_the_run():
+    model, data = regression_problem()
+    history = quiet_fit(model, data, callbacks=[lambda h: len(h) == 3])
+    assert history.stop_reason == "callback" and len(history) == 3
+
+
+def test_stalled_when_the_loss_stops_decreasing():
+    # Linear least squares: SCG solves it in a few iterations, after which the loss cannot decrease any more.
+    generator = torch.Generator().manual_seed(3)
+    x = torch.randn(30, 3, generator=generator, dtype=torch.float64)
+    y = x @ torch.tensor([[1.0], [-2.0], [0.5]], dtype=torch.float64) + 0.1
+    model = nn.Linear(3, 1).double()
+    history = quiet_fit(model, (x, y), max_iter=500, max_stall=5)
+    assert history.stop_reason == "stalled"
+    assert len(history) < 500
+    assert history["loss"][-1] == min(history["loss"])
+
+
+def test_sigint_stops_after_the_current_iteration():
+    model, data = regression_problem()
+
+    def interrupt(history):
+        if len(history) == 4:
+            os.kill(os.getpid(), signal.SIGINT)
+
+    history = quiet_fit(model, data, callbacks=[interrupt])
+    assert history.stop_reason == "interrupted" and len(history) == 4
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+
+
+def test_non_finite_run_stops_with_a_reason_and_finite_weights():
+    model, data = regression_problem()
+    start = [p.detach().clone() for p in model.parameters()]
+
+    def loss_fn(outputs, targets):
+        # Finite only at the starting weights: every trial point SCG tries is non-finite.
+        at_start = all(torch.equal(p, q) for p, q in zip(model.parameters(), start))
+        return nn.functional.mse_loss(outputs, targets) * (1.0 if at_start else float("inf"))
+
+    history = fit(model, loss_fn, data, batch_size=16, max_iter=100, progress=False, reduction="mean")
+    assert history.stop_reason == "non_finite"
+    assert "not finite" in history.detail
+    assert all(torch.equal(p, q) for p, q in zip(model.parameters(), start))
+
+
+def test_max_fail_restores_the_weights_of_the_best_validation_loss():
+    model, (x, y) = regression_problem()
+    validation = (x + 0.3, -y)  # fitting the training data makes this worse
+    history = quiet_fit(model, (x, y), val_data=validation, max_iter=200, max_fail=3)
+    assert history.stop_reason == "max_fail"
+    best = history.best_iteration
+    assert history["val_loss"][best - 1] == min(history["val_loss"])
+    with torch.no_grad():
+        restored = float(nn.functional.mse_loss(model(validation[0]), validation[1]))
+    assert restored == pytest.approx(min(history["val_loss"]), rel=1e-12)
+    assert len(history) - best >= 3
+
+
+def test_validation_metric_is_recorded():
+    generator = torch.Generator().manual_seed(4)
+    x = torch.randn(60, 4, generator=generator, dtype=torch.float64)
+    y = (x[:, 0] > 0).long()
+    torch.manual_seed(0)
+    model = nn.Linear(4, 2).double()
+    from moller_scg import accuracy
+
+    history = fit(model, nn.CrossEntropyLoss(), (x, y), val_data=(x, y), metric=accuracy, max_iter=10, progress=False)
+    assert 0.0 <= history["val_metric"][-1] <= 1.0
+    with torch.no_grad():
+        expected = float((model(x).argmax(1) == y).double().mean())
+    if history.stop_reason != "max_fail":
+        assert history["val_metric"][-1] == pytest.approx(expected, abs=1e-12)
+
+
+def test_fit_works_with_lbfgs():
+    model, data = regression_problem()
+    optimizer = torch.optim.LBFGS(model.parameters(), max_iter=5, line_search_fn="strong_wolfe")
+    history = quiet_fit(model, data, optimizer=optimizer, max_iter=4)
+    assert history.stop_reason == "max_iter" and len(history) == 4
+    assert history["loss"][-1] < history["loss"][0]
+
+
+@pytest.mark.parametrize(
+    "options, match",
+    [
+        ({"max_iter": 0}, "max_iter"),
+        ({"max_fail": 0}, "max_fail"),
+        ({"min_grad": -1.0}, "min_grad"),
+        ({"max_time": -1.0}, "max_time"),
+        ({"checkpoint_every": 0}, "checkpoint_every"),
+        ({"resume": True}, "resume=True needs checkpoint"),
+    ],
+)
+def test_bad_arguments_raise_value_error(options, match):
+    model, data = regression_problem()
+    options.setdefault("max_iter", 3)
+    with pytest.raises(ValueError, match=match):
+        fit(model, nn.MSELoss(), data, progress=False, **options)
+
+
+def test_every_stop_reason_is_explained():
+    for reason, sentence in STOP_REASONS.items():
+        assert History(stop_reason=reason).message == sentence
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Checkpoints
+
+
+def test_checkpoint_written_on_stop_and_resume_continues_bit_identically(tmp_path):
+    path = tmp_path / "run.pt"
+    reference_model, data = regression_problem()
+    quiet_fit(reference_model, data, max_iter=20)
+
+    model, data = regression_problem()
+    first = quiet_fit(model, data, max_iter=9, checkpoint=path, checkpoint_every=4)
+    assert first.stop_reason == "max_iter"
+    assert load_checkpoint(path)["iteration"] == 9
+
+    fresh_model, _ = regression_problem(seed=99)  # different initial weights: all come from the checkpoint
+    resumed = quiet_fit(fresh_model, data, max_iter=20, checkpoint=path, resume=True)
+    assert len(resumed) == 20 and resumed["k"] == list(range(1, 21))
+    for p, q in zip(fresh_model.parameters(), reference_model.parameters()):
+        assert torch.equal(p, q)
+
+
+def test_resume_without_a_checkpoint_file_starts_afresh(tmp_path):
+    model, data = regression_problem()
+    history = quiet_fit(model, data, max_iter=3, checkpoint=tmp_path / "new.pt", resume=True)
+    assert len(history) == 3 and (tmp_path / "new.pt").exists()
+
+
+@pytest.mark.parametrize("content", [b"\x00not a checkpoint at all" * 10, b""])
+def test_resume_from_a_corrupt_checkpoint_refuses_and_changes_nothing(tmp_path, content):
+    path = tmp_path / "bad.pt"
+    path.write_bytes(content)
+    model, data = regression_problem()
+    before = [p.detach().clone() for p in model.parameters()]
+    with pytest.raises(CheckpointError, match=str(path.name)):
+        quiet_fit(model, data, checkpoint=path, resume=True)
+    assert all(torch.equal(p, q) for p, q in zip(model.parameters(), before))
+
+
+def test_resume_with_another_models_checkpoint_is_refused(tmp_path):
+    path = tmp_path / "other.pt"
+    other = nn.Sequential(nn.Linear(2, 5), nn.Tanh(), nn.Linear(5, 1)).double()
+    _, data = regression_problem()
+    quiet_fit(other, data, max_iter=2, checkpoint=path)
+    model, data = regression_problem()
+    before = [p.detach().clone() for p in model.parameters()]
+    with pytest.raises(CheckpointError):
+        quiet_fit(model, data, checkpoint=path, resume=True)
+    assert all(torch.equal(p, q) for p, q in zip(model.parameters(), before))
+
+
+def test_truncated_checkpoint_is_refused(tmp_path):
+    path = tmp_path / "run.pt"
+    model, data = regression_problem()
+    quiet_fit(model, data, max_iter=3, checkpoint=path)
+    content = path.read_bytes()
+    path.write_bytes(content[: len(content) // 2])
+    with pytest.raises(CheckpointError):
+        quiet_fit(*regression_problem(), checkpoint=path, resume=True)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Processes: SIGKILL at random points, SIGTERM
+
+
+RUN_SCRIPT = textwrap.dedent(
+    """
+    import sys, time, torch
+    sys.path.insert(0, {tests!r})
+    from test_train import regression_problem
+    from moller_scg import fit
+    from torch import nn
+    torch.set_num_threads(1)
+    model, data = regression_problem()
+    history = fit(model, nn.MSELoss(), data, batch_size=16, max_iter=40, progress=False,
+                  checkpoint=sys.argv[1], checkpoint_every=1, resume=True,
+                  callbacks=[lambda h: time.sleep(float(sys.argv[3]))])
+    torch.save([p.detach() for p in model.parameters()], sys.argv[2])
+    print("STOP", history.stop_reason, len(history), flush=True)
+    """
+)
+
+
+def _run_script(tmp_path: Path) -> Path:
+    script = tmp_path / "run.py"
+    script.write_text(RUN_SCRIPT.format(tests=str(ROOT / "tests")), encoding="utf-8")
+    return script
+
+
+def _start(script: Path, checkpoint: Path, weights: Path, delay: float) -> subprocess.Popen:
+    return subprocess.Popen(
+        [sys.executable, str(script), str(checkpoint), str(weights), str(delay)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        cwd=str(ROOT),
+    )
+
+
+def _wait_for_iteration(checkpoint: Path, iteration: int, process: subprocess.Popen, timeout: float = 60) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise AssertionError(f"the run ended before iteration {iteration}: {process.communicate()}")
+        if checkpoint.exists():
+            try:
+                if load_checkpoint(checkpoint)["iteration"] >= iteration:
+                    return
+            except CheckpointError:
+                pass
+        time.sleep(0.01)
+    raise AssertionError(f"no checkpoint of iteration {iteration} within {timeout} s")
+
+
+@pytest.mark.slow
+def test_sigkill_at_two_random_points_then_resume_ends_bit_identical(tmp_path):
+    script = _run_script(tmp_path)
+    uninterrupted = _start(script, tmp_path / "a.pt", tmp_path / "a_weights.pt", 0.0)
+    output, errors = uninterrupted.communicate(timeout=120)
+    assert uninterrupted.returncode == 0, errors
+    assert "STOP max_iter 40" in output
+
+    generator = torch.Generator().manual_seed(int(time.time()))
+    kill_points = sorted(torch.randint(3, 35, (2,), generator=generator).tolist())
+    checkpoint, weights = tmp_path / "b.pt", tmp_path / "b_weights.pt"
+    for point in kill_points:
+        process = _start(script, checkpoint, weights, 0.03)
+        _wait_for_iteration(checkpoint, point, process)
+        time.sleep(float(torch.rand(1, generator=generator)) * 0.03)  # somewhere inside an iteration
+        process.send_signal(signal.SIGKILL)
+        process.communicate(timeout=30)
+        assert process.returncode == -signal.SIGKILL
+        assert not list(tmp_path.glob("b.pt.*")) or all(p.suffix != ".pt" for p in tmp_path.glob("b.pt.*"))
+    final = _start(script, checkpoint, weights, 0.0)
+    output, errors = final.communicate(timeout=120)
+    assert final.returncode == 0, errors
+    assert "STOP max_iter 40" in output, (kill_points, output, errors)
+    expected = torch.load(tmp_path / "a_weights.pt", weights_only=True)
+    actual = torch.load(weights, weights_only=True)
+    for a, b in zip(actual, expected):
+        assert torch.equal(a, b), f"weights differ after kills at {kill_points}"
+
+
+@pytest.mark.slow
+def test_sigterm_stops_writes_the_checkpoint_and_reports_interrupted(tmp_path):
+    script = _run_script(tmp_path)
+    checkpoint = tmp_path / "term.pt"
+    process = _start(script, checkpoint, tmp_path / "w.pt", 0.05)
+    _wait_for_iteration(checkpoint, 3, process)
+    process.send_signal(signal.SIGTERM)
+    output, errors = process.communicate(timeout=60)
+    assert process.returncode == 0, errors
+    stop_line = next(line for line in output.splitlines() if line.startswith("STOP"))
+    _, reason, iterations = stop_line.split()
+    assert reason == "interrupted" and 3 <= int(iterations) < 40
+    saved = load_checkpoint(checkpoint)
+    assert saved["iteration"] == int(iterations)
+    assert saved["extra"]["stop_reason"] == "interrupted"
+
+
+def test_save_checkpoint_is_used_atomically_by_fit(tmp_path, monkeypatch):
+    path = tmp_path / "run.pt"
+    model, data = regression_problem()
+    quiet_fit(model, data, max_iter=2, checkpoint=path)
+    good = path.read_bytes()
+
+    def failing_save(*args, **kwargs):
+        raise OSError("disk full")
+
+    monkeypatch.setattr("moller_scg.checkpoint.torch.save", failing_save)
+    with pytest.raises(OSError, match="disk full"):
+        quiet_fit(*regression_problem(), max_iter=2, checkpoint=path)
+    assert path.read_bytes() == good
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["run.pt"]
