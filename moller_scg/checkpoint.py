@@ -86,6 +86,9 @@ _PLAIN_CONTAINERS = (dict, collections.OrderedDict, list, tuple, torch.Size)
 _PLAIN_VALUES = (bool, int, float, complex, str, bytes, type(None), torch.dtype, torch.device)
 _PLAIN_TENSORS = (torch.Tensor, torch.nn.Parameter)
 _ZIP_LOCAL_HEADER = b"PK\x03\x04"  # how every zip archive, and so every torch.save file, begins
+_ZIP_END_OF_CENTRAL_DIRECTORY = b"PK\x05\x06"  # how a zip archive's last record begins
+_ZIP_END_SEARCH = 22 + 65535  # that record is 22 bytes plus a comment of at most 65535 bytes, at the very end
+_ZIP_DOS_FOLDER_FLAG = 0x10  # the MS-DOS "directory" bit of a zip record's external attributes
 _REMEDY = "Delete or move the file, or pass resume=False to start afresh."
 
 
@@ -151,7 +154,7 @@ def save_checkpoint(path: str | os.PathLike[str], checkpoint: Mapping[str, Any])
     """
     problem = _layout_problem(checkpoint)
     if problem is not None:
-        raise ValueError(f"not a checkpoint in the layout of moller_scg.checkpoint: {problem}")
+        raise ValueError(f"save_checkpoint needs a checkpoint from make_checkpoint: {problem}")
     location = _first_unsafe_value(checkpoint, "checkpoint")
     if location is not None:
         raise TypeError(
@@ -222,8 +225,8 @@ def load_checkpoint(path: str | os.PathLike[str]) -> dict[str, Any]:
             f"(torch.load with weights_only=True: {_unpickler_reason(error)}); load it with weights_only=False "
             f"only if you trust where it came from",
         ) from error
-    except Exception as error:  # noqa: BLE001 — whatever torch.load raises about these bytes means "corrupt"
-        raise _error("load", path, f"it is corrupt: torch.load failed with {type(error).__name__}: {error}") from error
+    except Exception as error:  # whatever torch.load raises about these bytes means "corrupt"
+        raise _error("load", path, f"it is corrupt: torch.load failed ({_summary(error)})") from error
     problem = _layout_problem(checkpoint)
     if problem is not None:
         raise _error("load", path, problem)
@@ -234,30 +237,33 @@ def _archive_problem(data: bytes) -> str | None:
     """Why ``data`` is not a complete, intact zip archive as ``torch.save`` writes, or ``None``."""
     if not data:
         return "the file is empty"
-    if not zipfile.is_zipfile(io.BytesIO(data)):
-        if data.startswith(_ZIP_LOCAL_HEADER):
-            return (
-                "it is truncated: it begins like a checkpoint but its end is missing "
-                "(was the write interrupted, the disk full, or the copy incomplete?)"
-            )
+    if not data.startswith(_ZIP_LOCAL_HEADER):
         return "it is not a checkpoint file: checkpoints are zip archives written by torch.save, this is not one"
+    if _ZIP_END_OF_CENTRAL_DIRECTORY not in data[-_ZIP_END_SEARCH:]:
+        return (
+            "it is truncated: it begins like a checkpoint but its end is missing "
+            "(was the write interrupted, the disk full, or the copy incomplete?)"
+        )
     try:
         with zipfile.ZipFile(io.BytesIO(data)) as archive:
+            records = archive.infolist()
             # torch.save writes CRCs unless torch.serialization.set_crc32_options(False); then every CRC is 0.
-            if not any(info.CRC for info in archive.infolist()):
-                return None
-            damaged = archive.testzip()
-    except Exception as error:  # noqa: BLE001 — any failure to read the archive in memory means "corrupt"
-        return f"it is corrupt: its zip structure is damaged ({type(error).__name__}: {error})"
+            damaged = archive.testzip() if any(record.CRC for record in records) else None
+    except Exception as error:  # any failure to read the archive in memory means "corrupt"
+        return f"it is corrupt: its zip structure is damaged ({_summary(error)})"
     if damaged is not None:
         return f"it is corrupt: its record {damaged!r} fails its CRC check"
+    # torch's zip reader returns uninitialised memory, without an error, for a record marked as a folder.
+    folders = [record.filename for record in records if record.external_attr & _ZIP_DOS_FOLDER_FLAG]
+    if folders:
+        return f"it is corrupt: its record {folders[0]!r} is marked as a folder"
     return None
 
 
 def _unpickler_reason(error: pickle.UnpicklingError) -> str:
     """The line of torch's weights-only error that says what was refused, without its advice to trust the file."""
     for line in str(error).splitlines():
-        if "nsupported" in line:
+        if "unsupported" in line.lower():
             return line.replace("WeightsUnpickler error:", "").strip().split(". Please")[0].rstrip(".")
     return "refused"
 
@@ -306,9 +312,7 @@ def restore(
         model.load_state_dict(backup[0])
         optimizer.load_state_dict(backup[1])
         restore_rng_state(backup[2])
-        raise _error(
-            "restore", source, f"loading it failed ({type(error).__name__}: {error}); nothing was changed"
-        ) from error
+        raise _error("restore", source, f"loading it failed ({_summary(error)}); nothing was changed") from error
 
 
 def check_model_state(
@@ -341,7 +345,8 @@ def _model_state_problem(model: torch.nn.Module, state: Any) -> str | None:
         if not isinstance(saved, torch.Tensor):
             return f"{another}: {key!r} is a {type(saved).__name__} in the checkpoint but a tensor in the model"
         if saved.shape != value.shape:
-            return f"{another}: {key!r} has shape {tuple(saved.shape)} in the checkpoint but {tuple(value.shape)} in the model"
+            shapes = f"shape {tuple(saved.shape)} in the checkpoint but {tuple(value.shape)} in the model"
+            return f"{another}: {key!r} has {shapes}"
         if saved.dtype != value.dtype:
             return f"{another}: {key!r} has dtype {saved.dtype} in the checkpoint but {value.dtype} in the model"
     for key in state:
@@ -355,8 +360,8 @@ def _optimizer_problem(optimizer: torch.optim.Optimizer, state: dict[str, Any], 
     if saved_class != expected_class:
         return f"it was written by a {saved_class} optimizer, not a {expected_class}"
     groups = state.get("param_groups")
-    if not isinstance(state.get("state"), dict) or not (
-        isinstance(groups, list) and all(isinstance(group, dict) and isinstance(group.get("params"), list) for group in groups)
+    if not isinstance(state.get("state"), dict) or not isinstance(groups, list) or not all(
+        isinstance(group, dict) and isinstance(group.get("params"), list) for group in groups
     ):
         return "its optimizer state is not an optimizer state_dict (a 'state' dict and a 'param_groups' list)"
     if len(groups) != len(optimizer.param_groups):
@@ -379,8 +384,8 @@ def capture_rng_state() -> dict[str, Any]:
 
     Returns:
         ``{"torch": ByteTensor, "cuda": [ByteTensor per device], "python": (version, tuple of ints, gauss),
-        "numpy": {"keys": int64 tensor, "pos", "has_gauss", "cached_gaussian"} or None}``: torch's CPU
-        generator, CUDA's (only if CUDA was initialised, so capturing never creates CUDA contexts), Python's
+        "numpy": {"bit_generator", "keys": int64 tensor, "pos", "has_gauss", "cached_gaussian"} or None}``:
+        torch's CPU generator, CUDA's (only if CUDA was initialised, so capturing never creates CUDA contexts), Python's
         ``random`` and numpy's global ``RandomState`` (``None`` without numpy).
     """
     cuda = torch.cuda.get_rng_state_all() if torch.cuda.is_initialized() else []
@@ -449,7 +454,7 @@ def _python_rng_tuple(state: Any) -> tuple[Any, ...]:
 
 def _rng_problem(state: Any) -> str | None:
     """Why ``state`` cannot be restored, found by setting throwaway generators to it, or ``None``."""
-    if not isinstance(state, Mapping) or sorted(state) != sorted(_RNG_ENTRIES):
+    if not isinstance(state, Mapping) or set(state) != set(_RNG_ENTRIES):
         return f"the RNG state must be a dict with the entries {', '.join(_RNG_ENTRIES)}"
     if not isinstance(state["cuda"], list) or not all(isinstance(s, torch.Tensor) for s in state["cuda"]):
         return "the CUDA RNG state must be a list of tensors"
@@ -458,13 +463,18 @@ def _rng_problem(state: Any) -> str | None:
         random.Random().setstate(_python_rng_tuple(state["python"]))
         if state["numpy"] is not None and numpy is not None:
             numpy.random.RandomState().set_state(_numpy_rng_tuple(state["numpy"]))
-    except Exception as error:  # noqa: BLE001 — the generators' own checks say what is wrong
-        return f"the RNG state cannot be restored ({type(error).__name__}: {error})"
+    except Exception as error:  # the generators' own checks say what is wrong
+        return f"the RNG state cannot be restored ({_summary(error)})"
     return None
 
 
 # ----------------------------------------------------------------------------------------------------------------
 # Helpers
+
+
+def _summary(error: BaseException) -> str:
+    """The error's type and first sentence: torch's messages go on with advice that does not apply here."""
+    return f"{type(error).__name__}: {str(error).split('. ')[0].strip()}"
 
 
 def _qualified_name(cls: type) -> str:
@@ -482,7 +492,7 @@ def _layout_problem(checkpoint: Any) -> str | None:
         held = f"a {type(checkpoint).__name__}"
         if isinstance(checkpoint, Mapping):
             held += f" with the keys {', '.join(map(repr, list(checkpoint)[:8]))}"
-        return f"it was not written by moller_scg (it holds {held}, without the entry 'format': {FORMAT!r})"
+        return f"it was not made by moller_scg (it holds {held}, without the entry 'format': {FORMAT!r})"
     if checkpoint.get("version") != VERSION:
         return f"it has layout version {checkpoint.get('version')!r}, but this moller_scg reads version {VERSION}"
     for key, kind in _ENTRIES.items():

@@ -22,7 +22,7 @@ from moller_scg.models import MnistCNN
 from moller_scg.scg import SCG
 from moller_scg.train import accuracy, fit
 
-DEFAULT_MAX_ITER = 150
+DEFAULT_MAX_ITER = 60
 DEFAULT_BATCH_SIZE = 1000
 DEFAULT_HVP = "finite-difference"
 
