@@ -231,11 +231,8 @@ class SCG(torch.optim.Optimizer):
                 "this is not an SCG state_dict: it has no 'scg' entry with the scalars λ, λ̄, δ, k "
                 "(was it saved by another optimizer?)"
             )
-        try:
-            scalars = SCGScalars(**scg_state["scalars"])
-            trace = None if scg_state.get("trace") is None else SCGTrace(**scg_state["trace"])
-        except TypeError as error:
-            raise ValueError(f"the 'scg' entry of this state_dict does not match SCG's scalars: {error}") from None
+        scalars = _typed_dataclass(SCGScalars, scg_state["scalars"])
+        trace = None if scg_state.get("trace") is None else _typed_dataclass(SCGTrace, scg_state["trace"])
         super().load_state_dict(state_dict)
         self._scalars = scalars
         self._trace = trace
@@ -513,6 +510,23 @@ def _validate_hyperparameters(group: dict[str, Any]) -> None:
         raise ValueError(f"Invalid hvp value: {hvp!r}; choose one of {', '.join(map(repr, HVP_MODES))}")
     if restart is not None and (isinstance(restart, bool) or not isinstance(restart, int) or restart < 1):
         raise ValueError(f"Invalid restart (N) value: {restart!r}; it must be an int ≥ 1, or None for n = #weights")
+
+
+def _typed_dataclass(cls: type, values: Any) -> Any:
+    """``cls(**values)`` after checking that ``values`` has exactly ``cls``'s fields, each of its declared type."""
+    fields = {field.name: field.type for field in dataclasses.fields(cls)}
+    if not isinstance(values, dict) or set(values) != set(fields):
+        raise ValueError(
+            f"the 'scg' entry of this state_dict does not match {cls.__name__}: expected the fields {sorted(fields)}, "
+            f"got {sorted(values) if isinstance(values, dict) else type(values).__name__}"
+        )
+    kinds = {"int": int, "float": (int, float), "bool": bool}
+    for name, declared in fields.items():
+        value = values[name]
+        wrong_bool = isinstance(value, bool) and declared != "bool"
+        if wrong_bool or not isinstance(value, kinds[declared]):
+            raise ValueError(f"the 'scg' entry of this state_dict has {name} = {value!r}, which is not a {declared}")
+    return cls(**{name: float(value) if fields[name] == "float" else value for name, value in values.items()})
 
 
 def _require_finite(loss: float, gradients: list[torch.Tensor], where: str) -> None:

@@ -418,6 +418,20 @@ def test_load_state_dict_refuses_a_foreign_state():
         optimizer.load_state_dict(adam_state)
 
 
+def test_load_state_dict_refuses_scalars_of_the_wrong_type():
+    model, optimizer, closure = _mlp_setup()
+    optimizer.step(closure)
+    state = optimizer.state_dict()
+    state["scg"]["scalars"]["k"] = "5"
+    fresh = SCG(make_mlp().parameters())
+    with pytest.raises(ValueError, match="k = '5'"):
+        fresh.load_state_dict(state)
+    state["scg"]["scalars"]["k"] = 1
+    del state["scg"]["scalars"]["lambd"]
+    with pytest.raises(ValueError, match="expected the fields"):
+        fresh.load_state_dict(state)
+
+
 def test_deepcopy_and_pickle_keep_the_state():
     model, optimizer, closure = _mlp_setup()
     for _ in range(4):
