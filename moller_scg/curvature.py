@@ -6,7 +6,8 @@ Three ways to get s, each knowing nothing of SCG or of data:
   ``create_graph=True`` (Pearlmutter 1994). It reuses the graph of the evaluation that produced the gradient,
   so it costs one backward pass and no forward pass.
 * :func:`functional_hvp` — exact, by forward-over-reverse differentiation with ``torch.func`` (``jvp`` of
-  ``grad``), for a loss written as a function of the parameters.
+  ``grad``), for a loss written as a function of the parameters (:func:`functional_hvp_and_loss` also returns
+  the loss of the same evaluation).
 * :func:`finite_difference_hvp` — Møller's original approximation s = (E'(w + σₖ v) − E'(w)) / σₖ, from
   two gradients (Møller 1993, step 2).
 
@@ -79,6 +80,26 @@ def functional_hvp(
     _, products = torch.func.jvp(torch.func.grad(loss_of_params), (dict(params),), (dict(vectors),))
     return products
 
+
+
+def functional_hvp_and_loss(
+    loss_of_params: Callable[[dict[str, torch.Tensor]], torch.Tensor],
+    params: Mapping[str, torch.Tensor],
+    vectors: Mapping[str, torch.Tensor],
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """E(w) and s = E''(w) v from one forward-over-reverse evaluation (see :func:`functional_hvp`).
+
+    Returns:
+        E(w), detached, and s = E''(w) v by name.
+    """
+
+    def loss_and_value(weights: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        loss = loss_of_params(weights)
+        return loss, loss.detach()
+
+    gradient_and_value = torch.func.grad(loss_and_value, has_aux=True)
+    _, products, loss = torch.func.jvp(gradient_and_value, (dict(params),), (dict(vectors),), has_aux=True)
+    return loss, products
 
 def finite_difference_hvp(
     shifted_gradients: Sequence[torch.Tensor],
