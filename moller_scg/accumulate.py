@@ -1,0 +1,924 @@
+"""Exact full-batch loss, gradient and Hessian-vector products, streamed over minibatches.
+
+A dataset of N samples is cut into batches b = 1, …, B of n_b samples. For a loss that is a sum or a mean of
+per-sample terms the full-batch objective is a weighted sum of the batch losses E_b,
+
+    E(w) = Σ_b w_b E_b(w),   E'(w) = Σ_b w_b E_b'(w),   s = E''(w) v = Σ_b w_b E_b''(w) v,
+
+with w_b = 1 for ``reduction="sum"`` and w_b = n_b / N for ``reduction="mean"`` — not 1/B: averaging the
+batch means is wrong as soon as the last batch is smaller. ``nn.CrossEntropyLoss`` and ``nn.NLLLoss`` with
+class indices divide by the total weight of the targets instead of their count (class weights, targets equal
+to ``ignore_index``), so for them E = Σ_b S_b / Σ_b D_b, with S_b the batch's summed loss and D_b the sum of its
+targets' class weights (its number of non-ignored targets without weights).
+
+Each pass streams the batches, adds S_b (or n_b E_b) and the gradients or products into float64 sums, and only
+at the end divides by the denominator and casts once to the parameters' dtype, so the result does not drift
+with the number of batches. Only one batch is alive at a time: memory is bounded by one batch plus the
+float64 sums. :class:`GradientAccumulator` knows nothing of the optimizer; it is a closure with an ``hvp``
+method, which :class:`moller_scg.SCG` uses for its exact curvature.
+
+References:
+    Møller, M. F. (1993). A scaled conjugate gradient algorithm for fast supervised learning.
+    Neural Networks 6(4), 525–533.
+    Pearlmutter, B. A. (1994). Fast exact multiplication by the Hessian. Neural Computation 6(1), 147–160.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import math
+import numbers
+import warnings
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from typing import Any, Union
+
+import torch
+from torch import nn
+from torch.utils.data import (
+    BatchSampler,
+    DataLoader,
+    Dataset,
+    IterableDataset,
+    RandomSampler,
+    SequentialSampler,
+    TensorDataset,
+    WeightedRandomSampler,
+)
+
+from moller_scg._vectors import TensorList, as_real
+from moller_scg.curvature import functional_hvp_and_loss
+
+logger = logging.getLogger(__name__)
+
+Data = Union[tuple[torch.Tensor, torch.Tensor], Dataset, DataLoader]
+"""What :class:`GradientAccumulator` streams: an ``(inputs, targets)`` pair, a map-style Dataset, a DataLoader."""
+
+REDUCTIONS = ("mean", "sum", "batchmean")
+"""Reductions the accumulator can weight exactly ("batchmean", as in ``nn.KLDivLoss``, is a mean over samples)."""
+HVP_METHODS = ("double-backward", "forward-over-reverse")
+"""How :meth:`GradientAccumulator.hvp` differentiates each batch (see the class docstring)."""
+NON_FINITE_POLICIES = ("raise", "return")
+"""What a pass does when a batch loss is not finite: raise ``FloatingPointError``, or return the non-finite sums."""
+
+DEFAULT_DEVICE_CACHE_BYTES = 1 << 30
+"""Tensor data up to this many bytes (1 GiB) is copied once to ``device`` and kept there."""
+REDUCTION_CHECK_SAMPLES = 8
+"""Samples on which an explicitly given ``reduction`` is checked once (on two halves and on the whole)."""
+
+
+class StochasticObjectiveWarning(UserWarning):
+    """The model is in training mode with dropout or batch norm, so there is no fixed full-batch objective."""
+
+
+@dataclasses.dataclass
+class PassCounts:
+    """Passes over the data made so far, by kind.
+
+    Attributes:
+        gradient: calls of the accumulator itself (loss and gradient).
+        hvp: calls of :meth:`GradientAccumulator.hvp`.
+        loss: calls of :meth:`GradientAccumulator.loss`.
+    """
+
+    gradient: int = 0
+    hvp: int = 0
+    loss: int = 0
+
+
+@dataclasses.dataclass
+class _PassSums:
+    """What one pass adds up, before the reduce step; a later ``torch.distributed`` reduce all-reduces it.
+
+    Attributes:
+        loss: Σ_b w̃_b E_b, a 0-dim float64 tensor (w̃_b = n_b for a mean, 1 otherwise).
+        vectors: Σ_b w̃_b E_b' or Σ_b w̃_b E_b'' v per parameter, in float64 (complex128 for complex
+            parameters), or ``None`` for a loss-only pass.
+        denominator: Σ_b D_b (0-dim float64 tensor) for a class-weighted ratio, ``None`` otherwise.
+        samples: Σ_b n_b, the number of samples seen.
+    """
+
+    loss: torch.Tensor
+    vectors: list[torch.Tensor] | None
+    denominator: torch.Tensor | None
+    samples: int
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# How one batch's loss enters the sums
+
+
+class _Objective:
+    """The loss as E = Σ_b scale_b · term_b / denominator; one of three kinds.
+
+    * ``"sum"``: term_b = loss_fn(outputs, targets), scale_b = 1, denominator 1.
+    * ``"mean"``: term_b = loss_fn(outputs, targets), scale_b = n_b, denominator N.
+    * ``"ratio"`` (``nn.CrossEntropyLoss`` / ``nn.NLLLoss`` with ``reduction="mean"``): term_b is the batch's
+      summed loss S_b, scale_b = 1, denominator Σ_b D_b (the targets' class weights, ignored targets excluded).
+    """
+
+    def __init__(self, loss_fn: Callable[[Any, torch.Tensor], torch.Tensor], reduction: str) -> None:
+        self.loss_fn = loss_fn
+        self.reduction = reduction
+        if reduction == "sum":
+            self.kind = "sum"
+        elif _is_class_index_loss(loss_fn):
+            self.kind = "ratio"
+        else:
+            self.kind = "mean"
+
+    def term(self, outputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        if self.kind != "ratio":
+            term = self.loss_fn(outputs, targets)
+            if not isinstance(term, torch.Tensor) or term.numel() != 1:
+                shape = tuple(term.shape) if isinstance(term, torch.Tensor) else type(term).__name__
+                raise ValueError(
+                    f"loss_fn must return a scalar tensor per batch, got {shape} (does it reduce with 'none'?)"
+                )
+            return term
+        loss_fn = self.loss_fn
+        if isinstance(loss_fn, nn.CrossEntropyLoss):
+            return nn.functional.cross_entropy(
+                outputs,
+                targets,
+                weight=loss_fn.weight,
+                ignore_index=loss_fn.ignore_index,
+                reduction="sum",
+                label_smoothing=loss_fn.label_smoothing,
+            )
+        return nn.functional.nll_loss(
+            outputs, targets, weight=loss_fn.weight, ignore_index=loss_fn.ignore_index, reduction="sum"
+        )
+
+    def scale(self, samples: int) -> int:
+        return samples if self.kind == "mean" else 1
+
+    def denominator(self, targets: torch.Tensor) -> torch.Tensor | int:
+        """D_b: what ``reduction="mean"`` divides the batch's summed loss by (ratio kind only)."""
+        if targets.is_floating_point():
+            # Class probabilities: the mean divides by the number of (sample, position) pairs, not by weights.
+            return targets.numel() // targets.shape[1] if targets.dim() > 1 else 1
+        kept = targets != self.loss_fn.ignore_index
+        weight = self.loss_fn.weight
+        if weight is None:
+            return kept.sum()
+        return (weight[torch.where(kept, targets, 0)] * kept).sum(dtype=torch.float64)
+
+
+def _is_class_index_loss(loss_fn: Any) -> bool:
+    """Whether the mean is normalised by class weights: CrossEntropyLoss/NLLLoss with their own ``forward``."""
+    return any(
+        isinstance(loss_fn, cls) and type(loss_fn).forward is cls.forward
+        for cls in (nn.CrossEntropyLoss, nn.NLLLoss)
+    )
+
+
+def _resolve_reduction(loss_fn: Any, reduction: str | None) -> str:
+    """The loss's reduction: its ``reduction`` attribute, or the explicit argument; never a guess."""
+    declared = getattr(loss_fn, "reduction", None)
+    if declared is not None and not isinstance(declared, str):
+        declared = None
+    if declared is not None and reduction is not None and declared != reduction:
+        raise ValueError(
+            f"reduction={reduction!r} contradicts loss_fn.reduction={declared!r}; "
+            f"drop the reduction argument or make them agree"
+        )
+    chosen = declared if declared is not None else reduction
+    if chosen is None:
+        raise ValueError(
+            f"cannot tell how loss_fn {_describe(loss_fn)} reduces over samples (it has no 'reduction' "
+            f"attribute): pass reduction='mean' or reduction='sum' to GradientAccumulator"
+        )
+    if chosen == "none":
+        raise ValueError(
+            "reduction='none' gives per-sample losses, but the accumulator needs a scalar loss per batch: "
+            "use reduction='mean' or reduction='sum'"
+        )
+    if chosen not in REDUCTIONS:
+        raise ValueError(f"Invalid reduction {chosen!r}; choose one of {', '.join(map(repr, REDUCTIONS))}")
+    return chosen
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# Where the batches come from
+
+
+class _TensorBatches:
+    """Batches sliced from an ``(inputs, targets)`` pair, cached on ``device`` when they fit the byte budget."""
+
+    def __init__(
+        self, inputs: torch.Tensor, targets: torch.Tensor, batch_size: int, device: torch.device, cache_bytes: int
+    ) -> None:
+        self.samples = inputs.shape[0]
+        self.batch_size = min(batch_size, self.samples)
+        self.device = device
+        on_device = inputs.device == device and targets.device == device
+        total_bytes = _nbytes(inputs) + _nbytes(targets)
+        if not on_device and total_bytes <= cache_bytes:
+            logger.info("caching %d bytes of tensor data on %s", total_bytes, device)
+            inputs, targets = inputs.to(device), targets.to(device)
+            on_device = True
+        self.inputs, self.targets = inputs, targets
+        self.cached = on_device
+        # Pinned host memory lets the copies to an accelerator run asynchronously (non_blocking=True).
+        self._pin = not on_device and torch.cuda.is_available() and device.type == "cuda"
+
+    def expected_batches(self) -> int:
+        return -(-self.samples // self.batch_size)
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        inputs, targets, size = self.inputs, self.targets, self.batch_size
+        if self.cached:
+            for start in range(0, self.samples, size):
+                yield inputs[start : start + size], targets[start : start + size]
+        else:
+            for start in range(0, self.samples, size):
+                yield self._move(inputs[start : start + size]), self._move(targets[start : start + size])
+
+    def head(self, count: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """The first ``count`` samples, on the device."""
+        return self._move(self.inputs[:count]), self._move(self.targets[:count])
+
+    def _move(self, tensor: torch.Tensor) -> torch.Tensor:
+        if tensor.device == self.device:
+            return tensor
+        if self._pin and not tensor.is_pinned():
+            tensor = tensor.pin_memory()
+        return tensor.to(self.device, non_blocking=tensor.is_pinned())
+
+    def describe(self, index: int) -> str:
+        start = index * self.batch_size
+        return f"batch {index} (samples {start}–{min(start + self.batch_size, self.samples) - 1})"
+
+
+class _LoaderBatches:
+    """Batches from a DataLoader that yields ``(inputs, targets)`` pairs over all N samples of its dataset."""
+
+    def __init__(self, loader: DataLoader, device: torch.device) -> None:
+        self.loader = loader
+        self.samples = len(loader.dataset)  # type: ignore[arg-type]
+        self.device = device
+        self.cached = False
+
+    def expected_batches(self) -> int | None:
+        """len(loader), or ``None`` when its sampler has no length (then only the pass can tell)."""
+        try:
+            return len(self.loader)
+        except TypeError:
+            return None
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        for index, batch in enumerate(self.loader):
+            if not isinstance(batch, (tuple, list)) or len(batch) != 2:
+                raise TypeError(
+                    f"the DataLoader must yield (inputs, targets) pairs, but batch {index} is "
+                    f"{_describe(batch)}"
+                )
+            inputs, targets = batch
+            for name, tensor in (("inputs", inputs), ("targets", targets)):
+                if not isinstance(tensor, torch.Tensor):
+                    raise TypeError(f"batch {index}: {name} must be a tensor, got {type(tensor).__name__}")
+            yield self._move(inputs), self._move(targets)
+
+    def head(self, count: int) -> None:
+        return None  # the first batch of the pass serves instead (iterating the loader has side effects)
+
+    def _move(self, tensor: torch.Tensor) -> torch.Tensor:
+        if tensor.device == self.device:
+            return tensor
+        return tensor.to(self.device, non_blocking=tensor.is_pinned())
+
+    def describe(self, index: int) -> str:
+        return f"batch {index}"
+
+
+_Batches = Union[_TensorBatches, _LoaderBatches]
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# The accumulator
+
+
+class GradientAccumulator:
+    r"""A closure that evaluates the exact full-batch loss, gradient and Hessian-vector product over minibatches.
+
+    With N samples in batches of n_b samples and E_b the loss of batch b (Møller's E(w) is the full-batch loss):
+
+    * ``acc()`` returns E(w) = Σ_b w_b E_b(w) and **sets** each parameter's ``.grad`` to E'(w) = Σ_b w_b E_b'(w);
+    * ``acc.hvp(v)`` returns s = E''(w) v = Σ_b w_b E_b''(w) v;
+    * ``acc.loss()`` returns E(w) only, without autograd,
+
+    with w_b = 1 (``reduction="sum"``) or w_b = n_b / N (``"mean"``); ``nn.CrossEntropyLoss`` and ``nn.NLLLoss``
+    with a mean over class indices are divided by the total class weight of the targets, exactly as on the whole
+    dataset at once (class weights, ``ignore_index``, ``label_smoothing``). Each call is one pass over the data;
+    sums are kept in float64 and cast to the parameters' dtype once at the end. A pass holds one batch at a time.
+
+    The object is a closure for ``optimizer.step(acc)`` — :class:`moller_scg.SCG` in either curvature mode (in
+    ``hvp="double-backward"`` mode SCG calls :meth:`hvp`), ``torch.optim.LBFGS``, or any optimizer that takes a
+    closure.
+
+    Args:
+        model: the network; called as ``model(inputs)`` on each batch.
+        loss_fn: ``loss_fn(outputs, targets)`` → scalar, a sum or a mean over the samples of the batch (any
+            ``torch.nn`` loss, or any callable).
+        data: an ``(inputs, targets)`` pair of tensors with the samples along the first axis (sliced, never
+            collated sample by sample), a map-style ``Dataset`` of ``(input, target)`` items, or a
+            ``DataLoader`` yielding ``(inputs, targets)`` batches over every sample exactly once.
+        batch_size: samples per batch for tensors and Datasets (the last batch may be smaller). A DataLoader
+            brings its own; passing a different one is an error.
+        device: where batches are evaluated; default: the device of the first parameter. Tensor data on another
+            device is copied there once when it fits ``device_cache_bytes``, otherwise batch by batch (from
+            pinned memory, asynchronously, when the device is a GPU).
+        progress: show a tqdm bar over the batches of each pass.
+        reduction: ``"mean"``, ``"sum"`` or ``"batchmean"``. Read from ``loss_fn.reduction`` when it exists;
+            required otherwise. An explicit value is checked once, on the first samples, against the loss itself.
+        params: the parameters w to differentiate, in the order :meth:`hvp` takes and returns vectors; default:
+            the model's parameters that require grad, in ``model.parameters()`` order. Pass the same list as to
+            the optimizer when it holds a subset.
+        hvp_method: ``"double-backward"`` (default): per batch, g = ∂E_b/∂w with ``create_graph=True``, then
+            ∂(gᵀv)/∂w. ``"forward-over-reverse"``: ``torch.func.jvp`` of ``torch.func.grad`` through
+            ``torch.func.functional_call``. If ``torch.func`` fails on the first batch (an operator it does not
+            support), a warning is logged and :attr:`hvp_method` becomes ``"double-backward"``.
+        device_cache_bytes: the byte budget for copying tensor data to ``device`` once.
+        on_non_finite: ``"raise"`` (default): a pass in which some batch loss is not finite raises
+            ``FloatingPointError`` naming the first such batch, and leaves ``.grad`` untouched. ``"return"``:
+            log a warning and return the non-finite loss (and set the gradients), for optimizers that handle a
+            non-finite trial themselves (SCG rejects such a trial and shrinks its step).
+
+    Raises:
+        TypeError: an argument has the wrong type (the message names it and what is accepted).
+        ValueError: empty data, inputs and targets of different lengths, an unknown or ``"none"`` reduction,
+            a model without trainable parameters, a DataLoader that drops samples or samples with replacement.
+
+    Example:
+        >>> import torch
+        >>> from torch import nn
+        >>> from moller_scg.accumulate import GradientAccumulator
+        >>> _ = torch.manual_seed(0)
+        >>> x, y = torch.randn(10, 3, dtype=torch.float64), torch.randn(10, 1, dtype=torch.float64)
+        >>> model = nn.Linear(3, 1).double()
+        >>> acc = GradientAccumulator(model, nn.MSELoss(), (x, y), batch_size=4)  # batches of 4, 4, 2
+        >>> loss = acc()                       # sets p.grad for every parameter
+        >>> full = nn.MSELoss()(model(x), y)   # the same loss on the whole dataset at once
+        >>> bool(torch.isclose(loss, full.detach(), rtol=1e-14))
+        True
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        loss_fn: Callable[[Any, torch.Tensor], torch.Tensor],
+        data: Data,
+        batch_size: int | None = None,
+        device: torch.device | str | None = None,
+        progress: bool = False,
+        *,
+        reduction: str | None = None,
+        params: Iterable[torch.Tensor] | None = None,
+        hvp_method: str = "double-backward",
+        device_cache_bytes: int = DEFAULT_DEVICE_CACHE_BYTES,
+        on_non_finite: str = "raise",
+    ) -> None:
+        if not isinstance(model, nn.Module):
+            raise TypeError(f"model must be a torch.nn.Module, got {_describe(model)}")
+        if not callable(loss_fn):
+            raise TypeError(f"loss_fn must be callable as loss_fn(outputs, targets), got {_describe(loss_fn)}")
+        if not isinstance(progress, bool):
+            raise TypeError(f"progress must be True or False, got {progress!r}")
+        if hvp_method not in HVP_METHODS:
+            raise ValueError(f"Invalid hvp_method {hvp_method!r}; choose one of {', '.join(map(repr, HVP_METHODS))}")
+        if on_non_finite not in NON_FINITE_POLICIES:
+            raise ValueError(
+                f"Invalid on_non_finite {on_non_finite!r}; choose one of {', '.join(map(repr, NON_FINITE_POLICIES))}"
+            )
+        if isinstance(device_cache_bytes, bool) or not isinstance(device_cache_bytes, int) or device_cache_bytes < 0:
+            raise ValueError(f"Invalid device_cache_bytes {device_cache_bytes!r}; it must be an int ≥ 0")
+        self.model = model
+        self.loss_fn = loss_fn
+        self.params: list[torch.Tensor] = _trainable_params(model, params)
+        self.reduction = _resolve_reduction(loss_fn, reduction)
+        self.device = _resolve_device(device, self.params)
+        self.progress = progress
+        self.hvp_method = hvp_method
+        self.on_non_finite = on_non_finite
+        self.passes = PassCounts()
+        self._objective = _Objective(loss_fn, self.reduction)
+        self._batches: _Batches = _make_batches(data, batch_size, self.device, device_cache_bytes)
+        self._param_names = _param_names(model, self.params) if hvp_method == "forward-over-reverse" else None
+        # An explicit reduction is a claim about an opaque callable: check it once, on the first pass.
+        self._reduction_unchecked = reduction is not None and getattr(loss_fn, "reduction", None) is None
+        self._warned_stochastic = False
+        self._functional_works = False  # whether torch.func has evaluated one batch (then its errors are real)
+
+    # ----------------------------------------------------------------------------------------------------------
+    # Public interface
+
+    @property
+    def samples(self) -> int:
+        """N, the number of samples in the data."""
+        return self._batches.samples
+
+    @property
+    def num_batches(self) -> int | None:
+        """B, the number of batches of one pass (``None`` for a DataLoader whose sampler has no length)."""
+        return self._batches.expected_batches()
+
+    @property
+    def data_cached_on_device(self) -> bool:
+        """Whether the data sits on ``device`` (already there or copied once), so batches are never copied."""
+        return self._batches.cached
+
+    def __call__(self) -> torch.Tensor:
+        """One pass: E(w), and each parameter's ``.grad`` **set** (replaced, not added to) to E'(w).
+
+        Returns:
+            E(w), a detached 0-dim float64 tensor on ``device``.
+
+        Raises:
+            FloatingPointError: a batch loss is not finite (``on_non_finite="raise"``); ``.grad`` is left as it was.
+        """
+        sums = self._stream("gradient")
+        loss, gradients = self._finish(self._reduce(sums))
+        for p, gradient in zip(self.params, gradients):
+            p.grad = gradient
+        self.passes.gradient += 1
+        return loss
+
+    def hvp(self, vectors: Sequence[torch.Tensor]) -> TensorList:
+        """One pass: s = E''(w) v = Σ_b w_b E_b''(w) v, exactly.
+
+        Args:
+            vectors: v, one tensor per parameter of :attr:`params`, in that order and with the same shapes.
+
+        Returns:
+            s, one detached tensor per parameter, in the parameter's dtype.
+        """
+        if isinstance(vectors, torch.Tensor) or not isinstance(vectors, Sequence):
+            raise TypeError(f"vectors must be a sequence of tensors, one per parameter, got {_describe(vectors)}")
+        if len(vectors) != len(self.params):
+            raise ValueError(f"hvp got {len(vectors)} vectors for {len(self.params)} parameters")
+        prepared = []
+        for index, (p, v) in enumerate(zip(self.params, vectors)):
+            if not isinstance(v, torch.Tensor) or v.shape != p.shape:
+                shape = tuple(v.shape) if isinstance(v, torch.Tensor) else type(v).__name__
+                raise ValueError(f"hvp vector {index} has shape {shape}, but parameter {index} has {tuple(p.shape)}")
+            prepared.append(v.detach().to(device=p.device, dtype=p.dtype))
+        sums = self._stream("hvp", prepared)
+        _, products = self._finish(self._reduce(sums))
+        self.passes.hvp += 1
+        return products
+
+    def loss(self) -> torch.Tensor:
+        """One pass without autograd: E(w) as a detached 0-dim float64 tensor; ``.grad`` is not touched."""
+        sums = self._stream("loss")
+        loss, _ = self._finish(self._reduce(sums))
+        self.passes.loss += 1
+        return loss
+
+    def __repr__(self) -> str:
+        return (
+            f"{type(self).__name__}(samples={self.samples}, batches={self.num_batches}, "
+            f"reduction={self.reduction!r}, device={str(self.device)!r}, hvp_method={self.hvp_method!r})"
+        )
+
+    # ----------------------------------------------------------------------------------------------------------
+    # One pass: stream → float64 sums → reduce → finish
+
+    def _stream(self, kind: str, vectors: list[torch.Tensor] | None = None) -> _PassSums:
+        """Run every batch once and add up its loss and, for ``kind`` "gradient" or "hvp", its vectors.
+
+        No host synchronisation happens in the loop: batch losses are written to a device buffer and checked
+        once at the end.
+        """
+        self._warn_if_stochastic()
+        head = self._batches.head(REDUCTION_CHECK_SAMPLES) if self._reduction_unchecked else None
+        if head is not None:
+            self._check_reduction(*head)
+        objective, params = self._objective, self.params
+        sums = None if kind == "loss" else _WideSums(params)
+        expected = self._batches.expected_batches()
+        terms = torch.empty(max(expected or 16, 1), dtype=torch.float64, device=self.device)
+        scales: list[int] = []
+        denominator = torch.zeros((), dtype=torch.float64, device=self.device) if objective.kind == "ratio" else None
+        samples = 0
+        batches: Iterable[tuple[torch.Tensor, torch.Tensor]] = self._batches
+        if self.progress:
+            batches = _progress_bar(batches, expected, kind)
+        for index, (inputs, targets) in enumerate(batches):
+            count = _batch_samples(inputs, targets, self._batches, index)
+            if self._reduction_unchecked and count >= 2:
+                self._check_reduction(inputs[:REDUCTION_CHECK_SAMPLES], targets[:REDUCTION_CHECK_SAMPLES])
+            scale = objective.scale(count)
+            if kind == "loss":
+                with torch.no_grad():
+                    term = objective.term(self.model(inputs), targets)
+            elif kind == "gradient":
+                term = self._add_batch_gradient(inputs, targets, sums, scale)
+            elif self.hvp_method == "double-backward":
+                term = self._add_batch_hvp_double_backward(inputs, targets, vectors, sums, scale)
+            else:
+                term = self._add_batch_hvp_forward_over_reverse(inputs, targets, vectors, sums, scale)
+            if index >= terms.numel():
+                terms = torch.cat([terms, torch.empty_like(terms)])  # the loader yielded more than len(loader)
+            terms[index] = term.detach().reshape(())
+            scales.append(scale)
+            if denominator is not None:
+                denominator += objective.denominator(targets)
+            samples += count
+        seen = len(scales)  # 0 is possible (a DataLoader that yields nothing); _finish compares with N
+        self._check_pass(terms[:seen], denominator)
+        scale_tensor = torch.tensor(scales, dtype=torch.float64).to(self.device)
+        loss = torch.dot(terms[:seen], scale_tensor)
+        vector_sums = None if sums is None else sums.totals
+        return _PassSums(loss=loss, vectors=vector_sums, denominator=denominator, samples=samples)
+
+    def _add_batch_gradient(
+        self, inputs: torch.Tensor, targets: torch.Tensor, sums: _WideSums, scale: int
+    ) -> torch.Tensor:
+        """Σ ← Σ + scale · ∂E_b/∂w for one batch; returns E_b (the term)."""
+        with torch.enable_grad():
+            term = self._objective.term(self.model(inputs), targets)
+            if not term.requires_grad:
+                return term  # no parameter reaches this batch's loss: its gradient is 0
+            gradients = torch.autograd.grad(term, self.params, allow_unused=True)
+        sums.add(gradients, scale)
+        return term
+
+    def _add_batch_hvp_double_backward(
+        self,
+        inputs: torch.Tensor,
+        targets: torch.Tensor,
+        vectors: list[torch.Tensor],
+        sums: _WideSums,
+        scale: int,
+    ) -> torch.Tensor:
+        """Σ ← Σ + scale · E_b''v, as ∂(gᵀv)/∂w with g = ∂E_b/∂w kept differentiable (Pearlmutter 1994)."""
+        with torch.enable_grad():
+            term = self._objective.term(self.model(inputs), targets)
+            if not term.requires_grad:
+                return term
+            gradients = torch.autograd.grad(term, self.params, create_graph=True, allow_unused=True)
+            pairs = [(g, v) for g, v in zip(gradients, vectors) if g is not None and g.requires_grad]
+            if not pairs:
+                return term  # the gradient does not depend on w: E_b is at most linear, E_b'' = 0
+            directional = sum(torch.sum(as_real(g) * as_real(v)) for g, v in pairs)
+            products = torch.autograd.grad(directional, self.params, allow_unused=True)
+        sums.add(products, scale)
+        return term
+
+    def _add_batch_hvp_forward_over_reverse(
+        self,
+        inputs: torch.Tensor,
+        targets: torch.Tensor,
+        vectors: list[torch.Tensor],
+        sums: _WideSums,
+        scale: int,
+    ) -> torch.Tensor:
+        """Σ ← Σ + scale · E_b''v, as the forward-mode derivative of ∂E_b/∂w along v (``torch.func``)."""
+        names = self._param_names
+        objective, model = self._objective, self.model
+
+        def batch_loss(weights: dict[str, torch.Tensor]) -> torch.Tensor:
+            return objective.term(torch.func.functional_call(model, weights, (inputs,)), targets)
+
+        weights = {name: p.detach() for name, p in zip(names, self.params)}
+        directions = dict(zip(names, vectors))
+        try:
+            with torch.enable_grad():
+                term, products = functional_hvp_and_loss(batch_loss, weights, directions)
+        except RuntimeError as error:
+            if self._functional_works:
+                raise
+            # torch.func does not support every operator (e.g. F.mse_loss with reduction="mean" under jvp of grad,
+            # pytorch/pytorch#123996). Nothing was added yet, so this batch can be redone by double-backward.
+            logger.warning(
+                "hvp_method='forward-over-reverse' failed on the first batch (%s: %s); using 'double-backward' "
+                "from now on",
+                type(error).__name__,
+                str(error).splitlines()[0] if str(error) else "",
+            )
+            self.hvp_method = "double-backward"
+            return self._add_batch_hvp_double_backward(inputs, targets, vectors, sums, scale)
+        self._functional_works = True
+        sums.add([products[name] for name in names], scale)
+        return term
+
+    def _reduce(self, sums: _PassSums) -> _PassSums:
+        """Combine the sums of every process. One process holds all the data, so this is the identity.
+
+        A ``torch.distributed`` version all-reduces ``loss``, ``vectors``, ``denominator`` and ``samples`` here
+        (disjoint shards; a rank may have 0 samples); everything after this step sees the global sums.
+        """
+        return sums
+
+    def _finish(self, sums: _PassSums) -> tuple[torch.Tensor, TensorList]:
+        """Divide by the denominator and cast once: (E as 0-dim float64, vectors in the parameters' dtypes)."""
+        if sums.samples != self.samples:
+            raise ValueError(
+                f"the DataLoader yielded {sums.samples} samples in one pass, but its dataset holds {self.samples}: "
+                f"the result would not be the full-batch loss and gradient (check its sampler and batch_sampler)"
+            )
+        kind = self._objective.kind
+        denominator: torch.Tensor | int = 1
+        if kind == "mean":
+            denominator = sums.samples
+        elif kind == "ratio":
+            denominator = sums.denominator  # type: ignore[assignment]
+        loss = sums.loss / denominator
+        vectors = []
+        if sums.vectors is not None:
+            vectors = [(s / denominator).to(p.dtype) for s, p in zip(sums.vectors, self.params)]
+        return loss.detach(), vectors
+
+    # ----------------------------------------------------------------------------------------------------------
+    # Checks
+
+    def _check_pass(self, terms: torch.Tensor, denominator: torch.Tensor | None) -> None:
+        """The one host synchronisation of a pass: are all batch losses finite (and the class weights > 0)?"""
+        healthy = torch.isfinite(terms).all()
+        if denominator is not None:
+            healthy = healthy & (denominator > 0)
+        if bool(healthy):
+            return
+        if denominator is not None and not bool(denominator > 0):
+            raise ValueError(
+                f"the targets' total class weight is {float(denominator)} (every target equals ignore_index or has "
+                f"weight 0), so the mean {type(self.loss_fn).__name__} over the dataset is 0/0"
+            )
+        index = int(torch.nonzero(~torch.isfinite(terms))[0, 0])
+        message = (
+            f"the loss of {self._batches.describe(index)} is not finite ({float(terms[index])}); "
+            f"{int((~torch.isfinite(terms)).sum())} of {terms.numel()} batches have a non-finite loss"
+        )
+        if self.on_non_finite == "raise":
+            raise FloatingPointError(message)
+        logger.warning("%s; returning the non-finite loss (on_non_finite='return')", message)
+
+    def _check_reduction(self, inputs: torch.Tensor, targets: torch.Tensor) -> None:
+        """Check an explicit reduction: E on the samples must be the sum (or mean) of E on their two halves."""
+        count = targets.shape[0]
+        if count < 2:
+            return
+        self._reduction_unchecked = False
+        if _stochastic_modules(self.model):
+            logger.debug("reduction not checked: the model is stochastic in training mode")
+            return
+        half = count // 2
+        with torch.no_grad():
+            values = [
+                self._objective.term(self.model(x), t)
+                for x, t in ((inputs, targets), (inputs[:half], targets[:half]), (inputs[half:], targets[half:]))
+            ]
+        whole, first, second = (float(v.double()) for v in values)
+        tolerance = math.sqrt(torch.finfo(values[0].dtype).eps)
+        as_sum = first + second
+        as_mean = (half * first + (count - half) * second) / count
+        matches = {
+            "sum": abs(whole - as_sum) <= tolerance * (abs(first) + abs(second)),
+            "mean": abs(whole - as_mean) <= tolerance * (half * abs(first) + (count - half) * abs(second)) / count,
+        }
+        claimed = "sum" if self.reduction == "sum" else "mean"
+        if matches[claimed]:
+            return
+        other = "mean" if claimed == "sum" else "sum"
+        if matches[other]:
+            raise ValueError(
+                f"reduction={self.reduction!r} was given, but loss_fn behaves like reduction={other!r}: on the "
+                f"first {count} samples it gives {whole:.6g}, and {first:.6g} and {second:.6g} on their two "
+                f"halves; pass reduction={other!r}"
+            )
+        raise ValueError(
+            f"loss_fn is neither a sum nor a mean of per-sample losses: on the first {count} samples it gives "
+            f"{whole:.6g}, but {first:.6g} and {second:.6g} on their two halves. The accumulator can only "
+            f"reproduce such losses exactly; batch-level terms (regularisers, normalisation by class weights) "
+            f"must be written per sample or added outside (use nn.CrossEntropyLoss(weight=...) for class weights)"
+        )
+
+    def _warn_if_stochastic(self) -> None:
+        if self._warned_stochastic:
+            return
+        names = _stochastic_modules(self.model)
+        if not names:
+            return
+        self._warned_stochastic = True
+        warnings.warn(
+            f"the model is in training mode with dropout or batch norm ({', '.join(names[:5])}"
+            f"{', …' if len(names) > 5 else ''}): the full-batch objective is not defined — every pass sees other "
+            f"dropout masks, batch norm uses per-batch statistics (so the result depends on the batch size) and "
+            f"updates its running statistics. Call model.eval() for the deterministic full-batch objective, or "
+            f"accept the stochastic objective and silence this StochasticObjectiveWarning",
+            StochasticObjectiveWarning,
+            stacklevel=4,
+        )
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# Helpers, each one idea
+
+
+def _trainable_params(model: nn.Module, params: Iterable[torch.Tensor] | None) -> list[torch.Tensor]:
+    if params is None:
+        chosen = [p for p in model.parameters() if p.requires_grad]
+    else:
+        if isinstance(params, torch.Tensor):
+            raise TypeError("params must be an iterable of tensors, not a single tensor (wrap it in a list)")
+        chosen = list(params)
+        for index, p in enumerate(chosen):
+            if not isinstance(p, torch.Tensor) or not p.requires_grad:
+                raise ValueError(f"params[{index}] must be a tensor that requires grad, got {_describe(p)}")
+    if not chosen:
+        raise ValueError(
+            f"the model ({type(model).__name__}) has no trainable parameters (none requires grad): "
+            f"there is nothing to differentiate"
+        )
+    return chosen
+
+
+def _param_names(model: nn.Module, params: list[torch.Tensor]) -> list[str]:
+    """The names ``torch.func.functional_call`` knows the parameters by."""
+    by_id = {id(p): name for name, p in model.named_parameters(remove_duplicate=False)}
+    missing = [index for index, p in enumerate(params) if id(p) not in by_id]
+    if missing:
+        raise ValueError(
+            f"hvp_method='forward-over-reverse' needs parameters of the model itself, but params{missing} are not "
+            f"among model.named_parameters(); use hvp_method='double-backward'"
+        )
+    return [by_id[id(p)] for p in params]
+
+
+def _resolve_device(device: torch.device | str | None, params: list[torch.Tensor]) -> torch.device:
+    if device is None:
+        return params[0].device
+    try:
+        resolved = torch.device(device)
+    except (RuntimeError, TypeError) as error:
+        raise ValueError(f"Invalid device {device!r}: {error}") from None
+    if resolved.type == "cuda" and resolved.index is None and torch.cuda.is_available():
+        resolved = torch.device("cuda", torch.cuda.current_device())
+    return resolved
+
+
+def _make_batches(data: Any, batch_size: int | None, device: torch.device, cache_bytes: int) -> _Batches:
+    """Validate the data at the boundary and choose how to stream it."""
+    if isinstance(data, DataLoader):
+        _validate_loader(data, batch_size)
+        return _LoaderBatches(data, device)
+    if isinstance(data, TensorDataset) and len(data.tensors) == 2:
+        data = data.tensors
+    if isinstance(data, (tuple, list)):
+        if len(data) != 2 or not all(isinstance(t, torch.Tensor) for t in data):
+            raise TypeError(
+                f"data as a tuple must be an (inputs, targets) pair of tensors, got "
+                f"({', '.join(_describe(t) for t in data)})"
+            )
+        inputs, targets = data
+        if inputs.dim() == 0 or targets.dim() == 0:
+            raise ValueError("inputs and targets need a sample axis first; got a 0-dim tensor")
+        if inputs.shape[0] != targets.shape[0]:
+            raise ValueError(
+                f"inputs and targets have different numbers of samples: {inputs.shape[0]} inputs "
+                f"(shape {tuple(inputs.shape)}) and {targets.shape[0]} targets (shape {tuple(targets.shape)})"
+            )
+        if inputs.shape[0] == 0:
+            raise ValueError("the dataset is empty: inputs and targets have 0 samples")
+        return _TensorBatches(inputs, targets, _validate_batch_size(batch_size), device, cache_bytes)
+    if isinstance(data, IterableDataset):
+        raise TypeError(
+            "an IterableDataset has no known length N, so its full-batch mean cannot be checked; "
+            "pass a map-style Dataset, an (inputs, targets) pair of tensors or a DataLoader over one"
+        )
+    if isinstance(data, Dataset):
+        try:
+            length = len(data)  # type: ignore[arg-type]
+        except TypeError:
+            raise TypeError(f"the Dataset {type(data).__name__} has no len(); a map-style Dataset needs one") from None
+        if length == 0:
+            raise ValueError(f"the dataset is empty: len({type(data).__name__}) is 0")
+        loader = DataLoader(
+            data,
+            batch_size=_validate_batch_size(batch_size),
+            shuffle=False,
+            drop_last=False,
+            pin_memory=torch.cuda.is_available() and device.type == "cuda",
+        )
+        return _LoaderBatches(loader, device)
+    raise TypeError(
+        f"data must be an (inputs, targets) pair of tensors, a map-style Dataset or a DataLoader, got {_describe(data)}"
+    )
+
+
+def _validate_batch_size(batch_size: int | None) -> int:
+    if batch_size is None:
+        raise ValueError("batch_size is required for tensor and Dataset data (a DataLoader brings its own)")
+    if isinstance(batch_size, bool) or not isinstance(batch_size, numbers.Integral) or batch_size < 1:
+        raise ValueError(f"Invalid batch_size {batch_size!r}; it must be an int ≥ 1")
+    return int(batch_size)
+
+
+def _validate_loader(loader: DataLoader, batch_size: int | None) -> None:
+    """A DataLoader must yield every sample of its dataset exactly once per pass, in batches."""
+    dataset = loader.dataset
+    if isinstance(dataset, IterableDataset):
+        raise TypeError(
+            "a DataLoader over an IterableDataset has no known length N, so its full-batch mean cannot be "
+            "checked; use a map-style Dataset"
+        )
+    samples = len(dataset)  # type: ignore[arg-type]
+    if samples == 0:
+        raise ValueError("the dataset is empty: the DataLoader's dataset has 0 samples")
+    if loader.batch_size is None and loader.batch_sampler is None:
+        raise ValueError("DataLoader(batch_size=None) yields unbatched samples; give it a batch_size")
+    if batch_size is not None and batch_size != loader.batch_size:
+        raise ValueError(
+            f"batch_size={batch_size!r} was given, but the DataLoader has its own batch_size={loader.batch_size!r}; "
+            f"leave batch_size out with a DataLoader"
+        )
+    if loader.drop_last and loader.batch_size and samples % loader.batch_size:
+        raise ValueError(
+            f"the DataLoader drops its last batch (drop_last=True): {samples % loader.batch_size} of {samples} "
+            f"samples would never be seen and the gradient would not be the full-batch gradient; "
+            f"use drop_last=False"
+        )
+    sampler = loader.batch_sampler.sampler if isinstance(loader.batch_sampler, BatchSampler) else loader.sampler
+    if isinstance(sampler, WeightedRandomSampler) or (isinstance(sampler, RandomSampler) and sampler.replacement):
+        raise ValueError(
+            f"the DataLoader's sampler ({type(sampler).__name__}) draws samples with replacement, so a pass is not "
+            f"the full-batch sum over the dataset; use shuffle=False or shuffle=True without replacement"
+        )
+    if isinstance(sampler, (SequentialSampler, RandomSampler)) and len(sampler) == samples:
+        return
+    try:
+        sampled = len(sampler)  # type: ignore[arg-type]
+    except TypeError:
+        return  # no length: the samples of each pass are counted instead
+    if sampled != samples:
+        raise ValueError(
+            f"the DataLoader's sampler ({type(sampler).__name__}) yields {sampled} samples, but the dataset holds "
+            f"{samples}: the gradient would not be the full-batch gradient; sample every index exactly once"
+        )
+
+
+def _batch_samples(inputs: torch.Tensor, targets: torch.Tensor, batches: _Batches, index: int) -> int:
+    """n_b, the samples in the batch (its first axis), after checking inputs and targets agree."""
+    if inputs.dim() == 0 or targets.dim() == 0 or inputs.shape[0] != targets.shape[0]:
+        raise ValueError(
+            f"{batches.describe(index)} has inputs of shape {tuple(inputs.shape)} and targets of shape "
+            f"{tuple(targets.shape)}; both need the same number of samples along their first axis"
+        )
+    return targets.shape[0]
+
+
+class _WideSums:
+    """Σ_b scale_b · v_b per parameter, in float64 (complex128 for complex parameters)."""
+
+    def __init__(self, params: Sequence[torch.Tensor]) -> None:
+        self.totals = [torch.zeros_like(p, dtype=_wide_dtype(p.dtype)) for p in params]
+
+    def add(self, vectors: Sequence[torch.Tensor | None], scale: int) -> None:
+        """Σ ← Σ + scale · v; a ``None`` vector (a parameter the batch loss does not reach) adds nothing."""
+        for total, vector in zip(self.totals, vectors):
+            if vector is None:
+                continue
+            if scale == 1:
+                total.add_(vector)
+            else:
+                total.add_(vector, alpha=scale)
+
+
+def _wide_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The accumulation dtype: float64, or complex128 for complex parameters."""
+    return torch.complex128 if dtype.is_complex else torch.float64
+
+
+def _stochastic_modules(model: nn.Module) -> list[str]:
+    """Names of the submodules that make the forward pass random or batch-dependent in training mode."""
+    names = []
+    for name, module in model.named_modules():
+        if not module.training:
+            continue
+        if isinstance(module, nn.modules.batchnorm._BatchNorm):
+            names.append(name or type(module).__name__)
+        elif isinstance(module, nn.modules.dropout._DropoutNd) and module.p > 0:
+            names.append(name or type(module).__name__)
+        elif isinstance(module, nn.MultiheadAttention) and module.dropout > 0:
+            names.append(name or type(module).__name__)
+    return names
+
+
+def _progress_bar(
+    batches: Iterable[tuple[torch.Tensor, torch.Tensor]], total: int | None, kind: str
+) -> Iterable[tuple[torch.Tensor, torch.Tensor]]:
+    from tqdm.auto import tqdm
+
+    return tqdm(batches, total=total, desc=f"{kind} pass", unit="batch", leave=False)
+
+
+def _nbytes(tensor: torch.Tensor) -> int:
+    return tensor.numel() * tensor.element_size()
+
+
+def _describe(value: Any) -> str:
+    if isinstance(value, torch.Tensor):
+        return f"a tensor of shape {tuple(value.shape)} and dtype {value.dtype}"
+    text = repr(value)
+    return f"{type(value).__name__} {text[:80]}{'…' if len(text) > 80 else ''}"
