@@ -4,13 +4,30 @@
 - :class:`GradientAccumulator` — the exact full-batch loss, gradient and Hessian-vector product, streamed in
   minibatches; the closure ``SCG.step`` calls.
 - :func:`fit` — training with stopping rules, validation early stopping, checkpoints and a :class:`History`.
+- :class:`SCGAdam`, :class:`SCGAMSGrad`, :class:`SCGRMSProp`, :class:`CoBA` — stochastic conjugate-gradient-flavoured
+  Adam variants from the seed papers, for minibatch training.
 """
 
 __version__ = "0.1.0"
 
 from moller_scg.accumulate import GradientAccumulator
+from moller_scg.coba import CoBA
 from moller_scg.history import History
 from moller_scg.scg import SCG, SCGTrace
+from moller_scg.scg_adam import SCGAdam, SCGAMSGrad, SCGRMSProp, diminishing_lr
 from moller_scg.train import accuracy, fit
 
-__all__ = ["SCG", "SCGTrace", "GradientAccumulator", "History", "fit", "accuracy", "__version__"]
+__all__ = [
+    "SCG",
+    "SCGTrace",
+    "GradientAccumulator",
+    "History",
+    "fit",
+    "accuracy",
+    "SCGAdam",
+    "SCGAMSGrad",
+    "SCGRMSProp",
+    "CoBA",
+    "diminishing_lr",
+    "__version__",
+]

@@ -466,7 +466,7 @@ def test_deepcopied_model_and_optimizer_continue_identically():
     [
         lambda loss: loss,  # 0-dim tensor
         lambda loss: loss.reshape(1),  # one-element tensor
-        lambda loss: float(loss),  # Python float
+        lambda loss: float(loss.detach()),  # Python float
     ],
 )
 def test_closure_may_return_tensor_or_number(make_loss):

@@ -1,0 +1,331 @@
+"""CoBA against a NumPy float64 implementation of Kobayashi & Iiduka (2020), its reduction to torch.optim.Adam, and
+its torch.optim conventions. The minibatch problem and the run helpers come from ``test_scg_adam.py``."""
+
+from __future__ import annotations
+
+import doctest
+import math
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from test_scg_adam import (
+    STEPS,
+    assert_trajectories_close,
+    assert_trajectories_equal,
+    flat,
+    logistic_losses,
+    numpy_gradient,
+    regression_data,
+    run,
+    save_and_load,
+    state_dict_round_trip,
+    torch_loss,
+    torch_params,
+    value_at,
+)
+from torch import nn
+
+from moller_scg import coba
+from moller_scg.coba import CG_RULES, CoBA, beta_hager_zhang
+from moller_scg.scg_adam import SCHEDULE_PLACEHOLDER, SCGAMSGrad
+
+RULES = sorted(CG_RULES)
+FORMS = {
+    "adam": {"amsgrad": False},
+    "amsgrad": {"amsgrad": True},
+    "amsgrad-bias-corrected": {"amsgrad": True, "bias_correction": True},
+}
+
+# The documented constants, written out so that the reference does not read them from the code under test.
+EPSILON = 1e-8  # keeps the denominators of β away from zero, with their sign
+ETA = 0.01  # Hager–Zhang's truncation constant
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The reference: the paper's equations in NumPy float64, one β per tensor from sums over all of its elements.
+
+
+def reference_beta(rule: str, g: np.ndarray, g_prev: np.ndarray, d: np.ndarray, hz_lambda: float = 2.0) -> float:
+    y = g - g_prev
+
+    def inner(u, v):
+        return float(np.sum(u * v))
+
+    def away_from_zero(value):
+        return value + EPSILON if value >= 0 else value - EPSILON
+
+    if rule == "HS":
+        return inner(g, y) / away_from_zero(inner(d, y))
+    if rule == "FR":
+        return inner(g, g) / (inner(g_prev, g_prev) + EPSILON)
+    if rule == "PRP":
+        return inner(g, y) / (inner(g_prev, g_prev) + EPSILON)
+    if rule == "DY":
+        return inner(g, g) / away_from_zero(inner(d, y))
+    assert rule == "HZ"
+    dy = away_from_zero(inner(d, y))
+    beta = inner(g, y) / dy - hz_lambda * inner(y, y) * inner(g, d) / dy**2
+    eta = -1.0 / (math.sqrt(inner(d, d)) * min(ETA, math.sqrt(inner(g_prev, g_prev))))
+    return max(beta, eta)
+
+
+def reference_coba(
+    steps: int,
+    *,
+    cg_rule: str = "HS",
+    amsgrad: bool = False,
+    bias_correction: bool | None = None,
+    lr: float = 1e-3,
+    betas: tuple[float, float] = (0.9, 0.999),
+    eps: float = 1e-8,
+    weight_decay: float = 0.0,
+    M=1e-3,
+    a: float = 1 + 1e-8,
+    hz_lambda: float = 2.0,
+) -> list[np.ndarray]:
+    correct = (not amsgrad) if bias_correction is None else bias_correction
+    _, _, start = regression_data()
+    x = [value.copy() for value in start]
+    m = [np.zeros_like(value) for value in x]
+    v = [np.zeros_like(value) for value in x]
+    v_max = [np.zeros_like(value) for value in x]
+    d = [np.zeros_like(value) for value in x]
+    g_prev = [np.zeros_like(value) for value in x]
+    beta1, beta2 = betas
+    trajectory = []
+    for n in range(1, steps + 1):
+        g = [gi + weight_decay * xi for gi, xi in zip(numpy_gradient(x, n), x)]
+        for i in range(len(x)):
+            if n == 1:
+                d[i] = -g[i]
+            else:
+                beta = reference_beta(cg_rule, g[i], g_prev[i], d[i], hz_lambda)
+                d[i] = -g[i] + value_at(M, n) / n**a * beta * d[i]
+            g_prev[i] = g[i]
+            m[i] = beta1 * m[i] + (1 - beta1) * d[i]
+            v[i] = beta2 * v[i] + (1 - beta2) * g[i] ** 2
+            v_max[i] = np.maximum(v_max[i], v[i])
+            second = v_max[i] if amsgrad else v[i]
+            if correct:
+                x[i] = x[i] + lr / (1 - beta1**n) * m[i] / (np.sqrt(second / (1 - beta2**n)) + eps)
+            else:
+                x[i] = x[i] + lr * m[i] / (np.sqrt(second) + eps)
+        trajectory.append(flat(x))
+    return trajectory
+
+
+def make(**options):
+    return lambda params: CoBA(params, **options)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The trajectory equals the paper's equations.
+
+
+@pytest.mark.parametrize("form", sorted(FORMS))
+@pytest.mark.parametrize("cg_rule", RULES)
+def test_every_rule_and_form_matches_reference(cg_rule, form):
+    # M = 0.5 and a = 1 make the conjugate term large enough that a wrong β shows in the weights.
+    options = {"cg_rule": cg_rule, "lr": 1e-2, "M": 0.5, "a": 1.0, **FORMS[form]}
+    assert_trajectories_close(run(make(**options), STEPS), reference_coba(STEPS, **options))
+
+
+@pytest.mark.parametrize("cg_rule", RULES)
+def test_defaults_match_reference(cg_rule):
+    assert_trajectories_close(run(make(cg_rule=cg_rule), STEPS), reference_coba(STEPS, cg_rule=cg_rule))
+
+
+def test_schedule_weight_decay_and_other_hyperparameters_match_reference():
+    options = {
+        "cg_rule": "HZ",
+        "lr": 2e-2,
+        "M": lambda n: 0.9**n,
+        "a": 0.5,
+        "hz_lambda": 1.0,
+        "weight_decay": 0.1,
+        "betas": (0.8, 0.99),
+        "eps": 1e-6,
+        "amsgrad": True,
+    }
+    assert_trajectories_close(run(make(**options), STEPS), reference_coba(STEPS, **options))
+
+
+@settings(max_examples=15, deadline=None)
+@given(
+    cg_rule=st.sampled_from(RULES),
+    form=st.sampled_from(sorted(FORMS)),
+    M=st.floats(0.0, 1.0),
+    a=st.floats(0.0, 2.0),
+    lr=st.floats(1e-4, 0.05),
+)
+def test_random_hyperparameters_match_reference(cg_rule, form, M, a, lr):  # noqa: N803 - the paper's symbol
+    options = {"cg_rule": cg_rule, "M": M, "a": a, "lr": lr, **FORMS[form]}
+    assert_trajectories_close(run(make(**options), 8), reference_coba(8, **options))
+
+
+@pytest.mark.parametrize(
+    "previous_norm, hz_lambda, truncated",
+    [(1.0, 2.0, False), (1.0, 50.0, True), (1e-3, 50.0, False), (1e-3, 500.0, True)],
+)
+def test_hager_zhang_truncation_binds_only_below_eta(previous_norm, hz_lambda, truncated):
+    # y = gₙ − gₙ₋₁ = (0, 5, 0) and d ≈ (0, 1, 0): βᴴˢ = 25/5 = 5, so βᴴᶻ = 5 − λ·25·5/25 = 5 − 5λ, while
+    # ηₙ = −1/(|d| min(0.01, |gₙ₋₁|)) is about −100 for |gₙ₋₁| = 1 and −1000 for |gₙ₋₁| = 1e-3.
+    g_prev = np.array([previous_norm, 0.0, 0.0])
+    g = g_prev + np.array([0.0, 5.0, 0.0])
+    d = np.array([0.0, 1.0, 1e-6])
+    eta = -1.0 / (math.sqrt(1.0 + 1e-12) * min(ETA, previous_norm))
+    expected = eta if truncated else 5.0 - 5.0 * hz_lambda
+    actual = float(beta_hager_zhang(torch.tensor(g), torch.tensor(g_prev), torch.tensor(d), hz_lambda))
+    assert actual == pytest.approx(expected, rel=1e-7)  # ε = 1e-8 in dᵀy moves it by ~1e-9
+    assert actual == pytest.approx(reference_beta("HZ", g, g_prev, d, hz_lambda), rel=1e-12)
+
+
+def test_beta_is_one_scalar_per_tensor_whatever_its_shape():
+    # Per tensor, not per row: a (3, 4) weight moves exactly as the same 12 numbers in one flat tensor would.
+    def trajectory(shape):
+        _, _, start = regression_data()
+        weight = nn.Parameter(torch.tensor(start[0]).reshape(shape))
+        optimizer = CoBA([weight], lr=1e-2, M=0.5, a=1.0, cg_rule="PRP")
+        points = []
+        for n in range(1, 11):
+            optimizer.zero_grad()
+            torch_loss([weight.reshape(3, 4), torch.zeros(3, dtype=torch.float64)], n).backward()
+            optimizer.step()
+            points.append(flat([weight]))
+        return points
+
+    assert_trajectories_close(trajectory((3, 4)), trajectory((12,)), rtol=1e-13)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# M = 0 is Adam / AMSGrad.
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("cg_rule", RULES)
+def test_zero_m_is_torch_adam_bit_for_bit(cg_rule, dtype):
+    ours = run(make(cg_rule=cg_rule, M=0.0, lr=1e-2, weight_decay=0.1), STEPS, dtype=dtype)
+    assert_trajectories_equal(ours, run(lambda p: torch.optim.Adam(p, lr=1e-2, weight_decay=0.1), STEPS, dtype=dtype))
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_zero_m_amsgrad_with_bias_correction_is_torch_amsgrad_bit_for_bit(dtype):
+    ours = run(make(M=0.0, lr=1e-2, amsgrad=True, bias_correction=True), STEPS, dtype=dtype)
+    assert_trajectories_equal(ours, run(lambda p: torch.optim.Adam(p, lr=1e-2, amsgrad=True), STEPS, dtype=dtype))
+
+
+def test_zero_m_amsgrad_form_is_scgamsgrad_with_zero_gamma_and_delta():
+    # Both are AMSGrad without bias correction, as the papers state it.
+    ours = run(make(M=0.0, lr=1e-2, amsgrad=True), STEPS)
+    assert_trajectories_equal(ours, run(lambda p: SCGAMSGrad(p, lr=1e-2, gamma=0.0, delta=0.0), STEPS))
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# state_dict and conventions
+
+
+def _fading(n: int) -> float:
+    return 0.5 / n
+
+
+@pytest.mark.parametrize("form", sorted(FORMS))
+def test_state_dict_round_trip_with_weights_only_continues_bit_identically(form):
+    whole, continued, saved, fresh = state_dict_round_trip(make(cg_rule="HZ", lr=1e-2, M=_fading, **FORMS[form]))
+    assert_trajectories_equal(continued, whole)
+    group = saved["param_groups"][0]
+    assert group["M"] == SCHEDULE_PLACEHOLDER and fresh.param_groups[0]["M"] is _fading
+    assert group["bias_correction"] is FORMS[form].get("bias_correction", not FORMS[form]["amsgrad"])
+
+
+def test_state_is_kept_in_the_parameter_dtype_and_the_step_as_an_exact_int():
+    params = torch_params(torch.float32)
+    optimizer = CoBA(params, amsgrad=True)
+    for n in range(1, 4):
+        optimizer.zero_grad()
+        torch_loss(params, n).backward()
+        optimizer.step()
+    fresh = CoBA(torch_params(torch.float32), amsgrad=True)
+    fresh.load_state_dict(save_and_load(optimizer.state_dict()))
+    for state in fresh.state.values():
+        assert type(state["step"]) is int and state["step"] == 3
+        assert sorted(key for key in state if key != "step") == [
+            "direction",
+            "exp_avg",
+            "exp_avg_sq",
+            "max_exp_avg_sq",
+            "previous_grad",
+        ]
+        assert all(state[key].dtype == torch.float32 for key in state if key != "step")
+
+
+def test_loading_a_saved_m_schedule_needs_the_schedule_again():
+    _, _, saved, _ = state_dict_round_trip(make(M=_fading), steps_after=0)
+    with pytest.raises(ValueError, match="schedule for 'M'"):
+        CoBA(torch_params()).load_state_dict(saved)
+
+
+def test_bias_correction_follows_the_form_per_group():
+    weight, bias = torch_params()
+    optimizer = CoBA([{"params": [weight]}, {"params": [bias], "amsgrad": True}])
+    assert [group["bias_correction"] for group in optimizer.param_groups] == [True, False]
+    assert optimizer.defaults["bias_correction"] is None
+
+
+def test_complex_parameters_are_optimized_as_real_and_imaginary_parts():
+    generator = torch.Generator().manual_seed(5)
+    a = torch.randn(4, 4, dtype=torch.complex128, generator=generator)
+    b = torch.randn(4, dtype=torch.complex128, generator=generator)
+
+    def trajectory(param, as_complex):
+        optimizer = CoBA([param], lr=1e-2, M=0.5, a=1.0, cg_rule="HZ")
+        points = []
+        for _ in range(10):
+            optimizer.zero_grad()
+            torch.sum(torch.abs(a @ as_complex(param) - b) ** 2).backward()
+            optimizer.step()
+            points.append(torch.view_as_real(as_complex(param.detach())).numpy().ravel().copy())
+        return points
+
+    z = nn.Parameter(torch.zeros(4, dtype=torch.complex128))
+    x = nn.Parameter(torch.zeros(4, 2, dtype=torch.float64))
+    assert_trajectories_close(trajectory(z, lambda t: t), trajectory(x, torch.view_as_complex), rtol=1e-12)
+
+
+def test_sparse_gradient_raises_type_error():
+    embedding = nn.Embedding(5, 2, sparse=True).double()
+    optimizer = CoBA(embedding.named_parameters())
+    embedding(torch.tensor([0, 1])).pow(2).sum().backward()
+    with pytest.raises(TypeError, match="parameter 'weight' has one"):
+        optimizer.step()
+
+
+@pytest.mark.parametrize(
+    "options, match",
+    [
+        ({"cg_rule": "hs"}, "cg_rule value: 'hs'; choose one of 'HS', 'FR', 'PRP', 'DY', 'HZ'"),
+        ({"M": -1e-3}, "M value: -0.001"),
+        ({"a": -1.0}, r"a \(the exponent in M/nᵃ\) value: -1.0"),
+        ({"hz_lambda": 0.25}, r"hz_lambda \(λ\) value: 0.25"),
+        ({"amsgrad": "yes"}, "amsgrad value: 'yes'"),
+        ({"bias_correction": 0}, "bias_correction value: 0"),
+        ({"betas": (1.0, 0.999)}, "betas"),
+        ({"lr": -1.0}, "lr"),
+    ],
+)
+def test_bad_hyperparameters_raise_value_error_naming_the_value(options, match):
+    with pytest.raises(ValueError, match=match):
+        CoBA([nn.Parameter(torch.zeros(1))], **options)
+
+
+@pytest.mark.parametrize("cg_rule, form", [(rule, "amsgrad") for rule in RULES] + [("HS", "adam")])
+def test_logistic_regression_loss_decreases(cg_rule, form):
+    first, last = logistic_losses(make(cg_rule=cg_rule, lr=0.05, M=0.5, a=1.0, **FORMS[form]))
+    assert last < 0.5 * first
+
+
+def test_module_docstring_examples_run():
+    result = doctest.testmod(coba, raise_on_error=False)
+    assert result.attempted > 0 and result.failed == 0
