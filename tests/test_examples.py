@@ -1,0 +1,40 @@
+"""The examples run and show what they claim (small budgets)."""
+
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def load_example(name: str):
+    spec = importlib.util.spec_from_file_location(name, ROOT / "examples" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_rosenbrock_scg_reaches_the_minimum_and_draws_figure_2(tmp_path, capsys):
+    rosenbrock = load_example("rosenbrock")
+    figure = tmp_path / "figure2.png"
+    paths = rosenbrock.main(["--iterations", "300", "--plot", str(figure)])
+    x, y, loss = paths["SCG"][-1]
+    assert loss < 1e-20 and abs(x - 1) < 1e-9 and abs(y - 1) < 1e-9
+    assert all(path[-1][2] > 1e-6 for name, path in paths.items() if name != "SCG")
+    assert figure.read_bytes().startswith(b"\x89PNG")
+    assert "SCG" in capsys.readouterr().out
+
+
+@pytest.mark.slow
+def test_batch_size_invariance_curves_coincide(tmp_path):
+    example = load_example("batch_size_invariance")
+    figure = tmp_path / "figure4.png"
+    histories = example.main(
+        ["--train-size", "40", "--iterations", "3", "--batch-sizes", "40", "16", "7", "--plot", str(figure)]
+    )
+    assert example.largest_relative_difference(histories) <= 1e-10
+    assert all(len(history) == 3 for history in histories.values())
+    assert figure.read_bytes().startswith(b"\x89PNG")
