@@ -26,10 +26,22 @@ import torch
 from moller_scg._vectors import TensorList, as_real
 
 MISSING_GRAPH_MESSAGE = (
-    "double-backward curvature needs gradients that carry their autograd graph, but no gradient does: "
-    "call loss.backward(create_graph=True) in the closure, pass a closure with an hvp() method "
-    "(such as moller_scg.GradientAccumulator), or use hvp='finite-difference'"
+    "double-backward curvature needs gradients that carry their autograd graph, but no gradient does. "
+    "Call loss.backward(create_graph=True) in the closure (in PyTorch Lightning: override "
+    "LightningModule.backward to pass create_graph=True), pass a closure with an hvp() method (such as "
+    "moller_scg.GradientAccumulator), or use SCG(..., hvp='finite-difference'), which needs only gradients"
 )
+NO_SECOND_DERIVATIVE_MESSAGE = (
+    "double-backward curvature failed: an operation in the model has no second derivative in PyTorch ({error}). "
+    "Use SCG(..., hvp='finite-difference'), which needs only gradients. Or switch the operation to a twice "
+    "differentiable kernel in the closure's forward pass: for scaled_dot_product_attention (which the "
+    "nn.Transformer layers use) run the forward under "
+    "torch.nn.attention.sdpa_kernel(torch.nn.attention.SDPBackend.MATH); for cuDNN RNNs, under "
+    "torch.backends.cudnn.flags(enabled=False)"
+)
+"""What :func:`graph_hvp` raises when autograd cannot differentiate a backward pass (``{error}``: its message)."""
+# How autograd says that a backward function is not differentiable once more.
+_NO_SECOND_DERIVATIVE_SIGNS = ("is not implemented", "not supported", "once_differentiable")
 
 
 def graph_hvp(
@@ -50,14 +62,21 @@ def graph_hvp(
 
     Raises:
         RuntimeError: when no gradient carries a graph (the loss was not differentiated with
-            ``create_graph=True``).
+            ``create_graph=True``), or when the graph holds an operation without a second derivative (fused
+            attention kernels, cuDNN RNNs, ``EmbeddingBag``, ``ctc_loss``, …); the message says what to do.
     """
     pairs = [(g, v) for g, v in zip(gradients, vectors) if g is not None and g.requires_grad]
     if not pairs:
         raise RuntimeError(MISSING_GRAPH_MESSAGE)
     with torch.enable_grad():
         directional = sum(torch.sum(as_real(g) * as_real(v)) for g, v in pairs)
-        products = torch.autograd.grad(directional, list(params), allow_unused=True)
+        try:
+            products = torch.autograd.grad(directional, list(params), allow_unused=True)
+        except RuntimeError as error:  # NotImplementedError is a RuntimeError too
+            first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+            if not any(sign in first_line for sign in _NO_SECOND_DERIVATIVE_SIGNS):
+                raise
+            raise RuntimeError(NO_SECOND_DERIVATIVE_MESSAGE.format(error=first_line)) from error
     return [torch.zeros_like(p) if s is None else s.detach() for p, s in zip(params, products)]
 
 
@@ -81,7 +100,6 @@ def functional_hvp(
     return products
 
 
-
 def functional_hvp_and_loss(
     loss_of_params: Callable[[dict[str, torch.Tensor]], torch.Tensor],
     params: Mapping[str, torch.Tensor],
@@ -100,6 +118,7 @@ def functional_hvp_and_loss(
     gradient_and_value = torch.func.grad(loss_and_value, has_aux=True)
     _, products, loss = torch.func.jvp(gradient_and_value, (dict(params),), (dict(vectors),), has_aux=True)
     return loss, products
+
 
 def finite_difference_hvp(
     shifted_gradients: Sequence[torch.Tensor],

@@ -2,9 +2,9 @@
 
 A :class:`History` is what :func:`moller_scg.fit` returns (the role of ``scipy.optimize.OptimizeResult``): per
 iteration the trace of the optimizer — k, E, success, λ, δ, Δ, μ, α, |r|, |p|, closure and HVP calls, wall
-time — and the validation loss and metric when there is validation data; at the end the stop reason. It
-round-trips through CSV and through a plain dict (which ``torch.load(weights_only=True)`` accepts), and draws
-the blog's Figure 3.
+time — and the validation loss and metric when there is validation data; at the end the stop reason, and the
+annealing restarts when there were any (``fit(..., annealing=...)``). It round-trips through CSV and through a
+plain dict (which ``torch.load(weights_only=True)`` accepts), and draws the blog's Figure 3.
 """
 
 from __future__ import annotations
@@ -63,12 +63,16 @@ class History:
         stop_reason: a key of :data:`STOP_REASONS`, or ``None`` while the run is going on.
         best_iteration: the k with the lowest validation loss, or ``None`` without validation data.
         detail: more about the stop when there is more to say (the error behind ``"non_finite"``).
+        restarts: one dict of plain values per simulated-annealing pass of ``fit(..., annealing=...)``, in order:
+            the iterations done before it, why it ran, its temperature, perturbation size, moves, accepted moves,
+            and the loss before and after (the keys are :data:`moller_scg.annealing.EVENT_KEYS`). Empty otherwise.
     """
 
     columns: dict[str, list[Any]] = dataclasses.field(default_factory=lambda: {name: [] for name in COLUMNS})
     stop_reason: str | None = None
     best_iteration: int | None = None
     detail: str | None = None
+    restarts: list[dict[str, Any]] = dataclasses.field(default_factory=list)
 
     def append(self, **row: Any) -> None:
         """Add one iteration's row; missing columns are NaN, unknown columns are an error."""
@@ -111,11 +115,15 @@ class History:
             "stop_reason": self.stop_reason,
             "best_iteration": self.best_iteration,
             "detail": self.detail,
+            "restarts": [dict(event) for event in self.restarts],
         }
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> History:
-        """The inverse of :meth:`to_dict`; ``ValueError`` if the columns are not the expected ones."""
+        """The inverse of :meth:`to_dict`; ``ValueError`` if the columns or restarts are not as expected.
+
+        A dict without ``"restarts"`` (written before annealing existed) gives an empty list.
+        """
         if not isinstance(data, Mapping) or not isinstance(data.get("columns"), Mapping):
             raise ValueError("a History dict needs a 'columns' mapping of column name → list")
         columns = data["columns"]
@@ -124,11 +132,15 @@ class History:
         lengths = {len(values) for values in columns.values()}
         if len(lengths) > 1:
             raise ValueError(f"History columns have different lengths {sorted(lengths)}")
+        restarts = data.get("restarts") or []
+        if not isinstance(restarts, list) or not all(isinstance(event, Mapping) for event in restarts):
+            raise ValueError(f"History restarts must be a list of dicts, got {restarts!r:.120}")
         return cls(
             columns={name: list(columns[name]) for name in COLUMNS},
             stop_reason=data.get("stop_reason"),
             best_iteration=data.get("best_iteration"),
             detail=data.get("detail"),
+            restarts=[dict(event) for event in restarts],
         )
 
     def to_csv(self, path: str | Path) -> None:
@@ -157,6 +169,8 @@ class History:
     def plot(self, filename: str | Path | None = None, title: str | None = None):
         """Draw the blog's Figure 3: (a) loss and success, (b) |p| and |r|, (c) δ and λ, against iterations.
 
+        Annealing restarts, if any, are dotted vertical lines in panel (a).
+
         matplotlib is imported here, so it is needed only for plotting (``pip install moller-scg[examples]``).
 
         Returns:
@@ -179,6 +193,9 @@ class History:
         if successes:
             bottom = min(value for value in self.columns["loss"] if math.isfinite(value) and value > 0)
             loss_axes.plot(successes, [bottom] * len(successes), "|", color="tab:green", label="successful step")
+        for index, event in enumerate(self.restarts):
+            label = "annealing restart" if index == 0 else None
+            loss_axes.axvline(event["iteration"] + 0.5, color="tab:red", linestyle=":", linewidth=1, label=label)
         loss_axes.set(title="a) loss and successful steps", xlabel="iteration k")
         vector_axes.semilogy(k, self.columns["direction_norm"], label="|p| (search direction)")
         vector_axes.semilogy(k, self.columns["residual_norm"], label="|r| = |E'(w)| (gradient)")

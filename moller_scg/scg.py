@@ -114,13 +114,19 @@ def _loss_value(raw: Any) -> float:
         if raw.numel() != 1:
             raise TypeError(
                 f"the closure must return a scalar loss (a 0-dim or one-element tensor or a number), "
-                f"got a tensor of shape {tuple(raw.shape)}"
+                f"got a tensor of shape {tuple(raw.shape)}: reduce it over the samples (loss.mean() or loss.sum(), "
+                f"or a loss function with reduction='mean')"
             )
         if raw.is_complex():
-            raise TypeError(f"the closure must return a real loss, got a complex tensor of dtype {raw.dtype}")
+            raise TypeError(
+                f"the closure must return a real loss, got a complex tensor of dtype {raw.dtype}: "
+                f"SCG minimizes a real function (return, for example, the squared modulus of a complex residual)"
+            )
         return float(raw.detach())
     if isinstance(raw, numbers.Real) and not isinstance(raw, bool):
         return float(raw)
+    if raw is None:
+        raise TypeError("the closure returned None instead of the scalar loss: end it with `return loss`")
     raise TypeError(
         f"the closure must return a scalar loss (a 0-dim or one-element tensor or a number), "
         f"got {type(raw).__name__}: {raw!r:.80}"
@@ -208,7 +214,7 @@ class SCG(torch.optim.Optimizer):
                 raise ValueError(
                     f"SCG optimizes all parameters as one vector, so every parameter group needs the same "
                     f"{key!r}: got {group[key]!r} in group {len(self.param_groups) - 1} and "
-                    f"{self.param_groups[0][key]!r} in group 0"
+                    f"{self.param_groups[0][key]!r} in group 0. Set it once, as SCG(params, {key}=...), not per group"
                 )
         if hasattr(self, "_scalars"):
             # A parameter added after construction has no direction yet: the next step starts again at step 1.
@@ -249,6 +255,14 @@ class SCG(torch.optim.Optimizer):
         super().__setstate__(state)
         self._reset_transient()
 
+    def restart(self) -> None:
+        """Forget the search direction: the next :meth:`step` starts again at step 1 from the current weights.
+
+        Use it after writing new weights into the parameters (SCG notices such writes between steps by itself,
+        but not right after :meth:`load_state_dict`). λ returns to λ₁; the iteration count k goes on.
+        """
+        self._scalars.started = False
+
     @property
     def trace(self) -> SCGTrace | None:
         """The latest iteration's k, E, success, λ, δ, Δ, μ, α, |r|, |p| and call counts (``None`` before a step)."""
@@ -278,10 +292,16 @@ class SCG(torch.optim.Optimizer):
                 at a trial point or set to a non-finite value.
         """
         if closure is None or not callable(closure):
-            raise TypeError(f"SCG.step needs a closure that re-evaluates the model and returns the loss, got {closure!r}")
+            raise TypeError(
+                f"SCG.step needs a closure that re-evaluates the model and returns the loss, got {closure!r:.80}. "
+                f"As for torch.optim.LBFGS: def closure(): optimizer.zero_grad(); loss = loss_fn(model(x), y); "
+                f"loss.backward(create_graph=True); return loss — then optimizer.step(closure)"
+            )
         params = self._params()
         if not params:
-            raise ValueError("SCG has no parameters to optimize")
+            raise ValueError(
+                "SCG has no parameters to optimize: its parameter groups are empty (pass e.g. model.parameters())"
+            )
         if not self._scalars.started or self._weights_changed_outside(params):
             self._start(closure, params)
         accepted = vec.clone(params)
@@ -321,17 +341,19 @@ class SCG(torch.optim.Optimizer):
         scalars = self._scalars
         residual = [self.state[p]["residual"] for p in params]
         direction = [self.state[p]["direction"] for p in params]
-        if vec.squared_norm(residual) == 0.0:
-            # r = 0: w is a stationary point (step 9 terminates); the weights stay as they are.
-            self._trace = self._make_trace(params, comparison=math.nan, mu=0.0, alpha=0.0, success=False)
-            return
+        residual_sq = vec.squared_norm(residual)
         success = scalars.success
         lambd, lambd_bar = scalars.lambd, scalars.lambd_bar
         mu = vec.dot(direction, residual)
-        if mu == 0.0:
+        if mu == 0.0 and residual_sq != 0.0:
             # p ⟂ r would give α = 0 and Δ = 0/0; search along steepest descent instead (not in the paper).
             direction = [r.clone() for r in residual]
-            mu, success, lambd_bar = vec.squared_norm(residual), True, 0.0
+            mu, success, lambd_bar = residual_sq, True, 0.0
+        if residual_sq == 0.0 or mu * mu == 0.0:
+            # r = 0 (step 9 terminates), or so small that μ² underflows and Δ cannot be formed: w is stationary
+            # in float64, and the weights stay as they are.
+            self._trace = self._make_trace(params, comparison=math.nan, mu=mu, alpha=0.0, success=False)
+            return
         direction_sq = vec.squared_norm(direction)
 
         # Step 2: the second-order information along p, only after a success.
@@ -339,7 +361,11 @@ class SCG(torch.optim.Optimizer):
             curvature = self._curvature_along(direction, direction_sq, closure, params, accepted, group)
             delta = vec.dot(direction, curvature)
             if not math.isfinite(delta):
-                raise FloatingPointError(f"the curvature δ = pᵀs along the search direction is not finite ({delta})")
+                raise FloatingPointError(
+                    f"the curvature δ = pᵀs along the search direction is not finite ({delta}): the second "
+                    f"derivatives overflow at the accepted weights. Check the model for operations that overflow "
+                    f"(exp, log near 0, division), or train in float64"
+                )
         else:
             delta = scalars.delta
         # Step 3: scale δ by λ.
@@ -392,7 +418,10 @@ class SCG(torch.optim.Optimizer):
         if scalars.non_finite_trials >= MAX_NON_FINITE_TRIALS:
             raise FloatingPointError(
                 f"the loss or gradient at the trial point was not finite {scalars.non_finite_trials} times in a row "
-                f"(last trial loss: {trial_loss}); the weights were kept at the last accepted point"
+                f"(last trial loss: {trial_loss}), although each trial step was 4× shorter than the one before; "
+                f"the weights were kept at the last accepted point. The loss is probably not finite arbitrarily "
+                f"close to these weights: look for NaN in the data or an operation that fails there (log of 0, sqrt "
+                f"of a negative number); torch.autograd.set_detect_anomaly(True) names the operation"
             )
 
     # ----------------------------------------------------------------------------------------------------------
@@ -419,7 +448,10 @@ class SCG(torch.optim.Optimizer):
         gradients = []
         for index, p in enumerate(params):
             if p.grad is not None and p.grad.is_sparse:
-                raise TypeError(f"SCG does not support sparse gradients, but parameter {self._name(index)} has one")
+                raise TypeError(
+                    f"SCG does not support sparse gradients, but parameter {self._name(index)} has one "
+                    f"(from nn.Embedding(sparse=True) or similar: use sparse=False)"
+                )
             gradients.append(torch.zeros_like(p) if p.grad is None else p.grad)
         if self._uses_graph(closure):
             if not any(g.requires_grad for g in gradients):
@@ -449,7 +481,8 @@ class SCG(torch.optim.Optimizer):
             vec.copy_(params, accepted)
             if not vec.all_finite(shifted_gradients):
                 raise FloatingPointError(
-                    f"the gradient at w + σₖp (σₖ = {sigma_k:.3g}) for the finite-difference curvature is not finite"
+                    f"the gradient at w + σₖp (σₖ = {sigma_k:.3g}) for the finite-difference curvature is not finite: "
+                    f"lower sigma (now {group['sigma']!r}), or use hvp='double-backward' for exact curvature"
                 )
             residual = [self.state[p]["residual"] for p in params]
             return finite_difference_hvp(shifted_gradients, vec.negated(residual), sigma_k)
@@ -458,7 +491,10 @@ class SCG(torch.optim.Optimizer):
             with torch.enable_grad():
                 products = list(hvp_method([d.detach() for d in direction]))
             if len(products) != len(params):
-                raise ValueError(f"closure.hvp returned {len(products)} tensors for {len(params)} parameters")
+                raise ValueError(
+                    f"closure.hvp returned {len(products)} tensors for {len(params)} parameters: it must return "
+                    f"one tensor per parameter, in the order of the optimizer's parameters"
+                )
             return products
         if self._graph_gradients is None or self._graph_versions != [p._version for p in params]:
             # No graph at w (after loading a state_dict, a copy, or an error inside the last step): rebuild it.
@@ -531,6 +567,12 @@ def _typed_dataclass(cls: type, values: Any) -> Any:
 
 def _require_finite(loss: float, gradients: list[torch.Tensor], where: str) -> None:
     if not math.isfinite(loss):
-        raise FloatingPointError(f"the loss {where} is not finite ({loss})")
+        raise FloatingPointError(
+            f"the loss {where} is not finite ({loss}): check the data and the weights for NaN or inf, and the loss "
+            f"for operations that overflow there (torch.autograd.set_detect_anomaly(True) names the operation)"
+        )
     if not vec.all_finite(gradients):
-        raise FloatingPointError(f"the gradient {where} is not finite")
+        raise FloatingPointError(
+            f"the gradient {where} is not finite although the loss is: look for an operation whose derivative is "
+            f"infinite there (sqrt or abs at 0, log near 0); torch.autograd.set_detect_anomaly(True) names it"
+        )

@@ -24,6 +24,7 @@ import torch
 from torch import nn
 
 from moller_scg.accumulate import GradientAccumulator
+from moller_scg.annealing import Annealer, AnnealingRestarts
 from moller_scg.checkpoint import load_checkpoint, make_checkpoint, restore, save_checkpoint
 from moller_scg.history import History
 from moller_scg.scg import LAMBDA_MAX, SCG, SCGTrace
@@ -108,6 +109,7 @@ def fit(
     resume: bool = False,
     progress: bool = True,
     callbacks: Sequence[Callback] = (),
+    annealing: AnnealingRestarts | None = None,
 ) -> History:
     """Train ``model`` by full-batch SCG (or another closure optimizer) until a stopping rule fires.
 
@@ -141,12 +143,18 @@ def fit(
             never interrupted; without a file the run starts afresh.
         progress: show a tqdm bar over iterations with the loss, validation loss, λ and success rate.
         callbacks: called after every iteration with the :class:`History`; one returning ``True`` stops the run.
+        annealing: SAGRAD-style restarts (SCG only, see :mod:`moller_scg.annealing`): when SCG stalls, perturb the
+            weights by a short simulated-annealing chain evaluated with the loss-only pass, and restart SCG from
+            the best point it found, at most ``annealing.max_restarts`` times; until then a stall does not stop
+            the run. Each restart is in :attr:`History.restarts`. ``None`` (default): no annealing.
 
     Returns:
         The :class:`History` of the run, with ``stop_reason`` set.
 
     Raises:
-        ValueError: a bad argument (named in the message), or ``resume=True`` without ``checkpoint``.
+        ValueError: a bad argument (named in the message), ``resume=True`` without ``checkpoint``, or
+            ``annealing`` with an optimizer other than SCG.
+        TypeError: ``annealing`` is not an :class:`~moller_scg.annealing.AnnealingRestarts`.
         moller_scg.checkpoint.CheckpointError: the checkpoint to resume from is corrupt or belongs to another
             model or optimizer; nothing was loaded.
     """
@@ -166,10 +174,19 @@ def fit(
         optimizer = SCG(model.parameters())
     if min_grad is not None and not isinstance(optimizer, SCG):
         raise ValueError("min_grad needs the gradient norm, which only SCG reports; drop min_grad or use SCG")
+    annealer = None
+    if annealing is not None:
+        if not isinstance(annealing, AnnealingRestarts):
+            raise TypeError(f"annealing must be an AnnealingRestarts or None, got {type(annealing).__name__}")
+        if not isinstance(optimizer, SCG):
+            raise ValueError(
+                f"annealing restarts SCG and reads its λ; it does not work with {type(optimizer).__name__}"
+            )
+        annealer = Annealer(annealing, optimizer, train.loss)
 
     history, early, elapsed_before = History(), _EarlyStopping(), 0.0
     if resume and checkpoint is not None and Path(checkpoint).exists():
-        history, early, elapsed_before = _resume(model, optimizer, checkpoint)
+        history, early, elapsed_before = _resume(model, optimizer, checkpoint, annealer)
         logger.info("resumed from %s after %d iterations", checkpoint, len(history))
     elif resume:
         logger.info("no checkpoint at %s yet: starting afresh", checkpoint)
@@ -183,6 +200,7 @@ def fit(
                 history.stop_reason = _budget_exhausted(history, max_iter, max_time, started, stops)
                 if history.stop_reason is not None:
                     break
+                annealed = annealer is not None and annealer.before_iteration(history)
                 try:
                     loss = optimizer.step(train)
                 except KeyboardInterrupt:
@@ -193,24 +211,28 @@ def fit(
                     logger.warning("stopping: %s", error)
                     break
                 row = _row(optimizer, loss, history, started)
-                row |= _validation_row(validation, scoring, history, weights_moved=row["success"])
+                moved = row["success"] or annealed
+                row |= _validation_row(validation, scoring, history, weights_moved=moved)
                 history.append(**row)
                 if validation is not None:
-                    early.update(model, row["k"], row["val_loss"], moved=row["success"])
+                    early.update(model, row["k"], row["val_loss"], moved=moved)
                     history.best_iteration = early.best_iteration
                 _update_bar(bar, history)
-                history.stop_reason = _converged(history, goal, min_grad, max_fail, max_stall, early)
+                stall_since = 0 if annealer is None else annealer.since(history)
+                history.stop_reason = _converged(history, goal, min_grad, max_fail, max_stall, early, stall_since)
+                if annealer is not None:
+                    history.stop_reason = _restart_instead(annealer, history, min_grad)
                 if history.stop_reason is None and any(callback(history) is True for callback in callbacks):
                     history.stop_reason = "callback"
                 if checkpoint is not None and history.stop_reason is None and len(history) % checkpoint_every == 0:
-                    _save(checkpoint, model, optimizer, history, early, started)
+                    _save(checkpoint, model, optimizer, history, early, started, annealer)
     finally:
         if bar is not None:
             bar.close()
     if history.stop_reason == "max_fail" and early.best_weights is not None:
         model.load_state_dict(early.best_weights)
     if checkpoint is not None:
-        _save(checkpoint, model, optimizer, history, early, started)
+        _save(checkpoint, model, optimizer, history, early, started, annealer)
     logger.info("stopped after %d iterations: %s", len(history), history.message)
     return history
 
@@ -268,8 +290,12 @@ def _converged(
     max_fail: int | None,
     max_stall: int,
     early: _EarlyStopping,
+    stall_since: int = 0,
 ) -> str | None:
-    """The reason to stop after the iteration just recorded, if any."""
+    """The reason to stop after the iteration just recorded, if any.
+
+    The stall rule looks only at the rows from ``stall_since`` on (those after the latest annealing restart).
+    """
     row = history.last
     if goal is not None and row["loss"] <= goal:
         return "goal"
@@ -277,9 +303,21 @@ def _converged(
         return "min_grad"
     if max_fail is not None and early.fails >= max_fail:
         return "max_fail"
-    if row["lambd"] >= LAMBDA_MAX or _iterations_without_decrease(history["loss"]) >= max_stall:
+    losses = history["loss"][stall_since:]
+    if losses and (row["lambd"] >= LAMBDA_MAX or _iterations_without_decrease(losses) >= max_stall):
         return "stalled"
     return None
+
+
+def _restart_instead(annealer: Annealer, history: History, min_grad: float | None) -> str | None:
+    """The stop reason after the annealing had its say: a due restart replaces a stall (or a zero gradient)."""
+    stop = history.stop_reason
+    zero_gradient = stop == "min_grad" and min_grad is None
+    if stop not in (None, "stalled") and not zero_gradient:
+        annealer.pending = None
+        return stop
+    restart = annealer.decide(history, "zero_gradient" if zero_gradient else stop)
+    return None if restart is not None else stop
 
 
 def _iterations_without_decrease(losses: list[float]) -> int:
@@ -319,6 +357,7 @@ def _save(
     history: History,
     early: _EarlyStopping,
     started: float,
+    annealer: Annealer | None = None,
 ) -> None:
     extra = {
         "stop_reason": history.stop_reason,
@@ -326,18 +365,25 @@ def _save(
         "early_stopping": early.to_dict(),
         "elapsed": time.perf_counter() - started,
     }
+    if annealer is not None:
+        extra |= {"restarts": history.restarts, "annealing": annealer.state_dict()}
     save_checkpoint(path, make_checkpoint(model, optimizer, iteration=len(history), history=history.columns, extra=extra))
 
 
 def _resume(
-    model: nn.Module, optimizer: torch.optim.Optimizer, path: str | os.PathLike[str]
+    model: nn.Module, optimizer: torch.optim.Optimizer, path: str | os.PathLike[str], annealer: Annealer | None = None
 ) -> tuple[History, _EarlyStopping, float]:
-    """Load a checkpoint into model and optimizer (all or nothing) and return the run state it holds."""
+    """Load a checkpoint into model, optimizer and annealer (all or nothing) and return the run state it holds."""
     state = load_checkpoint(path)
-    history = History.from_dict({"columns": state["history"], "best_iteration": state["extra"].get("best_iteration")})
-    early = _EarlyStopping(**state["extra"].get("early_stopping", {}))
+    extra = state["extra"]
+    history = History.from_dict(
+        {"columns": state["history"], "best_iteration": extra.get("best_iteration"), "restarts": extra.get("restarts")}
+    )
+    early = _EarlyStopping(**extra.get("early_stopping", {}))
+    if annealer is not None and "annealing" in extra:
+        annealer.load_state_dict(extra["annealing"])  # checked before anything else is loaded
     restore(model, optimizer, state, source=path)
-    return history, early, float(state["extra"].get("elapsed", 0.0))
+    return history, early, float(extra.get("elapsed", 0.0))
 
 
 def _validate_arguments(

@@ -597,6 +597,38 @@ def test_step_at_zero_gradient_leaves_weights_unchanged(mode):
     assert float(loss) == 0.0
 
 
+def test_underflowing_mu_is_treated_as_a_stationary_point():
+    # On E = |w|² SCG converges so fast that μ = pᵀr underflows in float64 (μ² = 0) before r is exactly 0.
+    w = nn.Parameter(torch.tensor([1.5, -0.5], dtype=torch.float64))
+    optimizer = SCG([w])
+    closure = closure_for(optimizer, [w], lambda: (w**2).sum(), "double-backward")
+    for _ in range(40):
+        optimizer.step(closure)
+    assert torch.isfinite(w).all() and float((w.detach() ** 2).sum()) < 1e-150
+
+
+def test_restart_starts_again_at_step_one_from_the_current_weights():
+    a, b = spd_quadratic(5, seed=9)
+    function = quadratic_function(a, b)
+    w = nn.Parameter(torch.zeros(5, dtype=torch.float64))
+    optimizer = SCG([w])
+    calls = []
+    closure = closure_for(optimizer, [w], lambda: function(w), "double-backward", calls)
+    for _ in range(2):
+        optimizer.step(closure)
+    state = optimizer.state_dict()
+    twin = SCG([w])
+    twin.load_state_dict(state)  # a loaded optimizer does not notice writes until the first step…
+    with torch.no_grad():
+        w.fill_(0.25)
+    twin.restart()  # …so it is told
+    fresh = nn.Parameter(torch.full((5,), 0.25, dtype=torch.float64))
+    expected = run_scg([fresh], lambda: function(fresh), 1)
+    twin_closure = closure_for(twin, [w], lambda: function(w), "double-backward")
+    twin.step(twin_closure)
+    assert torch.equal(w.detach(), expected[-1])
+
+
 def test_grad_is_never_modified_in_place():
     model, optimizer, closure = _mlp_setup()
     produced = []
