@@ -11,6 +11,7 @@
 __version__ = "0.1.0"
 
 from moller_scg.accumulate import GradientAccumulator
+from moller_scg.annealing import AnnealingRestarts
 from moller_scg.coba import CoBA
 from moller_scg.history import History
 from moller_scg.scg import SCG, SCGTrace
@@ -24,6 +25,7 @@ __all__ = [
     "History",
     "fit",
     "accuracy",
+    "AnnealingRestarts",
     "SCGAdam",
     "SCGAMSGrad",
     "SCGRMSProp",
