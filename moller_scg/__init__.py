@@ -10,7 +10,7 @@
 
 __version__ = "0.1.0"
 
-from moller_scg.accumulate import GradientAccumulator
+from moller_scg.accumulate import GradientAccumulator, StochasticObjectiveWarning
 from moller_scg.annealing import AnnealingRestarts
 from moller_scg.coba import CoBA
 from moller_scg.history import History
@@ -22,6 +22,7 @@ __all__ = [
     "SCG",
     "SCGTrace",
     "GradientAccumulator",
+    "StochasticObjectiveWarning",
     "History",
     "fit",
     "accuracy",

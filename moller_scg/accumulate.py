@@ -11,9 +11,10 @@ class indices divide by the total weight of the targets instead of their count (
 to ``ignore_index``), so for them E = Σ_b S_b / Σ_b D_b, with S_b the batch's summed loss and D_b the sum of its
 targets' class weights (its number of non-ignored targets without weights).
 
-Each pass streams the batches, adds S_b (or n_b E_b) and the gradients or products into float64 sums, and only
-at the end divides by the denominator and casts once to the parameters' dtype, so the result does not drift
-with the number of batches. Only one batch is alive at a time: memory is bounded by one batch plus the
+Each pass streams the batches, adds S_b (or n_b E_b) and the gradients or products into float64 sums (for
+float32 parameters, blocks of ``PARTIAL_SUM_BATCHES`` batches are summed in float32 first), and only at the end
+divides by the denominator and casts once to the parameters' dtype, so the result does not drift with the
+number of batches. Only one batch is alive at a time: memory is bounded by one batch plus the
 float64 sums. :class:`GradientAccumulator` knows nothing of the optimizer; it is a closure with an ``hvp``
 method, which :class:`moller_scg.SCG` uses for its exact curvature.
 
@@ -61,8 +62,17 @@ HVP_METHODS = ("double-backward", "forward-over-reverse")
 NON_FINITE_POLICIES = ("raise", "return")
 """What a pass does when a batch loss is not finite: raise ``FloatingPointError``, or return the non-finite sums."""
 
+DEFAULT_BATCH_SIZE = 256
+"""Samples per batch for tensors and Datasets when ``batch_size`` is not given. Any batch size gives the same
+E, E' and E''v; this one bounds memory for models like the blog's CNN while keeping per-batch overhead small."""
 DEFAULT_DEVICE_CACHE_BYTES = 1 << 30
 """Tensor data up to this many bytes (1 GiB) is copied once to ``device`` and kept there."""
+PARTIAL_SUM_BATCHES = 8
+"""Batches summed in a float32 (or narrower) parameter's own dtype before the sum is added into float64.
+
+1 adds every batch straight into float64. 8 removes most of the per-batch cost of float64 accumulation (about
+0.5 ms per batch for the 0.46 M parameters of the MNIST CNN on one CPU thread) and adds at most 16 roundings of
+the parameter's dtype, however many batches there are. Float64 parameters are always added directly."""
 REDUCTION_CHECK_SAMPLES = 8
 """Samples on which an explicitly given ``reduction`` is checked once (on two halves and on the whole)."""
 
@@ -311,7 +321,8 @@ class GradientAccumulator:
     with w_b = 1 (``reduction="sum"``) or w_b = n_b / N (``"mean"``); ``nn.CrossEntropyLoss`` and ``nn.NLLLoss``
     with a mean over class indices are divided by the total class weight of the targets, exactly as on the whole
     dataset at once (class weights, ``ignore_index``, ``label_smoothing``). Each call is one pass over the data;
-    sums are kept in float64 and cast to the parameters' dtype once at the end. A pass holds one batch at a time.
+    sums are kept in float64 (see :data:`PARTIAL_SUM_BATCHES` for float32 parameters) and cast to the parameters'
+    dtype once at the end. A pass holds one batch at a time.
 
     The object is a closure for ``optimizer.step(acc)`` — :class:`moller_scg.SCG` in either curvature mode (in
     ``hvp="double-backward"`` mode SCG calls :meth:`hvp`), ``torch.optim.LBFGS``, or any optimizer that takes a
@@ -324,8 +335,9 @@ class GradientAccumulator:
         data: an ``(inputs, targets)`` pair of tensors with the samples along the first axis (sliced, never
             collated sample by sample), a map-style ``Dataset`` of ``(input, target)`` items, or a
             ``DataLoader`` yielding ``(inputs, targets)`` batches over every sample exactly once.
-        batch_size: samples per batch for tensors and Datasets (the last batch may be smaller). A DataLoader
-            brings its own; passing a different one is an error.
+        batch_size: samples per batch for tensors and Datasets (the last batch may be smaller); default
+            :data:`DEFAULT_BATCH_SIZE`. It changes memory and speed, never the result. A DataLoader brings its
+            own; passing a different one is an error.
         device: where batches are evaluated; default: the device of the first parameter. Tensor data on another
             device is copied there once when it fits ``device_cache_bytes``, otherwise batch by batch (from
             pinned memory, asynchronously, when the device is a GPU).
@@ -529,7 +541,7 @@ class GradientAccumulator:
         self._check_pass(terms[:seen], denominator)
         scale_tensor = torch.tensor(scales, dtype=torch.float64).to(self.device)
         loss = torch.dot(terms[:seen], scale_tensor)
-        vector_sums = None if sums is None else sums.totals
+        vector_sums = None if sums is None else sums.result()
         return _PassSums(loss=loss, vectors=vector_sums, denominator=denominator, samples=samples)
 
     def _add_batch_gradient(
@@ -552,7 +564,7 @@ class GradientAccumulator:
         sums: _WideSums,
         scale: int,
     ) -> torch.Tensor:
-        """Σ ← Σ + scale · E_b''v, as ∂(gᵀv)/∂w with g = ∂E_b/∂w kept differentiable (Pearlmutter 1994)."""
+        """Σ ← Σ + scale · E_b''v as ∂(gᵀv)/∂w, g = ∂E_b/∂w kept differentiable (Pearlmutter 1994)."""
         with torch.enable_grad():
             term = self._objective.term(self.model(inputs), targets)
             if not term.requires_grad:
@@ -809,7 +821,7 @@ def _make_batches(data: Any, batch_size: int | None, device: torch.device, cache
 
 def _validate_batch_size(batch_size: int | None) -> int:
     if batch_size is None:
-        raise ValueError("batch_size is required for tensor and Dataset data (a DataLoader brings its own)")
+        return DEFAULT_BATCH_SIZE
     if isinstance(batch_size, bool) or not isinstance(batch_size, numbers.Integral) or batch_size < 1:
         raise ValueError(f"Invalid batch_size {batch_size!r}; it must be an int ≥ 1")
     return int(batch_size)
@@ -869,20 +881,48 @@ def _batch_samples(inputs: torch.Tensor, targets: torch.Tensor, batches: _Batche
 
 
 class _WideSums:
-    """Σ_b scale_b · v_b per parameter, in float64 (complex128 for complex parameters)."""
+    """Σ_b scale_b · v_b per parameter, in float64 (complex128 for complex parameters).
+
+    Parameters already in float64 (complex128) are added into the totals batch by batch. For narrower
+    parameters, up to ``PARTIAL_SUM_BATCHES`` consecutive batches are first summed in the parameter's own dtype
+    and that partial sum is then added into the float64 total: the float64 read-modify-write of all of w, the
+    dominant per-batch cost on CPU, is paid once per block instead of once per batch. The error this adds is at
+    most 2·PARTIAL_SUM_BATCHES roundings of the parameter's dtype, whatever the number of batches, so the result
+    still does not drift with B (``tests/test_accumulate.py``, float32 over 4096 batches).
+    """
 
     def __init__(self, params: Sequence[torch.Tensor]) -> None:
         self.totals = [torch.zeros_like(p, dtype=_wide_dtype(p.dtype)) for p in params]
+        self._narrow = [p.dtype != total.dtype for p, total in zip(params, self.totals)]
+        self._partials: list[torch.Tensor | None] = [None] * len(self.totals)
+        self._pending = 0
 
     def add(self, vectors: Sequence[torch.Tensor | None], scale: int) -> None:
         """Σ ← Σ + scale · v; a ``None`` vector (a parameter the batch loss does not reach) adds nothing."""
-        for total, vector in zip(self.totals, vectors):
+        for index, vector in enumerate(vectors):
             if vector is None:
                 continue
-            if scale == 1:
-                total.add_(vector)
+            if not self._narrow[index]:
+                self.totals[index].add_(vector, alpha=scale)
+            elif self._partials[index] is None:
+                self._partials[index] = vector * scale  # a new tensor: autograd's result may be a shared view
             else:
-                total.add_(vector, alpha=scale)
+                self._partials[index].add_(vector, alpha=scale)
+        self._pending += 1
+        if self._pending == PARTIAL_SUM_BATCHES:
+            self._flush()
+
+    def result(self) -> list[torch.Tensor]:
+        """The float64 totals, every partial sum included."""
+        self._flush()
+        return self.totals
+
+    def _flush(self) -> None:
+        for index, partial in enumerate(self._partials):
+            if partial is not None:
+                self.totals[index].add_(partial)
+                self._partials[index] = None
+        self._pending = 0
 
 
 def _wide_dtype(dtype: torch.dtype) -> torch.dtype:

@@ -180,7 +180,7 @@ class SCG(torch.optim.Optimizer):
         ...     loss = (1 - w[0]) ** 2 + 100 * (w[1] - w[0] ** 2) ** 2
         ...     loss.backward(create_graph=True)
         ...     return loss
-        >>> for _ in range(100):
+        >>> for _ in range(120):
         ...     loss = optimizer.step(closure)
         >>> bool(loss < 1e-12)
         True
@@ -488,6 +488,12 @@ class SCG(torch.optim.Optimizer):
             return finite_difference_hvp(shifted_gradients, vec.negated(residual), sigma_k)
         hvp_method = getattr(closure, "hvp", None)
         if callable(hvp_method):
+            closure_params = getattr(closure, "params", None)
+            if closure_params is not None and [id(p) for p in closure_params] != [id(p) for p in params]:
+                raise ValueError(
+                    "closure.hvp works on other parameters, or in another order, than this SCG: build the "
+                    "GradientAccumulator with params= the same list as the optimizer's"
+                )
             with torch.enable_grad():
                 products = list(hvp_method([d.detach() for d in direction]))
             if len(products) != len(params):

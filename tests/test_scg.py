@@ -629,6 +629,29 @@ def test_restart_starts_again_at_step_one_from_the_current_weights():
     assert torch.equal(w.detach(), expected[-1])
 
 
+def test_closure_hvp_over_other_parameters_is_refused():
+    model = make_mlp()
+    x, y = mlp_data()
+    params = list(model.parameters())
+    optimizer = SCG(params[::-1])
+
+    class Closure:
+        def __init__(self):
+            self.params = params
+
+        def __call__(self):
+            optimizer.zero_grad()
+            loss = torch.mean((model(x) - y) ** 2)
+            loss.backward()
+            return loss
+
+        def hvp(self, vectors):
+            return [torch.zeros_like(v) for v in vectors]
+
+    with pytest.raises(ValueError, match="params="):
+        optimizer.step(Closure())
+
+
 def test_grad_is_never_modified_in_place():
     model, optimizer, closure = _mlp_setup()
     produced = []

@@ -1,0 +1,238 @@
+"""The cost of one SCG iteration with GradientAccumulator, in units of one gradient pass, on the blog's MNIST CNN.
+
+Measured side by side in one run (interleaved rounds; every round times one gradient pass ``acc()``, one HVP pass
+``acc.hvp(v)``, one ``SCG.step`` with exact curvature and one with finite differences), and compared with the
+floors the passes themselves set:
+
+* exact curvature (``hvp="double-backward"``, SCG calls ``acc.hvp``): a successful step makes 1 gradient pass and
+  1 HVP pass; target ≤ 1.05 × (gradient pass + HVP pass);
+* finite differences (``hvp="finite-difference"``): a successful step makes 2 gradient passes; target ≤ 2.1
+  gradient passes.
+
+A failed step (Δ < 0) makes only the trial's gradient pass; the closure and HVP calls of each step are read from
+``optimizer.trace``, and the ratios are medians over successful steps of (step time) / (floor in the same round).
+SCG's own vector arithmetic (clones, axpys, inner products over w) does not shrink with N, so on small datasets it
+shows in the ratios; the report prints it in milliseconds (the step's time outside the accumulator's passes).
+Results go to ``benchmarks/results/bench_iteration_cost.{txt,json}``.
+
+Usage:
+    python benchmarks/bench_iteration_cost.py            # a few minutes on 2 CPU cores
+    python benchmarks/bench_iteration_cost.py --quick    # well under a minute
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+from torch import nn
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_accumulator import environment, mnist, write_results  # noqa: E402 - the benchmarks' shared helpers
+
+from moller_scg.accumulate import GradientAccumulator  # noqa: E402
+from moller_scg.models import MnistCNN  # noqa: E402
+from moller_scg.scg import SCG  # noqa: E402
+
+EXACT_TARGET = 1.05  # × (1 gradient pass + 1 HVP pass)
+FINITE_DIFFERENCE_TARGET = 2.1  # gradient passes
+
+
+def _timed(function) -> float:
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+    start = time.perf_counter()
+    function()
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+    return time.perf_counter() - start
+
+
+class _TimedClosure:
+    """The accumulator as SCG sees it (a closure with ``hvp``), adding up the seconds spent in its passes."""
+
+    def __init__(self, accumulator: GradientAccumulator) -> None:
+        self.accumulator = accumulator
+        self.seconds = 0.0
+
+    def __call__(self) -> torch.Tensor:
+        start = time.perf_counter()
+        try:
+            return self.accumulator()
+        finally:
+            self.seconds += time.perf_counter() - start
+
+    def hvp(self, vectors: list[torch.Tensor]) -> list[torch.Tensor]:
+        start = time.perf_counter()
+        try:
+            return self.accumulator.hvp(vectors)
+        finally:
+            self.seconds += time.perf_counter() - start
+
+
+class _Run:
+    """One SCG optimizer on its own copy of the model, stepping through its own accumulator."""
+
+    def __init__(self, model: nn.Module, data, batch_size: int, hvp: str) -> None:
+        self.model = copy.deepcopy(model)
+        accumulator = GradientAccumulator(self.model, nn.CrossEntropyLoss(), data, batch_size=batch_size)
+        self.closure = _TimedClosure(accumulator)
+        self.optimizer = SCG(self.model.parameters(), hvp=hvp)
+
+    def step(self) -> dict[str, float]:
+        before = self.optimizer.trace
+        closure_before = before.closure_calls if before else 0
+        hvp_before = before.hvp_calls if before else 0
+        in_passes_before = self.closure.seconds
+        seconds = _timed(lambda: self.optimizer.step(self.closure))
+        trace = self.optimizer.trace
+        return {
+            "seconds": seconds,
+            "outside_passes": seconds - (self.closure.seconds - in_passes_before),
+            "closure_calls": trace.closure_calls - closure_before,
+            "hvp_calls": trace.hvp_calls - hvp_before,
+            "success": trace.success,
+            "loss": trace.loss,
+        }
+
+
+def measure(samples: int, batch_size: int, rounds: int, device: torch.device) -> dict[str, object]:
+    torch.manual_seed(0)
+    data = mnist(samples, device)
+    model = MnistCNN().to(device)
+    passes = GradientAccumulator(model, nn.CrossEntropyLoss(), data, batch_size=batch_size)
+    vectors = [torch.randn_like(p) for p in passes.params]
+    runs = {
+        "exact": _Run(model, data, batch_size, "double-backward"),
+        "finite-difference": _Run(model, data, batch_size, "finite-difference"),
+    }
+    # Warm-up: one pass of each kind, and each optimizer's first step (which also evaluates its start point).
+    passes(), passes.hvp(vectors)
+    for run in runs.values():
+        run.step()
+    records = []
+    for round_index in range(rounds):
+        tasks = [
+            ("gradient", lambda: _timed(passes)),
+            ("hvp", lambda: _timed(lambda: passes.hvp(vectors))),
+            ("exact", runs["exact"].step),
+            ("finite-difference", runs["finite-difference"].step),
+        ]
+        shift = round_index % len(tasks)
+        record = {}
+        for name, task in tasks[shift:] + tasks[:shift]:
+            record[name] = task()
+        records.append(record)
+    return summarize(records, samples, batch_size, rounds)
+
+
+def summarize(records: list[dict], samples: int, batch_size: int, rounds: int) -> dict[str, object]:
+    gradient = [r["gradient"] for r in records]
+    hvp = [r["hvp"] for r in records]
+    result: dict[str, object] = {
+        "samples": samples,
+        "batch_size": batch_size,
+        "rounds": rounds,
+        "gradient_pass_seconds": statistics.median(gradient),
+        "hvp_pass_seconds": statistics.median(hvp),
+        "hvp_over_gradient": statistics.median(h / g for h, g in zip(hvp, gradient)),
+    }
+    for mode in ("exact", "finite-difference"):
+        steps = [(r[mode], r["gradient"], r["hvp"]) for r in records]
+        successes = [s for s in steps if s[0]["success"]]
+        if mode == "exact":
+            floor = [g + h for _, g, h in successes]
+        else:
+            floor = [2 * g for _, g, _ in successes]
+        in_units = [s["seconds"] / f for (s, _, _), f in zip(successes, floor)]
+        own = [s["outside_passes"] for s, _, _ in successes]
+        result[mode] = {
+            "steps": len(steps),
+            "successful_steps": len(successes),
+            "closure_calls_per_successful_step": sorted({s["closure_calls"] for s, _, _ in successes}),
+            "hvp_calls_per_successful_step": sorted({s["hvp_calls"] for s, _, _ in successes}),
+            "successful_step_in_gradient_passes": statistics.median(s["seconds"] / g for s, g, _ in successes)
+            if successes
+            else None,
+            "successful_step_over_floor": statistics.median(in_units) if in_units else None,
+            "scg_own_seconds_per_successful_step": statistics.median(own) if own else None,
+            "mean_step_in_gradient_passes": statistics.mean(s["seconds"] / g for s, g, _ in steps),
+            "loss_after": steps[-1][0]["loss"],
+        }
+    return result
+
+
+def _ms(seconds: float | None) -> float | None:
+    return None if seconds is None else 1e3 * seconds
+
+
+def report(results: dict[str, object]) -> str:
+    env, row = results["environment"], results["measurement"]
+    exact, fd = row["exact"], row["finite-difference"]
+    floor_exact = 1 + row["hvp_over_gradient"]
+
+    def verdict(value, target):
+        return "n/a" if value is None else ("ok" if value <= target else f"> {target}")
+
+    def fmt(value, spec=".3f"):
+        return "n/a" if value is None else format(value, spec)
+
+    def own_ms(mode):
+        return fmt(_ms(mode["scg_own_seconds_per_successful_step"]), ".1f")
+
+    return "\n".join(
+        [
+            "One SCG iteration with GradientAccumulator, on the blog's MNIST CNN (float32, nn.CrossEntropyLoss)",
+            f"command: {env['command']}",
+            f"torch {env['torch']}, device {env['device']}, {env['threads']} thread(s); "
+            f"N = {row['samples']}, batch {row['batch_size']}, {row['rounds']} interleaved rounds",
+            "",
+            f"gradient pass (acc()):     {row['gradient_pass_seconds']:.3f} s  = 1 unit",
+            f"HVP pass (acc.hvp(v)):     {row['hvp_pass_seconds']:.3f} s  = {row['hvp_over_gradient']:.2f} units",
+            "",
+            "exact curvature (hvp='double-backward', SCG calls acc.hvp)",
+            f"  successful steps: {exact['successful_steps']} of {exact['steps']}; closure calls per successful step "
+            f"{exact['closure_calls_per_successful_step']}, HVP calls {exact['hvp_calls_per_successful_step']}",
+            f"  successful step = {fmt(exact['successful_step_in_gradient_passes'], '.2f')} gradient passes; "
+            f"floor 1 + {row['hvp_over_gradient']:.2f} = {floor_exact:.2f}",
+            f"  step / (gradient pass + HVP pass) = {fmt(exact['successful_step_over_floor'])}  "
+            f"(target ≤ {EXACT_TARGET}: {verdict(exact['successful_step_over_floor'], EXACT_TARGET)})",
+            f"  mean over all steps = {exact['mean_step_in_gradient_passes']:.2f} gradient passes; SCG's own "
+            f"work per successful step (outside the passes) {own_ms(exact)} ms",
+            "",
+            "finite differences (hvp='finite-difference')",
+            f"  successful steps: {fd['successful_steps']} of {fd['steps']}; closure calls per successful step "
+            f"{fd['closure_calls_per_successful_step']}",
+            f"  successful step = {fmt(fd['successful_step_in_gradient_passes'])} gradient passes  "
+            f"(target ≤ {FINITE_DIFFERENCE_TARGET}: "
+            f"{verdict(fd['successful_step_in_gradient_passes'], FINITE_DIFFERENCE_TARGET)})",
+            f"  mean over all steps = {fd['mean_step_in_gradient_passes']:.2f} gradient passes; SCG's own "
+            f"work per successful step (outside the passes) {own_ms(fd)} ms",
+        ]
+    )
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="small sizes, well under a minute")
+    parser.add_argument("--threads", type=int, default=1, help="torch.set_num_threads (default 1: steadier timings)")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    args = parser.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    device = torch.device(args.device)
+    samples, batch_size, rounds = (768, 64, 7) if args.quick else (2048, 64, 11)
+    results = {"environment": environment(device), "quick": args.quick}
+    results["measurement"] = measure(samples, batch_size, rounds, device)
+    text = report(results)
+    print(text)
+    path = write_results("bench_iteration_cost" + ("_quick" if args.quick else ""), results, text)
+    print(f"\nwritten to {path} and {path.with_suffix('.json')}")
+
+
+if __name__ == "__main__":
+    main()
