@@ -23,7 +23,7 @@ from moller_scg.scg import SCG
 from moller_scg.train import accuracy, fit
 
 DEFAULT_MAX_ITER = 60
-DEFAULT_BATCH_SIZE = 1000
+DEFAULT_BATCH_SIZE = 128
 DEFAULT_HVP = "finite-difference"
 
 
@@ -56,7 +56,9 @@ class MnistResult:
         )
 
 
-def load_splits(data: str | os.PathLike[str] | None, *, download: bool, max_train: int | None, seed: int) -> MnistSplits:
+def load_splits(
+    data: str | os.PathLike[str] | None, *, download: bool, max_train: int | None, seed: int
+) -> MnistSplits:
     """The embedded digits (``data=None``) or full MNIST from IDX files at ``data``."""
     if data is None:
         return load_embedded_mnist(seed=seed, max_train=max_train)
@@ -93,7 +95,8 @@ def train_mnist(
         device: where to train (``"cpu"``, ``"cuda"``, …); default CPU.
         hvp: SCG's curvature, ``"finite-difference"`` (default: on the CNN a gradient pass costs about a third of an
             exact Hessian-vector pass) or ``"double-backward"`` (exact, by the accumulator's HVP pass).
-        checkpoint, resume: as for :func:`moller_scg.fit`.
+        checkpoint: a file to write the run's state to, as for :func:`moller_scg.fit`.
+        resume: continue from ``checkpoint`` if it exists, as for :func:`moller_scg.fit`.
         max_train: use only this many training images (a stratified subset for the embedded data).
         seed: seeds the split of the embedded data and the initial weights.
         progress: show the progress bar.
