@@ -6,7 +6,8 @@ Kobayashi & Iiduka (2020) feed Adam/AMSGrad, in place of the stochastic gradient
 
 where βₙ is one of the classical nonlinear conjugate-gradient parameters and the factor M/nᵃ (a > 1 in their
 analysis) makes the memory of past directions fade; with it the paper bounds dₙ and proves a regret bound like
-AMSGrad's (their Lemma A.1 and Theorem 3.1). The second moment stays on the raw gradient gₙ². Inner products are taken over a whole parameter tensor: one βₙ per tensor.
+AMSGrad's (their Lemma A.1 and Theorem 3.1). The second moment stays on the raw gradient gₙ². Inner products are
+taken over a whole parameter tensor: one βₙ per tensor.
 
 References:
     Kobayashi, Y. & Iiduka, H. (2020). Conjugate-gradient-based Adam for stochastic optimization and its application

@@ -446,8 +446,9 @@ class SCGAMSGrad(ConjugateAdaptiveOptimizer):
     ``torch.optim.Adam(amsgrad=True)`` corrects the bias (dividing the running maximum v̂ₙ by 1 − β₂ⁿ), so with
     γ = δ = 0 it equals ``SCGAMSGrad(bias_correction=True)`` bit for bit, and the default only in the limit n → ∞.
 
+    ``params``, ``lr``, ``betas``, ``eps``, ``weight_decay``, ``gamma`` and ``delta`` are as for :class:`SCGAdam`.
+
     Args:
-        params, lr, betas, eps, weight_decay, gamma, delta: as for :class:`SCGAdam`.
         bias_correction: whether to divide by 1 − β₁ⁿ and 1 − β₂ⁿ as ``torch.optim.Adam(amsgrad=True)`` does.
 
     State per parameter: ``step``, ``direction``, ``exp_avg``, ``exp_avg_sq``, ``max_exp_avg_sq`` (v̂ₙ).
@@ -510,12 +511,14 @@ class SCGRMSProp(ConjugateAdaptiveOptimizer):
         xₙ₊₁ = xₙ + αₙ · dₙ / (√vₙ + ε)
 
     The paper names SCGRMSProp, but neither our sources for it nor the authors' code we could read give its update
-    (that code has only plain RMSProp). This is the same construction as :class:`SCGAdam` applied to RMSProp, which has no first moment (β₁ = 0) and no bias correction: the direction replaces −gₙ in
+    (that code has only plain RMSProp). This is the same construction as :class:`SCGAdam` applied to RMSProp,
+    which has no first moment (β₁ = 0) and no bias correction: the direction replaces −gₙ in
     the numerator, and the denominator stays on the raw gradient. With γ = δ = 0 it is
     ``torch.optim.RMSprop(alpha=ρ)`` (no momentum, not centered) bit for bit.
 
+    ``params``, ``lr``, ``eps``, ``weight_decay``, ``gamma`` and ``delta`` are as for :class:`SCGAdam`.
+
     Args:
-        params, lr, eps, weight_decay, gamma, delta: as for :class:`SCGAdam`.
         alpha: ρ, the smoothing constant of vₙ, named and defaulted as in ``torch.optim.RMSprop``.
 
     State per parameter: ``step``, ``direction`` (dₙ), ``square_avg`` (vₙ).

@@ -1,0 +1,49 @@
+"""A plain PyTorch training script written for ``torch.optim.LBFGS``, with SCG swapped in: one line and the import.
+
+    python examples/swap_lbfgs.py
+
+The script below is what a user of ``torch.optim.LBFGS`` already has: a closure that zeroes the gradients,
+evaluates the loss, calls ``loss.backward()`` and returns the loss, and a loop of ``optimizer.step(closure)``.
+Only the line that builds the optimizer differs from the LBFGS version, besides the import of SCG
+(``tests/test_integrations.py`` checks that, and runs both).
+
+``hvp="finite-difference"``: a plain ``loss.backward()`` builds no graph of the gradient, so SCG cannot get its
+curvature by double-backward; Møller's finite difference needs only gradients (one more closure call per
+successful step). For exact curvature, call ``loss.backward(create_graph=True)`` in the closure and drop the
+argument. One ``SCG.step`` is one iteration, whereas one ``LBFGS.step`` runs up to ``max_iter=20``.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from moller_scg import SCG
+
+STEPS = 300
+
+
+def main() -> float:
+    torch.manual_seed(0)
+    x = torch.linspace(-3, 3, 200).unsqueeze(1)
+    y = torch.sin(x) + 0.05 * torch.randn_like(x)
+    model = nn.Sequential(nn.Linear(1, 20), nn.Tanh(), nn.Linear(20, 1))
+    loss_fn = nn.MSELoss()
+    optimizer = SCG(model.parameters(), hvp="finite-difference")  # was: torch.optim.LBFGS(model.parameters())
+
+    def closure():
+        optimizer.zero_grad()
+        loss = loss_fn(model(x), y)
+        loss.backward()
+        return loss
+
+    for _ in range(STEPS):
+        optimizer.step(closure)
+    with torch.no_grad():
+        final = float(loss_fn(model(x), y))
+    print(f"{type(optimizer).__name__}: training loss {final:.5f} after {STEPS} steps")
+    return final
+
+
+if __name__ == "__main__":
+    main()
