@@ -24,7 +24,9 @@ def test_readme_opens_with_two_commands_and_ci_runs_the_test_command():
         assert step in ci_script, f"the README's test step {step!r} is not what .ci/run runs"
 
 
-def test_readme_python_snippets_run():
+def test_readme_python_snippets_run_in_order():
+    namespace: dict = {}  # one namespace: a later snippet uses what an earlier one defined, as a reader would
     for block in _code_blocks("python"):
-        namespace: dict = {}
         exec(compile(block, "README.md", "exec"), namespace)  # noqa: S102 - the README's own code
+    assert namespace["history"].stop_reason is not None
+    assert float(namespace["loss"]) <= namespace["history"]["loss"][-1]  # SCG never accepts a higher loss
