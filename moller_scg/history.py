@@ -14,7 +14,10 @@ import dataclasses
 import math
 from collections.abc import Iterator, Mapping
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure
 
 COLUMNS = (
     "k",
@@ -97,7 +100,7 @@ class History:
     def last(self) -> dict[str, Any]:
         """The latest row."""
         if not len(self):
-            raise IndexError("the History has no rows yet")
+            raise IndexError("the History has no rows yet: read History.last after the first iteration")
         return {name: self.columns[name][-1] for name in COLUMNS}
 
     @property
@@ -166,7 +169,7 @@ class History:
     # ----------------------------------------------------------------------------------------------------------
     # Figure 3
 
-    def plot(self, filename: str | Path | None = None, title: str | None = None):
+    def plot(self, filename: str | Path | None = None, title: str | None = None) -> Figure:
         """Draw the blog's Figure 3: (a) loss and success, (b) |p| and |r|, (c) δ and λ, against iterations.
 
         Annealing restarts, if any, are dotted vertical lines in panel (a).
