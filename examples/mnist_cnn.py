@@ -1,8 +1,8 @@
 """The main job: the blog's MNIST CNN trained by full-batch SCG (the same as ``moller-scg mnist``).
 
-    python examples/mnist_cnn.py                       # embedded MNIST-5k, offline
-    python examples/mnist_cnn.py --data ~/data/mnist   # full MNIST from IDX files
-    python examples/mnist_cnn.py --help                # every option
+python examples/mnist_cnn.py                       # embedded MNIST-5k, offline
+python examples/mnist_cnn.py --data ~/data/mnist   # full MNIST from IDX files
+python examples/mnist_cnn.py --help                # every option
 """
 
 import sys

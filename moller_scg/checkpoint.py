@@ -360,8 +360,10 @@ def _optimizer_problem(optimizer: torch.optim.Optimizer, state: dict[str, Any], 
     if saved_class != expected_class:
         return f"it was written by a {saved_class} optimizer, not a {expected_class}"
     groups = state.get("param_groups")
-    if not isinstance(state.get("state"), dict) or not isinstance(groups, list) or not all(
-        isinstance(group, dict) and isinstance(group.get("params"), list) for group in groups
+    if (
+        not isinstance(state.get("state"), dict)
+        or not isinstance(groups, list)
+        or not all(isinstance(group, dict) and isinstance(group.get("params"), list) for group in groups)
     ):
         return "its optimizer state is not an optimizer state_dict (a 'state' dict and a 'param_groups' list)"
     if len(groups) != len(optimizer.param_groups):

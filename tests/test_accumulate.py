@@ -265,12 +265,8 @@ def test_sums_do_not_drift_with_the_number_of_batches_in_float32():
     assert relative_error([model.weight.grad], [exact_gradient]) <= 1e-7
 
 
-@pytest.mark.parametrize(
-    "batch_size, partial_sum_batches", [(1, 8), (7, 8), (64, 8), (SAMPLES, 8), (1, 1), (7, 3)]
-)
-def test_float32_model_matches_the_float64_reference_to_float32_precision(
-    batch_size, partial_sum_batches, monkeypatch
-):
+@pytest.mark.parametrize("batch_size, partial_sum_batches", [(1, 8), (7, 8), (64, 8), (SAMPLES, 8), (1, 1), (7, 3)])
+def test_float32_model_matches_the_float64_reference_to_float32_precision(batch_size, partial_sum_batches, monkeypatch):
     """Partial sums in float32 over blocks of batches (and the last, incomplete block) lose nothing visible."""
     monkeypatch.setattr(accumulate, "PARTIAL_SUM_BATCHES", partial_sum_batches)
     inputs, targets = classification_data()
@@ -452,7 +448,7 @@ def test_scg_trajectory_is_the_same_for_every_batch_size(hvp):
     reference_losses, reference_weights, reference = scg_run(closure, reference_model, hvp=hvp)
     assert reference.trace.k == 20 and reference_losses[-1] < 0.9 * reference_losses[0]
     # Batch size 1 is covered pass by pass above; 20 iterations of it would take seconds.
-    for batch_size in ([7, 64, SAMPLES] if hvp == "double-backward" else [7, SAMPLES]):
+    for batch_size in [7, 64, SAMPLES] if hvp == "double-backward" else [7, SAMPLES]:
         model = tanh_mlp(CLASSES)
         acc = GradientAccumulator(model, loss_fn, (inputs, targets), batch_size=batch_size)
         losses, weights, optimizer = scg_run(acc, model, hvp=hvp)

@@ -51,7 +51,14 @@ def test_mnist_smoke_run_on_200_embedded_images(capsys, tmp_path):
     status = main(["mnist", "--max-train", "200", "--max-iter", "3", "--quiet", "--plot", str(plot)])
     output = capsys.readouterr().out
     assert status == 0, output
-    for label in ("train loss", "test accuracy", "iterations     3", "closure calls", "wall time", "stop reason    max_iter"):
+    for label in (
+        "train loss",
+        "test accuracy",
+        "iterations     3",
+        "closure calls",
+        "wall time",
+        "stop reason    max_iter",
+    ):
         assert label in output
     assert "(200 images)" in output and "(1000 images)" in output
     assert plot.read_bytes().startswith(b"\x89PNG")

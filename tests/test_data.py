@@ -214,20 +214,36 @@ TRAIN_IMAGES, TRAIN_LABELS = "train-images-idx3-ubyte", "train-labels-idx1-ubyte
 TEST_IMAGES, TEST_LABELS = "t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte"
 MALFORMED = {
     # case: (file, its content made from the tiny arrays, how it is gzipped, what the message must say)
-    "bad-magic": (TRAIN_IMAGES, lambda t: b"\x12\x34" + train_images_file(t)[2:], None,
-                  "bad magic number 0x12340803, expected 0x00000803"),
+    "bad-magic": (
+        TRAIN_IMAGES,
+        lambda t: b"\x12\x34" + train_images_file(t)[2:],
+        None,
+        "bad magic number 0x12340803, expected 0x00000803",
+    ),
     "float-type": (TRAIN_IMAGES, lambda t: with_byte(train_images_file(t), 2, 0x0D), None, "type code 0x0D"),
-    "2d-images": (TRAIN_IMAGES, lambda t: idx_bytes(t["train", IMAGES].reshape(12, 784)), None,
-                  "2 dimensions, but MNIST images have 3"),
-    "27x27-images": (TRAIN_IMAGES, lambda t: idx_bytes(t["train", IMAGES][:, :27, :27]), None,
-                     "images are 27×27, expected 28×28"),
+    "2d-images": (
+        TRAIN_IMAGES,
+        lambda t: idx_bytes(t["train", IMAGES].reshape(12, 784)),
+        None,
+        "2 dimensions, but MNIST images have 3",
+    ),
+    "27x27-images": (
+        TRAIN_IMAGES,
+        lambda t: idx_bytes(t["train", IMAGES][:, :27, :27]),
+        None,
+        "images are 27×27, expected 28×28",
+    ),
     "truncated-data": (TRAIN_IMAGES, lambda t: train_images_file(t)[:-5], None, "truncated: the header declares"),
     "trailing-data": (TRAIN_IMAGES, lambda t: train_images_file(t) + b"xyz", None, "trailing data"),
     "truncated-header": (TRAIN_IMAGES, lambda t: train_images_file(t)[:9], None, "truncated header: 9 of its 16"),
     "empty-file": (TRAIN_IMAGES, lambda t: b"", None, "truncated: 0 bytes"),
     "no-images": (TEST_IMAGES, lambda t: idx_bytes(np.zeros((0, 28, 28))), None, "holds no images"),
-    "2d-labels": (TRAIN_LABELS, lambda t: idx_bytes(t["train", LABELS].reshape(3, 4)), None,
-                  "2 dimensions, but MNIST labels have 1"),
+    "2d-labels": (
+        TRAIN_LABELS,
+        lambda t: idx_bytes(t["train", LABELS].reshape(3, 4)),
+        None,
+        "2 dimensions, but MNIST labels have 1",
+    ),
     "label-10": (TEST_LABELS, lambda t: idx_bytes([9, 8, 7, 0, 10, 2]), None, "label 10 at index 4 is outside 0..9"),
     "truncated-gz": (TRAIN_IMAGES, train_images_file, "truncated", "not a valid gzip file"),
     "not-gz": (TRAIN_LABELS, lambda t: b"\x00\x00\x08\x01 plain bytes", "not gzipped", "not a valid gzip file"),
@@ -465,7 +481,7 @@ def test_max_train_above_train_size_changes_nothing(default_split):
 def test_validation_split_is_stratified_and_disjoint():
     splits = load_embedded_mnist(train_size=3000, validation_size=1000, seed=7)
 
-    for (images, labels), per_digit in zip((splits.train, splits.validation, splits.test), (300, 100, 100)):
+    for (_images, labels), per_digit in zip((splits.train, splits.validation, splits.test), (300, 100, 100)):
         assert torch.bincount(labels, minlength=10).tolist() == [per_digit] * 10
     rows = [row_set(part[0]) for part in (splits.train, splits.validation, splits.test)]
     assert len(rows[0] | rows[1] | rows[2]) == 5000

@@ -18,7 +18,6 @@ from torch import nn
 from moller_scg import SCG
 from moller_scg.scg import MAX_NON_FINITE_TRIALS
 
-
 MODES = ["double-backward", "finite-difference"]
 
 
@@ -114,9 +113,7 @@ def test_rosenbrock_trajectory_matches_reference(mode):
     w1 = torch.tensor([-1.2, 1.0, -0.5, 0.8], dtype=torch.float64)
     w = nn.Parameter(w1.clone())
     actual = run_scg([w], lambda: rosenbrock(w), 60, hvp=mode)
-    expected = reference_scg(
-        problem_from_function(rosenbrock), w1, 60, finite_difference=(mode == "finite-difference")
-    )
+    expected = reference_scg(problem_from_function(rosenbrock), w1, 60, finite_difference=(mode == "finite-difference"))
     assert_trajectories_equal(actual, expected)
     assert rosenbrock(expected[-1]) < rosenbrock(w1)
 
@@ -385,15 +382,19 @@ def test_state_dict_in_lockstep_after_every_step():
         twin_optimizer.load_state_dict(optimizer.state_dict())
         x, y = mlp_data()
         twin_closure = closure_for(
-            twin_optimizer, list(twin_model.parameters()), lambda: torch.mean((twin_model(x) - y) ** 2), "double-backward"
+            twin_optimizer,
+            list(twin_model.parameters()),
+            lambda twin_model=twin_model, x=x, y=y: torch.mean((twin_model(x) - y) ** 2),
+            "double-backward",
         )
         optimizer.step(closure)
         twin_optimizer.step(twin_closure)
         for p, q in zip(model.parameters(), twin_model.parameters()):
             assert torch.equal(p, q)
-        assert twin_optimizer.state_dict()["scg"]["scalars"] | {"closure_calls": 0, "hvp_calls": 0} == optimizer.state_dict()[
-            "scg"
-        ]["scalars"] | {"closure_calls": 0, "hvp_calls": 0}
+        assert twin_optimizer.state_dict()["scg"]["scalars"] | {
+            "closure_calls": 0,
+            "hvp_calls": 0,
+        } == optimizer.state_dict()["scg"]["scalars"] | {"closure_calls": 0, "hvp_calls": 0}
 
 
 def test_float64_scalars_survive_load_state_dict_with_float32_params():
@@ -774,7 +775,9 @@ def test_random_spd_quadratics_match_reference_and_never_increase_the_loss(n, se
         for _ in range(2 * n + 2):
             losses.append(float(optimizer.step(closure)))
             trajectory.append(flat([w]))
-    expected = reference_scg(problem_from_function(function), w1, 2 * n + 2, finite_difference=(mode == "finite-difference"))
+    expected = reference_scg(
+        problem_from_function(function), w1, 2 * n + 2, finite_difference=(mode == "finite-difference")
+    )
     assert_trajectories_equal(trajectory, expected, rtol=1e-8)
     assert all(later <= earlier for earlier, later in zip(losses, losses[1:]))
     solution = torch.linalg.solve(a, b)

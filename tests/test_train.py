@@ -14,7 +14,7 @@ import pytest
 import torch
 from torch import nn
 
-from moller_scg import SCG, History, fit
+from moller_scg import History, fit
 from moller_scg.checkpoint import CheckpointError, load_checkpoint
 from moller_scg.history import STOP_REASONS
 
