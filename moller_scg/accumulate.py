@@ -32,7 +32,7 @@ import math
 import numbers
 import warnings
 from collections.abc import Callable, Iterable, Iterator, Sequence
-from typing import Any, Union
+from typing import Any
 
 import torch
 from torch import nn
@@ -43,16 +43,18 @@ from torch.utils.data import (
     IterableDataset,
     RandomSampler,
     SequentialSampler,
+    Subset,
     TensorDataset,
     WeightedRandomSampler,
 )
 
+from moller_scg import distributed as _dist
 from moller_scg._vectors import TensorList, as_real
 from moller_scg.curvature import functional_hvp_and_loss
 
 logger = logging.getLogger(__name__)
 
-Data = Union[tuple[torch.Tensor, torch.Tensor], Dataset, DataLoader]
+Data = tuple[torch.Tensor, torch.Tensor] | Dataset | DataLoader
 """What :class:`GradientAccumulator` streams: an ``(inputs, targets)`` pair, a map-style Dataset, a DataLoader."""
 
 REDUCTIONS = ("mean", "sum", "batchmean")
@@ -98,7 +100,7 @@ class PassCounts:
 
 @dataclasses.dataclass
 class _PassSums:
-    """What one pass adds up, before the reduce step; a later ``torch.distributed`` reduce all-reduces it.
+    """What one pass adds up, before the reduce step; with a process group the reduce step all-reduces it.
 
     Attributes:
         loss: Σ_b w̃_b E_b, a 0-dim float64 tensor (w̃_b = n_b for a mean, 1 otherwise).
@@ -106,12 +108,14 @@ class _PassSums:
             parameters), or ``None`` for a loss-only pass.
         denominator: Σ_b D_b (0-dim float64 tensor) for a class-weighted ratio, ``None`` otherwise.
         samples: Σ_b n_b, the number of samples seen.
+        terms: this process's batch losses E_b (never reduced), to name a non-finite batch.
     """
 
     loss: torch.Tensor
     vectors: list[torch.Tensor] | None
     denominator: torch.Tensor | None
     samples: int
+    terms: torch.Tensor
 
 
 # ------------------------------------------------------------------------------------------------------------------
@@ -178,8 +182,7 @@ class _Objective:
 def _is_class_index_loss(loss_fn: Any) -> bool:
     """Whether the mean is normalised by class weights: CrossEntropyLoss/NLLLoss with their own ``forward``."""
     return any(
-        isinstance(loss_fn, cls) and type(loss_fn).forward is cls.forward
-        for cls in (nn.CrossEntropyLoss, nn.NLLLoss)
+        isinstance(loss_fn, cls) and type(loss_fn).forward is cls.forward for cls in (nn.CrossEntropyLoss, nn.NLLLoss)
     )
 
 
@@ -220,7 +223,7 @@ class _TensorBatches:
         self, inputs: torch.Tensor, targets: torch.Tensor, batch_size: int, device: torch.device, cache_bytes: int
     ) -> None:
         self.samples = inputs.shape[0]
-        self.batch_size = min(batch_size, self.samples)
+        self.batch_size = max(min(batch_size, self.samples), 1)  # a rank's shard may be empty
         self.device = device
         on_device = inputs.device == device and targets.device == device
         total_bytes = _nbytes(inputs) + _nbytes(targets)
@@ -281,8 +284,7 @@ class _LoaderBatches:
         for index, batch in enumerate(self.loader):
             if not isinstance(batch, (tuple, list)) or len(batch) != 2:
                 raise TypeError(
-                    f"the DataLoader must yield (inputs, targets) pairs, but batch {index} is "
-                    f"{_describe(batch)}"
+                    f"the DataLoader must yield (inputs, targets) pairs, but batch {index} is {_describe(batch)}"
                 )
             inputs, targets = batch
             for name, tensor in (("inputs", inputs), ("targets", targets)):
@@ -302,7 +304,7 @@ class _LoaderBatches:
         return f"batch {index}"
 
 
-_Batches = Union[_TensorBatches, _LoaderBatches]
+_Batches = _TensorBatches | _LoaderBatches
 
 
 # ------------------------------------------------------------------------------------------------------------------
@@ -356,6 +358,15 @@ class GradientAccumulator:
             ``FloatingPointError`` naming the first such batch, and leaves ``.grad`` untouched. ``"return"``:
             log a warning and return the non-finite loss (and set the gradients), for optimizers that handle a
             non-finite trial themselves (SCG rejects such a trial and shrinks its step).
+        distributed: data-parallel over the ranks of a ``torch.distributed`` process group
+            (:mod:`moller_scg.distributed`). Every rank passes the **same** full ``data``; rank r streams only
+            its shard, samples [r·N // W, (r+1)·N // W) (disjoint, none padded or dropped, possibly empty), and one
+            ``all_reduce`` per pass adds the ranks' float64 sums, so every rank gets the same bits of the exact
+            full-batch E, E' or E''v. ``None`` (default): on when a process group is initialised. ``True``
+            requires one. Data must be tensors or a map-style Dataset; a DataLoader is refused (its sampler
+            cannot be sharded without changing it: pass its dataset and batch size instead). Constructing the
+            accumulator is itself a collective (it checks that all ranks have the same N, parameter count and
+            initial weights), so every rank must construct it, in the same order as its other collectives.
 
     Raises:
         TypeError: an argument has the wrong type (the message names it and what is accepted).
@@ -390,6 +401,7 @@ class GradientAccumulator:
         hvp_method: str = "double-backward",
         device_cache_bytes: int = DEFAULT_DEVICE_CACHE_BYTES,
         on_non_finite: str = "raise",
+        distributed: bool | None = None,
     ) -> None:
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be a torch.nn.Module, got {_describe(model)}")
@@ -405,17 +417,22 @@ class GradientAccumulator:
             )
         if isinstance(device_cache_bytes, bool) or not isinstance(device_cache_bytes, int) or device_cache_bytes < 0:
             raise ValueError(f"Invalid device_cache_bytes {device_cache_bytes!r}; it must be an int ≥ 0")
+        self.distributed = _resolve_distributed(distributed, data)
         self.model = model
         self.loss_fn = loss_fn
         self.params: list[torch.Tensor] = _trainable_params(model, params)
         self.reduction = _resolve_reduction(loss_fn, reduction)
         self.device = _resolve_device(device, self.params)
-        self.progress = progress
+        self.progress = progress and _dist.is_main_process()
         self.hvp_method = hvp_method
         self.on_non_finite = on_non_finite
         self.passes = PassCounts()
         self._objective = _Objective(loss_fn, self.reduction)
-        self._batches: _Batches = _make_batches(data, batch_size, self.device, device_cache_bytes)
+        shard = (_dist.rank(), _dist.world_size()) if self.distributed else None
+        self._batches: _Batches
+        self._batches, self._samples = _make_batches(data, batch_size, self.device, device_cache_bytes, shard)
+        if self.distributed:
+            _check_ranks_agree(self._samples, self.params)
         self._param_names = _param_names(model, self.params) if hvp_method == "forward-over-reverse" else None
         # An explicit reduction is a claim about an opaque callable: check it once, on the first pass.
         self._reduction_unchecked = reduction is not None and getattr(loss_fn, "reduction", None) is None
@@ -427,7 +444,12 @@ class GradientAccumulator:
 
     @property
     def samples(self) -> int:
-        """N, the number of samples in the data."""
+        """N, the number of samples in the data (all ranks' shards together when distributed)."""
+        return self._samples
+
+    @property
+    def shard_samples(self) -> int:
+        """The number of samples this process streams: its shard when distributed, N otherwise."""
         return self._batches.samples
 
     @property
@@ -537,12 +559,11 @@ class GradientAccumulator:
             if denominator is not None:
                 denominator += objective.denominator(targets)
             samples += count
-        seen = len(scales)  # 0 is possible (a DataLoader that yields nothing); _finish compares with N
-        self._check_pass(terms[:seen], denominator)
+        seen = len(scales)  # 0 is possible (an empty shard, a DataLoader that yields nothing); _finish checks N
         scale_tensor = torch.tensor(scales, dtype=torch.float64).to(self.device)
         loss = torch.dot(terms[:seen], scale_tensor)
         vector_sums = None if sums is None else sums.result()
-        return _PassSums(loss=loss, vectors=vector_sums, denominator=denominator, samples=samples)
+        return _PassSums(loss=loss, vectors=vector_sums, denominator=denominator, samples=samples, terms=terms[:seen])
 
     def _add_batch_gradient(
         self, inputs: torch.Tensor, targets: torch.Tensor, sums: _WideSums, scale: int
@@ -616,12 +637,26 @@ class GradientAccumulator:
         return term
 
     def _reduce(self, sums: _PassSums) -> _PassSums:
-        """Combine the sums of every process. One process holds all the data, so this is the identity.
+        """Combine the sums of every process; everything after this step sees the global sums.
 
-        A ``torch.distributed`` version all-reduces ``loss``, ``vectors``, ``denominator`` and ``samples`` here
-        (disjoint shards; a rank may have 0 samples); everything after this step sees the global sums.
+        One process holds all the data: the identity. Distributed, the shards are disjoint (a rank may have 0
+        samples), so the global loss, vector sums, denominator and sample count are the sums over ranks: one
+        ``all_reduce`` of a flat float64 buffer (:func:`moller_scg.distributed.all_reduce_sum`). The batch
+        losses ``terms`` stay local; they only name a non-finite batch.
         """
-        return sums
+        if not self.distributed:
+            return sums
+        samples = torch.tensor(sums.samples, dtype=torch.float64, device=self.device)
+        loss, denominator, samples, *vectors = _dist.all_reduce_sum(
+            [sums.loss, sums.denominator, samples, *(sums.vectors or [])]
+        )
+        return _PassSums(
+            loss=loss,
+            vectors=vectors if sums.vectors is not None else None,
+            denominator=denominator,
+            samples=int(samples.item()),
+            terms=sums.terms,
+        )
 
     def _finish(self, sums: _PassSums) -> tuple[torch.Tensor, TensorList]:
         """Divide by the denominator and cast once: (E as 0-dim float64, vectors in the parameters' dtypes)."""
@@ -630,6 +665,7 @@ class GradientAccumulator:
                 f"the DataLoader yielded {sums.samples} samples in one pass, but its dataset holds {self.samples}: "
                 f"the result would not be the full-batch loss and gradient (check its sampler and batch_sampler)"
             )
+        self._check_pass(sums)
         kind = self._objective.kind
         denominator: torch.Tensor | int = 1
         if kind == "mean":
@@ -645,9 +681,14 @@ class GradientAccumulator:
     # ----------------------------------------------------------------------------------------------------------
     # Checks
 
-    def _check_pass(self, terms: torch.Tensor, denominator: torch.Tensor | None) -> None:
-        """The one host synchronisation of a pass: are all batch losses finite (and the class weights > 0)?"""
-        healthy = torch.isfinite(terms).all()
+    def _check_pass(self, sums: _PassSums) -> None:
+        """The one host synchronisation of a pass: are all batch losses finite (and the class weights > 0)?
+
+        Distributed, the global loss decides (every rank sees the same one, so all ranks raise or none does); the
+        rank whose batch is not finite names it, the others say it is on another rank.
+        """
+        terms, denominator = sums.terms, sums.denominator
+        healthy = torch.isfinite(sums.loss if self.distributed else terms).all()
         if denominator is not None:
             healthy = healthy & (denominator > 0)
         if bool(healthy):
@@ -657,11 +698,18 @@ class GradientAccumulator:
                 f"the targets' total class weight is {float(denominator)} (every target equals ignore_index or has "
                 f"weight 0), so the mean {type(self.loss_fn).__name__} over the dataset is 0/0"
             )
-        index = int(torch.nonzero(~torch.isfinite(terms))[0, 0])
-        message = (
-            f"the loss of {self._batches.describe(index)} is not finite ({float(terms[index])}); "
-            f"{int((~torch.isfinite(terms)).sum())} of {terms.numel()} batches have a non-finite loss"
-        )
+        if bool(torch.isfinite(terms).all()):
+            message = (
+                f"the full-batch loss is not finite ({float(sums.loss)}): a batch of another rank's shard has a "
+                f"non-finite loss (rank {_dist.rank()} of {_dist.world_size()} has only finite ones)"
+            )
+        else:
+            index = int(torch.nonzero(~torch.isfinite(terms))[0, 0])
+            where = f" of rank {_dist.rank()}'s shard" if self.distributed else ""
+            message = (
+                f"the loss of {self._batches.describe(index)}{where} is not finite ({float(terms[index])}); "
+                f"{int((~torch.isfinite(terms)).sum())} of {terms.numel()} batches have a non-finite loss"
+            )
         if self.on_non_finite == "raise":
             raise FloatingPointError(message)
         logger.warning("%s; returning the non-finite loss (on_non_finite='return')", message)
@@ -770,11 +818,17 @@ def _resolve_device(device: torch.device | str | None, params: list[torch.Tensor
     return resolved
 
 
-def _make_batches(data: Any, batch_size: int | None, device: torch.device, cache_bytes: int) -> _Batches:
-    """Validate the data at the boundary and choose how to stream it."""
+def _make_batches(
+    data: Any, batch_size: int | None, device: torch.device, cache_bytes: int, shard: tuple[int, int] | None = None
+) -> tuple[_Batches, int]:
+    """Validate the data at the boundary and choose how to stream it: (the batches, N).
+
+    With ``shard`` = (rank, world size) the batches cover only that rank's contiguous shard of the N samples.
+    """
     if isinstance(data, DataLoader):
         _validate_loader(data, batch_size)
-        return _LoaderBatches(data, device)
+        batches = _LoaderBatches(data, device)
+        return batches, batches.samples
     if isinstance(data, TensorDataset) and len(data.tensors) == 2:
         data = data.tensors
     if isinstance(data, (tuple, list)):
@@ -793,7 +847,11 @@ def _make_batches(data: Any, batch_size: int | None, device: torch.device, cache
             )
         if inputs.shape[0] == 0:
             raise ValueError("the dataset is empty: inputs and targets have 0 samples")
-        return _TensorBatches(inputs, targets, _validate_batch_size(batch_size), device, cache_bytes)
+        samples = inputs.shape[0]
+        if shard is not None:
+            indices = _dist.shard_range(samples, *shard)
+            inputs, targets = inputs[indices.start : indices.stop], targets[indices.start : indices.stop]
+        return _TensorBatches(inputs, targets, _validate_batch_size(batch_size), device, cache_bytes), samples
     if isinstance(data, IterableDataset):
         raise TypeError(
             "an IterableDataset has no known length N, so its full-batch mean cannot be checked; "
@@ -807,15 +865,47 @@ def _make_batches(data: Any, batch_size: int | None, device: torch.device, cache
         if length == 0:
             raise ValueError(f"the dataset is empty: len({type(data).__name__}) is 0")
         loader = DataLoader(
-            data,
+            data if shard is None else Subset(data, _dist.shard_range(length, *shard)),
             batch_size=_validate_batch_size(batch_size),
             shuffle=False,
             drop_last=False,
             pin_memory=torch.cuda.is_available() and device.type == "cuda",
         )
-        return _LoaderBatches(loader, device)
+        return _LoaderBatches(loader, device), length
     raise TypeError(
         f"data must be an (inputs, targets) pair of tensors, a map-style Dataset or a DataLoader, got {_describe(data)}"
+    )
+
+
+def _resolve_distributed(distributed: bool | None, data: Any) -> bool:
+    """Whether passes all-reduce over a process group: detected when ``None``; a DataLoader cannot be sharded."""
+    if distributed is not None and not isinstance(distributed, bool):
+        raise TypeError(f"distributed must be True, False or None, got {distributed!r}")
+    active = _dist.is_distributed() if distributed is None else distributed
+    if active and not _dist.is_distributed():
+        raise ValueError(
+            "distributed=True needs an initialised torch.distributed process group: call "
+            "torch.distributed.init_process_group first (torchrun sets its environment), or leave distributed=None"
+        )
+    if active and isinstance(data, DataLoader):
+        raise TypeError(
+            "a distributed GradientAccumulator shards the data itself, but a DataLoader fixes its own sampler: pass "
+            "its dataset and batch_size instead (GradientAccumulator(model, loss_fn, loader.dataset, "
+            "batch_size=loader.batch_size)), or distributed=False to stream the whole DataLoader on every rank"
+        )
+    return active
+
+
+def _check_ranks_agree(samples: int, params: list[torch.Tensor]) -> None:
+    """Every rank must have the same N, the same parameters and the same initial weights (one all-reduce)."""
+    with torch.no_grad():
+        checksum = sum(float(as_real(p).double().sum()) for p in params)
+    _dist.check_same_on_every_rank(
+        {
+            "the number of samples N": samples,
+            "the number of parameters": sum(p.numel() for p in params),
+            "the sum of the initial weights": checksum,
+        }
     )
 
 

@@ -31,11 +31,19 @@ def _parser() -> argparse.ArgumentParser:
         ),
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
-    job.add_argument("--data", metavar="PATH", help="folder of the MNIST IDX files (torchvision's MNIST layout or the "
-                     "four *-ubyte[.gz] files): full MNIST, 50,000 train / 10,000 validation / 10,000 test")
+    job.add_argument(
+        "--data",
+        metavar="PATH",
+        help="folder of the MNIST IDX files (torchvision's MNIST layout or the "
+        "four *-ubyte[.gz] files): full MNIST, 50,000 train / 10,000 validation / 10,000 test",
+    )
     job.add_argument("--download", action="store_true", help="let torchvision download MNIST into --data if missing")
-    job.add_argument("--batch-size", type=int, default=mnist.DEFAULT_BATCH_SIZE, help="samples per streamed minibatch "
-                     "(memory only: every batch size gives the same full-batch objective)")
+    job.add_argument(
+        "--batch-size",
+        type=int,
+        default=mnist.DEFAULT_BATCH_SIZE,
+        help="samples per streamed minibatch (memory only: every batch size gives the same full-batch objective)",
+    )
     job.add_argument("--max-iter", type=int, default=mnist.DEFAULT_MAX_ITER, help="SCG iterations")
     job.add_argument("--max-time", type=float, default=None, help="stop after this many seconds")
     job.add_argument("--device", default=None, help="cpu, cuda, cuda:1, … (default: cpu)")
@@ -50,15 +58,29 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Run the command line; returns the exit status."""
+    """Run the command line; returns the exit status.
+
+    Under ``torchrun`` (its RANK, WORLD_SIZE, MASTER_ADDR and MASTER_PORT are set) the process group is started
+    here, every rank trains on its shard of the same data, and only rank 0 logs, prints and writes files.
+    """
+    from moller_scg import distributed
+
     args = _parser().parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(message)s")
-    if args.command == "mnist":
-        return _mnist(args)
-    return 2  # pragma: no cover - argparse rejects unknown commands
+    started_group = distributed.init_from_env()
+    main_process = distributed.is_main_process()
+    logging.basicConfig(level=logging.INFO if main_process else logging.WARNING, format="%(message)s")
+    try:
+        if args.command == "mnist":
+            return _mnist(args, main_process)
+        return 2  # pragma: no cover - argparse rejects unknown commands
+    finally:
+        if started_group:
+            import torch.distributed
+
+            torch.distributed.destroy_process_group()
 
 
-def _mnist(args: argparse.Namespace) -> int:
+def _mnist(args: argparse.Namespace, main_process: bool = True) -> int:
     from moller_scg.mnist import train_mnist
 
     if args.resume and not args.checkpoint:
@@ -82,6 +104,8 @@ def _mnist(args: argparse.Namespace) -> int:
     except (FileNotFoundError, ValueError, ImportError) as error:
         print(f"moller-scg mnist: {error}", file=sys.stderr)
         return 1
+    if not main_process:
+        return 0
     print(result.summary())
     if args.plot:
         result.history.plot(args.plot, title="SCG on the MNIST CNN")

@@ -8,7 +8,6 @@ Each iteration is one ``optimizer.step`` on the exact full-batch objective, stre
 from __future__ import annotations
 
 import contextlib
-import copy
 import dataclasses
 import logging
 import math
@@ -23,9 +22,10 @@ from typing import Any
 import torch
 from torch import nn
 
+from moller_scg import distributed as _dist
 from moller_scg.accumulate import GradientAccumulator
 from moller_scg.annealing import Annealer, AnnealingRestarts
-from moller_scg.checkpoint import load_checkpoint, make_checkpoint, restore, save_checkpoint
+from moller_scg.checkpoint import CheckpointError, load_checkpoint, make_checkpoint, restore, save_checkpoint
 from moller_scg.history import History
 from moller_scg.scg import LAMBDA_MAX, SCG, SCGTrace
 
@@ -33,6 +33,9 @@ logger = logging.getLogger(__name__)
 
 Callback = Callable[[History], Any]
 """Called after every iteration with the History so far; returning ``True`` stops the run (reason "callback")."""
+
+_BUDGET_REASONS = (None, "max_iter", "max_time", "interrupted")
+"""The reasons to stop before an iteration, in the order ranks agree on them (the largest any rank has wins)."""
 
 
 @dataclasses.dataclass
@@ -148,6 +151,14 @@ def fit(
             the best point it found, at most ``annealing.max_restarts`` times; until then a stall does not stop
             the run. Each restart is in :attr:`History.restarts`. ``None`` (default): no annealing.
 
+    Distributed (under ``torchrun``, or any initialised ``torch.distributed`` process group; see
+    :mod:`moller_scg.distributed`): call ``fit`` on every rank with the same arguments and the same initial
+    weights. Each rank streams its shard of ``train_data`` and ``val_data``, every pass is all-reduced, so all ranks
+    take the same steps; only rank 0 shows the progress bar and writes the checkpoint (every rank reads it on
+    ``resume``, so it must be on a file system all ranks share). The stop before an iteration (``max_iter``,
+    ``max_time``, a signal) is agreed between the ranks; ``callbacks`` run on every rank and must decide alike.
+    The checkpoint records the world size, and resuming with another one is a ``CheckpointError``.
+
     Returns:
         The :class:`History` of the run, with ``stop_reason`` set.
 
@@ -155,8 +166,9 @@ def fit(
         ValueError: a bad argument (named in the message), ``resume=True`` without ``checkpoint``, or
             ``annealing`` with an optimizer other than SCG.
         TypeError: ``annealing`` is not an :class:`~moller_scg.annealing.AnnealingRestarts`.
-        moller_scg.checkpoint.CheckpointError: the checkpoint to resume from is corrupt or belongs to another
-            model or optimizer; nothing was loaded.
+        moller_scg.checkpoint.CheckpointError: the checkpoint to resume from is corrupt, belongs to another
+            model or optimizer, or was written by a run with another world size; nothing was loaded.
+        moller_scg.distributed.DistributedError: distributed, another rank raised, died or timed out.
     """
     _validate_arguments(max_iter, goal, min_grad, max_time, max_fail, max_stall, checkpoint, checkpoint_every, resume)
     if device is not None:
@@ -185,19 +197,23 @@ def fit(
         annealer = Annealer(annealing, optimizer, train.loss)
 
     history, early, elapsed_before = History(), _EarlyStopping(), 0.0
-    if resume and checkpoint is not None and Path(checkpoint).exists():
+    found = resume and checkpoint is not None and Path(checkpoint).exists()
+    if _dist.is_distributed() and resume:
+        # A rank that cannot see rank 0's file would start afresh while the others resume.
+        _dist.check_same_on_every_rank({f"whether the checkpoint {checkpoint} exists": found})
+    if found:
         history, early, elapsed_before = _resume(model, optimizer, checkpoint, annealer)
         logger.info("resumed from %s after %d iterations", checkpoint, len(history))
     elif resume:
         logger.info("no checkpoint at %s yet: starting afresh", checkpoint)
 
     started = time.perf_counter() - elapsed_before
-    bar = _progress_bar(progress, max_iter, initial=len(history))
+    bar = _progress_bar(progress and _dist.is_main_process(), max_iter, initial=len(history))
     stops = _StopRequests()
     try:
         with stops.installed():
             while history.stop_reason is None:
-                history.stop_reason = _budget_exhausted(history, max_iter, max_time, started, stops)
+                history.stop_reason = _agreed(_budget_exhausted(history, max_iter, max_time, started, stops))
                 if history.stop_reason is not None:
                     break
                 annealed = annealer is not None and annealer.before_iteration(history)
@@ -259,7 +275,7 @@ def _row(optimizer: torch.optim.Optimizer, loss: Any, history: History, started:
 def _validation_row(
     validation: GradientAccumulator | None, scoring: GradientAccumulator | None, history: History, weights_moved: bool
 ) -> dict[str, float]:
-    """Validation loss and metric, evaluated only when the weights moved (a failed SCG trial leaves them as they were)."""
+    """Validation loss and metric, evaluated only when the weights moved (a failed SCG trial leaves them be)."""
     if validation is None:
         return {}
     if not weights_moved and len(history):
@@ -268,6 +284,14 @@ def _validation_row(
     if scoring is not None:
         row["val_metric"] = float(scoring.loss())
     return row
+
+
+def _agreed(reason: str | None) -> str | None:
+    """The stop reason all ranks act on: time and signals are rank-local, and a rank that stops alone would leave
+    the others waiting in their next all-reduce. Without a process group, ``reason`` itself."""
+    if not _dist.is_distributed():
+        return reason
+    return _BUDGET_REASONS[_dist.agree_on_max(_BUDGET_REASONS.index(reason))]
 
 
 def _budget_exhausted(
@@ -330,7 +354,7 @@ def _iterations_without_decrease(losses: list[float]) -> int:
     return count
 
 
-def _progress_bar(progress: bool, total: int, initial: int):
+def _progress_bar(progress: bool, total: int, initial: int) -> Any:
     if not progress:
         return None
     from tqdm.auto import tqdm
@@ -343,7 +367,11 @@ def _update_bar(bar: Any, history: History) -> None:
         return
     row = history.last
     successes = history["success"]
-    postfix = {"loss": f"{row['loss']:.4g}", "λ": f"{row['lambd']:.2g}", "success": f"{sum(successes) / len(successes):.0%}"}
+    postfix = {
+        "loss": f"{row['loss']:.4g}",
+        "λ": f"{row['lambd']:.2g}",
+        "success": f"{sum(successes) / len(successes):.0%}",
+    }
     if math.isfinite(row["val_loss"]):
         postfix["val"] = f"{row['val_loss']:.4g}"
     bar.set_postfix(postfix, refresh=False)
@@ -359,15 +387,21 @@ def _save(
     started: float,
     annealer: Annealer | None = None,
 ) -> None:
+    """Write the run's state; distributed, only rank 0 writes (every rank holds the same state)."""
+    if not _dist.is_main_process():
+        return
     extra = {
         "stop_reason": history.stop_reason,
         "best_iteration": history.best_iteration,
         "early_stopping": early.to_dict(),
         "elapsed": time.perf_counter() - started,
+        "world_size": _dist.world_size(),
     }
     if annealer is not None:
         extra |= {"restarts": history.restarts, "annealing": annealer.state_dict()}
-    save_checkpoint(path, make_checkpoint(model, optimizer, iteration=len(history), history=history.columns, extra=extra))
+    save_checkpoint(
+        path, make_checkpoint(model, optimizer, iteration=len(history), history=history.columns, extra=extra)
+    )
 
 
 def _resume(
@@ -376,6 +410,13 @@ def _resume(
     """Load a checkpoint into model, optimizer and annealer (all or nothing) and return the run state it holds."""
     state = load_checkpoint(path)
     extra = state["extra"]
+    saved_world_size, world_size = extra.get("world_size", 1), _dist.world_size()
+    if saved_world_size != world_size:
+        raise CheckpointError(
+            f"cannot resume from {path}: it was written by a run over {saved_world_size} process(es), but this run "
+            f"has {world_size}. Resume with the same world size (torchrun --nproc-per-node {saved_world_size}), "
+            f"or pass resume=False to start afresh"
+        )
     history = History.from_dict(
         {"columns": state["history"], "best_iteration": extra.get("best_iteration"), "restarts": extra.get("restarts")}
     )

@@ -1,0 +1,186 @@
+"""Data-parallel full-batch evaluation with ``torch.distributed``: shards, one all-reduce per pass, agreement.
+
+Every quantity SCG needs is a sum over samples (Møller 1993: E, E' and E''p of the whole training set), so with
+the N samples cut into disjoint shards, one per rank, each sum is the sum of the ranks' partial sums. A rank
+streams its shard (:class:`~moller_scg.GradientAccumulator` with ``distributed=True``, or detected from an
+initialised process group), packs its float64 partial sums — loss, class-weight denominator, sample count and the
+gradient or Hessian-vector product — into **one** flat float64 buffer, and :func:`all_reduce_sum` adds the buffers
+of all ranks. Every rank then holds the same bits of the full-batch result, so SCG, which is deterministic given
+those numbers, takes the same step on every rank and the weights never need to be broadcast.
+
+Shards are contiguous index ranges, rank r holding [r·N // W, (r+1)·N // W) (:func:`shard_range`): disjoint,
+covering every sample exactly once, with no padding or dropping (``DistributedSampler`` pads or drops, which would
+change the objective). Shard sizes differ by at most one, and a rank may hold none (N < W).
+
+A rank that raises or dies must not leave the others waiting forever: the process group's ``timeout`` bounds
+every collective, and a failed or timed-out collective is re-raised as :class:`DistributedError` naming this rank.
+
+References:
+    Møller, M. F. (1993). A scaled conjugate gradient algorithm for fast supervised learning.
+    Neural Networks 6(4), 525–533.
+"""
+
+from __future__ import annotations
+
+import datetime
+import logging
+import os
+from collections.abc import Mapping, Sequence
+
+import torch
+import torch.distributed as dist
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_TIMEOUT = datetime.timedelta(minutes=30)
+"""How long :func:`init_from_env` lets a collective wait for the slowest rank (torch's own default for gloo).
+
+It must exceed the longest pass over one shard, since the ranks meet once per pass; after it a dead or stuck rank
+turns into a :class:`DistributedError` on the others. The environment variable ``MOLLER_SCG_DIST_TIMEOUT``
+(seconds) overrides it."""
+TORCHRUN_VARIABLES = ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
+"""The environment ``torchrun`` sets for every worker; :func:`init_from_env` starts a process group when all are set."""
+
+
+class DistributedError(RuntimeError):
+    """A collective failed or timed out: another rank raised, died, or is stuck; the message names this rank."""
+
+
+def is_distributed() -> bool:
+    """Whether a ``torch.distributed`` process group is initialised in this process."""
+    return dist.is_available() and dist.is_initialized()
+
+
+def world_size() -> int:
+    """W, the number of ranks (1 without a process group)."""
+    return dist.get_world_size() if is_distributed() else 1
+
+
+def rank() -> int:
+    """This process's rank r (0 without a process group)."""
+    return dist.get_rank() if is_distributed() else 0
+
+
+def is_main_process() -> bool:
+    """Whether this is rank 0, the one that prints progress and writes files (True without a process group)."""
+    return rank() == 0
+
+
+def shard_range(samples: int, rank: int, world_size: int) -> range:
+    """The indices of rank ``rank``'s shard: [r·N // W, (r+1)·N // W), disjoint, together exactly 0, …, N−1.
+
+    Example:
+        >>> [list(shard_range(5, r, 3)) for r in range(3)]
+        [[0], [1, 2], [3, 4]]
+        >>> [len(shard_range(2, r, 3)) for r in range(3)]  # a rank may hold no sample
+        [0, 1, 1]
+    """
+    if not 0 <= rank < world_size:
+        raise ValueError(f"Invalid rank {rank} for world_size {world_size}; it must be in [0, {world_size})")
+    return range(rank * samples // world_size, (rank + 1) * samples // world_size)
+
+
+def all_reduce_sum(tensors: Sequence[torch.Tensor | None]) -> list[torch.Tensor | None]:
+    """Σ over ranks of each tensor, by **one** ``all_reduce`` of a flat float64 buffer.
+
+    Each tensor is widened to float64 (complex ones are viewed as pairs of reals) and packed; the sums come back in
+    float64 (complex128), in the input shapes, on the input's device. ``None`` entries stay ``None``. Every rank
+    receives the same bits, so anything computed from them identically on every rank agrees bitwise.
+
+    Raises:
+        DistributedError: the all-reduce failed or timed out (a rank raised, died or is stuck).
+    """
+    present = [t for t in tensors if t is not None]
+    if not present:
+        return list(tensors)
+    parts = [_as_float64(t).reshape(-1) for t in present]
+    buffer = torch.cat(parts)
+    _all_reduce(buffer, dist.ReduceOp.SUM, f"{buffer.numel()} float64 sums")
+    results, start = [], 0
+    for t in tensors:
+        if t is None:
+            results.append(None)
+            continue
+        count = t.numel() * (2 if t.is_complex() else 1)
+        chunk = buffer[start : start + count]
+        start += count
+        results.append(torch.view_as_complex(chunk.view(*t.shape, 2)) if t.is_complex() else chunk.view(t.shape))
+    return results
+
+
+def check_same_on_every_rank(values: Mapping[str, float]) -> None:
+    """Raise ``ValueError`` on every rank unless each named number is the same on all ranks (one all-reduce).
+
+    Used for the number of samples N, the number of parameters and a checksum of the initial weights: ranks that
+    disagree would each compute their own objective and their weights would drift apart silently.
+    """
+    names = list(values)
+    local = torch.tensor([float(values[name]) for name in names], dtype=torch.float64).nan_to_num(0.0)
+    extremes = torch.cat([local, -local])
+    _all_reduce(extremes, dist.ReduceOp.MAX, "a consistency check")
+    highest, lowest = extremes[: len(names)], -extremes[len(names) :]
+    differing = [
+        f"{name} ranges from {lowest[i].item():.17g} to {highest[i].item():.17g} (rank {rank()} has "
+        f"{local[i].item():.17g})"
+        for i, name in enumerate(names)
+        if highest[i] != lowest[i]
+    ]
+    if differing:
+        raise ValueError(
+            f"the {world_size()} ranks disagree: {'; '.join(differing)}. Every rank must pass the same data (the "
+            f"accumulator shards it), the same model and the same initial weights (seed every rank alike or "
+            f"broadcast the weights from rank 0 before training)"
+        )
+
+
+def agree_on_max(code: int) -> int:
+    """The largest of the ranks' ``code`` (one tiny all-reduce): how ranks agree on a rank-local decision."""
+    if not is_distributed():
+        return code
+    value = torch.tensor([code], dtype=torch.float64)
+    _all_reduce(value, dist.ReduceOp.MAX, "a stop decision")
+    return int(value.item())
+
+
+def init_from_env(timeout: datetime.timedelta | None = None, backend: str | None = None) -> bool:
+    """Start the process group from ``torchrun``'s environment, if it is set and no group exists yet.
+
+    Args:
+        timeout: how long a collective may wait; default :data:`DEFAULT_TIMEOUT` (or ``MOLLER_SCG_DIST_TIMEOUT``
+            seconds).
+        backend: default ``"nccl"`` when CUDA is available, ``"gloo"`` otherwise.
+
+    Returns:
+        ``True`` if this call started the group (then the caller should ``destroy_process_group()`` at the end).
+    """
+    if is_distributed() or not all(name in os.environ for name in TORCHRUN_VARIABLES):
+        return False
+    if not dist.is_available():
+        raise RuntimeError("torchrun started this process, but this PyTorch build has no torch.distributed")
+    if timeout is None:
+        seconds = os.environ.get("MOLLER_SCG_DIST_TIMEOUT")
+        timeout = datetime.timedelta(seconds=float(seconds)) if seconds else DEFAULT_TIMEOUT
+    if backend is None:
+        backend = "nccl" if torch.cuda.is_available() else "gloo"
+    dist.init_process_group(backend, timeout=timeout)
+    logger.debug("process group started: rank %d of %d (%s)", dist.get_rank(), dist.get_world_size(), backend)
+    return True
+
+
+def _as_float64(tensor: torch.Tensor) -> torch.Tensor:
+    tensor = tensor.detach()
+    if tensor.is_complex():
+        return torch.view_as_real(tensor.to(torch.complex128))
+    return tensor.to(torch.float64)
+
+
+def _all_reduce(buffer: torch.Tensor, op: dist.ReduceOp, what: str) -> None:
+    """``dist.all_reduce`` in place, with a failure or timeout re-raised as :class:`DistributedError`."""
+    try:
+        dist.all_reduce(buffer, op=op)
+    except Exception as error:  # gloo raises RuntimeError, NCCL DistBackendError; both are reported alike
+        size, me = world_size(), rank()
+        raise DistributedError(
+            f"all_reduce of {what} over {size} ranks failed or timed out (rank {me}): {error}. "
+            f"A rank may have died or raised; the traceback of the rank that failed first says why"
+        ) from error

@@ -1,0 +1,367 @@
+"""Data-parallel full-batch SCG (moller_scg.distributed): shards, one all-reduce per pass, rank-0 I/O, failures.
+
+The multi-process tests start gloo ranks on CPU with ``torch.multiprocessing`` and a FileStore in a temporary
+folder (no fixed ports). Every rank runs the same scenarios as a single process without a process group does;
+the trajectories must agree to 1e-10 relative (the ranks add their float64 sums in another order) and the ranks'
+weights must agree bit for bit (all ranks receive the same bits from the all-reduce).
+"""
+
+from __future__ import annotations
+
+import datetime
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+import torch.distributed as dist
+from hypothesis import given
+from hypothesis import strategies as st
+from torch import nn
+from torch.utils.data import DataLoader, Dataset
+
+from moller_scg import SCG, GradientAccumulator, fit
+from moller_scg import distributed as moller_dist
+from moller_scg import train as train_module
+from moller_scg.checkpoint import CheckpointError, load_checkpoint
+
+ROOT = Path(__file__).resolve().parent.parent
+TIMEOUT = datetime.timedelta(seconds=10)
+RELATIVE = 1e-10
+"""Agreement with one process: float64 sums added in another order differ in the last bits, which SCG's
+iterations then carry; a mis-weighted shard or a lost sample would show at 1e-3 or more."""
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Shards
+
+
+@given(samples=st.integers(0, 500), world_size=st.integers(1, 9))
+def test_shards_are_disjoint_contiguous_and_cover_every_sample_once(samples, world_size):
+    shards = [moller_dist.shard_range(samples, r, world_size) for r in range(world_size)]
+    assert [i for shard in shards for i in shard] == list(range(samples))
+    assert max(map(len, shards)) - min(map(len, shards)) <= 1
+
+
+def test_shard_range_rejects_a_rank_outside_the_world():
+    with pytest.raises(ValueError, match="Invalid rank 3 for world_size 3"):
+        moller_dist.shard_range(10, 3, 3)
+
+
+def test_without_a_process_group_everything_is_one_process():
+    assert not moller_dist.is_distributed()
+    assert (moller_dist.world_size(), moller_dist.rank(), moller_dist.is_main_process()) == (1, 0, True)
+    x, y = torch.randn(5, 2, dtype=torch.float64), torch.randn(5, 1, dtype=torch.float64)
+    acc = GradientAccumulator(nn.Linear(2, 1).double(), nn.MSELoss(), (x, y))
+    assert not acc.distributed and acc.shard_samples == acc.samples == 5
+
+
+def test_distributed_true_needs_a_process_group():
+    x, y = torch.randn(5, 2), torch.randn(5, 1)
+    with pytest.raises(ValueError, match="needs an initialised torch.distributed process group"):
+        GradientAccumulator(nn.Linear(2, 1), nn.MSELoss(), (x, y), distributed=True)
+
+
+@pytest.fixture
+def one_rank_group(tmp_path):
+    """A process group of world size 1 in this process, destroyed afterwards."""
+    store = dist.FileStore(str(tmp_path / "store"), 1)
+    dist.init_process_group("gloo", store=store, rank=0, world_size=1, timeout=TIMEOUT)
+    try:
+        yield
+    finally:
+        dist.destroy_process_group()
+
+
+def test_a_dataloader_is_refused_when_distributed(one_rank_group):
+    x, y = torch.randn(6, 2), torch.randn(6, 1)
+    loader = DataLoader(list(zip(x, y)), batch_size=2)
+    with pytest.raises(TypeError, match="pass its dataset and batch_size instead"):
+        GradientAccumulator(nn.Linear(2, 1), nn.MSELoss(), loader)
+    acc = GradientAccumulator(nn.Linear(2, 1), nn.MSELoss(), loader, distributed=False)  # every rank streams all
+    assert not acc.distributed
+
+
+def test_a_group_of_one_gives_the_single_process_numbers_exactly(one_rank_group):
+    """World size 1: the all-reduce adds nothing, so the results are bitwise those of no process group."""
+    torch.manual_seed(0)
+    x, y = torch.randn(9, 3, dtype=torch.float64), torch.randn(9, 1, dtype=torch.float64)
+    model = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 1)).double()
+    grouped = GradientAccumulator(model, nn.MSELoss(), (x, y), batch_size=2)
+    alone = GradientAccumulator(model, nn.MSELoss(), (x, y), batch_size=2, distributed=False)
+    assert grouped.distributed and not alone.distributed
+    loss = grouped()
+    gradients = [p.grad.clone() for p in model.parameters()]
+    assert torch.equal(loss, alone())
+    assert all(torch.equal(g, p.grad) for g, p in zip(gradients, model.parameters()))
+    v = [torch.ones_like(p) for p in model.parameters()]
+    assert all(torch.equal(a, b) for a, b in zip(grouped.hvp(v), alone.hvp(v)))
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The scenarios every rank runs (and one process runs as the reference)
+
+
+class _PairDataset(Dataset):
+    """A map-style Dataset that is not a TensorDataset, so the accumulator streams it through a DataLoader."""
+
+    def __init__(self, inputs: torch.Tensor, targets: torch.Tensor) -> None:
+        self.inputs, self.targets = inputs, targets
+
+    def __len__(self) -> int:
+        return len(self.targets)
+
+    def __getitem__(self, index: int):
+        return self.inputs[index], self.targets[index]
+
+
+def _mlp(inputs: int, outputs: int) -> nn.Module:
+    torch.manual_seed(1)  # the same initial weights on every rank
+    return nn.Sequential(nn.Linear(inputs, 6), nn.Tanh(), nn.Linear(6, outputs)).double()
+
+
+def _scg_run(model: nn.Module, acc: GradientAccumulator, iterations: int) -> list[float]:
+    optimizer = SCG(model.parameters())  # exact curvature from acc.hvp
+    return [float(optimizer.step(acc)) for _ in range(iterations)]
+
+
+def _scenarios(folder: Path) -> dict:
+    """Everything a rank computes; the same function without a process group is the single-process reference."""
+    results = {}
+    generator = torch.Generator().manual_seed(0)
+
+    # A mean loss over tensors, uneven shards and a smaller last batch.
+    x = torch.randn(37, 3, generator=generator, dtype=torch.float64)
+    y = torch.sin(x.sum(dim=1, keepdim=True))
+    model = _mlp(3, 1)
+    results["mse_losses"] = _scg_run(model, GradientAccumulator(model, nn.MSELoss(), (x, y), batch_size=4), 8)
+    results["mse_weights"] = {k: v.clone() for k, v in model.state_dict().items()}
+
+    # Class weights and ignore_index: the mean divides by the total target weight; a Dataset, not tensors.
+    x = torch.randn(23, 3, generator=generator, dtype=torch.float64)
+    labels = torch.randint(0, 3, (23,), generator=generator)
+    loss_fn = nn.CrossEntropyLoss(weight=torch.tensor([1.0, 2.0, 0.5], dtype=torch.float64), ignore_index=2)
+    model = _mlp(3, 3)
+    acc = GradientAccumulator(model, loss_fn, _PairDataset(x, labels), batch_size=3)
+    results["ratio_losses"] = _scg_run(model, acc, 5)
+    results["ratio_weights"] = {k: v.clone() for k, v in model.state_dict().items()}
+
+    # Two samples: with three ranks, rank 0 holds none.
+    x, y = torch.randn(2, 3, generator=generator, dtype=torch.float64), torch.randn(2, 1, generator=generator)
+    model = _mlp(3, 1)
+    acc = GradientAccumulator(model, nn.MSELoss(reduction="sum"), (x, y.double()))
+    results["tiny_shard"] = acc.shard_samples
+    results["tiny_loss"] = acc()
+    results["tiny_grad"] = [p.grad.clone() for p in model.parameters()]
+    results["tiny_hvp"] = acc.hvp([torch.ones_like(p) for p in model.parameters()])
+
+    # fit: rank 0 alone draws the bar and writes; a resumed run equals an uninterrupted one bit for bit.
+    bars, saves = [], []
+    draw, save = train_module._progress_bar, train_module.save_checkpoint
+    train_module._progress_bar = lambda progress, *args, **kw: bars.append(progress) or draw(False, *args, **kw)
+    train_module.save_checkpoint = lambda *args: saves.append(1) or save(*args)
+    try:
+        x = torch.randn(29, 3, generator=generator, dtype=torch.float64)
+        y = torch.cos(x[:, :1])
+        checkpoint = folder / "fit.pt"
+        fit(_mlp(3, 1), nn.MSELoss(), (x, y), batch_size=5, max_iter=3, checkpoint=checkpoint, progress=True)
+        if moller_dist.is_distributed():
+            dist.barrier()  # rank 0's file is complete before any rank reads it
+        resumed = _mlp(3, 1)
+        fit(resumed, nn.MSELoss(), (x, y), batch_size=5, max_iter=6, checkpoint=checkpoint, resume=True, progress=True)
+        straight = _mlp(3, 1)
+        history = fit(straight, nn.MSELoss(), (x, y), batch_size=5, max_iter=6, progress=True)
+    finally:
+        train_module._progress_bar, train_module.save_checkpoint = draw, save
+    results["fit_bars"], results["fit_saves"] = bars, len(saves)
+    results["fit_losses"] = history["loss"]
+    results["fit_resumed_equals_straight"] = all(
+        torch.equal(a, b) for a, b in zip(resumed.state_dict().values(), straight.state_dict().values())
+    )
+    results["fit_weights"] = straight.state_dict()
+    return results
+
+
+def _init(rank: int, world_size: int, folder: str, timeout: datetime.timedelta = TIMEOUT) -> None:
+    torch.set_num_threads(1)
+    store = dist.FileStore(str(Path(folder) / "store"), world_size)
+    dist.init_process_group("gloo", store=store, rank=rank, world_size=world_size, timeout=timeout)
+
+
+def _scenario_worker(rank: int, world_size: int, folder: str) -> None:
+    _init(rank, world_size, folder)
+    try:
+        torch.save(_scenarios(Path(folder)), Path(folder) / f"rank{rank}.pt")
+    finally:
+        dist.destroy_process_group()
+
+
+def _spawn_scenarios(world_size: int, folder: Path) -> list[dict]:
+    torch.multiprocessing.spawn(_scenario_worker, args=(world_size, str(folder)), nprocs=world_size)
+    return [torch.load(folder / f"rank{r}.pt", weights_only=False) for r in range(world_size)]
+
+
+@pytest.fixture(scope="module")
+def single_process(tmp_path_factory):
+    return _scenarios(tmp_path_factory.mktemp("single"))
+
+
+def _assert_close(actual, expected) -> None:
+    if isinstance(expected, dict):
+        for key in expected:
+            _assert_close(actual[key], expected[key])
+    elif isinstance(expected, (list, tuple)):
+        assert len(actual) == len(expected)
+        for a, e in zip(actual, expected):
+            _assert_close(a, e)
+    else:
+        torch.testing.assert_close(torch.as_tensor(actual), torch.as_tensor(expected), rtol=RELATIVE, atol=1e-13)
+
+
+def _assert_bitwise_equal(a, b) -> None:
+    if isinstance(a, dict):
+        assert a.keys() == b.keys()
+        for key in a:
+            _assert_bitwise_equal(a[key], b[key])
+    elif isinstance(a, (list, tuple)):
+        for x, y in zip(a, b):
+            _assert_bitwise_equal(x, y)
+    else:
+        assert torch.equal(torch.as_tensor(a), torch.as_tensor(b))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("world_size", [2, 3])
+def test_ranks_follow_the_single_process_trajectory_and_stay_bitwise_equal(world_size, tmp_path, single_process):
+    ranks = _spawn_scenarios(world_size, tmp_path)
+    numbers = (
+        "mse_losses",
+        "mse_weights",
+        "ratio_losses",
+        "ratio_weights",
+        "tiny_loss",
+        "tiny_grad",
+        "tiny_hvp",
+        "fit_losses",
+        "fit_weights",
+    )
+    for key in numbers:
+        _assert_close(ranks[0][key], single_process[key])
+        for other in ranks[1:]:
+            _assert_bitwise_equal(other[key], ranks[0][key])
+    # Rank r streams samples [r·N // W, (r+1)·N // W): with N = 2 and W = 3 rank 0 holds none.
+    assert [r["tiny_shard"] for r in ranks] == [
+        len(moller_dist.shard_range(2, r, world_size)) for r in range(world_size)
+    ]
+    # Only rank 0 draws the progress bar and writes checkpoints (3 during the first run, 1 after the resume).
+    assert [r["fit_bars"] for r in ranks] == [[True] * 3] + [[False] * 3] * (world_size - 1)
+    assert ranks[0]["fit_saves"] == 2 and all(r["fit_saves"] == 0 for r in ranks[1:])
+    assert all(r["fit_resumed_equals_straight"] for r in ranks)
+    # The checkpoint records the world size, and one process refuses to resume from it.
+    checkpoint = tmp_path / "fit.pt"
+    assert load_checkpoint(checkpoint)["extra"]["world_size"] == world_size
+    x, y = torch.randn(29, 3, dtype=torch.float64), torch.randn(29, 1, dtype=torch.float64)
+    with pytest.raises(CheckpointError, match=f"over {world_size} process\\(es\\), but this run has 1"):
+        fit(_mlp(3, 1), nn.MSELoss(), (x, y), max_iter=6, checkpoint=checkpoint, resume=True, progress=False)
+
+
+def test_single_process_reference_resumes_bitwise(single_process):
+    assert single_process["fit_resumed_equals_straight"]
+    assert single_process["fit_bars"] == [True] * 3 and single_process["fit_saves"] == 2
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# A rank that dies
+
+
+HANG_TIMEOUT = datetime.timedelta(seconds=4)
+
+
+def _failing_worker(rank: int, world_size: int, folder: str, failure: str) -> None:
+    _init(rank, world_size, folder, HANG_TIMEOUT if failure == "hangs" else TIMEOUT)
+    generator = torch.Generator().manual_seed(0)
+    x = torch.randn(40, 3, generator=generator, dtype=torch.float64)
+    y = torch.sin(x[:, :1])
+    model = _mlp(3, 1)
+    acc = GradientAccumulator(model, nn.MSELoss(), (x, y), batch_size=8)
+    optimizer = SCG(model.parameters())
+    started = time.monotonic()
+    try:
+        for iteration in range(200):
+            if rank == 1 and iteration == 2:
+                if failure == "hangs":
+                    time.sleep(600)  # stuck (a deadlock, a stalled file system); the test terminates it
+                os._exit(3)  # dies without a word, as after a SIGKILL or an out-of-memory kill
+            optimizer.step(acc)
+        outcome = "finished"
+    except moller_dist.DistributedError as error:
+        outcome = str(error)
+    (Path(folder) / f"outcome{rank}.txt").write_text(f"{time.monotonic() - started:.3f}\n{outcome}")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("failure", ["dies", "hangs"])
+def test_a_dead_or_stuck_rank_makes_the_others_raise_within_the_timeout(failure, tmp_path):
+    context = torch.multiprocessing.get_context("spawn")
+    processes = [context.Process(target=_failing_worker, args=(r, 2, str(tmp_path), failure)) for r in range(2)]
+    for process in processes:
+        process.start()
+    try:
+        processes[0].join(timeout=120)
+        assert processes[0].exitcode == 0, "rank 0 hung or crashed instead of raising DistributedError"
+    finally:
+        if failure == "hangs":
+            processes[1].terminate()
+        processes[1].join(timeout=60)
+    if failure == "dies":
+        assert processes[1].exitcode == 3
+    elapsed, message = (tmp_path / "outcome0.txt").read_text().split("\n", 1)
+    timeout = (HANG_TIMEOUT if failure == "hangs" else TIMEOUT).total_seconds()
+    assert float(elapsed) < timeout + 10
+    assert "over 2 ranks failed or timed out (rank 0)" in message and "a rank may have died" in message.lower()
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The command line under torchrun
+
+
+@pytest.mark.slow
+def test_the_mnist_example_runs_unchanged_under_torchrun(tmp_path):
+    command = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc-per-node",
+        "2",
+        str(ROOT / "examples" / "mnist_cnn.py"),
+        "--max-train",
+        "200",
+        "--max-iter",
+        "2",
+        "--quiet",
+        "--checkpoint",
+        str(tmp_path / "mnist.pt"),
+    ]
+    result = subprocess.run(
+        command, capture_output=True, text=True, timeout=300, cwd=tmp_path, env={**os.environ, "OMP_NUM_THREADS": "1"}
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stdout.count("train loss") == 1  # only rank 0 prints the summary
+    assert "iterations     2" in result.stdout
+    assert load_checkpoint(tmp_path / "mnist.pt")["extra"]["world_size"] == 2
+
+
+@pytest.mark.slow
+def test_the_distributed_example_keeps_ranks_identical_and_matches_one_process(tmp_path, monkeypatch):
+    monkeypatch.syspath_prepend(str(ROOT / "examples"))  # the spawned ranks import the example's worker too
+    import distributed_scg as example
+
+    states = example.run(processes=2, iterations=5, out_dir=str(tmp_path))
+    single = example.train(iterations=5)[0].state_dict()
+    for name, value in single.items():
+        assert torch.equal(states[0][name], states[1][name])
+        torch.testing.assert_close(states[0][name], value, rtol=RELATIVE, atol=1e-13)
