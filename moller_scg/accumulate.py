@@ -50,7 +50,7 @@ from torch.utils.data import (
 
 from moller_scg import distributed as _dist
 from moller_scg._vectors import TensorList, as_real
-from moller_scg.curvature import functional_hvp_and_loss
+from moller_scg.curvature import functional_hvp_and_loss, graph_hvp
 
 logger = logging.getLogger(__name__)
 
@@ -591,12 +591,7 @@ class GradientAccumulator:
             if not term.requires_grad:
                 return term
             gradients = torch.autograd.grad(term, self.params, create_graph=True, allow_unused=True)
-            pairs = [(g, v) for g, v in zip(gradients, vectors) if g is not None and g.requires_grad]
-            if not pairs:
-                return term  # the gradient does not depend on w: E_b is at most linear, E_b'' = 0
-            directional = sum(torch.sum(as_real(g) * as_real(v)) for g, v in pairs)
-            products = torch.autograd.grad(directional, self.params, allow_unused=True)
-        sums.add(products, scale)
+        sums.add(graph_hvp(gradients, self.params, vectors, require_graph=False), scale)
         return term
 
     def _add_batch_hvp_forward_over_reverse(

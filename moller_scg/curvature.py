@@ -48,6 +48,8 @@ def graph_hvp(
     gradients: Sequence[torch.Tensor | None],
     params: Sequence[torch.Tensor],
     vectors: Sequence[torch.Tensor],
+    *,
+    require_graph: bool = True,
 ) -> TensorList:
     """s = E''(w) v by double-backward: the gradient of gᵀv with respect to w, where g = E'(w) carries its graph.
 
@@ -56,6 +58,8 @@ def graph_hvp(
             (``None``, or one that does not require grad) does not depend on w and contributes nothing.
         params: the parameters w the gradients were taken with respect to.
         vectors: v, one tensor per parameter (no graph).
+        require_graph: raise when no gradient carries a graph (a closure that forgot ``create_graph=True``);
+            with ``False`` that case is E'' = 0 (a loss at most linear in w) and gives zeros.
 
     Returns:
         s = E''(w) v, detached, one tensor per parameter.
@@ -67,7 +71,9 @@ def graph_hvp(
     """
     pairs = [(g, v) for g, v in zip(gradients, vectors) if g is not None and g.requires_grad]
     if not pairs:
-        raise RuntimeError(MISSING_GRAPH_MESSAGE)
+        if require_graph:
+            raise RuntimeError(MISSING_GRAPH_MESSAGE)
+        return [torch.zeros_like(p) for p in params]  # the gradient does not depend on w: E'' = 0
     with torch.enable_grad():
         directional = sum(torch.sum(as_real(g) * as_real(v)) for g, v in pairs)
         try:
