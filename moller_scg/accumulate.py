@@ -51,6 +51,7 @@ from torch.utils.data import (
 from moller_scg import distributed as _dist
 from moller_scg._vectors import TensorList, as_real
 from moller_scg.curvature import functional_hvp_and_loss, graph_hvp
+from moller_scg.subsampling import SUBSET_MODES, CurvatureSubsets, subset_size, validate_fraction
 
 logger = logging.getLogger(__name__)
 
@@ -367,6 +368,15 @@ class GradientAccumulator:
             cannot be sharded without changing it: pass its dataset and batch size instead). Constructing the
             accumulator is itself a collective (it checks that all ranks have the same N, parameter count and
             initial weights), so every rank must construct it, in the same order as its other collectives.
+        curvature_fraction: f ∈ (0, 1]. Below 1, :meth:`hvp` streams only m = ⌈f·N⌉ of the samples (⌈f·n_r⌉ of
+            each rank's shard) and returns their mean (or, for ``reduction="sum"``, their sum scaled by N/m): a
+            subsampled estimate of E''(w)v at f of the cost (Byrd et al. 2011; :mod:`moller_scg.subsampling`).
+            The loss and the gradient stay exact. Default 1: the exact full-batch product. Needs tensors or a
+            map-style Dataset (a DataLoader fixes its own sampler).
+        curvature_subset: ``"rotating"`` (default): each product takes the next m samples of a seeded
+            permutation, so consecutive products see different samples; ``"fixed"``: always the same m samples.
+            The index of the next rotating window is :attr:`curvature_window` (``fit`` checkpoints it).
+        curvature_seed: seeds the permutation the subsets are taken from.
 
     Raises:
         TypeError: an argument has the wrong type (the message names it and what is accepted).
@@ -402,6 +412,9 @@ class GradientAccumulator:
         device_cache_bytes: int = DEFAULT_DEVICE_CACHE_BYTES,
         on_non_finite: str = "raise",
         distributed: bool | None = None,
+        curvature_fraction: float = 1.0,
+        curvature_subset: str = "rotating",
+        curvature_seed: int = 0,
     ) -> None:
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be a torch.nn.Module, got {_describe(model)}")
@@ -417,6 +430,10 @@ class GradientAccumulator:
             )
         if isinstance(device_cache_bytes, bool) or not isinstance(device_cache_bytes, int) or device_cache_bytes < 0:
             raise ValueError(f"Invalid device_cache_bytes {device_cache_bytes!r}; it must be an int ≥ 0")
+        if curvature_subset not in SUBSET_MODES:
+            raise ValueError(
+                f"Invalid curvature_subset {curvature_subset!r}; choose one of {', '.join(map(repr, SUBSET_MODES))}"
+            )
         self.distributed = _resolve_distributed(distributed, data)
         self.model = model
         self.loss_fn = loss_fn
@@ -431,6 +448,23 @@ class GradientAccumulator:
         shard = (_dist.rank(), _dist.world_size()) if self.distributed else None
         self._batches: _Batches
         self._batches, self._samples = _make_batches(data, batch_size, self.device, device_cache_bytes, shard)
+        self._device_cache_bytes = device_cache_bytes
+        self.curvature_fraction = validate_fraction(curvature_fraction)
+        self.curvature_window = 0
+        self._curvature_subsets: CurvatureSubsets | None = None
+        self._fixed_curvature_batches: _Batches | None = None
+        self._curvature_samples = self._samples
+        if self.curvature_fraction < 1.0:
+            if isinstance(data, DataLoader):
+                raise TypeError(
+                    "curvature_fraction < 1 chooses its own samples, but a DataLoader fixes its sampler: pass its "
+                    "dataset and batch_size instead (GradientAccumulator(model, loss_fn, loader.dataset, "
+                    "batch_size=loader.batch_size, curvature_fraction=...))"
+                )
+            self._curvature_subsets = CurvatureSubsets(
+                self._batches.samples, self.curvature_fraction, curvature_subset, curvature_seed
+            )
+            self._curvature_samples = _curvature_samples(self._samples, self.curvature_fraction, shard)
         if self.distributed:
             _check_ranks_agree(self._samples, self.params)
         self._param_names = _param_names(model, self.params) if hvp_method == "forward-over-reverse" else None
@@ -497,8 +531,9 @@ class GradientAccumulator:
                 shape = tuple(v.shape) if isinstance(v, torch.Tensor) else type(v).__name__
                 raise ValueError(f"hvp vector {index} has shape {shape}, but parameter {index} has {tuple(p.shape)}")
             prepared.append(v.detach().to(device=p.device, dtype=p.dtype))
-        sums = self._stream("hvp", prepared)
-        _, products = self._finish(self._reduce(sums))
+        batches = self._curvature_batches()
+        sums = self._stream("hvp", prepared, batches)
+        _, products = self._finish(self._reduce(sums), batches, self._curvature_samples)
         self.passes.hvp += 1
         return products
 
@@ -510,36 +545,56 @@ class GradientAccumulator:
         return loss
 
     def __repr__(self) -> str:
+        subsampled = "" if self._curvature_subsets is None else f", curvature={self._curvature_subsets!r}"
         return (
             f"{type(self).__name__}(samples={self.samples}, batches={self.num_batches}, "
-            f"reduction={self.reduction!r}, device={str(self.device)!r}, hvp_method={self.hvp_method!r})"
+            f"reduction={self.reduction!r}, device={str(self.device)!r}, hvp_method={self.hvp_method!r}{subsampled})"
         )
+
+    # ----------------------------------------------------------------------------------------------------------
+    # Subsampled curvature
+
+    def _curvature_batches(self) -> _Batches:
+        """The batches of the next Hessian-vector product: all the data, or the next curvature subset."""
+        subsets = self._curvature_subsets
+        if subsets is None:
+            return self._batches
+        if subsets.mode == "fixed" and self._fixed_curvature_batches is not None:
+            return self._fixed_curvature_batches
+        batches = _subset_batches(self._batches, subsets.indices(self.curvature_window), self._device_cache_bytes)
+        self.curvature_window += 1
+        if subsets.mode == "fixed":
+            self._fixed_curvature_batches = batches
+        return batches
 
     # ----------------------------------------------------------------------------------------------------------
     # One pass: stream → float64 sums → reduce → finish
 
-    def _stream(self, kind: str, vectors: list[torch.Tensor] | None = None) -> _PassSums:
+    def _stream(
+        self, kind: str, vectors: list[torch.Tensor] | None = None, batches_to_stream: _Batches | None = None
+    ) -> _PassSums:
         """Run every batch once and add up its loss and, for ``kind`` "gradient" or "hvp", its vectors.
 
-        No host synchronisation happens in the loop: batch losses are written to a device buffer and checked
-        once at the end.
+        ``batches_to_stream`` defaults to all the data (this process's shard). No host synchronisation happens in the
+        loop: batch losses are written to a device buffer and checked once at the end.
         """
         self._warn_if_stochastic()
-        head = self._batches.head(REDUCTION_CHECK_SAMPLES) if self._reduction_unchecked else None
+        source = self._batches if batches_to_stream is None else batches_to_stream
+        head = source.head(REDUCTION_CHECK_SAMPLES) if self._reduction_unchecked else None
         if head is not None:
             self._check_reduction(*head)
         objective, params = self._objective, self.params
         sums = None if kind == "loss" else _WideSums(params)
-        expected = self._batches.expected_batches()
+        expected = source.expected_batches()
         terms = torch.empty(max(expected or 16, 1), dtype=torch.float64, device=self.device)
         scales: list[int] = []
         denominator = torch.zeros((), dtype=torch.float64, device=self.device) if objective.kind == "ratio" else None
         samples = 0
-        batches: Iterable[tuple[torch.Tensor, torch.Tensor]] = self._batches
+        batches: Iterable[tuple[torch.Tensor, torch.Tensor]] = source
         if self.progress:
             batches = _progress_bar(batches, expected, kind)
         for index, (inputs, targets) in enumerate(batches):
-            count = _batch_samples(inputs, targets, self._batches, index)
+            count = _batch_samples(inputs, targets, source, index)
             if self._reduction_unchecked and count >= 2:
                 self._check_reduction(inputs[:REDUCTION_CHECK_SAMPLES], targets[:REDUCTION_CHECK_SAMPLES])
             scale = objective.scale(count)
@@ -653,20 +708,30 @@ class GradientAccumulator:
             terms=sums.terms,
         )
 
-    def _finish(self, sums: _PassSums) -> tuple[torch.Tensor, TensorList]:
-        """Divide by the denominator and cast once: (E as 0-dim float64, vectors in the parameters' dtypes)."""
-        if sums.samples != self.samples:
+    def _finish(
+        self, sums: _PassSums, streamed: _Batches | None = None, expected_samples: int | None = None
+    ) -> tuple[torch.Tensor, TensorList]:
+        """Divide by the denominator and cast once: (E as 0-dim float64, vectors in the parameters' dtypes).
+
+        ``streamed`` and ``expected_samples`` describe a pass over a curvature subset of m of the N samples
+        (default: the whole data). A sum over m samples estimates the sum over N after scaling by N/m; a mean
+        is the subset's own mean.
+        """
+        expected = self.samples if expected_samples is None else expected_samples
+        if sums.samples != expected:
             raise ValueError(
-                f"the DataLoader yielded {sums.samples} samples in one pass, but its dataset holds {self.samples}: "
+                f"the DataLoader yielded {sums.samples} samples in one pass, but its dataset holds {expected}: "
                 f"the result would not be the full-batch loss and gradient (check its sampler and batch_sampler)"
             )
-        self._check_pass(sums)
+        self._check_pass(sums, self._batches if streamed is None else streamed)
         kind = self._objective.kind
-        denominator: torch.Tensor | int = 1
+        denominator: torch.Tensor | int | float = 1
         if kind == "mean":
             denominator = sums.samples
         elif kind == "ratio":
             denominator = sums.denominator  # type: ignore[assignment]
+        elif expected != self.samples:
+            denominator = expected / self.samples  # "sum" over a subset: Σ_S · N/m
         loss = sums.loss / denominator
         vectors = []
         if sums.vectors is not None:
@@ -676,7 +741,7 @@ class GradientAccumulator:
     # ----------------------------------------------------------------------------------------------------------
     # Checks
 
-    def _check_pass(self, sums: _PassSums) -> None:
+    def _check_pass(self, sums: _PassSums, streamed: _Batches) -> None:
         """The one host synchronisation of a pass: are all batch losses finite (and the class weights > 0)?
 
         Distributed, the global loss decides (every rank sees the same one, so all ranks raise or none does); the
@@ -702,7 +767,7 @@ class GradientAccumulator:
             index = int(torch.nonzero(~torch.isfinite(terms))[0, 0])
             where = f" of rank {_dist.rank()}'s shard" if self.distributed else ""
             message = (
-                f"the loss of {self._batches.describe(index)}{where} is not finite ({float(terms[index])}); "
+                f"the loss of {streamed.describe(index)}{where} is not finite ({float(terms[index])}); "
                 f"{int((~torch.isfinite(terms)).sum())} of {terms.numel()} batches have a non-finite loss"
             )
         if self.on_non_finite == "raise":
@@ -870,6 +935,31 @@ def _make_batches(
     raise TypeError(
         f"data must be an (inputs, targets) pair of tensors, a map-style Dataset or a DataLoader, got {_describe(data)}"
     )
+
+
+def _subset_batches(batches: _Batches, indices: torch.Tensor, cache_bytes: int) -> _Batches:
+    """Batches over the samples ``indices`` of ``batches`` (a copy of those samples for tensor data)."""
+    if isinstance(batches, _TensorBatches):
+        inputs = batches.inputs.index_select(0, indices.to(batches.inputs.device))
+        targets = batches.targets.index_select(0, indices.to(batches.targets.device))
+        return _TensorBatches(inputs, targets, batches.batch_size, batches.device, cache_bytes)
+    loader = batches.loader
+    subset_loader = DataLoader(
+        Subset(loader.dataset, indices.tolist()),
+        batch_size=loader.batch_size,
+        shuffle=False,
+        drop_last=False,
+        pin_memory=loader.pin_memory,
+    )
+    return _LoaderBatches(subset_loader, batches.device)
+
+
+def _curvature_samples(samples: int, fraction: float, shard: tuple[int, int] | None) -> int:
+    """m, the samples of one subsampled curvature pass over all ranks: Σ_r ⌈f·n_r⌉ over the shards n_r."""
+    if shard is None:
+        return subset_size(samples, fraction)
+    world_size = shard[1]
+    return sum(subset_size(len(_dist.shard_range(samples, rank, world_size)), fraction) for rank in range(world_size))
 
 
 def _resolve_distributed(distributed: bool | None, data: Any) -> bool:

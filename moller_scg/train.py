@@ -113,6 +113,7 @@ def fit(
     progress: bool = True,
     callbacks: Sequence[Callback] = (),
     annealing: AnnealingRestarts | None = None,
+    curvature_fraction: float = 1.0,
 ) -> History:
     """Train ``model`` by full-batch SCG (or another closure optimizer) until a stopping rule fires.
 
@@ -150,6 +151,9 @@ def fit(
             weights by a short simulated-annealing chain evaluated with the loss-only pass, and restart SCG from
             the best point it found, at most ``annealing.max_restarts`` times; until then a stall does not stop
             the run. Each restart is in :attr:`History.restarts`. ``None`` (default): no annealing.
+        curvature_fraction: f ∈ (0, 1]: SCG's exact curvature s = E''(w)p is taken over a rotating f of the
+            training samples (Byrd et al. 2011; see :class:`~moller_scg.GradientAccumulator`), while E and E' stay
+            exact. Default 1: the full-batch product. Only the default SCG (double-backward curvature) uses it.
 
     Distributed (under ``torchrun``, or any initialised ``torch.distributed`` process group; see
     :mod:`moller_scg.distributed`): call ``fit`` on every rank with the same arguments and the same initial
@@ -175,7 +179,14 @@ def fit(
         model.to(device)
     # A non-finite trial is SCG's to reject (it shrinks the step), so the training pass returns it instead of raising.
     train = GradientAccumulator(
-        model, loss_fn, train_data, batch_size, device, reduction=reduction, on_non_finite="return"
+        model,
+        loss_fn,
+        train_data,
+        batch_size,
+        device,
+        reduction=reduction,
+        on_non_finite="return",
+        curvature_fraction=curvature_fraction,
     )
     validation = scoring = None
     if val_data is not None:
@@ -202,7 +213,7 @@ def fit(
         # A rank that cannot see rank 0's file would start afresh while the others resume.
         _dist.check_same_on_every_rank({f"whether the checkpoint {checkpoint} exists": found})
     if found:
-        history, early, elapsed_before = _resume(model, optimizer, checkpoint, annealer)
+        history, early, elapsed_before = _resume(model, optimizer, checkpoint, train, annealer)
         logger.info("resumed from %s after %d iterations", checkpoint, len(history))
     elif resume:
         logger.info("no checkpoint at %s yet: starting afresh", checkpoint)
@@ -241,14 +252,14 @@ def fit(
                 if history.stop_reason is None and any(callback(history) is True for callback in callbacks):
                     history.stop_reason = "callback"
                 if checkpoint is not None and history.stop_reason is None and len(history) % checkpoint_every == 0:
-                    _save(checkpoint, model, optimizer, history, early, started, annealer)
+                    _save(checkpoint, model, optimizer, train, history, early, started, annealer)
     finally:
         if bar is not None:
             bar.close()
     if history.stop_reason == "max_fail" and early.best_weights is not None:
         model.load_state_dict(early.best_weights)
     if checkpoint is not None:
-        _save(checkpoint, model, optimizer, history, early, started, annealer)
+        _save(checkpoint, model, optimizer, train, history, early, started, annealer)
     logger.info("stopped after %d iterations: %s", len(history), history.message)
     return history
 
@@ -382,6 +393,7 @@ def _save(
     path: str | os.PathLike[str],
     model: nn.Module,
     optimizer: torch.optim.Optimizer,
+    train: GradientAccumulator,
     history: History,
     early: _EarlyStopping,
     started: float,
@@ -396,6 +408,7 @@ def _save(
         "early_stopping": early.to_dict(),
         "elapsed": time.perf_counter() - started,
         "world_size": _dist.world_size(),
+        "curvature_window": train.curvature_window,
     }
     if annealer is not None:
         extra |= {"restarts": history.restarts, "annealing": annealer.state_dict()}
@@ -405,7 +418,11 @@ def _save(
 
 
 def _resume(
-    model: nn.Module, optimizer: torch.optim.Optimizer, path: str | os.PathLike[str], annealer: Annealer | None = None
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    path: str | os.PathLike[str],
+    train: GradientAccumulator,
+    annealer: Annealer | None = None,
 ) -> tuple[History, _EarlyStopping, float]:
     """Load a checkpoint into model, optimizer and annealer (all or nothing) and return the run state it holds."""
     state = load_checkpoint(path)
@@ -421,9 +438,13 @@ def _resume(
         {"columns": state["history"], "best_iteration": extra.get("best_iteration"), "restarts": extra.get("restarts")}
     )
     early = _EarlyStopping(**extra.get("early_stopping", {}))
+    curvature_window = extra.get("curvature_window", 0)
+    if isinstance(curvature_window, bool) or not isinstance(curvature_window, int) or curvature_window < 0:
+        raise CheckpointError(f"cannot resume from {path}: its curvature_window {curvature_window!r} is not an int ≥ 0")
     if annealer is not None and "annealing" in extra:
         annealer.load_state_dict(extra["annealing"])  # checked before anything else is loaded
     restore(model, optimizer, state, source=path)
+    train.curvature_window = curvature_window  # the rotating curvature subsets go on where they were
     return history, early, float(extra.get("elapsed", 0.0))
 
 

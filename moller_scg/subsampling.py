@@ -1,0 +1,81 @@
+"""Which samples a subsampled curvature s ≈ E''(w) v is taken over (Byrd, Chin, Neveitt & Nocedal 2011).
+
+SCG needs the Hessian only through δ = pᵀE''(w)p, the curvature along its search direction. Byrd et al. show that
+second-order information tolerates sampling far better than the gradient does: a Hessian-vector product over a
+fraction f of the data, with the loss and the gradient still exact, keeps the step's quality and costs f of a full
+HVP pass. :class:`CurvatureSubsets` only chooses the samples; :class:`moller_scg.GradientAccumulator` streams them.
+
+Of the n samples, a fixed seeded permutation π is drawn once, and every curvature evaluation uses m = ⌈f·n⌉ of
+them:
+
+* ``"rotating"`` (default): call c takes the window π[c·m mod n, …] of m consecutive entries (wrapping around), so
+  consecutive curvatures see different samples and every sample enters once every ⌈n/m⌉ calls;
+* ``"fixed"``: always the first window π[0:m], so the curvature is that of one fixed subset.
+
+References:
+    Byrd, R. H., Chin, G. M., Neveitt, W. & Nocedal, J. (2011). On the use of stochastic Hessian information in
+    optimization methods for machine learning. SIAM Journal on Optimization 21(3), 977–995.
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+
+import torch
+
+SUBSET_MODES = ("rotating", "fixed")
+
+
+def validate_fraction(fraction: object) -> float:
+    """f as a float in (0, 1], or ``ValueError`` naming the bad value."""
+    if isinstance(fraction, bool) or not isinstance(fraction, numbers.Real) or not (0.0 < float(fraction) <= 1.0):
+        raise ValueError(
+            f"Invalid curvature_fraction {fraction!r}; it must be a number in (0, 1]: the share of the samples each "
+            f"Hessian-vector product is taken over (1 = the whole dataset, exact)"
+        )
+    return float(fraction)
+
+
+def subset_size(samples: int, fraction: float) -> int:
+    """m = ⌈f·n⌉ samples (0 only when n = 0, for an empty shard)."""
+    return min(samples, math.ceil(fraction * samples))
+
+
+class CurvatureSubsets:
+    """The sample indices of each subsampled curvature evaluation over n samples.
+
+    Args:
+        samples: n, the number of samples to choose from (this process's shard when distributed).
+        fraction: f ∈ (0, 1], the share of the n samples per evaluation.
+        mode: ``"rotating"`` or ``"fixed"`` (module docstring).
+        seed: seeds the permutation π, so the subsets are the same in every run and on every machine.
+
+    Attributes:
+        size: m = ⌈f·n⌉, the samples per evaluation.
+    """
+
+    def __init__(self, samples: int, fraction: float, mode: str = "rotating", seed: int = 0) -> None:
+        if mode not in SUBSET_MODES:
+            raise ValueError(f"Invalid curvature_subset {mode!r}; choose one of {', '.join(map(repr, SUBSET_MODES))}")
+        if isinstance(seed, bool) or not isinstance(seed, numbers.Integral):
+            raise TypeError(f"curvature_seed must be an int, got {seed!r}")
+        self.samples = samples
+        self.fraction = validate_fraction(fraction)
+        self.mode = mode
+        self.size = subset_size(samples, self.fraction)
+        generator = torch.Generator().manual_seed(int(seed))
+        self._permutation = torch.randperm(samples, generator=generator)
+
+    def indices(self, call: int) -> torch.Tensor:
+        """The m sorted sample indices of curvature evaluation number ``call`` (0, 1, 2, …), as a CPU int64 tensor."""
+        if self.size == 0:
+            return self._permutation[:0]
+        start = 0 if self.mode == "fixed" else (call * self.size) % self.samples
+        window = self._permutation[start : start + self.size]
+        if window.numel() < self.size:  # the window wraps around the end of π
+            window = torch.cat([window, self._permutation[: self.size - window.numel()]])
+        return torch.sort(window).values
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(samples={self.samples}, fraction={self.fraction}, mode={self.mode!r})"

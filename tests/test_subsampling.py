@@ -1,0 +1,211 @@
+"""Subsampled curvature (issue #7): E''(w)v over a fraction of the samples, loss and gradient still exact.
+
+The reference for a subsampled product is plain autograd on exactly the chosen samples, in float64.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+
+from moller_scg import SCG, GradientAccumulator, fit
+from moller_scg.subsampling import CurvatureSubsets, subset_size
+from tests.test_accumulate import (
+    CLASSES,
+    EXACT,
+    OUTPUTS,
+    SAMPLES,
+    PairDataset,
+    classification_data,
+    full_batch,
+    random_vectors,
+    regression_data,
+    relative_error,
+    tanh_mlp,
+)
+
+# ------------------------------------------------------------------------------------------------------------------
+# Which samples
+
+
+def test_rotating_windows_cover_every_sample_once_per_cycle_and_are_sorted():
+    subsets = CurvatureSubsets(SAMPLES, 0.1, "rotating", seed=3)
+    assert subsets.size == 13  # ⌈0.1 · 130⌉
+    windows = [subsets.indices(call) for call in range(10)]  # 10 × 13 = 130: one cycle
+    assert all(torch.equal(w, torch.sort(w).values) for w in windows)
+    assert torch.equal(torch.sort(torch.cat(windows)).values, torch.arange(SAMPLES))
+    assert not torch.equal(windows[0], windows[1])
+    assert torch.equal(subsets.indices(10), windows[0])  # the cycle repeats
+
+
+def test_a_window_that_wraps_around_the_permutation_has_m_distinct_samples():
+    subsets = CurvatureSubsets(10, 0.3, "rotating")  # m = 3: windows start at 0, 3, 6, 9 (wraps)
+    window = subsets.indices(3)
+    assert window.numel() == 3 and torch.unique(window).numel() == 3
+
+
+def test_fixed_subset_is_always_the_same_and_the_seed_decides_it():
+    fixed = CurvatureSubsets(SAMPLES, 0.2, "fixed", seed=0)
+    assert all(torch.equal(fixed.indices(call), fixed.indices(0)) for call in range(5))
+    assert torch.equal(CurvatureSubsets(SAMPLES, 0.2, "fixed", seed=0).indices(0), fixed.indices(0))
+    assert not torch.equal(CurvatureSubsets(SAMPLES, 0.2, "fixed", seed=1).indices(0), fixed.indices(0))
+
+
+def test_subset_size_rounds_up_and_an_empty_shard_has_none():
+    assert subset_size(130, 0.1) == 13 and subset_size(131, 0.1) == 14 and subset_size(5, 0.01) == 1
+    assert subset_size(0, 0.5) == 0 and subset_size(7, 1.0) == 7
+    assert CurvatureSubsets(0, 0.5).indices(4).numel() == 0
+
+
+@pytest.mark.parametrize("fraction", [0.0, -0.1, 1.5, float("nan"), True, "0.5", None])
+def test_bad_fraction_is_an_error_that_names_it(fraction):
+    with pytest.raises(ValueError, match="curvature_fraction"):
+        GradientAccumulator(tanh_mlp(OUTPUTS), nn.MSELoss(), regression_data(), curvature_fraction=fraction)
+
+
+def test_bad_subset_mode_and_seed_are_errors_that_name_them():
+    with pytest.raises(ValueError, match="curvature_subset 'random'"):
+        GradientAccumulator(tanh_mlp(OUTPUTS), nn.MSELoss(), regression_data(), curvature_subset="random")
+    with pytest.raises(TypeError, match="curvature_seed"):
+        GradientAccumulator(
+            tanh_mlp(OUTPUTS), nn.MSELoss(), regression_data(), curvature_fraction=0.5, curvature_seed=0.5
+        )
+
+
+def test_a_dataloader_cannot_be_subsampled_and_the_error_says_what_to_pass():
+    inputs, targets = regression_data()
+    loader = DataLoader(TensorDataset(inputs, targets), batch_size=8)
+    with pytest.raises(TypeError, match="loader.dataset"):
+        GradientAccumulator(tanh_mlp(OUTPUTS), nn.MSELoss(), loader, curvature_fraction=0.5)
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# What the accumulator returns
+
+
+def subset_reference(model, loss_fn, inputs, targets, indices, vectors):
+    """E''v on exactly the chosen samples, whole subset at once."""
+    _, _, product = full_batch(model, loss_fn, inputs[indices], targets[indices], vectors)
+    return product
+
+
+@pytest.mark.parametrize("batch_size", [1, 4, SAMPLES])
+@pytest.mark.parametrize("mode", ["rotating", "fixed"])
+@pytest.mark.parametrize("problem", ["mse-mean", "cross-entropy", "weighted-cross-entropy"])
+def test_subsampled_product_is_the_mean_over_the_chosen_samples(problem, mode, batch_size):
+    if problem == "mse-mean":
+        (inputs, targets), model, loss_fn = regression_data(), tanh_mlp(OUTPUTS), nn.MSELoss()
+    else:
+        (inputs, targets), model = classification_data(), tanh_mlp(CLASSES)
+        weight = torch.tensor([0.5, 2.0, 1.0], dtype=torch.float64) if problem.startswith("weighted") else None
+        loss_fn = nn.CrossEntropyLoss(weight=weight)
+    acc = GradientAccumulator(
+        model, loss_fn, (inputs, targets), batch_size=batch_size, curvature_fraction=0.25, curvature_subset=mode
+    )
+    chooser = CurvatureSubsets(SAMPLES, 0.25, mode, seed=0)
+    vectors = random_vectors(acc.params)
+    for call in range(3):
+        expected = subset_reference(model, loss_fn, inputs, targets, chooser.indices(call), vectors)
+        assert relative_error(acc.hvp(vectors), expected) <= EXACT
+    assert acc.curvature_window == (3 if mode == "rotating" else 1)
+    assert acc.passes.hvp == 3
+
+
+def test_a_sum_is_scaled_by_n_over_m_so_it_estimates_the_full_sum():
+    (inputs, targets), model, loss_fn = regression_data(), tanh_mlp(OUTPUTS), nn.MSELoss(reduction="sum")
+    acc = GradientAccumulator(model, loss_fn, (inputs, targets), batch_size=7, curvature_fraction=0.1)
+    vectors = random_vectors(acc.params)
+    indices = CurvatureSubsets(SAMPLES, 0.1).indices(0)
+    expected = [SAMPLES / 13 * s for s in subset_reference(model, loss_fn, inputs, targets, indices, vectors)]
+    assert relative_error(acc.hvp(vectors), expected) <= EXACT
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum"])
+def test_rotating_windows_of_one_cycle_average_to_the_exact_product(reduction):
+    inputs, targets = regression_data(samples=120)
+    model, loss_fn = tanh_mlp(OUTPUTS), nn.MSELoss(reduction=reduction)
+    acc = GradientAccumulator(model, loss_fn, (inputs, targets), batch_size=16, curvature_fraction=0.25)
+    vectors = random_vectors(acc.params)
+    windows = [acc.hvp(vectors) for _ in range(4)]  # m = 30 divides n = 120: the 4 windows partition the data
+    average = [sum(products) / 4 for products in zip(*windows)]
+    _, _, exact = full_batch(model, loss_fn, inputs, targets, vectors)
+    assert relative_error(average, exact) <= EXACT
+
+
+def test_loss_and_gradient_stay_exact_and_a_fraction_of_one_is_the_exact_product():
+    (inputs, targets), model, loss_fn = regression_data(), tanh_mlp(OUTPUTS), nn.MSELoss()
+    exact = GradientAccumulator(model, loss_fn, (inputs, targets), batch_size=7)
+    subsampled = GradientAccumulator(model, loss_fn, (inputs, targets), batch_size=7, curvature_fraction=0.3)
+    whole = GradientAccumulator(model, loss_fn, (inputs, targets), batch_size=7, curvature_fraction=1.0)
+    vectors = random_vectors(exact.params)
+    loss = exact()
+    gradient = [p.grad.clone() for p in exact.params]
+    assert torch.equal(subsampled(), loss)
+    assert all(torch.equal(p.grad, g) for p, g in zip(exact.params, gradient))
+    assert torch.equal(subsampled.loss(), exact.loss())
+    assert all(torch.equal(a, b) for a, b in zip(whole.hvp(vectors), exact.hvp(vectors)))
+    assert not all(torch.equal(a, b) for a, b in zip(subsampled.hvp(vectors), exact.hvp(vectors)))
+
+
+def test_a_map_style_dataset_gives_the_same_subsampled_product_as_tensors():
+    (inputs, targets), model, loss_fn = classification_data(), tanh_mlp(CLASSES), nn.CrossEntropyLoss()
+    vectors = random_vectors(list(model.parameters()))
+    from_tensors = GradientAccumulator(model, loss_fn, (inputs, targets), batch_size=5, curvature_fraction=0.2)
+    from_dataset = GradientAccumulator(
+        model, loss_fn, PairDataset(inputs, targets), batch_size=5, curvature_fraction=0.2
+    )
+    for _ in range(2):
+        assert relative_error(from_dataset.hvp(vectors), from_tensors.hvp(vectors)) <= EXACT
+
+
+def test_repr_names_the_subsampling():
+    acc = GradientAccumulator(tanh_mlp(OUTPUTS), nn.MSELoss(), regression_data(), curvature_fraction=0.5)
+    assert "fraction=0.5" in repr(acc) and "rotating" in repr(acc)
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# SCG on a subsampled curvature
+
+
+def scg_losses(fraction: float, steps: int = 40) -> list[float]:
+    (inputs, targets), model, loss_fn = regression_data(), tanh_mlp(OUTPUTS), nn.MSELoss()
+    acc = GradientAccumulator(model, loss_fn, (inputs, targets), batch_size=32, curvature_fraction=fraction)
+    optimizer = SCG(acc.params)
+    return [float(optimizer.step(acc)) for _ in range(steps)]
+
+
+def test_scg_with_subsampled_curvature_never_accepts_a_worse_point_and_is_deterministic():
+    losses = scg_losses(0.2)
+    assert all(later <= earlier for earlier, later in zip(losses, losses[1:]))  # Δ ≥ 0 uses the exact loss
+    assert losses[-1] < 0.9 * losses[0]
+    assert scg_losses(0.2) == losses
+    assert scg_losses(0.2) != scg_losses(1.0)
+
+
+def test_fit_resumes_a_subsampled_run_bitwise_from_its_checkpoint(tmp_path):
+    inputs, targets = regression_data()
+
+    def run(max_iter: int, resume: bool) -> tuple[list[float], dict[str, torch.Tensor]]:
+        model = tanh_mlp(OUTPUTS)
+        history = fit(
+            model,
+            nn.MSELoss(),
+            (inputs, targets),
+            batch_size=32,
+            max_iter=max_iter,
+            curvature_fraction=0.2,
+            checkpoint=tmp_path / "run.pt",
+            checkpoint_every=1,
+            resume=resume,
+            progress=False,
+        )
+        return history["loss"], model.state_dict()
+
+    uninterrupted, final = run(12, resume=False)
+    (tmp_path / "run.pt").unlink()
+    run(5, resume=False)
+    resumed, resumed_final = run(12, resume=True)
+    assert resumed == uninterrupted
+    assert all(torch.equal(final[name], resumed_final[name]) for name in final)
