@@ -48,6 +48,13 @@ def _parser() -> argparse.ArgumentParser:
     job.add_argument("--max-time", type=float, default=None, help="stop after this many seconds")
     job.add_argument("--device", default=None, help="cpu, cuda, cuda:1, … (default: cpu)")
     job.add_argument("--hvp", choices=HVP_MODES, default=mnist.DEFAULT_HVP, help="how SCG gets its curvature")
+    job.add_argument(
+        "--curvature-fraction",
+        type=float,
+        default=1.0,
+        metavar="F",
+        help="with --hvp double-backward: each Hessian-vector product over a rotating F of the training images",
+    )
     job.add_argument("--checkpoint", metavar="PATH", help="write the run's state here (atomically) as it goes")
     job.add_argument("--resume", action="store_true", help="continue from --checkpoint if it exists")
     job.add_argument("--plot", metavar="FILE", help="save the blog's Figure 3 (the SCG trace) as a PNG")
@@ -95,6 +102,7 @@ def _mnist(args: argparse.Namespace, main_process: bool = True) -> int:
             max_time=args.max_time,
             device=args.device,
             hvp=args.hvp,
+            curvature_fraction=args.curvature_fraction,
             checkpoint=args.checkpoint,
             resume=args.resume,
             max_train=args.max_train,

@@ -83,6 +83,7 @@ def train_mnist(
     max_train: int | None = None,
     seed: int = 0,
     progress: bool = True,
+    curvature_fraction: float = 1.0,
 ) -> MnistResult:
     """Train the blog's CNN (:class:`~moller_scg.models.MnistCNN`) on MNIST by full-batch SCG.
 
@@ -100,6 +101,8 @@ def train_mnist(
         max_train: use only this many training images (a stratified subset for the embedded data).
         seed: seeds the split of the embedded data and the initial weights.
         progress: show the progress bar.
+        curvature_fraction: with ``hvp="double-backward"``, take each Hessian-vector product over this share of the
+            training images (a rotating subset; loss and gradient stay exact; see :func:`moller_scg.fit`).
     """
     splits = load_splits(data, download=download, max_train=max_train, seed=seed)
     torch.manual_seed(seed)
@@ -123,6 +126,7 @@ def train_mnist(
         checkpoint=checkpoint,
         resume=resume,
         progress=progress,
+        curvature_fraction=curvature_fraction,
     )
     wall_time = time.perf_counter() - started
     model.eval()

@@ -195,6 +195,12 @@ def fit(
             scoring = GradientAccumulator(model, metric, val_data, batch_size, device, reduction="mean")
     if optimizer is None:
         optimizer = SCG(model.parameters())
+    if train.curvature_fraction < 1.0 and not _takes_exact_curvature(optimizer):
+        raise ValueError(
+            f"curvature_fraction={curvature_fraction!r} subsamples the Hessian-vector products of SCG's exact "
+            f"curvature, which this {type(optimizer).__name__} does not ask for: drop curvature_fraction, or use "
+            f"SCG(params, hvp='double-backward')"
+        )
     if min_grad is not None and not isinstance(optimizer, SCG):
         raise ValueError("min_grad needs the gradient norm, which only SCG reports; drop min_grad or use SCG")
     annealer = None
@@ -387,6 +393,11 @@ def _update_bar(bar: Any, history: History) -> None:
         postfix["val"] = f"{row['val_loss']:.4g}"
     bar.set_postfix(postfix, refresh=False)
     bar.update(1)
+
+
+def _takes_exact_curvature(optimizer: torch.optim.Optimizer) -> bool:
+    """Whether the optimizer asks the accumulator for Hessian-vector products (SCG with exact curvature)."""
+    return isinstance(optimizer, SCG) and optimizer.param_groups[0]["hvp"] == "double-backward"
 
 
 def _save(

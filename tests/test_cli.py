@@ -64,6 +64,22 @@ def test_mnist_smoke_run_on_200_embedded_images(capsys, tmp_path):
     assert plot.read_bytes().startswith(b"\x89PNG")
 
 
+def test_mnist_with_subsampled_exact_curvature(capsys, tmp_path):
+    write_tiny_mnist(tmp_path)
+    arguments = ["mnist", "--data", str(tmp_path), "--max-iter", "4", "--quiet", "--batch-size", "16"]
+    status = main([*arguments, "--hvp", "double-backward", "--curvature-fraction", "0.2"])
+    output = capsys.readouterr().out
+    assert status == 0, output
+    assert "iterations     4" in output and "(HVPs " in output
+
+
+def test_curvature_fraction_without_exact_curvature_is_refused_with_the_reason(capsys, tmp_path):
+    write_tiny_mnist(tmp_path)
+    status = main(["mnist", "--data", str(tmp_path), "--max-iter", "1", "--quiet", "--curvature-fraction", "0.2"])
+    assert status == 1
+    assert "hvp='double-backward'" in capsys.readouterr().err
+
+
 @pytest.mark.parametrize("gz", [False, True])
 def test_mnist_on_tiny_idx_files(capsys, tmp_path, gz):
     write_tiny_mnist(tmp_path / "MNIST" / "raw", gz=gz)

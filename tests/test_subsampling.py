@@ -209,3 +209,22 @@ def test_fit_resumes_a_subsampled_run_bitwise_from_its_checkpoint(tmp_path):
     resumed, resumed_final = run(12, resume=True)
     assert resumed == uninterrupted
     assert all(torch.equal(final[name], resumed_final[name]) for name in final)
+
+
+@pytest.mark.parametrize(
+    "make_optimizer",
+    [lambda params: SCG(params, hvp="finite-difference"), lambda params: torch.optim.LBFGS(params)],
+    ids=["scg-finite-difference", "lbfgs"],
+)
+def test_fit_refuses_a_curvature_fraction_its_optimizer_would_never_use(make_optimizer):
+    model = tanh_mlp(OUTPUTS)
+    with pytest.raises(ValueError, match="curvature_fraction=0.5 subsamples"):
+        fit(
+            model,
+            nn.MSELoss(),
+            regression_data(),
+            optimizer=make_optimizer(model.parameters()),
+            max_iter=1,
+            curvature_fraction=0.5,
+            progress=False,
+        )
