@@ -51,9 +51,10 @@ def _parser() -> argparse.ArgumentParser:
     job.add_argument(
         "--curvature-fraction",
         type=float,
-        default=1.0,
+        default=None,
         metavar="F",
-        help="with --hvp double-backward: each Hessian-vector product over a rotating F of the training images",
+        help=f"with --hvp double-backward: each Hessian-vector product over a rotating F of the training images "
+        f"(default {mnist.DEFAULT_CURVATURE_FRACTION:g}; 1 = all of them)",
     )
     job.add_argument("--checkpoint", metavar="PATH", help="write the run's state here (atomically) as it goes")
     job.add_argument("--resume", action="store_true", help="continue from --checkpoint if it exists")

@@ -75,7 +75,8 @@ def test_mnist_with_subsampled_exact_curvature(capsys, tmp_path):
 
 def test_curvature_fraction_without_exact_curvature_is_refused_with_the_reason(capsys, tmp_path):
     write_tiny_mnist(tmp_path)
-    status = main(["mnist", "--data", str(tmp_path), "--max-iter", "1", "--quiet", "--curvature-fraction", "0.2"])
+    arguments = ["mnist", "--data", str(tmp_path), "--max-iter", "1", "--quiet", "--hvp", "finite-difference"]
+    status = main([*arguments, "--curvature-fraction", "0.2"])
     assert status == 1
     assert "hvp='double-backward'" in capsys.readouterr().err
 
