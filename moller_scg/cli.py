@@ -89,6 +89,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _mnist(args: argparse.Namespace, main_process: bool = True) -> int:
+    from moller_scg import distributed
     from moller_scg.mnist import train_mnist
 
     if args.resume and not args.checkpoint:
@@ -101,7 +102,7 @@ def _mnist(args: argparse.Namespace, main_process: bool = True) -> int:
             batch_size=args.batch_size,
             max_iter=args.max_iter,
             max_time=args.max_time,
-            device=args.device,
+            device=distributed.local_device(args.device),
             hvp=args.hvp,
             curvature_fraction=args.curvature_fraction,
             checkpoint=args.checkpoint,

@@ -162,9 +162,25 @@ def init_from_env(timeout: datetime.timedelta | None = None, backend: str | None
         timeout = datetime.timedelta(seconds=float(seconds)) if seconds else DEFAULT_TIMEOUT
     if backend is None:
         backend = "nccl" if torch.cuda.is_available() else "gloo"
+    if backend == "nccl":
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))  # NCCL needs each process on its own GPU
     dist.init_process_group(backend, timeout=timeout)
     logger.debug("process group started: rank %d of %d (%s)", dist.get_rank(), dist.get_world_size(), backend)
     return True
+
+
+def local_device(device: str | torch.device | None) -> str | torch.device | None:
+    """The device this process should train on: under a process group, a bare ``"cuda"`` is ``cuda:LOCAL_RANK``.
+
+    ``torchrun`` starts one process per GPU and sets ``LOCAL_RANK`` (the process's index on its machine); every
+    other device (``"cpu"``, ``"cuda:1"``, ``None``) is returned as given.
+    """
+    if device is None or not is_distributed():
+        return device
+    resolved = torch.device(device)
+    if resolved.type != "cuda" or resolved.index is not None:
+        return device
+    return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
 
 
 def _as_float64(tensor: torch.Tensor) -> torch.Tensor:

@@ -365,3 +365,20 @@ def test_the_distributed_example_keeps_ranks_identical_and_matches_one_process(t
     for name, value in single.items():
         assert torch.equal(states[0][name], states[1][name])
         torch.testing.assert_close(states[0][name], value, rtol=RELATIVE, atol=1e-13)
+
+
+@pytest.mark.parametrize(
+    ("device", "distributed", "expected"),
+    [
+        ("cuda", True, torch.device("cuda", 3)),
+        (torch.device("cuda"), True, torch.device("cuda", 3)),
+        ("cuda:1", True, "cuda:1"),
+        ("cpu", True, "cpu"),
+        (None, True, None),
+        ("cuda", False, "cuda"),
+    ],
+)
+def test_a_bare_cuda_device_under_torchrun_is_the_local_ranks_gpu(monkeypatch, device, distributed, expected):
+    monkeypatch.setenv("LOCAL_RANK", "3")
+    monkeypatch.setattr(moller_dist, "is_distributed", lambda: distributed)
+    assert moller_dist.local_device(device) == expected
