@@ -2,8 +2,15 @@
 
 SCG works on the weight vector w ∈ ℝⁿ of all parameters together, but the parameters live on their own devices
 and dtypes. These helpers treat a list of tensors as one vector without flattening it: each tensor stays where
-its parameter is, and inner products are reduced to one Python ``float`` (IEEE float64) per call. Complex
-tensors are seen as their real and imaginary parts (``torch.view_as_real``), so ℂᵐ counts as ℝ²ᵐ.
+its parameter is, and inner products are reduced to Python ``float`` s (IEEE float64). Complex tensors are seen as
+their real and imaginary parts (``torch.view_as_real``), so ℂᵐ counts as ℝ²ᵐ.
+
+Reductions cost a host synchronisation (on a GPU, the wait for the result), so :func:`dots` forms several inner
+products with one synchronisation per device for all of them. An inner product never materialises the whole
+elementwise product: only one parameter's worth of temporary at a time.
+
+Most in-place updates use ``torch._foreach_*`` ops, one call for all parameters; each gives the same bits as the
+per-tensor op would.
 """
 
 from __future__ import annotations
@@ -20,18 +27,39 @@ def as_real(tensor: torch.Tensor) -> torch.Tensor:
     return torch.view_as_real(tensor) if tensor.is_complex() else tensor
 
 
-def _sum_to_float(scalars: Sequence[torch.Tensor]) -> float:
-    """Σ of 0-dim float64 tensors that may sit on several devices, with one host synchronisation per device."""
-    by_device: dict[torch.device, list[torch.Tensor]] = {}
-    for scalar in scalars:
-        by_device.setdefault(scalar.device, []).append(scalar)
-    return sum(float(torch.stack(group).sum()) for group in by_device.values())
+def _partial_dots(xs: Sequence[torch.Tensor], ys: Sequence[torch.Tensor]) -> TensorList:
+    """xᵢᵀyᵢ of each pair of tensors, as 0-dim float64 tensors on the tensors' devices."""
+    # The elementwise product stays in the parameters' dtype; its sum is taken in float64.
+    return [torch.sum(as_real(x) * as_real(y), dtype=torch.float64) for x, y in zip(xs, ys)]
+
+
+def _totals(partial_sums: Sequence[Sequence[torch.Tensor]]) -> list[float]:
+    """Σ of each list of 0-dim float64 tensors, as Python floats, with one host synchronisation per device.
+
+    Each list holds one scalar per parameter, so all lists span the same devices. A list is summed per device
+    (``torch.stack(...).sum()``) and the devices' sums are then added in Python, in the order in which the devices
+    first appear.
+    """
+    devices = list(dict.fromkeys(scalar.device for scalars in partial_sums for scalar in scalars))
+    per_device = []
+    for device in devices:
+        sums = [torch.stack([s for s in scalars if s.device == device]).sum() for scalars in partial_sums]
+        per_device.append(torch.stack(sums).tolist())
+    return [sum(values[index] for values in per_device) for index in range(len(partial_sums))]
+
+
+def dots(pairs: Sequence[tuple[Sequence[torch.Tensor], Sequence[torch.Tensor]]]) -> list[float]:
+    """The real inner products xᵀy of several pairs of tensor-list vectors, summed in float64, in one go.
+
+    ``dots([(x, y), (u, v)])`` equals ``[dot(x, y), dot(u, v)]`` bit for bit; it only waits for the results once
+    per device instead of once per product.
+    """
+    return _totals([_partial_dots(xs, ys) for xs, ys in pairs])
 
 
 def dot(xs: Sequence[torch.Tensor], ys: Sequence[torch.Tensor]) -> float:
     """Real inner product xᵀy of two tensor-list vectors, summed in float64."""
-    # The elementwise product stays in the parameters' dtype; its sum is taken in float64.
-    return _sum_to_float([torch.sum(as_real(x) * as_real(y), dtype=torch.float64) for x, y in zip(xs, ys)])
+    return dots([(xs, ys)])[0]
 
 
 def squared_norm(xs: Sequence[torch.Tensor]) -> float:
@@ -42,19 +70,28 @@ def squared_norm(xs: Sequence[torch.Tensor]) -> float:
 def all_finite(xs: Sequence[torch.Tensor]) -> bool:
     """Whether every element of every tensor is finite (one host synchronisation per device)."""
     non_finite_counts = [torch.sum(~torch.isfinite(as_real(x)), dtype=torch.float64) for x in xs]
-    return _sum_to_float(non_finite_counts) == 0
+    return _totals([non_finite_counts])[0] == 0
 
 
 def add_(xs: Sequence[torch.Tensor], ys: Sequence[torch.Tensor], alpha: float) -> None:
     """x ← x + α y, in place."""
+    torch._foreach_add_(list(xs), list(ys), alpha=alpha)
+
+
+def scale_add_(xs: Sequence[torch.Tensor], beta: float, ys: Sequence[torch.Tensor]) -> None:
+    """x ← y + β x, in place: x ← β x, then x ← x + y.
+
+    Bit for bit the same as the out-of-place ``y + beta * x``: the product β x is the same multiplication by the
+    same scalar, and IEEE addition is commutative. (Not ``torch._foreach_mul_``: with a Python scalar it rounds β
+    to float16 or bfloat16 for tensors of those dtypes, where ``x.mul_(beta)`` multiplies in float32.)
+    """
     for x, y in zip(xs, ys):
-        x.add_(y, alpha=alpha)
+        x.mul_(beta).add_(y)
 
 
 def copy_(targets: Sequence[torch.Tensor], sources: Sequence[torch.Tensor]) -> None:
     """target ← source, in place (bit-exact)."""
-    for target, source in zip(targets, sources):
-        target.copy_(source)
+    torch._foreach_copy_(list(targets), list(sources))
 
 
 def clone(xs: Sequence[torch.Tensor]) -> TensorList:
@@ -64,4 +101,4 @@ def clone(xs: Sequence[torch.Tensor]) -> TensorList:
 
 def negated(xs: Sequence[torch.Tensor]) -> TensorList:
     """−x as new tensors."""
-    return [torch.neg(x) for x in xs]
+    return list(torch._foreach_neg(list(xs)))

@@ -21,7 +21,7 @@ from typing import Any
 import torch
 
 from moller_scg import _vectors as vec
-from moller_scg.curvature import MISSING_GRAPH_MESSAGE, finite_difference_hvp, graph_hvp
+from moller_scg.curvature import MISSING_GRAPH_MESSAGE, graph_hvp
 
 logger = logging.getLogger(__name__)
 
@@ -221,7 +221,11 @@ class SCG(torch.optim.Optimizer):
             self._scalars.started = False
 
     def state_dict(self) -> dict[str, Any]:
-        """The usual optimizer state plus ``"scg"``: the scalars of :class:`SCGScalars` and the latest trace."""
+        """The usual optimizer state plus ``"scg"``: the scalars of :class:`SCGScalars` and the latest trace.
+
+        As with ``torch.optim`` optimizers, the tensors are the optimizer's own, not copies: the next :meth:`step`
+        updates the direction p in place. Save the state (or ``copy.deepcopy`` it) before stepping on.
+        """
         state = super().state_dict()
         state["scg"] = {
             "scalars": dataclasses.asdict(self._scalars),
@@ -240,6 +244,12 @@ class SCG(torch.optim.Optimizer):
         scalars = _typed_dataclass(SCGScalars, scg_state["scalars"])
         trace = None if scg_state.get("trace") is None else _typed_dataclass(SCGTrace, scg_state["trace"])
         super().load_state_dict(state_dict)
+        # torch keeps a loaded tensor that already has the parameter's dtype and device, so r and p would be shared
+        # with the caller's dict (or with the optimizer it came from); step 7 updates p in place, so SCG copies them.
+        for param_state in self.state.values():
+            for key in ("residual", "direction"):
+                if isinstance(param_state.get(key), torch.Tensor):
+                    param_state[key] = param_state[key].clone()
         self._scalars = scalars
         self._trace = trace
         self._reset_transient()
@@ -333,39 +343,43 @@ class SCG(torch.optim.Optimizer):
         scalars.success = True
         scalars.non_finite_trials = 0
         scalars.started = True
-        self._trace = self._make_trace(params, comparison=math.nan, mu=math.nan, alpha=0.0, success=False)
+        residual_sq = vec.squared_norm(residual)  # also p₁ᵀr₁ and |p₁|²: p₁ is a copy of r₁
+        self._remember_state_products(params, (residual_sq, residual_sq, residual_sq))
+        self._trace = self._make_trace(
+            residual_sq, residual_sq, comparison=math.nan, mu=math.nan, alpha=0.0, success=False
+        )
 
     def _iterate(self, closure: Callable[[], Any], params: list[torch.Tensor], accepted: list[torch.Tensor]) -> None:
-        """Steps 2–9. State is committed only once every closure call of the iteration has returned."""
+        """Steps 2–9. State is committed only once every closure call of the iteration has returned.
+
+        Parameter-sized buffers held besides w and the closure's gradients: the accepted copy of w, r and p
+        throughout, and one more — s = E''p until δ = pᵀs is formed (step 2), then r₊ from the trial on. The new
+        direction p₊ = r₊ + βp is formed in p's storage, after the last closure call: 4 buffers at the peak.
+        """
         group = self.param_groups[0]
         scalars = self._scalars
         residual = [self.state[p]["residual"] for p in params]
-        direction = [self.state[p]["direction"] for p in params]
-        residual_sq = vec.squared_norm(residual)
+        stored_direction = [self.state[p]["direction"] for p in params]
+        residual_sq, mu, stored_direction_sq = self._state_products(residual, stored_direction)
+        direction, direction_sq = stored_direction, stored_direction_sq
         success = scalars.success
         lambd, lambd_bar = scalars.lambd, scalars.lambd_bar
-        mu = vec.dot(direction, residual)
         if mu == 0.0 and residual_sq != 0.0:
-            # p ⟂ r would give α = 0 and Δ = 0/0; search along steepest descent instead (not in the paper).
-            direction = [r.clone() for r in residual]
+            # p ⟂ r would give α = 0 and Δ = 0/0; search along steepest descent instead (not in the paper). The
+            # search direction is r itself; p's storage takes it over in step 7, after the last closure call.
+            direction, direction_sq = residual, residual_sq
             mu, success, lambd_bar = residual_sq, True, 0.0
         if residual_sq == 0.0 or mu * mu == 0.0:
             # r = 0 (step 9 terminates), or so small that μ² underflows and Δ cannot be formed: w is stationary
             # in float64, and the weights stay as they are.
-            self._trace = self._make_trace(params, comparison=math.nan, mu=mu, alpha=0.0, success=False)
+            self._trace = self._make_trace(
+                residual_sq, stored_direction_sq, comparison=math.nan, mu=mu, alpha=0.0, success=False
+            )
             return
-        direction_sq = vec.squared_norm(direction)
 
         # Step 2: the second-order information along p, only after a success.
         if success:
-            curvature = self._curvature_along(direction, direction_sq, closure, params, accepted, group)
-            delta = vec.dot(direction, curvature)
-            if not math.isfinite(delta):
-                raise FloatingPointError(
-                    f"the curvature δ = pᵀs along the search direction is not finite ({delta}): the second "
-                    f"derivatives overflow at the accepted weights. Check the model for operations that overflow "
-                    f"(exp, log near 0, division), or train in float64"
-                )
+            delta = self._curvature_along(direction, direction_sq, closure, params, accepted, group)
         else:
             delta = scalars.delta
         # Step 3: scale δ by λ.
@@ -380,21 +394,30 @@ class SCG(torch.optim.Optimizer):
         # Step 6: the comparison ratio, from one evaluation at the trial point.
         vec.add_(params, direction, alpha)
         trial_loss, trial_gradients = self._evaluate(closure, params)
-        finite = math.isfinite(trial_loss) and vec.all_finite(trial_gradients)
+        # That was the last closure call of the iteration: from here on, state may be committed and p overwritten.
+        new_residual = vec.negated(trial_gradients)
+        new_residual_sq, new_dot_old = vec.dots([(new_residual, new_residual), (new_residual, residual)])
+        finite = math.isfinite(trial_loss) and _all_finite_given_squared_norm(new_residual, new_residual_sq)
         comparison = 2.0 * delta * (scalars.loss - trial_loss) / mu**2 if finite else math.nan
 
-        # Step 7: accept or reject the trial point. Nothing below calls the closure, so state can be committed.
+        # Step 7: accept or reject the trial point.
         scalars.k += 1
+        if direction is not stored_direction:
+            vec.copy_(stored_direction, direction)  # the steepest-descent fallback searched along p = r
         if finite and comparison >= 0.0:
-            new_residual = vec.negated(trial_gradients)
             if scalars.k % self._restart_period(params) == 0:
-                new_direction = [r.clone() for r in new_residual]
+                vec.copy_(stored_direction, new_residual)  # restart: p ← r₊
+                new_mu = new_direction_sq = new_residual_sq
             else:
-                beta = (vec.squared_norm(new_residual) - vec.dot(new_residual, residual)) / mu
-                new_direction = [r + beta * p for r, p in zip(new_residual, direction)]
-            for p, r, d in zip(params, new_residual, new_direction):
+                beta = (new_residual_sq - new_dot_old) / mu
+                vec.scale_add_(stored_direction, beta, new_residual)  # p ← r₊ + βp
+                # |p₊|² for the trace, and p₊ᵀr₊, the next iteration's μ (step 5), together.
+                new_direction_sq, new_mu = vec.dots(
+                    [(stored_direction, stored_direction), (stored_direction, new_residual)]
+                )
+            for p, r in zip(params, new_residual):
                 self.state[p]["residual"] = r
-                self.state[p]["direction"] = d
+            held = (new_residual_sq, new_mu, new_direction_sq)  # (|r|², pᵀr, |p|²) of the r and p now held
             scalars.loss = trial_loss
             lambd_bar = 0.0
             success = True
@@ -404,8 +427,7 @@ class SCG(torch.optim.Optimizer):
         else:
             vec.copy_(params, accepted)
             self._graph_gradients = None
-            for p, d in zip(params, direction):
-                self.state[p]["direction"] = d
+            held = (residual_sq, mu, direction_sq)  # the same r and p (after the fallback: p = r and μ = |r|²)
             lambd_bar = lambd
             success = False
             scalars.non_finite_trials = 0 if finite else scalars.non_finite_trials + 1
@@ -414,7 +436,11 @@ class SCG(torch.optim.Optimizer):
         if effective_comparison < POOR_COMPARISON:
             lambd = min(lambd + delta * (1.0 - effective_comparison) / direction_sq, LAMBDA_MAX)
         scalars.lambd, scalars.lambd_bar, scalars.delta, scalars.success = lambd, lambd_bar, delta, success
-        self._trace = self._make_trace(params, comparison=comparison, mu=mu, alpha=alpha, success=success)
+        self._remember_state_products(params, held)
+        held_residual_sq, _, held_direction_sq = held
+        self._trace = self._make_trace(
+            held_residual_sq, held_direction_sq, comparison=comparison, mu=mu, alpha=alpha, success=success
+        )
         if scalars.non_finite_trials >= MAX_NON_FINITE_TRIALS:
             raise FloatingPointError(
                 f"the loss or gradient at the trial point was not finite {scalars.non_finite_trials} times in a row "
@@ -471,21 +497,40 @@ class SCG(torch.optim.Optimizer):
         params: list[torch.Tensor],
         accepted: list[torch.Tensor],
         group: dict[str, Any],
-    ) -> list[torch.Tensor]:
-        """s ≈ E''(w)p at the accepted weights w (step 2)."""
+    ) -> float:
+        """Step 2: δ = pᵀs with s ≈ E''(w)p at the accepted weights w.
+
+        s is needed for δ only: it is released when this returns, before the trial point is evaluated.
+        """
         self._scalars.hvp_calls += 1
         if group["hvp"] == "finite-difference":
             sigma_k = group["sigma"] / math.sqrt(direction_sq)
             vec.add_(params, direction, sigma_k)
             _, shifted_gradients = self._evaluate(closure, params)
             vec.copy_(params, accepted)
-            if not vec.all_finite(shifted_gradients):
+            residual = [self.state[p]["residual"] for p in params]
+            curvature = _finite_difference_from_residual(shifted_gradients, residual, sigma_k)
+            (delta,) = vec.dots([(direction, curvature)])
+            # A non-finite E'(w + σₖp) makes s and then δ non-finite (0·inf is NaN too), so it is looked for only then.
+            if not math.isfinite(delta) and not vec.all_finite(shifted_gradients):
                 raise FloatingPointError(
                     f"the gradient at w + σₖp (σₖ = {sigma_k:.3g}) for the finite-difference curvature is not finite: "
                     f"lower sigma (now {group['sigma']!r}), or use hvp='double-backward' for exact curvature"
                 )
-            residual = [self.state[p]["residual"] for p in params]
-            return finite_difference_hvp(shifted_gradients, vec.negated(residual), sigma_k)
+        else:
+            (delta,) = vec.dots([(direction, self._exact_curvature(direction, closure, params))])
+        if not math.isfinite(delta):
+            raise FloatingPointError(
+                f"the curvature δ = pᵀs along the search direction is not finite ({delta}): the second "
+                f"derivatives overflow at the accepted weights. Check the model for operations that overflow "
+                f"(exp, log near 0, division), or train in float64"
+            )
+        return delta
+
+    def _exact_curvature(
+        self, direction: list[torch.Tensor], closure: Callable[[], Any], params: list[torch.Tensor]
+    ) -> list[torch.Tensor]:
+        """s = E''(w)p at the accepted weights w: from ``closure.hvp`` if it has one, else by double-backward."""
         hvp_method = getattr(closure, "hvp", None)
         if callable(hvp_method):
             closure_params = getattr(closure, "params", None)
@@ -508,13 +553,44 @@ class SCG(torch.optim.Optimizer):
         gradients, self._graph_gradients = self._graph_gradients, None
         return graph_hvp(gradients, params, direction)
 
+    def _state_products(
+        self, residual: list[torch.Tensor], direction: list[torch.Tensor]
+    ) -> tuple[float, float, float]:
+        """(|r|², μ = pᵀr, |p|²) of the state's r and p.
+
+        The previous step already formed them for its trace and its successor (:meth:`_remember_state_products`);
+        they are reused when r and p are still the same tensors, unmodified since, and computed otherwise (after a
+        ``load_state_dict``, or when something wrote into the state). Same bits either way.
+        """
+        tensors = residual + direction
+        if self._known_products is not None:
+            known_tensors, known_versions, products = self._known_products
+            if len(known_tensors) == len(tensors) and all(a is b for a, b in zip(known_tensors, tensors)):
+                if known_versions == [t._version for t in tensors]:
+                    return products
+        residual_sq, mu, direction_sq = vec.dots([(residual, residual), (direction, residual), (direction, direction)])
+        return residual_sq, mu, direction_sq
+
+    def _remember_state_products(self, params: list[torch.Tensor], products: tuple[float, float, float]) -> None:
+        """Keep (|r|², pᵀr, |p|²) of the r and p now in the state for :meth:`_state_products`."""
+        tensors = [self.state[p]["residual"] for p in params] + [self.state[p]["direction"] for p in params]
+        self._known_products = (tensors, [t._version for t in tensors], products)
+
     def _weights_changed_outside(self, params: list[torch.Tensor]) -> bool:
         """Whether the parameters were written to since the last step (then r and E are stale)."""
         return self._param_versions is not None and self._param_versions != [p._version for p in params]
 
     def _make_trace(
-        self, params: list[torch.Tensor], *, comparison: float, mu: float, alpha: float, success: bool
+        self,
+        residual_sq: float,
+        direction_sq: float,
+        *,
+        comparison: float,
+        mu: float,
+        alpha: float,
+        success: bool,
     ) -> SCGTrace:
+        """The trace of the iteration just done, from |r|² and |p|² of the r and p held after it."""
         scalars = self._scalars
         return SCGTrace(
             k=scalars.k,
@@ -525,8 +601,8 @@ class SCG(torch.optim.Optimizer):
             comparison=comparison,
             mu=mu,
             alpha=alpha,
-            residual_norm=math.sqrt(vec.squared_norm([self.state[p]["residual"] for p in params])),
-            direction_norm=math.sqrt(vec.squared_norm([self.state[p]["direction"] for p in params])),
+            residual_norm=math.sqrt(residual_sq),
+            direction_norm=math.sqrt(direction_sq),
             closure_calls=scalars.closure_calls,
             hvp_calls=scalars.hvp_calls,
         )
@@ -536,10 +612,12 @@ class SCG(torch.optim.Optimizer):
         return repr(names[index]) if index < len(names) else f"#{index}"
 
     def _reset_transient(self) -> None:
-        """Forget what cannot outlive this object: the graph of the last evaluation and the weights' versions."""
+        """Forget what cannot outlive this object: the graph of the last evaluation, the weights' versions and the
+        inner products of the state's r and p."""
         self._graph_gradients: list[torch.Tensor] | None = None
         self._graph_versions: list[int] | None = None
         self._param_versions: list[int] | None = None
+        self._known_products: tuple[list[torch.Tensor], list[int], tuple[float, float, float]] | None = None
 
 
 def _validate_hyperparameters(group: dict[str, Any]) -> None:
@@ -569,6 +647,26 @@ def _typed_dataclass(cls: type, values: Any) -> Any:
         if wrong_bool or not isinstance(value, kinds[declared]):
             raise ValueError(f"the 'scg' entry of this state_dict has {name} = {value!r}, which is not a {declared}")
     return cls(**{name: float(value) if fields[name] == "float" else value for name, value in values.items()})
+
+
+def _finite_difference_from_residual(
+    shifted_gradients: list[torch.Tensor], residual: list[torch.Tensor], sigma_k: float
+) -> list[torch.Tensor]:
+    """Møller's s = (E'(w + σₖp) − E'(w))/σₖ from r = −E'(w), formed as (E'(w + σₖp) + r)/σₖ.
+
+    Bit for bit :func:`~moller_scg.curvature.finite_difference_hvp` of E'(w + σₖp) and −r: a − (−b) and a + b are
+    the same IEEE operation. It spares the parameter-sized copy −r, and the quotient is taken in place of the sum.
+    """
+    return [torch.add(shifted, r).div_(sigma_k) for shifted, r in zip(shifted_gradients, residual)]
+
+
+def _all_finite_given_squared_norm(xs: list[torch.Tensor], squared_norm: float) -> bool:
+    """Whether every element of x is finite, given |x|² (summed in float64 from x·x in x's dtype).
+
+    A non-finite element makes |x|² inf or NaN, so a finite |x|² settles it without another reduction. A non-finite
+    |x|² may also be an overflow of finite elements (in float16 beyond |x| = 256): only then are they checked.
+    """
+    return math.isfinite(squared_norm) or vec.all_finite(xs)
 
 
 def _require_finite(loss: float, gradients: list[torch.Tensor], where: str) -> None:

@@ -5,7 +5,9 @@ from __future__ import annotations
 import copy
 import io
 import math
+import os
 import pickle
+import sys
 import warnings
 
 import pytest
@@ -16,7 +18,9 @@ from reference_scg import problem_from_function, reference_scg
 from torch import nn
 
 from moller_scg import SCG
-from moller_scg.scg import MAX_NON_FINITE_TRIALS
+from moller_scg import _vectors as vec
+from moller_scg.curvature import finite_difference_hvp
+from moller_scg.scg import MAX_NON_FINITE_TRIALS, _all_finite_given_squared_norm, _finite_difference_from_residual
 
 MODES = ["double-backward", "finite-difference"]
 
@@ -749,6 +753,199 @@ def test_weights_changed_between_steps_restart_from_the_new_point():
     optimizer.step(closure)
     assert len(calls) - before == 2  # re-evaluation at the new weights + the trial
     assert torch.equal(w.detach(), expected[-1])
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Memory and arithmetic of a step.
+
+
+def _parameter_sized_buffers_during_steps(optimizer: SCG, w: torch.Tensor, closure, steps: int, before_step=None):
+    """The most tensors of w's size that SCG held at once, checked at every line SCG and its helpers executed.
+
+    Held means referenced from a frame of ``moller_scg`` code or from ``optimizer.state``; w itself and every
+    gradient the closure produced (all kept alive, so their memory is never reused) do not count. Temporaries
+    that live within one line are not seen, so this counts buffers, not allocator traffic.
+    """
+    package = os.path.dirname(vec.__file__)
+    n = w.numel()
+    peak = 0
+
+    def held(frame, returned) -> int:
+        excluded = {w.untyped_storage().data_ptr()} | {g.untyped_storage().data_ptr() for g in closure.gradients}
+        storages = set()
+
+        def visit(value):
+            if isinstance(value, torch.Tensor):
+                if value.numel() == n:
+                    storages.add(value.untyped_storage().data_ptr())
+            elif isinstance(value, (list, tuple)):
+                for item in value:
+                    visit(item)
+
+        visit(returned)
+        for param_state in optimizer.state.values():
+            visit(list(param_state.values()))
+        while frame is not None:
+            if frame.f_code.co_filename.startswith(package):
+                visit(list(frame.f_locals.values()))
+            frame = frame.f_back
+        return len(storages - excluded)
+
+    def trace_lines(frame, event, arg):
+        nonlocal peak
+        peak = max(peak, held(frame, arg if event == "return" else None))
+        return trace_lines
+
+    def trace_calls(frame, event, arg):
+        return trace_lines if frame.f_code.co_filename.startswith(package) else None
+
+    previous_tracer = sys.gettrace()  # a coverage tool's, for example
+    for k in range(steps):
+        if before_step is not None:
+            before_step(k)
+        sys.settrace(trace_calls)
+        try:
+            optimizer.step(closure)
+        finally:
+            sys.settrace(previous_tracer)
+    return peak
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_a_step_holds_at_most_four_parameter_sized_buffers(mode):
+    # The accepted w, r and p, and one of s = E''p (step 2) or r₊ (step 7): never s and r₊ together, and the new
+    # direction p₊ is formed in p's storage. Successes, failures, restarts and the p ⟂ r fallback all occur.
+    w = nn.Parameter(torch.tensor([-1.2, 1.0] * 19, dtype=torch.float64))  # 19 Rosenbrock pairs: n = 38
+
+    def closure():
+        optimizer.zero_grad()
+        x, y = w[0::2], w[1::2]
+        loss = torch.sum(100 * (y - x**2) ** 2 + (1 - x) ** 2)
+        loss.backward(create_graph=(mode == "double-backward"))
+        closure.gradients.append(w.grad)
+        return loss
+
+    closure.gradients = []
+    optimizer = SCG([w], hvp=mode, restart=4)
+    successes = []
+
+    def before_step(k):
+        if k > 0:
+            successes.append(optimizer.trace.success)
+        if k == 6:  # p ⟂ r exactly: the step searches along r
+            state = optimizer.state[w]
+            state["direction"] = torch.zeros_like(w)
+            state["direction"][:2] = torch.stack([state["residual"][1], -state["residual"][0]])
+
+    peak = _parameter_sized_buffers_during_steps(optimizer, w, closure, 14, before_step)
+    assert False in successes and optimizer.trace.k == 14
+    assert 3 <= peak <= 4  # 6 before p was updated in place and s released early, 7 in the p ⟂ r fallback
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_direction_orthogonal_to_the_residual_falls_back_to_steepest_descent(mode):
+    # μ = pᵀr = 0 exactly: the step searches along r, as if p were a copy of r after a success (λ̄ = 0).
+    def setup():
+        w = nn.Parameter(torch.tensor([-1.2, 1.0, -0.5, 0.8], dtype=torch.float64))
+        optimizer = SCG([w], hvp=mode)
+        return w, optimizer, closure_for(optimizer, [w], lambda: rosenbrock(w), mode)
+
+    w, optimizer, closure = setup()
+    for _ in range(3):
+        optimizer.step(closure)
+    state = optimizer.state[w]
+    r = state["residual"]
+    state["direction"].zero_()[:2] = torch.stack([r[1], -r[0]])
+    assert vec.dot([state["direction"]], [r]) == 0.0
+
+    twin_w, twin, twin_closure = setup()
+    with torch.no_grad():
+        twin_w.copy_(w)
+    saved = copy.deepcopy(optimizer.state_dict())
+    saved["state"][0]["direction"] = saved["state"][0]["residual"].clone()
+    saved["scg"]["scalars"] |= {"success": True, "lambd_bar": 0.0}
+    twin.load_state_dict(saved)
+    for _ in range(6):
+        optimizer.step(closure)
+        twin.step(twin_closure)
+        assert torch.equal(w, twin_w)
+        for key in ("residual", "direction"):
+            assert torch.equal(optimizer.state[w][key], twin.state[twin_w][key])
+        assert optimizer.state[w]["direction"].data_ptr() != optimizer.state[w]["residual"].data_ptr()
+
+
+def test_loaded_state_is_not_shared_with_the_state_dict_it_came_from():
+    model, optimizer, closure = _mlp_setup()
+    for _ in range(3):
+        optimizer.step(closure)
+    twin = SCG(model.parameters())
+    twin.load_state_dict(optimizer.state_dict())
+    snapshot = copy.deepcopy(twin.state_dict()["state"])
+    optimizer.step(closure)  # updates its direction p in place
+    for index, entries in twin.state_dict()["state"].items():
+        for key, value in entries.items():
+            assert torch.equal(value, snapshot[index][key])
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_trace_reports_the_norms_and_mu_of_the_state_bit_for_bit(mode):
+    # |r|, |p| and the next μ = pᵀr are formed once, at the end of the step before; they must be those of the
+    # state, also after the state's p was changed in place between steps.
+    w = nn.Parameter(torch.tensor([-1.2, 1.0, -0.5, 0.8, 0.3], dtype=torch.float64))
+    optimizer = SCG([w], hvp=mode, restart=3)
+    closure = closure_for(optimizer, [w], lambda: rosenbrock(w), mode)
+    optimizer.step(closure)
+    failures = 0
+    for k in range(25):
+        state = optimizer.state[w]
+        if k == 10:
+            state["direction"].mul_(0.5)
+        mu = vec.dot([state["direction"]], [state["residual"]])
+        optimizer.step(closure)
+        trace = optimizer.trace
+        failures += not trace.success
+        assert trace.mu == mu
+        assert trace.residual_norm == math.sqrt(vec.squared_norm([state["residual"]]))
+        assert trace.direction_norm == math.sqrt(vec.squared_norm([state["direction"]]))
+    assert failures > 0
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.float16, torch.complex64])
+def test_batched_inner_products_equal_separate_ones(dtype):
+    generator = torch.Generator().manual_seed(0)
+    xs, ys, zs = ([torch.randn(shape, generator=generator).to(dtype) for shape in [(5, 3), (7,), ()]] for _ in "xyz")
+    pairs = [(xs, ys), (xs, xs), (zs, ys)]
+    products = vec.dots(pairs)
+    assert products == [vec.dot(a, b) for a, b in pairs]
+
+    # The elementwise products are rounded to the tensors' dtype, their sum is float64 (in another order here).
+    def reference(a, b):
+        return math.fsum(float(v) for x, y in zip(a, b) for v in (vec.as_real(x) * vec.as_real(y)).reshape(-1))
+
+    assert products == pytest.approx([reference(a, b) for a, b in pairs], rel=1e-12)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.float16, torch.bfloat16, torch.complex128])
+def test_finite_difference_from_the_residual_is_finite_difference_hvp_bit_for_bit(dtype):
+    # s = (E'(w + σₖp) + r)/σₖ, without forming −r, is curvature.finite_difference_hvp of E'(w + σₖp) and E'(w) = −r.
+    generator = torch.Generator().manual_seed(1)
+    shifted, residual = ([torch.randn(shape, generator=generator).to(dtype) for shape in [(50,), (4, 6)]] for _ in "ab")
+    shifted[0][:3] = torch.tensor([0.0, -0.0, 1.0]).to(dtype)
+    residual[0][:3] = torch.tensor([-0.0, 0.0, -1.0]).to(dtype)
+    for sigma_k in (5e-5, 3.0, 1e-300):
+        expected = finite_difference_hvp(shifted, vec.negated(residual), sigma_k)
+        actual = _finite_difference_from_residual(shifted, residual, sigma_k)
+        for a, e in zip(actual, expected):
+            assert torch.equal(vec.as_real(a).view(-1).view(torch.uint8), vec.as_real(e).view(-1).view(torch.uint8))
+
+
+def test_an_overflowing_squared_norm_is_not_taken_for_a_non_finite_gradient():
+    large = [torch.tensor([300.0, -1.0], dtype=torch.float16), torch.tensor([2.0], dtype=torch.float16)]
+    assert math.isinf(vec.squared_norm(large))  # 300² overflows float16
+    assert _all_finite_given_squared_norm(large, vec.squared_norm(large))
+    for bad in (math.inf, -math.inf, math.nan):
+        vectors = [large[0], torch.tensor([bad], dtype=torch.float16)]
+        assert not _all_finite_given_squared_norm(vectors, vec.squared_norm(vectors))
 
 
 # ---------------------------------------------------------------------------------------------------------------
