@@ -632,6 +632,16 @@ def _is_optimizer_frame(frame: types.FrameType) -> bool:
     return not filename.startswith(_TORCH_DIR) or filename.startswith(_TORCH_OPTIM_DIR)
 
 
+def _inside_objective(frame: types.FrameType | None) -> bool:
+    """Whether the accumulator is on the stack: then the frame belongs to the objective's evaluation (such as
+    ``moller_scg.curvature.graph_hvp`` on one batch), whose memory is the data loop's, not the optimizer's."""
+    while frame is not None:
+        if frame.f_code.co_filename == _ACCUMULATOR_FILE:
+            return True
+        frame = frame.f_back
+    return False
+
+
 def reachable_numbers(roots: list[Any], excluded: set[int]) -> int:
     """Floating-point numbers in the tensors and arrays reachable from ``roots`` (see ``optimizer_state_numbers``)."""
     seen_objects: set[int] = set()
@@ -1184,7 +1194,7 @@ def memory_probe(problem: Problem, initial: dict[str, torch.Tensor], costs: dict
 
         def profile(frame: types.FrameType, event: str, arg: Any, run: Run = run) -> None:
             nonlocal peak
-            if event not in ("return", "c_return") or not _is_optimizer_frame(frame):
+            if event not in ("return", "c_return") or not _is_optimizer_frame(frame) or _inside_objective(frame):
                 return
             returned = [arg] if event == "return" else []
             peak = max(peak, optimizer_state_numbers(frame, run.entry_code, run.excluded_storages(), returned))
