@@ -7,7 +7,9 @@ floors the passes themselves set:
 * exact curvature (``hvp="double-backward"``, SCG calls ``acc.hvp``): a successful step makes 1 gradient pass and
   1 HVP pass; target ≤ 1.05 × (gradient pass + HVP pass);
 * finite differences (``hvp="finite-difference"``): a successful step makes 2 gradient passes; target ≤ 2.1
-  gradient passes.
+  gradient passes;
+* subsampled exact curvature (``GradientAccumulator(..., curvature_fraction=0.1)``): a successful step makes 1
+  gradient pass and 1 HVP pass over a tenth of the samples; target ≤ 1.05 × (gradient pass + that HVP pass).
 
 A failed step (Δ < 0) makes only the trial's gradient pass; the closure and HVP calls of each step are read from
 ``optimizer.trace``, and the ratios are medians over successful steps of (step time) / (floor in the same round).
@@ -39,7 +41,8 @@ from moller_scg.accumulate import GradientAccumulator  # noqa: E402
 from moller_scg.models import MnistCNN  # noqa: E402
 from moller_scg.scg import SCG  # noqa: E402
 
-EXACT_TARGET = 1.05  # × (1 gradient pass + 1 HVP pass)
+EXACT_TARGET = 1.05  # × (1 gradient pass + 1 HVP pass), also for the subsampled HVP pass
+CURVATURE_FRACTION = 0.1
 FINITE_DIFFERENCE_TARGET = 2.1  # gradient passes
 
 
@@ -78,9 +81,11 @@ class _TimedClosure:
 class _Run:
     """One SCG optimizer on its own copy of the model, stepping through its own accumulator."""
 
-    def __init__(self, model: nn.Module, data, batch_size: int, hvp: str) -> None:
+    def __init__(self, model: nn.Module, data, batch_size: int, hvp: str, curvature_fraction: float = 1.0) -> None:
         self.model = copy.deepcopy(model)
-        accumulator = GradientAccumulator(self.model, nn.CrossEntropyLoss(), data, batch_size=batch_size)
+        accumulator = GradientAccumulator(
+            self.model, nn.CrossEntropyLoss(), data, batch_size=batch_size, curvature_fraction=curvature_fraction
+        )
         self.closure = _TimedClosure(accumulator)
         self.optimizer = SCG(self.model.parameters(), hvp=hvp)
 
@@ -106,13 +111,17 @@ def measure(samples: int, batch_size: int, rounds: int, device: torch.device) ->
     data = mnist(samples, device)
     model = MnistCNN().to(device)
     passes = GradientAccumulator(model, nn.CrossEntropyLoss(), data, batch_size=batch_size)
+    subsampled_passes = GradientAccumulator(
+        model, nn.CrossEntropyLoss(), data, batch_size=batch_size, curvature_fraction=CURVATURE_FRACTION
+    )
     vectors = [torch.randn_like(p) for p in passes.params]
     runs = {
         "exact": _Run(model, data, batch_size, "double-backward"),
         "finite-difference": _Run(model, data, batch_size, "finite-difference"),
+        "subsampled": _Run(model, data, batch_size, "double-backward", CURVATURE_FRACTION),
     }
     # Warm-up: one pass of each kind, and each optimizer's first step (which also evaluates its start point).
-    passes(), passes.hvp(vectors)
+    passes(), passes.hvp(vectors), subsampled_passes.hvp(vectors)
     for run in runs.values():
         run.step()
     records = []
@@ -120,8 +129,10 @@ def measure(samples: int, batch_size: int, rounds: int, device: torch.device) ->
         tasks = [
             ("gradient", lambda: _timed(passes)),
             ("hvp", lambda: _timed(lambda: passes.hvp(vectors))),
+            ("subsampled_hvp", lambda: _timed(lambda: subsampled_passes.hvp(vectors))),
             ("exact", runs["exact"].step),
             ("finite-difference", runs["finite-difference"].step),
+            ("subsampled", runs["subsampled"].step),
         ]
         shift = round_index % len(tasks)
         record = {}
@@ -141,14 +152,17 @@ def summarize(records: list[dict], samples: int, batch_size: int, rounds: int) -
         "gradient_pass_seconds": statistics.median(gradient),
         "hvp_pass_seconds": statistics.median(hvp),
         "hvp_over_gradient": statistics.median(h / g for h, g in zip(hvp, gradient)),
+        "curvature_fraction": CURVATURE_FRACTION,
+        "subsampled_hvp_over_gradient": statistics.median(r["subsampled_hvp"] / r["gradient"] for r in records),
     }
-    for mode in ("exact", "finite-difference"):
-        steps = [(r[mode], r["gradient"], r["hvp"]) for r in records]
+    for mode in ("exact", "finite-difference", "subsampled"):
+        hvp_kind = "subsampled_hvp" if mode == "subsampled" else "hvp"
+        steps = [(r[mode], r["gradient"], r[hvp_kind]) for r in records]
         successes = [s for s in steps if s[0]["success"]]
-        if mode == "exact":
-            floor = [g + h for _, g, h in successes]
-        else:
+        if mode == "finite-difference":
             floor = [2 * g for _, g, _ in successes]
+        else:
+            floor = [g + h for _, g, h in successes]
         in_units = [s["seconds"] / f for (s, _, _), f in zip(successes, floor)]
         own = [s["outside_passes"] for s, _, _ in successes]
         result[mode] = {
@@ -173,8 +187,9 @@ def _ms(seconds: float | None) -> float | None:
 
 def report(results: dict[str, object]) -> str:
     env, row = results["environment"], results["measurement"]
-    exact, fd = row["exact"], row["finite-difference"]
+    exact, fd, sub = row["exact"], row["finite-difference"], row["subsampled"]
     floor_exact = 1 + row["hvp_over_gradient"]
+    floor_subsampled = 1 + row["subsampled_hvp_over_gradient"]
 
     def verdict(value, target):
         return "n/a" if value is None else ("ok" if value <= target else f"> {target}")
@@ -194,6 +209,8 @@ def report(results: dict[str, object]) -> str:
             "",
             f"gradient pass (acc()):     {row['gradient_pass_seconds']:.3f} s  = 1 unit",
             f"HVP pass (acc.hvp(v)):     {row['hvp_pass_seconds']:.3f} s  = {row['hvp_over_gradient']:.2f} units",
+            f"HVP pass over {row['curvature_fraction']:.0%} of the samples (curvature_fraction="
+            f"{row['curvature_fraction']:g}): {row['subsampled_hvp_over_gradient']:.2f} units",
             "",
             "exact curvature (hvp='double-backward', SCG calls acc.hvp)",
             f"  successful steps: {exact['successful_steps']} of {exact['steps']}; closure calls per successful step "
@@ -213,6 +230,16 @@ def report(results: dict[str, object]) -> str:
             f"{verdict(fd['successful_step_in_gradient_passes'], FINITE_DIFFERENCE_TARGET)})",
             f"  mean over all steps = {fd['mean_step_in_gradient_passes']:.2f} gradient passes; SCG's own "
             f"work per successful step (outside the passes) {own_ms(fd)} ms",
+            "",
+            f"subsampled exact curvature (curvature_fraction={row['curvature_fraction']:g}, SCG calls acc.hvp)",
+            f"  successful steps: {sub['successful_steps']} of {sub['steps']}; closure calls per successful step "
+            f"{sub['closure_calls_per_successful_step']}, HVP calls {sub['hvp_calls_per_successful_step']}",
+            f"  successful step = {fmt(sub['successful_step_in_gradient_passes'], '.2f')} gradient passes; "
+            f"floor 1 + {row['subsampled_hvp_over_gradient']:.2f} = {floor_subsampled:.2f}",
+            f"  step / (gradient pass + subsampled HVP pass) = {fmt(sub['successful_step_over_floor'])}  "
+            f"(target ≤ {EXACT_TARGET}: {verdict(sub['successful_step_over_floor'], EXACT_TARGET)})",
+            f"  mean over all steps = {sub['mean_step_in_gradient_passes']:.2f} gradient passes; SCG's own "
+            f"work per successful step (outside the passes) {own_ms(sub)} ms",
         ]
     )
 
