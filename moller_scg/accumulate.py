@@ -32,7 +32,7 @@ import math
 import numbers
 import warnings
 from collections.abc import Callable, Iterable, Iterator, Sequence
-from typing import Any
+from typing import Any, cast
 
 import torch
 from torch import nn
@@ -151,7 +151,7 @@ class _Objective:
                     f"loss_fn must return a scalar tensor per batch, got {shape} (does it reduce with 'none'?)"
                 )
             return term
-        loss_fn = self.loss_fn
+        loss_fn = cast("nn.CrossEntropyLoss | nn.NLLLoss", self.loss_fn)  # the ratio kind's losses
         if isinstance(loss_fn, nn.CrossEntropyLoss):
             return nn.functional.cross_entropy(
                 outputs,
@@ -173,8 +173,9 @@ class _Objective:
         if targets.is_floating_point():
             # Class probabilities: the mean divides by the number of (sample, position) pairs, not by weights.
             return targets.numel() // targets.shape[1] if targets.dim() > 1 else 1
-        kept = targets != self.loss_fn.ignore_index
-        weight = self.loss_fn.weight
+        loss_fn = cast("nn.CrossEntropyLoss | nn.NLLLoss", self.loss_fn)  # the ratio kind's losses
+        kept = targets != loss_fn.ignore_index
+        weight = loss_fn.weight
         if weight is None:
             return kept.sum()
         return (weight[torch.where(kept, targets, 0)] * kept).sum(dtype=torch.float64)
@@ -585,6 +586,9 @@ class GradientAccumulator:
             self._check_reduction(*head)
         objective, params = self._objective, self.params
         sums = None if kind == "loss" else _WideSums(params)
+        # Typed as the loop's "gradient" and "hvp" branches use them: sums is None only for "loss", vectors only
+        # for kinds other than "hvp".
+        wide_sums, hvp_vectors = cast(_WideSums, sums), cast(list[torch.Tensor], vectors)
         expected = source.expected_batches()
         terms = torch.empty(max(expected or 16, 1), dtype=torch.float64, device=self.device)
         scales: list[int] = []
@@ -602,11 +606,11 @@ class GradientAccumulator:
                 with torch.no_grad():
                     term = objective.term(self.model(inputs), targets)
             elif kind == "gradient":
-                term = self._add_batch_gradient(inputs, targets, sums, scale)
+                term = self._add_batch_gradient(inputs, targets, wide_sums, scale)
             elif self.hvp_method == "double-backward":
-                term = self._add_batch_hvp_double_backward(inputs, targets, vectors, sums, scale)
+                term = self._add_batch_hvp_double_backward(inputs, targets, hvp_vectors, wide_sums, scale)
             else:
-                term = self._add_batch_hvp_forward_over_reverse(inputs, targets, vectors, sums, scale)
+                term = self._add_batch_hvp_forward_over_reverse(inputs, targets, hvp_vectors, wide_sums, scale)
             if index >= terms.numel():
                 terms = torch.cat([terms, torch.empty_like(terms)])  # the loader yielded more than len(loader)
             terms[index] = term.detach().reshape(())
@@ -658,7 +662,7 @@ class GradientAccumulator:
         scale: int,
     ) -> torch.Tensor:
         """Σ ← Σ + scale · E_b''v, as the forward-mode derivative of ∂E_b/∂w along v (``torch.func``)."""
-        names = self._param_names
+        names = cast(list[str], self._param_names)  # set when hvp_method is "forward-over-reverse"
         objective, model = self._objective, self.model
 
         def batch_loss(weights: dict[str, torch.Tensor]) -> torch.Tensor:
@@ -697,8 +701,9 @@ class GradientAccumulator:
         if not self.distributed:
             return sums
         samples = torch.tensor(sums.samples, dtype=torch.float64, device=self.device)
-        loss, denominator, samples, *vectors = _dist.all_reduce_sum(
-            [sums.loss, sums.denominator, samples, *(sums.vectors or [])]
+        # all_reduce_sum gives None back only for a None: here at most the denominator, which _PassSums allows.
+        loss, denominator, samples, *vectors = cast(
+            list[torch.Tensor], _dist.all_reduce_sum([sums.loss, sums.denominator, samples, *(sums.vectors or [])])
         )
         return _PassSums(
             loss=loss,
@@ -838,7 +843,7 @@ class GradientAccumulator:
 
 def _trainable_params(model: nn.Module, params: Iterable[torch.Tensor] | None) -> list[torch.Tensor]:
     if params is None:
-        chosen = [p for p in model.parameters() if p.requires_grad]
+        chosen: list[torch.Tensor] = [p for p in model.parameters() if p.requires_grad]
     else:
         if isinstance(params, torch.Tensor):
             raise TypeError("params must be an iterable of tensors, not a single tensor (wrap it in a list)")
@@ -1079,10 +1084,10 @@ class _WideSums:
                 continue
             if not self._narrow[index]:
                 self.totals[index].add_(vector, alpha=scale)
-            elif self._partials[index] is None:
+            elif (partial := self._partials[index]) is None:
                 self._partials[index] = vector * scale  # a new tensor: autograd's result may be a shared view
             else:
-                self._partials[index].add_(vector, alpha=scale)
+                partial.add_(vector, alpha=scale)
         self._pending += 1
         if self._pending == PARTIAL_SUM_BATCHES:
             self._flush()

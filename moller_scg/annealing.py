@@ -379,7 +379,8 @@ def _restart_scg(optimizer: SCG) -> None:
 def _check_int(name: str, value: Any, *, minimum: int, maximum: int | None = None) -> None:
     if isinstance(value, bool) or not isinstance(value, numbers.Integral):
         raise TypeError(f"AnnealingRestarts.{name} must be an int, got {type(value).__name__}: {value!r:.80}")
-    if value < minimum or (maximum is not None and value > maximum):
+    # int(value) > maximum: typeshed's numbers.Integral has < and <= but no >, and int's > does not take it
+    if value < minimum or (maximum is not None and int(value) > maximum):
         bound = f"≥ {minimum}" if maximum is None else f"in [{minimum}, {maximum}]"
         raise ValueError(f"Invalid AnnealingRestarts.{name} value: {value!r}; it must be an int {bound}")
 

@@ -60,7 +60,7 @@ import torch
 try:
     import numpy
 except ImportError:  # numpy is optional: without it there is no numpy RNG to save
-    numpy = None
+    numpy = None  # type: ignore[assignment]
 
 logger = logging.getLogger(__name__)
 

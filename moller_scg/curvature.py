@@ -20,6 +20,7 @@ References:
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
+from typing import cast
 
 import torch
 
@@ -75,7 +76,7 @@ def graph_hvp(
             raise RuntimeError(MISSING_GRAPH_MESSAGE)
         return [torch.zeros_like(p) for p in params]  # the gradient does not depend on w: E'' = 0
     with torch.enable_grad():
-        directional = sum(torch.sum(as_real(g) * as_real(v)) for g, v in pairs)
+        directional = cast(torch.Tensor, sum(torch.sum(as_real(g) * as_real(v)) for g, v in pairs))  # pairs ≠ []
         try:
             products = torch.autograd.grad(directional, list(params), allow_unused=True)
         except RuntimeError as error:  # NotImplementedError is a RuntimeError too
@@ -102,7 +103,11 @@ def functional_hvp(
     Returns:
         s = E''(w) v, by name.
     """
-    _, products = torch.func.jvp(torch.func.grad(loss_of_params), (dict(params),), (dict(vectors),))
+    # jvp's stub does not tell its results with and without has_aux apart: (outputs, tangents) here
+    _, products = cast(
+        "tuple[torch.Tensor, dict[str, torch.Tensor]]",
+        torch.func.jvp(torch.func.grad(loss_of_params), (dict(params),), (dict(vectors),)),
+    )
     return products
 
 
@@ -122,7 +127,11 @@ def functional_hvp_and_loss(
         return loss, loss.detach()
 
     gradient_and_value = torch.func.grad(loss_and_value, has_aux=True)
-    _, products, loss = torch.func.jvp(gradient_and_value, (dict(params),), (dict(vectors),), has_aux=True)
+    # (gradient, its tangent s, aux = the loss); jvp's stub does not tell this from the 2-tuple without has_aux
+    _, products, loss = cast(
+        "tuple[dict[str, torch.Tensor], dict[str, torch.Tensor], torch.Tensor]",
+        torch.func.jvp(gradient_and_value, (dict(params),), (dict(vectors),), has_aux=True),
+    )
     return loss, products
 
 

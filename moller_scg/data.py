@@ -268,7 +268,8 @@ def _find_idx_files(root: Path) -> dict[str, tuple[Path, Path]]:
         )
     names = [name for pair in IDX_FILES.values() for name in pair]
     folders = [root, root / "MNIST" / "raw", root / "raw"]
-    best_folder, best_found = root, {}
+    best_folder = root
+    best_found: dict[str, Path] = {}
     for folder in folders:
         found = {}
         for name in names:
@@ -375,6 +376,7 @@ def _malformed(path: Path, problem: str) -> ValueError:
 def _check_int(name: str, value: object, low: int, high: int | None = None) -> None:
     if isinstance(value, bool) or not isinstance(value, numbers.Integral):
         raise TypeError(f"{name} must be an int, got {value!r}")
-    if value < low or (high is not None and value > high):
+    # int(value) > high: typeshed's numbers.Integral has < and <= but no >, and int's > does not take it
+    if value < low or (high is not None and int(value) > high):
         valid = f"{low} ≤ {name}" + (f" ≤ {high}" if high is not None else "")
         raise ValueError(f"Invalid {name}: {value} (expected {valid})")

@@ -96,7 +96,8 @@ def all_reduce_sum(tensors: Sequence[torch.Tensor | None]) -> list[torch.Tensor 
     parts = [_as_float64(t).reshape(-1) for t in present]
     buffer = torch.cat(parts)
     _all_reduce(buffer, dist.ReduceOp.SUM, f"{buffer.numel()} float64 sums")
-    results, start = [], 0
+    results: list[torch.Tensor | None] = []
+    start = 0
     for t in tensors:
         if t is None:
             results.append(None)
@@ -190,7 +191,7 @@ def _as_float64(tensor: torch.Tensor) -> torch.Tensor:
     return tensor.to(torch.float64)
 
 
-def _all_reduce(buffer: torch.Tensor, op: dist.ReduceOp, what: str) -> None:
+def _all_reduce(buffer: torch.Tensor, op: dist.ReduceOp | dist.ReduceOp.RedOpType, what: str) -> None:
     """``dist.all_reduce`` in place, with a failure or timeout re-raised as :class:`DistributedError`."""
     try:
         dist.all_reduce(buffer, op=op)

@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import os
 import time
+from typing import cast
 
 import torch
 from torch import nn
@@ -19,7 +20,7 @@ from moller_scg.accumulate import GradientAccumulator
 from moller_scg.data import MnistSplits, load_embedded_mnist, load_mnist_idx
 from moller_scg.history import History
 from moller_scg.models import MnistCNN
-from moller_scg.scg import SCG
+from moller_scg.scg import SCG, SCGTrace
 from moller_scg.train import accuracy, fit
 
 DEFAULT_MAX_ITER = 60
@@ -140,7 +141,8 @@ def train_mnist(
     test_accuracy = float(
         GradientAccumulator(model, accuracy, splits.test, batch_size=batch_size, device=device, reduction="mean").loss()
     )
-    trace = optimizer.trace
+    # None only if fit took no step, and then history["loss"][-1] (evaluated first below) raises IndexError anyway.
+    trace = cast(SCGTrace, optimizer.trace)
     return MnistResult(
         history=history,
         train_loss=history["loss"][-1],
@@ -149,7 +151,7 @@ def train_mnist(
         closure_calls=trace.closure_calls,
         hvp_calls=trace.hvp_calls,
         wall_time=history["time"][-1] if len(history) else wall_time,
-        stop_reason=history.stop_reason,
+        stop_reason=cast(str, history.stop_reason),  # fit returns its History with stop_reason set
         train_size=len(splits.train[1]),
         test_size=len(splits.test[1]),
     )

@@ -16,7 +16,7 @@ import logging
 import math
 import numbers
 from collections.abc import Callable, Iterable
-from typing import Any
+from typing import Any, cast
 
 import torch
 
@@ -185,6 +185,12 @@ class SCG(torch.optim.Optimizer):
         >>> bool(loss < 1e-12)
         True
     """
+
+    # What cannot outlive this object, set by _reset_transient (declared here, where the type checker looks first).
+    _graph_gradients: list[torch.Tensor] | None
+    _graph_versions: list[int] | None
+    _param_versions: list[int] | None
+    _known_products: tuple[list[torch.Tensor], list[int], tuple[float, float, float]] | None
 
     def __init__(
         self,
@@ -550,7 +556,8 @@ class SCG(torch.optim.Optimizer):
         if self._graph_gradients is None or self._graph_versions != [p._version for p in params]:
             # No graph at w (after loading a state_dict, a copy, or an error inside the last step): rebuild it.
             self._evaluate(closure, params)
-        gradients, self._graph_gradients = self._graph_gradients, None
+        # Not None: kept by the evaluation (the last one at w, or the one just made) in double-backward mode.
+        gradients, self._graph_gradients = cast(list[torch.Tensor], self._graph_gradients), None
         return graph_hvp(gradients, params, direction)
 
     def _state_products(
@@ -614,17 +621,20 @@ class SCG(torch.optim.Optimizer):
     def _reset_transient(self) -> None:
         """Forget what cannot outlive this object: the graph of the last evaluation, the weights' versions and the
         inner products of the state's r and p."""
-        self._graph_gradients: list[torch.Tensor] | None = None
-        self._graph_versions: list[int] | None = None
-        self._param_versions: list[int] | None = None
-        self._known_products: tuple[list[torch.Tensor], list[int], tuple[float, float, float]] | None = None
+        self._graph_gradients = None
+        self._graph_versions = None
+        self._param_versions = None
+        self._known_products = None
 
 
 def _validate_hyperparameters(group: dict[str, Any]) -> None:
     sigma, lambd, hvp, restart = group["sigma"], group["lambd"], group["hvp"], group["restart"]
-    if not isinstance(sigma, numbers.Real) or not (0.0 < sigma < math.inf):
+    # The isinstance checks stay apart from the comparisons, so that sigma and lambd stay Any for the type checker:
+    # typeshed's numbers.Real cannot be compared with a float (CoBA's hz_lambda check does the same).
+    sigma_is_real, lambd_is_real = isinstance(sigma, numbers.Real), isinstance(lambd, numbers.Real)
+    if not sigma_is_real or not (0.0 < sigma < math.inf):
         raise ValueError(f"Invalid sigma (σ) value: {sigma!r}; it must be positive and finite (the paper uses ≤ 1e-4)")
-    if not isinstance(lambd, numbers.Real) or not (0.0 < lambd < math.inf):
+    if not lambd_is_real or not (0.0 < lambd < math.inf):
         raise ValueError(f"Invalid lambd (λ₁) value: {lambd!r}; it must be positive and finite (the paper uses ≤ 1e-6)")
     if hvp not in HVP_MODES:
         raise ValueError(f"Invalid hvp value: {hvp!r}; choose one of {', '.join(map(repr, HVP_MODES))}")
@@ -634,13 +644,14 @@ def _validate_hyperparameters(group: dict[str, Any]) -> None:
 
 def _typed_dataclass(cls: type, values: Any) -> Any:
     """``cls(**values)`` after checking that ``values`` has exactly ``cls``'s fields, each of its declared type."""
-    fields = {field.name: field.type for field in dataclasses.fields(cls)}
+    # Each field's type is its name as a string: this module's annotations are postponed (__future__ annotations).
+    fields = {field.name: cast(str, field.type) for field in dataclasses.fields(cls)}
     if not isinstance(values, dict) or set(values) != set(fields):
         raise ValueError(
             f"the 'scg' entry of this state_dict does not match {cls.__name__}: expected the fields {sorted(fields)}, "
             f"got {sorted(values) if isinstance(values, dict) else type(values).__name__}"
         )
-    kinds = {"int": int, "float": (int, float), "bool": bool}
+    kinds: dict[str, type | tuple[type, ...]] = {"int": int, "float": (int, float), "bool": bool}
     for name, declared in fields.items():
         value = values[name]
         wrong_bool = isinstance(value, bool) and declared != "bool"

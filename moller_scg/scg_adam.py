@@ -49,7 +49,7 @@ from __future__ import annotations
 import math
 import numbers
 from collections.abc import Callable, Iterable
-from typing import Any
+from typing import Any, cast
 
 import torch
 from torch.optim.lr_scheduler import LambdaLR
@@ -244,7 +244,7 @@ class ConjugateAdaptiveOptimizer(torch.optim.Optimizer):
     # -- the step ------------------------------------------------------------------------------------------------
 
     @torch.no_grad()
-    def step(self, closure: Callable[[], Any] | None = None) -> Any:  # type: ignore[override]
+    def step(self, closure: Callable[[], Any] | None = None) -> Any:
         """One update of every parameter that has a gradient.
 
         Args:
@@ -263,7 +263,7 @@ class ConjugateAdaptiveOptimizer(torch.optim.Optimizer):
             with torch.enable_grad():
                 loss = closure()
         for group, param in self._parameters_with_gradients():
-            grad = param.grad
+            grad = cast(torch.Tensor, param.grad)  # not None: _parameters_with_gradients skips those
             if group["weight_decay"] != 0.0:
                 grad = grad.add(param, alpha=group["weight_decay"])
             state = self.state[param]

@@ -68,7 +68,7 @@ class _StopRequests:
 
     def __init__(self) -> None:
         self.requested = False
-        self._previous: dict[int, Any] = {}
+        self._previous: dict[signal.Signals, Any] = {}
 
     def _handle(self, signum: int, frame: Any) -> None:
         if self.requested and signum == signal.SIGINT:
@@ -218,7 +218,7 @@ def fit(
     if _dist.is_distributed() and resume:
         # A rank that cannot see rank 0's file would start afresh while the others resume.
         _dist.check_same_on_every_rank({f"whether the checkpoint {checkpoint} exists": found})
-    if found:
+    if found and checkpoint is not None:  # found implies a checkpoint; the second test narrows its type
         history, early, elapsed_before = _resume(model, optimizer, checkpoint, train, annealer)
         logger.info("resumed from %s after %d iterations", checkpoint, len(history))
     elif resume:
@@ -235,7 +235,8 @@ def fit(
                     break
                 annealed = annealer is not None and annealer.before_iteration(history)
                 try:
-                    loss = optimizer.step(train)
+                    # torch types a closure as returning a float; a loss tensor is what its optimizers take
+                    loss = optimizer.step(train)  # type: ignore[arg-type]
                 except KeyboardInterrupt:
                     history.stop_reason = "interrupted"
                     break
@@ -413,7 +414,7 @@ def _save(
     """Write the run's state; distributed, only rank 0 writes (every rank holds the same state)."""
     if not _dist.is_main_process():
         return
-    extra = {
+    extra: dict[str, Any] = {
         "stop_reason": history.stop_reason,
         "best_iteration": history.best_iteration,
         "early_stopping": early.to_dict(),
