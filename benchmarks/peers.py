@@ -47,8 +47,8 @@ point after each step — SCG and netlab SCG never move to a worse point). Adam'
 current weights, after each pass-equivalent of minibatch steps.
 
 Usage:
-    python benchmarks/peers.py            # the full run, about 10 minutes on 2 shared CPU cores
-    python benchmarks/peers.py --quick    # a small version, about 30 seconds
+    python benchmarks/peers.py            # the full run, about 15 minutes on 2 shared CPU cores
+    python benchmarks/peers.py --quick    # a small version, about 40 seconds
     python benchmarks/peers.py --problems regression logistic
 
 Needs ``pip install pytorch-minimize paramz scikit-learn mlxtend matplotlib``.
