@@ -63,7 +63,8 @@ class _StopRequests:
     """Turns the first Ctrl-C or SIGTERM into a request to stop after the current iteration.
 
     A second Ctrl-C raises ``KeyboardInterrupt`` at once (SCG then restores the accepted weights). Handlers are
-    installed only in the main thread and are put back as they were on exit.
+    installed only in the main thread and are put back as they were on exit. A signal the process ignores (a job
+    started with ``nohup`` or in the background of a non-interactive shell ignores SIGINT) stays ignored.
     """
 
     def __init__(self) -> None:
@@ -82,7 +83,8 @@ class _StopRequests:
             yield self
             return
         for signum in (signal.SIGINT, signal.SIGTERM):
-            self._previous[signum] = signal.signal(signum, self._handle)
+            if signal.getsignal(signum) is not signal.SIG_IGN:
+                self._previous[signum] = signal.signal(signum, self._handle)
         try:
             yield self
         finally:

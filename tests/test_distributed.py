@@ -27,6 +27,7 @@ from moller_scg import SCG, GradientAccumulator, fit
 from moller_scg import distributed as moller_dist
 from moller_scg import train as train_module
 from moller_scg.checkpoint import CheckpointError, load_checkpoint
+from moller_scg.subsampling import CurvatureSubsets
 
 ROOT = Path(__file__).resolve().parent.parent
 TIMEOUT = datetime.timedelta(seconds=10)
@@ -158,6 +159,27 @@ def _scenarios(folder: Path) -> dict:
     results["tiny_grad"] = [p.grad.clone() for p in model.parameters()]
     results["tiny_hvp"] = acc.hvp([torch.ones_like(p) for p in model.parameters()])
 
+    # Subsampled curvature: each rank takes ⌈f·n_r⌉ of its own shard; the product is the mean over their union.
+    x = torch.randn(41, 3, generator=generator, dtype=torch.float64)
+    y = torch.sin(x[:, :1])
+    model = _mlp(3, 1)
+    acc = GradientAccumulator(model, nn.MSELoss(), (x, y), batch_size=4, curvature_fraction=0.25)
+    vectors = [torch.ones_like(p) for p in model.parameters()]
+    results["subsampled_hvp"] = [acc.hvp(vectors) for _ in range(2)]
+    results["subsampled_expected"] = []
+    for call in range(2):
+        chosen = []
+        for rank in range(moller_dist.world_size()):
+            shard = moller_dist.shard_range(41, rank, moller_dist.world_size())
+            chosen.append(shard.start + CurvatureSubsets(len(shard), 0.25).indices(call))
+        subset = torch.cat(chosen)
+        loss = nn.MSELoss()(model(x[subset]), y[subset])
+        gradients = torch.autograd.grad(loss, list(model.parameters()), create_graph=True)
+        directional = sum(torch.sum(g * v) for g, v in zip(gradients, vectors))
+        results["subsampled_expected"].append(
+            [s.detach() for s in torch.autograd.grad(directional, list(model.parameters()))]
+        )
+
     # fit: rank 0 alone draws the bar and writes; a resumed run equals an uninterrupted one bit for bit.
     bars, saves = [], []
     draw, save = train_module._progress_bar, train_module.save_checkpoint
@@ -252,6 +274,11 @@ def test_ranks_follow_the_single_process_trajectory_and_stay_bitwise_equal(world
         _assert_close(ranks[0][key], single_process[key])
         for other in ranks[1:]:
             _assert_bitwise_equal(other[key], ranks[0][key])
+    # Subsampled curvature: the ranks' subsets differ from one process's, but every rank gets the same bits of the
+    # mean over the union of the ranks' chosen samples.
+    for rank in ranks:
+        _assert_close(rank["subsampled_hvp"], rank["subsampled_expected"])
+        _assert_bitwise_equal(rank["subsampled_hvp"], ranks[0]["subsampled_hvp"])
     # Rank r streams samples [r·N // W, (r+1)·N // W): with N = 2 and W = 3 rank 0 holds none.
     assert [r["tiny_shard"] for r in ranks] == [
         len(moller_dist.shard_range(2, r, world_size)) for r in range(world_size)
@@ -270,6 +297,7 @@ def test_ranks_follow_the_single_process_trajectory_and_stay_bitwise_equal(world
 
 def test_single_process_reference_resumes_bitwise(single_process):
     assert single_process["fit_resumed_equals_straight"]
+    _assert_close(single_process["subsampled_hvp"], single_process["subsampled_expected"])
     assert single_process["fit_bars"] == [True] * 3 and single_process["fit_saves"] == 2
 
 

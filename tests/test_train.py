@@ -89,7 +89,17 @@ def test_stalled_when_the_loss_stops_decreasing():
     assert history["loss"][-1] == min(history["loss"])
 
 
-def test_sigint_stops_after_the_current_iteration():
+@pytest.fixture
+def sigint_handler():
+    """SIGINT as in an interactive session (pytest may have been started with it ignored), restored afterwards."""
+    before = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, before)
+
+
+def test_sigint_stops_after_the_current_iteration(sigint_handler):
     model, data = regression_problem()
 
     def interrupt(history):
@@ -99,6 +109,20 @@ def test_sigint_stops_after_the_current_iteration():
     history = quiet_fit(model, data, callbacks=[interrupt])
     assert history.stop_reason == "interrupted" and len(history) == 4
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+
+
+def test_an_ignored_sigint_stays_ignored(sigint_handler):
+    # A job started with nohup or in the background of a script ignores SIGINT; fit must not make it interruptible.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    model, data = regression_problem()
+
+    def interrupt(history):
+        if len(history) == 2:
+            os.kill(os.getpid(), signal.SIGINT)
+
+    history = quiet_fit(model, data, max_iter=4, callbacks=[interrupt])
+    assert history.stop_reason == "max_iter" and len(history) == 4
+    assert signal.getsignal(signal.SIGINT) is signal.SIG_IGN
 
 
 def test_non_finite_run_stops_with_a_reason_and_finite_weights():
