@@ -113,6 +113,18 @@ def test_subsampled_product_is_the_mean_over_the_chosen_samples(problem, mode, b
     assert acc.passes.hvp == 3
 
 
+@pytest.mark.filterwarnings("ignore:`torch.jit.script` is deprecated:FutureWarning")
+def test_forward_over_reverse_products_are_subsampled_alike():
+    (inputs, targets), model, loss_fn = classification_data(), tanh_mlp(CLASSES), nn.CrossEntropyLoss()
+    acc = GradientAccumulator(
+        model, loss_fn, (inputs, targets), batch_size=8, curvature_fraction=0.25, hvp_method="forward-over-reverse"
+    )
+    vectors = random_vectors(acc.params)
+    expected = subset_reference(model, loss_fn, inputs, targets, CurvatureSubsets(SAMPLES, 0.25).indices(0), vectors)
+    assert relative_error(acc.hvp(vectors), expected) <= EXACT
+    assert acc.hvp_method == "forward-over-reverse"  # torch.func handled it: no fallback to double-backward
+
+
 def test_a_sum_is_scaled_by_n_over_m_so_it_estimates_the_full_sum():
     (inputs, targets), model, loss_fn = regression_data(), tanh_mlp(OUTPUTS), nn.MSELoss(reduction="sum")
     acc = GradientAccumulator(model, loss_fn, (inputs, targets), batch_size=7, curvature_fraction=0.1)
