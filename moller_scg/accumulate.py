@@ -771,6 +771,8 @@ class GradientAccumulator:
         else:
             index = int(torch.nonzero(~torch.isfinite(terms))[0, 0])
             where = f" of rank {_dist.rank()}'s shard" if self.distributed else ""
+            if streamed is not self._batches:
+                where += " (positions within this Hessian-vector product's curvature subset)"
             message = (
                 f"the loss of {streamed.describe(index)}{where} is not finite ({float(terms[index])}); "
                 f"{int((~torch.isfinite(terms)).sum())} of {terms.numel()} batches have a non-finite loss"

@@ -240,3 +240,12 @@ def test_fit_refuses_a_curvature_fraction_its_optimizer_would_never_use(make_opt
             curvature_fraction=0.5,
             progress=False,
         )
+
+
+def test_a_non_finite_batch_of_a_curvature_subset_is_named_as_such():
+    inputs, targets = regression_data()
+    inputs = inputs.clone()
+    inputs[:, 0] = float("nan")  # every sample: whichever the subset holds
+    acc = GradientAccumulator(tanh_mlp(OUTPUTS), nn.MSELoss(), (inputs, targets), batch_size=8, curvature_fraction=0.1)
+    with pytest.raises(FloatingPointError, match="curvature subset"):
+        acc.hvp(random_vectors(acc.params))
