@@ -31,7 +31,7 @@ import logging
 import math
 import numbers
 import warnings
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from typing import Any, cast
 
 import torch
@@ -110,6 +110,9 @@ class _PassSums:
         denominator: Σ_b D_b (0-dim float64 tensor) for a class-weighted ratio, ``None`` otherwise.
         samples: Σ_b n_b, the number of samples seen.
         terms: this process's batch losses E_b (never reduced), to name a non-finite batch.
+        metrics: for :meth:`GradientAccumulator.evaluate`, Σ_b scale_b M_b per metric M (float64, one entry per
+            metric), ``None`` otherwise.
+        metric_denominators: Σ_b D_b per metric, for metrics of the class-weighted ratio kind (0 for the others).
     """
 
     loss: torch.Tensor
@@ -117,6 +120,8 @@ class _PassSums:
     denominator: torch.Tensor | None
     samples: int
     terms: torch.Tensor
+    metrics: torch.Tensor | None = None
+    metric_denominators: torch.Tensor | None = None
 
 
 # ------------------------------------------------------------------------------------------------------------------
@@ -545,6 +550,35 @@ class GradientAccumulator:
         self.passes.loss += 1
         return loss
 
+    def evaluate(self, metrics: Mapping[str, Callable[[Any, torch.Tensor], torch.Tensor]]) -> dict[str, float]:
+        """One pass without autograd: E(w) and the mean of each metric over all samples, one forward per batch.
+
+        Args:
+            metrics: name → ``metric(outputs, targets)``, each returning the batch mean of a per-sample score (for
+                example :func:`moller_scg.accuracy`); weighted by batch size like a ``reduction="mean"`` loss
+                (``nn.CrossEntropyLoss`` and ``nn.NLLLoss`` by their class weights). Not checked to be a mean.
+
+        Returns:
+            ``{"loss": E(w), name: mean of the metric, …}`` as Python floats; ``.grad`` is not touched.
+        """
+        if not isinstance(metrics, Mapping) or not all(
+            isinstance(name, str) and callable(metric) for name, metric in metrics.items()
+        ):
+            raise TypeError(f"metrics must map names to callables metric(outputs, targets), got {_describe(metrics)}")
+        if "loss" in metrics:
+            raise ValueError("'loss' names the loss itself in what evaluate returns: give the metric another name")
+        objectives = [_Objective(metric, "mean") for metric in metrics.values()]
+        sums = self._reduce(self._stream("loss", metric_objectives=objectives))
+        loss, _ = self._finish(sums)
+        values = {"loss": float(loss)}
+        metric_sums = cast(torch.Tensor, sums.metrics).tolist()
+        metric_denominators = cast(torch.Tensor, sums.metric_denominators).tolist()
+        for index, (name, objective) in enumerate(zip(metrics, objectives)):
+            denominator = metric_denominators[index] if objective.kind == "ratio" else sums.samples
+            values[name] = metric_sums[index] / denominator
+        self.passes.loss += 1
+        return values
+
     def __repr__(self) -> str:
         subsampled = "" if self._curvature_subsets is None else f", curvature={self._curvature_subsets!r}"
         return (
@@ -572,12 +606,17 @@ class GradientAccumulator:
     # One pass: stream → float64 sums → reduce → finish
 
     def _stream(
-        self, kind: str, vectors: list[torch.Tensor] | None = None, batches_to_stream: _Batches | None = None
+        self,
+        kind: str,
+        vectors: list[torch.Tensor] | None = None,
+        batches_to_stream: _Batches | None = None,
+        metric_objectives: Sequence[_Objective] = (),
     ) -> _PassSums:
         """Run every batch once and add up its loss and, for ``kind`` "gradient" or "hvp", its vectors.
 
-        ``batches_to_stream`` defaults to all the data (this process's shard). No host synchronisation happens in the
-        loop: batch losses are written to a device buffer and checked once at the end.
+        ``batches_to_stream`` defaults to all the data (this process's shard). With ``metric_objectives`` (kind
+        "loss" only) each metric is added up from the same forward pass as the loss. No host synchronisation happens
+        in the loop: batch losses are written to a device buffer and checked once at the end.
         """
         self._warn_if_stochastic()
         source = self._batches if batches_to_stream is None else batches_to_stream
@@ -594,6 +633,10 @@ class GradientAccumulator:
         scales: list[int] = []
         denominator = torch.zeros((), dtype=torch.float64, device=self.device) if objective.kind == "ratio" else None
         samples = 0
+        metric_sums = metric_denominators = None
+        if metric_objectives:
+            metric_sums = torch.zeros(len(metric_objectives), dtype=torch.float64, device=self.device)
+            metric_denominators = torch.zeros_like(metric_sums)
         batches: Iterable[tuple[torch.Tensor, torch.Tensor]] = source
         if self.progress:
             batches = _progress_bar(batches, expected, kind)
@@ -604,7 +647,13 @@ class GradientAccumulator:
             scale = objective.scale(count)
             if kind == "loss":
                 with torch.no_grad():
-                    term = objective.term(self.model(inputs), targets)
+                    outputs = self.model(inputs)
+                    term = objective.term(outputs, targets)
+                    for index_m, metric in enumerate(metric_objectives):
+                        metric_term = metric.term(outputs, targets).detach().reshape(()).to(torch.float64)
+                        cast(torch.Tensor, metric_sums)[index_m] += metric_term * metric.scale(count)
+                        if metric.kind == "ratio":
+                            cast(torch.Tensor, metric_denominators)[index_m] += metric.denominator(targets)
             elif kind == "gradient":
                 term = self._add_batch_gradient(inputs, targets, wide_sums, scale)
             elif self.hvp_method == "double-backward":
@@ -622,7 +671,15 @@ class GradientAccumulator:
         scale_tensor = torch.tensor(scales, dtype=torch.float64).to(self.device)
         loss = torch.dot(terms[:seen], scale_tensor)
         vector_sums = None if sums is None else sums.result()
-        return _PassSums(loss=loss, vectors=vector_sums, denominator=denominator, samples=samples, terms=terms[:seen])
+        return _PassSums(
+            loss=loss,
+            vectors=vector_sums,
+            denominator=denominator,
+            samples=samples,
+            terms=terms[:seen],
+            metrics=metric_sums,
+            metric_denominators=metric_denominators,
+        )
 
     def _add_batch_gradient(
         self, inputs: torch.Tensor, targets: torch.Tensor, sums: _WideSums, scale: int
@@ -694,16 +751,20 @@ class GradientAccumulator:
         """Combine the sums of every process; everything after this step sees the global sums.
 
         One process holds all the data: the identity. Distributed, the shards are disjoint (a rank may have 0
-        samples), so the global loss, vector sums, denominator and sample count are the sums over ranks: one
-        ``all_reduce`` of a flat float64 buffer (:func:`moller_scg.distributed.all_reduce_sum`). The batch
-        losses ``terms`` stay local; they only name a non-finite batch.
+        samples), so the global loss, vector sums, denominator, metric sums and sample count are the sums over
+        ranks: one ``all_reduce`` of a flat float64 buffer (:func:`moller_scg.distributed.all_reduce_sum`). The
+        batch losses ``terms`` stay local; they only name a non-finite batch.
         """
         if not self.distributed:
             return sums
         samples = torch.tensor(sums.samples, dtype=torch.float64, device=self.device)
-        # all_reduce_sum gives None back only for a None: here at most the denominator, which _PassSums allows.
-        loss, denominator, samples, *vectors = cast(
-            list[torch.Tensor], _dist.all_reduce_sum([sums.loss, sums.denominator, samples, *(sums.vectors or [])])
+        # all_reduce_sum gives None back only for a None: here at most the denominator and the metric sums, which
+        # _PassSums allows.
+        loss, denominator, samples, metrics, metric_denominators, *vectors = cast(
+            list[torch.Tensor],
+            _dist.all_reduce_sum(
+                [sums.loss, sums.denominator, samples, sums.metrics, sums.metric_denominators, *(sums.vectors or [])]
+            ),
         )
         return _PassSums(
             loss=loss,
@@ -711,6 +772,8 @@ class GradientAccumulator:
             denominator=denominator,
             samples=int(samples.item()),
             terms=sums.terms,
+            metrics=metrics,
+            metric_denominators=metric_denominators,
         )
 
     def _finish(

@@ -190,11 +190,9 @@ def fit(
         on_non_finite="return",
         curvature_fraction=curvature_fraction,
     )
-    validation = scoring = None
+    validation = None
     if val_data is not None:
         validation = GradientAccumulator(model, loss_fn, val_data, batch_size, device, reduction=reduction)
-        if metric is not None:
-            scoring = GradientAccumulator(model, metric, val_data, batch_size, device, reduction="mean")
     if optimizer is None:
         optimizer = SCG(model.parameters())
     if train.curvature_fraction < 1.0 and not _takes_exact_curvature(optimizer):
@@ -248,7 +246,7 @@ def fit(
                     break
                 row = _row(optimizer, loss, history, started)
                 moved = row["success"] or annealed
-                row |= _validation_row(validation, scoring, history, weights_moved=moved)
+                row |= _validation_row(validation, metric, history, weights_moved=moved)
                 history.append(**row)
                 if validation is not None:
                     early.update(model, row["k"], row["val_loss"], moved=moved)
@@ -293,17 +291,20 @@ def _row(optimizer: torch.optim.Optimizer, loss: Any, history: History, started:
 
 
 def _validation_row(
-    validation: GradientAccumulator | None, scoring: GradientAccumulator | None, history: History, weights_moved: bool
+    validation: GradientAccumulator | None,
+    metric: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None,
+    history: History,
+    weights_moved: bool,
 ) -> dict[str, float]:
     """Validation loss and metric, evaluated only when the weights moved (a failed SCG trial leaves them be)."""
     if validation is None:
         return {}
     if not weights_moved and len(history):
         return {"val_loss": history["val_loss"][-1], "val_metric": history["val_metric"][-1]}
-    row = {"val_loss": float(validation.loss())}
-    if scoring is not None:
-        row["val_metric"] = float(scoring.loss())
-    return row
+    if metric is None:
+        return {"val_loss": float(validation.loss())}
+    values = validation.evaluate({"val_metric": metric})  # one forward pass per batch for both
+    return {"val_loss": values["loss"], "val_metric": values["val_metric"]}
 
 
 def _agreed(reason: str | None) -> str | None:

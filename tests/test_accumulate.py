@@ -338,6 +338,41 @@ def test_loss_pass_runs_without_autograd_and_leaves_grad_alone():
     assert acc.passes == accumulate.PassCounts(gradient=0, hvp=0, loss=1)
 
 
+def batch_accuracy(outputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    return (outputs.argmax(dim=1) == targets).double().mean()
+
+
+@pytest.mark.parametrize("batch_size", [1, 7, SAMPLES])
+def test_evaluate_gives_the_loss_and_every_metric_from_one_forward_per_batch(batch_size):
+    (inputs, targets), model = classification_data(), tanh_mlp(CLASSES)
+    weighted = nn.CrossEntropyLoss(weight=torch.tensor([0.5, 2.0, 1.0], dtype=torch.float64), ignore_index=1)
+    acc = GradientAccumulator(model, nn.CrossEntropyLoss(), (inputs, targets), batch_size=batch_size)
+    forwards = []
+    handle = model.register_forward_hook(lambda module, args, output: forwards.append(1))
+    try:
+        values = acc.evaluate({"accuracy": batch_accuracy, "weighted": weighted})
+    finally:
+        handle.remove()
+    assert len(forwards) == acc.num_batches  # the loss and both metrics share each batch's forward pass
+    assert set(values) == {"loss", "accuracy", "weighted"}
+    assert values["loss"] == float(acc.loss())
+    with torch.no_grad():
+        outputs = model(inputs)
+    assert values["accuracy"] == pytest.approx(float(batch_accuracy(outputs, targets)), rel=EXACT)
+    assert values["weighted"] == pytest.approx(float(weighted(outputs, targets)), rel=EXACT)  # class weights
+    assert acc.passes.loss == 2 and all(p.grad is None for p in model.parameters())
+
+
+def test_evaluate_says_what_is_wrong_with_its_metrics():
+    acc = GradientAccumulator(tanh_mlp(CLASSES), nn.CrossEntropyLoss(), classification_data())
+    with pytest.raises(ValueError, match="'loss' names the loss itself"):
+        acc.evaluate({"loss": batch_accuracy})
+    with pytest.raises(TypeError, match="metrics must map names to callables"):
+        acc.evaluate([batch_accuracy])
+    with pytest.raises(TypeError, match="metrics must map names to callables"):
+        acc.evaluate({"accuracy": 0.5})
+
+
 def test_passes_work_inside_torch_no_grad():
     (inputs, targets), model, loss_fn = regression_data(), tanh_mlp(OUTPUTS), nn.MSELoss()
     params = list(model.parameters())

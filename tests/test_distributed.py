@@ -149,6 +149,10 @@ def _scenarios(folder: Path) -> dict:
     acc = GradientAccumulator(model, loss_fn, _PairDataset(x, labels), batch_size=3)
     results["ratio_losses"] = _scg_run(model, acc, 5)
     results["ratio_weights"] = {k: v.clone() for k, v in model.state_dict().items()}
+    # The loss and two metrics from one pass: a plain mean and a class-weighted ratio, all-reduced with the loss.
+    results["evaluate"] = acc.evaluate(
+        {"accuracy": lambda outputs, targets: (outputs.argmax(1) == targets).double().mean(), "weighted": loss_fn}
+    )
 
     # Two samples: with three ranks, rank 0 holds none.
     x, y = torch.randn(2, 3, generator=generator, dtype=torch.float64), torch.randn(2, 1, generator=generator)
@@ -264,6 +268,7 @@ def test_ranks_follow_the_single_process_trajectory_and_stay_bitwise_equal(world
         "mse_weights",
         "ratio_losses",
         "ratio_weights",
+        "evaluate",
         "tiny_loss",
         "tiny_grad",
         "tiny_hvp",
