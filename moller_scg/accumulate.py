@@ -51,7 +51,7 @@ from torch.utils.data import (
 from moller_scg import distributed as _dist
 from moller_scg._vectors import TensorList, as_real
 from moller_scg.curvature import functional_hvp_and_loss, graph_hvp
-from moller_scg.subsampling import SUBSET_MODES, CurvatureSubsets, subset_size, validate_fraction
+from moller_scg.subsampling import CurvatureSubsets, subset_size, validate_fraction, validate_subset
 
 logger = logging.getLogger(__name__)
 
@@ -436,10 +436,7 @@ class GradientAccumulator:
             )
         if isinstance(device_cache_bytes, bool) or not isinstance(device_cache_bytes, int) or device_cache_bytes < 0:
             raise ValueError(f"Invalid device_cache_bytes {device_cache_bytes!r}; it must be an int ≥ 0")
-        if curvature_subset not in SUBSET_MODES:
-            raise ValueError(
-                f"Invalid curvature_subset {curvature_subset!r}; choose one of {', '.join(map(repr, SUBSET_MODES))}"
-            )
+        validate_subset(curvature_subset, curvature_seed)  # also when f = 1, so a typo never waits for f < 1
         self.distributed = _resolve_distributed(distributed, data)
         self.model = model
         self.loss_fn = loss_fn

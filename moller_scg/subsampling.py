@@ -37,6 +37,17 @@ def validate_fraction(fraction: object) -> float:
     return float(fraction)
 
 
+def validate_subset(mode: object, seed: object) -> None:
+    """``ValueError`` for a mode other than :data:`SUBSET_MODES`, ``TypeError`` for a seed that is not an int."""
+    if mode not in SUBSET_MODES:
+        raise ValueError(f"Invalid curvature_subset {mode!r}; choose one of {', '.join(map(repr, SUBSET_MODES))}")
+    # Tested apart from the if: typeshed does not make int a numbers.Integral, so inside it a type checker would
+    # narrow the seed to nothing and take what follows for unreachable.
+    seed_is_int = isinstance(seed, numbers.Integral) and not isinstance(seed, bool)
+    if not seed_is_int:
+        raise TypeError(f"curvature_seed must be an int, got {seed!r}")
+
+
 def subset_size(samples: int, fraction: float) -> int:
     """m = ⌈f·n⌉ samples (0 only when n = 0, for an empty shard)."""
     return min(samples, math.ceil(fraction * samples))
@@ -56,13 +67,7 @@ class CurvatureSubsets:
     """
 
     def __init__(self, samples: int, fraction: float, mode: str = "rotating", seed: int = 0) -> None:
-        if mode not in SUBSET_MODES:
-            raise ValueError(f"Invalid curvature_subset {mode!r}; choose one of {', '.join(map(repr, SUBSET_MODES))}")
-        # Tested apart from the if: typeshed does not make int a numbers.Integral, so inside it a type checker would
-        # narrow seed: int to nothing and take the rest of __init__ for unreachable.
-        seed_is_int = isinstance(seed, numbers.Integral) and not isinstance(seed, bool)
-        if not seed_is_int:
-            raise TypeError(f"curvature_seed must be an int, got {seed!r}")
+        validate_subset(mode, seed)
         self.samples = samples
         self.fraction = validate_fraction(fraction)
         self.mode = mode

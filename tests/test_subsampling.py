@@ -69,9 +69,7 @@ def test_bad_subset_mode_and_seed_are_errors_that_name_them():
     with pytest.raises(ValueError, match="curvature_subset 'random'"):
         GradientAccumulator(tanh_mlp(OUTPUTS), nn.MSELoss(), regression_data(), curvature_subset="random")
     with pytest.raises(TypeError, match="curvature_seed"):
-        GradientAccumulator(
-            tanh_mlp(OUTPUTS), nn.MSELoss(), regression_data(), curvature_fraction=0.5, curvature_seed=0.5
-        )
+        GradientAccumulator(tanh_mlp(OUTPUTS), nn.MSELoss(), regression_data(), curvature_seed=0.5)  # even at f = 1
 
 
 def test_a_dataloader_cannot_be_subsampled_and_the_error_says_what_to_pass():
