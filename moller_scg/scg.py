@@ -21,11 +21,13 @@ from typing import Any, cast
 import torch
 
 from moller_scg import _vectors as vec
+from moller_scg import quasi_newton
 from moller_scg.curvature import MISSING_GRAPH_MESSAGE, graph_hvp
 
 logger = logging.getLogger(__name__)
 
-HVP_MODES = ("double-backward", "finite-difference")
+HVP_MODES = ("double-backward", "finite-difference", "secant")
+"""How s = E''(w)p, or δ = pᵀs, is obtained; ``"secant"`` (the quasi-Newton model's δ) needs ``memory`` ≥ 1."""
 
 # Constants of the paper (Møller 1993, steps 7 and 8).
 GOOD_COMPARISON = 0.75  # Δ ≥ 0.75: the quadratic model is good, reduce the scale λ (step 7)
@@ -163,9 +165,20 @@ class SCG(torch.optim.Optimizer):
             ``loss.backward(create_graph=True)``. ``"finite-difference"``: Møller's
             s = (E'(w + σₖp) − E'(w))/σₖ, one extra closure call. In ``"double-backward"`` mode a closure
             with an ``hvp(vectors)`` method (such as :class:`moller_scg.GradientAccumulator`) is asked for the
-            exact product instead.
+            exact product instead. ``"secant"``: from the quasi-Newton model, free (needs ``memory`` ≥ 1, see
+            below). Default: ``"double-backward"``, or ``"secant"`` when ``memory`` ≥ 1.
         restart: N, the restart period: p ← r whenever the iteration count k is a multiple of N (k counts
             every iteration). Default: the number of real scalars in the parameters, as in the paper.
+        memory: m, the number of secant pairs kept to precondition the direction (2m parameter-sized buffers).
+            ``0`` (default) is Møller's SCG exactly. With m ≥ 1, every accepted step stores its free secant pair
+            (s = αp, y = r − r₊) and the direction after a success is p₊ = H r₊, with H the limited-memory
+            quasi-Newton inverse of the last m pairs (:mod:`moller_scg.quasi_newton`), in place of Møller's
+            p₊ = r₊ + βp; a restart also forgets the pairs. λ, δ, Δ and the acceptance test are Møller's.
+            ``hvp`` then defaults to ``"secant"``: δ = pᵀBp = pᵀr = μ from the quasi-Newton model B = H⁻¹ itself,
+            so a step costs one closure call (α = μ/(μ + λ|p|²), the quasi-Newton step scaled by λ); the first
+            step, before any pair, takes Møller's finite difference. ``hvp="double-backward"`` or
+            ``"finite-difference"`` measure the curvature along H r instead (one more product per step).
+            ``docs/performance.md`` has the measurements behind ``SCG(params, memory=20)``.
 
     Closure calls per step: a success costs 1 trial call (plus 1 curvature call with finite differences); a
     failure costs 1 trial call. The first step adds the evaluation of w₁.
@@ -197,13 +210,17 @@ class SCG(torch.optim.Optimizer):
         params: Iterable[torch.Tensor] | Iterable[dict[str, Any]] | Iterable[tuple[str, torch.Tensor]],
         sigma: float = 5e-5,
         lambd: float = 5e-7,
-        hvp: str = "double-backward",
+        hvp: str | None = None,
         restart: int | None = None,
+        memory: int = 0,
     ) -> None:
-        defaults = {"sigma": sigma, "lambd": lambd, "hvp": hvp, "restart": restart}
+        if hvp is None:
+            hvp = "secant" if isinstance(memory, int) and not isinstance(memory, bool) and memory > 0 else HVP_MODES[0]
+        defaults = {"sigma": sigma, "lambd": lambd, "hvp": hvp, "restart": restart, "memory": memory}
         _validate_hyperparameters(defaults)
         super().__init__(params, defaults)
         self._scalars = SCGScalars(lambd=float(lambd))
+        self._secant_pairs: quasi_newton.SecantPairs | None = None  # made at step 1 when memory ≥ 1
         self._trace: SCGTrace | None = None
         self._reset_transient()
 
@@ -237,6 +254,8 @@ class SCG(torch.optim.Optimizer):
             "scalars": dataclasses.asdict(self._scalars),
             "trace": None if self._trace is None else dataclasses.asdict(self._trace),
         }
+        if self._secant_pairs is not None:
+            state["scg"]["secant_pairs"] = self._secant_pairs.state_dict()
         return state
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
@@ -249,6 +268,21 @@ class SCG(torch.optim.Optimizer):
             )
         scalars = _typed_dataclass(SCGScalars, scg_state["scalars"])
         trace = None if scg_state.get("trace") is None else _typed_dataclass(SCGTrace, scg_state["trace"])
+        memory = self.param_groups[0]["memory"]
+        secant_pairs = None
+        if "secant_pairs" in scg_state and memory == 0:
+            raise ValueError(
+                "this SCG state_dict holds secant pairs (it was saved by an SCG with memory ≥ 1), but this SCG has "
+                "memory=0: build the optimizer with the memory it was saved with"
+            )
+        if memory > 0 and scalars.started:
+            if "secant_pairs" not in scg_state:
+                raise ValueError(
+                    f"this SCG state_dict has no secant pairs, but this SCG keeps memory={memory} of them: it was "
+                    f"saved by an SCG with memory=0; build the optimizer with the memory it was saved with"
+                )
+            secant_pairs = quasi_newton.SecantPairs(self._params(), memory)
+            secant_pairs.load_state_dict(scg_state["secant_pairs"])
         super().load_state_dict(state_dict)
         # torch keeps a loaded tensor that already has the parameter's dtype and device, so r and p would be shared
         # with the caller's dict (or with the optimizer it came from); step 7 updates p in place, so SCG copies them.
@@ -258,6 +292,7 @@ class SCG(torch.optim.Optimizer):
                     param_state[key] = param_state[key].clone()
         self._scalars = scalars
         self._trace = trace
+        self._secant_pairs = secant_pairs
         self._reset_transient()
 
     def __getstate__(self) -> dict[str, Any]:
@@ -265,6 +300,7 @@ class SCG(torch.optim.Optimizer):
         state = super().__getstate__()
         state["_scalars"] = dataclasses.replace(self._scalars)
         state["_trace"] = self._trace
+        state["_secant_pairs"] = self._secant_pairs
         return state
 
     def __setstate__(self, state: dict[str, Any]) -> None:
@@ -341,6 +377,12 @@ class SCG(torch.optim.Optimizer):
         for p, r in zip(params, residual):
             self.state[p]["residual"] = r
             self.state[p]["direction"] = r.clone()
+        memory = self.param_groups[0]["memory"]
+        if memory > 0:
+            # H = I: p₁ = r₁. The storage of the pairs is kept across restarts while the parameters stay the same.
+            if self._secant_pairs is None or not self._secant_pairs.fits(params):
+                self._secant_pairs = quasi_newton.SecantPairs(params, memory)
+            self._secant_pairs.clear()
         scalars = self._scalars
         scalars.loss = loss
         scalars.lambd = float(self.param_groups[0]["lambd"])
@@ -370,9 +412,13 @@ class SCG(torch.optim.Optimizer):
         direction, direction_sq = stored_direction, stored_direction_sq
         success = scalars.success
         lambd, lambd_bar = scalars.lambd, scalars.lambd_bar
-        if mu == 0.0 and residual_sq != 0.0:
+        lost_descent = mu < 0.0 and self._secant_pairs is not None
+        if residual_sq != 0.0 and (mu == 0.0 or lost_descent):
             # p ⟂ r would give α = 0 and Δ = 0/0; search along steepest descent instead (not in the paper). The
             # search direction is r itself; p's storage takes it over in step 7, after the last closure call.
+            # With memory, p = H r is a descent direction unless rounding made H indefinite: the pairs are dropped.
+            if self._secant_pairs is not None:
+                self._secant_pairs.clear()
             direction, direction_sq = residual, residual_sq
             mu, success, lambd_bar = residual_sq, True, 0.0
         if residual_sq == 0.0 or mu * mu == 0.0:
@@ -384,7 +430,9 @@ class SCG(torch.optim.Optimizer):
             return
 
         # Step 2: the second-order information along p, only after a success.
-        if success:
+        if success and group["hvp"] == "secant" and self._secant_pairs:
+            delta = mu  # p = H r, so the quasi-Newton model B = H⁻¹ has Bp = r and δ = pᵀBp = pᵀr = μ
+        elif success:
             delta = self._curvature_along(direction, direction_sq, closure, params, accepted, group)
         else:
             delta = scalars.delta
@@ -413,7 +461,13 @@ class SCG(torch.optim.Optimizer):
         if finite and comparison >= 0.0:
             if scalars.k % self._restart_period(params) == 0:
                 vec.copy_(stored_direction, new_residual)  # restart: p ← r₊
+                if self._secant_pairs is not None:
+                    self._secant_pairs.clear()
                 new_mu = new_direction_sq = new_residual_sq
+            elif self._secant_pairs is not None:
+                new_direction_sq, new_mu = self._quasi_newton_direction(
+                    params, stored_direction, alpha, residual, new_residual
+                )
             else:
                 beta = (new_residual_sq - new_dot_old) / mu
                 vec.scale_add_(stored_direction, beta, new_residual)  # p ← r₊ + βp
@@ -509,7 +563,7 @@ class SCG(torch.optim.Optimizer):
         s is needed for δ only: it is released when this returns, before the trial point is evaluated.
         """
         self._scalars.hvp_calls += 1
-        if group["hvp"] == "finite-difference":
+        if group["hvp"] in ("finite-difference", "secant"):  # "secant" before its first pair: Møller's σ
             sigma_k = group["sigma"] / math.sqrt(direction_sq)
             vec.add_(params, direction, sigma_k)
             _, shifted_gradients = self._evaluate(closure, params)
@@ -559,6 +613,25 @@ class SCG(torch.optim.Optimizer):
         # Not None: kept by the evaluation (the last one at w, or the one just made) in double-backward mode.
         gradients, self._graph_gradients = cast(list[torch.Tensor], self._graph_gradients), None
         return graph_hvp(gradients, params, direction)
+
+    def _quasi_newton_direction(
+        self,
+        params: list[torch.Tensor],
+        direction: list[torch.Tensor],
+        alpha: float,
+        residual: list[torch.Tensor],
+        new_residual: list[torch.Tensor],
+    ) -> tuple[float, float]:
+        """Step 7 with memory: keep the pair (s, y) = (αp, r − r₊) of the accepted step, then p ← H r₊ in p's storage.
+
+        Returns |p₊|² and p₊ᵀr₊ (the next μ). s and y are copied into the pair stacks and released before H r₊ is
+        formed, so the peak adds one parameter-sized buffer per vector of (s, y, H r₊) alive at a time.
+        """
+        pairs = cast(quasi_newton.SecantPairs, self._secant_pairs)
+        pairs.push([torch.mul(d, alpha) for d in direction], torch._foreach_sub(residual, new_residual))
+        vec.copy_(direction, pairs.inverse_product(new_residual))
+        new_direction_sq, new_mu = vec.dots([(direction, direction), (direction, new_residual)])
+        return new_direction_sq, new_mu
 
     def _state_products(
         self, residual: list[torch.Tensor], direction: list[torch.Tensor]
@@ -629,6 +702,16 @@ class SCG(torch.optim.Optimizer):
 
 def _validate_hyperparameters(group: dict[str, Any]) -> None:
     sigma, lambd, hvp, restart = group["sigma"], group["lambd"], group["hvp"], group["restart"]
+    memory = group["memory"]
+    if isinstance(memory, bool) or not isinstance(memory, int) or memory < 0:
+        raise ValueError(
+            f"Invalid memory (m) value: {memory!r}; it must be an int ≥ 0 (0: Møller's SCG, no secant pairs)"
+        )
+    if hvp == "secant" and memory == 0:
+        raise ValueError(
+            "hvp='secant' takes δ from the quasi-Newton model of the secant pairs, but memory=0 keeps none: "
+            "pass memory=m ≥ 1 (e.g. SCG(params, memory=20)), or choose hvp='double-backward' or 'finite-difference'"
+        )
     # The isinstance checks stay apart from the comparisons, so that sigma and lambd stay Any for the type checker:
     # typeshed's numbers.Real cannot be compared with a float (CoBA's hz_lambda check does the same).
     sigma_is_real, lambd_is_real = isinstance(sigma, numbers.Real), isinstance(lambd, numbers.Real)

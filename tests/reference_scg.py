@@ -56,9 +56,17 @@ def reference_scg(
     lambd1: float = 5e-7,
     restart: int | None = None,
     finite_difference: bool = False,
+    memory: int = 0,
+    secant: bool = False,
 ) -> list[Vector]:
-    """The weights w after each of ``iterations`` iterations (the accepted point after a failed trial)."""
+    """The weights w after each of ``iterations`` iterations (the accepted point after a failed trial).
+
+    With ``memory`` = m ≥ 1, the direction after a success is p = H r₊, H the L-BFGS inverse of the last m pairs
+    (s, y) = (αp, r − r₊) by the two-loop recursion (Nocedal & Wright, Algorithm 7.4); with ``secant``, δ = μ once a
+    pair is kept (Møller's finite difference before).
+    """
     n = restart if restart is not None else w1.numel()
+    pairs: list[tuple[Vector, Vector]] = []
     # Step 1.
     w = w1.clone()
     loss = problem.loss(w)
@@ -73,8 +81,10 @@ def reference_scg(
             continue
         p_sq = dot(p, p)
         # Step 2.
-        if success:
-            if finite_difference:
+        if success and secant and pairs:
+            delta = dot(p, r)
+        elif success:
+            if finite_difference or secant:
                 sigma_k = sigma / math.sqrt(p_sq)
                 s = (problem.gradient(torch.add(w, p, alpha=sigma_k)) - problem.gradient(w)) / sigma_k
             else:
@@ -100,6 +110,12 @@ def reference_scg(
             lambd_bar, success = 0.0, True
             if k % n == 0:
                 p_new = r_new.clone()
+                pairs.clear()
+            elif memory:
+                step, change = alpha * p, r - r_new
+                if dot(step, change) > 1e-10 * dot(change, change) > 0:
+                    pairs = (pairs + [(step, change)])[-memory:]
+                p_new = two_loop(pairs, r_new)
             else:
                 beta = (dot(r_new, r_new) - dot(r_new, r)) / mu
                 p_new = r_new + beta * p
@@ -113,3 +129,21 @@ def reference_scg(
             lambd = lambd + delta * (1 - comparison) / p_sq
         weights.append(w.clone())
     return weights
+
+
+def two_loop(pairs: list[tuple[Vector, Vector]], v: Vector) -> Vector:
+    """H v of L-BFGS from the pairs (oldest first) by the two-loop recursion, H₀ = (sᵀy / yᵀy) I of the newest pair."""
+    if not pairs:
+        return v.clone()
+    q = v.clone()
+    alphas = []
+    for s, y in reversed(pairs):
+        a = dot(s, q) / dot(s, y)
+        alphas.append(a)
+        q = q - a * y
+    s, y = pairs[-1]
+    q = q * (dot(s, y) / dot(y, y))
+    for (s, y), a in zip(pairs, reversed(alphas)):
+        b = dot(y, q) / dot(s, y)
+        q = q + (a - b) * s
+    return q

@@ -1,0 +1,138 @@
+"""moller_scg.quasi_newton: the compact L-BFGS inverse against the two-loop recursion, written independently."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from reference_scg import two_loop
+
+from moller_scg.quasi_newton import SecantPairs
+
+SHAPES = [(3, 4), (5,), (2, 1, 3)]
+N = sum(torch.Size(shape).numel() for shape in SHAPES)
+
+
+def split(x: torch.Tensor, shapes=SHAPES) -> list[torch.Tensor]:
+    pieces, offset = [], 0
+    for shape in shapes:
+        size = torch.Size(shape).numel()
+        pieces.append(x[offset : offset + size].reshape(shape).clone())
+        offset += size
+    return pieces
+
+
+def flat(tensors: list[torch.Tensor]) -> torch.Tensor:
+    return torch.cat([t.reshape(-1) for t in tensors])
+
+
+def spd(n: int, seed: int) -> torch.Tensor:
+    generator = torch.Generator().manual_seed(seed)
+    a = torch.randn(n, n, generator=generator, dtype=torch.float64)
+    return a @ a.T + n * torch.eye(n, dtype=torch.float64)
+
+
+@pytest.mark.parametrize("memory, pushes", [(1, 1), (3, 2), (4, 4), (4, 11)])
+def test_inverse_product_equals_the_two_loop_recursion(memory, pushes):
+    n = sum(torch.Size(s).numel() for s in SHAPES)
+    params = [torch.zeros(s, dtype=torch.float64) for s in SHAPES]
+    hessian = spd(n, seed=memory + pushes)
+    generator = torch.Generator().manual_seed(7)
+    pairs, kept = SecantPairs(params, memory), []
+    for _ in range(pushes):
+        s = torch.randn(n, generator=generator, dtype=torch.float64)
+        y = hessian @ s
+        assert pairs.push(split(s), split(y))
+        kept = (kept + [(s, y)])[-memory:]
+    v = torch.randn(n, generator=generator, dtype=torch.float64)
+    result = pairs.inverse_product(split(v))
+    assert [t.shape for t in result] == [torch.Size(s) for s in SHAPES]
+    torch.testing.assert_close(flat(result), two_loop(kept, v), rtol=1e-12, atol=1e-14)
+    assert len(pairs) == min(memory, pushes)
+
+
+def test_no_pair_means_identity_and_a_copy():
+    params = [torch.zeros(s, dtype=torch.float64) for s in SHAPES]
+    pairs = SecantPairs(params, 3)
+    v = split(torch.arange(N, dtype=torch.float64))
+    result = pairs.inverse_product(v)
+    assert all(torch.equal(a, b) and a.data_ptr() != b.data_ptr() for a, b in zip(result, v))
+
+
+def test_a_pair_without_positive_curvature_is_not_kept():
+    params = [torch.zeros(4, dtype=torch.float64)]
+    pairs = SecantPairs(params, 2)
+    s = torch.tensor([1.0, 0.0, 0.0, 0.0], dtype=torch.float64)
+    assert not pairs.push([s], [-s])  # sᵀy < 0
+    assert not pairs.push([s], [torch.tensor([0.0, 1.0, 0.0, 0.0], dtype=torch.float64)])  # sᵀy = 0
+    assert not pairs.push([s], [torch.zeros(4, dtype=torch.float64)])  # y = 0
+    assert len(pairs) == 0
+    assert pairs.push([s], [2 * s]) and len(pairs) == 1
+
+
+def test_inverse_satisfies_the_newest_secant_equation():
+    """H y = s for the newest pair: what makes H a quasi-Newton inverse."""
+    n = N
+    params = [torch.zeros(s, dtype=torch.float64) for s in SHAPES]
+    hessian = spd(n, seed=3)
+    pairs = SecantPairs(params, 5)
+    generator = torch.Generator().manual_seed(1)
+    for _ in range(7):
+        s = torch.randn(n, generator=generator, dtype=torch.float64)
+        y = hessian @ s
+        pairs.push(split(s), split(y))
+    torch.testing.assert_close(flat(pairs.inverse_product(split(y))), s, rtol=1e-10, atol=1e-12)
+
+
+def test_complex_and_mixed_dtype_parameters():
+    """Complex parameters count as real pairs; float32 and float64 parameters form separate blocks."""
+    params = [
+        torch.zeros(3, dtype=torch.complex128),
+        torch.zeros(2, 2, dtype=torch.float32),
+        torch.zeros(4, dtype=torch.float64),
+    ]
+    pairs = SecantPairs(params, 3)
+    assert len(pairs.blocks) == 2
+    n = 6 + 4 + 4
+    hessian = spd(n, seed=5)
+    generator = torch.Generator().manual_seed(2)
+
+    def as_params(x: torch.Tensor) -> list[torch.Tensor]:
+        return [
+            torch.view_as_complex(x[:6].reshape(3, 2).clone()),
+            x[6:10].reshape(2, 2).float(),
+            x[10:].clone(),
+        ]
+
+    kept = []
+    for _ in range(4):
+        s = torch.randn(n, generator=generator, dtype=torch.float64)
+        s[6:10] = s[6:10].float().double()  # exactly representable in float32, so the pairs agree
+        y = hessian @ s
+        y[6:10] = y[6:10].float().double()
+        assert pairs.push(as_params(s), as_params(y))
+        kept = (kept + [(s, y)])[-3:]
+    v = torch.randn(n, generator=generator, dtype=torch.float64)
+    v[6:10] = v[6:10].float().double()
+    result = pairs.inverse_product(as_params(v))
+    assert result[0].dtype == torch.complex128 and result[1].dtype == torch.float32
+    got = torch.cat([torch.view_as_real(result[0]).reshape(-1), result[1].double().reshape(-1), result[2]])
+    torch.testing.assert_close(got, two_loop(kept, v), rtol=1e-5, atol=1e-6)
+
+
+def test_state_dict_round_trip_gives_the_same_products():
+    params = [torch.zeros(s, dtype=torch.float64) for s in SHAPES]
+    pairs = SecantPairs(params, 3)
+    hessian = spd(N, seed=9)
+    generator = torch.Generator().manual_seed(4)
+    for _ in range(5):
+        s = torch.randn(N, generator=generator, dtype=torch.float64)
+        pairs.push(split(s), split(hessian @ s))
+    state = pairs.state_dict()
+    copy = SecantPairs(params, 3)
+    copy.load_state_dict(state)
+    v = split(torch.randn(N, generator=generator, dtype=torch.float64))
+    assert all(torch.equal(a, b) for a, b in zip(pairs.inverse_product(v), copy.inverse_product(v)))
+    with pytest.raises(ValueError, match="memory=4"):
+        SecantPairs(params, 4).load_state_dict(state)
+    with pytest.raises(ValueError, match="memory=3"):
+        SecantPairs([torch.zeros(5, dtype=torch.float64)], 3).load_state_dict(state)

@@ -1,0 +1,272 @@
+"""SCG(memory=m): Møller's SCG with a limited-memory quasi-Newton preconditioned direction (issue #14).
+
+The trajectory is checked against ``reference_scg(memory=m)``, an independent float64 transcription that forms
+H r by the two-loop recursion; m = 0 stays Møller's SCG (tests/test_scg.py checks that trajectory bit for bit).
+"""
+
+from __future__ import annotations
+
+import copy
+import io
+
+import pytest
+import torch
+from reference_scg import problem_from_function, reference_scg
+from test_scg import (
+    assert_trajectories_equal,
+    flat,
+    make_mlp,
+    mlp_data,
+    mlp_flat_function,
+    rosenbrock,
+    spd_quadratic,
+)
+from torch import nn
+
+from moller_scg import SCG
+
+
+def run(params, loss_of_params, iterations, create_graph=False, **options):
+    optimizer = SCG(params, **options)
+    calls = []
+
+    def closure():
+        calls.append(1)
+        optimizer.zero_grad()
+        loss = loss_of_params()
+        loss.backward(create_graph=create_graph)
+        return loss
+
+    trajectory = []
+    for _ in range(iterations):
+        optimizer.step(closure)
+        trajectory.append(flat(params))
+    return optimizer, trajectory, calls
+
+
+@pytest.mark.parametrize("memory", [1, 3, 10])
+def test_secant_mode_trajectory_matches_reference_on_rosenbrock(memory):
+    w1 = torch.tensor([-1.2, 1.0, -0.5, 0.8], dtype=torch.float64)
+    w = nn.Parameter(w1.clone())
+    _, trajectory, _ = run([w], lambda: rosenbrock(w), 40, memory=memory)
+    expected = reference_scg(problem_from_function(rosenbrock), w1, 40, memory=memory, secant=True)
+    assert_trajectories_equal(trajectory, expected, rtol=1e-8)
+
+
+@pytest.mark.parametrize("hvp", ["double-backward", "finite-difference"])
+def test_measured_curvature_along_the_preconditioned_direction_matches_reference(hvp):
+    model = make_mlp()
+    w1 = flat(model.parameters())
+    x, y = mlp_data()
+    params = list(model.parameters())
+    _, trajectory, _ = run(
+        params,
+        lambda: torch.mean((model(x) - y) ** 2),
+        30,
+        create_graph=(hvp == "double-backward"),
+        memory=4,
+        hvp=hvp,
+    )
+    expected = reference_scg(
+        problem_from_function(mlp_flat_function(make_mlp())),
+        w1,
+        30,
+        memory=4,
+        finite_difference=(hvp == "finite-difference"),
+    )
+    assert_trajectories_equal(trajectory, expected, rtol=1e-8)
+
+
+def test_spd_quadratic_loss_never_increases_and_reaches_rounding_level():
+    """Unit quasi-Newton steps do not terminate in n steps as Møller's conjugate directions do (exact α), but the
+    accepted loss never increases and reaches the minimum to rounding within a few n."""
+    a, b = spd_quadratic(6, seed=2)
+    solution = torch.linalg.solve(a, b)
+    minimum = float(0.5 * solution @ a @ solution - b @ solution)
+    w = nn.Parameter(torch.zeros(6, dtype=torch.float64))
+    optimizer = SCG([w], memory=6)
+    closure = _closure(optimizer, lambda: 0.5 * w @ a @ w - b @ w)
+    losses = []
+    for _ in range(30):
+        optimizer.step(closure)
+        losses.append(optimizer.trace.loss)
+    assert all(later <= earlier for earlier, later in zip(losses, losses[1:]))
+    assert losses[-1] - minimum <= 1e-13 * abs(minimum)
+
+
+def _closure(optimizer, loss_of_params):
+    def closure():
+        optimizer.zero_grad()
+        loss = loss_of_params()
+        loss.backward()
+        return loss
+
+    return closure
+
+
+def test_secant_mode_costs_one_closure_call_per_step_after_the_first():
+    """Step 1 evaluates w₁; the first iteration adds the trial and Møller's finite difference; then 1 call a step."""
+    w = nn.Parameter(torch.tensor([-1.2, 1.0], dtype=torch.float64))
+    optimizer, _, calls = run([w], lambda: rosenbrock(w), 1, memory=5, restart=100)  # no restart: N = 100 > 11
+    assert len(calls) == 3 and optimizer.trace.hvp_calls == 1
+    closure_calls = optimizer.trace.closure_calls
+
+    def closure():
+        optimizer.zero_grad()
+        loss = rosenbrock(w)
+        loss.backward()
+        return loss
+
+    for _ in range(10):
+        optimizer.step(closure)
+        assert optimizer.trace.closure_calls == closure_calls + 1
+        closure_calls += 1
+    assert optimizer.trace.hvp_calls == 1  # δ from the secant model: no more curvature evaluations
+
+
+def test_a_plain_closure_works_as_for_lbfgs():
+    """The secant mode needs no create_graph: the closure LBFGS users already have."""
+    model = make_mlp()
+    x, y = mlp_data()
+    optimizer = SCG(model.parameters(), memory=10)
+
+    def closure():
+        optimizer.zero_grad()
+        loss = torch.mean((model(x) - y) ** 2)
+        loss.backward()
+        return loss
+
+    first = float(closure().detach())
+    for _ in range(60):
+        loss = optimizer.step(closure)
+    assert float(loss) < 0.05 * first
+
+
+def test_state_dict_round_trip_with_weights_only_continues_bit_identically():
+    def setup(seed=0):
+        model = make_mlp(seed)
+        x, y = mlp_data()
+        optimizer = SCG(model.parameters(), memory=4)
+
+        def closure():
+            optimizer.zero_grad()
+            loss = torch.mean((model(x) - y) ** 2)
+            loss.backward()
+            return loss
+
+        return model, optimizer, closure
+
+    reference_model, reference_optimizer, reference_closure = setup()
+    for _ in range(20):
+        reference_optimizer.step(reference_closure)
+    model, optimizer, closure = setup()
+    for _ in range(9):
+        optimizer.step(closure)
+    buffer = io.BytesIO()
+    torch.save({"model": model.state_dict(), "optimizer": optimizer.state_dict()}, buffer)
+    buffer.seek(0)
+    saved = torch.load(buffer, weights_only=True)
+    fresh_model, fresh_optimizer, fresh_closure = setup(seed=5)
+    fresh_model.load_state_dict(saved["model"])
+    fresh_optimizer.load_state_dict(saved["optimizer"])
+    for _ in range(11):
+        fresh_optimizer.step(fresh_closure)
+    for p, q in zip(fresh_model.parameters(), reference_model.parameters()):
+        assert torch.equal(p, q)
+
+    copied = copy.deepcopy(optimizer)  # a deep copy keeps the pairs too
+    assert copied.state_dict()["scg"]["secant_pairs"]["slots"] == optimizer.state_dict()["scg"]["secant_pairs"]["slots"]
+
+
+def test_states_of_other_memories_are_refused():
+    w = nn.Parameter(torch.tensor([-1.2, 1.0], dtype=torch.float64))
+    with_memory = SCG([w], memory=3)
+    run_closure = _rosenbrock_closure(with_memory, w)
+    for _ in range(3):
+        with_memory.step(run_closure)
+    state = with_memory.state_dict()
+    with pytest.raises(ValueError, match="memory=0"):
+        SCG([w]).load_state_dict(state)
+    with pytest.raises(ValueError, match="memory=5"):
+        SCG([w], memory=5).load_state_dict(state)
+    plain = SCG([w], hvp="finite-difference")
+    plain.step(_rosenbrock_closure(plain, w))
+    with pytest.raises(ValueError, match="memory=0"):
+        SCG([w], memory=3).load_state_dict(plain.state_dict())
+
+
+def _rosenbrock_closure(optimizer, w):
+    def closure():
+        optimizer.zero_grad()
+        loss = rosenbrock(w)
+        loss.backward()
+        return loss
+
+    return closure
+
+
+def test_non_finite_trial_keeps_weights_and_pairs():
+    w = nn.Parameter(torch.tensor([-1.2, 1.0], dtype=torch.float64))
+    optimizer = SCG([w], memory=3)
+    poison = {"on": False}
+
+    def closure():
+        optimizer.zero_grad()
+        loss = rosenbrock(w) + (torch.tensor(float("nan"), dtype=torch.float64) if poison["on"] else 0.0)
+        loss.backward()
+        return loss
+
+    for _ in range(5):
+        optimizer.step(closure)
+    before = w.detach().clone()
+    pairs_before = copy.deepcopy(optimizer.state_dict()["scg"]["secant_pairs"])
+    poison["on"] = True
+    optimizer.step(closure)
+    assert torch.equal(w.detach(), before) and not optimizer.trace.success
+    after = optimizer.state_dict()["scg"]["secant_pairs"]
+    assert after["slots"] == pairs_before["slots"]
+    assert all(torch.equal(a, b) for a, b in zip(after["blocks"], pairs_before["blocks"]))
+    poison["on"] = False
+    optimizer.step(closure)
+    assert torch.isfinite(w).all()
+
+
+@pytest.mark.parametrize(
+    "options, match",
+    [
+        ({"memory": -1}, "memory"),
+        ({"memory": 2.0}, "memory"),
+        ({"memory": True}, "memory"),
+        ({"hvp": "secant"}, "memory=0"),
+    ],
+)
+def test_bad_memory_options_raise_value_error(options, match):
+    with pytest.raises(ValueError, match=match):
+        SCG([nn.Parameter(torch.zeros(2))], **options)
+
+
+def test_default_hvp_follows_memory():
+    p = nn.Parameter(torch.zeros(2))
+    assert SCG([p]).param_groups[0]["hvp"] == "double-backward"
+    assert SCG([p], memory=4).param_groups[0]["hvp"] == "secant"
+    assert SCG([p], memory=4, hvp="finite-difference").param_groups[0]["hvp"] == "finite-difference"
+
+
+def test_complex_parameters_with_memory_follow_their_real_view():
+    """A complex parameter optimizes like the real parameter of its real and imaginary parts."""
+    target = torch.tensor([1.0 + 2.0j, -0.5 + 0.25j], dtype=torch.complex128)
+    z = nn.Parameter(torch.zeros(2, dtype=torch.complex128))
+    real = nn.Parameter(torch.zeros(2, 2, dtype=torch.float64))
+    target_real = torch.view_as_real(target)
+
+    def loss_complex():
+        return torch.sum(torch.abs(z - target) ** 4) + torch.sum(torch.abs(z - target) ** 2)
+
+    def loss_real():
+        squared = torch.sum((real - target_real) ** 2, dim=-1)
+        return torch.sum(squared**2) + torch.sum(squared)
+
+    _, complex_trajectory, _ = run([z], loss_complex, 15, memory=3)
+    _, real_trajectory, _ = run([real], loss_real, 15, memory=3)
+    for c, r in zip(complex_trajectory, real_trajectory):
+        torch.testing.assert_close(torch.view_as_real(c.reshape(2)).reshape(-1), r, rtol=1e-10, atol=1e-12)
