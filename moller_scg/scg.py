@@ -41,6 +41,35 @@ LAMBDA_MAX = 1e100
 harmless no-ops. ``fit`` reports a run whose λ reaches it as stalled."""
 MAX_NON_FINITE_TRIALS = 20
 """Non-finite trials in a row after which :meth:`SCG.step` raises ``FloatingPointError`` instead of going on."""
+SIGMA_MAX = 1.0
+"""Largest σ accepted. The finite-difference probe w + σₖp with σₖ = σ/|p| lies at distance exactly σ from w, so σ is
+a length in weight space; (E'(w + σₖp) − E'(w))/σₖ approximates E''(w)p only for a probe short against the scale on
+which E' bends. A unit-length probe is already 10⁴ times the paper's largest σ (1e-4); beyond it the quotient is not
+a curvature, and σ = 1e300 makes σₖ overflow."""
+
+# What users of torch.optim.LBFGS and Adam pass by habit, and what SCG offers instead.
+_OPTIONS_OF_OTHER_OPTIMIZERS = {
+    "lr": "SCG has no learning rate: the step length α = μ/δ comes from the curvature along p (step 5)",
+    "line_search_fn": "SCG does no line search: one trial point per iteration decides the step (step 6)",
+    "max_iter": (
+        "one SCG.step is one iteration, not max_iter of them (LBFGS's max_iter=20 default means 20 iterations per "
+        "step): call step max_iter times, or use fit(..., max_iter=...)"
+    ),
+    "max_eval": "one SCG.step makes 1 or 2 closure calls: bound the calls by the number of steps",
+    "tolerance_grad": (
+        "SCG.step does not stop by itself: stop the loop when optimizer.trace.residual_norm (|E'(w)|) is small "
+        "enough, or use fit(..., min_grad=...)"
+    ),
+    "tolerance_change": (
+        "SCG.step does not stop by itself: stop the loop when optimizer.trace.stalled is true, or use fit(...), "
+        "which stops a stalled run"
+    ),
+    "history_size": "SCG keeps no curvature-pair history: it holds the direction p and the residual r only",
+    "betas": "SCG keeps no moment estimates",
+    "eps": "SCG keeps no moment estimates, so it has no ε to add to them",
+    "weight_decay": "add the penalty to the loss the closure returns (e.g. + wd/2 * Σ|w|²)",
+    "momentum": "SCG's conjugate direction p = r + βp plays the role of momentum, with β from Møller's formula",
+}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -133,6 +162,23 @@ def _loss_value(raw: Any) -> float:
     )
 
 
+class _ParamGroup(dict):
+    """A parameter group that answers a request for a learning rate with the reason there is none.
+
+    LR schedulers read ``group["lr"]`` (and ``group["initial_lr"]``); on a plain dict that is a bare
+    ``KeyError: 'lr'``. ``get`` and ``in`` behave as for any dict.
+    """
+
+    def __missing__(self, key: Any) -> Any:
+        if key in ("lr", "initial_lr"):
+            raise KeyError(
+                f"SCG has no learning rate ({key!r}), so an LR scheduler has nothing to schedule: SCG's step length "
+                f"α = μ/δ comes from the curvature along the search direction at every iteration. Drop the "
+                f"scheduler; to train on, call step again, and stop on optimizer.trace.stalled or use fit(...)"
+            )
+        raise KeyError(key)
+
+
 class SCG(torch.optim.Optimizer):
     r"""Møller's Scaled Conjugate Gradient: full-batch, second-order-aware, no learning rate, no line search.
 
@@ -166,6 +212,13 @@ class SCG(torch.optim.Optimizer):
             exact product instead.
         restart: N, the restart period: p ← r whenever the iteration count k is a multiple of N (k counts
             every iteration). Default: the number of real scalars in the parameters, as in the paper.
+        **options_of_other_optimizers: none are accepted. Options of ``torch.optim.LBFGS`` or Adam kept by habit
+            (``lr``, ``line_search_fn``, ``max_iter``, ``tolerance_grad``, ``history_size``, ``weight_decay``, …)
+            raise a ``TypeError`` that says what SCG does instead of each.
+
+    SCG has no learning rate, so its parameter groups have no ``"lr"``: an LR scheduler built on it raises a
+    ``KeyError`` that says so. One :meth:`step` is one iteration; ``torch.optim.LBFGS.step`` runs up to
+    ``max_iter`` (20 by default) iterations.
 
     Closure calls per step: a success costs 1 trial call (plus 1 curvature call with finite differences); a
     failure costs 1 trial call. The first step adds the evaluation of w₁.
@@ -199,7 +252,10 @@ class SCG(torch.optim.Optimizer):
         lambd: float = 5e-7,
         hvp: str = "double-backward",
         restart: int | None = None,
+        **options_of_other_optimizers: Any,
     ) -> None:
+        if options_of_other_optimizers:
+            raise TypeError(_other_optimizer_options_message(options_of_other_optimizers))
         defaults = {"sigma": sigma, "lambd": lambd, "hvp": hvp, "restart": restart}
         _validate_hyperparameters(defaults)
         super().__init__(params, defaults)
@@ -211,17 +267,33 @@ class SCG(torch.optim.Optimizer):
     # torch.optim.Optimizer interface
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
-        """Add a group; its σ, λ₁, ``hvp`` and ``restart`` must equal the other groups' (SCG has one w)."""
+        """Add a group; its σ, λ₁, ``hvp`` and ``restart`` must equal the other groups' (SCG has one w).
+
+        Raises:
+            ValueError: a parameter is listed twice (in this group or another), or a hyperparameter is invalid or
+                differs from the other groups'.
+            TypeError: a parameter is not floating point or complex.
+        """
+        if isinstance(param_group, dict):
+            param_group = _ParamGroup(param_group)
+            if not isinstance(param_group.get("params"), (torch.Tensor, set)):
+                param_group["params"] = list(param_group.get("params", []))
+                _refuse_unoptimizable(param_group, self.param_groups)
         super().add_param_group(param_group)
         group = self.param_groups[-1]
-        _validate_hyperparameters(group)
-        for key in self.defaults:
-            if group[key] != self.param_groups[0][key]:
-                raise ValueError(
-                    f"SCG optimizes all parameters as one vector, so every parameter group needs the same "
-                    f"{key!r}: got {group[key]!r} in group {len(self.param_groups) - 1} and "
-                    f"{self.param_groups[0][key]!r} in group 0. Set it once, as SCG(params, {key}=...), not per group"
-                )
+        try:
+            _validate_hyperparameters(group)
+            for key in self.defaults:
+                if group[key] != self.param_groups[0][key]:
+                    raise ValueError(
+                        f"SCG optimizes all parameters as one vector, so every parameter group needs the same "
+                        f"{key!r}: got {group[key]!r} in group {len(self.param_groups) - 1} and "
+                        f"{self.param_groups[0][key]!r} in group 0. Set it once, as SCG(params, {key}=...), not "
+                        f"per group"
+                    )
+        except ValueError:
+            self.param_groups.pop()  # the optimizer stays as it was
+            raise
         if hasattr(self, "_scalars"):
             # A parameter added after construction has no direction yet: the next step starts again at step 1.
             self._scalars.started = False
@@ -252,10 +324,15 @@ class SCG(torch.optim.Optimizer):
         super().load_state_dict(state_dict)
         # torch keeps a loaded tensor that already has the parameter's dtype and device, so r and p would be shared
         # with the caller's dict (or with the optimizer it came from); step 7 updates p in place, so SCG copies them.
+        # Hooks may keep entries of their own in optimizer.state (torch's tests put a bool there): only the
+        # parameters' dicts hold r and p.
         for param_state in self.state.values():
+            if not isinstance(param_state, dict):
+                continue
             for key in ("residual", "direction"):
                 if isinstance(param_state.get(key), torch.Tensor):
                     param_state[key] = param_state[key].clone()
+        self.param_groups = [_ParamGroup(group) for group in self.param_groups]
         self._scalars = scalars
         self._trace = trace
         self._reset_transient()
@@ -269,6 +346,7 @@ class SCG(torch.optim.Optimizer):
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         super().__setstate__(state)
+        self.param_groups = [_ParamGroup(group) for group in self.param_groups]
         self._reset_transient()
 
     def restart(self) -> None:
@@ -631,15 +709,66 @@ def _validate_hyperparameters(group: dict[str, Any]) -> None:
     sigma, lambd, hvp, restart = group["sigma"], group["lambd"], group["hvp"], group["restart"]
     # The isinstance checks stay apart from the comparisons, so that sigma and lambd stay Any for the type checker:
     # typeshed's numbers.Real cannot be compared with a float (CoBA's hz_lambda check does the same).
-    sigma_is_real, lambd_is_real = isinstance(sigma, numbers.Real), isinstance(lambd, numbers.Real)
-    if not sigma_is_real or not (0.0 < sigma < math.inf):
-        raise ValueError(f"Invalid sigma (σ) value: {sigma!r}; it must be positive and finite (the paper uses ≤ 1e-4)")
-    if not lambd_is_real or not (0.0 < lambd < math.inf):
-        raise ValueError(f"Invalid lambd (λ₁) value: {lambd!r}; it must be positive and finite (the paper uses ≤ 1e-6)")
+    sigma_is_real = isinstance(sigma, numbers.Real) and not isinstance(sigma, bool)
+    lambd_is_real = isinstance(lambd, numbers.Real) and not isinstance(lambd, bool)
+    if not sigma_is_real or not (0.0 < sigma <= SIGMA_MAX):
+        raise ValueError(
+            f"Invalid sigma (σ) value: {sigma!r}; it must be a number with 0 < σ ≤ SIGMA_MAX = {SIGMA_MAX:g}, the "
+            f"length of the finite-difference probe in weight space (the paper uses ≤ 1e-4)"
+        )
+    if not lambd_is_real or not (0.0 < lambd < LAMBDA_MAX):
+        raise ValueError(
+            f"Invalid lambd (λ₁) value: {lambd!r}; it must be a number with 0 < λ₁ < LAMBDA_MAX = {LAMBDA_MAX:g}, "
+            f"the bound SCG keeps λ under (the paper uses ≤ 1e-6)"
+        )
     if hvp not in HVP_MODES:
         raise ValueError(f"Invalid hvp value: {hvp!r}; choose one of {', '.join(map(repr, HVP_MODES))}")
     if restart is not None and (isinstance(restart, bool) or not isinstance(restart, int) or restart < 1):
         raise ValueError(f"Invalid restart (N) value: {restart!r}; it must be an int ≥ 1, or None for n = #weights")
+
+
+def _other_optimizer_options_message(options: dict[str, Any]) -> str:
+    """Why SCG refuses keyword arguments it does not have, and what to do instead of each known one."""
+    known = [name for name in options if name in _OPTIONS_OF_OTHER_OPTIMIZERS]
+    unknown = [name for name in options if name not in _OPTIONS_OF_OTHER_OPTIMIZERS]
+    lines = [
+        f"SCG got keyword arguments it does not have: {', '.join(f'{name}={options[name]!r}' for name in options)}. "
+        f"SCG's only options are sigma, lambd, hvp and restart; remove the others."
+    ]
+    lines += [f"  {name}: {_OPTIONS_OF_OTHER_OPTIMIZERS[name]}." for name in known]
+    if unknown:
+        lines.append(f"  {', '.join(unknown)}: not an option of SCG.")
+    return "\n".join(lines)
+
+
+def _refuse_unoptimizable(param_group: dict[str, Any], param_groups: list[dict[str, Any]]) -> None:
+    """``ValueError`` for a parameter listed twice, ``TypeError`` for one that is not floating point or complex.
+
+    Runs before ``torch.optim.Optimizer.add_param_group`` (which only warns about a repeat inside a group): ``params``
+    is already a list, of tensors or of (name, tensor) pairs.
+    """
+    entries = [entry if isinstance(entry, tuple) else (None, entry) for entry in param_group["params"]]
+    seen: dict[int, int] = {}
+    for position, (name, param) in enumerate(entries):
+        described = f"{name!r}" if name is not None else f"#{position} of group {len(param_groups)}"
+        if id(param) in seen:
+            raise ValueError(
+                f"parameter {described} appears twice in one parameter group (also as #{seen[id(param)]}): SCG "
+                f"would move it twice per step. List each parameter once (model.parameters() does)"
+            )
+        seen[id(param)] = position
+        for index, group in enumerate(param_groups):
+            if any(param is other for other in group["params"]):
+                raise ValueError(
+                    f"parameter {described} is already in parameter group {index}: each parameter may belong to "
+                    f"one group only"
+                )
+        if isinstance(param, torch.Tensor) and not (param.is_floating_point() or param.is_complex()):
+            raise TypeError(
+                f"parameter {described} has dtype {param.dtype}: SCG optimizes floating-point or complex "
+                f"parameters only (an integer or boolean tensor has no gradient). Leave it out of the optimizer, "
+                f"or register it as a buffer"
+            )
 
 
 def _typed_dataclass(cls: type, values: Any) -> Any:

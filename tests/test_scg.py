@@ -416,6 +416,34 @@ def test_float64_scalars_survive_load_state_dict_with_float32_params():
     assert all(type(scalars[key]) is float for key in ("loss", "lambd", "lambd_bar", "delta"))
 
 
+def test_load_state_dict_keeps_entries_that_hooks_put_in_the_state():
+    """As torch's own test_load_state_dict_pre_post_hook: hooks keep non-tensor entries in optimizer.state."""
+
+    def pre_hook(optimizer, state_dict):
+        state_dict = copy.deepcopy(state_dict)
+        state_dict["state"]["ran_pre_hook"] = True
+        return state_dict
+
+    def post_hook(optimizer):
+        optimizer.state["ran_post_hook"] = True
+
+    reference_model, reference_optimizer, reference_closure = _mlp_setup()
+    model, optimizer, closure = _mlp_setup()
+    for _ in range(4):
+        reference_optimizer.step(reference_closure)
+        optimizer.step(closure)
+    optimizer.register_load_state_dict_pre_hook(pre_hook)
+    optimizer.register_load_state_dict_post_hook(post_hook)
+    optimizer.load_state_dict(optimizer.state_dict())
+    assert optimizer.state["ran_pre_hook"] is True and optimizer.state["ran_post_hook"] is True
+    optimizer.load_state_dict(optimizer.state_dict())  # the entries round-trip through state_dict too
+    for _ in range(4):
+        reference_optimizer.step(reference_closure)
+        optimizer.step(closure)
+    for p, q in zip(model.parameters(), reference_model.parameters()):
+        assert torch.equal(p, q)
+
+
 def test_load_state_dict_refuses_a_foreign_state():
     model, optimizer, _ = _mlp_setup()
     adam_state = torch.optim.Adam(model.parameters()).state_dict()
@@ -535,11 +563,99 @@ def test_missing_create_graph_raises_a_clear_error():
         ({"hvp": "exact"}, "hvp"),
         ({"restart": 0}, "restart"),
         ({"restart": 2.5}, "restart"),
+        ({"lambd": True}, "lambd"),
+        ({"sigma": True}, "sigma"),
+        ({"sigma": 1e300}, "sigma.*SIGMA_MAX"),
+        ({"lambd": 1e300}, "lambd.*LAMBDA_MAX"),
+        ({"lambd": 1e100}, "lambd.*LAMBDA_MAX"),
     ],
 )
 def test_bad_hyperparameters_raise_value_error_naming_the_value(options, match):
     with pytest.raises(ValueError, match=match):
         SCG([nn.Parameter(torch.zeros(1))], **options)
+
+
+def test_largest_accepted_sigma_and_lambd_keep_the_step_finite():
+    w = nn.Parameter(torch.tensor([-1.2, 1.0], dtype=torch.float64))
+    for options in ({"sigma": 1.0, "hvp": "finite-difference"}, {"lambd": 1e99}):
+        optimizer = SCG([w], **options)
+        closure = closure_for(optimizer, [w], lambda: rosenbrock(w), options.get("hvp", "double-backward"))
+        for _ in range(3):
+            loss = optimizer.step(closure)
+        assert math.isfinite(float(loss)) and math.isfinite(optimizer.trace.delta)
+
+
+def test_a_parameter_listed_twice_in_a_group_is_refused():
+    w = nn.Parameter(torch.zeros(2))
+    with pytest.raises(ValueError, match="#1 of group 0 appears twice.*also as #0"):
+        SCG([w, w])
+    with pytest.raises(ValueError, match="'b' appears twice"):
+        SCG([("a", w), ("b", w)])
+
+
+def test_a_parameter_in_two_groups_is_refused_and_the_optimizer_stays_usable():
+    w, v = nn.Parameter(torch.zeros(2)), nn.Parameter(torch.zeros(1))
+    with pytest.raises(ValueError, match="#0 of group 1 is already in parameter group 0"):
+        SCG([{"params": [w]}, {"params": [w]}])
+    optimizer = SCG([w])
+    with pytest.raises(ValueError, match="already in parameter group 0"):
+        optimizer.add_param_group({"params": [v, w]})
+    with pytest.raises(ValueError, match="same 'lambd'"):
+        optimizer.add_param_group({"params": [v], "lambd": 1e-3})
+    assert len(optimizer.param_groups) == 1
+
+
+@pytest.mark.parametrize("dtype", [torch.int64, torch.int32, torch.bool])
+def test_a_non_floating_parameter_is_refused_naming_its_dtype(dtype):
+    counter = nn.Parameter(torch.zeros(3, dtype=dtype), requires_grad=False)
+    with pytest.raises(TypeError, match=f"'counter' has dtype {dtype}.*floating-point or complex"):
+        SCG([("weight", nn.Parameter(torch.zeros(2))), ("counter", counter)])
+
+
+@pytest.mark.parametrize(
+    "options, advice",
+    [
+        ({"lr": 1}, "no learning rate"),
+        ({"line_search_fn": "strong_wolfe"}, "no line search"),
+        ({"max_iter": 20}, "call step max_iter times"),
+        ({"history_size": 100}, "no curvature-pair history"),
+        ({"tolerance_grad": 1e-7}, "residual_norm"),
+        ({"tolerance_change": 1e-9}, "trace.stalled"),
+        ({"betas": (0.9, 0.999)}, "no moment"),
+        ({"weight_decay": 1e-4}, "add the penalty to the loss"),
+    ],
+)
+def test_options_of_lbfgs_and_adam_get_advice_instead_of_a_bare_type_error(options, advice):
+    with pytest.raises(TypeError, match=advice) as raised:
+        SCG([nn.Parameter(torch.zeros(1))], **options)
+    assert "only options are sigma, lambd, hvp and restart" in str(raised.value)
+
+
+def test_a_whole_lbfgs_line_is_refused_with_advice_for_every_option():
+    options = {"lr": 1, "max_iter": 20, "history_size": 100, "line_search_fn": "strong_wolfe", "momentum": 0.9}
+    with pytest.raises(TypeError) as raised:
+        SCG([nn.Parameter(torch.zeros(1))], **options, not_an_option=3)
+    message = str(raised.value)
+    for name in options:
+        assert f"\n  {name}: " in message
+    assert "not_an_option: not an option of SCG" in message
+
+
+def test_an_lr_scheduler_is_refused_with_the_reason():
+    optimizer = SCG([nn.Parameter(torch.zeros(1))])
+    with pytest.raises(KeyError, match="SCG has no learning rate"):
+        torch.optim.lr_scheduler.StepLR(optimizer, step_size=1)
+    assert optimizer.param_groups[0].get("lr") is None and "lr" not in optimizer.param_groups[0]
+
+
+def test_an_lr_scheduler_is_refused_after_load_state_dict_and_deepcopy():
+    model, optimizer, closure = _mlp_setup()
+    optimizer.step(closure)
+    fresh = SCG(make_mlp(seed=5).parameters())
+    fresh.load_state_dict(optimizer.state_dict())
+    for candidate in (fresh, copy.deepcopy(optimizer), pickle.loads(pickle.dumps(optimizer))):
+        with pytest.raises(KeyError, match="SCG has no learning rate"):
+            torch.optim.lr_scheduler.ExponentialLR(candidate, gamma=0.9)
 
 
 def test_param_groups_must_share_hyperparameters():
