@@ -15,6 +15,7 @@ import dataclasses
 import logging
 import math
 import numbers
+import warnings
 from collections.abc import Callable, Iterable
 from typing import Any, cast
 
@@ -41,6 +42,10 @@ LAMBDA_MAX = 1e100
 harmless no-ops. ``fit`` reports a run whose λ reaches it as stalled."""
 MAX_NON_FINITE_TRIALS = 20
 """Non-finite trials in a row after which :meth:`SCG.step` raises ``FloatingPointError`` instead of going on."""
+UNRESOLVED_DECREASE_ULPS = 4
+"""Loss decreases E(w) − E(w + αp) from 0 up to this many units in the last place of E(w) (in the parameters' dtype)
+are rounding noise rather than a measurement: step 6 then estimates the decrease from the slopes at both ends
+(:func:`_loss_decrease`)."""
 SIGMA_MAX = 1.0
 """Largest σ accepted. The finite-difference probe w + σₖp with σₖ = σ/|p| lies at distance exactly σ from w, so σ is
 a length in weight space; (E'(w + σₖp) − E'(w))/σₖ approximates E''(w)p only for a probe short against the scale on
@@ -70,6 +75,10 @@ _OPTIONS_OF_OTHER_OPTIMIZERS = {
     "weight_decay": "add the penalty to the loss the closure returns (e.g. + wd/2 * Σ|w|²)",
     "momentum": "SCG's conjugate direction p = r + βp plays the role of momentum, with β from Møller's formula",
 }
+
+
+class SCGStalledWarning(RuntimeWarning):
+    """SCG has stalled (:attr:`SCGTrace.stalled`): further steps cost full price and change nothing."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -103,6 +112,16 @@ class SCGTrace:
     direction_norm: float
     closure_calls: int
     hvp_calls: int
+
+    @property
+    def stalled(self) -> bool:
+        """Whether SCG has stopped making progress, so that a plain ``step`` loop should stop.
+
+        True when λ has reached ``LAMBDA_MAX``, or when the iteration changed nothing: an accepted trial with
+        Δ = 0 reproduced E(w) and E'(w) exactly (αp is below the resolution of the weights). Both last: λ only
+        grows from there. Computed from the fields, so it is not saved separately.
+        """
+        return self.lambd >= LAMBDA_MAX or (self.success and self.comparison == 0.0)
 
 
 @dataclasses.dataclass
@@ -244,6 +263,7 @@ class SCG(torch.optim.Optimizer):
     _graph_versions: list[int] | None
     _param_versions: list[int] | None
     _known_products: tuple[list[torch.Tensor], list[int], tuple[float, float, float]] | None
+    _warned_stalled: bool
 
     def __init__(
         self,
@@ -407,6 +427,7 @@ class SCG(torch.optim.Optimizer):
             raise
         finally:
             self._param_versions = [p._version for p in params]
+        self._warn_once_when_stalled()
         return torch.tensor(self._scalars.loss, dtype=torch.float64)
 
     def _start(self, closure: Callable[[], Any], params: list[torch.Tensor]) -> None:
@@ -480,9 +501,18 @@ class SCG(torch.optim.Optimizer):
         trial_loss, trial_gradients = self._evaluate(closure, params)
         # That was the last closure call of the iteration: from here on, state may be committed and p overwritten.
         new_residual = vec.negated(trial_gradients)
-        new_residual_sq, new_dot_old = vec.dots([(new_residual, new_residual), (new_residual, residual)])
+        new_residual_sq, new_dot_old, new_dot_direction = vec.dots(
+            [(new_residual, new_residual), (new_residual, residual), (new_residual, direction)]
+        )
         finite = math.isfinite(trial_loss) and _all_finite_given_squared_norm(new_residual, new_residual_sq)
-        comparison = 2.0 * delta * (scalars.loss - trial_loss) / mu**2 if finite else math.nan
+        if finite:
+            unchanged = trial_loss == scalars.loss and new_residual_sq == new_dot_old == residual_sq
+            decrease = _loss_decrease(
+                scalars.loss, trial_loss, alpha, mu, new_dot_direction, _loss_epsilon(params), unchanged=unchanged
+            )
+            comparison = 2.0 * delta * decrease / mu**2
+        else:
+            comparison = math.nan
 
         # Step 7: accept or reject the trial point.
         scalars.k += 1
@@ -692,6 +722,20 @@ class SCG(torch.optim.Optimizer):
             hvp_calls=scalars.hvp_calls,
         )
 
+    def _warn_once_when_stalled(self) -> None:
+        """Warn when the trace turns stalled; again only after a step that was not stalled."""
+        stalled = self._trace is not None and self._trace.stalled
+        if stalled and not self._warned_stalled:
+            trace = cast(SCGTrace, self._trace)
+            warnings.warn(
+                f"SCG stalled at iteration {trace.k} (E = {trace.loss:.6g}, λ = {trace.lambd:.3g}): the step no "
+                f"longer changes the loss, and further steps cost full price for nothing. Stop the loop when "
+                f"optimizer.trace.stalled is true (fit(...) does), or change something (optimizer.restart())",
+                SCGStalledWarning,
+                stacklevel=3,
+            )
+        self._warned_stalled = stalled
+
     def _name(self, index: int) -> str:
         names = [name for group in self.param_groups for name in group.get("param_names", [])]
         return repr(names[index]) if index < len(names) else f"#{index}"
@@ -703,6 +747,7 @@ class SCG(torch.optim.Optimizer):
         self._graph_versions = None
         self._param_versions = None
         self._known_products = None
+        self._warned_stalled = False
 
 
 def _validate_hyperparameters(group: dict[str, Any]) -> None:
@@ -787,6 +832,40 @@ def _typed_dataclass(cls: type, values: Any) -> Any:
         if wrong_bool or not isinstance(value, kinds[declared]):
             raise ValueError(f"the 'scg' entry of this state_dict has {name} = {value!r}, which is not a {declared}")
     return cls(**{name: float(value) if fields[name] == "float" else value for name, value in values.items()})
+
+
+def _loss_epsilon(params: list[torch.Tensor]) -> float:
+    """The machine epsilon of the loss: that of the parameters' dtype (the coarsest, if they differ)."""
+    return max(torch.finfo(p.dtype).eps for p in params)
+
+
+def _loss_decrease(
+    loss: float,
+    trial_loss: float,
+    alpha: float,
+    mu: float,
+    trial_residual_dot_direction: float,
+    epsilon: float,
+    *,
+    unchanged: bool,
+) -> float:
+    """E(w) − E(w + αp) for step 6's Δ: measured, or estimated from the slopes when rounding drowns the measurement.
+
+    When 0 ≤ E(w) − E(w + αp) ≤ ``UNRESOLVED_DECREASE_ULPS`` · ε · |E(w)| (ε of the loss's dtype), the difference
+    of the two losses is rounding noise, and Δ formed from it sends λ up for nothing (Δ ≈ 0 < 0.25). The directional derivatives at
+    both ends are still resolved: E'(w)ᵀp = −μ and E'(w + αp)ᵀp = −r₊ᵀp, and the trapezoid rule gives
+
+        E(w) − E(w + αp) ≈ −α(E'(w)ᵀp + E'(w + αp)ᵀp)/2 = α(μ + r₊ᵀp)/2,
+
+    exact on a quadratic. Where the difference is resolved, Møller's measured value is used unchanged; so is a measured
+    increase, however small, so that an accepted step never raises the loss the closure reports. A trial that
+    reproduced E(w) and E'(w) exactly (``unchanged``: αp is below the weights' resolution) carries no slope either;
+    its measured difference, 0, stands.
+    """
+    measured = loss - trial_loss
+    if unchanged or not (0.0 <= measured <= UNRESOLVED_DECREASE_ULPS * epsilon * abs(loss)):
+        return measured
+    return alpha * (mu + trial_residual_dot_direction) / 2.0
 
 
 def _finite_difference_from_residual(
