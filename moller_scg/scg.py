@@ -77,7 +77,7 @@ _OPTIONS_OF_OTHER_OPTIMIZERS = {
 }
 
 
-class SCGStalledWarning(RuntimeWarning):
+class SCGStalledWarning(UserWarning):
     """SCG has stalled (:attr:`SCGTrace.stalled`): further steps cost full price and change nothing."""
 
 
@@ -254,6 +254,8 @@ class SCG(torch.optim.Optimizer):
         ...     return loss
         >>> for _ in range(120):
         ...     loss = optimizer.step(closure)
+        ...     if optimizer.trace.stalled:
+        ...         break
         >>> bool(loss < 1e-12)
         True
     """
@@ -852,8 +854,9 @@ def _loss_decrease(
     """E(w) − E(w + αp) for step 6's Δ: measured, or estimated from the slopes when rounding drowns the measurement.
 
     When 0 ≤ E(w) − E(w + αp) ≤ ``UNRESOLVED_DECREASE_ULPS`` · ε · |E(w)| (ε of the loss's dtype), the difference
-    of the two losses is rounding noise, and Δ formed from it sends λ up for nothing (Δ ≈ 0 < 0.25). The directional derivatives at
-    both ends are still resolved: E'(w)ᵀp = −μ and E'(w + αp)ᵀp = −r₊ᵀp, and the trapezoid rule gives
+    of the two losses is rounding noise, and Δ formed from it sends λ up for nothing (Δ ≈ 0 < 0.25). The
+    directional derivatives at both ends are still resolved: E'(w)ᵀp = −μ and E'(w + αp)ᵀp = −r₊ᵀp, and the
+    trapezoid rule gives
 
         E(w) − E(w + αp) ≈ −α(E'(w)ᵀp + E'(w + αp)ᵀp)/2 = α(μ + r₊ᵀp)/2,
 

@@ -19,8 +19,8 @@ from reference_scg import problem_from_function, reference_scg
 from torch import nn
 
 from moller_scg import SCG, SCGStalledWarning, SCGTrace
-from moller_scg import scg as scg_module
 from moller_scg import _vectors as vec
+from moller_scg import scg as scg_module
 from moller_scg.curvature import finite_difference_hvp
 from moller_scg.scg import (
     LAMBDA_MAX,
