@@ -14,13 +14,14 @@ from moller_scg.accumulate import GradientAccumulator, StochasticObjectiveWarnin
 from moller_scg.annealing import AnnealingRestarts
 from moller_scg.coba import CoBA
 from moller_scg.history import History
-from moller_scg.scg import SCG, SCGTrace
+from moller_scg.scg import SCG, SCGStalledWarning, SCGTrace
 from moller_scg.scg_adam import SCGAdam, SCGAMSGrad, SCGRMSProp, diminishing_lr
 from moller_scg.train import accuracy, fit
 
 __all__ = [
     "SCG",
     "SCGTrace",
+    "SCGStalledWarning",
     "GradientAccumulator",
     "StochasticObjectiveWarning",
     "History",

@@ -15,6 +15,7 @@ import dataclasses
 import logging
 import math
 import numbers
+import warnings
 from collections.abc import Callable, Iterable
 from typing import Any, cast
 
@@ -43,6 +44,43 @@ LAMBDA_MAX = 1e100
 harmless no-ops. ``fit`` reports a run whose λ reaches it as stalled."""
 MAX_NON_FINITE_TRIALS = 20
 """Non-finite trials in a row after which :meth:`SCG.step` raises ``FloatingPointError`` instead of going on."""
+UNRESOLVED_DECREASE_ULPS = 4
+"""Loss decreases E(w) − E(w + αp) from 0 up to this many units in the last place of E(w) (in the parameters' dtype)
+are rounding noise rather than a measurement: step 6 then estimates the decrease from the slopes at both ends
+(:func:`_loss_decrease`)."""
+SIGMA_MAX = 1.0
+"""Largest σ accepted. The finite-difference probe w + σₖp with σₖ = σ/|p| lies at distance exactly σ from w, so σ is
+a length in weight space; (E'(w + σₖp) − E'(w))/σₖ approximates E''(w)p only for a probe short against the scale on
+which E' bends. A unit-length probe is already 10⁴ times the paper's largest σ (1e-4); beyond it the quotient is not
+a curvature, and σ = 1e300 makes σₖ overflow."""
+
+# What users of torch.optim.LBFGS and Adam pass by habit, and what SCG offers instead.
+_OPTIONS_OF_OTHER_OPTIMIZERS = {
+    "lr": "SCG has no learning rate: the step length α = μ/δ comes from the curvature along p (step 5)",
+    "line_search_fn": "SCG does no line search: one trial point per iteration decides the step (step 6)",
+    "max_iter": (
+        "one SCG.step is one iteration, not max_iter of them (LBFGS's max_iter=20 default means 20 iterations per "
+        "step): call step max_iter times, or use fit(..., max_iter=...)"
+    ),
+    "max_eval": "one SCG.step makes 1 or 2 closure calls: bound the calls by the number of steps",
+    "tolerance_grad": (
+        "SCG.step does not stop by itself: stop the loop when optimizer.trace.residual_norm (|E'(w)|) is small "
+        "enough, or use fit(..., min_grad=...)"
+    ),
+    "tolerance_change": (
+        "SCG.step does not stop by itself: stop the loop when optimizer.trace.stalled is true, or use fit(...), "
+        "which stops a stalled run"
+    ),
+    "history_size": "SCG keeps no curvature-pair history: it holds the direction p and the residual r only",
+    "betas": "SCG keeps no moment estimates",
+    "eps": "SCG keeps no moment estimates, so it has no ε to add to them",
+    "weight_decay": "add the penalty to the loss the closure returns (e.g. + wd/2 * Σ|w|²)",
+    "momentum": "SCG's conjugate direction p = r + βp plays the role of momentum, with β from Møller's formula",
+}
+
+
+class SCGStalledWarning(UserWarning):
+    """SCG has stalled (:attr:`SCGTrace.stalled`): further steps cost full price and change nothing."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -76,6 +114,16 @@ class SCGTrace:
     direction_norm: float
     closure_calls: int
     hvp_calls: int
+
+    @property
+    def stalled(self) -> bool:
+        """Whether SCG has stopped making progress, so that a plain ``step`` loop should stop.
+
+        True when λ has reached ``LAMBDA_MAX``, or when the iteration changed nothing: an accepted trial with
+        Δ = 0 reproduced E(w) and E'(w) exactly (αp is below the resolution of the weights). Both last: λ only
+        grows from there. Computed from the fields, so it is not saved separately.
+        """
+        return self.lambd >= LAMBDA_MAX or (self.success and self.comparison == 0.0)
 
 
 @dataclasses.dataclass
@@ -135,6 +183,23 @@ def _loss_value(raw: Any) -> float:
     )
 
 
+class _ParamGroup(dict):
+    """A parameter group that answers a request for a learning rate with the reason there is none.
+
+    LR schedulers read ``group["lr"]`` (and ``group["initial_lr"]``); on a plain dict that is a bare
+    ``KeyError: 'lr'``. ``get`` and ``in`` behave as for any dict.
+    """
+
+    def __missing__(self, key: Any) -> Any:
+        if key in ("lr", "initial_lr"):
+            raise KeyError(
+                f"SCG has no learning rate ({key!r}), so an LR scheduler has nothing to schedule: SCG's step length "
+                f"α = μ/δ comes from the curvature along the search direction at every iteration. Drop the "
+                f"scheduler; to train on, call step again, and stop on optimizer.trace.stalled or use fit(...)"
+            )
+        raise KeyError(key)
+
+
 class SCG(torch.optim.Optimizer):
     r"""Møller's Scaled Conjugate Gradient: full-batch, second-order-aware, no learning rate, no line search.
 
@@ -179,6 +244,13 @@ class SCG(torch.optim.Optimizer):
             step, before any pair, takes Møller's finite difference. ``hvp="double-backward"`` or
             ``"finite-difference"`` measure the curvature along H r instead (one more product per step).
             ``docs/performance.md`` has the measurements behind ``SCG(params, memory=20)``.
+        **options_of_other_optimizers: none are accepted. Options of ``torch.optim.LBFGS`` or Adam kept by habit
+            (``lr``, ``line_search_fn``, ``max_iter``, ``tolerance_grad``, ``history_size``, ``weight_decay``, …)
+            raise a ``TypeError`` that says what SCG does instead of each.
+
+    SCG has no learning rate, so its parameter groups have no ``"lr"``: an LR scheduler built on it raises a
+    ``KeyError`` that says so. One :meth:`step` is one iteration; ``torch.optim.LBFGS.step`` runs up to
+    ``max_iter`` (20 by default) iterations.
 
     Closure calls per step: a success costs 1 trial call (plus 1 curvature call with finite differences); a
     failure costs 1 trial call. The first step adds the evaluation of w₁.
@@ -195,6 +267,8 @@ class SCG(torch.optim.Optimizer):
         ...     return loss
         >>> for _ in range(120):
         ...     loss = optimizer.step(closure)
+        ...     if optimizer.trace.stalled:
+        ...         break
         >>> bool(loss < 1e-12)
         True
     """
@@ -204,6 +278,7 @@ class SCG(torch.optim.Optimizer):
     _graph_versions: list[int] | None
     _param_versions: list[int] | None
     _known_products: tuple[list[torch.Tensor], list[int], tuple[float, float, float]] | None
+    _warned_stalled: bool
 
     def __init__(
         self,
@@ -213,7 +288,10 @@ class SCG(torch.optim.Optimizer):
         hvp: str | None = None,
         restart: int | None = None,
         memory: int = 0,
+        **options_of_other_optimizers: Any,
     ) -> None:
+        if options_of_other_optimizers:
+            raise TypeError(_other_optimizer_options_message(options_of_other_optimizers))
         if hvp is None:
             hvp = "secant" if isinstance(memory, int) and not isinstance(memory, bool) and memory > 0 else HVP_MODES[0]
         defaults = {"sigma": sigma, "lambd": lambd, "hvp": hvp, "restart": restart, "memory": memory}
@@ -228,17 +306,33 @@ class SCG(torch.optim.Optimizer):
     # torch.optim.Optimizer interface
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
-        """Add a group; its σ, λ₁, ``hvp`` and ``restart`` must equal the other groups' (SCG has one w)."""
+        """Add a group; its σ, λ₁, ``hvp`` and ``restart`` must equal the other groups' (SCG has one w).
+
+        Raises:
+            ValueError: a parameter is listed twice (in this group or another), or a hyperparameter is invalid or
+                differs from the other groups'.
+            TypeError: a parameter is not floating point or complex.
+        """
+        if isinstance(param_group, dict):
+            param_group = _ParamGroup(param_group)
+            if not isinstance(param_group.get("params"), (torch.Tensor, set)):
+                param_group["params"] = list(param_group.get("params", []))
+                _refuse_unoptimizable(param_group, self.param_groups)
         super().add_param_group(param_group)
         group = self.param_groups[-1]
-        _validate_hyperparameters(group)
-        for key in self.defaults:
-            if group[key] != self.param_groups[0][key]:
-                raise ValueError(
-                    f"SCG optimizes all parameters as one vector, so every parameter group needs the same "
-                    f"{key!r}: got {group[key]!r} in group {len(self.param_groups) - 1} and "
-                    f"{self.param_groups[0][key]!r} in group 0. Set it once, as SCG(params, {key}=...), not per group"
-                )
+        try:
+            _validate_hyperparameters(group)
+            for key in self.defaults:
+                if group[key] != self.param_groups[0][key]:
+                    raise ValueError(
+                        f"SCG optimizes all parameters as one vector, so every parameter group needs the same "
+                        f"{key!r}: got {group[key]!r} in group {len(self.param_groups) - 1} and "
+                        f"{self.param_groups[0][key]!r} in group 0. Set it once, as SCG(params, {key}=...), not "
+                        f"per group"
+                    )
+        except ValueError:
+            self.param_groups.pop()  # the optimizer stays as it was
+            raise
         if hasattr(self, "_scalars"):
             # A parameter added after construction has no direction yet: the next step starts again at step 1.
             self._scalars.started = False
@@ -286,10 +380,15 @@ class SCG(torch.optim.Optimizer):
         super().load_state_dict(state_dict)
         # torch keeps a loaded tensor that already has the parameter's dtype and device, so r and p would be shared
         # with the caller's dict (or with the optimizer it came from); step 7 updates p in place, so SCG copies them.
+        # Hooks may keep entries of their own in optimizer.state (torch's tests put a bool there): only the
+        # parameters' dicts hold r and p.
         for param_state in self.state.values():
+            if not isinstance(param_state, dict):
+                continue
             for key in ("residual", "direction"):
                 if isinstance(param_state.get(key), torch.Tensor):
                     param_state[key] = param_state[key].clone()
+        self.param_groups = [_ParamGroup(group) for group in self.param_groups]
         self._scalars = scalars
         self._trace = trace
         self._secant_pairs = secant_pairs
@@ -305,6 +404,7 @@ class SCG(torch.optim.Optimizer):
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         super().__setstate__(state)
+        self.param_groups = [_ParamGroup(group) for group in self.param_groups]
         self._reset_transient()
 
     def restart(self) -> None:
@@ -365,6 +465,7 @@ class SCG(torch.optim.Optimizer):
             raise
         finally:
             self._param_versions = [p._version for p in params]
+        self._warn_once_when_stalled()
         return torch.tensor(self._scalars.loss, dtype=torch.float64)
 
     def _start(self, closure: Callable[[], Any], params: list[torch.Tensor]) -> None:
@@ -450,9 +551,18 @@ class SCG(torch.optim.Optimizer):
         trial_loss, trial_gradients = self._evaluate(closure, params)
         # That was the last closure call of the iteration: from here on, state may be committed and p overwritten.
         new_residual = vec.negated(trial_gradients)
-        new_residual_sq, new_dot_old = vec.dots([(new_residual, new_residual), (new_residual, residual)])
+        new_residual_sq, new_dot_old, new_dot_direction = vec.dots(
+            [(new_residual, new_residual), (new_residual, residual), (new_residual, direction)]
+        )
         finite = math.isfinite(trial_loss) and _all_finite_given_squared_norm(new_residual, new_residual_sq)
-        comparison = 2.0 * delta * (scalars.loss - trial_loss) / mu**2 if finite else math.nan
+        if finite:
+            unchanged = trial_loss == scalars.loss and new_residual_sq == new_dot_old == residual_sq
+            decrease = _loss_decrease(
+                scalars.loss, trial_loss, alpha, mu, new_dot_direction, _loss_epsilon(params), unchanged=unchanged
+            )
+            comparison = 2.0 * delta * decrease / mu**2
+        else:
+            comparison = math.nan
 
         # Step 7: accept or reject the trial point.
         scalars.k += 1
@@ -687,6 +797,20 @@ class SCG(torch.optim.Optimizer):
             hvp_calls=scalars.hvp_calls,
         )
 
+    def _warn_once_when_stalled(self) -> None:
+        """Warn when the trace turns stalled; again only after a step that was not stalled."""
+        stalled = self._trace is not None and self._trace.stalled
+        if stalled and not self._warned_stalled:
+            trace = cast(SCGTrace, self._trace)
+            warnings.warn(
+                f"SCG stalled at iteration {trace.k} (E = {trace.loss:.6g}, λ = {trace.lambd:.3g}): the step no "
+                f"longer changes the loss, and further steps cost full price for nothing. Stop the loop when "
+                f"optimizer.trace.stalled is true (fit(...) does), or change something (optimizer.restart())",
+                SCGStalledWarning,
+                stacklevel=3,
+            )
+        self._warned_stalled = stalled
+
     def _name(self, index: int) -> str:
         names = [name for group in self.param_groups for name in group.get("param_names", [])]
         return repr(names[index]) if index < len(names) else f"#{index}"
@@ -698,6 +822,7 @@ class SCG(torch.optim.Optimizer):
         self._graph_versions = None
         self._param_versions = None
         self._known_products = None
+        self._warned_stalled = False
 
 
 def _validate_hyperparameters(group: dict[str, Any]) -> None:
@@ -714,15 +839,66 @@ def _validate_hyperparameters(group: dict[str, Any]) -> None:
         )
     # The isinstance checks stay apart from the comparisons, so that sigma and lambd stay Any for the type checker:
     # typeshed's numbers.Real cannot be compared with a float (CoBA's hz_lambda check does the same).
-    sigma_is_real, lambd_is_real = isinstance(sigma, numbers.Real), isinstance(lambd, numbers.Real)
-    if not sigma_is_real or not (0.0 < sigma < math.inf):
-        raise ValueError(f"Invalid sigma (σ) value: {sigma!r}; it must be positive and finite (the paper uses ≤ 1e-4)")
-    if not lambd_is_real or not (0.0 < lambd < math.inf):
-        raise ValueError(f"Invalid lambd (λ₁) value: {lambd!r}; it must be positive and finite (the paper uses ≤ 1e-6)")
+    sigma_is_real = isinstance(sigma, numbers.Real) and not isinstance(sigma, bool)
+    lambd_is_real = isinstance(lambd, numbers.Real) and not isinstance(lambd, bool)
+    if not sigma_is_real or not (0.0 < sigma <= SIGMA_MAX):
+        raise ValueError(
+            f"Invalid sigma (σ) value: {sigma!r}; it must be a number with 0 < σ ≤ SIGMA_MAX = {SIGMA_MAX:g}, the "
+            f"length of the finite-difference probe in weight space (the paper uses ≤ 1e-4)"
+        )
+    if not lambd_is_real or not (0.0 < lambd < LAMBDA_MAX):
+        raise ValueError(
+            f"Invalid lambd (λ₁) value: {lambd!r}; it must be a number with 0 < λ₁ < LAMBDA_MAX = {LAMBDA_MAX:g}, "
+            f"the bound SCG keeps λ under (the paper uses ≤ 1e-6)"
+        )
     if hvp not in HVP_MODES:
         raise ValueError(f"Invalid hvp value: {hvp!r}; choose one of {', '.join(map(repr, HVP_MODES))}")
     if restart is not None and (isinstance(restart, bool) or not isinstance(restart, int) or restart < 1):
         raise ValueError(f"Invalid restart (N) value: {restart!r}; it must be an int ≥ 1, or None for n = #weights")
+
+
+def _other_optimizer_options_message(options: dict[str, Any]) -> str:
+    """Why SCG refuses keyword arguments it does not have, and what to do instead of each known one."""
+    known = [name for name in options if name in _OPTIONS_OF_OTHER_OPTIMIZERS]
+    unknown = [name for name in options if name not in _OPTIONS_OF_OTHER_OPTIMIZERS]
+    lines = [
+        f"SCG got keyword arguments it does not have: {', '.join(f'{name}={options[name]!r}' for name in options)}. "
+        f"SCG's only options are sigma, lambd, hvp and restart; remove the others."
+    ]
+    lines += [f"  {name}: {_OPTIONS_OF_OTHER_OPTIMIZERS[name]}." for name in known]
+    if unknown:
+        lines.append(f"  {', '.join(unknown)}: not an option of SCG.")
+    return "\n".join(lines)
+
+
+def _refuse_unoptimizable(param_group: dict[str, Any], param_groups: list[dict[str, Any]]) -> None:
+    """``ValueError`` for a parameter listed twice, ``TypeError`` for one that is not floating point or complex.
+
+    Runs before ``torch.optim.Optimizer.add_param_group`` (which only warns about a repeat inside a group): ``params``
+    is already a list, of tensors or of (name, tensor) pairs.
+    """
+    entries = [entry if isinstance(entry, tuple) else (None, entry) for entry in param_group["params"]]
+    seen: dict[int, int] = {}
+    for position, (name, param) in enumerate(entries):
+        described = f"{name!r}" if name is not None else f"#{position} of group {len(param_groups)}"
+        if id(param) in seen:
+            raise ValueError(
+                f"parameter {described} appears twice in one parameter group (also as #{seen[id(param)]}): SCG "
+                f"would move it twice per step. List each parameter once (model.parameters() does)"
+            )
+        seen[id(param)] = position
+        for index, group in enumerate(param_groups):
+            if any(param is other for other in group["params"]):
+                raise ValueError(
+                    f"parameter {described} is already in parameter group {index}: each parameter may belong to "
+                    f"one group only"
+                )
+        if isinstance(param, torch.Tensor) and not (param.is_floating_point() or param.is_complex()):
+            raise TypeError(
+                f"parameter {described} has dtype {param.dtype}: SCG optimizes floating-point or complex "
+                f"parameters only (an integer or boolean tensor has no gradient). Leave it out of the optimizer, "
+                f"or register it as a buffer"
+            )
 
 
 def _typed_dataclass(cls: type, values: Any) -> Any:
@@ -741,6 +917,41 @@ def _typed_dataclass(cls: type, values: Any) -> Any:
         if wrong_bool or not isinstance(value, kinds[declared]):
             raise ValueError(f"the 'scg' entry of this state_dict has {name} = {value!r}, which is not a {declared}")
     return cls(**{name: float(value) if fields[name] == "float" else value for name, value in values.items()})
+
+
+def _loss_epsilon(params: list[torch.Tensor]) -> float:
+    """The machine epsilon of the loss: that of the parameters' dtype (the coarsest, if they differ)."""
+    return max(torch.finfo(p.dtype).eps for p in params)
+
+
+def _loss_decrease(
+    loss: float,
+    trial_loss: float,
+    alpha: float,
+    mu: float,
+    trial_residual_dot_direction: float,
+    epsilon: float,
+    *,
+    unchanged: bool,
+) -> float:
+    """E(w) − E(w + αp) for step 6's Δ: measured, or estimated from the slopes when rounding drowns the measurement.
+
+    When 0 ≤ E(w) − E(w + αp) ≤ ``UNRESOLVED_DECREASE_ULPS`` · ε · |E(w)| (ε of the loss's dtype), the difference
+    of the two losses is rounding noise, and Δ formed from it sends λ up for nothing (Δ ≈ 0 < 0.25). The
+    directional derivatives at both ends are still resolved: E'(w)ᵀp = −μ and E'(w + αp)ᵀp = −r₊ᵀp, and the
+    trapezoid rule gives
+
+        E(w) − E(w + αp) ≈ −α(E'(w)ᵀp + E'(w + αp)ᵀp)/2 = α(μ + r₊ᵀp)/2,
+
+    exact on a quadratic. Where the difference is resolved, Møller's measured value is used unchanged; so is a measured
+    increase, however small, so that an accepted step never raises the loss the closure reports. A trial that
+    reproduced E(w) and E'(w) exactly (``unchanged``: αp is below the weights' resolution) carries no slope either;
+    its measured difference, 0, stands.
+    """
+    measured = loss - trial_loss
+    if unchanged or not (0.0 <= measured <= UNRESOLVED_DECREASE_ULPS * epsilon * abs(loss)):
+        return measured
+    return alpha * (mu + trial_residual_dot_direction) / 2.0
 
 
 def _finite_difference_from_residual(

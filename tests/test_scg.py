@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import dataclasses
 import io
 import math
 import os
@@ -17,10 +18,16 @@ from hypothesis import strategies as st
 from reference_scg import problem_from_function, reference_scg
 from torch import nn
 
-from moller_scg import SCG
+from moller_scg import SCG, SCGStalledWarning, SCGTrace
 from moller_scg import _vectors as vec
+from moller_scg import scg as scg_module
 from moller_scg.curvature import finite_difference_hvp
-from moller_scg.scg import MAX_NON_FINITE_TRIALS, _all_finite_given_squared_norm, _finite_difference_from_residual
+from moller_scg.scg import (
+    LAMBDA_MAX,
+    MAX_NON_FINITE_TRIALS,
+    _all_finite_given_squared_norm,
+    _finite_difference_from_residual,
+)
 
 MODES = ["double-backward", "finite-difference"]
 
@@ -416,6 +423,34 @@ def test_float64_scalars_survive_load_state_dict_with_float32_params():
     assert all(type(scalars[key]) is float for key in ("loss", "lambd", "lambd_bar", "delta"))
 
 
+def test_load_state_dict_keeps_entries_that_hooks_put_in_the_state():
+    """As torch's own test_load_state_dict_pre_post_hook: hooks keep non-tensor entries in optimizer.state."""
+
+    def pre_hook(optimizer, state_dict):
+        state_dict = copy.deepcopy(state_dict)
+        state_dict["state"]["ran_pre_hook"] = True
+        return state_dict
+
+    def post_hook(optimizer):
+        optimizer.state["ran_post_hook"] = True
+
+    reference_model, reference_optimizer, reference_closure = _mlp_setup()
+    model, optimizer, closure = _mlp_setup()
+    for _ in range(4):
+        reference_optimizer.step(reference_closure)
+        optimizer.step(closure)
+    optimizer.register_load_state_dict_pre_hook(pre_hook)
+    optimizer.register_load_state_dict_post_hook(post_hook)
+    optimizer.load_state_dict(optimizer.state_dict())
+    assert optimizer.state["ran_pre_hook"] is True and optimizer.state["ran_post_hook"] is True
+    optimizer.load_state_dict(optimizer.state_dict())  # the entries round-trip through state_dict too
+    for _ in range(4):
+        reference_optimizer.step(reference_closure)
+        optimizer.step(closure)
+    for p, q in zip(model.parameters(), reference_model.parameters()):
+        assert torch.equal(p, q)
+
+
 def test_load_state_dict_refuses_a_foreign_state():
     model, optimizer, _ = _mlp_setup()
     adam_state = torch.optim.Adam(model.parameters()).state_dict()
@@ -535,11 +570,100 @@ def test_missing_create_graph_raises_a_clear_error():
         ({"hvp": "exact"}, "hvp"),
         ({"restart": 0}, "restart"),
         ({"restart": 2.5}, "restart"),
+        ({"lambd": True}, "lambd"),
+        ({"sigma": True}, "sigma"),
+        ({"sigma": 1e300}, "sigma.*SIGMA_MAX"),
+        ({"lambd": 1e300}, "lambd.*LAMBDA_MAX"),
+        ({"lambd": 1e100}, "lambd.*LAMBDA_MAX"),
     ],
 )
 def test_bad_hyperparameters_raise_value_error_naming_the_value(options, match):
     with pytest.raises(ValueError, match=match):
         SCG([nn.Parameter(torch.zeros(1))], **options)
+
+
+@pytest.mark.filterwarnings("ignore::moller_scg.scg.SCGStalledWarning")
+def test_largest_accepted_sigma_and_lambd_keep_the_step_finite():
+    w = nn.Parameter(torch.tensor([-1.2, 1.0], dtype=torch.float64))
+    for options in ({"sigma": 1.0, "hvp": "finite-difference"}, {"lambd": 1e99}):
+        optimizer = SCG([w], **options)
+        closure = closure_for(optimizer, [w], lambda: rosenbrock(w), options.get("hvp", "double-backward"))
+        for _ in range(3):
+            loss = optimizer.step(closure)
+        assert math.isfinite(float(loss)) and math.isfinite(optimizer.trace.delta)
+
+
+def test_a_parameter_listed_twice_in_a_group_is_refused():
+    w = nn.Parameter(torch.zeros(2))
+    with pytest.raises(ValueError, match="#1 of group 0 appears twice.*also as #0"):
+        SCG([w, w])
+    with pytest.raises(ValueError, match="'b' appears twice"):
+        SCG([("a", w), ("b", w)])
+
+
+def test_a_parameter_in_two_groups_is_refused_and_the_optimizer_stays_usable():
+    w, v = nn.Parameter(torch.zeros(2)), nn.Parameter(torch.zeros(1))
+    with pytest.raises(ValueError, match="#0 of group 1 is already in parameter group 0"):
+        SCG([{"params": [w]}, {"params": [w]}])
+    optimizer = SCG([w])
+    with pytest.raises(ValueError, match="already in parameter group 0"):
+        optimizer.add_param_group({"params": [v, w]})
+    with pytest.raises(ValueError, match="same 'lambd'"):
+        optimizer.add_param_group({"params": [v], "lambd": 1e-3})
+    assert len(optimizer.param_groups) == 1
+
+
+@pytest.mark.parametrize("dtype", [torch.int64, torch.int32, torch.bool])
+def test_a_non_floating_parameter_is_refused_naming_its_dtype(dtype):
+    counter = nn.Parameter(torch.zeros(3, dtype=dtype), requires_grad=False)
+    with pytest.raises(TypeError, match=f"'counter' has dtype {dtype}.*floating-point or complex"):
+        SCG([("weight", nn.Parameter(torch.zeros(2))), ("counter", counter)])
+
+
+@pytest.mark.parametrize(
+    "options, advice",
+    [
+        ({"lr": 1}, "no learning rate"),
+        ({"line_search_fn": "strong_wolfe"}, "no line search"),
+        ({"max_iter": 20}, "call step max_iter times"),
+        ({"history_size": 100}, "no curvature-pair history"),
+        ({"tolerance_grad": 1e-7}, "residual_norm"),
+        ({"tolerance_change": 1e-9}, "trace.stalled"),
+        ({"betas": (0.9, 0.999)}, "no moment"),
+        ({"weight_decay": 1e-4}, "add the penalty to the loss"),
+    ],
+)
+def test_options_of_lbfgs_and_adam_get_advice_instead_of_a_bare_type_error(options, advice):
+    with pytest.raises(TypeError, match=advice) as raised:
+        SCG([nn.Parameter(torch.zeros(1))], **options)
+    assert "only options are sigma, lambd, hvp and restart" in str(raised.value)
+
+
+def test_a_whole_lbfgs_line_is_refused_with_advice_for_every_option():
+    options = {"lr": 1, "max_iter": 20, "history_size": 100, "line_search_fn": "strong_wolfe", "momentum": 0.9}
+    with pytest.raises(TypeError) as raised:
+        SCG([nn.Parameter(torch.zeros(1))], **options, not_an_option=3)
+    message = str(raised.value)
+    for name in options:
+        assert f"\n  {name}: " in message
+    assert "not_an_option: not an option of SCG" in message
+
+
+def test_an_lr_scheduler_is_refused_with_the_reason():
+    optimizer = SCG([nn.Parameter(torch.zeros(1))])
+    with pytest.raises(KeyError, match="SCG has no learning rate"):
+        torch.optim.lr_scheduler.StepLR(optimizer, step_size=1)
+    assert optimizer.param_groups[0].get("lr") is None and "lr" not in optimizer.param_groups[0]
+
+
+def test_an_lr_scheduler_is_refused_after_load_state_dict_and_deepcopy():
+    model, optimizer, closure = _mlp_setup()
+    optimizer.step(closure)
+    fresh = SCG(make_mlp(seed=5).parameters())
+    fresh.load_state_dict(optimizer.state_dict())
+    for candidate in (fresh, copy.deepcopy(optimizer), pickle.loads(pickle.dumps(optimizer))):
+        with pytest.raises(KeyError, match="SCG has no learning rate"):
+            torch.optim.lr_scheduler.ExponentialLR(candidate, gamma=0.9)
 
 
 def test_param_groups_must_share_hyperparameters():
@@ -979,3 +1103,91 @@ def test_random_spd_quadratics_match_reference_and_never_increase_the_loss(n, se
     assert all(later <= earlier for earlier, later in zip(losses, losses[1:]))
     solution = torch.linalg.solve(a, b)
     assert float(function(w.detach()) - function(solution)) <= 1e-8 * max(1.0, abs(float(function(solution))))
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Rounding: the loss difference drowns before the slopes do; a stall is signalled.
+
+
+def _offset_quadratic_run(dtype: torch.dtype, iterations: int) -> tuple[float, SCG]:
+    """SCG on E(w) = 1 + ½ Σ sᵢ(wᵢ − cᵢ)² (a loss with a floor, as a noisy regression has), in ``dtype``.
+
+    Returns the excess E(w) − 1 of the final weights, computed in float64, and the optimizer.
+    """
+    generator = torch.Generator().manual_seed(0)
+    scales = torch.logspace(-3, 0, 30, dtype=torch.float64)
+    centre = torch.randn(30, generator=generator, dtype=torch.float64)
+    w = nn.Parameter(torch.zeros(30, dtype=dtype))
+    s, c = scales.to(dtype), centre.to(dtype)
+    optimizer = SCG([w])
+    closure = closure_for(optimizer, [w], lambda: 1 + 0.5 * torch.sum(s * (w - c) ** 2), "double-backward")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", SCGStalledWarning)
+        for _ in range(iterations):
+            optimizer.step(closure)
+    return float(0.5 * torch.sum(scales * (w.detach().double() - centre) ** 2)), optimizer
+
+
+def test_float32_progress_goes_on_below_the_loss_resolution():
+    # Without the slope estimate this run stalls with λ at 1e68 and an excess of 2.9e-7, about 2.4 float32 ulps of E.
+    excess, optimizer = _offset_quadratic_run(torch.float32, 300)
+    assert excess < 1e-12
+    assert optimizer.trace.lambd < 1.0
+
+
+def test_float64_trajectory_is_bit_identical_where_the_loss_difference_is_resolved(monkeypatch):
+    model, optimizer, closure = _mlp_setup()
+    trajectory = []
+    for _ in range(40):
+        optimizer.step(closure)
+        trajectory.append(flat(model.parameters()))
+    monkeypatch.setattr(scg_module, "_loss_decrease", lambda loss, trial_loss, *args, **kwargs: loss - trial_loss)
+    paper_model, paper_optimizer, paper_closure = _mlp_setup()
+    for expected in trajectory:
+        paper_optimizer.step(paper_closure)
+        assert torch.equal(flat(paper_model.parameters()), expected)
+
+
+def test_rounding_level_decrease_is_estimated_from_the_slopes():
+    # On E = 1 + ½(w − 1)², from w = 1 − 1e-9 a full step decreases E by 5e-19, far below float64's ulp of 1.
+    loss, trial_loss, alpha, mu, trial_dot = 1.0, 1.0, 1.0, 1e-18, 0.0
+    eps = torch.finfo(torch.float64).eps
+    assert scg_module._loss_decrease(loss, trial_loss, alpha, mu, trial_dot, eps, unchanged=False) == 5e-19
+    assert scg_module._loss_decrease(loss, trial_loss, alpha, mu, trial_dot, eps, unchanged=True) == 0.0
+    resolved = 1.0 - 4 * eps * 1.1  # a decrease of just over UNRESOLVED_DECREASE_ULPS ulps is a measurement
+    assert scg_module._loss_decrease(loss, resolved, alpha, mu, trial_dot, eps, unchanged=False) == loss - resolved
+    increase = 1.0 + eps  # a measured increase stands, so an accepted step never raises the reported loss
+    assert scg_module._loss_decrease(loss, increase, alpha, mu, trial_dot, eps, unchanged=False) == loss - increase
+
+
+def test_stalled_flag_and_a_single_warning_once_steps_change_nothing():
+    # float32 least squares, condition number 1e4: the loss's rounding error is ~100 ulps here (the residuals cancel),
+    # more than UNRESOLVED_DECREASE_ULPS, so trials get rejected, λ climbs and αp drops below the weights' resolution.
+    generator = torch.Generator().manual_seed(0)
+    left, _ = torch.linalg.qr(torch.randn(200, 20, generator=generator, dtype=torch.float64))
+    right, _ = torch.linalg.qr(torch.randn(20, 20, generator=generator, dtype=torch.float64))
+    a = left @ torch.diag(torch.logspace(0, 2, 20, dtype=torch.float64)) @ right.T * math.sqrt(200)
+    y = a @ torch.randn(20, generator=generator, dtype=torch.float64) + 0.1 * torch.randn(200, generator=generator)
+    a, y = a.float(), y.float()
+    w = nn.Parameter(torch.zeros(20))
+    optimizer = SCG([w])
+    closure = closure_for(optimizer, [w], lambda: torch.mean((a @ w - y) ** 2), "double-backward")
+    flags = []
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        for _ in range(450):
+            optimizer.step(closure)
+            flags.append(optimizer.trace.stalled)
+    stalled_warnings = [w for w in caught if issubclass(w.category, SCGStalledWarning)]
+    assert True in flags[100:] and not any(flags[:100])
+    first = flags.index(True)
+    assert all(flags[first:]), "a stall lasts"
+    assert optimizer.trace.success and optimizer.trace.comparison == 0.0  # "successful" no-op steps
+    assert len(stalled_warnings) == 1 and f"iteration {first + 1}" in str(stalled_warnings[0].message)
+    assert "optimizer.trace.stalled" in str(stalled_warnings[0].message)
+
+
+def test_stalled_when_lambda_reaches_its_bound():
+    trace = SCGTrace(1, 1.0, False, LAMBDA_MAX, 1.0, -1.0, 1.0, 1.0, 1.0, 1.0, 2, 1)
+    assert trace.stalled and not dataclasses.replace(trace, lambd=1.0).stalled
+    assert "stalled" not in dataclasses.asdict(trace)  # fit's History rows and the state_dict keep their fields
