@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import csv
 import dataclasses
+import json
 import math
 from collections.abc import Iterator, Mapping
 from pathlib import Path
@@ -38,6 +39,10 @@ COLUMNS = (
 )
 """The per-iteration columns. ``loss`` is E at the weights held after the iteration; ``time`` is wall seconds since
 the run (including any run it resumed) began; ``val_loss`` and ``val_metric`` are NaN without validation data."""
+
+RUN_COLUMNS = ("stop_reason", "best_iteration", "detail", "restarts")
+"""The CSV columns after :data:`COLUMNS` that describe the whole run; every row repeats them (``restarts`` as JSON).
+An empty cell is ``None``."""
 
 _INTEGER_COLUMNS = {"k", "closure_calls", "hvp_calls"}
 _BOOLEAN_COLUMNS = {"success"}
@@ -147,24 +152,64 @@ class History:
         )
 
     def to_csv(self, path: str | Path) -> None:
-        """Write one row per iteration with a header line; floats are written with full precision (``repr``)."""
+        """Write one row per iteration with a header line; floats are written with full precision (``repr``).
+
+        The per-iteration :data:`COLUMNS` are followed by the run-level :data:`RUN_COLUMNS` (stop reason, best
+        iteration, detail, annealing restarts as JSON), repeated on every row so that each row stands alone in a
+        spreadsheet or a data frame. A History without rows is written as one row with only the run-level cells.
+        """
+        run = self._run_cells()
         with open(path, "w", newline="", encoding="utf-8") as file:
             writer = csv.writer(file)
-            writer.writerow(COLUMNS)
+            writer.writerow(COLUMNS + RUN_COLUMNS)
             for row in self.rows():
-                writer.writerow([repr(value) if isinstance(value, float) else value for value in row.values()])
+                writer.writerow([repr(value) if isinstance(value, float) else value for value in row.values()] + run)
+            if not len(self):
+                writer.writerow([""] * len(COLUMNS) + run)
 
     @classmethod
     def from_csv(cls, path: str | Path) -> History:
-        """Read a file written by :meth:`to_csv` (the stop reason is not part of the CSV)."""
+        """Read a file written by :meth:`to_csv`: the rows and the run-level fields, exactly.
+
+        A file written before the run-level columns existed (only :data:`COLUMNS`) is read with ``stop_reason``,
+        ``best_iteration`` and ``detail`` ``None`` and no restarts.
+        """
         history = cls()
         with open(path, newline="", encoding="utf-8") as file:
             reader = csv.DictReader(file)
-            if tuple(reader.fieldnames or ()) != COLUMNS:
-                raise ValueError(f"{path}: the header {reader.fieldnames} is not the History columns {list(COLUMNS)}")
+            header = tuple(reader.fieldnames or ())
+            if header not in (COLUMNS, COLUMNS + RUN_COLUMNS):
+                raise ValueError(
+                    f"{path}: the header {reader.fieldnames} is not the History columns {list(COLUMNS + RUN_COLUMNS)}"
+                )
+            run_cells = None
             for row in reader:
-                history.append(**{name: _parse(name, text) for name, text in row.items()})
+                run_cells = [row[name] for name in RUN_COLUMNS] if header != COLUMNS else None
+                if row["k"] != "":  # a History without rows is written as one row of run-level cells only
+                    history.append(**{name: _parse(name, row[name]) for name in COLUMNS})
+        if run_cells is not None:
+            history._set_run_cells(run_cells, path)
         return history
+
+    def _run_cells(self) -> list[str]:
+        """The run-level fields as CSV cells, in :data:`RUN_COLUMNS` order; ``None`` is an empty cell."""
+        return [
+            "" if self.stop_reason is None else self.stop_reason,
+            "" if self.best_iteration is None else str(self.best_iteration),
+            "" if self.detail is None else self.detail,
+            json.dumps(self.restarts) if self.restarts else "",
+        ]
+
+    def _set_run_cells(self, cells: list[str], path: str | Path) -> None:
+        """The inverse of :meth:`_run_cells`."""
+        stop_reason, best_iteration, detail, restarts = cells
+        self.stop_reason = stop_reason or None
+        self.best_iteration = int(best_iteration) if best_iteration else None
+        self.detail = detail or None
+        events = json.loads(restarts) if restarts else []
+        if not isinstance(events, list) or not all(isinstance(event, dict) for event in events):
+            raise ValueError(f"{path}: the restarts cell must hold a JSON list of objects, got {restarts!r:.120}")
+        self.restarts = events
 
     # ----------------------------------------------------------------------------------------------------------
     # Figure 3

@@ -43,6 +43,42 @@ def test_csv_round_trip_is_exact(tmp_path):
             assert type(a) is type(b), name
 
 
+def test_csv_round_trip_keeps_how_the_run_ended(tmp_path):
+    history = trained_history()
+    assert history.stop_reason == "max_iter" and history.best_iteration is not None
+    history.detail = 'a detail, with a comma, "quotes" and\na newline'
+    history.restarts = [
+        {"iteration": 3, "kind": "restart", "reason": "stalled", "temperature": 0.1, "scale": 1e-3, "moves": 5,
+         "accepted": 2, "loss_before": 0.25, "loss_after": 0.125},
+    ]
+    path = tmp_path / "history.csv"
+    history.to_csv(path)
+    again = History.from_csv(path)
+    assert again.stop_reason == "max_iter"
+    assert again.best_iteration == history.best_iteration
+    assert again.detail == history.detail
+    assert again.restarts == history.restarts
+    assert len(again) == len(history)
+
+
+def test_csv_round_trip_of_a_history_without_rows(tmp_path):
+    history = History(stop_reason="max_time")
+    path = tmp_path / "history.csv"
+    history.to_csv(path)
+    again = History.from_csv(path)
+    assert len(again) == 0
+    assert again.stop_reason == "max_time" and again.best_iteration is None and again.restarts == []
+
+
+def test_csv_without_run_columns_still_reads(tmp_path):
+    row = {name: "0.5" for name in COLUMNS} | {"k": "1", "success": "True", "closure_calls": "2", "hvp_calls": "1"}
+    path = tmp_path / "old.csv"
+    path.write_text(",".join(COLUMNS) + "\n" + ",".join(row[name] for name in COLUMNS) + "\n", encoding="utf-8")
+    again = History.from_csv(path)
+    assert again["k"] == [1] and again["success"] == [True] and again["loss"] == [0.5]
+    assert again.stop_reason is None and again.best_iteration is None and again.restarts == []
+
+
 def test_csv_with_foreign_header_is_refused(tmp_path):
     path = tmp_path / "other.csv"
     path.write_text("a,b\n1,2\n", encoding="utf-8")
