@@ -217,40 +217,52 @@ class History:
     def plot(self, filename: str | Path | None = None, title: str | None = None) -> Figure:
         """Draw the blog's Figure 3: (a) loss and success, (b) |p| and |r|, (c) δ and λ, against iterations.
 
-        Annealing restarts, if any, are dotted vertical lines in panel (a).
+        Annealing restarts, if any, are dotted vertical lines in panel (a). A panel whose values are all 0 or NaN
+        (a run that diverged at once, or a loss that was 0 from the start) keeps a linear axis instead of a
+        logarithmic one, so it still draws what it can.
 
-        matplotlib is imported here, so it is needed only for plotting (``pip install moller-scg[examples]``).
+        With ``filename`` the figure is drawn on a bare ``matplotlib.figure.Figure`` and saved: pyplot's figure
+        list and matplotlib's backend are not touched, so a later ``plt.show()`` or a notebook works as before.
+        Without it, the figure comes from ``pyplot`` (so ``plt.show()`` shows it). matplotlib is imported here,
+        so it is needed only for plotting (``pip install moller-scg[examples]``).
 
         Returns:
             The matplotlib ``Figure``; it is also saved to ``filename`` when given.
         """
         try:
-            import matplotlib
+            from matplotlib.figure import Figure
         except ImportError as error:  # pragma: no cover - depends on the environment
             raise ImportError("History.plot needs matplotlib: pip install 'moller-scg[examples]'") from error
-        if filename is not None:
-            matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
+        size = (15, 4.2)
+        if filename is None:
+            import matplotlib.pyplot as plt
 
-        k = self.columns["k"]
-        figure, (loss_axes, vector_axes, scale_axes) = plt.subplots(1, 3, figsize=(15, 4.2))
-        loss_axes.semilogy(k, self.columns["loss"], label="training loss")
+            figure = plt.figure(figsize=size)
+        else:
+            figure = Figure(figsize=size)
+        loss_axes, vector_axes, scale_axes = figure.subplots(1, 3)
+        k, losses = self.columns["k"], self.columns["loss"]
+        loss_axes.plot(k, losses, label="training loss")
         if any(math.isfinite(value) for value in self.columns["val_loss"]):
-            loss_axes.semilogy(k, self.columns["val_loss"], "--", label="validation loss")
+            loss_axes.plot(k, self.columns["val_loss"], "--", label="validation loss")
         successes = [index for index, success in zip(k, self.columns["success"]) if success is True]
         if successes:
-            bottom = min(value for value in self.columns["loss"] if math.isfinite(value) and value > 0)
-            loss_axes.plot(successes, [bottom] * len(successes), "|", color="tab:green", label="successful step")
+            loss_axes.plot(
+                successes, [_lowest(losses)] * len(successes), "|", color="tab:green", label="successful step"
+            )
         for index, event in enumerate(self.restarts):
             label = "annealing restart" if index == 0 else None
             loss_axes.axvline(event["iteration"] + 0.5, color="tab:red", linestyle=":", linewidth=1, label=label)
+        _log_scale_if_possible(loss_axes, losses, self.columns["val_loss"])
         loss_axes.set(title="a) loss and successful steps", xlabel="iteration k")
-        vector_axes.semilogy(k, self.columns["direction_norm"], label="|p| (search direction)")
-        vector_axes.semilogy(k, self.columns["residual_norm"], label="|r| = |E'(w)| (gradient)")
+        vector_axes.plot(k, self.columns["direction_norm"], label="|p| (search direction)")
+        vector_axes.plot(k, self.columns["residual_norm"], label="|r| = |E'(w)| (gradient)")
+        _log_scale_if_possible(vector_axes, self.columns["direction_norm"], self.columns["residual_norm"])
         vector_axes.set(title="b) direction and gradient norms", xlabel="iteration k")
         positive_delta = [value if value > 0 else math.nan for value in self.columns["delta"]]
-        scale_axes.semilogy(k, positive_delta, label="δ (scaled curvature)")
-        scale_axes.semilogy(k, self.columns["lambd"], label="λ (scale)")
+        scale_axes.plot(k, positive_delta, label="δ (scaled curvature)")
+        scale_axes.plot(k, self.columns["lambd"], label="λ (scale)")
+        _log_scale_if_possible(scale_axes, positive_delta, self.columns["lambd"])
         scale_axes.set(title="c) δ and λ", xlabel="iteration k")
         for axes in (loss_axes, vector_axes, scale_axes):
             axes.legend(fontsize="small")
@@ -259,8 +271,25 @@ class History:
         figure.tight_layout()
         if filename is not None:
             figure.savefig(filename, dpi=110)
-            plt.close(figure)
         return figure
+
+
+def _positive(values: list[Any]) -> list[float]:
+    """The values a logarithmic axis can show: finite and > 0."""
+    return [value for value in values if math.isfinite(value) and value > 0]
+
+
+def _lowest(losses: list[Any]) -> float:
+    """Where the success marks sit: the lowest loss the axis shows (positive if any, else finite, else 0)."""
+    positive = _positive(losses)
+    finite = [value for value in losses if math.isfinite(value)]
+    return min(positive) if positive else min(finite, default=0.0)
+
+
+def _log_scale_if_possible(axes: Any, *columns: list[Any]) -> None:
+    """A logarithmic y axis when some value is finite and > 0; otherwise the axis stays linear."""
+    if any(_positive(column) for column in columns):
+        axes.set_yscale("log")
 
 
 def _parse(name: str, text: str) -> Any:
