@@ -50,13 +50,15 @@ from torch.utils.data import (
 from moller_scg import distributed as _dist
 from moller_scg._vectors import TensorList, as_real
 from moller_scg.curvature import functional_hvp_and_loss, graph_hvp
+from moller_scg.input_checks import as_tensor_pair, check_input_dtype, model_dtype
 from moller_scg.loss_checks import ADDITIVITY_CHECK_SAMPLES, check_additivity, check_same_shape, is_elementwise_loss
 from moller_scg.subsampling import CurvatureSubsets, subset_size, validate_fraction, validate_subset
 
 logger = logging.getLogger(__name__)
 
 Data = tuple[torch.Tensor, torch.Tensor] | Dataset | DataLoader
-"""What :class:`GradientAccumulator` streams: an ``(inputs, targets)`` pair, a map-style Dataset, a DataLoader."""
+"""What :class:`GradientAccumulator` streams: an ``(inputs, targets)`` pair (of tensors, or of NumPy arrays converted
+to the model's dtype), a map-style Dataset, a DataLoader."""
 
 REDUCTIONS = ("mean", "sum", "batchmean")
 """Reductions the accumulator can weight exactly ("batchmean", as in ``nn.KLDivLoss``, is a mean over samples)."""
@@ -345,7 +347,8 @@ class GradientAccumulator:
         loss_fn: ``loss_fn(outputs, targets)`` → scalar, a sum or a mean over the samples of the batch (any
             ``torch.nn`` loss, or any callable).
         data: an ``(inputs, targets)`` pair of tensors with the samples along the first axis (sliced, never
-            collated sample by sample), a map-style ``Dataset`` of ``(input, target)`` items, or a
+            collated sample by sample; NumPy arrays are converted once, floating ones to the model's dtype), a
+            map-style ``Dataset`` of ``(input, target)`` items, or a
             ``DataLoader`` yielding ``(inputs, targets)`` batches over every sample exactly once.
         batch_size: samples per batch for tensors and Datasets (the last batch may be smaller); default
             :data:`DEFAULT_BATCH_SIZE`. It changes memory and speed, never the result. A DataLoader brings its
@@ -452,8 +455,12 @@ class GradientAccumulator:
         self.passes = PassCounts()
         self._objective = _Objective(loss_fn, self.reduction)
         shard = (_dist.rank(), _dist.world_size()) if self.distributed else None
+        self._model_dtype = model_dtype(self.params)
+        data = as_tensor_pair(data, self._model_dtype)  # NumPy arrays become tensors of the model's dtype
         self._batches: _Batches
         self._batches, self._samples = _make_batches(data, batch_size, self.device, device_cache_bytes, shard)
+        if isinstance(self._batches, _TensorBatches):
+            check_input_dtype(self._batches.inputs, self._model_dtype, "the inputs")
         self._device_cache_bytes = device_cache_bytes
         self.curvature_fraction = validate_fraction(curvature_fraction)
         self.curvature_window = 0
@@ -645,6 +652,8 @@ class GradientAccumulator:
             batches = _progress_bar(batches, expected, kind)
         for index, (inputs, targets) in enumerate(batches):
             count = _batch_samples(inputs, targets, source, index)
+            if index == 0:  # a Dataset or DataLoader shows its dtype only in its batches (tensors: checked up front)
+                check_input_dtype(inputs, self._model_dtype, f"the inputs of {source.describe(0)}")
             if self._reduction_unchecked and count >= 2:
                 self._check_reduction(inputs[:REDUCTION_CHECK_SAMPLES], targets[:REDUCTION_CHECK_SAMPLES])
             scale = objective.scale(count)
