@@ -52,6 +52,7 @@ from moller_scg._vectors import TensorList, as_real
 from moller_scg.curvature import functional_hvp_and_loss, graph_hvp
 from moller_scg.input_checks import as_tensor_pair, check_input_dtype, model_dtype
 from moller_scg.loss_checks import ADDITIVITY_CHECK_SAMPLES, check_additivity, check_same_shape, is_elementwise_loss
+from moller_scg.running_stats import restored_on_failure
 from moller_scg.subsampling import CurvatureSubsets, subset_size, validate_fraction, validate_subset
 
 logger = logging.getLogger(__name__)
@@ -519,10 +520,13 @@ class GradientAccumulator:
             E(w), a detached 0-dim float64 tensor on ``device``.
 
         Raises:
-            FloatingPointError: a batch loss is not finite (``on_non_finite="raise"``); ``.grad`` is left as it was.
+            FloatingPointError: a batch loss is not finite (``on_non_finite="raise"``); ``.grad`` is left as it was,
+                and so are the running statistics of batch norm in training mode.
         """
-        sums = self._stream("gradient")
-        loss, gradients = self._finish(self._reduce(sums))
+        with restored_on_failure(self.model) as running_statistics:  # batch norm's, in training mode
+            sums = self._stream("gradient")
+            loss, gradients = self._finish(self._reduce(sums))
+            running_statistics.restore_unless_finite(loss)
         for p, gradient in zip(self.params, gradients):
             p.grad = gradient
         self.passes.gradient += 1
@@ -548,15 +552,19 @@ class GradientAccumulator:
                 raise ValueError(f"hvp vector {index} has shape {shape}, but parameter {index} has {tuple(p.shape)}")
             prepared.append(v.detach().to(device=p.device, dtype=p.dtype))
         batches = self._curvature_batches()
-        sums = self._stream("hvp", prepared, batches)
-        _, products = self._finish(self._reduce(sums), batches, self._curvature_samples)
+        with restored_on_failure(self.model) as running_statistics:
+            sums = self._stream("hvp", prepared, batches)
+            loss, products = self._finish(self._reduce(sums), batches, self._curvature_samples)
+            running_statistics.restore_unless_finite(loss)
         self.passes.hvp += 1
         return products
 
     def loss(self) -> torch.Tensor:
         """One pass without autograd: E(w) as a detached 0-dim float64 tensor; ``.grad`` is not touched."""
-        sums = self._stream("loss")
-        loss, _ = self._finish(self._reduce(sums))
+        with restored_on_failure(self.model) as running_statistics:
+            sums = self._stream("loss")
+            loss, _ = self._finish(self._reduce(sums))
+            running_statistics.restore_unless_finite(loss)
         self.passes.loss += 1
         return loss
 
@@ -578,8 +586,10 @@ class GradientAccumulator:
         if "loss" in metrics:
             raise ValueError("'loss' names the loss itself in what evaluate returns: give the metric another name")
         objectives = [_Objective(metric, "mean") for metric in metrics.values()]
-        sums = self._reduce(self._stream("loss", metric_objectives=objectives))
-        loss, _ = self._finish(sums)
+        with restored_on_failure(self.model) as running_statistics:
+            sums = self._reduce(self._stream("loss", metric_objectives=objectives))
+            loss, _ = self._finish(sums)
+            running_statistics.restore_unless_finite(loss)
         values = {"loss": float(loss)}
         metric_sums = cast(torch.Tensor, sums.metrics).tolist()
         metric_denominators = cast(torch.Tensor, sums.metric_denominators).tolist()
