@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import math
 import numbers
 import warnings
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
@@ -51,12 +50,16 @@ from torch.utils.data import (
 from moller_scg import distributed as _dist
 from moller_scg._vectors import TensorList, as_real
 from moller_scg.curvature import functional_hvp_and_loss, graph_hvp
+from moller_scg.input_checks import as_tensor_pair, check_input_dtype, model_dtype
+from moller_scg.loss_checks import ADDITIVITY_CHECK_SAMPLES, check_additivity, check_same_shape, is_elementwise_loss
+from moller_scg.running_stats import restored_on_failure
 from moller_scg.subsampling import CurvatureSubsets, subset_size, validate_fraction, validate_subset
 
 logger = logging.getLogger(__name__)
 
 Data = tuple[torch.Tensor, torch.Tensor] | Dataset | DataLoader
-"""What :class:`GradientAccumulator` streams: an ``(inputs, targets)`` pair, a map-style Dataset, a DataLoader."""
+"""What :class:`GradientAccumulator` streams: an ``(inputs, targets)`` pair (of tensors, or of NumPy arrays converted
+to the model's dtype), a map-style Dataset, a DataLoader."""
 
 REDUCTIONS = ("mean", "sum", "batchmean")
 """Reductions the accumulator can weight exactly ("batchmean", as in ``nn.KLDivLoss``, is a mean over samples)."""
@@ -76,8 +79,8 @@ PARTIAL_SUM_BATCHES = 8
 1 adds every batch straight into float64. 8 removes most of the per-batch cost of float64 accumulation (about
 0.5 ms per batch for the 0.46 M parameters of the MNIST CNN on one CPU thread) and adds at most 16 roundings of
 the parameter's dtype, however many batches there are. Float64 parameters are always added directly."""
-REDUCTION_CHECK_SAMPLES = 8
-"""Samples on which an explicitly given ``reduction`` is checked once (on two halves and on the whole)."""
+REDUCTION_CHECK_SAMPLES = ADDITIVITY_CHECK_SAMPLES
+"""Samples on which the loss's additivity is checked once (:func:`moller_scg.loss_checks.check_additivity`)."""
 
 
 class StochasticObjectiveWarning(UserWarning):
@@ -140,6 +143,7 @@ class _Objective:
     def __init__(self, loss_fn: Callable[[Any, torch.Tensor], torch.Tensor], reduction: str) -> None:
         self.loss_fn = loss_fn
         self.reduction = reduction
+        self.elementwise = is_elementwise_loss(loss_fn)
         if reduction == "sum":
             self.kind = "sum"
         elif _is_class_index_loss(loss_fn):
@@ -149,6 +153,8 @@ class _Objective:
 
     def term(self, outputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         if self.kind != "ratio":
+            if self.elementwise and outputs.shape != targets.shape:
+                check_same_shape(self.loss_fn, outputs, targets)
             term = self.loss_fn(outputs, targets)
             if not isinstance(term, torch.Tensor) or term.numel() != 1:
                 shape = tuple(term.shape) if isinstance(term, torch.Tensor) else type(term).__name__
@@ -342,7 +348,8 @@ class GradientAccumulator:
         loss_fn: ``loss_fn(outputs, targets)`` → scalar, a sum or a mean over the samples of the batch (any
             ``torch.nn`` loss, or any callable).
         data: an ``(inputs, targets)`` pair of tensors with the samples along the first axis (sliced, never
-            collated sample by sample), a map-style ``Dataset`` of ``(input, target)`` items, or a
+            collated sample by sample; NumPy arrays are converted once, floating ones to the model's dtype), a
+            map-style ``Dataset`` of ``(input, target)`` items, or a
             ``DataLoader`` yielding ``(inputs, targets)`` batches over every sample exactly once.
         batch_size: samples per batch for tensors and Datasets (the last batch may be smaller); default
             :data:`DEFAULT_BATCH_SIZE`. It changes memory and speed, never the result. A DataLoader brings its
@@ -449,8 +456,12 @@ class GradientAccumulator:
         self.passes = PassCounts()
         self._objective = _Objective(loss_fn, self.reduction)
         shard = (_dist.rank(), _dist.world_size()) if self.distributed else None
+        self._model_dtype = model_dtype(self.params)
+        data = as_tensor_pair(data, self._model_dtype)  # NumPy arrays become tensors of the model's dtype
         self._batches: _Batches
         self._batches, self._samples = _make_batches(data, batch_size, self.device, device_cache_bytes, shard)
+        if isinstance(self._batches, _TensorBatches):
+            check_input_dtype(self._batches.inputs, self._model_dtype, "the inputs")
         self._device_cache_bytes = device_cache_bytes
         self.curvature_fraction = validate_fraction(curvature_fraction)
         self.curvature_window = 0
@@ -471,8 +482,11 @@ class GradientAccumulator:
         if self.distributed:
             _check_ranks_agree(self._samples, self.params)
         self._param_names = _param_names(model, self.params) if hvp_method == "forward-over-reverse" else None
-        # An explicit reduction is a claim about an opaque callable: check it once, on the first pass.
-        self._reduction_unchecked = reduction is not None and getattr(loss_fn, "reduction", None) is None
+        # Every loss must be additive over samples, or the batch size changes the objective: checked once, on the
+        # first pass. An explicit reduction is a claim about an opaque callable; a declared one can be wrong too.
+        # The ratio kind's S_b is the accumulator's own F.cross_entropy / F.nll_loss sum: additive by construction.
+        self._reduction_unchecked = self._objective.kind != "ratio"
+        self._reduction_explicit = reduction is not None and getattr(loss_fn, "reduction", None) is None
         self._warned_stochastic = False
         self._functional_works = False  # whether torch.func has evaluated one batch (then its errors are real)
 
@@ -506,10 +520,13 @@ class GradientAccumulator:
             E(w), a detached 0-dim float64 tensor on ``device``.
 
         Raises:
-            FloatingPointError: a batch loss is not finite (``on_non_finite="raise"``); ``.grad`` is left as it was.
+            FloatingPointError: a batch loss is not finite (``on_non_finite="raise"``); ``.grad`` is left as it was,
+                and so are the running statistics of batch norm in training mode.
         """
-        sums = self._stream("gradient")
-        loss, gradients = self._finish(self._reduce(sums))
+        with restored_on_failure(self.model) as running_statistics:  # batch norm's, in training mode
+            sums = self._stream("gradient")
+            loss, gradients = self._finish(self._reduce(sums))
+            running_statistics.restore_unless_finite(loss)
         for p, gradient in zip(self.params, gradients):
             p.grad = gradient
         self.passes.gradient += 1
@@ -535,15 +552,19 @@ class GradientAccumulator:
                 raise ValueError(f"hvp vector {index} has shape {shape}, but parameter {index} has {tuple(p.shape)}")
             prepared.append(v.detach().to(device=p.device, dtype=p.dtype))
         batches = self._curvature_batches()
-        sums = self._stream("hvp", prepared, batches)
-        _, products = self._finish(self._reduce(sums), batches, self._curvature_samples)
+        with restored_on_failure(self.model) as running_statistics:
+            sums = self._stream("hvp", prepared, batches)
+            loss, products = self._finish(self._reduce(sums), batches, self._curvature_samples)
+            running_statistics.restore_unless_finite(loss)
         self.passes.hvp += 1
         return products
 
     def loss(self) -> torch.Tensor:
         """One pass without autograd: E(w) as a detached 0-dim float64 tensor; ``.grad`` is not touched."""
-        sums = self._stream("loss")
-        loss, _ = self._finish(self._reduce(sums))
+        with restored_on_failure(self.model) as running_statistics:
+            sums = self._stream("loss")
+            loss, _ = self._finish(self._reduce(sums))
+            running_statistics.restore_unless_finite(loss)
         self.passes.loss += 1
         return loss
 
@@ -565,8 +586,10 @@ class GradientAccumulator:
         if "loss" in metrics:
             raise ValueError("'loss' names the loss itself in what evaluate returns: give the metric another name")
         objectives = [_Objective(metric, "mean") for metric in metrics.values()]
-        sums = self._reduce(self._stream("loss", metric_objectives=objectives))
-        loss, _ = self._finish(sums)
+        with restored_on_failure(self.model) as running_statistics:
+            sums = self._reduce(self._stream("loss", metric_objectives=objectives))
+            loss, _ = self._finish(sums)
+            running_statistics.restore_unless_finite(loss)
         values = {"loss": float(loss)}
         metric_sums = cast(torch.Tensor, sums.metrics).tolist()
         metric_denominators = cast(torch.Tensor, sums.metric_denominators).tolist()
@@ -639,6 +662,8 @@ class GradientAccumulator:
             batches = _progress_bar(batches, expected, kind)
         for index, (inputs, targets) in enumerate(batches):
             count = _batch_samples(inputs, targets, source, index)
+            if index == 0:  # a Dataset or DataLoader shows its dtype only in its batches (tensors: checked up front)
+                check_input_dtype(inputs, self._model_dtype, f"the inputs of {source.describe(0)}")
             if self._reduction_unchecked and count >= 2:
                 self._check_reduction(inputs[:REDUCTION_CHECK_SAMPLES], targets[:REDUCTION_CHECK_SAMPLES])
             scale = objective.scale(count)
@@ -842,43 +867,15 @@ class GradientAccumulator:
         logger.warning("%s; returning the non-finite loss (on_non_finite='return')", message)
 
     def _check_reduction(self, inputs: torch.Tensor, targets: torch.Tensor) -> None:
-        """Check an explicit reduction: E on the samples must be the sum (or mean) of E on their two halves."""
-        count = targets.shape[0]
-        if count < 2:
+        """Check once that the loss is additive over samples (:func:`moller_scg.loss_checks.check_additivity`)."""
+        if targets.shape[0] < 2:
             return
         self._reduction_unchecked = False
         if _stochastic_modules(self.model):
-            logger.debug("reduction not checked: the model is stochastic in training mode")
+            logger.debug("additivity not checked: the model is stochastic in training mode")
             return
-        half = count // 2
-        with torch.no_grad():
-            values = [
-                self._objective.term(self.model(x), t)
-                for x, t in ((inputs, targets), (inputs[:half], targets[:half]), (inputs[half:], targets[half:]))
-            ]
-        whole, first, second = (float(v.double()) for v in values)
-        tolerance = math.sqrt(torch.finfo(values[0].dtype).eps)
-        as_sum = first + second
-        as_mean = (half * first + (count - half) * second) / count
-        matches = {
-            "sum": abs(whole - as_sum) <= tolerance * (abs(first) + abs(second)),
-            "mean": abs(whole - as_mean) <= tolerance * (half * abs(first) + (count - half) * abs(second)) / count,
-        }
-        claimed = "sum" if self.reduction == "sum" else "mean"
-        if matches[claimed]:
-            return
-        other = "mean" if claimed == "sum" else "sum"
-        if matches[other]:
-            raise ValueError(
-                f"reduction={self.reduction!r} was given, but loss_fn behaves like reduction={other!r}: on the "
-                f"first {count} samples it gives {whole:.6g}, and {first:.6g} and {second:.6g} on their two "
-                f"halves; pass reduction={other!r}"
-            )
-        raise ValueError(
-            f"loss_fn is neither a sum nor a mean of per-sample losses: on the first {count} samples it gives "
-            f"{whole:.6g}, but {first:.6g} and {second:.6g} on their two halves. The accumulator can only "
-            f"reproduce such losses exactly; batch-level terms (regularisers, normalisation by class weights) "
-            f"must be written per sample or added outside (use nn.CrossEntropyLoss(weight=...) for class weights)"
+        check_additivity(
+            self._objective.term, self.model, inputs, targets, self._objective.kind, self._reduction_explicit
         )
 
     def _warn_if_stochastic(self) -> None:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import csv
 import dataclasses
+import json
 import math
 from collections.abc import Iterator, Mapping
 from pathlib import Path
@@ -38,6 +39,10 @@ COLUMNS = (
 )
 """The per-iteration columns. ``loss`` is E at the weights held after the iteration; ``time`` is wall seconds since
 the run (including any run it resumed) began; ``val_loss`` and ``val_metric`` are NaN without validation data."""
+
+RUN_COLUMNS = ("stop_reason", "best_iteration", "detail", "restarts")
+"""The CSV columns after :data:`COLUMNS` that describe the whole run; every row repeats them (``restarts`` as JSON).
+An empty cell is ``None``."""
 
 _INTEGER_COLUMNS = {"k", "closure_calls", "hvp_calls"}
 _BOOLEAN_COLUMNS = {"success"}
@@ -147,24 +152,64 @@ class History:
         )
 
     def to_csv(self, path: str | Path) -> None:
-        """Write one row per iteration with a header line; floats are written with full precision (``repr``)."""
+        """Write one row per iteration with a header line; floats are written with full precision (``repr``).
+
+        The per-iteration :data:`COLUMNS` are followed by the run-level :data:`RUN_COLUMNS` (stop reason, best
+        iteration, detail, annealing restarts as JSON), repeated on every row so that each row stands alone in a
+        spreadsheet or a data frame. A History without rows is written as one row with only the run-level cells.
+        """
+        run = self._run_cells()
         with open(path, "w", newline="", encoding="utf-8") as file:
             writer = csv.writer(file)
-            writer.writerow(COLUMNS)
+            writer.writerow(COLUMNS + RUN_COLUMNS)
             for row in self.rows():
-                writer.writerow([repr(value) if isinstance(value, float) else value for value in row.values()])
+                writer.writerow([repr(value) if isinstance(value, float) else value for value in row.values()] + run)
+            if not len(self):
+                writer.writerow([""] * len(COLUMNS) + run)
 
     @classmethod
     def from_csv(cls, path: str | Path) -> History:
-        """Read a file written by :meth:`to_csv` (the stop reason is not part of the CSV)."""
+        """Read a file written by :meth:`to_csv`: the rows and the run-level fields, exactly.
+
+        A file written before the run-level columns existed (only :data:`COLUMNS`) is read with ``stop_reason``,
+        ``best_iteration`` and ``detail`` ``None`` and no restarts.
+        """
         history = cls()
         with open(path, newline="", encoding="utf-8") as file:
             reader = csv.DictReader(file)
-            if tuple(reader.fieldnames or ()) != COLUMNS:
-                raise ValueError(f"{path}: the header {reader.fieldnames} is not the History columns {list(COLUMNS)}")
+            header = tuple(reader.fieldnames or ())
+            if header not in (COLUMNS, COLUMNS + RUN_COLUMNS):
+                raise ValueError(
+                    f"{path}: the header {reader.fieldnames} is not the History columns {list(COLUMNS + RUN_COLUMNS)}"
+                )
+            run_cells = None
             for row in reader:
-                history.append(**{name: _parse(name, text) for name, text in row.items()})
+                run_cells = [row[name] for name in RUN_COLUMNS] if header != COLUMNS else None
+                if row["k"] != "":  # a History without rows is written as one row of run-level cells only
+                    history.append(**{name: _parse(name, row[name]) for name in COLUMNS})
+        if run_cells is not None:
+            history._set_run_cells(run_cells, path)
         return history
+
+    def _run_cells(self) -> list[str]:
+        """The run-level fields as CSV cells, in :data:`RUN_COLUMNS` order; ``None`` is an empty cell."""
+        return [
+            "" if self.stop_reason is None else self.stop_reason,
+            "" if self.best_iteration is None else str(self.best_iteration),
+            "" if self.detail is None else self.detail,
+            json.dumps(self.restarts) if self.restarts else "",
+        ]
+
+    def _set_run_cells(self, cells: list[str], path: str | Path) -> None:
+        """The inverse of :meth:`_run_cells`."""
+        stop_reason, best_iteration, detail, restarts = cells
+        self.stop_reason = stop_reason or None
+        self.best_iteration = int(best_iteration) if best_iteration else None
+        self.detail = detail or None
+        events = json.loads(restarts) if restarts else []
+        if not isinstance(events, list) or not all(isinstance(event, dict) for event in events):
+            raise ValueError(f"{path}: the restarts cell must hold a JSON list of objects, got {restarts!r:.120}")
+        self.restarts = events
 
     # ----------------------------------------------------------------------------------------------------------
     # Figure 3
@@ -172,40 +217,52 @@ class History:
     def plot(self, filename: str | Path | None = None, title: str | None = None) -> Figure:
         """Draw the blog's Figure 3: (a) loss and success, (b) |p| and |r|, (c) δ and λ, against iterations.
 
-        Annealing restarts, if any, are dotted vertical lines in panel (a).
+        Annealing restarts, if any, are dotted vertical lines in panel (a). A panel whose values are all 0 or NaN
+        (a run that diverged at once, or a loss that was 0 from the start) keeps a linear axis instead of a
+        logarithmic one, so it still draws what it can.
 
-        matplotlib is imported here, so it is needed only for plotting (``pip install moller-scg[examples]``).
+        With ``filename`` the figure is drawn on a bare ``matplotlib.figure.Figure`` and saved: pyplot's figure
+        list and matplotlib's backend are not touched, so a later ``plt.show()`` or a notebook works as before.
+        Without it, the figure comes from ``pyplot`` (so ``plt.show()`` shows it). matplotlib is imported here,
+        so it is needed only for plotting (``pip install moller-scg[examples]``).
 
         Returns:
             The matplotlib ``Figure``; it is also saved to ``filename`` when given.
         """
         try:
-            import matplotlib
+            from matplotlib.figure import Figure
         except ImportError as error:  # pragma: no cover - depends on the environment
             raise ImportError("History.plot needs matplotlib: pip install 'moller-scg[examples]'") from error
-        if filename is not None:
-            matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
+        size = (15, 4.2)
+        if filename is None:
+            import matplotlib.pyplot as plt
 
-        k = self.columns["k"]
-        figure, (loss_axes, vector_axes, scale_axes) = plt.subplots(1, 3, figsize=(15, 4.2))
-        loss_axes.semilogy(k, self.columns["loss"], label="training loss")
+            figure = plt.figure(figsize=size)
+        else:
+            figure = Figure(figsize=size)
+        loss_axes, vector_axes, scale_axes = figure.subplots(1, 3)
+        k, losses = self.columns["k"], self.columns["loss"]
+        loss_axes.plot(k, losses, label="training loss")
         if any(math.isfinite(value) for value in self.columns["val_loss"]):
-            loss_axes.semilogy(k, self.columns["val_loss"], "--", label="validation loss")
+            loss_axes.plot(k, self.columns["val_loss"], "--", label="validation loss")
         successes = [index for index, success in zip(k, self.columns["success"]) if success is True]
         if successes:
-            bottom = min(value for value in self.columns["loss"] if math.isfinite(value) and value > 0)
-            loss_axes.plot(successes, [bottom] * len(successes), "|", color="tab:green", label="successful step")
+            loss_axes.plot(
+                successes, [_lowest(losses)] * len(successes), "|", color="tab:green", label="successful step"
+            )
         for index, event in enumerate(self.restarts):
             label = "annealing restart" if index == 0 else None
             loss_axes.axvline(event["iteration"] + 0.5, color="tab:red", linestyle=":", linewidth=1, label=label)
+        _log_scale_if_possible(loss_axes, losses, self.columns["val_loss"])
         loss_axes.set(title="a) loss and successful steps", xlabel="iteration k")
-        vector_axes.semilogy(k, self.columns["direction_norm"], label="|p| (search direction)")
-        vector_axes.semilogy(k, self.columns["residual_norm"], label="|r| = |E'(w)| (gradient)")
+        vector_axes.plot(k, self.columns["direction_norm"], label="|p| (search direction)")
+        vector_axes.plot(k, self.columns["residual_norm"], label="|r| = |E'(w)| (gradient)")
+        _log_scale_if_possible(vector_axes, self.columns["direction_norm"], self.columns["residual_norm"])
         vector_axes.set(title="b) direction and gradient norms", xlabel="iteration k")
         positive_delta = [value if value > 0 else math.nan for value in self.columns["delta"]]
-        scale_axes.semilogy(k, positive_delta, label="δ (scaled curvature)")
-        scale_axes.semilogy(k, self.columns["lambd"], label="λ (scale)")
+        scale_axes.plot(k, positive_delta, label="δ (scaled curvature)")
+        scale_axes.plot(k, self.columns["lambd"], label="λ (scale)")
+        _log_scale_if_possible(scale_axes, positive_delta, self.columns["lambd"])
         scale_axes.set(title="c) δ and λ", xlabel="iteration k")
         for axes in (loss_axes, vector_axes, scale_axes):
             axes.legend(fontsize="small")
@@ -214,8 +271,25 @@ class History:
         figure.tight_layout()
         if filename is not None:
             figure.savefig(filename, dpi=110)
-            plt.close(figure)
         return figure
+
+
+def _positive(values: list[Any]) -> list[float]:
+    """The values a logarithmic axis can show: finite and > 0."""
+    return [value for value in values if math.isfinite(value) and value > 0]
+
+
+def _lowest(losses: list[Any]) -> float:
+    """Where the success marks sit: the lowest loss the axis shows (positive if any, else finite, else 0)."""
+    positive = _positive(losses)
+    finite = [value for value in losses if math.isfinite(value)]
+    return min(positive) if positive else min(finite, default=0.0)
+
+
+def _log_scale_if_possible(axes: Any, *columns: list[Any]) -> None:
+    """A logarithmic y axis when some value is finite and > 0; otherwise the axis stays linear."""
+    if any(_positive(column) for column in columns):
+        axes.set_yscale("log")
 
 
 def _parse(name: str, text: str) -> Any:

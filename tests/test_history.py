@@ -43,6 +43,51 @@ def test_csv_round_trip_is_exact(tmp_path):
             assert type(a) is type(b), name
 
 
+def test_csv_round_trip_keeps_how_the_run_ended(tmp_path):
+    history = trained_history()
+    assert history.stop_reason == "max_iter" and history.best_iteration is not None
+    history.detail = 'a detail, with a comma, "quotes" and\na newline'
+    history.restarts = [
+        {
+            "iteration": 3,
+            "kind": "restart",
+            "reason": "stalled",
+            "temperature": 0.1,
+            "scale": 1e-3,
+            "moves": 5,
+            "accepted": 2,
+            "loss_before": 0.25,
+            "loss_after": 0.125,
+        },
+    ]
+    path = tmp_path / "history.csv"
+    history.to_csv(path)
+    again = History.from_csv(path)
+    assert again.stop_reason == "max_iter"
+    assert again.best_iteration == history.best_iteration
+    assert again.detail == history.detail
+    assert again.restarts == history.restarts
+    assert len(again) == len(history)
+
+
+def test_csv_round_trip_of_a_history_without_rows(tmp_path):
+    history = History(stop_reason="max_time")
+    path = tmp_path / "history.csv"
+    history.to_csv(path)
+    again = History.from_csv(path)
+    assert len(again) == 0
+    assert again.stop_reason == "max_time" and again.best_iteration is None and again.restarts == []
+
+
+def test_csv_without_run_columns_still_reads(tmp_path):
+    row = {name: "0.5" for name in COLUMNS} | {"k": "1", "success": "True", "closure_calls": "2", "hvp_calls": "1"}
+    path = tmp_path / "old.csv"
+    path.write_text(",".join(COLUMNS) + "\n" + ",".join(row[name] for name in COLUMNS) + "\n", encoding="utf-8")
+    again = History.from_csv(path)
+    assert again["k"] == [1] and again["success"] == [True] and again["loss"] == [0.5]
+    assert again.stop_reason is None and again.best_iteration is None and again.restarts == []
+
+
 def test_csv_with_foreign_header_is_refused(tmp_path):
     path = tmp_path / "other.csv"
     path.write_text("a,b\n1,2\n", encoding="utf-8")
@@ -83,3 +128,49 @@ def test_plot_writes_a_non_empty_png(tmp_path):
     history.plot(path, title="test")
     content = path.read_bytes()
     assert content.startswith(b"\x89PNG") and len(content) > 10_000
+
+
+def test_plot_to_a_file_leaves_the_backend_and_pyplot_alone(tmp_path):
+    matplotlib = pytest.importorskip("matplotlib")
+    import matplotlib.pyplot as plt
+
+    history = trained_history(max_iter=3)
+    previous = matplotlib.get_backend()
+    matplotlib.use("template")  # a non-interactive backend other than Agg, as a notebook's would be
+    try:
+        figures_before = plt.get_fignums()
+        figure = history.plot(tmp_path / "figure3.png")
+        assert matplotlib.get_backend() == "template"
+        assert plt.get_fignums() == figures_before  # not registered with pyplot, so nothing to close or leak
+        assert len(figure.axes) == 3
+    finally:
+        matplotlib.use(previous)
+    assert (tmp_path / "figure3.png").read_bytes().startswith(b"\x89PNG")
+
+
+@pytest.mark.parametrize("value", [0.0, math.nan])
+def test_plot_of_a_run_whose_values_are_all_zero_or_nan_draws_what_it_can(tmp_path, value):
+    pytest.importorskip("matplotlib")
+    history = History()
+    for k in (1, 2, 3):
+        history.append(
+            k=k,
+            loss=value,
+            success=True,
+            lambd=value,
+            delta=value,
+            residual_norm=value,
+            direction_norm=value,
+            closure_calls=k,
+            hvp_calls=k,
+            time=0.1 * k,
+        )
+    figure = history.plot(tmp_path / "figure3.png")
+    assert [axes.get_yscale() for axes in figure.axes] == ["linear"] * 3
+    assert (tmp_path / "figure3.png").read_bytes().startswith(b"\x89PNG")
+
+
+def test_plot_keeps_log_scales_for_a_normal_run(tmp_path):
+    pytest.importorskip("matplotlib")
+    figure = trained_history(max_iter=3).plot(tmp_path / "figure3.png")
+    assert [axes.get_yscale() for axes in figure.axes] == ["log"] * 3

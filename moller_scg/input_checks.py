@@ -1,0 +1,66 @@
+"""The user's data against the model: NumPy arrays become tensors, and a dtype mismatch is named up front.
+
+A float64 NumPy array (NumPy's default) fed to a float32 model fails deep inside the first layer with PyTorch's
+``mat1 and mat2 must have the same dtype``, which names neither the data nor the fix. The accumulator therefore
+
+* converts an ``(inputs, targets)`` pair of NumPy arrays to tensors (:func:`as_tensor_pair`): floating arrays to
+  the model's dtype, integer arrays (class indices) to int64;
+* refuses floating inputs whose dtype differs from the model's (:func:`check_input_dtype`), naming both dtypes and
+  the two ways to make them agree.
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+
+
+def model_dtype(params: Sequence[torch.Tensor]) -> torch.dtype | None:
+    """The floating dtype every parameter shares, or ``None`` (complex or mixed parameters: nothing to check)."""
+    dtypes = {p.dtype for p in params}
+    if len(dtypes) != 1:
+        return None
+    (dtype,) = dtypes
+    return dtype if dtype.is_floating_point else None
+
+
+def as_tensor_pair(data: Any, dtype: torch.dtype | None) -> Any:
+    """``data`` with the NumPy arrays of an ``(inputs, targets)`` pair converted to tensors; anything else as is.
+
+    Floating arrays become tensors of ``dtype`` (the model's; their own when ``None``), integer arrays int64 (what
+    ``nn.CrossEntropyLoss`` and ``nn.Embedding`` take), other arrays keep their dtype. The conversion copies only
+    when the dtype changes.
+    """
+    if not isinstance(data, (tuple, list)) or not any(_is_numpy_array(item) for item in data):
+        return data
+    return type(data)(_array_to_tensor(item, dtype) if _is_numpy_array(item) else item for item in data)
+
+
+def check_input_dtype(inputs: torch.Tensor, dtype: torch.dtype | None, where: str) -> None:
+    """Refuse floating ``inputs`` whose dtype is not the model's floating ``dtype``, naming both and the fix."""
+    if dtype is None or not inputs.is_floating_point() or inputs.dtype == dtype:
+        return
+    raise ValueError(
+        f"{where} are {inputs.dtype} but the model's parameters are {dtype}: PyTorch would stop in the first layer "
+        f"with 'mat1 and mat2 must have the same dtype'. Convert the inputs (inputs.to({dtype})) or the model "
+        f"(model.to({inputs.dtype})); NumPy arrays given as an (inputs, targets) pair are converted to the model's "
+        f"dtype automatically"
+    )
+
+
+def _is_numpy_array(value: Any) -> bool:
+    # Without importing NumPy: if no module has imported it, no value can be one of its arrays.
+    numpy = sys.modules.get("numpy")
+    return numpy is not None and isinstance(value, numpy.ndarray)
+
+
+def _array_to_tensor(array: Any, dtype: torch.dtype | None) -> torch.Tensor:
+    tensor = torch.as_tensor(array)
+    if tensor.is_floating_point() and dtype is not None:
+        return tensor.to(dtype)
+    if not tensor.is_floating_point() and not tensor.is_complex() and tensor.dtype != torch.bool:
+        return tensor.to(torch.int64)
+    return tensor

@@ -1,0 +1,127 @@
+"""Checks that a loss defines one full-batch objective, whatever the batch size.
+
+The accumulator computes E(w) = Σ_b w_b E_b(w) (w_b = 1 for a sum, n_b / N for a mean), which is the loss of the
+whole dataset at once only if the loss is *additive* over samples: its value on a batch is the sum (or the
+sample-weighted mean) of its values on any split of that batch. Two common ways to break this silently:
+
+* a term added once per call — a penalty or regulariser inside a ``reduction="sum"`` loss — is counted once per
+  batch, so the full-batch loss grows with the number of batches B = ⌈N / batch_size⌉;
+* an element-wise loss (``nn.MSELoss``, …) given outputs of shape (n, 1) and targets of shape (n,) broadcasts
+  them to (n, n) and averages over all pairs: another objective, with only a PyTorch warning.
+
+:func:`check_additivity` tests the first on a few samples, once per accumulator; :func:`check_same_shape` refuses
+the second on every batch (a comparison of two shapes).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from torch import nn
+
+ADDITIVITY_CHECK_SAMPLES = 8
+"""Samples on which additivity is checked once per accumulator (on the whole and on its two halves)."""
+
+ELEMENTWISE_LOSSES: tuple[type[nn.Module], ...] = (
+    nn.MSELoss,
+    nn.L1Loss,
+    nn.SmoothL1Loss,
+    nn.HuberLoss,
+    nn.BCELoss,
+    nn.BCEWithLogitsLoss,
+    nn.KLDivLoss,
+    nn.PoissonNLLLoss,
+    nn.SoftMarginLoss,
+    nn.MultiLabelSoftMarginLoss,
+    nn.HingeEmbeddingLoss,
+)
+"""``torch.nn`` losses that compare outputs and targets element by element, so both must have one shape."""
+
+
+def is_elementwise_loss(loss_fn: Any) -> bool:
+    """Whether ``loss_fn`` is one of :data:`ELEMENTWISE_LOSSES` with its own ``forward`` (a subclass that
+    overrides ``forward`` may reshape its inputs, so it is trusted)."""
+    return any(isinstance(loss_fn, cls) and type(loss_fn).forward is cls.forward for cls in ELEMENTWISE_LOSSES)
+
+
+def check_same_shape(loss_fn: Any, outputs: Any, targets: torch.Tensor) -> None:
+    """Refuse outputs and targets of different shapes for an element-wise loss (which would broadcast them)."""
+    output_shape = tuple(getattr(outputs, "shape", ()))
+    target_shape = tuple(targets.shape)
+    if output_shape == target_shape:
+        return
+    try:
+        broadcast = f"would broadcast them to {tuple(torch.broadcast_shapes(output_shape, target_shape))} and "
+    except RuntimeError:
+        broadcast = ""
+    raise ValueError(
+        f"the model's outputs have shape {output_shape} but the targets have shape {target_shape}: "
+        f"{type(loss_fn).__name__} compares them element by element, so it {broadcast}train another objective. "
+        f"Give the targets the outputs' shape (for example targets.reshape({_reshape_hint(output_shape)}) or "
+        f"targets.unsqueeze(-1) for outputs of shape (N, 1)), or reshape the model's outputs"
+    )
+
+
+def check_additivity(
+    term: Callable[[Any, torch.Tensor], torch.Tensor],
+    model: nn.Module,
+    inputs: torch.Tensor,
+    targets: torch.Tensor,
+    reduction: str,
+    explicit: bool,
+) -> None:
+    """Check that E on a few samples is the sum (or the mean) of E on their two halves; ``ValueError`` if not.
+
+    Args:
+        term: the batch loss E_b as the accumulator computes it, ``term(outputs, targets)``.
+        model: the network, evaluated under ``torch.no_grad()`` on the samples and on their halves.
+        inputs: the inputs of the first samples of the data (at least 2; :data:`ADDITIVITY_CHECK_SAMPLES`).
+        targets: their targets.
+        reduction: ``"sum"`` or ``"mean"``, how the accumulator weights the batch losses.
+        explicit: whether ``reduction`` was passed to the accumulator (a claim about an opaque callable) rather
+            than read from ``loss_fn.reduction``; only the error message differs.
+    """
+    count = targets.shape[0]
+    half = count // 2
+    with torch.no_grad():
+        values = [
+            term(model(x), t)
+            for x, t in ((inputs, targets), (inputs[:half], targets[:half]), (inputs[half:], targets[half:]))
+        ]
+    whole, first, second = (float(v.double()) for v in values)
+    if not all(math.isfinite(value) for value in (whole, first, second)):
+        return  # a non-finite loss is the pass's to report, with the batch it comes from
+    tolerance = math.sqrt(torch.finfo(values[0].dtype).eps)
+    as_sum = first + second
+    as_mean = (half * first + (count - half) * second) / count
+    matches = {
+        "sum": abs(whole - as_sum) <= tolerance * (abs(first) + abs(second)),
+        "mean": abs(whole - as_mean) <= tolerance * (half * abs(first) + (count - half) * abs(second)) / count,
+    }
+    if matches[reduction]:
+        return
+    observed = (
+        f"on the first {count} samples it gives {whole:.6g}, and {first:.6g} and {second:.6g} on their two halves"
+    )
+    other = "mean" if reduction == "sum" else "sum"
+    if matches[other]:
+        fix = f"pass reduction={other!r}" if explicit else f"make its reduction attribute say {other!r}"
+        claim = f"reduction={reduction!r} was given" if explicit else f"loss_fn.reduction is {reduction!r}"
+        raise ValueError(f"{claim}, but loss_fn behaves like reduction={other!r}: {observed}; {fix}")
+    raise ValueError(
+        f"loss_fn is neither a sum nor a mean of per-sample losses: {observed} (as a {reduction} they would give "
+        f"{as_sum if reduction == 'sum' else as_mean:.6g}). The full-batch loss would then depend on batch_size "
+        f"(so would it if the model's output for one sample depended on the other samples of its batch). "
+        f"A term added once per call (a penalty or regulariser) is counted once per batch: scale it by the "
+        f"batch's share of the samples, n_b / N, or add it to the loss outside the accumulator; normalisation by "
+        f"class weights needs nn.CrossEntropyLoss(weight=...) or nn.NLLLoss(weight=...) (the accumulator divides "
+        f"by the total class weight itself)"
+    )
+
+
+def _reshape_hint(shape: tuple[int, ...]) -> str:
+    """The arguments of a ``reshape`` to ``shape`` that keep the sample axis free: ``-1, 1`` for (N, 1)."""
+    return ", ".join(["-1", *map(str, shape[1:])])
