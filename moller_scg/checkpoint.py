@@ -215,6 +215,23 @@ def check_writable_file(path: str | os.PathLike[str], what: str = "checkpoint") 
         ) from error
 
 
+def check_checkpoint_target(path: str | os.PathLike[str], *, resume: bool, overwrite: bool) -> None:
+    """Check, before a run starts, that its checkpoint can be written and that no checkpoint is lost silently.
+
+    Raises:
+        ValueError: ``path`` cannot be written (see :func:`check_writable_file`).
+        FileExistsError: a file exists at ``path`` and neither ``resume`` (continue it) nor ``overwrite`` (replace
+            it) was asked for.
+    """
+    check_writable_file(path)
+    if Path(path).exists() and not resume and not overwrite:
+        raise FileExistsError(
+            f"the checkpoint {os.fspath(path)!r} already exists and this run would overwrite it: pass resume=True "
+            f"(CLI: --resume) to continue that run, or overwrite=True (CLI: --overwrite) to start afresh and "
+            f"replace it, or choose another checkpoint path"
+        )
+
+
 def _fsync_folder(folder: Path) -> None:
     """Make the rename durable: ``fsync`` the folder that holds the new file, where the system allows it."""
     try:

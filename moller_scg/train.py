@@ -28,7 +28,7 @@ from moller_scg.accumulate import GradientAccumulator
 from moller_scg.annealing import Annealer, AnnealingRestarts
 from moller_scg.checkpoint import (
     CheckpointError,
-    check_writable_file,
+    check_checkpoint_target,
     load_checkpoint,
     make_checkpoint,
     restore,
@@ -43,6 +43,9 @@ logger = logging.getLogger(__name__)
 Callback = Callable[[History], Any]
 """Called after every iteration with the History so far; a true return value (``True``, ``numpy.True_``, a one-element
 tensor holding true, …) stops the run (reason "callback")."""
+
+DEFAULT_MAX_FAIL: int | None = 6
+"""``fit``'s default ``max_fail``: stop after this many successful steps without a new best validation loss."""
 
 _BUDGET_REASONS = (None, "max_iter", "max_time", "interrupted")
 """The reasons to stop before an iteration, in the order ranks agree on them (the largest any rank has wins)."""
@@ -117,7 +120,7 @@ def fit(
     goal: float | None = None,
     min_grad: float | None = None,
     max_time: float | None = None,
-    max_fail: int | None = 6,
+    max_fail: int | None = DEFAULT_MAX_FAIL,
     max_stall: int = 50,
     checkpoint: str | os.PathLike[str] | None = None,
     checkpoint_every: int = 10,
@@ -538,15 +541,9 @@ def _check_checkpoint_target(path: str | os.PathLike[str], resume: bool, overwri
     problem: Exception | None = None
     if _dist.is_main_process():
         try:
-            check_writable_file(path)
-        except ValueError as error:
+            check_checkpoint_target(path, resume=resume, overwrite=overwrite)
+        except (ValueError, FileExistsError) as error:
             problem = error
-        if problem is None and Path(path).exists() and not resume and not overwrite:
-            problem = FileExistsError(
-                f"the checkpoint {os.fspath(path)!r} already exists and this run would overwrite it: pass "
-                f"resume=True (CLI: --resume) to continue that run, or overwrite=True (CLI: --overwrite) to start "
-                f"afresh and replace it, or choose another checkpoint path"
-            )
     failed = _dist.agree_on_max(int(problem is not None)) if _dist.is_distributed() else problem is not None
     if problem is not None:
         raise problem
