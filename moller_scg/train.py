@@ -227,6 +227,7 @@ def fit(
     if optimizer is None:
         # The accumulator differentiates only the trainable parameters; SCG must hold the same w.
         optimizer = SCG(train.params)
+    _check_no_frozen_parameters(optimizer)
     if train.curvature_fraction < 1.0 and not _takes_exact_curvature(optimizer):
         raise ValueError(
             f"curvature_fraction={curvature_fraction!r} subsamples the Hessian-vector products of SCG's exact "
@@ -438,6 +439,18 @@ def _update_bar(bar: Any, history: History) -> None:
         postfix["val"] = f"{row['val_loss']:.4g}"
     bar.set_postfix(postfix, refresh=False)
     bar.update(1)
+
+
+def _check_no_frozen_parameters(optimizer: torch.optim.Optimizer) -> None:
+    """SCG's w must be the accumulator's: the trainable parameters (``requires_grad``), not the frozen ones."""
+    held = [p for group in optimizer.param_groups for p in group["params"]]
+    frozen = sum(not p.requires_grad for p in held)
+    if isinstance(optimizer, SCG) and frozen:
+        raise ValueError(
+            f"the SCG optimizer holds {frozen} frozen parameter(s) (requires_grad=False), which fit does not "
+            f"differentiate: build it over the trainable ones, SCG(p for p in model.parameters() if p.requires_grad), "
+            f"or leave optimizer=None"
+        )
 
 
 def _takes_exact_curvature(optimizer: torch.optim.Optimizer) -> bool:

@@ -544,3 +544,12 @@ def test_a_callback_that_raises_leaves_a_checkpoint_and_the_history(tmp_path):
     assert all(torch.equal(p, saved["model"][name]) for name, p in model.state_dict().items())
     resumed = quiet_fit(model, data, max_iter=5, checkpoint=path, resume=True)
     assert resumed["k"] == [1, 2, 3, 4, 5]
+
+
+def test_an_scg_holding_frozen_parameters_is_refused_with_the_fix():
+    from moller_scg import SCG
+
+    model, data = regression_problem()
+    model[0].requires_grad_(False)
+    with pytest.raises(ValueError, match=r"2 frozen parameter\(s\).*if p.requires_grad"):
+        quiet_fit(model, data, optimizer=SCG(model.parameters()))
