@@ -553,3 +553,16 @@ def test_an_scg_holding_frozen_parameters_is_refused_with_the_fix():
     model[0].requires_grad_(False)
     with pytest.raises(ValueError, match=r"2 frozen parameter\(s\).*if p.requires_grad"):
         quiet_fit(model, data, optimizer=SCG(model.parameters()))
+
+
+def test_the_default_max_fail_does_not_stop_a_still_improving_regression_on_noise():
+    # benchmarks/early_stopping.py's sine_1d, seed 0: with trainscg's max_fail=6 the run stopped at iteration 46
+    # with 4× the validation loss that 300 iterations reach; the validation loss is still improving there.
+    generator = torch.Generator().manual_seed(0)
+    x = torch.rand(200, 1, generator=generator, dtype=torch.float64) * 4 - 2
+    y = torch.sin(3 * x) + 0.1 * torch.randn(200, 1, generator=generator, dtype=torch.float64)
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(1, 20), nn.Tanh(), nn.Linear(20, 1)).double()
+    history = fit(model, nn.MSELoss(), (x[:100], y[:100]), val_data=(x[100:], y[100:]), max_iter=120, progress=False)
+    assert history.stop_reason == "max_iter"
+    assert min(history["val_loss"][60:]) < 0.8 * min(history["val_loss"][:60])  # still improving after 60
