@@ -149,8 +149,11 @@ def fit(
         val_data: validation data in the same forms; its loss is computed after every successful step.
         metric: ``metric(outputs, targets)`` → the batch mean of a score (for example :func:`accuracy`), reported
             on the validation data as ``val_metric``.
-        optimizer: default ``SCG(model.parameters())`` with exact curvature from the accumulator. Any optimizer
-            whose ``step`` takes a closure works (``torch.optim.LBFGS``); then only E is recorded per iteration.
+        optimizer: default SCG over the model's trainable parameters (``requires_grad``; frozen ones are left
+            alone) with exact curvature from the accumulator. Any optimizer whose ``step`` takes a closure works
+            (``torch.optim.LBFGS``); then only E is recorded per iteration, at the weights after the step (one more
+            loss-only pass, since such optimizers return the loss from before it). An SCG holding frozen
+            parameters is a ``ValueError``.
         batch_size: samples per streamed minibatch (memory, not the objective: every batch size gives the same
             E, E' and E''p). Default: the accumulator's.
         device: where the model and batches go.
