@@ -49,6 +49,7 @@ import logging
 import os
 import pickle
 import random
+import stat
 import uuid
 import zipfile
 from collections.abc import Mapping
@@ -178,6 +179,59 @@ def save_checkpoint(path: str | os.PathLike[str], checkpoint: Mapping[str, Any])
     _fsync_folder(path.parent)
 
 
+def check_writable_file(path: str | os.PathLike[str], what: str = "checkpoint") -> None:
+    """Check, before a run starts, that a file can later be written at ``path``, creating missing parent folders.
+
+    A run that trains for hours and then cannot write its checkpoint (or its figure) loses the hours; this finds
+    the problem first. ``path`` must not be a folder or anything but a regular file (a FIFO would block the run),
+    its parent folders are created as :func:`save_checkpoint` would create them, and a probe file is written and
+    removed in the folder.
+
+    Raises:
+        ValueError: ``path`` is a folder, a FIFO, socket or device, or its folder cannot be created or written to;
+            the message names the path, the reason and what to do.
+    """
+    path = Path(path)
+    if path.is_dir():
+        raise ValueError(
+            f"the {what} path {os.fspath(path)!r} is a folder; pass the path of a file, e.g. "
+            f"{os.fspath(path / 'run.pt')!r}"
+        )
+    if path.exists() and not path.is_file():
+        raise ValueError(
+            f"the {what} path {os.fspath(path)!r} exists but is not a regular file (a FIFO, socket or device); pass "
+            f"the path of a regular file"
+        )
+    folder = path.parent
+    probe = folder / f".{path.name}.{uuid.uuid4().hex}.probe"
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        os.close(os.open(probe, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
+        probe.unlink()
+    except OSError as error:
+        raise ValueError(
+            f"cannot write the {what} {os.fspath(path)!r}: its folder {os.fspath(folder)!r} cannot be created or "
+            f"written to ({error.strerror or error}); choose a writable folder"
+        ) from error
+
+
+def check_checkpoint_target(path: str | os.PathLike[str], *, resume: bool, overwrite: bool) -> None:
+    """Check, before a run starts, that its checkpoint can be written and that no checkpoint is lost silently.
+
+    Raises:
+        ValueError: ``path`` cannot be written (see :func:`check_writable_file`).
+        FileExistsError: a file exists at ``path`` and neither ``resume`` (continue it) nor ``overwrite`` (replace
+            it) was asked for.
+    """
+    check_writable_file(path)
+    if Path(path).exists() and not resume and not overwrite:
+        raise FileExistsError(
+            f"the checkpoint {os.fspath(path)!r} already exists and this run would overwrite it: pass resume=True "
+            f"(CLI: --resume) to continue that run, or overwrite=True (CLI: --overwrite) to start afresh and "
+            f"replace it, or choose another checkpoint path"
+        )
+
+
 def _fsync_folder(folder: Path) -> None:
     """Make the rename durable: ``fsync`` the folder that holds the new file, where the system allows it."""
     try:
@@ -204,11 +258,15 @@ def load_checkpoint(path: str | os.PathLike[str]) -> dict[str, Any]:
 
     Raises:
         FileNotFoundError: there is no file at ``path`` (nothing to resume from).
-        CheckpointError: the file is not a checkpoint, is truncated or corrupt, holds objects other than tensors
+        CheckpointError: ``path`` is not a regular file (a folder, or a FIFO that would block), the file is not a
+            checkpoint, is truncated or corrupt, holds objects other than tensors
             and plain Python values (refused for safety, without running any of its code), was written by
             another program, or has another version or layout.
         OSError: the file cannot be read.
     """
+    if not stat.S_ISREG(os.stat(path).st_mode):  # os.stat raises FileNotFoundError when there is no file
+        # open() on a FIFO blocks until a writer comes; a folder or device is no checkpoint either.
+        raise _error("load", path, "it is not a regular file (a folder, FIFO, socket or device)")
     with open(path, "rb") as file:
         data = file.read()
     # From here on every failure is about the bytes read, not about the file system.

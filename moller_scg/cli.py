@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import logging
 import sys
+from typing import Any
 
 from moller_scg import __version__
 from moller_scg.scg import HVP_MODES
@@ -46,7 +48,9 @@ def _parser() -> argparse.ArgumentParser:
     )
     job.add_argument("--max-iter", type=int, default=mnist.DEFAULT_MAX_ITER, help="SCG iterations")
     job.add_argument("--max-time", type=float, default=None, help="stop after this many seconds")
-    job.add_argument("--device", default=None, help="cpu, cuda, cuda:1, … (default: cpu)")
+    job.add_argument(
+        "--device", default=None, help="cpu, cuda, cuda:1, … (default: the GPU when one is available, else cpu)"
+    )
     job.add_argument("--hvp", choices=HVP_MODES, default=mnist.DEFAULT_HVP, help="how SCG gets its curvature")
     job.add_argument(
         "--curvature-fraction",
@@ -58,11 +62,69 @@ def _parser() -> argparse.ArgumentParser:
     )
     job.add_argument("--checkpoint", metavar="PATH", help="write the run's state here (atomically) as it goes")
     job.add_argument("--resume", action="store_true", help="continue from --checkpoint if it exists")
+    job.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="start afresh and replace an existing --checkpoint (without --resume or --overwrite an existing "
+        "checkpoint is refused)",
+    )
+    job.add_argument(
+        "--max-fail",
+        type=_max_fail,
+        default=mnist.DEFAULT_MAX_FAIL,
+        metavar="N",
+        help="with --data: stop when the validation loss has not improved for N successful steps, and keep the "
+        "best weights ('none': never; resume with a larger N to continue past such a stop)",
+    )
     job.add_argument("--plot", metavar="FILE", help="save the blog's Figure 3 (the SCG trace) as a PNG")
     job.add_argument("--max-train", type=int, default=None, help="use only this many training images (smoke tests)")
     job.add_argument("--seed", type=int, default=0, help="seed of the data split and the initial weights")
     job.add_argument("--quiet", action="store_true", help="no progress bar")
     return parser
+
+
+def _max_fail(text: str) -> int | None:
+    if text.lower() == "none":
+        return None
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be an integer ≥ 1 or 'none', got {text!r}")
+    return value
+
+
+def _device(requested: str | None) -> Any:
+    """The torch device to train on (default: the GPU when one is available), or ``ValueError`` in one line."""
+    import torch
+
+    if requested is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(requested)
+    except RuntimeError:
+        raise ValueError(f"--device {requested!r} is not a device: use cpu, cuda, cuda:1, mps, …") from None
+    try:
+        torch.empty(0, device=device)  # CUDA missing or not compiled in, a GPU index too high, …
+    except (RuntimeError, AssertionError) as error:
+        reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        available = "cuda (a GPU is available)" if torch.cuda.is_available() else "cpu (no GPU is available)"
+        raise ValueError(f"--device {requested!r} cannot be used here ({reason}); use {available}") from None
+    return device
+
+
+def _check_outputs(args: argparse.Namespace) -> None:
+    """Before loading data and training: the files the run will write can be written, and an existing checkpoint
+    is resumed or knowingly replaced (``ValueError`` or ``FileExistsError`` says which file and why)."""
+    from moller_scg.checkpoint import check_checkpoint_target, check_writable_file
+
+    if args.checkpoint:
+        check_checkpoint_target(args.checkpoint, resume=args.resume, overwrite=args.overwrite)
+    if args.plot:
+        if importlib.util.find_spec("matplotlib") is None:
+            raise ValueError("--plot needs matplotlib, which is not installed: pip install matplotlib")
+        check_writable_file(args.plot, what="figure")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -95,6 +157,22 @@ def _mnist(args: argparse.Namespace, main_process: bool = True) -> int:
     if args.resume and not args.checkpoint:
         print("moller-scg mnist: --resume needs --checkpoint PATH", file=sys.stderr)
         return 2
+    if args.resume and args.overwrite:
+        print("moller-scg mnist: --resume continues the checkpoint, --overwrite replaces it: pick one", file=sys.stderr)
+        return 2
+    try:
+        device = distributed.local_device(_device(args.device))
+    except ValueError as error:
+        print(f"moller-scg mnist: {error}", file=sys.stderr)
+        return 2
+    try:
+        if main_process:
+            _check_outputs(args)
+    except (ValueError, FileExistsError) as error:
+        print(f"moller-scg mnist: {error}", file=sys.stderr)
+        return 1
+    if main_process:
+        print(f"device         {device}", flush=True)
     try:
         result = train_mnist(
             data=args.data,
@@ -102,16 +180,18 @@ def _mnist(args: argparse.Namespace, main_process: bool = True) -> int:
             batch_size=args.batch_size,
             max_iter=args.max_iter,
             max_time=args.max_time,
-            device=distributed.local_device(args.device),
+            device=device,
             hvp=args.hvp,
             curvature_fraction=args.curvature_fraction,
             checkpoint=args.checkpoint,
             resume=args.resume,
+            overwrite=args.overwrite,
+            max_fail=args.max_fail,
             max_train=args.max_train,
             seed=args.seed,
             progress=not args.quiet,
         )
-    except (FileNotFoundError, ValueError, ImportError) as error:
+    except (FileNotFoundError, FileExistsError, ValueError, ImportError) as error:
         print(f"moller-scg mnist: {error}", file=sys.stderr)
         return 1
     if not main_process:

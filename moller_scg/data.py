@@ -50,7 +50,8 @@ IDX_FILES = {
     "train": ("train-images-idx3-ubyte", "train-labels-idx1-ubyte"),
     "test": ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte"),
 }
-"""The standard MNIST file names by split, (images, labels); each may also be gzipped with a ``.gz`` suffix."""
+"""The standard MNIST file names by split, (images, labels); each may also be gzipped with a ``.gz`` suffix, and
+each is also found spelt with a dot before ``idx`` (``train-images.idx3-ubyte``), as some MNIST mirrors name them."""
 
 _IDX_UBYTE = 0x08  # IDX type code of unsigned bytes, the only type MNIST files use
 _MAX_SEED = 2**32 - 1  # numpy.random.RandomState's seed range
@@ -206,8 +207,8 @@ def load_mnist_idx(path: str | os.PathLike[str], download: bool = False) -> Mnis
 
     ``path`` may be a folder holding the four files ``train-images-idx3-ubyte``, ``train-labels-idx1-ubyte``,
     ``t10k-images-idx3-ubyte`` and ``t10k-labels-idx1-ubyte`` (each possibly gzipped, ``.gz``; the plain file is
-    read when both exist), or torchvision's layout: ``path/MNIST/raw/`` — ``path`` may also be the ``MNIST`` or the
-    ``raw`` folder itself.
+    read when both exist; each also spelt ``train-images.idx3-ubyte``, with a dot), or torchvision's layout:
+    ``path/MNIST/raw/`` — ``path`` may also be the ``MNIST`` or the ``raw`` folder itself.
 
     Split rule: of the n images of the training file, the last ``n // 6`` are the validation split and the others
     the training split — the blog's 50,000 / 10,000 for MNIST's 60,000, and e.g. 10 / 2 for a 12-image file
@@ -273,7 +274,7 @@ def _find_idx_files(root: Path) -> dict[str, tuple[Path, Path]]:
     for folder in folders:
         found = {}
         for name in names:
-            for candidate in (folder / name, folder / f"{name}.gz"):
+            for candidate in (folder / spelling for spelling in _spellings(name)):
                 if candidate.is_file():
                     found[name] = candidate
                     break
@@ -286,10 +287,18 @@ def _find_idx_files(root: Path) -> dict[str, tuple[Path, Path]]:
         missing = ", ".join(f"{name}[.gz]" for name in names if name not in best_found)
         raise FileNotFoundError(f"MNIST folder {str(best_folder)!r} is missing {missing}.")
     raise FileNotFoundError(
-        f"No MNIST IDX files under {str(root)!r}: looked for {', '.join(names)} (each optionally .gz) in "
+        f"No MNIST IDX files under {str(root)!r}: looked for {', '.join(names)} (each optionally .gz, or "
+        f"spelt with a dot before idx: train-images.idx3-ubyte) in "
         + ", ".join(repr(str(folder)) for folder in folders)
         + "."
     )
+
+
+def _spellings(name: str) -> tuple[str, ...]:
+    """The names a standard MNIST file is found under, in order of preference: plain, gzipped, then each with a dot
+    before ``idx`` (``train-images.idx3-ubyte``, the spelling of several MNIST mirrors and Kaggle's copy)."""
+    dotted = name.replace("-idx", ".idx")
+    return name, f"{name}.gz", dotted, f"{dotted}.gz"
 
 
 def _download_mnist(root: Path) -> None:

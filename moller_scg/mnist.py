@@ -21,7 +21,7 @@ from moller_scg.data import MnistSplits, load_embedded_mnist, load_mnist_idx
 from moller_scg.history import History
 from moller_scg.models import MnistCNN
 from moller_scg.scg import SCG, SCGTrace
-from moller_scg.train import accuracy, fit
+from moller_scg.train import DEFAULT_MAX_FAIL, accuracy, fit
 
 DEFAULT_MAX_ITER = 60
 DEFAULT_BATCH_SIZE = 128
@@ -59,6 +59,14 @@ class MnistResult:
         )
 
 
+def held_weights_loss(history: History) -> float:
+    """E at the weights the model holds after :func:`~moller_scg.fit`: after a ``max_fail`` stop, the loss of the
+    best validation iteration, whose weights ``fit`` restored; otherwise the last iteration's."""
+    if history.stop_reason == "max_fail" and history.best_iteration is not None:
+        return history["loss"][history.best_iteration - 1]
+    return history["loss"][-1]
+
+
 def load_splits(
     data: str | os.PathLike[str] | None, *, download: bool, max_train: int | None, seed: int
 ) -> MnistSplits:
@@ -83,6 +91,8 @@ def train_mnist(
     hvp: str = DEFAULT_HVP,
     checkpoint: str | os.PathLike[str] | None = None,
     resume: bool = False,
+    overwrite: bool = False,
+    max_fail: int | None = DEFAULT_MAX_FAIL,
     max_train: int | None = None,
     seed: int = 0,
     progress: bool = True,
@@ -102,6 +112,9 @@ def train_mnist(
             all of them).
         checkpoint: a file to write the run's state to, as for :func:`moller_scg.fit`.
         resume: continue from ``checkpoint`` if it exists, as for :func:`moller_scg.fit`.
+        overwrite: replace an existing ``checkpoint`` and start afresh, as for :func:`moller_scg.fit`.
+        max_fail: early stopping on the validation split of full MNIST, as for :func:`moller_scg.fit` (``None``:
+            off); the embedded digits have no validation split.
         max_train: use only this many training images (a stratified subset for the embedded data).
         seed: seeds the split of the embedded data and the initial weights.
         progress: show the progress bar.
@@ -133,6 +146,8 @@ def train_mnist(
         max_time=max_time,
         checkpoint=checkpoint,
         resume=resume,
+        overwrite=overwrite,
+        max_fail=max_fail,
         progress=progress,
         curvature_fraction=curvature_fraction,
     )
@@ -145,7 +160,7 @@ def train_mnist(
     trace = cast(SCGTrace, optimizer.trace)
     return MnistResult(
         history=history,
-        train_loss=history["loss"][-1],
+        train_loss=held_weights_loss(history),
         test_accuracy=test_accuracy,
         iterations=len(history),
         closure_calls=trace.closure_calls,

@@ -15,6 +15,7 @@ import os
 import signal
 import threading
 import time
+import warnings
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
@@ -25,14 +26,32 @@ from torch import nn
 from moller_scg import distributed as _dist
 from moller_scg.accumulate import GradientAccumulator
 from moller_scg.annealing import Annealer, AnnealingRestarts
-from moller_scg.checkpoint import CheckpointError, load_checkpoint, make_checkpoint, restore, save_checkpoint
+from moller_scg.checkpoint import (
+    CheckpointError,
+    check_checkpoint_target,
+    load_checkpoint,
+    make_checkpoint,
+    restore,
+    save_checkpoint,
+)
+from moller_scg.fingerprint import data_fingerprint, describe_difference
 from moller_scg.history import History
 from moller_scg.scg import LAMBDA_MAX, SCG, SCGTrace
 
 logger = logging.getLogger(__name__)
 
 Callback = Callable[[History], Any]
-"""Called after every iteration with the History so far; returning ``True`` stops the run (reason "callback")."""
+"""Called after every iteration with the History so far; a true return value (``True``, ``numpy.True_``, a one-element
+tensor holding true, …) stops the run (reason "callback")."""
+
+DEFAULT_MAX_FAIL: int | None = 50
+"""``fit``'s default ``max_fail``: stop after this many successful steps without a new best validation loss.
+
+MATLAB's ``trainscg`` uses 6, which on small regressions stops on noise: in ``benchmarks/early_stopping.py`` (3
+problems × 5 seeds, 300 iterations) 6 stopped after 9–210 iterations with a restored validation loss 1.04–6.0× the
+best of the run, 25 lost up to 1.86× on one run, and 50 at most 1.011× while still stopping the overfitting problem
+after a median of 173 of 300 iterations. A stop costs 50 iterations past the best; the weights of the best come
+back either way."""
 
 _BUDGET_REASONS = (None, "max_iter", "max_time", "interrupted")
 """The reasons to stop before an iteration, in the order ranks agree on them (the largest any rank has wins)."""
@@ -107,11 +126,12 @@ def fit(
     goal: float | None = None,
     min_grad: float | None = None,
     max_time: float | None = None,
-    max_fail: int | None = 6,
+    max_fail: int | None = DEFAULT_MAX_FAIL,
     max_stall: int = 50,
     checkpoint: str | os.PathLike[str] | None = None,
     checkpoint_every: int = 10,
     resume: bool = False,
+    overwrite: bool = False,
     progress: bool = True,
     callbacks: Sequence[Callback] = (),
     annealing: AnnealingRestarts | None = None,
@@ -129,8 +149,11 @@ def fit(
         val_data: validation data in the same forms; its loss is computed after every successful step.
         metric: ``metric(outputs, targets)`` → the batch mean of a score (for example :func:`accuracy`), reported
             on the validation data as ``val_metric``.
-        optimizer: default ``SCG(model.parameters())`` with exact curvature from the accumulator. Any optimizer
-            whose ``step`` takes a closure works (``torch.optim.LBFGS``); then only E is recorded per iteration.
+        optimizer: default SCG over the model's trainable parameters (``requires_grad``; frozen ones are left
+            alone) with exact curvature from the accumulator. Any optimizer whose ``step`` takes a closure works
+            (``torch.optim.LBFGS``); then only E is recorded per iteration, at the weights after the step (one more
+            loss-only pass, since such optimizers return the loss from before it). An SCG holding frozen
+            parameters is a ``ValueError``.
         batch_size: samples per streamed minibatch (memory, not the objective: every batch size gives the same
             E, E' and E''p). Default: the accumulator's.
         device: where the model and batches go.
@@ -139,16 +162,27 @@ def fit(
         min_grad: stop when |E'(w)| ≤ ``min_grad`` (SCG only). A zero gradient always stops.
         max_time: stop after this many seconds of training (total, counting time before a resume).
         max_fail: stop when the validation loss has not improved on its best for this many successful steps in a
-            row, and restore the weights of the best validation loss. ``None`` disables it.
+            row, and restore the weights of the best validation loss. ``None`` disables it. Default
+            :data:`DEFAULT_MAX_FAIL` (50; ``trainscg``'s 6 stops small problems on noise). To continue past such a
+            stop, resume from the checkpoint with a larger ``max_fail`` (or ``None``) and a larger ``max_iter``.
         max_stall: stop when the training loss has not decreased for this many iterations in a row, or once λ
             reaches its bound (SCG only): progress has stopped.
         checkpoint: a file to write the run's state to every ``checkpoint_every`` iterations and when it stops,
-            atomically. Loaded with ``weights_only=True``.
+            atomically. Loaded with ``weights_only=True``. Checked before training starts: a folder, a FIFO or an
+            unwritable folder is a ``ValueError``, and an existing file is never replaced silently (see
+            ``resume`` and ``overwrite``). Missing parent folders are created.
         checkpoint_every: iterations between checkpoints.
         resume: continue from ``checkpoint`` if it exists, so that the run ends bit-identical to one that was
-            never interrupted; without a file the run starts afresh.
+            never interrupted; without a file the run starts afresh. SCG's saved loss E and residual r are reused
+            only when the checkpoint shows they belong to its weights and to this training data (the same
+            :func:`~moller_scg.fingerprint.data_fingerprint`); otherwise SCG restarts from the loaded weights (one
+            more evaluation), and other training data is also warned about.
+        overwrite: start afresh even though ``checkpoint`` already exists, replacing it. Without ``resume`` or
+            ``overwrite`` an existing checkpoint is a ``FileExistsError``.
         progress: show a tqdm bar over iterations with the loss, validation loss, λ and success rate.
-        callbacks: called after every iteration with the :class:`History`; one returning ``True`` stops the run.
+        callbacks: called after every iteration with the :class:`History`, each of them every time; one returning a
+            true value stops the run. If one raises, the checkpoint is written (the weights are those of the last
+            iteration) and the exception carries the run's :class:`History` as its ``history`` attribute.
         annealing: SAGRAD-style restarts (SCG only, see :mod:`moller_scg.annealing`): when SCG stalls, perturb the
             weights by a short simulated-annealing chain evaluated with the loss-only pass, and restart SCG from
             the best point it found, at most ``annealing.max_restarts`` times; until then a stall does not stop
@@ -169,14 +203,22 @@ def fit(
         The :class:`History` of the run, with ``stop_reason`` set.
 
     Raises:
-        ValueError: a bad argument (named in the message), ``resume=True`` without ``checkpoint``, or
-            ``annealing`` with an optimizer other than SCG.
-        TypeError: ``annealing`` is not an :class:`~moller_scg.annealing.AnnealingRestarts`.
+        ValueError: a bad argument (named in the message), ``resume=True`` without ``checkpoint``, ``resume`` and
+            ``overwrite`` together, a ``checkpoint`` path that cannot be written, or ``annealing`` with an optimizer
+            other than SCG.
+        FileExistsError: ``checkpoint`` exists and neither ``resume`` nor ``overwrite`` is set; nothing was run.
+        TypeError: ``annealing`` is not an :class:`~moller_scg.annealing.AnnealingRestarts`, or a callback is not
+            callable.
         moller_scg.checkpoint.CheckpointError: the checkpoint to resume from is corrupt, belongs to another
             model or optimizer, or was written by a run with another world size; nothing was loaded.
         moller_scg.distributed.DistributedError: distributed, another rank raised, died or timed out.
     """
-    _validate_arguments(max_iter, goal, min_grad, max_time, max_fail, max_stall, checkpoint, checkpoint_every, resume)
+    _validate_arguments(
+        max_iter, goal, min_grad, max_time, max_fail, max_stall, checkpoint, checkpoint_every, resume, overwrite
+    )
+    _validate_callbacks(callbacks)
+    if checkpoint is not None:
+        _check_checkpoint_target(checkpoint, resume, overwrite)
     if device is not None:
         model.to(device)
     # A non-finite trial is SCG's to reject (it shrinks the step), so the training pass returns it instead of raising.
@@ -194,7 +236,9 @@ def fit(
     if val_data is not None:
         validation = GradientAccumulator(model, loss_fn, val_data, batch_size, device, reduction=reduction)
     if optimizer is None:
-        optimizer = SCG(model.parameters())
+        # The accumulator differentiates only the trainable parameters; SCG must hold the same w.
+        optimizer = SCG(train.params)
+    _check_no_frozen_parameters(optimizer)
     if train.curvature_fraction < 1.0 and not _takes_exact_curvature(optimizer):
         raise ValueError(
             f"curvature_fraction={curvature_fraction!r} subsamples the Hessian-vector products of SCG's exact "
@@ -213,18 +257,24 @@ def fit(
             )
         annealer = Annealer(annealing, optimizer, train.loss)
 
-    history, early, elapsed_before = History(), _EarlyStopping(), 0.0
+    history, early, elapsed_before, optimizer_trusted = History(), _EarlyStopping(), 0.0, False
+    fingerprint = data_fingerprint(train_data) if checkpoint is not None else None
     found = resume and checkpoint is not None and Path(checkpoint).exists()
     if _dist.is_distributed() and resume:
         # A rank that cannot see rank 0's file would start afresh while the others resume.
         _dist.check_same_on_every_rank({f"whether the checkpoint {checkpoint} exists": found})
     if found and checkpoint is not None:  # found implies a checkpoint; the second test narrows its type
-        history, early, elapsed_before = _resume(model, optimizer, checkpoint, train, annealer)
+        history, early, elapsed_before, optimizer_trusted = _resume(
+            model, optimizer, checkpoint, train, fingerprint, annealer
+        )
         logger.info("resumed from %s after %d iterations", checkpoint, len(history))
     elif resume:
         logger.info("no checkpoint at %s yet: starting afresh", checkpoint)
 
     started = time.perf_counter() - elapsed_before
+    state = _RunState(checkpoint, model, optimizer, train, history, early, fingerprint, annealer)
+    if optimizer_trusted:
+        state.stepped()  # the loaded optimizer state belongs to the loaded weights, as after a step
     bar = _progress_bar(progress and _dist.is_main_process(), max_iter, initial=len(history))
     stops = _StopRequests()
     try:
@@ -236,7 +286,8 @@ def fit(
                 annealed = annealer is not None and annealer.before_iteration(history)
                 try:
                     # torch types a closure as returning a float; a loss tensor is what its optimizers take
-                    loss = optimizer.step(train)  # type: ignore[arg-type]
+                    optimizer.step(train)  # type: ignore[arg-type]
+                    state.stepped()
                 except KeyboardInterrupt:
                     history.stop_reason = "interrupted"
                     break
@@ -244,7 +295,7 @@ def fit(
                     history.stop_reason, history.detail = "non_finite", str(error)
                     logger.warning("stopping: %s", error)
                     break
-                row = _row(optimizer, loss, history, started)
+                row = _row(optimizer, history, started, train)
                 moved = row["success"] or annealed
                 row |= _validation_row(validation, metric, history, weights_moved=moved)
                 history.append(**row)
@@ -256,17 +307,16 @@ def fit(
                 history.stop_reason = _converged(history, goal, min_grad, max_fail, max_stall, early, stall_since)
                 if annealer is not None:
                     history.stop_reason = _restart_instead(annealer, history, min_grad)
-                if history.stop_reason is None and any(callback(history) is True for callback in callbacks):
+                if history.stop_reason is None and _callbacks_ask_to_stop(callbacks, state, started):
                     history.stop_reason = "callback"
-                if checkpoint is not None and history.stop_reason is None and len(history) % checkpoint_every == 0:
-                    _save(checkpoint, model, optimizer, train, history, early, started, annealer)
+                if history.stop_reason is None and len(history) % checkpoint_every == 0:
+                    state.save(started)
     finally:
         if bar is not None:
             bar.close()
     if history.stop_reason == "max_fail" and early.best_weights is not None:
-        model.load_state_dict(early.best_weights)
-    if checkpoint is not None:
-        _save(checkpoint, model, optimizer, train, history, early, started, annealer)
+        model.load_state_dict(early.best_weights)  # SCG's E and r now belong to other weights: state.save says so
+    state.save(started)
     logger.info("stopped after %d iterations: %s", len(history), history.message)
     return history
 
@@ -280,14 +330,17 @@ def accuracy(outputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
 # Helpers of fit, each one rule
 
 
-def _row(optimizer: torch.optim.Optimizer, loss: Any, history: History, started: float) -> dict[str, Any]:
-    """One History row: SCG's trace, or for other optimizers the loss their ``step`` returned."""
-    elapsed = time.perf_counter() - started
+def _row(
+    optimizer: torch.optim.Optimizer, history: History, started: float, train: GradientAccumulator
+) -> dict[str, Any]:
+    """One History row: SCG's trace, or for other optimizers the loss E at the weights after their step."""
     trace = getattr(optimizer, "trace", None)
-    if isinstance(trace, SCGTrace):
-        return dataclasses.asdict(trace) | {"time": elapsed}
-    # Other optimizers (LBFGS, …) move the weights at every step and report only the loss.
-    return {"k": len(history) + 1, "loss": float(loss), "success": True, "time": elapsed}
+    if isinstance(trace, SCGTrace):  # SCG's step returns, and traces, E at the weights it leaves
+        return dataclasses.asdict(trace) | {"time": time.perf_counter() - started}
+    # Other optimizers (LBFGS, …) return the loss of their first evaluation, before the step moved the weights:
+    # one loss-only pass gives E at the weights the model holds.
+    after = float(train.loss())
+    return {"k": len(history) + 1, "loss": after, "success": True, "time": time.perf_counter() - started}
 
 
 def _validation_row(
@@ -399,37 +452,127 @@ def _update_bar(bar: Any, history: History) -> None:
     bar.update(1)
 
 
+def _check_no_frozen_parameters(optimizer: torch.optim.Optimizer) -> None:
+    """SCG's w must be the accumulator's: the trainable parameters (``requires_grad``), not the frozen ones."""
+    held = [p for group in optimizer.param_groups for p in group["params"]]
+    frozen = sum(not p.requires_grad for p in held)
+    if isinstance(optimizer, SCG) and frozen:
+        raise ValueError(
+            f"the SCG optimizer holds {frozen} frozen parameter(s) (requires_grad=False), which fit does not "
+            f"differentiate: build it over the trainable ones, SCG(p for p in model.parameters() if p.requires_grad), "
+            f"or leave optimizer=None"
+        )
+
+
 def _takes_exact_curvature(optimizer: torch.optim.Optimizer) -> bool:
     """Whether the optimizer asks the accumulator for Hessian-vector products (SCG with exact curvature)."""
     return isinstance(optimizer, SCG) and optimizer.param_groups[0]["hvp"] == "double-backward"
 
 
-def _save(
-    path: str | os.PathLike[str],
-    model: nn.Module,
-    optimizer: torch.optim.Optimizer,
-    train: GradientAccumulator,
-    history: History,
-    early: _EarlyStopping,
-    started: float,
-    annealer: Annealer | None = None,
-) -> None:
-    """Write the run's state; distributed, only rank 0 writes (every rank holds the same state)."""
-    if not _dist.is_main_process():
-        return
-    extra: dict[str, Any] = {
-        "stop_reason": history.stop_reason,
-        "best_iteration": history.best_iteration,
-        "early_stopping": early.to_dict(),
-        "elapsed": time.perf_counter() - started,
-        "world_size": _dist.world_size(),
-        "curvature_window": train.curvature_window,
-    }
-    if annealer is not None:
-        extra |= {"restarts": history.restarts, "annealing": annealer.state_dict()}
-    save_checkpoint(
-        path, make_checkpoint(model, optimizer, iteration=len(history), history=history.columns, extra=extra)
-    )
+@dataclasses.dataclass
+class _RunState:
+    """What a checkpoint of the run holds, and whether SCG's saved E and r belong to the weights the model holds.
+
+    ``optimizer_at_weights`` is true while the parameters are as the optimizer's last step left them (their
+    version counters unchanged): restoring the best weights after a ``max_fail`` stop, or a callback that writes
+    the weights, makes it false, and a resume then recomputes E and r instead of trusting them.
+    """
+
+    path: str | os.PathLike[str] | None
+    model: nn.Module
+    optimizer: torch.optim.Optimizer
+    train: GradientAccumulator
+    history: History
+    early: _EarlyStopping
+    fingerprint: dict[str, Any] | None
+    annealer: Annealer | None = None
+    _versions_after_step: list[int] | None = None
+
+    def stepped(self) -> None:
+        """Remember the parameters' versions right after ``optimizer.step``."""
+        self._versions_after_step = self._versions()
+
+    def optimizer_at_weights(self) -> bool:
+        return self._versions_after_step is not None and self._versions_after_step == self._versions()
+
+    def save(self, started: float) -> None:
+        """Write the run's state, if there is a checkpoint; distributed, only rank 0 writes (all hold the same)."""
+        if self.path is None or not _dist.is_main_process():
+            return
+        extra: dict[str, Any] = {
+            "stop_reason": self.history.stop_reason,
+            "best_iteration": self.history.best_iteration,
+            "early_stopping": self.early.to_dict(),
+            "elapsed": time.perf_counter() - started,
+            "world_size": _dist.world_size(),
+            "curvature_window": self.train.curvature_window,
+            "data_fingerprint": self.fingerprint,
+            "optimizer_at_weights": self.optimizer_at_weights(),
+        }
+        if self.annealer is not None:
+            extra |= {"restarts": self.history.restarts, "annealing": self.annealer.state_dict()}
+        checkpoint = make_checkpoint(
+            self.model, self.optimizer, iteration=len(self.history), history=self.history.columns, extra=extra
+        )
+        save_checkpoint(self.path, checkpoint)
+
+    def _versions(self) -> list[int]:
+        return [p._version for p in self.model.parameters()]
+
+
+def _callbacks_ask_to_stop(callbacks: Sequence[Callback], state: _RunState, started: float) -> bool:
+    """Call every callback; whether any returned a true value. One that raises leaves a checkpoint and the
+    History (as the exception's ``history``) before its exception goes on."""
+    try:
+        answers = [(callback, callback(state.history)) for callback in callbacks]
+        return any([_truth(callback, answer) for callback, answer in answers])
+    except Exception as error:
+        state.save(started)
+        error.history = state.history  # type: ignore[attr-defined]
+        if hasattr(error, "add_note"):  # Python ≥ 3.11
+            where = "" if state.path is None else f"; the checkpoint {os.fspath(state.path)!r} holds it"
+            error.add_note(f"fit stopped after iteration {len(state.history)}: its History is error.history{where}")
+        raise
+
+
+def _truth(callback: Callback, answer: Any) -> bool:
+    """A callback's answer as a bool (NumPy and one-element tensor booleans included)."""
+    try:
+        return bool(answer)
+    except Exception as error:  # a tensor of several elements, or an object whose __bool__ raises
+        raise TypeError(
+            f"the callback {callback!r:.80} returned {answer!r:.80}, which is neither true nor false: return True to "
+            f"stop the run, False or None to go on"
+        ) from error
+
+
+def _validate_callbacks(callbacks: Any) -> None:
+    if callable(callbacks) or isinstance(callbacks, (str, bytes)):
+        raise TypeError(f"callbacks must be a list of functions, got {callbacks!r:.80}: pass callbacks=[function]")
+    for index, callback in enumerate(callbacks):
+        if not callable(callback):
+            raise TypeError(
+                f"callbacks[{index}] is not callable: {callback!r:.80}; each callback is a function called with the "
+                f"History after every iteration"
+            )
+
+
+def _check_checkpoint_target(path: str | os.PathLike[str], resume: bool, overwrite: bool) -> None:
+    """Before training: the checkpoint can be written, and an existing one is only resumed or knowingly replaced.
+
+    Distributed, rank 0 (the writer) checks and every rank raises if it found a problem.
+    """
+    problem: Exception | None = None
+    if _dist.is_main_process():
+        try:
+            check_checkpoint_target(path, resume=resume, overwrite=overwrite)
+        except (ValueError, FileExistsError) as error:
+            problem = error
+    failed = _dist.agree_on_max(int(problem is not None)) if _dist.is_distributed() else problem is not None
+    if problem is not None:
+        raise problem
+    if failed:
+        raise ValueError(f"rank 0 cannot use the checkpoint {os.fspath(path)!r}: see its error")
 
 
 def _resume(
@@ -437,9 +580,15 @@ def _resume(
     optimizer: torch.optim.Optimizer,
     path: str | os.PathLike[str],
     train: GradientAccumulator,
+    fingerprint: dict[str, Any] | None,
     annealer: Annealer | None = None,
-) -> tuple[History, _EarlyStopping, float]:
-    """Load a checkpoint into model, optimizer and annealer (all or nothing) and return the run state it holds."""
+) -> tuple[History, _EarlyStopping, float, bool]:
+    """Load a checkpoint into model, optimizer and annealer (all or nothing) and return the run state it holds,
+    and whether the loaded optimizer state was kept as it belongs to the loaded weights.
+
+    SCG's saved E and r are kept only if the checkpoint shows they were computed at its weights and on data with
+    this ``fingerprint``; otherwise SCG is restarted, so that its next step evaluates E and r at the loaded weights.
+    """
     state = load_checkpoint(path)
     extra = state["extra"]
     saved_world_size, world_size = extra.get("world_size", 1), _dist.world_size()
@@ -460,7 +609,20 @@ def _resume(
         annealer.load_state_dict(extra["annealing"])  # checked before anything else is loaded
     restore(model, optimizer, state, source=path)
     train.curvature_window = curvature_window  # the rotating curvature subsets go on where they were
-    return history, early, float(extra.get("elapsed", 0.0))
+    saved_fingerprint = extra.get("data_fingerprint")
+    same_data = fingerprint is not None and saved_fingerprint == fingerprint
+    if fingerprint is not None and isinstance(saved_fingerprint, dict) and not same_data:
+        warnings.warn(
+            f"resuming from {os.fspath(path)!r} on other training data than the run that wrote it: "
+            f"{describe_difference(saved_fingerprint, fingerprint)}. The loss and gradient are recomputed at the "
+            f"loaded weights; the run goes on from them but is not a continuation of the saved run",
+            stacklevel=3,
+        )
+    trusted = same_data and extra.get("optimizer_at_weights") is True
+    if isinstance(optimizer, SCG) and not trusted:
+        optimizer.restart()
+        logger.info("SCG restarts at the weights loaded from %s: its saved E and r may belong to others", path)
+    return history, early, float(extra.get("elapsed", 0.0)), trusted
 
 
 def _validate_arguments(
@@ -473,6 +635,7 @@ def _validate_arguments(
     checkpoint: Any,
     checkpoint_every: Any,
     resume: Any,
+    overwrite: Any,
 ) -> None:
     def positive_int(name: str, value: Any, allow_none: bool = False) -> None:
         if value is None and allow_none:
@@ -496,3 +659,7 @@ def _validate_arguments(
         raise ValueError(f"goal must be a number or None, got {goal!r}")
     if resume and checkpoint is None:
         raise ValueError("resume=True needs checkpoint=PATH: the file to resume from")
+    if resume and overwrite:
+        raise ValueError(
+            "resume=True continues the run in checkpoint, overwrite=True replaces it: pass one of them, not both"
+        )

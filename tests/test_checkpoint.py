@@ -518,3 +518,13 @@ def test_malformed_rng_state_is_refused_before_any_generator_changes() -> None:
 
     assert torch.equal(torch.rand(2), expected[0])
     assert random.random() == expected[1]
+
+
+@pytest.mark.skipif(not hasattr(os, "mkfifo"), reason="no FIFOs on this system")
+def test_a_fifo_is_refused_without_blocking(tmp_path: Path) -> None:
+    path = tmp_path / "pipe.pt"
+    os.mkfifo(path)  # open() would wait for a writer forever
+    with pytest.raises(CheckpointError, match="not a regular file"):
+        load_checkpoint(path)
+    with pytest.raises(CheckpointError, match="not a regular file"):
+        load_checkpoint(tmp_path)

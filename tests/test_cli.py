@@ -124,3 +124,107 @@ def test_python_dash_m_runs_the_command():
         [sys.executable, "-m", "moller_scg", "--version"], capture_output=True, text=True, cwd=ROOT, timeout=120
     )
     assert result.returncode == 0 and __version__ in result.stdout
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Reliability (issue #15)
+
+
+def test_existing_checkpoint_is_refused_without_resume_or_overwrite(capsys, tmp_path):
+    write_tiny_mnist(tmp_path)
+    checkpoint = tmp_path / "run.pt"
+    arguments = ["mnist", "--data", str(tmp_path), "--quiet", "--batch-size", "32", "--checkpoint", str(checkpoint)]
+    assert main([*arguments, "--max-iter", "2"]) == 0
+    saved = checkpoint.read_bytes()
+    capsys.readouterr()
+    assert main([*arguments, "--max-iter", "3"]) == 1
+    error = capsys.readouterr().err
+    assert "already exists" in error and "--resume" in error and "--overwrite" in error
+    assert checkpoint.read_bytes() == saved
+    assert main([*arguments, "--max-iter", "3", "--overwrite"]) == 0
+    assert "iterations     3" in capsys.readouterr().out
+    assert main([*arguments, "--resume", "--overwrite"]) == 2
+
+
+@pytest.mark.parametrize("kind", ["plot_is_a_folder", "checkpoint_is_a_folder"])
+def test_output_paths_are_checked_before_training(capsys, tmp_path, monkeypatch, kind):
+    monkeypatch.setattr("moller_scg.mnist.train_mnist", lambda **options: pytest.fail("training started"))
+    arguments = ["--plot", str(tmp_path)] if kind == "plot_is_a_folder" else ["--checkpoint", str(tmp_path)]
+    assert main(["mnist", "--quiet", *arguments]) == 1
+    assert "is a folder" in capsys.readouterr().err
+
+
+def test_plot_into_a_missing_folder_creates_it_before_training(capsys, tmp_path, monkeypatch):
+    def training(**options):
+        raise ValueError(f"training started; folder there: {(tmp_path / 'new').is_dir()}")
+
+    monkeypatch.setattr("moller_scg.mnist.train_mnist", training)
+    assert main(["mnist", "--quiet", "--plot", str(tmp_path / "new" / "trace.png")]) == 1
+    assert "training started; folder there: True" in capsys.readouterr().err
+
+
+def test_plot_into_a_folder_that_cannot_be_created_fails_before_training(capsys, tmp_path, monkeypatch):
+    monkeypatch.setattr("moller_scg.mnist.train_mnist", lambda **options: pytest.fail("training started"))
+    (tmp_path / "file").write_text("x")
+    assert main(["mnist", "--quiet", "--plot", str(tmp_path / "file" / "trace.png")]) == 1
+    assert "cannot be created or written" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("device", ["bogus", "cuda:99"])
+def test_unusable_device_is_one_line_not_a_traceback(capsys, device):
+    status = main(["mnist", "--quiet", "--max-train", "20", "--max-iter", "1", "--device", device])
+    error = capsys.readouterr().err
+    assert status == 2
+    assert error.startswith(f"moller-scg mnist: --device {device!r}") and error.count("\n") == 1
+    assert "Traceback" not in error
+
+
+def test_default_device_is_the_gpu_when_available_and_the_run_says_which(capsys, monkeypatch):
+    import torch
+
+    seen = {}
+
+    def record(**options):
+        seen["device"] = options["device"]
+        raise ValueError("stop here")
+
+    monkeypatch.setattr("moller_scg.mnist.train_mnist", record)
+    main(["mnist", "--quiet"])
+    expected = "cuda" if torch.cuda.is_available() else "cpu"
+    assert torch.device(seen["device"]).type == expected
+    assert f"device         {expected}" in capsys.readouterr().out
+
+
+def test_mnist_files_spelt_with_a_dot_are_found_by_data(capsys, tmp_path):
+    write_tiny_mnist(tmp_path / "kaggle")
+    for path in (tmp_path / "kaggle").iterdir():
+        path.rename(path.with_name(path.name.replace("-idx", ".idx")))
+    status = main(["mnist", "--data", str(tmp_path / "kaggle"), "--max-iter", "2", "--quiet", "--batch-size", "16"])
+    assert status == 0, capsys.readouterr().err
+    assert "(50 images)" in capsys.readouterr().out
+
+
+def test_after_a_max_fail_stop_the_train_loss_is_that_of_the_weights_held(tmp_path):
+    import torch
+    from torch import nn
+
+    from moller_scg.checkpoint import load_checkpoint
+    from moller_scg.data import load_mnist_idx
+    from moller_scg.mnist import train_mnist
+    from moller_scg.models import MnistCNN
+
+    rng = np.random.default_rng(3)  # random labels: fitting the training images cannot help the validation ones
+    for (split, kind), name in FILE_NAMES.items():
+        count = 120 if split == "train" else 10
+        array = rng.integers(0, 256, (count, 28, 28)) if kind == "images" else rng.integers(0, 10, count)
+        write_file(tmp_path, name, idx_bytes(array))
+    checkpoint = tmp_path / "run.pt"
+    result = train_mnist(data=tmp_path, max_iter=40, max_fail=2, batch_size=64, checkpoint=checkpoint, progress=False)
+    assert result.stop_reason == "max_fail"
+    model = MnistCNN()
+    model.load_state_dict(load_checkpoint(checkpoint)["model"])  # the weights fit left in the model
+    images, labels = load_mnist_idx(tmp_path).train
+    with torch.no_grad():
+        held = float(nn.functional.cross_entropy(model(images), labels))
+    assert result.train_loss == pytest.approx(held, rel=1e-5)
+    assert result.train_loss != result.history["loss"][-1]

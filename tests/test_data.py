@@ -563,3 +563,12 @@ def test_stratified_split_partitions_and_shares_each_class_proportionally(labels
     for digit in np.unique(labels):
         quota = train_size * np.sum(labels == digit) / n
         assert np.floor(quota) <= np.sum(labels[train] == digit) <= np.ceil(quota) or max_train is not None
+
+
+@pytest.mark.parametrize("gz", [False, True])
+def test_files_spelt_with_a_dot_before_idx_are_found(tmp_path, tiny, gz):
+    for (split, kind), name in FILE_NAMES.items():  # train-images.idx3-ubyte, as on Kaggle and some mirrors
+        write_file(tmp_path, name.replace("-idx", ".idx"), idx_bytes(tiny[split, kind]), gz=gz)
+    splits = load_mnist_idx(tmp_path)
+    np.testing.assert_array_equal(splits.test[1].numpy(), tiny["test", LABELS])
+    assert len(splits.train[1]) + len(splits.validation[1]) == len(tiny["train", LABELS])

@@ -10,6 +10,7 @@ import textwrap
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from torch import nn
@@ -370,6 +371,198 @@ def test_save_checkpoint_is_used_atomically_by_fit(tmp_path, monkeypatch):
 
     monkeypatch.setattr("moller_scg.checkpoint.torch.save", failing_save)
     with pytest.raises(OSError, match="disk full"):
-        quiet_fit(*regression_problem(), max_iter=2, checkpoint=path)
+        quiet_fit(*regression_problem(), max_iter=2, checkpoint=path, overwrite=True)
     assert path.read_bytes() == good
     assert sorted(p.name for p in tmp_path.iterdir()) == ["run.pt"]
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Reliability (issue #15): refusing to overwrite, paths checked first, resume recomputes what it cannot trust
+
+
+def mse_at(model, data) -> float:
+    with torch.no_grad():
+        return float(nn.functional.mse_loss(model(data[0]), data[1]))
+
+
+def weights(model):
+    return [p.detach().clone() for p in model.parameters()]
+
+
+def test_existing_checkpoint_is_not_overwritten_without_resume_or_overwrite(tmp_path):
+    path = tmp_path / "run.pt"
+    quiet_fit(*regression_problem(), max_iter=2, checkpoint=path)
+    saved = path.read_bytes()
+    model, data = regression_problem(seed=1)
+    before = weights(model)
+    with pytest.raises(FileExistsError, match=r"resume=True.*overwrite=True"):
+        quiet_fit(model, data, max_iter=2, checkpoint=path)
+    assert path.read_bytes() == saved
+    assert all(torch.equal(p, q) for p, q in zip(model.parameters(), before))
+
+    history = quiet_fit(model, data, max_iter=3, checkpoint=path, overwrite=True)
+    assert load_checkpoint(path)["iteration"] == 3 == len(history)
+
+
+def test_resume_and_overwrite_together_are_refused(tmp_path):
+    with pytest.raises(ValueError, match="not both"):
+        quiet_fit(*regression_problem(), checkpoint=tmp_path / "run.pt", resume=True, overwrite=True)
+
+
+def _never_called(history):
+    raise AssertionError("training started")
+
+
+@pytest.mark.parametrize("kind", ["folder", "fifo", "parent_is_a_file"])
+def test_unusable_checkpoint_path_is_refused_before_training(tmp_path, kind):
+    if kind == "folder":
+        path, match = tmp_path, "is a folder"
+    elif kind == "fifo":
+        if not hasattr(os, "mkfifo"):
+            pytest.skip("no FIFOs on this system")
+        path, match = tmp_path / "pipe.pt", "not a regular file"
+        os.mkfifo(path)
+    else:
+        (tmp_path / "file").write_text("x")
+        path, match = tmp_path / "file" / "run.pt", "cannot be created or written"
+    for resume in (False, True):
+        with pytest.raises(ValueError, match=match):
+            quiet_fit(*regression_problem(), checkpoint=path, resume=resume, callbacks=[_never_called])
+
+
+def test_read_only_checkpoint_folder_is_refused_before_training(tmp_path, monkeypatch):
+    real_open = os.open
+
+    def read_only(path, *args, **kwargs):
+        if str(path).endswith(".probe"):
+            raise PermissionError(13, "Permission denied", str(path))
+        return real_open(path, *args, **kwargs)
+
+    monkeypatch.setattr(os, "open", read_only)  # root ignores file modes, so the refusal is simulated
+    with pytest.raises(ValueError, match=r"Permission denied.*writable folder"):
+        quiet_fit(*regression_problem(), checkpoint=tmp_path / "run.pt", callbacks=[_never_called])
+
+
+def test_missing_checkpoint_folders_are_created_before_training(tmp_path):
+    path = tmp_path / "a" / "b" / "run.pt"
+    seen = []
+    quiet_fit(
+        *regression_problem(), max_iter=1, checkpoint=path, callbacks=[lambda h: seen.append(path.parent.is_dir())]
+    )
+    assert seen == [True] and path.is_file()
+    assert sorted(p.name for p in path.parent.iterdir()) == ["run.pt"]  # the probe file is gone
+
+
+def test_resume_after_a_max_fail_stop_recomputes_the_loss_at_the_restored_weights(tmp_path):
+    path = tmp_path / "run.pt"
+    model, (x, y) = regression_problem()
+    validation = (x + 0.3, -y)  # fitting the training data makes this worse
+    first = quiet_fit(model, (x, y), val_data=validation, max_iter=200, max_fail=3, checkpoint=path)
+    assert first.stop_reason == "max_fail"
+    restored = mse_at(model, (x, y))
+    assert restored == pytest.approx(first["loss"][first.best_iteration - 1], rel=1e-12)
+    assert load_checkpoint(path)["extra"]["optimizer_at_weights"] is False
+
+    fresh, _ = regression_problem(seed=5)
+    resumed = quiet_fit(fresh, (x, y), max_iter=len(first) + 10, checkpoint=path, resume=True)
+    new_rows = resumed["loss"][len(first) :]
+    assert resumed.stop_reason == "max_iter", resumed.message
+    assert all(resumed["success"][len(first) :][:3]), "trials rejected: SCG kept the E and r of other weights"
+    assert new_rows[0] < restored  # the first step from the restored weights lowers their loss
+    assert new_rows[-1] == pytest.approx(mse_at(fresh, (x, y)), rel=1e-12)
+
+
+def test_resume_on_other_data_warns_and_recomputes_the_loss(tmp_path):
+    path = tmp_path / "run.pt"
+    model, data = regression_problem()
+    quiet_fit(model, data, max_iter=5, checkpoint=path)
+    _, other = regression_problem(seed=7)
+    with pytest.warns(UserWarning, match="other training data.*values differ"):
+        resumed = quiet_fit(model, other, max_iter=8, checkpoint=path, resume=True)
+    assert resumed.stop_reason == "max_iter" and all(resumed["success"][5:])
+    assert resumed["loss"][-1] == pytest.approx(mse_at(model, other), rel=1e-12)
+
+
+def test_resume_on_the_same_data_trusts_the_checkpoint_and_does_not_warn(tmp_path, recwarn):
+    path = tmp_path / "run.pt"
+    model, data = regression_problem()
+    quiet_fit(model, data, max_iter=4, checkpoint=path)
+    assert load_checkpoint(path)["extra"]["optimizer_at_weights"] is True
+    quiet_fit(model, data, max_iter=6, checkpoint=path, resume=True)
+    assert not [w for w in recwarn if "training data" in str(w.message)]
+
+
+def test_lbfgs_history_records_the_loss_at_the_weights_after_the_step():
+    model, data = regression_problem()
+    optimizer = torch.optim.LBFGS(model.parameters(), max_iter=5, line_search_fn="strong_wolfe")
+    history = quiet_fit(model, data, optimizer=optimizer, max_iter=3)
+    assert history["loss"][-1] == pytest.approx(mse_at(model, data), rel=1e-12)
+
+
+def test_fit_trains_a_partly_frozen_model_with_the_default_optimizer():
+    model, data = regression_problem()
+    model[0].requires_grad_(False)
+    frozen = weights(model[0])
+    history = quiet_fit(model, data, max_iter=5)
+    assert history.stop_reason == "max_iter" and history["loss"][-1] < history["loss"][0]
+    assert all(torch.equal(p, q) for p, q in zip(model[0].parameters(), frozen))
+
+
+@pytest.mark.parametrize("callbacks", [[print, "not a function"], print])
+def test_a_callback_that_is_not_callable_is_refused_at_the_start(callbacks):
+    model, data = regression_problem()
+    before = weights(model)
+    with pytest.raises(TypeError, match="callback"):
+        quiet_fit(model, data, callbacks=callbacks)
+    assert all(torch.equal(p, q) for p, q in zip(model.parameters(), before))
+
+
+@pytest.mark.parametrize("truth", [np.bool_(True), torch.tensor(True), 1, "yes"], ids=repr)
+def test_any_true_callback_answer_stops_the_run(truth):
+    calls = []
+    history = quiet_fit(
+        *regression_problem(),
+        callbacks=[lambda h: truth if len(h) == 2 else np.bool_(False), lambda h: calls.append(len(h))],
+    )
+    assert history.stop_reason == "callback" and len(history) == 2
+    assert calls == [1, 2]  # every callback sees every iteration, the last one included
+
+
+def test_a_callback_that_raises_leaves_a_checkpoint_and_the_history(tmp_path):
+    path = tmp_path / "run.pt"
+
+    def broken(history):
+        if len(history) == 3:
+            raise RuntimeError("callback bug")
+
+    model, data = regression_problem()
+    with pytest.raises(RuntimeError, match="callback bug") as raised:
+        quiet_fit(model, data, checkpoint=path, checkpoint_every=100, callbacks=[broken])
+    assert len(raised.value.history) == 3
+    saved = load_checkpoint(path)
+    assert saved["iteration"] == 3 and saved["extra"]["stop_reason"] is None
+    assert all(torch.equal(p, saved["model"][name]) for name, p in model.state_dict().items())
+    resumed = quiet_fit(model, data, max_iter=5, checkpoint=path, resume=True)
+    assert resumed["k"] == [1, 2, 3, 4, 5]
+
+
+def test_an_scg_holding_frozen_parameters_is_refused_with_the_fix():
+    from moller_scg import SCG
+
+    model, data = regression_problem()
+    model[0].requires_grad_(False)
+    with pytest.raises(ValueError, match=r"2 frozen parameter\(s\).*if p.requires_grad"):
+        quiet_fit(model, data, optimizer=SCG(model.parameters()))
+
+
+def test_the_default_max_fail_does_not_stop_a_still_improving_regression_on_noise():
+    # benchmarks/early_stopping.py's sine_1d, seed 0: with trainscg's max_fail=6 the run stopped at iteration 46
+    # with 4× the validation loss that 300 iterations reach; the validation loss is still improving there.
+    generator = torch.Generator().manual_seed(0)
+    x = torch.rand(200, 1, generator=generator, dtype=torch.float64) * 4 - 2
+    y = torch.sin(3 * x) + 0.1 * torch.randn(200, 1, generator=generator, dtype=torch.float64)
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(1, 20), nn.Tanh(), nn.Linear(20, 1)).double()
+    history = fit(model, nn.MSELoss(), (x[:100], y[:100]), val_data=(x[100:], y[100:]), max_iter=120, progress=False)
+    assert history.stop_reason == "max_iter"
+    assert min(history["val_loss"][60:]) < 0.8 * min(history["val_loss"][:60])  # still improving after 60
