@@ -133,7 +133,9 @@ def minimize(
     _validate(method, hvp, max_iter, tol, ftol, callback, options)
     if method == "lbfgs":
         if callback is not None:
-            raise ValueError("callback is supported with method='scg' only (torch.optim.LBFGS runs its iterations alone)")
+            raise ValueError(
+                "callback is supported with method='scg' only (torch.optim.LBFGS runs its iterations alone)"
+            )
         # LBFGS needs gradients only: no graph is kept for second derivatives.
         return _minimize_lbfgs(FunctionObjective(fun, x0, "finite-difference"), max_iter, tol, ftol, options or {})
     return _minimize_scg(FunctionObjective(fun, x0, hvp), hvp, max_iter, tol, ftol, callback, options or {})
@@ -195,7 +197,9 @@ def _minimize_lbfgs(
     objective: FunctionObjective, max_iter: int, tol: float, ftol: float, options: Mapping[str, Any]
 ) -> OptimizeResult:
     settings = {"line_search_fn": "strong_wolfe", **options}
-    optimizer = torch.optim.LBFGS(objective.params, max_iter=max_iter, tolerance_grad=tol, tolerance_change=ftol, **settings)
+    optimizer = torch.optim.LBFGS(
+        objective.params, max_iter=max_iter, tolerance_grad=tol, tolerance_change=ftol, **settings
+    )
     optimizer.step(objective)
     state = optimizer.state[objective.params[0]]  # LBFGS keeps its state on its first parameter
     # LBFGS does not say why it stopped, nor is its last evaluation always at the final x: one more evaluation.
@@ -235,9 +239,7 @@ def _copies(tensors: list[torch.Tensor]) -> list[torch.Tensor]:
     return [t.detach().clone() for t in tensors]
 
 
-def _validate(
-    method: Any, hvp: Any, max_iter: Any, tol: Any, ftol: Any, callback: Any, options: Any
-) -> None:
+def _validate(method: Any, hvp: Any, max_iter: Any, tol: Any, ftol: Any, callback: Any, options: Any) -> None:
     if method not in METHODS:
         raise ValueError(f"Invalid method value: {method!r}; choose one of {', '.join(map(repr, METHODS))}")
     if hvp not in HVP_MODES:

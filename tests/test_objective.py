@@ -49,7 +49,9 @@ def test_closure_objective_value_gradient_and_product(hvp_mode):
     objective = ClosureObjective(closure, [w], hvp_mode)
     loss, (g,) = objective.value_and_grad()
     x = w.detach().clone()
-    assert float(loss) == pytest.approx(float((x**4).sum() + (torch.tensor([0.3, 1.0, -2.0], dtype=torch.float64) @ x) ** 2))
+    assert float(loss) == pytest.approx(
+        float((x**4).sum() + (torch.tensor([0.3, 1.0, -2.0], dtype=torch.float64) @ x) ** 2)
+    )
     torch.testing.assert_close(g, gradient(x), rtol=1e-15, atol=0)
     (s,) = objective.hvp([V])
     tolerance = {"double-backward": 1e-14, "finite-difference": 1e-3}[hvp_mode]

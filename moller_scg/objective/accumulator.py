@@ -108,7 +108,9 @@ class AccumulatorObjective:
         if self._last_gradients is None or self._last_versions != [p._version for p in self.params]:
             self()
         gradients = self._last_gradients or []  # set by the pass just checked or made
-        gradient_at_w = [torch.zeros_like(p) if g is None else g.detach().clone() for p, g in zip(self.params, gradients)]
+        gradient_at_w = [
+            torch.zeros_like(p) if g is None else g.detach().clone() for p, g in zip(self.params, gradients)
+        ]
         return shifted_gradient_product(self.params, gradient_at_w, checked, self._gradient_here, self.sigma)
 
     def loss(self) -> torch.Tensor:
@@ -128,7 +130,9 @@ class AccumulatorObjective:
         """Restore what :meth:`state_dict` saved, so that counts and rotating curvature subsets go on."""
         expected = {"passes", "finite_difference_products", "curvature_window"}
         if not isinstance(state_dict, dict) or set(state_dict) != expected:
-            raise ValueError(f"not an AccumulatorObjective state_dict (expected keys {sorted(expected)}): {state_dict!r:.120}")
+            raise ValueError(
+                f"not an AccumulatorObjective state_dict (expected keys {sorted(expected)}): {state_dict!r:.120}"
+            )
         passes = state_dict["passes"]
         if not isinstance(passes, dict) or set(passes) != {"gradient", "hvp", "loss"}:
             raise ValueError(f"the saved passes must have the keys gradient, hvp, loss, got {passes!r:.120}")

@@ -138,7 +138,9 @@ class ClosureObjective:
         if self.hvp_mode == "double-backward":
             self._last_gradients = None  # the backward pass below frees the graph
             return graph_hvp(gradients, self._params, checked, require_graph=self._require_graph)
-        gradient_at_w = [torch.zeros_like(p) if g is None else g.detach().clone() for p, g in zip(self._params, gradients)]
+        gradient_at_w = [
+            torch.zeros_like(p) if g is None else g.detach().clone() for p, g in zip(self._params, gradients)
+        ]
         return shifted_gradient_product(self._params, gradient_at_w, checked, self._gradient_here, self.sigma)
 
     def loss(self) -> float | torch.Tensor:
