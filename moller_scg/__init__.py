@@ -4,6 +4,9 @@
 - :class:`GradientAccumulator` — the exact full-batch loss, gradient and Hessian-vector product, streamed in
   minibatches; the closure ``SCG.step`` calls.
 - :func:`fit` — training with stopping rules, validation early stopping, checkpoints and a :class:`History`.
+- :func:`minimize` — SCG on a function of a tensor or of a pytree of tensors, returning an :class:`OptimizeResult`.
+- :class:`Objective` — what an optimizer asks of E(w): value and gradient, Hessian-vector products, counts
+  (:mod:`moller_scg.objective`).
 - :class:`SCGAdam`, :class:`SCGAMSGrad`, :class:`SCGRMSProp`, :class:`CoBA` — stochastic conjugate-gradient-flavoured
   Adam variants from the seed papers, for minibatch training.
 """
@@ -14,6 +17,15 @@ from moller_scg.accumulate import GradientAccumulator, StochasticObjectiveWarnin
 from moller_scg.annealing import AnnealingRestarts
 from moller_scg.coba import CoBA
 from moller_scg.history import History
+from moller_scg.minimize import OptimizeResult, minimize
+from moller_scg.objective import (
+    AccumulatorObjective,
+    ClosureObjective,
+    EvaluationCounts,
+    FunctionObjective,
+    Objective,
+    as_objective,
+)
 from moller_scg.scg import SCG, SCGStalledWarning, SCGTrace
 from moller_scg.scg_adam import SCGAdam, SCGAMSGrad, SCGRMSProp, diminishing_lr
 from moller_scg.train import accuracy, fit
@@ -27,6 +39,14 @@ __all__ = [
     "History",
     "fit",
     "accuracy",
+    "minimize",
+    "OptimizeResult",
+    "Objective",
+    "EvaluationCounts",
+    "ClosureObjective",
+    "AccumulatorObjective",
+    "FunctionObjective",
+    "as_objective",
     "AnnealingRestarts",
     "SCGAdam",
     "SCGAMSGrad",

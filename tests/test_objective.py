@@ -1,0 +1,283 @@
+"""The Objective protocol's three faces against closed-form derivatives, their counts, and as_objective."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from moller_scg import (
+    SCG,
+    AccumulatorObjective,
+    ClosureObjective,
+    EvaluationCounts,
+    FunctionObjective,
+    GradientAccumulator,
+    Objective,
+    as_objective,
+)
+
+MODES = ["double-backward", "finite-difference"]
+
+
+def quartic_problem(hvp_mode: str = "double-backward"):
+    """E(w) = Σ wᵢ⁴ + (a·w)²: E' = 4w³ + 2(a·w)a, E''v = 12w²v + 2(a·v)a."""
+    w = torch.tensor([1.0, -2.0, 0.5], dtype=torch.float64, requires_grad=True)
+    a = torch.tensor([0.3, 1.0, -2.0], dtype=torch.float64)
+
+    def closure():
+        w.grad = None
+        loss = (w**4).sum() + (a @ w) ** 2
+        loss.backward(create_graph=hvp_mode == "double-backward")
+        return loss
+
+    def gradient(x):
+        return 4 * x**3 + 2 * (a @ x) * a
+
+    def product(x, v):
+        return 12 * x**2 * v + 2 * (a @ v) * a
+
+    return w, closure, gradient, product
+
+
+V = torch.tensor([0.7, -0.1, 2.0], dtype=torch.float64)
+
+
+@pytest.mark.parametrize("hvp_mode", MODES)
+def test_closure_objective_value_gradient_and_product(hvp_mode):
+    w, closure, gradient, product = quartic_problem(hvp_mode)
+    objective = ClosureObjective(closure, [w], hvp_mode)
+    loss, (g,) = objective.value_and_grad()
+    x = w.detach().clone()
+    assert float(loss) == pytest.approx(
+        float((x**4).sum() + (torch.tensor([0.3, 1.0, -2.0], dtype=torch.float64) @ x) ** 2)
+    )
+    torch.testing.assert_close(g, gradient(x), rtol=1e-15, atol=0)
+    (s,) = objective.hvp([V])
+    tolerance = {"double-backward": 1e-14, "finite-difference": 1e-3}[hvp_mode]
+    torch.testing.assert_close(s, product(x, V), rtol=tolerance, atol=0)
+    assert torch.equal(w.detach(), x)  # the finite difference put the weights back bit for bit
+    extra = 1 if hvp_mode == "finite-difference" else 0  # the gradient at w + σₖv
+    assert objective.counts == EvaluationCounts(nfev=1 + extra, ngev=1 + extra, nhev=1)
+
+
+def test_returned_gradients_are_not_overwritten_by_the_next_evaluation():
+    w = torch.tensor([1.0, 2.0], dtype=torch.float64, requires_grad=True)
+
+    def closure():
+        # zero_grad(set_to_none=False): zeroes .grad in place, then backward accumulates into it.
+        if w.grad is not None:
+            w.grad.zero_()
+        loss = (w**2).sum()
+        loss.backward()
+        return loss
+
+    objective = ClosureObjective(closure, [w], "finite-difference")
+    _, (first,) = objective.value_and_grad()
+    with torch.no_grad():
+        w.add_(1.0)
+    objective.value_and_grad()
+    assert first.tolist() == [2.0, 4.0]
+
+
+def test_hvp_after_the_weights_were_written_evaluates_again():
+    w, closure, _, product = quartic_problem()
+    objective = ClosureObjective(closure, [w])
+    objective.value_and_grad()
+    saved = w.detach().clone()
+    with torch.no_grad():
+        w.add_(1.0)  # a trial point …
+        w.copy_(saved)  # … and back: same values, new version
+    (s,) = objective.hvp([V])
+    torch.testing.assert_close(s, product(saved, V), rtol=1e-14, atol=0)
+    assert objective.counts == EvaluationCounts(nfev=2, ngev=2, nhev=1)
+
+
+def test_second_product_at_the_same_point_rebuilds_the_graph():
+    w, closure, _, product = quartic_problem()
+    objective = ClosureObjective(closure, [w])
+    objective.value_and_grad()
+    first = objective.hvp([V])[0]
+    second = objective.hvp([V])[0]
+    assert torch.equal(first, second)
+    torch.testing.assert_close(first, product(w.detach(), V), rtol=1e-14, atol=0)
+    assert objective.counts == EvaluationCounts(nfev=2, ngev=2, nhev=2)
+
+
+def test_closure_without_create_graph_is_named():
+    w = torch.tensor([1.0], requires_grad=True)
+
+    def closure():
+        w.grad = None
+        loss = (w**3).sum()
+        loss.backward()
+        return loss
+
+    with pytest.raises(RuntimeError, match="create_graph=True"):
+        ClosureObjective(closure, [w]).value_and_grad()
+
+
+def test_bad_vectors_are_named():
+    w, closure, _, _ = quartic_problem()
+    objective = ClosureObjective(closure, [w])
+    objective.value_and_grad()
+    with pytest.raises(ValueError, match=r"hvp vector 0 has shape \(2,\), but parameter 0 has \(3,\)"):
+        objective.hvp([torch.ones(2, dtype=torch.float64)])
+    with pytest.raises(TypeError, match="sequence of tensors"):
+        objective.hvp(V)
+
+
+def test_closure_objective_state_dict_round_trip():
+    w, closure, _, _ = quartic_problem()
+    objective = ClosureObjective(closure, [w])
+    objective.value_and_grad()
+    objective.hvp([V])
+    restored = ClosureObjective(closure, [w])
+    restored.load_state_dict(objective.state_dict())
+    assert restored.counts == EvaluationCounts(1, 1, 1)
+    with pytest.raises(ValueError, match="nfev = -1 is not an int ≥ 0"):
+        restored.load_state_dict({"counts": {"nfev": -1, "ngev": 0, "nhev": 0}})
+    with pytest.raises(ValueError, match="no 'counts' entry"):
+        restored.load_state_dict({})
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# GradientAccumulator face
+
+
+def accumulator_problem(**kwargs):
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 1)).double()
+    generator = torch.Generator().manual_seed(1)
+    x = torch.randn(11, 3, generator=generator, dtype=torch.float64)
+    y = torch.randn(11, 1, generator=generator, dtype=torch.float64)
+    accumulator = GradientAccumulator(model, nn.MSELoss(), (x, y), batch_size=4, **kwargs)
+    params = list(model.parameters())
+
+    def full_loss(weights):
+        return nn.MSELoss()(torch.func.functional_call(model, dict(zip(names, weights)), (x,)), y)
+
+    names = [name for name, _ in model.named_parameters()]
+    return accumulator, params, full_loss
+
+
+@pytest.mark.parametrize("hvp_mode", MODES)
+def test_accumulator_objective_matches_the_whole_batch_at_once(hvp_mode):
+    accumulator, params, full_loss = accumulator_problem()
+    objective = AccumulatorObjective(accumulator, hvp_mode, sigma=1e-7)  # small σ: truncation error O(σ)
+    loss, gradients = objective.value_and_grad()
+    weights = tuple(p.detach() for p in params)
+    expected_gradients = torch.func.grad(lambda *ws: full_loss(list(ws)), argnums=tuple(range(len(params))))(*weights)
+    assert float(loss) == pytest.approx(float(full_loss(list(weights))), rel=1e-14)
+    for g, expected in zip(gradients, expected_gradients):
+        torch.testing.assert_close(g, expected, rtol=1e-12, atol=1e-15)
+    vectors = [torch.ones_like(p) for p in params]
+    _, expected_products = torch.autograd.functional.hvp(lambda *ws: full_loss(list(ws)), weights, tuple(vectors))
+    products = objective.hvp(vectors)
+    tolerance = {"double-backward": 1e-12, "finite-difference": 1e-6}[hvp_mode]
+    for s, expected in zip(products, expected_products):
+        torch.testing.assert_close(s, expected, rtol=tolerance, atol=tolerance)
+    for p, weight in zip(params, weights):
+        assert torch.equal(p.detach(), weight)
+    # Counts are the accumulator's passes: the finite difference reuses E'(w) of the last pass, adds one at w + σₖv.
+    passes = accumulator.passes
+    if hvp_mode == "double-backward":
+        assert (passes.gradient, passes.hvp) == (1, 1)
+    else:
+        assert (passes.gradient, passes.hvp) == (2, 0)
+    assert objective.counts == EvaluationCounts(nfev=passes.gradient, ngev=passes.gradient, nhev=1)
+    objective.loss()
+    assert objective.counts.nfev == passes.gradient + 1 and objective.counts.ngev == passes.gradient
+
+
+def test_accumulator_objective_state_dict_restores_counts_and_curvature_window():
+    accumulator, params, _ = accumulator_problem(curvature_fraction=0.5)
+    objective = AccumulatorObjective(accumulator)
+    objective.value_and_grad()
+    objective.hvp([torch.ones_like(p) for p in params])
+    state = objective.state_dict()
+    assert state["curvature_window"] == 1
+    fresh, _, _ = accumulator_problem(curvature_fraction=0.5)
+    restored = AccumulatorObjective(fresh)
+    restored.load_state_dict(state)
+    assert restored.counts == objective.counts and fresh.curvature_window == 1
+    with pytest.raises(ValueError, match="not an AccumulatorObjective state_dict"):
+        restored.load_state_dict({"counts": {}})
+
+
+def test_accumulator_objective_rejects_other_closures():
+    with pytest.raises(TypeError, match="must be a moller_scg.GradientAccumulator, got function"):
+        AccumulatorObjective(lambda: 0.0)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Function face, the protocol, as_objective
+
+
+def test_function_objective_loss_costs_one_call_of_fun_without_gradient():
+    calls = []
+
+    def fun(x):
+        calls.append(torch.is_grad_enabled())
+        return (x**2).sum()
+
+    objective = FunctionObjective(fun, torch.tensor([3.0], dtype=torch.float64))
+    assert float(objective.loss()) == 9.0
+    assert calls == [False] and objective.counts == EvaluationCounts(nfev=1, ngev=0, nhev=0)
+
+
+def test_function_linear_in_x_has_zero_curvature():
+    objective = FunctionObjective(lambda x: 3 * x.sum(), torch.ones(2, dtype=torch.float64))
+    objective.value_and_grad()
+    assert objective.hvp([torch.ones(2, dtype=torch.float64)])[0].tolist() == [0.0, 0.0]
+
+
+def test_every_face_is_an_objective():
+    w, closure, _, _ = quartic_problem()
+    accumulator, _, _ = accumulator_problem()
+    faces = [
+        ClosureObjective(closure, [w]),
+        AccumulatorObjective(accumulator),
+        FunctionObjective(lambda x: x.sum(), torch.ones(1)),
+    ]
+    assert all(isinstance(face, Objective) for face in faces)
+    assert not isinstance(accumulator, Objective) and not isinstance(closure, Objective)
+
+
+def test_as_objective_wraps_what_an_optimizer_is_given():
+    w, closure, _, _ = quartic_problem()
+    wrapped = as_objective(closure, [w], "finite-difference", sigma=1e-6)
+    assert isinstance(wrapped, ClosureObjective) and wrapped.hvp_mode == "finite-difference" and wrapped.sigma == 1e-6
+    assert as_objective(wrapped, [w]) is wrapped
+    accumulator, params, _ = accumulator_problem()
+    adapted = as_objective(accumulator, params)
+    assert isinstance(adapted, AccumulatorObjective) and adapted.accumulator is accumulator
+    with pytest.raises(ValueError, match="other tensors, or in another order"):
+        as_objective(accumulator, params[::-1])
+    with pytest.raises(ValueError, match="other tensors, or in another order"):
+        as_objective(wrapped, [w.detach().clone().requires_grad_(True)])
+    with pytest.raises(TypeError, match="expected a closure, a GradientAccumulator or an Objective, got int"):
+        as_objective(3, [w])
+    with pytest.raises(ValueError, match="Invalid hvp_mode value: 'exact'"):
+        as_objective(closure, [w], "exact")
+    with pytest.raises(ValueError, match="params is empty"):
+        as_objective(closure, [])
+
+
+@pytest.mark.parametrize("hvp_mode", MODES)
+def test_scg_stepped_on_an_objective_follows_the_plain_closure_bit_for_bit(hvp_mode):
+    # What SCG will consume: today SCG.step(objective) already works, the objective serving hvp() and counts.
+    w, closure, _, _ = quartic_problem(hvp_mode)
+    plain = SCG([w], hvp=hvp_mode)
+    plain_losses = [float(plain.step(closure)) for _ in range(8)]
+    plain_weights = w.detach().clone()
+    with torch.no_grad():
+        w.copy_(torch.tensor([1.0, -2.0, 0.5], dtype=torch.float64))
+    objective = ClosureObjective(closure, [w], hvp_mode)
+    optimizer = SCG([w], hvp=hvp_mode)
+    losses = [float(optimizer.step(objective)) for _ in range(8)]
+    assert losses == plain_losses and torch.equal(w.detach(), plain_weights)
+    trace = optimizer.trace
+    assert objective.counts.nfev == trace.closure_calls == plain.trace.closure_calls
+    if hvp_mode == "double-backward":
+        assert objective.counts.nhev == trace.hvp_calls
