@@ -43,6 +43,7 @@ def load_benchmark(monkeypatch):
         ("matplotlib", "matplotlib"),
     ):
         require(module, package)
+    monkeypatch.syspath_prepend(str(BENCHMARK.parent))  # peers.py imports its sibling modules, as when run as a script
     spec = importlib.util.spec_from_file_location("peers", BENCHMARK)
     module = importlib.util.module_from_spec(spec)
     monkeypatch.setitem(sys.modules, spec.name, module)  # dataclasses look their module up there
