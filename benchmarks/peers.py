@@ -1,5 +1,5 @@
 """SCG against its peers — torch.optim.LBFGS, pytorch-minimize (torchmin), netlab's SCG from paramz, minibatch Adam —
-on three offline problems, measured side by side in one run (issue #7).
+on five offline problems, measured side by side in one run (issues #7 and #14), plus a memory-bound case.
 
 Problems (fixed seed, the same initial weights for every optimizer):
 
@@ -8,7 +8,14 @@ Problems (fixed seed, the same initial weights for every optimizer):
 * ``regression``: a tanh MLP 2–20–20–1 (float64, MSE) fitting a known smooth function of two inputs — the classic
   SCG use case; test metric RMSE on fresh points;
 * ``logistic``: multinomial logistic regression (float64, cross-entropy + L2, convex) on
-  ``sklearn.datasets.load_digits``, stratified 75 / 25 split; test metric accuracy.
+  ``sklearn.datasets.load_digits``, stratified 75 / 25 split; test metric accuracy;
+* ``pinn``: a physics-informed tanh MLP 2–20–20–1 (float64) solving −Δu = f on [0, 1]² with u = 0 on the boundary:
+  the collocation points are the data set, and the model is the PDE operator (``PoissonResidual``: −Δu inside, √β u
+  on the boundary, by autograd), so the loss holds second derivatives of the network and still streams through
+  ``GradientAccumulator`` like every other problem; test metric RMSE of u against the exact solution;
+* ``autoencoder``: the classic Hessian-free benchmark scaled down, a deep autoencoder 784-256-64-16-64-256-784
+  (tanh, linear code, sigmoid outputs, pixel cross-entropy; float32) on embedded MNIST digits; test metric the
+  reconstruction MSE on test digits.
 
 Every full-batch optimizer evaluates the objective through its own ``GradientAccumulator`` over the same data and
 batches: ``torch.optim.LBFGS`` and ``SCG`` call it as their closure; torchmin's methods get a differentiable
