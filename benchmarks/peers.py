@@ -77,9 +77,10 @@ import types
 from pathlib import Path
 from typing import Any
 
+import peers_memory_bound as memory_bound
 import torch
 from common import RESULTS, environment
-from peers_adapters import optimizers, require_peers, warm_up
+from peers_adapters import LBFGS_FAMILY, Row, optimizers, require_peers, warm_up
 from peers_metering import (
     BudgetSpent,
     RoundRobin,
@@ -96,18 +97,26 @@ from peers_report import analyse, best_adam, goals, plot, report, to_json
 # The race
 
 
-def race(problem: Problem, initial: dict[str, torch.Tensor], costs: dict[str, float]) -> list[dict[str, Any]]:
-    """Run every optimizer of ``problem`` at once, interleaved by one baton; return their results."""
-    table = optimizers(problem)
-    runs = {name: Run(name, problem, initial, costs) for name in table}
-    baton = RoundRobin(list(runs))
+def race(
+    problem: Problem,
+    initial: dict[str, torch.Tensor],
+    costs: dict[str, float],
+    table: dict[str, Row] | None = None,
+    interleaved: bool = True,
+) -> list[dict[str, Any]]:
+    """Run every optimizer of ``table`` (default: all of ``optimizers(problem)``) on ``problem``; at once, interleaved
+    by one baton, or one after the other; return their results."""
+    table = optimizers(problem) if table is None else table
+    baton = RoundRobin(list(table))
+    runs: dict[str, Run] = {}
     errors: dict[str, BaseException] = {}
 
     def participant(name: str) -> None:
         run = runs[name]
-        run.baton = baton
         run.entry_code = participant.__code__
-        baton.wait_turn(name)
+        if interleaved:
+            run.baton = baton
+            baton.wait_turn(name)
         run.extra["family"] = table[name].family
         run.clock.start()
         try:
@@ -121,14 +130,23 @@ def race(problem: Problem, initial: dict[str, torch.Tensor], costs: dict[str, fl
             run.clock.stop()
             baton.leave(name)
 
-    threads = [threading.Thread(target=participant, args=(name,), name=name) for name in runs]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join()
+    finished = []
+    if interleaved:
+        runs.update({name: Run(name, problem, initial, costs) for name in table})
+        threads = [threading.Thread(target=participant, args=(name,), name=name) for name in runs]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+        finished = [run.finish() for run in runs.values()]
+    else:  # one at a time, each run's model and state released before the next is made
+        for name in table:
+            runs[name] = Run(name, problem, initial, costs)
+            participant(name)
+            finished.append(runs.pop(name).finish())
     for name, error in errors.items():
         print(f"warning: {name} failed: {type(error).__name__}: {error}", file=sys.stderr)
-    return [run.finish() for run in runs.values()]
+    return finished
 
 
 # ------------------------------------------------------------------------------------------------------------------
@@ -201,10 +219,41 @@ def run_problem(problem: Problem, probe_budget: float) -> dict[str, Any]:
     }
 
 
+def run_memory_bound(quick: bool, seed: int) -> dict[str, Any]:
+    """The memory-bound case: plan who fits by arithmetic, then run those one at a time (see peers_memory_bound)."""
+    problem = memory_bound.memory_bound_problem(quick, seed)
+    model = problem.make_model()
+    n = sum(p.numel() for p in model.parameters())
+    element_size = next(model.parameters()).element_size()
+    memory = memory_bound.available_bytes()
+    cap = memory_bound.case_cap(quick, n, memory_bound.full_size_n(), memory)
+    table = optimizers(problem)
+    plan = memory_bound.plan(table, n, element_size, cap)
+    running = {name: table[name] for name, row in plan.items() if row["runs"]}
+    initial = copy.deepcopy(model.state_dict())
+    del model
+    costs = calibrate(problem, initial)
+    results = race(problem, initial, costs, running, interleaved=False)
+    reference = next((r["name"] for r in results if r["family"] == LBFGS_FAMILY), None)
+    analysis = analyse(problem, results, reference or results[0]["name"])
+    return {
+        "problem": {"name": problem.name, "title": problem.title, "budget": problem.budget, "n": n},
+        "memory": memory,
+        "cap_bytes": cap,
+        "element_size": element_size,
+        "plan": plan,
+        "reference": reference,
+        "costs": costs,
+        "analysis": analysis,
+        "results": results,
+    }
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="small problems and budgets, well under two minutes")
-    parser.add_argument("--problems", nargs="+", choices=list(PROBLEMS), default=list(PROBLEMS))
+    every = [*PROBLEMS, memory_bound.MEMORY_BOUND]
+    parser.add_argument("--problems", nargs="+", choices=every, default=every)
     parser.add_argument("--threads", type=int, default=1, help="torch.set_num_threads (default 1: steadier timings)")
     parser.add_argument("--seed", type=int, default=0, help="data split and initial weights")
     parser.add_argument("--out", type=Path, default=RESULTS, help="folder for peers[_quick].{txt,json,png}")
@@ -217,12 +266,16 @@ def main(argv: list[str] | None = None) -> int:
     results: dict[str, Any] = {"environment": environment(command), "quick": args.quick, "problems": []}
     for name in args.problems:
         started = time.perf_counter()
-        block = run_problem(PROBLEMS[name](args.quick, args.seed), probe_budget=10.0 if args.quick else 30.0)
+        if name == memory_bound.MEMORY_BOUND:
+            block = results["memory_bound"] = run_memory_bound(args.quick, args.seed)
+        else:
+            block = run_problem(PROBLEMS[name](args.quick, args.seed), probe_budget=10.0 if args.quick else 30.0)
+            results["problems"].append(block)
         block["wall_seconds"] = time.perf_counter() - started
-        results["problems"].append(block)
         print(f"{name}: {block['wall_seconds']:.0f} s", file=sys.stderr)
     results["goals_text"], results["goals"] = goals(results["problems"])
-    text = report(results)
+    bound = results.get("memory_bound")
+    text = report(results, memory_bound.section(bound) if bound else None)
     print(text)
     args.out.mkdir(parents=True, exist_ok=True)
     stem = "peers_quick" if args.quick else "peers"

@@ -190,6 +190,7 @@ class Row:
 
     run: Callable[[Run], None]
     family: str
+    history_size: int | None = None  # torch LBFGS rows: their history, which sets their memory
 
 
 def scg(hvp: str = "double-backward", curvature_fraction: float = 1.0, **scg_options: Any) -> Row:
@@ -198,7 +199,7 @@ def scg(hvp: str = "double-backward", curvature_fraction: float = 1.0, **scg_opt
 
 
 def lbfgs(history_size: int) -> Row:
-    return Row(lambda run: run_torch_lbfgs(run, history_size), LBFGS_FAMILY)
+    return Row(lambda run: run_torch_lbfgs(run, history_size), LBFGS_FAMILY, history_size)
 
 
 def optimizers(problem: Problem) -> dict[str, Row]:

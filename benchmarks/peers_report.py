@@ -44,8 +44,9 @@ def first_reaching(history: list[dict[str, float]], target: float) -> dict[str, 
     return None
 
 
-def analyse(problem: Problem, results: list[dict[str, Any]]) -> dict[str, Any]:
-    reference = next(r for r in results if r["name"] == REFERENCE)
+def analyse(problem: Problem, results: list[dict[str, Any]], reference_name: str = REFERENCE) -> dict[str, Any]:
+    """Targets from the run's E₀ and E*, and each result's time and passes to them as ratios to the reference's."""
+    reference = next(r for r in results if r["name"] == reference_name)
     initial_loss = reference["history"][0]["loss"]  # every full-batch run's first evaluation is the start
     best_loss = min(h["loss"] for r in results for h in r["history"])
     targets = [best_loss + gap * (initial_loss - best_loss) for gap in TARGET_GAPS]
@@ -76,7 +77,7 @@ def analyse(problem: Problem, results: list[dict[str, Any]]) -> dict[str, Any]:
 # Report
 
 
-def _ratio(entry: dict[str, Any], key: str) -> str:
+def ratio_cell(entry: dict[str, Any], key: str) -> str:
     if not entry["reached"]:
         return "—"
     if not entry["reference_reached"]:
@@ -127,10 +128,10 @@ def problem_table(block: dict[str, Any]) -> list[str]:
         else:
             evals = "/".join(str(e["evaluations"]) if e["reached"] else "—" for e in t)
         lines.append(
-            f"{r['name']:<23}{_ratio(t[0], 'time_ratio'):>8}{_ratio(t[1], 'time_ratio'):>6}"
-            f"{_ratio(t[2], 'time_ratio'):>6}{_ratio(t[0], 'passes_ratio'):>10}{_ratio(t[1], 'passes_ratio'):>6}"
-            f"{_ratio(t[2], 'passes_ratio'):>6}  {evals:<15}{r['final_loss_ratio']:>13.3g}"
-            f"{_metric(problem, r['metric']):>10}{r['state_in_n']:>7.1f}  {r['status']}"
+            f"{r['name']:<23}{ratio_cell(t[0], 'time_ratio'):>8}{ratio_cell(t[1], 'time_ratio'):>6}"
+            f"{ratio_cell(t[2], 'time_ratio'):>6}{ratio_cell(t[0], 'passes_ratio'):>10}"
+            f"{ratio_cell(t[1], 'passes_ratio'):>6}{ratio_cell(t[2], 'passes_ratio'):>6}  {evals:<15}"
+            f"{r['final_loss_ratio']:>13.3g}{_metric(problem, r['metric']):>10}{r['state_in_n']:>7.1f}  {r['status']}"
         )
     scg_runs = [r for r in results if r.get("family") == SCG_FAMILY and "scg_steps" in r]
     lines.append(
@@ -251,10 +252,10 @@ def goals(blocks: list[dict[str, Any]]) -> tuple[list[str], dict[str, Any]]:
     return lines, verdicts
 
 
-def report(results: dict[str, Any]) -> str:
+def report(results: dict[str, Any], memory_bound_lines: list[str] | None = None) -> str:
     env = results["environment"]
     lines = [
-        "SCG and its peers on three problems, side by side in one run (issue #7)",
+        f"SCG and its peers on {len(results['problems'])} problems, side by side in one run (issues #7, #14)",
         f"command: {env['command']}",
         f"date: {env['date']}; torch {env['torch']}, Python {env['python']}, CPU, {env['threads']} thread(s); "
         f"optimizers interleaved round-robin (one baton, each clock runs only while its optimizer holds it)",
@@ -265,7 +266,9 @@ def report(results: dict[str, Any]) -> str:
     for block in results["problems"]:
         lines += problem_table(block) + [""]
     lines += memory_section(results["problems"]) + [""]
-    lines += results["goals_text"]
+    if memory_bound_lines:
+        lines += [""] + memory_bound_lines
+    lines += [""] + results["goals_text"]
     return "\n".join(lines)
 
 
@@ -328,7 +331,7 @@ def plot(results: dict[str, Any], path: Path) -> None:
 def to_json(results: dict[str, Any]) -> str:
     """The results as JSON, histories as columns, each list of numbers on one line."""
     results = copy.deepcopy(results)
-    for block in results["problems"]:
+    for block in results["problems"] + ([results["memory_bound"]] if results.get("memory_bound") else []):
         block.pop("all_adam", None)
         for result in block["results"]:
             history = result.pop("history")

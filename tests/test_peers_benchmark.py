@@ -66,6 +66,18 @@ def test_quick_run_writes_table_json_and_figure(tmp_path, monkeypatch, capsys):
     results = json.loads((tmp_path / "peers_quick.json").read_text(encoding="utf-8"))
     problems = ["mnist", "regression", "logistic", "pinn", "autoencoder"]
     assert [block["problem"]["name"] for block in results["problems"]] == problems
+    # The memory-bound case (--quick: 5 M weights, its cap scaled alike): LBFGS(100) cannot run, every SCG row and
+    # the largest LBFGS history that fits do, and the time ratios are to that LBFGS.
+    bound = results["memory_bound"]
+    assert bound["problem"]["n"] >= 5_000_000
+    runs = {name for name, row in bound["plan"].items() if row["runs"]}
+    assert not bound["plan"]["torch LBFGS"]["fits"]
+    assert {r["name"] for r in bound["results"]} == runs and {"SCG exact", bound["reference"]} <= runs
+    assert bound["plan"][bound["reference"]]["family"] == "torch LBFGS"
+    for result in bound["results"]:
+        assert result["status"] == "budget spent", (result["name"], result["status"])
+        assert result["final_loss"] < bound["analysis"]["initial_loss"]
+    assert "cannot run: needs more than the cap" in report
 
     for block in results["problems"]:
         budget = block["problem"]["budget"]
@@ -216,3 +228,42 @@ def test_poisson_residual_is_minus_the_laplacian_inside_and_the_weighted_value_o
     # ... and Δu is computed even where autograd is off, as in the accumulator's loss-only pass.
     with torch.no_grad():
         torch.testing.assert_close(operator(points).reshape(-1), expected)
+
+
+def test_memory_bound_plan_runs_every_fitting_scg_row_and_the_largest_fitting_lbfgs(monkeypatch, tmp_path):
+    monkeypatch.syspath_prepend(str(BENCHMARK.parent))
+    import peers_memory_bound as bound
+    from peers_adapters import LBFGS_FAMILY, SCG_FAMILY, Row
+
+    def nothing(run):
+        return None
+
+    table = {
+        "torch LBFGS": Row(nothing, LBFGS_FAMILY, 100),
+        "SCG exact": Row(nothing, SCG_FAMILY),
+        "torch LBFGS h=2": Row(nothing, LBFGS_FAMILY, 2),
+        "torch LBFGS h=5": Row(nothing, LBFGS_FAMILY, 5),
+        "torch LBFGS h=20": Row(nothing, LBFGS_FAMILY, 20),
+        "torchmin CG": Row(nothing, "peer"),
+    }
+    n, float32 = 50_000_000, 4
+    # The arithmetic: LBFGS(100) needs (4 + 2·100 + 9) n × 4 bytes = 42.6 GB, more than the 24 GiB machine.
+    plan = bound.plan(table, n, float32, cap=24 * 2**30)
+    assert plan["torch LBFGS"]["needed_bytes"] == (4 + 209) * n * 4 > 24 * 2**30
+    assert not plan["torch LBFGS"]["fits"] and plan["SCG exact"]["needed_bytes"] == 8 * n * 4
+    assert "torchmin CG" not in plan  # only SCG and torch LBFGS rows take part
+    assert [name for name, row in plan.items() if row["runs"]] == ["SCG exact", "torch LBFGS h=20"]
+    # A 6 GiB cap: 30 vectors of 50 M float32; h=5 needs 4 + 19 = 23 of them, h=20 needs 53.
+    plan = bound.plan(table, n, float32, cap=6 * 2**30)
+    assert [name for name, row in plan.items() if row["runs"]] == ["SCG exact", "torch LBFGS h=5"]
+    assert plan["torch LBFGS h=2"]["fits"] and not plan["torch LBFGS h=2"]["runs"]
+    # Nothing fits: nothing runs.
+    assert not any(row["runs"] for row in bound.plan(table, n, float32, cap=2**30).values())
+
+    meminfo = tmp_path / "meminfo"
+    meminfo.write_text("MemTotal:       24683656 kB\nMemFree:         1000 kB\nMemAvailable:   22180588 kB\n")
+    memory = bound.available_bytes(meminfo)
+    assert memory == {"MemTotal": 24683656 * 1024, "MemAvailable": 22180588 * 1024}
+    # --quick scales the cap with n; the cap never exceeds half of the available memory.
+    assert bound.case_cap(True, 5_000_000, 50_000_000, memory) == int(bound.CAP_BYTES / 10)
+    assert bound.case_cap(False, n, n, {"MemAvailable": 4 * 2**30}) == 2 * 2**30
