@@ -62,6 +62,7 @@ Usage:
     python benchmarks/peers.py            # the full run, about 15 minutes on 2 shared CPU cores
     python benchmarks/peers.py --quick    # a small version, about 40 seconds
     python benchmarks/peers.py --problems regression logistic
+    python benchmarks/peers.py --problems memory-bound   # only the memory-bound case (peers_memory_bound.py)
 
 Needs ``pip install pytorch-minimize paramz scikit-learn mlxtend matplotlib``.
 """
