@@ -59,8 +59,8 @@ of rows), ``peers_report.py`` (targets, ratios, tables, goals, figure, JSON) and
 command); ``common.py`` is shared with the other benchmarks.
 
 Usage:
-    python benchmarks/peers.py            # the full run, about 15 minutes on 2 shared CPU cores
-    python benchmarks/peers.py --quick    # a small version, about 40 seconds
+    python benchmarks/peers.py            # the full run (15 min before issue #14 added problems; not re-timed)
+    python benchmarks/peers.py --quick    # a small version, 25-60 s on 2 shared CPU cores
     python benchmarks/peers.py --problems regression logistic
     python benchmarks/peers.py --problems memory-bound   # only the memory-bound case (peers_memory_bound.py)
 
