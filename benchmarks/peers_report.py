@@ -1,0 +1,340 @@
+"""The analysis and report of ``benchmarks/peers.py``: targets, ratios to torch LBFGS, tables, goals, the figure
+and the JSON."""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+import re
+from pathlib import Path
+from typing import Any
+
+from peers_adapters import LBFGS_FAMILY, NETLAB, REFERENCE, SCG_FAMILY, SUBSAMPLED
+from peers_metering import CURVATURE_FRACTION
+from peers_problems import Problem
+
+TARGET_GAPS = (1e-1, 1e-2, 1e-3)
+"""Targets E* + g (E₀ − E*): g is the part of the achievable decrease E₀ − E* still left (E* = best loss of the run)."""
+TIME_GOAL = 0.8
+"""Issue #14: the best SCG mode reaches T2 and T3 in ≤ 0.8 × torch LBFGS(100)'s time ..."""
+TIME_GOAL_TARGETS = (1, 2)  # T2 and T3, as indices into TARGET_GAPS
+TIME_GOAL_PROBLEMS = 3
+"""... on at least 3 of the 5 problems, and beats LBFGS at equal optimizer memory on all of them."""
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# Analysis
+
+
+def best_adam(results: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Keep the Adam run with the lowest final training loss; the others go into ``adam_grid``."""
+    adams = [r for r in results if r["name"].startswith("Adam")]
+    if not adams:
+        return results
+    best = min(adams, key=lambda r: r["final_loss"])
+    best = dict(best, name=f"Adam (best lr of {len(adams)})", adam_grid={r["name"]: r["final_loss"] for r in adams})
+    return [r for r in results if not r["name"].startswith("Adam")] + [best]
+
+
+def first_reaching(history: list[dict[str, float]], target: float) -> dict[str, float] | None:
+    for h in history:
+        if h["loss"] <= target:
+            return h
+    return None
+
+
+def analyse(problem: Problem, results: list[dict[str, Any]], reference_name: str = REFERENCE) -> dict[str, Any]:
+    """Targets from the run's E₀ and E*, and each result's time and passes to them as ratios to the reference's."""
+    reference = next(r for r in results if r["name"] == reference_name)
+    initial_loss = reference["history"][0]["loss"]  # every full-batch run's first evaluation is the start
+    best_loss = min(h["loss"] for r in results for h in r["history"])
+    targets = [best_loss + gap * (initial_loss - best_loss) for gap in TARGET_GAPS]
+    reference_hits = [first_reaching(reference["history"], t) for t in targets]
+    for result in results:
+        reached = []
+        for target, ref_hit in zip(targets, reference_hits):
+            hit = first_reaching(result["history"], target)
+            entry = {"target": target, "reached": hit is not None, "reference_reached": ref_hit is not None}
+            if hit is not None:
+                entry.update(passes=hit["passes"], seconds=hit["seconds"], evaluations=hit["evaluations"])
+                # Reached where torch LBFGS did not: a ratio of 0, i.e. better than any finite ratio.
+                entry["time_ratio"] = hit["seconds"] / ref_hit["seconds"] if ref_hit else 0.0
+                entry["passes_ratio"] = hit["passes"] / ref_hit["passes"] if ref_hit else 0.0
+            reached.append(entry)
+        result["targets"] = reached
+        result["final_loss_ratio"] = result["final_loss"] / reference["final_loss"]
+    return {
+        "targets": targets,
+        "target_gaps": list(TARGET_GAPS),
+        "initial_loss": initial_loss,
+        "best_loss": best_loss,
+        "reference_final_loss": reference["final_loss"],
+    }
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# Report
+
+
+def ratio_cell(entry: dict[str, Any], key: str) -> str:
+    if not entry["reached"]:
+        return "—"
+    if not entry["reference_reached"]:
+        return "≪1"
+    return f"{entry[key]:.2f}"
+
+
+def _metric(problem: dict[str, Any], value: float) -> str:
+    return f"{100 * value:.1f}%" if problem["metric_name"].endswith("acc") else f"{value:.4f}"
+
+
+def problem_table(block: dict[str, Any]) -> list[str]:
+    problem, costs, results = block["problem"], block["costs"], block["results"]
+    reference = next(r for r in results if r["name"] == REFERENCE)
+    targets = block["analysis"]["targets"]
+    ref_hits = reference["targets"]
+    hit_seconds = " / ".join(f"{h['seconds']:.2f}" if h["reached"] else "—" for h in ref_hits)
+    hit_passes = " / ".join(f"{h['passes']:.1f}" if h["reached"] else "—" for h in ref_hits)
+    lines = [
+        f"## {problem['name']}: {problem['title']}",
+        f"budget {problem['budget']:g} gradient-pass equivalents per optimizer; n = {problem['n']:,} weights; "
+        f"one gradient pass = {costs['gradient_seconds'] * 1e3:.1f} ms, an HVP pass = {costs['hvp']:.2f} and a "
+        f"loss-only pass = {costs['loss']:.2f} gradient passes (medians of {costs['rounds']} interleaved rounds), "
+        f"an HVP over {CURVATURE_FRACTION:.0%} of the samples (the subsampled SCG's) = {costs['hvp_subsampled']:.2f}"
+        + (
+            f"; an HVP by forward-over-reverse (not used in the race) = {costs['hvp_forward_over_reverse']:.2f}"
+            if costs["hvp_forward_over_reverse"] is not None
+            else "; forward-over-reverse HVP not available for this loss"
+        ),
+        f"targets T1 / T2 / T3 = E* + 1e-1 / 1e-2 / 1e-3 × (E0 − E*), E0 = {block['analysis']['initial_loss']:.4g} "
+        f"the initial loss, E* = {block['analysis']['best_loss']:.4g} the lowest loss of the run: "
+        + " / ".join(f"{t:.4g}" for t in targets),
+        f"torch LBFGS reaches them in {hit_seconds} s and {hit_passes} passes; final loss "
+        f"{reference['final_loss']:.4g}, {problem['metric_name']} {_metric(problem, reference['metric'])}",
+        "time and passes to each target: ratio to torch LBFGS (— = not reached within the budget, ≪1 = reached where "
+        "torch LBFGS did not); evals = calls "
+        "into the objective to reach T1/T2/T3 (a gradient, an HVP and a loss-only evaluation count 1 each); final "
+        "loss at the budget, ratio to torch LBFGS; state = peak optimizer memory at evaluations, in units of n",
+        "",
+        f"{'optimizer':<23}{'time→T1':>8}{'T2':>6}{'T3':>6}{'passes→T1':>10}{'T2':>6}{'T3':>6}  "
+        f"{'evals→T1/T2/T3':<15}{'final ×LBFGS':>13}{problem['metric_name']:>10}{'state':>7}  stopped",
+        "-" * 120,
+    ]
+    for r in results:
+        t = r["targets"]
+        if r["name"].startswith("Adam"):
+            evals = "minibatch"
+        else:
+            evals = "/".join(str(e["evaluations"]) if e["reached"] else "—" for e in t)
+        lines.append(
+            f"{r['name']:<23}{ratio_cell(t[0], 'time_ratio'):>8}{ratio_cell(t[1], 'time_ratio'):>6}"
+            f"{ratio_cell(t[2], 'time_ratio'):>6}{ratio_cell(t[0], 'passes_ratio'):>10}"
+            f"{ratio_cell(t[1], 'passes_ratio'):>6}{ratio_cell(t[2], 'passes_ratio'):>6}  {evals:<15}"
+            f"{r['final_loss_ratio']:>13.3g}{_metric(problem, r['metric']):>10}{r['state_in_n']:>7.1f}  {r['status']}"
+        )
+    scg_runs = [r for r in results if r.get("family") == SCG_FAMILY and "scg_steps" in r]
+    lines.append(
+        "SCG steps (of which rejected, Δ < 0): "
+        + ", ".join(f"{r['name']} {r['scg_steps']} ({r['scg_rejected']})" for r in scg_runs)
+    )
+    adam = next((r for r in results if "adam_grid" in r), None)
+    if adam:
+        grid = ", ".join(f"{k.split('=')[1]}: {v:.4g}" for k, v in adam["adam_grid"].items())
+        lines.append(f"Adam: batch {problem['adam_batch']}; final training loss per lr: {grid}")
+    return lines
+
+
+def memory_section(blocks: list[dict[str, Any]]) -> list[str]:
+    probe_block = next((b for b in blocks if b.get("memory_probe")), None)
+    names = [b["problem"]["name"] for b in blocks]
+    lines = [
+        "## Optimizer memory, in units of n (floating-point numbers held by the optimizer's frames and state; "
+        "model parameters and gradients excluded)",
+        "race = peak at the evaluations of the race"
+        + (
+            f"; probe = peak at every Python call and return of the optimizer's own code, "
+            f"{probe_block['probe_budget']:g} passes on {probe_block['problem']['name']}, untimed"
+            if probe_block
+            else ""
+        ),
+        "",
+        f"{'optimizer':<23}" + "".join(f"{'race ' + n:>18}" for n in names) + (f"{'probe':>8}" if probe_block else ""),
+    ]
+    for result in blocks[0]["results"]:
+        name = result["name"]
+        row = f"{name:<23}"
+        for block in blocks:
+            match = next(r for r in block["results"] if r["name"].split(" (")[0] == name.split(" (")[0])
+            row += f"{match['state_in_n']:>18.1f}"
+        if probe_block:
+            key = "Adam" if name.startswith("Adam") else name
+            row += f"{probe_block['memory_probe'].get(key, math.nan):>8.1f}"
+        lines.append(row)
+    return lines
+
+
+def optimizer_memory(result: dict[str, Any], probe: dict[str, float]) -> float:
+    """An optimizer's memory on a problem, in units of n: its peak in the race, or in the memory probe (run on one
+    problem; memory in units of n is the algorithm's) if that is higher."""
+    return max(result["state_in_n"], probe.get(result["name"], 0.0))
+
+
+def equal_memory_partner(block: dict[str, Any], scg_result: dict[str, Any], probe: dict[str, float]) -> dict[str, Any]:
+    """The torch LBFGS row whose measured memory is the nearest at or above the SCG row's (the smallest LBFGS if none
+    is as large)."""
+    lbfgs_rows = [r for r in block["results"] if r.get("family") == LBFGS_FAMILY]
+    lbfgs_rows.sort(key=lambda r: optimizer_memory(r, probe))
+    needed = optimizer_memory(scg_result, probe)
+    return next((r for r in lbfgs_rows if optimizer_memory(r, probe) >= needed), lbfgs_rows[0])
+
+
+def beats(challenger: dict[str, Any], other: dict[str, Any]) -> bool:
+    """Whether ``challenger`` reaches every target that either run reaches, each in less time than ``other``; when
+    neither reaches any target, whether its final loss is lower."""
+    contested = [(c, o) for c, o in zip(challenger["targets"], other["targets"]) if c["reached"] or o["reached"]]
+    if not contested:
+        return challenger["final_loss"] < other["final_loss"]
+    return all(c["reached"] and (not o["reached"] or c["seconds"] < o["seconds"]) for c, o in contested)
+
+
+def within_time_goal(result: dict[str, Any]) -> bool:
+    """T2 and T3 reached in ≤ TIME_GOAL × torch LBFGS(100)'s time (a target LBFGS misses counts as a ratio of 0)."""
+    return all(
+        result["targets"][i]["reached"] and result["targets"][i]["time_ratio"] <= TIME_GOAL for i in TIME_GOAL_TARGETS
+    )
+
+
+def goals(blocks: list[dict[str, Any]]) -> tuple[list[str], dict[str, Any]]:
+    """Issue #14's goals, per SCG row (every row of the SCG family in the table)."""
+    lines = [
+        "## Goals of issue #14",
+        f"The best SCG mode reaches T2 and T3 in ≤ {TIME_GOAL}× torch LBFGS(100)'s time on at least "
+        f"{TIME_GOAL_PROBLEMS} of the 5 problems, and beats torch LBFGS at equal optimizer memory on all of them "
+        "(equal memory: the LBFGS row whose measured memory is the nearest at or above the SCG row's; beats: reaches "
+        "every target that either reaches, each in less time)",
+        "",
+    ]
+    verdicts: dict[str, Any] = {}
+    names = [b["problem"]["name"] for b in blocks]
+    probe = next((b["memory_probe"] for b in blocks if b.get("memory_probe")), {})
+    scg_names = [r["name"] for r in blocks[0]["results"] if r.get("family") == SCG_FAMILY] if blocks else []
+    for name in scg_names:
+        time_wins, memory_wins, partners = [], [], []
+        for block in blocks:
+            scg_result = next(r for r in block["results"] if r["name"] == name)
+            partner = equal_memory_partner(block, scg_result, probe)
+            memories = optimizer_memory(partner, probe), optimizer_memory(scg_result, probe)
+            time_wins.append(within_time_goal(scg_result))
+            memory_wins.append(beats(scg_result, partner))
+            partners.append(
+                f"{block['problem']['name']} {'yes' if memory_wins[-1] else 'no'} "
+                f"(vs {partner['name']}, {memories[0]:.1f} n ≥ {memories[1]:.1f} n)"
+            )
+        time_met = sum(time_wins) >= TIME_GOAL_PROBLEMS
+        memory_met = all(memory_wins)
+        verdicts[name] = {
+            "t2_t3_time_le_0.8x_lbfgs100": dict(zip(names, time_wins)),
+            "beats_lbfgs_at_equal_memory": dict(zip(names, memory_wins)),
+            "time_goal_met": time_met,
+            "equal_memory_goal_met": memory_met,
+        }
+        mark = ", ".join(f"{n} {'yes' if f else 'no'}" for n, f in zip(names, time_wins))
+        lines += [
+            f"{name}:",
+            f"  T2 and T3 in ≤ {TIME_GOAL}× torch LBFGS(100)'s time (goal: ≥ {TIME_GOAL_PROBLEMS} of 5 problems; "
+            f"{len(blocks)} run): {mark} → {'met' if time_met else 'NOT met'} ({sum(time_wins)} of {len(blocks)})",
+            f"  beats torch LBFGS at equal memory (goal: all): {'; '.join(partners)} "
+            f"→ {'met' if memory_met else 'NOT met'}",
+        ]
+    best = [name for name, v in verdicts.items() if v["time_goal_met"] and v["equal_memory_goal_met"]]
+    lines.append(f"issue #14's goal {'met by ' + ', '.join(best) if best else 'NOT met by any SCG mode'}")
+    return lines, verdicts
+
+
+def report(results: dict[str, Any], memory_bound_lines: list[str] | None = None) -> str:
+    env = results["environment"]
+    lines = [
+        f"SCG and its peers on {len(results['problems'])} problems, side by side in one run (issues #7, #14)",
+        f"command: {env['command']}",
+        f"date: {env['date']}; torch {env['torch']}, Python {env['python']}, CPU, {env['threads']} thread(s); "
+        f"optimizers interleaved round-robin (one baton, each clock runs only while its optimizer holds it)",
+        "every full-batch optimizer evaluates E, E', E''v through its own GradientAccumulator; Adam: minibatches, "
+        "best lr of the grid; every run starts from the same weights and stops at the budget (no tolerance stops)",
+        "",
+    ]
+    for block in results["problems"]:
+        lines += problem_table(block) + [""]
+    lines += memory_section(results["problems"]) + [""]
+    if memory_bound_lines:
+        lines += [""] + memory_bound_lines
+    lines += [""] + results["goals_text"]
+    return "\n".join(lines)
+
+
+COLORS = {
+    REFERENCE: "black",
+    "SCG exact": "tab:red",
+    "SCG finite-diff": "tab:orange",
+    SUBSAMPLED: "tab:olive",
+    NETLAB: "tab:brown",
+    "torch LBFGS h=2": "0.75",
+    "torch LBFGS h=5": "0.6",
+    "torch LBFGS h=20": "0.4",
+    "torchmin CG": "tab:blue",
+    "torchmin L-BFGS": "tab:cyan",
+    "torchmin Newton-CG": "tab:purple",
+    "torchmin trust-ncg": "tab:pink",
+}
+
+
+def plot(results: dict[str, Any], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    blocks = results["problems"]
+    figure, axes = plt.subplots(len(blocks), 2, figsize=(13, 4 * len(blocks)), squeeze=False)
+    for row, block in zip(axes, blocks):
+        best = block["analysis"]["best_loss"]
+        for result in block["results"]:
+            # The gap to the best loss of the run, on a log scale; the point that is the best itself is dropped.
+            history = [h for h in result["history"] if math.isfinite(h["loss"]) and h["loss"] > best]
+            if not history:
+                continue
+            color = COLORS.get(result["name"], "tab:green")
+            width = 2 if result.get("family") == SCG_FAMILY else 1.2
+            style = {"color": color, "label": result["name"], "linewidth": width}
+            if result["name"] == REFERENCE:
+                style["linestyle"] = "--"
+            gaps = [h["loss"] - best for h in history]
+            row[0].plot([h["seconds"] for h in history], gaps, **style)
+            row[1].plot([h["passes"] for h in history], gaps, **style)
+        for target in block["analysis"]["targets"]:
+            for axis in row:
+                axis.axhline(target - best, color="grey", linewidth=0.5, linestyle=":")
+        row[0].set_xlabel("training time [s] (own clock, interleaved; log scale)")
+        row[0].set_xscale("log")
+        row[1].set_xlabel("gradient-pass equivalents")
+        for axis in row:
+            axis.set_yscale("log")
+            axis.set_ylabel(f"training loss − E* (E* = {best:.4g})")
+            axis.set_title(f"{block['problem']['name']} (dotted: targets T1, T2, T3)")
+        row[1].legend(fontsize=7, loc="upper right")
+    figure.suptitle(f"{results['environment']['command']}  ({results['environment']['date']})", fontsize=9)
+    figure.tight_layout()
+    figure.savefig(path, dpi=110)
+    plt.close(figure)
+
+
+def to_json(results: dict[str, Any]) -> str:
+    """The results as JSON, histories as columns, each list of numbers on one line."""
+    results = copy.deepcopy(results)
+    for block in results["problems"] + ([results["memory_bound"]] if results.get("memory_bound") else []):
+        block.pop("all_adam", None)
+        for result in block["results"]:
+            history = result.pop("history")
+            result["history"] = {key: [h[key] for h in history] for key in ("passes", "evaluations", "seconds", "loss")}
+    text = json.dumps(results, indent=1)
+    return re.sub(r"\[\s+([^\[\]{}]*?)\s+\]", lambda m: "[" + " ".join(m.group(1).split()) + "]", text)
