@@ -1,11 +1,15 @@
 """Stochastic scaled-conjugate-gradient adaptive optimizers: SCGAdam, SCGAMSGrad and SCGRMSProp.
 
 Sato, Izumi & Iiduka (2024) accelerate an adaptive method by feeding it, in place of the stochastic gradient gₙ,
-the scaled conjugate-gradient direction
+the scaled conjugate-gradient direction. The paper writes it as a gradient-like vector,
 
-    d₁ = −g₁,    dₙ = −(1 + γₙ)gₙ + δₙdₙ₋₁    (n ≥ 2),
+    Gₙ = (1 + γₙ)gₙ − δₙGₙ₋₁,    stepping along −Gₙ;
 
-(the paper's Gₙ = (1 + γₙ)G(xₙ) − δₙGₙ₋₁ with d = −G), while the second moment stays on the raw gradient gₙ².
+in terms of the step direction d = −G that is dₙ = −(1 + γₙ)gₙ − δₙdₙ₋₁. The authors' public code instead
+computes dₙ = −(1 + γₙ)gₙ + δₙdₙ₋₁: the previous direction enters with the opposite sign (the classical
+conjugate-gradient sign, where the paper's is the sign of an anti-momentum). Both are offered through
+``direction_form``: ``"paper"`` (the default) and ``"authors-code"``. d₁ = −g₁ in both. The second moment stays on
+the raw gradient gₙ².
 Everything is elementwise, per parameter tensor. The name is shared with Møller's SCG (``scg.py``), the idea is
 not: Møller's method is full-batch, has no learning rate and scales a Hessian model; these are stochastic,
 learning-rate driven, and "scaled" refers to the factor 1 + γₙ on the gradient.
@@ -66,12 +70,21 @@ Params = Iterable[torch.Tensor] | Iterable[dict[str, Any]] | Iterable[tuple[str,
 SCHEDULE_PLACEHOLDER = "<schedule: pass it again when constructing the optimizer that loads this state>"
 """What ``state_dict()`` stores in a parameter group in place of a callable schedule."""
 
-# Defaults of Sato, Izumi & Iiduka (2024) and of the authors' code.
+# Adam's defaults (Kingma & Ba 2015; torch.optim.Adam), which the authors' code keeps.
 DEFAULT_LR = 1e-3
 DEFAULT_BETAS = (0.9, 0.999)
 DEFAULT_EPS = 1e-8
 DEFAULT_GAMMA = 0.1
+"""γ: the value of the authors' code (its constant setting ``C1``); the paper's constant-rate experiments use γ = 1."""
 DEFAULT_DELTA = 0.1
+"""δ: the value of the authors' code (``C1``), one of the paper's δ ∈ {1e-1, 1e-2, 1e-3}."""
+
+PREVIOUS_DIRECTION_SIGN = {"paper": -1.0, "authors-code": 1.0}
+"""The sign s of the previous direction in dₙ = −(1 + γₙ)gₙ + s·δₙdₙ₋₁, by ``direction_form``:
+
+* ``"paper"``: s = −1, Sato, Izumi & Iiduka (2024), Gₙ = (1 + γₙ)G(xₙ, ξₙ) − δₙGₙ₋₁ with the step along −Gₙ;
+* ``"authors-code"``: s = +1, the authors' public SCGAdam code, dₙ = −(1 + γₙ)gₙ + δₙdₙ₋₁."""
+DEFAULT_DIRECTION_FORM = "paper"
 DEFAULT_RMSPROP_ALPHA = 0.99
 """RMSProp's smoothing constant, as in ``torch.optim.RMSprop`` and the authors' RMSProp code."""
 
@@ -132,6 +145,13 @@ def check_betas(group: dict[str, Any]) -> None:
     group["betas"] = (float(betas[0]), float(betas[1]))
 
 
+def check_choice(group: dict[str, Any], key: str, choices: Iterable[str]) -> None:
+    """``group[key]`` must be one of ``choices``."""
+    choices = tuple(choices)
+    if group[key] not in choices:
+        raise ValueError(f"Invalid {key} value: {group[key]!r}; choose one of {', '.join(map(repr, choices))}")
+
+
 def check_flag(group: dict[str, Any], key: str) -> None:
     value = group[key]
     if not isinstance(value, bool):
@@ -164,6 +184,9 @@ class ConjugateAdaptiveOptimizer(torch.optim.Optimizer):
     """
 
     _schedule_keys: tuple[str, ...] = ()
+    _keys_added_later: dict[str, Any] = {}
+    """Hyperparameters added after states were first saved, with the value that reproduces such a state's run
+    (a state_dict saved without the key loads with this value)."""
 
     def __init__(self, params: Params, defaults: dict[str, Any]) -> None:
         # Check the defaults before the parameters, so a bad value is reported even for an empty parameter list;
@@ -209,6 +232,10 @@ class ConjugateAdaptiveOptimizer(torch.optim.Optimizer):
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Load a state saved by :meth:`state_dict` of the same class; saved schedules are taken from this optimizer.
 
+        A state saved before a hyperparameter existed gets the value that reproduces its run
+        (``_keys_added_later``), e.g. ``direction_form="authors-code"`` for an SCGAdam state saved before that
+        option existed.
+
         Raises:
             ValueError: the state was saved by another optimizer (its groups lack this one's hyperparameters), or a
                 group saved with a callable schedule is loaded into a group constructed without one.
@@ -218,6 +245,8 @@ class ConjugateAdaptiveOptimizer(torch.optim.Optimizer):
             raise ValueError(
                 f"this is not an optimizer state_dict: it has no list of 'param_groups' ({state_dict!r:.80})"
             )
+        saved_groups = [{**self._keys_added_later, **saved} for saved in saved_groups]
+        state_dict = {**state_dict, "param_groups": saved_groups}
         schedules: list[dict[str, Any]] = []
         for index, (group, saved) in enumerate(zip(self.param_groups, saved_groups)):
             missing = sorted(set(self.defaults) - set(saved))
@@ -310,11 +339,15 @@ def schedule_value(group: dict[str, Any], key: str, n: int) -> float:
 def scaled_conjugate_direction(
     direction: torch.Tensor, grad: torch.Tensor, n: int, group: dict[str, Any]
 ) -> torch.Tensor:
-    """dₙ = −(1 + γₙ)gₙ + δₙdₙ₋₁, written over ``direction`` (which holds dₙ₋₁); d₁ = −g₁ (γ₁, δ₁ are not used)."""
+    """dₙ = −(1 + γₙ)gₙ + s·δₙdₙ₋₁, written over ``direction`` (which holds dₙ₋₁); d₁ = −g₁ (γ₁, δ₁ are not used).
+
+    s = −1 for ``direction_form="paper"``, +1 for ``"authors-code"`` (:data:`PREVIOUS_DIRECTION_SIGN`).
+    """
     if n == 1:
         return direction.copy_(grad).neg_()
     gamma, delta = schedule_value(group, "gamma", n), schedule_value(group, "delta", n)
-    return direction.mul_(delta).add_(grad, alpha=-(1.0 + gamma))
+    sign = PREVIOUS_DIRECTION_SIGN[group["direction_form"]]
+    return direction.mul_(sign * delta).add_(grad, alpha=-(1.0 + gamma))
 
 
 def adaptive_moment_step(
@@ -361,9 +394,10 @@ def check_adam_hyperparameters(group: dict[str, Any]) -> None:
     check_nonnegative(group, "weight_decay", "weight_decay")
 
 
-def _check_scaled_conjugate_schedules(group: dict[str, Any]) -> None:
+def _check_scaled_conjugate_rule(group: dict[str, Any]) -> None:
     check_schedule(group, "gamma", "gamma (γ)")
     check_schedule(group, "delta", "delta (δ)")
+    check_choice(group, "direction_form", PREVIOUS_DIRECTION_SIGN)
 
 
 # -------------------------------------------------------------------------------------------------------------------
@@ -376,12 +410,14 @@ class SCGAdam(ConjugateAdaptiveOptimizer):
     For each parameter tensor x with stochastic gradient gₙ at its n-th step (plus ``weight_decay``·x when set),
     elementwise:
 
-        d₁ = −g₁,    dₙ = −(1 + γₙ)gₙ + δₙdₙ₋₁
+        d₁ = −g₁,    dₙ = −(1 + γₙ)gₙ + s·δₙdₙ₋₁    (s = −1: the paper's form, the default; s = +1: the authors' code)
         mₙ = β₁mₙ₋₁ + (1 − β₁)dₙ
         vₙ = β₂vₙ₋₁ + (1 − β₂)gₙ²                       (the raw gradient, not d)
         xₙ₊₁ = xₙ + (αₙ/(1 − β₁ⁿ)) · mₙ / (√(vₙ/(1 − β₂ⁿ)) + ε)
 
-    With γ = δ = 0, dₙ = −gₙ and this is ``torch.optim.Adam`` bit for bit.
+    With γ = δ = 0, dₙ = −gₙ and this is ``torch.optim.Adam`` bit for bit. The paper states the direction as
+    Gₙ = (1 + γₙ)gₙ − δₙGₙ₋₁ with the step along −Gₙ, which is s = −1 here; its authors' code uses s = +1
+    (``direction_form="authors-code"``).
 
     Args:
         params: parameters or parameter groups, as for any ``torch.optim.Optimizer``.
@@ -392,7 +428,10 @@ class SCGAdam(ConjugateAdaptiveOptimizer):
         gamma: γₙ ≥ 0, the scale of the current gradient: a number or a callable n ↦ γₙ. The paper's
             constant-rate experiments use γ = 1; its diminishing ones γₙ = 0.5ⁿ or 1/n.
         delta: δₙ ≥ 0, the weight of the previous direction: a number or a callable n ↦ δₙ (the paper uses
-            δ ∈ {1e-1, 1e-2, 1e-3}, or δₙ = 0.5ⁿ or 1/n).
+            δ ∈ {1e-1, 1e-2, 1e-3}, or δₙ = 0.5ⁿ or 1/n). The defaults γ = δ = 0.1 are the authors' code's.
+        direction_form: ``"paper"`` (default; s = −1, the paper's Gₙ = (1 + γₙ)gₙ − δₙGₙ₋₁) or
+            ``"authors-code"`` (s = +1, dₙ = −(1 + γₙ)gₙ + δₙdₙ₋₁, as the authors' public code, and this class
+            before the option existed).
 
     State per parameter: ``step`` (n), ``direction`` (dₙ), ``exp_avg`` (mₙ), ``exp_avg_sq`` (vₙ).
 
@@ -404,6 +443,7 @@ class SCGAdam(ConjugateAdaptiveOptimizer):
     """
 
     _schedule_keys = ("gamma", "delta")
+    _keys_added_later = {"direction_form": "authors-code"}
 
     def __init__(
         self,
@@ -414,13 +454,22 @@ class SCGAdam(ConjugateAdaptiveOptimizer):
         weight_decay: float = 0.0,
         gamma: Schedule = DEFAULT_GAMMA,
         delta: Schedule = DEFAULT_DELTA,
+        direction_form: str = DEFAULT_DIRECTION_FORM,
     ) -> None:
-        defaults = {"lr": lr, "betas": betas, "eps": eps, "weight_decay": weight_decay, "gamma": gamma, "delta": delta}
+        defaults = {
+            "lr": lr,
+            "betas": betas,
+            "eps": eps,
+            "weight_decay": weight_decay,
+            "gamma": gamma,
+            "delta": delta,
+            "direction_form": direction_form,
+        }
         super().__init__(params, defaults)
 
     def _prepare_group(self, group: dict[str, Any]) -> None:
         check_adam_hyperparameters(group)
-        _check_scaled_conjugate_schedules(group)
+        _check_scaled_conjugate_rule(group)
 
     def _state_names(self, group: dict[str, Any]) -> tuple[str, ...]:
         return ("direction", "exp_avg", "exp_avg_sq")
@@ -437,7 +486,7 @@ class SCGAMSGrad(ConjugateAdaptiveOptimizer):
 
     Elementwise, per parameter tensor, with gₙ the stochastic gradient (plus ``weight_decay``·x when set):
 
-        d₁ = −g₁,    dₙ = −(1 + γₙ)gₙ + δₙdₙ₋₁
+        d₁ = −g₁,    dₙ = −(1 + γₙ)gₙ + s·δₙdₙ₋₁    (s = −1: the paper's form, the default; s = +1: the authors' code)
         mₙ = β₁mₙ₋₁ + (1 − β₁)dₙ,    vₙ = β₂vₙ₋₁ + (1 − β₂)gₙ²,    v̂ₙ = max(v̂ₙ₋₁, vₙ)
         xₙ₊₁ = xₙ + αₙ · mₙ / (√v̂ₙ + ε)                                    (bias_correction=False, default)
         xₙ₊₁ = xₙ + (αₙ/(1 − β₁ⁿ)) · mₙ / (√(v̂ₙ/(1 − β₂ⁿ)) + ε)             (bias_correction=True)
@@ -446,7 +495,8 @@ class SCGAMSGrad(ConjugateAdaptiveOptimizer):
     ``torch.optim.Adam(amsgrad=True)`` corrects the bias (dividing the running maximum v̂ₙ by 1 − β₂ⁿ), so with
     γ = δ = 0 it equals ``SCGAMSGrad(bias_correction=True)`` bit for bit, and the default only in the limit n → ∞.
 
-    ``params``, ``lr``, ``betas``, ``eps``, ``weight_decay``, ``gamma`` and ``delta`` are as for :class:`SCGAdam`.
+    ``params``, ``lr``, ``betas``, ``eps``, ``weight_decay``, ``gamma``, ``delta`` and ``direction_form`` are as
+    for :class:`SCGAdam`.
 
     Args:
         bias_correction: whether to divide by 1 − β₁ⁿ and 1 − β₂ⁿ as ``torch.optim.Adam(amsgrad=True)`` does.
@@ -461,6 +511,7 @@ class SCGAMSGrad(ConjugateAdaptiveOptimizer):
     """
 
     _schedule_keys = ("gamma", "delta")
+    _keys_added_later = {"direction_form": "authors-code"}
 
     def __init__(
         self,
@@ -472,6 +523,7 @@ class SCGAMSGrad(ConjugateAdaptiveOptimizer):
         gamma: Schedule = DEFAULT_GAMMA,
         delta: Schedule = DEFAULT_DELTA,
         bias_correction: bool = False,
+        direction_form: str = DEFAULT_DIRECTION_FORM,
     ) -> None:
         defaults = {
             "lr": lr,
@@ -481,12 +533,13 @@ class SCGAMSGrad(ConjugateAdaptiveOptimizer):
             "gamma": gamma,
             "delta": delta,
             "bias_correction": bias_correction,
+            "direction_form": direction_form,
         }
         super().__init__(params, defaults)
 
     def _prepare_group(self, group: dict[str, Any]) -> None:
         check_adam_hyperparameters(group)
-        _check_scaled_conjugate_schedules(group)
+        _check_scaled_conjugate_rule(group)
         check_flag(group, "bias_correction")
 
     def _state_names(self, group: dict[str, Any]) -> tuple[str, ...]:
@@ -506,7 +559,7 @@ class SCGRMSProp(ConjugateAdaptiveOptimizer):
 
     Elementwise, per parameter tensor, with gₙ the stochastic gradient (plus ``weight_decay``·x when set):
 
-        d₁ = −g₁,    dₙ = −(1 + γₙ)gₙ + δₙdₙ₋₁
+        d₁ = −g₁,    dₙ = −(1 + γₙ)gₙ + s·δₙdₙ₋₁    (s = −1: the paper's form, the default; s = +1: the authors' code)
         vₙ = ρvₙ₋₁ + (1 − ρ)gₙ²
         xₙ₊₁ = xₙ + αₙ · dₙ / (√vₙ + ε)
 
@@ -516,7 +569,8 @@ class SCGRMSProp(ConjugateAdaptiveOptimizer):
     the numerator, and the denominator stays on the raw gradient. With γ = δ = 0 it is
     ``torch.optim.RMSprop(alpha=ρ)`` (no momentum, not centered) bit for bit.
 
-    ``params``, ``lr``, ``eps``, ``weight_decay``, ``gamma`` and ``delta`` are as for :class:`SCGAdam`.
+    ``params``, ``lr``, ``eps``, ``weight_decay``, ``gamma``, ``delta`` and ``direction_form`` are as for
+    :class:`SCGAdam`.
 
     Args:
         alpha: ρ, the smoothing constant of vₙ, named and defaulted as in ``torch.optim.RMSprop``.
@@ -531,6 +585,7 @@ class SCGRMSProp(ConjugateAdaptiveOptimizer):
     """
 
     _schedule_keys = ("gamma", "delta")
+    _keys_added_later = {"direction_form": "authors-code"}
 
     def __init__(
         self,
@@ -541,8 +596,17 @@ class SCGRMSProp(ConjugateAdaptiveOptimizer):
         weight_decay: float = 0.0,
         gamma: Schedule = DEFAULT_GAMMA,
         delta: Schedule = DEFAULT_DELTA,
+        direction_form: str = DEFAULT_DIRECTION_FORM,
     ) -> None:
-        defaults = {"lr": lr, "alpha": alpha, "eps": eps, "weight_decay": weight_decay, "gamma": gamma, "delta": delta}
+        defaults = {
+            "lr": lr,
+            "alpha": alpha,
+            "eps": eps,
+            "weight_decay": weight_decay,
+            "gamma": gamma,
+            "delta": delta,
+            "direction_form": direction_form,
+        }
         super().__init__(params, defaults)
 
     def _prepare_group(self, group: dict[str, Any]) -> None:
@@ -550,7 +614,7 @@ class SCGRMSProp(ConjugateAdaptiveOptimizer):
         check_smoothing(group, "alpha", "alpha (ρ)")
         check_nonnegative(group, "eps", "epsilon (eps)")
         check_nonnegative(group, "weight_decay", "weight_decay")
-        _check_scaled_conjugate_schedules(group)
+        _check_scaled_conjugate_rule(group)
 
     def _state_names(self, group: dict[str, Any]) -> tuple[str, ...]:
         return ("direction", "square_avg")
