@@ -180,7 +180,8 @@ class ConjugateAdaptiveOptimizer(torch.optim.Optimizer):
     the parameter's dtype, device and shape.
 
     A subclass sets ``_schedule_keys`` (hyperparameters that may be callables n ↦ value), validates a parameter
-    group in :meth:`_prepare_group` and does one update in :meth:`_update`.
+    group in :meth:`_prepare_group` and does one update in :meth:`_update`; one that needs the whole group at once
+    (CoBA's global β) overrides :meth:`_update_group`.
     """
 
     _schedule_keys: tuple[str, ...] = ()
@@ -291,25 +292,42 @@ class ConjugateAdaptiveOptimizer(torch.optim.Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        for group, param in self._parameters_with_gradients():
-            grad = cast(torch.Tensor, param.grad)  # not None: _parameters_with_gradients skips those
-            if group["weight_decay"] != 0.0:
-                grad = grad.add(param, alpha=group["weight_decay"])
-            state = self.state[param]
-            names = self._state_names(group)
-            if not state:
-                state["step"] = 0
-                for name in names:
-                    state[name] = torch.zeros_like(param, memory_format=torch.preserve_format)
-            state["step"] += 1
-            real_state = {name: as_real(state[name]) for name in names}
-            self._update(as_real(param), as_real(grad), real_state, state["step"], group)
+        for group, params in self._groups_with_gradients():
+            self._update_group(group, params)
         return loss
 
-    def _parameters_with_gradients(self) -> list[tuple[dict[str, Any], torch.Tensor]]:
-        """(group, parameter) for every parameter with a gradient; ``TypeError`` if any gradient is sparse."""
+    def _update_group(self, group: dict[str, Any], params: list[torch.Tensor]) -> None:
+        """Update the parameters of one group that have a gradient, one after the other."""
+        for param in params:
+            self._update(*self._advance(group, param), group)
+
+    def _gradient(self, group: dict[str, Any], param: torch.Tensor) -> torch.Tensor:
+        """gₙ of a parameter: its ``.grad``, plus λx when ``weight_decay`` = λ is set."""
+        grad = cast(torch.Tensor, param.grad)  # not None: _groups_with_gradients skips those
+        if group["weight_decay"] != 0.0:
+            grad = grad.add(param, alpha=group["weight_decay"])
+        return grad
+
+    def _advance(
+        self, group: dict[str, Any], param: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor], int]:
+        """Count step n of a parameter (creating its state at n = 1): real views of x and gₙ, its state, and n."""
+        grad = self._gradient(group, param)
+        state = self.state[param]
+        names = self._state_names(group)
+        if not state:
+            state["step"] = 0
+            for name in names:
+                state[name] = torch.zeros_like(param, memory_format=torch.preserve_format)
+        state["step"] += 1
+        real_state = {name: as_real(state[name]) for name in names}
+        return as_real(param), as_real(grad), real_state, state["step"]
+
+    def _groups_with_gradients(self) -> list[tuple[dict[str, Any], list[torch.Tensor]]]:
+        """(group, its parameters with a gradient) for every group; ``TypeError`` if any gradient is sparse."""
         found = []
         for group in self.param_groups:
+            with_gradient = []
             for index, param in enumerate(group["params"]):
                 if param.grad is None:
                     continue
@@ -319,7 +337,8 @@ class ConjugateAdaptiveOptimizer(torch.optim.Optimizer):
                     raise TypeError(
                         f"{type(self).__name__} does not support sparse gradients, but parameter {name} has one"
                     )
-                found.append((group, param))
+                with_gradient.append(param)
+            found.append((group, with_gradient))
         return found
 
 
