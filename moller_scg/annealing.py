@@ -1,9 +1,11 @@
 """SAGRAD-style restarts: when full-batch SCG stalls, perturb the weights by simulated annealing and start again.
 
-SAGRAD (Bernal & Torres-Jimenez 2015) trains a network by Møller's SCG and, whenever SCG shows insufficient
-progress or is stuck at a local minimum or in a flat area, perturbs the weights by simulated annealing and
-restarts SCG from the point the annealing returns; a low-intensity annealing pass may also choose the first
-weights. :func:`moller_scg.fit` does this with ``fit(..., annealing=AnnealingRestarts(...))``.
+SAGRAD (Bernal & Torres-Jimenez 2015) trains a network by Møller's SCG; it (re)initialises the weights by
+simulated annealing to (re)start SCG the first time and whenever SCG shows insufficient progress, and anneals
+the weights when SCG, after possibly considerable progress, is stuck at a local minimum or in a flat area.
+:func:`moller_scg.fit` does this with ``fit(..., annealing=AnnealingRestarts(...))``: a stuck SCG is restarted from
+an annealing chain that starts at its current weights, and, with ``reinit_progress`` > 0, one that made
+insufficient progress from a chain that starts at freshly drawn weights.
 
 **When.** After iteration n, with the losses Eₘ of the iterations since the last restart (or since the start), a
 restart is due when any of these holds:
@@ -16,19 +18,23 @@ restart is due when any of these holds:
 
 After ``max_restarts`` restarts these rules no longer restart and ``fit`` stops as it would without annealing.
 
-**How.** Restart j = 0, 1, … runs K = ``perturbations`` steps of a Metropolis chain (Metropolis et al. 1953) at
-the temperature and perturbation size
+**How.** Restart j = 0, 1, … runs K = ``perturbations`` steps of a Metropolis chain (Metropolis et al. 1953)
+with the perturbation size and the starting temperature
 
-    Tⱼ = T₀ · ρʲ,    σⱼ = σ₀ · ρʲ        (T₀ = ``temperature``, σ₀ = ``scale``, ρ = ``decay``),
+    σⱼ = σ₀ · ρʲ,    Tⱼ = T₀ · ρʲ        (σ₀ = ``scale``, T₀ = ``temperature``, ρ = ``decay``),
 
-starting from the current weights w₀ = w (SCG's accepted point, the best weights of the run so far):
+cooling at every move to Tⱼκⁱ (κ = ``cooling``; Kirkpatrick et al. 1983), starting from the current weights
+w₀ = w (SCG's accepted point, the best weights of the run so far):
 
     w' = wᵢ + σⱼ · ξ,   ξ ~ N(0, I)
-    accept (wᵢ₊₁ = w') with probability min(1, exp(−(E(w') − E(wᵢ)) / Tⱼ)), otherwise wᵢ₊₁ = wᵢ,
+    accept (wᵢ₊₁ = w') with probability min(1, exp(−(E(w') − E(wᵢ)) / (Tⱼκⁱ))), otherwise wᵢ₊₁ = wᵢ,
 
 and loads w* = argmin over {w₀, w₁, …, w_K} of E into the model: the best point the chain visited, never worse
-than w₀. E is the full-batch loss of the loss-only pass (``GradientAccumulator.loss``, one pass per evaluation;
-K + 1 passes per restart). A candidate with a non-finite loss is rejected. SCG then starts again at step 1 from
+than w₀. A re-initialisation (the loss fell by less than ``reinit_progress`` of itself since the latest start)
+runs the same chain from fresh weights w₀ ~ N(0, s²) per tensor (s: the tensor's root mean square when the run
+started) and loads its best point only if it is below E(w), else keeps w (K + 2 passes). E is the full-batch
+loss of the loss-only pass (``GradientAccumulator.loss``, one pass per evaluation; K + 1 passes per restart). A
+candidate with a non-finite loss is rejected. SCG then starts again at step 1 from
 w* (E and r re-evaluated, p = r, λ = λ₁): the chain may have wandered uphill, but SCG restarts only from its best
 point, so the training loss never increases over a run and the best weights are never lost.
 
