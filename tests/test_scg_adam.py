@@ -1,5 +1,6 @@
-"""SCGAdam, SCGAMSGrad and SCGRMSProp against a NumPy float64 implementation of Sato, Izumi & Iiduka (2024), their
-reduction to torch.optim's Adam, AMSGrad and RMSprop, and their torch.optim conventions.
+"""SCGAdam, SCGAMSGrad and SCGRMSProp against NumPy float64 transcriptions of the direction as Sato, Izumi & Iiduka
+(2024) state it and as their public code computes it (SCGRMSProp: of this library's own construction, documented in
+its docstring), their reduction to torch.optim's Adam, AMSGrad and RMSprop, and their torch.optim conventions.
 
 The problem helpers at the top are shared with ``test_coba.py``.
 """
