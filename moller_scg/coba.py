@@ -35,6 +35,7 @@ References:
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import numbers
 from collections.abc import Callable
@@ -42,15 +43,11 @@ from typing import Any, NamedTuple
 
 import torch
 
-from moller_scg._vectors import as_real
-from moller_scg.scg_adam import (
-    DEFAULT_BETAS,
-    DEFAULT_EPS,
-    DEFAULT_LR,
+from moller_scg.adaptive_moments import AdaptiveMoments
+from moller_scg.conjugate_adaptive import (
     ConjugateAdaptiveOptimizer,
     Params,
     Schedule,
-    adaptive_moment_step,
     check_adam_hyperparameters,
     check_choice,
     check_flag,
@@ -58,6 +55,7 @@ from moller_scg.scg_adam import (
     check_schedule,
     schedule_value,
 )
+from moller_scg.scg_adam import DEFAULT_BETAS, DEFAULT_EPS, DEFAULT_LR
 
 __all__ = ["CoBA", "CG_RULES", "InnerProducts"]
 
@@ -213,28 +211,48 @@ def beta_hager_zhang(g: torch.Tensor, g_prev: torch.Tensor, d: torch.Tensor, hz_
     return hager_zhang(inner_products(g, g_prev, d), hz_lambda)
 
 
-def conjugate_direction(
-    direction: torch.Tensor,
-    previous_grad: torch.Tensor,
-    grad: torch.Tensor,
-    n: int,
-    group: dict[str, Any],
-    beta: torch.Tensor | None = None,
-) -> torch.Tensor:
-    """dₙ = −gₙ + (Mₙ/nᵃ)βₙdₙ₋₁, written over ``direction`` (which holds dₙ₋₁); d₁ = −g₁.
+class ConjugateGradientState(NamedTuple):
+    direction: torch.Tensor
+    """dₙ₋₁ before a step, dₙ after it"""
+    previous_grad: torch.Tensor
+    """gₙ₋₁ before a step, gₙ after it"""
 
-    ``beta``: βₙ when it was computed over the whole group; ``None`` computes it from this tensor alone.
-    ``previous_grad`` ← gₙ afterwards.
+
+@dataclasses.dataclass(frozen=True)
+class NonlinearConjugateDirection:
+    """dₙ = −gₙ + (Mₙ/nᵃ)βₙdₙ₋₁, d₁ = −g₁, with βₙ = ``beta_rule`` of the :class:`InnerProducts` and Mₙ, a the
+    group's ``M`` (a number or a schedule) and ``a``.
+
+    ``group_wide`` (``beta_scope="global"``): one βₙ from the inner products summed over every parameter of the group
+    that has had a previous step (those at their first step take d₁ = −g₁); otherwise each tensor's own βₙ.
     """
-    if n == 1:
-        direction.copy_(grad).neg_()
-    else:
-        if beta is None:
-            beta = CG_RULES[group["cg_rule"]](inner_products(grad, previous_grad, direction), group["hz_lambda"])
-        coefficient = schedule_value(group, "M", n) / n ** group["a"]
-        direction.mul_(beta * coefficient).sub_(grad)
-    previous_grad.copy_(grad)
-    return direction
+
+    beta_rule: BetaRule
+    hz_lambda: float
+    group_wide: bool
+    State = ConjugateGradientState
+
+    def group_context(
+        self, group: dict[str, Any], inputs: list[tuple[torch.Tensor, ConjugateGradientState | None]]
+    ) -> torch.Tensor | None:
+        """The global βₙ (``None`` when no parameter has a previous step)."""
+        parts = [inner_products(grad, memory.previous_grad, memory.direction) for grad, memory in inputs if memory]
+        return self.beta_rule(sum_inner_products(parts), self.hz_lambda) if parts else None
+
+    def direction(
+        self, grad: torch.Tensor, state: ConjugateGradientState, n: int, group: dict[str, Any], context: Any
+    ) -> torch.Tensor:
+        direction, previous_grad = state
+        if n == 1:
+            direction.copy_(grad).neg_()
+        else:
+            beta = context if self.group_wide else None
+            if beta is None:
+                beta = self.beta_rule(inner_products(grad, previous_grad, direction), self.hz_lambda)
+            coefficient = schedule_value(group, "M", n) / n ** group["a"]
+            direction.mul_(beta * coefficient).sub_(grad)
+        previous_grad.copy_(grad)
+        return direction
 
 
 class CoBA(ConjugateAdaptiveOptimizer):
@@ -368,50 +386,15 @@ class CoBA(ConjugateAdaptiveOptimizer):
         check_choice(group, "beta_scope", BETA_SCOPES)
         check_choice(group, "second_moment", SECOND_MOMENTS)
 
-    def _state_names(self, group: dict[str, Any]) -> tuple[str, ...]:
-        names = ("direction", "previous_grad", "exp_avg", "exp_avg_sq")
-        return names + ("max_exp_avg_sq",) if group["amsgrad"] else names
-
-    def _update_group(self, group: dict[str, Any], params: list[torch.Tensor]) -> None:
-        """With ``beta_scope="global"``, βₙ from the inner products over every parameter past its first step, then
-        each parameter's update with it."""
-        if group["beta_scope"] == "per-tensor":
-            super()._update_group(group, params)
-            return
-        beta = self._global_beta(group, params)
-        for param in params:
-            self._update(*self._advance(group, param), group, beta=beta)
-
-    def _global_beta(self, group: dict[str, Any], params: list[torch.Tensor]) -> torch.Tensor | None:
-        """βₙ of the concatenated vectors gₙ, gₙ₋₁, dₙ₋₁ of the parameters that have a previous step (None if none)."""
-        parts = []
-        for param in params:
-            state = self.state[param]
-            if state:  # step n ≥ 2: it has gₙ₋₁ and dₙ₋₁
-                grad = as_real(self._gradient(group, param))
-                parts.append(inner_products(grad, as_real(state["previous_grad"]), as_real(state["direction"])))
-        if not parts:
-            return None
-        return CG_RULES[group["cg_rule"]](sum_inner_products(parts), group["hz_lambda"])
-
-    def _update(
-        self,
-        param: torch.Tensor,
-        grad: torch.Tensor,
-        state: dict[str, torch.Tensor],
-        n: int,
-        group: dict[str, Any],
-        beta: torch.Tensor | None = None,
-    ) -> None:
-        direction = conjugate_direction(state["direction"], state["previous_grad"], grad, n, group, beta)
-        squared = direction if group["second_moment"] == "direction" else grad
-        adaptive_moment_step(
-            param,
-            direction,
-            squared,
-            state,
-            n,
-            group,
+    def _rules(self, group: dict[str, Any]) -> tuple[NonlinearConjugateDirection, AdaptiveMoments]:
+        direction_rule = NonlinearConjugateDirection(
+            beta_rule=CG_RULES[group["cg_rule"]],
+            hz_lambda=group["hz_lambda"],
+            group_wide=group["beta_scope"] == "global",
+        )
+        moment_rule = AdaptiveMoments(
             amsgrad=group["amsgrad"],
             bias_correction=group["bias_correction"],
+            of_direction=group["second_moment"] == "direction",
         )
+        return direction_rule, moment_rule

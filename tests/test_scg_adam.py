@@ -457,6 +457,21 @@ def test_load_state_dict_refuses_a_foreign_state():
         SCGAMSGrad(params).load_state_dict(SCGAdam(params).state_dict())
 
 
+@pytest.mark.parametrize("kind", sorted(OPTIMIZERS))
+def test_state_is_the_step_and_the_fields_of_the_two_rules_typed_states(kind):
+    params = torch_params()
+    optimizer = OPTIMIZERS[kind](params, lr=1e-2)
+    optimizer.zero_grad()
+    torch_loss(params, 1).backward()
+    optimizer.step()
+    direction_rule, moment_rule = optimizer._rules(optimizer.param_groups[0])
+    expected = {"step", *direction_rule.State._fields, *moment_rule.State._fields}
+    assert {"adam": {"exp_avg", "exp_avg_sq"}, "amsgrad": {"exp_avg", "exp_avg_sq", "max_exp_avg_sq"}}.get(
+        kind, {"square_avg"}
+    ) | {"step", "direction"} == expected
+    assert all(set(optimizer.state[p]) == expected for p in params)
+
+
 def test_deepcopied_optimizer_continues_identically():
     params = torch_params()
     optimizer = SCGAdam(params, lr=1e-2, gamma=_schedule)
