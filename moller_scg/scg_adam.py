@@ -9,10 +9,9 @@ in terms of the step direction d = −G that is dₙ = −(1 + γₙ)gₙ − δ
 computes dₙ = −(1 + γₙ)gₙ + δₙdₙ₋₁: the previous direction enters with the opposite sign (the classical
 conjugate-gradient sign, where the paper's is the sign of an anti-momentum). Both are offered through
 ``direction_form``: ``"paper"`` (the default) and ``"authors-code"``. d₁ = −g₁ in both. The second moment stays on
-the raw gradient gₙ².
-Everything is elementwise, per parameter tensor. The name is shared with Møller's SCG (``scg.py``), the idea is
-not: Møller's method is full-batch, has no learning rate and scales a Hessian model; these are stochastic,
-learning-rate driven, and "scaled" refers to the factor 1 + γₙ on the gradient.
+the raw gradient gₙ². Everything is elementwise, per parameter tensor. The name is shared with Møller's SCG
+(``scg.py``), the idea is not: Møller's method is full-batch, has no learning rate and scales a Hessian model;
+these are stochastic, learning-rate driven, and "scaled" refers to the factor 1 + γₙ on the gradient.
 
 Each class is the engine of :mod:`moller_scg.conjugate_adaptive` with the direction rule of this module
 (:class:`ScaledConjugateDirection`) and a moment rule of :mod:`moller_scg.adaptive_moments` (Adam, AMSGrad,
