@@ -1,9 +1,11 @@
 """SAGRAD-style restarts: when full-batch SCG stalls, perturb the weights by simulated annealing and start again.
 
-SAGRAD (Bernal & Torres-Jimenez 2015) trains a network by Møller's SCG and, whenever SCG shows insufficient
-progress or is stuck at a local minimum or in a flat area, perturbs the weights by simulated annealing and
-restarts SCG from the point the annealing returns; a low-intensity annealing pass may also choose the first
-weights. :func:`moller_scg.fit` does this with ``fit(..., annealing=AnnealingRestarts(...))``.
+SAGRAD (Bernal & Torres-Jimenez 2015) trains a network by Møller's SCG; it (re)initialises the weights by
+simulated annealing to (re)start SCG the first time and whenever SCG shows insufficient progress, and anneals
+the weights when SCG, after possibly considerable progress, is stuck at a local minimum or in a flat area.
+:func:`moller_scg.fit` does this with ``fit(..., annealing=AnnealingRestarts(...))``: a stuck SCG is restarted from
+an annealing chain that starts at its current weights, and, with ``reinit_progress`` > 0, one that made
+insufficient progress from a chain that starts at freshly drawn weights.
 
 **When.** After iteration n, with the losses Eₘ of the iterations since the last restart (or since the start), a
 restart is due when any of these holds:
@@ -16,19 +18,23 @@ restart is due when any of these holds:
 
 After ``max_restarts`` restarts these rules no longer restart and ``fit`` stops as it would without annealing.
 
-**How.** Restart j = 0, 1, … runs K = ``perturbations`` steps of a Metropolis chain (Metropolis et al. 1953) at
-the temperature and perturbation size
+**How.** Restart j = 0, 1, … runs K = ``perturbations`` steps of a Metropolis chain (Metropolis et al. 1953)
+with the perturbation size and the starting temperature
 
-    Tⱼ = T₀ · ρʲ,    σⱼ = σ₀ · ρʲ        (T₀ = ``temperature``, σ₀ = ``scale``, ρ = ``decay``),
+    σⱼ = σ₀ · ρʲ,    Tⱼ = T₀ · ρʲ        (σ₀ = ``scale``, T₀ = ``temperature``, ρ = ``decay``),
 
-starting from the current weights w₀ = w (SCG's accepted point, the best weights of the run so far):
+cooling at every move to Tⱼκⁱ (κ = ``cooling``; Kirkpatrick et al. 1983), starting from the current weights
+w₀ = w (SCG's accepted point, the best weights of the run so far):
 
     w' = wᵢ + σⱼ · ξ,   ξ ~ N(0, I)
-    accept (wᵢ₊₁ = w') with probability min(1, exp(−(E(w') − E(wᵢ)) / Tⱼ)), otherwise wᵢ₊₁ = wᵢ,
+    accept (wᵢ₊₁ = w') with probability min(1, exp(−(E(w') − E(wᵢ)) / (Tⱼκⁱ))), otherwise wᵢ₊₁ = wᵢ,
 
 and loads w* = argmin over {w₀, w₁, …, w_K} of E into the model: the best point the chain visited, never worse
-than w₀. E is the full-batch loss of the loss-only pass (``GradientAccumulator.loss``, one pass per evaluation;
-K + 1 passes per restart). A candidate with a non-finite loss is rejected. SCG then starts again at step 1 from
+than w₀. A re-initialisation (the loss fell by less than ``reinit_progress`` of itself since the latest start)
+runs the same chain from fresh weights w₀ ~ N(0, s²) per tensor (s: the tensor's root mean square when the run
+started) and loads its best point only if it is below E(w), else keeps w (K + 2 passes). E is the full-batch
+loss of the loss-only pass (``GradientAccumulator.loss``, one pass per evaluation; K + 1 passes per restart). A
+candidate with a non-finite loss is rejected. SCG then starts again at step 1 from
 w* (E and r re-evaluated, p = r, λ = λ₁): the chain may have wandered uphill, but SCG restarts only from its best
 point, so the training loss never increases over a run and the best weights are never lost.
 
@@ -87,7 +93,9 @@ logger = logging.getLogger(__name__)
 INITIAL = "initial"
 """``kind`` of the event of the optional low-intensity pass that chooses the first weights."""
 RESTART = "restart"
-"""``kind`` of the event of a restart after a stall."""
+"""``kind`` of the event of a restart after a stall: a chain from the current weights."""
+REINITIALISATION = "reinitialisation"
+"""``kind`` of the event of a restart after insufficient progress: a chain from freshly drawn weights."""
 
 EVENT_KEYS = (
     "iteration",
@@ -103,11 +111,12 @@ EVENT_KEYS = (
 """The keys of each dict in :attr:`History.restarts <moller_scg.History.restarts>`:
 
 * ``iteration``: iterations completed when the annealing ran (it ran between row ``iteration`` and the next);
-* ``kind``: ``"restart"``, or ``"initial"`` for the low-intensity pass before the first iteration;
+* ``kind``: ``"restart"`` (a chain from the current weights), ``"reinitialisation"`` (a chain from freshly drawn
+  weights, after insufficient progress), or ``"initial"`` for the low-intensity pass before the first iteration;
 * ``reason``: why, in words (``"stall: …"``, ``"λ = … ≥ lambda_bound = …"``, …);
-* ``temperature``, ``scale``: Tⱼ and σⱼ of this annealing;
+* ``temperature``, ``scale``: Tⱼ (the chain's first temperature; it cools to Tⱼκᴷ⁻¹) and σⱼ of this annealing;
 * ``moves``, ``accepted``: Metropolis steps made, and how many were accepted;
-* ``loss_before``, ``loss_after``: E at the weights before, and at the best point loaded after (≤ before)."""
+* ``loss_before``, ``loss_after``: E at the weights before, and at the weights loaded after (≤ before)."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -127,6 +136,13 @@ class AnnealingRestarts:
         seed: seeds the annealing's own ``torch.Generator`` (0 ≤ seed < 2⁶⁴).
         initial_perturbations: K₀ Metropolis steps at (T₀, σ₀) from the initial weights before the first SCG
             iteration, SAGRAD's low-intensity initialisation; 0 (default) skips it. It does not count as a restart.
+        cooling: κ ∈ (0, 1], the factor by which the temperature falls at every move of a chain: move i = 0, 1, …
+            of restart j runs at Tⱼκⁱ (SAGRAD's annealing cools within a chain). 1 is a fixed-temperature chain.
+        reinit_progress: when the loss fell by less than this fraction of itself over the iterations since the
+            latest (re)start, SAGRAD's "insufficient progress", a due restart re-initialises instead: the chain
+            starts from freshly drawn weights (each tensor i.i.d. N(0, s²), s the root mean square of that tensor
+            at the start of the run) and its best point replaces the current weights only if it is better. 0
+            (default) never re-initialises.
     """
 
     window: int = 20
@@ -139,6 +155,8 @@ class AnnealingRestarts:
     max_restarts: int = 5
     seed: int = 0
     initial_perturbations: int = 0
+    cooling: float = 0.9
+    reinit_progress: float = 0.0
 
     def __post_init__(self) -> None:
         _check_int("window", self.window, minimum=1)
@@ -156,6 +174,10 @@ class AnnealingRestarts:
         _check_int("max_restarts", self.max_restarts, minimum=0)
         _check_int("seed", self.seed, minimum=0, maximum=2**64 - 1)
         _check_int("initial_perturbations", self.initial_perturbations, minimum=0)
+        _check_real("cooling", self.cooling, "a number with 0 < cooling ≤ 1", lambda x: 0.0 < x <= 1.0)
+        _check_real(
+            "reinit_progress", self.reinit_progress, "a number with 0 ≤ reinit_progress < 1", lambda x: 0.0 <= x < 1.0
+        )
 
     def temperature_at(self, restart: int) -> float:
         """Tⱼ = T₀ ρʲ, the temperature of restart j = 0, 1, …"""
@@ -185,21 +207,24 @@ def metropolis_walk(
     temperature: float,
     scale: float,
     generator: torch.Generator,
+    cooling: float = 1.0,
 ) -> WalkResult:
     """Run K = ``moves`` Metropolis steps from the weights ``params`` hold and leave them at the best point visited.
 
-    Each step draws w' = wᵢ + σξ with ξ ~ N(0, I) and accepts it with probability min(1, exp(−(E(w') − E(wᵢ))/T));
-    a non-finite E(w') is rejected. Afterwards ``params`` hold argmin E over the chain, start included, written in
-    place (every parameter's version changes, even when the start was the best).
+    Step i = 0, 1, …, K − 1 draws w' = wᵢ + σξ with ξ ~ N(0, I) and accepts it with probability
+    min(1, exp(−(E(w') − E(wᵢ))/Tᵢ)), Tᵢ = Tκⁱ; a non-finite E(w') is rejected. Afterwards ``params`` hold argmin E
+    over the chain, start included, written in place (every parameter's version changes, even when the start was
+    the best).
 
     Args:
         params: the weights w, perturbed and finally set in place.
         loss: evaluates E at the weights ``params`` hold (a number or a one-element tensor); called K + 1 times.
         moves: K ≥ 1.
-        temperature: T > 0, in units of the loss.
+        temperature: T > 0, in units of the loss: the temperature of the first step.
         scale: σ > 0, the standard deviation of each weight's perturbation.
         generator: a CPU ``torch.Generator``; each step draws the normals for all weights (in order), then one
             uniform.
+        cooling: κ ∈ (0, 1], the temperature's factor per step (1: a fixed temperature).
 
     Returns:
         E at the start and at the weights left in ``params``, K, and the number of accepted moves.
@@ -209,13 +234,13 @@ def metropolis_walk(
     current_loss = best_loss = loss_before = float(loss())
     current, best = start, start
     accepted = 0
-    for _ in range(moves):
+    for move in range(moves):
         noise = [torch.randn(p.shape, generator=generator, dtype=p.dtype).to(p.device) for p in params]
         uniform = float(torch.rand((), generator=generator, dtype=torch.float64))
         candidate = [w + scale * xi for w, xi in zip(current, noise)]
         vec.copy_(params, candidate)
         candidate_loss = float(loss())
-        if not _metropolis_accepts(candidate_loss, current_loss, temperature, uniform):
+        if not _metropolis_accepts(candidate_loss, current_loss, temperature * cooling**move, uniform):
             continue
         current, current_loss = candidate, candidate_loss
         accepted += 1
@@ -236,9 +261,11 @@ def _metropolis_accepts(candidate: float, current: float, temperature: float, un
 class Annealer:
     """The annealing of one :func:`moller_scg.fit` run: decides when to restart, runs the chain, restarts SCG.
 
-    What it remembers between iterations is its generator and ``pending``, the reason of a restart decided after
+    What it remembers between iterations is its generator; ``pending``, the reason of a restart decided after
     the latest iteration and made before the next (so that a checkpoint written in between holds consistent weights
-    and SCG state); both are in :meth:`state_dict`. Everything else is derived from the History.
+    and SCG state), and whether it re-initialises (``reinitialise_pending``); and the scales of a re-initialisation
+    (``initial_scales``, measured when the run started). All are in :meth:`state_dict`. Everything else is derived
+    from the History.
 
     Args:
         config: the :class:`AnnealingRestarts` settings.
@@ -252,6 +279,13 @@ class Annealer:
         self.loss = loss
         self.generator = torch.Generator().manual_seed(config.seed)
         self.pending: str | None = None
+        self.reinitialise_pending = False
+        self.initial_scales = [float(p.detach().pow(2).mean().sqrt()) if p.numel() else 0.0 for p in self._params()]
+        """s per parameter tensor, the root mean square of its weights when the run started: the scale of a
+        re-initialisation's fresh draw."""
+
+    def _params(self) -> list[torch.Tensor]:
+        return [p for group in self.optimizer.param_groups for p in group["params"]]
 
     # ----------------------------------------------------------------------------------------------------------
     # Deciding
@@ -263,7 +297,8 @@ class Annealer:
 
     @staticmethod
     def restarts_done(history: History) -> int:
-        return sum(event["kind"] == RESTART for event in history.restarts)
+        """Restarts made so far, re-initialisations included (the initial pass is not one)."""
+        return sum(event["kind"] in (RESTART, REINITIALISATION) for event in history.restarts)
 
     def decide(self, history: History, fit_stop: str | None) -> str | None:
         """After an iteration: the reason to restart before the next one, or ``None``; also kept in ``pending``.
@@ -274,7 +309,14 @@ class Annealer:
                 ``"zero_gradient"`` (a stationary point without ``min_grad``). Other stops are final.
         """
         self.pending = self._restart_reason(history, fit_stop)
+        self.reinitialise_pending = self.pending is not None and self._insufficient_progress(history)
         return self.pending
+
+    def _insufficient_progress(self, history: History) -> bool:
+        """Whether the loss fell by less than ``reinit_progress`` of itself since the latest (re)start."""
+        losses = history["loss"][self.since(history) :]
+        first, now = losses[0], losses[-1]
+        return first - now < self.config.reinit_progress * abs(first)
 
     def _restart_reason(self, history: History, fit_stop: str | None) -> str | None:
         config = self.config
@@ -306,8 +348,13 @@ class Annealer:
         """Run the pending restart, or the initial pass before the first iteration; whether the weights were set."""
         if self.pending is not None:
             restart = self.restarts_done(history)
-            self._anneal(history, RESTART, self.pending, restart, self.config.perturbations)
-            self.pending = None
+            if self.reinitialise_pending:
+                reason = f"{self.pending}; insufficient progress (less than reinit_progress = "
+                reason += f"{self.config.reinit_progress:g} of the loss since the latest start): re-initialised"
+                self._anneal(history, REINITIALISATION, reason, restart, self.config.perturbations)
+            else:
+                self._anneal(history, RESTART, self.pending, restart, self.config.perturbations)
+            self.pending, self.reinitialise_pending = None, False
             return True
         if not len(history) and not history.restarts and self.config.initial_perturbations:
             self._anneal(history, INITIAL, "initial low-intensity pass", 0, self.config.initial_perturbations)
@@ -316,10 +363,19 @@ class Annealer:
 
     def _anneal(self, history: History, kind: str, reason: str, restart: int, moves: int) -> None:
         temperature, scale = self.config.temperature_at(restart), self.config.scale_at(restart)
-        params = [p for group in self.optimizer.param_groups for p in group["params"]]
-        result = metropolis_walk(
-            params, self.loss, moves=moves, temperature=temperature, scale=scale, generator=self.generator
-        )
+        params = self._params()
+        if kind == REINITIALISATION:
+            result = self._reinitialise(params, moves, temperature, scale)
+        else:
+            result = metropolis_walk(
+                params,
+                self.loss,
+                moves=moves,
+                temperature=temperature,
+                scale=scale,
+                generator=self.generator,
+                cooling=self.config.cooling,
+            )
         _restart_scg(self.optimizer)
         event = {
             "iteration": len(history),
@@ -346,6 +402,32 @@ class Annealer:
             result.loss_after,
         )
 
+    @torch.no_grad()
+    def _reinitialise(self, params: list[torch.Tensor], moves: int, temperature: float, scale: float) -> WalkResult:
+        """A chain from fresh weights wᵢ ~ N(0, sᵢ²); its best point replaces the current weights if it is better.
+
+        Keeping the current weights when the fresh chain found nothing better is what keeps the best weights of
+        the run: ``fit`` restores nothing at its end. Costs K + 2 loss passes.
+        """
+        current = vec.clone(params)
+        current_loss = float(self.loss())
+        for param, initial_scale in zip(params, self.initial_scales):
+            fresh = torch.randn(param.shape, generator=self.generator, dtype=param.dtype)
+            param.copy_(fresh.mul_(initial_scale).to(param.device))
+        chain = metropolis_walk(
+            params,
+            self.loss,
+            moves=moves,
+            temperature=temperature,
+            scale=scale,
+            generator=self.generator,
+            cooling=self.config.cooling,
+        )
+        if not chain.loss_after < current_loss:
+            vec.copy_(params, current)
+        loss_after = min(chain.loss_after, current_loss)
+        return WalkResult(loss_before=current_loss, loss_after=loss_after, moves=moves, accepted=chain.accepted)
+
     # ----------------------------------------------------------------------------------------------------------
     # Checkpoints
 
@@ -354,11 +436,16 @@ class Annealer:
         return {
             "generator": self.generator.get_state(),
             "pending": self.pending,
+            "reinitialise_pending": self.reinitialise_pending,
+            "initial_scales": list(self.initial_scales),
             "config": dataclasses.asdict(self.config),
         }
 
     def load_state_dict(self, state: Any) -> None:
-        """Continue from :meth:`state_dict`; a different ``config`` is allowed (it is logged)."""
+        """Continue from :meth:`state_dict`; a different ``config`` is allowed (it is logged).
+
+        A state saved before re-initialisation existed has no ``reinitialise_pending`` (taken as ``False``) and no
+        ``initial_scales`` (those measured when this annealer was made are kept)."""
         if not isinstance(state, dict) or not isinstance(state.get("generator"), torch.Tensor):
             raise ValueError(f"not an annealing state (a dict with a 'generator' state tensor): {state!r:.120}")
         pending = state.get("pending")
@@ -367,8 +454,21 @@ class Annealer:
         saved_config = state.get("config")
         if saved_config != dataclasses.asdict(self.config):
             logger.warning("resuming with other annealing settings than the checkpoint's: %s", saved_config)
+        reinitialise_pending = state.get("reinitialise_pending", False)
+        if not isinstance(reinitialise_pending, bool):
+            raise ValueError(
+                f"the annealing state's 'reinitialise_pending' must be a bool, got {reinitialise_pending!r:.80}"
+            )
+        scales = state.get("initial_scales", self.initial_scales)
+        if not isinstance(scales, list) or len(scales) != len(self.initial_scales):
+            raise ValueError(
+                f"the annealing state's 'initial_scales' must be a list of {len(self.initial_scales)} numbers (one per "
+                f"parameter tensor), got {scales!r:.120}"
+            )
         self.generator.set_state(state["generator"])
         self.pending = pending
+        self.reinitialise_pending = reinitialise_pending
+        self.initial_scales = [float(scale) for scale in scales]
 
 
 def _restart_scg(optimizer: SCG) -> None:

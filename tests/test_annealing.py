@@ -10,7 +10,14 @@ import torch
 from torch import nn
 
 from moller_scg import History, fit
-from moller_scg.annealing import EVENT_KEYS, INITIAL, RESTART, AnnealingRestarts, metropolis_walk
+from moller_scg.annealing import (
+    EVENT_KEYS,
+    INITIAL,
+    REINITIALISATION,
+    RESTART,
+    AnnealingRestarts,
+    metropolis_walk,
+)
 from moller_scg.checkpoint import load_checkpoint
 
 TILT = 0.3
@@ -146,6 +153,39 @@ def test_the_initial_low_intensity_pass_runs_before_the_first_iteration():
     assert history["loss"][0] <= event["loss_after"]
 
 
+def test_insufficient_progress_reinitialises_from_fresh_weights_at_the_initial_scale():
+    # From w = 2 SCG falls into the poor well (E ≈ 0.294): a 97 % decrease, short of reinit_progress = 99.9 %, so
+    # the restart re-initialises: w ~ N(0, 2²) (2 = the RMS of the initial weights), then the cooled chain.
+    config = AnnealingRestarts(
+        window=5, temperature=0.5, scale=1.0, perturbations=10, max_restarts=1, reinit_progress=0.999, seed=4
+    )
+    history = fit_well(DoubleWell(2.0), config)
+    (event,) = history.restarts
+    assert event["kind"] == REINITIALISATION and "insufficient progress" in event["reason"]
+    assert event["loss_before"] == history["loss"][event["iteration"] - 1]
+
+    generator = torch.Generator().manual_seed(4)
+    fresh = float(torch.randn(1, generator=generator, dtype=torch.float64)) * 2.0
+    _, best_e, accepted = reference_walk(
+        [fresh], lambda w: (w[0] ** 2 - 1) ** 2 + TILT * w[0], 10, 0.5, 1.0, generator, cooling=config.cooling
+    )
+    assert event["accepted"] == accepted
+    assert event["loss_after"] == pytest.approx(min(best_e, event["loss_before"]), abs=1e-15)
+    assert event["loss_after"] < 0  # this draw found the lower well
+    assert history["loss"][-1] < -0.3
+
+
+def test_a_reinitialisation_that_finds_nothing_better_keeps_the_current_weights():
+    # Started in the global minimum, SCG makes no progress; no fresh chain beats E ≈ −0.305.
+    config = AnnealingRestarts(window=3, temperature=0.01, scale=0.1, max_restarts=2, reinit_progress=0.5)
+    model = DoubleWell(-1.0375)
+    history = fit_well(model, config, max_iter=30)
+    assert [event["kind"] for event in history.restarts] == [REINITIALISATION] * 2
+    for event in history.restarts:
+        assert event["loss_after"] == event["loss_before"]
+    assert model.w.item() == pytest.approx(-1.0375, abs=1e-2) and history["loss"][-1] < -0.305
+
+
 def test_annealing_is_off_by_default_and_then_changes_nothing():
     model, data = regression_problem()
     history = fit(model, nn.MSELoss(), data, batch_size=16, max_iter=10, progress=False)
@@ -156,25 +196,29 @@ def test_annealing_is_off_by_default_and_then_changes_nothing():
 # The Metropolis chain
 
 
-def reference_walk(start: list[float], energy_fn, moves: int, temperature: float, scale: float, seed: int):
-    """The chain written out in plain Python floats, drawing the same numbers from the same generator."""
-    generator = torch.Generator().manual_seed(seed)
+def reference_walk(
+    start: list[float], energy_fn, moves: int, temperature: float, scale: float, seed, cooling: float = 1.0
+):
+    """The chain written out in plain Python floats, drawing the same numbers from the same generator (or from a
+    new one seeded with ``seed``); step i runs at temperature · coolingⁱ."""
+    generator = seed if isinstance(seed, torch.Generator) else torch.Generator().manual_seed(seed)
     current, current_e = list(start), energy_fn(start)
     best, best_e, accepted = list(start), current_e, 0
-    for _ in range(moves):
+    for i in range(moves):
         xi = torch.randn(len(start), generator=generator, dtype=torch.float64).tolist()
         u = float(torch.rand((), generator=generator, dtype=torch.float64))
         candidate = [c + scale * x for c, x in zip(current, xi)]
         e = energy_fn(candidate)
-        if e - current_e <= 0 or u < math.exp(-(e - current_e) / temperature):
+        if e - current_e <= 0 or u < math.exp(-(e - current_e) / (temperature * cooling**i)):
             current, current_e, accepted = candidate, e, accepted + 1
             if e < best_e:
                 best, best_e = candidate, e
     return best, best_e, accepted
 
 
+@pytest.mark.parametrize("cooling", [1.0, 0.8])
 @pytest.mark.parametrize("temperature", [1e-3, 0.3, 30.0])
-def test_metropolis_walk_matches_a_plain_reference(temperature):
+def test_metropolis_walk_matches_a_plain_reference(temperature, cooling):
     def energy_fn(w):
         return (w[0] ** 2 - 1) ** 2 + (w[1] - 0.5) ** 2 + 0.3 * w[0]
 
@@ -186,11 +230,26 @@ def test_metropolis_walk_matches_a_plain_reference(temperature):
         temperature=temperature,
         scale=0.7,
         generator=torch.Generator().manual_seed(3),
+        cooling=cooling,
     )
-    best, best_e, accepted = reference_walk([0.8, -0.4], energy_fn, 50, temperature, 0.7, seed=3)
+    best, best_e, accepted = reference_walk([0.8, -0.4], energy_fn, 50, temperature, 0.7, seed=3, cooling=cooling)
     assert w.tolist() == pytest.approx(best, abs=1e-15)
     assert result.loss_after == pytest.approx(best_e, abs=1e-15) and result.accepted == accepted
     assert result.loss_before == energy_fn([0.8, -0.4]) and result.loss_after <= result.loss_before
+
+
+def test_cooling_accepts_fewer_uphill_moves_late_in_the_chain():
+    # A bowl at T = 1: at a fixed temperature most moves are accepted; cooled by 0.5 per move, the temperature is
+    # below 1e-3 after ten moves and the chain freezes.
+    def accepted(cooling):
+        w = torch.zeros(2, dtype=torch.float64)
+        result = metropolis_walk(
+            [w], lambda: float((w**2).sum()), moves=60, temperature=1.0, scale=0.3,
+            generator=torch.Generator().manual_seed(0), cooling=cooling,
+        )  # fmt: skip
+        return result.accepted
+
+    assert accepted(0.5) < 20 < accepted(1.0)
 
 
 def test_metropolis_walk_rejects_non_finite_losses_and_keeps_the_start():
@@ -226,6 +285,10 @@ def test_metropolis_walk_rejects_non_finite_losses_and_keeps_the_start():
         ({"max_restarts": True}, TypeError, "max_restarts must be an int, got bool"),
         ({"seed": -1}, ValueError, "seed value: -1"),
         ({"initial_perturbations": -2}, ValueError, "initial_perturbations value: -2"),
+        ({"cooling": 0.0}, ValueError, "cooling value: 0.0"),
+        ({"cooling": 1.1}, ValueError, "cooling value: 1.1"),
+        ({"reinit_progress": 1.0}, ValueError, "reinit_progress value: 1.0"),
+        ({"reinit_progress": -0.1}, ValueError, "reinit_progress value: -0.1"),
     ],
 )
 def test_bad_settings_are_refused_with_the_value_named(options, error, match):

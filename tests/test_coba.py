@@ -1,5 +1,7 @@
-"""CoBA against a NumPy float64 implementation of Kobayashi & Iiduka (2020), its reduction to torch.optim.Adam, and
-its torch.optim conventions. The minibatch problem and the run helpers come from ``test_scg_adam.py``."""
+"""CoBA against a NumPy float64 transcription of Kobayashi & Iiduka (2020) with the choices documented in
+docs/variants.md (ε in β's denominators, Hager–Zhang's truncation, the second moment on g² by default), its
+reduction to torch.optim.Adam, and its torch.optim conventions. The minibatch problem and the run helpers come from
+``test_scg_adam.py``."""
 
 from __future__ import annotations
 
@@ -45,10 +47,12 @@ ETA = 0.01  # Hager–Zhang's truncation constant
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# The reference: the paper's equations in NumPy float64, one β per tensor from sums over all of its elements.
+# The reference: a NumPy float64 transcription of the paper's update with the documented choices; one β for the
+# whole parameter vector (both tensors of the problem) or, with beta_scope="per-tensor", one per tensor.
 
 
 def reference_beta(rule: str, g: np.ndarray, g_prev: np.ndarray, d: np.ndarray, hz_lambda: float = 2.0) -> float:
+    """β of the vectors g = gₙ, g_prev = gₙ₋₁, d = dₙ₋₁ (each flat, or any shape: sums run over all elements)."""
     y = g - g_prev
 
     def inner(u, v):
@@ -76,8 +80,10 @@ def reference_coba(
     steps: int,
     *,
     cg_rule: str = "HS",
-    amsgrad: bool = False,
+    amsgrad: bool = True,
     bias_correction: bool | None = None,
+    beta_scope: str = "global",
+    second_moment: str = "gradient",
     lr: float = 1e-3,
     betas: tuple[float, float] = (0.9, 0.999),
     eps: float = 1e-8,
@@ -98,15 +104,23 @@ def reference_coba(
     trajectory = []
     for n in range(1, steps + 1):
         g = [gi + weight_decay * xi for gi, xi in zip(numpy_gradient(x, n), x)]
+        if n > 1 and beta_scope == "global":
+            whole = [np.concatenate([t.ravel() for t in vectors]) for vectors in (g, g_prev, d)]
+            beta_global = reference_beta(cg_rule, *whole, hz_lambda)
         for i in range(len(x)):
             if n == 1:
                 d[i] = -g[i]
             else:
-                beta = reference_beta(cg_rule, g[i], g_prev[i], d[i], hz_lambda)
+                if beta_scope == "global":
+                    beta = beta_global
+                else:
+                    assert beta_scope == "per-tensor"
+                    beta = reference_beta(cg_rule, g[i], g_prev[i], d[i], hz_lambda)
                 d[i] = -g[i] + value_at(M, n) / n**a * beta * d[i]
             g_prev[i] = g[i]
             m[i] = beta1 * m[i] + (1 - beta1) * d[i]
-            v[i] = beta2 * v[i] + (1 - beta2) * g[i] ** 2
+            squared = d[i] if second_moment == "direction" else g[i]
+            v[i] = beta2 * v[i] + (1 - beta2) * squared**2
             v_max[i] = np.maximum(v_max[i], v[i])
             second = v_max[i] if amsgrad else v[i]
             if correct:
@@ -122,7 +136,7 @@ def make(**options):
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# The trajectory equals the paper's equations.
+# The trajectory equals the transcription.
 
 
 @pytest.mark.parametrize("form", sorted(FORMS))
@@ -136,6 +150,58 @@ def test_every_rule_and_form_matches_reference(cg_rule, form):
 @pytest.mark.parametrize("cg_rule", RULES)
 def test_defaults_match_reference(cg_rule):
     assert_trajectories_close(run(make(cg_rule=cg_rule), STEPS), reference_coba(STEPS, cg_rule=cg_rule))
+
+
+def test_default_is_the_papers_amsgrad_form_with_one_global_beta():
+    # The reference's form written out, not taken from the defaults of either side.
+    paper = reference_coba(
+        STEPS, lr=1e-2, M=0.5, a=1.0, amsgrad=True, bias_correction=False, beta_scope="global", second_moment="gradient"
+    )
+    assert_trajectories_close(run(make(lr=1e-2, M=0.5, a=1.0), STEPS), paper)
+
+
+@pytest.mark.parametrize("beta_scope", ["global", "per-tensor"])
+@pytest.mark.parametrize("second_moment", ["gradient", "direction"])
+@pytest.mark.parametrize("form", sorted(FORMS))
+def test_beta_scope_and_second_moment_match_reference(beta_scope, second_moment, form):
+    options = {"cg_rule": "PRP", "lr": 1e-2, "M": 0.5, "a": 1.0, "beta_scope": beta_scope, **FORMS[form]}
+    options["second_moment"] = second_moment
+    assert_trajectories_close(run(make(**options), STEPS), reference_coba(STEPS, **options))
+
+
+def test_global_and_per_tensor_beta_differ_and_agree_on_a_single_tensor():
+    options = {"cg_rule": "HS", "lr": 1e-2, "M": 0.5, "a": 1.0}
+    two_tensors = [run(make(beta_scope=scope, **options), 5) for scope in ("global", "per-tensor")]
+    # trajectory[k] is x after step k + 1; β first enters at step 2.
+    assert np.array_equal(two_tensors[0][0], two_tensors[1][0])
+    assert not np.allclose(two_tensors[0][1], two_tensors[1][1], rtol=1e-6, atol=0)
+
+    def weight_only():  # the bias gets no gradient, so the optimizer sees one tensor
+        weight, bias = torch_params()
+        return [weight, bias.requires_grad_(False)]
+
+    one_tensor = [run(make(beta_scope=scope, **options), 5, params=weight_only()) for scope in ("global", "per-tensor")]
+    assert_trajectories_equal(one_tensor[0], one_tensor[1])
+
+
+def test_a_state_saved_before_beta_scope_existed_continues_per_tensor():
+    old_options = {"cg_rule": "HS", "lr": 1e-2, "M": 0.5, "a": 1.0, "beta_scope": "per-tensor", "amsgrad": True}
+    params = torch_params()
+    old = CoBA(params, **old_options)
+    for n in range(1, 5):
+        old.zero_grad()
+        torch_loss(params, n).backward()
+        old.step()
+    saved = save_and_load(old.state_dict())
+    for group in saved["param_groups"]:
+        del group["beta_scope"], group["second_moment"]  # as CoBA.state_dict() wrote it before these options
+    optimizer = CoBA(params, cg_rule="HS", lr=1e-2, M=0.5, a=1.0)
+    optimizer.load_state_dict(saved)
+    for n in range(5, 9):
+        optimizer.zero_grad()
+        torch_loss(params, n).backward()
+        optimizer.step()
+    assert_trajectories_equal([flat(params)], run(make(**old_options), 8)[-1:])
 
 
 def test_schedule_weight_decay_and_other_hyperparameters_match_reference():
@@ -207,7 +273,7 @@ def test_beta_is_one_scalar_per_tensor_whatever_its_shape():
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
 @pytest.mark.parametrize("cg_rule", RULES)
 def test_zero_m_is_torch_adam_bit_for_bit(cg_rule, dtype):
-    ours = run(make(cg_rule=cg_rule, M=0.0, lr=1e-2, weight_decay=0.1), STEPS, dtype=dtype)
+    ours = run(make(cg_rule=cg_rule, M=0.0, lr=1e-2, weight_decay=0.1, amsgrad=False), STEPS, dtype=dtype)
     assert_trajectories_equal(ours, run(lambda p: torch.optim.Adam(p, lr=1e-2, weight_decay=0.1), STEPS, dtype=dtype))
 
 
@@ -269,8 +335,8 @@ def test_loading_a_saved_m_schedule_needs_the_schedule_again():
 
 def test_bias_correction_follows_the_form_per_group():
     weight, bias = torch_params()
-    optimizer = CoBA([{"params": [weight]}, {"params": [bias], "amsgrad": True}])
-    assert [group["bias_correction"] for group in optimizer.param_groups] == [True, False]
+    optimizer = CoBA([{"params": [weight]}, {"params": [bias], "amsgrad": False}])
+    assert [group["bias_correction"] for group in optimizer.param_groups] == [False, True]
     assert optimizer.defaults["bias_correction"] is None
 
 
@@ -311,6 +377,8 @@ def test_sparse_gradient_raises_type_error():
         ({"hz_lambda": 0.25}, r"hz_lambda \(λ\) value: 0.25"),
         ({"amsgrad": "yes"}, "amsgrad value: 'yes'"),
         ({"bias_correction": 0}, "bias_correction value: 0"),
+        ({"beta_scope": "tensor"}, "beta_scope value: 'tensor'; choose one of 'global', 'per-tensor'"),
+        ({"second_moment": "d"}, "second_moment value: 'd'; choose one of 'gradient', 'direction'"),
         ({"betas": (1.0, 0.999)}, "betas"),
         ({"lr": -1.0}, "lr"),
     ],

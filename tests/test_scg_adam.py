@@ -1,5 +1,6 @@
-"""SCGAdam, SCGAMSGrad and SCGRMSProp against a NumPy float64 implementation of Sato, Izumi & Iiduka (2024), their
-reduction to torch.optim's Adam, AMSGrad and RMSprop, and their torch.optim conventions.
+"""SCGAdam, SCGAMSGrad and SCGRMSProp against NumPy float64 transcriptions of the direction as Sato, Izumi & Iiduka
+(2024) state it and as their public code computes it (SCGRMSProp: of this library's own construction, documented in
+its docstring), their reduction to torch.optim's Adam, AMSGrad and RMSprop, and their torch.optim conventions.
 
 The problem helpers at the top are shared with ``test_coba.py``.
 """
@@ -145,7 +146,12 @@ def logistic_losses(make_optimizer, steps: int = 100) -> tuple[float, float]:
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# The reference: the paper's equations in NumPy float64, written from the update rules, not from the code.
+# The reference: NumPy float64 transcriptions of the two published forms of the update, written from their text,
+# not from the library's code. direction_form="paper" transcribes Sato, Izumi & Iiduka (2024) in their notation:
+# a gradient-like Gₙ = (1 + γₙ)gₙ − δₙGₙ₋₁ (G₁ = g₁), moments of G, and a step x ← x − α·(…); "authors-code"
+# transcribes the authors' public SCGAdam code: dₙ = −(1 + γₙ)gₙ + δₙdₙ₋₁, moments of d, and x ← x + α·(…).
+# RMSProp has no published SCG form; its reference is the library's own construction (documented in
+# scg_adam.SCGRMSProp), transcribed in each notation.
 
 
 def reference_scg_adaptive(
@@ -161,8 +167,13 @@ def reference_scg_adaptive(
     delta=0.1,
     bias_correction: bool = False,
     diminishing: bool = False,
+    direction_form: str = "paper",
 ) -> list[np.ndarray]:
     """kind: "adam", "amsgrad" or "rmsprop". Every operation elementwise, per tensor."""
+    paper = direction_form == "paper"
+    assert paper or direction_form == "authors-code"
+    # The paper moves along −(its moment ratio); the code along +(its moment ratio).
+    step_sign = -1.0 if paper else 1.0
     _, _, start = regression_data()
     x = [value.copy() for value in start]
     m = [np.zeros_like(value) for value in x]
@@ -175,24 +186,27 @@ def reference_scg_adaptive(
         g = [gi + weight_decay * xi for gi, xi in zip(numpy_gradient(x, n), x)]
         lr_n = lr / math.sqrt(n) if diminishing else lr
         for i in range(len(x)):
+            # d holds Gₙ for the paper, dₙ for the authors' code.
             if n == 1:
-                d[i] = -g[i]
+                d[i] = g[i] if paper else -g[i]
+            elif paper:
+                d[i] = (1 + value_at(gamma, n)) * g[i] - value_at(delta, n) * d[i]
             else:
                 d[i] = -(1 + value_at(gamma, n)) * g[i] + value_at(delta, n) * d[i]
             if kind == "rmsprop":
                 v[i] = alpha * v[i] + (1 - alpha) * g[i] ** 2
-                x[i] = x[i] + lr_n * d[i] / (np.sqrt(v[i]) + eps)
+                x[i] = x[i] + step_sign * lr_n * d[i] / (np.sqrt(v[i]) + eps)
                 continue
             m[i] = beta1 * m[i] + (1 - beta1) * d[i]
             v[i] = beta2 * v[i] + (1 - beta2) * g[i] ** 2
             if kind == "adam":
-                x[i] = x[i] + lr_n / (1 - beta1**n) * m[i] / (np.sqrt(v[i] / (1 - beta2**n)) + eps)
+                x[i] = x[i] + step_sign * lr_n / (1 - beta1**n) * m[i] / (np.sqrt(v[i] / (1 - beta2**n)) + eps)
             else:
                 v_max[i] = np.maximum(v_max[i], v[i])
                 if bias_correction:
-                    x[i] = x[i] + lr_n / (1 - beta1**n) * m[i] / (np.sqrt(v_max[i] / (1 - beta2**n)) + eps)
+                    x[i] = x[i] + step_sign * lr_n / (1 - beta1**n) * m[i] / (np.sqrt(v_max[i] / (1 - beta2**n)) + eps)
                 else:
-                    x[i] = x[i] + lr_n * m[i] / (np.sqrt(v_max[i]) + eps)
+                    x[i] = x[i] + step_sign * lr_n * m[i] / (np.sqrt(v_max[i]) + eps)
         trajectory.append(flat(x))
     return trajectory
 
@@ -205,9 +219,10 @@ def make(kind: str, **options):
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# The trajectory equals the paper's equations.
+# The trajectory equals the transcription of the paper (default) or of the authors' code.
 
 STEPS = 25
+FORMS = ["paper", "authors-code"]
 
 
 @pytest.mark.parametrize(
@@ -222,8 +237,26 @@ STEPS = 25
         ("rmsprop", {"lr": 1e-2, "gamma": 0.5, "delta": 0.3, "alpha": 0.9, "weight_decay": 0.1}),
     ],
 )
-def test_constant_schedules_match_reference(kind, options):
+def test_constant_schedules_match_the_paper_by_default(kind, options):
     assert_trajectories_close(run(make(kind, **options), STEPS), reference_scg_adaptive(kind, STEPS, **options))
+
+
+@pytest.mark.parametrize("kind", sorted(OPTIMIZERS))
+@pytest.mark.parametrize("direction_form", FORMS)
+def test_each_direction_form_matches_its_own_transcription(kind, direction_form):
+    options = {"lr": 1e-2, "gamma": 0.5, "delta": 0.5, "direction_form": direction_form}
+    assert_trajectories_close(run(make(kind, **options), STEPS), reference_scg_adaptive(kind, STEPS, **options))
+
+
+def test_the_two_direction_forms_differ_in_the_sign_of_the_previous_direction():
+    # From step 2 on they differ by 2δₙdₙ₋₁ in the direction; with δ = 0 they are the same method bit for bit.
+    paper = run(make("adam", lr=1e-2, delta=0.5), 3)
+    code = run(make("adam", lr=1e-2, delta=0.5, direction_form="authors-code"), 3)
+    assert np.array_equal(paper[0], code[0]) and not np.allclose(paper[1], code[1], rtol=1e-6, atol=0)
+    assert_trajectories_equal(
+        run(make("adam", lr=1e-2, delta=0.0), STEPS),
+        run(make("adam", lr=1e-2, delta=0.0, direction_form="authors-code"), STEPS),
+    )
 
 
 @pytest.mark.parametrize("kind", sorted(OPTIMIZERS))
@@ -241,9 +274,10 @@ def test_diminishing_schedules_with_diminishing_lr_match_reference(kind, schedul
     delta=st.floats(0.0, 1.0),
     lr=st.floats(1e-4, 0.1),
     weight_decay=st.sampled_from([0.0, 0.1]),
+    direction_form=st.sampled_from(FORMS),
 )
-def test_random_hyperparameters_match_reference(kind, gamma, delta, lr, weight_decay):
-    options = {"lr": lr, "gamma": gamma, "delta": delta, "weight_decay": weight_decay}
+def test_random_hyperparameters_match_reference(kind, gamma, delta, lr, weight_decay, direction_form):
+    options = {"lr": lr, "gamma": gamma, "delta": delta, "weight_decay": weight_decay, "direction_form": direction_form}
     assert_trajectories_close(run(make(kind, **options), 8), reference_scg_adaptive(kind, 8, **options))
 
 
@@ -393,12 +427,49 @@ def test_loading_a_saved_schedule_needs_the_schedule_again():
     assert without_schedule.param_groups[0]["gamma"] == 0.5 and not without_schedule.state
 
 
+def test_a_state_saved_before_direction_form_existed_continues_in_the_authors_code_form():
+    def step(optimizer, params, n):
+        optimizer.zero_grad()
+        torch_loss(params, n).backward()
+        optimizer.step()
+
+    params = torch_params()
+    old = SCGAdam(params, lr=1e-2, delta=0.5, direction_form="authors-code")
+    for n in range(1, 5):
+        step(old, params, n)
+    saved = save_and_load(old.state_dict())
+    for group in saved["param_groups"]:
+        del group["direction_form"]  # as SCGAdam.state_dict() wrote it before the option existed
+    optimizer = SCGAdam(params, lr=1e-2, delta=0.5)  # the default form is now the paper's
+    optimizer.load_state_dict(saved)
+    assert optimizer.param_groups[0]["direction_form"] == "authors-code"
+    for n in range(5, 9):
+        step(optimizer, params, n)
+    uninterrupted = run(make("adam", lr=1e-2, delta=0.5, direction_form="authors-code"), 8)
+    assert_trajectories_equal([flat(params)], uninterrupted[-1:])
+
+
 def test_load_state_dict_refuses_a_foreign_state():
     params = torch_params()
     with pytest.raises(ValueError, match="not a SCGAdam state_dict.*'delta', 'gamma'"):
         SCGAdam(params).load_state_dict(torch.optim.Adam(params).state_dict())
     with pytest.raises(ValueError, match="'bias_correction'"):
         SCGAMSGrad(params).load_state_dict(SCGAdam(params).state_dict())
+
+
+@pytest.mark.parametrize("kind", sorted(OPTIMIZERS))
+def test_state_is_the_step_and_the_fields_of_the_two_rules_typed_states(kind):
+    params = torch_params()
+    optimizer = OPTIMIZERS[kind](params, lr=1e-2)
+    optimizer.zero_grad()
+    torch_loss(params, 1).backward()
+    optimizer.step()
+    direction_rule, moment_rule = optimizer._rules(optimizer.param_groups[0])
+    expected = {"step", *direction_rule.State._fields, *moment_rule.State._fields}
+    assert {"adam": {"exp_avg", "exp_avg_sq"}, "amsgrad": {"exp_avg", "exp_avg_sq", "max_exp_avg_sq"}}.get(
+        kind, {"square_avg"}
+    ) | {"step", "direction"} == expected
+    assert all(set(optimizer.state[p]) == expected for p in params)
 
 
 def test_deepcopied_optimizer_continues_identically():
@@ -520,6 +591,7 @@ def test_sparse_gradient_raises_type_error_before_any_update():
         (SCGAMSGrad, {"bias_correction": 1}, "bias_correction value: 1"),
         (SCGRMSProp, {"alpha": 1.0}, r"alpha \(ρ\) value: 1.0"),
         (SCGRMSProp, {"delta": True}, "delta"),
+        (SCGAMSGrad, {"direction_form": "code"}, "direction_form value: 'code'; choose one of 'paper', 'authors-code'"),
     ],
 )
 def test_bad_hyperparameters_raise_value_error_naming_the_value(cls, options, match):
