@@ -16,7 +16,7 @@ from peers_problems import Problem, make_accumulator
 from torch import nn
 
 from moller_scg.accumulate import GradientAccumulator
-from moller_scg.scg import SCG
+from moller_scg.scg import DEFAULT_MEMORY, SCG
 
 REFERENCE = "torch LBFGS"
 """The reference row: torch.optim.LBFGS at its default history of 100 pairs; every ratio in the report is to it."""
@@ -26,6 +26,8 @@ LBFGS_HISTORIES = (2, 5, 20)
 weight-sized vectors plus a few, SCG 3 (4 at the peak)."""
 SUBSAMPLED = f"SCG exact, {CURVATURE_FRACTION:.0%} curv."
 NETLAB = "paramz SCG (netlab)"
+PRECONDITIONED = f"SCG m={DEFAULT_MEMORY}"
+"""The default mode of fit and moller-scg mnist: SCG(params, memory=20), δ from the secant model (issue #14)."""
 SCG_FAMILY, LBFGS_FAMILY, PEER_FAMILY, ADAM_FAMILY = "SCG", "torch LBFGS", "peer", "Adam"
 """Which kind of optimizer a row is: the report judges every SCG row by the goals, and pairs it with the LBFGS row
 of nearest memory."""
@@ -191,11 +193,13 @@ class Row:
     run: Callable[[Run], None]
     family: str
     history_size: int | None = None  # torch LBFGS rows: their history, which sets their memory
+    memory: int = 0  # SCG rows: SCG's memory m (2m more weight-sized buffers for the secant pairs)
 
 
 def scg(hvp: str = "double-backward", curvature_fraction: float = 1.0, **scg_options: Any) -> Row:
     """An SCG row: ``SCG(params, hvp=hvp, **scg_options)``, its curvature over ``curvature_fraction`` of the samples."""
-    return Row(lambda run: run_scg(run, hvp, curvature_fraction, **scg_options), SCG_FAMILY)
+    memory = scg_options.get("memory", 0)
+    return Row(lambda run: run_scg(run, hvp, curvature_fraction, **scg_options), SCG_FAMILY, memory=memory)
 
 
 def lbfgs(history_size: int) -> Row:
@@ -210,6 +214,8 @@ def optimizers(problem: Problem) -> dict[str, Row]:
         "SCG exact": scg(),
         "SCG finite-diff": scg(hvp="finite-difference"),
         SUBSAMPLED: scg(curvature_fraction=CURVATURE_FRACTION),
+        PRECONDITIONED: scg(hvp="secant", memory=DEFAULT_MEMORY),
+        "SCG m=5": scg(hvp="secant", memory=5),
         **{f"torch LBFGS h={history}": lbfgs(history) for history in LBFGS_HISTORIES},
         NETLAB: Row(run_netlab, PEER_FAMILY),
         "torchmin CG": Row(lambda run: run_torchmin(run, "cg"), PEER_FAMILY),
@@ -233,6 +239,7 @@ def warm_up() -> None:
         torch.optim.LBFGS(model.parameters(), line_search_fn="strong_wolfe", max_iter=2),
         SCG(model.parameters()),
         SCG(model.parameters(), hvp="finite-difference"),
+        SCG(model.parameters(), memory=2),
         torch.optim.Adam(model.parameters()),
     ):
         optimizer.step(acc)

@@ -32,6 +32,7 @@ MODEL_BUFFERS = 4
 """Weight-sized vectors any optimizer needs besides its own: the weights, their gradient, and during an HVP pass
 the differentiable gradient and the accumulated product."""
 SCG_BUFFERS = 4  # p, r, the accepted w and s = E''p (or the new r) at the peak, as the memory probe measures
+SECANT_EXTRA_BUFFERS = 2  # with memory m: s = αp and y = r − r₊ while the pair is stored, besides the 2m pairs
 LBFGS_EXTRA_BUFFERS = 9
 """torch LBFGS beyond its 2 h history vectors (the direction, the previous gradient, the flat gradient, the line
 search's copies of the weights and gradients): the race measures 13, 19 and 49 n at h = 2, 5 and 20."""
@@ -51,7 +52,7 @@ def available_bytes(meminfo: Path = Path("/proc/meminfo")) -> dict[str, int]:
 def optimizer_buffers(row: Row) -> float | None:
     """The weight-sized vectors a row's optimizer holds at its peak (None: a family this case does not run)."""
     if row.family == SCG_FAMILY:
-        return SCG_BUFFERS
+        return SCG_BUFFERS + (2 * row.memory + SECANT_EXTRA_BUFFERS if row.memory else 0)
     if row.family == LBFGS_FAMILY and row.history_size is not None:
         return 2 * row.history_size + LBFGS_EXTRA_BUFFERS
     return None

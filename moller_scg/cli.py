@@ -51,14 +51,27 @@ def _parser() -> argparse.ArgumentParser:
     job.add_argument(
         "--device", default=None, help="cpu, cuda, cuda:1, … (default: the GPU when one is available, else cpu)"
     )
-    job.add_argument("--hvp", choices=HVP_MODES, default=mnist.DEFAULT_HVP, help="how SCG gets its curvature")
+    job.add_argument(
+        "--memory",
+        type=int,
+        default=mnist.DEFAULT_MEMORY,
+        metavar="M",
+        help=f"SCG's secant pairs: the direction is preconditioned by the quasi-Newton inverse of the last M steps "
+        f"(default {mnist.DEFAULT_MEMORY}: one gradient pass a step); 0 = Møller's SCG",
+    )
+    job.add_argument(
+        "--hvp",
+        choices=HVP_MODES,
+        default=None,
+        help="how SCG gets its curvature (default: secant with --memory > 0, double-backward with --memory 0)",
+    )
     job.add_argument(
         "--curvature-fraction",
         type=float,
         default=None,
         metavar="F",
         help=f"with --hvp double-backward: each Hessian-vector product over a rotating F of the training images "
-        f"(default {mnist.DEFAULT_CURVATURE_FRACTION:g}; 1 = all of them)",
+        f"(default {mnist.DEFAULT_CURVATURE_FRACTION:g} with --memory 0; 1 = all of them)",
     )
     job.add_argument("--checkpoint", metavar="PATH", help="write the run's state here (atomically) as it goes")
     job.add_argument("--resume", action="store_true", help="continue from --checkpoint if it exists")
@@ -182,6 +195,7 @@ def _mnist(args: argparse.Namespace, main_process: bool = True) -> int:
             max_time=args.max_time,
             device=device,
             hvp=args.hvp,
+            memory=args.memory,
             curvature_fraction=args.curvature_fraction,
             checkpoint=args.checkpoint,
             resume=args.resume,

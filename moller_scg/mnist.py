@@ -20,14 +20,13 @@ from moller_scg.accumulate import GradientAccumulator
 from moller_scg.data import MnistSplits, load_embedded_mnist, load_mnist_idx
 from moller_scg.history import History
 from moller_scg.models import MnistCNN
-from moller_scg.scg import SCG, SCGTrace
+from moller_scg.scg import DEFAULT_MEMORY, SCG, SCGTrace
 from moller_scg.train import DEFAULT_MAX_FAIL, accuracy, fit
 
 DEFAULT_MAX_ITER = 60
 DEFAULT_BATCH_SIZE = 128
-DEFAULT_HVP = "double-backward"
 DEFAULT_CURVATURE_FRACTION = 0.1
-"""Exact curvature over a rotating 10 % of the training images: a step costs 1 gradient pass + 0.1 HVP pass."""
+"""With ``memory=0`` and exact curvature: each HVP over a rotating 10 % of the training images."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -88,7 +87,8 @@ def train_mnist(
     max_iter: int = DEFAULT_MAX_ITER,
     max_time: float | None = None,
     device: str | torch.device | None = None,
-    hvp: str = DEFAULT_HVP,
+    hvp: str | None = None,
+    memory: int = DEFAULT_MEMORY,
     checkpoint: str | os.PathLike[str] | None = None,
     resume: bool = False,
     overwrite: bool = False,
@@ -107,9 +107,12 @@ def train_mnist(
         max_iter: SCG iterations.
         max_time: stop after this many seconds.
         device: where to train (``"cpu"``, ``"cuda"``, …); default CPU.
-        hvp: SCG's curvature: ``"double-backward"`` (default: exact, by the accumulator's Hessian-vector pass over
-            ``curvature_fraction`` of the images) or ``"finite-difference"`` (Møller's, one more gradient pass over
-            all of them).
+        hvp: SCG's curvature, as for :class:`~moller_scg.SCG`. Default: ``"secant"`` (the quasi-Newton model's, free)
+            with ``memory`` ≥ 1, ``"double-backward"`` (exact, by the accumulator's Hessian-vector pass over
+            ``curvature_fraction`` of the images) with ``memory=0``; ``"finite-difference"`` is Møller's (one more
+            gradient pass over all of them), the blog's.
+        memory: m, SCG's secant pairs (:class:`~moller_scg.SCG`); default :data:`~moller_scg.scg.DEFAULT_MEMORY`
+            (a step costs one gradient pass); ``0`` is Møller's SCG.
         checkpoint: a file to write the run's state to, as for :func:`moller_scg.fit`.
         resume: continue from ``checkpoint`` if it exists, as for :func:`moller_scg.fit`.
         overwrite: replace an existing ``checkpoint`` and start afresh, as for :func:`moller_scg.fit`.
@@ -121,8 +124,10 @@ def train_mnist(
         curvature_fraction: with ``hvp="double-backward"``, take each Hessian-vector product over this share of the
             training images (a rotating subset; loss and gradient stay exact; see :func:`moller_scg.fit`). Default
             :data:`DEFAULT_CURVATURE_FRACTION` with exact curvature: a step then costs about 1.2 gradient passes
-            where finite differences cost 2 (``benchmarks/peers.py``); unused with finite differences.
+            where finite differences cost 2 (``benchmarks/peers.py``); unused otherwise.
     """
+    if hvp is None:
+        hvp = "secant" if memory > 0 else "double-backward"
     if curvature_fraction is None:
         curvature_fraction = DEFAULT_CURVATURE_FRACTION if hvp == "double-backward" else 1.0
     splits = load_splits(data, download=download, max_train=max_train, seed=seed)
@@ -130,7 +135,7 @@ def train_mnist(
     model = MnistCNN()
     if device is not None:
         model.to(device)
-    optimizer = SCG(model.parameters(), hvp=hvp)
+    optimizer = SCG(model.parameters(), hvp=hvp, memory=memory)
     loss_fn = nn.CrossEntropyLoss()
     started = time.perf_counter()
     history = fit(

@@ -27,6 +27,10 @@ from moller_scg.curvature import MISSING_GRAPH_MESSAGE, graph_hvp
 
 logger = logging.getLogger(__name__)
 
+DEFAULT_MEMORY = 20
+"""m of the preconditioned mode that ``fit`` and ``moller-scg mnist`` use by default (``SCG(params)`` keeps m = 0):
+the best m of ``benchmarks/peers.py`` over its five problems (docs/performance.md)."""
+
 HVP_MODES = ("double-backward", "finite-difference", "secant")
 """How s = E''(w)p, or δ = pᵀs, is obtained; ``"secant"`` (the quasi-Newton model's δ) needs ``memory`` ≥ 1."""
 

@@ -36,7 +36,7 @@ from moller_scg.checkpoint import (
 )
 from moller_scg.fingerprint import data_fingerprint, describe_difference
 from moller_scg.history import History
-from moller_scg.scg import LAMBDA_MAX, SCG, SCGTrace
+from moller_scg.scg import DEFAULT_MEMORY, LAMBDA_MAX, SCG, SCGTrace
 
 logger = logging.getLogger(__name__)
 
@@ -149,8 +149,10 @@ def fit(
         val_data: validation data in the same forms; its loss is computed after every successful step.
         metric: ``metric(outputs, targets)`` → the batch mean of a score (for example :func:`accuracy`), reported
             on the validation data as ``val_metric``.
-        optimizer: default SCG over the model's trainable parameters (``requires_grad``; frozen ones are left
-            alone) with exact curvature from the accumulator. Any optimizer whose ``step`` takes a closure works
+        optimizer: default ``SCG(params, memory=20)`` over the model's trainable parameters (``requires_grad``;
+            frozen ones are left alone): Møller's trust scaling on a quasi-Newton preconditioned direction, one
+            gradient pass per step (:class:`~moller_scg.SCG`'s ``memory``; ``SCG(params)`` for Møller's SCG with
+            exact curvature from the accumulator). Any optimizer whose ``step`` takes a closure works
             (``torch.optim.LBFGS``); then only E is recorded per iteration, at the weights after the step (one more
             loss-only pass, since such optimizers return the loss from before it). An SCG holding frozen
             parameters is a ``ValueError``.
@@ -189,7 +191,8 @@ def fit(
             the run. Each restart is in :attr:`History.restarts`. ``None`` (default): no annealing.
         curvature_fraction: f ∈ (0, 1]: SCG's exact curvature s = E''(w)p is taken over a rotating f of the
             training samples (Byrd et al. 2011; see :class:`~moller_scg.GradientAccumulator`), while E and E' stay
-            exact. Default 1: the full-batch product. Only the default SCG (double-backward curvature) uses it.
+            exact. Default 1: the full-batch product. Only SCG with double-backward curvature uses it; with f < 1 the
+            default optimizer is Møller's ``SCG(params)`` instead of ``SCG(params, memory=20)``.
 
     Distributed (under ``torchrun``, or any initialised ``torch.distributed`` process group; see
     :mod:`moller_scg.distributed`): call ``fit`` on every rank with the same arguments and the same initial
@@ -236,8 +239,9 @@ def fit(
     if val_data is not None:
         validation = GradientAccumulator(model, loss_fn, val_data, batch_size, device, reduction=reduction)
     if optimizer is None:
-        # The accumulator differentiates only the trainable parameters; SCG must hold the same w.
-        optimizer = SCG(train.params)
+        # The accumulator differentiates only the trainable parameters; SCG must hold the same w. Subsampled
+        # curvature asks for Møller's SCG with exact products; otherwise the quasi-Newton preconditioned mode.
+        optimizer = SCG(train.params) if train.curvature_fraction < 1.0 else SCG(train.params, memory=DEFAULT_MEMORY)
     _check_no_frozen_parameters(optimizer)
     if train.curvature_fraction < 1.0 and not _takes_exact_curvature(optimizer):
         raise ValueError(
