@@ -164,11 +164,15 @@ def compare(splits: MnistSplits, *, budget: int, batch_size: int, lr: float, see
     initial = MnistCNN()
     minibatch = [
         ("Adam", f"lr = {lr:g}, betas (0.9, 0.999)", lambda params: torch.optim.Adam(params, lr=lr)),
-        ("SCGAdam", f"lr = {lr:g}, γ = δ = 0.1 (constant)", lambda params: SCGAdam(params, lr=lr)),
+        (
+            "SCGAdam",
+            f"lr = {lr:g}, γ = δ = 0.1 (constant), the authors' code's sign",
+            lambda params: SCGAdam(params, lr=lr, direction_form="authors-code"),
+        ),
         (
             "CoBA-HZ",
-            f"lr = {lr:g}, Adam form, M = 1e-3, a = 1 + 1e-8",
-            lambda params: CoBA(params, lr=lr, cg_rule="HZ"),
+            f"lr = {lr:g}, Adam form, per-tensor β, M = 1e-3, a = 1 + 1e-8",
+            lambda params: CoBA(params, lr=lr, cg_rule="HZ", amsgrad=False, beta_scope="per-tensor"),
         ),
     ]
     curves = []

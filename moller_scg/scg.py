@@ -226,9 +226,11 @@ class SCG(torch.optim.Optimizer):
         params: parameters or parameter groups, as for any ``torch.optim.Optimizer`` (``named_parameters()``
             works too). SCG treats all parameters as one vector w, so every group must use the same σ, λ₁,
             ``hvp`` and ``restart``.
-        sigma: σ, the finite-difference scale (σₖ = σ/|p|); the paper suggests 0 < σ ≤ 1e-4. Used only with
+        sigma: σ, the finite-difference scale (σₖ = σ/|p|); the paper suggests 0 < σ ≤ 1e-4. Default 5e-5, MATLAB
+            ``trainscg``'s. Used only with
             ``hvp="finite-difference"``.
-        lambd: λ₁, the initial Levenberg–Marquardt scale; the paper suggests 0 < λ₁ ≤ 1e-6.
+        lambd: λ₁, the initial Levenberg–Marquardt scale; the paper suggests 0 < λ₁ ≤ 1e-6. Default 5e-7,
+            ``trainscg``'s.
         hvp: how s = E''(w)p is obtained. ``"double-backward"`` (default): exactly, by double-backward through
             the graph of the evaluation that produced the current gradient — the closure must call
             ``loss.backward(create_graph=True)``. ``"finite-difference"``: Møller's

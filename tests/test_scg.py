@@ -1,4 +1,5 @@
-"""SCG against an independent float64 implementation of the paper, and its torch.optim conventions."""
+"""SCG against ``reference_scg``, a float64 transcription of Møller's steps 1–9 written from the paper (sharing no
+code with the library, with the library's rounding-level Δ estimate switchable), and its torch.optim conventions."""
 
 from __future__ import annotations
 
