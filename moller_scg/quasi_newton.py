@@ -91,41 +91,8 @@ class SecantPairs:
 
         One host synchronisation: sᵀy, yᵀy and the products of s and y with every stored pair are reduced together.
         """
-        flat_step, flat_change = self._flatten(step), self._flatten(change)
-        partial = [
-            torch.cat(
-                [
-                    torch.stack([s @ y, y @ y]).to(torch.float64),  # sᵀy, yᵀy
-                    (block[0] @ y).to(torch.float64),  # Sᵀy
-                    (block[1] @ torch.stack([s, y], 1)).to(torch.float64).T.reshape(-1),  # Yᵀs, then Yᵀy
-                ]
-            )
-            for block, s, y in zip(self.blocks, flat_step, flat_change)
-        ]
-        totals = _sum_on_cpu(partial)
-        m = self.memory
-        step_dot_change, change_sq = totals[0], totals[1]
-        if not (step_dot_change > CURVATURE_CONDITION * change_sq > 0.0):
-            return False
-        slot = len(self.slots) if len(self.slots) < m else self.slots.pop(0)
-        for block, s, y in zip(self.blocks, flat_step, flat_change):
-            block[0, slot].copy_(s)
-            block[1, slot].copy_(y)
-        self.slots.append(slot)
-        s_dot_y_all, y_dot_s_all, y_dot_y_all = totals[2 : 2 + m], totals[2 + m : 2 + 2 * m], totals[2 + 2 * m :]
-        self.sy[:, slot] = s_dot_y_all
-        self.sy[slot, :] = y_dot_s_all
-        self.yy[:, slot] = y_dot_y_all
-        self.yy[slot, :] = y_dot_y_all
-        self.sy[slot, slot] = step_dot_change
-        self.yy[slot, slot] = change_sq
-        return True
-
-    @property
-    def gamma(self) -> float:
-        """γ = sₘᵀyₘ / yₘᵀyₘ of the newest pair: H's scale along directions the pairs do not see."""
-        newest = self.slots[-1]
-        return float(self.sy[newest, newest] / self.yy[newest, newest])
+        rows = [torch.stack([y, s, y]) for s, y in zip(self._flatten(step), self._flatten(change))]
+        return self._push_flat(rows)[0]
 
     def inverse_product(self, vector: Sequence[torch.Tensor]) -> list[torch.Tensor]:
         """H v as new tensors, one per parameter (a copy of v when no pair is kept: H = I)."""
@@ -135,9 +102,82 @@ class SecantPairs:
         m = self.memory
         # [Sᵀv; Yᵀv] for all slots, one product per block.
         products = _sum_on_cpu([(block.view(2 * m, -1) @ v).to(torch.float64) for block, v in zip(self.blocks, flat)])
+        return self._unflatten(self._apply_flat(flat, products[:m], products[m:]))
+
+    def advance(
+        self,
+        direction: Sequence[torch.Tensor],
+        alpha: float,
+        residual: Sequence[torch.Tensor],
+        new_residual: Sequence[torch.Tensor],
+    ) -> list[torch.Tensor]:
+        """SCG's step 7 with memory: keep the pair (s, y) = (αp, r − r₊) if it passes the curvature condition, then
+        return p₊ = H r₊ with the pairs now held, as new tensors, one per parameter.
+
+        The same numbers as :meth:`push` then :meth:`inverse_product`, in one host synchronisation instead of two:
+        the products the pair needs and Sᵀr₊, Yᵀr₊ come from one matrix product.
+        """
+        # Per block, one 3 × n buffer holds y = r − r₊, s = αp and r₊: the pair's and H r₊'s only temporaries.
+        columns = []
+        for members, block in zip(self._members, self.blocks):
+            rows = torch.empty(3, block.shape[-1], dtype=block.dtype, device=block.device)
+            torch.cat([vec.as_real(new_residual[i]).reshape(-1) for i in members], out=rows[2])
+            torch.cat([vec.as_real(direction[i]).reshape(-1) for i in members], out=rows[1]).mul_(alpha)
+            torch.cat([vec.as_real(residual[i]).reshape(-1) for i in members], out=rows[0]).sub_(rows[2])
+            columns.append(rows)
+        _, s_dot_v, y_dot_v = self._push_flat(columns)
+        flat_new_residual = [c[2] for c in columns]
+        if not self.slots:
+            return vec.clone(new_residual)
+        return self._unflatten(self._apply_flat(flat_new_residual, s_dot_v, y_dot_v))
+
+    @property
+    def gamma(self) -> float:
+        """γ = sₘᵀyₘ / yₘᵀyₘ of the newest pair: H's scale along directions the pairs do not see."""
+        newest = self.slots[-1]
+        return float(self.sy[newest, newest] / self.yy[newest, newest])
+
+    def _push_flat(self, rows: list[torch.Tensor]) -> tuple[bool, np.ndarray, np.ndarray]:
+        """:meth:`push` on flat blocks, given per block the rows [y, s, v] of a 3 × n tensor; also returns Sᵀv and
+        Yᵀv over all slots, with the new pair's entry in place if it was kept (one host synchronisation for all)."""
+        m = self.memory
+        partial = []
+        for block, stacked in zip(self.blocks, rows):
+            y, s, v = stacked
+            own = torch.stack([s @ y, y @ y, s @ v, y @ v])  # sᵀy, yᵀy, sᵀv, yᵀv
+            against = block.view(2 * m, -1) @ stacked.T  # [S; Y]ᵀ[y, s, v]
+            partial.append(torch.cat([own, against.T.reshape(-1)]).to(torch.float64))
+        totals = _sum_on_cpu(partial)
+        step_dot_change, change_sq, step_dot_vector, change_dot_vector = totals[:4]
+        # Rows of [S; Y]ᵀ[y, s, v]: column y, then s, then v, each 2m long (the m slots of S, then of Y).
+        against_change, against_step, against_vector = (
+            totals[4 : 4 + 2 * m],
+            totals[4 + 2 * m : 4 + 4 * m],
+            totals[4 + 4 * m :],
+        )
+        s_dot_vector, y_dot_vector = against_vector[:m].copy(), against_vector[m:].copy()
+        if not (step_dot_change > CURVATURE_CONDITION * change_sq > 0.0):
+            return False, s_dot_vector, y_dot_vector
+        slot = len(self.slots) if len(self.slots) < m else self.slots.pop(0)
+        for block, (y, s, _) in zip(self.blocks, rows):
+            block[0, slot].copy_(s)
+            block[1, slot].copy_(y)
+        self.slots.append(slot)
+        self.sy[:, slot] = against_change[:m]  # Sᵀy
+        self.sy[slot, :] = against_step[m:]  # sᵀY
+        self.yy[:, slot] = against_change[m:]  # Yᵀy
+        self.yy[slot, :] = against_change[m:]
+        self.sy[slot, slot] = step_dot_change
+        self.yy[slot, slot] = change_sq
+        s_dot_vector[slot], y_dot_vector[slot] = step_dot_vector, change_dot_vector
+        return True, s_dot_vector, y_dot_vector
+
+    def _apply_flat(self, flat: list[torch.Tensor], s_dot_v: np.ndarray, y_dot_v: np.ndarray) -> list[torch.Tensor]:
+        """H v per block from Sᵀv and Yᵀv over all slots (the compact form's m × m algebra in NumPy)."""
+        m = self.memory
         order = np.array(self.slots)
         gamma = self.gamma
-        u, w = products[order], gamma * products[m + order]
+        u, w = s_dot_v[order], gamma * y_dot_v[order]
         sy = self.sy[np.ix_(order, order)]
         upper = np.triu(sy)  # R, upper triangular with the positive diagonal D
         r_inv_u = np.linalg.solve(upper, u)
@@ -146,11 +186,10 @@ class SecantPairs:
         coefficients[order] = np.linalg.solve(upper.T, inner)
         coefficients[m + order] = -gamma * r_inv_u
         coefficient_tensor = torch.from_numpy(coefficients)
-        result = [
+        return [
             torch.addmv(v, block.view(2 * m, -1).T, coefficient_tensor.to(device=v.device, dtype=v.dtype), beta=gamma)
             for block, v in zip(self.blocks, flat)
         ]
-        return self._unflatten(result)
 
     def state_dict(self) -> dict[str, Any]:
         """Everything the pairs need to go on: m, the slots (oldest first), SᵀY, YᵀY and the blocks of pairs."""

@@ -744,8 +744,7 @@ class SCG(torch.optim.Optimizer):
         formed, so the peak adds one parameter-sized buffer per vector of (s, y, H r₊) alive at a time.
         """
         pairs = cast(quasi_newton.SecantPairs, self._secant_pairs)
-        pairs.push([torch.mul(d, alpha) for d in direction], torch._foreach_sub(residual, new_residual))
-        vec.copy_(direction, pairs.inverse_product(new_residual))
+        vec.copy_(direction, pairs.advance(direction, alpha, residual, new_residual))
         new_direction_sq, new_mu = vec.dots([(direction, direction), (direction, new_residual)])
         return new_direction_sq, new_mu
 
