@@ -11,11 +11,16 @@ sample-weighted mean) of its values on any split of that batch. Two common ways 
 
 :func:`check_additivity` tests the first on a few samples, once per accumulator; :func:`check_same_shape` refuses
 the second on every batch (a comparison of two shapes).
+
+A model in training mode with dropout or batch norm has no fixed full-batch objective at all:
+:func:`warn_if_stochastic` says so once per accumulator (:class:`StochasticObjectiveWarning`), and additivity is
+not checked on it (:func:`stochastic_modules`).
 """
 
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Callable
 from typing import Any
 
@@ -39,6 +44,10 @@ ELEMENTWISE_LOSSES: tuple[type[nn.Module], ...] = (
     nn.HingeEmbeddingLoss,
 )
 """``torch.nn`` losses that compare outputs and targets element by element, so both must have one shape."""
+
+
+class StochasticObjectiveWarning(UserWarning):
+    """The model is in training mode with dropout or batch norm, so there is no fixed full-batch objective."""
 
 
 def is_elementwise_loss(loss_fn: Any) -> bool:
@@ -120,6 +129,41 @@ def check_additivity(
         f"class weights needs nn.CrossEntropyLoss(weight=...) or nn.NLLLoss(weight=...) (the accumulator divides "
         f"by the total class weight itself)"
     )
+
+
+def stochastic_modules(model: nn.Module) -> list[str]:
+    """Names of the submodules that make the forward pass random or batch-dependent in training mode."""
+    names = []
+    for name, module in model.named_modules():
+        if not module.training:
+            continue
+        if isinstance(module, nn.modules.batchnorm._BatchNorm):
+            names.append(name or type(module).__name__)
+        elif isinstance(module, nn.modules.dropout._DropoutNd) and module.p > 0:
+            names.append(name or type(module).__name__)
+        elif isinstance(module, nn.MultiheadAttention) and module.dropout > 0:
+            names.append(name or type(module).__name__)
+    return names
+
+
+def warn_if_stochastic(model: nn.Module, stacklevel: int) -> bool:
+    """Issue a :class:`StochasticObjectiveWarning` if ``model`` is stochastic in training mode; whether it did.
+
+    ``stacklevel`` counts from this function, so that the warning points at the user's call of the accumulator.
+    """
+    names = stochastic_modules(model)
+    if not names:
+        return False
+    warnings.warn(
+        f"the model is in training mode with dropout or batch norm ({', '.join(names[:5])}"
+        f"{', …' if len(names) > 5 else ''}): the full-batch objective is not defined — every pass sees other "
+        f"dropout masks, batch norm uses per-batch statistics (so the result depends on the batch size) and "
+        f"updates its running statistics. Call model.eval() for the deterministic full-batch objective, or "
+        f"accept the stochastic objective and silence this StochasticObjectiveWarning",
+        StochasticObjectiveWarning,
+        stacklevel=stacklevel,
+    )
+    return True
 
 
 def _reshape_hint(shape: tuple[int, ...]) -> str:
