@@ -1,22 +1,21 @@
 """Exact full-batch loss, gradient and Hessian-vector products, streamed over minibatches.
 
-A dataset of N samples is cut into batches b = 1, …, B of n_b samples. For a loss that is a sum or a mean of
-per-sample terms the full-batch objective is a weighted sum of the batch losses E_b,
+A dataset of N samples is cut into batches b = 1, …, B of n_b samples (:mod:`moller_scg.batches`). For a loss that
+is a sum or a mean of per-sample terms the full-batch objective is a weighted sum of the batch losses E_b,
 
     E(w) = Σ_b w_b E_b(w),   E'(w) = Σ_b w_b E_b'(w),   s = E''(w) v = Σ_b w_b E_b''(w) v,
 
-with w_b = 1 for ``reduction="sum"`` and w_b = n_b / N for ``reduction="mean"`` — not 1/B: averaging the
-batch means is wrong as soon as the last batch is smaller. ``nn.CrossEntropyLoss`` and ``nn.NLLLoss`` with
-class indices divide by the total weight of the targets instead of their count (class weights, targets equal
-to ``ignore_index``), so for them E = Σ_b S_b / Σ_b D_b, with S_b the batch's summed loss and D_b the sum of its
-targets' class weights (its number of non-ignored targets without weights).
+with w_b = 1 for ``reduction="sum"`` and w_b = n_b / N for ``reduction="mean"``, or a ratio Σ_b S_b / Σ_b D_b for
+class-weighted losses (:mod:`moller_scg.loss_weighting`).
 
 Each pass streams the batches, adds S_b (or n_b E_b) and the gradients or products into float64 sums (for
 float32 parameters, blocks of ``PARTIAL_SUM_BATCHES`` batches are summed in float32 first), and only at the end
 divides by the denominator and casts once to the parameters' dtype, so the result does not drift with the
-number of batches. Only one batch is alive at a time: memory is bounded by one batch plus the
-float64 sums. :class:`GradientAccumulator` knows nothing of the optimizer; it is a closure with an ``hvp``
-method, which :class:`moller_scg.SCG` uses for its exact curvature.
+number of batches (:mod:`moller_scg.float64_sums`). Only one batch is alive at a time: memory is bounded by one
+batch plus the float64 sums. This module is the pass engine — stream, sum, reduce over ranks
+(:mod:`moller_scg.distributed`), divide — and each batch's derivatives come from :mod:`moller_scg.batch_derivatives`.
+:class:`GradientAccumulator` knows nothing of the optimizer; it is a closure with an ``hvp`` method, which
+:class:`moller_scg.SCG` uses for its exact curvature.
 
 References:
     Møller, M. F. (1993). A scaled conjugate gradient algorithm for fast supervised learning.
@@ -47,12 +46,12 @@ from moller_scg.batches import (
     DEFAULT_BATCH_SIZE,
     DEFAULT_DEVICE_CACHE_BYTES,
     Batches,
+    CurvatureBatches,
     Data,
     TensorBatches,
     batch_samples,
     make_batches,
     progress_bar,
-    subset_batches,
 )
 from moller_scg.curvature import functional_hvp_and_loss
 from moller_scg.float64_sums import PassSums, WideSums
@@ -69,10 +68,11 @@ from moller_scg.loss_checks import (
     ADDITIVITY_CHECK_SAMPLES,
     StochasticObjectiveWarning,
     check_additivity,
+    pass_problem,
     stochastic_modules,
     warn_if_stochastic,
 )
-from moller_scg.loss_weighting import REDUCTIONS, BatchLoss, resolve_reduction
+from moller_scg.loss_weighting import REDUCTIONS, BatchLoss, MetricSums, resolve_reduction
 from moller_scg.running_stats import restored_on_failure
 from moller_scg.subsampling import (
     CurvatureCursor,
@@ -272,11 +272,9 @@ class GradientAccumulator:
         self._batches, self._samples = make_batches(data, batch_size, self.device, device_cache_bytes, shard)
         if isinstance(self._batches, TensorBatches):
             check_input_dtype(self._batches.inputs, self._model_dtype, "the inputs")
-        self._device_cache_bytes = device_cache_bytes
         self.curvature_fraction = validate_fraction(curvature_fraction)
         self.curvature_cursor = CurvatureCursor()
-        self._curvature_subsets: CurvatureSubsets | None = None
-        self._fixed_curvature_batches: Batches | None = None
+        subsets = None
         self._curvature_samples = self._samples
         if self.curvature_fraction < 1.0:
             if isinstance(data, DataLoader):
@@ -285,10 +283,9 @@ class GradientAccumulator:
                     "dataset and batch_size instead (GradientAccumulator(model, loss_fn, loader.dataset, "
                     "batch_size=loader.batch_size, curvature_fraction=...))"
                 )
-            self._curvature_subsets = CurvatureSubsets(
-                self._batches.samples, self.curvature_fraction, curvature_subset, curvature_seed
-            )
+            subsets = CurvatureSubsets(self._batches.samples, self.curvature_fraction, curvature_subset, curvature_seed)
             self._curvature_samples = curvature_samples(self._samples, self.curvature_fraction, shard)
+        self._curvature_batches = CurvatureBatches(self._batches, subsets, self.curvature_cursor, device_cache_bytes)
         if self.distributed:
             _dist.check_ranks_agree(self._samples, self.params)
         self._param_names = param_names(model, self.params) if hvp_method == "forward-over-reverse" else None
@@ -370,7 +367,7 @@ class GradientAccumulator:
                 shape = tuple(v.shape) if isinstance(v, torch.Tensor) else type(v).__name__
                 raise ValueError(f"hvp vector {index} has shape {shape}, but parameter {index} has {tuple(p.shape)}")
             prepared.append(v.detach().to(device=p.device, dtype=p.dtype))
-        batches = self._curvature_batches()
+        batches = self._curvature_batches.next()
         with restored_on_failure(self.model) as running_statistics:
             sums = self._stream("hvp", prepared, batches)
             loss, products = self._finish(self._reduce(sums), batches, self._curvature_samples)
@@ -406,42 +403,24 @@ class GradientAccumulator:
             )
         if "loss" in metrics:
             raise ValueError("'loss' names the loss itself in what evaluate returns: give the metric another name")
-        objectives = [BatchLoss(metric, "mean") for metric in metrics.values()]
+        metric_sums = MetricSums(metrics, self.device)
         with restored_on_failure(self.model) as running_statistics:
-            sums = self._reduce(self._stream("loss", metric_objectives=objectives))
+            sums = self._reduce(self._stream("loss", metric_sums=metric_sums))
             loss, _ = self._finish(sums)
             running_statistics.restore_unless_finite(loss)
-        values = {"loss": float(loss)}
-        metric_sums = cast(torch.Tensor, sums.metrics).tolist()
-        metric_denominators = cast(torch.Tensor, sums.metric_denominators).tolist()
-        for index, (name, objective) in enumerate(zip(metrics, objectives)):
-            denominator = metric_denominators[index] if objective.kind == "ratio" else sums.samples
-            values[name] = metric_sums[index] / denominator
+        means = metric_sums.means(
+            cast(torch.Tensor, sums.metrics), cast(torch.Tensor, sums.metric_denominators), sums.samples
+        )
         self.passes.loss += 1
-        return values
+        return {"loss": float(loss), **means}
 
     def __repr__(self) -> str:
-        subsampled = "" if self._curvature_subsets is None else f", curvature={self._curvature_subsets!r}"
+        subsets = self._curvature_batches.subsets
+        subsampled = "" if subsets is None else f", curvature={subsets!r}"
         return (
             f"{type(self).__name__}(samples={self.samples}, batches={self.num_batches}, "
             f"reduction={self.reduction!r}, device={str(self.device)!r}, hvp_method={self.hvp_method!r}{subsampled})"
         )
-
-    # ----------------------------------------------------------------------------------------------------------
-    # Subsampled curvature
-
-    def _curvature_batches(self) -> Batches:
-        """The batches of the next Hessian-vector product: all the data, or the next curvature subset."""
-        subsets = self._curvature_subsets
-        if subsets is None:
-            return self._batches
-        if subsets.mode == "fixed" and self._fixed_curvature_batches is not None:
-            return self._fixed_curvature_batches
-        window = self.curvature_cursor.take()
-        batches = subset_batches(self._batches, subsets.indices(window), self._device_cache_bytes)
-        if subsets.mode == "fixed":
-            self._fixed_curvature_batches = batches
-        return batches
 
     # ----------------------------------------------------------------------------------------------------------
     # One pass: stream → float64 sums → reduce → finish
@@ -451,11 +430,11 @@ class GradientAccumulator:
         kind: str,
         vectors: list[torch.Tensor] | None = None,
         batches_to_stream: Batches | None = None,
-        metric_objectives: Sequence[BatchLoss] = (),
+        metric_sums: MetricSums | None = None,
     ) -> PassSums:
         """Run every batch once and add up its loss and, for ``kind`` "gradient" or "hvp", its vectors.
 
-        ``batches_to_stream`` defaults to all the data (this process's shard). With ``metric_objectives`` (kind
+        ``batches_to_stream`` defaults to all the data (this process's shard). With ``metric_sums`` (kind
         "loss" only) each metric is added up from the same forward pass as the loss. No host synchronisation happens
         in the loop: batch losses are written to a device buffer and checked once at the end.
         """
@@ -475,10 +454,6 @@ class GradientAccumulator:
         scales: list[int] = []
         denominator = torch.zeros((), dtype=torch.float64, device=self.device) if objective.kind == "ratio" else None
         samples = 0
-        metric_sums = metric_denominators = None
-        if metric_objectives:
-            metric_sums = torch.zeros(len(metric_objectives), dtype=torch.float64, device=self.device)
-            metric_denominators = torch.zeros_like(metric_sums)
         batches: Iterable[tuple[torch.Tensor, torch.Tensor]] = source
         if self.progress:
             batches = progress_bar(batches, expected, kind)
@@ -493,11 +468,8 @@ class GradientAccumulator:
                 with torch.no_grad():
                     outputs = self.model(inputs)
                     term = objective.term(outputs, targets)
-                    for index_m, metric in enumerate(metric_objectives):
-                        metric_term = metric.term(outputs, targets).detach().reshape(()).to(torch.float64)
-                        cast(torch.Tensor, metric_sums)[index_m] += metric_term * metric.scale(count)
-                        if metric.kind == "ratio":
-                            cast(torch.Tensor, metric_denominators)[index_m] += metric.denominator(targets)
+                    if metric_sums is not None:
+                        metric_sums.add(outputs, targets, count)
             else:
                 if kind == "gradient":
                     term, batch_vectors = batch_gradient(self.model, objective, params, inputs, targets)
@@ -526,8 +498,8 @@ class GradientAccumulator:
             denominator=denominator,
             samples=samples,
             terms=terms[:seen],
-            metrics=metric_sums,
-            metric_denominators=metric_denominators,
+            metrics=None if metric_sums is None else metric_sums.sums,
+            metric_denominators=None if metric_sums is None else metric_sums.denominators,
         )
 
     def _batch_hvp_forward_over_reverse(
@@ -601,39 +573,13 @@ class GradientAccumulator:
     # Checks
 
     def _check_pass(self, sums: PassSums, streamed: Batches) -> None:
-        """The one host synchronisation of a pass: are all batch losses finite (and the class weights > 0)?
-
-        Distributed, the global loss decides (every rank sees the same one, so all ranks raise or none does); the
-        rank whose batch is not finite names it, the others say it is on another rank.
-        """
-        terms, denominator = sums.terms, sums.denominator
-        healthy = torch.isfinite(sums.loss if self.distributed else terms).all()
-        if denominator is not None:
-            healthy = healthy & (denominator > 0)
-        if bool(healthy):
+        """Raise ``FloatingPointError`` (or log, with ``on_non_finite="return"``) if a batch loss is not finite."""
+        problem = pass_problem(sums, streamed, self.loss_fn, self.distributed, subset=streamed is not self._batches)
+        if problem is None:
             return
-        if denominator is not None and not bool(denominator > 0):
-            raise ValueError(
-                f"the targets' total class weight is {float(denominator)} (every target equals ignore_index or has "
-                f"weight 0), so the mean {type(self.loss_fn).__name__} over the dataset is 0/0"
-            )
-        if bool(torch.isfinite(terms).all()):
-            message = (
-                f"the full-batch loss is not finite ({float(sums.loss)}): a batch of another rank's shard has a "
-                f"non-finite loss (rank {_dist.rank()} of {_dist.world_size()} has only finite ones)"
-            )
-        else:
-            index = int(torch.nonzero(~torch.isfinite(terms))[0, 0])
-            where = f" of rank {_dist.rank()}'s shard" if self.distributed else ""
-            if streamed is not self._batches:
-                where += " (positions within this Hessian-vector product's curvature subset)"
-            message = (
-                f"the loss of {streamed.describe(index)}{where} is not finite ({float(terms[index])}); "
-                f"{int((~torch.isfinite(terms)).sum())} of {terms.numel()} batches have a non-finite loss"
-            )
         if self.on_non_finite == "raise":
-            raise FloatingPointError(message)
-        logger.warning("%s; returning the non-finite loss (on_non_finite='return')", message)
+            raise FloatingPointError(problem)
+        logger.warning("%s; returning the non-finite loss (on_non_finite='return')", problem)
 
     def _check_reduction(self, inputs: torch.Tensor, targets: torch.Tensor) -> None:
         """Check once that the loss is additive over samples (:func:`moller_scg.loss_checks.check_additivity`)."""

@@ -9,7 +9,8 @@ A pass over N samples streams batches b = 1, …, B of n_b samples, one at a tim
   (no dropped last batch, no sampling with replacement): otherwise the sum would not be the full-batch sum.
 
 :func:`make_batches` validates the data at the boundary and chooses the source; :func:`subset_batches` streams a
-subset of the samples (a subsampled curvature's window).
+subset of the samples, and :class:`CurvatureBatches` the batches of each Hessian-vector product (all the data, or
+the next window of a subsampled curvature).
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ from __future__ import annotations
 import logging
 import numbers
 from collections.abc import Iterable, Iterator
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch.utils.data import (
@@ -34,6 +35,9 @@ from torch.utils.data import (
 
 from moller_scg import distributed as _dist
 from moller_scg.input_checks import describe_value
+
+if TYPE_CHECKING:
+    from moller_scg.subsampling import CurvatureCursor, CurvatureSubsets
 
 logger = logging.getLogger(__name__)
 
@@ -214,6 +218,39 @@ def subset_batches(batches: Batches, indices: torch.Tensor, cache_bytes: int) ->
         pin_memory=loader.pin_memory,
     )
     return LoaderBatches(subset_loader, batches.device)
+
+
+class CurvatureBatches:
+    """The batches of each Hessian-vector product: all the data, or the next window of a subsampled curvature.
+
+    Args:
+        batches: all the data (this process's shard).
+        subsets: the windows to take (f < 1), or ``None`` for the exact product over all the data.
+        cursor: c, the next window; each :meth:`next` of a rotating subset moves it on (a fixed subset moves it
+            once, when its samples are first copied).
+        cache_bytes: the byte budget of :class:`TensorBatches` for a window's copy of the samples.
+    """
+
+    def __init__(
+        self, batches: Batches, subsets: CurvatureSubsets | None, cursor: CurvatureCursor, cache_bytes: int
+    ) -> None:
+        self.all = batches
+        self.subsets = subsets
+        self.cursor = cursor
+        self._cache_bytes = cache_bytes
+        self._fixed: Batches | None = None
+
+    def next(self) -> Batches:
+        """The batches of the next Hessian-vector product."""
+        subsets = self.subsets
+        if subsets is None:
+            return self.all
+        if subsets.mode == "fixed" and self._fixed is not None:
+            return self._fixed
+        batches = subset_batches(self.all, subsets.indices(self.cursor.take()), self._cache_bytes)
+        if subsets.mode == "fixed":
+            self._fixed = batches
+        return batches
 
 
 def validate_batch_size(batch_size: int | None) -> int:

@@ -12,6 +12,9 @@ sample-weighted mean) of its values on any split of that batch. Two common ways 
 :func:`check_additivity` tests the first on a few samples, once per accumulator; :func:`check_same_shape` refuses
 the second on every batch (a comparison of two shapes).
 
+:func:`pass_problem` is the one host synchronisation of a pass: it names a batch whose loss is not finite, and
+refuses class weights that sum to 0.
+
 A model in training mode with dropout or batch norm has no fixed full-batch objective at all:
 :func:`warn_if_stochastic` says so once per accumulator (:class:`StochasticObjectiveWarning`), and additivity is
 not checked on it (:func:`stochastic_modules`).
@@ -22,10 +25,16 @@ from __future__ import annotations
 import math
 import warnings
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
+
+from moller_scg import distributed as _dist
+
+if TYPE_CHECKING:
+    from moller_scg.batches import Batches
+    from moller_scg.float64_sums import PassSums
 
 ADDITIVITY_CHECK_SAMPLES = 8
 """Samples on which additivity is checked once per accumulator (on the whole and on its two halves)."""
@@ -128,6 +137,48 @@ def check_additivity(
         f"batch's share of the samples, n_b / N, or add it to the loss outside the accumulator; normalisation by "
         f"class weights needs nn.CrossEntropyLoss(weight=...) or nn.NLLLoss(weight=...) (the accumulator divides "
         f"by the total class weight itself)"
+    )
+
+
+def pass_problem(sums: PassSums, streamed: Batches, loss_fn: Any, distributed: bool, subset: bool) -> str | None:
+    """What is wrong with a pass's result: ``None`` when every batch loss is finite, else a message naming the batch.
+
+    Distributed, the global loss decides (every rank sees the same one, so all ranks report or none does); the rank
+    whose batch is not finite names it, the others say it is on another rank.
+
+    Args:
+        sums: the pass's sums, reduced over ranks.
+        streamed: the batches the pass streamed (to name a batch by its samples).
+        loss_fn: the loss, named in the error for class weights that sum to 0.
+        distributed: whether ``sums`` were reduced over a process group.
+        subset: whether ``streamed`` is a curvature subset (batch positions are then within it).
+
+    Raises:
+        ValueError: the targets' total class weight is 0, so the mean loss is 0/0.
+    """
+    terms, denominator = sums.terms, sums.denominator
+    healthy = torch.isfinite(sums.loss if distributed else terms).all()
+    if denominator is not None:
+        healthy = healthy & (denominator > 0)
+    if bool(healthy):
+        return None
+    if denominator is not None and not bool(denominator > 0):
+        raise ValueError(
+            f"the targets' total class weight is {float(denominator)} (every target equals ignore_index or has "
+            f"weight 0), so the mean {type(loss_fn).__name__} over the dataset is 0/0"
+        )
+    if bool(torch.isfinite(terms).all()):
+        return (
+            f"the full-batch loss is not finite ({float(sums.loss)}): a batch of another rank's shard has a "
+            f"non-finite loss (rank {_dist.rank()} of {_dist.world_size()} has only finite ones)"
+        )
+    index = int(torch.nonzero(~torch.isfinite(terms))[0, 0])
+    where = f" of rank {_dist.rank()}'s shard" if distributed else ""
+    if subset:
+        where += " (positions within this Hessian-vector product's curvature subset)"
+    return (
+        f"the loss of {streamed.describe(index)}{where} is not finite ({float(terms[index])}); "
+        f"{int((~torch.isfinite(terms)).sum())} of {terms.numel()} batches have a non-finite loss"
     )
 
 

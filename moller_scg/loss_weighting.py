@@ -6,12 +6,13 @@ losses E_b, E(w) = Σ_b w_b E_b(w), with w_b = 1 for ``reduction="sum"`` and w_b
 ``nn.NLLLoss`` with class indices divide by the total weight of the targets instead of their count (class
 weights, targets equal to ``ignore_index``), so for them E = Σ_b S_b / Σ_b D_b, with S_b the batch's summed loss
 and D_b the sum of its targets' class weights. :class:`BatchLoss` computes term_b, scale_b and D_b;
-:func:`resolve_reduction` reads which of these a loss is, never guessing.
+:func:`resolve_reduction` reads which of these a loss is, never guessing. Metrics are weighted the same way, as
+means over the samples (:class:`MetricSums`).
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any, cast
 
 import torch
@@ -116,3 +117,37 @@ def resolve_reduction(loss_fn: Any, reduction: str | None) -> str:
     if chosen not in REDUCTIONS:
         raise ValueError(f"Invalid reduction {chosen!r}; choose one of {', '.join(map(repr, REDUCTIONS))}")
     return chosen
+
+
+class MetricSums:
+    """Σ_b scale_b M_b and Σ_b D_b per metric M, in float64, from the forward pass the loss already made.
+
+    Each metric is weighted as a ``reduction="mean"`` loss (:class:`BatchLoss`), so its full-batch value is
+    Σ_b n_b M_b / N, or Σ_b S_b / Σ_b D_b for ``nn.CrossEntropyLoss`` and ``nn.NLLLoss`` used as metrics.
+
+    Args:
+        metrics: name → ``metric(outputs, targets)``, the batch mean of a per-sample score.
+        device: where the sums are kept.
+    """
+
+    def __init__(self, metrics: Mapping[str, Callable[[Any, torch.Tensor], torch.Tensor]], device: torch.device):
+        self.names = list(metrics)
+        self.weightings = [BatchLoss(metric, "mean") for metric in metrics.values()]
+        self.sums = torch.zeros(len(self.weightings), dtype=torch.float64, device=device)
+        self.denominators = torch.zeros_like(self.sums)
+
+    def add(self, outputs: Any, targets: torch.Tensor, samples: int) -> None:
+        """Add one batch of n_b = ``samples`` samples."""
+        for index, metric in enumerate(self.weightings):
+            term = metric.term(outputs, targets).detach().reshape(()).to(torch.float64)
+            self.sums[index] += term * metric.scale(samples)
+            if metric.kind == "ratio":
+                self.denominators[index] += metric.denominator(targets)
+
+    def means(self, sums: torch.Tensor, denominators: torch.Tensor, samples: int) -> dict[str, float]:
+        """name → the metric's full-batch mean, from the (reduced) ``sums``, ``denominators`` and N = ``samples``."""
+        sum_values, denominator_values = sums.tolist(), denominators.tolist()
+        return {
+            name: sum_values[index] / (denominator_values[index] if metric.kind == "ratio" else samples)
+            for index, (name, metric) in enumerate(zip(self.names, self.weightings))
+        }
