@@ -37,6 +37,7 @@ from moller_scg.checkpoint import (
 from moller_scg.fingerprint import data_fingerprint, describe_difference
 from moller_scg.history import History
 from moller_scg.scg import DEFAULT_MEMORY, LAMBDA_MAX, SCG, SCGTrace
+from moller_scg.subsampling import CurvatureCursor
 
 logger = logging.getLogger(__name__)
 
@@ -509,7 +510,7 @@ class _RunState:
             "early_stopping": self.early.to_dict(),
             "elapsed": time.perf_counter() - started,
             "world_size": _dist.world_size(),
-            "curvature_window": self.train.curvature_window,
+            "curvature_window": self.train.curvature_cursor.state_dict(),
             "data_fingerprint": self.fingerprint,
             "optimizer_at_weights": self.optimizer_at_weights(),
         }
@@ -606,13 +607,18 @@ def _resume(
         {"columns": state["history"], "best_iteration": extra.get("best_iteration"), "restarts": extra.get("restarts")}
     )
     early = _EarlyStopping(**extra.get("early_stopping", {}))
-    curvature_window = extra.get("curvature_window", 0)
-    if isinstance(curvature_window, bool) or not isinstance(curvature_window, int) or curvature_window < 0:
-        raise CheckpointError(f"cannot resume from {path}: its curvature_window {curvature_window!r} is not an int ≥ 0")
+    curvature_window = extra.get("curvature_window", {"window": 0})
+    if isinstance(curvature_window, int) and not isinstance(curvature_window, bool):
+        curvature_window = {"window": curvature_window}  # checkpoints written before the cursor had a state_dict
+    cursor = CurvatureCursor()
+    try:
+        cursor.load_state_dict(curvature_window)
+    except ValueError as error:
+        raise CheckpointError(f"cannot resume from {path}: its curvature_window is invalid: {error}") from None
     if annealer is not None and "annealing" in extra:
         annealer.load_state_dict(extra["annealing"])  # checked before anything else is loaded
     restore(model, optimizer, state, source=path)
-    train.curvature_window = curvature_window  # the rotating curvature subsets go on where they were
+    train.curvature_cursor.load_state_dict(cursor.state_dict())  # the rotating curvature subsets go on where they were
     saved_fingerprint = extra.get("data_fingerprint")
     same_data = fingerprint is not None and saved_fingerprint == fingerprint
     if fingerprint is not None and isinstance(saved_fingerprint, dict) and not same_data:
