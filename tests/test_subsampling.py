@@ -314,3 +314,43 @@ def test_fit_checkpoints_the_cursor_state_dict_and_resumes_an_int_window_of_olde
     save_checkpoint(path, state)
     with pytest.raises(CheckpointError, match="curvature_window"):
         run(9, resume=True)
+
+
+def test_fit_refuses_the_optimizer_before_it_builds_an_accumulator():
+    model = tanh_mlp(OUTPUTS)
+    loader = DataLoader(TensorDataset(*regression_data()), batch_size=16)  # an accumulator would refuse it with f < 1
+    with pytest.raises(ValueError, match="curvature_fraction=0.5 subsamples"):
+        fit(
+            model,
+            nn.MSELoss(),
+            loader,
+            optimizer=torch.optim.LBFGS(model.parameters()),
+            max_iter=1,
+            curvature_fraction=0.5,
+            progress=False,
+        )
+
+
+def test_fit_passes_curvature_subset_and_seed_to_its_accumulator():
+    def losses(subset: str, seed: int) -> list[float]:
+        history = fit(
+            tanh_mlp(OUTPUTS),
+            nn.MSELoss(),
+            regression_data(),
+            batch_size=32,
+            max_iter=6,
+            curvature_fraction=0.2,
+            curvature_subset=subset,
+            curvature_seed=seed,
+            progress=False,
+        )
+        return history["loss"]
+
+    fixed = losses("fixed", 3)
+    assert fixed == losses("fixed", 3)  # deterministic
+    assert fixed != losses("fixed", 4)  # the seed picks the subset
+    assert fixed != losses("rotating", 3)  # the mode is used
+    with pytest.raises(ValueError, match="curvature_subset 'random'"):
+        losses("random", 3)
+    with pytest.raises(TypeError, match="curvature_seed"):
+        losses("fixed", 0.5)  # type: ignore[arg-type]
