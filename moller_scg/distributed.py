@@ -12,6 +12,10 @@ Shards are contiguous index ranges, rank r holding [r·N // W, (r+1)·N // W) (:
 covering every sample exactly once, with no padding or dropping (``DistributedSampler`` pads or drops, which would
 change the objective). Shard sizes differ by at most one, and a rank may hold none (N < W).
 
+:func:`resolve_distributed` decides whether an accumulator reduces over a process group, :func:`check_ranks_agree`
+checks once that the ranks share N and the initial weights, and :func:`reduce_pass_sums` is the reduce step of
+every pass.
+
 A rank that raises or dies must not leave the others waiting forever: the process group's ``timeout`` bounds
 every collective, and a failed or timed-out collective is re-raised as :class:`DistributedError` naming this rank.
 
@@ -26,9 +30,14 @@ import datetime
 import logging
 import os
 from collections.abc import Mapping, Sequence
+from typing import Any, cast
 
 import torch
 import torch.distributed as dist
+from torch.utils.data import DataLoader
+
+from moller_scg._vectors import as_real
+from moller_scg.float64_sums import PassSums
 
 logger = logging.getLogger(__name__)
 
@@ -182,6 +191,65 @@ def local_device(device: str | torch.device | None) -> str | torch.device | None
     if resolved.type != "cuda" or resolved.index is not None:
         return device
     return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+
+
+def resolve_distributed(distributed: bool | None, data: Any) -> bool:
+    """Whether passes all-reduce over a process group: detected when ``None``; a DataLoader cannot be sharded."""
+    if distributed is not None and not isinstance(distributed, bool):
+        raise TypeError(f"distributed must be True, False or None, got {distributed!r}")
+    active = is_distributed() if distributed is None else distributed
+    if active and not is_distributed():
+        raise ValueError(
+            "distributed=True needs an initialised torch.distributed process group: call "
+            "torch.distributed.init_process_group first (torchrun sets its environment), or leave distributed=None"
+        )
+    if active and isinstance(data, DataLoader):
+        raise TypeError(
+            "a distributed GradientAccumulator shards the data itself, but a DataLoader fixes its own sampler: pass "
+            "its dataset and batch_size instead (GradientAccumulator(model, loss_fn, loader.dataset, "
+            "batch_size=loader.batch_size)), or distributed=False to stream the whole DataLoader on every rank"
+        )
+    return active
+
+
+def check_ranks_agree(samples: int, params: Sequence[torch.Tensor]) -> None:
+    """Every rank must have the same N, the same parameters and the same initial weights (one all-reduce)."""
+    with torch.no_grad():
+        checksum = sum(float(as_real(p).double().sum()) for p in params)
+    check_same_on_every_rank(
+        {
+            "the number of samples N": samples,
+            "the number of parameters": sum(p.numel() for p in params),
+            "the sum of the initial weights": checksum,
+        }
+    )
+
+
+def reduce_pass_sums(sums: PassSums, device: torch.device) -> PassSums:
+    """The global sums of one pass: Σ over ranks of this rank's :class:`~moller_scg.float64_sums.PassSums`.
+
+    The shards are disjoint (a rank may have 0 samples), so the global loss, vector sums, denominator, metric sums
+    and sample count are the sums over ranks: one ``all_reduce`` of a flat float64 buffer (:func:`all_reduce_sum`).
+    The batch losses ``terms`` stay local; they only name a non-finite batch.
+    """
+    samples = torch.tensor(sums.samples, dtype=torch.float64, device=device)
+    # all_reduce_sum gives None back only for a None: here at most the denominator and the metric sums, which
+    # PassSums allows.
+    loss, denominator, samples, metrics, metric_denominators, *vectors = cast(
+        list[torch.Tensor],
+        all_reduce_sum(
+            [sums.loss, sums.denominator, samples, sums.metrics, sums.metric_denominators, *(sums.vectors or [])]
+        ),
+    )
+    return PassSums(
+        loss=loss,
+        vectors=vectors if sums.vectors is not None else None,
+        denominator=denominator,
+        samples=int(samples.item()),
+        terms=sums.terms,
+        metrics=metrics,
+        metric_denominators=metric_denominators,
+    )
 
 
 def _as_float64(tensor: torch.Tensor) -> torch.Tensor:

@@ -1,4 +1,5 @@
-"""The user's data against the model: NumPy arrays become tensors, and a dtype mismatch is named up front.
+"""The user's model, parameters, device and data, checked at the boundary: NumPy arrays become tensors, and a
+dtype mismatch is named up front.
 
 A float64 NumPy array (NumPy's default) fed to a float32 model fails deep inside the first layer with PyTorch's
 ``mat1 and mat2 must have the same dtype``, which names neither the data nor the fix. The accumulator therefore
@@ -7,15 +8,19 @@ A float64 NumPy array (NumPy's default) fed to a float32 model fails deep inside
   the model's dtype, integer arrays (class indices) to int64;
 * refuses floating inputs whose dtype differs from the model's (:func:`check_input_dtype`), naming both dtypes and
   the two ways to make them agree.
+
+It also resolves which parameters w the accumulator differentiates (:func:`trainable_params`), by which names
+``torch.func`` knows them (:func:`param_names`) and on which device batches are evaluated (:func:`resolve_device`).
 """
 
 from __future__ import annotations
 
 import sys
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from typing import Any
 
 import torch
+from torch import nn
 
 
 def model_dtype(params: Sequence[torch.Tensor]) -> torch.dtype | None:
@@ -49,6 +54,58 @@ def check_input_dtype(inputs: torch.Tensor, dtype: torch.dtype | None, where: st
         f"(model.to({inputs.dtype})); NumPy arrays given as an (inputs, targets) pair are converted to the model's "
         f"dtype automatically"
     )
+
+
+def trainable_params(model: nn.Module, params: Iterable[torch.Tensor] | None) -> list[torch.Tensor]:
+    """w: the given parameters (each must require grad), or the model's that require grad; never none."""
+    if params is None:
+        chosen: list[torch.Tensor] = [p for p in model.parameters() if p.requires_grad]
+    else:
+        if isinstance(params, torch.Tensor):
+            raise TypeError("params must be an iterable of tensors, not a single tensor (wrap it in a list)")
+        chosen = list(params)
+        for index, p in enumerate(chosen):
+            if not isinstance(p, torch.Tensor) or not p.requires_grad:
+                raise ValueError(f"params[{index}] must be a tensor that requires grad, got {describe_value(p)}")
+    if not chosen:
+        raise ValueError(
+            f"the model ({type(model).__name__}) has no trainable parameters (none requires grad): "
+            f"there is nothing to differentiate"
+        )
+    return chosen
+
+
+def param_names(model: nn.Module, params: list[torch.Tensor]) -> list[str]:
+    """The names ``torch.func.functional_call`` knows the parameters by."""
+    by_id = {id(p): name for name, p in model.named_parameters(remove_duplicate=False)}
+    missing = [index for index, p in enumerate(params) if id(p) not in by_id]
+    if missing:
+        raise ValueError(
+            f"hvp_method='forward-over-reverse' needs parameters of the model itself, but params{missing} are not "
+            f"among model.named_parameters(); use hvp_method='double-backward'"
+        )
+    return [by_id[id(p)] for p in params]
+
+
+def resolve_device(device: torch.device | str | None, params: list[torch.Tensor]) -> torch.device:
+    """Where batches are evaluated: ``device``, or the first parameter's; a bare ``"cuda"`` is the current GPU."""
+    if device is None:
+        return params[0].device
+    try:
+        resolved = torch.device(device)
+    except (RuntimeError, TypeError) as error:
+        raise ValueError(f"Invalid device {device!r}: {error}") from None
+    if resolved.type == "cuda" and resolved.index is None and torch.cuda.is_available():
+        resolved = torch.device("cuda", torch.cuda.current_device())
+    return resolved
+
+
+def describe_value(value: Any) -> str:
+    """A short description of a bad argument for an error message: a tensor's shape and dtype, or a cut repr."""
+    if isinstance(value, torch.Tensor):
+        return f"a tensor of shape {tuple(value.shape)} and dtype {value.dtype}"
+    text = repr(value)
+    return f"{type(value).__name__} {text[:80]}{'…' if len(text) > 80 else ''}"
 
 
 def _is_numpy_array(value: Any) -> bool:

@@ -11,16 +11,30 @@ sample-weighted mean) of its values on any split of that batch. Two common ways 
 
 :func:`check_additivity` tests the first on a few samples, once per accumulator; :func:`check_same_shape` refuses
 the second on every batch (a comparison of two shapes).
+
+:func:`pass_problem` is the one host synchronisation of a pass: it names a batch whose loss is not finite, and
+refuses class weights that sum to 0.
+
+A model in training mode with dropout or batch norm has no fixed full-batch objective at all:
+:func:`warn_if_stochastic` says so once per accumulator (:class:`StochasticObjectiveWarning`), and additivity is
+not checked on it (:func:`stochastic_modules`).
 """
 
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
+
+from moller_scg import distributed as _dist
+
+if TYPE_CHECKING:
+    from moller_scg.batches import Batches
+    from moller_scg.float64_sums import PassSums
 
 ADDITIVITY_CHECK_SAMPLES = 8
 """Samples on which additivity is checked once per accumulator (on the whole and on its two halves)."""
@@ -39,6 +53,10 @@ ELEMENTWISE_LOSSES: tuple[type[nn.Module], ...] = (
     nn.HingeEmbeddingLoss,
 )
 """``torch.nn`` losses that compare outputs and targets element by element, so both must have one shape."""
+
+
+class StochasticObjectiveWarning(UserWarning):
+    """The model is in training mode with dropout or batch norm, so there is no fixed full-batch objective."""
 
 
 def is_elementwise_loss(loss_fn: Any) -> bool:
@@ -120,6 +138,83 @@ def check_additivity(
         f"class weights needs nn.CrossEntropyLoss(weight=...) or nn.NLLLoss(weight=...) (the accumulator divides "
         f"by the total class weight itself)"
     )
+
+
+def pass_problem(sums: PassSums, streamed: Batches, loss_fn: Any, distributed: bool, subset: bool) -> str | None:
+    """What is wrong with a pass's result: ``None`` when every batch loss is finite, else a message naming the batch.
+
+    Distributed, the global loss decides (every rank sees the same one, so all ranks report or none does); the rank
+    whose batch is not finite names it, the others say it is on another rank.
+
+    Args:
+        sums: the pass's sums, reduced over ranks.
+        streamed: the batches the pass streamed (to name a batch by its samples).
+        loss_fn: the loss, named in the error for class weights that sum to 0.
+        distributed: whether ``sums`` were reduced over a process group.
+        subset: whether ``streamed`` is a curvature subset (batch positions are then within it).
+
+    Raises:
+        ValueError: the targets' total class weight is 0, so the mean loss is 0/0.
+    """
+    terms, denominator = sums.terms, sums.denominator
+    healthy = torch.isfinite(sums.loss if distributed else terms).all()
+    if denominator is not None:
+        healthy = healthy & (denominator > 0)
+    if bool(healthy):
+        return None
+    if denominator is not None and not bool(denominator > 0):
+        raise ValueError(
+            f"the targets' total class weight is {float(denominator)} (every target equals ignore_index or has "
+            f"weight 0), so the mean {type(loss_fn).__name__} over the dataset is 0/0"
+        )
+    if bool(torch.isfinite(terms).all()):
+        return (
+            f"the full-batch loss is not finite ({float(sums.loss)}): a batch of another rank's shard has a "
+            f"non-finite loss (rank {_dist.rank()} of {_dist.world_size()} has only finite ones)"
+        )
+    index = int(torch.nonzero(~torch.isfinite(terms))[0, 0])
+    where = f" of rank {_dist.rank()}'s shard" if distributed else ""
+    if subset:
+        where += " (positions within this Hessian-vector product's curvature subset)"
+    return (
+        f"the loss of {streamed.describe(index)}{where} is not finite ({float(terms[index])}); "
+        f"{int((~torch.isfinite(terms)).sum())} of {terms.numel()} batches have a non-finite loss"
+    )
+
+
+def stochastic_modules(model: nn.Module) -> list[str]:
+    """Names of the submodules that make the forward pass random or batch-dependent in training mode."""
+    names = []
+    for name, module in model.named_modules():
+        if not module.training:
+            continue
+        if isinstance(module, nn.modules.batchnorm._BatchNorm):
+            names.append(name or type(module).__name__)
+        elif isinstance(module, nn.modules.dropout._DropoutNd) and module.p > 0:
+            names.append(name or type(module).__name__)
+        elif isinstance(module, nn.MultiheadAttention) and module.dropout > 0:
+            names.append(name or type(module).__name__)
+    return names
+
+
+def warn_if_stochastic(model: nn.Module, stacklevel: int) -> bool:
+    """Issue a :class:`StochasticObjectiveWarning` if ``model`` is stochastic in training mode; whether it did.
+
+    ``stacklevel`` counts from this function, so that the warning points at the user's call of the accumulator.
+    """
+    names = stochastic_modules(model)
+    if not names:
+        return False
+    warnings.warn(
+        f"the model is in training mode with dropout or batch norm ({', '.join(names[:5])}"
+        f"{', …' if len(names) > 5 else ''}): the full-batch objective is not defined — every pass sees other "
+        f"dropout masks, batch norm uses per-batch statistics (so the result depends on the batch size) and "
+        f"updates its running statistics. Call model.eval() for the deterministic full-batch objective, or "
+        f"accept the stochastic objective and silence this StochasticObjectiveWarning",
+        StochasticObjectiveWarning,
+        stacklevel=stacklevel,
+    )
+    return True
 
 
 def _reshape_hint(shape: tuple[int, ...]) -> str:

@@ -12,6 +12,9 @@ them:
   consecutive curvatures see different samples and every sample enters once every ⌈n/m⌉ calls;
 * ``"fixed"``: always the first window π[0:m], so the curvature is that of one fixed subset.
 
+:class:`CurvatureCursor` remembers c, the number of the next window; its ``state_dict`` is what a checkpoint saves,
+so a resumed run takes the same subsets.
+
 References:
     Byrd, R. H., Chin, G. M., Neveitt, W. & Nocedal, J. (2011). On the use of stochastic Hessian information in
     optimization methods for machine learning. SIAM Journal on Optimization 21(3), 977–995.
@@ -23,6 +26,8 @@ import math
 import numbers
 
 import torch
+
+from moller_scg.distributed import shard_range
 
 SUBSET_MODES = ("rotating", "fixed")
 
@@ -87,3 +92,47 @@ class CurvatureSubsets:
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}(samples={self.samples}, fraction={self.fraction}, mode={self.mode!r})"
+
+
+def curvature_samples(samples: int, fraction: float, shard: tuple[int, int] | None) -> int:
+    """m, the samples of one subsampled curvature pass over all ranks: Σ_r ⌈f·n_r⌉ over the shards n_r."""
+    if shard is None:
+        return subset_size(samples, fraction)
+    world_size = shard[1]
+    return sum(subset_size(len(shard_range(samples, rank, world_size)), fraction) for rank in range(world_size))
+
+
+class CurvatureCursor:
+    """c, the number of the next curvature window: the rotating windows go on from where the cursor points.
+
+    Args:
+        window: c, an int ≥ 0 (0: start with the first window).
+    """
+
+    def __init__(self, window: int = 0) -> None:
+        self.window = _checked_window(window)
+
+    def take(self) -> int:
+        """The window c for this curvature evaluation; the cursor moves on to c + 1."""
+        window = self.window
+        self.window += 1
+        return window
+
+    def state_dict(self) -> dict[str, int]:
+        """``{"window": c}``."""
+        return {"window": self.window}
+
+    def load_state_dict(self, state_dict: dict[str, int]) -> None:
+        """Point at the window :meth:`state_dict` saved; ``ValueError`` for anything but ``{"window": c}``, c ≥ 0."""
+        if not isinstance(state_dict, dict) or set(state_dict) != {"window"}:
+            raise ValueError(f"not a CurvatureCursor state_dict (expected the key 'window'): {state_dict!r:.120}")
+        self.window = _checked_window(state_dict["window"])
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(window={self.window})"
+
+
+def _checked_window(window: object) -> int:
+    if isinstance(window, bool) or not isinstance(window, numbers.Integral) or int(window) < 0:
+        raise ValueError(f"Invalid curvature window {window!r}; it must be an int ≥ 0")
+    return int(window)

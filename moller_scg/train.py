@@ -37,6 +37,7 @@ from moller_scg.checkpoint import (
 from moller_scg.fingerprint import data_fingerprint, describe_difference
 from moller_scg.history import History
 from moller_scg.scg import DEFAULT_MEMORY, LAMBDA_MAX, SCG, SCGTrace
+from moller_scg.subsampling import CurvatureCursor, validate_fraction, validate_subset
 
 logger = logging.getLogger(__name__)
 
@@ -136,6 +137,8 @@ def fit(
     callbacks: Sequence[Callback] = (),
     annealing: AnnealingRestarts | None = None,
     curvature_fraction: float = 1.0,
+    curvature_subset: str = "rotating",
+    curvature_seed: int = 0,
 ) -> History:
     """Train ``model`` by full-batch SCG (or another closure optimizer) until a stopping rule fires.
 
@@ -192,7 +195,12 @@ def fit(
         curvature_fraction: f ∈ (0, 1]: SCG's exact curvature s = E''(w)p is taken over a rotating f of the
             training samples (Byrd et al. 2011; see :class:`~moller_scg.GradientAccumulator`), while E and E' stay
             exact. Default 1: the full-batch product. Only SCG with double-backward curvature uses it; with f < 1 the
-            default optimizer is Møller's ``SCG(params)`` instead of ``SCG(params, memory=20)``.
+            default optimizer is Møller's ``SCG(params)`` instead of ``SCG(params, memory=20)``. A given optimizer
+            that does not ask for exact curvature is refused before any data is touched.
+        curvature_subset: with f < 1, ``"rotating"`` (default): each product takes the next ⌈f·N⌉ samples of a
+            seeded permutation; ``"fixed"``: always the same ones (:mod:`moller_scg.subsampling`).
+        curvature_seed: seeds that permutation (an int; default 0). The checkpoint holds the next window, so a
+            resumed run takes the same subsets when it is given the same seed.
 
     Distributed (under ``torchrun``, or any initialised ``torch.distributed`` process group; see
     :mod:`moller_scg.distributed`): call ``fit`` on every rank with the same arguments and the same initial
@@ -220,6 +228,7 @@ def fit(
         max_iter, goal, min_grad, max_time, max_fail, max_stall, checkpoint, checkpoint_every, resume, overwrite
     )
     _validate_callbacks(callbacks)
+    _check_curvature_subsampling(curvature_fraction, curvature_subset, curvature_seed, optimizer)
     if checkpoint is not None:
         _check_checkpoint_target(checkpoint, resume, overwrite)
     if device is not None:
@@ -234,6 +243,8 @@ def fit(
         reduction=reduction,
         on_non_finite="return",
         curvature_fraction=curvature_fraction,
+        curvature_subset=curvature_subset,
+        curvature_seed=curvature_seed,
     )
     validation = None
     if val_data is not None:
@@ -243,12 +254,6 @@ def fit(
         # curvature asks for Møller's SCG with exact products; otherwise the quasi-Newton preconditioned mode.
         optimizer = SCG(train.params) if train.curvature_fraction < 1.0 else SCG(train.params, memory=DEFAULT_MEMORY)
     _check_no_frozen_parameters(optimizer)
-    if train.curvature_fraction < 1.0 and not _takes_exact_curvature(optimizer):
-        raise ValueError(
-            f"curvature_fraction={curvature_fraction!r} subsamples the Hessian-vector products of SCG's exact "
-            f"curvature, which this {type(optimizer).__name__} does not ask for: drop curvature_fraction, or use "
-            f"SCG(params, hvp='double-backward')"
-        )
     if min_grad is not None and not isinstance(optimizer, SCG):
         raise ValueError("min_grad needs the gradient norm, which only SCG reports; drop min_grad or use SCG")
     annealer = None
@@ -509,7 +514,7 @@ class _RunState:
             "early_stopping": self.early.to_dict(),
             "elapsed": time.perf_counter() - started,
             "world_size": _dist.world_size(),
-            "curvature_window": self.train.curvature_window,
+            "curvature_window": self.train.curvature_cursor.state_dict(),
             "data_fingerprint": self.fingerprint,
             "optimizer_at_weights": self.optimizer_at_weights(),
         }
@@ -561,6 +566,21 @@ def _validate_callbacks(callbacks: Any) -> None:
             )
 
 
+def _check_curvature_subsampling(
+    fraction: Any, subset: Any, seed: Any, optimizer: torch.optim.Optimizer | None
+) -> None:
+    """Before any accumulator is built: f, the subset mode and the seed are valid, and a given optimizer with
+    f < 1 asks for exact curvature (otherwise the subsampled products would never be used)."""
+    fraction = validate_fraction(fraction)
+    validate_subset(subset, seed)
+    if fraction < 1.0 and optimizer is not None and not _takes_exact_curvature(optimizer):
+        raise ValueError(
+            f"curvature_fraction={fraction!r} subsamples the Hessian-vector products of SCG's exact "
+            f"curvature, which this {type(optimizer).__name__} does not ask for: drop curvature_fraction, or use "
+            f"SCG(params, hvp='double-backward')"
+        )
+
+
 def _check_checkpoint_target(path: str | os.PathLike[str], resume: bool, overwrite: bool) -> None:
     """Before training: the checkpoint can be written, and an existing one is only resumed or knowingly replaced.
 
@@ -606,13 +626,18 @@ def _resume(
         {"columns": state["history"], "best_iteration": extra.get("best_iteration"), "restarts": extra.get("restarts")}
     )
     early = _EarlyStopping(**extra.get("early_stopping", {}))
-    curvature_window = extra.get("curvature_window", 0)
-    if isinstance(curvature_window, bool) or not isinstance(curvature_window, int) or curvature_window < 0:
-        raise CheckpointError(f"cannot resume from {path}: its curvature_window {curvature_window!r} is not an int ≥ 0")
+    curvature_window = extra.get("curvature_window", {"window": 0})
+    if isinstance(curvature_window, int) and not isinstance(curvature_window, bool):
+        curvature_window = {"window": curvature_window}  # checkpoints written before the cursor had a state_dict
+    cursor = CurvatureCursor()
+    try:
+        cursor.load_state_dict(curvature_window)
+    except ValueError as error:
+        raise CheckpointError(f"cannot resume from {path}: its curvature_window is invalid: {error}") from None
     if annealer is not None and "annealing" in extra:
         annealer.load_state_dict(extra["annealing"])  # checked before anything else is loaded
     restore(model, optimizer, state, source=path)
-    train.curvature_window = curvature_window  # the rotating curvature subsets go on where they were
+    train.curvature_cursor.load_state_dict(cursor.state_dict())  # the rotating curvature subsets go on where they were
     saved_fingerprint = extra.get("data_fingerprint")
     same_data = fingerprint is not None and saved_fingerprint == fingerprint
     if fingerprint is not None and isinstance(saved_fingerprint, dict) and not same_data:

@@ -11,7 +11,8 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from moller_scg import SCG, GradientAccumulator, fit
-from moller_scg.subsampling import CurvatureSubsets, subset_size
+from moller_scg.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+from moller_scg.subsampling import CurvatureCursor, CurvatureSubsets, subset_size
 from tests.test_accumulate import (
     CLASSES,
     EXACT,
@@ -247,3 +248,109 @@ def test_a_non_finite_batch_of_a_curvature_subset_is_named_as_such():
     acc = GradientAccumulator(tanh_mlp(OUTPUTS), nn.MSELoss(), (inputs, targets), batch_size=8, curvature_fraction=0.1)
     with pytest.raises(FloatingPointError, match="curvature subset"):
         acc.hvp(random_vectors(acc.params))
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# The cursor: which window comes next, saved by its own state_dict
+
+
+def test_curvature_cursor_state_dict_round_trips_and_refuses_bad_windows():
+    cursor = CurvatureCursor()
+    assert [cursor.take(), cursor.take()] == [0, 1]
+    assert cursor.state_dict() == {"window": 2}
+    restored = CurvatureCursor()
+    restored.load_state_dict(cursor.state_dict())
+    assert restored.take() == 2
+    for bad in ({"window": -1}, {"window": True}, {"window": 1.5}, {"position": 1}, 3):
+        with pytest.raises(ValueError, match="window"):
+            restored.load_state_dict(bad)
+    assert restored.window == 3  # a refused state leaves the cursor where it was
+
+
+def test_curvature_window_attribute_moves_the_cursor_and_the_next_product_takes_that_window():
+    (inputs, targets), model, loss_fn = regression_data(), tanh_mlp(OUTPUTS), nn.MSELoss()
+    acc = GradientAccumulator(model, loss_fn, (inputs, targets), batch_size=16, curvature_fraction=0.25)
+    acc.curvature_window = 5
+    assert acc.curvature_cursor.state_dict() == {"window": 5}
+    vectors = random_vectors(acc.params)
+    expected = subset_reference(model, loss_fn, inputs, targets, CurvatureSubsets(SAMPLES, 0.25).indices(5), vectors)
+    assert relative_error(acc.hvp(vectors), expected) <= EXACT
+    assert acc.curvature_window == 6
+    with pytest.raises(ValueError, match="-1"):
+        acc.curvature_window = -1
+
+
+def test_fit_checkpoints_the_cursor_state_dict_and_resumes_an_int_window_of_older_checkpoints(tmp_path):
+    inputs, targets = regression_data()
+    path = tmp_path / "run.pt"
+
+    def run(max_iter: int, resume: bool) -> list[float]:
+        history = fit(
+            tanh_mlp(OUTPUTS),
+            nn.MSELoss(),
+            (inputs, targets),
+            batch_size=32,
+            max_iter=max_iter,
+            curvature_fraction=0.2,
+            checkpoint=path,
+            checkpoint_every=1,
+            resume=resume,
+            overwrite=not resume,
+            progress=False,
+        )
+        return history["loss"]
+
+    uninterrupted = run(8, resume=False)
+    run(4, resume=False)
+    state = load_checkpoint(path)
+    saved = state["extra"]["curvature_window"]
+    assert set(saved) == {"window"} and saved["window"] >= 4  # one rotating window per HVP, at least one a step
+    state["extra"]["curvature_window"] = saved["window"]  # the plain int that checkpoints held before
+    save_checkpoint(path, state)
+    assert run(8, resume=True) == uninterrupted  # the same windows, so the same losses
+
+    state = load_checkpoint(path)
+    state["extra"]["curvature_window"] = {"window": -3}
+    save_checkpoint(path, state)
+    with pytest.raises(CheckpointError, match="curvature_window"):
+        run(9, resume=True)
+
+
+def test_fit_refuses_the_optimizer_before_it_builds_an_accumulator():
+    model = tanh_mlp(OUTPUTS)
+    loader = DataLoader(TensorDataset(*regression_data()), batch_size=16)  # an accumulator would refuse it with f < 1
+    with pytest.raises(ValueError, match="curvature_fraction=0.5 subsamples"):
+        fit(
+            model,
+            nn.MSELoss(),
+            loader,
+            optimizer=torch.optim.LBFGS(model.parameters()),
+            max_iter=1,
+            curvature_fraction=0.5,
+            progress=False,
+        )
+
+
+def test_fit_passes_curvature_subset_and_seed_to_its_accumulator():
+    def losses(subset: str, seed: int) -> list[float]:
+        history = fit(
+            tanh_mlp(OUTPUTS),
+            nn.MSELoss(),
+            regression_data(),
+            batch_size=32,
+            max_iter=6,
+            curvature_fraction=0.2,
+            curvature_subset=subset,
+            curvature_seed=seed,
+            progress=False,
+        )
+        return history["loss"]
+
+    fixed = losses("fixed", 3)
+    assert fixed == losses("fixed", 3)  # deterministic
+    assert fixed != losses("fixed", 4)  # the seed picks the subset
+    assert fixed != losses("rotating", 3)  # the mode is used
+    with pytest.raises(ValueError, match="curvature_subset 'random'"):
+        losses("random", 3)
+    with pytest.raises(TypeError, match="curvature_seed"):
+        losses("fixed", 0.5)  # type: ignore[arg-type]
