@@ -1,15 +1,21 @@
 """The cost of one SCG iteration with GradientAccumulator, in units of one gradient pass, on the blog's MNIST CNN.
 
 Measured side by side in one run (interleaved rounds; every round times one gradient pass ``acc()``, one HVP pass
-``acc.hvp(v)``, one ``SCG.step`` with exact curvature and one with finite differences), and compared with the
-floors the passes themselves set:
+``acc.hvp(v)``, one over a tenth of the samples, and one ``SCG.step`` in each of the four curvature modes below), and
+compared with the floors the passes themselves set:
 
 * exact curvature (``hvp="double-backward"``, SCG calls ``acc.hvp``): a successful step makes 1 gradient pass and
   1 HVP pass; target ≤ 1.05 × (gradient pass + HVP pass);
 * finite differences (``hvp="finite-difference"``): a successful step makes 2 gradient passes; target ≤ 2.1
   gradient passes;
 * subsampled exact curvature (``GradientAccumulator(..., curvature_fraction=0.1)``): a successful step makes 1
-  gradient pass and 1 HVP pass over a tenth of the samples; target ≤ 1.05 × (gradient pass + that HVP pass).
+  gradient pass and 1 HVP pass over a tenth of the samples; target ≤ 1.05 × (gradient pass + that HVP pass);
+* secant m = 20 (``SCG(params, memory=20)``, whose ``hvp`` defaults to ``"secant"``): δ = μ from the quasi-Newton
+  model of the stored secant pairs, so a successful step with pairs makes 1 gradient pass (the trial) plus SCG's
+  own work, H r₊ from the 20 pairs; target ≤ 1.05 gradient passes. A step without pairs (the first, or the one
+  after the pairs were dropped) takes Møller's finite difference; such steps (an HVP call or more than one closure
+  call in the trace) are left out of this mode's ratio and counted in the report. Before the timed rounds this
+  mode steps until it has made m successful steps, so the timed steps form H r₊ from a full memory of pairs.
 
 A failed step (Δ < 0) makes only the trial's gradient pass; the closure and HVP calls of each step are read from
 ``optimizer.trace``, and the ratios are medians over successful steps of (step time) / (floor in the same round).
@@ -45,6 +51,9 @@ from moller_scg.scg import SCG  # noqa: E402
 EXACT_TARGET = 1.05  # × (1 gradient pass + 1 HVP pass), also for the subsampled HVP pass
 CURVATURE_FRACTION = 0.1
 FINITE_DIFFERENCE_TARGET = 2.1  # gradient passes
+MEMORY = 20  # m, the secant pairs of SCG(params, memory=20)
+SECANT_TARGET = 1.05  # gradient passes
+MODES = ("exact", "finite-difference", "subsampled", "secant")
 
 
 def _timed(function) -> float:
@@ -82,13 +91,21 @@ class _TimedClosure:
 class _Run:
     """One SCG optimizer on its own copy of the model, stepping through its own accumulator."""
 
-    def __init__(self, model: nn.Module, data, batch_size: int, hvp: str, curvature_fraction: float = 1.0) -> None:
+    def __init__(
+        self,
+        model: nn.Module,
+        data,
+        batch_size: int,
+        hvp: str,
+        curvature_fraction: float = 1.0,
+        memory: int = 0,
+    ) -> None:
         self.model = copy.deepcopy(model)
         accumulator = GradientAccumulator(
             self.model, nn.CrossEntropyLoss(), data, batch_size=batch_size, curvature_fraction=curvature_fraction
         )
         self.closure = _TimedClosure(accumulator)
-        self.optimizer = SCG(self.model.parameters(), hvp=hvp)
+        self.optimizer = SCG(self.model.parameters(), hvp=hvp, memory=memory)
 
     def step(self) -> dict[str, float]:
         before = self.optimizer.trace
@@ -120,11 +137,13 @@ def measure(samples: int, batch_size: int, rounds: int, device: torch.device) ->
         "exact": _Run(model, data, batch_size, "double-backward"),
         "finite-difference": _Run(model, data, batch_size, "finite-difference"),
         "subsampled": _Run(model, data, batch_size, "double-backward", CURVATURE_FRACTION),
+        "secant": _Run(model, data, batch_size, "secant", memory=MEMORY),
     }
     # Warm-up: one pass of each kind, and each optimizer's first step (which also evaluates its start point).
     passes(), passes.hvp(vectors), subsampled_passes.hvp(vectors)
     for run in runs.values():
         run.step()
+    secant_warm_up_successes = _fill_memory(runs["secant"])
     records = []
     for round_index in range(rounds):
         tasks = [
@@ -134,13 +153,35 @@ def measure(samples: int, batch_size: int, rounds: int, device: torch.device) ->
             ("exact", runs["exact"].step),
             ("finite-difference", runs["finite-difference"].step),
             ("subsampled", runs["subsampled"].step),
+            ("secant", runs["secant"].step),
         ]
         shift = round_index % len(tasks)
         record = {}
         for name, task in tasks[shift:] + tasks[:shift]:
             record[name] = task()
         records.append(record)
-    return summarize(records, samples, batch_size, rounds)
+    result = summarize(records, samples, batch_size, rounds)
+    result["secant"]["warm_up_successful_steps"] = secant_warm_up_successes
+    return result
+
+
+def _fill_memory(run: _Run) -> int:
+    """Step until m steps were accepted, so the timed steps form H r₊ from m secant pairs, not fewer.
+
+    Each accepted step stores its pair (unless the pair fails the curvature condition). Returns the number of
+    accepted steps made before the timed rounds, the first step included.
+    """
+    successes = 1 if run.optimizer.trace is not None and run.optimizer.trace.success else 0
+    for _ in range(3 * MEMORY):  # a bound, in case many trials fail
+        if successes >= MEMORY:
+            break
+        successes += run.step()["success"]
+    return successes
+
+
+def _is_secant_step(step: dict[str, float]) -> bool:
+    """A step that took δ from the secant pairs: its only closure call is the trial, and it made no HVP call."""
+    return step["closure_calls"] == 1 and step["hvp_calls"] == 0
 
 
 def summarize(records: list[dict], samples: int, batch_size: int, rounds: int) -> dict[str, object]:
@@ -156,12 +197,19 @@ def summarize(records: list[dict], samples: int, batch_size: int, rounds: int) -
         "curvature_fraction": CURVATURE_FRACTION,
         "subsampled_hvp_over_gradient": statistics.median(r["subsampled_hvp"] / r["gradient"] for r in records),
     }
-    for mode in ("exact", "finite-difference", "subsampled"):
+    for mode in MODES:
         hvp_kind = "subsampled_hvp" if mode == "subsampled" else "hvp"
         steps = [(r[mode], r["gradient"], r[hvp_kind]) for r in records]
         successes = [s for s in steps if s[0]["success"]]
+        excluded = 0
+        if mode == "secant":
+            secant_successes = [s for s in successes if _is_secant_step(s[0])]
+            excluded = len(successes) - len(secant_successes)
+            successes = secant_successes
         if mode == "finite-difference":
             floor = [2 * g for _, g, _ in successes]
+        elif mode == "secant":
+            floor = [g for _, g, _ in successes]
         else:
             floor = [g + h for _, g, h in successes]
         in_units = [s["seconds"] / f for (s, _, _), f in zip(successes, floor)]
@@ -169,6 +217,7 @@ def summarize(records: list[dict], samples: int, batch_size: int, rounds: int) -
         result[mode] = {
             "steps": len(steps),
             "successful_steps": len(successes),
+            "successful_steps_excluded": excluded,  # secant: successes with an HVP call or a finite difference
             "closure_calls_per_successful_step": sorted({s["closure_calls"] for s, _, _ in successes}),
             "hvp_calls_per_successful_step": sorted({s["hvp_calls"] for s, _, _ in successes}),
             "successful_step_in_gradient_passes": statistics.median(s["seconds"] / g for s, g, _ in successes)
@@ -188,7 +237,7 @@ def _ms(seconds: float | None) -> float | None:
 
 def report(results: dict[str, object]) -> str:
     env, row = results["environment"], results["measurement"]
-    exact, fd, sub = row["exact"], row["finite-difference"], row["subsampled"]
+    exact, fd, sub, secant = row["exact"], row["finite-difference"], row["subsampled"], row["secant"]
     floor_exact = 1 + row["hvp_over_gradient"]
     floor_subsampled = 1 + row["subsampled_hvp_over_gradient"]
 
@@ -241,6 +290,17 @@ def report(results: dict[str, object]) -> str:
             f"(target ≤ {EXACT_TARGET}: {verdict(sub['successful_step_over_floor'], EXACT_TARGET)})",
             f"  mean over all steps = {sub['mean_step_in_gradient_passes']:.2f} gradient passes; SCG's own "
             f"work per successful step (outside the passes) {own_ms(sub)} ms",
+            "",
+            f"secant m = {MEMORY} (SCG(params, memory={MEMORY}), hvp='secant': δ from the quasi-Newton model, "
+            f"timed after {secant['warm_up_successful_steps']} accepted warm-up steps)",
+            f"  successful steps counted: {secant['successful_steps']} of {secant['steps']} (left out: "
+            f"{secant['successful_steps_excluded']} with an HVP call or a finite difference); closure calls per "
+            f"counted step {secant['closure_calls_per_successful_step']}, HVP calls "
+            f"{secant['hvp_calls_per_successful_step']}",
+            f"  successful step = {fmt(secant['successful_step_in_gradient_passes'])} gradient passes; floor 1  "
+            f"(target ≤ {SECANT_TARGET}: {verdict(secant['successful_step_over_floor'], SECANT_TARGET)})",
+            f"  mean over all steps = {secant['mean_step_in_gradient_passes']:.2f} gradient passes; SCG's own "
+            f"work per successful step (outside the passes, H r₊ included) {own_ms(secant)} ms",
         ]
     )
 
