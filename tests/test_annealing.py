@@ -9,7 +9,7 @@ import pytest
 import torch
 from torch import nn
 
-from moller_scg import History, fit
+from moller_scg import SCG, History, fit
 from moller_scg.annealing import (
     EVENT_KEYS,
     INITIAL,
@@ -47,6 +47,8 @@ ESCAPING = AnnealingRestarts(window=5, temperature=0.5, scale=1.0, perturbations
 
 
 def fit_well(model: nn.Module, annealing: AnnealingRestarts | None = None, **options) -> History:
+    # The scenarios are Møller's SCG's stalls (fit's default is SCG(memory=20), whose λ reaches the bound first).
+    options.setdefault("optimizer", SCG(model.parameters()))
     options.setdefault("max_iter", 60)
     return fit(model, energy, WELL_DATA, reduction="mean", batch_size=4, progress=False, annealing=annealing, **options)
 
@@ -65,6 +67,7 @@ FREQUENT = AnnealingRestarts(window=3, rel_tol=0.2, temperature=0.01, scale=0.05
 
 
 def fit_regression(model: nn.Module, data, **options) -> History:
+    options.setdefault("optimizer", SCG(model.parameters()))
     options.setdefault("max_iter", 40)
     return fit(model, nn.MSELoss(), data, batch_size=16, progress=False, annealing=FREQUENT, **options)
 
