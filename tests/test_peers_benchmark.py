@@ -132,7 +132,13 @@ def test_quick_run_writes_table_json_and_figure(tmp_path, monkeypatch, capsys):
     assert "## Goals of issue #14" in report
     # Every SCG row of the table is judged by the goals; a new mode needs no edit beyond its row.
     scg_rows = [r["name"] for r in results["problems"][0]["results"] if r["family"] == "SCG"]
-    assert scg_rows == ["SCG exact", "SCG finite-diff", "SCG exact, 10% curv."]
+    assert scg_rows == ["SCG exact", "SCG finite-diff", "SCG exact, 10% curv.", "SCG m=20", "SCG m=5"]
+    # SCG(memory=m) holds the 2m secant pairs besides p, r and w (and the pair's temporaries between evaluations).
+    for name, memory in (("SCG m=20", 20), ("SCG m=5", 5)):
+        for block in results["problems"]:
+            row = next(r for r in block["results"] if r["name"] == name)
+            assert 2 * memory + 3 <= row["state_in_n"] <= 2 * memory + 5, (block["problem"]["name"], name)
+        assert probe[name] <= 2 * memory + 10, name
     assert set(results["goals"]) == set(scg_rows)
 
 
