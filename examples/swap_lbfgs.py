@@ -10,7 +10,8 @@ Only the line that builds the optimizer differs from the LBFGS version, besides 
 ``memory=20``: SCG keeps 20 secant pairs, like an LBFGS with ``history_size=20``, preconditions its direction with
 them and takes its curvature from them (``hvp="secant"``), so a plain ``loss.backward()`` closure is all it needs and
 a step costs one closure call. ``SCG(model.parameters(), hvp="finite-difference")`` is Møller's SCG with the same
-closure (one more closure call per successful step, 4 weight-sized buffers instead of 2 × 20 + 4). One ``SCG.step`` is one iteration, whereas one ``LBFGS.step`` runs up to ``max_iter=20``.
+closure (one more closure call per successful step, 4 weight-sized buffers instead of 2 × 20 + 4). One
+``SCG.step`` is one iteration, whereas one ``LBFGS.step`` runs up to ``max_iter=20``.
 """
 
 from __future__ import annotations
