@@ -740,8 +740,9 @@ class SCG(torch.optim.Optimizer):
     ) -> tuple[float, float]:
         """Step 7 with memory: keep the pair (s, y) = (αp, r − r₊) of the accepted step, then p ← H r₊ in p's storage.
 
-        Returns |p₊|² and p₊ᵀr₊ (the next μ). s and y are copied into the pair stacks and released before H r₊ is
-        formed, so the peak adds one parameter-sized buffer per vector of (s, y, H r₊) alive at a time.
+        Returns |p₊|² and p₊ᵀr₊ (the next μ), formed from the per-parameter tensors as :meth:`_state_products` would
+        form them after a ``load_state_dict``, so a resumed run takes the same bits. The pair update holds one
+        3 × n buffer (y, s and r₊ flattened) and H r₊ besides the stored pairs (:meth:`SecantPairs.advance`).
         """
         pairs = cast(quasi_newton.SecantPairs, self._secant_pairs)
         vec.copy_(direction, pairs.advance(direction, alpha, residual, new_residual))
