@@ -57,6 +57,11 @@ def test_run_on_tiny_idx_files_writes_table_json_and_figure(blog_mnist, tmp_path
     assert runs["SCG m=20"]["gradient_passes"] <= runs["SCG m=20"]["iterations"] + 2
     assert runs["SCG finite-diff (blog)"]["gradient_passes"] > runs["SCG finite-diff (blog)"]["iterations"]
     assert runs["Adam"]["gradient_passes"] == runs["Adam"]["iterations"]
+    finite_difference, subsampled = runs["SCG finite-diff (blog)"]["details"], runs["SCG 10% curv."]["details"]
+    assert runs["SCG finite-diff (blog)"]["gradient_passes"] == finite_difference["closure_calls"]
+    hvp_cost = results["pass_costs"]["hvp_subsampled"]
+    expected = subsampled["closure_calls"] + subsampled["hvp_calls"] * hvp_cost
+    assert runs["SCG 10% curv."]["gradient_passes"] == pytest.approx(expected)
     assert runs["torch LBFGS"]["gradient_passes"] > runs["torch LBFGS"]["iterations"]
     assert 0 < results["pass_costs"]["hvp_subsampled"] and 0 < results["pass_costs"]["loss"]
 
