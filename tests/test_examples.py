@@ -38,3 +38,25 @@ def test_batch_size_invariance_curves_coincide(tmp_path):
     assert example.largest_relative_difference(histories) <= 1e-10
     assert all(len(history) == 3 for history in histories.values())
     assert figure.read_bytes().startswith(b"\x89PNG")
+
+
+def test_batch_size_invariance_on_idx_files_with_the_whole_batch(tmp_path):
+    from test_cli import write_tiny_mnist
+
+    write_tiny_mnist(tmp_path, train=48, test=10)  # 40 training images, 8 validation
+    example = load_example("batch_size_invariance")
+    args = ["--data", str(tmp_path), "--train-size", "30", "--iterations", "3", "--batch-sizes", "-1", "16", "7"]
+    histories = example.main(args)
+    assert list(histories) == [-1, 16, 7]
+    assert example.largest_relative_difference(histories) <= 1e-10
+    assert all(len(history) == 3 for history in histories.values())
+    # full MNIST's held-out curve is its validation split (8 of the 48 images), not its test split (10)
+    train, held_out = example.load_data(str(tmp_path), 30, seed=0)
+    assert len(train[1]) == 30 and len(held_out[1]) == 8
+
+
+def test_batch_size_invariance_refuses_a_batch_size_of_zero(capsys):
+    example = load_example("batch_size_invariance")
+    with pytest.raises(SystemExit):
+        example.main(["--batch-sizes", "0", "32"])
+    assert "--batch-sizes must be ≥ 1 or -1 (the whole batch), got [0]" in capsys.readouterr().err
