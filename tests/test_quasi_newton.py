@@ -136,3 +136,24 @@ def test_state_dict_round_trip_gives_the_same_products():
         SecantPairs(params, 4).load_state_dict(state)
     with pytest.raises(ValueError, match="memory=3"):
         SecantPairs([torch.zeros(5, dtype=torch.float64)], 3).load_state_dict(state)
+
+
+def test_advance_equals_push_then_inverse_product():
+    """SCG's one-synchronisation step: the same pairs and the same H r₊ as push followed by inverse_product, also
+    when the pair fails the curvature condition and when the memory wraps around."""
+    params = [torch.zeros(s, dtype=torch.float64) for s in SHAPES]
+    hessian = spd(N, seed=11)
+    generator = torch.Generator().manual_seed(5)
+    fused, separate = SecantPairs(params, 3), SecantPairs(params, 3)
+    for k in range(7):
+        direction = torch.randn(N, generator=generator, dtype=torch.float64)
+        residual = torch.randn(N, generator=generator, dtype=torch.float64)
+        alpha = 0.5
+        change = hessian @ (alpha * direction) if k != 2 else -(alpha * direction)  # k = 2: negative curvature
+        new_residual = residual - change
+        result = fused.advance(split(direction), alpha, split(residual), split(new_residual))
+        kept = separate.push(split(alpha * direction), split(residual - new_residual))
+        expected = separate.inverse_product(split(new_residual))
+        assert kept == (k != 2)
+        assert fused.slots == separate.slots
+        torch.testing.assert_close(flat(result), flat(expected), rtol=1e-12, atol=1e-14)
