@@ -367,15 +367,7 @@ class Annealer:
         if kind == REINITIALISATION:
             result = self._reinitialise(params, moves, temperature, scale)
         else:
-            result = metropolis_walk(
-                params,
-                self.loss,
-                moves=moves,
-                temperature=temperature,
-                scale=scale,
-                generator=self.generator,
-                cooling=self.config.cooling,
-            )
+            result = self._walk(params, moves, temperature, scale)
         _restart_scg(self.optimizer)
         event = {
             "iteration": len(history),
@@ -402,6 +394,18 @@ class Annealer:
             result.loss_after,
         )
 
+    def _walk(self, params: list[torch.Tensor], moves: int, temperature: float, scale: float) -> WalkResult:
+        """The annealing chain from the weights the parameters hold, with this annealer's generator and cooling."""
+        return metropolis_walk(
+            params,
+            self.loss,
+            moves=moves,
+            temperature=temperature,
+            scale=scale,
+            generator=self.generator,
+            cooling=self.config.cooling,
+        )
+
     @torch.no_grad()
     def _reinitialise(self, params: list[torch.Tensor], moves: int, temperature: float, scale: float) -> WalkResult:
         """A chain from fresh weights wᵢ ~ N(0, sᵢ²); its best point replaces the current weights if it is better.
@@ -414,15 +418,7 @@ class Annealer:
         for param, initial_scale in zip(params, self.initial_scales):
             fresh = torch.randn(param.shape, generator=self.generator, dtype=param.dtype)
             param.copy_(fresh.mul_(initial_scale).to(param.device))
-        chain = metropolis_walk(
-            params,
-            self.loss,
-            moves=moves,
-            temperature=temperature,
-            scale=scale,
-            generator=self.generator,
-            cooling=self.config.cooling,
-        )
+        chain = self._walk(params, moves, temperature, scale)
         if not chain.loss_after < current_loss:
             vec.copy_(params, current)
         loss_after = min(chain.loss_after, current_loss)
