@@ -131,6 +131,21 @@ class SecantPairs:
             return vec.clone(new_residual)
         return self._unflatten(self._apply_flat(flat_new_residual, s_dot_v, y_dot_v))
 
+    def advance_flat(
+        self, direction: torch.Tensor, alpha: float, residual: torch.Tensor, new_residual: torch.Tensor
+    ) -> torch.Tensor:
+        """:meth:`advance` for real parameters of one device and dtype, given as flat vectors p, r and r₊ of n
+        numbers (:mod:`moller_scg.flat_vector`); returns H r₊ flat, bit for bit :meth:`advance`'s numbers."""
+        (block,) = self.blocks
+        rows = torch.empty(3, block.shape[-1], dtype=block.dtype, device=block.device)
+        rows[2].copy_(new_residual)
+        torch.mul(direction, alpha, out=rows[1])
+        torch.sub(residual, new_residual, out=rows[0])
+        _, s_dot_v, y_dot_v = self._push_flat([rows])
+        if not self.slots:
+            return rows[2]
+        return self._apply_flat([rows[2]], s_dot_v, y_dot_v)[0]
+
     @property
     def gamma(self) -> float:
         """γ = sₘᵀyₘ / yₘᵀyₘ of the newest pair: H's scale along directions the pairs do not see."""
@@ -143,17 +158,19 @@ class SecantPairs:
         m = self.memory
         partial = []
         for block, stacked in zip(self.blocks, rows):
-            y, s, v = stacked
-            own = torch.stack([s @ y, y @ y, s @ v, y @ v])  # sᵀy, yᵀy, sᵀv, yᵀv
-            against = block.view(2 * m, -1) @ stacked.T  # [S; Y]ᵀ[y, s, v]
-            partial.append(torch.cat([own, against.T.reshape(-1)]).to(torch.float64))
+            # Two matrix products give every inner product the pair and v need: the 3 × 3 Gram matrix of
+            # [y, s, v] (sᵀy, yᵀy, sᵀv, yᵀv among its entries) and [S; Y]ᵀ[y, s, v].
+            gram = stacked @ stacked.T
+            against = block.view(2 * m, -1) @ stacked.T
+            partial.append(torch.cat([gram.reshape(-1), against.T.reshape(-1)]).to(torch.float64))
         totals = _sum_on_cpu(partial)
-        step_dot_change, change_sq, step_dot_vector, change_dot_vector = totals[:4]
+        # The Gram matrix row by row: (yᵀy, yᵀs, yᵀv, sᵀy, sᵀs, sᵀv, vᵀy, vᵀs, vᵀv).
+        change_sq, step_dot_change, change_dot_vector, step_dot_vector = totals[0], totals[3], totals[2], totals[5]
         # Rows of [S; Y]ᵀ[y, s, v]: column y, then s, then v, each 2m long (the m slots of S, then of Y).
         against_change, against_step, against_vector = (
-            totals[4 : 4 + 2 * m],
-            totals[4 + 2 * m : 4 + 4 * m],
-            totals[4 + 4 * m :],
+            totals[9 : 9 + 2 * m],
+            totals[9 + 2 * m : 9 + 4 * m],
+            totals[9 + 4 * m :],
         )
         s_dot_vector, y_dot_vector = against_vector[:m].copy(), against_vector[m:].copy()
         if not (step_dot_change > CURVATURE_CONDITION * change_sq > 0.0):

@@ -24,6 +24,7 @@ import torch
 from moller_scg import _vectors as vec
 from moller_scg import quasi_newton
 from moller_scg.curvature import MISSING_GRAPH_MESSAGE, graph_hvp
+from moller_scg.flat_vector import FlatBuffers, FlatLayout
 
 logger = logging.getLogger(__name__)
 
@@ -284,6 +285,7 @@ class SCG(torch.optim.Optimizer):
     _graph_versions: list[int] | None
     _param_versions: list[int] | None
     _known_products: tuple[list[torch.Tensor], list[int], tuple[float, float, float]] | None
+    _flat: FlatBuffers | None
     _warned_stalled: bool
 
     def __init__(
@@ -462,7 +464,9 @@ class SCG(torch.optim.Optimizer):
             )
         if not self._scalars.started or self._weights_changed_outside(params):
             self._start(closure, params)
-        accepted = vec.clone(params)
+        else:
+            self._hold_state_in_flat_buffers(params)
+        accepted = self._copy_of_weights(params)
         try:
             self._iterate(closure, params, accepted)
         except BaseException:
@@ -480,11 +484,21 @@ class SCG(torch.optim.Optimizer):
             logger.info("parameters were changed outside SCG.step: restarting SCG from the current weights")
         loss, gradients = self._evaluate(closure, params)
         _require_finite(loss, gradients, "at the starting weights")
-        residual = vec.negated(gradients)
-        for p, r in zip(params, residual):
-            self.state[p]["residual"] = r
-            self.state[p]["direction"] = r.clone()
         memory = self.param_groups[0]["memory"]
+        if memory > 0 and FlatLayout.fits(params):
+            if self._flat is None or not self._flat.layout.matches(params):
+                self._flat = FlatBuffers(FlatLayout(params))
+            flat = self._flat
+            flat.layout.gather(gradients, out=flat.residual).neg_()
+            flat.direction.copy_(flat.residual)
+            for p, r, d in zip(params, flat.residual_views, flat.direction_views):
+                self.state[p]["residual"] = r
+                self.state[p]["direction"] = d
+        else:
+            self._flat = None
+            for p, r in zip(params, vec.negated(gradients)):
+                self.state[p]["residual"] = r
+                self.state[p]["direction"] = r.clone()
         if memory > 0:
             # H = I: p₁ = r₁. The storage of the pairs is kept across restarts while the parameters stay the same.
             if self._secant_pairs is None or not self._secant_pairs.fits(params):
@@ -498,6 +512,7 @@ class SCG(torch.optim.Optimizer):
         scalars.success = True
         scalars.non_finite_trials = 0
         scalars.started = True
+        residual, _ = self._state_vectors(params)
         residual_sq = vec.squared_norm(residual)  # also p₁ᵀr₁ and |p₁|²: p₁ is a copy of r₁
         self._remember_state_products(params, (residual_sq, residual_sq, residual_sq))
         self._trace = self._make_trace(
@@ -513,8 +528,8 @@ class SCG(torch.optim.Optimizer):
         """
         group = self.param_groups[0]
         scalars = self._scalars
-        residual = [self.state[p]["residual"] for p in params]
-        stored_direction = [self.state[p]["direction"] for p in params]
+        flat = self._flat
+        residual, stored_direction = self._state_vectors(params)
         residual_sq, mu, stored_direction_sq = self._state_products(residual, stored_direction)
         direction, direction_sq = stored_direction, stored_direction_sq
         success = scalars.success
@@ -540,7 +555,9 @@ class SCG(torch.optim.Optimizer):
         if success and group["hvp"] == "secant" and self._secant_pairs:
             delta = mu  # p = H r, so the quasi-Newton model B = H⁻¹ has Bp = r and δ = pᵀBp = pᵀr = μ
         elif success:
-            delta = self._curvature_along(direction, direction_sq, closure, params, accepted, group)
+            delta = self._curvature_along(
+                self._per_parameter(direction), direction_sq, closure, params, accepted, group
+            )
         else:
             delta = scalars.delta
         # Step 3: scale δ by λ.
@@ -553,10 +570,13 @@ class SCG(torch.optim.Optimizer):
         # Step 5: the step length.
         alpha = mu / delta
         # Step 6: the comparison ratio, from one evaluation at the trial point.
-        vec.add_(params, direction, alpha)
+        vec.add_(params, self._per_parameter(direction), alpha)
         trial_loss, trial_gradients = self._evaluate(closure, params)
         # That was the last closure call of the iteration: from here on, state may be committed and p overwritten.
-        new_residual = vec.negated(trial_gradients)
+        if flat is not None:
+            new_residual = [flat.layout.gather(trial_gradients).neg_()]
+        else:
+            new_residual = vec.negated(trial_gradients)
         new_residual_sq, new_dot_old, new_dot_direction = vec.dots(
             [(new_residual, new_residual), (new_residual, residual), (new_residual, direction)]
         )
@@ -591,8 +611,11 @@ class SCG(torch.optim.Optimizer):
                 new_direction_sq, new_mu = vec.dots(
                     [(stored_direction, stored_direction), (stored_direction, new_residual)]
                 )
-            for p, r in zip(params, new_residual):
-                self.state[p]["residual"] = r
+            if flat is not None:
+                flat.residual.copy_(new_residual[0])
+            else:
+                for p, r in zip(params, new_residual):
+                    self.state[p]["residual"] = r
             held = (new_residual_sq, new_mu, new_direction_sq)  # (|r|², pᵀr, |p|²) of the r and p now held
             scalars.loss = trial_loss
             lambd_bar = 0.0
@@ -740,12 +763,17 @@ class SCG(torch.optim.Optimizer):
     ) -> tuple[float, float]:
         """Step 7 with memory: keep the pair (s, y) = (αp, r − r₊) of the accepted step, then p ← H r₊ in p's storage.
 
-        Returns |p₊|² and p₊ᵀr₊ (the next μ), formed from the per-parameter tensors as :meth:`_state_products` would
-        form them after a ``load_state_dict``, so a resumed run takes the same bits. The pair update holds one
+        Returns |p₊|² and p₊ᵀr₊ (the next μ), formed from the tensors :meth:`_state_vectors` gives (the flat buffers
+        on the fast path) as :meth:`_state_products` would form them after a ``load_state_dict``, so a resumed run
+        takes the same bits. The pair update holds one
         3 × n buffer (y, s and r₊ flattened) and H r₊ besides the stored pairs (:meth:`SecantPairs.advance`).
         """
         pairs = cast(quasi_newton.SecantPairs, self._secant_pairs)
-        vec.copy_(direction, pairs.advance(direction, alpha, residual, new_residual))
+        if self._flat is not None:
+            (flat_direction,) = direction
+            flat_direction.copy_(pairs.advance_flat(flat_direction, alpha, residual[0], new_residual[0]))
+        else:
+            vec.copy_(direction, pairs.advance(direction, alpha, residual, new_residual))
         new_direction_sq, new_mu = vec.dots([(direction, direction), (direction, new_residual)])
         return new_direction_sq, new_mu
 
@@ -769,8 +797,47 @@ class SCG(torch.optim.Optimizer):
 
     def _remember_state_products(self, params: list[torch.Tensor], products: tuple[float, float, float]) -> None:
         """Keep (|r|², pᵀr, |p|²) of the r and p now in the state for :meth:`_state_products`."""
-        tensors = [self.state[p]["residual"] for p in params] + [self.state[p]["direction"] for p in params]
+        residual, direction = self._state_vectors(params)
+        tensors = residual + direction
         self._known_products = (tensors, [t._version for t in tensors], products)
+
+    def _state_vectors(self, params: list[torch.Tensor]) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        """r and p as the vector operations take them: ``[flat r]``, ``[flat p]`` on the fast path (memory ≥ 1), the
+        per-parameter tensors of ``optimizer.state`` otherwise."""
+        if self._flat is not None:
+            return [self._flat.residual], [self._flat.direction]
+        return [self.state[p]["residual"] for p in params], [self.state[p]["direction"] for p in params]
+
+    def _per_parameter(self, vector: list[torch.Tensor]) -> list[torch.Tensor]:
+        """r or p one tensor per parameter, for operations that pair them with the parameters (w + αp)."""
+        return self._flat.per_parameter(vector[0]) if self._flat is not None else vector
+
+    def _hold_state_in_flat_buffers(self, params: list[torch.Tensor]) -> None:
+        """On the fast path (:mod:`moller_scg.flat_vector`), make sure ``optimizer.state``'s r and p are views of the
+        flat buffers: after a ``load_state_dict``, a copy or an assignment by hand they are separate tensors, and
+        are gathered into new buffers (same numbers)."""
+        if self.param_groups[0]["memory"] == 0 or not FlatLayout.fits(params):
+            self._flat = None
+            return
+        residual = [self.state[p]["residual"] for p in params]
+        direction = [self.state[p]["direction"] for p in params]
+        if self._flat is not None and self._flat.layout.matches(params) and self._flat.holds(residual, direction):
+            return
+        flat = FlatBuffers(FlatLayout(params))
+        flat.layout.gather(residual, out=flat.residual)
+        flat.layout.gather(direction, out=flat.direction)
+        for p, r, d in zip(params, flat.residual_views, flat.direction_views):
+            self.state[p]["residual"] = r
+            self.state[p]["direction"] = d
+        self._flat = flat
+
+    def _copy_of_weights(self, params: list[torch.Tensor]) -> list[torch.Tensor]:
+        """The accepted w, copied before the trial: into the flat buffer's views on the fast path, new tensors
+        otherwise."""
+        if self._flat is None:
+            return vec.clone(params)
+        vec.copy_(self._flat.accepted_views, params)
+        return self._flat.accepted_views
 
     def _weights_changed_outside(self, params: list[torch.Tensor]) -> bool:
         """Whether the parameters were written to since the last step (then r and E are stale)."""
@@ -829,6 +896,7 @@ class SCG(torch.optim.Optimizer):
         self._param_versions = None
         self._known_products = None
         self._warned_stalled = False
+        self._flat = None
 
 
 def _validate_hyperparameters(group: dict[str, Any]) -> None:

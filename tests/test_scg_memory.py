@@ -270,3 +270,91 @@ def test_complex_parameters_with_memory_follow_their_real_view():
     _, real_trajectory, _ = run([real], loss_real, 15, memory=3)
     for c, r in zip(complex_trajectory, real_trajectory):
         torch.testing.assert_close(torch.view_as_real(c.reshape(2)).reshape(-1), r, rtol=1e-10, atol=1e-12)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The flat fast path (moller_scg/flat_vector.py): r, p and the accepted w in one buffer each
+
+
+def _mlp_closure(model, optimizer):
+    x, y = mlp_data()
+
+    def closure():
+        optimizer.zero_grad()
+        loss = torch.mean((model(x) - y) ** 2)
+        loss.backward()
+        return loss
+
+    return closure
+
+
+def _per_tensor_path(monkeypatch):
+    """Make SCG take its per-parameter-tensor path, as it does for mixed dtypes or complex parameters."""
+    from moller_scg import flat_vector
+
+    monkeypatch.setattr(flat_vector.FlatLayout, "fits", staticmethod(lambda params: False))
+
+
+def test_fast_path_holds_r_and_p_as_views_of_one_buffer_and_follows_the_per_tensor_path(monkeypatch):
+    model = make_mlp()
+    optimizer = SCG(model.parameters(), memory=5)
+    closure = _mlp_closure(model, optimizer)
+    fast = []
+    for _ in range(30):
+        optimizer.step(closure)
+        fast.append(flat(model.parameters()))
+    for key in ("residual", "direction"):
+        storages = {optimizer.state[p][key].untyped_storage().data_ptr() for p in model.parameters()}
+        assert len(storages) == 1, f"{key}: one flat buffer for all parameters"
+
+    _per_tensor_path(monkeypatch)
+    model = make_mlp()
+    optimizer = SCG(model.parameters(), memory=5)
+    closure = _mlp_closure(model, optimizer)
+    for expected in fast:
+        optimizer.step(closure)
+        # Only the order of the sums in the inner products differs between the two paths.
+        torch.testing.assert_close(flat(model.parameters()), expected, rtol=1e-10, atol=1e-12)
+    storages = {optimizer.state[p]["direction"].untyped_storage().data_ptr() for p in model.parameters()}
+    assert len(storages) == len(list(model.parameters()))
+
+
+def test_fast_path_uses_a_direction_assigned_by_hand(monkeypatch):
+    """Replacing optimizer.state's p (not writing into it) is seen by the next step on both paths alike."""
+
+    def run_with_reset_direction():
+        model = make_mlp()
+        optimizer = SCG(model.parameters(), memory=3)
+        closure = _mlp_closure(model, optimizer)
+        for _ in range(6):
+            optimizer.step(closure)
+        for p in model.parameters():
+            optimizer.state[p]["direction"] = optimizer.state[p]["residual"].clone()  # p ← r: steepest descent
+        for _ in range(6):
+            optimizer.step(closure)
+        return flat(model.parameters())
+
+    fast = run_with_reset_direction()
+    _per_tensor_path(monkeypatch)
+    torch.testing.assert_close(run_with_reset_direction(), fast, rtol=1e-10, atol=1e-12)
+
+
+def test_parameters_of_two_dtypes_take_the_per_tensor_path():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(3, 4).double(), nn.Tanh(), nn.Linear(4, 1).double())
+    model[2].float()
+    x = torch.randn(16, 3, dtype=torch.float64)
+    y = torch.sin(x[:, :1])
+    optimizer = SCG(model.parameters(), memory=3)
+
+    def closure():
+        optimizer.zero_grad()
+        loss = torch.mean((model[2](model[1](model[0](x)).float()).double() - y) ** 2)
+        loss.backward()
+        return loss
+
+    first = float(closure().detach())
+    for _ in range(10):
+        optimizer.step(closure)
+    assert optimizer._flat is None
+    assert optimizer.trace.loss < first

@@ -1,0 +1,99 @@
+"""The weight vector w as one flat buffer whose per-parameter parts are views: the fast path of ``SCG(memory=m)``.
+
+A step of ``SCG(params, memory=m)`` does a fixed handful of vector operations: w + αp, the inner products |r₊|²,
+r₊ᵀr, r₊ᵀp, |p₊|² and p₊ᵀr₊, the secant pair (s, y) = (αp, r − r₊) and p₊ = H r₊. Over a list of per-parameter
+tensors each of them is one small tensor operation *per parameter*, and on a model of a few hundred weights in six
+tensors the optimizer's own dispatching then costs as much as a gradient pass (``benchmarks/bench_iteration_cost.py``).
+
+When every parameter is real and all share one device and dtype — almost every model — SCG keeps r, p and the
+accepted copy of w in flat buffers of n numbers instead, and what ``optimizer.state[param]`` holds under
+``"residual"`` and ``"direction"`` are views of them. Every inner product and update is then one operation on n
+numbers, whatever the number of parameter tensors. The views keep ``state_dict`` per parameter, as ``torch.optim``
+expects; a loaded state is gathered into fresh flat buffers before the next step.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+
+class FlatLayout:
+    """How the parameters' tensors lie, one after the other, in a flat vector of n = Σ numel numbers.
+
+    Args:
+        params: real tensors that share one device and dtype (:meth:`fits`).
+    """
+
+    def __init__(self, params: Sequence[torch.Tensor]) -> None:
+        if not self.fits(params):
+            raise ValueError("FlatLayout needs real parameters that share one device and dtype")
+        self.shapes = [p.shape for p in params]
+        self.numels = [p.numel() for p in params]
+        self.dtype = params[0].dtype
+        self.device = params[0].device
+
+    @staticmethod
+    def fits(params: Sequence[torch.Tensor]) -> bool:
+        """Whether the parameters can share one flat buffer: at least one, all real, one device and one dtype."""
+        if not params:
+            return False
+        first = params[0]
+        return all(not p.is_complex() and p.dtype == first.dtype and p.device == first.device for p in params)
+
+    def matches(self, params: Sequence[torch.Tensor]) -> bool:
+        """Whether these parameters have this layout (the same shapes, dtype and device, in this order)."""
+        return (
+            self.fits(params)
+            and [p.shape for p in params] == self.shapes
+            and params[0].dtype == self.dtype
+            and params[0].device == self.device
+        )
+
+    def empty(self) -> torch.Tensor:
+        """A new, uninitialised flat buffer of n numbers."""
+        return torch.empty(sum(self.numels), dtype=self.dtype, device=self.device)
+
+    def gather(self, tensors: Sequence[torch.Tensor], out: torch.Tensor | None = None) -> torch.Tensor:
+        """The per-parameter tensors laid out in one flat vector (into ``out`` if given)."""
+        pieces = [t.reshape(-1) for t in tensors]
+        return torch.cat(pieces) if out is None else torch.cat(pieces, out=out)
+
+    def views(self, flat: torch.Tensor) -> list[torch.Tensor]:
+        """The per-parameter parts of a flat vector, as views of it in the parameters' shapes."""
+        return [piece.view(shape) for piece, shape in zip(flat.split(self.numels), self.shapes)]
+
+
+class FlatBuffers:
+    """SCG's r, p and accepted copy of w as flat buffers, with the per-parameter views that ``optimizer.state``
+    holds.
+
+    Attributes:
+        layout: the parameters' :class:`FlatLayout`.
+        residual, direction, accepted: the flat r = −E'(w), p and the copy of w taken before each trial.
+        residual_views, direction_views, accepted_views: their per-parameter views.
+    """
+
+    def __init__(self, layout: FlatLayout) -> None:
+        self.layout = layout
+        self.residual = layout.empty()
+        self.direction = layout.empty()
+        self.accepted = layout.empty()
+        self.residual_views = layout.views(self.residual)
+        self.direction_views = layout.views(self.direction)
+        self.accepted_views = layout.views(self.accepted)
+
+    def per_parameter(self, flat: torch.Tensor) -> list[torch.Tensor]:
+        """The views of r or p (whichever ``flat`` is), for operations that pair them with the parameters."""
+        if flat is self.residual:
+            return self.residual_views
+        if flat is self.direction:
+            return self.direction_views
+        return self.layout.views(flat)
+
+    def holds(self, residual: Sequence[torch.Tensor], direction: Sequence[torch.Tensor]) -> bool:
+        """Whether these per-parameter r and p are this object's views (not replaced by a load or by hand)."""
+        return all(a is b for a, b in zip(residual, self.residual_views)) and all(
+            a is b for a, b in zip(direction, self.direction_views)
+        )
