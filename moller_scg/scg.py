@@ -14,7 +14,6 @@ from __future__ import annotations
 import dataclasses
 import logging
 import math
-import numbers
 import warnings
 from collections.abc import Callable, Iterable
 from typing import Any, cast
@@ -25,15 +24,31 @@ from moller_scg import _vectors as vec
 from moller_scg import quasi_newton
 from moller_scg.curvature import MISSING_GRAPH_MESSAGE, graph_hvp
 from moller_scg.flat_vector import FlatBuffers, FlatLayout
+from moller_scg.scg_inputs import (
+    HVP_MODES,
+    SIGMA_MAX,
+    _default_hvp,
+    _loss_value,
+    _other_optimizer_options_message,
+    _ParamGroup,
+    _refuse_differing_group,
+    _refuse_unoptimizable,
+    _validate_hyperparameters,
+)
+from moller_scg.scg_state import (
+    LAMBDA_MAX,
+    SCGScalars,
+    SCGStalledWarning,
+    SCGTrace,
+    read_scg_entry,
+    scg_entry,
+)
 
 logger = logging.getLogger(__name__)
 
 DEFAULT_MEMORY = 20
 """m of the preconditioned mode that ``fit`` and ``moller-scg mnist`` use by default (``SCG(params)`` keeps m = 0):
 the best m of ``benchmarks/peers.py`` over its five problems (docs/performance.md)."""
-
-HVP_MODES = ("double-backward", "finite-difference", "secant")
-"""How s = E''(w)p, or δ = pᵀs, is obtained; ``"secant"`` (the quasi-Newton model's δ) needs ``memory`` ≥ 1."""
 
 # Constants of the paper (Møller 1993, steps 7 and 8).
 GOOD_COMPARISON = 0.75  # Δ ≥ 0.75: the quadratic model is good, reduce the scale λ (step 7)
@@ -43,166 +58,31 @@ LAMBDA_DECREASE_FACTOR = 4.0  # λ ← λ / 4 on a good step (step 7)
 # Safeguards of this implementation (not in the paper).
 NON_FINITE_COMPARISON = -2.0
 """Δ assumed for λ's increase (step 8) when the trial loss or gradient is not finite: the next α shrinks 4×."""
-LAMBDA_MAX = 1e100
-"""Upper bound on λ (netlab's ``betamax`` plays the same role). Once the loss no longer changes at rounding level,
-Δ = 0 on every step and step 8 doubles λ each iteration; the bound keeps λ finite so that further steps are
-harmless no-ops. ``fit`` reports a run whose λ reaches it as stalled."""
 MAX_NON_FINITE_TRIALS = 20
 """Non-finite trials in a row after which :meth:`SCG.step` raises ``FloatingPointError`` instead of going on."""
 UNRESOLVED_DECREASE_ULPS = 4
 """Loss decreases E(w) − E(w + αp) from 0 up to this many units in the last place of E(w) (in the parameters' dtype)
 are rounding noise rather than a measurement: step 6 then estimates the decrease from the slopes at both ends
 (:func:`_loss_decrease`)."""
-SIGMA_MAX = 1.0
-"""Largest σ accepted. The finite-difference probe w + σₖp with σₖ = σ/|p| lies at distance exactly σ from w, so σ is
-a length in weight space; (E'(w + σₖp) − E'(w))/σₖ approximates E''(w)p only for a probe short against the scale on
-which E' bends. A unit-length probe is already 10⁴ times the paper's largest σ (1e-4); beyond it the quotient is not
-a curvature, and σ = 1e300 makes σₖ overflow."""
-
-# What users of torch.optim.LBFGS and Adam pass by habit, and what SCG offers instead.
-_OPTIONS_OF_OTHER_OPTIMIZERS = {
-    "lr": "SCG has no learning rate: the step length α = μ/δ comes from the curvature along p (step 5)",
-    "line_search_fn": "SCG does no line search: one trial point per iteration decides the step (step 6)",
-    "max_iter": (
-        "one SCG.step is one iteration, not max_iter of them (LBFGS's max_iter=20 default means 20 iterations per "
-        "step): call step max_iter times, or use fit(..., max_iter=...)"
-    ),
-    "max_eval": "one SCG.step makes 1 or 2 closure calls: bound the calls by the number of steps",
-    "tolerance_grad": (
-        "SCG.step does not stop by itself: stop the loop when optimizer.trace.residual_norm (|E'(w)|) is small "
-        "enough, or use fit(..., min_grad=...)"
-    ),
-    "tolerance_change": (
-        "SCG.step does not stop by itself: stop the loop when optimizer.trace.stalled is true, or use fit(...), "
-        "which stops a stalled run"
-    ),
-    "history_size": "SCG keeps no curvature-pair history: it holds the direction p and the residual r only",
-    "betas": "SCG keeps no moment estimates",
-    "eps": "SCG keeps no moment estimates, so it has no ε to add to them",
-    "weight_decay": "add the penalty to the loss the closure returns (e.g. + wd/2 * Σ|w|²)",
-    "momentum": "SCG's conjugate direction p = r + βp plays the role of momentum, with β from Møller's formula",
-}
-
-
-class SCGStalledWarning(UserWarning):
-    """SCG has stalled (:attr:`SCGTrace.stalled`): further steps cost full price and change nothing."""
-
-
-@dataclasses.dataclass(frozen=True)
-class SCGTrace:
-    """The numbers of the latest iteration — what the blog's Figure 3 plots.
-
-    Attributes:
-        k: iterations done so far (successful or not).
-        loss: E(w) at the weights the parameters hold after the step.
-        success: whether the trial point w + αp was accepted (Δ ≥ 0).
-        lambd: λ after the update of steps 7–8, the scale used by the next iteration.
-        delta: δ = pᵀs + λ|p|², the scaled curvature along p (after step 4).
-        comparison: Δ = 2δ(E(w) − E(w + αp)) / μ², the comparison ratio (step 6); NaN for a non-finite trial.
-        mu: μ = pᵀr (step 5).
-        alpha: α = μ / δ, the step length (step 5).
-        residual_norm: |r| = |E'(w)| at the weights held after the step.
-        direction_norm: |p| of the direction the next iteration searches along.
-        closure_calls: closure evaluations since the optimizer was made.
-        hvp_calls: Hessian-vector products (curvature evaluations) since the optimizer was made.
-    """
-
-    k: int
-    loss: float
-    success: bool
-    lambd: float
-    delta: float
-    comparison: float
-    mu: float
-    alpha: float
-    residual_norm: float
-    direction_norm: float
-    closure_calls: int
-    hvp_calls: int
-
-    @property
-    def stalled(self) -> bool:
-        """Whether SCG has stopped making progress, so that a plain ``step`` loop should stop.
-
-        True when λ has reached ``LAMBDA_MAX``, or when the iteration changed nothing: an accepted trial with
-        Δ = 0 reproduced E(w) and E'(w) exactly (αp is below the resolution of the weights). Both last: λ only
-        grows from there. Computed from the fields, so it is not saved separately.
-        """
-        return self.lambd >= LAMBDA_MAX or (self.success and self.comparison == 0.0)
-
-
-@dataclasses.dataclass
-class SCGScalars:
-    """What SCG remembers between steps besides the per-parameter vectors p (direction) and r (residual).
-
-    Every field is a Python ``int``, ``bool`` or ``float`` (IEEE float64), whatever the parameters' dtype, so a
-    ``state_dict`` round trip keeps them exactly.
-
-    Attributes:
-        k: iterations done (the paper's k − 1); restarts happen when the paper's k is a multiple of N.
-        loss: E(w) at the accepted weights; NaN before the first evaluation.
-        lambd: λ, the Levenberg–Marquardt scale of the next iteration.
-        lambd_bar: λ̄, the scale already contained in ``delta`` (reset to 0 after a success).
-        delta: δ of the last iteration, reused when the last trial failed (step 2 is then skipped).
-        success: whether the last trial succeeded, i.e. whether the next iteration needs fresh curvature.
-        non_finite_trials: non-finite trials in a row.
-        closure_calls: closure evaluations so far.
-        hvp_calls: curvature evaluations so far.
-        started: whether E(w₁) and r₁ have been evaluated (step 1).
-    """
-
-    k: int = 0
-    loss: float = math.nan
-    lambd: float = 0.0
-    lambd_bar: float = 0.0
-    delta: float = 0.0
-    success: bool = True
-    non_finite_trials: int = 0
-    closure_calls: int = 0
-    hvp_calls: int = 0
-    started: bool = False
-
-
-def _loss_value(raw: Any) -> float:
-    """The closure's loss as a Python float (one host synchronisation), or ``TypeError``."""
-    if isinstance(raw, torch.Tensor):
-        if raw.numel() != 1:
-            raise TypeError(
-                f"the closure must return a scalar loss (a 0-dim or one-element tensor or a number), "
-                f"got a tensor of shape {tuple(raw.shape)}: reduce it over the samples (loss.mean() or loss.sum(), "
-                f"or a loss function with reduction='mean')"
-            )
-        if raw.is_complex():
-            raise TypeError(
-                f"the closure must return a real loss, got a complex tensor of dtype {raw.dtype}: "
-                f"SCG minimizes a real function (return, for example, the squared modulus of a complex residual)"
-            )
-        return float(raw.detach())
-    if isinstance(raw, numbers.Real) and not isinstance(raw, bool):
-        return float(raw)
-    if raw is None:
-        raise TypeError("the closure returned None instead of the scalar loss: end it with `return loss`")
-    raise TypeError(
-        f"the closure must return a scalar loss (a 0-dim or one-element tensor or a number), "
-        f"got {type(raw).__name__}: {raw!r:.80}"
-    )
-
-
-class _ParamGroup(dict):
-    """A parameter group that answers a request for a learning rate with the reason there is none.
-
-    LR schedulers read ``group["lr"]`` (and ``group["initial_lr"]``); on a plain dict that is a bare
-    ``KeyError: 'lr'``. ``get`` and ``in`` behave as for any dict.
-    """
-
-    def __missing__(self, key: Any) -> Any:
-        if key in ("lr", "initial_lr"):
-            raise KeyError(
-                f"SCG has no learning rate ({key!r}), so an LR scheduler has nothing to schedule: SCG's step length "
-                f"α = μ/δ comes from the curvature along the search direction at every iteration. Drop the "
-                f"scheduler; to train on, call step again, and stop on optimizer.trace.stalled or use fit(...)"
-            )
-        raise KeyError(key)
+# LAMBDA_MAX, the bound step 8 keeps λ under, is defined in moller_scg.scg_state (a trace at it is stalled), and the
+# hyperparameters' HVP_MODES and SIGMA_MAX in moller_scg.scg_inputs; like the trace and the scalars, they are
+# imported above and exported from here.
+__all__ = [
+    "SCG",
+    "SCGTrace",
+    "SCGScalars",
+    "SCGStalledWarning",
+    "DEFAULT_MEMORY",
+    "HVP_MODES",
+    "GOOD_COMPARISON",
+    "POOR_COMPARISON",
+    "LAMBDA_DECREASE_FACTOR",
+    "NON_FINITE_COMPARISON",
+    "LAMBDA_MAX",
+    "MAX_NON_FINITE_TRIALS",
+    "UNRESOLVED_DECREASE_ULPS",
+    "SIGMA_MAX",
+]
 
 
 class SCG(torch.optim.Optimizer):
@@ -301,7 +181,7 @@ class SCG(torch.optim.Optimizer):
         if options_of_other_optimizers:
             raise TypeError(_other_optimizer_options_message(options_of_other_optimizers))
         if hvp is None:
-            hvp = "secant" if isinstance(memory, int) and not isinstance(memory, bool) and memory > 0 else HVP_MODES[0]
+            hvp = _default_hvp(memory)
         defaults = {"sigma": sigma, "lambd": lambd, "hvp": hvp, "restart": restart, "memory": memory}
         _validate_hyperparameters(defaults)
         super().__init__(params, defaults)
@@ -330,14 +210,7 @@ class SCG(torch.optim.Optimizer):
         group = self.param_groups[-1]
         try:
             _validate_hyperparameters(group)
-            for key in self.defaults:
-                if group[key] != self.param_groups[0][key]:
-                    raise ValueError(
-                        f"SCG optimizes all parameters as one vector, so every parameter group needs the same "
-                        f"{key!r}: got {group[key]!r} in group {len(self.param_groups) - 1} and "
-                        f"{self.param_groups[0][key]!r} in group 0. Set it once, as SCG(params, {key}=...), not "
-                        f"per group"
-                    )
+            _refuse_differing_group(group, self.param_groups, self.defaults)
         except ValueError:
             self.param_groups.pop()  # the optimizer stays as it was
             raise
@@ -352,39 +225,18 @@ class SCG(torch.optim.Optimizer):
         updates the direction p in place. Save the state (or ``copy.deepcopy`` it) before stepping on.
         """
         state = super().state_dict()
-        state["scg"] = {
-            "scalars": dataclasses.asdict(self._scalars),
-            "trace": None if self._trace is None else dataclasses.asdict(self._trace),
-        }
-        if self._secant_pairs is not None:
-            state["scg"]["secant_pairs"] = self._secant_pairs.state_dict()
+        secant_pairs_state = None if self._secant_pairs is None else self._secant_pairs.state_dict()
+        state["scg"] = scg_entry(self._scalars, self._trace, secant_pairs_state)
         return state
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Load a state saved by :meth:`state_dict`; the run then continues exactly as it would have."""
-        scg_state = state_dict.get("scg") if isinstance(state_dict, dict) else None
-        if not isinstance(scg_state, dict) or not isinstance(scg_state.get("scalars"), dict):
-            raise ValueError(
-                "this is not an SCG state_dict: it has no 'scg' entry with the scalars λ, λ̄, δ, k "
-                "(was it saved by another optimizer?)"
-            )
-        scalars = _typed_dataclass(SCGScalars, scg_state["scalars"])
-        trace = None if scg_state.get("trace") is None else _typed_dataclass(SCGTrace, scg_state["trace"])
         memory = self.param_groups[0]["memory"]
+        scalars, trace, secant_pairs_state = read_scg_entry(state_dict, memory)
         secant_pairs = None
-        if "secant_pairs" in scg_state and memory == 0:
-            raise ValueError(
-                "this SCG state_dict holds secant pairs (it was saved by an SCG with memory ≥ 1), but this SCG has "
-                "memory=0: build the optimizer with the memory it was saved with"
-            )
-        if memory > 0 and scalars.started:
-            if "secant_pairs" not in scg_state:
-                raise ValueError(
-                    f"this SCG state_dict has no secant pairs, but this SCG keeps memory={memory} of them: it was "
-                    f"saved by an SCG with memory=0; build the optimizer with the memory it was saved with"
-                )
+        if secant_pairs_state is not None:
             secant_pairs = quasi_newton.SecantPairs(self._params(), memory)
-            secant_pairs.load_state_dict(scg_state["secant_pairs"])
+            secant_pairs.load_state_dict(secant_pairs_state)
         super().load_state_dict(state_dict)
         # torch keeps a loaded tensor that already has the parameter's dtype and device, so r and p would be shared
         # with the caller's dict (or with the optimizer it came from); step 7 updates p in place, so SCG copies them.
@@ -897,100 +749,6 @@ class SCG(torch.optim.Optimizer):
         self._known_products = None
         self._warned_stalled = False
         self._flat = None
-
-
-def _validate_hyperparameters(group: dict[str, Any]) -> None:
-    sigma, lambd, hvp, restart = group["sigma"], group["lambd"], group["hvp"], group["restart"]
-    memory = group["memory"]
-    if isinstance(memory, bool) or not isinstance(memory, int) or memory < 0:
-        raise ValueError(
-            f"Invalid memory (m) value: {memory!r}; it must be an int ≥ 0 (0: Møller's SCG, no secant pairs)"
-        )
-    if hvp == "secant" and memory == 0:
-        raise ValueError(
-            "hvp='secant' takes δ from the quasi-Newton model of the secant pairs, but memory=0 keeps none: "
-            "pass memory=m ≥ 1 (e.g. SCG(params, memory=20)), or choose hvp='double-backward' or 'finite-difference'"
-        )
-    # The isinstance checks stay apart from the comparisons, so that sigma and lambd stay Any for the type checker:
-    # typeshed's numbers.Real cannot be compared with a float (CoBA's hz_lambda check does the same).
-    sigma_is_real = isinstance(sigma, numbers.Real) and not isinstance(sigma, bool)
-    lambd_is_real = isinstance(lambd, numbers.Real) and not isinstance(lambd, bool)
-    if not sigma_is_real or not (0.0 < sigma <= SIGMA_MAX):
-        raise ValueError(
-            f"Invalid sigma (σ) value: {sigma!r}; it must be a number with 0 < σ ≤ SIGMA_MAX = {SIGMA_MAX:g}, the "
-            f"length of the finite-difference probe in weight space (the paper uses ≤ 1e-4)"
-        )
-    if not lambd_is_real or not (0.0 < lambd < LAMBDA_MAX):
-        raise ValueError(
-            f"Invalid lambd (λ₁) value: {lambd!r}; it must be a number with 0 < λ₁ < LAMBDA_MAX = {LAMBDA_MAX:g}, "
-            f"the bound SCG keeps λ under (the paper uses ≤ 1e-6)"
-        )
-    if hvp not in HVP_MODES:
-        raise ValueError(f"Invalid hvp value: {hvp!r}; choose one of {', '.join(map(repr, HVP_MODES))}")
-    if restart is not None and (isinstance(restart, bool) or not isinstance(restart, int) or restart < 1):
-        raise ValueError(f"Invalid restart (N) value: {restart!r}; it must be an int ≥ 1, or None for n = #weights")
-
-
-def _other_optimizer_options_message(options: dict[str, Any]) -> str:
-    """Why SCG refuses keyword arguments it does not have, and what to do instead of each known one."""
-    known = [name for name in options if name in _OPTIONS_OF_OTHER_OPTIMIZERS]
-    unknown = [name for name in options if name not in _OPTIONS_OF_OTHER_OPTIMIZERS]
-    lines = [
-        f"SCG got keyword arguments it does not have: {', '.join(f'{name}={options[name]!r}' for name in options)}. "
-        f"SCG's only options are sigma, lambd, hvp and restart; remove the others."
-    ]
-    lines += [f"  {name}: {_OPTIONS_OF_OTHER_OPTIMIZERS[name]}." for name in known]
-    if unknown:
-        lines.append(f"  {', '.join(unknown)}: not an option of SCG.")
-    return "\n".join(lines)
-
-
-def _refuse_unoptimizable(param_group: dict[str, Any], param_groups: list[dict[str, Any]]) -> None:
-    """``ValueError`` for a parameter listed twice, ``TypeError`` for one that is not floating point or complex.
-
-    Runs before ``torch.optim.Optimizer.add_param_group`` (which only warns about a repeat inside a group): ``params``
-    is already a list, of tensors or of (name, tensor) pairs.
-    """
-    entries = [entry if isinstance(entry, tuple) else (None, entry) for entry in param_group["params"]]
-    seen: dict[int, int] = {}
-    for position, (name, param) in enumerate(entries):
-        described = f"{name!r}" if name is not None else f"#{position} of group {len(param_groups)}"
-        if id(param) in seen:
-            raise ValueError(
-                f"parameter {described} appears twice in one parameter group (also as #{seen[id(param)]}): SCG "
-                f"would move it twice per step. List each parameter once (model.parameters() does)"
-            )
-        seen[id(param)] = position
-        for index, group in enumerate(param_groups):
-            if any(param is other for other in group["params"]):
-                raise ValueError(
-                    f"parameter {described} is already in parameter group {index}: each parameter may belong to "
-                    f"one group only"
-                )
-        if isinstance(param, torch.Tensor) and not (param.is_floating_point() or param.is_complex()):
-            raise TypeError(
-                f"parameter {described} has dtype {param.dtype}: SCG optimizes floating-point or complex "
-                f"parameters only (an integer or boolean tensor has no gradient). Leave it out of the optimizer, "
-                f"or register it as a buffer"
-            )
-
-
-def _typed_dataclass(cls: type, values: Any) -> Any:
-    """``cls(**values)`` after checking that ``values`` has exactly ``cls``'s fields, each of its declared type."""
-    # Each field's type is its name as a string: this module's annotations are postponed (__future__ annotations).
-    fields = {field.name: cast(str, field.type) for field in dataclasses.fields(cls)}
-    if not isinstance(values, dict) or set(values) != set(fields):
-        raise ValueError(
-            f"the 'scg' entry of this state_dict does not match {cls.__name__}: expected the fields {sorted(fields)}, "
-            f"got {sorted(values) if isinstance(values, dict) else type(values).__name__}"
-        )
-    kinds: dict[str, type | tuple[type, ...]] = {"int": int, "float": (int, float), "bool": bool}
-    for name, declared in fields.items():
-        value = values[name]
-        wrong_bool = isinstance(value, bool) and declared != "bool"
-        if wrong_bool or not isinstance(value, kinds[declared]):
-            raise ValueError(f"the 'scg' entry of this state_dict has {name} = {value!r}, which is not a {declared}")
-    return cls(**{name: float(value) if fields[name] == "float" else value for name, value in values.items()})
 
 
 def _loss_epsilon(params: list[torch.Tensor]) -> float:

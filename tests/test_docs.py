@@ -88,3 +88,38 @@ def test_docstring_examples_run(name):
     module = importlib.import_module(name)
     result = doctest.testmod(module, optionflags=doctest.ELLIPSIS, raise_on_error=False, verbose=False)
     assert result.failed == 0, f"{result.failed} of {result.attempted} docstring examples in {name} failed"
+
+
+_API_REFERENCE = re.compile(r"^::: (moller_scg[\w.]*)\s*$", flags=re.MULTILINE)
+
+
+def api_references() -> list[str]:
+    """The dotted paths the API pages render with mkdocstrings (``::: moller_scg.scg.LAMBDA_MAX``)."""
+    return sorted(
+        {
+            path
+            for page in (DOCS / "api").glob("*.md")
+            for path in _API_REFERENCE.findall(page.read_text(encoding="utf-8"))
+        }
+    )
+
+
+def test_the_api_pages_reference_objects():
+    assert {"moller_scg.SCG", "moller_scg.scg.SCGScalars", "moller_scg.scg.LAMBDA_MAX"} <= set(api_references())
+
+
+@pytest.mark.parametrize("path", api_references())
+def test_every_object_an_api_page_names_is_importable_there(path):
+    # A name that moved to another module (scg.py's trace, scalars and option bounds did) must stay importable
+    # where the docs, and so the users, import it from.
+    parts = path.split(".")
+    for split in range(len(parts), 0, -1):
+        try:
+            owner = importlib.import_module(".".join(parts[:split]))
+        except ModuleNotFoundError:
+            continue
+        for name in parts[split:]:
+            assert hasattr(owner, name), f"{path}: {'.'.join(parts[:split])} has no {name}"
+            owner = getattr(owner, name)
+        return
+    pytest.fail(f"{path}: no module of it can be imported")
