@@ -6,7 +6,7 @@ import math
 
 import pytest
 import torch
-from test_train import regression_problem
+from problems import regression_problem
 from torch import nn
 
 from moller_scg import fit
@@ -33,9 +33,9 @@ def validated_fit(model, data, **options):
     return fit(model, nn.MSELoss(), data, val_data=(x + 0.1, y), batch_size=16, progress=False, **options)
 
 
-def test_fit_writes_the_run_state_in_todays_layout(tmp_path):
+def test_fit_writes_the_run_state_in_todays_layout(tmp_path, regression):
     path = tmp_path / "run.pt"
-    model, data = regression_problem()
+    model, data = regression
     history = validated_fit(model, data, max_iter=4, checkpoint=path)
     extra = load_checkpoint(path)["extra"]
     assert list(extra) == TODAYS_KEYS
@@ -48,11 +48,11 @@ def test_fit_writes_the_run_state_in_todays_layout(tmp_path):
     assert isinstance(extra["data_fingerprint"], dict) and extra["optimizer_at_weights"] is True
 
 
-def test_a_run_with_annealing_adds_its_restarts_and_annealer_state(tmp_path):
+def test_a_run_with_annealing_adds_its_restarts_and_annealer_state(tmp_path, regression):
     from moller_scg import SCG, AnnealingRestarts
 
     path = tmp_path / "run.pt"
-    model, data = regression_problem()
+    model, data = regression
     annealing = AnnealingRestarts(window=3, rel_tol=0.2, temperature=0.01, scale=0.05, perturbations=4)
     fit(model, nn.MSELoss(), data, optimizer=SCG(model.parameters()), annealing=annealing, max_iter=8,
         batch_size=16, progress=False, checkpoint=path)  # fmt: skip
@@ -112,9 +112,9 @@ def test_a_checkpoint_in_todays_layout_resumes_bit_identically(tmp_path):
     ],
     ids=["elapsed", "early_stopping"],
 )
-def test_each_field_of_todays_layout_is_read_on_resume(tmp_path, changes, options, expected):
+def test_each_field_of_todays_layout_is_read_on_resume(tmp_path, changes, options, expected, regression):
     path = tmp_path / "run.pt"
-    model, data = regression_problem()
+    model, data = regression
     validated_fit(model, data, max_iter=5, checkpoint=path)
     _rewritten_in_todays_layout(path, **changes)
     resumed = validated_fit(model, data, max_iter=50, checkpoint=path, resume=True, **options)
@@ -122,9 +122,9 @@ def test_each_field_of_todays_layout_is_read_on_resume(tmp_path, changes, option
     assert len(resumed) <= 6
 
 
-def test_a_checkpoint_of_another_world_size_is_refused(tmp_path):
+def test_a_checkpoint_of_another_world_size_is_refused(tmp_path, regression):
     path = tmp_path / "run.pt"
-    model, data = regression_problem()
+    model, data = regression
     validated_fit(model, data, max_iter=2, checkpoint=path)
     _rewritten_in_todays_layout(path, world_size=2)
     with pytest.raises(CheckpointError, match="over 2 process"):
