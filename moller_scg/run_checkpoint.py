@@ -34,7 +34,7 @@ from moller_scg.fingerprint import describe_difference
 from moller_scg.history import History
 from moller_scg.scg import SCG
 from moller_scg.stopping import EarlyStopping
-from moller_scg.subsampling import CurvatureCursor
+from moller_scg.subsampling import CurvatureCursor, upgraded_cursor_state
 
 logger = logging.getLogger(__name__)
 
@@ -81,16 +81,13 @@ class RunState:
     @classmethod
     def from_extra(cls, extra: Mapping[str, Any]) -> RunState:
         """The run state in a checkpoint's ``extra``; keys it lacks (an older checkpoint) take their defaults."""
-        curvature_window = extra.get("curvature_window", {"window": 0})
-        if isinstance(curvature_window, int) and not isinstance(curvature_window, bool):
-            curvature_window = {"window": curvature_window}  # checkpoints written before the cursor had a state_dict
         return cls(
             stop_reason=extra.get("stop_reason"),
             best_iteration=extra.get("best_iteration"),
             early_stopping=EarlyStopping.from_state_dict(extra.get("early_stopping", {})),
             elapsed=float(extra.get("elapsed", 0.0)),
             world_size=extra.get("world_size", 1),
-            curvature_window=curvature_window,
+            curvature_window=upgraded_cursor_state(extra.get("curvature_window", {"window": 0})),
             data_fingerprint=extra.get("data_fingerprint"),
             optimizer_at_weights=extra.get("optimizer_at_weights") is True,
             restarts=extra.get("restarts"),
