@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import math
 import numbers
+from typing import Any
 
 import torch
 
@@ -130,6 +131,15 @@ class CurvatureCursor:
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}(window={self.window})"
+
+
+def upgraded_cursor_state(saved: Any) -> Any:
+    """A saved :class:`CurvatureCursor` state in today's form ``{"window": c}``: checkpoints and state_dicts written
+    before the cursor had a ``state_dict`` held the bare int c. Anything else is returned as it is, for
+    :meth:`CurvatureCursor.load_state_dict` to accept or refuse."""
+    if isinstance(saved, int) and not isinstance(saved, bool):
+        return {"window": saved}
+    return saved
 
 
 def _checked_window(window: object) -> int:

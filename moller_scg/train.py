@@ -7,16 +7,12 @@ Each iteration is one ``optimizer.step`` on the exact full-batch objective, stre
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import logging
 import math
 import os
-import signal
-import threading
 import time
-import warnings
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -26,18 +22,12 @@ from torch import nn
 from moller_scg import distributed as _dist
 from moller_scg.accumulate import GradientAccumulator
 from moller_scg.annealing import Annealer, AnnealingRestarts
-from moller_scg.checkpoint import (
-    CheckpointError,
-    check_checkpoint_target,
-    load_checkpoint,
-    make_checkpoint,
-    restore,
-    save_checkpoint,
-)
-from moller_scg.fingerprint import data_fingerprint, describe_difference
+from moller_scg.fingerprint import data_fingerprint
 from moller_scg.history import History
-from moller_scg.scg import DEFAULT_MEMORY, LAMBDA_MAX, SCG, SCGTrace
-from moller_scg.subsampling import CurvatureCursor, validate_fraction, validate_subset
+from moller_scg.run_checkpoint import RunCheckpoint, check_checkpoint_path, resume_run
+from moller_scg.scg import DEFAULT_MEMORY, SCG, SCGTrace
+from moller_scg.stopping import EarlyStopping, StopRequests, agreed, budget_exhausted, converged, restart_instead
+from moller_scg.subsampling import validate_fraction, validate_subset
 
 logger = logging.getLogger(__name__)
 
@@ -53,63 +43,6 @@ problems × 5 seeds, 300 iterations) 6 stopped after 9–210 iterations with a r
 best of the run, 25 lost up to 1.86× on one run, and 50 at most 1.011× while still stopping the overfitting problem
 after a median of 173 of 300 iterations. A stop costs 50 iterations past the best; the weights of the best come
 back either way."""
-
-_BUDGET_REASONS = (None, "max_iter", "max_time", "interrupted")
-"""The reasons to stop before an iteration, in the order ranks agree on them (the largest any rank has wins)."""
-
-
-@dataclasses.dataclass
-class _EarlyStopping:
-    """What validation early stopping remembers: the best validation loss, its weights, and the failures since."""
-
-    best_loss: float = math.inf
-    best_iteration: int | None = None
-    best_weights: dict[str, torch.Tensor] | None = None
-    fails: int = 0
-
-    def update(self, model: nn.Module, k: int, val_loss: float, moved: bool) -> None:
-        """A new best is remembered; a successful step (the weights ``moved``) that is no better is one fail."""
-        if val_loss < self.best_loss:
-            self.best_loss, self.best_iteration, self.fails = val_loss, k, 0
-            self.best_weights = {name: value.detach().clone() for name, value in model.state_dict().items()}
-        elif moved:
-            self.fails += 1
-
-    def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self) | {"best_weights": self.best_weights}
-
-
-class _StopRequests:
-    """Turns the first Ctrl-C or SIGTERM into a request to stop after the current iteration.
-
-    A second Ctrl-C raises ``KeyboardInterrupt`` at once (SCG then restores the accepted weights). Handlers are
-    installed only in the main thread and are put back as they were on exit. A signal the process ignores (a job
-    started with ``nohup`` or in the background of a non-interactive shell ignores SIGINT) stays ignored.
-    """
-
-    def __init__(self) -> None:
-        self.requested = False
-        self._previous: dict[signal.Signals, Any] = {}
-
-    def _handle(self, signum: int, frame: Any) -> None:
-        if self.requested and signum == signal.SIGINT:
-            raise KeyboardInterrupt
-        self.requested = True
-        logger.warning("%s received: stopping after the current iteration", signal.Signals(signum).name)
-
-    @contextlib.contextmanager
-    def installed(self) -> Iterator[_StopRequests]:
-        if threading.current_thread() is not threading.main_thread():
-            yield self
-            return
-        for signum in (signal.SIGINT, signal.SIGTERM):
-            if signal.getsignal(signum) is not signal.SIG_IGN:
-                self._previous[signum] = signal.signal(signum, self._handle)
-        try:
-            yield self
-        finally:
-            for signum, handler in self._previous.items():
-                signal.signal(signum, handler)
 
 
 def fit(
@@ -230,7 +163,7 @@ def fit(
     _validate_callbacks(callbacks)
     _check_curvature_subsampling(curvature_fraction, curvature_subset, curvature_seed, optimizer)
     if checkpoint is not None:
-        _check_checkpoint_target(checkpoint, resume, overwrite)
+        check_checkpoint_path(checkpoint, resume, overwrite)
     if device is not None:
         model.to(device)
     # A non-finite trial is SCG's to reject (it shrinks the step), so the training pass returns it instead of raising.
@@ -266,30 +199,29 @@ def fit(
             )
         annealer = Annealer(annealing, optimizer, train.loss)
 
-    history, early, elapsed_before, optimizer_trusted = History(), _EarlyStopping(), 0.0, False
+    history, early, elapsed_before, optimizer_trusted = History(), EarlyStopping(), 0.0, False
     fingerprint = data_fingerprint(train_data) if checkpoint is not None else None
     found = resume and checkpoint is not None and Path(checkpoint).exists()
     if _dist.is_distributed() and resume:
         # A rank that cannot see rank 0's file would start afresh while the others resume.
         _dist.check_same_on_every_rank({f"whether the checkpoint {checkpoint} exists": found})
     if found and checkpoint is not None:  # found implies a checkpoint; the second test narrows its type
-        history, early, elapsed_before, optimizer_trusted = _resume(
-            model, optimizer, checkpoint, train, fingerprint, annealer
-        )
+        history, saved, optimizer_trusted = resume_run(model, optimizer, checkpoint, train, fingerprint, annealer)
+        early, elapsed_before = saved.early_stopping, saved.elapsed
         logger.info("resumed from %s after %d iterations", checkpoint, len(history))
     elif resume:
         logger.info("no checkpoint at %s yet: starting afresh", checkpoint)
 
     started = time.perf_counter() - elapsed_before
-    state = _RunState(checkpoint, model, optimizer, train, history, early, fingerprint, annealer)
+    state = RunCheckpoint(checkpoint, model, optimizer, train, history, early, fingerprint, annealer)
     if optimizer_trusted:
         state.stepped()  # the loaded optimizer state belongs to the loaded weights, as after a step
     bar = _progress_bar(progress and _dist.is_main_process(), max_iter, initial=len(history))
-    stops = _StopRequests()
+    stops = StopRequests()
     try:
         with stops.installed():
             while history.stop_reason is None:
-                history.stop_reason = _agreed(_budget_exhausted(history, max_iter, max_time, started, stops))
+                history.stop_reason = agreed(budget_exhausted(history, max_iter, max_time, started, stops))
                 if history.stop_reason is not None:
                     break
                 annealed = annealer is not None and annealer.before_iteration(history)
@@ -313,9 +245,9 @@ def fit(
                     history.best_iteration = early.best_iteration
                 _update_bar(bar, history)
                 stall_since = 0 if annealer is None else annealer.since(history)
-                history.stop_reason = _converged(history, goal, min_grad, max_fail, max_stall, early, stall_since)
+                history.stop_reason = converged(history, goal, min_grad, max_fail, max_stall, early, stall_since)
                 if annealer is not None:
-                    history.stop_reason = _restart_instead(annealer, history, min_grad)
+                    history.stop_reason = restart_instead(annealer, history, min_grad)
                 if history.stop_reason is None and _callbacks_ask_to_stop(callbacks, state, started):
                     history.stop_reason = "callback"
                 if history.stop_reason is None and len(history) % checkpoint_every == 0:
@@ -369,74 +301,6 @@ def _validation_row(
     return {"val_loss": values["loss"], "val_metric": values["val_metric"]}
 
 
-def _agreed(reason: str | None) -> str | None:
-    """The stop reason all ranks act on: time and signals are rank-local, and a rank that stops alone would leave
-    the others waiting in their next all-reduce. Without a process group, ``reason`` itself."""
-    if not _dist.is_distributed():
-        return reason
-    return _BUDGET_REASONS[_dist.agree_on_max(_BUDGET_REASONS.index(reason))]
-
-
-def _budget_exhausted(
-    history: History, max_iter: int, max_time: float | None, started: float, stops: _StopRequests
-) -> str | None:
-    """The reason to stop before the next iteration: iteration or time budget used, or a stop was requested."""
-    if stops.requested:
-        return "interrupted"
-    if len(history) >= max_iter:
-        return "max_iter"
-    if max_time is not None and time.perf_counter() - started >= max_time:
-        return "max_time"
-    return None
-
-
-def _converged(
-    history: History,
-    goal: float | None,
-    min_grad: float | None,
-    max_fail: int | None,
-    max_stall: int,
-    early: _EarlyStopping,
-    stall_since: int = 0,
-) -> str | None:
-    """The reason to stop after the iteration just recorded, if any.
-
-    The stall rule looks only at the rows from ``stall_since`` on (those after the latest annealing restart).
-    """
-    row = history.last
-    if goal is not None and row["loss"] <= goal:
-        return "goal"
-    if row["residual_norm"] == 0.0 or (min_grad is not None and row["residual_norm"] <= min_grad):
-        return "min_grad"
-    if max_fail is not None and early.fails >= max_fail:
-        return "max_fail"
-    losses = history["loss"][stall_since:]
-    if losses and (row["lambd"] >= LAMBDA_MAX or _iterations_without_decrease(losses) >= max_stall):
-        return "stalled"
-    return None
-
-
-def _restart_instead(annealer: Annealer, history: History, min_grad: float | None) -> str | None:
-    """The stop reason after the annealing had its say: a due restart replaces a stall (or a zero gradient)."""
-    stop = history.stop_reason
-    zero_gradient = stop == "min_grad" and min_grad is None
-    if stop not in (None, "stalled") and not zero_gradient:
-        annealer.pending = None
-        return stop
-    restart = annealer.decide(history, "zero_gradient" if zero_gradient else stop)
-    return None if restart is not None else stop
-
-
-def _iterations_without_decrease(losses: list[float]) -> int:
-    """How many of the latest iterations did not lower the loss below its value before them."""
-    count, best = 0, losses[-1]
-    for earlier in reversed(losses[:-1]):
-        if earlier > best:
-            break
-        count += 1
-    return count
-
-
 def _progress_bar(progress: bool, total: int, initial: int) -> Any:
     if not progress:
         return None
@@ -478,58 +342,7 @@ def _takes_exact_curvature(optimizer: torch.optim.Optimizer) -> bool:
     return isinstance(optimizer, SCG) and optimizer.param_groups[0]["hvp"] == "double-backward"
 
 
-@dataclasses.dataclass
-class _RunState:
-    """What a checkpoint of the run holds, and whether SCG's saved E and r belong to the weights the model holds.
-
-    ``optimizer_at_weights`` is true while the parameters are as the optimizer's last step left them (their
-    version counters unchanged): restoring the best weights after a ``max_fail`` stop, or a callback that writes
-    the weights, makes it false, and a resume then recomputes E and r instead of trusting them.
-    """
-
-    path: str | os.PathLike[str] | None
-    model: nn.Module
-    optimizer: torch.optim.Optimizer
-    train: GradientAccumulator
-    history: History
-    early: _EarlyStopping
-    fingerprint: dict[str, Any] | None
-    annealer: Annealer | None = None
-    _versions_after_step: list[int] | None = None
-
-    def stepped(self) -> None:
-        """Remember the parameters' versions right after ``optimizer.step``."""
-        self._versions_after_step = self._versions()
-
-    def optimizer_at_weights(self) -> bool:
-        return self._versions_after_step is not None and self._versions_after_step == self._versions()
-
-    def save(self, started: float) -> None:
-        """Write the run's state, if there is a checkpoint; distributed, only rank 0 writes (all hold the same)."""
-        if self.path is None or not _dist.is_main_process():
-            return
-        extra: dict[str, Any] = {
-            "stop_reason": self.history.stop_reason,
-            "best_iteration": self.history.best_iteration,
-            "early_stopping": self.early.to_dict(),
-            "elapsed": time.perf_counter() - started,
-            "world_size": _dist.world_size(),
-            "curvature_window": self.train.curvature_cursor.state_dict(),
-            "data_fingerprint": self.fingerprint,
-            "optimizer_at_weights": self.optimizer_at_weights(),
-        }
-        if self.annealer is not None:
-            extra |= {"restarts": self.history.restarts, "annealing": self.annealer.state_dict()}
-        checkpoint = make_checkpoint(
-            self.model, self.optimizer, iteration=len(self.history), history=self.history.columns, extra=extra
-        )
-        save_checkpoint(self.path, checkpoint)
-
-    def _versions(self) -> list[int]:
-        return [p._version for p in self.model.parameters()]
-
-
-def _callbacks_ask_to_stop(callbacks: Sequence[Callback], state: _RunState, started: float) -> bool:
+def _callbacks_ask_to_stop(callbacks: Sequence[Callback], state: RunCheckpoint, started: float) -> bool:
     """Call every callback; whether any returned a true value. One that raises leaves a checkpoint and the
     History (as the exception's ``history``) before its exception goes on."""
     try:
@@ -579,79 +392,6 @@ def _check_curvature_subsampling(
             f"curvature, which this {type(optimizer).__name__} does not ask for: drop curvature_fraction, or use "
             f"SCG(params, hvp='double-backward')"
         )
-
-
-def _check_checkpoint_target(path: str | os.PathLike[str], resume: bool, overwrite: bool) -> None:
-    """Before training: the checkpoint can be written, and an existing one is only resumed or knowingly replaced.
-
-    Distributed, rank 0 (the writer) checks and every rank raises if it found a problem.
-    """
-    problem: Exception | None = None
-    if _dist.is_main_process():
-        try:
-            check_checkpoint_target(path, resume=resume, overwrite=overwrite)
-        except (ValueError, FileExistsError) as error:
-            problem = error
-    failed = _dist.agree_on_max(int(problem is not None)) if _dist.is_distributed() else problem is not None
-    if problem is not None:
-        raise problem
-    if failed:
-        raise ValueError(f"rank 0 cannot use the checkpoint {os.fspath(path)!r}: see its error")
-
-
-def _resume(
-    model: nn.Module,
-    optimizer: torch.optim.Optimizer,
-    path: str | os.PathLike[str],
-    train: GradientAccumulator,
-    fingerprint: dict[str, Any] | None,
-    annealer: Annealer | None = None,
-) -> tuple[History, _EarlyStopping, float, bool]:
-    """Load a checkpoint into model, optimizer and annealer (all or nothing) and return the run state it holds,
-    and whether the loaded optimizer state was kept as it belongs to the loaded weights.
-
-    SCG's saved E and r are kept only if the checkpoint shows they were computed at its weights and on data with
-    this ``fingerprint``; otherwise SCG is restarted, so that its next step evaluates E and r at the loaded weights.
-    """
-    state = load_checkpoint(path)
-    extra = state["extra"]
-    saved_world_size, world_size = extra.get("world_size", 1), _dist.world_size()
-    if saved_world_size != world_size:
-        raise CheckpointError(
-            f"cannot resume from {path}: it was written by a run over {saved_world_size} process(es), but this run "
-            f"has {world_size}. Resume with the same world size (torchrun --nproc-per-node {saved_world_size}), "
-            f"or pass resume=False to start afresh"
-        )
-    history = History.from_dict(
-        {"columns": state["history"], "best_iteration": extra.get("best_iteration"), "restarts": extra.get("restarts")}
-    )
-    early = _EarlyStopping(**extra.get("early_stopping", {}))
-    curvature_window = extra.get("curvature_window", {"window": 0})
-    if isinstance(curvature_window, int) and not isinstance(curvature_window, bool):
-        curvature_window = {"window": curvature_window}  # checkpoints written before the cursor had a state_dict
-    cursor = CurvatureCursor()
-    try:
-        cursor.load_state_dict(curvature_window)
-    except ValueError as error:
-        raise CheckpointError(f"cannot resume from {path}: its curvature_window is invalid: {error}") from None
-    if annealer is not None and "annealing" in extra:
-        annealer.load_state_dict(extra["annealing"])  # checked before anything else is loaded
-    restore(model, optimizer, state, source=path)
-    train.curvature_cursor.load_state_dict(cursor.state_dict())  # the rotating curvature subsets go on where they were
-    saved_fingerprint = extra.get("data_fingerprint")
-    same_data = fingerprint is not None and saved_fingerprint == fingerprint
-    if fingerprint is not None and isinstance(saved_fingerprint, dict) and not same_data:
-        warnings.warn(
-            f"resuming from {os.fspath(path)!r} on other training data than the run that wrote it: "
-            f"{describe_difference(saved_fingerprint, fingerprint)}. The loss and gradient are recomputed at the "
-            f"loaded weights; the run goes on from them but is not a continuation of the saved run",
-            stacklevel=3,
-        )
-    trusted = same_data and extra.get("optimizer_at_weights") is True
-    if isinstance(optimizer, SCG) and not trusted:
-        optimizer.restart()
-        logger.info("SCG restarts at the weights loaded from %s: its saved E and r may belong to others", path)
-    return history, early, float(extra.get("elapsed", 0.0)), trusted
 
 
 def _validate_arguments(

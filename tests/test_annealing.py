@@ -7,6 +7,7 @@ import math
 
 import pytest
 import torch
+from problems import regression_problem
 from torch import nn
 
 from moller_scg import SCG, History, fit
@@ -53,15 +54,6 @@ def fit_well(model: nn.Module, annealing: AnnealingRestarts | None = None, **opt
     return fit(model, energy, WELL_DATA, reduction="mean", batch_size=4, progress=False, annealing=annealing, **options)
 
 
-def regression_problem(seed: int = 0, n: int = 48):
-    generator = torch.Generator().manual_seed(seed)
-    x = torch.randn(n, 2, generator=generator, dtype=torch.float64)
-    y = torch.sin(2 * x[:, :1]) * torch.cos(x[:, 1:])
-    torch.manual_seed(seed)
-    model = nn.Sequential(nn.Linear(2, 8), nn.Tanh(), nn.Linear(8, 1)).double()
-    return model, (x, y)
-
-
 # Restarts after every 3 iterations that gain less than 20 %: many restarts in a short run.
 FREQUENT = AnnealingRestarts(window=3, rel_tol=0.2, temperature=0.01, scale=0.05, perturbations=4, max_restarts=6)
 
@@ -103,8 +95,8 @@ def test_every_restart_is_recorded_with_its_reason_and_temperature():
     assert iterations == sorted(iterations) and all(b - a > ESCAPING.window for a, b in zip(iterations, iterations[1:]))
 
 
-def test_best_weights_are_never_lost():
-    model, data = regression_problem()
+def test_best_weights_are_never_lost(regression):
+    model, data = regression
     history = fit_regression(model, data, max_iter=60)
     assert len(history.restarts) == FREQUENT.max_restarts
     losses = history["loss"]
@@ -189,8 +181,8 @@ def test_a_reinitialisation_that_finds_nothing_better_keeps_the_current_weights(
     assert model.w.item() == pytest.approx(-1.0375, abs=1e-2) and history["loss"][-1] < -0.305
 
 
-def test_annealing_is_off_by_default_and_then_changes_nothing():
-    model, data = regression_problem()
+def test_annealing_is_off_by_default_and_then_changes_nothing(regression):
+    model, data = regression
     history = fit(model, nn.MSELoss(), data, batch_size=16, max_iter=10, progress=False)
     assert history.restarts == []
 
@@ -299,8 +291,8 @@ def test_bad_settings_are_refused_with_the_value_named(options, error, match):
         AnnealingRestarts(**options)
 
 
-def test_fit_refuses_annealing_without_scg_or_of_the_wrong_type():
-    model, data = regression_problem()
+def test_fit_refuses_annealing_without_scg_or_of_the_wrong_type(regression):
+    model, data = regression
     lbfgs = torch.optim.LBFGS(model.parameters())
     with pytest.raises(ValueError, match="LBFGS"):
         fit(model, nn.MSELoss(), data, batch_size=16, max_iter=2, optimizer=lbfgs, annealing=AnnealingRestarts())
@@ -346,8 +338,8 @@ def test_resume_with_annealing_ends_bit_identical(tmp_path):
             assert torch.equal(p, q)
 
 
-def test_scg_starts_again_at_step_one_after_each_restart():
-    model, data = regression_problem()
+def test_scg_starts_again_at_step_one_after_each_restart(regression):
+    model, data = regression
     history = fit_regression(model, data)
     calls = history["closure_calls"]
     first_rows = {event["iteration"] for event in history.restarts}

@@ -25,6 +25,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from moller_scg import SCG, GradientAccumulator, fit
 from moller_scg import distributed as moller_dist
+from moller_scg import run_checkpoint as run_checkpoint_module
 from moller_scg import train as train_module
 from moller_scg.checkpoint import CheckpointError, load_checkpoint
 from moller_scg.subsampling import CurvatureSubsets
@@ -186,9 +187,9 @@ def _scenarios(folder: Path) -> dict:
 
     # fit: rank 0 alone draws the bar and writes; a resumed run equals an uninterrupted one bit for bit.
     bars, saves = [], []
-    draw, save = train_module._progress_bar, train_module.save_checkpoint
+    draw, save = train_module._progress_bar, run_checkpoint_module.save_checkpoint
     train_module._progress_bar = lambda progress, *args, **kw: bars.append(progress) or draw(False, *args, **kw)
-    train_module.save_checkpoint = lambda *args: saves.append(1) or save(*args)
+    run_checkpoint_module.save_checkpoint = lambda *args: saves.append(1) or save(*args)
     try:
         x = torch.randn(29, 3, generator=generator, dtype=torch.float64)
         y = torch.cos(x[:, :1])
@@ -201,7 +202,7 @@ def _scenarios(folder: Path) -> dict:
         straight = _mlp(3, 1)
         history = fit(straight, nn.MSELoss(), (x, y), batch_size=5, max_iter=6, progress=True)
     finally:
-        train_module._progress_bar, train_module.save_checkpoint = draw, save
+        train_module._progress_bar, run_checkpoint_module.save_checkpoint = draw, save
     results["fit_bars"], results["fit_saves"] = bars, len(saves)
     results["fit_losses"] = history["loss"]
     results["fit_resumed_equals_straight"] = all(

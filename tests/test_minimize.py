@@ -6,15 +6,12 @@ import math
 
 import pytest
 import torch
+from problems import rosenbrock
 
 from moller_scg import OptimizeResult, minimize
 from moller_scg.minimize import DEFAULT_FTOL, STATUS_CALLBACK, STATUS_GRADIENT, STATUS_MAX_ITER, STATUS_NON_FINITE
 
 MODES = ["double-backward", "finite-difference"]
-
-
-def rosenbrock(x: torch.Tensor) -> torch.Tensor:
-    return torch.sum(100 * (x[1:] - x[:-1] ** 2) ** 2 + (1 - x[:-1]) ** 2)
 
 
 class CountingFunction:

@@ -196,13 +196,30 @@ def test_accumulator_objective_state_dict_restores_counts_and_curvature_window()
     objective.value_and_grad()
     objective.hvp([torch.ones_like(p) for p in params])
     state = objective.state_dict()
-    assert state["curvature_window"] == 1
+    assert state["curvature_window"] == accumulator.curvature_cursor.state_dict() == {"window": 1}
     fresh, _, _ = accumulator_problem(curvature_fraction=0.5)
     restored = AccumulatorObjective(fresh)
     restored.load_state_dict(state)
     assert restored.counts == objective.counts and fresh.curvature_window == 1
     with pytest.raises(ValueError, match="not an AccumulatorObjective state_dict"):
         restored.load_state_dict({"counts": {}})
+
+
+def test_accumulator_objective_loads_the_bare_int_window_of_older_state_dicts_and_refuses_a_bad_one():
+    accumulator, params, _ = accumulator_problem(curvature_fraction=0.5)
+    objective = AccumulatorObjective(accumulator)
+    objective.value_and_grad()
+    older = objective.state_dict() | {"curvature_window": 4}  # the form saved before the cursor had a state_dict
+    fresh, _, _ = accumulator_problem(curvature_fraction=0.5)
+    restored = AccumulatorObjective(fresh)
+    restored.load_state_dict(older)
+    assert fresh.curvature_cursor.state_dict() == {"window": 4} and restored.counts == objective.counts
+    untouched = AccumulatorObjective(accumulator_problem(curvature_fraction=0.5)[0])
+    for bad in ({"window": -2}, {"position": 1}, True, -1):
+        with pytest.raises(ValueError, match="window"):
+            untouched.load_state_dict(objective.state_dict() | {"curvature_window": bad})
+        assert untouched.counts == EvaluationCounts(nfev=0, ngev=0, nhev=0)  # nothing loaded
+        assert untouched.accumulator.curvature_window == 0
 
 
 def test_accumulator_objective_rejects_other_closures():

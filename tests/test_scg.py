@@ -16,6 +16,7 @@ import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from problems import rosenbrock
 from reference_scg import problem_from_function, reference_scg
 from torch import nn
 
@@ -35,10 +36,6 @@ MODES = ["double-backward", "finite-difference"]
 
 # ---------------------------------------------------------------------------------------------------------------
 # Problems: each a function of one flat float64 vector, and the same function of a model's parameters.
-
-
-def rosenbrock(w: torch.Tensor) -> torch.Tensor:
-    return torch.sum(100 * (w[1:] - w[:-1] ** 2) ** 2 + (1 - w[:-1]) ** 2)
 
 
 def spd_quadratic(n: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:

@@ -11,6 +11,7 @@ import io
 
 import pytest
 import torch
+from problems import rosenbrock
 from reference_scg import problem_from_function, reference_scg
 from test_scg import (
     assert_trajectories_equal,
@@ -18,7 +19,6 @@ from test_scg import (
     make_mlp,
     mlp_data,
     mlp_flat_function,
-    rosenbrock,
     spd_quadratic,
 )
 from torch import nn

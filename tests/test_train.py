@@ -13,6 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from problems import regression_problem
 from torch import nn
 
 from moller_scg import SCG, History, fit
@@ -22,22 +23,13 @@ from moller_scg.history import STOP_REASONS
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def regression_problem(seed: int = 0, n: int = 48):
-    generator = torch.Generator().manual_seed(seed)
-    x = torch.randn(n, 2, generator=generator, dtype=torch.float64)
-    y = torch.sin(2 * x[:, :1]) * torch.cos(x[:, 1:])
-    torch.manual_seed(seed)
-    model = nn.Sequential(nn.Linear(2, 8), nn.Tanh(), nn.Linear(8, 1)).double()
-    return model, (x, y)
-
-
 def quiet_fit(model, data, **options):
     options.setdefault("max_iter", 30)
     return fit(model, nn.MSELoss(), data, progress=False, batch_size=16, **options)
 
 
-def test_max_iter_stops_after_the_budget_and_records_every_iteration():
-    model, data = regression_problem()
+def test_max_iter_stops_after_the_budget_and_records_every_iteration(regression):
+    model, data = regression
     history = quiet_fit(model, data, max_iter=7)
     assert history.stop_reason == "max_iter" and len(history) == 7
     assert history["k"] == list(range(1, 8))
@@ -63,8 +55,8 @@ def test_min_grad_stops_when_the_gradient_is_small():
     assert history["residual_norm"][-1] <= norms[3]
 
 
-def test_max_time_stops_on_the_time_budget():
-    model, data = regression_problem()
+def test_max_time_stops_on_the_time_budget(regression):
+    model, data = regression
     started = time.perf_counter()
     history = quiet_fit(model, data, max_iter=10_000, max_time=0.5, callbacks=[lambda h: time.sleep(0.05)])
     assert history.stop_reason == "max_time"
@@ -72,8 +64,8 @@ def test_max_time_stops_on_the_time_budget():
     assert 1 <= len(history) <= 0.5 / 0.05 + 1
 
 
-def test_callback_can_stop_the_run():
-    model, data = regression_problem()
+def test_callback_can_stop_the_run(regression):
+    model, data = regression
     history = quiet_fit(model, data, callbacks=[lambda h: len(h) == 3])
     assert history.stop_reason == "callback" and len(history) == 3
 
@@ -102,8 +94,8 @@ def sigint_handler():
         signal.signal(signal.SIGINT, before)
 
 
-def test_sigint_stops_after_the_current_iteration(sigint_handler):
-    model, data = regression_problem()
+def test_sigint_stops_after_the_current_iteration(sigint_handler, regression):
+    model, data = regression
 
     def interrupt(history):
         if len(history) == 4:
@@ -114,10 +106,10 @@ def test_sigint_stops_after_the_current_iteration(sigint_handler):
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
 
 
-def test_an_ignored_sigint_stays_ignored(sigint_handler):
+def test_an_ignored_sigint_stays_ignored(sigint_handler, regression):
     # A job started with nohup or in the background of a script ignores SIGINT; fit must not make it interruptible.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
-    model, data = regression_problem()
+    model, data = regression
 
     def interrupt(history):
         if len(history) == 2:
@@ -128,8 +120,8 @@ def test_an_ignored_sigint_stays_ignored(sigint_handler):
     assert signal.getsignal(signal.SIGINT) is signal.SIG_IGN
 
 
-def test_non_finite_run_stops_with_a_reason_and_finite_weights():
-    model, data = regression_problem()
+def test_non_finite_run_stops_with_a_reason_and_finite_weights(regression):
+    model, data = regression
     start = [p.detach().clone() for p in model.parameters()]
 
     def loss_fn(outputs, targets):
@@ -143,8 +135,8 @@ def test_non_finite_run_stops_with_a_reason_and_finite_weights():
     assert all(torch.equal(p, q) for p, q in zip(model.parameters(), start))
 
 
-def test_max_fail_restores_the_weights_of_the_best_validation_loss():
-    model, (x, y) = regression_problem()
+def test_max_fail_restores_the_weights_of_the_best_validation_loss(regression):
+    model, (x, y) = regression
     validation = (x + 0.3, -y)  # fitting the training data makes this worse
     history = quiet_fit(model, (x, y), val_data=validation, max_iter=200, max_fail=3)
     assert history.stop_reason == "max_fail"
@@ -172,8 +164,8 @@ def test_validation_metric_is_recorded():
         assert history["val_metric"][-1] == pytest.approx(expected, abs=1e-12)
 
 
-def test_fit_works_with_lbfgs():
-    model, data = regression_problem()
+def test_fit_works_with_lbfgs(regression):
+    model, data = regression
     optimizer = torch.optim.LBFGS(model.parameters(), max_iter=5, line_search_fn="strong_wolfe")
     history = quiet_fit(model, data, optimizer=optimizer, max_iter=4)
     assert history.stop_reason == "max_iter" and len(history) == 4
@@ -191,8 +183,8 @@ def test_fit_works_with_lbfgs():
         ({"resume": True}, "resume=True needs checkpoint"),
     ],
 )
-def test_bad_arguments_raise_value_error(options, match):
-    model, data = regression_problem()
+def test_bad_arguments_raise_value_error(options, match, regression):
+    model, data = regression
     options.setdefault("max_iter", 3)
     with pytest.raises(ValueError, match=match):
         fit(model, nn.MSELoss(), data, progress=False, **options)
@@ -224,17 +216,17 @@ def test_checkpoint_written_on_stop_and_resume_continues_bit_identically(tmp_pat
         assert torch.equal(p, q)
 
 
-def test_resume_without_a_checkpoint_file_starts_afresh(tmp_path):
-    model, data = regression_problem()
+def test_resume_without_a_checkpoint_file_starts_afresh(tmp_path, regression):
+    model, data = regression
     history = quiet_fit(model, data, max_iter=3, checkpoint=tmp_path / "new.pt", resume=True)
     assert len(history) == 3 and (tmp_path / "new.pt").exists()
 
 
 @pytest.mark.parametrize("content", [b"\x00not a checkpoint at all" * 10, b""])
-def test_resume_from_a_corrupt_checkpoint_refuses_and_changes_nothing(tmp_path, content):
+def test_resume_from_a_corrupt_checkpoint_refuses_and_changes_nothing(tmp_path, content, regression):
     path = tmp_path / "bad.pt"
     path.write_bytes(content)
-    model, data = regression_problem()
+    model, data = regression
     before = [p.detach().clone() for p in model.parameters()]
     with pytest.raises(CheckpointError, match=str(path.name)):
         quiet_fit(model, data, checkpoint=path, resume=True)
@@ -271,7 +263,7 @@ RUN_SCRIPT = textwrap.dedent(
     """
     import sys, time, torch
     sys.path.insert(0, {tests!r})
-    from test_train import regression_problem
+    from problems import regression_problem
     from moller_scg import fit
     from torch import nn
     torch.set_num_threads(1)
@@ -485,24 +477,24 @@ def test_resume_on_other_data_warns_and_recomputes_the_loss(tmp_path):
     assert resumed["loss"][-1] == pytest.approx(mse_at(model, other), rel=1e-12)
 
 
-def test_resume_on_the_same_data_trusts_the_checkpoint_and_does_not_warn(tmp_path, recwarn):
+def test_resume_on_the_same_data_trusts_the_checkpoint_and_does_not_warn(tmp_path, recwarn, regression):
     path = tmp_path / "run.pt"
-    model, data = regression_problem()
+    model, data = regression
     quiet_fit(model, data, max_iter=4, checkpoint=path)
     assert load_checkpoint(path)["extra"]["optimizer_at_weights"] is True
     quiet_fit(model, data, max_iter=6, checkpoint=path, resume=True)
     assert not [w for w in recwarn if "training data" in str(w.message)]
 
 
-def test_lbfgs_history_records_the_loss_at_the_weights_after_the_step():
-    model, data = regression_problem()
+def test_lbfgs_history_records_the_loss_at_the_weights_after_the_step(regression):
+    model, data = regression
     optimizer = torch.optim.LBFGS(model.parameters(), max_iter=5, line_search_fn="strong_wolfe")
     history = quiet_fit(model, data, optimizer=optimizer, max_iter=3)
     assert history["loss"][-1] == pytest.approx(mse_at(model, data), rel=1e-12)
 
 
-def test_fit_trains_a_partly_frozen_model_with_the_default_optimizer():
-    model, data = regression_problem()
+def test_fit_trains_a_partly_frozen_model_with_the_default_optimizer(regression):
+    model, data = regression
     model[0].requires_grad_(False)
     frozen = weights(model[0])
     history = quiet_fit(model, data, max_iter=5)
@@ -511,8 +503,8 @@ def test_fit_trains_a_partly_frozen_model_with_the_default_optimizer():
 
 
 @pytest.mark.parametrize("callbacks", [[print, "not a function"], print])
-def test_a_callback_that_is_not_callable_is_refused_at_the_start(callbacks):
-    model, data = regression_problem()
+def test_a_callback_that_is_not_callable_is_refused_at_the_start(callbacks, regression):
+    model, data = regression
     before = weights(model)
     with pytest.raises(TypeError, match="callback"):
         quiet_fit(model, data, callbacks=callbacks)
@@ -530,14 +522,14 @@ def test_any_true_callback_answer_stops_the_run(truth):
     assert calls == [1, 2]  # every callback sees every iteration, the last one included
 
 
-def test_a_callback_that_raises_leaves_a_checkpoint_and_the_history(tmp_path):
+def test_a_callback_that_raises_leaves_a_checkpoint_and_the_history(tmp_path, regression):
     path = tmp_path / "run.pt"
 
     def broken(history):
         if len(history) == 3:
             raise RuntimeError("callback bug")
 
-    model, data = regression_problem()
+    model, data = regression
     with pytest.raises(RuntimeError, match="callback bug") as raised:
         quiet_fit(model, data, checkpoint=path, checkpoint_every=100, callbacks=[broken])
     assert len(raised.value.history) == 3
@@ -548,10 +540,10 @@ def test_a_callback_that_raises_leaves_a_checkpoint_and_the_history(tmp_path):
     assert resumed["k"] == [1, 2, 3, 4, 5]
 
 
-def test_an_scg_holding_frozen_parameters_is_refused_with_the_fix():
+def test_an_scg_holding_frozen_parameters_is_refused_with_the_fix(regression):
     from moller_scg import SCG
 
-    model, data = regression_problem()
+    model, data = regression
     model[0].requires_grad_(False)
     with pytest.raises(ValueError, match=r"2 frozen parameter\(s\).*if p.requires_grad"):
         quiet_fit(model, data, optimizer=SCG(model.parameters()))

@@ -22,6 +22,7 @@ from moller_scg.objective.protocol import (
     validate_hvp_mode,
     validate_sigma,
 )
+from moller_scg.subsampling import CurvatureCursor, upgraded_cursor_state
 
 
 class AccumulatorObjective:
@@ -118,12 +119,13 @@ class AccumulatorObjective:
         return self.accumulator.loss()
 
     def state_dict(self) -> dict[str, Any]:
-        """The accumulator's passes, the finite-difference products, and the next curvature window."""
+        """The accumulator's passes, the finite-difference products, and the state of its curvature cursor (the
+        next curvature window, :meth:`~moller_scg.subsampling.CurvatureCursor.state_dict`)."""
         passes = self.accumulator.passes
         return {
             "passes": {"gradient": passes.gradient, "hvp": passes.hvp, "loss": passes.loss},
             "finite_difference_products": self._finite_difference_products,
-            "curvature_window": self.accumulator.curvature_window,
+            "curvature_window": self.accumulator.curvature_cursor.state_dict(),
         }
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
@@ -136,14 +138,14 @@ class AccumulatorObjective:
         passes = state_dict["passes"]
         if not isinstance(passes, dict) or set(passes) != {"gradient", "hvp", "loss"}:
             raise ValueError(f"the saved passes must have the keys gradient, hvp, loss, got {passes!r:.120}")
-        values = {**passes, "finite_difference_products": state_dict["finite_difference_products"]}
-        values["curvature_window"] = state_dict["curvature_window"]
-        for name, value in values.items():
+        for name, value in {**passes, "finite_difference_products": state_dict["finite_difference_products"]}.items():
             if isinstance(value, bool) or not isinstance(value, int) or value < 0:
                 raise ValueError(f"the saved {name} = {value!r} is not an int ≥ 0")
+        cursor = CurvatureCursor()
+        cursor.load_state_dict(upgraded_cursor_state(state_dict["curvature_window"]))  # checked before any change
         self.accumulator.passes = PassCounts(**passes)
         self._finite_difference_products = state_dict["finite_difference_products"]
-        self.accumulator.curvature_window = state_dict["curvature_window"]
+        self.accumulator.curvature_cursor.load_state_dict(cursor.state_dict())
 
     def _gradient_here(self) -> list[torch.Tensor]:
         self()
