@@ -24,12 +24,10 @@ from moller_scg.checkpoint import (
     FORMAT,
     VERSION,
     CheckpointError,
-    capture_rng_state,
     check_model_state,
     load_checkpoint,
     make_checkpoint,
     restore,
-    restore_rng_state,
     save_checkpoint,
 )
 
@@ -147,28 +145,6 @@ def test_checkpoint_round_trips_every_entry_and_loads_with_plain_weights_only(tm
     assert set(loaded["optimizer"]["scg"]["scalars"]) >= {"k", "lambd", "lambd_bar", "delta", "success"}
     # Anyone can read it with torch alone, safely.
     _assert_same(torch.load(path, weights_only=True), written)
-
-
-def test_rng_state_round_trip_repeats_every_generator_exactly(tmp_path: Path) -> None:
-    torch.manual_seed(3)
-    random.seed(3)
-    np.random.seed(3)
-    np.random.standard_normal()  # leaves a cached Gaussian in numpy's legacy state
-    state = capture_rng_state()
-    path = tmp_path / "rng.pt"
-    torch.save(state, path)
-
-    def draw() -> tuple[torch.Tensor, list[float], np.ndarray]:
-        return torch.rand(5), [random.random() for _ in range(5)], np.random.standard_normal(5)
-
-    first = draw()
-    draw()
-    restore_rng_state(torch.load(path, weights_only=True))
-    again = draw()
-
-    assert torch.equal(first[0], again[0])
-    assert first[1] == again[1]
-    assert np.array_equal(first[2], again[2])
 
 
 @pytest.mark.parametrize("hvp", HVP_MODES)
@@ -502,22 +478,6 @@ def test_failure_inside_load_state_dict_leaves_model_optimizer_and_generators_un
 
     _assert_same(_snapshot(model, optimizer), before)
     assert torch.equal(torch.rand(4), expected_draw)
-
-
-def test_malformed_rng_state_is_refused_before_any_generator_changes() -> None:
-    state = capture_rng_state()
-    state["python"] = (3, (1, 2, 3), None)  # torch's state is fine and is set first: it must not be
-    torch.manual_seed(4)
-    random.seed(4)
-    expected = torch.rand(2), random.random()
-    torch.manual_seed(4)
-    random.seed(4)
-
-    with pytest.raises(ValueError, match="RNG state cannot be restored"):
-        restore_rng_state(state)
-
-    assert torch.equal(torch.rand(2), expected[0])
-    assert random.random() == expected[1]
 
 
 @pytest.mark.skipif(not hasattr(os, "mkfifo"), reason="no FIFOs on this system")
