@@ -64,14 +64,7 @@ from moller_scg.input_checks import (
     resolve_device,
     trainable_params,
 )
-from moller_scg.loss_checks import (
-    ADDITIVITY_CHECK_SAMPLES,
-    StochasticObjectiveWarning,
-    check_additivity,
-    pass_problem,
-    stochastic_modules,
-    warn_if_stochastic,
-)
+from moller_scg.loss_checks import ADDITIVITY_CHECK_SAMPLES, FirstPassChecks, StochasticObjectiveWarning, pass_problem
 from moller_scg.loss_weighting import REDUCTIONS, BatchLoss, MetricSums, resolve_reduction
 from moller_scg.running_stats import restored_on_failure
 from moller_scg.subsampling import (
@@ -289,12 +282,8 @@ class GradientAccumulator:
         if self.distributed:
             _dist.check_ranks_agree(self._samples, self.params)
         self._param_names = param_names(model, self.params) if hvp_method == "forward-over-reverse" else None
-        # Every loss must be additive over samples, or the batch size changes the objective: checked once, on the
-        # first pass. An explicit reduction is a claim about an opaque callable; a declared one can be wrong too.
-        # The ratio kind's S_b is the accumulator's own F.cross_entropy / F.nll_loss sum: additive by construction.
-        self._reduction_unchecked = self._batch_loss.kind != "ratio"
-        self._reduction_explicit = reduction is not None and getattr(loss_fn, "reduction", None) is None
-        self._warned_stochastic = False
+        reduction_explicit = reduction is not None and getattr(loss_fn, "reduction", None) is None
+        self._first_pass_checks = FirstPassChecks(model, self._batch_loss, reduction_explicit)
         self._functional_works = False  # whether torch.func has evaluated one batch (then its errors are real)
 
     # ----------------------------------------------------------------------------------------------------------
@@ -438,12 +427,8 @@ class GradientAccumulator:
         "loss" only) each metric is added up from the same forward pass as the loss. No host synchronisation happens
         in the loop: batch losses are written to a device buffer and checked once at the end.
         """
-        if not self._warned_stochastic:
-            self._warned_stochastic = warn_if_stochastic(self.model, stacklevel=4)  # points at the user's call
         source = self._batches if batches_to_stream is None else batches_to_stream
-        head = source.head(REDUCTION_CHECK_SAMPLES) if self._reduction_unchecked else None
-        if head is not None:
-            self._check_reduction(*head)
+        self._first_pass_checks.before_pass(source, stacklevel=3)  # the warning points at the user's call
         objective, params = self._batch_loss, self.params
         sums = None if kind == "loss" else WideSums(params, PARTIAL_SUM_BATCHES)
         # Typed as the loop's "gradient" and "hvp" branches use them: sums is None only for "loss", vectors only
@@ -461,8 +446,7 @@ class GradientAccumulator:
             count = batch_samples(inputs, targets, source, index)
             if index == 0:  # a Dataset or DataLoader shows its dtype only in its batches (tensors: checked up front)
                 check_input_dtype(inputs, self._model_dtype, f"the inputs of {source.describe(0)}")
-            if self._reduction_unchecked and count >= 2:
-                self._check_reduction(inputs[:REDUCTION_CHECK_SAMPLES], targets[:REDUCTION_CHECK_SAMPLES])
+            self._first_pass_checks.on_batch(inputs, targets, count)
             scale = objective.scale(count)
             if kind == "loss":
                 with torch.no_grad():
@@ -580,15 +564,3 @@ class GradientAccumulator:
         if self.on_non_finite == "raise":
             raise FloatingPointError(problem)
         logger.warning("%s; returning the non-finite loss (on_non_finite='return')", problem)
-
-    def _check_reduction(self, inputs: torch.Tensor, targets: torch.Tensor) -> None:
-        """Check once that the loss is additive over samples (:func:`moller_scg.loss_checks.check_additivity`)."""
-        if targets.shape[0] < 2:
-            return
-        self._reduction_unchecked = False
-        if stochastic_modules(self.model):
-            logger.debug("additivity not checked: the model is stochastic in training mode")
-            return
-        check_additivity(
-            self._batch_loss.term, self.model, inputs, targets, self._batch_loss.kind, self._reduction_explicit
-        )

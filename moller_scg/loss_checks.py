@@ -9,8 +9,8 @@ sample-weighted mean) of its values on any split of that batch. Two common ways 
 * an element-wise loss (``nn.MSELoss``, …) given outputs of shape (n, 1) and targets of shape (n,) broadcasts
   them to (n, n) and averages over all pairs: another objective, with only a PyTorch warning.
 
-:func:`check_additivity` tests the first on a few samples, once per accumulator; :func:`check_same_shape` refuses
-the second on every batch (a comparison of two shapes).
+:func:`check_additivity` tests the first on a few samples, once per accumulator (:class:`FirstPassChecks` says
+when); :func:`check_same_shape` refuses the second on every batch (a comparison of two shapes).
 
 :func:`pass_problem` is the one host synchronisation of a pass: it names a batch whose loss is not finite, and
 refuses class weights that sum to 0.
@@ -22,6 +22,7 @@ not checked on it (:func:`stochastic_modules`).
 
 from __future__ import annotations
 
+import logging
 import math
 import warnings
 from collections.abc import Callable
@@ -35,6 +36,9 @@ from moller_scg import distributed as _dist
 if TYPE_CHECKING:
     from moller_scg.batches import Batches
     from moller_scg.float64_sums import PassSums
+    from moller_scg.loss_weighting import BatchLoss
+
+logger = logging.getLogger(__name__)
 
 ADDITIVITY_CHECK_SAMPLES = 8
 """Samples on which additivity is checked once per accumulator (on the whole and on its two halves)."""
@@ -215,6 +219,60 @@ def warn_if_stochastic(model: nn.Module, stacklevel: int) -> bool:
         stacklevel=stacklevel,
     )
     return True
+
+
+class FirstPassChecks:
+    """The checks an accumulator's passes make until they have been made once, and what they remember.
+
+    Every loss must be additive over samples, or the batch size changes the objective: :func:`check_additivity`
+    runs once, on the first :data:`ADDITIVITY_CHECK_SAMPLES` samples of the data (the batch source's head, or for
+    a DataLoader, which has none, its first batch of at least 2 samples). An explicit reduction is a claim about an
+    opaque callable; a declared one can be wrong too. The ratio kind's S_b is the accumulator's own
+    ``F.cross_entropy`` / ``F.nll_loss`` sum, additive by construction, so it is not checked. A stochastic model
+    (:func:`stochastic_modules`) is warned about once, on the first pass that finds it so, and its additivity is
+    not checked.
+
+    Args:
+        model: the network.
+        batch_loss: the accumulator's batch loss E_b (its ``term`` and ``kind``).
+        reduction_explicit: whether the reduction was passed to the accumulator rather than read from
+            ``loss_fn.reduction`` (only the error message differs).
+    """
+
+    def __init__(self, model: nn.Module, batch_loss: BatchLoss, reduction_explicit: bool) -> None:
+        self.model = model
+        self.batch_loss = batch_loss
+        self.reduction_explicit = reduction_explicit
+        self.additivity_unchecked = batch_loss.kind != "ratio"
+        self.warned_stochastic = False
+
+    def before_pass(self, source: Batches, stacklevel: int) -> None:
+        """Warn about a stochastic model (once), and check additivity on ``source``'s head if not done yet.
+
+        ``stacklevel`` is as for ``warnings.warn`` called by the caller of this method (1: that caller), so that
+        the warning points at the user's call of the accumulator.
+        """
+        if not self.warned_stochastic:  # + 2: this method's frame and warn_if_stochastic's
+            self.warned_stochastic = warn_if_stochastic(self.model, stacklevel=stacklevel + 2)
+        head = source.head(ADDITIVITY_CHECK_SAMPLES) if self.additivity_unchecked else None
+        if head is not None:
+            self._check_additivity(*head)
+
+    def on_batch(self, inputs: torch.Tensor, targets: torch.Tensor, samples: int) -> None:
+        """Check additivity on this batch of n_b = ``samples`` samples if it was not checked yet and n_b ≥ 2."""
+        if self.additivity_unchecked and samples >= 2:
+            self._check_additivity(inputs[:ADDITIVITY_CHECK_SAMPLES], targets[:ADDITIVITY_CHECK_SAMPLES])
+
+    def _check_additivity(self, inputs: torch.Tensor, targets: torch.Tensor) -> None:
+        if targets.shape[0] < 2:
+            return
+        self.additivity_unchecked = False
+        if stochastic_modules(self.model):
+            logger.debug("additivity not checked: the model is stochastic in training mode")
+            return
+        check_additivity(
+            self.batch_loss.term, self.model, inputs, targets, self.batch_loss.kind, self.reduction_explicit
+        )
 
 
 def _reshape_hint(shape: tuple[int, ...]) -> str:
