@@ -59,6 +59,7 @@ from moller_scg.input_checks import (
     as_tensor_pair,
     check_input_dtype,
     describe_value,
+    hvp_vectors,
     model_dtype,
     param_names,
     resolve_device,
@@ -346,16 +347,7 @@ class GradientAccumulator:
         Returns:
             s, one detached tensor per parameter, in the parameter's dtype.
         """
-        if isinstance(vectors, torch.Tensor) or not isinstance(vectors, Sequence):
-            raise TypeError(f"vectors must be a sequence of tensors, one per parameter, got {describe_value(vectors)}")
-        if len(vectors) != len(self.params):
-            raise ValueError(f"hvp got {len(vectors)} vectors for {len(self.params)} parameters")
-        prepared = []
-        for index, (p, v) in enumerate(zip(self.params, vectors)):
-            if not isinstance(v, torch.Tensor) or v.shape != p.shape:
-                shape = tuple(v.shape) if isinstance(v, torch.Tensor) else type(v).__name__
-                raise ValueError(f"hvp vector {index} has shape {shape}, but parameter {index} has {tuple(p.shape)}")
-            prepared.append(v.detach().to(device=p.device, dtype=p.dtype))
+        prepared = hvp_vectors(vectors, self.params)
         batches = self._curvature_batches.next()
         with restored_on_failure(self.model) as running_statistics:
             sums = self._stream("hvp", prepared, batches)
@@ -384,15 +376,9 @@ class GradientAccumulator:
         Returns:
             ``{"loss": E(w), name: mean of the metric, …}`` as Python floats; ``.grad`` is not touched.
         """
-        if not isinstance(metrics, Mapping) or not all(
-            isinstance(name, str) and callable(metric) for name, metric in metrics.items()
-        ):
-            raise TypeError(
-                f"metrics must map names to callables metric(outputs, targets), got {describe_value(metrics)}"
-            )
+        metric_sums = MetricSums(metrics, self.device)  # checks that metrics maps names to callables
         if "loss" in metrics:
             raise ValueError("'loss' names the loss itself in what evaluate returns: give the metric another name")
-        metric_sums = MetricSums(metrics, self.device)
         with restored_on_failure(self.model) as running_statistics:
             sums = self._reduce(self._stream("loss", metric_sums=metric_sums))
             loss, _ = self._finish(sums)

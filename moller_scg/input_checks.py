@@ -10,7 +10,8 @@ A float64 NumPy array (NumPy's default) fed to a float32 model fails deep inside
   the two ways to make them agree.
 
 It also resolves which parameters w the accumulator differentiates (:func:`trainable_params`), by which names
-``torch.func`` knows them (:func:`param_names`) and on which device batches are evaluated (:func:`resolve_device`).
+``torch.func`` knows them (:func:`param_names`) and on which device batches are evaluated (:func:`resolve_device`),
+and checks the vectors v of a Hessian-vector product against the parameters (:func:`hvp_vectors`).
 """
 
 from __future__ import annotations
@@ -98,6 +99,27 @@ def resolve_device(device: torch.device | str | None, params: list[torch.Tensor]
     if resolved.type == "cuda" and resolved.index is None and torch.cuda.is_available():
         resolved = torch.device("cuda", torch.cuda.current_device())
     return resolved
+
+
+def hvp_vectors(vectors: Any, params: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+    """v for a Hessian-vector product: one tensor per parameter of ``params``, each of its parameter's shape,
+    detached and moved to the parameter's device and dtype.
+
+    Raises:
+        TypeError: ``vectors`` is not a sequence (a single tensor is not one).
+        ValueError: the number of vectors, or a vector's shape, differs from the parameters'.
+    """
+    if isinstance(vectors, torch.Tensor) or not isinstance(vectors, Sequence):
+        raise TypeError(f"vectors must be a sequence of tensors, one per parameter, got {describe_value(vectors)}")
+    if len(vectors) != len(params):
+        raise ValueError(f"hvp got {len(vectors)} vectors for {len(params)} parameters")
+    prepared = []
+    for index, (p, v) in enumerate(zip(params, vectors)):
+        if not isinstance(v, torch.Tensor) or v.shape != p.shape:
+            shape = tuple(v.shape) if isinstance(v, torch.Tensor) else type(v).__name__
+            raise ValueError(f"hvp vector {index} has shape {shape}, but parameter {index} has {tuple(p.shape)}")
+        prepared.append(v.detach().to(device=p.device, dtype=p.dtype))
+    return prepared
 
 
 def describe_value(value: Any) -> str:

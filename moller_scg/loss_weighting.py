@@ -128,9 +128,18 @@ class MetricSums:
     Args:
         metrics: name → ``metric(outputs, targets)``, the batch mean of a per-sample score.
         device: where the sums are kept.
+
+    Raises:
+        TypeError: ``metrics`` is not a mapping of ``str`` names to callables.
     """
 
     def __init__(self, metrics: Mapping[str, Callable[[Any, torch.Tensor], torch.Tensor]], device: torch.device):
+        if not isinstance(metrics, Mapping) or not all(
+            isinstance(name, str) and callable(metric) for name, metric in metrics.items()
+        ):
+            raise TypeError(
+                f"metrics must map names to callables metric(outputs, targets), got {describe_value(metrics)}"
+            )
         self.names = list(metrics)
         self.weightings = [BatchLoss(metric, "mean") for metric in metrics.values()]
         self.sums = torch.zeros(len(self.weightings), dtype=torch.float64, device=device)

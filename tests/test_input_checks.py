@@ -9,7 +9,7 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from moller_scg.accumulate import GradientAccumulator
-from moller_scg.input_checks import as_tensor_pair, model_dtype
+from moller_scg.input_checks import as_tensor_pair, hvp_vectors, model_dtype
 
 SAMPLES, FEATURES, CLASSES = 30, 4, 3
 
@@ -81,3 +81,16 @@ def test_model_dtype_is_none_for_mixed_or_complex_parameters():
     assert model_dtype([torch.zeros(1), torch.zeros(1)]) == torch.float32
     assert model_dtype([torch.zeros(1), torch.zeros(1, dtype=torch.float64)]) is None
     assert model_dtype([torch.zeros(1, dtype=torch.complex64)]) is None
+
+
+def test_hvp_vectors_are_detached_in_each_parameters_dtype_and_a_single_tensor_is_refused():
+    params = [torch.zeros(2, 3, dtype=torch.float64), torch.zeros(4, dtype=torch.float32)]
+    source = torch.ones(2, 3, dtype=torch.float32, requires_grad=True)
+    vectors = hvp_vectors([source, torch.arange(4)], params)
+    assert [v.dtype for v in vectors] == [torch.float64, torch.float32]
+    assert not vectors[0].requires_grad and torch.equal(vectors[1], torch.arange(4.0))
+
+    with pytest.raises(TypeError, match="vectors must be a sequence of tensors, one per parameter, got a tensor"):
+        hvp_vectors(torch.ones(6), params)
+    with pytest.raises(ValueError, match=r"hvp vector 0 has shape list, but parameter 0 has \(2, 3\)"):
+        hvp_vectors([[1.0] * 6, torch.ones(4)], params)
