@@ -14,8 +14,8 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable
-from typing import Any
+from collections.abc import Callable, Iterable, Sequence
+from typing import Any, TypeGuard
 
 import torch
 
@@ -73,6 +73,7 @@ def as_objective(
     if is_plain_closure(closure_or_objective):
         return ClosureObjective(closure_or_objective, params, hvp_mode, sigma)
     objective: Objective
+    differentiated: Sequence[torch.Tensor] | None
     if isinstance(closure_or_objective, Objective):
         objective = closure_or_objective
         differentiated = objective.params
@@ -94,7 +95,7 @@ def as_objective(
     return objective
 
 
-def is_plain_closure(closure_or_objective: Any) -> bool:
+def is_plain_closure(closure_or_objective: Any) -> TypeGuard[Callable[[], Any]]:
     """Whether :func:`as_objective` wraps this in a plain :class:`ClosureObjective`: a callable without an
     ``hvp(vectors)`` method (every :class:`Objective` and :class:`~moller_scg.GradientAccumulator` has one)."""
     return callable(closure_or_objective) and not callable(getattr(closure_or_objective, "hvp", None))
