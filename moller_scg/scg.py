@@ -22,13 +22,12 @@ import torch
 
 from moller_scg import _vectors as vec
 from moller_scg import quasi_newton
-from moller_scg.curvature import MISSING_GRAPH_MESSAGE, graph_hvp
 from moller_scg.flat_vector import FlatBuffers, FlatLayout
+from moller_scg.objective import ClosureObjective, Objective, as_objective, is_plain_closure, same_tensors
 from moller_scg.scg_inputs import (
     HVP_MODES,
     SIGMA_MAX,
     _default_hvp,
-    _loss_value,
     _other_optimizer_options_message,
     _ParamGroup,
     _refuse_differing_group,
@@ -161,8 +160,9 @@ class SCG(torch.optim.Optimizer):
     """
 
     # What cannot outlive this object, set by _reset_transient (declared here, where the type checker looks first).
-    _graph_gradients: list[torch.Tensor] | None
-    _graph_versions: list[int] | None
+    _closure: Any
+    _objective: Objective | None
+    _objective_hvp_mode: str | None
     _param_versions: list[int] | None
     _known_products: tuple[list[torch.Tensor], list[int], tuple[float, float, float]] | None
     _flat: FlatBuffers | None
@@ -284,14 +284,14 @@ class SCG(torch.optim.Optimizer):
     # The iteration
 
     @torch.no_grad()
-    def step(self, closure: Callable[[], Any] | None = None) -> torch.Tensor:  # type: ignore[override]
+    def step(self, closure: Callable[[], Any] | Objective | None = None) -> torch.Tensor:  # type: ignore[override]
         """One iteration of SCG (Møller 1993, steps 2–9); the first call also does step 1.
 
         Args:
             closure: re-evaluates the model and returns the loss E(w) after setting each parameter's ``.grad`` to
                 E'(w) (``zero_grad``, forward, ``backward``), as for ``torch.optim.LBFGS``. With
                 ``hvp="double-backward"`` it calls ``loss.backward(create_graph=True)``, unless it has an
-                ``hvp(vectors)`` method.
+                ``hvp(vectors)`` method. Or an :class:`~moller_scg.objective.Objective`, asked for E, E' and E''p.
 
         Returns:
             E(w) at the weights the parameters hold after the step, as a detached float64 scalar tensor.
@@ -299,11 +299,13 @@ class SCG(torch.optim.Optimizer):
         Raises:
             TypeError: the closure is missing or returns something other than a scalar loss, or a gradient is
                 sparse.
+            ValueError: the objective, accumulator or closure with ``params`` differentiates other tensors than
+                the optimizer's, or in another order.
             FloatingPointError: the loss or gradient at the accepted weights, or the curvature, is not finite, or
                 the trial was not finite ``MAX_NON_FINITE_TRIALS`` times in a row. The weights are never left
                 at a trial point or set to a non-finite value.
         """
-        if closure is None or not callable(closure):
+        if closure is None or not (callable(closure) or isinstance(closure, Objective)):
             raise TypeError(
                 f"SCG.step needs a closure that re-evaluates the model and returns the loss, got {closure!r:.80}. "
                 f"As for torch.optim.LBFGS: def closure(): optimizer.zero_grad(); loss = loss_fn(model(x), y); "
@@ -314,13 +316,14 @@ class SCG(torch.optim.Optimizer):
             raise ValueError(
                 "SCG has no parameters to optimize: its parameter groups are empty (pass e.g. model.parameters())"
             )
+        objective = self._objective_for(closure, params)
         if not self._scalars.started or self._weights_changed_outside(params):
-            self._start(closure, params)
+            self._start(objective, params)
         else:
             self._hold_state_in_flat_buffers(params)
         accepted = self._copy_of_weights(params)
         try:
-            self._iterate(closure, params, accepted)
+            self._iterate(objective, params, accepted)
         except BaseException:
             # Whatever the closure raised, the parameters hold the accepted point w afterwards.
             vec.copy_(params, accepted)
@@ -330,11 +333,11 @@ class SCG(torch.optim.Optimizer):
         self._warn_once_when_stalled()
         return torch.tensor(self._scalars.loss, dtype=torch.float64)
 
-    def _start(self, closure: Callable[[], Any], params: list[torch.Tensor]) -> None:
+    def _start(self, objective: Objective, params: list[torch.Tensor]) -> None:
         """Step 1: evaluate E(w₁) and r₁ = −E'(w₁); p₁ = r₁; λ = λ₁, λ̄ = 0, success = true."""
         if self._scalars.started:
             logger.info("parameters were changed outside SCG.step: restarting SCG from the current weights")
-        loss, gradients = self._evaluate(closure, params)
+        loss, gradients = self._evaluate(objective)
         _require_finite(loss, gradients, "at the starting weights")
         memory = self.param_groups[0]["memory"]
         if memory > 0 and FlatLayout.fits(params):
@@ -371,7 +374,7 @@ class SCG(torch.optim.Optimizer):
             residual_sq, residual_sq, comparison=math.nan, mu=math.nan, alpha=0.0, success=False
         )
 
-    def _iterate(self, closure: Callable[[], Any], params: list[torch.Tensor], accepted: list[torch.Tensor]) -> None:
+    def _iterate(self, objective: Objective, params: list[torch.Tensor], accepted: list[torch.Tensor]) -> None:
         """Steps 2–9. State is committed only once every closure call of the iteration has returned.
 
         Parameter-sized buffers held besides w and the closure's gradients: the accepted copy of w, r and p
@@ -408,7 +411,7 @@ class SCG(torch.optim.Optimizer):
             delta = mu  # p = H r, so the quasi-Newton model B = H⁻¹ has Bp = r and δ = pᵀBp = pᵀr = μ
         elif success:
             delta = self._curvature_along(
-                self._per_parameter(direction), direction_sq, closure, params, accepted, group
+                self._per_parameter(direction), direction_sq, objective, params, accepted, group
             )
         else:
             delta = scalars.delta
@@ -423,7 +426,7 @@ class SCG(torch.optim.Optimizer):
         alpha = mu / delta
         # Step 6: the comparison ratio, from one evaluation at the trial point.
         vec.add_(params, self._per_parameter(direction), alpha)
-        trial_loss, trial_gradients = self._evaluate(closure, params)
+        trial_loss, trial_gradients = self._evaluate(objective)
         # That was the last closure call of the iteration: from here on, state may be committed and p overwritten.
         if flat is not None:
             new_residual = [flat.layout.gather(trial_gradients).neg_()]
@@ -477,7 +480,6 @@ class SCG(torch.optim.Optimizer):
             scalars.non_finite_trials = 0
         else:
             vec.copy_(params, accepted)
-            self._graph_gradients = None
             held = (residual_sq, mu, direction_sq)  # the same r and p (after the fallback: p = r and μ = |r|²)
             lambd_bar = lambd
             success = False
@@ -512,52 +514,62 @@ class SCG(torch.optim.Optimizer):
         restart = self.param_groups[0]["restart"]
         return restart if restart is not None else sum(vec.as_real(p).numel() for p in params)
 
-    def _evaluate(self, closure: Callable[[], Any], params: list[torch.Tensor]) -> tuple[float, list[torch.Tensor]]:
-        """E(w) and E'(w) at the weights the parameters hold, by one closure call.
+    def _objective_for(self, closure: Callable[[], Any] | Objective, params: list[torch.Tensor]) -> Objective:
+        """The objective this step evaluates: what ``closure`` is, as :func:`~moller_scg.objective.as_objective` sees
+        it; made when a new object comes, kept while the same one does.
 
-        A ``None`` gradient counts as zero. In double-backward mode the gradients (with their graph) are kept
-        for :meth:`_curvature_along`; they are replaced, never modified in place.
+        A plain closure is wrapped in SCG's own :class:`~moller_scg.objective.ClosureObjective`, and a new plain
+        closure only replaces that wrapper's closure: PyTorch Lightning wraps its training step in a new closure at
+        every step, and the graph of the accepted trial's evaluation, which the wrapper keeps, must still serve the
+        next step's product E''(w)p.
+        """
+        group = self.param_groups[0]
+        # The exact product, or gradients alone: SCG forms Møller's finite difference itself (also in "secant" mode,
+        # before the first pair).
+        hvp_mode = "double-backward" if group["hvp"] == "double-backward" else "finite-difference"
+        objective = self._objective
+        if objective is not None and self._objective_hvp_mode == hvp_mode and same_tensors(objective.params, params):
+            if closure is self._closure:
+                return objective
+            if type(objective) is ClosureObjective and objective.closure is self._closure and is_plain_closure(closure):
+                objective.closure = closure  # SCG's own wrapper (never an objective the caller passed) goes on
+                self._closure = closure
+                return objective
+        objective = as_objective(closure, params, hvp_mode, group["sigma"])
+        self._closure, self._objective, self._objective_hvp_mode = closure, objective, hvp_mode
+        return objective
+
+    def _evaluate(self, objective: Objective) -> tuple[float, list[torch.Tensor]]:
+        """E(w) and E'(w) at the weights the parameters hold, by one evaluation of the objective.
+
+        The gradients are the objective's ``copy=False`` ones (the ``.grad`` tensors, a ``None`` one as zero): SCG
+        is done with them before it evaluates again, and never writes into them.
         """
         with torch.enable_grad():
-            raw_loss = closure()
+            loss, gradients = objective.value_and_grad(copy=False)
         self._scalars.closure_calls += 1
-        loss = _loss_value(raw_loss)
-        gradients = []
-        for index, p in enumerate(params):
-            if p.grad is not None and p.grad.is_sparse:
-                raise TypeError(
-                    f"SCG does not support sparse gradients, but parameter {self._name(index)} has one "
-                    f"(from nn.Embedding(sparse=True) or similar: use sparse=False)"
-                )
-            gradients.append(torch.zeros_like(p) if p.grad is None else p.grad)
-        if self._uses_graph(closure):
-            if not any(g.requires_grad for g in gradients):
-                raise RuntimeError(MISSING_GRAPH_MESSAGE)
-            self._graph_gradients = gradients
-            self._graph_versions = [p._version for p in params]
-        return loss, [g.detach() for g in gradients]
-
-    def _uses_graph(self, closure: Callable[[], Any]) -> bool:
-        return self.param_groups[0]["hvp"] == "double-backward" and not callable(getattr(closure, "hvp", None))
+        return float(loss), gradients
 
     def _curvature_along(
         self,
         direction: list[torch.Tensor],
         direction_sq: float,
-        closure: Callable[[], Any],
+        objective: Objective,
         params: list[torch.Tensor],
         accepted: list[torch.Tensor],
         group: dict[str, Any],
     ) -> float:
         """Step 2: δ = pᵀs with s ≈ E''(w)p at the accepted weights w.
 
-        s is needed for δ only: it is released when this returns, before the trial point is evaluated.
+        Møller's finite difference is formed here from r = −E'(w), which SCG holds (so it needs E' at w + σₖp
+        only, also right after a ``load_state_dict``); the exact product is the objective's. s is needed for δ
+        only: it is released when this returns, before the trial point is evaluated.
         """
         self._scalars.hvp_calls += 1
         if group["hvp"] in ("finite-difference", "secant"):  # "secant" before its first pair: Møller's σ
             sigma_k = group["sigma"] / math.sqrt(direction_sq)
             vec.add_(params, direction, sigma_k)
-            _, shifted_gradients = self._evaluate(closure, params)
+            _, shifted_gradients = self._evaluate(objective)
             vec.copy_(params, accepted)
             residual = [self.state[p]["residual"] for p in params]
             curvature = _finite_difference_from_residual(shifted_gradients, residual, sigma_k)
@@ -569,7 +581,7 @@ class SCG(torch.optim.Optimizer):
                     f"lower sigma (now {group['sigma']!r}), or use hvp='double-backward' for exact curvature"
                 )
         else:
-            (delta,) = vec.dots([(direction, self._exact_curvature(direction, closure, params))])
+            (delta,) = vec.dots([(direction, self._exact_curvature(direction, objective))])
         if not math.isfinite(delta):
             raise FloatingPointError(
                 f"the curvature δ = pᵀs along the search direction is not finite ({delta}): the second "
@@ -578,32 +590,18 @@ class SCG(torch.optim.Optimizer):
             )
         return delta
 
-    def _exact_curvature(
-        self, direction: list[torch.Tensor], closure: Callable[[], Any], params: list[torch.Tensor]
-    ) -> list[torch.Tensor]:
-        """s = E''(w)p at the accepted weights w: from ``closure.hvp`` if it has one, else by double-backward."""
-        hvp_method = getattr(closure, "hvp", None)
-        if callable(hvp_method):
-            closure_params = getattr(closure, "params", None)
-            if closure_params is not None and [id(p) for p in closure_params] != [id(p) for p in params]:
-                raise ValueError(
-                    "closure.hvp works on other parameters, or in another order, than this SCG: build the "
-                    "GradientAccumulator with params= the same list as the optimizer's"
-                )
-            with torch.enable_grad():
-                products = list(hvp_method([d.detach() for d in direction]))
-            if len(products) != len(params):
-                raise ValueError(
-                    f"closure.hvp returned {len(products)} tensors for {len(params)} parameters: it must return "
-                    f"one tensor per parameter, in the order of the optimizer's parameters"
-                )
-            return products
-        if self._graph_gradients is None or self._graph_versions != [p._version for p in params]:
-            # No graph at w (after loading a state_dict, a copy, or an error inside the last step): rebuild it.
-            self._evaluate(closure, params)
-        # Not None: kept by the evaluation (the last one at w, or the one just made) in double-backward mode.
-        gradients, self._graph_gradients = cast(list[torch.Tensor], self._graph_gradients), None
-        return graph_hvp(gradients, params, direction)
+    def _exact_curvature(self, direction: list[torch.Tensor], objective: Objective) -> list[torch.Tensor]:
+        """s = E''(w)p at the accepted weights w, from the objective.
+
+        The objective takes it from the graph of its last evaluation when that was at w (the accepted trial's, or
+        step 1's), and evaluates once more otherwise (after a ``load_state_dict`` or a copy): such an evaluation
+        counts as a closure call.
+        """
+        evaluations_before = objective.counts.ngev
+        with torch.enable_grad():
+            products = objective.hvp(direction)
+        self._scalars.closure_calls += objective.counts.ngev - evaluations_before
+        return products
 
     def _quasi_newton_direction(
         self,
@@ -736,15 +734,12 @@ class SCG(torch.optim.Optimizer):
             )
         self._warned_stalled = stalled
 
-    def _name(self, index: int) -> str:
-        names = [name for group in self.param_groups for name in group.get("param_names", [])]
-        return repr(names[index]) if index < len(names) else f"#{index}"
-
     def _reset_transient(self) -> None:
-        """Forget what cannot outlive this object: the graph of the last evaluation, the weights' versions and the
-        inner products of the state's r and p."""
-        self._graph_gradients = None
-        self._graph_versions = None
+        """Forget what cannot outlive this object: the objective of the last step (with the graph of its last
+        evaluation), the weights' versions and the inner products of the state's r and p."""
+        self._closure = None
+        self._objective = None
+        self._objective_hvp_mode = None
         self._param_versions = None
         self._known_products = None
         self._warned_stalled = False

@@ -1,4 +1,5 @@
-"""What a user hands :class:`~moller_scg.SCG`, checked at the boundary: hyperparameters, parameter groups, losses.
+"""What a user hands :class:`~moller_scg.SCG`, checked at the boundary: hyperparameters and parameter groups (the
+closure's loss is checked by the objective that wraps it, :mod:`moller_scg.objective`).
 
 - the hyperparameters σ, λ₁, ``hvp``, N and m: their modes (:data:`HVP_MODES`) and bounds (:data:`SIGMA_MAX`,
   ``LAMBDA_MAX``), checked with a message that carries the value (:func:`_validate_hyperparameters`), equal in
@@ -6,8 +7,7 @@
 - the options of ``torch.optim.LBFGS`` and Adam that SCG does not have, each refused with what SCG does instead
   (:func:`_other_optimizer_options_message`), including the learning rate an LR scheduler asks a group for
   (:class:`_ParamGroup`);
-- the parameters: each listed once, floating point or complex (:func:`_refuse_unoptimizable`);
-- the closure's return value: a real scalar loss (:func:`_loss_value`).
+- the parameters: each listed once, floating point or complex (:func:`_refuse_unoptimizable`).
 
 Re-exported by :mod:`moller_scg.scg`.
 """
@@ -164,28 +164,3 @@ def _refuse_unoptimizable(param_group: dict[str, Any], param_groups: list[dict[s
                 f"parameters only (an integer or boolean tensor has no gradient). Leave it out of the optimizer, "
                 f"or register it as a buffer"
             )
-
-
-def _loss_value(raw: Any) -> float:
-    """The closure's loss as a Python float (one host synchronisation), or ``TypeError``."""
-    if isinstance(raw, torch.Tensor):
-        if raw.numel() != 1:
-            raise TypeError(
-                f"the closure must return a scalar loss (a 0-dim or one-element tensor or a number), "
-                f"got a tensor of shape {tuple(raw.shape)}: reduce it over the samples (loss.mean() or loss.sum(), "
-                f"or a loss function with reduction='mean')"
-            )
-        if raw.is_complex():
-            raise TypeError(
-                f"the closure must return a real loss, got a complex tensor of dtype {raw.dtype}: "
-                f"SCG minimizes a real function (return, for example, the squared modulus of a complex residual)"
-            )
-        return float(raw.detach())
-    if isinstance(raw, numbers.Real) and not isinstance(raw, bool):
-        return float(raw)
-    if raw is None:
-        raise TypeError("the closure returned None instead of the scalar loss: end it with `return loss`")
-    raise TypeError(
-        f"the closure must return a scalar loss (a 0-dim or one-element tensor or a number), "
-        f"got {type(raw).__name__}: {raw!r:.80}"
-    )

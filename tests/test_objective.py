@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import weakref
+
 import pytest
 import torch
 from torch import nn
@@ -16,6 +18,7 @@ from moller_scg import (
     Objective,
     as_objective,
 )
+from moller_scg.objective import ClosureWithHvpObjective
 
 MODES = ["double-backward", "finite-difference"]
 
@@ -78,6 +81,45 @@ def test_returned_gradients_are_not_overwritten_by_the_next_evaluation():
         w.add_(1.0)
     objective.value_and_grad()
     assert first.tolist() == [2.0, 4.0]
+
+
+def test_gradients_without_copy_are_the_grad_tensors_and_with_copy_new_ones():
+    w, closure, gradient, _ = quartic_problem("finite-difference")
+    objective = ClosureObjective(closure, [w], "finite-difference")
+    _, (borrowed,) = objective.value_and_grad(copy=False)
+    assert borrowed.untyped_storage().data_ptr() == w.grad.untyped_storage().data_ptr()
+    _, (owned,) = objective.value_and_grad()
+    assert owned.untyped_storage().data_ptr() != w.grad.untyped_storage().data_ptr()
+    assert torch.equal(borrowed, owned) and torch.equal(owned, gradient(w.detach()))
+
+
+def test_accumulator_gradients_without_copy_are_the_grad_tensors():
+    accumulator, params, _ = accumulator_problem()
+    objective = AccumulatorObjective(accumulator)
+    _, borrowed = objective.value_and_grad(copy=False)
+    assert all(b.untyped_storage().data_ptr() == p.grad.untyped_storage().data_ptr() for p, b in zip(params, borrowed))
+    _, owned = objective.value_and_grad()
+    for p, b, o in zip(params, borrowed, owned):
+        assert o.untyped_storage().data_ptr() != p.grad.untyped_storage().data_ptr() and torch.equal(b, o)
+
+
+def test_the_last_graph_is_let_go_before_the_closure_builds_the_next():
+    # SCG after a rejected trial: its graph must not live on through the next evaluation's forward pass.
+    w, closure, _, _ = quartic_problem()
+    alive_during_next_call = []
+    last_gradient = None
+
+    def recording_closure():
+        if last_gradient is not None:
+            w.grad = None  # what zero_grad() does first
+            alive_during_next_call.append(last_gradient() is not None)
+        return closure()
+
+    objective = ClosureObjective(recording_closure, [w])
+    for _ in range(3):
+        objective.value_and_grad(copy=False)
+        last_gradient = weakref.ref(w.grad)
+    assert alive_during_next_call == [False, False]
 
 
 def test_hvp_after_the_weights_were_written_evaluates_again():
@@ -279,6 +321,48 @@ def test_as_objective_wraps_what_an_optimizer_is_given():
         as_objective(closure, [w], "exact")
     with pytest.raises(ValueError, match="params is empty"):
         as_objective(closure, [])
+
+
+def test_a_closure_with_its_own_hvp_is_asked_for_the_product():
+    w, closure, gradient, product = quartic_problem("finite-difference")  # no create_graph needed
+    calls = []
+
+    class ClosureWithHvp:
+        def __call__(self):
+            return closure()
+
+        def hvp(self, vectors):
+            calls.append(vectors)
+            return [product(w.detach(), vectors[0])]
+
+    wrapped = as_objective(ClosureWithHvp(), [w])
+    assert isinstance(wrapped, ClosureWithHvpObjective) and isinstance(wrapped, Objective)
+    _, (g,) = wrapped.value_and_grad()
+    assert torch.equal(g, gradient(w.detach()))
+    (s,) = wrapped.hvp([V])
+    assert torch.equal(s, product(w.detach(), V)) and len(calls) == 1
+    assert wrapped.counts == EvaluationCounts(nfev=1, ngev=1, nhev=1)
+
+
+def test_a_closure_with_hvp_over_other_parameters_or_returning_too_few_products_is_refused():
+    w, closure, _, _ = quartic_problem()
+    other = w.detach().clone().requires_grad_(True)
+
+    class ClosureWithHvp:
+        params = [other]
+
+        def __call__(self):
+            return closure()
+
+        def hvp(self, vectors):
+            return []
+
+    with pytest.raises(ValueError, match="ClosureWithHvp differentiates other tensors.*params="):
+        as_objective(ClosureWithHvp(), [w])
+    ClosureWithHvp.params = [w]
+    wrapped = as_objective(ClosureWithHvp(), [w])
+    with pytest.raises(ValueError, match="closure.hvp returned 0 tensors for 1 parameters"):
+        wrapped.hvp([V])
 
 
 @pytest.mark.parametrize("hvp_mode", MODES)

@@ -20,7 +20,7 @@ from problems import rosenbrock
 from reference_scg import problem_from_function, reference_scg
 from torch import nn
 
-from moller_scg import SCG, SCGStalledWarning, SCGTrace
+from moller_scg import SCG, ClosureObjective, SCGStalledWarning, SCGTrace
 from moller_scg import _vectors as vec
 from moller_scg import scg as scg_module
 from moller_scg.curvature import finite_difference_hvp
@@ -203,6 +203,70 @@ def test_closure_calls_per_iteration(mode, calls_per_success):
         assert len(calls) - before == calls_per_success
     assert optimizer.trace.closure_calls == len(calls)
     assert optimizer.trace.hvp_calls == 6
+
+
+@pytest.mark.parametrize("mode, calls_per_success", [("double-backward", 1), ("finite-difference", 2)])
+def test_a_new_closure_object_at_every_step_costs_no_extra_call(mode, calls_per_success):
+    # PyTorch Lightning wraps its training step in a new closure at every step: the graph of the accepted trial,
+    # evaluated through the last closure, still gives the next step's exact product.
+    a, b = spd_quadratic(8, seed=4)
+    function = quadratic_function(a, b)
+    w = nn.Parameter(torch.zeros(8, dtype=torch.float64))
+    optimizer = SCG([w], hvp=mode)
+    calls = []
+    optimizer.step(closure_for(optimizer, [w], lambda: function(w), mode, calls))
+    for _ in range(5):
+        before = len(calls)
+        optimizer.step(closure_for(optimizer, [w], lambda: function(w), mode, calls))
+        assert optimizer.trace.success and len(calls) - before == calls_per_success
+    assert optimizer.trace.closure_calls == len(calls)
+
+
+def test_an_objective_passed_by_the_caller_is_used_as_it_is_and_never_rewired():
+    a, b = spd_quadratic(6, seed=2)
+    function = quadratic_function(a, b)
+    w = nn.Parameter(torch.zeros(6, dtype=torch.float64))
+    optimizer = SCG([w])
+    user_closure = closure_for(optimizer, [w], lambda: function(w), "double-backward")
+    objective = ClosureObjective(user_closure, [w])
+    optimizer.step(objective)
+    optimizer.step(closure_for(optimizer, [w], lambda: function(w), "double-backward"))
+    assert objective.closure is user_closure  # SCG wrapped the plain closure in an objective of its own
+    assert objective.counts.nhev == 1
+
+
+def test_an_objective_without_call_is_stepped_on_like_its_closure():
+    # The Objective protocol asks for value_and_grad and hvp, not for __call__.
+    class OnlyTheProtocol:
+        def __init__(self, inner):
+            self.inner = inner
+
+        params = property(lambda self: self.inner.params)
+        counts = property(lambda self: self.inner.counts)
+
+        def value_and_grad(self, *, copy=True):
+            return self.inner.value_and_grad(copy=copy)
+
+        def hvp(self, vectors):
+            return self.inner.hvp(vectors)
+
+        def loss(self):
+            return self.inner.loss()
+
+        def state_dict(self):
+            return self.inner.state_dict()
+
+        def load_state_dict(self, state_dict):
+            self.inner.load_state_dict(state_dict)
+
+    losses = {}
+    for wrap in (False, True):
+        w = nn.Parameter(torch.tensor([-1.2, 1.0], dtype=torch.float64))
+        optimizer = SCG([w])
+        closure = closure_for(optimizer, [w], lambda w=w: rosenbrock(w), "double-backward")
+        stepped_on = OnlyTheProtocol(ClosureObjective(closure, [w])) if wrap else closure
+        losses[wrap] = [float(optimizer.step(stepped_on)) for _ in range(10)]
+    assert losses[True] == losses[False]
 
 
 @pytest.mark.parametrize("mode", MODES)

@@ -7,19 +7,21 @@
 - :class:`AccumulatorObjective` — a :class:`~moller_scg.GradientAccumulator`: the exact full-batch loss, streamed.
 - :class:`FunctionObjective` — ``fun(x)`` of a tensor or of a pytree of tensors (what :func:`moller_scg.minimize`
   uses).
+- :class:`ClosureWithHvpObjective` — a closure with its own ``hvp(vectors)`` method (what SCG has always asked for
+  the product).
 - :func:`as_objective` — whichever of these fits what an optimizer was given.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable
-from typing import Any
+from collections.abc import Callable, Iterable, Sequence
+from typing import Any, TypeGuard
 
 import torch
 
 from moller_scg.accumulate import GradientAccumulator
 from moller_scg.objective.accumulator import AccumulatorObjective
-from moller_scg.objective.closure import ClosureObjective
+from moller_scg.objective.closure import ClosureObjective, ClosureWithHvpObjective
 from moller_scg.objective.function import FunctionObjective
 from moller_scg.objective.protocol import (
     DEFAULT_SIGMA,
@@ -36,7 +38,9 @@ __all__ = [
     "ClosureObjective",
     "AccumulatorObjective",
     "FunctionObjective",
+    "ClosureWithHvpObjective",
     "as_objective",
+    "is_plain_closure",
     "HVP_MODES",
     "DEFAULT_SIGMA",
 ]
@@ -52,30 +56,46 @@ def as_objective(
 
     Args:
         closure_or_objective: an :class:`Objective` (returned as it is), a :class:`~moller_scg.GradientAccumulator`
-            (wrapped in an :class:`AccumulatorObjective`) or a closure (wrapped in a :class:`ClosureObjective`).
-        params: w, the optimizer's parameters; an objective or accumulator must differentiate with respect to the
-            very same tensors, in the same order.
-        hvp_mode: ``"double-backward"`` or ``"finite-difference"``, for the wrappers made here.
-        sigma: σ of the finite difference, for the wrappers made here.
+            (wrapped in an :class:`AccumulatorObjective`), a closure with an ``hvp(vectors)`` method (wrapped in a
+            :class:`ClosureWithHvpObjective`) or a plain closure (wrapped in a :class:`ClosureObjective`).
+        params: w, the optimizer's parameters; an objective, accumulator or closure with ``params`` must
+            differentiate with respect to the very same tensors, in the same order.
+        hvp_mode: ``"double-backward"`` or ``"finite-difference"``, for the accumulator and plain-closure wrappers.
+        sigma: σ of the finite difference, for the accumulator and plain-closure wrappers.
 
     Raises:
         TypeError: ``closure_or_objective`` is none of these.
         ValueError: its parameters are not ``params`` (other tensors, or another order).
     """
     params = validate_params(params)
+    # A plain closure first, and cheaply: without an hvp method it is neither an Objective nor an accumulator (the
+    # runtime Protocol check costs some 10 µs, which an optimizer given a new closure at every step would pay).
+    if is_plain_closure(closure_or_objective):
+        return ClosureObjective(closure_or_objective, params, hvp_mode, sigma)
+    objective: Objective
+    differentiated: Sequence[torch.Tensor] | None
     if isinstance(closure_or_objective, Objective):
         objective = closure_or_objective
+        differentiated = objective.params
     elif isinstance(closure_or_objective, GradientAccumulator):
         objective = AccumulatorObjective(closure_or_objective, hvp_mode, sigma)
+        differentiated = objective.params
     elif callable(closure_or_objective):
-        return ClosureObjective(closure_or_objective, params, hvp_mode, sigma)
+        objective = ClosureWithHvpObjective(closure_or_objective, params)
+        differentiated = getattr(closure_or_objective, "params", None)  # checked when the closure names them
     else:
         raise TypeError(
             f"expected a closure, a GradientAccumulator or an Objective, got {type(closure_or_objective).__name__}"
         )
-    if not same_tensors(objective.params, params):
+    if differentiated is not None and not same_tensors(list(differentiated), params):
         raise ValueError(
             f"the {type(closure_or_objective).__name__} differentiates other tensors, or in another order, than the "
             f"optimizer's {len(params)} parameters: build it with params= the same list as the optimizer's"
         )
     return objective
+
+
+def is_plain_closure(closure_or_objective: Any) -> TypeGuard[Callable[[], Any]]:
+    """Whether :func:`as_objective` wraps this in a plain :class:`ClosureObjective`: a callable without an
+    ``hvp(vectors)`` method (every :class:`Objective` and :class:`~moller_scg.GradientAccumulator` has one)."""
+    return callable(closure_or_objective) and not callable(getattr(closure_or_objective, "hvp", None))

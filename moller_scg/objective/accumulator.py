@@ -18,7 +18,7 @@ from moller_scg.objective.protocol import (
     DEFAULT_SIGMA,
     EvaluationCounts,
     check_vectors,
-    owned_gradients,
+    read_gradients,
     validate_hvp_mode,
     validate_sigma,
 )
@@ -86,15 +86,22 @@ class AccumulatorObjective:
 
     def __call__(self) -> torch.Tensor:
         """One gradient pass: E(w), with ``.grad`` set to E'(w) (the accumulator as a ``torch.optim`` closure)."""
-        loss = self.accumulator()
-        self._last_gradients = [p.grad for p in self.params]
-        self._last_versions = [p._version for p in self.params]
+        loss, _ = self._gradient_pass()
         return loss
 
-    def value_and_grad(self) -> tuple[float | torch.Tensor, list[torch.Tensor]]:
-        """E(w) (a detached 0-dim float64 tensor) and E'(w) as new tensors, from one gradient pass."""
-        loss = self()
-        return loss, owned_gradients(self.params)
+    def _gradient_pass(self) -> tuple[torch.Tensor, list[torch.Tensor | None]]:
+        """One gradient pass: E(w) and the ``.grad`` tensors it set (kept, with the versions, for :meth:`hvp`)."""
+        loss = self.accumulator()
+        gradients = [p.grad for p in self.params]
+        self._last_gradients = gradients
+        self._last_versions = [p._version for p in self.params]
+        return loss, gradients
+
+    def value_and_grad(self, *, copy: bool = True) -> tuple[float | torch.Tensor, list[torch.Tensor]]:
+        """E(w) (a detached 0-dim float64 tensor) and E'(w) from one gradient pass: new tensors, or with ``copy=False``
+        the ``.grad`` tensors the pass set (valid until the next pass)."""
+        loss, gradients = self._gradient_pass()
+        return loss, read_gradients(self.params, gradients, copy=copy)
 
     def hvp(self, vectors: Sequence[torch.Tensor]) -> list[torch.Tensor]:
         """s = E''(w)v at the values the parameters hold (one pass, or two with finite differences).

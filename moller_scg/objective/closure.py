@@ -23,7 +23,7 @@ from moller_scg.objective.protocol import (
     EvaluationCounts,
     check_vectors,
     load_counts,
-    owned_gradients,
+    read_gradients,
     scalar_loss,
     validate_hvp_mode,
     validate_params,
@@ -100,6 +100,14 @@ class ClosureObjective:
 
     def __call__(self) -> Any:
         """One closure call at the values the parameters hold: returns the closure's loss; ``.grad`` as it set it."""
+        raw_loss, _ = self._call_closure()
+        return raw_loss
+
+    def _call_closure(self) -> tuple[Any, list[torch.Tensor | None]]:
+        """One closure call: its raw loss and the ``.grad`` tensors it set (kept with the versions for :meth:`hvp`)."""
+        # The last evaluation's gradients (and graph) are let go first, so that two graphs are never held at once:
+        # a closure that starts with zero_grad() frees the old one before its forward pass builds the new one.
+        self._last_gradients = None
         with torch.enable_grad():
             raw_loss = self.closure()
         self._counts.nfev += 1
@@ -113,12 +121,13 @@ class ClosureObjective:
             raise RuntimeError(MISSING_GRAPH_MESSAGE)
         self._last_gradients = gradients
         self._last_versions = [p._version for p in self._params]
-        return raw_loss
+        return raw_loss, gradients
 
-    def value_and_grad(self) -> tuple[float | torch.Tensor, list[torch.Tensor]]:
-        """E(w) (detached) and E'(w) as new tensors, from one closure call at the values the parameters hold."""
-        loss = scalar_loss(self(), "the closure")
-        return loss, owned_gradients(self._params)
+    def value_and_grad(self, *, copy: bool = True) -> tuple[float | torch.Tensor, list[torch.Tensor]]:
+        """E(w) (detached) and E'(w) from one closure call at the values the parameters hold: new tensors, or with
+        ``copy=False`` the ``.grad`` tensors the closure set (valid until the next evaluation)."""
+        raw_loss, gradients = self._call_closure()
+        return scalar_loss(raw_loss, "the closure"), read_gradients(self._params, gradients, copy=copy)
 
     def hvp(self, vectors: Sequence[torch.Tensor]) -> list[torch.Tensor]:
         """s = E''(w)v at the weights w of the last evaluation (see the cost in the class docstring).
@@ -163,3 +172,44 @@ class ClosureObjective:
     def _gradient_here(self) -> list[torch.Tensor]:
         self()
         return [torch.zeros_like(p) if p.grad is None else p.grad.detach() for p in self._params]
+
+
+class ClosureWithHvpObjective(ClosureObjective):
+    """E(w) evaluated by a closure that has its own ``hvp(vectors)`` method, asked for s = E''(w)v.
+
+    Such a closure (a wrapper around a :class:`~moller_scg.GradientAccumulator` that times or meters its passes, a
+    ``torch.func`` objective) computes E''(w)v itself, so it needs no ``create_graph=True``; the closure is called as
+    :class:`ClosureObjective` calls it, and ``closure.hvp`` gets v, one detached tensor per parameter.
+
+    Args:
+        closure: sets each parameter's ``.grad`` to E'(w) and returns E(w); ``closure.hvp(vectors)`` returns
+            E''(w)v at the weights of its last call, one tensor per parameter.
+        params: w, in the order ``closure.hvp`` takes and returns its tensors.
+
+    Counts: a closure call counts in nfev and ngev, a ``closure.hvp`` call in nhev.
+    """
+
+    def __init__(self, closure: Callable[[], Any], params: Iterable[torch.Tensor]) -> None:
+        if not callable(getattr(closure, "hvp", None)):
+            raise TypeError(
+                f"closure has no hvp(vectors) method: wrap it in a ClosureObjective instead, got {closure!r:.80}"
+            )
+        super().__init__(closure, params)
+        self._require_graph = False  # closure.hvp forms the product: the gradients need no graph
+
+    def hvp(self, vectors: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+        """s = ``closure.hvp(v)``: one call, counted in nhev.
+
+        Raises:
+            ValueError: ``closure.hvp`` returned another number of tensors than there are parameters.
+        """
+        checked = check_vectors(vectors, self._params)
+        self._counts.nhev += 1
+        with torch.enable_grad():
+            products = list(self.closure.hvp(checked))  # type: ignore[attr-defined]
+        if len(products) != len(self._params):
+            raise ValueError(
+                f"closure.hvp returned {len(products)} tensors for {len(self._params)} parameters: it must return "
+                f"one tensor per parameter, in the order of the optimizer's parameters"
+            )
+        return products

@@ -46,7 +46,9 @@ class Objective(Protocol):
 
     * :meth:`value_and_grad` evaluates E and g = E'(w) at the values the parameters hold now. The gradient
       tensors are new ones that the caller owns (they never share storage with a ``.grad`` that a later
-      ``zero_grad`` or ``backward`` writes into), one per parameter, in :attr:`params` order.
+      ``zero_grad`` or ``backward`` writes into), one per parameter, in :attr:`params` order; with
+      ``copy=False`` they may be the ``.grad`` tensors themselves, for a caller that is done with them before
+      the next evaluation (SCG: it negates them into r₊ at once) and so spares a parameter-sized copy.
     * :meth:`hvp` returns s = E''(w)v at the weights w of the last :meth:`value_and_grad`: the caller must leave
       the parameters at w (or put them back) in between. If they were written to since (their ``_version``
       changed, for instance moved to a trial point and copied back), the objective cannot tell that they hold w
@@ -66,8 +68,9 @@ class Objective(Protocol):
         """The evaluations made so far (nfev, ngev, nhev)."""
         ...
 
-    def value_and_grad(self) -> tuple[float | torch.Tensor, list[torch.Tensor]]:
-        """E(w) (a float or a 0-dim tensor) and E'(w), one new tensor per parameter."""
+    def value_and_grad(self, *, copy: bool = True) -> tuple[float | torch.Tensor, list[torch.Tensor]]:
+        """E(w) (a float or a 0-dim tensor) and E'(w), one tensor per parameter: new ones, or with ``copy=False``
+        possibly the ``.grad`` tensors, valid until the next evaluation."""
         ...
 
     def hvp(self, vectors: Sequence[torch.Tensor]) -> list[torch.Tensor]:
@@ -115,20 +118,27 @@ def validate_params(params: Any) -> list[torch.Tensor]:
     return listed
 
 
-def owned_gradients(params: Sequence[torch.Tensor]) -> list[torch.Tensor]:
-    """E'(w) from the parameters' ``.grad`` as new detached tensors (a missing ``.grad`` is zero).
+def read_gradients(
+    params: Sequence[torch.Tensor], grads: Sequence[torch.Tensor | None], *, copy: bool
+) -> list[torch.Tensor]:
+    """E'(w) from the parameters' ``.grad`` tensors ``grads``, detached (a missing one is zero); new tensors if
+    ``copy``.
 
-    A copy, because the ``.grad`` tensors are not the objective's: a closure that calls ``zero_grad(set_to_none=False)``
-    zeroes them in place at its next call.
+    A copy is what a caller may keep, because the ``.grad`` tensors are not the objective's: a closure that calls
+    ``zero_grad(set_to_none=False)`` zeroes them in place at its next call. Without it, they are the ``.grad``
+    tensors themselves.
     """
     gradients = []
-    for index, p in enumerate(params):
-        if p.grad is not None and p.grad.is_sparse:
+    for index, (p, grad) in enumerate(zip(params, grads)):
+        if grad is None:
+            gradients.append(torch.zeros_like(p))
+        elif grad.is_sparse:
             raise TypeError(
                 f"sparse gradients are not supported, but parameter #{index} has one "
                 f"(from nn.Embedding(sparse=True) or similar: use sparse=False)"
             )
-        gradients.append(torch.zeros_like(p) if p.grad is None else p.grad.detach().clone())
+        else:
+            gradients.append(grad.detach().clone() if copy else grad.detach())
     return gradients
 
 
@@ -138,18 +148,22 @@ def same_tensors(first: Sequence[torch.Tensor], second: Sequence[torch.Tensor]) 
 
 
 def check_vectors(vectors: Any, params: Sequence[torch.Tensor]) -> list[torch.Tensor]:
-    """v as one detached tensor per parameter, each of its parameter's shape, or a clear error."""
-    if isinstance(vectors, torch.Tensor) or not isinstance(vectors, Sequence):
+    """v as one detached tensor per parameter, each of its parameter's shape, or a clear error.
+
+    Cheap on the common case, a list of tensors without a graph (what SCG passes at every step): no ``Sequence``
+    ABC check and no new tensor objects for it.
+    """
+    if not isinstance(vectors, (list, tuple)) and (
+        isinstance(vectors, torch.Tensor) or not isinstance(vectors, Sequence)
+    ):
         raise TypeError(f"vectors must be a sequence of tensors, one per parameter, got {type(vectors).__name__}")
     if len(vectors) != len(params):
         raise ValueError(f"hvp got {len(vectors)} vectors for {len(params)} parameters")
-    checked = []
     for index, (p, v) in enumerate(zip(params, vectors)):
         if not isinstance(v, torch.Tensor) or v.shape != p.shape:
             shape = tuple(v.shape) if isinstance(v, torch.Tensor) else type(v).__name__
             raise ValueError(f"hvp vector {index} has shape {shape}, but parameter {index} has {tuple(p.shape)}")
-        checked.append(v.detach())
-    return checked
+    return [v.detach() if v.requires_grad else v for v in vectors]
 
 
 def load_counts(counts: EvaluationCounts, saved: Any) -> None:
@@ -177,7 +191,7 @@ def scalar_loss(raw: Any, source: str) -> float | torch.Tensor:
                 f"{source} must return a real loss, got a complex tensor of dtype {raw.dtype}: minimize a real "
                 f"function of the complex values (for example the squared modulus of a residual, z.abs().pow(2).sum())"
             )
-        return raw.detach().reshape(())
+        return raw.detach() if raw.dim() == 0 else raw.detach().reshape(())
     if isinstance(raw, numbers.Real) and not isinstance(raw, bool):
         return float(raw)
     if raw is None:
