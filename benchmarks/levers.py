@@ -16,6 +16,13 @@ Usage:
     python benchmarks/levers.py                                  # regression, logistic, pinn (about 6 minutes)
     python benchmarks/levers.py --problems mnist autoencoder     # the two large problems (about 25 minutes)
     python benchmarks/levers.py --quick                          # small versions, about a minute
+    python benchmarks/levers.py --table passes --seeds 0 1 2 3 4 # rule variants, passes only (about 8 minutes)
+    python benchmarks/levers.py --table passes --problems mnist   # the library's mode and the winners on mnist
+
+``--table passes`` runs the rows of ``passes_rows`` (λ, γ, first-step and pair rules of ``levers_variants.py``)
+one after the other, not interleaved: every row takes one gradient pass per step, passes do not depend on the
+machine's load, and the table gives passes to the targets only, per seed and their geometric mean
+(``benchmarks/results/levers_passes.txt``).
 """
 
 from __future__ import annotations

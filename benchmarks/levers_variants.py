@@ -23,8 +23,10 @@ clearly win (issue #14), written on one flat vector so that each differs from th
 * ``first_step``, the step taken while no secant pair is held (at the start and after the pairs were dropped):
   ``"finite-difference"`` (the library: δ by Møller's σ, one more pass) or ``"scaled"`` (no curvature pass: δ is
   set so that α = min(1, 1/|r|₁), the first step of torch.optim.LBFGS, before λ's share);
-* ``gamma_window``: H's initial scaling γ = max of sᵢᵀyᵢ / yᵢᵀyᵢ over the newest ``gamma_window`` pairs (1: the
-  newest pair's, the library's);
+* ``gamma_window``, ``gamma_pick``: H's initial scaling γ = the largest (``"max"``) or smallest (``"min"``)
+  sᵢᵀyᵢ / yᵢᵀyᵢ over the newest ``gamma_window`` pairs (window 1: the newest pair's, the library's), or
+  (``"bb1"``) the largest sᵢᵀsᵢ / sᵢᵀyᵢ (the longer Barzilai–Borwein step);
+* ``growth``: the step is capped at |αp| ≤ growth · |s| of the last accepted step (α cut, λ left alone);
 * ``angle``: a pair is kept only if sᵀy > angle · |s||y| as well (0: only the library's sᵀy > 10⁻¹⁰ yᵀy);
 * ``restart``: N, the pairs are dropped and p ← r₊ after every N-th step (None: never within these budgets, as
   the library's N = number of weights).
