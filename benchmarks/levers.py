@@ -16,12 +16,20 @@ Usage:
     python benchmarks/levers.py                                  # regression, logistic, pinn (about 6 minutes)
     python benchmarks/levers.py --problems mnist autoencoder     # the two large problems (about 25 minutes)
     python benchmarks/levers.py --quick                          # small versions, about a minute
+    python benchmarks/levers.py --table passes --seeds 0 1 2 3 4 # rule variants, passes only (about 8 minutes)
+    python benchmarks/levers.py --table passes --problems mnist   # the library's mode and the winners on mnist
+
+``--table passes`` runs the rows of ``passes_rows`` (λ, γ, first-step and pair rules of ``levers_variants.py``)
+one after the other, not interleaved: every row takes one gradient pass per step, passes do not depend on the
+machine's load, and the table gives passes to the targets only, per seed and their geometric mean
+(``benchmarks/results/levers_passes.txt``).
 """
 
 from __future__ import annotations
 
 import argparse
 import copy
+import math
 import sys
 from pathlib import Path
 from typing import Any
@@ -73,6 +81,69 @@ def levers() -> dict[str, Row]:
     }
 
 
+def passes_rows() -> dict[str, Row]:
+    """The rows of ``--table passes``: the library's mode, its flat copy, and one rule change (or a combination of
+    the ones that won) per row; all of them one gradient pass per step, so passes are all that differ."""
+    return {
+        "torch LBFGS": lbfgs(100),
+        "SCG m=20": scg(hvp="secant", memory=MEMORY),
+        "SCG m=40": scg(hvp="secant", memory=40),
+        "flat m=20 (= SCG m=20)": flat_variant(),
+        "cubic λ": flat_variant(retry="cubic-lambda"),
+        "interpolate": flat_variant(retry="interpolate"),
+        "interpolate + raise": flat_variant(retry="interpolate-raise"),
+        "rejected pairs": flat_variant(reject_pairs=True),
+        "λ ÷ 16": flat_variant(decrease=16.0),
+        "λ₁ = 1e-3": flat_variant(lambd=1e-3),
+        "restart 50": flat_variant(restart=50),
+        "angle 1e-2": flat_variant(angle=1e-2),
+        "|αp| ≤ 10|s|": flat_variant(growth=10.0),
+        "γ min of 3": flat_variant(gamma_window=3, gamma_pick="min"),
+        "γ BB1 newest": flat_variant(gamma_pick="bb1"),
+        "γ max of 5": flat_variant(gamma_window=5),
+        "γ max": flat_variant(gamma_window=MEMORY),
+        "scaled first": flat_variant(first_step="scaled"),
+        "scaled + γ max": flat_variant(first_step="scaled", gamma_window=MEMORY),
+        "scaled+γmax+interp": flat_variant(first_step="scaled", gamma_window=MEMORY, retry="interpolate-raise"),
+        "m=40 flat": flat_variant(memory=40),
+        "m=40 γ max": flat_variant(memory=40, gamma_window=40),
+        "m=40 scaled + γ max": flat_variant(memory=40, first_step="scaled", gamma_window=40),
+    }
+
+
+MNIST_PASSES_ROWS = (
+    "torch LBFGS",
+    "SCG m=20",
+    "flat m=20 (= SCG m=20)",
+    "γ max",
+    "scaled + γ max",
+    "m=40 scaled + γ max",
+)
+"""The rows of ``--table passes`` on mnist (0.35 s a pass): the library's mode and the winners."""
+
+
+def passes_table(problem_name: str, per_seed: list[list[dict[str, Any]]]) -> list[str]:
+    """Passes to T1 / T2 / T3 as ratios to torch LBFGS, per seed and their geometric mean (— not reached)."""
+    seeds = len(per_seed)
+    lines = [
+        f"## {problem_name}: passes to T1 / T2 / T3 ÷ LBFGS(100)'s, {seeds} seed(s)",
+        f"{'row':<26}{'geo-mean':>20}   per seed",
+    ]
+    for index, result in enumerate(per_seed[0]):
+        ratios = [[entry.get("passes_ratio") for entry in results[index]["targets"]] for results in per_seed]
+        means = []
+        for t in range(3):
+            column = [r[t] for r in ratios]
+            means.append(
+                "—"
+                if any(x is None for x in column)
+                else f"{math.exp(sum(math.log(max(x, 1e-9)) for x in column) / seeds):.2f}"
+            )
+        cells = "  ".join("/".join("—" if x is None else f"{x:.2f}" for x in r) for r in ratios)
+        lines.append(f"{result['name']:<26}{' / '.join(means):>20}   {cells}")
+    return lines
+
+
 def table(problem_name: str, results: list[dict[str, Any]], analysis: dict[str, Any]) -> list[str]:
     lines = [
         f"## {problem_name}: targets {' / '.join(f'{t:.4g}' for t in analysis['targets'])}",
@@ -96,12 +167,21 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--problems", nargs="+", choices=list(PROBLEMS), default=["regression", "logistic", "pinn"])
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--table",
+        choices=["levers", "passes"],
+        default="levers",
+        help="passes: the λ/γ/first-step rule variants, one after the other (not interleaved), passes only",
+    )
+    parser.add_argument("--seeds", type=int, nargs="+", help="--table passes: the seeds (default: --seed)")
     parser.add_argument("--out", type=Path, default=RESULTS)
     argv = sys.argv[1:] if argv is None else list(argv)
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
     warm_up()
     env = environment(" ".join(argv))
+    if args.table == "passes":
+        return main_passes(args, argv, env)
     lines = [
         "Levers of issue #14 against torch LBFGS (history 100), side by side in one interleaved run per problem",
         f"command: python benchmarks/levers.py {' '.join(argv)}".rstrip(),
@@ -123,6 +203,39 @@ def main(argv: list[str] | None = None) -> int:
     args.out.mkdir(parents=True, exist_ok=True)
     stem = "levers_quick" if args.quick else "levers_" + "_".join(args.problems)
     (args.out / f"{stem}.txt").write_text(text + "\n", encoding="utf-8")
+    print(f"written to {args.out / stem}.txt")
+    return 0
+
+
+def main_passes(args: argparse.Namespace, argv: list[str], env: dict[str, Any]) -> int:
+    """``--table passes``: per problem and seed, every row of ``passes_rows`` run one after the other."""
+    seeds = args.seeds or [args.seed]
+    lines = [
+        "Rule variants of SCG(memory=m) against torch LBFGS (history 100): gradient passes to the targets",
+        f"command: python benchmarks/levers.py {' '.join(argv)}".rstrip(),
+        f"date: {env['date']}; torch {env['torch']}, CPU, 1 thread",
+        "cells: passes to the 90 / 99 / 99.9 % targets (E* = lowest loss of any row of that problem and seed) as "
+        "ratios to torch LBFGS(100)'s; geometric mean over the seeds, then each seed (— not reached)",
+        "",
+    ]
+    for name in args.problems:
+        rows = passes_rows()
+        if name == "mnist":
+            rows = {row: rows[row] for row in MNIST_PASSES_ROWS}
+        per_seed = []
+        for seed in seeds:
+            problem = PROBLEMS[name](args.quick, seed)
+            initial = copy.deepcopy(problem.make_model().state_dict())
+            results = race(problem, initial, calibrate(problem, initial), rows, interleaved=False)
+            analyse(problem, results)
+            per_seed.append(results)
+        lines += passes_table(name, per_seed) + [""]
+        print("\n".join(lines[-len(rows) - 3 :]), flush=True)
+    args.out.mkdir(parents=True, exist_ok=True)
+    stem = "levers_passes_quick" if args.quick else "levers_passes"
+    if args.problems != ["regression", "logistic", "pinn"]:
+        stem += "_" + "_".join(args.problems)
+    (args.out / f"{stem}.txt").write_text("\n".join(lines) + "\n", encoding="utf-8")
     print(f"written to {args.out / stem}.txt")
     return 0
 

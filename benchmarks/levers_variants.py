@@ -1,15 +1,35 @@
 """Research variants of the preconditioned SCG step that ``benchmarks/levers.py`` races, kept out of the library.
 
 ``SCG(params, memory=m)`` (moller_scg/scg.py) is what won; the variants here are the levers that lost or did not
-clearly win (issue #14), written on one flat vector so that each differs from the library's mode by one rule:
+clearly win (issue #14), written on one flat vector so that each differs from the library's mode by one rule
+(``FlatSCG()`` with no option is the library's mode: the same passes to each target, up to rounding):
 
 * ``direction="pcg"``: Møller's conjugate update in preconditioned form, p₊ = H r₊ + βp with the
   preconditioned Polak–Ribière β = (H r₊)ᵀ(r₊ − r) / (H r)ᵀr, clipped at 0 (Buckley & LeNir 1983; Morales &
   Nocedal 2000), instead of the quasi-Newton direction p₊ = H r₊;
-* ``cubic=True``: after a rejected trial, λ is set so that the next α is the minimiser of the cubic through
-  E(w), E'(w)ᵀp, E(w + αp), E'(w + αp)ᵀp (clipped to [0.1α, 0.5α]), instead of Møller's λ + δ(1 − Δ)/|p|²;
+* ``retry``, what a rejected trial (Δ < 0) changes:
+
+  - ``"moller"`` (the library): λ ← λ + δ(1 − Δ)/|p|², and the next trial is along the same p with that λ;
+  - ``"cubic-lambda"``: λ is set so that the next α is the minimiser t of the cubic through E(w), E'(w)ᵀp,
+    E(w + αp), E'(w + αp)ᵀp (clipped to [0.1α, 0.5α]), instead of Møller's raise; λ keeps that value afterwards
+    (the row ``cubic λ``);
+  - ``"interpolate"``: the next trial is at α = t along the same p (a backtracking step from information already
+    paid for), λ is left as it was: the rejection does not raise it;
+  - ``"interpolate-raise"``: the next trial is at α = t as well, and λ is raised by Møller's rule for the steps
+    after it;
+
 * ``reject_pairs=True``: a rejected trial's secant pair is kept too, and the direction recomputed from it;
-* ``decrease``: the divisor of λ after a good step (Møller: 4).
+* ``decrease``: the divisor of λ after a good step (Møller: 4); ``lambd``: λ₁;
+* ``first_step``, the step taken while no secant pair is held (at the start and after the pairs were dropped):
+  ``"finite-difference"`` (the library: δ by Møller's σ, one more pass) or ``"scaled"`` (no curvature pass: δ is
+  set so that α = min(1, 1/|r|₁), the first step of torch.optim.LBFGS, before λ's share);
+* ``gamma_window``, ``gamma_pick``: H's initial scaling γ = the largest (``"max"``) or smallest (``"min"``)
+  sᵢᵀyᵢ / yᵢᵀyᵢ over the newest ``gamma_window`` pairs (window 1: the newest pair's, the library's), or
+  (``"bb1"``) the largest sᵢᵀsᵢ / sᵢᵀyᵢ (the longer Barzilai–Borwein step);
+* ``growth``: the step is capped at |αp| ≤ growth · |s| of the last accepted step (α cut, λ left alone);
+* ``angle``: a pair is kept only if sᵀy > angle · |s||y| as well (0: only the library's sᵀy > 10⁻¹⁰ yᵀy);
+* ``restart``: N, the pairs are dropped and p ← r₊ after every N-th step (None: never within these budgets, as
+  the library's N = number of weights).
 
 Curvature: ``"secant"`` (δ = μ, as the library), ``"finite-difference"`` or ``"hvp"`` (the closure's ``hvp``).
 """
@@ -23,6 +43,33 @@ import torch
 
 from moller_scg.quasi_newton import SecantPairs
 
+RETRY_RULES = ("moller", "cubic-lambda", "interpolate", "interpolate-raise")
+FIRST_STEPS = ("finite-difference", "scaled")
+
+
+class WindowedPairs(SecantPairs):
+    """:class:`SecantPairs` whose γ is the largest (``pick=max``) or smallest (``min``) sᵢᵀyᵢ / yᵢᵀyᵢ over the
+    newest ``window`` pairs."""
+
+    def __init__(self, params: list[torch.Tensor], memory: int, window: int = 1, pick: str = "max") -> None:
+        super().__init__(params, memory)
+        self.window, self.pick = window, pick
+        self.ss = [0.0] * memory  # sᵢᵀsᵢ per slot (for pick="bb1")
+
+    def push(self, step: Any, change: Any) -> bool:
+        kept = super().push(step, change)
+        if kept:
+            self.ss[self.slots[-1]] = float(step[0] @ step[0])
+        return kept
+
+    @property
+    def gamma(self) -> float:
+        recent = self.slots[-self.window :]
+        if self.pick == "bb1":  # the longer Barzilai–Borwein step sᵀs / sᵀy
+            return max(self.ss[i] / float(self.sy[i, i]) for i in recent)
+        ratios = [float(self.sy[i, i] / self.yy[i, i]) for i in recent]
+        return max(ratios) if self.pick == "max" else min(ratios)
+
 
 class FlatSCG:
     """One SCG variant on the parameters as one flat vector (see the module docstring for the options)."""
@@ -34,22 +81,39 @@ class FlatSCG:
         direction: str = "qn",
         curvature: str = "secant",
         cubic: bool = False,
+        retry: str = "moller",
         reject_pairs: bool = False,
         decrease: float = 4.0,
+        first_step: str = "finite-difference",
+        gamma_window: int = 1,
+        gamma_pick: str = "max",
+        growth: float | None = None,
+        angle: float = 0.0,
+        restart: int | None = None,
         sigma: float = 5e-5,
         lambd: float = 5e-7,
     ) -> None:
+        retry = "cubic-lambda" if cubic else retry
+        if retry not in RETRY_RULES or first_step not in FIRST_STEPS:
+            raise ValueError(f"retry must be one of {RETRY_RULES} and first_step one of {FIRST_STEPS}")
+        if reject_pairs and retry != "moller":
+            raise ValueError("reject_pairs recomputes p after a rejection; it does not combine with a retry along p")
         self.params = list(params)
         flat_params = [self._flat()]
-        self.pairs = SecantPairs(flat_params, memory)
+        self.pairs = WindowedPairs(flat_params, memory, gamma_window, gamma_pick)
         self.direction_rule, self.curvature = direction, curvature
-        self.cubic, self.reject_pairs, self.decrease = cubic, reject_pairs, decrease
+        self.retry, self.reject_pairs, self.decrease = retry, reject_pairs, decrease
+        self.first_step, self.angle, self.restart, self.growth = first_step, angle, restart, growth
+        self.last_step_sq = math.inf  # |s|² of the last accepted step (growth cap)
         self.sigma, self.lambd = sigma, lambd
         self.lambd_bar, self.delta, self.success = 0.0, 0.0, True
+        self.retry_alpha: float | None = None
+        self.raw_delta = 0.0
         self.loss = math.nan
         self.steps = 0
         self.rejected = 0
         self.started = False
+        self.log: list[dict[str, float]] | None = None  # set to a list to record each step's scalars
 
     def _flat(self) -> torch.Tensor:
         return torch.cat([p.detach().reshape(-1) for p in self.params])
@@ -71,6 +135,27 @@ class FlatSCG:
     def _precondition(self, r: torch.Tensor) -> torch.Tensor:
         return self.pairs.inverse_product([r])[0]
 
+    def _curvature_along(self, closure: Any, w: torch.Tensor, r: torch.Tensor, p: torch.Tensor, mu: float) -> float:
+        """Step 2 after a success: δ, unscaled by λ."""
+        p_sq = float(p @ p)
+        no_pairs = not len(self.pairs)
+        if self.curvature == "secant" and not no_pairs and self.direction_rule == "qn":
+            return mu
+        if self.curvature == "secant" and self.steps == 0 and self.first_step == "scaled":
+            return mu / min(1.0, 1.0 / float(r.abs().sum()))
+        if self.curvature == "hvp":
+            product = closure.hvp(self._split(p))
+            return float(p @ torch.cat([t.reshape(-1) for t in product]))
+        sigma_k = self.sigma / math.sqrt(p_sq)
+        self._set(w + sigma_k * p)
+        _, shifted = self._evaluate(closure)
+        self._set(w)
+        return float(p @ (shifted + r)) / sigma_k
+
+    def _keeps(self, step: torch.Tensor, change: torch.Tensor) -> bool:
+        """The variant's extra curvature condition sᵀy > angle · |s||y| (the library's is checked by ``push``)."""
+        return self.angle == 0.0 or float(step @ change) > self.angle * float(step.norm() * change.norm())
+
     @torch.no_grad()
     def step(self, closure: Any) -> float:
         if not self.started:
@@ -85,28 +170,26 @@ class FlatSCG:
             self.pairs.clear()
             self.p = p = self.z = r.clone()
             mu, p_sq, self.success, self.lambd_bar = float(r @ r), float(r @ r), True, 0.0
+            self.retry_alpha = None
         lambd, lambd_bar = self.lambd, self.lambd_bar
-        if self.success:
-            if self.curvature == "secant" and len(self.pairs) and self.direction_rule == "qn":
-                delta = mu
-            elif self.curvature == "hvp":
-                product = closure.hvp(self._split(p))
-                delta = float(p @ torch.cat([t.reshape(-1) for t in product]))
-            else:
-                sigma_k = self.sigma / math.sqrt(p_sq)
-                self._set(w + sigma_k * p)
-                _, shifted = self._evaluate(closure)
-                self._set(w)
-                delta = float(p @ (shifted + r)) / sigma_k
-            self.raw_delta = delta
+        if self.retry_alpha is not None:  # an interpolated retry along the same p: δ is what gives that α
+            alpha = self.retry_alpha
+            delta = mu / alpha
         else:
-            delta = self.delta
-        delta += (lambd - lambd_bar) * p_sq
-        if delta <= 0.0:
-            lambd_bar = 2.0 * (lambd - delta / p_sq)
-            delta = -delta + lambd * p_sq
-            lambd = lambd_bar
-        alpha = mu / delta
+            if self.success:
+                self.raw_delta = self._curvature_along(closure, w, r, p, mu)
+                delta = self.raw_delta
+            else:
+                delta = self.delta
+            delta += (lambd - lambd_bar) * p_sq
+            if delta <= 0.0:
+                lambd_bar = 2.0 * (lambd - delta / p_sq)
+                delta = -delta + lambd * p_sq
+                lambd = lambd_bar
+            if self.growth is not None and (mu / delta) ** 2 * p_sq > self.growth**2 * self.last_step_sq:
+                delta = mu / (self.growth * math.sqrt(self.last_step_sq / p_sq))  # |αp| = growth · |s_last|
+            alpha = mu / delta
+        self.retry_alpha = None
         self._set(w + alpha * p)
         trial_loss, trial_gradient = self._evaluate(closure)
         new_r = -trial_gradient
@@ -115,7 +198,12 @@ class FlatSCG:
         self.steps += 1
         cubic_lambda = None
         if finite and comparison >= 0.0:
-            self.pairs.push([alpha * p], [r - new_r])
+            step, change = alpha * p, r - new_r
+            self.last_step_sq = alpha * alpha * p_sq
+            if self._keeps(step, change):
+                self.pairs.push([step], [change])
+            if self.restart is not None and self.steps % self.restart == 0:
+                self.pairs.clear()
             new_z = self._precondition(new_r)
             if self.direction_rule == "qn":
                 new_p = new_z
@@ -130,21 +218,40 @@ class FlatSCG:
             self._set(w)
             lambd_bar, self.success = lambd, False
             self.rejected += 1
-            if finite and self.cubic:
-                cubic_lambda = self._cubic_lambda(mu, alpha, trial_loss, float(new_r @ p), p_sq)
+            if finite and self.retry != "moller":
+                t = self._interpolated_step(mu, alpha, trial_loss, float(new_r @ p))
+                if self.retry != "cubic-lambda":
+                    self.retry_alpha = t if t is not None else self._quadratic_step(mu, alpha, trial_loss)
+                elif t is not None:
+                    cubic_lambda = (mu / t - self.raw_delta) / p_sq
             if finite and self.reject_pairs and self.pairs.push([alpha * p], [r - new_r]):
                 self.p = self.z = self._precondition(r)
                 self.success, lambd_bar = True, 0.0
+        if self.log is not None:
+            self.log.append(
+                dict(
+                    alpha=alpha,
+                    mu=mu,
+                    delta=delta,
+                    p_sq=p_sq,
+                    comparison=comparison,
+                    lambd=lambd,
+                    trial_loss=trial_loss,
+                    loss=self.loss,
+                    pairs=len(self.pairs),
+                )
+            )
         effective = comparison if finite else -2.0
         if cubic_lambda is not None:
             lambd = max(cubic_lambda, lambd)
-        elif effective < 0.25:
+        elif effective < 0.25 and not (self.retry == "interpolate" and self.retry_alpha is not None):
             lambd = min(lambd + delta * (1.0 - effective) / p_sq, 1e100)
         self.lambd, self.lambd_bar, self.delta = lambd, lambd_bar, delta
         return self.loss
 
-    def _cubic_lambda(self, mu: float, alpha: float, trial_loss: float, trial_slope_neg: float, p_sq: float):
-        """λ that makes the next α the minimiser of the cubic interpolant along p (None if it has none)."""
+    def _interpolated_step(self, mu: float, alpha: float, trial_loss: float, trial_slope_neg: float) -> float | None:
+        """t in [0.1α, 0.5α]: the minimiser of the cubic through E(w), E'(w)ᵀp = −μ, E(w + αp), E'(w + αp)ᵀp
+        (Nocedal & Wright 2006, eq. 3.59), or None if the cubic has none."""
         slope0, slope1 = -mu, -trial_slope_neg
         z = 3.0 * (self.loss - trial_loss) / alpha + slope0 + slope1
         discriminant = z * z - slope0 * slope1
@@ -153,8 +260,13 @@ class FlatSCG:
         root = math.sqrt(discriminant)
         denominator = slope1 - slope0 + 2.0 * root
         t = alpha * (1.0 - (slope1 + root - z) / denominator) if denominator != 0.0 else 0.5 * alpha
-        t = min(max(t, 0.1 * alpha), 0.5 * alpha)
-        return (mu / t - self.raw_delta) / p_sq
+        return min(max(t, 0.1 * alpha), 0.5 * alpha)
+
+    def _quadratic_step(self, mu: float, alpha: float, trial_loss: float) -> float:
+        """t in [0.1α, 0.5α]: the minimiser of the quadratic through E(w), E'(w)ᵀp = −μ and E(w + αp) (eq. 3.57)."""
+        curvature = trial_loss - self.loss + mu * alpha
+        t = mu * alpha * alpha / (2.0 * curvature) if curvature > 0.0 else 0.5 * alpha
+        return min(max(t, 0.1 * alpha), 0.5 * alpha)
 
     def _split(self, v: torch.Tensor) -> list[torch.Tensor]:
         pieces, offset = [], 0
