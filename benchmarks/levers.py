@@ -61,6 +61,11 @@ def flat_variant(**options: Any) -> Row:
     return Row(run_variant, SCG_FAMILY, memory=options.get("memory", MEMORY))
 
 
+PREVIOUS_MODE = {"first_step": "finite-difference", "gamma_window": 1}
+"""The library's ``SCG(memory=m)`` before it adopted the scaled first step and γ = max (the baseline of the rule
+rows below, so that their tables in benchmarks/results/ stay reproducible)."""
+
+
 def levers() -> dict[str, Row]:
     return {
         "torch LBFGS": lbfgs(100),
@@ -74,10 +79,12 @@ def levers() -> dict[str, Row]:
         "SCG m=20 + FD δ": scg(hvp="finite-difference", memory=MEMORY),
         "SCG m=20 + exact δ": scg(hvp="double-backward", memory=MEMORY),
         "SCG m=20 + 10% δ": scg(hvp="double-backward", curvature_fraction=0.1, memory=MEMORY),
-        "PCG β, FD δ": flat_variant(direction="pcg", curvature="finite-difference"),
-        "cubic λ": flat_variant(cubic=True),
-        "rejected pairs": flat_variant(reject_pairs=True),
-        "λ ÷ 16": flat_variant(decrease=16.0),
+        "PCG β, FD δ": flat_variant(
+            direction="pcg", curvature="finite-difference", first_step="finite-difference", gamma_window=1
+        ),
+        "cubic λ": flat_variant(cubic=True, first_step="finite-difference", gamma_window=1),
+        "rejected pairs": flat_variant(reject_pairs=True, first_step="finite-difference", gamma_window=1),
+        "λ ÷ 16": flat_variant(decrease=16.0, first_step="finite-difference", gamma_window=1),
     }
 
 
@@ -88,25 +95,25 @@ def passes_rows() -> dict[str, Row]:
         "torch LBFGS": lbfgs(100),
         "SCG m=20": scg(hvp="secant", memory=MEMORY),
         "SCG m=40": scg(hvp="secant", memory=40),
-        "flat m=20 (= SCG m=20)": flat_variant(),
-        "cubic λ": flat_variant(retry="cubic-lambda"),
-        "interpolate": flat_variant(retry="interpolate"),
-        "interpolate + raise": flat_variant(retry="interpolate-raise"),
-        "rejected pairs": flat_variant(reject_pairs=True),
-        "λ ÷ 16": flat_variant(decrease=16.0),
-        "λ₁ = 1e-3": flat_variant(lambd=1e-3),
-        "restart 50": flat_variant(restart=50),
-        "angle 1e-2": flat_variant(angle=1e-2),
-        "|αp| ≤ 10|s|": flat_variant(growth=10.0),
-        "γ min of 3": flat_variant(gamma_window=3, gamma_pick="min"),
-        "γ BB1 newest": flat_variant(gamma_pick="bb1"),
-        "γ max of 5": flat_variant(gamma_window=5),
-        "γ max": flat_variant(gamma_window=MEMORY),
-        "scaled first": flat_variant(first_step="scaled"),
+        "flat m=20, previous mode": flat_variant(first_step="finite-difference", gamma_window=1),
+        "cubic λ": flat_variant(retry="cubic-lambda", first_step="finite-difference", gamma_window=1),
+        "interpolate": flat_variant(retry="interpolate", first_step="finite-difference", gamma_window=1),
+        "interpolate + raise": flat_variant(retry="interpolate-raise", first_step="finite-difference", gamma_window=1),
+        "rejected pairs": flat_variant(reject_pairs=True, first_step="finite-difference", gamma_window=1),
+        "λ ÷ 16": flat_variant(decrease=16.0, first_step="finite-difference", gamma_window=1),
+        "λ₁ = 1e-3": flat_variant(lambd=1e-3, first_step="finite-difference", gamma_window=1),
+        "restart 50": flat_variant(restart=50, first_step="finite-difference", gamma_window=1),
+        "angle 1e-2": flat_variant(angle=1e-2, first_step="finite-difference", gamma_window=1),
+        "|αp| ≤ 10|s|": flat_variant(growth=10.0, first_step="finite-difference", gamma_window=1),
+        "γ min of 3": flat_variant(gamma_window=3, gamma_pick="min", first_step="finite-difference"),
+        "γ BB1 newest": flat_variant(gamma_pick="bb1", first_step="finite-difference", gamma_window=1),
+        "γ max of 5": flat_variant(gamma_window=5, first_step="finite-difference"),
+        "γ max": flat_variant(gamma_window=MEMORY, first_step="finite-difference"),
+        "scaled first": flat_variant(first_step="scaled", gamma_window=1),
         "scaled + γ max": flat_variant(first_step="scaled", gamma_window=MEMORY),
         "scaled+γmax+interp": flat_variant(first_step="scaled", gamma_window=MEMORY, retry="interpolate-raise"),
-        "m=40 flat": flat_variant(memory=40),
-        "m=40 γ max": flat_variant(memory=40, gamma_window=40),
+        "m=40 flat": flat_variant(memory=40, first_step="finite-difference", gamma_window=1),
+        "m=40 γ max": flat_variant(memory=40, gamma_window=40, first_step="finite-difference"),
         "m=40 scaled + γ max": flat_variant(memory=40, first_step="scaled", gamma_window=40),
     }
 
@@ -114,7 +121,7 @@ def passes_rows() -> dict[str, Row]:
 MNIST_PASSES_ROWS = (
     "torch LBFGS",
     "SCG m=20",
-    "flat m=20 (= SCG m=20)",
+    "flat m=20, previous mode",
     "γ max",
     "scaled + γ max",
     "m=40 scaled + γ max",

@@ -20,12 +20,14 @@ clearly win (issue #14), written on one flat vector so that each differs from th
 
 * ``reject_pairs=True``: a rejected trial's secant pair is kept too, and the direction recomputed from it;
 * ``decrease``: the divisor of λ after a good step (Møller: 4); ``lambd``: λ₁;
-* ``first_step``, the step taken while no secant pair is held (at the start and after the pairs were dropped):
-  ``"finite-difference"`` (the library: δ by Møller's σ, one more pass) or ``"scaled"`` (no curvature pass: δ is
-  set so that α = min(1, 1/|r|₁), the first step of torch.optim.LBFGS, before λ's share);
+* ``first_step``, the very first step, before any secant pair is held: ``"scaled"`` (the library: no curvature
+  pass, δ is set so that α = min(1, 1/|r|₁), the first step of torch.optim.LBFGS, before λ's share) or
+  ``"finite-difference"`` (the library's previous mode: δ by Møller's σ, one more pass); later steps without a pair
+  (after a restart or when the pairs were dropped) take the finite difference either way;
 * ``gamma_window``, ``gamma_pick``: H's initial scaling γ = the largest (``"max"``) or smallest (``"min"``)
-  sᵢᵀyᵢ / yᵢᵀyᵢ over the newest ``gamma_window`` pairs (window 1: the newest pair's, the library's), or
-  (``"bb1"``) the largest sᵢᵀsᵢ / sᵢᵀyᵢ (the longer Barzilai–Borwein step);
+  sᵢᵀyᵢ / yᵢᵀyᵢ over the newest ``gamma_window`` pairs (``None``: all pairs held, the library's; 1: the newest
+  pair's, L-BFGS's usual choice and the library's previous one), or (``"bb1"``) the largest sᵢᵀsᵢ / sᵢᵀyᵢ (the
+  longer Barzilai–Borwein step);
 * ``growth``: the step is capped at |αp| ≤ growth · |s| of the last accepted step (α cut, λ left alone);
 * ``angle``: a pair is kept only if sᵀy > angle · |s||y| as well (0: only the library's sᵀy > 10⁻¹⁰ yᵀy);
 * ``restart``: N, the pairs are dropped and p ← r₊ after every N-th step (None: never within these budgets, as
@@ -84,8 +86,8 @@ class FlatSCG:
         retry: str = "moller",
         reject_pairs: bool = False,
         decrease: float = 4.0,
-        first_step: str = "finite-difference",
-        gamma_window: int = 1,
+        first_step: str = "scaled",
+        gamma_window: int | None = None,
         gamma_pick: str = "max",
         growth: float | None = None,
         angle: float = 0.0,
@@ -100,7 +102,7 @@ class FlatSCG:
             raise ValueError("reject_pairs recomputes p after a rejection; it does not combine with a retry along p")
         self.params = list(params)
         flat_params = [self._flat()]
-        self.pairs = WindowedPairs(flat_params, memory, gamma_window, gamma_pick)
+        self.pairs = WindowedPairs(flat_params, memory, memory if gamma_window is None else gamma_window, gamma_pick)
         self.direction_rule, self.curvature = direction, curvature
         self.retry, self.reject_pairs, self.decrease = retry, reject_pairs, decrease
         self.first_step, self.angle, self.restart, self.growth = first_step, angle, restart, growth

@@ -67,6 +67,11 @@ def squared_norm(xs: Sequence[torch.Tensor]) -> float:
     return dot(xs, xs)
 
 
+def l1_norm(xs: Sequence[torch.Tensor]) -> float:
+    """|x|₁ = Σ|xᵢ| over the real numbers of x, summed in float64."""
+    return _totals([[torch.sum(as_real(x).abs(), dtype=torch.float64) for x in xs]])[0]
+
+
 def all_finite(xs: Sequence[torch.Tensor]) -> bool:
     """Whether every element of every tensor is finite (one host synchronisation per device)."""
     non_finite_counts = [torch.sum(~torch.isfinite(as_real(x)), dtype=torch.float64) for x in xs]

@@ -7,8 +7,11 @@ yᵢ = E'(w₊) − E'(w) = r − r₊. The last m pairs define the L-BFGS appro
     H v = γv + [S  γY] [ R⁻ᵀ(D + γYᵀY)R⁻¹   −R⁻ᵀ ] [ Sᵀv  ]
                        [ −R⁻¹                 0   ] [ γYᵀv ]
 
-with S = [s₁ … sₘ], Y = [y₁ … yₘ] (oldest first), R the upper triangle of SᵀY, D its diagonal and γ = sₘᵀyₘ / yₘᵀyₘ
-the usual initial scaling. One matrix-vector product with the 2m × n block [S Y]ᵀ, an m × m triangular solve and
+with S = [s₁ … sₘ], Y = [y₁ … yₘ] (oldest first), R the upper triangle of SᵀY, D its diagonal and γ the initial
+scaling H₀ = γI. L-BFGS's usual γ is the newest pair's sₘᵀyₘ / yₘᵀyₘ; here γ = maxᵢ sᵢᵀyᵢ / yᵢᵀyᵢ over the pairs held,
+the boldest of their curvature estimates along the directions the pairs do not see — it took fewer gradient passes
+to every target on the regression, logistic and physics-informed problems of ``benchmarks/levers.py`` and the same
+on MNIST (``benchmarks/results/levers_passes.txt``, docs/performance.md). One matrix-vector product with the 2m × n block [S Y]ᵀ, an m × m triangular solve and
 one product back replace the 4m vector operations of the two-loop recursion: the same H v (tested against the
 two-loop recursion), with a number of operations that does not grow with m — what keeps a step cheap when a
 gradient pass is cheap.
@@ -148,9 +151,9 @@ class SecantPairs:
 
     @property
     def gamma(self) -> float:
-        """γ = sₘᵀyₘ / yₘᵀyₘ of the newest pair: H's scale along directions the pairs do not see."""
-        newest = self.slots[-1]
-        return float(self.sy[newest, newest] / self.yy[newest, newest])
+        """γ = maxᵢ sᵢᵀyᵢ / yᵢᵀyᵢ over the pairs held: H's scale along directions the pairs do not see."""
+        order = np.array(self.slots)
+        return float(np.max(self.sy[order, order] / self.yy[order, order]))
 
     def _push_flat(self, rows: list[torch.Tensor]) -> tuple[bool, np.ndarray, np.ndarray]:
         """:meth:`push` on flat blocks, given per block the rows [y, s, v] of a 3 × n tensor; also returns Sᵀv and

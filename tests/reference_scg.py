@@ -66,7 +66,8 @@ def reference_scg(
 
     With ``memory`` = m ≥ 1, the direction after a success is p = H r₊, H the L-BFGS inverse of the last m pairs
     (s, y) = (αp, r − r₊) by the two-loop recursion (Nocedal & Wright, Algorithm 7.4); with ``secant``, δ = μ once a
-    pair is kept (Møller's finite difference before).
+    pair is kept (Møller's finite difference before, except at the very first step: δ = μ/α₀ with LBFGS's first step
+    length α₀ = min(1, 1/|r|₁)).
     """
     n = restart if restart is not None else w1.numel()
     pairs: list[tuple[Vector, Vector]] = []
@@ -86,6 +87,9 @@ def reference_scg(
         # Step 2.
         if success and secant and pairs:
             delta = dot(p, r)
+        elif success and secant and k == 1:
+            # The first step: LBFGS's first step length α₀ = min(1, 1/|r|₁) along p = r, as δ = μ/α₀.
+            delta = dot(p, r) / min(1.0, 1.0 / float(r.abs().sum()))
         elif success:
             if finite_difference or secant:
                 sigma_k = sigma / math.sqrt(p_sq)
@@ -139,7 +143,8 @@ def reference_scg(
 
 
 def two_loop(pairs: list[tuple[Vector, Vector]], v: Vector) -> Vector:
-    """H v of L-BFGS from the pairs (oldest first) by the two-loop recursion, H₀ = (sᵀy / yᵀy) I of the newest pair."""
+    """H v of L-BFGS from the pairs (oldest first) by the two-loop recursion, H₀ = γI with γ the largest sᵀy / yᵀy
+    of the pairs (the library's choice; L-BFGS's usual one is the newest pair's)."""
     if not pairs:
         return v.clone()
     q = v.clone()
@@ -148,8 +153,7 @@ def two_loop(pairs: list[tuple[Vector, Vector]], v: Vector) -> Vector:
         a = dot(s, q) / dot(s, y)
         alphas.append(a)
         q = q - a * y
-    s, y = pairs[-1]
-    q = q * (dot(s, y) / dot(y, y))
+    q = q * max(dot(s, y) / dot(y, y) for s, y in pairs)
     for (s, y), a in zip(pairs, reversed(alphas)):
         b = dot(y, q) / dot(s, y)
         q = q + (a - b) * s

@@ -157,3 +157,17 @@ def test_advance_equals_push_then_inverse_product():
         assert kept == (k != 2)
         assert fused.slots == separate.slots
         torch.testing.assert_close(flat(result), flat(expected), rtol=1e-12, atol=1e-14)
+
+
+def test_gamma_is_the_largest_curvature_ratio_of_the_pairs_held():
+    """γ = maxᵢ sᵢᵀyᵢ / yᵢᵀyᵢ over the held pairs (not the newest pair's, L-BFGS's usual choice), also after the
+    oldest pair was dropped."""
+    params = [torch.zeros(2, dtype=torch.float64)]
+    pairs = SecantPairs(params, 2)
+    e1, e2 = torch.tensor([1.0, 0.0], dtype=torch.float64), torch.tensor([0.0, 1.0], dtype=torch.float64)
+    assert pairs.push([e1], [4.0 * e1])  # sᵀy / yᵀy = 1/4
+    assert pairs.push([e2], [0.5 * e2])  # 2, the largest
+    assert pairs.push([e1], [8.0 * e1])  # 1/8, the newest; drops the first pair
+    assert pairs.gamma == pytest.approx(2.0, rel=1e-15)
+    assert pairs.push([e1], [16.0 * e1])  # drops the pair of ratio 2
+    assert pairs.gamma == pytest.approx(1 / 8, rel=1e-15)

@@ -104,11 +104,16 @@ def _closure(optimizer, loss_of_params):
     return closure
 
 
-def test_secant_mode_costs_one_closure_call_per_step_after_the_first():
-    """Step 1 evaluates w₁; the first iteration adds the trial and Møller's finite difference; then 1 call a step."""
+def test_secant_mode_costs_one_closure_call_per_step():
+    """Step 1 evaluates w₁; the first iteration adds only its trial (LBFGS's first step length, no finite
+    difference); then 1 call a step."""
     w = nn.Parameter(torch.tensor([-1.2, 1.0], dtype=torch.float64))
     optimizer, _, calls = run([w], lambda: rosenbrock(w), 1, memory=5, restart=100)  # no restart: N = 100 > 11
-    assert len(calls) == 3 and optimizer.trace.hvp_calls == 1
+    assert len(calls) == 2 and optimizer.trace.hvp_calls == 0
+    start = torch.tensor([-1.2, 1.0], dtype=torch.float64, requires_grad=True)
+    (gradient,) = torch.autograd.grad(rosenbrock(start), start)
+    # α = μ/(μ/α₀ + λ₁|r|²) with α₀ = min(1, 1/|r₁|₁): α₀ up to λ₁'s share (λ₁α₀ ≈ 2e-9)
+    assert optimizer.trace.alpha == pytest.approx(min(1.0, 1.0 / float(gradient.abs().sum())), rel=1e-8)
     closure_calls = optimizer.trace.closure_calls
 
     def closure():
@@ -121,7 +126,7 @@ def test_secant_mode_costs_one_closure_call_per_step_after_the_first():
         optimizer.step(closure)
         assert optimizer.trace.closure_calls == closure_calls + 1
         closure_calls += 1
-    assert optimizer.trace.hvp_calls == 1  # δ from the secant model: no more curvature evaluations
+    assert optimizer.trace.hvp_calls == 0  # δ from the secant model (or α₀ at the first step): no curvature pass
 
 
 def test_a_plain_closure_works_as_for_lbfgs():
@@ -358,3 +363,20 @@ def test_parameters_of_two_dtypes_take_the_per_tensor_path():
         optimizer.step(closure)
     assert optimizer._flat is None
     assert optimizer.trace.loss < first
+
+
+def test_only_the_very_first_step_skips_the_finite_difference():
+    """After a restart (or when the pairs were dropped) the step without pairs takes Møller's finite difference."""
+    w = nn.Parameter(torch.tensor([-1.2, 1.0], dtype=torch.float64))
+    optimizer, _, calls = run([w], lambda: rosenbrock(w), 5, memory=3, restart=100)
+    assert optimizer.trace.hvp_calls == 0 and len(calls) == 6
+    optimizer.restart()
+
+    def closure():
+        optimizer.zero_grad()
+        loss = rosenbrock(w)
+        loss.backward()
+        return loss
+
+    optimizer.step(closure)  # step 1 again (one call), then the finite difference and the trial
+    assert optimizer.trace.hvp_calls == 1 and optimizer.trace.closure_calls == 6 + 3
