@@ -11,10 +11,11 @@ with S = [s₁ … sₘ], Y = [y₁ … yₘ] (oldest first), R the upper triang
 scaling H₀ = γI. L-BFGS's usual γ is the newest pair's sₘᵀyₘ / yₘᵀyₘ; here γ = maxᵢ sᵢᵀyᵢ / yᵢᵀyᵢ over the pairs held,
 the boldest of their curvature estimates along the directions the pairs do not see — it took fewer gradient passes
 to every target on the regression, logistic and physics-informed problems of ``benchmarks/levers.py`` and the same
-on MNIST (``benchmarks/results/levers_passes.txt``, docs/performance.md). One matrix-vector product with the 2m × n block [S Y]ᵀ, an m × m triangular solve and
-one product back replace the 4m vector operations of the two-loop recursion: the same H v (tested against the
-two-loop recursion), with a number of operations that does not grow with m — what keeps a step cheap when a
-gradient pass is cheap.
+on MNIST (``benchmarks/results/levers_passes.txt``, docs/performance.md).
+
+One matrix-vector product with the 2m × n block [S Y]ᵀ, an m × m triangular solve and one product back replace the
+4m vector operations of the two-loop recursion: the same H v (tested against the two-loop recursion), with a number
+of operations that does not grow with m — what keeps a step cheap when a gradient pass is cheap.
 
 The pairs are stored flat: all parameters that share a device and dtype form one block, whose m steps and m
 changes are the rows of one ``(2, m, n_block)`` tensor (complex parameters as their real and imaginary parts).
