@@ -21,7 +21,7 @@ from moller_scg.scg import DEFAULT_MEMORY, SCG
 REFERENCE = "torch LBFGS"
 """The reference row: torch.optim.LBFGS at its default history of 100 pairs; every ratio in the report is to it."""
 REFERENCE_HISTORY = 100
-LBFGS_HISTORIES = (2, 5, 20)
+LBFGS_HISTORIES = (2, 5, 20, 40)
 """Shorter torch.optim.LBFGS histories, for comparisons at (nearly) equal optimizer memory: LBFGS holds 2 × history
 weight-sized vectors plus a few, SCG 3 (4 at the peak)."""
 SUBSAMPLED = f"SCG exact, {CURVATURE_FRACTION:.0%} curv."
@@ -216,6 +216,7 @@ def optimizers(problem: Problem) -> dict[str, Row]:
         SUBSAMPLED: scg(curvature_fraction=CURVATURE_FRACTION),
         PRECONDITIONED: scg(hvp="secant", memory=DEFAULT_MEMORY),
         "SCG m=5": scg(hvp="secant", memory=5),
+        "SCG m=40": scg(hvp="secant", memory=40),
         **{f"torch LBFGS h={history}": lbfgs(history) for history in LBFGS_HISTORIES},
         NETLAB: Row(run_netlab, PEER_FAMILY),
         "torchmin CG": Row(lambda run: run_torchmin(run, "cg"), PEER_FAMILY),

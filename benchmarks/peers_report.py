@@ -281,6 +281,7 @@ COLORS = {
     "torch LBFGS h=2": "0.75",
     "torch LBFGS h=5": "0.6",
     "torch LBFGS h=20": "0.4",
+    "torch LBFGS h=40": "0.25",
     "torchmin CG": "tab:blue",
     "torchmin L-BFGS": "tab:cyan",
     "torchmin Newton-CG": "tab:purple",

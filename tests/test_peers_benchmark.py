@@ -23,6 +23,7 @@ FULL_BATCH = (
     "torch LBFGS h=2",
     "torch LBFGS h=5",
     "torch LBFGS h=20",
+    "torch LBFGS h=40",
     "paramz SCG (netlab)",
     "torchmin CG",
     "torchmin L-BFGS",
@@ -104,11 +105,16 @@ def test_quick_run_writes_table_json_and_figure(tmp_path, monkeypatch, capsys):
             losses = result["history"]["loss"]
             assert all(a >= b for a, b in zip(losses, losses[1:])), name  # lowest candidate loss so far
         # Ratios are to torch LBFGS. (On the quick MNIST and autoencoder, Adam may set E* so low that LBFGS misses
-        # a target.)
+        # a target; on the quick regression and physics-informed net SCG(memory=20) sets an E* that LBFGS does not
+        # reach within the 40-pass budget, so its T3 is missed: such a cell reads ≪1, reached where LBFGS did not.)
         reference = by_name["torch LBFGS"]
         assert all(t["time_ratio"] == t["passes_ratio"] == 1 for t in reference["targets"] if t["reached"])
         if block["problem"]["name"] not in ("mnist", "autoencoder"):
-            assert all(t["reached"] for t in reference["targets"])
+            assert all(t["reached"] for t in reference["targets"][:2])
+            for row in block["results"]:
+                for target, reference_target in zip(row["targets"], reference["targets"]):
+                    if target["reached"] and not reference_target["reached"]:
+                        assert "≪1" in report  # shown as reached where LBFGS did not, not as a ratio
         # SCG's exact and finite-difference modes differ only in what curvature costs: one HVP pass or one
         # gradient pass per successful step.
         exact, finite_difference = by_name["SCG exact"], by_name["SCG finite-diff"]
@@ -125,20 +131,26 @@ def test_quick_run_writes_table_json_and_figure(tmp_path, monkeypatch, capsys):
         # SCG holds p, r and the accepted w when it asks for an evaluation (s = E''p is gone once δ is formed).
         assert exact["state_in_n"] == finite_difference["state_in_n"] == subsampled["state_in_n"] == 3.0
 
-    probe = next(block["memory_probe"] for block in results["problems"] if block["memory_probe"])
+    probe_block = next(block for block in results["problems"] if block["memory_probe"])
+    probe = probe_block["memory_probe"]
     assert 2.0 <= probe["Adam"] < 3.1  # two moments (plus a temporary of the update)
     for name in ("SCG exact", "SCG finite-diff", "SCG exact, 10% curv."):
         assert probe[name] < 4.1, name  # p, r, w and s (step 2) or the new r (step 7), plus a few scalars
     assert "## Goals of issue #14" in report
     # Every SCG row of the table is judged by the goals; a new mode needs no edit beyond its row.
     scg_rows = [r["name"] for r in results["problems"][0]["results"] if r["family"] == "SCG"]
-    assert scg_rows == ["SCG exact", "SCG finite-diff", "SCG exact, 10% curv.", "SCG m=20", "SCG m=5"]
-    # SCG(memory=m) holds the 2m secant pairs besides p, r and w (and the pair's temporaries between evaluations).
-    for name, memory in (("SCG m=20", 20), ("SCG m=5", 5)):
+    assert scg_rows == ["SCG exact", "SCG finite-diff", "SCG exact, 10% curv.", "SCG m=20", "SCG m=5", "SCG m=40"]
+    # SCG(memory=m) holds the 2m secant pairs besides p, r and w (and the pair's temporaries between evaluations),
+    # and the m × m products SᵀY and YᵀY (2m² numbers: 6.4 n for m = 40 on the 501-weight regression).
+    for name, memory in (("SCG m=20", 20), ("SCG m=5", 5), ("SCG m=40", 40)):
         for block in results["problems"]:
             row = next(r for r in block["results"] if r["name"] == name)
-            assert 2 * memory + 3 <= row["state_in_n"] <= 2 * memory + 5, (block["problem"]["name"], name)
-        assert probe[name] <= 2 * memory + 10, name
+            small_matrices = 2 * memory**2 / block["problem"]["n"]
+            assert 2 * memory + 3 <= row["state_in_n"] <= 2 * memory + 5 + small_matrices, (
+                block["problem"]["name"],
+                name,
+            )
+        assert probe[name] <= 2 * memory + 10 + 2 * memory**2 / probe_block["problem"]["n"], name
     assert set(results["goals"]) == set(scg_rows)
 
 
