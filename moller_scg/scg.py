@@ -126,8 +126,10 @@ class SCG(torch.optim.Optimizer):
             quasi-Newton inverse of the last m pairs (:mod:`moller_scg.quasi_newton`), in place of Møller's
             p₊ = r₊ + βp; a restart also forgets the pairs. λ, δ, Δ and the acceptance test are Møller's.
             ``hvp`` then defaults to ``"secant"``: δ = pᵀBp = pᵀr = μ from the quasi-Newton model B = H⁻¹ itself,
-            so a step costs one closure call (α = μ/(μ + λ|p|²), the quasi-Newton step scaled by λ); the first
-            step, before any pair, takes Møller's finite difference. ``hvp="double-backward"`` or
+            so a step costs one closure call (α = μ/(μ + λ|p|²), the quasi-Newton step scaled by λ). H₀ = γI with
+            γ = maxᵢ sᵢᵀyᵢ/yᵢᵀyᵢ over the pairs held. The very first step, before any pair, takes LBFGS's first
+            step length α₀ = min(1, 1/|r₁|₁) (δ = μ/α₀); a later step without pairs (after a restart) takes
+            Møller's finite difference. ``hvp="double-backward"`` or
             ``"finite-difference"`` measure the curvature along H r instead (one more product per step).
             ``docs/performance.md`` has the measurements behind ``SCG(params, memory=20)``.
         **options_of_other_optimizers: none are accepted. Options of ``torch.optim.LBFGS`` or Adam kept by habit
