@@ -21,7 +21,7 @@ from typing import Any, cast
 import torch
 
 from moller_scg import _vectors as vec
-from moller_scg import quasi_newton
+from moller_scg import quasi_newton, step_arithmetic
 from moller_scg.flat_vector import FlatBuffers, FlatLayout
 from moller_scg.objective import ClosureObjective, Objective, as_objective, is_plain_closure, same_tensors
 from moller_scg.scg_inputs import (
@@ -42,6 +42,7 @@ from moller_scg.scg_state import (
     read_scg_entry,
     scg_entry,
 )
+from moller_scg.step_arithmetic import UNRESOLVED_DECREASE_ULPS
 
 logger = logging.getLogger(__name__)
 
@@ -59,11 +60,9 @@ NON_FINITE_COMPARISON = -2.0
 """Δ assumed for λ's increase (step 8) when the trial loss or gradient is not finite: the next α shrinks 4×."""
 MAX_NON_FINITE_TRIALS = 20
 """Non-finite trials in a row after which :meth:`SCG.step` raises ``FloatingPointError`` instead of going on."""
-UNRESOLVED_DECREASE_ULPS = 4
-"""Loss decreases E(w) − E(w + αp) from 0 up to this many units in the last place of E(w) (in the parameters' dtype)
-are rounding noise rather than a measurement: step 6 then estimates the decrease from the slopes at both ends
-(:func:`_loss_decrease`)."""
-# LAMBDA_MAX, the bound step 8 keeps λ under, is defined in moller_scg.scg_state (a trace at it is stalled), and the
+# UNRESOLVED_DECREASE_ULPS, the rounding level below which step 6 estimates the loss decrease from the slopes, is
+# defined beside that estimate in moller_scg.step_arithmetic. LAMBDA_MAX, the bound step 8 keeps λ under, is
+# defined in moller_scg.scg_state (a trace at it is stalled), and the
 # hyperparameters' HVP_MODES and SIGMA_MAX in moller_scg.scg_inputs; like the trace and the scalars, they are
 # imported above and exported from here.
 __all__ = [
@@ -340,7 +339,7 @@ class SCG(torch.optim.Optimizer):
         if self._scalars.started:
             logger.info("parameters were changed outside SCG.step: restarting SCG from the current weights")
         loss, gradients = self._evaluate(objective)
-        _require_finite(loss, gradients, "at the starting weights")
+        step_arithmetic.require_finite(loss, gradients, "at the starting weights")
         memory = self.param_groups[0]["memory"]
         if memory > 0 and FlatLayout.fits(params):
             if self._flat is None or not self._flat.layout.matches(params):
@@ -409,7 +408,9 @@ class SCG(torch.optim.Optimizer):
             return
 
         # Step 2: the second-order information along p, only after a success.
-        first_step_length = _first_step_length(residual) if scalars.k == 0 and group["hvp"] == "secant" else None
+        first_step_length = (
+            step_arithmetic.first_step_length(residual) if scalars.k == 0 and group["hvp"] == "secant" else None
+        )
         if success and group["hvp"] == "secant" and self._secant_pairs:
             delta = mu  # p = H r, so the quasi-Newton model B = H⁻¹ has Bp = r and δ = pᵀBp = pᵀr = μ
         elif success and first_step_length is not None:
@@ -440,11 +441,19 @@ class SCG(torch.optim.Optimizer):
         new_residual_sq, new_dot_old, new_dot_direction = vec.dots(
             [(new_residual, new_residual), (new_residual, residual), (new_residual, direction)]
         )
-        finite = math.isfinite(trial_loss) and _all_finite_given_squared_norm(new_residual, new_residual_sq)
+        finite = math.isfinite(trial_loss) and step_arithmetic.all_finite_given_squared_norm(
+            new_residual, new_residual_sq
+        )
         if finite:
             unchanged = trial_loss == scalars.loss and new_residual_sq == new_dot_old == residual_sq
-            decrease = _loss_decrease(
-                scalars.loss, trial_loss, alpha, mu, new_dot_direction, _loss_epsilon(params), unchanged=unchanged
+            decrease = step_arithmetic.loss_decrease(
+                scalars.loss,
+                trial_loss,
+                alpha,
+                mu,
+                new_dot_direction,
+                step_arithmetic.loss_epsilon(params),
+                unchanged=unchanged,
             )
             comparison = 2.0 * delta * decrease / mu**2
         else:
@@ -577,7 +586,7 @@ class SCG(torch.optim.Optimizer):
             _, shifted_gradients = self._evaluate(objective)
             vec.copy_(params, accepted)
             residual = [self.state[p]["residual"] for p in params]
-            curvature = _finite_difference_from_residual(shifted_gradients, residual, sigma_k)
+            curvature = step_arithmetic.finite_difference_from_residual(shifted_gradients, residual, sigma_k)
             (delta,) = vec.dots([(direction, curvature)])
             # A non-finite E'(w + σₖp) makes s and then δ non-finite (0·inf is NaN too), so it is looked for only then.
             if not math.isfinite(delta) and not vec.all_finite(shifted_gradients):
@@ -749,85 +758,3 @@ class SCG(torch.optim.Optimizer):
         self._known_products = None
         self._warned_stalled = False
         self._flat = None
-
-
-def _first_step_length(residual: list[torch.Tensor]) -> float | None:
-    """α₀ = min(1, 1/|r₁|₁), LBFGS's first step length along p₁ = r₁, for the secant mode's very first step.
-
-    Before any secant pair exists the quasi-Newton model has no curvature to give. Møller's finite difference costs a
-    pass; δ = μ/α₀ instead makes the first trial LBFGS's first step (not in the paper). Measured in
-    ``benchmarks/levers.py --table passes``: fewer passes to the first target on every problem, none more later. Only
-    the first step of a run takes it: after a restart or when the pairs were dropped the finite difference stays
-    (on the physics-informed problem, whose loss is concave along −E' at the start, repeating α₀ cost passes).
-    ``None`` when |r₁|₁ is not a positive finite number (then the finite difference is taken).
-    """
-    l1 = vec.l1_norm(residual)
-    return min(1.0, 1.0 / l1) if 0.0 < l1 < math.inf else None
-
-
-def _loss_epsilon(params: list[torch.Tensor]) -> float:
-    """The machine epsilon of the loss: that of the parameters' dtype (the coarsest, if they differ)."""
-    return max(torch.finfo(p.dtype).eps for p in params)
-
-
-def _loss_decrease(
-    loss: float,
-    trial_loss: float,
-    alpha: float,
-    mu: float,
-    trial_residual_dot_direction: float,
-    epsilon: float,
-    *,
-    unchanged: bool,
-) -> float:
-    """E(w) − E(w + αp) for step 6's Δ: measured, or estimated from the slopes when rounding drowns the measurement.
-
-    When 0 ≤ E(w) − E(w + αp) ≤ ``UNRESOLVED_DECREASE_ULPS`` · ε · |E(w)| (ε of the loss's dtype), the difference
-    of the two losses is rounding noise, and Δ formed from it sends λ up for nothing (Δ ≈ 0 < 0.25). The
-    directional derivatives at both ends are still resolved: E'(w)ᵀp = −μ and E'(w + αp)ᵀp = −r₊ᵀp, and the
-    trapezoid rule gives
-
-        E(w) − E(w + αp) ≈ −α(E'(w)ᵀp + E'(w + αp)ᵀp)/2 = α(μ + r₊ᵀp)/2,
-
-    exact on a quadratic. Where the difference is resolved, Møller's measured value is used unchanged; so is a measured
-    increase, however small, so that an accepted step never raises the loss the closure reports. A trial that
-    reproduced E(w) and E'(w) exactly (``unchanged``: αp is below the weights' resolution) carries no slope either;
-    its measured difference, 0, stands.
-    """
-    measured = loss - trial_loss
-    if unchanged or not (0.0 <= measured <= UNRESOLVED_DECREASE_ULPS * epsilon * abs(loss)):
-        return measured
-    return alpha * (mu + trial_residual_dot_direction) / 2.0
-
-
-def _finite_difference_from_residual(
-    shifted_gradients: list[torch.Tensor], residual: list[torch.Tensor], sigma_k: float
-) -> list[torch.Tensor]:
-    """Møller's s = (E'(w + σₖp) − E'(w))/σₖ from r = −E'(w), formed as (E'(w + σₖp) + r)/σₖ.
-
-    Bit for bit :func:`~moller_scg.curvature.finite_difference_hvp` of E'(w + σₖp) and −r: a − (−b) and a + b are
-    the same IEEE operation. It spares the parameter-sized copy −r, and the quotient is taken in place of the sum.
-    """
-    return [torch.add(shifted, r).div_(sigma_k) for shifted, r in zip(shifted_gradients, residual)]
-
-
-def _all_finite_given_squared_norm(xs: list[torch.Tensor], squared_norm: float) -> bool:
-    """Whether every element of x is finite, given |x|² (summed in float64 from x·x in x's dtype).
-
-    A non-finite element makes |x|² inf or NaN, so a finite |x|² settles it without another reduction. A non-finite
-    |x|² may also be an overflow of finite elements (in float16 beyond |x| = 256): only then are they checked.
-    """
-    return math.isfinite(squared_norm) or vec.all_finite(xs)
-
-
-def _require_finite(loss: float, gradients: list[torch.Tensor], where: str) -> None:
-    if not math.isfinite(loss):
-        raise FloatingPointError(
-            f"the loss {where} is not finite ({loss}): check the data and the weights for NaN or inf, and the loss "
-            f"for operations that overflow there (torch.autograd.set_detect_anomaly(True) names the operation)"
-        )
-    if not vec.all_finite(gradients):
-        raise FloatingPointError(
-            f"the gradient {where} is not finite although the loss is: look for an operation whose derivative is "
-            f"infinite there (sqrt or abs at 0, log near 0); torch.autograd.set_detect_anomaly(True) names it"
-        )

@@ -20,15 +20,12 @@ from problems import rosenbrock
 from reference_scg import problem_from_function, reference_scg
 from torch import nn
 
-from moller_scg import SCG, ClosureObjective, SCGStalledWarning, SCGTrace
+from moller_scg import SCG, ClosureObjective, SCGStalledWarning, SCGTrace, step_arithmetic
 from moller_scg import _vectors as vec
-from moller_scg import scg as scg_module
 from moller_scg.curvature import finite_difference_hvp
 from moller_scg.scg import (
     LAMBDA_MAX,
     MAX_NON_FINITE_TRIALS,
-    _all_finite_given_squared_norm,
-    _finite_difference_from_residual,
 )
 
 MODES = ["double-backward", "finite-difference"]
@@ -1120,7 +1117,7 @@ def test_finite_difference_from_the_residual_is_finite_difference_hvp_bit_for_bi
     residual[0][:3] = torch.tensor([-0.0, 0.0, -1.0]).to(dtype)
     for sigma_k in (5e-5, 3.0, 1e-300):
         expected = finite_difference_hvp(shifted, vec.negated(residual), sigma_k)
-        actual = _finite_difference_from_residual(shifted, residual, sigma_k)
+        actual = step_arithmetic.finite_difference_from_residual(shifted, residual, sigma_k)
         for a, e in zip(actual, expected):
             assert torch.equal(vec.as_real(a).view(-1).view(torch.uint8), vec.as_real(e).view(-1).view(torch.uint8))
 
@@ -1128,10 +1125,10 @@ def test_finite_difference_from_the_residual_is_finite_difference_hvp_bit_for_bi
 def test_an_overflowing_squared_norm_is_not_taken_for_a_non_finite_gradient():
     large = [torch.tensor([300.0, -1.0], dtype=torch.float16), torch.tensor([2.0], dtype=torch.float16)]
     assert math.isinf(vec.squared_norm(large))  # 300² overflows float16
-    assert _all_finite_given_squared_norm(large, vec.squared_norm(large))
+    assert step_arithmetic.all_finite_given_squared_norm(large, vec.squared_norm(large))
     for bad in (math.inf, -math.inf, math.nan):
         vectors = [large[0], torch.tensor([bad], dtype=torch.float16)]
-        assert not _all_finite_given_squared_norm(vectors, vec.squared_norm(vectors))
+        assert not step_arithmetic.all_finite_given_squared_norm(vectors, vec.squared_norm(vectors))
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -1203,7 +1200,7 @@ def test_float64_trajectory_is_bit_identical_where_the_loss_difference_is_resolv
     for _ in range(40):
         optimizer.step(closure)
         trajectory.append(flat(model.parameters()))
-    monkeypatch.setattr(scg_module, "_loss_decrease", lambda loss, trial_loss, *args, **kwargs: loss - trial_loss)
+    monkeypatch.setattr(step_arithmetic, "loss_decrease", lambda loss, trial_loss, *args, **kwargs: loss - trial_loss)
     paper_model, paper_optimizer, paper_closure = _mlp_setup()
     for expected in trajectory:
         paper_optimizer.step(paper_closure)
@@ -1214,12 +1211,12 @@ def test_rounding_level_decrease_is_estimated_from_the_slopes():
     # On E = 1 + ½(w − 1)², from w = 1 − 1e-9 a full step decreases E by 5e-19, far below float64's ulp of 1.
     loss, trial_loss, alpha, mu, trial_dot = 1.0, 1.0, 1.0, 1e-18, 0.0
     eps = torch.finfo(torch.float64).eps
-    assert scg_module._loss_decrease(loss, trial_loss, alpha, mu, trial_dot, eps, unchanged=False) == 5e-19
-    assert scg_module._loss_decrease(loss, trial_loss, alpha, mu, trial_dot, eps, unchanged=True) == 0.0
+    assert step_arithmetic.loss_decrease(loss, trial_loss, alpha, mu, trial_dot, eps, unchanged=False) == 5e-19
+    assert step_arithmetic.loss_decrease(loss, trial_loss, alpha, mu, trial_dot, eps, unchanged=True) == 0.0
     resolved = 1.0 - 4 * eps * 1.1  # a decrease of just over UNRESOLVED_DECREASE_ULPS ulps is a measurement
-    assert scg_module._loss_decrease(loss, resolved, alpha, mu, trial_dot, eps, unchanged=False) == loss - resolved
+    assert step_arithmetic.loss_decrease(loss, resolved, alpha, mu, trial_dot, eps, unchanged=False) == loss - resolved
     increase = 1.0 + eps  # a measured increase stands, so an accepted step never raises the reported loss
-    assert scg_module._loss_decrease(loss, increase, alpha, mu, trial_dot, eps, unchanged=False) == loss - increase
+    assert step_arithmetic.loss_decrease(loss, increase, alpha, mu, trial_dot, eps, unchanged=False) == loss - increase
 
 
 def test_stalled_flag_and_a_single_warning_once_steps_change_nothing():
