@@ -1,7 +1,7 @@
 """CoBA against a NumPy float64 transcription of Kobayashi & Iiduka (2020) with the choices documented in
 docs/variants.md (ε in β's denominators, Hager–Zhang's truncation, the second moment on g² by default), its
-reduction to torch.optim.Adam, and its torch.optim conventions. The minibatch problem and the run helpers come from
-``test_scg_adam.py``."""
+reduction to torch.optim.Adam, and its torch.optim conventions. The transcription (``reference_coba``) and the
+minibatch problem come from ``reference_adam.py``, the run helpers from ``test_scg_adam.py``."""
 
 from __future__ import annotations
 
@@ -13,20 +13,17 @@ import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from reference_adam import ETA, flat, reference_beta, reference_coba, regression_data
 from test_scg_adam import (
     STEPS,
     assert_trajectories_close,
     assert_trajectories_equal,
-    flat,
     logistic_losses,
-    numpy_gradient,
-    regression_data,
     run,
     save_and_load,
     state_dict_round_trip,
     torch_loss,
     torch_params,
-    value_at,
 )
 from torch import nn
 
@@ -40,95 +37,6 @@ FORMS = {
     "amsgrad": {"amsgrad": True},
     "amsgrad-bias-corrected": {"amsgrad": True, "bias_correction": True},
 }
-
-# The documented constants, written out so that the reference does not read them from the code under test.
-EPSILON = 1e-8  # keeps the denominators of β away from zero, with their sign
-ETA = 0.01  # Hager–Zhang's truncation constant
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# The reference: a NumPy float64 transcription of the paper's update with the documented choices; one β for the
-# whole parameter vector (both tensors of the problem) or, with beta_scope="per-tensor", one per tensor.
-
-
-def reference_beta(rule: str, g: np.ndarray, g_prev: np.ndarray, d: np.ndarray, hz_lambda: float = 2.0) -> float:
-    """β of the vectors g = gₙ, g_prev = gₙ₋₁, d = dₙ₋₁ (each flat, or any shape: sums run over all elements)."""
-    y = g - g_prev
-
-    def inner(u, v):
-        return float(np.sum(u * v))
-
-    def away_from_zero(value):
-        return value + EPSILON if value >= 0 else value - EPSILON
-
-    if rule == "HS":
-        return inner(g, y) / away_from_zero(inner(d, y))
-    if rule == "FR":
-        return inner(g, g) / (inner(g_prev, g_prev) + EPSILON)
-    if rule == "PRP":
-        return inner(g, y) / (inner(g_prev, g_prev) + EPSILON)
-    if rule == "DY":
-        return inner(g, g) / away_from_zero(inner(d, y))
-    assert rule == "HZ"
-    dy = away_from_zero(inner(d, y))
-    beta = inner(g, y) / dy - hz_lambda * inner(y, y) * inner(g, d) / dy**2
-    eta = -1.0 / (math.sqrt(inner(d, d)) * min(ETA, math.sqrt(inner(g_prev, g_prev))))
-    return max(beta, eta)
-
-
-def reference_coba(
-    steps: int,
-    *,
-    cg_rule: str = "HS",
-    amsgrad: bool = True,
-    bias_correction: bool | None = None,
-    beta_scope: str = "global",
-    second_moment: str = "gradient",
-    lr: float = 1e-3,
-    betas: tuple[float, float] = (0.9, 0.999),
-    eps: float = 1e-8,
-    weight_decay: float = 0.0,
-    M=1e-3,
-    a: float = 1 + 1e-8,
-    hz_lambda: float = 2.0,
-) -> list[np.ndarray]:
-    correct = (not amsgrad) if bias_correction is None else bias_correction
-    _, _, start = regression_data()
-    x = [value.copy() for value in start]
-    m = [np.zeros_like(value) for value in x]
-    v = [np.zeros_like(value) for value in x]
-    v_max = [np.zeros_like(value) for value in x]
-    d = [np.zeros_like(value) for value in x]
-    g_prev = [np.zeros_like(value) for value in x]
-    beta1, beta2 = betas
-    trajectory = []
-    for n in range(1, steps + 1):
-        g = [gi + weight_decay * xi for gi, xi in zip(numpy_gradient(x, n), x)]
-        if n > 1 and beta_scope == "global":
-            whole = [np.concatenate([t.ravel() for t in vectors]) for vectors in (g, g_prev, d)]
-            beta_global = reference_beta(cg_rule, *whole, hz_lambda)
-        for i in range(len(x)):
-            if n == 1:
-                d[i] = -g[i]
-            else:
-                if beta_scope == "global":
-                    beta = beta_global
-                else:
-                    assert beta_scope == "per-tensor"
-                    beta = reference_beta(cg_rule, g[i], g_prev[i], d[i], hz_lambda)
-                d[i] = -g[i] + value_at(M, n) / n**a * beta * d[i]
-            g_prev[i] = g[i]
-            m[i] = beta1 * m[i] + (1 - beta1) * d[i]
-            squared = d[i] if second_moment == "direction" else g[i]
-            v[i] = beta2 * v[i] + (1 - beta2) * squared**2
-            v_max[i] = np.maximum(v_max[i], v[i])
-            second = v_max[i] if amsgrad else v[i]
-            if correct:
-                x[i] = x[i] + lr / (1 - beta1**n) * m[i] / (np.sqrt(second / (1 - beta2**n)) + eps)
-            else:
-                x[i] = x[i] + lr * m[i] / (np.sqrt(second) + eps)
-        trajectory.append(flat(x))
-    return trajectory
 
 
 def make(**options):

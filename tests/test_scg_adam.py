@@ -2,7 +2,8 @@
 (2024) state it and as their public code computes it (SCGRMSProp: of this library's own construction, documented in
 its docstring), their reduction to torch.optim's Adam, AMSGrad and RMSprop, and their torch.optim conventions.
 
-The problem helpers at the top are shared with ``test_coba.py``.
+The NumPy side of the minibatch problem and the transcriptions live in ``reference_adam.py``; the torch helpers
+here are shared with ``test_coba.py``.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from reference_adam import batch, flat, reference_scg_adaptive, regression_data
 from torch import nn
 
 from moller_scg import scg_adam
@@ -29,33 +31,7 @@ ROOT = Path(__file__).resolve().parent.parent
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# A stochastic problem: least squares y ≈ Wx + b over four fixed minibatches, visited in turn (step n uses batch
-# (n − 1) mod 4). Two parameter tensors, so that per-tensor quantities are exercised.
-
-BATCHES, BATCH_SIZE, INPUTS, OUTPUTS = 4, 8, 4, 3
-
-
-def regression_data() -> tuple[np.ndarray, np.ndarray, list[np.ndarray]]:
-    rng = np.random.default_rng(0)
-    x = rng.standard_normal((BATCHES * BATCH_SIZE, INPUTS))
-    y = rng.standard_normal((BATCHES * BATCH_SIZE, OUTPUTS))
-    start = [rng.standard_normal((OUTPUTS, INPUTS)), rng.standard_normal(OUTPUTS)]
-    return x, y, start
-
-
-def batch(n: int) -> slice:
-    first = ((n - 1) % BATCHES) * BATCH_SIZE
-    return slice(first, first + BATCH_SIZE)
-
-
-def numpy_gradient(params: list[np.ndarray], n: int) -> list[np.ndarray]:
-    """∇ of mean((XWᵀ + b − Y)²) over minibatch n, by hand."""
-    x, y, _ = regression_data()
-    xb, yb = x[batch(n)], y[batch(n)]
-    weight, bias = params
-    residual = xb @ weight.T + bias - yb
-    scale = 2.0 / residual.size
-    return [scale * residual.T @ xb, scale * residual.sum(axis=0)]
+# The minibatch problem (``reference_adam.regression_data``) in torch.
 
 
 def torch_params(dtype: torch.dtype = torch.float64) -> list[nn.Parameter]:
@@ -69,11 +45,6 @@ def torch_loss(params: list[torch.Tensor], n: int) -> torch.Tensor:
     xb = torch.tensor(x[batch(n)], dtype=weight.dtype)
     yb = torch.tensor(y[batch(n)], dtype=weight.dtype)
     return torch.mean((xb @ weight.T + bias - yb) ** 2)
-
-
-def flat(params) -> np.ndarray:
-    arrays = [p.detach().numpy() if isinstance(p, torch.Tensor) else p for p in params]
-    return np.concatenate([np.asarray(a, dtype=np.float64).ravel() for a in arrays])
 
 
 def run(
@@ -113,10 +84,6 @@ def assert_trajectories_equal(actual, expected) -> None:
         assert np.array_equal(a, e), f"step {n}: max difference {np.max(np.abs(a - e)):.3g}"
 
 
-def value_at(schedule, n: int) -> float:
-    return schedule(n) if callable(schedule) else schedule
-
-
 def logistic_problem(seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
     generator = torch.Generator().manual_seed(seed)
     x = torch.randn(200, 5, generator=generator, dtype=torch.float64)
@@ -143,72 +110,6 @@ def logistic_losses(make_optimizer, steps: int = 100) -> tuple[float, float]:
     for _ in range(steps):
         optimizer.step(closure)
     return first, float(closure().detach())
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# The reference: NumPy float64 transcriptions of the two published forms of the update, written from their text,
-# not from the library's code. direction_form="paper" transcribes Sato, Izumi & Iiduka (2024) in their notation:
-# a gradient-like Gₙ = (1 + γₙ)gₙ − δₙGₙ₋₁ (G₁ = g₁), moments of G, and a step x ← x − α·(…); "authors-code"
-# transcribes the authors' public SCGAdam code: dₙ = −(1 + γₙ)gₙ + δₙdₙ₋₁, moments of d, and x ← x + α·(…).
-# RMSProp has no published SCG form; its reference is the library's own construction (documented in
-# scg_adam.SCGRMSProp), transcribed in each notation.
-
-
-def reference_scg_adaptive(
-    kind: str,
-    steps: int,
-    *,
-    lr: float = 1e-3,
-    betas: tuple[float, float] = (0.9, 0.999),
-    alpha: float = 0.99,
-    eps: float = 1e-8,
-    weight_decay: float = 0.0,
-    gamma=0.1,
-    delta=0.1,
-    bias_correction: bool = False,
-    diminishing: bool = False,
-    direction_form: str = "paper",
-) -> list[np.ndarray]:
-    """kind: "adam", "amsgrad" or "rmsprop". Every operation elementwise, per tensor."""
-    paper = direction_form == "paper"
-    assert paper or direction_form == "authors-code"
-    # The paper moves along −(its moment ratio); the code along +(its moment ratio).
-    step_sign = -1.0 if paper else 1.0
-    _, _, start = regression_data()
-    x = [value.copy() for value in start]
-    m = [np.zeros_like(value) for value in x]
-    v = [np.zeros_like(value) for value in x]
-    v_max = [np.zeros_like(value) for value in x]
-    d = [np.zeros_like(value) for value in x]
-    beta1, beta2 = betas
-    trajectory = []
-    for n in range(1, steps + 1):
-        g = [gi + weight_decay * xi for gi, xi in zip(numpy_gradient(x, n), x)]
-        lr_n = lr / math.sqrt(n) if diminishing else lr
-        for i in range(len(x)):
-            # d holds Gₙ for the paper, dₙ for the authors' code.
-            if n == 1:
-                d[i] = g[i] if paper else -g[i]
-            elif paper:
-                d[i] = (1 + value_at(gamma, n)) * g[i] - value_at(delta, n) * d[i]
-            else:
-                d[i] = -(1 + value_at(gamma, n)) * g[i] + value_at(delta, n) * d[i]
-            if kind == "rmsprop":
-                v[i] = alpha * v[i] + (1 - alpha) * g[i] ** 2
-                x[i] = x[i] + step_sign * lr_n * d[i] / (np.sqrt(v[i]) + eps)
-                continue
-            m[i] = beta1 * m[i] + (1 - beta1) * d[i]
-            v[i] = beta2 * v[i] + (1 - beta2) * g[i] ** 2
-            if kind == "adam":
-                x[i] = x[i] + step_sign * lr_n / (1 - beta1**n) * m[i] / (np.sqrt(v[i] / (1 - beta2**n)) + eps)
-            else:
-                v_max[i] = np.maximum(v_max[i], v[i])
-                if bias_correction:
-                    x[i] = x[i] + step_sign * lr_n / (1 - beta1**n) * m[i] / (np.sqrt(v_max[i] / (1 - beta2**n)) + eps)
-                else:
-                    x[i] = x[i] + step_sign * lr_n * m[i] / (np.sqrt(v_max[i]) + eps)
-        trajectory.append(flat(x))
-    return trajectory
 
 
 OPTIMIZERS = {"adam": SCGAdam, "amsgrad": SCGAMSGrad, "rmsprop": SCGRMSProp}

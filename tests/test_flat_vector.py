@@ -1,0 +1,117 @@
+"""``moller_scg.flat_vector``: the layout of the parameters in one flat buffer (which parameters fit it, gathering
+into it, per-parameter views of it) and SCG's flat r, p and accepted w with their cached views."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from moller_scg.flat_vector import FlatBuffers, FlatLayout
+
+SHAPES = [(2, 3), (4,), ()]
+
+
+def params(dtype: torch.dtype = torch.float64) -> list[torch.Tensor]:
+    """Three tensors of different shapes holding 1, 2, …, 11 in order (so their flat layout is 1, …, 11)."""
+    values = torch.arange(1, 12, dtype=dtype)
+    return [piece.reshape(shape).clone() for piece, shape in zip(values.split([6, 4, 1]), SHAPES)]
+
+
+def test_one_dtype_on_one_device_fits():
+    assert FlatLayout.fits(params())
+    assert FlatLayout.fits([torch.zeros(3, dtype=torch.float32)])
+
+
+@pytest.mark.parametrize(
+    "tensors",
+    [
+        [],
+        [torch.zeros(2, dtype=torch.complex64)],
+        [torch.zeros(2), torch.zeros(2, dtype=torch.complex64)],
+        [torch.zeros(2, dtype=torch.float32), torch.zeros(2, dtype=torch.float64)],
+    ],
+    ids=["empty", "complex", "real-and-complex", "two-dtypes"],
+)
+def test_what_does_not_fit_one_buffer(tensors):
+    assert not FlatLayout.fits(tensors)
+
+
+def test_a_layout_refuses_parameters_that_do_not_fit():
+    with pytest.raises(ValueError, match="one device and dtype"):
+        FlatLayout([torch.zeros(2, dtype=torch.float32), torch.zeros(2, dtype=torch.float64)])
+
+
+def test_matches_the_same_shapes_dtype_and_order_only():
+    layout = FlatLayout(params())
+    assert layout.matches(params())
+    assert layout.matches([torch.zeros(shape, dtype=torch.float64) for shape in SHAPES])
+    assert not layout.matches(params(torch.float32))
+    assert not layout.matches(params()[::-1])
+    assert not layout.matches(params()[:2])
+    assert not layout.matches([torch.zeros(3, 2, dtype=torch.float64), *params()[1:]])
+    assert not layout.matches([])
+
+
+def test_empty_is_a_flat_buffer_of_n_numbers_in_the_layouts_dtype():
+    buffer = FlatLayout(params(torch.float32)).empty()
+    assert buffer.shape == (11,) and buffer.dtype == torch.float32
+
+
+def test_gather_lays_the_tensors_out_one_after_the_other():
+    layout = FlatLayout(params())
+    expected = torch.arange(1, 12, dtype=torch.float64)
+    assert torch.equal(layout.gather(params()), expected)
+    out = layout.empty()
+    returned = layout.gather(params(), out=out)
+    assert torch.equal(out, expected)
+    assert returned.data_ptr() == out.data_ptr()
+
+
+def test_views_have_the_parameters_shapes_and_write_through_to_the_flat_buffer():
+    layout = FlatLayout(params())
+    flat = torch.arange(1, 12, dtype=torch.float64)
+    views = layout.views(flat)
+    assert [v.shape for v in views] == [torch.Size(shape) for shape in SHAPES]
+    assert all(torch.equal(v, p) for v, p in zip(views, params()))
+    views[1][2] = -7.0
+    views[2].fill_(-11.0)
+    assert flat[6 + 2] == -7.0 and flat[10] == -11.0
+    flat[0] = 100.0
+    assert views[0][0, 0] == 100.0
+
+
+def test_per_parameter_returns_the_cached_views_of_residual_and_direction():
+    buffers = FlatBuffers(FlatLayout(params()))
+    assert buffers.per_parameter(buffers.residual) is buffers.residual_views
+    assert buffers.per_parameter(buffers.direction) is buffers.direction_views
+    buffers.residual.copy_(torch.arange(1, 12, dtype=torch.float64))
+    assert all(torch.equal(v, p) for v, p in zip(buffers.residual_views, params()))
+
+
+def test_per_parameter_of_another_flat_vector_gives_its_own_views():
+    buffers = FlatBuffers(FlatLayout(params()))
+    other = torch.arange(1, 12, dtype=torch.float64)
+    views = buffers.per_parameter(other)
+    assert views is not buffers.residual_views and views is not buffers.direction_views
+    views[0][0, 0] = -1.0
+    assert other[0] == -1.0
+
+
+def test_the_three_buffers_are_distinct():
+    buffers = FlatBuffers(FlatLayout(params()))
+    pointers = {buffers.residual.data_ptr(), buffers.direction.data_ptr(), buffers.accepted.data_ptr()}
+    assert len(pointers) == 3
+    buffers.accepted_views[2].fill_(5.0)
+    assert buffers.accepted[10] == 5.0
+
+
+def test_holds_its_own_views_and_not_once_a_state_tensor_is_replaced():
+    buffers = FlatBuffers(FlatLayout(params()))
+    residual, direction = list(buffers.residual_views), list(buffers.direction_views)
+    assert buffers.holds(residual, direction)
+    # An equal tensor that is not the view (as after load_state_dict) does not count.
+    replaced_residual = [*residual[:1], residual[1].clone(), *residual[2:]]
+    assert not buffers.holds(replaced_residual, direction)
+    replaced_direction = [*direction[:2], direction[2].clone()]
+    assert not buffers.holds(residual, replaced_direction)
+    assert not buffers.holds(direction, residual)
