@@ -237,6 +237,7 @@ def run_full_batch(
         snapshots.take_if_due(history["time"][-1], model)
         return False
 
+    started = time.perf_counter()
     history = fit(
         model,
         nn.CrossEntropyLoss(),
@@ -251,7 +252,9 @@ def run_full_batch(
         callbacks=[snapshot],
         curvature_fraction=curvature_fraction,
     )
-    wall_time = history["time"][-1]
+    # The run's end, not its last row's time: fit checks max_time before each iteration, after the row and the
+    # callbacks of the previous one, so a run stopped by max_time can have its last row just below it.
+    wall_time = time.perf_counter() - started
     snapshots.take(wall_time, model)  # the weights the run ends with
     row = {
         "iterations": len(history),
