@@ -60,6 +60,14 @@ def value_at(schedule, n: int) -> float:
 # scg_adam.SCGRMSProp), transcribed in each notation.
 
 
+def starting_state() -> tuple[list[np.ndarray], ...]:
+    """x at the regression problem's start, and zeroed m, v, v_max and d (the moments and the direction) of its
+    shapes: where every Adam-family transcription below begins."""
+    _, _, start = regression_data()
+    x = [value.copy() for value in start]
+    return (x, *([np.zeros_like(value) for value in x] for _ in range(4)))
+
+
 def reference_scg_adaptive(
     kind: str,
     steps: int,
@@ -80,12 +88,7 @@ def reference_scg_adaptive(
     assert paper or direction_form == "authors-code"
     # The paper moves along −(its moment ratio); the code along +(its moment ratio).
     step_sign = -1.0 if paper else 1.0
-    _, _, start = regression_data()
-    x = [value.copy() for value in start]
-    m = [np.zeros_like(value) for value in x]
-    v = [np.zeros_like(value) for value in x]
-    v_max = [np.zeros_like(value) for value in x]
-    d = [np.zeros_like(value) for value in x]
+    x, m, v, v_max, d = starting_state()
     beta1, beta2 = betas
     trajectory = []
     for n in range(1, steps + 1):
@@ -171,12 +174,7 @@ def reference_coba(
     hz_lambda: float = 2.0,
 ) -> list[np.ndarray]:
     correct = (not amsgrad) if bias_correction is None else bias_correction
-    _, _, start = regression_data()
-    x = [value.copy() for value in start]
-    m = [np.zeros_like(value) for value in x]
-    v = [np.zeros_like(value) for value in x]
-    v_max = [np.zeros_like(value) for value in x]
-    d = [np.zeros_like(value) for value in x]
+    x, m, v, v_max, d = starting_state()
     g_prev = [np.zeros_like(value) for value in x]
     beta1, beta2 = betas
     trajectory = []
