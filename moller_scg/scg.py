@@ -347,9 +347,7 @@ class SCG(torch.optim.Optimizer):
             flat = self._flat
             flat.layout.gather(gradients, out=flat.residual).neg_()
             flat.direction.copy_(flat.residual)
-            for p, r, d in zip(params, flat.residual_views, flat.direction_views):
-                self.state[p]["residual"] = r
-                self.state[p]["direction"] = d
+            self._point_state_at(params, flat)
         else:
             self._flat = None
             for p, r in zip(params, vec.negated(gradients)):
@@ -629,8 +627,8 @@ class SCG(torch.optim.Optimizer):
 
         Returns |p₊|² and p₊ᵀr₊ (the next μ), formed from the tensors :meth:`_state_vectors` gives (the flat buffers
         on the fast path) as :meth:`_state_products` would form them after a ``load_state_dict``, so a resumed run
-        takes the same bits. The pair update holds one
-        3 × n buffer (y, s and r₊ flattened) and H r₊ besides the stored pairs (:meth:`SecantPairs.advance`).
+        takes the same bits. The pair update holds one 3 × n buffer (y, s and r₊ flattened) and H r₊ besides the
+        stored pairs (:meth:`SecantPairs.advance`).
         """
         pairs = cast(quasi_newton.SecantPairs, self._secant_pairs)
         if self._flat is not None:
@@ -680,20 +678,27 @@ class SCG(torch.optim.Optimizer):
         """On the fast path (:mod:`moller_scg.flat_vector`), make sure ``optimizer.state``'s r and p are views of the
         flat buffers: after a ``load_state_dict``, a copy or an assignment by hand they are separate tensors, and
         are gathered into new buffers (same numbers)."""
-        if self.param_groups[0]["memory"] == 0 or not FlatLayout.fits(params):
-            self._flat = None
-            return
+        if self.param_groups[0]["memory"] == 0:
+            return  # Møller's SCG keeps r and p per parameter (self._flat stays None)
         residual = [self.state[p]["residual"] for p in params]
         direction = [self.state[p]["direction"] for p in params]
         if self._flat is not None and self._flat.layout.matches(params) and self._flat.holds(residual, direction):
             return
+        if not FlatLayout.fits(params):
+            self._flat = None
+            return
+        # New buffers, not the old ones: a state tensor may still be a view of them.
         flat = FlatBuffers(FlatLayout(params))
         flat.layout.gather(residual, out=flat.residual)
         flat.layout.gather(direction, out=flat.direction)
+        self._point_state_at(params, flat)
+        self._flat = flat
+
+    def _point_state_at(self, params: list[torch.Tensor], flat: FlatBuffers) -> None:
+        """Make ``optimizer.state``'s r and p of each parameter the views of the flat buffers."""
         for p, r, d in zip(params, flat.residual_views, flat.direction_views):
             self.state[p]["residual"] = r
             self.state[p]["direction"] = d
-        self._flat = flat
 
     def _copy_of_weights(self, params: list[torch.Tensor]) -> list[torch.Tensor]:
         """The accepted w, copied before the trial: into the flat buffer's views on the fast path, new tensors
