@@ -183,40 +183,30 @@ def test_finite_termination_on_spd_quadratic(n):
 # Evaluation counts.
 
 
+@pytest.mark.parametrize("new_closure_each_step", [False, True])
 @pytest.mark.parametrize("mode, calls_per_success", [("double-backward", 1), ("finite-difference", 2)])
-def test_closure_calls_per_iteration(mode, calls_per_success):
+def test_closure_calls_per_iteration(mode, calls_per_success, new_closure_each_step):
+    # With new_closure_each_step, as PyTorch Lightning wraps its training step in a new closure at every step: the
+    # graph of the accepted trial, evaluated through the last closure, still gives the next step's exact product.
     a, b = spd_quadratic(8, seed=4)
     function = quadratic_function(a, b)
     w = nn.Parameter(torch.zeros(8, dtype=torch.float64))
     optimizer = SCG([w], hvp=mode)
     calls = []
-    closure = closure_for(optimizer, [w], lambda: function(w), mode, calls)
-    optimizer.step(closure)
+    same_closure = closure_for(optimizer, [w], lambda: function(w), mode, calls)
+
+    def closure():
+        return closure_for(optimizer, [w], lambda: function(w), mode, calls) if new_closure_each_step else same_closure
+
+    optimizer.step(closure())
     assert len(calls) == 1 + calls_per_success  # the first step also evaluates w₁
     for _ in range(5):
         before = len(calls)
-        optimizer.step(closure)
+        optimizer.step(closure())
         assert optimizer.trace.success
         assert len(calls) - before == calls_per_success
     assert optimizer.trace.closure_calls == len(calls)
     assert optimizer.trace.hvp_calls == 6
-
-
-@pytest.mark.parametrize("mode, calls_per_success", [("double-backward", 1), ("finite-difference", 2)])
-def test_a_new_closure_object_at_every_step_costs_no_extra_call(mode, calls_per_success):
-    # PyTorch Lightning wraps its training step in a new closure at every step: the graph of the accepted trial,
-    # evaluated through the last closure, still gives the next step's exact product.
-    a, b = spd_quadratic(8, seed=4)
-    function = quadratic_function(a, b)
-    w = nn.Parameter(torch.zeros(8, dtype=torch.float64))
-    optimizer = SCG([w], hvp=mode)
-    calls = []
-    optimizer.step(closure_for(optimizer, [w], lambda: function(w), mode, calls))
-    for _ in range(5):
-        before = len(calls)
-        optimizer.step(closure_for(optimizer, [w], lambda: function(w), mode, calls))
-        assert optimizer.trace.success and len(calls) - before == calls_per_success
-    assert optimizer.trace.closure_calls == len(calls)
 
 
 def test_an_objective_passed_by_the_caller_is_used_as_it_is_and_never_rewired():
