@@ -115,6 +115,9 @@ def passes_rows() -> dict[str, Row]:
         "m=40 flat": flat_variant(memory=40, first_step="finite-difference", gamma_window=1),
         "m=40 γ max": flat_variant(memory=40, gamma_window=40, first_step="finite-difference"),
         "m=40 scaled + γ max": flat_variant(memory=40, first_step="scaled", gamma_window=40),
+        "flat m=20 (library)": flat_variant(),
+        "non-monotone 3": flat_variant(nonmonotone=3),
+        "non-monotone 10": flat_variant(nonmonotone=10),
     }
 
 
@@ -181,6 +184,7 @@ def main(argv: list[str] | None = None) -> int:
         help="passes: the λ/γ/first-step rule variants, one after the other (not interleaved), passes only",
     )
     parser.add_argument("--seeds", type=int, nargs="+", help="--table passes: the seeds (default: --seed)")
+    parser.add_argument("--rows", nargs="+", help="--table passes: only these rows (default: all)")
     parser.add_argument("--out", type=Path, default=RESULTS)
     argv = sys.argv[1:] if argv is None else list(argv)
     args = parser.parse_args(argv)
@@ -227,7 +231,9 @@ def main_passes(args: argparse.Namespace, argv: list[str], env: dict[str, Any]) 
     ]
     for name in args.problems:
         rows = passes_rows()
-        if name == "mnist":
+        if args.rows:
+            rows = {row: rows[row] for row in args.rows}
+        elif name == "mnist":
             rows = {row: rows[row] for row in MNIST_PASSES_ROWS}
         per_seed = []
         for seed in seeds:

@@ -92,6 +92,7 @@ class FlatSCG:
         growth: float | None = None,
         angle: float = 0.0,
         restart: int | None = None,
+        nonmonotone: int = 1,
         sigma: float = 5e-5,
         lambd: float = 5e-7,
     ) -> None:
@@ -106,6 +107,10 @@ class FlatSCG:
         self.direction_rule, self.curvature = direction, curvature
         self.retry, self.reject_pairs, self.decrease = retry, reject_pairs, decrease
         self.first_step, self.angle, self.restart, self.growth = first_step, angle, restart, growth
+        if nonmonotone < 1:
+            raise ValueError(f"nonmonotone must be ≥ 1 (1: Møller's test), got {nonmonotone}")
+        self.nonmonotone = nonmonotone
+        self.accepted_losses: list[float] = []  # the last `nonmonotone` accepted losses, newest last
         self.last_step_sq = math.inf  # |s|² of the last accepted step (growth cap)
         self.sigma, self.lambd = sigma, lambd
         self.lambd_bar, self.delta, self.success = 0.0, 0.0, True
@@ -166,6 +171,7 @@ class FlatSCG:
             self.p = self.r.clone()
             self.z = self.r.clone()
             self.started = True
+            self.accepted_losses = [self.loss]
         r, p, w = self.r, self.p, self._flat()
         mu, p_sq = float(p @ r), float(p @ p)
         if mu <= 0.0:
@@ -199,7 +205,11 @@ class FlatSCG:
         comparison = 2.0 * delta * (self.loss - trial_loss) / mu**2 if finite else math.nan
         self.steps += 1
         cubic_lambda = None
-        if finite and comparison >= 0.0:
+        # Non-monotone acceptance (Grippo, Lampariello & Lucidi 1986): accept when the trial loss is below the
+        # largest of the last `nonmonotone` accepted losses; Δ, and with it λ, still compares with E(w).
+        reference = max(self.accepted_losses[-self.nonmonotone :])
+        if finite and (comparison >= 0.0 or trial_loss <= reference):
+            self.accepted_losses = [*self.accepted_losses[-self.nonmonotone :], trial_loss]
             step, change = alpha * p, r - new_r
             self.last_step_sq = alpha * alpha * p_sq
             if self._keeps(step, change):

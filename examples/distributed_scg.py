@@ -67,13 +67,15 @@ def _worker(rank: int, world_size: int, folder: str, iterations: int, out_dir: s
     dist.init_process_group(
         "gloo", store=store, rank=rank, world_size=world_size, timeout=datetime.timedelta(minutes=5)
     )
+    finished = False
     try:
         model, loss = train(iterations)
         if rank == 0:
             print(f"{world_size} ranks: loss {loss:.6e} after {iterations} iterations")
         torch.save(model.state_dict(), Path(out_dir) / f"rank{rank}.pt")
+        finished = True
     finally:
-        dist.destroy_process_group()
+        moller_dist.shut_down(finished)  # all ranks leave together after a normal finish
 
 
 def run(processes: int, iterations: int, out_dir: str) -> list[dict[str, torch.Tensor]]:
@@ -92,12 +94,14 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--out", metavar="DIR", help="keep each rank's final weights here (rank0.pt, …)")
     args = parser.parse_args(argv)
     if moller_dist.init_from_env():  # started by torchrun: this process is one rank
+        finished = False
         try:
             _, loss = train(args.iterations)
             if moller_dist.is_main_process():
                 print(f"{moller_dist.world_size()} ranks: loss {loss:.6e} after {args.iterations} iterations")
+            finished = True
         finally:
-            dist.destroy_process_group()
+            moller_dist.shut_down(finished)
         return
     with tempfile.TemporaryDirectory() as scratch:
         out_dir = args.out or scratch

@@ -152,15 +152,17 @@ def main(argv: list[str] | None = None) -> int:
     started_group = distributed.init_from_env()
     main_process = distributed.is_main_process()
     logging.basicConfig(level=logging.INFO if main_process else logging.WARNING, format="%(message)s")
+    finished_normally = False
     try:
         if args.command == "mnist":
-            return _mnist(args, main_process)
-        return 2  # pragma: no cover - argparse rejects unknown commands
+            status = _mnist(args, main_process)
+        else:  # pragma: no cover - argparse rejects unknown commands
+            status = 2
+        finished_normally = status == 0
+        return status
     finally:
         if started_group:
-            import torch.distributed
-
-            torch.distributed.destroy_process_group()
+            distributed.shut_down(finished_normally)
 
 
 def _mnist(args: argparse.Namespace, main_process: bool = True) -> int:

@@ -179,6 +179,22 @@ def init_from_env(timeout: datetime.timedelta | None = None, backend: str | None
     return True
 
 
+def shut_down(finished_normally: bool) -> None:
+    """Destroy the process group that :func:`init_from_env` started; after a normal finish, all ranks together.
+
+    Rank 0 prints and writes files after the last collective, while the other ranks are already done. A rank
+    that tears its gloo connections down while a peer still holds them open can abort at exit ("terminate called
+    without an active exception", about 1 run in 30 of the two-rank MNIST example), so after a finish with
+    status 0 the ranks first meet at a barrier and then leave together. After an error or a failure status a peer
+    may be gone, stuck or still in a collective, so the group is destroyed without waiting for anyone.
+    """
+    if not is_distributed():
+        return
+    if finished_normally:
+        dist.barrier()
+    dist.destroy_process_group()
+
+
 def local_device(device: str | torch.device | None) -> str | torch.device | None:
     """The device this process should train on: under a process group, a bare ``"cuda"`` is ``cuda:LOCAL_RANK``.
 

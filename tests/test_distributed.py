@@ -422,3 +422,15 @@ def test_a_bare_cuda_device_under_torchrun_is_the_local_ranks_gpu(monkeypatch, d
     monkeypatch.setenv("LOCAL_RANK", "3")
     monkeypatch.setattr(moller_dist, "is_distributed", lambda: distributed)
     assert moller_dist.local_device(device) == expected
+
+
+@pytest.mark.parametrize("finished_normally", [True, False])
+def test_shut_down_meets_at_a_barrier_only_after_a_normal_finish(tmp_path, monkeypatch, finished_normally):
+    store = dist.FileStore(str(tmp_path / "store"), 1)
+    dist.init_process_group("gloo", store=store, rank=0, world_size=1, timeout=TIMEOUT)
+    barriers = []
+    monkeypatch.setattr(dist, "barrier", lambda *args, **kwargs: barriers.append(1))
+    moller_dist.shut_down(finished_normally)
+    assert not dist.is_initialized()
+    assert barriers == ([1] if finished_normally else [])  # after an error a peer may never reach the barrier
+    moller_dist.shut_down(finished_normally)  # no group: nothing to do, no error
