@@ -36,12 +36,7 @@ from torch.utils.data import DataLoader
 
 from moller_scg import distributed as _dist
 from moller_scg._vectors import TensorList
-from moller_scg.batch_derivatives import (
-    BatchVectors,
-    batch_gradient,
-    batch_hvp_double_backward,
-    batch_hvp_forward_over_reverse,
-)
+from moller_scg.batch_derivatives import BatchDerivatives
 from moller_scg.batches import (
     DEFAULT_BATCH_SIZE,
     DEFAULT_DEVICE_CACHE_BYTES,
@@ -61,7 +56,6 @@ from moller_scg.input_checks import (
     describe_value,
     hvp_vectors,
     model_dtype,
-    param_names,
     resolve_device,
     trainable_params,
 )
@@ -255,7 +249,6 @@ class GradientAccumulator:
         self.reduction = resolve_reduction(loss_fn, reduction)
         self.device = resolve_device(device, self.params)
         self.progress = progress and _dist.is_main_process()
-        self.hvp_method = hvp_method
         self.on_non_finite = on_non_finite
         self.passes = PassCounts()
         self._batch_loss = BatchLoss(loss_fn, self.reduction)
@@ -282,10 +275,9 @@ class GradientAccumulator:
         self._curvature_batches = CurvatureBatches(self._batches, subsets, self.curvature_cursor, device_cache_bytes)
         if self.distributed:
             _dist.check_ranks_agree(self._samples, self.params)
-        self._param_names = param_names(model, self.params) if hvp_method == "forward-over-reverse" else None
+        self._derivatives = BatchDerivatives(model, self._batch_loss, self.params, hvp_method)
         reduction_explicit = reduction is not None and getattr(loss_fn, "reduction", None) is None
         self._first_pass_checks = FirstPassChecks(model, self._batch_loss, reduction_explicit)
-        self._functional_works = False  # whether torch.func has evaluated one batch (then its errors are real)
 
     # ----------------------------------------------------------------------------------------------------------
     # Public interface
@@ -309,6 +301,12 @@ class GradientAccumulator:
     def data_cached_on_device(self) -> bool:
         """Whether the data sits on ``device`` (already there or copied once), so batches are never copied."""
         return self._batches.cached
+
+    @property
+    def hvp_method(self) -> str:
+        """How :meth:`hvp` differentiates each batch: the ``hvp_method`` given, or ``"double-backward"`` for good
+        once ``"forward-over-reverse"`` has failed on the first batch (:mod:`moller_scg.batch_derivatives`)."""
+        return self._derivatives.method
 
     @property
     def curvature_window(self) -> int:
@@ -415,8 +413,8 @@ class GradientAccumulator:
         """
         source = self._batches if batches_to_stream is None else batches_to_stream
         self._first_pass_checks.before_pass(source, stacklevel=3)  # the warning points at the user's call
-        objective, params = self._batch_loss, self.params
-        sums = None if kind == "loss" else WideSums(params, PARTIAL_SUM_BATCHES)
+        objective, derivatives = self._batch_loss, self._derivatives
+        sums = None if kind == "loss" else WideSums(self.params, PARTIAL_SUM_BATCHES)
         # Typed as the loop's "gradient" and "hvp" branches use them: sums is None only for "loss", vectors only
         # for kinds other than "hvp".
         wide_sums, hvp_vectors = cast(WideSums, sums), cast(list[torch.Tensor], vectors)
@@ -442,13 +440,9 @@ class GradientAccumulator:
                         metric_sums.add(outputs, targets, count)
             else:
                 if kind == "gradient":
-                    term, batch_vectors = batch_gradient(self.model, objective, params, inputs, targets)
-                elif self.hvp_method == "double-backward":
-                    term, batch_vectors = batch_hvp_double_backward(
-                        self.model, objective, params, inputs, targets, hvp_vectors
-                    )
-                else:
-                    term, batch_vectors = self._batch_hvp_forward_over_reverse(inputs, targets, hvp_vectors)
+                    term, batch_vectors = derivatives.gradient(inputs, targets)
+                else:  # functional_hvp_and_loss is read from this module at each batch, where tests replace it
+                    term, batch_vectors = derivatives.hvp(inputs, targets, hvp_vectors, functional_hvp_and_loss)
                 if batch_vectors is not None:  # None: no parameter reaches this batch's loss, so it adds 0
                     wide_sums.add(batch_vectors, scale)
             if index >= terms.numel():
@@ -471,31 +465,6 @@ class GradientAccumulator:
             metrics=None if metric_sums is None else metric_sums.sums,
             metric_denominators=None if metric_sums is None else metric_sums.denominators,
         )
-
-    def _batch_hvp_forward_over_reverse(
-        self, inputs: torch.Tensor, targets: torch.Tensor, vectors: list[torch.Tensor]
-    ) -> tuple[torch.Tensor, BatchVectors]:
-        """E_b and E_b''v by ``torch.func``, or by double-backward from now on if ``torch.func`` fails at once."""
-        names = cast(list[str], self._param_names)  # set when hvp_method is "forward-over-reverse"
-        try:
-            result = batch_hvp_forward_over_reverse(
-                self.model, self._batch_loss, self.params, names, inputs, targets, vectors, functional_hvp_and_loss
-            )
-        except RuntimeError as error:
-            if self._functional_works:
-                raise
-            # torch.func does not support every operator (e.g. F.mse_loss with reduction="mean" under jvp of grad,
-            # pytorch/pytorch#123996). Nothing was added yet, so this batch can be redone by double-backward.
-            logger.warning(
-                "hvp_method='forward-over-reverse' failed on the first batch (%s: %s); using 'double-backward' "
-                "from now on",
-                type(error).__name__,
-                str(error).splitlines()[0] if str(error) else "",
-            )
-            self.hvp_method = "double-backward"
-            return batch_hvp_double_backward(self.model, self._batch_loss, self.params, inputs, targets, vectors)
-        self._functional_works = True
-        return result
 
     def _reduce(self, sums: PassSums) -> PassSums:
         """Combine the sums of every process; everything after this step sees the global sums.
