@@ -17,7 +17,6 @@ from moller_scg.accumulate import GradientAccumulator, StochasticObjectiveWarnin
 from moller_scg.annealing import AnnealingRestarts
 from moller_scg.coba import CoBA
 from moller_scg.history import History
-from moller_scg.minimize import OptimizeResult, minimize
 from moller_scg.objective import (
     AccumulatorObjective,
     ClosureObjective,
@@ -26,6 +25,7 @@ from moller_scg.objective import (
     Objective,
     as_objective,
 )
+from moller_scg.optimize import OptimizeResult, minimize
 from moller_scg.scg import SCG, SCGStalledWarning, SCGTrace
 from moller_scg.scg_adam import SCGAdam, SCGAMSGrad, SCGRMSProp, diminishing_lr
 from moller_scg.train import accuracy, fit

@@ -6,6 +6,9 @@ dataset: ``fun(x)`` returns a scalar tensor, x0 is a tensor or a dict/list/tuple
 :class:`moller_scg.SCG` through its public ``step(closure)`` API with a
 :class:`~moller_scg.objective.FunctionObjective` as the closure; the numbers come from SCG's trace.
 
+The module is named after ``scipy.optimize``, where ``minimize`` and ``OptimizeResult`` live; the package re-exports
+both, so ``moller_scg.minimize`` is the function (this module is ``moller_scg.optimize``).
+
 Stopping rules, checked after each iteration k:
 
 * ``status 0`` (success): |E'(x)| ≤ ``tol``, the Euclidean norm of the gradient at the accepted x (scipy's gtol);

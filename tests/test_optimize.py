@@ -1,17 +1,28 @@
-"""minimize(fun, x0): SCG on functions of tensors and pytrees, its stopping rules, counts and input checks."""
+"""moller_scg/optimize.py — minimize(fun, x0): SCG on functions of tensors and pytrees, its stopping rules, counts
+and input checks."""
 
 from __future__ import annotations
 
 import math
+import sys
 
 import pytest
 import torch
 from problems import rosenbrock
 
+import moller_scg
+import moller_scg.optimize
 from moller_scg import OptimizeResult, minimize
-from moller_scg.minimize import DEFAULT_FTOL, STATUS_CALLBACK, STATUS_GRADIENT, STATUS_MAX_ITER, STATUS_NON_FINITE
+from moller_scg.optimize import DEFAULT_FTOL, STATUS_CALLBACK, STATUS_GRADIENT, STATUS_MAX_ITER, STATUS_NON_FINITE
 
 MODES = ["double-backward", "finite-difference"]
+
+
+def test_moller_scg_minimize_is_the_function_and_its_module_is_moller_scg_optimize():
+    assert moller_scg.minimize is moller_scg.optimize.minimize and callable(moller_scg.minimize)
+    assert moller_scg.OptimizeResult is moller_scg.optimize.OptimizeResult
+    assert minimize.__module__ == "moller_scg.optimize" and OptimizeResult.__module__ == "moller_scg.optimize"
+    assert "moller_scg.minimize" not in sys.modules  # no module of that name competes with the function
 
 
 class CountingFunction:
