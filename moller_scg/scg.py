@@ -281,6 +281,16 @@ class SCG(torch.optim.Optimizer):
         """The latest iteration's k, E, success, λ, δ, Δ, μ, α, |r|, |p| and call counts (``None`` before a step)."""
         return self._trace
 
+    @property
+    def uses_exact_curvature(self) -> bool:
+        """Whether each step asks its closure or objective for s = E''(w)p itself (``hvp="double-backward"``).
+
+        ``"finite-difference"`` and ``"secant"`` take δ from gradients alone (Møller's σ, or the quasi-Newton
+        model), so they never call an ``hvp`` method: a subsampled curvature (``curvature_fraction`` < 1 in
+        :class:`~moller_scg.GradientAccumulator`) would go unused. Every group has the same ``hvp``.
+        """
+        return self.param_groups[0]["hvp"] == "double-backward"
+
     # ----------------------------------------------------------------------------------------------------------
     # The iteration
 

@@ -339,7 +339,7 @@ def _check_no_frozen_parameters(optimizer: torch.optim.Optimizer) -> None:
 
 def _takes_exact_curvature(optimizer: torch.optim.Optimizer) -> bool:
     """Whether the optimizer asks the accumulator for Hessian-vector products (SCG with exact curvature)."""
-    return isinstance(optimizer, SCG) and optimizer.param_groups[0]["hvp"] == "double-backward"
+    return isinstance(optimizer, SCG) and optimizer.uses_exact_curvature
 
 
 def _callbacks_ask_to_stop(callbacks: Sequence[Callback], state: RunCheckpoint, started: float) -> bool:

@@ -257,6 +257,31 @@ def test_default_hvp_follows_memory():
     assert SCG([p], memory=4, hvp="finite-difference").param_groups[0]["hvp"] == "finite-difference"
 
 
+@pytest.mark.parametrize("hvp", ["double-backward", "finite-difference", "secant"])
+def test_uses_exact_curvature_says_whether_steps_ask_for_hessian_vector_products(hvp):
+    """fit trusts this property to decide whether curvature_fraction < 1 would be used."""
+    a, b = spd_quadratic(4, seed=0)
+    w = nn.Parameter(torch.zeros(4, dtype=torch.float64))
+    optimizer = SCG([w], hvp=hvp, memory=2 if hvp == "secant" else 0)
+    products = []
+
+    def closure():
+        optimizer.zero_grad()
+        loss = 0.5 * w @ (a @ w) - b @ w
+        loss.backward()
+        return loss
+
+    def hvp_method(vectors):
+        products.append(1)
+        return [a @ vectors[0]]
+
+    closure.hvp = hvp_method
+    for _ in range(3):
+        optimizer.step(closure)
+    assert optimizer.uses_exact_curvature == (hvp == "double-backward")
+    assert bool(products) == optimizer.uses_exact_curvature
+
+
 def test_complex_parameters_with_memory_follow_their_real_view():
     """A complex parameter optimizes like the real parameter of its real and imaginary parts."""
     target = torch.tensor([1.0 + 2.0j, -0.5 + 0.25j], dtype=torch.complex128)
