@@ -211,7 +211,7 @@ def full_batch_optimizer(name: str, model: nn.Module) -> tuple[torch.optim.Optim
 def gradient_passes(optimizer: torch.optim.Optimizer, history: History, costs: dict[str, float]) -> float:
     """Gradient-pass equivalents of a fit run (see the module docstring)."""
     if isinstance(optimizer, SCG):
-        hvp_cost = costs["hvp_subsampled"] if optimizer.param_groups[0]["hvp"] == "double-backward" else 0.0
+        hvp_cost = costs["hvp_subsampled"] if optimizer.uses_exact_curvature else 0.0
         return history["closure_calls"][-1] + history["hvp_calls"][-1] * hvp_cost
     lbfgs_state = optimizer.state[optimizer.param_groups[0]["params"][0]]
     return lbfgs_state["func_evals"] + len(history) * costs["loss"]

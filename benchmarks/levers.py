@@ -118,6 +118,10 @@ def passes_rows() -> dict[str, Row]:
         "flat m=20 (library)": flat_variant(),
         "non-monotone 3": flat_variant(nonmonotone=3),
         "non-monotone 10": flat_variant(nonmonotone=10),
+        "γ × 1.5": flat_variant(gamma_scale=1.5),
+        "γ × 2": flat_variant(gamma_scale=2.0),
+        "γ × 0.75": flat_variant(gamma_scale=0.75),
+        "γ × 3": flat_variant(gamma_scale=3.0),
     }
 
 

@@ -28,6 +28,7 @@ clearly win (issue #14), written on one flat vector so that each differs from th
   sᵢᵀyᵢ / yᵢᵀyᵢ over the newest ``gamma_window`` pairs (``None``: all pairs held, the library's; 1: the newest
   pair's, L-BFGS's usual choice and the library's previous one), or (``"bb1"``) the largest sᵢᵀsᵢ / sᵢᵀyᵢ (the
   longer Barzilai–Borwein step);
+* ``gamma_scale``: γ multiplied by this factor (1: the library's);
 * ``growth``: the step is capped at |αp| ≤ growth · |s| of the last accepted step (α cut, λ left alone);
 * ``angle``: a pair is kept only if sᵀy > angle · |s||y| as well (0: only the library's sᵀy > 10⁻¹⁰ yᵀy);
 * ``restart``: N, the pairs are dropped and p ← r₊ after every N-th step (None: never within these budgets, as
@@ -53,9 +54,11 @@ class WindowedPairs(SecantPairs):
     """:class:`SecantPairs` whose γ is the largest (``pick=max``) or smallest (``min``) sᵢᵀyᵢ / yᵢᵀyᵢ over the
     newest ``window`` pairs."""
 
-    def __init__(self, params: list[torch.Tensor], memory: int, window: int = 1, pick: str = "max") -> None:
+    def __init__(
+        self, params: list[torch.Tensor], memory: int, window: int = 1, pick: str = "max", scale: float = 1.0
+    ) -> None:
         super().__init__(params, memory)
-        self.window, self.pick = window, pick
+        self.window, self.pick, self.scale = window, pick, scale
         self.ss = [0.0] * memory  # sᵢᵀsᵢ per slot (for pick="bb1")
 
     def push(self, step: Any, change: Any) -> bool:
@@ -70,7 +73,7 @@ class WindowedPairs(SecantPairs):
         if self.pick == "bb1":  # the longer Barzilai–Borwein step sᵀs / sᵀy
             return max(self.ss[i] / float(self.sy[i, i]) for i in recent)
         ratios = [float(self.sy[i, i] / self.yy[i, i]) for i in recent]
-        return max(ratios) if self.pick == "max" else min(ratios)
+        return self.scale * (max(ratios) if self.pick == "max" else min(ratios))
 
 
 class FlatSCG:
@@ -89,6 +92,7 @@ class FlatSCG:
         first_step: str = "scaled",
         gamma_window: int | None = None,
         gamma_pick: str = "max",
+        gamma_scale: float = 1.0,
         growth: float | None = None,
         angle: float = 0.0,
         restart: int | None = None,
@@ -103,7 +107,9 @@ class FlatSCG:
             raise ValueError("reject_pairs recomputes p after a rejection; it does not combine with a retry along p")
         self.params = list(params)
         flat_params = [self._flat()]
-        self.pairs = WindowedPairs(flat_params, memory, memory if gamma_window is None else gamma_window, gamma_pick)
+        self.pairs = WindowedPairs(
+            flat_params, memory, memory if gamma_window is None else gamma_window, gamma_pick, gamma_scale
+        )
         self.direction_rule, self.curvature = direction, curvature
         self.retry, self.reject_pairs, self.decrease = retry, reject_pairs, decrease
         self.first_step, self.angle, self.restart, self.growth = first_step, angle, restart, growth
