@@ -18,6 +18,7 @@ Usage:
     python benchmarks/levers.py --quick                          # small versions, about a minute
     python benchmarks/levers.py --table passes --seeds 0 1 2 3 4 # rule variants, passes only (about 8 minutes)
     python benchmarks/levers.py --table passes --problems mnist   # the library's mode and the winners on mnist
+    python benchmarks/levers.py --table passes --rows "torch LBFGS" "γ × 2" --stem NAME  # some rows, into NAME.txt
 
 ``--table passes`` runs the rows of ``passes_rows`` (λ, γ, first-step and pair rules of ``levers_variants.py``)
 one after the other, not interleaved: every row takes one gradient pass per step, passes do not depend on the
@@ -189,6 +190,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--seeds", type=int, nargs="+", help="--table passes: the seeds (default: --seed)")
     parser.add_argument("--rows", nargs="+", help="--table passes: only these rows (default: all)")
+    parser.add_argument("--stem", help="--table passes: the result file's name without .txt (default: levers_passes…)")
     parser.add_argument("--out", type=Path, default=RESULTS)
     argv = sys.argv[1:] if argv is None else list(argv)
     args = parser.parse_args(argv)
@@ -252,6 +254,7 @@ def main_passes(args: argparse.Namespace, argv: list[str], env: dict[str, Any]) 
     stem = "levers_passes_quick" if args.quick else "levers_passes"
     if args.problems != ["regression", "logistic", "pinn"]:
         stem += "_" + "_".join(args.problems)
+    stem = args.stem or stem
     (args.out / f"{stem}.txt").write_text("\n".join(lines) + "\n", encoding="utf-8")
     print(f"written to {args.out / stem}.txt")
     return 0

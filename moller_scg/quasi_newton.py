@@ -137,9 +137,10 @@ class SecantPairs:
 
     def advance_flat(
         self, direction: torch.Tensor, alpha: float, residual: torch.Tensor, new_residual: torch.Tensor
-    ) -> torch.Tensor:
+    ) -> None:
         """:meth:`advance` for real parameters of one device and dtype, given as flat vectors p, r and r₊ of n
-        numbers (:mod:`moller_scg.flat_vector`); returns H r₊ flat, bit for bit :meth:`advance`'s numbers."""
+        numbers (:mod:`moller_scg.flat_vector`): p is overwritten with p₊ = H r₊, bit for bit :meth:`advance`'s
+        numbers."""
         (block,) = self.blocks
         rows = torch.empty(3, block.shape[-1], dtype=block.dtype, device=block.device)
         rows[2].copy_(new_residual)
@@ -147,8 +148,9 @@ class SecantPairs:
         torch.sub(residual, new_residual, out=rows[0])
         _, s_dot_v, y_dot_v = self._push_flat([rows])
         if not self.slots:
-            return rows[2]
-        return self._apply_flat([rows[2]], s_dot_v, y_dot_v)[0]
+            direction.copy_(new_residual)
+            return
+        self._apply_flat([rows[2]], s_dot_v, y_dot_v, out=[direction])
 
     @property
     def gamma(self) -> float:
@@ -193,23 +195,39 @@ class SecantPairs:
         s_dot_vector[slot], y_dot_vector[slot] = step_dot_vector, change_dot_vector
         return True, s_dot_vector, y_dot_vector
 
-    def _apply_flat(self, flat: list[torch.Tensor], s_dot_v: np.ndarray, y_dot_v: np.ndarray) -> list[torch.Tensor]:
-        """H v per block from Sᵀv and Yᵀv over all slots (the compact form's m × m algebra in NumPy)."""
+    def _apply_flat(
+        self,
+        flat: list[torch.Tensor],
+        s_dot_v: np.ndarray,
+        y_dot_v: np.ndarray,
+        out: list[torch.Tensor] | None = None,
+    ) -> list[torch.Tensor]:
+        """H v per block from Sᵀv and Yᵀv over all slots (the compact form's m × m algebra in NumPy), as new
+        tensors or into ``out`` (one flat tensor per block, not one of ``flat``)."""
         m = self.memory
         order = np.array(self.slots)
+        in_order = np.ix_(order, order)
+        sy = self.sy[in_order]
+        diagonal = np.diag(sy)
         gamma = self.gamma
         u, w = s_dot_v[order], gamma * y_dot_v[order]
-        sy = self.sy[np.ix_(order, order)]
         upper = np.triu(sy)  # R, upper triangular with the positive diagonal D
         r_inv_u = np.linalg.solve(upper, u)
-        inner = np.diag(sy) * r_inv_u + gamma * (self.yy[np.ix_(order, order)] @ r_inv_u) - w
+        inner = diagonal * r_inv_u + gamma * (self.yy[in_order] @ r_inv_u) - w
         coefficients = np.zeros(2 * m)
         coefficients[order] = np.linalg.solve(upper.T, inner)
         coefficients[m + order] = -gamma * r_inv_u
         coefficient_tensor = torch.from_numpy(coefficients)
+        targets: list[torch.Tensor | None] = list(out) if out is not None else [None] * len(flat)
         return [
-            torch.addmv(v, block.view(2 * m, -1).T, coefficient_tensor.to(device=v.device, dtype=v.dtype), beta=gamma)
-            for block, v in zip(self.blocks, flat)
+            torch.addmv(
+                v,
+                block.view(2 * m, -1).T,
+                coefficient_tensor.to(device=v.device, dtype=v.dtype),
+                beta=gamma,
+                out=target,
+            )
+            for block, v, target in zip(self.blocks, flat, targets)
         ]
 
     def state_dict(self) -> dict[str, Any]:

@@ -642,8 +642,7 @@ class SCG(torch.optim.Optimizer):
         """
         pairs = cast(quasi_newton.SecantPairs, self._secant_pairs)
         if self._flat is not None:
-            (flat_direction,) = direction
-            flat_direction.copy_(pairs.advance_flat(flat_direction, alpha, residual[0], new_residual[0]))
+            pairs.advance_flat(direction[0], alpha, residual[0], new_residual[0])
         else:
             vec.copy_(direction, pairs.advance(direction, alpha, residual, new_residual))
         new_direction_sq, new_mu = vec.dots([(direction, direction), (direction, new_residual)])

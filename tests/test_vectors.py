@@ -28,6 +28,18 @@ def test_dots_equals_separate_dot_calls_bit_for_bit():
     assert _vectors.dots([(x, y), (u, v), (x, x)]) == [_vectors.dot(x, y), _vectors.dot(u, v), _vectors.dot(x, x)]
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.complex64])
+def test_dots_of_one_tensor_vectors_take_the_generic_paths_bits(dtype):
+    """SCG's flat buffers are one-tensor vectors: their shortcut gives the bits of the per-device reduction."""
+    generator = torch.Generator().manual_seed(0)
+    x, y, z = (torch.randn(1000, generator=generator, dtype=dtype) for _ in range(3))
+    pairs = [([x], [y]), ([x], [x]), ([z], [y])]
+    generic = _vectors._totals([_vectors._partial_dots(xs, ys) for xs, ys in pairs])
+    shortcut = _vectors.dots(pairs)
+    assert shortcut == generic
+    assert shortcut[1] == pytest.approx(float(np.sum(as_numpy([x]) ** 2)), rel=1e-6)
+
+
 def test_dot_is_the_float64_sum_of_the_elementwise_products():
     x, y = vector(0, torch.float64), vector(1, torch.float64)
     assert _vectors.dot(x, y) == pytest.approx(float(np.dot(as_numpy(x), as_numpy(y))), rel=1e-14)
