@@ -92,7 +92,7 @@ from peers_metering import (
     optimizer_state_numbers,
 )
 from peers_problems import PROBLEMS, Problem
-from peers_report import analyse, best_adam, goals, plot, report, to_json
+from peers_report import analyse, best_adam, from_json, goals, plot, report, to_json
 
 # ------------------------------------------------------------------------------------------------------------------
 # The race
@@ -258,8 +258,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--threads", type=int, default=1, help="torch.set_num_threads (default 1: steadier timings)")
     parser.add_argument("--seed", type=int, default=0, help="data split and initial weights")
     parser.add_argument("--out", type=Path, default=RESULTS, help="folder for peers[_quick].{txt,json,png}")
+    parser.add_argument(
+        "--report-from",
+        type=Path,
+        metavar="JSON",
+        help="run nothing: write the report of a saved run (its peers.json) again with this version's report code",
+    )
     argv = sys.argv[1:] if argv is None else list(argv)
     args = parser.parse_args(argv)
+    if args.report_from is not None:
+        return write_report(from_json(args.report_from.read_text(encoding="utf-8")), args.out)
     require_peers()
     torch.set_num_threads(args.threads)
     warm_up()
@@ -274,16 +282,21 @@ def main(argv: list[str] | None = None) -> int:
             results["problems"].append(block)
         block["wall_seconds"] = time.perf_counter() - started
         print(f"{name}: {block['wall_seconds']:.0f} s", file=sys.stderr)
+    return write_report(results, args.out)
+
+
+def write_report(results: dict[str, Any], out: Path) -> int:
+    """The goals, the text report, the figure and the JSON of a run, into ``out``/peers[_quick].{txt,json,png}."""
     results["goals_text"], results["goals"] = goals(results["problems"])
     bound = results.get("memory_bound")
     text = report(results, memory_bound.section(bound) if bound else None)
     print(text)
-    args.out.mkdir(parents=True, exist_ok=True)
-    stem = "peers_quick" if args.quick else "peers"
-    plot(results, args.out / f"{stem}.png")
-    (args.out / f"{stem}.txt").write_text(text + "\n", encoding="utf-8")
-    (args.out / f"{stem}.json").write_text(to_json(results) + "\n", encoding="utf-8")
-    print(f"\nwritten to {args.out / stem}.{{txt,json,png}}")
+    out.mkdir(parents=True, exist_ok=True)
+    stem = "peers_quick" if results["quick"] else "peers"
+    plot(results, out / f"{stem}.png")
+    (out / f"{stem}.txt").write_text(text + "\n", encoding="utf-8")
+    (out / f"{stem}.json").write_text(to_json(results) + "\n", encoding="utf-8")
+    print(f"\nwritten to {out / stem}.{{txt,json,png}}")
     return 0
 
 

@@ -192,6 +192,8 @@ def test_goals_pair_each_scg_row_with_the_lbfgs_row_of_nearest_memory_at_or_abov
     assert report.equal_memory_partner(block, results[4], {})["name"] == "torch LBFGS h=2"
     # The memory probe, when higher than the race's peak, is the row's memory.
     assert report.equal_memory_partner(block, results[4], {"SCG narrow": 12.0})["name"] == "torch LBFGS h=5"
+    # More memory than every LBFGS row: the largest LBFGS is the nearest (not the smallest, the weakest).
+    assert report.equal_memory_partner(block, results[4], {"SCG narrow": 99.0})["name"] == "torch LBFGS"
 
     lines, verdicts = report.goals([block])
     assert set(verdicts) == {"SCG wide", "SCG narrow"}  # every SCG row, whatever its name; no other family
@@ -284,3 +286,15 @@ def test_memory_bound_plan_runs_every_fitting_scg_row_and_the_largest_fitting_lb
     # --quick scales the cap with n; the cap never exceeds half of the available memory.
     assert bound.case_cap(True, 5_000_000, 50_000_000, memory) == int(bound.CAP_BYTES / 10)
     assert bound.case_cap(False, n, n, {"MemAvailable": 4 * 2**30}) == 2 * 2**30
+
+
+def test_from_json_reads_back_what_to_json_wrote(monkeypatch):
+    """``peers.py --report-from`` re-renders a saved run: the histories come back as the race recorded them."""
+    report = load_report(monkeypatch)
+    result = fake_result("SCG m=20", "SCG", [1.0, 2.0, None], 43.0)
+    result["history"] = [
+        {"passes": 1.0, "evaluations": 1, "seconds": 0.5, "loss": 2.0},
+        {"passes": 2.0, "evaluations": 2, "seconds": 1.0, "loss": 1.5},
+    ]
+    results = {"quick": True, "problems": [fake_block("toy", [result], [1.0, 2.0, 3.0])]}
+    assert report.from_json(report.to_json(results)) == results
