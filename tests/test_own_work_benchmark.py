@@ -1,0 +1,28 @@
+"""benchmarks/own_work.py: SCG's own work per step with a closure that only sets ``.grad``."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from scripts import load_script
+
+BENCHMARK = Path(__file__).resolve().parents[1] / "benchmarks" / "own_work.py"
+
+
+def test_the_fake_closure_sets_every_grad_and_returns_a_falling_loss(monkeypatch):
+    own_work = load_script(BENCHMARK, monkeypatch)
+    params = [torch.zeros(3, requires_grad=True), torch.zeros(2, 2, requires_grad=True)]
+    closure = own_work.fake_closure(params)
+    first, second = closure(), closure()
+    assert all(p.grad is not None and p.grad.shape == p.shape for p in params)
+    assert second < first
+
+
+def test_it_prints_the_own_work_of_each_problem(monkeypatch, capsys):
+    own_work = load_script(BENCHMARK, monkeypatch)
+    assert own_work.main(["--problems", "regression", "logistic", "--steps", "3", "--repeats", "1"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0].startswith("SCG(memory=20) own work per step")
+    assert [line.split()[0] for line in lines[1:]] == ["regression", "logistic"]
+    assert all("own work" in line for line in lines[1:])
