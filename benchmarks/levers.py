@@ -123,6 +123,7 @@ def passes_rows() -> dict[str, Row]:
         "γ × 2": flat_variant(gamma_scale=2.0),
         "γ × 0.75": flat_variant(gamma_scale=0.75),
         "γ × 3": flat_variant(gamma_scale=3.0),
+        "layer-wise γ": flat_variant(layerwise=True),
     }
 
 

@@ -29,6 +29,9 @@ clearly win (issue #14), written on one flat vector so that each differs from th
   pair's, L-BFGS's usual choice and the library's previous one), or (``"bb1"``) the largest sᵢᵀsᵢ / sᵢᵀyᵢ (the
   longer Barzilai–Borwein step);
 * ``gamma_scale``: γ multiplied by this factor (1: the library's);
+* ``layerwise=True``: H₀ diagonal with one γₗ per parameter tensor (:class:`LayerwisePairs`) instead of γI;
+* ``nonmonotone``: K, a trial is accepted when its loss is below the largest of the last K accepted losses
+  (Grippo, Lampariello & Lucidi 1986; 1: Møller's test), Δ and λ still compare with E(w);
 * ``growth``: the step is capped at |αp| ≤ growth · |s| of the last accepted step (α cut, λ left alone);
 * ``angle``: a pair is kept only if sᵀy > angle · |s||y| as well (0: only the library's sᵀy > 10⁻¹⁰ yᵀy);
 * ``restart``: N, the pairs are dropped and p ← r₊ after every N-th step (None: never within these budgets, as
@@ -76,6 +79,54 @@ class WindowedPairs(SecantPairs):
         return self.scale * (max(ratios) if self.pick == "max" else min(ratios))
 
 
+class LayerwisePairs(WindowedPairs):
+    """:class:`WindowedPairs` whose H₀ is diagonal with one scale per parameter tensor (layer) l:
+    γₗ = maxᵢ sᵢₗᵀyᵢₗ / yᵢₗᵀyᵢₗ over the pairs held, the parts sᵢₗ, yᵢₗ of the pair on that tensor (the global γ where
+    no pair has sᵢₗᵀyᵢₗ > 0), times ``scale``. H v by the two-loop recursion (Nocedal 1980), which takes any positive
+    definite H₀."""
+
+    def __init__(self, params: list[torch.Tensor], memory: int, sizes: list[int], scale: float = 1.0) -> None:
+        super().__init__(params, memory, window=memory, pick="max", scale=scale)
+        self.sizes = sizes
+
+    def layer_scales(self) -> torch.Tensor:
+        (block,) = self.blocks
+        global_gamma = self.gamma
+        scales = []
+        for s_part, y_part in zip(block[0].split(self.sizes, dim=-1), block[1].split(self.sizes, dim=-1)):
+            ratios = [
+                float(s_part[i] @ y_part[i]) / float(y_part[i] @ y_part[i])
+                for i in self.slots
+                if float(y_part[i] @ y_part[i]) > 0.0
+            ]
+            positive = [ratio for ratio in ratios if ratio > 0.0]
+            scales.append(self.scale * max(positive) if positive else global_gamma)
+        pieces = [
+            torch.full((size,), scale, dtype=block.dtype, device=block.device)
+            for size, scale in zip(self.sizes, scales)
+        ]
+        return torch.cat(pieces)
+
+    def inverse_product(self, vector: Any) -> list[torch.Tensor]:
+        (v,) = vector
+        if not self.slots:
+            return [v.clone()]
+        (block,) = self.blocks
+        q = v.clone()
+        alphas = []
+        for i in reversed(self.slots):
+            rho = 1.0 / float(self.sy[i, i])
+            a = rho * float(block[0, i] @ q)
+            alphas.append(a)
+            q -= a * block[1, i]
+        q *= self.layer_scales()
+        for i, a in zip(self.slots, reversed(alphas)):
+            rho = 1.0 / float(self.sy[i, i])
+            b = rho * float(block[1, i] @ q)
+            q += (a - b) * block[0, i]
+        return [q]
+
+
 class FlatSCG:
     """One SCG variant on the parameters as one flat vector (see the module docstring for the options)."""
 
@@ -97,6 +148,7 @@ class FlatSCG:
         angle: float = 0.0,
         restart: int | None = None,
         nonmonotone: int = 1,
+        layerwise: bool = False,
         sigma: float = 5e-5,
         lambd: float = 5e-7,
     ) -> None:
@@ -107,9 +159,13 @@ class FlatSCG:
             raise ValueError("reject_pairs recomputes p after a rejection; it does not combine with a retry along p")
         self.params = list(params)
         flat_params = [self._flat()]
-        self.pairs = WindowedPairs(
-            flat_params, memory, memory if gamma_window is None else gamma_window, gamma_pick, gamma_scale
-        )
+        if layerwise:
+            sizes = [p.numel() for p in self.params]
+            self.pairs: WindowedPairs = LayerwisePairs(flat_params, memory, sizes, gamma_scale)
+        else:
+            self.pairs = WindowedPairs(
+                flat_params, memory, memory if gamma_window is None else gamma_window, gamma_pick, gamma_scale
+            )
         self.direction_rule, self.curvature = direction, curvature
         self.retry, self.reject_pairs, self.decrease = retry, reject_pairs, decrease
         self.first_step, self.angle, self.restart, self.growth = first_step, angle, restart, growth

@@ -12,7 +12,9 @@ from torch import nn
 from moller_scg import SCG
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
-from levers_variants import FlatSCG  # noqa: E402
+from levers_variants import FlatSCG, LayerwisePairs  # noqa: E402
+
+from moller_scg.quasi_newton import SecantPairs  # noqa: E402
 
 
 class CountingClosure:
@@ -54,6 +56,8 @@ def test_flat_default_is_the_library_mode():
         {"retry": "interpolate"},
         {"gamma_pick": "bb1"},
         {"growth": 2.0},
+        {"gamma_scale": 2.0},
+        {"layerwise": True},
     ],
 )
 def test_variants_never_accept_a_higher_loss(options):
@@ -80,3 +84,39 @@ def test_gamma_max_uses_the_largest_ratio_of_the_window():
     ratios = [pairs.sy[i, i] / pairs.yy[i, i] for i in pairs.slots]
     assert len(ratios) >= 2 and max(ratios) > ratios[-1]
     assert pairs.gamma == pytest.approx(max(ratios))
+
+
+def _curved_pairs(pairs: list[SecantPairs], n: int, count: int) -> None:
+    """Push the same ``count`` pairs (s, As) of a positive definite A into every object of ``pairs``."""
+    generator = torch.Generator().manual_seed(0)
+    a = torch.randn(n, n, generator=generator, dtype=torch.float64)
+    a = a @ a.T + torch.diag(torch.linspace(1.0, 50.0, n, dtype=torch.float64))
+    for _ in range(count):
+        s = torch.randn(n, generator=generator, dtype=torch.float64)
+        for held in pairs:
+            held.push([s], [a @ s])
+
+
+def test_layerwise_h0_over_one_layer_is_the_librarys_h():
+    params = [torch.zeros(7, dtype=torch.float64)]
+    layerwise, library = LayerwisePairs(params, 5, [7]), SecantPairs(params, 5)
+    _curved_pairs([layerwise, library], 7, 6)
+    v = torch.randn(7, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    torch.testing.assert_close(layerwise.inverse_product([v])[0], library.inverse_product([v])[0])
+
+
+def test_layerwise_h0_takes_each_layers_largest_curvature_ratio():
+    params = [torch.zeros(7, dtype=torch.float64)]
+    pairs = LayerwisePairs(params, 5, [3, 4])
+    _curved_pairs([pairs], 7, 6)
+    scales = pairs.layer_scales()
+    (block,) = pairs.blocks
+    for part, (start, stop) in enumerate([(0, 3), (3, 7)]):
+        ratios = [
+            float(block[0, i, start:stop] @ block[1, i, start:stop] / block[1, i, start:stop].square().sum())
+            for i in pairs.slots
+        ]
+        assert torch.all(scales[start:stop] == max(r for r in ratios if r > 0)), part
+    # H is still the inverse of a model that reproduces the newest pair: H yₘ = sₘ.
+    newest = pairs.slots[-1]
+    torch.testing.assert_close(pairs.inverse_product([block[1, newest].clone()])[0], block[0, newest])
