@@ -4,6 +4,11 @@ One call of :meth:`SCG.step` is one iteration of the paper (steps 2–9). The st
 Levenberg–Marquardt-scaled quadratic model along the conjugate direction, so there is no learning rate and no
 line search. Each step is marked in the code with the paper's step number; ``docs/algorithm.md`` maps them.
 
+The iteration reads here; the pieces it uses each have a module: ``scg_curvature`` (step 2's δ = pᵀs),
+``step_arithmetic`` (α₀, the loss decrease of step 6's Δ), ``scg_storage`` (where r and p live), ``scg_objective``
+(what a step evaluates), ``scg_state`` (the scalars k, λ, λ̄, δ, the trace, the ``state_dict`` entry) and
+``scg_inputs`` (the checks of what a user passes).
+
 References:
     Møller, M. F. (1993). A scaled conjugate gradient algorithm for fast supervised learning.
     Neural Networks 6(4), 525–533.
@@ -14,19 +19,19 @@ from __future__ import annotations
 import dataclasses
 import logging
 import math
-import warnings
 from collections.abc import Callable, Iterable
-from typing import Any, cast
+from typing import Any
 
 import torch
 
 from moller_scg import _vectors as vec
 from moller_scg import quasi_newton, step_arithmetic
-from moller_scg.flat_vector import FlatBuffers, FlatLayout
-from moller_scg.objective import ClosureObjective, Objective, as_objective, is_plain_closure, same_tensors
+from moller_scg.objective import Objective
+from moller_scg.scg_curvature import curvature_along
 from moller_scg.scg_inputs import (
     HVP_MODES,
     SIGMA_MAX,
+    _checked_step_closure,
     _default_hvp,
     _other_optimizer_options_message,
     _ParamGroup,
@@ -34,14 +39,18 @@ from moller_scg.scg_inputs import (
     _refuse_unoptimizable,
     _validate_hyperparameters,
 )
+from moller_scg.scg_objective import _StepObjective, evaluate
 from moller_scg.scg_state import (
     LAMBDA_MAX,
     SCGScalars,
     SCGStalledWarning,
     SCGTrace,
+    make_trace,
     read_scg_entry,
     scg_entry,
+    warn_when_stalled,
 )
+from moller_scg.scg_storage import _copy_loaded_vectors, _StateVectors
 from moller_scg.step_arithmetic import UNRESOLVED_DECREASE_ULPS
 
 logger = logging.getLogger(__name__)
@@ -60,11 +69,8 @@ NON_FINITE_COMPARISON = -2.0
 """Δ assumed for λ's increase (step 8) when the trial loss or gradient is not finite: the next α shrinks 4×."""
 MAX_NON_FINITE_TRIALS = 20
 """Non-finite trials in a row after which :meth:`SCG.step` raises ``FloatingPointError`` instead of going on."""
-# UNRESOLVED_DECREASE_ULPS, the rounding level below which step 6 estimates the loss decrease from the slopes, is
-# defined beside that estimate in moller_scg.step_arithmetic. LAMBDA_MAX, the bound step 8 keeps λ under, is
-# defined in moller_scg.scg_state (a trace at it is stalled), and the
-# hyperparameters' HVP_MODES and SIGMA_MAX in moller_scg.scg_inputs; like the trace and the scalars, they are
-# imported above and exported from here.
+# Defined beside what uses them, exported from here: UNRESOLVED_DECREASE_ULPS (step_arithmetic), LAMBDA_MAX
+# (scg_state: a trace at it is stalled), HVP_MODES and SIGMA_MAX (scg_inputs).
 __all__ = [
     "SCG",
     "SCGTrace",
@@ -161,12 +167,9 @@ class SCG(torch.optim.Optimizer):
     """
 
     # What cannot outlive this object, set by _reset_transient (declared here, where the type checker looks first).
-    _closure: Any
-    _objective: Objective | None
-    _objective_hvp_mode: str | None
+    _step_objective: _StepObjective
+    _storage: _StateVectors
     _param_versions: list[int] | None
-    _known_products: tuple[list[torch.Tensor], list[int], tuple[float, float, float]] | None
-    _flat: FlatBuffers | None
     _warned_stalled: bool
 
     def __init__(
@@ -239,16 +242,7 @@ class SCG(torch.optim.Optimizer):
             secant_pairs = quasi_newton.SecantPairs(self._params(), memory)
             secant_pairs.load_state_dict(secant_pairs_state)
         super().load_state_dict(state_dict)
-        # torch keeps a loaded tensor that already has the parameter's dtype and device, so r and p would be shared
-        # with the caller's dict (or with the optimizer it came from); step 7 updates p in place, so SCG copies them.
-        # Hooks may keep entries of their own in optimizer.state (torch's tests put a bool there): only the
-        # parameters' dicts hold r and p.
-        for param_state in self.state.values():
-            if not isinstance(param_state, dict):
-                continue
-            for key in ("residual", "direction"):
-                if isinstance(param_state.get(key), torch.Tensor):
-                    param_state[key] = param_state[key].clone()
+        _copy_loaded_vectors(self.state)  # r and p, not shared with the dict: step 7 updates p in place
         self.param_groups = [_ParamGroup(group) for group in self.param_groups]
         self._scalars = scalars
         self._trace = trace
@@ -316,23 +310,15 @@ class SCG(torch.optim.Optimizer):
                 the trial was not finite ``MAX_NON_FINITE_TRIALS`` times in a row. The weights are never left
                 at a trial point or set to a non-finite value.
         """
-        if closure is None or not (callable(closure) or isinstance(closure, Objective)):
-            raise TypeError(
-                f"SCG.step needs a closure that re-evaluates the model and returns the loss, got {closure!r:.80}. "
-                f"As for torch.optim.LBFGS: def closure(): optimizer.zero_grad(); loss = loss_fn(model(x), y); "
-                f"loss.backward(create_graph=True); return loss — then optimizer.step(closure)"
-            )
         params = self._params()
-        if not params:
-            raise ValueError(
-                "SCG has no parameters to optimize: its parameter groups are empty (pass e.g. model.parameters())"
-            )
-        objective = self._objective_for(closure, params)
+        closure = _checked_step_closure(closure, params)
+        group = self.param_groups[0]
+        objective = self._step_objective.objective_for(closure, params, group["hvp"], group["sigma"])
         if not self._scalars.started or self._weights_changed_outside(params):
             self._start(objective, params)
         else:
-            self._hold_state_in_flat_buffers(params)
-        accepted = self._copy_of_weights(params)
+            self._storage.hold_in_flat_buffers(self.state, params, group["memory"])
+        accepted = self._storage.copy_of_weights(params)
         try:
             self._iterate(objective, params, accepted)
         except BaseException:
@@ -341,28 +327,17 @@ class SCG(torch.optim.Optimizer):
             raise
         finally:
             self._param_versions = [p._version for p in params]
-        self._warn_once_when_stalled()
+        self._warned_stalled = warn_when_stalled(self._trace, self._warned_stalled)
         return torch.tensor(self._scalars.loss, dtype=torch.float64)
 
     def _start(self, objective: Objective, params: list[torch.Tensor]) -> None:
         """Step 1: evaluate E(w₁) and r₁ = −E'(w₁); p₁ = r₁; λ = λ₁, λ̄ = 0, success = true."""
         if self._scalars.started:
             logger.info("parameters were changed outside SCG.step: restarting SCG from the current weights")
-        loss, gradients = self._evaluate(objective)
+        loss, gradients = evaluate(objective, self._scalars)
         step_arithmetic.require_finite(loss, gradients, "at the starting weights")
         memory = self.param_groups[0]["memory"]
-        if memory > 0 and FlatLayout.fits(params):
-            if self._flat is None or not self._flat.layout.matches(params):
-                self._flat = FlatBuffers(FlatLayout(params))
-            flat = self._flat
-            flat.layout.gather(gradients, out=flat.residual).neg_()
-            flat.direction.copy_(flat.residual)
-            self._point_state_at(params, flat)
-        else:
-            self._flat = None
-            for p, r in zip(params, vec.negated(gradients)):
-                self.state[p]["residual"] = r
-                self.state[p]["direction"] = r.clone()
+        self._storage.start(self.state, params, gradients, memory)  # r₁ = −E'(w₁), p₁ = r₁
         if memory > 0:
             # H = I: p₁ = r₁. The storage of the pairs is kept across restarts while the parameters stay the same.
             if self._secant_pairs is None or not self._secant_pairs.fits(params):
@@ -376,11 +351,11 @@ class SCG(torch.optim.Optimizer):
         scalars.success = True
         scalars.non_finite_trials = 0
         scalars.started = True
-        residual, _ = self._state_vectors(params)
+        residual, _ = self._storage.residual_and_direction(self.state, params)
         residual_sq = vec.squared_norm(residual)  # also p₁ᵀr₁ and |p₁|²: p₁ is a copy of r₁
-        self._remember_state_products(params, (residual_sq, residual_sq, residual_sq))
-        self._trace = self._make_trace(
-            residual_sq, residual_sq, comparison=math.nan, mu=math.nan, alpha=0.0, success=False
+        self._storage.remember_products(self.state, params, (residual_sq, residual_sq, residual_sq))
+        self._trace = make_trace(
+            scalars, residual_sq, residual_sq, comparison=math.nan, mu=math.nan, alpha=0.0, success=False
         )
 
     def _iterate(self, objective: Objective, params: list[torch.Tensor], accepted: list[torch.Tensor]) -> None:
@@ -392,9 +367,9 @@ class SCG(torch.optim.Optimizer):
         """
         group = self.param_groups[0]
         scalars = self._scalars
-        flat = self._flat
-        residual, stored_direction = self._state_vectors(params)
-        residual_sq, mu, stored_direction_sq = self._state_products(residual, stored_direction)
+        storage = self._storage
+        residual, stored_direction = storage.residual_and_direction(self.state, params)
+        residual_sq, mu, stored_direction_sq = storage.products(residual, stored_direction)
         direction, direction_sq = stored_direction, stored_direction_sq
         success = scalars.success
         lambd, lambd_bar = scalars.lambd, scalars.lambd_bar
@@ -410,8 +385,8 @@ class SCG(torch.optim.Optimizer):
         if residual_sq == 0.0 or mu * mu == 0.0:
             # r = 0 (step 9 terminates), or so small that μ² underflows and Δ cannot be formed: w is stationary
             # in float64, and the weights stay as they are.
-            self._trace = self._make_trace(
-                residual_sq, stored_direction_sq, comparison=math.nan, mu=mu, alpha=0.0, success=False
+            self._trace = make_trace(
+                scalars, residual_sq, stored_direction_sq, comparison=math.nan, mu=mu, alpha=0.0, success=False
             )
             return
 
@@ -424,8 +399,15 @@ class SCG(torch.optim.Optimizer):
         elif success and first_step_length is not None:
             delta = mu / first_step_length  # the very first step, p = r: α = α₀ while λ is negligible
         elif success:
-            delta = self._curvature_along(
-                self._per_parameter(direction), direction_sq, objective, params, accepted, group
+            delta = curvature_along(
+                storage.per_parameter(direction),
+                direction_sq,
+                storage.per_parameter(residual),
+                objective,
+                params,
+                accepted,
+                group,
+                scalars,
             )
         else:
             delta = scalars.delta
@@ -439,13 +421,10 @@ class SCG(torch.optim.Optimizer):
         # Step 5: the step length.
         alpha = mu / delta
         # Step 6: the comparison ratio, from one evaluation at the trial point.
-        vec.add_(params, self._per_parameter(direction), alpha)
-        trial_loss, trial_gradients = self._evaluate(objective)
+        vec.add_(params, storage.per_parameter(direction), alpha)
+        trial_loss, trial_gradients = evaluate(objective, scalars)
         # That was the last closure call of the iteration: from here on, state may be committed and p overwritten.
-        if flat is not None:
-            new_residual = [flat.layout.gather(trial_gradients).neg_()]
-        else:
-            new_residual = vec.negated(trial_gradients)
+        new_residual = storage.negated(trial_gradients)
         new_residual_sq, new_dot_old, new_dot_direction = vec.dots(
             [(new_residual, new_residual), (new_residual, residual), (new_residual, direction)]
         )
@@ -478,8 +457,9 @@ class SCG(torch.optim.Optimizer):
                     self._secant_pairs.clear()
                 new_mu = new_direction_sq = new_residual_sq
             elif self._secant_pairs is not None:
-                new_direction_sq, new_mu = self._quasi_newton_direction(
-                    params, stored_direction, alpha, residual, new_residual
+                # p ← H r₊, with the pair (s, y) = (αp, r − r₊) of this step kept
+                new_direction_sq, new_mu = storage.quasi_newton_direction(
+                    self._secant_pairs, stored_direction, alpha, residual, new_residual
                 )
             else:
                 beta = (new_residual_sq - new_dot_old) / mu
@@ -488,11 +468,7 @@ class SCG(torch.optim.Optimizer):
                 new_direction_sq, new_mu = vec.dots(
                     [(stored_direction, stored_direction), (stored_direction, new_residual)]
                 )
-            if flat is not None:
-                flat.residual.copy_(new_residual[0])
-            else:
-                for p, r in zip(params, new_residual):
-                    self.state[p]["residual"] = r
+            storage.keep_residual(self.state, params, new_residual)  # r ← r₊
             held = (new_residual_sq, new_mu, new_direction_sq)  # (|r|², pᵀr, |p|²) of the r and p now held
             scalars.loss = trial_loss
             lambd_bar = 0.0
@@ -511,10 +487,10 @@ class SCG(torch.optim.Optimizer):
         if effective_comparison < POOR_COMPARISON:
             lambd = min(lambd + delta * (1.0 - effective_comparison) / direction_sq, LAMBDA_MAX)
         scalars.lambd, scalars.lambd_bar, scalars.delta, scalars.success = lambd, lambd_bar, delta, success
-        self._remember_state_products(params, held)
+        storage.remember_products(self.state, params, held)
         held_residual_sq, _, held_direction_sq = held
-        self._trace = self._make_trace(
-            held_residual_sq, held_direction_sq, comparison=comparison, mu=mu, alpha=alpha, success=success
+        self._trace = make_trace(
+            scalars, held_residual_sq, held_direction_sq, comparison=comparison, mu=mu, alpha=alpha, success=success
         )
         if scalars.non_finite_trials >= MAX_NON_FINITE_TRIALS:
             raise FloatingPointError(
@@ -536,239 +512,14 @@ class SCG(torch.optim.Optimizer):
         restart = self.param_groups[0]["restart"]
         return restart if restart is not None else sum(vec.as_real(p).numel() for p in params)
 
-    def _objective_for(self, closure: Callable[[], Any] | Objective, params: list[torch.Tensor]) -> Objective:
-        """The objective this step evaluates: what ``closure`` is, as :func:`~moller_scg.objective.as_objective` sees
-        it; made when a new object comes, kept while the same one does.
-
-        A plain closure is wrapped in SCG's own :class:`~moller_scg.objective.ClosureObjective`, and a new plain
-        closure only replaces that wrapper's closure: PyTorch Lightning wraps its training step in a new closure at
-        every step, and the graph of the accepted trial's evaluation, which the wrapper keeps, must still serve the
-        next step's product E''(w)p.
-        """
-        group = self.param_groups[0]
-        # The exact product, or gradients alone: SCG forms Møller's finite difference itself (also in "secant" mode,
-        # before the first pair).
-        hvp_mode = "double-backward" if group["hvp"] == "double-backward" else "finite-difference"
-        objective = self._objective
-        if objective is not None and self._objective_hvp_mode == hvp_mode and same_tensors(objective.params, params):
-            if closure is self._closure:
-                return objective
-            if type(objective) is ClosureObjective and objective.closure is self._closure and is_plain_closure(closure):
-                objective.closure = closure  # SCG's own wrapper (never an objective the caller passed) goes on
-                self._closure = closure
-                return objective
-        objective = as_objective(closure, params, hvp_mode, group["sigma"])
-        self._closure, self._objective, self._objective_hvp_mode = closure, objective, hvp_mode
-        return objective
-
-    def _evaluate(self, objective: Objective) -> tuple[float, list[torch.Tensor]]:
-        """E(w) and E'(w) at the weights the parameters hold, by one evaluation of the objective.
-
-        The gradients are the objective's ``copy=False`` ones (the ``.grad`` tensors, a ``None`` one as zero): SCG
-        is done with them before it evaluates again, and never writes into them.
-        """
-        with torch.enable_grad():
-            loss, gradients = objective.value_and_grad(copy=False)
-        self._scalars.closure_calls += 1
-        return float(loss), gradients
-
-    def _curvature_along(
-        self,
-        direction: list[torch.Tensor],
-        direction_sq: float,
-        objective: Objective,
-        params: list[torch.Tensor],
-        accepted: list[torch.Tensor],
-        group: dict[str, Any],
-    ) -> float:
-        """Step 2: δ = pᵀs with s ≈ E''(w)p at the accepted weights w.
-
-        Møller's finite difference is formed here from r = −E'(w), which SCG holds (so it needs E' at w + σₖp
-        only, also right after a ``load_state_dict``); the exact product is the objective's. s is needed for δ
-        only: it is released when this returns, before the trial point is evaluated.
-        """
-        self._scalars.hvp_calls += 1
-        if group["hvp"] in ("finite-difference", "secant"):  # "secant" before its first pair: Møller's σ
-            sigma_k = group["sigma"] / math.sqrt(direction_sq)
-            vec.add_(params, direction, sigma_k)
-            _, shifted_gradients = self._evaluate(objective)
-            vec.copy_(params, accepted)
-            residual = [self.state[p]["residual"] for p in params]
-            curvature = step_arithmetic.finite_difference_from_residual(shifted_gradients, residual, sigma_k)
-            (delta,) = vec.dots([(direction, curvature)])
-            # A non-finite E'(w + σₖp) makes s and then δ non-finite (0·inf is NaN too), so it is looked for only then.
-            if not math.isfinite(delta) and not vec.all_finite(shifted_gradients):
-                raise FloatingPointError(
-                    f"the gradient at w + σₖp (σₖ = {sigma_k:.3g}) for the finite-difference curvature is not finite: "
-                    f"lower sigma (now {group['sigma']!r}), or use hvp='double-backward' for exact curvature"
-                )
-        else:
-            (delta,) = vec.dots([(direction, self._exact_curvature(direction, objective))])
-        if not math.isfinite(delta):
-            raise FloatingPointError(
-                f"the curvature δ = pᵀs along the search direction is not finite ({delta}): the second "
-                f"derivatives overflow at the accepted weights. Check the model for operations that overflow "
-                f"(exp, log near 0, division), or train in float64"
-            )
-        return delta
-
-    def _exact_curvature(self, direction: list[torch.Tensor], objective: Objective) -> list[torch.Tensor]:
-        """s = E''(w)p at the accepted weights w, from the objective.
-
-        The objective takes it from the graph of its last evaluation when that was at w (the accepted trial's, or
-        step 1's), and evaluates once more otherwise (after a ``load_state_dict`` or a copy): such an evaluation
-        counts as a closure call.
-        """
-        evaluations_before = objective.counts.ngev
-        with torch.enable_grad():
-            products = objective.hvp(direction)
-        self._scalars.closure_calls += objective.counts.ngev - evaluations_before
-        return products
-
-    def _quasi_newton_direction(
-        self,
-        params: list[torch.Tensor],
-        direction: list[torch.Tensor],
-        alpha: float,
-        residual: list[torch.Tensor],
-        new_residual: list[torch.Tensor],
-    ) -> tuple[float, float]:
-        """Step 7 with memory: keep the pair (s, y) = (αp, r − r₊) of the accepted step, then p ← H r₊ in p's storage.
-
-        Returns |p₊|² and p₊ᵀr₊ (the next μ), formed from the tensors :meth:`_state_vectors` gives (the flat buffers
-        on the fast path) as :meth:`_state_products` would form them after a ``load_state_dict``, so a resumed run
-        takes the same bits. The pair update holds one 3 × n buffer (y, s and r₊ flattened) and H r₊ besides the
-        stored pairs (:meth:`SecantPairs.advance`).
-        """
-        pairs = cast(quasi_newton.SecantPairs, self._secant_pairs)
-        if self._flat is not None:
-            pairs.advance_flat(direction[0], alpha, residual[0], new_residual[0])
-        else:
-            vec.copy_(direction, pairs.advance(direction, alpha, residual, new_residual))
-        new_direction_sq, new_mu = vec.dots([(direction, direction), (direction, new_residual)])
-        return new_direction_sq, new_mu
-
-    def _state_products(
-        self, residual: list[torch.Tensor], direction: list[torch.Tensor]
-    ) -> tuple[float, float, float]:
-        """(|r|², μ = pᵀr, |p|²) of the state's r and p.
-
-        The previous step already formed them for its trace and its successor (:meth:`_remember_state_products`);
-        they are reused when r and p are still the same tensors, unmodified since, and computed otherwise (after a
-        ``load_state_dict``, or when something wrote into the state). Same bits either way.
-        """
-        tensors = residual + direction
-        if self._known_products is not None:
-            known_tensors, known_versions, products = self._known_products
-            if len(known_tensors) == len(tensors) and all(a is b for a, b in zip(known_tensors, tensors)):
-                if known_versions == [t._version for t in tensors]:
-                    return products
-        residual_sq, mu, direction_sq = vec.dots([(residual, residual), (direction, residual), (direction, direction)])
-        return residual_sq, mu, direction_sq
-
-    def _remember_state_products(self, params: list[torch.Tensor], products: tuple[float, float, float]) -> None:
-        """Keep (|r|², pᵀr, |p|²) of the r and p now in the state for :meth:`_state_products`."""
-        residual, direction = self._state_vectors(params)
-        tensors = residual + direction
-        self._known_products = (tensors, [t._version for t in tensors], products)
-
-    def _state_vectors(self, params: list[torch.Tensor]) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
-        """r and p as the vector operations take them: ``[flat r]``, ``[flat p]`` on the fast path (memory ≥ 1), the
-        per-parameter tensors of ``optimizer.state`` otherwise."""
-        if self._flat is not None:
-            return [self._flat.residual], [self._flat.direction]
-        return [self.state[p]["residual"] for p in params], [self.state[p]["direction"] for p in params]
-
-    def _per_parameter(self, vector: list[torch.Tensor]) -> list[torch.Tensor]:
-        """r or p one tensor per parameter, for operations that pair them with the parameters (w + αp)."""
-        return self._flat.per_parameter(vector[0]) if self._flat is not None else vector
-
-    def _hold_state_in_flat_buffers(self, params: list[torch.Tensor]) -> None:
-        """On the fast path (:mod:`moller_scg.flat_vector`), make sure ``optimizer.state``'s r and p are views of the
-        flat buffers: after a ``load_state_dict``, a copy or an assignment by hand they are separate tensors, and
-        are gathered into new buffers (same numbers)."""
-        if self.param_groups[0]["memory"] == 0:
-            return  # Møller's SCG keeps r and p per parameter (self._flat stays None)
-        residual = [self.state[p]["residual"] for p in params]
-        direction = [self.state[p]["direction"] for p in params]
-        if self._flat is not None and self._flat.layout.matches(params) and self._flat.holds(residual, direction):
-            return
-        if not FlatLayout.fits(params):
-            self._flat = None
-            return
-        # New buffers, not the old ones: a state tensor may still be a view of them.
-        flat = FlatBuffers(FlatLayout(params))
-        flat.layout.gather(residual, out=flat.residual)
-        flat.layout.gather(direction, out=flat.direction)
-        self._point_state_at(params, flat)
-        self._flat = flat
-
-    def _point_state_at(self, params: list[torch.Tensor], flat: FlatBuffers) -> None:
-        """Make ``optimizer.state``'s r and p of each parameter the views of the flat buffers."""
-        for p, r, d in zip(params, flat.residual_views, flat.direction_views):
-            self.state[p]["residual"] = r
-            self.state[p]["direction"] = d
-
-    def _copy_of_weights(self, params: list[torch.Tensor]) -> list[torch.Tensor]:
-        """The accepted w, copied before the trial: into the flat buffer's views on the fast path, new tensors
-        otherwise."""
-        if self._flat is None:
-            return vec.clone(params)
-        vec.copy_(self._flat.accepted_views, params)
-        return self._flat.accepted_views
-
     def _weights_changed_outside(self, params: list[torch.Tensor]) -> bool:
         """Whether the parameters were written to since the last step (then r and E are stale)."""
         return self._param_versions is not None and self._param_versions != [p._version for p in params]
 
-    def _make_trace(
-        self,
-        residual_sq: float,
-        direction_sq: float,
-        *,
-        comparison: float,
-        mu: float,
-        alpha: float,
-        success: bool,
-    ) -> SCGTrace:
-        """The trace of the iteration just done, from |r|² and |p|² of the r and p held after it."""
-        scalars = self._scalars
-        return SCGTrace(
-            k=scalars.k,
-            loss=scalars.loss,
-            success=success,
-            lambd=scalars.lambd,
-            delta=scalars.delta,
-            comparison=comparison,
-            mu=mu,
-            alpha=alpha,
-            residual_norm=math.sqrt(residual_sq),
-            direction_norm=math.sqrt(direction_sq),
-            closure_calls=scalars.closure_calls,
-            hvp_calls=scalars.hvp_calls,
-        )
-
-    def _warn_once_when_stalled(self) -> None:
-        """Warn when the trace turns stalled; again only after a step that was not stalled."""
-        stalled = self._trace is not None and self._trace.stalled
-        if stalled and not self._warned_stalled:
-            trace = cast(SCGTrace, self._trace)
-            warnings.warn(
-                f"SCG stalled at iteration {trace.k} (E = {trace.loss:.6g}, λ = {trace.lambd:.3g}): the step no "
-                f"longer changes the loss, and further steps cost full price for nothing. Stop the loop when "
-                f"optimizer.trace.stalled is true (fit(...) does), or change something (optimizer.restart())",
-                SCGStalledWarning,
-                stacklevel=3,
-            )
-        self._warned_stalled = stalled
-
     def _reset_transient(self) -> None:
         """Forget what cannot outlive this object: the objective of the last step (with the graph of its last
-        evaluation), the weights' versions and the inner products of the state's r and p."""
-        self._closure = None
-        self._objective = None
-        self._objective_hvp_mode = None
+        evaluation), the weights' versions, and the flat buffers of r and p and their inner products."""
+        self._step_objective = _StepObjective()
+        self._storage = _StateVectors()
         self._param_versions = None
-        self._known_products = None
         self._warned_stalled = False
-        self._flat = None

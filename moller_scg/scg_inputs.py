@@ -7,7 +7,9 @@ closure's loss is checked by the objective that wraps it, :mod:`moller_scg.objec
 - the options of ``torch.optim.LBFGS`` and Adam that SCG does not have, each refused with what SCG does instead
   (:func:`_other_optimizer_options_message`), including the learning rate an LR scheduler asks a group for
   (:class:`_ParamGroup`);
-- the parameters: each listed once, floating point or complex (:func:`_refuse_unoptimizable`).
+- the parameters: each listed once, floating point or complex (:func:`_refuse_unoptimizable`);
+- what ``step`` is called with: a closure or an objective, on at least one parameter
+  (:func:`_checked_step_closure`).
 
 Re-exported by :mod:`moller_scg.scg`.
 """
@@ -15,11 +17,12 @@ Re-exported by :mod:`moller_scg.scg`.
 from __future__ import annotations
 
 import numbers
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from typing import Any
 
 import torch
 
+from moller_scg.objective import Objective
 from moller_scg.scg_state import LAMBDA_MAX
 
 HVP_MODES = ("double-backward", "finite-difference", "secant")
@@ -164,3 +167,19 @@ def _refuse_unoptimizable(param_group: dict[str, Any], param_groups: list[dict[s
                 f"parameters only (an integer or boolean tensor has no gradient). Leave it out of the optimizer, "
                 f"or register it as a buffer"
             )
+
+
+def _checked_step_closure(closure: Any, params: list[torch.Tensor]) -> Callable[[], Any] | Objective:
+    """What ``SCG.step`` was given, once checked: ``TypeError`` when it is not a closure or an objective,
+    ``ValueError`` when SCG has no parameters."""
+    if closure is None or not (callable(closure) or isinstance(closure, Objective)):
+        raise TypeError(
+            f"SCG.step needs a closure that re-evaluates the model and returns the loss, got {closure!r:.80}. "
+            f"As for torch.optim.LBFGS: def closure(): optimizer.zero_grad(); loss = loss_fn(model(x), y); "
+            f"loss.backward(create_graph=True); return loss — then optimizer.step(closure)"
+        )
+    if not params:
+        raise ValueError(
+            "SCG has no parameters to optimize: its parameter groups are empty (pass e.g. model.parameters())"
+        )
+    return closure

@@ -2,8 +2,8 @@
 
 - :class:`SCGScalars` — the scalars of Møller's iteration (k, E, λ, λ̄, δ, success) and the call counts, besides
   the per-parameter vectors p and r held in ``optimizer.state``;
-- :class:`SCGTrace` — the numbers of the latest iteration, with :attr:`SCGTrace.stalled`, the signal to stop a
-  plain ``step`` loop (:class:`SCGStalledWarning` when it turns true);
+- :class:`SCGTrace` — the numbers of the latest iteration (:func:`make_trace`), with :attr:`SCGTrace.stalled`, the
+  signal to stop a plain ``step`` loop (:class:`SCGStalledWarning` when it turns true, :func:`warn_when_stalled`);
 - the ``"scg"`` entry of ``SCG.state_dict()``, which holds both (:func:`scg_entry`, :func:`read_scg_entry`).
 
 Each is re-exported by :mod:`moller_scg.scg`, whose iteration fills them in.
@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import warnings
 from typing import Any, cast
 
 LAMBDA_MAX = 1e100
@@ -98,6 +99,52 @@ class SCGScalars:
     closure_calls: int = 0
     hvp_calls: int = 0
     started: bool = False
+
+
+def make_trace(
+    scalars: SCGScalars,
+    residual_sq: float,
+    direction_sq: float,
+    *,
+    comparison: float,
+    mu: float,
+    alpha: float,
+    success: bool,
+) -> SCGTrace:
+    """The trace of the iteration just done: the scalars after it, and |r|² and |p|² of the r and p held after it."""
+    return SCGTrace(
+        k=scalars.k,
+        loss=scalars.loss,
+        success=success,
+        lambd=scalars.lambd,
+        delta=scalars.delta,
+        comparison=comparison,
+        mu=mu,
+        alpha=alpha,
+        residual_norm=math.sqrt(residual_sq),
+        direction_norm=math.sqrt(direction_sq),
+        closure_calls=scalars.closure_calls,
+        hvp_calls=scalars.hvp_calls,
+    )
+
+
+def warn_when_stalled(trace: SCGTrace | None, warned: bool) -> bool:
+    """Warn (:class:`SCGStalledWarning`) when the trace turns stalled; again only after a step that was not stalled.
+
+    Called by ``SCG.step`` itself, so that the warning names the line that called ``step``. ``warned``: whether
+    the previous step was stalled (what the previous call returned). Returns whether this trace is stalled.
+    """
+    stalled = trace is not None and trace.stalled
+    if stalled and not warned:
+        trace = cast(SCGTrace, trace)
+        warnings.warn(
+            f"SCG stalled at iteration {trace.k} (E = {trace.loss:.6g}, λ = {trace.lambd:.3g}): the step no "
+            f"longer changes the loss, and further steps cost full price for nothing. Stop the loop when "
+            f"optimizer.trace.stalled is true (fit(...) does), or change something (optimizer.restart())",
+            SCGStalledWarning,
+            stacklevel=3,
+        )
+    return stalled
 
 
 def scg_entry(scalars: SCGScalars, trace: SCGTrace | None, secant_pairs_state: dict[str, Any] | None) -> dict[str, Any]:

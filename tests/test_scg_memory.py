@@ -386,7 +386,7 @@ def test_parameters_of_two_dtypes_take_the_per_tensor_path():
     first = float(closure().detach())
     for _ in range(10):
         optimizer.step(closure)
-    assert optimizer._flat is None
+    assert optimizer._storage.flat is None
     assert optimizer.trace.loss < first
 
 
