@@ -179,18 +179,33 @@ def init_from_env(timeout: datetime.timedelta | None = None, backend: str | None
     return True
 
 
+_SHUT_DOWN_TOKENS: list[torch.Tensor] = []
+"""The one-number tensors of :func:`shut_down`'s last all-reduce, referenced until the interpreter exits."""
+
+
 def shut_down(finished_normally: bool) -> None:
     """Destroy the process group that :func:`init_from_env` started; after a normal finish, all ranks together.
 
-    Rank 0 prints and writes files after the last collective, while the other ranks are already done. A rank
-    that tears its gloo connections down while a peer still holds them open can abort at exit ("terminate called
-    without an active exception", about 1 run in 30 of the two-rank MNIST example), so after a finish with
-    status 0 the ranks first meet at a barrier and then leave together. After an error or a failure status a peer
-    may be gone, stuck or still in a collective, so the group is destroyed without waiting for anyone.
+    After a finish with status 0 the ranks first all-reduce one number that this module keeps referenced, then meet
+    at a barrier, then destroy the group. Why: once ``torch._dynamo`` is imported (every ``torch.optim`` step does),
+    ``destroy_process_group`` no longer stops gloo's worker threads, and a worker frees a finished collective's
+    work object a moment after ``wait()`` has returned. If that work holds a tensor that Python has already dropped
+    (the buffer of the last gradient all-reduce), the free needs the GIL; during interpreter shutdown the thread is
+    then killed and the process aborts ("terminate called without an active exception", a core dump of the
+    two-rank MNIST example showed ``~AsyncAllreduceWork`` inside ``~AsyncBarrierWork`` in ``ProcessGroupGloo::runLoop``,
+    about 1 run in 30 before this). The extra all-reduce lets the workers release the earlier works while Python is
+    alive, and its own tensor stays referenced here, so its release never needs the GIL.
+
+    After an error or a failure status a peer may be gone, stuck or still in a collective, so the group is
+    destroyed without waiting for anyone.
     """
     if not is_distributed():
         return
     if finished_normally:
+        device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else "cpu"
+        token = torch.zeros(1, dtype=torch.float64, device=device)
+        _SHUT_DOWN_TOKENS.append(token)
+        dist.all_reduce(token)
         dist.barrier()
     dist.destroy_process_group()
 

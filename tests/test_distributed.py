@@ -428,9 +428,20 @@ def test_a_bare_cuda_device_under_torchrun_is_the_local_ranks_gpu(monkeypatch, d
 def test_shut_down_meets_at_a_barrier_only_after_a_normal_finish(tmp_path, monkeypatch, finished_normally):
     store = dist.FileStore(str(tmp_path / "store"), 1)
     dist.init_process_group("gloo", store=store, rank=0, world_size=1, timeout=TIMEOUT)
-    barriers = []
-    monkeypatch.setattr(dist, "barrier", lambda *args, **kwargs: barriers.append(1))
+    calls = []
+    real_all_reduce = dist.all_reduce
+
+    def recorded_all_reduce(tensor, *args, **kwargs):
+        calls.append("all_reduce")
+        return real_all_reduce(tensor, *args, **kwargs)
+
+    monkeypatch.setattr(dist, "all_reduce", recorded_all_reduce)
+    monkeypatch.setattr(dist, "barrier", lambda *args, **kwargs: calls.append("barrier"))
+    tokens_before = len(moller_dist._SHUT_DOWN_TOKENS)
     moller_dist.shut_down(finished_normally)
     assert not dist.is_initialized()
-    assert barriers == ([1] if finished_normally else [])  # after an error a peer may never reach the barrier
+    # After a normal finish: one all-reduce of a tensor the module keeps (its release by gloo's worker thread then
+    # never needs the GIL at interpreter exit), then the barrier; after an error a peer may never reach either.
+    assert calls == (["all_reduce", "barrier"] if finished_normally else [])
+    assert len(moller_dist._SHUT_DOWN_TOKENS) == tokens_before + (1 if finished_normally else 0)
     moller_dist.shut_down(finished_normally)  # no group: nothing to do, no error
