@@ -179,22 +179,25 @@ def init_from_env(timeout: datetime.timedelta | None = None, backend: str | None
     return True
 
 
-_SHUT_DOWN_TOKENS: list[torch.Tensor] = []
-"""The one-number tensors of :func:`shut_down`'s last all-reduce, referenced until the interpreter exits."""
+_SHUT_DOWN_WORKS: list[Any] = []
+"""The ``Work`` objects of :func:`shut_down`'s last all-reduce and barrier, referenced until the interpreter exits."""
 
 
 def shut_down(finished_normally: bool) -> None:
     """Destroy the process group that :func:`init_from_env` started; after a normal finish, all ranks together.
 
-    After a finish with status 0 the ranks first all-reduce one number that this module keeps referenced, then meet
-    at a barrier, then destroy the group. Why: once ``torch._dynamo`` is imported (every ``torch.optim`` step does),
-    ``destroy_process_group`` no longer stops gloo's worker threads, and a worker frees a finished collective's
-    work object a moment after ``wait()`` has returned. If that work holds a tensor that Python has already dropped
-    (the buffer of the last gradient all-reduce), the free needs the GIL; during interpreter shutdown the thread is
-    then killed and the process aborts ("terminate called without an active exception", a core dump of the
-    two-rank MNIST example showed ``~AsyncAllreduceWork`` inside ``~AsyncBarrierWork`` in ``ProcessGroupGloo::runLoop``,
-    about 1 run in 30 before this). The extra all-reduce lets the workers release the earlier works while Python is
-    alive, and its own tensor stays referenced here, so its release never needs the GIL.
+    After a finish with status 0 the ranks all-reduce one number and meet at a barrier, both as asynchronous
+    collectives whose ``Work`` objects this module keeps until the interpreter exits, and then destroy the group.
+
+    Why: once ``torch._dynamo`` is imported (every ``torch.optim`` step does), ``destroy_process_group`` no longer
+    stops gloo's worker threads, and a worker lets go of a finished collective a moment after ``wait()`` has
+    returned. When its reference is the last one, the worker frees the work and its tensors, which needs the GIL;
+    during interpreter shutdown the thread is then killed and the process aborts ("terminate called without an
+    active exception"; core dumps of the two-rank MNIST example showed ``~AsyncAllreduceWork`` inside
+    ``~AsyncBarrierWork`` inside ``ProcessGroupGloo::runLoop``, about 1 run in 30 without this, 1 in 200 with a bare
+    barrier). Holding the two works here makes the main thread, not a worker, free them — and through the barrier's
+    record of the collectives still in progress, any earlier one — at exit, with the GIL; the round trips of the two
+    collectives give the workers time to let go of the earlier ones while Python runs.
 
     After an error or a failure status a peer may be gone, stuck or still in a collective, so the group is
     destroyed without waiting for anyone.
@@ -203,10 +206,12 @@ def shut_down(finished_normally: bool) -> None:
         return
     if finished_normally:
         device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else "cpu"
-        token = torch.zeros(1, dtype=torch.float64, device=device)
-        _SHUT_DOWN_TOKENS.append(token)
-        dist.all_reduce(token)
-        dist.barrier()
+        all_reduce = dist.all_reduce(torch.zeros(1, dtype=torch.float64, device=device), async_op=True)
+        _SHUT_DOWN_WORKS.append(all_reduce)
+        all_reduce.wait()
+        barrier = dist.barrier(async_op=True)
+        _SHUT_DOWN_WORKS.append(barrier)
+        barrier.wait()
     dist.destroy_process_group()
 
 

@@ -429,19 +429,24 @@ def test_shut_down_meets_at_a_barrier_only_after_a_normal_finish(tmp_path, monke
     store = dist.FileStore(str(tmp_path / "store"), 1)
     dist.init_process_group("gloo", store=store, rank=0, world_size=1, timeout=TIMEOUT)
     calls = []
-    real_all_reduce = dist.all_reduce
+    real_all_reduce, real_barrier = dist.all_reduce, dist.barrier
 
-    def recorded_all_reduce(tensor, *args, **kwargs):
-        calls.append("all_reduce")
-        return real_all_reduce(tensor, *args, **kwargs)
+    def recorded(name, collective):
+        def call(*args, **kwargs):
+            calls.append((name, kwargs.get("async_op")))
+            return collective(*args, **kwargs)
 
-    monkeypatch.setattr(dist, "all_reduce", recorded_all_reduce)
-    monkeypatch.setattr(dist, "barrier", lambda *args, **kwargs: calls.append("barrier"))
-    tokens_before = len(moller_dist._SHUT_DOWN_TOKENS)
+        return call
+
+    monkeypatch.setattr(dist, "all_reduce", recorded("all_reduce", real_all_reduce))
+    monkeypatch.setattr(dist, "barrier", recorded("barrier", real_barrier))
+    works_before = len(moller_dist._SHUT_DOWN_WORKS)
     moller_dist.shut_down(finished_normally)
     assert not dist.is_initialized()
-    # After a normal finish: one all-reduce of a tensor the module keeps (its release by gloo's worker thread then
-    # never needs the GIL at interpreter exit), then the barrier; after an error a peer may never reach either.
-    assert calls == (["all_reduce", "barrier"] if finished_normally else [])
-    assert len(moller_dist._SHUT_DOWN_TOKENS) == tokens_before + (1 if finished_normally else 0)
+    # After a normal finish: an all-reduce and a barrier whose Work objects the module keeps, so that the main thread,
+    # not one of gloo's worker threads, frees them at exit; after an error a peer may never reach either.
+    assert calls == ([("all_reduce", True), ("barrier", True)] if finished_normally else [])
+    kept = moller_dist._SHUT_DOWN_WORKS[works_before:]
+    assert len(kept) == (2 if finished_normally else 0)
+    assert all(work.is_completed() for work in kept)
     moller_dist.shut_down(finished_normally)  # no group: nothing to do, no error
