@@ -54,7 +54,7 @@ def dots(pairs: Sequence[tuple[Sequence[torch.Tensor], Sequence[torch.Tensor]]])
     ``dots([(x, y), (u, v)])`` equals ``[dot(x, y), dot(u, v)]`` bit for bit; it only waits for the results once
     per device instead of once per product.
     """
-    if all(len(xs) == 1 for xs, _ in pairs):
+    if pairs and all(len(xs) == 1 for xs, _ in pairs):
         return _dots_of_single_tensors(pairs)
     return _totals([_partial_dots(xs, ys) for xs, ys in pairs])
 

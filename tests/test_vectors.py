@@ -37,6 +37,7 @@ def test_dots_of_one_tensor_vectors_take_the_generic_paths_bits(dtype):
     generic = _vectors._totals([_vectors._partial_dots(xs, ys) for xs, ys in pairs])
     shortcut = _vectors.dots(pairs)
     assert shortcut == generic
+    assert _vectors.dots([]) == []  # no products: no reduction, as before the shortcut
     assert shortcut[1] == pytest.approx(float(np.sum(as_numpy([x]) ** 2)), rel=1e-6)
 
 
