@@ -85,29 +85,39 @@ def calibrate(problem: Problem, initial: dict[str, torch.Tensor]) -> dict[str, f
 
 
 class RoundRobin:
-    """A baton passed among named threads in a fixed order; threads that finished are skipped."""
+    """A baton passed among named threads in a fixed order; threads that finished are skipped.
+
+    Each thread waits on its own event, and passing the baton sets only the next thread's: the threads not next
+    stay asleep. (With one shared condition notified to all, every pass woke all the waiting threads, and their
+    wake-ups competed for the GIL with the optimizer that had just taken the baton and started its clock.)
+    """
 
     def __init__(self, names: list[str]) -> None:
         self._order = list(names)
         self._active = set(names)
-        self._turn: str | None = names[0] if names else None
-        self._condition = threading.Condition()
+        self._lock = threading.Lock()
+        self._turn_of = {name: threading.Event() for name in names}
+        if names:
+            self._turn_of[names[0]].set()
 
     def wait_turn(self, name: str) -> None:
-        with self._condition:
-            self._condition.wait_for(lambda: self._turn == name)
+        self._turn_of[name].wait()
 
     def pass_turn(self, name: str) -> None:
-        with self._condition:
-            self._turn = self._next_after(name)
-            self._condition.notify_all()
+        with self._lock:
+            self._hand_on_from(name)
 
     def leave(self, name: str) -> None:
-        with self._condition:
+        with self._lock:
             self._active.discard(name)
-            if self._turn == name:
-                self._turn = self._next_after(name)
-            self._condition.notify_all()
+            if self._turn_of[name].is_set():
+                self._hand_on_from(name)
+
+    def _hand_on_from(self, name: str) -> None:
+        self._turn_of[name].clear()
+        following = self._next_after(name)
+        if following is not None:
+            self._turn_of[following].set()
 
     def _next_after(self, name: str) -> str | None:
         start = self._order.index(name)

@@ -1,0 +1,45 @@
+"""The baton of ``benchmarks/peers.py`` (``peers_metering.RoundRobin``): turns go round in order, a thread that
+leaves is skipped, and passing the baton wakes the next thread only."""
+
+from __future__ import annotations
+
+import threading
+from pathlib import Path
+
+from scripts import load_script
+
+METERING = Path(__file__).resolve().parent.parent / "benchmarks" / "peers_metering.py"
+
+
+def test_turns_go_round_in_order_and_skip_a_thread_that_left(monkeypatch):
+    metering = load_script(METERING, monkeypatch)
+    names = ["a", "b", "c"]
+    baton = metering.RoundRobin(names)
+    turns: list[str] = []
+    rounds = {"a": 3, "b": 1, "c": 3}  # b leaves after its first turn
+
+    def participant(name: str) -> None:
+        baton.wait_turn(name)
+        for turn in range(rounds[name]):
+            turns.append(name)
+            if turn < rounds[name] - 1:
+                baton.pass_turn(name)
+                baton.wait_turn(name)
+        baton.leave(name)
+
+    threads = [threading.Thread(target=participant, args=(name,)) for name in names]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=10)
+    assert not any(thread.is_alive() for thread in threads), "a thread never got the baton back"
+    assert turns == ["a", "b", "c", "a", "c", "a", "c"]
+
+
+def test_passing_the_baton_wakes_only_the_next_thread(monkeypatch):
+    metering = load_script(METERING, monkeypatch)
+    baton = metering.RoundRobin(["a", "b", "c"])
+    baton.pass_turn("a")
+    # Only b's event is set: a's and c's waits keep sleeping (the old shared condition woke both to re-check).
+    holds = {name: event.is_set() for name, event in baton._turn_of.items()}
+    assert holds == {"a": False, "b": True, "c": False}
