@@ -58,7 +58,7 @@ class SecantPairs:
         slots: the filled rows of the stacks, oldest pair first.
         blocks: one ``(2, m, n_block)`` tensor per group of parameters sharing a device and dtype: ``[0]`` holds
             the steps sᵢ, ``[1]`` the changes yᵢ.
-        sy, yy: float64 m × m NumPy arrays, sy[i, j] = sᵢᵀyⱼ and yy[i, j] = yᵢᵀyⱼ over the slots.
+        sy, yy: float64 m × m NumPy arrays, sy[i, j] = sᵢᵀyⱼ and yy[i, j] = yᵢᵀyⱼ over the slots (indexed by slot).
     """
 
     def __init__(self, params: Sequence[torch.Tensor], memory: int) -> None:
@@ -66,6 +66,14 @@ class SecantPairs:
         self.slots: list[int] = []
         self.sy = np.zeros((memory, memory))
         self.yy = np.zeros((memory, memory))
+        # The same inner products in the order of the pairs, oldest first, as the compact form uses them: R (the
+        # upper triangle of SᵀY) and YᵀY, their leading len(slots) × len(slots) blocks filled; and the slots of
+        # that order as an index array. Kept up to date as pairs come and go, so that applying H needs no
+        # reordering: the same numbers as taking them from sy and yy at every step.
+        self._ordered_r = np.zeros((memory, memory))
+        self._ordered_yy = np.zeros((memory, memory))
+        self._order = np.zeros(0, dtype=np.intp)
+        self._ratios: list[float] = []  # sᵢᵀyᵢ / yᵢᵀyᵢ of the pairs, oldest first (γ is their largest)
         groups: dict[tuple[torch.device, torch.dtype], list[int]] = {}
         for index, p in enumerate(params):
             real = vec.as_real(p)
@@ -89,6 +97,8 @@ class SecantPairs:
     def clear(self) -> None:
         """Forget every pair: H = I until the next one (at SCG's start and restarts)."""
         self.slots = []
+        self._order = np.zeros(0, dtype=np.intp)
+        self._ratios = []
 
     def push(self, step: Sequence[torch.Tensor], change: Sequence[torch.Tensor]) -> bool:
         """Keep the pair (s, y) in place of the oldest, if sᵀy > CURVATURE_CONDITION · yᵀy; return whether kept.
@@ -155,8 +165,7 @@ class SecantPairs:
     @property
     def gamma(self) -> float:
         """γ = maxᵢ sᵢᵀyᵢ / yᵢᵀyᵢ over the pairs held: H's scale along directions the pairs do not see."""
-        order = np.array(self.slots)
-        return float(np.max(self.sy[order, order] / self.yy[order, order]))
+        return max(self._ratios)
 
     def _push_flat(self, rows: list[torch.Tensor]) -> tuple[bool, np.ndarray, np.ndarray]:
         """:meth:`push` on flat blocks, given per block the rows [y, s, v] of a 3 × n tensor; also returns Sᵀv and
@@ -181,11 +190,15 @@ class SecantPairs:
         s_dot_vector, y_dot_vector = against_vector[:m].copy(), against_vector[m:].copy()
         if not (step_dot_change > CURVATURE_CONDITION * change_sq > 0.0):
             return False, s_dot_vector, y_dot_vector
-        slot = len(self.slots) if len(self.slots) < m else self.slots.pop(0)
+        full = len(self.slots) == m
+        older = self._order[1:] if full else self._order  # the slots of the pairs that stay, oldest first
+        slot = self.slots.pop(0) if full else len(self.slots)
         for block, (y, s, _) in zip(self.blocks, rows):
             block[0, slot].copy_(s)
             block[1, slot].copy_(y)
+        self._append_in_order(full, against_change[:m][older], against_change[m:][older], step_dot_change, change_sq)
         self.slots.append(slot)
+        self._order = np.append(older, slot)
         self.sy[:, slot] = against_change[:m]  # Sᵀy
         self.sy[slot, :] = against_step[m:]  # sᵀY
         self.yy[:, slot] = against_change[m:]  # Yᵀy
@@ -205,15 +218,12 @@ class SecantPairs:
         """H v per block from Sᵀv and Yᵀv over all slots (the compact form's m × m algebra in NumPy), as new
         tensors or into ``out`` (one flat tensor per block, not one of ``flat``)."""
         m = self.memory
-        order = np.array(self.slots)
-        in_order = np.ix_(order, order)
-        sy = self.sy[in_order]
-        diagonal = np.diag(sy)
+        held, order = len(self.slots), self._order
+        upper = self._ordered_r[:held, :held]  # R, upper triangular with the positive diagonal D
         gamma = self.gamma
         u, w = s_dot_v[order], gamma * y_dot_v[order]
-        upper = np.triu(sy)  # R, upper triangular with the positive diagonal D
         r_inv_u = np.linalg.solve(upper, u)
-        inner = diagonal * r_inv_u + gamma * (self.yy[in_order] @ r_inv_u) - w
+        inner = np.diag(upper) * r_inv_u + gamma * (self._ordered_yy[:held, :held] @ r_inv_u) - w
         coefficients = np.zeros(2 * m)
         coefficients[order] = np.linalg.solve(upper.T, inner)
         coefficients[m + order] = -gamma * r_inv_u
@@ -229,6 +239,34 @@ class SecantPairs:
             )
             for block, v, target in zip(self.blocks, flat, targets)
         ]
+
+    def _append_in_order(
+        self, drop_oldest: bool, steps_dot_change: np.ndarray, changes_dot_change: np.ndarray, sy: float, yy: float
+    ) -> None:
+        """Add the newest pair (s, y) to the ordered R and YᵀY, after the pairs that stay (the oldest leaves first
+        if ``drop_oldest``): its column of R is Sᵀy over those pairs (``steps_dot_change``, oldest first), its row
+        and column of YᵀY are Yᵀy (``changes_dot_change``), and sᵀy, yᵀy its diagonal entries."""
+        kept = len(steps_dot_change)
+        if drop_oldest:  # the others move up by one
+            self._ratios.pop(0)
+            self._ordered_r[:kept, :kept] = self._ordered_r[1 : kept + 1, 1 : kept + 1]
+            self._ordered_yy[:kept, :kept] = self._ordered_yy[1 : kept + 1, 1 : kept + 1]
+        self._ordered_r[:kept, kept] = steps_dot_change
+        self._ordered_r[kept, : kept + 1] = 0.0
+        self._ordered_r[kept, kept] = sy
+        self._ordered_yy[:kept, kept] = changes_dot_change
+        self._ordered_yy[kept, :kept] = changes_dot_change
+        self._ordered_yy[kept, kept] = yy
+        self._ratios.append(float(sy) / float(yy))
+
+    def _reorder(self) -> None:
+        """Make the ordered R, YᵀY and slot indices from sy, yy and the slots (after loading them)."""
+        self._order = np.array(self.slots, dtype=np.intp)
+        held = len(self.slots)
+        in_order = np.ix_(self._order, self._order)
+        self._ordered_r[:held, :held] = np.triu(self.sy[in_order])
+        self._ordered_yy[:held, :held] = self.yy[in_order]
+        self._ratios = [float(self.sy[i, i]) / float(self.yy[i, i]) for i in self.slots]
 
     def state_dict(self) -> dict[str, Any]:
         """Everything the pairs need to go on: m, the slots (oldest first), SᵀY, YᵀY and the blocks of pairs."""
@@ -266,6 +304,7 @@ class SecantPairs:
         self.slots = list(state["slots"])
         self.sy = state["sy"].to(torch.float64).numpy().copy()
         self.yy = state["yy"].to(torch.float64).numpy().copy()
+        self._reorder()
         for own, saved in zip(self.blocks, blocks):
             own.copy_(saved)
 
