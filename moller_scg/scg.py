@@ -39,7 +39,7 @@ from moller_scg.scg_inputs import (
     _refuse_unoptimizable,
     _validate_hyperparameters,
 )
-from moller_scg.scg_objective import _StepObjective, evaluate
+from moller_scg.scg_objective import EvaluationTally, _StepObjective, evaluate
 from moller_scg.scg_state import (
     LAMBDA_MAX,
     SCGScalars,
@@ -146,7 +146,8 @@ class SCG(torch.optim.Optimizer):
     ``max_iter`` (20 by default) iterations.
 
     Closure calls per step: a success costs 1 trial call (plus 1 curvature call with finite differences); a
-    failure costs 1 trial call. The first step adds the evaluation of w₁.
+    failure costs 1 trial call. The first step adds the evaluation of w₁. :attr:`trace` reports them as its
+    objective counted them (``closure_calls``: its ngev; ``hvp_calls``: its nhev plus Møller's finite differences).
 
     Example:
         >>> import torch
@@ -314,19 +315,23 @@ class SCG(torch.optim.Optimizer):
         closure = _checked_step_closure(closure, params)
         group = self.param_groups[0]
         objective = self._step_objective.objective_for(closure, params, group["hvp"], group["sigma"])
-        if not self._scalars.started or self._weights_changed_outside(params):
-            self._start(objective, params)
-        else:
-            self._storage.hold_in_flat_buffers(self.state, params, group["memory"])
-        accepted = self._storage.copy_of_weights(params)
+        tally = EvaluationTally(objective)  # SCG counts no evaluation itself: the objective does
         try:
-            self._iterate(objective, params, accepted)
-        except BaseException:
-            # Whatever the closure raised, the parameters hold the accepted point w afterwards.
-            vec.copy_(params, accepted)
-            raise
+            if not self._scalars.started or self._weights_changed_outside(params):
+                self._start(objective, params)
+            else:
+                self._storage.hold_in_flat_buffers(self.state, params, group["memory"])
+            accepted = self._storage.copy_of_weights(params)
+            try:
+                self._iterate(objective, params, accepted, tally)
+            except BaseException:
+                # Whatever the closure raised, the parameters hold the accepted point w afterwards.
+                vec.copy_(params, accepted)
+                raise
+            finally:
+                self._param_versions = [p._version for p in params]
         finally:
-            self._param_versions = [p._version for p in params]
+            self._trace = tally.add_to(self._scalars, self._trace)  # closure_calls, hvp_calls: what it counted
         self._warned_stalled = warn_when_stalled(self._trace, self._warned_stalled)
         return torch.tensor(self._scalars.loss, dtype=torch.float64)
 
@@ -334,7 +339,7 @@ class SCG(torch.optim.Optimizer):
         """Step 1: evaluate E(w₁) and r₁ = −E'(w₁); p₁ = r₁; λ = λ₁, λ̄ = 0, success = true."""
         if self._scalars.started:
             logger.info("parameters were changed outside SCG.step: restarting SCG from the current weights")
-        loss, gradients = evaluate(objective, self._scalars)
+        loss, gradients = evaluate(objective)
         step_arithmetic.require_finite(loss, gradients, "at the starting weights")
         memory = self.param_groups[0]["memory"]
         self._storage.start(self.state, params, gradients, memory)  # r₁ = −E'(w₁), p₁ = r₁
@@ -358,8 +363,11 @@ class SCG(torch.optim.Optimizer):
             scalars, residual_sq, residual_sq, comparison=math.nan, mu=math.nan, alpha=0.0, success=False
         )
 
-    def _iterate(self, objective: Objective, params: list[torch.Tensor], accepted: list[torch.Tensor]) -> None:
-        """Steps 2–9. State is committed only once every closure call of the iteration has returned.
+    def _iterate(
+        self, objective: Objective, params: list[torch.Tensor], accepted: list[torch.Tensor], tally: EvaluationTally
+    ) -> None:
+        """Steps 2–9. State is committed only once every closure call of the iteration has returned. ``tally`` is
+        told when step 2 forms Møller's finite difference (a curvature evaluation the objective cannot tell apart).
 
         Parameter-sized buffers held besides w and the closure's gradients: the accepted copy of w, r and p
         throughout, and one more — s = E''p until δ = pᵀs is formed (step 2), then r₊ from the trial on. The new
@@ -407,7 +415,7 @@ class SCG(torch.optim.Optimizer):
                 params,
                 accepted,
                 group,
-                scalars,
+                tally,
             )
         else:
             delta = scalars.delta
@@ -422,7 +430,7 @@ class SCG(torch.optim.Optimizer):
         alpha = mu / delta
         # Step 6: the comparison ratio, from one evaluation at the trial point.
         vec.add_(params, storage.per_parameter(direction), alpha)
-        trial_loss, trial_gradients = evaluate(objective, scalars)
+        trial_loss, trial_gradients = evaluate(objective)
         # That was the last closure call of the iteration: from here on, state may be committed and p overwritten.
         new_residual = storage.negated(trial_gradients)
         new_residual_sq, new_dot_old, new_dot_direction = vec.dots(
