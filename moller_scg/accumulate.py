@@ -8,14 +8,14 @@ is a sum or a mean of per-sample terms the full-batch objective is a weighted su
 with w_b = 1 for ``reduction="sum"`` and w_b = n_b / N for ``reduction="mean"``, or a ratio Σ_b S_b / Σ_b D_b for
 class-weighted losses (:mod:`moller_scg.loss_weighting`).
 
-Each pass streams the batches, adds S_b (or n_b E_b) and the gradients or products into float64 sums (for
-float32 parameters, blocks of ``PARTIAL_SUM_BATCHES`` batches are summed in float32 first), and only at the end
-divides by the denominator and casts once to the parameters' dtype, so the result does not drift with the
-number of batches (:mod:`moller_scg.float64_sums`). Only one batch is alive at a time: memory is bounded by one
-batch plus the float64 sums. This module is the pass engine — stream, sum, reduce over ranks
-(:mod:`moller_scg.distributed`), divide — and each batch's derivatives come from :mod:`moller_scg.batch_derivatives`.
-:class:`GradientAccumulator` knows nothing of the optimizer; it is a closure with an ``hvp`` method, which
-:class:`moller_scg.SCG` uses for its exact curvature.
+Each pass streams the batches, adds S_b (or n_b E_b) and the gradients or products into float64 sums (for float32
+parameters, blocks of ``PARTIAL_SUM_BATCHES`` batches are summed in float32 first), and only at the end divides by
+the denominator and casts once to the parameters' dtype, so the result does not drift with the number of batches
+(:mod:`moller_scg.float64_sums`). Only one batch is alive at a time: memory is bounded by one batch plus the float64
+sums. This module is the pass engine — stream, sum, reduce over ranks (:mod:`moller_scg.distributed`), divide
+(:func:`moller_scg.float64_sums.divided_sums`) — and each batch's derivatives come from
+:mod:`moller_scg.batch_derivatives`. :class:`GradientAccumulator` knows nothing of the optimizer; it is a closure
+with an ``hvp`` method, which :class:`moller_scg.SCG` uses for its exact curvature.
 
 References:
     Møller, M. F. (1993). A scaled conjugate gradient algorithm for fast supervised learning.
@@ -32,7 +32,6 @@ from typing import Any, cast
 
 import torch
 from torch import nn
-from torch.utils.data import DataLoader
 
 from moller_scg import distributed as _dist
 from moller_scg._vectors import TensorList
@@ -49,11 +48,12 @@ from moller_scg.batches import (
     progress_bar,
 )
 from moller_scg.curvature import functional_hvp_and_loss
-from moller_scg.float64_sums import PassSums, WideSums
+from moller_scg.float64_sums import PassSums, WideSums, divided_sums
 from moller_scg.input_checks import (
     as_tensor_pair,
+    check_cache_bytes,
     check_input_dtype,
-    describe_value,
+    check_model_loss_and_progress,
     hvp_vectors,
     model_dtype,
     resolve_device,
@@ -64,8 +64,8 @@ from moller_scg.loss_weighting import REDUCTIONS, BatchLoss, MetricSums, resolve
 from moller_scg.running_stats import restored_on_failure
 from moller_scg.subsampling import (
     CurvatureCursor,
-    CurvatureSubsets,
     curvature_samples,
+    curvature_subsets,
     validate_fraction,
     validate_subset,
 )
@@ -227,20 +227,14 @@ class GradientAccumulator:
         curvature_subset: str = "rotating",
         curvature_seed: int = 0,
     ) -> None:
-        if not isinstance(model, nn.Module):
-            raise TypeError(f"model must be a torch.nn.Module, got {describe_value(model)}")
-        if not callable(loss_fn):
-            raise TypeError(f"loss_fn must be callable as loss_fn(outputs, targets), got {describe_value(loss_fn)}")
-        if not isinstance(progress, bool):
-            raise TypeError(f"progress must be True or False, got {progress!r}")
+        check_model_loss_and_progress(model, loss_fn, progress)
         if hvp_method not in HVP_METHODS:
             raise ValueError(f"Invalid hvp_method {hvp_method!r}; choose one of {', '.join(map(repr, HVP_METHODS))}")
         if on_non_finite not in NON_FINITE_POLICIES:
             raise ValueError(
                 f"Invalid on_non_finite {on_non_finite!r}; choose one of {', '.join(map(repr, NON_FINITE_POLICIES))}"
             )
-        if isinstance(device_cache_bytes, bool) or not isinstance(device_cache_bytes, int) or device_cache_bytes < 0:
-            raise ValueError(f"Invalid device_cache_bytes {device_cache_bytes!r}; it must be an int ≥ 0")
+        check_cache_bytes(device_cache_bytes)
         validate_subset(curvature_subset, curvature_seed)  # also when f = 1, so a typo never waits for f < 1
         self.distributed = _dist.resolve_distributed(distributed, data)
         self.model = model
@@ -261,17 +255,10 @@ class GradientAccumulator:
             check_input_dtype(self._batches.inputs, self._model_dtype, "the inputs")
         self.curvature_fraction = validate_fraction(curvature_fraction)
         self.curvature_cursor = CurvatureCursor()
-        subsets = None
-        self._curvature_samples = self._samples
-        if self.curvature_fraction < 1.0:
-            if isinstance(data, DataLoader):
-                raise TypeError(
-                    "curvature_fraction < 1 chooses its own samples, but a DataLoader fixes its sampler: pass its "
-                    "dataset and batch_size instead (GradientAccumulator(model, loss_fn, loader.dataset, "
-                    "batch_size=loader.batch_size, curvature_fraction=...))"
-                )
-            subsets = CurvatureSubsets(self._batches.samples, self.curvature_fraction, curvature_subset, curvature_seed)
-            self._curvature_samples = curvature_samples(self._samples, self.curvature_fraction, shard)
+        subsets = curvature_subsets(
+            data, self._batches.samples, self.curvature_fraction, curvature_subset, curvature_seed
+        )
+        self._curvature_samples = curvature_samples(self._samples, self.curvature_fraction, shard)  # N when f = 1
         self._curvature_batches = CurvatureBatches(self._batches, subsets, self.curvature_cursor, device_cache_bytes)
         if self.distributed:
             _dist.check_ranks_agree(self._samples, self.params)
@@ -481,11 +468,10 @@ class GradientAccumulator:
     def _finish(
         self, sums: PassSums, streamed: Batches | None = None, expected_samples: int | None = None
     ) -> tuple[torch.Tensor, TensorList]:
-        """Divide by the denominator and cast once: (E as 0-dim float64, vectors in the parameters' dtypes).
+        """Check the pass, then divide by the denominator and cast once (:func:`~moller_scg.float64_sums.divided_sums`).
 
         ``streamed`` and ``expected_samples`` describe a pass over a curvature subset of m of the N samples
-        (default: the whole data). A sum over m samples estimates the sum over N after scaling by N/m; a mean
-        is the subset's own mean.
+        (default: the whole data).
         """
         expected = self.samples if expected_samples is None else expected_samples
         if sums.samples != expected:
@@ -494,19 +480,7 @@ class GradientAccumulator:
                 f"the result would not be the full-batch loss and gradient (check its sampler and batch_sampler)"
             )
         self._check_pass(sums, self._batches if streamed is None else streamed)
-        kind = self._batch_loss.kind
-        denominator: torch.Tensor | int | float = 1
-        if kind == "mean":
-            denominator = sums.samples
-        elif kind == "ratio":
-            denominator = sums.denominator  # type: ignore[assignment]
-        elif expected != self.samples:
-            denominator = expected / self.samples  # "sum" over a subset: Σ_S · N/m
-        loss = sums.loss / denominator
-        vectors = []
-        if sums.vectors is not None:
-            vectors = [(s / denominator).to(p.dtype) for s, p in zip(sums.vectors, self.params)]
-        return loss.detach(), vectors
+        return divided_sums(sums, self._batch_loss.kind, expected, self.samples, self.params)
 
     # ----------------------------------------------------------------------------------------------------------
     # Checks

@@ -1,9 +1,10 @@
 """What a pass over the data adds up, in float64: Σ_b scale_b · v_b per parameter, and the pass's totals.
 
-A pass adds every batch's loss term and gradient (or Hessian-vector product) into float64 sums and divides once
-at the end, so the result does not drift with the number of batches B. Adding every batch straight into float64
-costs a read-modify-write of all of w per batch, the dominant per-batch cost on CPU; :class:`WideSums` therefore
-sums a block of consecutive batches in a float32 parameter's own dtype first and adds the block into float64.
+A pass adds every batch's loss term and gradient (or Hessian-vector product) into float64 sums and divides once at
+the end (:func:`divided_sums`), so the result does not drift with the number of batches B. Adding every batch
+straight into float64 costs a read-modify-write of all of w per batch, the dominant per-batch cost on CPU;
+:class:`WideSums` therefore sums a block of consecutive batches in a float32 parameter's own dtype first and adds
+the block into float64.
 """
 
 from __future__ import annotations
@@ -93,3 +94,31 @@ class WideSums:
 def wide_dtype(dtype: torch.dtype) -> torch.dtype:
     """The accumulation dtype: float64, or complex128 for complex parameters."""
     return torch.complex128 if dtype.is_complex else torch.float64
+
+
+def divided_sums(
+    sums: PassSums, kind: str, expected_samples: int, all_samples: int, params: Sequence[torch.Tensor]
+) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    """The end of a pass: the sums divided by their denominator and cast once, (E as a detached 0-dim float64
+    tensor, one vector per parameter in its dtype, or none for a loss-only pass).
+
+    Args:
+        sums: the pass's sums, after the reduce step.
+        kind: the batch loss's kind (:class:`moller_scg.loss_weighting.BatchLoss`): ``"mean"`` divides by the
+            samples seen, ``"ratio"`` by Σ_b D_b, ``"sum"`` by nothing.
+        expected_samples: m, the samples of the pass (N, or a curvature subset of m of them); ``all_samples``: N.
+            A sum over m < N samples estimates the sum over N after scaling by N/m; a mean is the subset's own mean.
+        params: the parameters, whose dtypes the vectors are cast to.
+    """
+    denominator: torch.Tensor | int | float = 1
+    if kind == "mean":
+        denominator = sums.samples
+    elif kind == "ratio":
+        denominator = sums.denominator  # type: ignore[assignment]
+    elif expected_samples != all_samples:
+        denominator = expected_samples / all_samples  # "sum" over a subset: Σ_S · N/m
+    loss = sums.loss / denominator
+    vectors = []
+    if sums.vectors is not None:
+        vectors = [(s / denominator).to(p.dtype) for s, p in zip(sums.vectors, params)]
+    return loss.detach(), vectors

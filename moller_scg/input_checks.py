@@ -9,9 +9,11 @@ A float64 NumPy array (NumPy's default) fed to a float32 model fails deep inside
 * refuses floating inputs whose dtype differs from the model's (:func:`check_input_dtype`), naming both dtypes and
   the two ways to make them agree.
 
-It also resolves which parameters w the accumulator differentiates (:func:`trainable_params`), by which names
-``torch.func`` knows them (:func:`param_names`) and on which device batches are evaluated (:func:`resolve_device`),
-and checks the vectors v of a Hessian-vector product against the parameters (:func:`hvp_vectors`).
+It also checks the accumulator's arguments whose type alone decides (:func:`check_model_loss_and_progress`,
+:func:`check_cache_bytes`), resolves which parameters w the accumulator differentiates (:func:`trainable_params`),
+by which names ``torch.func`` knows them (:func:`param_names`) and on which device batches are evaluated
+(:func:`resolve_device`), and checks the vectors v of a Hessian-vector product against the parameters
+(:func:`hvp_vectors`).
 """
 
 from __future__ import annotations
@@ -22,6 +24,23 @@ from typing import Any
 
 import torch
 from torch import nn
+
+
+def check_model_loss_and_progress(model: Any, loss_fn: Any, progress: Any) -> None:
+    """A ``TypeError`` naming the value unless ``model`` is an ``nn.Module``, ``loss_fn`` is callable as
+    ``loss_fn(outputs, targets)`` and ``progress`` is a bool."""
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be a torch.nn.Module, got {describe_value(model)}")
+    if not callable(loss_fn):
+        raise TypeError(f"loss_fn must be callable as loss_fn(outputs, targets), got {describe_value(loss_fn)}")
+    if not isinstance(progress, bool):
+        raise TypeError(f"progress must be True or False, got {progress!r}")
+
+
+def check_cache_bytes(device_cache_bytes: Any) -> None:
+    """A ``ValueError`` naming the value unless ``device_cache_bytes`` (a byte budget) is an int ≥ 0."""
+    if isinstance(device_cache_bytes, bool) or not isinstance(device_cache_bytes, int) or device_cache_bytes < 0:
+        raise ValueError(f"Invalid device_cache_bytes {device_cache_bytes!r}; it must be an int ≥ 0")
 
 
 def model_dtype(params: Sequence[torch.Tensor]) -> torch.dtype | None:

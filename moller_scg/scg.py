@@ -5,8 +5,9 @@ Levenberg–Marquardt-scaled quadratic model along the conjugate direction, so t
 line search. Each step is marked in the code with the paper's step number; ``docs/algorithm.md`` maps them.
 
 The iteration reads here; the pieces it uses each have a module: ``scg_curvature`` (step 2's δ = pᵀs),
-``step_arithmetic`` (α₀, the loss decrease of step 6's Δ), ``scg_storage`` (where r and p live), ``scg_objective``
-(what a step evaluates), ``scg_state`` (the scalars k, λ, λ̄, δ, the trace, the ``state_dict`` entry) and
+``scg_trial`` (step 6's trial point and Δ), ``scg_direction`` (step 7's next direction p₊), ``step_arithmetic``
+(α₀, the loss decrease of step 6's Δ), ``scg_storage`` (where r and p live), ``scg_objective`` (what a step
+evaluates and what it cost), ``scg_state`` (the scalars k, λ, λ̄, δ, the trace, the ``state_dict`` entry) and
 ``scg_inputs`` (the checks of what a user passes).
 
 References:
@@ -28,6 +29,7 @@ from moller_scg import _vectors as vec
 from moller_scg import quasi_newton, step_arithmetic
 from moller_scg.objective import Objective
 from moller_scg.scg_curvature import curvature_along
+from moller_scg.scg_direction import next_direction, restart_period
 from moller_scg.scg_inputs import (
     HVP_MODES,
     SIGMA_MAX,
@@ -39,7 +41,7 @@ from moller_scg.scg_inputs import (
     _refuse_unoptimizable,
     _validate_hyperparameters,
 )
-from moller_scg.scg_objective import _StepObjective, evaluate
+from moller_scg.scg_objective import EvaluationTally, _StepObjective, evaluate
 from moller_scg.scg_state import (
     LAMBDA_MAX,
     SCGScalars,
@@ -51,6 +53,7 @@ from moller_scg.scg_state import (
     warn_when_stalled,
 )
 from moller_scg.scg_storage import _copy_loaded_vectors, _StateVectors
+from moller_scg.scg_trial import trial_at
 from moller_scg.step_arithmetic import UNRESOLVED_DECREASE_ULPS
 
 logger = logging.getLogger(__name__)
@@ -146,7 +149,8 @@ class SCG(torch.optim.Optimizer):
     ``max_iter`` (20 by default) iterations.
 
     Closure calls per step: a success costs 1 trial call (plus 1 curvature call with finite differences); a
-    failure costs 1 trial call. The first step adds the evaluation of w₁.
+    failure costs 1 trial call. The first step adds the evaluation of w₁. :attr:`trace` reports them as its
+    objective counted them (``closure_calls``: its ngev; ``hvp_calls``: its nhev plus Møller's finite differences).
 
     Example:
         >>> import torch
@@ -314,19 +318,23 @@ class SCG(torch.optim.Optimizer):
         closure = _checked_step_closure(closure, params)
         group = self.param_groups[0]
         objective = self._step_objective.objective_for(closure, params, group["hvp"], group["sigma"])
-        if not self._scalars.started or self._weights_changed_outside(params):
-            self._start(objective, params)
-        else:
-            self._storage.hold_in_flat_buffers(self.state, params, group["memory"])
-        accepted = self._storage.copy_of_weights(params)
+        tally = EvaluationTally(objective)  # SCG counts no evaluation itself: the objective does
         try:
-            self._iterate(objective, params, accepted)
-        except BaseException:
-            # Whatever the closure raised, the parameters hold the accepted point w afterwards.
-            vec.copy_(params, accepted)
-            raise
+            if not self._scalars.started or self._weights_changed_outside(params):
+                self._start(objective, params)
+            else:
+                self._storage.hold_in_flat_buffers(self.state, params, group["memory"])
+            accepted = self._storage.copy_of_weights(params)
+            try:
+                self._iterate(objective, params, accepted, tally)
+            except BaseException:
+                # Whatever the closure raised, the parameters hold the accepted point w afterwards.
+                vec.copy_(params, accepted)
+                raise
+            finally:
+                self._param_versions = [p._version for p in params]
         finally:
-            self._param_versions = [p._version for p in params]
+            self._trace = tally.add_to(self._scalars, self._trace)  # closure_calls, hvp_calls: what it counted
         self._warned_stalled = warn_when_stalled(self._trace, self._warned_stalled)
         return torch.tensor(self._scalars.loss, dtype=torch.float64)
 
@@ -334,7 +342,7 @@ class SCG(torch.optim.Optimizer):
         """Step 1: evaluate E(w₁) and r₁ = −E'(w₁); p₁ = r₁; λ = λ₁, λ̄ = 0, success = true."""
         if self._scalars.started:
             logger.info("parameters were changed outside SCG.step: restarting SCG from the current weights")
-        loss, gradients = evaluate(objective, self._scalars)
+        loss, gradients = evaluate(objective)
         step_arithmetic.require_finite(loss, gradients, "at the starting weights")
         memory = self.param_groups[0]["memory"]
         self._storage.start(self.state, params, gradients, memory)  # r₁ = −E'(w₁), p₁ = r₁
@@ -358,8 +366,11 @@ class SCG(torch.optim.Optimizer):
             scalars, residual_sq, residual_sq, comparison=math.nan, mu=math.nan, alpha=0.0, success=False
         )
 
-    def _iterate(self, objective: Objective, params: list[torch.Tensor], accepted: list[torch.Tensor]) -> None:
-        """Steps 2–9. State is committed only once every closure call of the iteration has returned.
+    def _iterate(
+        self, objective: Objective, params: list[torch.Tensor], accepted: list[torch.Tensor], tally: EvaluationTally
+    ) -> None:
+        """Steps 2–9. State is committed only once every closure call of the iteration has returned. ``tally`` is
+        told when step 2 forms Møller's finite difference (a curvature evaluation the objective cannot tell apart).
 
         Parameter-sized buffers held besides w and the closure's gradients: the accepted copy of w, r and p
         throughout, and one more — s = E''p until δ = pᵀs is formed (step 2), then r₊ from the trial on. The new
@@ -407,7 +418,7 @@ class SCG(torch.optim.Optimizer):
                 params,
                 accepted,
                 group,
-                scalars,
+                tally,
             )
         else:
             delta = scalars.delta
@@ -420,54 +431,20 @@ class SCG(torch.optim.Optimizer):
             lambd = lambd_bar
         # Step 5: the step length.
         alpha = mu / delta
-        # Step 6: the comparison ratio, from one evaluation at the trial point.
-        vec.add_(params, storage.per_parameter(direction), alpha)
-        trial_loss, trial_gradients = evaluate(objective, scalars)
+        # Step 6: the comparison ratio Δ, from one evaluation at the trial point w + αp.
+        trial = trial_at(objective, params, storage, direction, residual, alpha, mu, delta, scalars.loss, residual_sq)
+        trial_loss, new_residual, new_residual_sq, _, finite, comparison = trial
         # That was the last closure call of the iteration: from here on, state may be committed and p overwritten.
-        new_residual = storage.negated(trial_gradients)
-        new_residual_sq, new_dot_old, new_dot_direction = vec.dots(
-            [(new_residual, new_residual), (new_residual, residual), (new_residual, direction)]
-        )
-        finite = math.isfinite(trial_loss) and step_arithmetic.all_finite_given_squared_norm(
-            new_residual, new_residual_sq
-        )
-        if finite:
-            unchanged = trial_loss == scalars.loss and new_residual_sq == new_dot_old == residual_sq
-            decrease = step_arithmetic.loss_decrease(
-                scalars.loss,
-                trial_loss,
-                alpha,
-                mu,
-                new_dot_direction,
-                step_arithmetic.loss_epsilon(params),
-                unchanged=unchanged,
-            )
-            comparison = 2.0 * delta * decrease / mu**2
-        else:
-            comparison = math.nan
 
         # Step 7: accept or reject the trial point.
         scalars.k += 1
         if direction is not stored_direction:
             vec.copy_(stored_direction, direction)  # the steepest-descent fallback searched along p = r
         if finite and comparison >= 0.0:
-            if scalars.k % self._restart_period(params) == 0:
-                vec.copy_(stored_direction, new_residual)  # restart: p ← r₊
-                if self._secant_pairs is not None:
-                    self._secant_pairs.clear()
-                new_mu = new_direction_sq = new_residual_sq
-            elif self._secant_pairs is not None:
-                # p ← H r₊, with the pair (s, y) = (αp, r − r₊) of this step kept
-                new_direction_sq, new_mu = storage.quasi_newton_direction(
-                    self._secant_pairs, stored_direction, alpha, residual, new_residual
-                )
-            else:
-                beta = (new_residual_sq - new_dot_old) / mu
-                vec.scale_add_(stored_direction, beta, new_residual)  # p ← r₊ + βp
-                # |p₊|² for the trace, and p₊ᵀr₊, the next iteration's μ (step 5), together.
-                new_direction_sq, new_mu = vec.dots(
-                    [(stored_direction, stored_direction), (stored_direction, new_residual)]
-                )
+            restart = scalars.k % restart_period(group["restart"], params) == 0
+            new_direction_sq, new_mu = next_direction(
+                stored_direction, residual, trial, restart, self._secant_pairs, storage, alpha, mu
+            )
             storage.keep_residual(self.state, params, new_residual)  # r ← r₊
             held = (new_residual_sq, new_mu, new_direction_sq)  # (|r|², pᵀr, |p|²) of the r and p now held
             scalars.loss = trial_loss
@@ -493,24 +470,13 @@ class SCG(torch.optim.Optimizer):
             scalars, held_residual_sq, held_direction_sq, comparison=comparison, mu=mu, alpha=alpha, success=success
         )
         if scalars.non_finite_trials >= MAX_NON_FINITE_TRIALS:
-            raise FloatingPointError(
-                f"the loss or gradient at the trial point was not finite {scalars.non_finite_trials} times in a row "
-                f"(last trial loss: {trial_loss}), although each trial step was 4× shorter than the one before; "
-                f"the weights were kept at the last accepted point. The loss is probably not finite arbitrarily "
-                f"close to these weights: look for NaN in the data or an operation that fails there (log of 0, sqrt "
-                f"of a negative number); torch.autograd.set_detect_anomaly(True) names the operation"
-            )
+            raise step_arithmetic.non_finite_trials_error(scalars.non_finite_trials, trial_loss)
 
     # ----------------------------------------------------------------------------------------------------------
     # Helpers, each one idea
 
     def _params(self) -> list[torch.Tensor]:
         return [p for group in self.param_groups for p in group["params"]]
-
-    def _restart_period(self, params: list[torch.Tensor]) -> int:
-        """N: the user's restart period, or the number of real scalars in w (the paper's default)."""
-        restart = self.param_groups[0]["restart"]
-        return restart if restart is not None else sum(vec.as_real(p).numel() for p in params)
 
     def _weights_changed_outside(self, params: list[torch.Tensor]) -> bool:
         """Whether the parameters were written to since the last step (then r and E are stale)."""

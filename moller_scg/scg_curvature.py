@@ -9,7 +9,9 @@ Two ways, by SCG's ``hvp`` mode:
 
 :func:`curvature_along` picks one, and refuses a δ that is not finite. The products themselves are
 :mod:`moller_scg.curvature`'s and :func:`moller_scg.step_arithmetic.finite_difference_from_residual`'s; this module
-is where SCG asks for them and counts them. Steps 3–9 (λ, μ, α, Δ) stay in :mod:`moller_scg.scg`.
+is where SCG asks for them. The objective counts the evaluations; SCG's
+:class:`~moller_scg.scg_objective.EvaluationTally` is told when a finite difference was formed. Steps 3–9
+(λ, μ, α, Δ) stay in :mod:`moller_scg.scg`.
 
 References:
     Møller, M. F. (1993). A scaled conjugate gradient algorithm for fast supervised learning.
@@ -26,8 +28,7 @@ import torch
 from moller_scg import _vectors as vec
 from moller_scg import step_arithmetic
 from moller_scg.objective import Objective
-from moller_scg.scg_objective import evaluate
-from moller_scg.scg_state import SCGScalars
+from moller_scg.scg_objective import EvaluationTally, evaluate
 
 
 def curvature_along(
@@ -38,7 +39,7 @@ def curvature_along(
     params: list[torch.Tensor],
     accepted: list[torch.Tensor],
     group: dict[str, Any],
-    scalars: SCGScalars,
+    tally: EvaluationTally,
 ) -> float:
     """Step 2: δ = pᵀs with s ≈ E''(w)p at the accepted weights w.
 
@@ -52,16 +53,17 @@ def curvature_along(
         params: the parameters, holding w (moved to w + σₖp and back, bit-exactly, for the finite difference).
         accepted: the copy of w taken before the iteration.
         group: SCG's hyperparameters (``hvp`` and σ, ``sigma``).
-        scalars: SCG's scalars, whose ``hvp_calls`` and ``closure_calls`` count the product.
+        tally: the step's :class:`~moller_scg.scg_objective.EvaluationTally`, told of a finite difference formed here
+            (the objective counts the evaluations themselves).
 
     Raises:
         FloatingPointError: δ, or the gradient at w + σₖp, is not finite.
     """
-    scalars.hvp_calls += 1
     if group["hvp"] in ("finite-difference", "secant"):  # "secant" before its first pair: Møller's σ
         sigma_k = group["sigma"] / math.sqrt(direction_sq)
         vec.add_(params, direction, sigma_k)
-        _, shifted_gradients = evaluate(objective, scalars)
+        _, shifted_gradients = evaluate(objective)
+        tally.finite_difference_products += 1
         vec.copy_(params, accepted)
         curvature = step_arithmetic.finite_difference_from_residual(shifted_gradients, residual, sigma_k)
         (delta,) = vec.dots([(direction, curvature)])
@@ -72,7 +74,7 @@ def curvature_along(
                 f"lower sigma (now {group['sigma']!r}), or use hvp='double-backward' for exact curvature"
             )
     else:
-        (delta,) = vec.dots([(direction, _exact_curvature(direction, objective, scalars))])
+        (delta,) = vec.dots([(direction, _exact_curvature(direction, objective))])
     if not math.isfinite(delta):
         raise FloatingPointError(
             f"the curvature δ = pᵀs along the search direction is not finite ({delta}): the second "
@@ -82,15 +84,12 @@ def curvature_along(
     return delta
 
 
-def _exact_curvature(direction: list[torch.Tensor], objective: Objective, scalars: SCGScalars) -> list[torch.Tensor]:
-    """s = E''(w)p at the accepted weights w, from the objective.
+def _exact_curvature(direction: list[torch.Tensor], objective: Objective) -> list[torch.Tensor]:
+    """s = E''(w)p at the accepted weights w, from the objective (one nhev of its counts).
 
     The objective takes it from the graph of its last evaluation when that was at w (the accepted trial's, or
-    step 1's), and evaluates once more otherwise (after a ``load_state_dict`` or a copy): such an evaluation
-    counts as a closure call.
+    step 1's), and evaluates once more otherwise (after a ``load_state_dict`` or a copy): such an evaluation is
+    one more ngev of its counts, so a closure call of SCG's.
     """
-    evaluations_before = objective.counts.ngev
     with torch.enable_grad():
-        products = objective.hvp(direction)
-    scalars.closure_calls += objective.counts.ngev - evaluations_before
-    return products
+        return objective.hvp(direction)

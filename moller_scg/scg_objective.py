@@ -1,23 +1,26 @@
-"""What an :class:`~moller_scg.SCG` step evaluates: the objective E made from the closure, and its counted calls.
+"""What an :class:`~moller_scg.SCG` step evaluates: the objective E made from the closure, and what it cost.
 
 - :class:`_StepObjective` — the :class:`~moller_scg.objective.Objective` a step evaluates, made from what ``step``
   is given and kept while the same one comes, so that the graph of the accepted trial's evaluation serves the next
   step's product s = E''(w)p (step 2);
-- :func:`evaluate` — E(w) and E'(w) by one evaluation, counted in ``SCGScalars.closure_calls`` (steps 1 and
-  6, and step 2 with Møller's finite difference).
+- :func:`evaluate` — E(w) and E'(w) by one evaluation (steps 1 and 6, and step 2 with Møller's finite difference);
+- :class:`EvaluationTally` — a step's evaluations as the objective counted them, added to SCG's totals
+  ``closure_calls`` and ``hvp_calls``: the objective's :attr:`~moller_scg.objective.Objective.counts` are the only
+  counters of evaluations; SCG counts none itself.
 
-Neither outlives the optimizer object: a pickled, copied or loaded SCG makes its objective again at the next step.
+None outlives the optimizer object: a pickled, copied or loaded SCG makes its objective again at the next step.
 """
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable
 from typing import Any
 
 import torch
 
 from moller_scg.objective import ClosureObjective, Objective, as_objective, is_plain_closure, same_tensors
-from moller_scg.scg_state import SCGScalars
+from moller_scg.scg_state import SCGScalars, SCGTrace
 
 
 class _StepObjective:
@@ -59,13 +62,48 @@ class _StepObjective:
         return objective
 
 
-def evaluate(objective: Objective, scalars: SCGScalars) -> tuple[float, list[torch.Tensor]]:
-    """E(w) and E'(w) at the weights the parameters hold, by one evaluation of the objective (one closure call).
+def evaluate(objective: Objective) -> tuple[float, list[torch.Tensor]]:
+    """E(w) and E'(w) at the weights the parameters hold, by one evaluation of the objective (one closure call,
+    which the objective counts).
 
     The gradients are the objective's ``copy=False`` ones (the ``.grad`` tensors, a ``None`` one as zero): SCG
     is done with them before it evaluates again, and never writes into them.
     """
     with torch.enable_grad():
         loss, gradients = objective.value_and_grad(copy=False)
-    scalars.closure_calls += 1
     return float(loss), gradients
+
+
+class EvaluationTally:
+    """What one step cost, as its objective counted it: SCG's ``closure_calls`` and ``hvp_calls`` are sums of these.
+
+    Made at the start of a step, it reads the objective's :attr:`~moller_scg.objective.Objective.counts`;
+    :meth:`add_to` adds what they grew by since to SCG's totals (which ``state_dict`` saves, so they go on across a
+    checkpoint and across a new closure, or a new objective, at every step):
+
+    - ``closure_calls`` += Δngev: every gradient evaluation E'(w), whatever it was for — step 1, the trial point of
+      step 6, the gradient at w + σₖp of Møller's finite difference (step 2), or the evaluation an objective makes
+      again to form E''(w)p when the graph of its last one is gone (after ``load_state_dict``);
+    - ``hvp_calls`` += Δnhev + :attr:`finite_difference_products`: the products E''(w)p the objective formed, and
+      Møller's s = (E'(w + σₖp) − E'(w))/σₖ that SCG formed itself in step 2 from the gradient at w + σₖp. That
+      gradient is one ngev of the objective (so it is also a closure call) and one curvature evaluation of SCG's;
+      the objective cannot tell it from any other gradient, so step 2 says it took that branch.
+
+    Attributes:
+        finite_difference_products: Møller's finite differences formed in this step (0 or 1).
+    """
+
+    def __init__(self, objective: Objective) -> None:
+        self._objective = objective
+        counts = objective.counts
+        self._ngev_before, self._nhev_before = counts.ngev, counts.nhev
+        self.finite_difference_products = 0
+
+    def add_to(self, scalars: SCGScalars, trace: SCGTrace | None) -> SCGTrace | None:
+        """Add this step's evaluations to the totals in ``scalars``; returns ``trace`` with those totals."""
+        counts = self._objective.counts
+        scalars.closure_calls += counts.ngev - self._ngev_before
+        scalars.hvp_calls += counts.nhev - self._nhev_before + self.finite_difference_products
+        if trace is None:
+            return None
+        return dataclasses.replace(trace, closure_calls=scalars.closure_calls, hvp_calls=scalars.hvp_calls)

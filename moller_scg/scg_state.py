@@ -1,6 +1,7 @@
 """What :class:`~moller_scg.SCG` remembers between steps and what it reports after each one.
 
-- :class:`SCGScalars` — the scalars of Møller's iteration (k, E, λ, λ̄, δ, success) and the call counts, besides
+- :class:`SCGScalars` — the scalars of Møller's iteration (k, E, λ, λ̄, δ, success) and the call totals (added up
+  from the objective's own counts, :class:`~moller_scg.scg_objective.EvaluationTally`), besides
   the per-parameter vectors p and r held in ``optimizer.state``;
 - :class:`SCGTrace` — the numbers of the latest iteration (:func:`make_trace`), with :attr:`SCGTrace.stalled`, the
   signal to stop a plain ``step`` loop (:class:`SCGStalledWarning` when it turns true, :func:`warn_when_stalled`);
@@ -41,8 +42,11 @@ class SCGTrace:
         alpha: α = μ / δ, the step length (step 5).
         residual_norm: |r| = |E'(w)| at the weights held after the step.
         direction_norm: |p| of the direction the next iteration searches along.
-        closure_calls: closure evaluations since the optimizer was made.
-        hvp_calls: Hessian-vector products (curvature evaluations) since the optimizer was made.
+        closure_calls: closure evaluations since the optimizer was made: the gradient evaluations (ngev) its
+            objectives counted during its steps (:class:`~moller_scg.scg_objective.EvaluationTally`).
+        hvp_calls: curvature evaluations since the optimizer was made: the Hessian-vector products (nhev) its
+            objectives counted during its steps, plus the finite differences of Møller's step 2 (each from one
+            gradient evaluation, which is also a closure call).
     """
 
     k: int
@@ -84,8 +88,9 @@ class SCGScalars:
         delta: δ of the last iteration, reused when the last trial failed (step 2 is then skipped).
         success: whether the last trial succeeded, i.e. whether the next iteration needs fresh curvature.
         non_finite_trials: non-finite trials in a row.
-        closure_calls: closure evaluations so far.
-        hvp_calls: curvature evaluations so far.
+        closure_calls: closure evaluations so far, as the objectives counted them (``SCGTrace.closure_calls``).
+        hvp_calls: curvature evaluations so far, as the objectives counted them, and finite differences
+            (``SCGTrace.hvp_calls``).
         started: whether E(w₁) and r₁ have been evaluated (step 1).
     """
 

@@ -2,7 +2,8 @@
 
 LBFGS's first step length α₀ of the secant mode, the loss decrease E(w) − E(w + αp) of step 6 (measured, or
 estimated from the slopes when rounding drowns it), Møller's finite-difference quotient s of step 2, and the
-finiteness checks. :class:`moller_scg.SCG` calls them; each is tested on its own in ``tests/test_scg.py``.
+finiteness checks and their errors. :class:`moller_scg.SCG` calls them; each is tested on its own in
+``tests/test_scg.py``.
 """
 
 from __future__ import annotations
@@ -99,3 +100,14 @@ def require_finite(loss: float, gradients: list[torch.Tensor], where: str) -> No
             f"the gradient {where} is not finite although the loss is: look for an operation whose derivative is "
             f"infinite there (sqrt or abs at 0, log near 0); torch.autograd.set_detect_anomaly(True) names it"
         )
+
+
+def non_finite_trials_error(trials: int, trial_loss: float) -> FloatingPointError:
+    """The error for ``trials`` non-finite trial points in a row (the last one's loss ``trial_loss``)."""
+    return FloatingPointError(
+        f"the loss or gradient at the trial point was not finite {trials} times in a row "
+        f"(last trial loss: {trial_loss}), although each trial step was 4× shorter than the one before; "
+        f"the weights were kept at the last accepted point. The loss is probably not finite arbitrarily "
+        f"close to these weights: look for NaN in the data or an operation that fails there (log of 0, sqrt "
+        f"of a negative number); torch.autograd.set_detect_anomaly(True) names the operation"
+    )

@@ -27,6 +27,7 @@ import numbers
 from typing import Any
 
 import torch
+from torch.utils.data import DataLoader
 
 from moller_scg.distributed import shard_range
 
@@ -93,6 +94,23 @@ class CurvatureSubsets:
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}(samples={self.samples}, fraction={self.fraction}, mode={self.mode!r})"
+
+
+def curvature_subsets(data: Any, shard_samples: int, fraction: float, mode: str, seed: int) -> CurvatureSubsets | None:
+    """The subsets of a curvature pass for a fraction f < 1 of the samples, or ``None`` for f = 1 (all of them).
+
+    ``data`` is what the accumulator was given: a ``DataLoader`` is refused for f < 1 (it fixes its own sampler);
+    ``shard_samples``: the samples this process streams.
+    """
+    if fraction >= 1.0:
+        return None
+    if isinstance(data, DataLoader):
+        raise TypeError(
+            "curvature_fraction < 1 chooses its own samples, but a DataLoader fixes its sampler: pass its "
+            "dataset and batch_size instead (GradientAccumulator(model, loss_fn, loader.dataset, "
+            "batch_size=loader.batch_size, curvature_fraction=...))"
+        )
+    return CurvatureSubsets(shard_samples, fraction, mode, seed)
 
 
 def curvature_samples(samples: int, fraction: float, shard: tuple[int, int] | None) -> int:

@@ -279,6 +279,73 @@ def test_failed_trial_costs_one_call_and_skips_curvature(mode):
     assert failures > 0, "the problem should produce failed trials for this test to mean anything"
 
 
+class EvaluatedTwice:
+    """An Objective that evaluates every E'(w) and E''(w)p twice and checks that the two agree bit for bit (a
+    determinism check): each costs two evaluations, which its inner objective's counts record."""
+
+    def __init__(self, inner):
+        self.inner = inner
+
+    params = property(lambda self: self.inner.params)
+    counts = property(lambda self: self.inner.counts)
+
+    def value_and_grad(self, *, copy=True):
+        first_loss, first = self.inner.value_and_grad()
+        loss, gradients = self.inner.value_and_grad(copy=copy)
+        assert first_loss == loss and all(torch.equal(a, b) for a, b in zip(first, gradients))
+        return loss, gradients
+
+    def hvp(self, vectors):
+        first = self.inner.hvp(vectors)
+        products = self.inner.hvp(vectors)  # the first product freed the graph: the inner objective evaluates again
+        assert all(torch.equal(a, b) for a, b in zip(first, products))
+        return products
+
+    def loss(self):
+        return self.inner.loss()
+
+    def state_dict(self):
+        return self.inner.state_dict()
+
+    def load_state_dict(self, state_dict):
+        self.inner.load_state_dict(state_dict)
+
+
+@pytest.mark.parametrize("mode", ["double-backward", "finite-difference"])
+def test_call_counts_are_what_the_objective_counted(mode):
+    # SCG counts no evaluation itself: its totals are the growth of its objective's counts (ngev for closure calls,
+    # nhev for exact products), plus the finite differences it formed in step 2 from one of those gradients. An
+    # objective that evaluates everything twice costs twice the closure calls of a plain closure on the same
+    # trajectory; its counts start above 0 and the totals go on across a state_dict round trip into a new SCG.
+    plain_w = nn.Parameter(torch.tensor([-1.2, 1.0], dtype=torch.float64))
+    plain = SCG([plain_w], hvp=mode)
+    plain_closure = closure_for(plain, [plain_w], lambda: rosenbrock(plain_w), mode)
+    plain_losses = [float(plain.step(plain_closure)) for _ in range(12)]
+
+    w = nn.Parameter(torch.tensor([-1.2, 1.0], dtype=torch.float64))
+    optimizer = SCG([w], hvp=mode)
+    objective = EvaluatedTwice(ClosureObjective(closure_for(optimizer, [w], lambda: rosenbrock(w), mode), [w], mode))
+    objective.value_and_grad()  # an evaluation before SCG's: not SCG's to count
+    before = dataclasses.replace(objective.counts)
+    losses = [float(optimizer.step(objective)) for _ in range(6)]
+    resumed = SCG([w], hvp=mode)
+    resumed.load_state_dict(optimizer.state_dict())
+    losses += [float(resumed.step(objective)) for _ in range(6)]
+
+    assert losses == plain_losses
+    trace, plain_trace = resumed.trace, plain.trace
+    assert trace.closure_calls == objective.counts.ngev - before.ngev
+    if mode == "double-backward":
+        assert trace.hvp_calls == objective.counts.nhev - before.nhev == 2 * plain_trace.hvp_calls
+        # The second of each pair of products re-evaluates once: the first product took the graph.
+        assert trace.closure_calls == 2 * plain_trace.closure_calls + trace.hvp_calls // 2
+    else:
+        assert objective.counts.nhev == before.nhev  # SCG forms the finite difference itself
+        assert trace.hvp_calls == plain_trace.hvp_calls > 0
+        assert trace.closure_calls == 2 * plain_trace.closure_calls
+    assert resumed.state_dict()["scg"]["scalars"]["closure_calls"] == trace.closure_calls
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # Nothing is lost.
 

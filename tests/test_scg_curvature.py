@@ -9,6 +9,7 @@ import torch
 from moller_scg import _vectors as vec
 from moller_scg.objective import as_objective
 from moller_scg.scg_curvature import curvature_along
+from moller_scg.scg_objective import EvaluationTally
 from moller_scg.scg_state import SCGScalars
 
 # E(w) = ½ Σ aᵢ wᵢ² over two parameter tensors: E'(w) = a ⊙ w and E''(w)p = a ⊙ p.
@@ -41,7 +42,7 @@ def test_curvature_along_is_p_transposed_a_p_and_leaves_the_weights_bit_exact(hv
     _, gradients = objective.value_and_grad()
     direction = [torch.tensor([[1.0, -1.0], [0.5, 2.0]], dtype=torch.float64), torch.tensor([1.5], dtype=torch.float64)]
     (direction_sq,) = vec.dots([(direction, direction)])
-    scalars = SCGScalars()
+    tally = EvaluationTally(objective)
 
     with torch.no_grad():  # as in SCG.step
         delta = curvature_along(
@@ -52,8 +53,10 @@ def test_curvature_along_is_p_transposed_a_p_and_leaves_the_weights_bit_exact(hv
             params,
             vec.clone(params),
             {"hvp": hvp, "sigma": 5e-5},
-            scalars,
+            tally,
         )
+    scalars = SCGScalars()
+    tally.add_to(scalars, None)  # SCG's totals: what the objective counted, and the finite difference formed
 
     expected = sum(float((a * d * d).sum()) for a, d in zip(CURVATURES, direction))  # pᵀE''p on the quadratic
     assert delta == pytest.approx(expected, rel=1e-12 if hvp == "double-backward" else 1e-8)
@@ -80,5 +83,5 @@ def test_curvature_along_refuses_a_non_finite_delta():
             params,
             vec.clone(params),
             {"hvp": "double-backward", "sigma": 5e-5},
-            SCGScalars(),
+            EvaluationTally(objective),
         )
