@@ -222,30 +222,33 @@ def test_an_objective_passed_by_the_caller_is_used_as_it_is_and_never_rewired():
     assert objective.counts.nhev == 1
 
 
+class OnlyTheProtocol:
+    """An Objective that has the protocol's members only (no ``__call__``), each handed to an inner objective."""
+
+    def __init__(self, inner):
+        self.inner = inner
+
+    params = property(lambda self: self.inner.params)
+    counts = property(lambda self: self.inner.counts)
+
+    def value_and_grad(self, *, copy=True):
+        return self.inner.value_and_grad(copy=copy)
+
+    def hvp(self, vectors):
+        return self.inner.hvp(vectors)
+
+    def loss(self):
+        return self.inner.loss()
+
+    def state_dict(self):
+        return self.inner.state_dict()
+
+    def load_state_dict(self, state_dict):
+        self.inner.load_state_dict(state_dict)
+
+
 def test_an_objective_without_call_is_stepped_on_like_its_closure():
     # The Objective protocol asks for value_and_grad and hvp, not for __call__.
-    class OnlyTheProtocol:
-        def __init__(self, inner):
-            self.inner = inner
-
-        params = property(lambda self: self.inner.params)
-        counts = property(lambda self: self.inner.counts)
-
-        def value_and_grad(self, *, copy=True):
-            return self.inner.value_and_grad(copy=copy)
-
-        def hvp(self, vectors):
-            return self.inner.hvp(vectors)
-
-        def loss(self):
-            return self.inner.loss()
-
-        def state_dict(self):
-            return self.inner.state_dict()
-
-        def load_state_dict(self, state_dict):
-            self.inner.load_state_dict(state_dict)
-
     losses = {}
     for wrap in (False, True):
         w = nn.Parameter(torch.tensor([-1.2, 1.0], dtype=torch.float64))
@@ -279,15 +282,9 @@ def test_failed_trial_costs_one_call_and_skips_curvature(mode):
     assert failures > 0, "the problem should produce failed trials for this test to mean anything"
 
 
-class EvaluatedTwice:
+class EvaluatedTwice(OnlyTheProtocol):
     """An Objective that evaluates every E'(w) and E''(w)p twice and checks that the two agree bit for bit (a
     determinism check): each costs two evaluations, which its inner objective's counts record."""
-
-    def __init__(self, inner):
-        self.inner = inner
-
-    params = property(lambda self: self.inner.params)
-    counts = property(lambda self: self.inner.counts)
 
     def value_and_grad(self, *, copy=True):
         first_loss, first = self.inner.value_and_grad()
@@ -300,15 +297,6 @@ class EvaluatedTwice:
         products = self.inner.hvp(vectors)  # the first product freed the graph: the inner objective evaluates again
         assert all(torch.equal(a, b) for a, b in zip(first, products))
         return products
-
-    def loss(self):
-        return self.inner.loss()
-
-    def state_dict(self):
-        return self.inner.state_dict()
-
-    def load_state_dict(self, state_dict):
-        self.inner.load_state_dict(state_dict)
 
 
 @pytest.mark.parametrize("mode", ["double-backward", "finite-difference"])
