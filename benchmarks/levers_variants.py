@@ -19,7 +19,9 @@ clearly win (issue #14), written on one flat vector so that each differs from th
     after it;
 
 * ``reject_pairs=True``: a rejected trial's secant pair is kept too, and the direction recomputed from it;
-* ``decrease``: the divisor of λ after a good step (Møller: 4); ``lambd``: λ₁;
+* ``decrease``: the divisor of λ after a good step (the library's secant mode: 2; Møller: 4); ``lambd``: λ₁;
+* ``hold_after_rejection=True``: λ is not divided after a good step that retries a rejected one (a trust region
+  that does not widen again right after it was narrowed);
 * ``first_step``, the very first step, before any secant pair is held: ``"scaled"`` (the library: no curvature
   pass, δ is set so that α = min(1, 1/|r|₁), the first step of torch.optim.LBFGS, before λ's share) or
   ``"finite-difference"`` (the library's previous mode: δ by Møller's σ, one more pass); later steps without a pair
@@ -139,7 +141,7 @@ class FlatSCG:
         cubic: bool = False,
         retry: str = "moller",
         reject_pairs: bool = False,
-        decrease: float = 4.0,
+        decrease: float = 2.0,
         first_step: str = "scaled",
         gamma_window: int | None = None,
         gamma_pick: str = "max",
@@ -149,6 +151,7 @@ class FlatSCG:
         restart: int | None = None,
         nonmonotone: int = 1,
         layerwise: bool = False,
+        hold_after_rejection: bool = False,
         sigma: float = 5e-5,
         lambd: float = 5e-7,
     ) -> None:
@@ -168,6 +171,7 @@ class FlatSCG:
             )
         self.direction_rule, self.curvature = direction, curvature
         self.retry, self.reject_pairs, self.decrease = retry, reject_pairs, decrease
+        self.hold_after_rejection = hold_after_rejection
         self.first_step, self.angle, self.restart, self.growth = first_step, angle, restart, growth
         if nonmonotone < 1:
             raise ValueError(f"nonmonotone must be ≥ 1 (1: Møller's test), got {nonmonotone}")
@@ -266,6 +270,7 @@ class FlatSCG:
         finite = math.isfinite(trial_loss) and bool(torch.isfinite(new_r).all())
         comparison = 2.0 * delta * (self.loss - trial_loss) / mu**2 if finite else math.nan
         self.steps += 1
+        retrying = not self.success  # this trial is along the p of a rejected one
         cubic_lambda = None
         # Non-monotone acceptance (Grippo, Lampariello & Lucidi 1986): accept when the trial loss is below the
         # largest of the last `nonmonotone` accepted losses; Δ, and with it λ, still compares with E(w).
@@ -286,7 +291,7 @@ class FlatSCG:
                 new_p = new_z + beta * p
             self.r, self.p, self.z, self.loss = new_r, new_p, new_z, trial_loss
             lambd_bar, self.success = 0.0, True
-            if comparison >= 0.75:
+            if comparison >= 0.75 and not (self.hold_after_rejection and retrying):
                 lambd /= self.decrease
         else:
             self._set(w)

@@ -67,7 +67,7 @@ def reference_scg(
     With ``memory`` = m ≥ 1, the direction after a success is p = H r₊, H the L-BFGS inverse of the last m pairs
     (s, y) = (αp, r − r₊) by the two-loop recursion (Nocedal & Wright, Algorithm 7.4); with ``secant``, δ = μ once a
     pair is kept (Møller's finite difference before, except at the very first step: δ = μ/α₀ with LBFGS's first step
-    length α₀ = min(1, 1/|r|₁)).
+    length α₀ = min(1, 1/|r|₁)), and λ is divided by 2 after a good step instead of Møller's 4.
     """
     n = restart if restart is not None else w1.numel()
     pairs: list[tuple[Vector, Vector]] = []
@@ -132,7 +132,7 @@ def reference_scg(
                 p_new = r_new + beta * p
             w, loss, r, p = w_trial, loss_trial, r_new, p_new
             if comparison >= 0.75:
-                lambd = lambd / 4
+                lambd = lambd / (2 if secant else 4)  # the secant mode divides by 2, Møller by 4
         else:
             lambd_bar, success = lambd, False
         # Step 8.
