@@ -20,7 +20,9 @@ of operations that does not grow with m — what keeps a step cheap when a gradi
 The pairs are stored flat: all parameters that share a device and dtype form one block, whose m steps and m
 changes are the rows of one ``(2, m, n_block)`` tensor (complex parameters as their real and imaginary parts).
 The m × m inner products SᵀY and YᵀY and the order of the slots are small and kept in float64 NumPy arrays on
-the CPU, where a handful of m × m operations cost microseconds, not a tensor operation's dispatch each.
+the CPU, where a handful of m × m operations cost microseconds, not a tensor operation's dispatch each: once by
+slot (what ``state_dict`` saves) and once in the pairs' order, oldest first, as the compact form uses them (4m²
+numbers in all, kept up to date as pairs come and go so that no step reorders them).
 
 References:
     Nocedal, J. (1980). Updating quasi-Newton matrices with limited storage. Math. Comp. 35(151), 773–782.

@@ -135,16 +135,17 @@ def test_quick_run_writes_table_json_and_figure(tmp_path, monkeypatch, capsys):
     scg_rows = [r["name"] for r in results["problems"][0]["results"] if r["family"] == "SCG"]
     assert scg_rows == ["SCG exact", "SCG finite-diff", "SCG exact, 10% curv.", "SCG m=20", "SCG m=5", "SCG m=40"]
     # SCG(memory=m) holds the 2m secant pairs besides p, r and w (and the pair's temporaries between evaluations),
-    # and the m × m products SᵀY and YᵀY (2m² numbers: 6.4 n for m = 40 on the 501-weight regression).
+    # and four m × m matrices: SᵀY and YᵀY by slot, R and YᵀY in the pairs' order (4m² numbers: 12.8 n for m = 40 on
+    # the 501-weight regression).
     for name, memory in (("SCG m=20", 20), ("SCG m=5", 5), ("SCG m=40", 40)):
         for block in results["problems"]:
             row = next(r for r in block["results"] if r["name"] == name)
-            small_matrices = 2 * memory**2 / block["problem"]["n"]
+            small_matrices = 4 * memory**2 / block["problem"]["n"]
             assert 2 * memory + 3 <= row["state_in_n"] <= 2 * memory + 5 + small_matrices, (
                 block["problem"]["name"],
                 name,
             )
-        assert probe[name] <= 2 * memory + 10 + 2 * memory**2 / probe_block["problem"]["n"], name
+        assert probe[name] <= 2 * memory + 10 + 4 * memory**2 / probe_block["problem"]["n"], name
     assert set(results["goals"]) == set(scg_rows)
 
 
