@@ -171,3 +171,25 @@ def test_gamma_is_the_largest_curvature_ratio_of_the_pairs_held():
     assert pairs.gamma == pytest.approx(2.0, rel=1e-15)
     assert pairs.push([e1], [16.0 * e1])  # drops the pair of ratio 2
     assert pairs.gamma == pytest.approx(1 / 8, rel=1e-15)
+
+
+def test_the_pairs_in_their_order_are_the_slots_reordered_after_every_push():
+    # The ordered R and YᵀY (and γ's ratios) are kept up to date as pairs come and go: after every push, with the
+    # oldest pair dropped 4 times, and after a clear, they equal what reordering sy and yy by the slots gives.
+    n = sum(torch.Size(s).numel() for s in SHAPES)
+    params = [torch.zeros(s, dtype=torch.float64) for s in SHAPES]
+    hessian = spd(n, seed=3)
+    generator = torch.Generator().manual_seed(11)
+    pairs, reloaded = SecantPairs(params, 4), SecantPairs(params, 4)
+    for push in range(12):
+        if push == 7:
+            pairs.clear()
+        step = torch.randn(n, generator=generator, dtype=torch.float64)
+        assert pairs.push(split(step), split(hessian @ step))
+        reloaded.load_state_dict(pairs.state_dict())  # orders the pairs from sy, yy and the slots afresh
+        held = len(pairs.slots)
+        assert held == min(4, push + 1 if push < 7 else push - 6)
+        assert (pairs._order == reloaded._order).all() and list(pairs._order) == pairs.slots
+        assert (pairs._ordered_r[:held, :held] == reloaded._ordered_r[:held, :held]).all()
+        assert (pairs._ordered_yy[:held, :held] == reloaded._ordered_yy[:held, :held]).all()
+        assert pairs._ratios == reloaded._ratios and pairs.gamma == reloaded.gamma
