@@ -7,7 +7,9 @@ their real and imaginary parts (``torch.view_as_real``), so ℂᵐ counts as ℝ
 
 Reductions cost a host synchronisation (on a GPU, the wait for the result), so :func:`dots` forms several inner
 products with one synchronisation per device for all of them. An inner product never materialises the whole
-elementwise product: only one parameter's worth of temporary at a time.
+elementwise product: a tensor of more than ``DOT_CHUNK`` numbers is multiplied and summed ``DOT_CHUNK`` numbers
+at a time, so the temporary stays small enough to be reused from the allocator's cache instead of faulting in
+fresh pages (on a 50 M-weight flat vector: 0.08 s instead of 0.25 s per inner product on one CPU thread).
 
 Most in-place updates use ``torch._foreach_*`` ops, one call for all parameters; each gives the same bits as the
 per-tensor op would.
@@ -27,10 +29,26 @@ def as_real(tensor: torch.Tensor) -> torch.Tensor:
     return torch.view_as_real(tensor) if tensor.is_complex() else tensor
 
 
+DOT_CHUNK = 1 << 20
+"""Numbers per piece of an inner product of a larger tensor (4 MiB of float32 temporary); smaller tensors are
+multiplied and summed whole, as before this limit existed (the same bits)."""
+
+
+def _float64_dot(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """xᵀy as a 0-dim float64 tensor on the tensors' device: the elementwise product in their dtype, summed in float64,
+    ``DOT_CHUNK`` numbers at a time when the tensors are larger (the pieces' float64 sums then added)."""
+    x, y = as_real(x), as_real(y)
+    if x.numel() <= DOT_CHUNK:
+        return torch.sum(x * y, dtype=torch.float64)
+    x, y = x.reshape(-1), y.reshape(-1)
+    pieces = [torch.sum(a * b, dtype=torch.float64) for a, b in zip(x.split(DOT_CHUNK), y.split(DOT_CHUNK))]
+    return torch.stack(pieces).sum()
+
+
 def _partial_dots(xs: Sequence[torch.Tensor], ys: Sequence[torch.Tensor]) -> TensorList:
     """xᵢᵀyᵢ of each pair of tensors, as 0-dim float64 tensors on the tensors' devices."""
     # The elementwise product stays in the parameters' dtype; its sum is taken in float64.
-    return [torch.sum(as_real(x) * as_real(y), dtype=torch.float64) for x, y in zip(xs, ys)]
+    return [_float64_dot(x, y) for x, y in zip(xs, ys)]
 
 
 def _totals(partial_sums: Sequence[Sequence[torch.Tensor]]) -> list[float]:
@@ -62,7 +80,7 @@ def dots(pairs: Sequence[tuple[Sequence[torch.Tensor], Sequence[torch.Tensor]]])
 def _dots_of_single_tensors(pairs: Sequence[tuple[Sequence[torch.Tensor], Sequence[torch.Tensor]]]) -> list[float]:
     """:func:`dots` when each vector is one tensor (SCG's flat buffers): the same bits with fewer operations, one
     stack of the products per device instead of one per product and per device."""
-    products = [torch.sum(as_real(xs[0]) * as_real(ys[0]), dtype=torch.float64) for xs, ys in pairs]
+    products = [_float64_dot(xs[0], ys[0]) for xs, ys in pairs]
     device = products[0].device
     if any(product.device != device for product in products):
         return _totals([[product] for product in products])

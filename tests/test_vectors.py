@@ -46,6 +46,27 @@ def test_dot_is_the_float64_sum_of_the_elementwise_products():
     assert _vectors.dot(x, y) == pytest.approx(float(np.dot(as_numpy(x), as_numpy(y))), rel=1e-14)
 
 
+@pytest.mark.parametrize("one_tensor", [True, False])
+def test_a_tensor_larger_than_the_chunk_is_summed_piece_by_piece(monkeypatch, one_tensor):
+    # Above DOT_CHUNK numbers the product is formed and summed in pieces (float64 sums of the pieces, then their
+    # float64 sum): exactly the pieces' sum as written out here (a lost or doubled piece shows), and within float64
+    # rounding of the whole sum.
+    generator = torch.Generator().manual_seed(5)
+    x, y = (torch.randn(2, 25, generator=generator) for _ in range(2))
+    monkeypatch.setattr(_vectors, "DOT_CHUNK", 7)
+    vectors = ([x], [y]) if one_tensor else ([x, y[0]], [y, x[0]])
+    (result,) = _vectors.dots([vectors])
+
+    def piecewise(a, b):
+        a, b = a.reshape(-1), b.reshape(-1)
+        return torch.stack([torch.sum(p * q, dtype=torch.float64) for p, q in zip(a.split(7), b.split(7))]).sum()
+
+    expected = torch.stack([piecewise(a, b) for a, b in zip(*vectors)]).sum()
+    assert result == float(expected)
+    whole = sum(float(torch.sum(a * b, dtype=torch.float64)) for a, b in zip(*vectors))
+    assert result == pytest.approx(whole, rel=1e-12, abs=1e-12)
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 def test_squared_norm_against_numpy(dtype):
     x = vector(0, dtype)
