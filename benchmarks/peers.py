@@ -293,10 +293,11 @@ def write_report(results: dict[str, Any], out: Path) -> int:
     print(text)
     out.mkdir(parents=True, exist_ok=True)
     stem = "peers_quick" if results["quick"] else "peers"
-    plot(results, out / f"{stem}.png")
+    if results["problems"]:  # the figure shows the problems' races; the memory-bound case has its table only
+        plot(results, out / f"{stem}.png")
     (out / f"{stem}.txt").write_text(text + "\n", encoding="utf-8")
     (out / f"{stem}.json").write_text(to_json(results) + "\n", encoding="utf-8")
-    print(f"\nwritten to {out / stem}.{{txt,json,png}}")
+    print(f"\nwritten to {out / stem}.{{txt,json{',png' if results['problems'] else ''}}}")
     return 0
 
 

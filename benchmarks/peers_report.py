@@ -267,7 +267,8 @@ def report(results: dict[str, Any], memory_bound_lines: list[str] | None = None)
     ]
     for block in results["problems"]:
         lines += problem_table(block) + [""]
-    lines += memory_section(results["problems"]) + [""]
+    if results["problems"]:  # none when only the memory-bound case was run
+        lines += memory_section(results["problems"]) + [""]
     if memory_bound_lines:
         lines += [""] + memory_bound_lines
     lines += [""] + results["goals_text"]

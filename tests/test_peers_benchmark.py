@@ -299,3 +299,17 @@ def test_from_json_reads_back_what_to_json_wrote(monkeypatch):
     ]
     results = {"quick": True, "problems": [fake_block("toy", [result], [1.0, 2.0, 3.0])]}
     assert report.from_json(report.to_json(results)) == results
+
+
+@pytest.mark.slow
+@pytest.mark.filterwarnings("ignore:`torch.jit.script` is deprecated:FutureWarning")  # torchmin, at import
+def test_the_memory_bound_case_runs_alone(tmp_path, monkeypatch):
+    # --problems memory-bound: no problem race, so no per-problem memory table and no figure, but the report and
+    # the JSON of the memory-bound case (its report used to fail on the missing races).
+    peers = load_benchmark(monkeypatch)
+    assert peers.main(["--quick", "--problems", "memory-bound", "--out", str(tmp_path)]) == 0
+    report = (tmp_path / "peers_quick.txt").read_text(encoding="utf-8")
+    assert "## memory-bound" in report and "cannot run: needs more than the cap" in report
+    results = json.loads((tmp_path / "peers_quick.json").read_text(encoding="utf-8"))
+    assert results["problems"] == [] and results["memory_bound"]["results"]
+    assert not (tmp_path / "peers_quick.png").exists()
