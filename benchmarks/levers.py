@@ -23,7 +23,9 @@ Usage:
 ``--table passes`` runs the rows of ``passes_rows`` (λ, γ, first-step and pair rules of ``levers_variants.py``)
 one after the other, not interleaved: every row takes one gradient pass per step, passes do not depend on the
 machine's load, and the table gives passes to the targets only, per seed and their geometric mean
-(``benchmarks/results/levers_passes.txt``).
+(``benchmarks/results/levers_passes.txt``). ``flat m=20 (library)`` is the library's secant mode (λ ÷ 2 after a
+good step); the rows measured before that rule was adopted keep Møller's ``decrease=4.0``, so that their published
+tables reproduce, and ``flat m=20, λ ÷ 4`` is the library's mode of that time.
 """
 
 from __future__ import annotations
