@@ -90,9 +90,10 @@ def test_quick_run_writes_table_json_and_figure(tmp_path, monkeypatch, capsys):
             assert budget - max(hvp_cost, 1) - 1e-9 <= result["passes"] <= budget + 1e-9, name
             passes = result["calls"]["gradient"] + hvp_cost * result["calls"]["hvp"]
             assert math.isclose(result["passes"], passes + costs["loss"] * result["calls"]["loss"]), name
-            if (block["problem"]["name"], name) == ("mnist", "torchmin Newton-CG"):
-                # Its first step is a gradient and an inner CG of HVPs at ~2.5 passes each, with the line search
-                # after them: whether it fits the 8-pass quick budget depends on the measured HVP cost.
+            if block["problem"]["name"] == "mnist" and name in ("torchmin Newton-CG", "torchmin trust-ncg"):
+                # Their first step is a gradient and an inner CG of HVPs at 2.5–3 passes each, with the line search
+                # or the trial after them: whether it fits the 8-pass quick budget depends on the HVP cost measured
+                # at the start of the run (trust-ncg made no step in 1 of 3 CI runs on 2026-12-01).
                 assert result["final_loss"] <= initial, name
             else:
                 assert result["final_loss"] < initial, name  # every optimizer made progress from the same start
