@@ -220,10 +220,17 @@ def _init(rank: int, world_size: int, folder: str, timeout: datetime.timedelta =
 
 def _scenario_worker(rank: int, world_size: int, folder: str) -> None:
     _init(rank, world_size, folder)
+    finished = False
     try:
         torch.save(_scenarios(Path(folder)), Path(folder) / f"rank{rank}.pt")
+        finished = True
     finally:
-        dist.destroy_process_group()
+        moller_dist.shut_down(finished)
+    # What is tested ends here: every rank has written its results and left the group as the library's own scripts
+    # do. Skip interpreter teardown: a gloo worker thread that still holds a finished collective is killed there and
+    # the process aborts ("terminate called without an active exception", SIGABRT), about 1 run in 200 even after
+    # shut_down (see its docstring); CI saw it on this test under load. That is gloo's teardown, not the library.
+    os._exit(0)
 
 
 def _spawn_scenarios(world_size: int, folder: Path) -> list[dict]:
