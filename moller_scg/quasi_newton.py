@@ -15,7 +15,9 @@ on MNIST (``benchmarks/results/levers_passes.txt``, docs/performance.md).
 
 One matrix-vector product with the 2m × n block [S Y]ᵀ, an m × m triangular solve and one product back replace the
 4m vector operations of the two-loop recursion: the same H v (tested against the two-loop recursion), with a number
-of operations that does not grow with m — what keeps a step cheap when a gradient pass is cheap.
+of operations that does not grow with m — what keeps a step cheap when a gradient pass is cheap. While the first m
+pairs fill the stacks, the products read only the rows of the pairs held, as the two-loop recursion does (on the
+MNIST CNN, m = 20, the first 24 steps took 5 ms each instead of 14).
 
 The pairs are stored flat: all parameters that share a device and dtype form one block, whose m steps and m
 changes are the rows of one ``(2, m, n_block)`` tensor (complex parameters as their real and imaginary parts).
@@ -76,6 +78,9 @@ class SecantPairs:
         self._ordered_yy = np.zeros((memory, memory))
         self._order = np.zeros(0, dtype=np.intp)
         self._ratios: list[float] = []  # sᵢᵀyᵢ / yᵢᵀyᵢ of the pairs, oldest first (γ is their largest)
+        # Whether the pairs held fill slots 0, 1, …, in order (true until the stacks are full): then the products
+        # with the stacks read only those rows, as the two-loop recursion reads only the pairs it holds.
+        self._filled_in_order = True
         groups: dict[tuple[torch.device, torch.dtype], list[int]] = {}
         for index, p in enumerate(params):
             real = vec.as_real(p)
@@ -101,6 +106,7 @@ class SecantPairs:
         self.slots = []
         self._order = np.zeros(0, dtype=np.intp)
         self._ratios = []
+        self._filled_in_order = True
 
     def push(self, step: Sequence[torch.Tensor], change: Sequence[torch.Tensor]) -> bool:
         """Keep the pair (s, y) in place of the oldest, if sᵀy > CURVATURE_CONDITION · yᵀy; return whether kept.
@@ -115,10 +121,9 @@ class SecantPairs:
         if not self.slots:
             return vec.clone(vector)
         flat = self._flatten(vector)
-        m = self.memory
-        # [Sᵀv; Yᵀv] for all slots, one product per block.
-        products = _sum_on_cpu([(block.view(2 * m, -1) @ v).to(torch.float64) for block, v in zip(self.blocks, flat)])
-        return self._unflatten(self._apply_flat(flat, products[:m], products[m:]))
+        # [Sᵀv; Yᵀv] over the rows in use, one product per block.
+        products = _sum_on_cpu([self._against_pairs(block, v).to(torch.float64) for block, v in zip(self.blocks, flat)])
+        return self._unflatten(self._apply_flat(flat, *self._split_by_slot(products)))
 
     def advance(
         self,
@@ -164,6 +169,25 @@ class SecantPairs:
             return
         self._apply_flat([rows[2]], s_dot_v, y_dot_v, out=[direction])
 
+    def _rows_in_use(self) -> int:
+        """k: the products with the stacks use slots 0 … k − 1 of S and of Y — the pairs held while they fill the
+        slots in order, all m slots once they are full (or after loading pairs in another order)."""
+        return len(self.slots) if self._filled_in_order else self.memory
+
+    def _against_pairs(self, block: torch.Tensor, columns: torch.Tensor) -> torch.Tensor:
+        """[S; Y]ᵀ columns over the rows in use: 2k rows, Sᵀ's k then Yᵀ's k (one product when k = m, else two)."""
+        m, k = self.memory, self._rows_in_use()
+        if k == m:
+            return block.view(2 * m, -1) @ columns
+        return torch.cat([block[0, :k] @ columns, block[1, :k] @ columns])
+
+    def _split_by_slot(self, products: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(Sᵀv, Yᵀv) as m numbers each, indexed by slot, from the 2k products over the rows in use (zero beyond)."""
+        m, k = self.memory, len(products) // 2
+        s_dot_v, y_dot_v = np.zeros(m), np.zeros(m)
+        s_dot_v[:k], y_dot_v[:k] = products[:k], products[k:]
+        return s_dot_v, y_dot_v
+
     @property
     def gamma(self) -> float:
         """γ = maxᵢ sᵢᵀyᵢ / yᵢᵀyᵢ over the pairs held: H's scale along directions the pairs do not see."""
@@ -172,24 +196,24 @@ class SecantPairs:
     def _push_flat(self, rows: list[torch.Tensor]) -> tuple[bool, np.ndarray, np.ndarray]:
         """:meth:`push` on flat blocks, given per block the rows [y, s, v] of a 3 × n tensor; also returns Sᵀv and
         Yᵀv over all slots, with the new pair's entry in place if it was kept (one host synchronisation for all)."""
-        m = self.memory
+        m, k = self.memory, self._rows_in_use()
         partial = []
         for block, stacked in zip(self.blocks, rows):
             # Two matrix products give every inner product the pair and v need: the 3 × 3 Gram matrix of
-            # [y, s, v] (sᵀy, yᵀy, sᵀv, yᵀv among its entries) and [S; Y]ᵀ[y, s, v].
+            # [y, s, v] (sᵀy, yᵀy, sᵀv, yᵀv among its entries) and [S; Y]ᵀ[y, s, v] over the k rows in use.
             gram = stacked @ stacked.T
-            against = block.view(2 * m, -1) @ stacked.T
+            against = self._against_pairs(block, stacked.T)
             partial.append(torch.cat([gram.reshape(-1), against.T.reshape(-1)]).to(torch.float64))
         totals = _sum_on_cpu(partial)
         # The Gram matrix row by row: (yᵀy, yᵀs, yᵀv, sᵀy, sᵀs, sᵀv, vᵀy, vᵀs, vᵀv).
         change_sq, step_dot_change, change_dot_vector, step_dot_vector = totals[0], totals[3], totals[2], totals[5]
-        # Rows of [S; Y]ᵀ[y, s, v]: column y, then s, then v, each 2m long (the m slots of S, then of Y).
+        # Rows of [S; Y]ᵀ[y, s, v]: column y, then s, then v, each 2k long (the k slots of S, then of Y).
         against_change, against_step, against_vector = (
-            totals[9 : 9 + 2 * m],
-            totals[9 + 2 * m : 9 + 4 * m],
-            totals[9 + 4 * m :],
+            totals[9 : 9 + 2 * k],
+            totals[9 + 2 * k : 9 + 4 * k],
+            totals[9 + 4 * k :],
         )
-        s_dot_vector, y_dot_vector = against_vector[:m].copy(), against_vector[m:].copy()
+        s_dot_vector, y_dot_vector = self._split_by_slot(against_vector)
         if not (step_dot_change > CURVATURE_CONDITION * change_sq > 0.0):
             return False, s_dot_vector, y_dot_vector
         full = len(self.slots) == m
@@ -198,13 +222,14 @@ class SecantPairs:
         for block, (y, s, _) in zip(self.blocks, rows):
             block[0, slot].copy_(s)
             block[1, slot].copy_(y)
-        self._append_in_order(full, against_change[:m][older], against_change[m:][older], step_dot_change, change_sq)
+        self._append_in_order(full, against_change[:k][older], against_change[k:][older], step_dot_change, change_sq)
         self.slots.append(slot)
         self._order = np.append(older, slot)
-        self.sy[:, slot] = against_change[:m]  # Sᵀy
-        self.sy[slot, :] = against_step[m:]  # sᵀY
-        self.yy[:, slot] = against_change[m:]  # Yᵀy
-        self.yy[slot, :] = against_change[m:]
+        # The entries for the k slots in use (slots beyond k are empty and get theirs when they are filled).
+        self.sy[:k, slot] = against_change[:k]  # Sᵀy
+        self.sy[slot, :k] = against_step[k:]  # sᵀY
+        self.yy[:k, slot] = against_change[k:]  # Yᵀy
+        self.yy[slot, :k] = against_change[k:]
         self.sy[slot, slot] = step_dot_change
         self.yy[slot, slot] = change_sq
         s_dot_vector[slot], y_dot_vector[slot] = step_dot_vector, change_dot_vector
@@ -231,16 +256,16 @@ class SecantPairs:
         coefficients[m + order] = -gamma * r_inv_u
         coefficient_tensor = torch.from_numpy(coefficients)
         targets: list[torch.Tensor | None] = list(out) if out is not None else [None] * len(flat)
-        return [
-            torch.addmv(
-                v,
-                block.view(2 * m, -1).T,
-                coefficient_tensor.to(device=v.device, dtype=v.dtype),
-                beta=gamma,
-                out=target,
-            )
-            for block, v, target in zip(self.blocks, flat, targets)
-        ]
+        k = self._rows_in_use()
+        results = []
+        for block, v, target in zip(self.blocks, flat, targets):
+            c = coefficient_tensor.to(device=v.device, dtype=v.dtype)
+            if k == m:
+                results.append(torch.addmv(v, block.view(2 * m, -1).T, c, beta=gamma, out=target))
+            else:  # γv + S c_S + Y c_Y over the k slots in use
+                result = torch.addmv(v, block[0, :k].T, c[:k], beta=gamma, out=target)
+                results.append(result.addmv_(block[1, :k].T, c[m : m + k]))
+        return results
 
     def _append_in_order(
         self, drop_oldest: bool, steps_dot_change: np.ndarray, changes_dot_change: np.ndarray, sy: float, yy: float
@@ -304,6 +329,7 @@ class SecantPairs:
                 f"over these parameters: build the optimizer with the memory and parameters it was saved with"
             )
         self.slots = list(state["slots"])
+        self._filled_in_order = self.slots == list(range(len(self.slots)))
         self.sy = state["sy"].to(torch.float64).numpy().copy()
         self.yy = state["yy"].to(torch.float64).numpy().copy()
         self._reorder()

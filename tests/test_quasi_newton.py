@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 from reference_scg import two_loop
@@ -193,3 +194,48 @@ def test_the_pairs_in_their_order_are_the_slots_reordered_after_every_push():
         assert (pairs._ordered_r[:held, :held] == reloaded._ordered_r[:held, :held]).all()
         assert (pairs._ordered_yy[:held, :held] == reloaded._ordered_yy[:held, :held]).all()
         assert pairs._ratios == reloaded._ratios and pairs.gamma == reloaded.gamma
+
+
+def test_while_the_stacks_fill_the_products_read_only_the_pairs_held():
+    # The empty rows of the stacks hold NaN here: a product over all m rows (a zero coefficient times NaN) would
+    # spread it into H v and the inner products. Also after a clear, when rows 1 … m − 1 hold stale pairs.
+    params = [torch.zeros(s, dtype=torch.float64) for s in SHAPES]
+    hessian = spd(N, seed=13)
+    generator = torch.Generator().manual_seed(8)
+    memory = 5
+    pairs, kept = SecantPairs(params, memory), []
+    for push in range(7):
+        if push == 4:
+            pairs.clear()
+            kept = []
+        (block,) = pairs.blocks
+        block[:, len(pairs.slots) :] = float("nan")
+        direction = torch.randn(N, generator=generator, dtype=torch.float64)
+        residual = torch.randn(N, generator=generator, dtype=torch.float64)
+        new_residual = residual - hessian @ (0.5 * direction)
+        result = pairs.advance(split(direction), 0.5, split(residual), split(new_residual))
+        kept = (kept + [(0.5 * direction, residual - new_residual)])[-memory:]
+        torch.testing.assert_close(flat(result), two_loop(kept, new_residual), rtol=1e-12, atol=1e-14)
+        held = len(pairs.slots)
+        assert np.isfinite(pairs.sy[:held, :held]).all() and np.isfinite(pairs.yy[:held, :held]).all()
+
+
+def test_pairs_loaded_out_of_slot_order_before_the_stacks_are_full_still_give_h_v():
+    # A state_dict whose slots are not 0, 1, … in order (not one SecantPairs writes, but valid): the products then
+    # read all m rows, whose empty ones are zero.
+    params = [torch.zeros(s, dtype=torch.float64) for s in SHAPES]
+    hessian = spd(N, seed=14)
+    generator = torch.Generator().manual_seed(9)
+    steps = [torch.randn(N, generator=generator, dtype=torch.float64) for _ in range(2)]
+    state = SecantPairs(params, 4).state_dict()
+    for slot, step in zip((2, 0), steps):
+        state["blocks"][0][0, slot], state["blocks"][0][1, slot] = step, hessian @ step
+    stacked_s = torch.stack([steps[1], torch.zeros(N), steps[0], torch.zeros(N)]).double()
+    stacked_y = stacked_s @ hessian.T
+    state["slots"] = [2, 0]
+    state["sy"], state["yy"] = stacked_s @ stacked_y.T, stacked_y @ stacked_y.T
+    pairs = SecantPairs(params, 4)
+    pairs.load_state_dict(state)
+    v = torch.randn(N, generator=generator, dtype=torch.float64)
+    expected = two_loop([(step, hessian @ step) for step in steps], v)
+    torch.testing.assert_close(flat(pairs.inverse_product(split(v))), expected, rtol=1e-12, atol=1e-14)
