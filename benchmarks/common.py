@@ -19,11 +19,14 @@ def command_line() -> str:
 
 
 def environment(command: str, device: torch.device | None = None) -> dict[str, Any]:
-    """torch and Python versions, torch threads, the command and the date (and the device, when one is given)."""
+    """torch and Python versions, torch threads, the CPU's instruction set as torch uses it (float32 kernels, and so
+    float32 trajectories, differ between AVX2 and AVX-512 machines), the command and the date (and the device, when
+    one is given)."""
     env: dict[str, Any] = {
         "torch": torch.__version__,
         "python": platform.python_version(),
         "threads": torch.get_num_threads(),
+        "cpu_capability": torch.backends.cpu.get_cpu_capability(),
         "command": command,
         "date": datetime.date.today().isoformat(),
     }

@@ -256,10 +256,11 @@ def goals(blocks: list[dict[str, Any]]) -> tuple[list[str], dict[str, Any]]:
 
 def report(results: dict[str, Any], memory_bound_lines: list[str] | None = None) -> str:
     env = results["environment"]
+    cpu = env.get("cpu_capability", "instruction set not recorded")
     lines = [
         f"SCG and its peers on {len(results['problems'])} problems, side by side in one run (issues #7, #14)",
         f"command: {env['command']}",
-        f"date: {env['date']}; torch {env['torch']}, Python {env['python']}, CPU, {env['threads']} thread(s); "
+        f"date: {env['date']}; torch {env['torch']}, Python {env['python']}, CPU ({cpu}), {env['threads']} thread(s); "
         f"optimizers interleaved round-robin (one baton, each clock runs only while its optimizer holds it)",
         "every full-batch optimizer evaluates E, E', E''v through its own GradientAccumulator; Adam: minibatches, "
         "best lr of the grid; every run starts from the same weights and stops at the budget (no tolerance stops)",
