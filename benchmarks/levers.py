@@ -64,6 +64,18 @@ def flat_variant(**options: Any) -> Row:
     return Row(run_variant, SCG_FAMILY, memory=options.get("memory", MEMORY))
 
 
+def previous_mode_variant(**changes: Any) -> Row:
+    """:func:`flat_variant` of the secant mode as it was when the first levers were measured — a finite-difference
+    first step, γ of the newest pair and Møller's λ ÷ 4 — with ``changes`` on top (keyword arguments of FlatSCG)."""
+    return flat_variant(**{"first_step": "finite-difference", "gamma_window": 1, "decrease": 4.0, **changes})
+
+
+def moller_lambda_variant(**changes: Any) -> Row:
+    """:func:`flat_variant` of the library's secant mode with Møller's λ ÷ 4 (the mode before λ ÷ 2 was adopted),
+    with ``changes`` on top."""
+    return flat_variant(**{"decrease": 4.0, **changes})
+
+
 PREVIOUS_MODE = {"first_step": "finite-difference", "gamma_window": 1}
 """The library's ``SCG(memory=m)`` before it adopted the scaled first step and γ = max (the baseline of the rule
 rows below, so that their tables in benchmarks/results/ stay reproducible)."""
@@ -82,12 +94,10 @@ def levers() -> dict[str, Row]:
         "SCG m=20 + FD δ": scg(hvp="finite-difference", memory=MEMORY),
         "SCG m=20 + exact δ": scg(hvp="double-backward", memory=MEMORY),
         "SCG m=20 + 10% δ": scg(hvp="double-backward", curvature_fraction=0.1, memory=MEMORY),
-        "PCG β, FD δ": flat_variant(
-            direction="pcg", curvature="finite-difference", first_step="finite-difference", gamma_window=1, decrease=4.0
-        ),
-        "cubic λ": flat_variant(cubic=True, first_step="finite-difference", gamma_window=1, decrease=4.0),
-        "rejected pairs": flat_variant(reject_pairs=True, first_step="finite-difference", gamma_window=1, decrease=4.0),
-        "λ ÷ 16": flat_variant(decrease=16.0, first_step="finite-difference", gamma_window=1),
+        "PCG β, FD δ": previous_mode_variant(direction="pcg", curvature="finite-difference"),
+        "cubic λ": previous_mode_variant(cubic=True),
+        "rejected pairs": previous_mode_variant(reject_pairs=True),
+        "λ ÷ 16": previous_mode_variant(decrease=16.0),
     }
 
 
@@ -98,40 +108,38 @@ def passes_rows() -> dict[str, Row]:
         "torch LBFGS": lbfgs(100),
         "SCG m=20": scg(hvp="secant", memory=MEMORY),
         "SCG m=40": scg(hvp="secant", memory=40),
-        "flat m=20, previous mode": flat_variant(first_step="finite-difference", gamma_window=1, decrease=4.0),
-        "cubic λ": flat_variant(retry="cubic-lambda", first_step="finite-difference", gamma_window=1, decrease=4.0),
-        "interpolate": flat_variant(retry="interpolate", first_step="finite-difference", gamma_window=1, decrease=4.0),
-        "interpolate + raise": flat_variant(
-            retry="interpolate-raise", first_step="finite-difference", gamma_window=1, decrease=4.0
+        "flat m=20, previous mode": previous_mode_variant(),
+        "cubic λ": previous_mode_variant(retry="cubic-lambda"),
+        "interpolate": previous_mode_variant(retry="interpolate"),
+        "interpolate + raise": previous_mode_variant(retry="interpolate-raise"),
+        "rejected pairs": previous_mode_variant(reject_pairs=True),
+        "λ ÷ 16": previous_mode_variant(decrease=16.0),
+        "λ₁ = 1e-3": previous_mode_variant(lambd=1e-3),
+        "restart 50": previous_mode_variant(restart=50),
+        "angle 1e-2": previous_mode_variant(angle=1e-2),
+        "|αp| ≤ 10|s|": previous_mode_variant(growth=10.0),
+        "γ min of 3": previous_mode_variant(gamma_window=3, gamma_pick="min"),
+        "γ BB1 newest": previous_mode_variant(gamma_pick="bb1"),
+        "γ max of 5": previous_mode_variant(gamma_window=5),
+        "γ max": previous_mode_variant(gamma_window=MEMORY),
+        "scaled first": moller_lambda_variant(first_step="scaled", gamma_window=1),
+        "scaled + γ max": moller_lambda_variant(first_step="scaled", gamma_window=MEMORY),
+        "scaled+γmax+interp": moller_lambda_variant(
+            first_step="scaled", gamma_window=MEMORY, retry="interpolate-raise"
         ),
-        "rejected pairs": flat_variant(reject_pairs=True, first_step="finite-difference", gamma_window=1, decrease=4.0),
-        "λ ÷ 16": flat_variant(decrease=16.0, first_step="finite-difference", gamma_window=1),
-        "λ₁ = 1e-3": flat_variant(lambd=1e-3, first_step="finite-difference", gamma_window=1, decrease=4.0),
-        "restart 50": flat_variant(restart=50, first_step="finite-difference", gamma_window=1, decrease=4.0),
-        "angle 1e-2": flat_variant(angle=1e-2, first_step="finite-difference", gamma_window=1, decrease=4.0),
-        "|αp| ≤ 10|s|": flat_variant(growth=10.0, first_step="finite-difference", gamma_window=1, decrease=4.0),
-        "γ min of 3": flat_variant(gamma_window=3, gamma_pick="min", first_step="finite-difference", decrease=4.0),
-        "γ BB1 newest": flat_variant(gamma_pick="bb1", first_step="finite-difference", gamma_window=1, decrease=4.0),
-        "γ max of 5": flat_variant(gamma_window=5, first_step="finite-difference", decrease=4.0),
-        "γ max": flat_variant(gamma_window=MEMORY, first_step="finite-difference", decrease=4.0),
-        "scaled first": flat_variant(first_step="scaled", gamma_window=1, decrease=4.0),
-        "scaled + γ max": flat_variant(first_step="scaled", gamma_window=MEMORY, decrease=4.0),
-        "scaled+γmax+interp": flat_variant(
-            first_step="scaled", gamma_window=MEMORY, retry="interpolate-raise", decrease=4.0
-        ),
-        "m=40 flat": flat_variant(memory=40, first_step="finite-difference", gamma_window=1, decrease=4.0),
-        "m=40 γ max": flat_variant(memory=40, gamma_window=40, first_step="finite-difference", decrease=4.0),
-        "m=40 scaled + γ max": flat_variant(memory=40, first_step="scaled", gamma_window=40, decrease=4.0),
+        "m=40 flat": previous_mode_variant(memory=40),
+        "m=40 γ max": previous_mode_variant(memory=40, gamma_window=40),
+        "m=40 scaled + γ max": moller_lambda_variant(memory=40, first_step="scaled", gamma_window=40),
         "flat m=20 (library)": flat_variant(),
-        "flat m=20, λ ÷ 4": flat_variant(decrease=4.0),
-        "non-monotone 3": flat_variant(nonmonotone=3, decrease=4.0),
-        "non-monotone 10": flat_variant(nonmonotone=10, decrease=4.0),
-        "γ × 1.5": flat_variant(gamma_scale=1.5, decrease=4.0),
-        "γ × 2": flat_variant(gamma_scale=2.0, decrease=4.0),
-        "γ × 0.75": flat_variant(gamma_scale=0.75, decrease=4.0),
-        "γ × 3": flat_variant(gamma_scale=3.0, decrease=4.0),
-        "layer-wise γ": flat_variant(layerwise=True, decrease=4.0),
-        "hold λ after a rejection": flat_variant(hold_after_rejection=True, decrease=4.0),
+        "flat m=20, λ ÷ 4": moller_lambda_variant(),
+        "non-monotone 3": moller_lambda_variant(nonmonotone=3),
+        "non-monotone 10": moller_lambda_variant(nonmonotone=10),
+        "γ × 1.5": moller_lambda_variant(gamma_scale=1.5),
+        "γ × 2": moller_lambda_variant(gamma_scale=2.0),
+        "γ × 0.75": moller_lambda_variant(gamma_scale=0.75),
+        "γ × 3": moller_lambda_variant(gamma_scale=3.0),
+        "layer-wise γ": moller_lambda_variant(layerwise=True),
+        "hold λ after a rejection": moller_lambda_variant(hold_after_rejection=True),
         "λ ÷ 2": flat_variant(decrease=2.0),
         "λ ÷ 1.5": flat_variant(decrease=1.5),
         "λ ÷ 16 (library mode)": flat_variant(decrease=16.0),
