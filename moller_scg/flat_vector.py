@@ -67,18 +67,27 @@ class FlatLayout:
 
 class FlatBuffers:
     """SCG's r, p and accepted copy of w as flat buffers, with the per-parameter views that ``optimizer.state``
-    holds.
+    holds, and the buffers of the step's secant pair.
+
+    p shares one ``(3, n)`` tensor, :attr:`pair_rows`, with the trial's residual r₊ = −E'(w + αp) and the gradient
+    change y = r − r₊: the three vectors the quasi-Newton update multiplies with the stored pairs, as the rows of one
+    matrix (:meth:`SecantPairs.advance_flat <moller_scg.quasi_newton.SecantPairs.advance_flat>`). They are kept
+    between steps, so a step allocates no weight-sized tensor: on a model of 50 M weights a fresh 3 × n tensor per
+    step cost more in page faults than the products with it (``benchmarks/own_work.py --problems memory-bound``).
 
     Attributes:
         layout: the parameters' :class:`FlatLayout`.
         residual, direction, accepted: the flat r = −E'(w), p and the copy of w taken before each trial.
+        new_residual: r₊ of the last trial; ``pair_rows[2]``.
+        pair_rows: the ``(3, n)`` tensor whose rows are y (scratch of step 7), p and r₊.
         residual_views, direction_views, accepted_views: their per-parameter views.
     """
 
     def __init__(self, layout: FlatLayout) -> None:
         self.layout = layout
         self.residual = layout.empty()
-        self.direction = layout.empty()
+        self.pair_rows = torch.empty(3, sum(layout.numels), dtype=layout.dtype, device=layout.device)
+        self.change, self.direction, self.new_residual = self.pair_rows.unbind(0)
         self.accepted = layout.empty()
         self.residual_views = layout.views(self.residual)
         self.direction_views = layout.views(self.direction)

@@ -114,7 +114,7 @@ class SecantPairs:
         One host synchronisation: sᵀy, yᵀy and the products of s and y with every stored pair are reduced together.
         """
         rows = [torch.stack([y, s, y]) for s, y in zip(self._flatten(step), self._flatten(change))]
-        return self._push_flat(rows)[0]
+        return self._push_flat(rows, step_scale=1.0)[0]
 
     def inverse_product(self, vector: Sequence[torch.Tensor]) -> list[torch.Tensor]:
         """H v as new tensors, one per parameter (a copy of v when no pair is kept: H = I)."""
@@ -122,7 +122,7 @@ class SecantPairs:
             return vec.clone(vector)
         flat = self._flatten(vector)
         # [Sᵀv; Yᵀv] over the rows in use, one product per block.
-        products = _sum_on_cpu([self._against_pairs(block, v).to(torch.float64) for block, v in zip(self.blocks, flat)])
+        products = _sum_on_cpu([self._against_pairs(block, v[None]).reshape(-1) for block, v in zip(self.blocks, flat)])
         return self._unflatten(self._apply_flat(flat, *self._split_by_slot(products)))
 
     def advance(
@@ -138,48 +138,49 @@ class SecantPairs:
         The same numbers as :meth:`push` then :meth:`inverse_product`, in one host synchronisation instead of two:
         the products the pair needs and Sᵀr₊, Yᵀr₊ come from one matrix product.
         """
-        # Per block, one 3 × n buffer holds y = r − r₊, s = αp and r₊: the pair's and H r₊'s only temporaries.
+        # Per block, one 3 × n buffer holds y = r − r₊, p and r₊: the pair's and H r₊'s only temporaries (s = αp).
         columns = []
         for members, block in zip(self._members, self.blocks):
             rows = torch.empty(3, block.shape[-1], dtype=block.dtype, device=block.device)
             torch.cat([vec.as_real(new_residual[i]).reshape(-1) for i in members], out=rows[2])
-            torch.cat([vec.as_real(direction[i]).reshape(-1) for i in members], out=rows[1]).mul_(alpha)
+            torch.cat([vec.as_real(direction[i]).reshape(-1) for i in members], out=rows[1])
             torch.cat([vec.as_real(residual[i]).reshape(-1) for i in members], out=rows[0]).sub_(rows[2])
             columns.append(rows)
-        _, s_dot_v, y_dot_v = self._push_flat(columns)
+        _, s_dot_v, y_dot_v = self._push_flat(columns, step_scale=alpha)
         flat_new_residual = [c[2] for c in columns]
         if not self.slots:
             return vec.clone(new_residual)
         return self._unflatten(self._apply_flat(flat_new_residual, s_dot_v, y_dot_v))
 
-    def advance_flat(
-        self, direction: torch.Tensor, alpha: float, residual: torch.Tensor, new_residual: torch.Tensor
-    ) -> None:
-        """:meth:`advance` for real parameters of one device and dtype, given as flat vectors p, r and r₊ of n
-        numbers (:mod:`moller_scg.flat_vector`): p is overwritten with p₊ = H r₊, bit for bit :meth:`advance`'s
-        numbers."""
-        (block,) = self.blocks
-        rows = torch.empty(3, block.shape[-1], dtype=block.dtype, device=block.device)
-        rows[2].copy_(new_residual)
-        torch.mul(direction, alpha, out=rows[1])
-        torch.sub(residual, new_residual, out=rows[0])
-        _, s_dot_v, y_dot_v = self._push_flat([rows])
+    def advance_flat(self, rows: torch.Tensor, alpha: float, residual: torch.Tensor) -> None:
+        """:meth:`advance` for real parameters of one device and dtype, on flat vectors of n numbers
+        (:mod:`moller_scg.flat_vector`), bit for bit :meth:`advance`'s numbers, with no weight-sized temporary.
+
+        Args:
+            rows: a ``(3, n)`` tensor holding p in ``rows[1]`` and r₊ in ``rows[2]``; ``rows[0]`` is scratch and
+                takes y = r − r₊, and p is overwritten with p₊ = H r₊.
+            alpha: α, the accepted step length (s = αp).
+            residual: r.
+        """
+        torch.sub(residual, rows[2], out=rows[0])
+        _, s_dot_v, y_dot_v = self._push_flat([rows], step_scale=alpha)
         if not self.slots:
-            direction.copy_(new_residual)
+            rows[1].copy_(rows[2])
             return
-        self._apply_flat([rows[2]], s_dot_v, y_dot_v, out=[direction])
+        self._apply_flat([rows[2]], s_dot_v, y_dot_v, out=[rows[1]])
 
     def _rows_in_use(self) -> int:
         """k: the products with the stacks use slots 0 … k − 1 of S and of Y — the pairs held while they fill the
         slots in order, all m slots once they are full (or after loading pairs in another order)."""
         return len(self.slots) if self._filled_in_order else self.memory
 
-    def _against_pairs(self, block: torch.Tensor, columns: torch.Tensor) -> torch.Tensor:
-        """[S; Y]ᵀ columns over the rows in use: 2k rows, Sᵀ's k then Yᵀ's k (one product when k = m, else two)."""
+    def _against_pairs(self, block: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+        """[S; Y] rowsᵀ over the rows in use, in float64: 2k rows, Sᵀ's k then Yᵀ's k (one product when k = m, else
+        two)."""
         m, k = self.memory, self._rows_in_use()
         if k == m:
-            return block.view(2 * m, -1) @ columns
-        return torch.cat([block[0, :k] @ columns, block[1, :k] @ columns])
+            return _row_products(block.view(2 * m, -1), rows)
+        return torch.cat([_row_products(block[0, :k], rows), _row_products(block[1, :k], rows)])
 
     def _split_by_slot(self, products: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """(Sᵀv, Yᵀv) as m numbers each, indexed by slot, from the 2k products over the rows in use (zero beyond)."""
@@ -193,24 +194,26 @@ class SecantPairs:
         """γ = maxᵢ sᵢᵀyᵢ / yᵢᵀyᵢ over the pairs held: H's scale along directions the pairs do not see."""
         return max(self._ratios)
 
-    def _push_flat(self, rows: list[torch.Tensor]) -> tuple[bool, np.ndarray, np.ndarray]:
-        """:meth:`push` on flat blocks, given per block the rows [y, s, v] of a 3 × n tensor; also returns Sᵀv and
-        Yᵀv over all slots, with the new pair's entry in place if it was kept (one host synchronisation for all)."""
+    def _push_flat(self, rows: list[torch.Tensor], step_scale: float) -> tuple[bool, np.ndarray, np.ndarray]:
+        """:meth:`push` on flat blocks, given per block the rows [y, d, v] of a 3 × n tensor with the step
+        s = ``step_scale`` · d; also returns Sᵀv and Yᵀv over all slots, with the new pair's entry in place if it was
+        kept (one host synchronisation for all)."""
         m, k = self.memory, self._rows_in_use()
         partial = []
         for block, stacked in zip(self.blocks, rows):
             # Two matrix products give every inner product the pair and v need: the 3 × 3 Gram matrix of
-            # [y, s, v] (sᵀy, yᵀy, sᵀv, yᵀv among its entries) and [S; Y]ᵀ[y, s, v] over the k rows in use.
-            gram = stacked @ stacked.T
-            against = self._against_pairs(block, stacked.T)
-            partial.append(torch.cat([gram.reshape(-1), against.T.reshape(-1)]).to(torch.float64))
+            # [y, d, v] (dᵀy, yᵀy, dᵀv, yᵀv among its entries) and [S; Y]ᵀ[y, d, v] over the k rows in use.
+            gram = _row_products(stacked, stacked)
+            against = self._against_pairs(block, stacked)
+            partial.append(torch.cat([gram.reshape(-1), against.T.reshape(-1)]))
         totals = _sum_on_cpu(partial)
-        # The Gram matrix row by row: (yᵀy, yᵀs, yᵀv, sᵀy, sᵀs, sᵀv, vᵀy, vᵀs, vᵀv).
-        change_sq, step_dot_change, change_dot_vector, step_dot_vector = totals[0], totals[3], totals[2], totals[5]
-        # Rows of [S; Y]ᵀ[y, s, v]: column y, then s, then v, each 2k long (the k slots of S, then of Y).
+        # The Gram matrix row by row: (yᵀy, yᵀd, yᵀv, dᵀy, dᵀd, dᵀv, vᵀy, vᵀd, vᵀv); s = step_scale · d.
+        change_sq, change_dot_vector = totals[0], totals[2]
+        step_dot_change, step_dot_vector = step_scale * totals[3], step_scale * totals[5]
+        # Rows of [S; Y]ᵀ[y, d, v]: column y, then d, then v, each 2k long (the k slots of S, then of Y).
         against_change, against_step, against_vector = (
             totals[9 : 9 + 2 * k],
-            totals[9 + 2 * k : 9 + 4 * k],
+            step_scale * totals[9 + 2 * k : 9 + 4 * k],
             totals[9 + 4 * k :],
         )
         s_dot_vector, y_dot_vector = self._split_by_slot(against_vector)
@@ -219,8 +222,8 @@ class SecantPairs:
         full = len(self.slots) == m
         older = self._order[1:] if full else self._order  # the slots of the pairs that stay, oldest first
         slot = self.slots.pop(0) if full else len(self.slots)
-        for block, (y, s, _) in zip(self.blocks, rows):
-            block[0, slot].copy_(s)
+        for block, (y, d, _) in zip(self.blocks, rows):
+            torch.mul(d, step_scale, out=block[0, slot])  # s
             block[1, slot].copy_(y)
         self._append_in_order(full, against_change[:k][older], against_change[k:][older], step_dot_change, change_sq)
         self.slots.append(slot)
@@ -354,6 +357,23 @@ class SecantPairs:
 
 def _layout(params: Sequence[torch.Tensor]) -> list[tuple[torch.Size, torch.dtype, torch.device]]:
     return [(p.shape, p.dtype, p.device) for p in params]
+
+
+PRODUCT_PIECE = 1 << 16
+"""Columns per piece of :func:`_row_products` on vectors longer than ``DOT_CHUNK``: a product of a few rows with
+2m rows of 50 M numbers took 0.31 s whole and 0.19 s in pieces of 2^16 columns on one CPU thread."""
+
+
+def _row_products(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """a bᵀ of two matrices of rows of n numbers, as float64: one product in their dtype, or, when n is larger than
+    :data:`~moller_scg._vectors.DOT_CHUNK`, one per piece of ``PRODUCT_PIECE`` columns, the pieces added in float64
+    (the same bits as before this limit for n ≤ ``DOT_CHUNK``)."""
+    if a.shape[-1] <= vec.DOT_CHUNK:
+        return (a @ b.T).to(torch.float64)
+    total = torch.zeros(a.shape[0], b.shape[0], dtype=torch.float64, device=a.device)
+    for a_piece, b_piece in zip(a.split(PRODUCT_PIECE, dim=-1), b.split(PRODUCT_PIECE, dim=-1)):
+        total += (a_piece @ b_piece.T).to(torch.float64)
+    return total
 
 
 def _sum_on_cpu(partial: list[torch.Tensor]) -> np.ndarray:

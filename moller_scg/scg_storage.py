@@ -93,9 +93,11 @@ class _StateVectors:
         return self.flat.per_parameter(vector[0]) if self.flat is not None else vector
 
     def negated(self, gradients: list[torch.Tensor]) -> list[torch.Tensor]:
-        """r₊ = −E'(w₊) as new tensors laid out like r: one flat tensor on the fast path."""
+        """r₊ = −E'(w₊) laid out like r: new tensors, or on the fast path the flat buffer of r₊
+        (:attr:`FlatBuffers.new_residual <moller_scg.flat_vector.FlatBuffers.new_residual>`, overwritten by the next
+        trial)."""
         if self.flat is not None:
-            return [self.flat.layout.gather(gradients).neg_()]
+            return [self.flat.layout.gather(gradients, out=self.flat.new_residual).neg_()]
         return vec.negated(gradients)
 
     def keep_residual(self, state: _State, params: list[torch.Tensor], new_residual: list[torch.Tensor]) -> None:
@@ -119,11 +121,13 @@ class _StateVectors:
 
         Returns |p₊|² and p₊ᵀr₊ (the next μ), formed from the tensors :meth:`residual_and_direction` gives (the flat
         buffers on the fast path) as :meth:`products` would form them after a ``load_state_dict``, so a resumed run
-        takes the same bits. The pair update holds one 3 × n buffer (y, s and r₊ flattened) and H r₊ besides the
-        stored pairs (:meth:`SecantPairs.advance <moller_scg.quasi_newton.SecantPairs.advance>`).
+        takes the same bits. On the fast path the pair update uses the flat buffers of p and r₊ and the scratch row of
+        y (:attr:`FlatBuffers.pair_rows <moller_scg.flat_vector.FlatBuffers.pair_rows>`) and allocates no
+        weight-sized tensor; otherwise it holds one 3 × n buffer (y, p and r₊ flattened) and H r₊ besides the stored
+        pairs (:meth:`SecantPairs.advance <moller_scg.quasi_newton.SecantPairs.advance>`).
         """
-        if self.flat is not None:
-            pairs.advance_flat(direction[0], alpha, residual[0], new_residual[0])
+        if self.flat is not None:  # direction and new_residual are the flat buffers of p and r₊
+            pairs.advance_flat(self.flat.pair_rows, alpha, residual[0])
         else:
             vec.copy_(direction, pairs.advance(direction, alpha, residual, new_residual))
         new_direction_sq, new_mu = vec.dots([(direction, direction), (direction, new_residual)])
