@@ -10,6 +10,11 @@ To compare two versions of the library, run the script once at each (``git workt
 
     python benchmarks/own_work.py                      # regression, logistic, pinn; best of 5 × 1,000 steps
     python benchmarks/own_work.py --problems regression --steps 200
+    python benchmarks/own_work.py --problems memory-bound --memory 5 --steps 5 --repeats 3 --warm-up 8   # 50 M weights
+
+``memory-bound`` is the 50 M-weight MLP of the memory-bound case of ``benchmarks/peers.py``
+(``peers_memory_bound.py``, full size), where the optimizer's vector work on n numbers, not its dispatching, is
+what a step costs beyond its gradient pass.
 """
 
 from __future__ import annotations
@@ -20,6 +25,7 @@ import time
 
 import torch
 from common import environment
+from peers_memory_bound import MEMORY_BOUND, memory_bound_problem
 from peers_problems import PROBLEMS
 
 from moller_scg import SCG
@@ -53,13 +59,23 @@ def best_seconds_per_call(function, calls: int, repeats: int) -> float:
     return best
 
 
-def own_work(problem_name: str, memory: int, steps: int, repeats: int) -> tuple[float, float]:
-    """(seconds per step, seconds per closure call) of SCG(memory=m) on the problem's model with the fake closure."""
-    model = PROBLEMS[problem_name](True, 0).make_model()
-    params = list(model.parameters())
+def make_model(problem_name: str) -> torch.nn.Module:
+    """The model of a problem of ``benchmarks/peers.py``: the small problems at their ``--quick`` size (the same
+    model), the memory-bound case at its full size."""
+    if problem_name == MEMORY_BOUND:
+        return memory_bound_problem(False, 0).make_model()
+    return PROBLEMS[problem_name](True, 0).make_model()
+
+
+def own_work(
+    problem_name: str, memory: int, steps: int, repeats: int, warm_up: int = WARM_UP_STEPS
+) -> tuple[float, float]:
+    """(seconds per step, seconds per closure call) of SCG(memory=m) on the problem's model with the fake closure,
+    after ``warm_up`` steps."""
+    params = list(make_model(problem_name).parameters())
     closure = fake_closure(params)
     optimizer = SCG(params, memory=memory)
-    for _ in range(WARM_UP_STEPS):
+    for _ in range(warm_up):
         optimizer.step(closure)
     step = best_seconds_per_call(lambda: optimizer.step(closure), steps, repeats)
     call = best_seconds_per_call(closure, steps, repeats)
@@ -68,16 +84,19 @@ def own_work(problem_name: str, memory: int, steps: int, repeats: int) -> tuple[
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--problems", nargs="+", default=["regression", "logistic", "pinn"], choices=list(PROBLEMS))
+    parser.add_argument(
+        "--problems", nargs="+", default=["regression", "logistic", "pinn"], choices=[*PROBLEMS, MEMORY_BOUND]
+    )
     parser.add_argument("--memory", type=int, default=20, help="m of SCG(params, memory=m)")
     parser.add_argument("--steps", type=int, default=1000)
     parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--warm-up", type=int, default=WARM_UP_STEPS, help="steps before the timing")
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
     env = environment(" ".join(["python benchmarks/own_work.py", *(sys.argv[1:] if argv is None else argv)]))
     print(f"SCG(memory={args.memory}) own work per step; torch {env['torch']}, 1 thread, {env['date']}")
     for name in args.problems:
-        step, call = own_work(name, args.memory, args.steps, args.repeats)
+        step, call = own_work(name, args.memory, args.steps, args.repeats, args.warm_up)
         own = step - call
         print(f"{name:12s} step {step * 1e6:7.0f} µs   closure {call * 1e6:5.0f} µs   own work {own * 1e6:7.0f} µs")
     return 0

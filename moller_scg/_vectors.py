@@ -17,7 +17,7 @@ per-tensor op would.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 
@@ -42,6 +42,17 @@ def _float64_dot(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         return torch.sum(x * y, dtype=torch.float64)
     x, y = x.reshape(-1), y.reshape(-1)
     pieces = [torch.sum(a * b, dtype=torch.float64) for a, b in zip(x.split(DOT_CHUNK), y.split(DOT_CHUNK))]
+    return torch.stack(pieces).sum()
+
+
+def _float64_sum_in_pieces(x: torch.Tensor, summand: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
+    """Σ summand(x) as a 0-dim float64 tensor, ``summand`` (elementwise, returning a tensor of x's shape) applied and
+    summed ``DOT_CHUNK`` numbers at a time when x is larger (the pieces' float64 sums then added), as
+    :func:`_float64_dot`: the temporary stays small instead of faulting in fresh pages."""
+    x = as_real(x)
+    if x.numel() <= DOT_CHUNK:
+        return torch.sum(summand(x), dtype=torch.float64)
+    pieces = [torch.sum(summand(piece), dtype=torch.float64) for piece in x.reshape(-1).split(DOT_CHUNK)]
     return torch.stack(pieces).sum()
 
 
@@ -99,12 +110,16 @@ def squared_norm(xs: Sequence[torch.Tensor]) -> float:
 
 def l1_norm(xs: Sequence[torch.Tensor]) -> float:
     """|x|₁ = Σ|xᵢ| over the real numbers of x, summed in float64."""
-    return _totals([[torch.sum(as_real(x).abs(), dtype=torch.float64) for x in xs]])[0]
+    return _totals([[_float64_sum_in_pieces(x, torch.abs) for x in xs]])[0]
+
+
+def _is_not_finite(x: torch.Tensor) -> torch.Tensor:
+    return ~torch.isfinite(x)
 
 
 def all_finite(xs: Sequence[torch.Tensor]) -> bool:
     """Whether every element of every tensor is finite (one host synchronisation per device)."""
-    non_finite_counts = [torch.sum(~torch.isfinite(as_real(x)), dtype=torch.float64) for x in xs]
+    non_finite_counts = [_float64_sum_in_pieces(x, _is_not_finite) for x in xs]
     return _totals([non_finite_counts])[0] == 0
 
 

@@ -239,3 +239,42 @@ def test_pairs_loaded_out_of_slot_order_before_the_stacks_are_full_still_give_h_
     v = torch.randn(N, generator=generator, dtype=torch.float64)
     expected = two_loop([(step, hessian @ step) for step in steps], v)
     torch.testing.assert_close(flat(pairs.inverse_product(split(v))), expected, rtol=1e-12, atol=1e-14)
+
+
+def test_products_with_vectors_longer_than_the_chunk_are_summed_in_pieces(monkeypatch):
+    # Above DOT_CHUNK numbers [S; Y] [y, p, r₊]ᵀ is formed PRODUCT_PIECE columns at a time (on 50 M weights a
+    # whole product was slower): the same pairs and H r₊ as the two-loop recursion, through the piecewise sums.
+    from moller_scg import _vectors, quasi_newton
+
+    monkeypatch.setattr(_vectors, "DOT_CHUNK", 5)
+    monkeypatch.setattr(quasi_newton, "PRODUCT_PIECE", 3)
+    params = [torch.zeros(s, dtype=torch.float64) for s in SHAPES]
+    hessian = spd(N, seed=15)
+    generator = torch.Generator().manual_seed(10)
+    pairs, kept = SecantPairs(params, 3), []
+    for _ in range(5):
+        direction = torch.randn(N, generator=generator, dtype=torch.float64)
+        residual = torch.randn(N, generator=generator, dtype=torch.float64)
+        new_residual = residual - hessian @ (0.5 * direction)
+        result = pairs.advance(split(direction), 0.5, split(residual), split(new_residual))
+        kept = (kept + [(0.5 * direction, residual - new_residual)])[-3:]
+        torch.testing.assert_close(flat(result), two_loop(kept, new_residual), rtol=1e-12, atol=1e-14)
+    a, b = torch.randn(4, N, generator=generator), torch.randn(3, N, generator=generator)
+    pieces = zip(a.split(3, dim=-1), b.split(3, dim=-1))
+    piecewise = torch.stack([(a_piece @ b_piece.T).double() for a_piece, b_piece in pieces]).sum(0)
+    torch.testing.assert_close(quasi_newton._row_products(a, b), piecewise, rtol=1e-15, atol=1e-12)
+    torch.testing.assert_close(quasi_newton._row_products(a, b), (a @ b.T).double(), rtol=1e-5, atol=1e-5)
+
+
+def test_state_dict_saves_zeros_in_the_rows_no_pair_was_written_into():
+    # The stacks are made uninitialised; what state_dict saves is deterministic all the same.
+    params = [torch.zeros(s, dtype=torch.float64) for s in SHAPES]
+    pairs = SecantPairs(params, 4)
+    (block,) = pairs.blocks
+    block.fill_(float("nan"))  # as uninitialised memory may hold
+    generator = torch.Generator().manual_seed(11)
+    step = torch.randn(N, generator=generator, dtype=torch.float64)
+    assert pairs.push(split(step), split(2.0 * step))
+    (saved,) = pairs.state_dict()["blocks"]
+    assert torch.equal(saved[0, 0], step) and torch.equal(saved[1, 0], 2.0 * step)
+    assert (saved[:, 1:] == 0).all()

@@ -67,6 +67,20 @@ def test_a_tensor_larger_than_the_chunk_is_summed_piece_by_piece(monkeypatch, on
     assert result == pytest.approx(whole, rel=1e-12, abs=1e-12)
 
 
+def test_l1_norm_and_all_finite_of_a_tensor_larger_than_the_chunk_work_piece_by_piece(monkeypatch):
+    # Above DOT_CHUNK numbers |x| and the finiteness test are formed and summed in pieces (no temporary of the whole
+    # tensor): the pieces' float64 sums, then their sum, exactly; a non-finite number in the last piece is seen.
+    generator = torch.Generator().manual_seed(6)
+    x = torch.randn(3, 25, generator=generator)
+    monkeypatch.setattr(_vectors, "DOT_CHUNK", 7)
+    pieces = torch.stack([torch.sum(piece.abs(), dtype=torch.float64) for piece in x.reshape(-1).split(7)])
+    assert _vectors.l1_norm([x]) == float(pieces.sum())
+    assert _vectors.l1_norm([x]) == pytest.approx(float(torch.sum(x.abs(), dtype=torch.float64)), rel=1e-12)
+    assert _vectors.all_finite([x])
+    x[-1, -1] = float("nan")
+    assert not _vectors.all_finite([x])
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 def test_squared_norm_against_numpy(dtype):
     x = vector(0, dtype)
