@@ -26,3 +26,19 @@ def test_it_prints_the_own_work_of_each_problem(monkeypatch, capsys):
     assert lines[0].startswith("SCG(memory=20) own work per step")
     assert [line.split()[0] for line in lines[1:]] == ["regression", "logistic"]
     assert all("own work" in line for line in lines[1:])
+
+
+def test_it_times_the_memory_bound_model_at_its_full_size(monkeypatch, capsys):
+    # The memory-bound case's MLP at its full size (50 M weights) is what --problems memory-bound times; here its
+    # hidden width is shrunk so that the test stays small.
+    own_work = load_script(BENCHMARK, monkeypatch)
+    import peers_memory_bound
+
+    monkeypatch.setattr(peers_memory_bound, "HIDDEN_FULL", 7)
+    model = own_work.make_model("memory-bound")
+    assert sum(p.numel() for p in model.parameters()) == 1_000 * 7 + 7 + 7 * 1_000 + 1_000
+    args = ["--problems", "memory-bound", "--memory", "5", "--steps", "2", "--repeats", "1", "--warm-up", "3"]
+    assert own_work.main(args) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0].startswith("SCG(memory=5) own work per step")
+    assert lines[1].split()[0] == "memory-bound" and "own work" in lines[1]
