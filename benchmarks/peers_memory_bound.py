@@ -32,7 +32,9 @@ MODEL_BUFFERS = 4
 """Weight-sized vectors any optimizer needs besides its own: the weights, their gradient, and during an HVP pass
 the differentiable gradient and the accumulated product."""
 SCG_BUFFERS = 4  # p, r, the accepted w and s = E''p (or the new r) at the peak, as the memory probe measures
-SECANT_EXTRA_BUFFERS = 2  # with memory m: s = αp and y = r − r₊ while the pair is stored, besides the 2m pairs
+SECANT_EXTRA_BUFFERS = 1
+"""With memory m, besides the 2m pairs: r, the accepted w, and y = r − r₊, p and r₊ as the rows of one (3, n) buffer
+kept between steps — one more than Møller's 4 (the race measures 2m + 5 n at evaluations)."""
 LBFGS_EXTRA_BUFFERS = 9
 """torch LBFGS beyond its 2 h history vectors (the direction, the previous gradient, the flat gradient, the line
 search's copies of the weights and gradients): the race measures 13, 19 and 49 n at h = 2, 5 and 20."""

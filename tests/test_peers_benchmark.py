@@ -135,18 +135,19 @@ def test_quick_run_writes_table_json_and_figure(tmp_path, monkeypatch, capsys):
     # Every SCG row of the table is judged by the goals; a new mode needs no edit beyond its row.
     scg_rows = [r["name"] for r in results["problems"][0]["results"] if r["family"] == "SCG"]
     assert scg_rows == ["SCG exact", "SCG finite-diff", "SCG exact, 10% curv.", "SCG m=20", "SCG m=5", "SCG m=40"]
-    # SCG(memory=m) holds the 2m secant pairs besides p, r and w (and the pair's temporaries between evaluations),
-    # and four m × m matrices: SᵀY and YᵀY by slot, R and YᵀY in the pairs' order (4m² numbers: 12.8 n for m = 40 on
-    # the 501-weight regression).
+    # SCG(memory=m) holds the 2m secant pairs besides r, w and the (3, n) buffer of y, p and r₊ (kept between steps,
+    # so that a step allocates no weight-sized temporary), and four m × m matrices: SᵀY and YᵀY by slot, R and YᵀY
+    # in the pairs' order (4m² numbers: 12.8 n for m = 40 on the 501-weight regression).
     for name, memory in (("SCG m=20", 20), ("SCG m=5", 5), ("SCG m=40", 40)):
         for block in results["problems"]:
             row = next(r for r in block["results"] if r["name"] == name)
             small_matrices = 4 * memory**2 / block["problem"]["n"]
-            assert 2 * memory + 3 <= row["state_in_n"] <= 2 * memory + 5 + small_matrices, (
+            assert 2 * memory + 5 <= row["state_in_n"] <= 2 * memory + 5 + small_matrices, (
                 block["problem"]["name"],
                 name,
             )
-        assert probe[name] <= 2 * memory + 10 + 4 * memory**2 / probe_block["problem"]["n"], name
+        # At its peak a step adds no weight-sized temporary to those (the probe sees a few hundred numbers more).
+        assert probe[name] < 2 * memory + 5 + 4 * memory**2 / probe_block["problem"]["n"] + 0.5, name
     assert set(results["goals"]) == set(scg_rows)
 
 
