@@ -134,7 +134,8 @@ class SCG(torch.optim.Optimizer):
             below). Default: ``"double-backward"``, or ``"secant"`` when ``memory`` ≥ 1.
         restart: N, the restart period: p ← r whenever the iteration count k is a multiple of N (k counts
             every iteration). Default: the number of real scalars in the parameters, as in the paper.
-        memory: m, the number of secant pairs kept to precondition the direction (2m parameter-sized buffers).
+        memory: m, the number of secant pairs kept to precondition the direction (2m parameter-sized buffers,
+            2m + 5 in all with r, p, the accepted w, the trial's r₊ and y = r − r₊, none allocated per step).
             ``0`` (default) is Møller's SCG exactly. With m ≥ 1, every accepted step stores its free secant pair
             (s = αp, y = r − r₊) and the direction after a success is p₊ = H r₊, with H the limited-memory
             quasi-Newton inverse of the last m pairs (:mod:`moller_scg.quasi_newton`), in place of Møller's
