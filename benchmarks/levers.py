@@ -143,6 +143,9 @@ def passes_rows() -> dict[str, Row]:
         "λ ÷ 2": flat_variant(decrease=2.0),
         "λ ÷ 1.5": flat_variant(decrease=1.5),
         "λ ÷ 16 (library mode)": flat_variant(decrease=16.0),
+        "Nyström H₀ k=5 / 50": flat_variant(nystrom_rank=5, nystrom_every=50),
+        "Nyström H₀ k=10 / 100": flat_variant(nystrom_rank=10, nystrom_every=100),
+        "Nyström H₀ k=20 / 200": flat_variant(nystrom_rank=20, nystrom_every=200),
     }
 
 

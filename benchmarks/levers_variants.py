@@ -38,6 +38,11 @@ clearly win (issue #14), written on one flat vector so that each differs from th
 * ``angle``: a pair is kept only if sᵀy > angle · |s||y| as well (0: only the library's sᵀy > 10⁻¹⁰ yᵀy);
 * ``restart``: N, the pairs are dropped and p ← r₊ after every N-th step (None: never within these budgets, as
   the library's N = number of weights).
+* ``nystrom_rank`` k, ``nystrom_every`` N (lever 3 of issue #14): H₀ of the quasi-Newton inverse is no longer γI but
+  U (Λ + 1/γ)⁻¹ Uᵀ + γ(I − UUᵀ), with U Λ Uᵀ a rank-k randomized Nyström approximation of the Hessian
+  (:class:`NystromPairs`: k exact Hessian-vector products, charged as such, at the start and after every N-th
+  step) — the top of the spectrum from the sketch, the rest from the pairs' γ (Frangella, Tropp & Udell 2023;
+  Rathore, Lei, Frangella, Lu & Udell 2024 precondition PINNs this way).
 
 Curvature: ``"secant"`` (δ = μ, as the library), ``"finite-difference"`` or ``"hvp"`` (the closure's ``hvp``).
 """
@@ -129,6 +134,68 @@ class LayerwisePairs(WindowedPairs):
         return [q]
 
 
+class NystromPairs(WindowedPairs):
+    """:class:`WindowedPairs` whose H₀ = U (Λ + 1/γ)⁻¹ Uᵀ + γ(I − UUᵀ) once :meth:`refresh` has sketched the Hessian
+    (γ the pairs' max ratio, or 1/λ_k, the smallest eigenvalue kept, while no pair is held); H v by the two-loop
+    recursion (Nocedal 1980), which takes any positive definite H₀."""
+
+    def __init__(self, params: list[torch.Tensor], memory: int, rank: int, seed: int = 0) -> None:
+        super().__init__(params, memory, window=memory, pick="max")
+        self.rank = rank
+        self.generator = torch.Generator().manual_seed(seed)
+        self.basis: torch.Tensor | None = None  # U, n × k' (k' ≤ k: the positive part of the sketch)
+        self.eigenvalues: torch.Tensor | None = None  # Λ, k'
+
+    def refresh(self, hessian_product: Any, n: int, dtype: torch.dtype) -> None:
+        """Sketch E''(w) with ``rank`` products along an orthonormal random basis Q (``hessian_product(v)`` = E''v).
+
+        Nyström: E'' ≈ Y (QᵀY)⁺ Yᵀ with Y = E''Q; QᵀY is symmetrised and only its positive eigenvalues kept (the
+        Hessian of a non-convex loss may be indefinite), so the approximation B Bᵀ, B = Y W₊ Θ₊^(−1/2), is positive
+        semi-definite and U, Λ = svd(B) with Λ = σ².
+        """
+        omega = torch.randn(n, self.rank, generator=self.generator, dtype=torch.float64)
+        q, _ = torch.linalg.qr(omega)
+        q = q.to(dtype)
+        y = torch.stack([hessian_product(q[:, j]) for j in range(self.rank)], dim=1).to(torch.float64)
+        q64 = q.to(torch.float64)
+        core = q64.T @ y
+        theta, w = torch.linalg.eigh(0.5 * (core + core.T))
+        keep = theta > 1e-12 * float(theta.abs().max())
+        if not bool(keep.any()):
+            self.basis = self.eigenvalues = None
+            return
+        b = y @ (w[:, keep] / theta[keep].sqrt())
+        u, sigma, _ = torch.linalg.svd(b, full_matrices=False)
+        self.basis, self.eigenvalues = u.to(dtype), (sigma**2).to(dtype)
+
+    def _initial_inverse(self, q: torch.Tensor) -> torch.Tensor:
+        if self.basis is None or self.eigenvalues is None:
+            return (self.gamma if self.slots else 1.0) * q
+        gamma = self.gamma if self.slots else 1.0 / float(self.eigenvalues.min())
+        coefficients = self.basis.T @ q
+        inside = self.basis @ (coefficients / (self.eigenvalues + 1.0 / gamma))
+        return inside + gamma * (q - self.basis @ coefficients)
+
+    def inverse_product(self, vector: Any) -> list[torch.Tensor]:
+        (v,) = vector
+        if not self.slots and self.basis is None:
+            return [v.clone()]
+        (block,) = self.blocks
+        q = v.clone()
+        alphas = []
+        for i in reversed(self.slots):
+            rho = 1.0 / float(self.sy[i, i])
+            a = rho * float(block[0, i] @ q)
+            alphas.append(a)
+            q -= a * block[1, i]
+        q = self._initial_inverse(q)
+        for i, a in zip(self.slots, reversed(alphas)):
+            rho = 1.0 / float(self.sy[i, i])
+            b = rho * float(block[1, i] @ q)
+            q += (a - b) * block[0, i]
+        return [q]
+
+
 class FlatSCG:
     """One SCG variant on the parameters as one flat vector (see the module docstring for the options)."""
 
@@ -152,6 +219,8 @@ class FlatSCG:
         nonmonotone: int = 1,
         layerwise: bool = False,
         hold_after_rejection: bool = False,
+        nystrom_rank: int = 0,
+        nystrom_every: int = 50,
         sigma: float = 5e-5,
         lambd: float = 5e-7,
     ) -> None:
@@ -162,9 +231,12 @@ class FlatSCG:
             raise ValueError("reject_pairs recomputes p after a rejection; it does not combine with a retry along p")
         self.params = list(params)
         flat_params = [self._flat()]
-        if layerwise:
+        self.nystrom_every = nystrom_every
+        if nystrom_rank:
+            self.pairs: WindowedPairs = NystromPairs(flat_params, memory, nystrom_rank)
+        elif layerwise:
             sizes = [p.numel() for p in self.params]
-            self.pairs: WindowedPairs = LayerwisePairs(flat_params, memory, sizes, gamma_scale)
+            self.pairs = LayerwisePairs(flat_params, memory, sizes, gamma_scale)
         else:
             self.pairs = WindowedPairs(
                 flat_params, memory, memory if gamma_window is None else gamma_window, gamma_pick, gamma_scale
@@ -211,7 +283,7 @@ class FlatSCG:
     def _curvature_along(self, closure: Any, w: torch.Tensor, r: torch.Tensor, p: torch.Tensor, mu: float) -> float:
         """Step 2 after a success: δ, unscaled by λ."""
         p_sq = float(p @ p)
-        no_pairs = not len(self.pairs)
+        no_pairs = not len(self.pairs) and getattr(self.pairs, "basis", None) is None  # H₀ from a sketch counts
         if self.curvature == "secant" and not no_pairs and self.direction_rule == "qn":
             return mu
         if self.curvature == "secant" and self.steps == 0 and self.first_step == "scaled":
@@ -238,6 +310,8 @@ class FlatSCG:
             self.z = self.r.clone()
             self.started = True
             self.accepted_losses = [self.loss]
+            if self._sketch(closure):
+                self.p = self.z = self._precondition(self.r)
         r, p, w = self.r, self.p, self._flat()
         mu, p_sq = float(p @ r), float(p @ p)
         if mu <= 0.0:
@@ -283,6 +357,8 @@ class FlatSCG:
                 self.pairs.push([step], [change])
             if self.restart is not None and self.steps % self.restart == 0:
                 self.pairs.clear()
+            if self.steps % self.nystrom_every == 0:
+                self._sketch(closure)  # at the accepted w + αp, which the parameters hold
             new_z = self._precondition(new_r)
             if self.direction_rule == "qn":
                 new_p = new_z
@@ -327,6 +403,19 @@ class FlatSCG:
             lambd = min(lambd + delta * (1.0 - effective) / p_sq, 1e100)
         self.lambd, self.lambd_bar, self.delta = lambd, lambd_bar, delta
         return self.loss
+
+    def _sketch(self, closure: Any) -> bool:
+        """Refresh a :class:`NystromPairs` H₀ at the weights the parameters hold (k products ``closure.hvp``);
+        whether there was one to refresh."""
+        if not isinstance(self.pairs, NystromPairs):
+            return False
+        flat = self._flat()
+
+        def hessian_product(v: torch.Tensor) -> torch.Tensor:
+            return torch.cat([t.reshape(-1) for t in closure.hvp(self._split(v))])
+
+        self.pairs.refresh(hessian_product, flat.numel(), flat.dtype)
+        return True
 
     def _interpolated_step(self, mu: float, alpha: float, trial_loss: float, trial_slope_neg: float) -> float | None:
         """t in [0.1α, 0.5α]: the minimiser of the cubic through E(w), E'(w)ᵀp = −μ, E(w + αp), E'(w + αp)ᵀp

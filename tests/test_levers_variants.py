@@ -12,7 +12,7 @@ from torch import nn
 from moller_scg import SCG
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
-from levers_variants import FlatSCG, LayerwisePairs  # noqa: E402
+from levers_variants import FlatSCG, LayerwisePairs, NystromPairs  # noqa: E402
 
 from moller_scg.quasi_newton import SecantPairs  # noqa: E402
 
@@ -34,6 +34,16 @@ class CountingClosure:
         loss = nn.functional.mse_loss(self.model(self.x), self.y)
         loss.backward()
         return loss.detach()
+
+    def hvp(self, vectors: list[torch.Tensor]) -> list[torch.Tensor]:
+        """E''(w)v by double-backward; counted in ``hvps``."""
+        self.hvps = getattr(self, "hvps", 0) + 1
+        params = list(self.model.parameters())
+        with torch.enable_grad():
+            loss = nn.functional.mse_loss(self.model(self.x), self.y)
+            gradients = torch.autograd.grad(loss, params, create_graph=True)
+            products = torch.autograd.grad(gradients, params, vectors)
+        return [product.detach() for product in products]
 
 
 def test_flat_default_is_the_library_mode():
@@ -58,6 +68,7 @@ def test_flat_default_is_the_library_mode():
         {"growth": 2.0},
         {"gamma_scale": 2.0},
         {"layerwise": True},
+        {"nystrom_rank": 4, "nystrom_every": 20},
     ],
 )
 def test_variants_never_accept_a_higher_loss(options):
@@ -120,3 +131,34 @@ def test_layerwise_h0_takes_each_layers_largest_curvature_ratio():
     # H is still the inverse of a model that reproduces the newest pair: H yₘ = sₘ.
     newest = pairs.slots[-1]
     torch.testing.assert_close(pairs.inverse_product([block[1, newest].clone()])[0], block[0, newest])
+
+
+def test_nystrom_h0_of_a_full_rank_sketch_is_the_damped_inverse_hessian():
+    # k = n: the sketch sees all of E'' (positive definite here), so with no pair H₀ = U (Λ + λ_min)⁻¹ Uᵀ is
+    # (E'' + λ_min I)⁻¹ and nothing is left for the complement.
+    generator = torch.Generator().manual_seed(3)
+    a = torch.randn(6, 6, generator=generator, dtype=torch.float64)
+    hessian = a @ a.T + 0.5 * torch.eye(6, dtype=torch.float64)
+    pairs = NystromPairs([torch.zeros(6, dtype=torch.float64)], memory=3, rank=6)
+    pairs.refresh(lambda v: hessian @ v, 6, torch.float64)
+    smallest = float(torch.linalg.eigvalsh(hessian).min())
+    v = torch.randn(6, generator=generator, dtype=torch.float64)
+    expected = torch.linalg.solve(hessian + smallest * torch.eye(6, dtype=torch.float64), v)
+    torch.testing.assert_close(pairs.inverse_product([v])[0], expected, rtol=1e-9, atol=1e-12)
+
+
+def test_nystrom_sketch_costs_rank_products_at_the_start_and_every_n_steps():
+    closure = CountingClosure(seed=2)
+    variant = FlatSCG(list(closure.model.parameters()), memory=5, nystrom_rank=3, nystrom_every=10)
+    sketched_at = []
+    sketch = variant._sketch
+
+    def recording_sketch(objective):
+        sketched_at.append(variant.steps)
+        return sketch(objective)
+
+    variant._sketch = recording_sketch
+    for _ in range(25):
+        variant.step(closure)
+    assert sketched_at[0] == 0 and all(steps % 10 == 0 for steps in sketched_at[1:]) and len(sketched_at) >= 2
+    assert closure.hvps == 3 * len(sketched_at)
