@@ -20,6 +20,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import math
+from collections import defaultdict
 from collections.abc import Callable, Iterable
 from typing import Any
 
@@ -52,7 +53,7 @@ from moller_scg.scg_state import (
     scg_entry,
     warn_when_stalled,
 )
-from moller_scg.scg_storage import _copy_loaded_vectors, _StateVectors
+from moller_scg.scg_storage import _copy_loaded_vectors, _StateVectors, _vectors_of_their_own
 from moller_scg.scg_trial import trial_at
 from moller_scg.step_arithmetic import UNRESOLVED_DECREASE_ULPS
 
@@ -238,9 +239,12 @@ class SCG(torch.optim.Optimizer):
         """The usual optimizer state plus ``"scg"``: the scalars of :class:`SCGScalars` and the latest trace.
 
         As with ``torch.optim`` optimizers, the tensors are the optimizer's own, not copies: the next :meth:`step`
-        updates the direction p in place. Save the state (or ``copy.deepcopy`` it) before stepping on.
+        updates the direction p in place. Save the state (or ``copy.deepcopy`` it) before stepping on. (With
+        ``memory`` ≥ 1, r and p live in flat buffers, p beside the step's other vectors, and are given as copies of
+        their per-parameter views, so that a saved state holds n numbers for each, not the buffers.)
         """
         state = super().state_dict()
+        state["state"] = _vectors_of_their_own(state["state"])
         secant_pairs_state = None if self._secant_pairs is None else self._secant_pairs.state_dict()
         state["scg"] = scg_entry(self._scalars, self._trace, secant_pairs_state)
         return state
@@ -264,6 +268,7 @@ class SCG(torch.optim.Optimizer):
     def __getstate__(self) -> dict[str, Any]:
         # The autograd graph of the last evaluation cannot be copied or pickled; it is rebuilt when needed.
         state = super().__getstate__()
+        state["state"] = defaultdict(dict, _vectors_of_their_own(state["state"]))  # r, p without the flat buffers
         state["_scalars"] = dataclasses.replace(self._scalars)
         state["_trace"] = self._trace
         state["_secant_pairs"] = self._secant_pairs

@@ -173,6 +173,29 @@ class _StateVectors:
             state[p]["direction"] = d
 
 
+def _vectors_of_their_own(param_states: dict[Any, Any]) -> dict[Any, Any]:
+    """The per-parameter state dicts with r and p as tensors of their own: copies of the views of SCG's flat buffers
+    (new dicts; ``optimizer.state`` is left as it is), other entries as they are.
+
+    On the fast path p is a row of the (3, n) buffer it shares with r₊ and y
+    (:attr:`FlatBuffers.pair_rows <moller_scg.flat_vector.FlatBuffers.pair_rows>`), and ``torch.save``, ``pickle``
+    and ``copy.deepcopy`` keep a view's whole storage: a saved state would hold 3n numbers for p. Copied, r and p
+    take n numbers each, as with Møller's SCG, whose per-parameter tensors are left as they are.
+    """
+
+    def own(value: Any) -> Any:
+        if isinstance(value, torch.Tensor) and value.untyped_storage().nbytes() > value.numel() * value.element_size():
+            return value.clone()
+        return value
+
+    return {
+        key: {name: own(value) if name in ("residual", "direction") else value for name, value in entries.items()}
+        if isinstance(entries, dict)
+        else entries
+        for key, entries in param_states.items()
+    }
+
+
 def _copy_loaded_vectors(state: _State) -> None:
     """Replace r and p of a just-loaded ``optimizer.state`` by copies of themselves.
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import copy
 import io
+import pickle
 
 import pytest
 import torch
@@ -184,6 +185,35 @@ def test_state_dict_round_trip_with_weights_only_continues_bit_identically():
 
     copied = copy.deepcopy(optimizer)  # a deep copy keeps the pairs too
     assert copied.state_dict()["scg"]["secant_pairs"]["slots"] == optimizer.state_dict()["scg"]["secant_pairs"]["slots"]
+
+
+def test_a_saved_or_pickled_state_holds_r_and_p_once_not_the_buffers_they_live_in():
+    # On the fast path p is a row of a (3, n) buffer (beside r₊ and y); torch.save and pickle keep a view's whole
+    # storage, so the state gives r and p as copies: the pairs (2m n), r and p (2 n) and a little more.
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(20, 200), nn.Tanh(), nn.Linear(200, 2)).double()  # n = 4,602: the format's
+    x = torch.randn(64, 20, dtype=torch.float64)  # own bytes are small beside the numbers
+    y = torch.sin(x[:, :2])
+    optimizer = SCG(model.parameters(), memory=3)
+
+    def closure():
+        optimizer.zero_grad()
+        loss = torch.mean((model(x) - y) ** 2)
+        loss.backward()
+        return loss
+
+    for _ in range(5):
+        optimizer.step(closure)
+    n = sum(p.numel() for p in model.parameters())
+    numbers = (2 * 3 + 2) * n * 8  # float64 bytes of the pairs, r and p
+    buffer = io.BytesIO()
+    torch.save(optimizer.state_dict(), buffer)
+    assert numbers <= len(buffer.getbuffer()) < numbers + 4 * n * 8 / 2  # not 2n more for the buffer's other rows
+    pickled = len(pickle.dumps(optimizer))
+    assert pickled < numbers + 4 * n * 8 / 2 + n * 8  # plus the pairs' own storage of the live object: no 2n more
+    state = optimizer.state[next(iter(model.parameters()))]
+    assert optimizer.state_dict()["state"][0]["direction"] is not state["direction"]
+    assert torch.equal(optimizer.state_dict()["state"][0]["direction"], state["direction"])
 
 
 def test_states_of_other_memories_are_refused():
