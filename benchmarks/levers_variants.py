@@ -86,11 +86,41 @@ class WindowedPairs(SecantPairs):
         return self.scale * (max(ratios) if self.pick == "max" else min(ratios))
 
 
-class LayerwisePairs(WindowedPairs):
+class TwoLoopPairs(WindowedPairs):
+    """:class:`WindowedPairs` whose H v is formed by the two-loop recursion (Nocedal 1980), which takes any positive
+    definite H₀: a subclass says what H₀ q is (:meth:`_initial_inverse`) and whether H is still I
+    (:meth:`_is_identity`)."""
+
+    def _initial_inverse(self, q: torch.Tensor) -> torch.Tensor:
+        return self.gamma * q
+
+    def _is_identity(self) -> bool:
+        return not self.slots
+
+    def inverse_product(self, vector: Any) -> list[torch.Tensor]:
+        (v,) = vector
+        if self._is_identity():
+            return [v.clone()]
+        (block,) = self.blocks
+        q = v.clone()
+        alphas = []
+        for i in reversed(self.slots):
+            rho = 1.0 / float(self.sy[i, i])
+            a = rho * float(block[0, i] @ q)
+            alphas.append(a)
+            q -= a * block[1, i]
+        q = self._initial_inverse(q)
+        for i, a in zip(self.slots, reversed(alphas)):
+            rho = 1.0 / float(self.sy[i, i])
+            b = rho * float(block[1, i] @ q)
+            q += (a - b) * block[0, i]
+        return [q]
+
+
+class LayerwisePairs(TwoLoopPairs):
     """:class:`WindowedPairs` whose H₀ is diagonal with one scale per parameter tensor (layer) l:
     γₗ = maxᵢ sᵢₗᵀyᵢₗ / yᵢₗᵀyᵢₗ over the pairs held, the parts sᵢₗ, yᵢₗ of the pair on that tensor (the global γ where
-    no pair has sᵢₗᵀyᵢₗ > 0), times ``scale``. H v by the two-loop recursion (Nocedal 1980), which takes any positive
-    definite H₀."""
+    no pair has sᵢₗᵀyᵢₗ > 0), times ``scale``, in the two-loop recursion."""
 
     def __init__(self, params: list[torch.Tensor], memory: int, sizes: list[int], scale: float = 1.0) -> None:
         super().__init__(params, memory, window=memory, pick="max", scale=scale)
@@ -114,30 +144,14 @@ class LayerwisePairs(WindowedPairs):
         ]
         return torch.cat(pieces)
 
-    def inverse_product(self, vector: Any) -> list[torch.Tensor]:
-        (v,) = vector
-        if not self.slots:
-            return [v.clone()]
-        (block,) = self.blocks
-        q = v.clone()
-        alphas = []
-        for i in reversed(self.slots):
-            rho = 1.0 / float(self.sy[i, i])
-            a = rho * float(block[0, i] @ q)
-            alphas.append(a)
-            q -= a * block[1, i]
-        q *= self.layer_scales()
-        for i, a in zip(self.slots, reversed(alphas)):
-            rho = 1.0 / float(self.sy[i, i])
-            b = rho * float(block[1, i] @ q)
-            q += (a - b) * block[0, i]
-        return [q]
+    def _initial_inverse(self, q: torch.Tensor) -> torch.Tensor:
+        return q * self.layer_scales()
 
 
-class NystromPairs(WindowedPairs):
+class NystromPairs(TwoLoopPairs):
     """:class:`WindowedPairs` whose H₀ = U (Λ + 1/γ)⁻¹ Uᵀ + γ(I − UUᵀ) once :meth:`refresh` has sketched the Hessian
-    (γ the pairs' max ratio, or 1/λ_k, the smallest eigenvalue kept, while no pair is held); H v by the two-loop
-    recursion (Nocedal 1980), which takes any positive definite H₀."""
+    (γ the pairs' max ratio, or 1/λ_k, the smallest eigenvalue kept, while no pair is held), in the two-loop
+    recursion."""
 
     def __init__(self, params: list[torch.Tensor], memory: int, rank: int, seed: int = 0) -> None:
         super().__init__(params, memory, window=memory, pick="max")
@@ -176,24 +190,8 @@ class NystromPairs(WindowedPairs):
         inside = self.basis @ (coefficients / (self.eigenvalues + 1.0 / gamma))
         return inside + gamma * (q - self.basis @ coefficients)
 
-    def inverse_product(self, vector: Any) -> list[torch.Tensor]:
-        (v,) = vector
-        if not self.slots and self.basis is None:
-            return [v.clone()]
-        (block,) = self.blocks
-        q = v.clone()
-        alphas = []
-        for i in reversed(self.slots):
-            rho = 1.0 / float(self.sy[i, i])
-            a = rho * float(block[0, i] @ q)
-            alphas.append(a)
-            q -= a * block[1, i]
-        q = self._initial_inverse(q)
-        for i, a in zip(self.slots, reversed(alphas)):
-            rho = 1.0 / float(self.sy[i, i])
-            b = rho * float(block[1, i] @ q)
-            q += (a - b) * block[0, i]
-        return [q]
+    def _is_identity(self) -> bool:
+        return not self.slots and self.basis is None
 
 
 class FlatSCG:

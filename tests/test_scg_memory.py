@@ -45,6 +45,18 @@ def run(params, loss_of_params, iterations, create_graph=False, **options):
     return optimizer, trajectory, calls
 
 
+def mse_closure(optimizer, model, x, y):
+    """The closure an LBFGS user writes: zero_grad, the mean squared error of ``model`` on (x, y), backward."""
+
+    def closure():
+        optimizer.zero_grad()
+        loss = torch.mean((model(x) - y) ** 2)
+        loss.backward()
+        return loss
+
+    return closure
+
+
 @pytest.mark.parametrize("memory", [1, 3, 10])
 def test_secant_mode_trajectory_matches_reference_on_rosenbrock(memory):
     # 40 iterations: the rounding differences between the compact form and the reference's two-loop recursion grow
@@ -139,11 +151,7 @@ def test_a_plain_closure_works_as_for_lbfgs():
     x, y = mlp_data()
     optimizer = SCG(model.parameters(), memory=10)
 
-    def closure():
-        optimizer.zero_grad()
-        loss = torch.mean((model(x) - y) ** 2)
-        loss.backward()
-        return loss
+    closure = mse_closure(optimizer, model, x, y)
 
     first = float(closure().detach())
     for _ in range(60):
@@ -196,11 +204,7 @@ def test_a_saved_or_pickled_state_holds_r_and_p_once_not_the_buffers_they_live_i
     y = torch.sin(x[:, :2])
     optimizer = SCG(model.parameters(), memory=3)
 
-    def closure():
-        optimizer.zero_grad()
-        loss = torch.mean((model(x) - y) ** 2)
-        loss.backward()
-        return loss
+    closure = mse_closure(optimizer, model, x, y)
 
     for _ in range(5):
         optimizer.step(closure)
@@ -342,11 +346,7 @@ def test_complex_parameters_with_memory_follow_their_real_view():
 def _mlp_closure(model, optimizer):
     x, y = mlp_data()
 
-    def closure():
-        optimizer.zero_grad()
-        loss = torch.mean((model(x) - y) ** 2)
-        loss.backward()
-        return loss
+    closure = mse_closure(optimizer, model, x, y)
 
     return closure
 
