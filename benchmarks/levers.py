@@ -146,6 +146,9 @@ def passes_rows() -> dict[str, Row]:
         "Nyström H₀ k=5 / 50": flat_variant(nystrom_rank=5, nystrom_every=50),
         "Nyström H₀ k=10 / 100": flat_variant(nystrom_rank=10, nystrom_every=100),
         "Nyström H₀ k=20 / 200": flat_variant(nystrom_rank=20, nystrom_every=200),
+        "stretch τ ≤ 2": flat_variant(stretch_max=2.0),
+        "stretch τ ≤ 4": flat_variant(stretch_max=4.0),
+        "stretch τ ≤ 2, Δ > 1.25": flat_variant(stretch_max=2.0, stretch_above=1.25),
     }
 
 

@@ -38,6 +38,10 @@ clearly win (issue #14), written on one flat vector so that each differs from th
 * ``angle``: a pair is kept only if sᵀy > angle · |s||y| as well (0: only the library's sᵀy > 10⁻¹⁰ yᵀy);
 * ``restart``: N, the pairs are dropped and p ← r₊ after every N-th step (None: never within these budgets, as
   the library's N = number of weights).
+* ``stretch_max`` τₘₐₓ (with ``stretch_factor`` f, ``stretch_above`` Δ₊): δ = μ/τ instead of μ, so that α ≈ τ while λ
+  is small — a step longer than the quasi-Newton model's minimiser; τ is multiplied by f after an accepted step
+  whose Δ > Δ₊ (the model underestimated the decrease), up to τₘₐₓ, divided by f after one with Δ < 0.75, and reset
+  to 1 after a rejection (1: the library's δ = μ);
 * ``nystrom_rank`` k, ``nystrom_every`` N (lever 3 of issue #14): H₀ of the quasi-Newton inverse is no longer γI but
   U (Λ + 1/γ)⁻¹ Uᵀ + γ(I − UUᵀ), with U Λ Uᵀ a rank-k randomized Nyström approximation of the Hessian
   (:class:`NystromPairs`: k exact Hessian-vector products, charged as such, at the start and after every N-th
@@ -219,6 +223,9 @@ class FlatSCG:
         hold_after_rejection: bool = False,
         nystrom_rank: int = 0,
         nystrom_every: int = 50,
+        stretch_max: float = 1.0,
+        stretch_factor: float = 1.5,
+        stretch_above: float = 1.1,
         sigma: float = 5e-5,
         lambd: float = 5e-7,
     ) -> None:
@@ -230,6 +237,8 @@ class FlatSCG:
         self.params = list(params)
         flat_params = [self._flat()]
         self.nystrom_every = nystrom_every
+        self.stretch, self.stretch_max = 1.0, stretch_max  # τ and its cap (1: the library's δ = μ)
+        self.stretch_factor, self.stretch_above = stretch_factor, stretch_above
         if nystrom_rank:
             self.pairs: WindowedPairs = NystromPairs(flat_params, memory, nystrom_rank)
         elif layerwise:
@@ -283,7 +292,7 @@ class FlatSCG:
         p_sq = float(p @ p)
         no_pairs = not len(self.pairs) and getattr(self.pairs, "basis", None) is None  # H₀ from a sketch counts
         if self.curvature == "secant" and not no_pairs and self.direction_rule == "qn":
-            return mu
+            return mu / self.stretch  # δ = pᵀBp / τ: α ≈ τ while λ is small
         if self.curvature == "secant" and self.steps == 0 and self.first_step == "scaled":
             return mu / min(1.0, 1.0 / float(r.abs().sum()))
         if self.curvature == "hvp":
@@ -394,6 +403,11 @@ class FlatSCG:
                     pairs=len(self.pairs),
                 )
             )
+        if self.stretch_max > 1.0:  # τ grows while the model underestimates the decrease, and shrinks back
+            if finite and self.success and comparison > self.stretch_above:
+                self.stretch = min(self.stretch * self.stretch_factor, self.stretch_max)
+            elif not (finite and self.success) or comparison < 0.75:
+                self.stretch = max(self.stretch / self.stretch_factor, 1.0) if finite and self.success else 1.0
         effective = comparison if finite else -2.0
         if cubic_lambda is not None:
             lambd = max(cubic_lambda, lambd)

@@ -69,6 +69,7 @@ def test_flat_default_is_the_library_mode():
         {"gamma_scale": 2.0},
         {"layerwise": True},
         {"nystrom_rank": 4, "nystrom_every": 20},
+        {"stretch_max": 4.0},
     ],
 )
 def test_variants_never_accept_a_higher_loss(options):
@@ -162,3 +163,24 @@ def test_nystrom_sketch_costs_rank_products_at_the_start_and_every_n_steps():
         variant.step(closure)
     assert sketched_at[0] == 0 and all(steps % 10 == 0 for steps in sketched_at[1:]) and len(sketched_at) >= 2
     assert closure.hvps == 3 * len(sketched_at)
+
+
+def test_stretch_lengthens_the_step_while_the_model_underestimates_the_decrease():
+    # τ multiplies α (δ = μ/τ): it grows by the factor after a step with Δ > Δ₊, up to its cap, shrinks after one
+    # with Δ < 0.75 and is 1 again after a rejection; τ_max = 1 is the library's δ = μ.
+    closure = CountingClosure(seed=3)
+    variant = FlatSCG(list(closure.model.parameters()), memory=5, stretch_max=2.0)
+    variant.log = []
+    stretches = []
+    for _ in range(40):
+        before = variant.stretch
+        variant.step(closure)
+        step = variant.log[-1]
+        if not variant.success:
+            assert variant.stretch == 1.0
+        elif step["comparison"] > 1.1:
+            assert variant.stretch == min(1.5 * before, 2.0)
+        elif step["comparison"] < 0.75:
+            assert variant.stretch == max(before / 1.5, 1.0)
+        stretches.append(variant.stretch)
+    assert max(stretches) > 1.0
