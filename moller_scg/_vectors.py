@@ -34,26 +34,25 @@ DOT_CHUNK = 1 << 20
 multiplied and summed whole, as before this limit existed (the same bits)."""
 
 
+def _float64_sum_in_pieces(summand: Callable[..., torch.Tensor], *xs: torch.Tensor) -> torch.Tensor:
+    """Σ summand(x, …) as a 0-dim float64 tensor on the tensors' device: ``summand`` (elementwise, in the tensors'
+    dtype) applied to the tensors of equal size ``xs`` and summed in float64, ``DOT_CHUNK`` numbers at a time when
+    they are larger (the pieces' float64 sums then added), so that its temporary stays small."""
+    xs = tuple(as_real(x) for x in xs)
+    if xs[0].numel() <= DOT_CHUNK:
+        return torch.sum(summand(*xs), dtype=torch.float64)
+    pieces = zip(*(x.reshape(-1).split(DOT_CHUNK) for x in xs))
+    return torch.stack([torch.sum(summand(*piece), dtype=torch.float64) for piece in pieces]).sum()
+
+
 def _float64_dot(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-    """xᵀy as a 0-dim float64 tensor on the tensors' device: the elementwise product in their dtype, summed in float64,
-    ``DOT_CHUNK`` numbers at a time when the tensors are larger (the pieces' float64 sums then added)."""
+    """xᵀy as a 0-dim float64 tensor on the tensors' device: the elementwise product in their dtype, summed in
+    float64 (in pieces above ``DOT_CHUNK`` numbers). The common case, a small vector, is written out: it runs
+    several times in every step."""
     x, y = as_real(x), as_real(y)
     if x.numel() <= DOT_CHUNK:
         return torch.sum(x * y, dtype=torch.float64)
-    x, y = x.reshape(-1), y.reshape(-1)
-    pieces = [torch.sum(a * b, dtype=torch.float64) for a, b in zip(x.split(DOT_CHUNK), y.split(DOT_CHUNK))]
-    return torch.stack(pieces).sum()
-
-
-def _float64_sum_in_pieces(x: torch.Tensor, summand: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
-    """Σ summand(x) as a 0-dim float64 tensor, ``summand`` (elementwise, returning a tensor of x's shape) applied and
-    summed ``DOT_CHUNK`` numbers at a time when x is larger (the pieces' float64 sums then added), as
-    :func:`_float64_dot`: the temporary stays small instead of faulting in fresh pages."""
-    x = as_real(x)
-    if x.numel() <= DOT_CHUNK:
-        return torch.sum(summand(x), dtype=torch.float64)
-    pieces = [torch.sum(summand(piece), dtype=torch.float64) for piece in x.reshape(-1).split(DOT_CHUNK)]
-    return torch.stack(pieces).sum()
+    return _float64_sum_in_pieces(torch.mul, x, y)
 
 
 def _partial_dots(xs: Sequence[torch.Tensor], ys: Sequence[torch.Tensor]) -> TensorList:
@@ -110,7 +109,7 @@ def squared_norm(xs: Sequence[torch.Tensor]) -> float:
 
 def l1_norm(xs: Sequence[torch.Tensor]) -> float:
     """|x|₁ = Σ|xᵢ| over the real numbers of x, summed in float64."""
-    return _totals([[_float64_sum_in_pieces(x, torch.abs) for x in xs]])[0]
+    return _totals([[_float64_sum_in_pieces(torch.abs, x) for x in xs]])[0]
 
 
 def _is_not_finite(x: torch.Tensor) -> torch.Tensor:
@@ -119,7 +118,7 @@ def _is_not_finite(x: torch.Tensor) -> torch.Tensor:
 
 def all_finite(xs: Sequence[torch.Tensor]) -> bool:
     """Whether every element of every tensor is finite (one host synchronisation per device)."""
-    non_finite_counts = [_float64_sum_in_pieces(x, _is_not_finite) for x in xs]
+    non_finite_counts = [_float64_sum_in_pieces(_is_not_finite, x) for x in xs]
     return _totals([non_finite_counts])[0] == 0
 
 
