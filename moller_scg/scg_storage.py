@@ -173,6 +173,10 @@ class _StateVectors:
             state[p]["direction"] = d
 
 
+_VECTOR_KEYS = ("residual", "direction")
+"""The entries of a parameter's dict in ``optimizer.state`` that hold SCG's vectors r and p."""
+
+
 def _vectors_of_their_own(param_states: dict[Any, Any]) -> dict[Any, Any]:
     """The per-parameter state dicts with r and p as tensors of their own: copies of the views of SCG's flat buffers
     (new dicts; ``optimizer.state`` is left as it is), other entries as they are.
@@ -183,17 +187,16 @@ def _vectors_of_their_own(param_states: dict[Any, Any]) -> dict[Any, Any]:
     take n numbers each, as with Møller's SCG, whose per-parameter tensors are left as they are.
     """
 
-    def own(value: Any) -> Any:
-        if isinstance(value, torch.Tensor) and value.untyped_storage().nbytes() > value.numel() * value.element_size():
-            return value.clone()
-        return value
-
-    return {
-        key: {name: own(value) if name in ("residual", "direction") else value for name, value in entries.items()}
-        if isinstance(entries, dict)
-        else entries
-        for key, entries in param_states.items()
-    }
+    result = dict(param_states)
+    for key, entries in param_states.items():
+        if not isinstance(entries, dict):
+            continue
+        result[key] = dict(entries)
+        for name in _VECTOR_KEYS:
+            value = entries.get(name)
+            if isinstance(value, torch.Tensor) and value.untyped_storage().nbytes() > value.nbytes:
+                result[key][name] = value.clone()
+    return result
 
 
 def _copy_loaded_vectors(state: _State) -> None:
@@ -207,6 +210,6 @@ def _copy_loaded_vectors(state: _State) -> None:
     for param_state in state.values():
         if not isinstance(param_state, dict):
             continue
-        for key in ("residual", "direction"):
+        for key in _VECTOR_KEYS:
             if isinstance(param_state.get(key), torch.Tensor):
                 param_state[key] = param_state[key].clone()
