@@ -75,6 +75,10 @@ class WindowedPairs(SecantPairs):
         self.window, self.pick, self.scale = window, pick, scale
         self.ss = [0.0] * memory  # sᵢᵀsᵢ per slot (for pick="bb1")
 
+    def is_identity(self) -> bool:
+        """Whether H = I: no pair held (and, in :class:`NystromPairs`, no sketch)."""
+        return not self.slots
+
     def push(self, step: Any, change: Any) -> bool:
         kept = super().push(step, change)
         if kept:
@@ -93,17 +97,14 @@ class WindowedPairs(SecantPairs):
 class TwoLoopPairs(WindowedPairs):
     """:class:`WindowedPairs` whose H v is formed by the two-loop recursion (Nocedal 1980), which takes any positive
     definite H₀: a subclass says what H₀ q is (:meth:`_initial_inverse`) and whether H is still I
-    (:meth:`_is_identity`)."""
+    (:meth:`is_identity`)."""
 
     def _initial_inverse(self, q: torch.Tensor) -> torch.Tensor:
         return self.gamma * q
 
-    def _is_identity(self) -> bool:
-        return not self.slots
-
     def inverse_product(self, vector: Any) -> list[torch.Tensor]:
         (v,) = vector
-        if self._is_identity():
+        if self.is_identity():
             return [v.clone()]
         (block,) = self.blocks
         q = v.clone()
@@ -194,7 +195,7 @@ class NystromPairs(TwoLoopPairs):
         inside = self.basis @ (coefficients / (self.eigenvalues + 1.0 / gamma))
         return inside + gamma * (q - self.basis @ coefficients)
 
-    def _is_identity(self) -> bool:
+    def is_identity(self) -> bool:
         return not self.slots and self.basis is None
 
 
@@ -290,7 +291,7 @@ class FlatSCG:
     def _curvature_along(self, closure: Any, w: torch.Tensor, r: torch.Tensor, p: torch.Tensor, mu: float) -> float:
         """Step 2 after a success: δ, unscaled by λ."""
         p_sq = float(p @ p)
-        no_pairs = not len(self.pairs) and getattr(self.pairs, "basis", None) is None  # H₀ from a sketch counts
+        no_pairs = self.pairs.is_identity()
         if self.curvature == "secant" and not no_pairs and self.direction_rule == "qn":
             return mu / self.stretch  # δ = pᵀBp / τ: α ≈ τ while λ is small
         if self.curvature == "secant" and self.steps == 0 and self.first_step == "scaled":
