@@ -323,6 +323,45 @@ class GradientAccumulator:
         self.passes.gradient += 1
         return loss
 
+    def value_then_gradient(self) -> tuple[torch.Tensor, Callable[[], TensorList]]:
+        """E(w) now, and E'(w) only when asked: for a trial point that may be rejected on its loss alone.
+
+        With one batch on one process, the pass stops after the forward and keeps that batch's graph (the memory of
+        a gradient pass); the returned function runs the backward, **sets** ``.grad`` as the accumulator's call
+        does, and returns the gradients — the same bits as ``acc()``. Until it is called the evaluation counts as a
+        loss pass (:attr:`passes`), and as a gradient pass from then on; one never completed cost a forward only.
+        With more batches, or distributed, keeping every batch's graph would break the one-batch memory bound:
+        this is then one gradient pass, and the function returns its gradients.
+
+        Returns:
+            E(w), a detached 0-dim float64 tensor, and a function that returns E'(w) at the weights of the forward
+            (one tensor per parameter; calling it again returns the same tensors).
+
+        Raises:
+            FloatingPointError: as the accumulator's call, from the forward.
+        """
+        if self.distributed or self.num_batches != 1:
+            loss = self()
+            gradients = [cast(torch.Tensor, p.grad) for p in self.params]
+            return loss, lambda: gradients
+        graphs: list[tuple[torch.Tensor, int]] = []
+        with restored_on_failure(self.model) as running_statistics:
+            sums = self._stream("forward", kept_graphs=graphs)
+            loss, _ = self._finish(sums)
+            running_statistics.restore_unless_finite(loss)
+        self.passes.loss += 1
+        formed: list[TensorList] = []
+
+        def gradient() -> TensorList:
+            if not formed:
+                formed.append(self._backward_of(graphs, sums))
+                graphs.clear()
+                self.passes.loss -= 1
+                self.passes.gradient += 1
+            return formed[0]
+
+        return loss, gradient
+
     def hvp(self, vectors: Sequence[torch.Tensor]) -> TensorList:
         """One pass: s = E''(w) v = Σ_b w_b E_b''(w) v, exactly.
 
@@ -391,17 +430,20 @@ class GradientAccumulator:
         vectors: list[torch.Tensor] | None = None,
         batches_to_stream: Batches | None = None,
         metric_sums: MetricSums | None = None,
+        kept_graphs: list[tuple[torch.Tensor, int]] | None = None,
     ) -> PassSums:
         """Run every batch once and add up its loss and, for ``kind`` "gradient" or "hvp", its vectors.
 
         ``batches_to_stream`` defaults to all the data (this process's shard). With ``metric_sums`` (kind
-        "loss" only) each metric is added up from the same forward pass as the loss. No host synchronisation happens
-        in the loop: batch losses are written to a device buffer and checked once at the end.
+        "loss" only) each metric is added up from the same forward pass as the loss. Kind "forward" adds up the loss
+        from a forward with autograd on, and appends each batch's (E_b with its graph, scale) to ``kept_graphs``
+        for :meth:`_backward_of`. No host synchronisation happens in the loop: batch losses are written to a device
+        buffer and checked once at the end.
         """
         source = self._batches if batches_to_stream is None else batches_to_stream
         self._first_pass_checks.before_pass(source, stacklevel=3)  # the warning points at the user's call
         objective, derivatives = self._batch_loss, self._derivatives
-        sums = None if kind == "loss" else WideSums(self.params, PARTIAL_SUM_BATCHES)
+        sums = None if kind in ("loss", "forward") else WideSums(self.params, PARTIAL_SUM_BATCHES)
         # Typed as the loop's "gradient" and "hvp" branches use them: sums is None only for "loss", vectors only
         # for kinds other than "hvp".
         wide_sums, hvp_vectors = cast(WideSums, sums), cast(list[torch.Tensor], vectors)
@@ -425,6 +467,10 @@ class GradientAccumulator:
                     term = objective.term(outputs, targets)
                     if metric_sums is not None:
                         metric_sums.add(outputs, targets, count)
+            elif kind == "forward":
+                with torch.enable_grad():
+                    term = objective.term(self.model(inputs), targets)
+                cast(list, kept_graphs).append((term, scale))
             else:
                 if kind == "gradient":
                     term, batch_vectors = derivatives.gradient(inputs, targets)
@@ -452,6 +498,20 @@ class GradientAccumulator:
             metrics=None if metric_sums is None else metric_sums.sums,
             metric_denominators=None if metric_sums is None else metric_sums.denominators,
         )
+
+    def _backward_of(self, graphs: list[tuple[torch.Tensor, int]], forward_sums: PassSums) -> TensorList:
+        """The second half of a gradient pass whose forward kept its graphs (:meth:`value_then_gradient`): each
+        batch's ∂E_b/∂w added into float64 sums in the order the forward streamed them, divided as the accumulator's
+        call divides them; ``.grad`` is set to the result."""
+        wide_sums = WideSums(self.params, PARTIAL_SUM_BATCHES)
+        for term, scale in graphs:
+            if term.requires_grad:  # otherwise no parameter reaches this batch's loss, and it adds 0
+                wide_sums.add(torch.autograd.grad(term, self.params, allow_unused=True), scale)
+        sums = dataclasses.replace(forward_sums, vectors=wide_sums.result())
+        _, gradients = divided_sums(sums, self._batch_loss.kind, self.samples, self.samples, self.params)
+        for p, gradient in zip(self.params, gradients):
+            p.grad = gradient
+        return gradients
 
     def _reduce(self, sums: PassSums) -> PassSums:
         """Combine the sums of every process; everything after this step sees the global sums.

@@ -446,7 +446,7 @@ class SCG(torch.optim.Optimizer):
         alpha = mu / delta
         # Step 6: the comparison ratio Δ, from one evaluation at the trial point w + αp.
         trial = trial_at(objective, params, storage, direction, residual, alpha, mu, delta, scalars.loss, residual_sq)
-        trial_loss, new_residual, new_residual_sq, _, finite, comparison = trial
+        trial_loss, _, new_residual_sq, _, finite, comparison = trial
         # That was the last closure call of the iteration: from here on, state may be committed and p overwritten.
 
         # Step 7: accept or reject the trial point.
@@ -458,7 +458,7 @@ class SCG(torch.optim.Optimizer):
             new_direction_sq, new_mu = next_direction(
                 stored_direction, residual, trial, restart, self._secant_pairs, storage, alpha, mu
             )
-            storage.keep_residual(self.state, params, new_residual)  # r ← r₊
+            storage.keep_residual(self.state, params, trial.accepted_residual())  # r ← r₊
             held = (new_residual_sq, new_mu, new_direction_sq)  # (|r|², pᵀr, |p|²) of the r and p now held
             scalars.loss = trial_loss
             lambd_bar = 0.0

@@ -53,7 +53,7 @@ def next_direction(
         storage: where r and p live, which forms H r₊ in p's storage.
         alpha: α, the accepted step length (s = αp); ``mu``: μ = pᵀr.
     """
-    new_residual, new_residual_sq = trial.new_residual, trial.new_residual_sq
+    new_residual, new_residual_sq = trial.accepted_residual(), trial.new_residual_sq
     if restart:
         vec.copy_(direction, new_residual)  # p ← r₊
         if secant_pairs is not None:

@@ -3,7 +3,8 @@
 - :class:`_StepObjective` — the :class:`~moller_scg.objective.Objective` a step evaluates, made from what ``step``
   is given and kept while the same one comes, so that the graph of the accepted trial's evaluation serves the next
   step's product s = E''(w)p (step 2);
-- :func:`evaluate` — E(w) and E'(w) by one evaluation (steps 1 and 6, and step 2 with Møller's finite difference);
+- :func:`evaluate` — E(w) and E'(w) by one evaluation (step 1, and step 2 with Møller's finite difference);
+- :func:`evaluate_loss_first` — E(w) at step 6's trial point, and E'(w) there only when asked;
 - :class:`EvaluationTally` — a step's evaluations as the objective counted them, added to SCG's totals
   ``closure_calls`` and ``hvp_calls``: the objective's :attr:`~moller_scg.objective.Objective.counts` are the only
   counters of evaluations; SCG counts none itself.
@@ -74,6 +75,23 @@ def evaluate(objective: Objective) -> tuple[float, list[torch.Tensor]]:
     return float(loss), gradients
 
 
+def evaluate_loss_first(objective: Objective) -> tuple[float, Callable[[], list[torch.Tensor]]]:
+    """E(w) at the weights the parameters hold, and a function that returns E'(w) there (step 6's trial point).
+
+    An objective with ``value_then_grad()`` (:class:`~moller_scg.objective.AccumulatorObjective` over one batch,
+    :class:`~moller_scg.objective.FunctionObjective`) forms the gradient only when the function is called, so a
+    trial that its loss alone rejects costs a forward pass; any other objective is evaluated at once in full
+    (:func:`evaluate`), and the function returns what that evaluation gave.
+    """
+    value_then_grad = getattr(objective, "value_then_grad", None)
+    if value_then_grad is None:
+        loss, gradients = evaluate(objective)
+        return loss, lambda: gradients
+    with torch.enable_grad():
+        loss, gradient = value_then_grad()
+    return float(loss), gradient
+
+
 class EvaluationTally:
     """What one step cost, as its objective counted it: SCG's ``closure_calls`` and ``hvp_calls`` are sums of these.
 
@@ -81,9 +99,11 @@ class EvaluationTally:
     :meth:`add_to` adds what they grew by since to SCG's totals (which ``state_dict`` saves, so they go on across a
     checkpoint and across a new closure, or a new objective, at every step):
 
-    - ``closure_calls`` += Δngev: every gradient evaluation E'(w), whatever it was for — step 1, the trial point of
-      step 6, the gradient at w + σₖp of Møller's finite difference (step 2), or the evaluation an objective makes
-      again to form E''(w)p when the graph of its last one is gone (after ``load_state_dict``);
+    - ``closure_calls`` += Δnfev: every evaluation of E(w), whatever it was for — step 1, the trial point of
+      step 6 (with its gradient, or without it when the trial's loss alone rejected it:
+      :func:`evaluate_loss_first`), the gradient at w + σₖp of Møller's finite difference (step 2), or the
+      evaluation an objective makes again to form E''(w)p when the graph of its last one is gone (after
+      ``load_state_dict``);
     - ``hvp_calls`` += Δnhev + :attr:`finite_difference_products`: the products E''(w)p the objective formed, and
       Møller's s = (E'(w + σₖp) − E'(w))/σₖ that SCG formed itself in step 2 from the gradient at w + σₖp. That
       gradient is one ngev of the objective (so it is also a closure call) and one curvature evaluation of SCG's;
@@ -96,13 +116,13 @@ class EvaluationTally:
     def __init__(self, objective: Objective) -> None:
         self._objective = objective
         counts = objective.counts
-        self._ngev_before, self._nhev_before = counts.ngev, counts.nhev
+        self._nfev_before, self._nhev_before = counts.nfev, counts.nhev
         self.finite_difference_products = 0
 
     def add_to(self, scalars: SCGScalars, trace: SCGTrace | None) -> SCGTrace | None:
         """Add this step's evaluations to the totals in ``scalars``; returns ``trace`` with those totals."""
         counts = self._objective.counts
-        scalars.closure_calls += counts.ngev - self._ngev_before
+        scalars.closure_calls += counts.nfev - self._nfev_before
         scalars.hvp_calls += counts.nhev - self._nhev_before + self.finite_difference_products
         if trace is None:
             return None

@@ -42,8 +42,9 @@ class SCGTrace:
         alpha: α = μ / δ, the step length (step 5).
         residual_norm: |r| = |E'(w)| at the weights held after the step.
         direction_norm: |p| of the direction the next iteration searches along.
-        closure_calls: closure evaluations since the optimizer was made: the gradient evaluations (ngev) its
-            objectives counted during its steps (:class:`~moller_scg.scg_objective.EvaluationTally`).
+        closure_calls: closure evaluations since the optimizer was made: the evaluations of E (nfev) its
+            objectives counted during its steps, with their gradient or, for a trial its loss alone rejected,
+            without (:class:`~moller_scg.scg_objective.EvaluationTally`).
         hvp_calls: curvature evaluations since the optimizer was made: the Hessian-vector products (nhev) its
             objectives counted during its steps, plus the finite differences of Møller's step 2 (each from one
             gradient evaluation, which is also a closure call).

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import doctest
 import logging
+import math
 import re
 import warnings
 from pathlib import Path
@@ -298,6 +299,74 @@ def test_grad_is_replaced_never_added_to_and_the_old_grad_is_untouched():
     assert relative_error(first, gradient) <= EXACT
     assert all(p.grad is not g for p, g in zip(params, stale))
     assert all(bool((g == 7.0).all()) for g in stale)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_value_then_gradient_over_one_batch_defers_the_backward_and_gives_the_same_bits(dtype):
+    (inputs, targets), model = regression_data(), tanh_mlp(OUTPUTS).to(dtype)
+    acc = GradientAccumulator(model, nn.MSELoss(), (inputs.to(dtype), targets.to(dtype)), batch_size=SAMPLES)
+    expected_loss = acc()
+    expected = [p.grad.clone() for p in acc.params]
+    stale = [torch.full_like(p, 7.0) for p in acc.params]
+    for p, g in zip(acc.params, stale):
+        p.grad = g
+    loss, gradient = acc.value_then_gradient()
+    assert torch.equal(loss, expected_loss)
+    assert all(p.grad is g for p, g in zip(acc.params, stale))  # no backward yet
+    assert acc.passes == accumulate.PassCounts(gradient=1, loss=1)  # the forward alone counts as a loss pass
+    gradients = gradient()
+    assert all(torch.equal(g, e) and p.grad is g for p, g, e in zip(acc.params, gradients, expected))
+    assert acc.passes == accumulate.PassCounts(gradient=2, loss=0)  # and as a gradient pass once completed
+    assert gradient() is gradients and acc.passes.gradient == 2
+
+
+def test_value_then_gradient_over_several_batches_is_one_gradient_pass():
+    (inputs, targets), model = regression_data(), tanh_mlp(OUTPUTS)
+    acc = GradientAccumulator(model, nn.MSELoss(), (inputs, targets), batch_size=7)
+    loss, gradient = acc.value_then_gradient()  # the graphs of every batch would break the one-batch memory bound
+    assert acc.passes == accumulate.PassCounts(gradient=1)
+    assert all(p.grad is g for p, g in zip(acc.params, gradient()))
+    assert torch.equal(loss, acc()) and acc.passes == accumulate.PassCounts(gradient=2)
+
+
+def test_scg_rejects_a_trial_on_its_loss_alone_over_one_batch_and_takes_the_same_steps():
+    (inputs, targets) = regression_data()
+
+    def run(defer: bool):
+        model = tanh_mlp(OUTPUTS, hidden=16)
+        acc = GradientAccumulator(model, nn.MSELoss(), (inputs, targets), batch_size=SAMPLES)
+        optimizer = SCG(acc.params, hvp="secant", memory=5)
+        rejected = 0
+        for _ in range(60):
+            optimizer.step(acc if defer else lambda: acc())  # a plain closure: the full gradient pass every time
+            rejected += not optimizer.trace.success
+        return optimizer.trace, acc.passes, rejected, [p.detach().clone() for p in acc.params]
+
+    deferred, full = run(True), run(False)
+    assert deferred[0] == full[0] and all(torch.equal(a, b) for a, b in zip(deferred[3], full[3]))
+    rejected = deferred[2]
+    assert rejected > 0
+    assert full[1] == accumulate.PassCounts(gradient=deferred[0].closure_calls)
+    assert deferred[1] == accumulate.PassCounts(gradient=deferred[0].closure_calls - rejected, loss=rejected)
+
+
+def test_a_non_finite_trial_over_one_batch_is_rejected_without_its_gradient_and_never_reaches_the_weights():
+    model = nn.Linear(1, 1, bias=False).double()
+    nn.init.constant_(model.weight, 0.0)
+    x, y = torch.ones(4, 1, dtype=torch.float64), torch.full((4, 1), 10.0, dtype=torch.float64)
+
+    def loss_fn(outputs, targets):  # (w − 10)², not finite beyond w = 2
+        return F.mse_loss(outputs, targets) * (math.nan if float(model.weight) > 2 else 1.0)
+
+    acc = GradientAccumulator(model, loss_fn, (x, y), batch_size=4, reduction="mean", on_non_finite="return")
+    optimizer = SCG(acc.params)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        optimizer.step(acc)
+    assert not optimizer.trace.success and math.isnan(optimizer.trace.comparison)
+    assert float(model.weight) == 0.0 and model.weight.grad is not None
+    # The start is a gradient pass and the curvature along p an HVP pass; the trial was a forward only.
+    assert acc.passes == accumulate.PassCounts(gradient=1, hvp=1, loss=1)
 
 
 def test_parameter_the_loss_does_not_reach_gets_zero_gradient_and_zero_curvature():

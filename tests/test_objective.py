@@ -187,13 +187,13 @@ def test_closure_objective_state_dict_round_trip():
 # GradientAccumulator face
 
 
-def accumulator_problem(**kwargs):
+def accumulator_problem(batch_size=4, **kwargs):
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 1)).double()
     generator = torch.Generator().manual_seed(1)
     x = torch.randn(11, 3, generator=generator, dtype=torch.float64)
     y = torch.randn(11, 1, generator=generator, dtype=torch.float64)
-    accumulator = GradientAccumulator(model, nn.MSELoss(), (x, y), batch_size=4, **kwargs)
+    accumulator = GradientAccumulator(model, nn.MSELoss(), (x, y), batch_size=batch_size, **kwargs)
     params = list(model.parameters())
 
     def full_loss(weights):
@@ -283,6 +283,41 @@ def test_function_objective_loss_costs_one_call_of_fun_without_gradient():
     objective = FunctionObjective(fun, torch.tensor([3.0], dtype=torch.float64))
     assert float(objective.loss()) == 9.0
     assert calls == [False] and objective.counts == EvaluationCounts(nfev=1, ngev=0, nhev=0)
+
+
+@pytest.mark.parametrize("hvp_mode", MODES)
+def test_function_objective_value_then_grad_pays_for_the_gradient_only_when_asked(hvp_mode):
+    def fun(x):
+        return (x**4).sum()
+
+    x0 = torch.tensor([1.0, -2.0], dtype=torch.float64)
+    objective, reference = FunctionObjective(fun, x0, hvp_mode), FunctionObjective(fun, x0, hvp_mode)
+    loss, gradient = objective.value_then_grad()
+    assert float(loss) == 17.0 and objective.counts == EvaluationCounts(nfev=1, ngev=0, nhev=0)
+    (g,) = gradient()
+    assert g.tolist() == [4.0, -32.0] and objective.counts == EvaluationCounts(nfev=1, ngev=1, nhev=0)
+    assert gradient()[0] is g and objective.counts.ngev == 1
+    # The product at that point uses the evaluation just completed (its graph, or its gradient), as after
+    # value_and_grad: no further evaluation of fun in double-backward mode, one at w + σₖv otherwise.
+    reference.value_and_grad()
+    vectors = [torch.tensor([1.0, 1.0], dtype=torch.float64)]
+    assert torch.equal(objective.hvp(vectors)[0], reference.hvp(vectors)[0])
+    assert objective.counts == reference.counts
+
+
+@pytest.mark.parametrize("hvp_mode", MODES)
+def test_accumulator_objective_value_then_grad_over_one_batch(hvp_mode):
+    accumulator, params, _ = accumulator_problem(batch_size=11)  # the 11 samples in one batch
+    reference, _, _ = accumulator_problem(batch_size=11)
+    objective, expected = AccumulatorObjective(accumulator, hvp_mode), AccumulatorObjective(reference, hvp_mode)
+    expected_loss, expected_gradients = expected.value_and_grad()
+    loss, gradient = objective.value_then_grad()
+    assert torch.equal(loss, expected_loss) and objective.counts == EvaluationCounts(nfev=1, ngev=0, nhev=0)
+    assert all(torch.equal(g, e) for g, e in zip(gradient(), expected_gradients))
+    assert objective.counts == EvaluationCounts(nfev=1, ngev=1, nhev=0)
+    vectors = [torch.ones_like(p) for p in params]
+    assert all(torch.equal(s, e) for s, e in zip(objective.hvp(vectors), expected.hvp(vectors)))
+    assert objective.counts == expected.counts  # the finite difference reuses the completed gradient
 
 
 def test_function_linear_in_x_has_zero_curvature():

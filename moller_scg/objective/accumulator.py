@@ -17,6 +17,7 @@ from moller_scg.objective.finite_difference import shifted_gradient_product
 from moller_scg.objective.protocol import (
     DEFAULT_SIGMA,
     EvaluationCounts,
+    ValueThenGrad,
     check_vectors,
     read_gradients,
     validate_hvp_mode,
@@ -102,6 +103,20 @@ class AccumulatorObjective:
         the ``.grad`` tensors the pass set (valid until the next pass)."""
         loss, gradients = self._gradient_pass()
         return loss, read_gradients(self.params, gradients, copy=copy)
+
+    def value_then_grad(self) -> ValueThenGrad:
+        """E(w) now and E'(w) when asked (:meth:`GradientAccumulator.value_then_gradient`): with one batch on one
+        process the backward is paid only if the function is called; otherwise this is one gradient pass. The
+        gradients are the ``.grad`` tensors (``copy=False``), valid until the next pass."""
+        loss, accumulator_gradient = self.accumulator.value_then_gradient()
+
+        def gradient() -> list[torch.Tensor]:
+            gradients = accumulator_gradient()
+            self._last_gradients = list(gradients)
+            self._last_versions = [p._version for p in self.params]
+            return read_gradients(self.params, gradients, copy=False)
+
+        return loss, gradient
 
     def hvp(self, vectors: Sequence[torch.Tensor]) -> list[torch.Tensor]:
         """s = E''(w)v at the values the parameters hold (one pass, or two with finite differences).

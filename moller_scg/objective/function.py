@@ -15,7 +15,7 @@ import torch
 import torch.utils._pytree as pytree
 
 from moller_scg.objective.closure import ClosureObjective
-from moller_scg.objective.protocol import DEFAULT_SIGMA, scalar_loss
+from moller_scg.objective.protocol import DEFAULT_SIGMA, ValueThenGrad, read_gradients, scalar_loss
 
 
 class FunctionObjective(ClosureObjective):
@@ -67,8 +67,36 @@ class FunctionObjective(ClosureObjective):
         self._counts.nfev += 1
         return scalar_loss(value, "fun")
 
+    def value_then_grad(self) -> ValueThenGrad:
+        """fun(x) now (counted in nfev), and a function that forms ∂fun/∂w from that call's graph when asked
+        (counted in ngev; ``.grad`` is set, with its graph in double-backward mode so that :meth:`hvp` can use it).
+        A point rejected on its value alone never pays for the backward pass."""
+        self._last_gradients = None  # the old graph goes before the new one is built
+        with torch.enable_grad():
+            value = self._value()
+        self._counts.nfev += 1
+        formed: list[list[torch.Tensor]] = []
+
+        def gradient() -> list[torch.Tensor]:
+            if not formed:
+                with torch.enable_grad():
+                    gradients = self._set_gradients(value)
+                self._counts.ngev += 1
+                self._last_gradients = gradients
+                self._last_versions = [p._version for p in self.params]
+                formed.append(read_gradients(self.params, gradients, copy=False))
+            return formed[0]
+
+        return scalar_loss(value, "fun"), gradient
+
     def _evaluate(self) -> torch.Tensor:
         """The closure: fun(x), and each parameter's ``.grad`` set to ∂fun/∂w (with its graph for double-backward)."""
+        value = self._value()
+        self._set_gradients(value)
+        return value
+
+    def _value(self) -> torch.Tensor:
+        """fun(x) with its graph, or a ``TypeError``/``ValueError`` naming what is wrong with the value."""
         value = self.fun(self.structured(self.params))
         scalar_loss(value, "fun")  # a clear TypeError for a non-scalar or non-tensor value
         if not isinstance(value, torch.Tensor) or not value.requires_grad:
@@ -76,11 +104,15 @@ class FunctionObjective(ClosureObjective):
                 "fun(x) does not depend on x through autograd (its value carries no graph): compute it from x with "
                 "torch operations, without .item(), .detach(), .numpy() or torch.no_grad()"
             )
+        return value
+
+    def _set_gradients(self, value: torch.Tensor) -> list[torch.Tensor | None]:
+        """∂fun/∂w from the graph of ``value`` (kept for double-backward), written into each ``.grad``."""
         create_graph = self.hvp_mode == "double-backward"
         gradients = torch.autograd.grad(value, self.params, create_graph=create_graph, allow_unused=True)
         for p, gradient in zip(self.params, gradients):
             p.grad = gradient
-        return value
+        return list(gradients)
 
 
 def flatten_x0(x0: Any) -> tuple[list[torch.Tensor], Any]:

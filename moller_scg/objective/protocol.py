@@ -12,7 +12,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import numbers
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any, Protocol, runtime_checkable
 
 import torch
@@ -56,6 +56,11 @@ class Objective(Protocol):
     * :meth:`loss` evaluates E alone, as cheaply as the face allows.
     * :attr:`counts` are the only evaluation counters; :meth:`state_dict` saves them (and whatever else the
       objective owns), :meth:`load_state_dict` restores them.
+
+    Optionally, an objective also has ``value_then_grad()`` → ``(E(w), gradient)``: E now, and a function that
+    returns E'(w) at the same weights (``copy=False`` tensors) when called, paying for the backward pass only then
+    (:data:`ValueThenGrad`). A trial point that its loss alone rejects never pays for its gradient
+    (:func:`moller_scg.scg_objective.evaluate_loss_first`); an objective without the method is evaluated in full.
     """
 
     @property
@@ -88,6 +93,10 @@ class Objective(Protocol):
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Restore what :meth:`state_dict` saved."""
         ...
+
+
+ValueThenGrad = tuple[float | torch.Tensor, Callable[[], list[torch.Tensor]]]
+"""What an objective's optional ``value_then_grad()`` returns: E(w), and a function that forms E'(w) when called."""
 
 
 def validate_hvp_mode(hvp_mode: Any) -> str:
