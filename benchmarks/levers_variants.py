@@ -42,6 +42,10 @@ clearly win (issue #14), written on one flat vector so that each differs from th
   is small — a step longer than the quasi-Newton model's minimiser; τ is multiplied by f after an accepted step
   whose Δ > Δ₊ (the model underestimated the decrease), up to τₘₐₓ, divided by f after one with Δ < 0.75, and reset
   to 1 after a rejection (1: the library's δ = μ);
+* ``loss_first`` (lever 12): as the library, a trial whose loss rose is rejected without its gradient, so that a
+  run that defers the backward (``Run.value_then_grad`` over one batch) charges it the forward alone; only where no
+  rule of the variant reads a rejected trial's gradient (False: every trial a gradient pass, as the tables measured
+  before lever 12);
 * ``nystrom_rank`` k, ``nystrom_every`` N (lever 3 of issue #14): H₀ of the quasi-Newton inverse is no longer γI but
   U (Λ + 1/γ)⁻¹ Uᵀ + γ(I − UUᵀ), with U Λ Uᵀ a rank-k randomized Nyström approximation of the Hessian
   (:class:`NystromPairs`: k exact Hessian-vector products, charged as such, at the start and after every N-th
@@ -227,6 +231,7 @@ class FlatSCG:
         stretch_max: float = 1.0,
         stretch_factor: float = 1.5,
         stretch_above: float = 1.1,
+        loss_first: bool = False,
         sigma: float = 5e-5,
         lambd: float = 5e-7,
     ) -> None:
@@ -240,6 +245,7 @@ class FlatSCG:
         self.nystrom_every = nystrom_every
         self.stretch, self.stretch_max = 1.0, stretch_max  # τ and its cap (1: the library's δ = μ)
         self.stretch_factor, self.stretch_above = stretch_factor, stretch_above
+        self.loss_first = loss_first  # a trial whose loss rose is rejected without its gradient (lever 12)
         if nystrom_rank:
             self.pairs: WindowedPairs = NystromPairs(flat_params, memory, nystrom_rank)
         elif layerwise:
@@ -276,6 +282,28 @@ class FlatSCG:
         for p in self.params:
             p.copy_(x[offset : offset + p.numel()].view_as(p))
             offset += p.numel()
+
+    def _rejects_on_loss(self, closure: Any) -> bool:
+        """Whether a trial may be rejected on its loss alone, as the library's: the run defers the backward, and no
+        rule of this variant reads a rejected trial's gradient (Møller's retry, no rejected pairs, monotone)."""
+        return (
+            self.loss_first
+            and hasattr(closure, "value_then_grad")
+            and self.retry == "moller"
+            and not self.reject_pairs
+            and self.nonmonotone == 1
+        )
+
+    def _evaluate_trial(self, closure: Any) -> tuple[float, torch.Tensor | None]:
+        """The trial's loss and gradient; no gradient (``None``) when its loss alone rejects it and the run lets
+        the backward be skipped (:meth:`_rejects_on_loss`)."""
+        if not self._rejects_on_loss(closure):
+            return self._evaluate(closure)
+        with torch.enable_grad():
+            loss, gradient = closure.value_then_grad()
+        if not float(loss) <= self.loss:
+            return float(loss), None
+        return float(loss), torch.cat([g.detach().reshape(-1) for g in gradient()]).clone()
 
     def _evaluate(self, closure: Any) -> tuple[float, torch.Tensor]:
         with torch.enable_grad():
@@ -347,9 +375,12 @@ class FlatSCG:
             alpha = mu / delta
         self.retry_alpha = None
         self._set(w + alpha * p)
-        trial_loss, trial_gradient = self._evaluate(closure)
-        new_r = -trial_gradient
-        finite = math.isfinite(trial_loss) and bool(torch.isfinite(new_r).all())
+        trial_loss, trial_gradient = self._evaluate_trial(closure)
+        if trial_gradient is None:  # rejected on its loss alone, as the library does: r₊ is never formed
+            new_r, finite = r, math.isfinite(trial_loss)  # new_r unread: the rules that read it are off here
+        else:
+            new_r = -trial_gradient
+            finite = math.isfinite(trial_loss) and bool(torch.isfinite(new_r).all())
         comparison = 2.0 * delta * (self.loss - trial_loss) / mu**2 if finite else math.nan
         self.steps += 1
         retrying = not self.success  # this trial is along the p of a rejected one

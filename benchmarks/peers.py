@@ -27,8 +27,11 @@ is reported and the grid is printed.
 
 Cost and budget. One unit is one gradient pass (``acc()``). Before the race, the time of an HVP pass
 (``acc.hvp``) and of a loss-only pass (``acc.loss``) is measured against it in interleaved rounds, and each
-optimizer is charged those ratios per call; an evaluation that would exceed the budget is not started. Adam is
-charged (samples seen) / N. The budget is the same for every optimizer of a problem.
+optimizer is charged those ratios per call; an evaluation that would exceed the budget is not started. SCG asks
+for a trial's loss before its gradient (a trial whose loss rose is rejected whatever its gradient): where the
+accumulator holds the data in one batch, that is the forward of a gradient pass, charged its measured share c_F,
+and the backward, charged 1 − c_F, is made only for a trial that may be accepted. Adam is charged (samples
+seen) / N. The budget is the same for every optimizer of a problem.
 
 Interleaving. All optimizers of a problem run at once, in threads that hand one baton round-robin: an optimizer
 runs until its next evaluation (Adam: one pass-equivalent of minibatch steps), then waits for its turn. Each

@@ -16,6 +16,8 @@ from peers_problems import Problem, make_accumulator
 from torch import nn
 
 from moller_scg.accumulate import GradientAccumulator
+from moller_scg.objective import ClosureWithHvpObjective
+from moller_scg.objective.protocol import ValueThenGrad
 from moller_scg.scg import DEFAULT_MEMORY, SCG
 
 REFERENCE = "torch LBFGS"
@@ -73,9 +75,33 @@ def run_torch_lbfgs(run: Run, history_size: int = REFERENCE_HISTORY) -> None:
             run.extra["lbfgs_evaluations"] = state.get("func_evals", 0)
 
 
-def run_scg(run: Run, hvp: str, curvature_fraction: float = 1.0, **scg_options: Any) -> None:
+class MeteredObjective(ClosureWithHvpObjective):
+    """The run as SCG's objective: its call and ``hvp`` as for any closure with an ``hvp`` method, and its
+    ``value_then_grad``, so that a trial rejected on its loss is charged the forward alone, as the library's
+    :class:`~moller_scg.objective.AccumulatorObjective` would let it cost."""
+
+    def value_then_grad(self) -> ValueThenGrad:
+        self._last_gradients = None
+        loss, gradient = self.closure.value_then_grad()
+        self._counts.nfev += 1
+        formed: list[list[torch.Tensor]] = []
+
+        def completed() -> list[torch.Tensor]:
+            if not formed:
+                gradients = gradient()
+                self._counts.ngev += 1
+                self._last_gradients = list(gradients)
+                self._last_versions = [p._version for p in self.params]
+                formed.append(gradients)
+            return formed[0]
+
+        return loss, completed
+
+
+def run_scg(run: Run, hvp: str, curvature_fraction: float = 1.0, loss_first: bool = True, **scg_options: Any) -> None:
     """moller_scg.SCG, default σ and λ₁ unless ``scg_options`` (keyword arguments of ``SCG``) say otherwise; the
-    closure is the run itself (its ``hvp`` gives exact curvature).
+    objective is the run itself (its ``hvp`` gives exact curvature, its ``value_then_grad`` the trial's loss
+    before its gradient; with ``loss_first=False`` the run is SCG's closure, and every trial is a gradient pass).
 
     With ``curvature_fraction`` < 1 the run's accumulator takes each E''p over a rotating part of the samples, and
     an HVP call is charged the measured cost of such a pass.
@@ -86,9 +112,10 @@ def run_scg(run: Run, hvp: str, curvature_fraction: float = 1.0, **scg_options: 
     run.extra["hvp_cost"] = run.costs["hvp"]
     run.extra["scg_rejected"] = 0
     optimizer = SCG(run.params, hvp=hvp, **scg_options)
+    objective = MeteredObjective(run, run.params) if loss_first else run
     run.extra["record_in_step"] = True
     while True:
-        optimizer.step(run)
+        optimizer.step(objective)
         trace = optimizer.trace
         run.extra["scg_rejected"] += not trace.success  # Δ < 0: the trial point was worse, λ was raised
         run.record(trace.loss, run.flat_params)
@@ -196,10 +223,13 @@ class Row:
     memory: int = 0  # SCG rows: SCG's memory m (2m more weight-sized buffers for the secant pairs)
 
 
-def scg(hvp: str = "double-backward", curvature_fraction: float = 1.0, **scg_options: Any) -> Row:
-    """An SCG row: ``SCG(params, hvp=hvp, **scg_options)``, its curvature over ``curvature_fraction`` of the samples."""
+def scg(
+    hvp: str = "double-backward", curvature_fraction: float = 1.0, loss_first: bool = True, **scg_options: Any
+) -> Row:
+    """An SCG row: ``SCG(params, hvp=hvp, **scg_options)``, its curvature over ``curvature_fraction`` of the samples;
+    ``loss_first=False`` charges every trial a gradient pass (the library before lever 12)."""
     memory = scg_options.get("memory", 0)
-    return Row(lambda run: run_scg(run, hvp, curvature_fraction, **scg_options), SCG_FAMILY, memory=memory)
+    return Row(lambda run: run_scg(run, hvp, curvature_fraction, loss_first, **scg_options), SCG_FAMILY, memory=memory)
 
 
 def lbfgs(history_size: int) -> Row:

@@ -15,7 +15,7 @@ import time
 import types
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import torch
@@ -49,6 +49,9 @@ def calibrate(problem: Problem, initial: dict[str, torch.Tensor]) -> dict[str, f
         "gradient": acc,
         "hvp": lambda: acc.hvp(vectors),
         "loss": acc.loss,
+        # SCG's trial: the forward of a gradient pass, whose backward is made only for a trial that may be accepted
+        # (a full gradient pass when the accumulator cannot defer it: several batches)
+        "forward": acc.value_then_gradient,
         "hvp_forward_over_reverse": lambda: forward_over_reverse.hvp(vectors),
         "hvp_subsampled": lambda: subsampled.hvp(vectors),
     }
@@ -74,6 +77,7 @@ def calibrate(problem: Problem, initial: dict[str, torch.Tensor]) -> dict[str, f
         "gradient_seconds": statistics.median(times["gradient"]),
         "hvp": ratio("hvp"),
         "loss": ratio("loss"),
+        "forward": ratio("forward") if acc.defers_gradient else 1.0,
         "hvp_forward_over_reverse": ratio("hvp_forward_over_reverse"),
         "hvp_subsampled": ratio("hvp_subsampled"),
         "rounds": problem.calibration_rounds,
@@ -202,12 +206,15 @@ class Run:
     def evaluations(self) -> int:
         return sum(self.calls.values())
 
-    def charge(self, kind: str) -> None:
-        """Before a pass: refuse it if it would exceed the budget, hand the baton on, sample the optimizer's memory."""
-        cost = self.costs[kind]
+    def charge(self, kind: str, cost: float | None = None, hand_on: bool = True) -> None:
+        """Before a pass: refuse it if it would exceed the budget, hand the baton on, sample the optimizer's memory.
+        ``cost``: the pass's cost in gradient passes, when not that of ``kind``; ``hand_on=False`` keeps the baton
+        (the second half of an evaluation, which a real run makes right after the first)."""
+        cost = self.costs[kind] if cost is None else cost
         if self.passes + cost > self.budget + 1e-9:
             raise BudgetSpent
-        self.switch()
+        if hand_on:
+            self.switch()
         with self.clock.paused():
             self.sample_memory(sys._getframe())
         self.passes += cost
@@ -280,6 +287,28 @@ class Run:
         if not self.extra.get("record_in_step") or not self.history:
             self.record(float(loss), self.flat_params)
         return loss
+
+    def value_then_grad(self) -> tuple[torch.Tensor, Callable[[], list[torch.Tensor]]]:
+        """SCG's trial (:meth:`GradientAccumulator.value_then_gradient`): E(w) from a forward charged c_F, E'(w)
+        when asked, charged 1 − c_F, so that a completed trial costs one gradient pass and a trial rejected on its
+        loss the forward alone. Over several batches the accumulator cannot defer the backward: one gradient pass."""
+        if not self.acc.defers_gradient:
+            loss = self()
+            gradients = [cast(torch.Tensor, p.grad) for p in self.params]
+            return loss, lambda: gradients
+        forward = self.calibrated["forward"]
+        self.charge("loss", cost=forward)  # the accumulator counts it as a loss pass until the gradient is formed
+        loss, gradient = self.acc.value_then_gradient()
+        formed: list[list[torch.Tensor]] = []
+
+        def completed() -> list[torch.Tensor]:
+            if not formed:
+                self.charge("gradient", cost=max(1.0 - forward, 0.0), hand_on=False)
+                self.calls["loss"] -= 1  # a gradient pass now, as the accumulator counts it
+                formed.append(gradient())
+            return formed[0]
+
+        return loss, completed
 
     def hvp(self, vectors: list[torch.Tensor]) -> list[torch.Tensor]:
         """What SCG calls for exact curvature: one HVP pass through the accumulator."""

@@ -101,6 +101,8 @@ def problem_table(block: dict[str, Any]) -> list[str]:
         f"budget {problem['budget']:g} gradient-pass equivalents per optimizer; n = {problem['n']:,} weights; "
         f"one gradient pass = {costs['gradient_seconds'] * 1e3:.1f} ms, an HVP pass = {costs['hvp']:.2f} and a "
         f"loss-only pass = {costs['loss']:.2f} gradient passes (medians of {costs['rounds']} interleaved rounds), "
+        f"SCG's trial forward (its backward made only for a trial its loss does not reject) = "
+        f"{costs.get('forward', 1.0):.2f}, "
         f"an HVP over {CURVATURE_FRACTION:.0%} of the samples (the subsampled SCG's) = {costs['hvp_subsampled']:.2f}"
         + (
             f"; an HVP by forward-over-reverse (not used in the race) = {costs['hvp_forward_over_reverse']:.2f}"

@@ -108,9 +108,11 @@ class PassCounts:
     """Passes over the data made so far, by kind.
 
     Attributes:
-        gradient: calls of the accumulator itself (loss and gradient).
+        gradient: calls of the accumulator itself (loss and gradient), and of
+            :meth:`GradientAccumulator.value_then_gradient` whose gradient was formed.
         hvp: calls of :meth:`GradientAccumulator.hvp`.
-        loss: calls of :meth:`GradientAccumulator.loss`.
+        loss: calls of :meth:`GradientAccumulator.loss`, and forwards of
+            :meth:`GradientAccumulator.value_then_gradient` whose gradient was not (yet) asked for.
     """
 
     gradient: int = 0
@@ -129,7 +131,9 @@ class GradientAccumulator:
 
     * ``acc()`` returns E(w) = Σ_b w_b E_b(w) and **sets** each parameter's ``.grad`` to E'(w) = Σ_b w_b E_b'(w);
     * ``acc.hvp(v)`` returns s = E''(w) v = Σ_b w_b E_b''(w) v;
-    * ``acc.loss()`` returns E(w) only, without autograd,
+    * ``acc.loss()`` returns E(w) only, without autograd;
+    * ``acc.value_then_gradient()`` returns E(w) and forms E'(w) only when asked (with one batch, a trial point
+      rejected on its loss then costs a forward pass: :attr:`defers_gradient`),
 
     with w_b = 1 (``reduction="sum"``) or w_b = n_b / N (``"mean"``); ``nn.CrossEntropyLoss`` and ``nn.NLLLoss``
     with a mean over class indices are divided by the total class weight of the targets, exactly as on the whole
@@ -285,6 +289,12 @@ class GradientAccumulator:
         return self._batches.expected_batches()
 
     @property
+    def defers_gradient(self) -> bool:
+        """Whether :meth:`value_then_gradient` stops after the forward and forms E'(w) only when asked: with one batch
+        on one process, where the forward's graph is what a gradient pass holds anyway."""
+        return not self.distributed and self.num_batches == 1
+
+    @property
     def data_cached_on_device(self) -> bool:
         """Whether the data sits on ``device`` (already there or copied once), so batches are never copied."""
         return self._batches.cached
@@ -340,7 +350,7 @@ class GradientAccumulator:
         Raises:
             FloatingPointError: as the accumulator's call, from the forward.
         """
-        if self.distributed or self.num_batches != 1:
+        if not self.defers_gradient:
             loss = self()
             gradients = [cast(torch.Tensor, p.grad) for p in self.params]
             return loss, lambda: gradients

@@ -310,6 +310,7 @@ def test_value_then_gradient_over_one_batch_defers_the_backward_and_gives_the_sa
     stale = [torch.full_like(p, 7.0) for p in acc.params]
     for p, g in zip(acc.params, stale):
         p.grad = g
+    assert acc.defers_gradient
     loss, gradient = acc.value_then_gradient()
     assert torch.equal(loss, expected_loss)
     assert all(p.grad is g for p, g in zip(acc.params, stale))  # no backward yet
@@ -323,6 +324,7 @@ def test_value_then_gradient_over_one_batch_defers_the_backward_and_gives_the_sa
 def test_value_then_gradient_over_several_batches_is_one_gradient_pass():
     (inputs, targets), model = regression_data(), tanh_mlp(OUTPUTS)
     acc = GradientAccumulator(model, nn.MSELoss(), (inputs, targets), batch_size=7)
+    assert not acc.defers_gradient
     loss, gradient = acc.value_then_gradient()  # the graphs of every batch would break the one-batch memory bound
     assert acc.passes == accumulate.PassCounts(gradient=1)
     assert all(p.grad is g for p, g in zip(acc.params, gradient()))

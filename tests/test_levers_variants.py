@@ -80,6 +80,38 @@ def test_variants_never_accept_a_higher_loss(options):
     assert losses[-1] < 0.5 * losses[0]
 
 
+class LossFirstClosure(CountingClosure):
+    """:class:`CountingClosure` with ``value_then_grad``: a forward counted in ``forwards``, its backward (when
+    asked) in ``passes``, as ``peers_metering.Run`` charges them."""
+
+    forwards = 0
+
+    def value_then_grad(self):
+        self.forwards += 1
+        self.model.zero_grad()
+        with torch.enable_grad():
+            loss = nn.functional.mse_loss(self.model(self.x), self.y)
+
+        def gradient() -> list[torch.Tensor]:
+            self.passes += 1
+            loss.backward()
+            return [p.grad for p in self.model.parameters()]
+
+        return loss.detach(), gradient
+
+
+def test_loss_first_takes_the_same_steps_and_skips_the_backward_of_rejected_trials():
+    full, loss_first = CountingClosure(seed=1), LossFirstClosure(seed=1)
+    variants = [FlatSCG(list(c.model.parameters()), memory=5, gamma_scale=3.0) for c in (full, loss_first)]
+    variants[1].loss_first = True
+    losses = [[variant.step(closure) for _ in range(60)] for variant, closure in zip(variants, (full, loss_first))]
+    assert losses[0] == losses[1]
+    rejected = variants[1].rejected
+    assert rejected > 0 and variants[0].rejected == rejected
+    assert loss_first.forwards == full.passes - 1  # every trial; the start is one closure call
+    assert loss_first.passes == full.passes - rejected
+
+
 def test_scaled_first_step_takes_no_curvature_pass():
     closure = CountingClosure()
     variant = FlatSCG(list(closure.model.parameters()), memory=5, first_step="scaled")
