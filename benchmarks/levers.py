@@ -158,6 +158,8 @@ def passes_rows() -> dict[str, Row]:
         "γ × 2, loss first": flat_variant(gamma_scale=2.0, loss_first=True),
         "γ × 3, loss first": flat_variant(gamma_scale=3.0, loss_first=True),
         "λ ÷ 4, loss first": flat_variant(decrease=4.0, loss_first=True),
+        "no raise when accepted": flat_variant(raise_accepted=False, loss_first=True),
+        "no raise when accepted, m=40": flat_variant(memory=40, raise_accepted=False, loss_first=True),
     }
 
 

@@ -22,6 +22,8 @@ clearly win (issue #14), written on one flat vector so that each differs from th
 * ``decrease``: the divisor of λ after a good step (the library's secant mode: 2; Møller: 4); ``lambd``: λ₁;
 * ``hold_after_rejection=True``: λ is not divided after a good step that retries a rejected one (a trust region
   that does not widen again right after it was narrowed);
+* ``raise_accepted=False`` (lever 13): λ is raised only after a rejected trial, not after an accepted one with
+  0 ≤ Δ < 0.25 — the pair that step leaves already corrects the quasi-Newton model along it;
 * ``first_step``, the very first step, before any secant pair is held: ``"scaled"`` (the library: no curvature
   pass, δ is set so that α = min(1, 1/|r|₁), the first step of torch.optim.LBFGS, before λ's share) or
   ``"finite-difference"`` (the library's previous mode: δ by Møller's σ, one more pass); later steps without a pair
@@ -226,6 +228,7 @@ class FlatSCG:
         nonmonotone: int = 1,
         layerwise: bool = False,
         hold_after_rejection: bool = False,
+        raise_accepted: bool = True,
         nystrom_rank: int = 0,
         nystrom_every: int = 50,
         stretch_max: float = 1.0,
@@ -258,6 +261,7 @@ class FlatSCG:
         self.direction_rule, self.curvature = direction, curvature
         self.retry, self.reject_pairs, self.decrease = retry, reject_pairs, decrease
         self.hold_after_rejection = hold_after_rejection
+        self.raise_accepted = raise_accepted
         self.first_step, self.angle, self.restart, self.growth = first_step, angle, restart, growth
         if nonmonotone < 1:
             raise ValueError(f"nonmonotone must be ≥ 1 (1: Møller's test), got {nonmonotone}")
@@ -443,7 +447,11 @@ class FlatSCG:
         effective = comparison if finite else -2.0
         if cubic_lambda is not None:
             lambd = max(cubic_lambda, lambd)
-        elif effective < 0.25 and not (self.retry == "interpolate" and self.retry_alpha is not None):
+        elif (
+            effective < 0.25
+            and not (self.retry == "interpolate" and self.retry_alpha is not None)
+            and (self.raise_accepted or not self.success)
+        ):
             lambd = min(lambd + delta * (1.0 - effective) / p_sq, 1e100)
         self.lambd, self.lambd_bar, self.delta = lambd, lambd_bar, delta
         return self.loss

@@ -70,6 +70,7 @@ def test_flat_default_is_the_library_mode():
         {"layerwise": True},
         {"nystrom_rank": 4, "nystrom_every": 20},
         {"stretch_max": 4.0},
+        {"raise_accepted": False},
     ],
 )
 def test_variants_never_accept_a_higher_loss(options):
