@@ -17,7 +17,7 @@ from torch import nn
 
 from moller_scg.accumulate import GradientAccumulator
 from moller_scg.objective import ClosureWithHvpObjective
-from moller_scg.objective.protocol import ValueThenGrad
+from moller_scg.objective.protocol import ValueThenGrad, read_gradients
 from moller_scg.scg import DEFAULT_MEMORY, SCG
 
 REFERENCE = "torch LBFGS"
@@ -92,7 +92,7 @@ class MeteredObjective(ClosureWithHvpObjective):
                 self._counts.ngev += 1
                 self._last_gradients = list(gradients)
                 self._last_versions = [p._version for p in self.params]
-                formed.append(gradients)
+                formed.append(read_gradients(self.params, gradients, copy=False))
             return formed[0]
 
         return loss, completed
