@@ -209,7 +209,9 @@ def full_batch_optimizer(name: str, model: nn.Module) -> tuple[torch.optim.Optim
 
 
 def gradient_passes(optimizer: torch.optim.Optimizer, history: History, costs: dict[str, float]) -> float:
-    """Gradient-pass equivalents of a fit run (see the module docstring)."""
+    """Gradient-pass equivalents of a fit run (see the module docstring). Every SCG closure call counts as a whole
+    pass: a trial its loss rejects costs only its forward when the data is one batch, never over full MNIST's
+    batches of 128."""
     if isinstance(optimizer, SCG):
         hvp_cost = costs["hvp_subsampled"] if optimizer.uses_exact_curvature else 0.0
         return history["closure_calls"][-1] + history["hvp_calls"][-1] * hvp_cost
