@@ -25,7 +25,9 @@ one after the other, not interleaved: every row takes one gradient pass per step
 machine's load, and the table gives passes to the targets only, per seed and their geometric mean
 (``benchmarks/results/levers_passes.txt``). ``flat m=20 (library)`` is the library's secant mode (λ ÷ 2 after a
 good step); the rows measured before that rule was adopted keep Møller's ``decrease=4.0``, so that their published
-tables reproduce, and ``flat m=20, λ ÷ 4`` is the library's mode of that time.
+tables reproduce, and ``flat m=20, λ ÷ 4`` is the library's mode of that time. The ``… loss first`` rows (lever 12)
+charge a trial that its loss rejects the forward of a gradient pass, c_F, measured before each problem's run: their
+passes move with that measurement by about ±0.01 from run to run.
 """
 
 from __future__ import annotations
@@ -107,7 +109,7 @@ def passes_rows() -> dict[str, Row]:
     return {
         "torch LBFGS": lbfgs(100),
         # Every trial a gradient pass, as when the tables in benchmarks/results/ were measured (before lever 12);
-        # the rows "… loss first" below charge a trial its loss alone charges a forward.
+        # the rows "… loss first" below charge a trial that its loss rejects its forward only.
         "SCG m=20": scg(hvp="secant", memory=MEMORY, loss_first=False),
         "SCG m=40": scg(hvp="secant", memory=40, loss_first=False),
         "flat m=20, previous mode": previous_mode_variant(),
