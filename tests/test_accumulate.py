@@ -321,6 +321,18 @@ def test_value_then_gradient_over_one_batch_defers_the_backward_and_gives_the_sa
     assert gradient() is gradients and acc.passes.gradient == 2
 
 
+def test_value_then_gradient_defers_over_a_one_batch_dataloader_with_a_progress_bar():
+    (inputs, targets), model = regression_data(), tanh_mlp(OUTPUTS)
+    loader = DataLoader(TensorDataset(inputs, targets), batch_size=SAMPLES)
+    acc = GradientAccumulator(model, nn.MSELoss(), loader, progress=True)
+    expected_loss = acc()
+    expected = [p.grad.clone() for p in acc.params]
+    assert acc.defers_gradient
+    loss, gradient = acc.value_then_gradient()
+    assert acc.passes == accumulate.PassCounts(gradient=1, loss=1)
+    assert torch.equal(loss, expected_loss) and all(torch.equal(g, e) for g, e in zip(gradient(), expected))
+
+
 def test_value_then_gradient_over_several_batches_is_one_gradient_pass():
     (inputs, targets), model = regression_data(), tanh_mlp(OUTPUTS)
     acc = GradientAccumulator(model, nn.MSELoss(), (inputs, targets), batch_size=7)
