@@ -17,7 +17,7 @@ from torch import nn
 
 from moller_scg.accumulate import GradientAccumulator
 from moller_scg.objective import ClosureWithHvpObjective
-from moller_scg.objective.protocol import ValueThenGrad, read_gradients
+from moller_scg.objective.protocol import ValueThenGrad
 from moller_scg.scg import DEFAULT_MEMORY, SCG
 
 REFERENCE = "torch LBFGS"
@@ -83,19 +83,7 @@ class MeteredObjective(ClosureWithHvpObjective):
     def value_then_grad(self) -> ValueThenGrad:
         self._last_gradients = None
         loss, gradient = self.closure.value_then_grad()
-        self._counts.nfev += 1
-        formed: list[list[torch.Tensor]] = []
-
-        def completed() -> list[torch.Tensor]:
-            if not formed:
-                gradients = gradient()
-                self._counts.ngev += 1
-                self._last_gradients = list(gradients)
-                self._last_versions = [p._version for p in self.params]
-                formed.append(read_gradients(self.params, gradients, copy=False))
-            return formed[0]
-
-        return loss, completed
+        return self._value_then_grad(loss, gradient)
 
 
 def run_scg(run: Run, hvp: str, curvature_fraction: float = 1.0, loss_first: bool = True, **scg_options: Any) -> None:

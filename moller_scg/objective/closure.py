@@ -21,6 +21,7 @@ from moller_scg.objective.finite_difference import shifted_gradient_product
 from moller_scg.objective.protocol import (
     DEFAULT_SIGMA,
     EvaluationCounts,
+    ValueThenGrad,
     check_vectors,
     load_counts,
     read_gradients,
@@ -122,6 +123,27 @@ class ClosureObjective:
         self._last_gradients = gradients
         self._last_versions = [p._version for p in self._params]
         return raw_loss, gradients
+
+    def _value_then_grad(
+        self, loss: float | torch.Tensor, form_gradients: Callable[[], Sequence[torch.Tensor | None]]
+    ) -> ValueThenGrad:
+        """The bookkeeping of a subclass's ``value_then_grad``: ``loss``, E(w) of an evaluation just made (counted in
+        nfev), and a function that forms E'(w) once with ``form_gradients`` (counted in ngev; kept, with the
+        parameters' versions, for :meth:`hvp`) and returns it as ``copy=False`` gradients, the same ones if called
+        again. The subclass lets go of the last evaluation (``_last_gradients = None``) before it evaluates."""
+        self._counts.nfev += 1
+        formed: list[list[torch.Tensor]] = []
+
+        def gradient() -> list[torch.Tensor]:
+            if not formed:
+                gradients = list(form_gradients())
+                self._counts.ngev += 1
+                self._last_gradients = gradients
+                self._last_versions = [p._version for p in self._params]
+                formed.append(read_gradients(self._params, gradients, copy=False))
+            return formed[0]
+
+        return loss, gradient
 
     def value_and_grad(self, *, copy: bool = True) -> tuple[float | torch.Tensor, list[torch.Tensor]]:
         """E(w) (detached) and E'(w) from one closure call at the values the parameters hold: new tensors, or with

@@ -15,7 +15,7 @@ import torch
 import torch.utils._pytree as pytree
 
 from moller_scg.objective.closure import ClosureObjective
-from moller_scg.objective.protocol import DEFAULT_SIGMA, ValueThenGrad, read_gradients, scalar_loss
+from moller_scg.objective.protocol import DEFAULT_SIGMA, ValueThenGrad, scalar_loss
 
 
 class FunctionObjective(ClosureObjective):
@@ -74,20 +74,12 @@ class FunctionObjective(ClosureObjective):
         self._last_gradients = None  # the old graph goes before the new one is built
         with torch.enable_grad():
             value = self._value()
-        self._counts.nfev += 1
-        formed: list[list[torch.Tensor]] = []
 
-        def gradient() -> list[torch.Tensor]:
-            if not formed:
-                with torch.enable_grad():
-                    gradients = self._set_gradients(value)
-                self._counts.ngev += 1
-                self._last_gradients = gradients
-                self._last_versions = [p._version for p in self.params]
-                formed.append(read_gradients(self.params, gradients, copy=False))
-            return formed[0]
+        def form_gradients() -> list[torch.Tensor | None]:
+            with torch.enable_grad():
+                return self._set_gradients(value)
 
-        return scalar_loss(value, "fun"), gradient
+        return self._value_then_grad(scalar_loss(value, "fun"), form_gradients)
 
     def _evaluate(self) -> torch.Tensor:
         """The closure: fun(x), and each parameter's ``.grad`` set to ∂fun/∂w (with its graph for double-backward)."""
