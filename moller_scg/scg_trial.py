@@ -96,9 +96,9 @@ def trial_at(
     trial_loss, trial_gradient = evaluate_loss_first(objective)
     if rejected_by_loss(loss, trial_loss):
         # Δ < 0 (or NaN) whatever r₊ is: step 7 rejects the trial without its gradient, which is never formed.
-        finite = math.isfinite(trial_loss)
-        comparison = 2.0 * delta * (loss - trial_loss) / mu**2 if finite else math.nan
-        return Trial(trial_loss, None, math.nan, math.nan, finite, comparison)
+        if not math.isfinite(trial_loss):
+            return Trial(trial_loss, None, math.nan, math.nan, False, math.nan)
+        return Trial(trial_loss, None, math.nan, math.nan, True, comparison_ratio(delta, loss - trial_loss, mu))
     new_residual = storage.negated(trial_gradient())
     new_residual_sq, new_dot_old, new_dot_direction = vec.dots(
         [(new_residual, new_residual), (new_residual, residual), (new_residual, direction)]
@@ -110,4 +110,9 @@ def trial_at(
     decrease = step_arithmetic.loss_decrease(
         loss, trial_loss, alpha, mu, new_dot_direction, step_arithmetic.loss_epsilon(params), unchanged=unchanged
     )
-    return Trial(trial_loss, new_residual, new_residual_sq, new_dot_old, True, 2.0 * delta * decrease / mu**2)
+    return Trial(trial_loss, new_residual, new_residual_sq, new_dot_old, True, comparison_ratio(delta, decrease, mu))
+
+
+def comparison_ratio(delta: float, decrease: float, mu: float) -> float:
+    """Δ = 2δ(E(w) − E(w + αp)) / μ², given the decrease E(w) − E(w + αp)."""
+    return 2.0 * delta * decrease / mu**2
