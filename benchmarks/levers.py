@@ -162,6 +162,15 @@ def passes_rows() -> dict[str, Row]:
         "λ ÷ 4, loss first": flat_variant(decrease=4.0, loss_first=True),
         "no raise when accepted": flat_variant(raise_accepted=False, loss_first=True),
         "no raise when accepted, m=40": flat_variant(memory=40, raise_accepted=False, loss_first=True),
+        "SCG m=20, diagonal": scg(hvp="secant", memory=MEMORY, diagonal_scaling=True),
+        "SCG m=40, diagonal": scg(hvp="secant", memory=40, diagonal_scaling=True),
+        "diagonal H₀ β=0.9": flat_variant(diagonal_beta=0.9, loss_first=True),
+        "diagonal H₀ β=0.99": flat_variant(diagonal_beta=0.99, loss_first=True),
+        "diagonal H₀ β=0.999": flat_variant(diagonal_beta=0.999, loss_first=True),
+        "diagonal H₀ β=0.99, v^¼": flat_variant(diagonal_beta=0.99, diagonal_power=0.25, loss_first=True),
+        "diagonal H₀ β=0.999, v^¼": flat_variant(diagonal_beta=0.999, diagonal_power=0.25, loss_first=True),
+        "diagonal H₀ β=0.99, v^⅛": flat_variant(diagonal_beta=0.99, diagonal_power=0.125, loss_first=True),
+        "diagonal H₀ β=0.99, v^⅜": flat_variant(diagonal_beta=0.99, diagonal_power=0.375, loss_first=True),
     }
 
 

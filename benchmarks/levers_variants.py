@@ -159,6 +159,41 @@ class LayerwisePairs(TwoLoopPairs):
         return q * self.layer_scales()
 
 
+class DiagonalPairs(TwoLoopPairs):
+    """:class:`WindowedPairs` whose H₀ is the diagonal γ_D · D of an Adam-like second moment of the accepted
+    gradients: v ← β v + (1 − β) g² (bias-corrected v̂ = v / (1 − βᵗ)), D = 1 / (v̂ᵏ + ε · mean v̂ᵏ) with the
+    power κ = ``power`` (½: Adam's √v̂), and
+    γ_D = maxᵢ sᵢᵀyᵢ / yᵢᵀ D yᵢ over the pairs held (the secant scaling in D's metric), in the two-loop recursion."""
+
+    def __init__(
+        self, params: list[torch.Tensor], memory: int, beta: float, power: float = 0.5, epsilon: float = 1e-8
+    ) -> None:
+        super().__init__(params, memory, window=memory, pick="max")
+        self.beta, self.power, self.epsilon = beta, power, epsilon
+        self.second_moment: torch.Tensor | None = None
+        self.observed = 0
+
+    def observe(self, gradient: torch.Tensor) -> None:
+        """Add an accepted gradient g (or −g: only g² is used) to v."""
+        self.observed += 1
+        squared = gradient * gradient
+        if self.second_moment is None:
+            self.second_moment = (1.0 - self.beta) * squared
+        else:
+            self.second_moment.mul_(self.beta).add_(squared, alpha=1.0 - self.beta)
+
+    def diagonal(self) -> torch.Tensor:
+        assert self.second_moment is not None
+        root = (self.second_moment / (1.0 - self.beta**self.observed)).pow(self.power)
+        return 1.0 / (root + self.epsilon * root.mean())
+
+    def _initial_inverse(self, q: torch.Tensor) -> torch.Tensor:
+        (block,) = self.blocks
+        diagonal = self.diagonal()
+        ratios = [float(self.sy[i, i]) / float(block[1, i] @ (diagonal * block[1, i])) for i in self.slots]
+        return max(ratios) * diagonal * q
+
+
 class NystromPairs(TwoLoopPairs):
     """:class:`WindowedPairs` whose H₀ = U (Λ + 1/γ)⁻¹ Uᵀ + γ(I − UUᵀ) once :meth:`refresh` has sketched the Hessian
     (γ the pairs' max ratio, or 1/λ_k, the smallest eigenvalue kept, while no pair is held), in the two-loop
@@ -230,6 +265,8 @@ class FlatSCG:
         hold_after_rejection: bool = False,
         raise_accepted: bool = True,
         nystrom_rank: int = 0,
+        diagonal_beta: float | None = None,
+        diagonal_power: float = 0.5,
         nystrom_every: int = 50,
         stretch_max: float = 1.0,
         stretch_factor: float = 1.5,
@@ -251,6 +288,8 @@ class FlatSCG:
         self.loss_first = loss_first  # a trial whose loss rose is rejected without its gradient (lever 12)
         if nystrom_rank:
             self.pairs: WindowedPairs = NystromPairs(flat_params, memory, nystrom_rank)
+        elif diagonal_beta is not None:
+            self.pairs = DiagonalPairs(flat_params, memory, diagonal_beta, diagonal_power)
         elif layerwise:
             sizes = [p.numel() for p in self.params]
             self.pairs = LayerwisePairs(flat_params, memory, sizes, gamma_scale)
@@ -350,6 +389,8 @@ class FlatSCG:
             self.z = self.r.clone()
             self.started = True
             self.accepted_losses = [self.loss]
+            if isinstance(self.pairs, DiagonalPairs):
+                self.pairs.observe(self.r)
             if self._sketch(closure):
                 self.p = self.z = self._precondition(self.r)
         r, p, w = self.r, self.p, self._flat()
@@ -395,6 +436,8 @@ class FlatSCG:
         if finite and (comparison >= 0.0 or trial_loss <= reference):
             self.accepted_losses = [*self.accepted_losses[-self.nonmonotone :], trial_loss]
             step, change = alpha * p, r - new_r
+            if isinstance(self.pairs, DiagonalPairs):
+                self.pairs.observe(new_r)
             self.last_step_sq = alpha * alpha * p_sq
             if self._keeps(step, change):
                 self.pairs.push([step], [change])

@@ -13,6 +13,15 @@ the boldest of their curvature estimates along the directions the pairs do not s
 to every target on the regression, logistic and physics-informed problems of ``benchmarks/levers.py`` and the same
 on MNIST (``benchmarks/results/levers_passes.txt``, docs/performance.md).
 
+With ``diagonal_scaling`` (:mod:`moller_scg.diagonal_scaling`), H₀ = γ_D Λ, Λ a positive diagonal matrix from the
+gradients' second moments and γ_D = maxᵢ sᵢᵀyᵢ / yᵢᵀΛyᵢ, and the same form holds with ΛY in place of Y where Y
+meets H₀ (Byrd, Nocedal & Schnabel's eq. 3.1 for any H₀):
+
+    H v = γ_D Λv + [S  γ_D ΛY] [ R⁻ᵀ(D + γ_D YᵀΛY)R⁻¹   −R⁻ᵀ ] [ Sᵀv     ]
+                               [ −R⁻¹                   0   ] [ γ_D YᵀΛv ]
+
+Λ changes with every accepted gradient, so YᵀΛY is formed afresh at every step (k² n products, k the pairs held).
+
 One matrix-vector product with the 2m × n block [S Y]ᵀ, an m × m triangular solve and one product back replace the
 4m vector operations of the two-loop recursion: the same H v (tested against the two-loop recursion), with a number
 of operations that does not grow with m — what keeps a step cheap when a gradient pass is cheap. While the first m
@@ -43,6 +52,7 @@ import numpy as np
 import torch
 
 from moller_scg import _vectors as vec
+from moller_scg.diagonal_scaling import DiagonalScaling
 
 CURVATURE_CONDITION = 1e-10
 """A pair is kept only if sᵀy > CURVATURE_CONDITION · yᵀy (a scale-free form of L-BFGS's sᵀy > 0): H then stays
@@ -56,6 +66,10 @@ class SecantPairs:
         params: the parameters (their shapes, dtypes and devices); the pairs' storage, 2m · n numbers, is made
             here, uninitialised.
         memory: m ≥ 1, the number of pairs kept.
+        diagonal_scaling: H₀ = γ_D Λ with Λ from the accepted gradients' second moments
+            (:mod:`moller_scg.diagonal_scaling`; 2n more numbers) instead of γI. The gradients reach Λ through
+            :meth:`start_scaling` (at SCG's start), :meth:`advance` / :meth:`advance_flat` (an accepted step) and
+            :meth:`observe` (an accepted step that restarts).
 
     Attributes:
         memory: m.
@@ -63,9 +77,10 @@ class SecantPairs:
         blocks: one ``(2, m, n_block)`` tensor per group of parameters sharing a device and dtype: ``[0]`` holds
             the steps sᵢ, ``[1]`` the changes yᵢ.
         sy, yy: float64 m × m NumPy arrays, sy[i, j] = sᵢᵀyⱼ and yy[i, j] = yᵢᵀyⱼ over the slots (indexed by slot).
+        scaling: the :class:`~moller_scg.diagonal_scaling.DiagonalScaling` (v and Λ), or ``None`` (H₀ = γI).
     """
 
-    def __init__(self, params: Sequence[torch.Tensor], memory: int) -> None:
+    def __init__(self, params: Sequence[torch.Tensor], memory: int, diagonal_scaling: bool = False) -> None:
         self.memory = memory
         self.slots: list[int] = []
         self.sy = np.zeros((memory, memory))
@@ -96,6 +111,15 @@ class SecantPairs:
             torch.empty(2, memory, sum(vec.as_real(params[i]).numel() for i in members), dtype=dtype, device=device)
             for (device, dtype), members in groups.items()
         ]
+        self.scaling = (
+            DiagonalScaling(
+                [block.shape[-1] for block in self.blocks],
+                [block.dtype for block in self.blocks],
+                [block.device for block in self.blocks],
+            )
+            if diagonal_scaling
+            else None
+        )
 
     def __len__(self) -> int:
         return len(self.slots)
@@ -110,6 +134,16 @@ class SecantPairs:
         self._order = np.zeros(0, dtype=np.intp)
         self._ratios = []
         self._filled_in_order = True
+
+    def start_scaling(self, gradient: Sequence[torch.Tensor]) -> None:
+        """With diagonal scaling, v and Λ from the first gradient (at SCG's start; −E' serves as well)."""
+        if self.scaling is not None:
+            self.scaling.start(self._flatten(gradient))
+
+    def observe(self, gradient: Sequence[torch.Tensor]) -> None:
+        """With diagonal scaling, add an accepted step's gradient to v (:meth:`advance` does it by itself)."""
+        if self.scaling is not None:
+            self.scaling.observe(self._flatten(gradient))
 
     def push(self, step: Sequence[torch.Tensor], change: Sequence[torch.Tensor]) -> bool:
         """Keep the pair (s, y) in place of the oldest, if sᵀy > CURVATURE_CONDITION · yᵀy; return whether kept.
@@ -126,7 +160,8 @@ class SecantPairs:
         flat = self._flatten(vector)
         # [Sᵀv; Yᵀv] over the rows in use, one product per block.
         products = _sum_on_cpu([self._against_pairs(block, v[None]).reshape(-1) for block, v in zip(self.blocks, flat)])
-        return self._unflatten(self._apply_flat(flat, *self._split_by_slot(products)))
+        scaled = self._scaled_products(flat, None)
+        return self._unflatten(self._apply_flat(flat, *self._split_by_slot(products), scaled=scaled))
 
     def advance(
         self,
@@ -149,11 +184,14 @@ class SecantPairs:
             torch.cat([vec.as_real(direction[i]).reshape(-1) for i in members], out=rows[1])
             torch.cat([vec.as_real(residual[i]).reshape(-1) for i in members], out=rows[0]).sub_(rows[2])
             columns.append(rows)
-        _, s_dot_v, y_dot_v = self._push_flat(columns, step_scale=alpha)
         flat_new_residual = [c[2] for c in columns]
+        if self.scaling is not None:
+            self.scaling.observe(flat_new_residual)
+        _, s_dot_v, y_dot_v = self._push_flat(columns, step_scale=alpha)
         if not self.slots:
             return vec.clone(new_residual)
-        return self._unflatten(self._apply_flat(flat_new_residual, s_dot_v, y_dot_v))
+        scaled = self._scaled_products(flat_new_residual, [c[0] for c in columns])  # y's row is free: y is stored
+        return self._unflatten(self._apply_flat(flat_new_residual, s_dot_v, y_dot_v, scaled=scaled))
 
     def advance_flat(self, rows: torch.Tensor, alpha: float, residual: torch.Tensor) -> None:
         """:meth:`advance` for real parameters of one device and dtype, on flat vectors of n numbers
@@ -166,11 +204,14 @@ class SecantPairs:
             residual: r.
         """
         torch.sub(residual, rows[2], out=rows[0])
+        if self.scaling is not None:
+            self.scaling.observe([rows[2]])
         _, s_dot_v, y_dot_v = self._push_flat([rows], step_scale=alpha)
         if not self.slots:
             rows[1].copy_(rows[2])
             return
-        self._apply_flat([rows[2]], s_dot_v, y_dot_v, out=[rows[1]])
+        scaled = self._scaled_products([rows[2]], [rows[0]])  # y's row is free once the pair is stored
+        self._apply_flat([rows[2]], s_dot_v, y_dot_v, out=[rows[1]], scaled=scaled)
 
     def _rows_in_use(self) -> int:
         """k: the products with the stacks use slots 0 … k − 1 of S and of Y — the pairs held while they fill the
@@ -241,32 +282,71 @@ class SecantPairs:
         s_dot_vector[slot], y_dot_vector[slot] = step_dot_vector, change_dot_vector
         return True, s_dot_vector, y_dot_vector
 
+    def _scaled_products(
+        self, vectors: list[torch.Tensor], scratch: list[torch.Tensor] | None
+    ) -> tuple[np.ndarray, np.ndarray] | None:
+        """With diagonal scaling, (YᵀΛv by slot, YᵀΛY by slot) over the rows in use, for v one flat vector per block
+        (one host synchronisation); ``None`` without. Λv is formed in ``scratch`` (one flat tensor per block, not
+        one of ``vectors``; new tensors if ``None``)."""
+        if self.scaling is None:
+            return None
+        m, k = self.memory, self._rows_in_use()
+        scratch = [torch.empty_like(v) for v in vectors] if scratch is None else scratch
+        partial = []
+        for block, diagonal, v, scaled in zip(self.blocks, self.scaling.diagonal, vectors, scratch):
+            torch.mul(diagonal, v, out=scaled)
+            changes = block[1, :k]
+            against_scaled = _row_products(changes, scaled[None]).reshape(-1)
+            partial.append(torch.cat([against_scaled, _scaled_gram(changes, diagonal).reshape(-1)]))
+        totals = _sum_on_cpu(partial)
+        changes_dot_scaled, scaled_gram = np.zeros(m), np.zeros((m, m))
+        changes_dot_scaled[:k] = totals[:k]
+        scaled_gram[:k, :k] = totals[k:].reshape(k, k)
+        return changes_dot_scaled, scaled_gram
+
     def _apply_flat(
         self,
         flat: list[torch.Tensor],
         s_dot_v: np.ndarray,
         y_dot_v: np.ndarray,
         out: list[torch.Tensor] | None = None,
+        scaled: tuple[np.ndarray, np.ndarray] | None = None,
     ) -> list[torch.Tensor]:
         """H v per block from Sᵀv and Yᵀv over all slots (the compact form's m × m algebra in NumPy), as new
-        tensors or into ``out`` (one flat tensor per block, not one of ``flat``)."""
+        tensors or into ``out`` (one flat tensor per block, not one of ``flat``).
+
+        With diagonal scaling (``scaled``: :meth:`_scaled_products`' YᵀΛv and YᵀΛY by slot), H₀ = γ_D Λ and the
+        compact form reads H v = Λ(γ_D v + Y c_Y) + S c_S: YᵀΛY takes the place of YᵀY and YᵀΛv of Yᵀv.
+        """
         m = self.memory
         held, order = len(self.slots), self._order
         upper = self._ordered_r[:held, :held]  # R, upper triangular with the positive diagonal D
-        gamma = self.gamma
-        u, w = s_dot_v[order], gamma * y_dot_v[order]
+        if scaled is None:
+            changes_gram, changes_dot_v = self._ordered_yy[:held, :held], y_dot_v
+            gamma = self.gamma
+        else:
+            changes_dot_v, by_slot = scaled
+            changes_gram = by_slot[np.ix_(order, order)]  # YᵀΛY, oldest first
+            gamma = float(np.max(np.diag(upper) / np.diag(changes_gram)))  # γ_D = maxᵢ sᵢᵀyᵢ / yᵢᵀΛyᵢ
+        u, w = s_dot_v[order], gamma * changes_dot_v[order]
         r_inv_u = np.linalg.solve(upper, u)
-        inner = np.diag(upper) * r_inv_u + gamma * (self._ordered_yy[:held, :held] @ r_inv_u) - w
+        inner = np.diag(upper) * r_inv_u + gamma * (changes_gram @ r_inv_u) - w
         coefficients = np.zeros(2 * m)
         coefficients[order] = np.linalg.solve(upper.T, inner)
         coefficients[m + order] = -gamma * r_inv_u
         coefficient_tensor = torch.from_numpy(coefficients)
         targets: list[torch.Tensor | None] = list(out) if out is not None else [None] * len(flat)
         k = self._rows_in_use()
+        diagonals: list[torch.Tensor | None] = (
+            list(self.scaling.diagonal) if scaled is not None and self.scaling is not None else [None] * len(flat)
+        )
         results = []
-        for block, v, target in zip(self.blocks, flat, targets):
+        for block, v, target, diagonal in zip(self.blocks, flat, targets, diagonals):
             c = coefficient_tensor.to(device=v.device, dtype=v.dtype)
-            if k == m:
+            if diagonal is not None:  # Λ(γ_D v + Y c_Y) + S c_S
+                result = torch.addmv(v, block[1, :k].T, c[m : m + k], beta=gamma, out=target).mul_(diagonal)
+                results.append(result.addmv_(block[0, :k].T, c[:k]))
+            elif k == m:
                 results.append(torch.addmv(v, block.view(2 * m, -1).T, c, beta=gamma, out=target))
             else:  # γv + S c_S + Y c_Y over the k slots in use
                 result = torch.addmv(v, block[0, :k].T, c[:k], beta=gamma, out=target)
@@ -302,14 +382,18 @@ class SecantPairs:
         self._ratios = [float(self.sy[i, i]) / float(self.yy[i, i]) for i in self.slots]
 
     def state_dict(self) -> dict[str, Any]:
-        """Everything the pairs need to go on: m, the slots (oldest first), SᵀY, YᵀY and the blocks of pairs."""
-        return {
+        """Everything the pairs need to go on: m, the slots (oldest first), SᵀY, YᵀY and the blocks of pairs (and,
+        with diagonal scaling, ``"diagonal_scaling"``: the gradients' second moment v)."""
+        state = {
             "memory": self.memory,
             "slots": list(self.slots),
             "sy": torch.from_numpy(self.sy.copy()),
             "yy": torch.from_numpy(self.yy.copy()),
             "blocks": [self._saved(block) for block in self.blocks],
         }
+        if self.scaling is not None:
+            state["diagonal_scaling"] = self.scaling.state_dict()
+        return state
 
     def _saved(self, block: torch.Tensor) -> torch.Tensor:
         """A copy of a block for :meth:`state_dict`, the rows no pair was written into zeroed (not their
@@ -342,6 +426,14 @@ class SecantPairs:
                 f"the 'secant_pairs' entry of this SCG state_dict does not belong to an SCG with memory={self.memory} "
                 f"over these parameters: build the optimizer with the memory and parameters it was saved with"
             )
+        if ("diagonal_scaling" in state) != (self.scaling is not None):
+            saved_with = "diagonal_scaling=True" if "diagonal_scaling" in state else "diagonal_scaling=False"
+            raise ValueError(
+                f"this SCG state_dict was saved by an SCG with {saved_with}: build the optimizer with the "
+                f"diagonal_scaling it was saved with"
+            )
+        if self.scaling is not None:
+            self.scaling.load_state_dict(state["diagonal_scaling"])
         self.slots = list(state["slots"])
         self._filled_in_order = self.slots == list(range(len(self.slots)))
         self.sy = state["sy"].to(torch.float64).numpy().copy()
@@ -384,6 +476,15 @@ def _row_products(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     total = torch.zeros(a.shape[0], b.shape[0], dtype=torch.float64, device=a.device)
     for a_piece, b_piece in zip(a.split(PRODUCT_PIECE, dim=-1), b.split(PRODUCT_PIECE, dim=-1)):
         total += (a_piece @ b_piece.T).to(torch.float64)
+    return total
+
+
+def _scaled_gram(rows: torch.Tensor, diagonal: torch.Tensor) -> torch.Tensor:
+    """rows Λ rowsᵀ as float64, for k rows of n numbers and Λ = diag(``diagonal``): one product per piece of
+    ``PRODUCT_PIECE`` columns, so that the temporary rows · Λ holds k pieces, not k · n numbers."""
+    total = torch.zeros(rows.shape[0], rows.shape[0], dtype=torch.float64, device=rows.device)
+    for rows_piece, diagonal_piece in zip(rows.split(PRODUCT_PIECE, dim=-1), diagonal.split(PRODUCT_PIECE)):
+        total += ((rows_piece * diagonal_piece) @ rows_piece.T).to(torch.float64)
     return total
 
 

@@ -149,6 +149,11 @@ class SCG(torch.optim.Optimizer):
             (:data:`SECANT_LAMBDA_DECREASE_FACTOR`). ``hvp="double-backward"`` or
             ``"finite-difference"`` measure the curvature along H r instead (one more product per step).
             ``docs/performance.md`` has the measurements behind ``SCG(params, memory=20)``.
+        diagonal_scaling: with ``memory`` ≥ 1, H₀ = γ_D Λ in place of γI: Λ = diag(1/(v^¼ + ε mean v^¼)) from the
+            second moment v ← 0.99 v + 0.01 g² of the gradients of the accepted steps (as Adam's, with a fourth
+            root), γ_D = maxᵢ sᵢᵀyᵢ / yᵢᵀΛyᵢ (:mod:`moller_scg.diagonal_scaling`). Two more parameter-sized
+            buffers (v and Λ), no more evaluations. Default ``False``; :func:`~moller_scg.fit` and
+            ``moller-scg mnist`` use ``SCG(params, memory=20, diagonal_scaling=True)``.
         **options_of_other_optimizers: none are accepted. Options of ``torch.optim.LBFGS`` or Adam kept by habit
             (``lr``, ``line_search_fn``, ``max_iter``, ``tolerance_grad``, ``history_size``, ``weight_decay``, …)
             raise a ``TypeError`` that says what SCG does instead of each.
@@ -193,13 +198,21 @@ class SCG(torch.optim.Optimizer):
         hvp: str | None = None,
         restart: int | None = None,
         memory: int = 0,
+        diagonal_scaling: bool = False,
         **options_of_other_optimizers: Any,
     ) -> None:
         if options_of_other_optimizers:
             raise TypeError(_other_optimizer_options_message(options_of_other_optimizers))
         if hvp is None:
             hvp = _default_hvp(memory)
-        defaults = {"sigma": sigma, "lambd": lambd, "hvp": hvp, "restart": restart, "memory": memory}
+        defaults = {
+            "sigma": sigma,
+            "lambd": lambd,
+            "hvp": hvp,
+            "restart": restart,
+            "memory": memory,
+            "diagonal_scaling": diagonal_scaling,
+        }
         _validate_hyperparameters(defaults)
         super().__init__(params, defaults)
         self._scalars = SCGScalars(lambd=float(lambd))
@@ -255,7 +268,7 @@ class SCG(torch.optim.Optimizer):
         scalars, trace, secant_pairs_state = read_scg_entry(state_dict, memory)
         secant_pairs = None
         if secant_pairs_state is not None:
-            secant_pairs = quasi_newton.SecantPairs(self._params(), memory)
+            secant_pairs = quasi_newton.SecantPairs(self._params(), memory, self._diagonal_scaling)
             secant_pairs.load_state_dict(secant_pairs_state)
         super().load_state_dict(state_dict)
         _copy_loaded_vectors(self.state)  # r and p, not shared with the dict: step 7 updates p in place
@@ -361,9 +374,12 @@ class SCG(torch.optim.Optimizer):
         self._storage.start(self.state, params, gradients, memory)  # r₁ = −E'(w₁), p₁ = r₁
         if memory > 0:
             # H = I: p₁ = r₁. The storage of the pairs is kept across restarts while the parameters stay the same.
-            if self._secant_pairs is None or not self._secant_pairs.fits(params):
-                self._secant_pairs = quasi_newton.SecantPairs(params, memory)
-            self._secant_pairs.clear()
+            diagonal_scaling = self._diagonal_scaling
+            pairs = self._secant_pairs
+            if pairs is None or not pairs.fits(params) or (pairs.scaling is not None) != diagonal_scaling:
+                pairs = self._secant_pairs = quasi_newton.SecantPairs(params, memory, diagonal_scaling)
+            pairs.clear()
+            pairs.start_scaling(gradients)
         scalars = self._scalars
         scalars.loss = loss
         scalars.lambd = float(self.param_groups[0]["lambd"])
@@ -491,6 +507,11 @@ class SCG(torch.optim.Optimizer):
 
     def _params(self) -> list[torch.Tensor]:
         return [p for group in self.param_groups for p in group["params"]]
+
+    @property
+    def _diagonal_scaling(self) -> bool:
+        """Whether H₀ is diagonal (``False`` for a state saved before the option existed)."""
+        return bool(self.param_groups[0].get("diagonal_scaling", False))
 
     def _weights_changed_outside(self, params: list[torch.Tensor]) -> bool:
         """Whether the parameters were written to since the last step (then r and E are stale)."""

@@ -64,12 +64,21 @@ def _default_hvp(memory: Any) -> str:
 
 
 def _validate_hyperparameters(group: dict[str, Any]) -> None:
-    """``ValueError`` naming the value and the valid range for σ, λ₁, ``hvp``, N (``restart``) or m (``memory``)."""
+    """``ValueError`` naming the value and the valid range for σ, λ₁, ``hvp``, N (``restart``), m (``memory``) or
+    ``diagonal_scaling``."""
     sigma, lambd, hvp, restart = group["sigma"], group["lambd"], group["hvp"], group["restart"]
     memory = group["memory"]
     if isinstance(memory, bool) or not isinstance(memory, int) or memory < 0:
         raise ValueError(
             f"Invalid memory (m) value: {memory!r}; it must be an int ≥ 0 (0: Møller's SCG, no secant pairs)"
+        )
+    diagonal_scaling = group.get("diagonal_scaling", False)
+    if not isinstance(diagonal_scaling, bool):
+        raise ValueError(f"Invalid diagonal_scaling value: {diagonal_scaling!r}; it must be True or False")
+    if diagonal_scaling and memory == 0:
+        raise ValueError(
+            "diagonal_scaling=True shapes the quasi-Newton preconditioner's H₀, but memory=0 keeps no secant pairs: "
+            "pass memory=m ≥ 1 (e.g. SCG(params, memory=20, diagonal_scaling=True))"
         )
     if hvp == "secant" and memory == 0:
         raise ValueError(

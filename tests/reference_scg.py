@@ -61,13 +61,16 @@ def reference_scg(
     resolve_rounding: bool = True,
     memory: int = 0,
     secant: bool = False,
+    diagonal_scaling: bool = False,
 ) -> list[Vector]:
     """The weights w after each of ``iterations`` iterations (the accepted point after a failed trial).
 
     With ``memory`` = m ≥ 1, the direction after a success is p = H r₊, H the L-BFGS inverse of the last m pairs
     (s, y) = (αp, r − r₊) by the two-loop recursion (Nocedal & Wright, Algorithm 7.4); with ``secant``, δ = μ once a
     pair is kept (Møller's finite difference before, except at the very first step: δ = μ/α₀ with LBFGS's first step
-    length α₀ = min(1, 1/|r|₁)), and λ is divided by 2 after a good step instead of Møller's 4.
+    length α₀ = min(1, 1/|r|₁)), and λ is divided by 2 after a good step instead of Møller's 4. With
+    ``diagonal_scaling``, H₀ = γ_D Λ: v = 0.01 g₁² at the start, v ← 0.99 v + 0.01 g² at every accepted step,
+    Λ = diag(1 / (v^¼ + 10⁻⁸ mean v^¼)), γ_D = maxᵢ sᵢᵀyᵢ / yᵢᵀΛyᵢ.
     """
     n = restart if restart is not None else w1.numel()
     pairs: list[tuple[Vector, Vector]] = []
@@ -76,6 +79,7 @@ def reference_scg(
     loss = problem.loss(w)
     r = -problem.gradient(w)
     p = r.clone()
+    second_moment = 0.01 * r * r
     lambd, lambd_bar, success = lambd1, 0.0, True
     delta = 0.0
     weights = []
@@ -119,6 +123,9 @@ def reference_scg(
         # Step 7.
         if comparison >= 0:
             lambd_bar, success = 0.0, True
+            second_moment = 0.99 * second_moment + 0.01 * r_new * r_new
+            root = second_moment**0.25
+            scale = 1.0 / (root + 1e-8 * float(root.mean())) if diagonal_scaling else None
             if k % n == 0:
                 p_new = r_new.clone()
                 pairs.clear()
@@ -126,7 +133,7 @@ def reference_scg(
                 step, change = alpha * p, r - r_new
                 if dot(step, change) > 1e-10 * dot(change, change) > 0:
                     pairs = (pairs + [(step, change)])[-memory:]
-                p_new = two_loop(pairs, r_new)
+                p_new = two_loop(pairs, r_new, scale)
             else:
                 beta = (dot(r_new, r_new) - dot(r_new, r)) / mu
                 p_new = r_new + beta * p
@@ -142,9 +149,10 @@ def reference_scg(
     return weights
 
 
-def two_loop(pairs: list[tuple[Vector, Vector]], v: Vector) -> Vector:
+def two_loop(pairs: list[tuple[Vector, Vector]], v: Vector, scale: Vector | None = None) -> Vector:
     """H v of L-BFGS from the pairs (oldest first) by the two-loop recursion, H₀ = γI with γ the largest sᵀy / yᵀy
-    of the pairs (the library's choice; L-BFGS's usual one is the newest pair's)."""
+    of the pairs (the library's choice; L-BFGS's usual one is the newest pair's), or, given the diagonal Λ as
+    ``scale``, H₀ = γ_D Λ with γ_D the largest sᵀy / yᵀΛy."""
     if not pairs:
         return v.clone()
     q = v.clone()
@@ -153,7 +161,10 @@ def two_loop(pairs: list[tuple[Vector, Vector]], v: Vector) -> Vector:
         a = dot(s, q) / dot(s, y)
         alphas.append(a)
         q = q - a * y
-    q = q * max(dot(s, y) / dot(y, y) for s, y in pairs)
+    if scale is None:
+        q = q * max(dot(s, y) / dot(y, y) for s, y in pairs)
+    else:
+        q = q * scale * max(dot(s, y) / dot(y, scale * y) for s, y in pairs)
     for (s, y), a in zip(pairs, reversed(alphas)):
         b = dot(y, q) / dot(s, y)
         q = q + (a - b) * s

@@ -1,0 +1,98 @@
+"""The diagonal Λ of ``SCG(params, memory=m, diagonal_scaling=True)``'s initial inverse H₀ = γ_D Λ.
+
+L-BFGS's H₀ = γI scales every weight alike. Here H₀ takes its shape from the accepted gradients g = E'(w) SCG
+evaluates anyway, as Adam's second moment does, at no extra evaluation:
+
+    v ← β v + (1 − β) g²,        Λ = diag(1 / (v^κ + ε · mean(v^κ))),
+
+with β = :data:`BETA`, κ = :data:`POWER` and ε = :data:`EPSILON`, every product elementwise. The secant pairs then
+set its scale, γ_D = maxᵢ sᵢᵀyᵢ / yᵢᵀΛyᵢ (the pairs' boldest curvature estimate in Λ's metric; with Λ = I it is
+γ = maxᵢ sᵢᵀyᵢ / yᵢᵀyᵢ of ``SCG(params, memory=m)``), in :class:`moller_scg.quasi_newton.SecantPairs`. Since γ_D
+absorbs any constant factor of Λ, v needs no bias correction.
+
+κ = ¼ is a fourth root where Adam takes a square root: on the problems of ``benchmarks/levers.py`` Adam's
+√v (κ = ½) took fewer gradient passes on the regression and the physics-informed net but more on the MNIST CNN,
+whose 99.9 % target it reached later than LBFGS; κ = ¼ took fewer passes there too (docs/performance.md, lever 14).
+
+References:
+    Kingma, D. P., Ba, J. (2015). Adam: a method for stochastic optimization. ICLR (the second moment v).
+    Nocedal, J., Wright, S. J. (2006). Numerical Optimization, 2nd ed., §7.2 (the choice of H₀ in L-BFGS).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+BETA = 0.99
+"""β: the weight of the past in v ← βv + (1 − β)g² (0.99 and 0.999 took the same passes in the lever's tables)."""
+
+POWER = 0.25
+"""κ: Λ = diag(1 / (v^κ + ε · mean v^κ))."""
+
+EPSILON = 1e-8
+"""ε, relative to mean(v^κ): keeps Λ finite where a weight's gradients were all zero."""
+
+
+class DiagonalScaling:
+    """v and Λ's diagonal, one flat tensor each per block of parameters sharing a device and dtype (the blocks of
+    :class:`~moller_scg.quasi_newton.SecantPairs`).
+
+    Args:
+        sizes: the number of real scalars in each block; ``dtypes``, ``devices``: each block's.
+
+    Attributes:
+        second_moment: v, per block (uninitialised until :meth:`start`).
+        diagonal: Λ's diagonal, per block, formed from v by every :meth:`start` and :meth:`observe`.
+    """
+
+    def __init__(self, sizes: list[int], dtypes: list[torch.dtype], devices: list[torch.device]) -> None:
+        self.second_moment = [torch.empty(n, dtype=d, device=dev) for n, d, dev in zip(sizes, dtypes, devices)]
+        self.diagonal = [torch.empty_like(v) for v in self.second_moment]
+
+    def start(self, gradients: list[torch.Tensor]) -> None:
+        """v = (1 − β) g² from the first gradient (flat, one per block; −g serves as well), and Λ from it."""
+        for v, g in zip(self.second_moment, gradients):
+            torch.mul(g, g, out=v).mul_(1.0 - BETA)
+        self._form_diagonal()
+
+    def observe(self, gradients: list[torch.Tensor]) -> None:
+        """v ← βv + (1 − β)g² with the gradient of an accepted step (flat, one per block), and Λ from it."""
+        for v, g in zip(self.second_moment, gradients):
+            v.mul_(BETA).addcmul_(g, g, value=1.0 - BETA)
+        self._form_diagonal()
+
+    def _form_diagonal(self) -> None:
+        """Λ = diag(1 / (v^κ + ε · mean v^κ)); Λ = I while v is zero everywhere."""
+        for v, d in zip(self.second_moment, self.diagonal):
+            torch.pow(v, POWER, out=d)
+        total = sum(float(d.sum(dtype=torch.float64)) for d in self.diagonal)
+        count = sum(d.numel() for d in self.diagonal)
+        if not total > 0.0:
+            for d in self.diagonal:
+                d.fill_(1.0)
+            return
+        floor = EPSILON * total / count
+        for d in self.diagonal:
+            d.add_(floor).reciprocal_()
+
+    def state_dict(self) -> dict[str, Any]:
+        """v (copies): Λ follows from it."""
+        return {"second_moment": [v.clone() for v in self.second_moment]}
+
+    def load_state_dict(self, state: Any) -> None:
+        """Restore :meth:`state_dict`'s v and form Λ; ``ValueError`` if its blocks do not match these."""
+        saved = state.get("second_moment") if isinstance(state, dict) else None
+        if not (
+            isinstance(saved, list)
+            and len(saved) == len(self.second_moment)
+            and all(isinstance(s, torch.Tensor) and s.shape == v.shape for s, v in zip(saved, self.second_moment))
+        ):
+            raise ValueError(
+                "the 'diagonal_scaling' entry of this SCG state_dict does not match these parameters: build the "
+                "optimizer with the parameters it was saved with"
+            )
+        for v, s in zip(self.second_moment, saved):
+            v.copy_(s)
+        self._form_diagonal()

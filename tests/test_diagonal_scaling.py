@@ -1,0 +1,258 @@
+"""SCG(memory=m, diagonal_scaling=True): H₀ = γ_D Λ, Λ from the accepted gradients' second moments (issue #14).
+
+The trajectory is checked against ``reference_scg(..., diagonal_scaling=True)``, an independent float64
+transcription that forms H r by the two-loop recursion with H₀ = γ_D Λ.
+"""
+
+from __future__ import annotations
+
+import copy
+import io
+
+import pytest
+import torch
+from problems import rosenbrock
+from reference_scg import problem_from_function, reference_scg, two_loop
+from test_quasi_newton import SHAPES, flat, spd, split
+from test_scg import assert_trajectories_equal, make_mlp, mlp_data
+from test_scg import flat as flat_params
+from test_scg_memory import _per_tensor_path, mse_closure, run
+from torch import nn
+
+from moller_scg import SCG
+from moller_scg.diagonal_scaling import BETA, EPSILON, POWER, DiagonalScaling
+from moller_scg.quasi_newton import SecantPairs
+
+
+def expected_diagonal(second_moment: torch.Tensor) -> torch.Tensor:
+    root = second_moment**POWER
+    return 1.0 / (root + EPSILON * root.mean())
+
+
+def test_second_moment_and_diagonal_follow_their_formulas():
+    generator = torch.Generator().manual_seed(0)
+    g1, g2, g3 = (torch.randn(7, generator=generator, dtype=torch.float64) for _ in range(3))
+    scaling = DiagonalScaling([7], [torch.float64], [torch.device("cpu")])
+    scaling.start([g1])
+    scaling.observe([g2])
+    scaling.observe([-g3])
+    v = BETA**2 * (1 - BETA) * g1**2 + BETA * (1 - BETA) * g2**2 + (1 - BETA) * g3**2
+    torch.testing.assert_close(scaling.second_moment[0], v, rtol=1e-14, atol=0)
+    torch.testing.assert_close(scaling.diagonal[0], expected_diagonal(v), rtol=1e-14, atol=0)
+
+
+def test_weights_whose_gradient_was_always_zero_keep_a_finite_scale():
+    scaling = DiagonalScaling([3], [torch.float64], [torch.device("cpu")])
+    scaling.start([torch.tensor([0.0, 2.0, 0.0], dtype=torch.float64)])
+    assert torch.isfinite(scaling.diagonal[0]).all()
+    assert scaling.diagonal[0][0] > 1e6 * scaling.diagonal[0][1]  # 1 / (ε mean v^κ) where v = 0
+    scaling.start([torch.zeros(3, dtype=torch.float64)])  # no gradient at all: Λ = I
+    assert torch.equal(scaling.diagonal[0], torch.ones(3, dtype=torch.float64))
+
+
+@pytest.mark.parametrize("memory, pushes", [(1, 1), (3, 2), (4, 4), (4, 11)])
+def test_inverse_product_equals_the_two_loop_recursion_with_a_diagonal_h0(memory, pushes):
+    n = sum(torch.Size(s).numel() for s in SHAPES)
+    params = [torch.zeros(s, dtype=torch.float64) for s in SHAPES]
+    hessian = spd(n, seed=memory + pushes)
+    generator = torch.Generator().manual_seed(3)
+    pairs, kept = SecantPairs(params, memory, diagonal_scaling=True), []
+    pairs.start_scaling(split(torch.randn(n, generator=generator, dtype=torch.float64)))
+    for _ in range(pushes):
+        s = torch.randn(n, generator=generator, dtype=torch.float64)
+        y = hessian @ s
+        pairs.observe(split(torch.randn(n, generator=generator, dtype=torch.float64) * 10))
+        assert pairs.push(split(s), split(y))
+        kept = (kept + [(s, y)])[-memory:]
+    v = torch.randn(n, generator=generator, dtype=torch.float64)
+    result = flat(pairs.inverse_product(split(v)))
+    torch.testing.assert_close(result, two_loop(kept, v, pairs.scaling.diagonal[0]), rtol=1e-12, atol=1e-14)
+    # and not the scalar H₀'s
+    assert not torch.allclose(result, two_loop(kept, v), rtol=1e-3)
+
+
+def test_advance_observes_the_new_gradient_then_keeps_the_pair_then_applies_h():
+    n = sum(torch.Size(s).numel() for s in SHAPES)
+    params = [torch.zeros(s, dtype=torch.float64) for s in SHAPES]
+    hessian = spd(n, seed=1)
+    generator = torch.Generator().manual_seed(5)
+    advanced = SecantPairs(params, 3, diagonal_scaling=True)
+    by_parts = SecantPairs(params, 3, diagonal_scaling=True)
+    start = split(torch.randn(n, generator=generator, dtype=torch.float64))
+    advanced.start_scaling(start)
+    by_parts.start_scaling(start)
+    residual = torch.randn(n, generator=generator, dtype=torch.float64)
+    for _ in range(6):
+        direction = torch.randn(n, generator=generator, dtype=torch.float64)
+        alpha = 0.5
+        new_residual = residual - hessian @ (alpha * direction)
+        result = advanced.advance(split(direction), alpha, split(residual), split(new_residual))
+        by_parts.observe(split(new_residual))
+        by_parts.push(split(alpha * direction), split(residual - new_residual))
+        expected = flat(by_parts.inverse_product(split(new_residual)))
+        torch.testing.assert_close(flat(result), expected, rtol=1e-12, atol=0)
+        residual = new_residual
+
+
+@pytest.mark.parametrize("memory", [1, 3, 10])
+def test_trajectory_matches_reference_on_rosenbrock(memory):
+    w1 = torch.tensor([-1.2, 1.0, -0.5, 0.8], dtype=torch.float64)
+    w = nn.Parameter(w1.clone())
+    _, trajectory, _ = run([w], lambda: rosenbrock(w), 40, memory=memory, diagonal_scaling=True)
+    expected = reference_scg(
+        problem_from_function(rosenbrock), w1, 40, memory=memory, secant=True, diagonal_scaling=True
+    )
+    assert_trajectories_equal(trajectory, expected, rtol=1e-8)
+    scalar_mode = reference_scg(problem_from_function(rosenbrock), w1, 40, memory=memory, secant=True)
+    assert not torch.allclose(trajectory[-1], scalar_mode[-1], rtol=1e-6)
+
+
+def test_the_second_moment_goes_on_across_a_restart():
+    """A restart (k mod N = 0) forgets the pairs, not v: the reference keeps v and restarts every 5 steps too."""
+    w1 = torch.tensor([-1.2, 1.0, -0.5, 0.8], dtype=torch.float64)
+    w = nn.Parameter(w1.clone())
+    _, trajectory, _ = run([w], lambda: rosenbrock(w), 25, memory=3, diagonal_scaling=True, restart=5)
+    expected = reference_scg(
+        problem_from_function(rosenbrock), w1, 25, memory=3, secant=True, diagonal_scaling=True, restart=5
+    )
+    assert_trajectories_equal(trajectory, expected, rtol=1e-8)
+
+
+def _mlp_run(seed=0, **options):
+    model = make_mlp(seed)
+    x, y = mlp_data()
+    optimizer = SCG(model.parameters(), memory=4, diagonal_scaling=True, **options)
+    return model, optimizer, mse_closure(optimizer, model, x, y)
+
+
+def test_state_dict_round_trip_with_weights_only_continues_bit_identically():
+    reference_model, reference_optimizer, reference_closure = _mlp_run()
+    for _ in range(20):
+        reference_optimizer.step(reference_closure)
+    model, optimizer, closure = _mlp_run()
+    for _ in range(9):
+        optimizer.step(closure)
+    buffer = io.BytesIO()
+    torch.save({"model": model.state_dict(), "optimizer": optimizer.state_dict()}, buffer)
+    buffer.seek(0)
+    saved = torch.load(buffer, weights_only=True)
+    assert "diagonal_scaling" in saved["optimizer"]["scg"]["secant_pairs"]
+    fresh_model, fresh_optimizer, fresh_closure = _mlp_run(seed=5)
+    fresh_model.load_state_dict(saved["model"])
+    fresh_optimizer.load_state_dict(saved["optimizer"])
+    for _ in range(11):
+        fresh_optimizer.step(fresh_closure)
+    for p, q in zip(fresh_model.parameters(), reference_model.parameters()):
+        assert torch.equal(p, q)
+
+
+def test_a_state_of_the_other_scaling_is_refused():
+    _, diagonal, closure = _mlp_run()
+    for _ in range(3):
+        diagonal.step(closure)
+    model = make_mlp()
+    scalar = SCG(model.parameters(), memory=4)
+    with pytest.raises(ValueError, match="diagonal_scaling=True"):
+        scalar.load_state_dict(diagonal.state_dict())
+    x, y = mlp_data()
+    scalar.step(mse_closure(scalar, model, x, y))
+    with pytest.raises(ValueError, match="diagonal_scaling=False"):
+        SCG(make_mlp().parameters(), memory=4, diagonal_scaling=True).load_state_dict(scalar.state_dict())
+
+
+def test_a_non_finite_trial_leaves_weights_pairs_and_second_moment_as_they_were():
+    w = nn.Parameter(torch.tensor([-1.2, 1.0], dtype=torch.float64))
+    optimizer = SCG([w], memory=3, diagonal_scaling=True)
+    poison = {"on": False}
+
+    def closure():
+        optimizer.zero_grad()
+        loss = rosenbrock(w) + (torch.tensor(float("nan"), dtype=torch.float64) if poison["on"] else 0.0)
+        loss.backward()
+        return loss
+
+    for _ in range(5):
+        optimizer.step(closure)
+    before = w.detach().clone()
+    state_before = copy.deepcopy(optimizer.state_dict()["scg"]["secant_pairs"])
+    poison["on"] = True
+    optimizer.step(closure)
+    assert torch.equal(w.detach(), before) and not optimizer.trace.success
+    after = optimizer.state_dict()["scg"]["secant_pairs"]
+    assert torch.equal(
+        after["diagonal_scaling"]["second_moment"][0], state_before["diagonal_scaling"]["second_moment"][0]
+    )
+    assert all(torch.equal(a, b) for a, b in zip(after["blocks"], state_before["blocks"]))
+    poison["on"] = False
+    optimizer.step(closure)
+    assert torch.isfinite(w).all()
+
+
+def test_the_per_tensor_path_follows_the_flat_path(monkeypatch):
+    model, optimizer, closure = _mlp_run()
+    fast = []
+    for _ in range(25):
+        optimizer.step(closure)
+        fast.append(flat_params(model.parameters()))
+    _per_tensor_path(monkeypatch)
+    model, optimizer, closure = _mlp_run()
+    for expected in fast:
+        optimizer.step(closure)
+        torch.testing.assert_close(flat_params(model.parameters()), expected, rtol=1e-10, atol=1e-12)
+
+
+def test_complex_parameters_follow_their_real_view():
+    target = torch.tensor([1.0 + 2.0j, -0.5 + 0.25j], dtype=torch.complex128)
+    z = nn.Parameter(torch.zeros(2, dtype=torch.complex128))
+    real = nn.Parameter(torch.zeros(2, 2, dtype=torch.float64))
+    target_real = torch.view_as_real(target)
+
+    def loss_complex():
+        return torch.sum(torch.abs(z - target) ** 4) + torch.sum(torch.abs(z - target) ** 2)
+
+    def loss_real():
+        squared = torch.sum((real - target_real) ** 2, dim=-1)
+        return torch.sum(squared**2) + torch.sum(squared)
+
+    _, complex_trajectory, _ = run([z], loss_complex, 15, memory=3, diagonal_scaling=True)
+    _, real_trajectory, _ = run([real], loss_real, 15, memory=3, diagonal_scaling=True)
+    for c, r in zip(complex_trajectory, real_trajectory):
+        torch.testing.assert_close(torch.view_as_real(c.reshape(2)).reshape(-1), r, rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize(
+    "options, match",
+    [
+        ({"memory": 3, "diagonal_scaling": 1}, "diagonal_scaling"),
+        ({"memory": 3, "diagonal_scaling": "yes"}, "diagonal_scaling"),
+        ({"diagonal_scaling": True}, "memory=0"),
+    ],
+)
+def test_bad_diagonal_scaling_options_raise_value_error(options, match):
+    with pytest.raises(ValueError, match=match):
+        SCG([nn.Parameter(torch.zeros(2))], **options)
+
+
+def test_the_option_is_a_group_hyperparameter_and_repr_shows_it():
+    p = nn.Parameter(torch.zeros(2))
+    optimizer = SCG([p], memory=2, diagonal_scaling=True)
+    assert optimizer.param_groups[0]["diagonal_scaling"] is True
+    assert "diagonal_scaling: True" in repr(optimizer)
+    with pytest.raises(ValueError, match="diagonal_scaling"):
+        optimizer.add_param_group({"params": [nn.Parameter(torch.zeros(1))], "diagonal_scaling": False})
+
+
+def test_a_state_saved_before_the_option_existed_loads_as_the_scalar_mode():
+    model = make_mlp()
+    x, y = mlp_data()
+    optimizer = SCG(model.parameters(), memory=4)
+    closure = mse_closure(optimizer, model, x, y)
+    for _ in range(4):
+        optimizer.step(closure)
+    state = optimizer.state_dict()
+    for group in state["param_groups"]:
+        del group["diagonal_scaling"]
+    fresh = SCG(model.parameters(), memory=4)
+    fresh.load_state_dict(state)
+    fresh.step(mse_closure(fresh, model, x, y))
+    assert fresh.trace.k == 5
