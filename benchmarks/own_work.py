@@ -68,13 +68,18 @@ def make_model(problem_name: str) -> torch.nn.Module:
 
 
 def own_work(
-    problem_name: str, memory: int, steps: int, repeats: int, warm_up: int = WARM_UP_STEPS
+    problem_name: str,
+    memory: int,
+    steps: int,
+    repeats: int,
+    warm_up: int = WARM_UP_STEPS,
+    diagonal_scaling: bool = False,
 ) -> tuple[float, float]:
-    """(seconds per step, seconds per closure call) of SCG(memory=m) on the problem's model with the fake closure,
-    after ``warm_up`` steps."""
+    """(seconds per step, seconds per closure call) of SCG(memory=m, diagonal_scaling=…) on the problem's model
+    with the fake closure, after ``warm_up`` steps."""
     params = list(make_model(problem_name).parameters())
     closure = fake_closure(params)
-    optimizer = SCG(params, memory=memory)
+    optimizer = SCG(params, memory=memory, diagonal_scaling=diagonal_scaling)
     for _ in range(warm_up):
         optimizer.step(closure)
     step = best_seconds_per_call(lambda: optimizer.step(closure), steps, repeats)
@@ -91,12 +96,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--steps", type=int, default=1000)
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--warm-up", type=int, default=WARM_UP_STEPS, help="steps before the timing")
+    parser.add_argument("--diagonal-scaling", action="store_true", help="SCG(..., diagonal_scaling=True)")
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
     env = environment(" ".join(["python benchmarks/own_work.py", *(sys.argv[1:] if argv is None else argv)]))
-    print(f"SCG(memory={args.memory}) own work per step; torch {env['torch']}, 1 thread, {env['date']}")
+    mode = f"memory={args.memory}" + (", diagonal_scaling=True" if args.diagonal_scaling else "")
+    print(f"SCG({mode}) own work per step; torch {env['torch']}, 1 thread, {env['date']}")
     for name in args.problems:
-        step, call = own_work(name, args.memory, args.steps, args.repeats, args.warm_up)
+        step, call = own_work(name, args.memory, args.steps, args.repeats, args.warm_up, args.diagonal_scaling)
         own = step - call
         print(f"{name:12s} step {step * 1e6:7.0f} µs   closure {call * 1e6:5.0f} µs   own work {own * 1e6:7.0f} µs")
     return 0

@@ -29,7 +29,9 @@ weight-sized vectors plus a few, SCG 3 (4 at the peak)."""
 SUBSAMPLED = f"SCG exact, {CURVATURE_FRACTION:.0%} curv."
 NETLAB = "paramz SCG (netlab)"
 PRECONDITIONED = f"SCG m={DEFAULT_MEMORY}"
-"""The default mode of fit and moller-scg mnist: SCG(params, memory=20), δ from the secant model (issue #14)."""
+"""SCG(params, memory=20): δ from the secant model, H₀ = γI (issue #14)."""
+DIAGONAL = f"SCG m={DEFAULT_MEMORY} diag"
+"""The default mode of fit and moller-scg mnist: SCG(params, memory=20, diagonal_scaling=True), H₀ = γ_D Λ."""
 SCG_FAMILY, LBFGS_FAMILY, PEER_FAMILY, ADAM_FAMILY = "SCG", "torch LBFGS", "peer", "Adam"
 """Which kind of optimizer a row is: the report judges every SCG row by the goals, and pairs it with the LBFGS row
 of nearest memory."""
@@ -235,6 +237,8 @@ def optimizers(problem: Problem) -> dict[str, Row]:
         PRECONDITIONED: scg(hvp="secant", memory=DEFAULT_MEMORY),
         "SCG m=5": scg(hvp="secant", memory=5),
         "SCG m=40": scg(hvp="secant", memory=40),
+        DIAGONAL: scg(hvp="secant", memory=DEFAULT_MEMORY, diagonal_scaling=True),
+        "SCG m=40 diag": scg(hvp="secant", memory=40, diagonal_scaling=True),
         **{f"torch LBFGS h={history}": lbfgs(history) for history in LBFGS_HISTORIES},
         NETLAB: Row(run_netlab, PEER_FAMILY),
         "torchmin CG": Row(lambda run: run_torchmin(run, "cg"), PEER_FAMILY),

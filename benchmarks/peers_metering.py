@@ -377,7 +377,15 @@ class Run:
 # The optimizer's working memory: floating-point numbers reachable from its frames and state
 
 
-_RECURSE_MODULES = ("torch.optim", "torchmin", "paramz", "moller_scg.scg", "moller_scg.quasi_newton", "collections")
+_RECURSE_MODULES = (
+    "torch.optim",
+    "torchmin",
+    "paramz",
+    "moller_scg.scg",
+    "moller_scg.quasi_newton",
+    "moller_scg.diagonal_scaling",
+    "collections",
+)
 
 
 def optimizer_state_numbers(

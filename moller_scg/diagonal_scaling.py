@@ -64,18 +64,18 @@ class DiagonalScaling:
         self._form_diagonal()
 
     def _form_diagonal(self) -> None:
-        """Λ = diag(1 / (v^κ + ε · mean v^κ)); Λ = I while v is zero everywhere."""
+        """Λ = diag(1 / (v^κ + ε · mean v^κ)), the denominator kept at least the dtype's smallest normal number, so that
+        Λ stays finite (and ∝ I, which γ_D scales alike, while v is zero everywhere)."""
         for v, d in zip(self.second_moment, self.diagonal):
             torch.pow(v, POWER, out=d)
-        total = sum(float(d.sum(dtype=torch.float64)) for d in self.diagonal)
-        count = sum(d.numel() for d in self.diagonal)
-        if not total > 0.0:
-            for d in self.diagonal:
-                d.fill_(1.0)
+        if len(self.diagonal) == 1:  # the mean without a host synchronisation
+            (d,) = self.diagonal
+            d.add_(d.mean(), alpha=EPSILON).clamp_(min=torch.finfo(d.dtype).tiny).reciprocal_()
             return
-        floor = EPSILON * total / count
+        total = sum(float(d.sum(dtype=torch.float64)) for d in self.diagonal)
+        floor = EPSILON * total / sum(d.numel() for d in self.diagonal)
         for d in self.diagonal:
-            d.add_(floor).reciprocal_()
+            d.add_(floor).clamp_(min=torch.finfo(d.dtype).tiny).reciprocal_()
 
     def state_dict(self) -> dict[str, Any]:
         """v (copies): Λ follows from it."""

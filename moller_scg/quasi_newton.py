@@ -145,6 +145,12 @@ class SecantPairs:
         if self.scaling is not None:
             self.scaling.observe(self._flatten(gradient))
 
+    def observe_flat(self, gradient: torch.Tensor) -> None:
+        """:meth:`observe` for real parameters of one device and dtype, the gradient a flat vector of n numbers
+        (as :meth:`advance_flat` takes it)."""
+        if self.scaling is not None:
+            self.scaling.observe([gradient])
+
     def push(self, step: Sequence[torch.Tensor], change: Sequence[torch.Tensor]) -> bool:
         """Keep the pair (s, y) in place of the oldest, if sᵀy > CURVATURE_CONDITION · yᵀy; return whether kept.
 
@@ -286,18 +292,22 @@ class SecantPairs:
         self, vectors: list[torch.Tensor], scratch: list[torch.Tensor] | None
     ) -> tuple[np.ndarray, np.ndarray] | None:
         """With diagonal scaling, (YᵀΛv by slot, YᵀΛY by slot) over the rows in use, for v one flat vector per block
-        (one host synchronisation); ``None`` without. Λv is formed in ``scratch`` (one flat tensor per block, not
-        one of ``vectors``; new tensors if ``None``)."""
+        (one host synchronisation); ``None`` without. Vectors longer than ``PRODUCT_PIECE`` take Λv in ``scratch``
+        (one flat tensor per block, not one of ``vectors``; new tensors if ``None``)."""
         if self.scaling is None:
             return None
         m, k = self.memory, self._rows_in_use()
-        scratch = [torch.empty_like(v) for v in vectors] if scratch is None else scratch
         partial = []
-        for block, diagonal, v, scaled in zip(self.blocks, self.scaling.diagonal, vectors, scratch):
-            torch.mul(diagonal, v, out=scaled)
+        for index, (block, diagonal, v) in enumerate(zip(self.blocks, self.scaling.diagonal, vectors)):
             changes = block[1, :k]
-            against_scaled = _row_products(changes, scaled[None]).reshape(-1)
-            partial.append(torch.cat([against_scaled, _scaled_gram(changes, diagonal).reshape(-1)]))
+            if v.shape[-1] <= PRODUCT_PIECE:  # ΛY once, then [YᵀΛY | YᵀΛv] from two products
+                scaled_changes = changes * diagonal
+                gram, against = scaled_changes @ changes.T, scaled_changes @ v
+            else:  # in pieces: no k × n temporary
+                scaled = torch.mul(diagonal, v, out=scratch[index]) if scratch is not None else diagonal * v
+                gram = _scaled_gram(changes, diagonal)
+                against = _row_products(changes, scaled[None]).reshape(-1)
+            partial.append(torch.cat([against, gram.reshape(-1)]).to(torch.float64))
         totals = _sum_on_cpu(partial)
         changes_dot_scaled, scaled_gram = np.zeros(m), np.zeros((m, m))
         changes_dot_scaled[:k] = totals[:k]
@@ -327,7 +337,7 @@ class SecantPairs:
         else:
             changes_dot_v, by_slot = scaled
             changes_gram = by_slot[np.ix_(order, order)]  # YᵀΛY, oldest first
-            gamma = float(np.max(np.diag(upper) / np.diag(changes_gram)))  # γ_D = maxᵢ sᵢᵀyᵢ / yᵢᵀΛyᵢ
+            gamma = float((upper.diagonal() / changes_gram.diagonal()).max())  # γ_D = maxᵢ sᵢᵀyᵢ / yᵢᵀΛyᵢ
         u, w = s_dot_v[order], gamma * changes_dot_v[order]
         r_inv_u = np.linalg.solve(upper, u)
         inner = np.diag(upper) * r_inv_u + gamma * (changes_gram @ r_inv_u) - w

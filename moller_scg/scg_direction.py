@@ -58,7 +58,7 @@ def next_direction(
         vec.copy_(direction, new_residual)  # p ← r₊
         if secant_pairs is not None:
             secant_pairs.clear()
-            secant_pairs.observe(new_residual)  # the gradients' second moment outlives the pairs
+            storage.observe_gradient(secant_pairs, new_residual)  # the gradients' second moment outlives the pairs
         return new_residual_sq, new_residual_sq
     if secant_pairs is not None:
         # p ← H r₊, with the pair (s, y) = (αp, r − r₊) of this step kept

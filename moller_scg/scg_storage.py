@@ -133,6 +133,14 @@ class _StateVectors:
         new_direction_sq, new_mu = vec.dots([(direction, direction), (direction, new_residual)])
         return new_direction_sq, new_mu
 
+    def observe_gradient(self, pairs: SecantPairs, new_residual: list[torch.Tensor]) -> None:
+        """An accepted r₊ into the pairs' diagonal scaling, when the step restarts and forms no pair (the flat buffer of
+        r₊ on the fast path, one tensor per parameter otherwise)."""
+        if self.flat is not None:
+            pairs.observe_flat(new_residual[0])
+        else:
+            pairs.observe(new_residual)
+
     def copy_of_weights(self, params: list[torch.Tensor]) -> list[torch.Tensor]:
         """The accepted w, copied before the trial: into the flat buffer's views on the fast path, new tensors
         otherwise."""

@@ -46,8 +46,16 @@ def test_weights_whose_gradient_was_always_zero_keep_a_finite_scale():
     scaling.start([torch.tensor([0.0, 2.0, 0.0], dtype=torch.float64)])
     assert torch.isfinite(scaling.diagonal[0]).all()
     assert scaling.diagonal[0][0] > 1e6 * scaling.diagonal[0][1]  # 1 / (ε mean v^κ) where v = 0
-    scaling.start([torch.zeros(3, dtype=torch.float64)])  # no gradient at all: Λ = I
-    assert torch.equal(scaling.diagonal[0], torch.ones(3, dtype=torch.float64))
+    scaling.start([torch.zeros(3, dtype=torch.float64)])  # no gradient at all: Λ ∝ I, finite
+    assert torch.isfinite(scaling.diagonal[0]).all() and len(set(scaling.diagonal[0].tolist())) == 1
+    two_blocks = DiagonalScaling([2, 1], [torch.float64, torch.float32], [torch.device("cpu")] * 2)
+    two_blocks.start([torch.zeros(2, dtype=torch.float64), torch.zeros(1, dtype=torch.float32)])
+    assert all(torch.isfinite(d).all() for d in two_blocks.diagonal)
+    two_blocks.start([torch.tensor([0.0, 2.0], dtype=torch.float64), torch.tensor([1.0])])
+    v = torch.tensor([0.0, 4.0, 1.0], dtype=torch.float64) * (1 - BETA)
+    expected = expected_diagonal(v)
+    torch.testing.assert_close(two_blocks.diagonal[0], expected[:2], rtol=1e-6, atol=0)  # the mean has a float32 part
+    torch.testing.assert_close(two_blocks.diagonal[1], expected[2:].float(), rtol=1e-6, atol=0)
 
 
 @pytest.mark.parametrize("memory, pushes", [(1, 1), (3, 2), (4, 4), (4, 11)])
@@ -189,13 +197,15 @@ def test_a_non_finite_trial_leaves_weights_pairs_and_second_moment_as_they_were(
 
 
 def test_the_per_tensor_path_follows_the_flat_path(monkeypatch):
-    model, optimizer, closure = _mlp_run()
+    """Through restarts too (every 7 steps), where r₊ reaches v without forming a pair."""
+    model, optimizer, closure = _mlp_run(restart=7)
     fast = []
     for _ in range(25):
         optimizer.step(closure)
         fast.append(flat_params(model.parameters()))
+    assert optimizer._storage.flat is not None
     _per_tensor_path(monkeypatch)
-    model, optimizer, closure = _mlp_run()
+    model, optimizer, closure = _mlp_run(restart=7)
     for expected in fast:
         optimizer.step(closure)
         torch.testing.assert_close(flat_params(model.parameters()), expected, rtol=1e-10, atol=1e-12)
@@ -256,3 +266,32 @@ def test_a_state_saved_before_the_option_existed_loads_as_the_scalar_mode():
     fresh.load_state_dict(state)
     fresh.step(mse_closure(fresh, model, x, y))
     assert fresh.trace.k == 5
+
+
+def test_vectors_longer_than_a_piece_give_the_same_h_v_through_the_piecewise_products(monkeypatch):
+    """Above PRODUCT_PIECE numbers YᵀΛY and YᵀΛv are formed a piece at a time (no k × n temporary)."""
+    from moller_scg import _vectors, quasi_newton
+
+    n = sum(torch.Size(s).numel() for s in SHAPES)
+    hessian = spd(n, seed=15)
+
+    def run_pairs():
+        params = [torch.zeros(s, dtype=torch.float64) for s in SHAPES]
+        generator = torch.Generator().manual_seed(10)
+        pairs, kept, results = SecantPairs(params, 3, diagonal_scaling=True), [], []
+        pairs.start_scaling(split(torch.randn(n, generator=generator, dtype=torch.float64)))
+        for _ in range(5):
+            direction = torch.randn(n, generator=generator, dtype=torch.float64)
+            residual = torch.randn(n, generator=generator, dtype=torch.float64)
+            new_residual = residual - hessian @ (0.5 * direction)
+            results.append(flat(pairs.advance(split(direction), 0.5, split(residual), split(new_residual))))
+            kept = (kept + [(0.5 * direction, residual - new_residual)])[-3:]
+            expected = two_loop(kept, new_residual, pairs.scaling.diagonal[0])
+            torch.testing.assert_close(results[-1], expected, rtol=1e-12, atol=1e-14)
+        return results
+
+    whole = run_pairs()
+    monkeypatch.setattr(_vectors, "DOT_CHUNK", 5)
+    monkeypatch.setattr(quasi_newton, "PRODUCT_PIECE", 3)
+    for piecewise, expected in zip(run_pairs(), whole):
+        torch.testing.assert_close(piecewise, expected, rtol=1e-12, atol=1e-14)

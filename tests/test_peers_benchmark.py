@@ -139,7 +139,16 @@ def test_quick_run_writes_table_json_and_figure(tmp_path, monkeypatch, capsys):
     assert "## Goals of issue #14" in report
     # Every SCG row of the table is judged by the goals; a new mode needs no edit beyond its row.
     scg_rows = [r["name"] for r in results["problems"][0]["results"] if r["family"] == "SCG"]
-    assert scg_rows == ["SCG exact", "SCG finite-diff", "SCG exact, 10% curv.", "SCG m=20", "SCG m=5", "SCG m=40"]
+    assert scg_rows == [
+        "SCG exact",
+        "SCG finite-diff",
+        "SCG exact, 10% curv.",
+        "SCG m=20",
+        "SCG m=5",
+        "SCG m=40",
+        "SCG m=20 diag",
+        "SCG m=40 diag",
+    ]
     # SCG(memory=m) holds the 2m secant pairs besides r, w and the (3, n) buffer of y, p and r₊ (kept between steps,
     # so that a step allocates no weight-sized temporary), and four m × m matrices: SᵀY and YᵀY by slot, R and YᵀY
     # in the pairs' order (4m² numbers: 12.8 n for m = 40 on the 501-weight regression).
@@ -153,6 +162,17 @@ def test_quick_run_writes_table_json_and_figure(tmp_path, monkeypatch, capsys):
             )
         # At its peak a step adds no weight-sized temporary to those (the probe sees a few hundred numbers more).
         assert probe[name] < 2 * memory + 5 + 4 * memory**2 / probe_block["problem"]["n"] + 0.5, name
+    # With diagonal scaling, v and Λ besides (2m + 7); at its peak the step forms ΛY over the k ≤ m pairs held, a
+    # k × n temporary on these small models (k × 2^16 at most on larger ones).
+    for name, memory in (("SCG m=20 diag", 20), ("SCG m=40 diag", 40)):
+        for block in results["problems"]:
+            row = next(r for r in block["results"] if r["name"] == name)
+            small_matrices = 4 * memory**2 / block["problem"]["n"]
+            assert 2 * memory + 7 <= row["state_in_n"] <= 2 * memory + 7 + small_matrices, (
+                block["problem"]["name"],
+                name,
+            )
+        assert probe[name] < 3 * memory + 7 + 4 * memory**2 / probe_block["problem"]["n"] + 0.5, name
     assert set(results["goals"]) == set(scg_rows)
 
 
