@@ -60,6 +60,13 @@ def _parser() -> argparse.ArgumentParser:
         f"(default {mnist.DEFAULT_MEMORY}: one gradient pass a step); 0 = Møller's SCG",
     )
     job.add_argument(
+        "--diagonal-scaling",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="H₀ of the quasi-Newton preconditioner from the gradients' second moments (default: on with --memory > 0; "
+        "--no-diagonal-scaling: H₀ = γI)",
+    )
+    job.add_argument(
         "--hvp",
         choices=HVP_MODES,
         default=None,
@@ -198,6 +205,7 @@ def _mnist(args: argparse.Namespace, main_process: bool = True) -> int:
             device=device,
             hvp=args.hvp,
             memory=args.memory,
+            diagonal_scaling=args.diagonal_scaling,
             curvature_fraction=args.curvature_fraction,
             checkpoint=args.checkpoint,
             resume=args.resume,

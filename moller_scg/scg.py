@@ -63,6 +63,11 @@ DEFAULT_MEMORY = 20
 """m of the preconditioned mode that ``fit`` and ``moller-scg mnist`` use by default (``SCG(params)`` keeps m = 0):
 the best m of ``benchmarks/peers.py`` over its five problems (docs/performance.md)."""
 
+DEFAULT_DIAGONAL_SCALING = True
+"""``diagonal_scaling`` of the mode that ``fit`` and ``moller-scg mnist`` use by default (``SCG(params, memory=m)``
+keeps ``False``): H₀ = γ_D Λ took as many or fewer gradient passes than γI on the MNIST CNN, the regression and the
+physics-informed net of ``benchmarks/levers.py`` (docs/performance.md, lever 14)."""
+
 # Constants of the paper (Møller 1993, steps 7 and 8).
 GOOD_COMPARISON = 0.75  # Δ ≥ 0.75: the quadratic model is good, reduce the scale λ (step 7)
 POOR_COMPARISON = 0.25  # Δ < 0.25: the quadratic model is poor, raise the scale λ (step 8)
@@ -85,6 +90,7 @@ __all__ = [
     "SCGTrace",
     "SCGScalars",
     "SCGStalledWarning",
+    "DEFAULT_DIAGONAL_SCALING",
     "DEFAULT_MEMORY",
     "HVP_MODES",
     "GOOD_COMPARISON",
@@ -263,16 +269,22 @@ class SCG(torch.optim.Optimizer):
         return state
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        """Load a state saved by :meth:`state_dict`; the run then continues exactly as it would have."""
+        """Load a state saved by :meth:`state_dict`; the run then continues exactly as it would have.
+
+        Like every ``torch.optim`` optimizer it takes the saved hyperparameters, ``diagonal_scaling`` among them (a
+        state saved before that option existed has ``False``); ``memory`` must match (``ValueError`` otherwise).
+        """
         memory = self.param_groups[0]["memory"]
         scalars, trace, secant_pairs_state = read_scg_entry(state_dict, memory)
         secant_pairs = None
         if secant_pairs_state is not None:
-            secant_pairs = quasi_newton.SecantPairs(self._params(), memory, self._diagonal_scaling)
+            secant_pairs = quasi_newton.SecantPairs(self._params(), memory, _saved_diagonal_scaling(state_dict))
             secant_pairs.load_state_dict(secant_pairs_state)
         super().load_state_dict(state_dict)
         _copy_loaded_vectors(self.state)  # r and p, not shared with the dict: step 7 updates p in place
         self.param_groups = [_ParamGroup(group) for group in self.param_groups]
+        for group in self.param_groups:
+            group.setdefault("diagonal_scaling", False)
         self._scalars = scalars
         self._trace = trace
         self._secant_pairs = secant_pairs
@@ -524,3 +536,10 @@ class SCG(torch.optim.Optimizer):
         self._storage = _StateVectors()
         self._param_versions = None
         self._warned_stalled = False
+
+
+def _saved_diagonal_scaling(state_dict: dict[str, Any]) -> bool:
+    """``diagonal_scaling`` of a saved state's first parameter group (``False`` if it has none)."""
+    groups = state_dict.get("param_groups") if isinstance(state_dict, dict) else None
+    first = groups[0] if isinstance(groups, list) and groups else None
+    return bool(first.get("diagonal_scaling", False)) if isinstance(first, dict) else False

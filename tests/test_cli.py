@@ -228,3 +228,22 @@ def test_after_a_max_fail_stop_the_train_loss_is_that_of_the_weights_held(tmp_pa
         held = float(nn.functional.cross_entropy(model(images), labels))
     assert result.train_loss == pytest.approx(held, rel=1e-5)
     assert result.train_loss != result.history["loss"][-1]
+
+
+@pytest.mark.parametrize(
+    "flags, memory, expected",
+    [([], 20, True), (["--no-diagonal-scaling"], 20, False), (["--memory", "0"], 0, False)],
+)
+def test_diagonal_scaling_is_on_by_default_with_memory_and_can_be_turned_off(flags, memory, expected, monkeypatch):
+    from moller_scg import mnist
+
+    seen = {}
+
+    def record_optimizer(model_params, **options):
+        seen.update(options)
+        raise ValueError("stop here")
+
+    monkeypatch.setattr(mnist, "SCG", record_optimizer)
+    monkeypatch.setattr(mnist, "load_splits", lambda *args, **kwargs: None)
+    assert main(["mnist", "--quiet", *flags]) != 0
+    assert seen["memory"] == memory and seen["diagonal_scaling"] is expected

@@ -154,18 +154,32 @@ def test_state_dict_round_trip_with_weights_only_continues_bit_identically():
         assert torch.equal(p, q)
 
 
-def test_a_state_of_the_other_scaling_is_refused():
-    _, diagonal, closure = _mlp_run()
+def test_loading_a_state_takes_the_scaling_it_was_saved_with():
+    """As torch.optim optimizers take their saved hyperparameters: the run goes on as it was saved."""
+    reference_model, reference_optimizer, reference_closure = _mlp_run()
+    for _ in range(12):
+        reference_optimizer.step(reference_closure)
+    model, diagonal, closure = _mlp_run()
+    for _ in range(5):
+        diagonal.step(closure)
+    x, y = mlp_data()
+    scalar = SCG(model.parameters(), memory=4)  # built without the option, as an older script would
+    scalar.load_state_dict(diagonal.state_dict())
+    assert scalar.param_groups[0]["diagonal_scaling"] is True
+    for _ in range(7):
+        scalar.step(mse_closure(scalar, model, x, y))
+    for p, q in zip(model.parameters(), reference_model.parameters()):
+        assert torch.equal(p, q)
+
+
+def test_a_state_whose_groups_and_pairs_disagree_is_refused():
+    model, diagonal, closure = _mlp_run()
     for _ in range(3):
         diagonal.step(closure)
-    model = make_mlp()
-    scalar = SCG(model.parameters(), memory=4)
+    state = diagonal.state_dict()
+    state["param_groups"][0]["diagonal_scaling"] = False
     with pytest.raises(ValueError, match="diagonal_scaling=True"):
-        scalar.load_state_dict(diagonal.state_dict())
-    x, y = mlp_data()
-    scalar.step(mse_closure(scalar, model, x, y))
-    with pytest.raises(ValueError, match="diagonal_scaling=False"):
-        SCG(make_mlp().parameters(), memory=4, diagonal_scaling=True).load_state_dict(scalar.state_dict())
+        SCG(make_mlp().parameters(), memory=4, diagonal_scaling=True).load_state_dict(state)
 
 
 def test_a_non_finite_trial_leaves_weights_pairs_and_second_moment_as_they_were():
@@ -262,10 +276,11 @@ def test_a_state_saved_before_the_option_existed_loads_as_the_scalar_mode():
     state = optimizer.state_dict()
     for group in state["param_groups"]:
         del group["diagonal_scaling"]
-    fresh = SCG(model.parameters(), memory=4)
+    fresh = SCG(model.parameters(), memory=4, diagonal_scaling=True)  # fit's default now
     fresh.load_state_dict(state)
+    assert fresh.param_groups[0]["diagonal_scaling"] is False
     fresh.step(mse_closure(fresh, model, x, y))
-    assert fresh.trace.k == 5
+    assert fresh.trace.k == 5 and fresh._secant_pairs.scaling is None
 
 
 def test_vectors_longer_than_a_piece_give_the_same_h_v_through_the_piecewise_products(monkeypatch):
