@@ -129,8 +129,9 @@ def fit(
         curvature_fraction: f ∈ (0, 1]: SCG's exact curvature s = E''(w)p is taken over a rotating f of the
             training samples (Byrd et al. 2011; see :class:`~moller_scg.GradientAccumulator`), while E and E' stay
             exact. Default 1: the full-batch product. Only SCG with double-backward curvature uses it; with f < 1 the
-            default optimizer is Møller's ``SCG(params)`` instead of ``SCG(params, memory=20, diagonal_scaling=True)``. A given optimizer
-            that does not ask for exact curvature is refused before any data is touched.
+            default optimizer is Møller's ``SCG(params)`` instead of ``SCG(params, memory=20,
+            diagonal_scaling=True)``. A given optimizer that does not ask for exact curvature is refused before any
+            data is touched.
         curvature_subset: with f < 1, ``"rotating"`` (default): each product takes the next ⌈f·N⌉ samples of a
             seeded permutation; ``"fixed"``: always the same ones (:mod:`moller_scg.subsampling`).
         curvature_seed: seeds that permutation (an int; default 0). The checkpoint holds the next window, so a
