@@ -211,6 +211,7 @@ class Row:
     family: str
     history_size: int | None = None  # torch LBFGS rows: their history, which sets their memory
     memory: int = 0  # SCG rows: SCG's memory m (2m more weight-sized buffers for the secant pairs)
+    diagonal_scaling: bool = False  # SCG rows: v and Λ, two more weight-sized buffers
 
 
 def scg(
@@ -219,7 +220,13 @@ def scg(
     """An SCG row: ``SCG(params, hvp=hvp, **scg_options)``, its curvature over ``curvature_fraction`` of the samples;
     ``loss_first=False`` charges every trial a gradient pass (the library before lever 12)."""
     memory = scg_options.get("memory", 0)
-    return Row(lambda run: run_scg(run, hvp, curvature_fraction, loss_first, **scg_options), SCG_FAMILY, memory=memory)
+    diagonal_scaling = scg_options.get("diagonal_scaling", False)
+    return Row(
+        lambda run: run_scg(run, hvp, curvature_fraction, loss_first, **scg_options),
+        SCG_FAMILY,
+        memory=memory,
+        diagonal_scaling=diagonal_scaling,
+    )
 
 
 def lbfgs(history_size: int) -> Row:

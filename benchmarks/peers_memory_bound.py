@@ -35,6 +35,9 @@ SCG_BUFFERS = 4  # p, r, the accepted w and s = E''p (or the new r) at the peak,
 SECANT_EXTRA_BUFFERS = 1
 """With memory m, besides the 2m pairs: r, the accepted w, and y = r − r₊, p and r₊ as the rows of one (3, n) buffer
 kept between steps — one more than Møller's 4 (the race measures 2m + 5 n at evaluations)."""
+DIAGONAL_SCALING_BUFFERS = 2
+"""With ``diagonal_scaling=True``: the gradients' second moment v and the diagonal Λ (the race measures 2m + 7 n at
+evaluations)."""
 LBFGS_EXTRA_BUFFERS = 9
 """torch LBFGS beyond its 2 h history vectors (the direction, the previous gradient, the flat gradient, the line
 search's copies of the weights and gradients): the race measures 13, 19 and 49 n at h = 2, 5 and 20."""
@@ -54,7 +57,8 @@ def available_bytes(meminfo: Path = Path("/proc/meminfo")) -> dict[str, int]:
 def optimizer_buffers(row: Row) -> float | None:
     """The weight-sized vectors a row's optimizer holds at its peak (None: a family this case does not run)."""
     if row.family == SCG_FAMILY:
-        return SCG_BUFFERS + (2 * row.memory + SECANT_EXTRA_BUFFERS if row.memory else 0)
+        secant = 2 * row.memory + SECANT_EXTRA_BUFFERS + DIAGONAL_SCALING_BUFFERS * row.diagonal_scaling
+        return SCG_BUFFERS + (secant if row.memory else 0)
     if row.family == LBFGS_FAMILY and row.history_size is not None:
         return 2 * row.history_size + LBFGS_EXTRA_BUFFERS
     return None
