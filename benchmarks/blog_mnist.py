@@ -66,6 +66,8 @@ from moller_scg.models import MnistCNN  # noqa: E402
 from moller_scg.train import accuracy  # noqa: E402
 
 OPTIMIZERS = ("SCG m=20", "SCG 10% curv.", "SCG finite-diff (blog)", "torch LBFGS", "Adam")
+MORE_OPTIMIZERS = ("SCG m=20 diag",)
+"""Rows run only when named in ``--optimizers``: ``SCG(params, memory=20, diagonal_scaling=True)``."""
 BLOG_TEST_ACCURACY = 0.9792
 """The blog's test accuracy on full MNIST (SCG with finite differences, 2022)."""
 TARGET_ACCURACY = 0.985
@@ -192,6 +194,8 @@ def full_batch_optimizer(name: str, model: nn.Module) -> tuple[torch.optim.Optim
     params = list(model.parameters())
     if name == "SCG m=20":
         return SCG(params, memory=20), 1.0
+    if name == "SCG m=20 diag":
+        return SCG(params, memory=20, diagonal_scaling=True), 1.0
     if name == "SCG 10% curv.":
         return SCG(params), CURVATURE_FRACTION
     if name == "SCG finite-diff (blog)":
@@ -388,7 +392,9 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--data", required=True, metavar="DIR", help="folder of the four MNIST IDX files")
     parser.add_argument("--max-time", type=float, default=DEFAULT_MAX_TIME, help="training seconds per optimizer")
-    parser.add_argument("--optimizers", nargs="+", choices=OPTIMIZERS, default=list(OPTIMIZERS), metavar="NAME")
+    parser.add_argument(
+        "--optimizers", nargs="+", choices=OPTIMIZERS + MORE_OPTIMIZERS, default=list(OPTIMIZERS), metavar="NAME"
+    )
     parser.add_argument("--max-train", type=int, default=None, help="use only the first N training images")
     parser.add_argument("--out", type=Path, default=RESULTS, help="folder for blog_mnist.{txt,json,png}")
     parser.add_argument("--threads", type=int, default=2, help="torch threads")

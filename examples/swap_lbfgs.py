@@ -9,10 +9,10 @@ Only the line that builds the optimizer differs from the LBFGS version, besides 
 
 ``memory=20``: SCG keeps 20 secant pairs, like an LBFGS with ``history_size=20``, preconditions its direction with
 them and takes its curvature from them (``hvp="secant"``), so a plain ``loss.backward()`` closure is all it needs and
-a step costs one closure call. ``diagonal_scaling=True`` shapes the preconditioner's H₀ by the gradients' second
-moments (two more weight-sized buffers; ``fit``'s default). ``SCG(model.parameters(), hvp="finite-difference")`` is
-Møller's SCG with the same closure (one more closure call per successful step, 4 weight-sized buffers instead of
-2 × 20 + 7). One ``SCG.step`` is one iteration, whereas one ``LBFGS.step`` runs up to ``max_iter=20``.
+a step costs one closure call (``diagonal_scaling=True`` shapes the preconditioner's H₀ by the gradients' second
+moments, at two more weight-sized buffers). ``SCG(model.parameters(), hvp="finite-difference")`` is Møller's SCG
+with the same closure (one more closure call per successful step, 4 weight-sized buffers instead of 2 × 20 + 5).
+One ``SCG.step`` is one iteration, whereas one ``LBFGS.step`` runs up to ``max_iter=20``.
 """
 
 from __future__ import annotations
@@ -31,7 +31,7 @@ def main() -> float:
     y = torch.sin(x) + 0.05 * torch.randn_like(x)
     model = nn.Sequential(nn.Linear(1, 20), nn.Tanh(), nn.Linear(20, 1))
     loss_fn = nn.MSELoss()
-    optimizer = SCG(model.parameters(), memory=20, diagonal_scaling=True)  # was: torch.optim.LBFGS(model.parameters())
+    optimizer = SCG(model.parameters(), memory=20)  # was: torch.optim.LBFGS(model.parameters())
 
     def closure():
         optimizer.zero_grad()

@@ -20,7 +20,7 @@ from moller_scg.accumulate import GradientAccumulator
 from moller_scg.data import MnistSplits, load_embedded_mnist, load_mnist_idx
 from moller_scg.history import History
 from moller_scg.models import MnistCNN
-from moller_scg.scg import DEFAULT_DIAGONAL_SCALING, DEFAULT_MEMORY, SCG, SCGTrace
+from moller_scg.scg import DEFAULT_MEMORY, SCG, SCGTrace
 from moller_scg.train import DEFAULT_MAX_FAIL, accuracy, fit
 
 DEFAULT_MAX_ITER = 60
@@ -89,7 +89,7 @@ def train_mnist(
     device: str | torch.device | None = None,
     hvp: str | None = None,
     memory: int = DEFAULT_MEMORY,
-    diagonal_scaling: bool | None = None,
+    diagonal_scaling: bool = False,
     checkpoint: str | os.PathLike[str] | None = None,
     resume: bool = False,
     overwrite: bool = False,
@@ -114,8 +114,8 @@ def train_mnist(
             gradient pass over all of them), the blog's.
         memory: m, SCG's secant pairs (:class:`~moller_scg.SCG`); default :data:`~moller_scg.scg.DEFAULT_MEMORY`
             (a step costs one gradient pass); ``0`` is Møller's SCG.
-        diagonal_scaling: SCG's H₀ = γ_D Λ from the gradients' second moments (:class:`~moller_scg.SCG`). Default:
-            :data:`~moller_scg.scg.DEFAULT_DIAGONAL_SCALING` with ``memory`` ≥ 1, ``False`` with ``memory=0``.
+        diagonal_scaling: with ``memory`` ≥ 1, SCG's H₀ = γ_D Λ from the gradients' second moments
+            (:class:`~moller_scg.SCG`); default ``False`` (H₀ = γI).
         checkpoint: a file to write the run's state to, as for :func:`moller_scg.fit`.
         resume: continue from ``checkpoint`` if it exists, as for :func:`moller_scg.fit`.
         overwrite: replace an existing ``checkpoint`` and start afresh, as for :func:`moller_scg.fit`.
@@ -131,8 +131,6 @@ def train_mnist(
     """
     if hvp is None:
         hvp = "secant" if memory > 0 else "double-backward"
-    if diagonal_scaling is None:
-        diagonal_scaling = DEFAULT_DIAGONAL_SCALING and memory > 0
     if curvature_fraction is None:
         curvature_fraction = DEFAULT_CURVATURE_FRACTION if hvp == "double-backward" else 1.0
     splits = load_splits(data, download=download, max_train=max_train, seed=seed)

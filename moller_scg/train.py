@@ -25,7 +25,7 @@ from moller_scg.annealing import Annealer, AnnealingRestarts
 from moller_scg.fingerprint import data_fingerprint
 from moller_scg.history import History
 from moller_scg.run_checkpoint import RunCheckpoint, check_checkpoint_path, resume_run
-from moller_scg.scg import DEFAULT_DIAGONAL_SCALING, DEFAULT_MEMORY, SCG, SCGTrace
+from moller_scg.scg import DEFAULT_MEMORY, SCG, SCGTrace
 from moller_scg.stopping import EarlyStopping, StopRequests, agreed, budget_exhausted, converged, restart_instead
 from moller_scg.subsampling import validate_fraction, validate_subset
 
@@ -85,10 +85,9 @@ def fit(
         val_data: validation data in the same forms; its loss is computed after every successful step.
         metric: ``metric(outputs, targets)`` → the batch mean of a score (for example :func:`accuracy`), reported
             on the validation data as ``val_metric``.
-        optimizer: default ``SCG(params, memory=20, diagonal_scaling=True)`` over the model's trainable parameters
-            (``requires_grad``; frozen ones are left alone): Møller's trust scaling on a quasi-Newton preconditioned
-            direction whose H₀ takes its shape from the gradients' second moments, one gradient pass per step
-            (:class:`~moller_scg.SCG`'s ``memory`` and ``diagonal_scaling``; ``SCG(params)`` for Møller's SCG with
+        optimizer: default ``SCG(params, memory=20)`` over the model's trainable parameters (``requires_grad``;
+            frozen ones are left alone): Møller's trust scaling on a quasi-Newton preconditioned direction, one
+            gradient pass per step (:class:`~moller_scg.SCG`'s ``memory``; ``SCG(params)`` for Møller's SCG with
             exact curvature from the accumulator). Any optimizer whose ``step`` takes a closure works
             (``torch.optim.LBFGS``); then only E is recorded per iteration, at the weights after the step (one more
             loss-only pass, since such optimizers return the loss from before it). An SCG holding frozen
@@ -129,9 +128,8 @@ def fit(
         curvature_fraction: f ∈ (0, 1]: SCG's exact curvature s = E''(w)p is taken over a rotating f of the
             training samples (Byrd et al. 2011; see :class:`~moller_scg.GradientAccumulator`), while E and E' stay
             exact. Default 1: the full-batch product. Only SCG with double-backward curvature uses it; with f < 1 the
-            default optimizer is Møller's ``SCG(params)`` instead of ``SCG(params, memory=20,
-            diagonal_scaling=True)``. A given optimizer that does not ask for exact curvature is refused before any
-            data is touched.
+            default optimizer is Møller's ``SCG(params)`` instead of ``SCG(params, memory=20)``. A given optimizer
+            that does not ask for exact curvature is refused before any data is touched.
         curvature_subset: with f < 1, ``"rotating"`` (default): each product takes the next ⌈f·N⌉ samples of a
             seeded permutation; ``"fixed"``: always the same ones (:mod:`moller_scg.subsampling`).
         curvature_seed: seeds that permutation (an int; default 0). The checkpoint holds the next window, so a
@@ -187,11 +185,7 @@ def fit(
     if optimizer is None:
         # The accumulator differentiates only the trainable parameters; SCG must hold the same w. Subsampled
         # curvature asks for Møller's SCG with exact products; otherwise the quasi-Newton preconditioned mode.
-        optimizer = (
-            SCG(train.params)
-            if train.curvature_fraction < 1.0
-            else SCG(train.params, memory=DEFAULT_MEMORY, diagonal_scaling=DEFAULT_DIAGONAL_SCALING)
-        )
+        optimizer = SCG(train.params) if train.curvature_fraction < 1.0 else SCG(train.params, memory=DEFAULT_MEMORY)
     _check_no_frozen_parameters(optimizer)
     if min_grad is not None and not isinstance(optimizer, SCG):
         raise ValueError("min_grad needs the gradient norm, which only SCG reports; drop min_grad or use SCG")

@@ -232,9 +232,9 @@ def test_after_a_max_fail_stop_the_train_loss_is_that_of_the_weights_held(tmp_pa
 
 @pytest.mark.parametrize(
     "flags, memory, expected",
-    [([], 20, True), (["--no-diagonal-scaling"], 20, False), (["--memory", "0"], 0, False)],
+    [([], 20, False), (["--diagonal-scaling"], 20, True), (["--memory", "0"], 0, False)],
 )
-def test_diagonal_scaling_is_on_by_default_with_memory_and_can_be_turned_off(flags, memory, expected, monkeypatch):
+def test_diagonal_scaling_is_off_by_default_and_a_flag_turns_it_on(flags, memory, expected, monkeypatch):
     from moller_scg import mnist
 
     seen = {}

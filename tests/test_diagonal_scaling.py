@@ -276,7 +276,7 @@ def test_a_state_saved_before_the_option_existed_loads_as_the_scalar_mode():
     state = optimizer.state_dict()
     for group in state["param_groups"]:
         del group["diagonal_scaling"]
-    fresh = SCG(model.parameters(), memory=4, diagonal_scaling=True)  # fit's default now
+    fresh = SCG(model.parameters(), memory=4, diagonal_scaling=True)
     fresh.load_state_dict(state)
     assert fresh.param_groups[0]["diagonal_scaling"] is False
     fresh.step(mse_closure(fresh, model, x, y))

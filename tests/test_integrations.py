@@ -71,8 +71,7 @@ def test_swap_lbfgs_changes_the_optimizer_line_and_adds_the_import_and_both_vers
     assert changed == [
         "+from moller_scg import SCG",
         "-    optimizer = torch.optim.LBFGS(model.parameters())",
-        "+    optimizer = SCG(model.parameters(), memory=20, diagonal_scaling=True)"
-        "  # was: torch.optim.LBFGS(model.parameters())",
+        "+    optimizer = SCG(model.parameters(), memory=20)  # was: torch.optim.LBFGS(model.parameters())",
     ], changed
 
     initial = run_script(swapped, steps=0)
