@@ -32,22 +32,29 @@ def spd(n: int, seed: int) -> torch.Tensor:
     return a @ a.T + n * torch.eye(n, dtype=torch.float64)
 
 
+@pytest.mark.parametrize("diagonal_scaling", [False, True])
 @pytest.mark.parametrize("memory, pushes", [(1, 1), (3, 2), (4, 4), (4, 11)])
-def test_inverse_product_equals_the_two_loop_recursion(memory, pushes):
+def test_inverse_product_equals_the_two_loop_recursion(memory, pushes, diagonal_scaling):
+    """H₀ = γI, or with diagonal scaling H₀ = γ_D Λ from the gradients observed between the pushes."""
     n = sum(torch.Size(s).numel() for s in SHAPES)
     params = [torch.zeros(s, dtype=torch.float64) for s in SHAPES]
     hessian = spd(n, seed=memory + pushes)
     generator = torch.Generator().manual_seed(7)
-    pairs, kept = SecantPairs(params, memory), []
+    pairs, kept = SecantPairs(params, memory, diagonal_scaling=diagonal_scaling), []
+    pairs.start_scaling(split(torch.randn(n, generator=generator, dtype=torch.float64)))
     for _ in range(pushes):
         s = torch.randn(n, generator=generator, dtype=torch.float64)
         y = hessian @ s
+        pairs.observe(split(torch.randn(n, generator=generator, dtype=torch.float64) * 10))
         assert pairs.push(split(s), split(y))
         kept = (kept + [(s, y)])[-memory:]
     v = torch.randn(n, generator=generator, dtype=torch.float64)
     result = pairs.inverse_product(split(v))
     assert [t.shape for t in result] == [torch.Size(s) for s in SHAPES]
-    torch.testing.assert_close(flat(result), two_loop(kept, v), rtol=1e-12, atol=1e-14)
+    scale = pairs.scaling.diagonal[0] if diagonal_scaling else None
+    torch.testing.assert_close(flat(result), two_loop(kept, v, scale), rtol=1e-12, atol=1e-14)
+    if diagonal_scaling:  # and not the scalar H₀'s
+        assert not torch.allclose(flat(result), two_loop(kept, v), rtol=1e-3)
     assert len(pairs) == min(memory, pushes)
 
 

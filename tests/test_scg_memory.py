@@ -247,9 +247,11 @@ def _rosenbrock_closure(optimizer, w):
     return closure
 
 
-def test_non_finite_trial_keeps_weights_and_pairs():
+@pytest.mark.parametrize("diagonal_scaling", [False, True])
+def test_non_finite_trial_keeps_weights_and_pairs(diagonal_scaling):
+    """And, with diagonal scaling, the gradients' second moment v: a rejected trial adds nothing to it."""
     w = nn.Parameter(torch.tensor([-1.2, 1.0], dtype=torch.float64))
-    optimizer = SCG([w], memory=3)
+    optimizer = SCG([w], memory=3, diagonal_scaling=diagonal_scaling)
     poison = {"on": False}
 
     def closure():
@@ -268,6 +270,9 @@ def test_non_finite_trial_keeps_weights_and_pairs():
     after = optimizer.state_dict()["scg"]["secant_pairs"]
     assert after["slots"] == pairs_before["slots"]
     assert all(torch.equal(a, b) for a, b in zip(after["blocks"], pairs_before["blocks"]))
+    if diagonal_scaling:
+        (v_after,), (v_before,) = after["diagonal_scaling"].values(), pairs_before["diagonal_scaling"].values()
+        assert torch.equal(v_after[0], v_before[0])
     poison["on"] = False
     optimizer.step(closure)
     assert torch.isfinite(w).all()
@@ -319,7 +324,8 @@ def test_uses_exact_curvature_says_whether_steps_ask_for_hessian_vector_products
     assert bool(products) == optimizer.uses_exact_curvature
 
 
-def test_complex_parameters_with_memory_follow_their_real_view():
+@pytest.mark.parametrize("diagonal_scaling", [False, True])
+def test_complex_parameters_with_memory_follow_their_real_view(diagonal_scaling):
     """A complex parameter optimizes like the real parameter of its real and imaginary parts."""
     target = torch.tensor([1.0 + 2.0j, -0.5 + 0.25j], dtype=torch.complex128)
     z = nn.Parameter(torch.zeros(2, dtype=torch.complex128))
@@ -333,8 +339,8 @@ def test_complex_parameters_with_memory_follow_their_real_view():
         squared = torch.sum((real - target_real) ** 2, dim=-1)
         return torch.sum(squared**2) + torch.sum(squared)
 
-    _, complex_trajectory, _ = run([z], loss_complex, 15, memory=3)
-    _, real_trajectory, _ = run([real], loss_real, 15, memory=3)
+    _, complex_trajectory, _ = run([z], loss_complex, 15, memory=3, diagonal_scaling=diagonal_scaling)
+    _, real_trajectory, _ = run([real], loss_real, 15, memory=3, diagonal_scaling=diagonal_scaling)
     for c, r in zip(complex_trajectory, real_trajectory):
         torch.testing.assert_close(torch.view_as_real(c.reshape(2)).reshape(-1), r, rtol=1e-10, atol=1e-12)
 
