@@ -347,9 +347,9 @@ class SecantPairs:
         coefficient_tensor = torch.from_numpy(coefficients)
         targets: list[torch.Tensor | None] = list(out) if out is not None else [None] * len(flat)
         k = self._rows_in_use()
-        diagonals: list[torch.Tensor | None] = (
-            list(self.scaling.diagonal) if scaled is not None and self.scaling is not None else [None] * len(flat)
-        )
+        diagonals: list[torch.Tensor | None] = [None] * len(flat)
+        if scaled is not None and self.scaling is not None:  # (scaled comes only with a scaling)
+            diagonals = list(self.scaling.diagonal)
         results = []
         for block, v, target, diagonal in zip(self.blocks, flat, targets, diagonals):
             c = coefficient_tensor.to(device=v.device, dtype=v.dtype)

@@ -124,8 +124,10 @@ def reference_scg(
         if comparison >= 0:
             lambd_bar, success = 0.0, True
             second_moment = 0.99 * second_moment + 0.01 * r_new * r_new
-            root = second_moment**0.25
-            scale = 1.0 / (root + 1e-8 * float(root.mean())) if diagonal_scaling else None
+            scale = None
+            if diagonal_scaling:
+                root = second_moment**0.25
+                scale = 1.0 / (root + 1e-8 * float(root.mean()))
             if k % n == 0:
                 p_new = r_new.clone()
                 pairs.clear()

@@ -57,6 +57,19 @@ def test_flat_default_is_the_library_mode():
     assert flat.passes == library.passes
 
 
+def test_flat_diagonal_h0_at_a_fourth_root_is_the_librarys_diagonal_scaling():
+    """The research rows "diagonal H₀ …, v^¼" and SCG(memory=m, diagonal_scaling=True) are one rule (the flat variant
+    corrects v's bias, which γ_D cancels; the two-loop recursion and the compact form differ in rounding only)."""
+    library, flat = CountingClosure(), CountingClosure()
+    scg = SCG(library.model.parameters(), memory=5, diagonal_scaling=True, restart=10**6)
+    variant = FlatSCG(list(flat.model.parameters()), memory=5, diagonal_beta=0.99, diagonal_power=0.25)
+    for _ in range(25):
+        scg.step(library)
+        variant.step(flat)
+        assert variant.loss == pytest.approx(scg.trace.loss, rel=1e-8)
+    assert flat.passes == library.passes
+
+
 @pytest.mark.parametrize(
     "options",
     [
@@ -71,6 +84,7 @@ def test_flat_default_is_the_library_mode():
         {"nystrom_rank": 4, "nystrom_every": 20},
         {"stretch_max": 4.0},
         {"raise_accepted": False},
+        {"diagonal_beta": 0.99},
     ],
 )
 def test_variants_never_accept_a_higher_loss(options):
