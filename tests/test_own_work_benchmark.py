@@ -1,4 +1,5 @@
-"""benchmarks/own_work.py: SCG's own work per step with a closure that only sets ``.grad``."""
+"""benchmarks/own_work.py: SCG's own work per step on the real trajectories, or with a closure that only sets
+``.grad``."""
 
 from __future__ import annotations
 
@@ -19,13 +20,35 @@ def test_the_fake_closure_sets_every_grad_and_returns_a_falling_loss(monkeypatch
     assert second < first
 
 
+def test_the_timed_accumulator_counts_its_evaluations_and_changes_no_step(monkeypatch):
+    own_work = load_script(BENCHMARK, monkeypatch)
+    from moller_scg import SCG, GradientAccumulator
+
+    def run(accumulator_class):
+        torch.manual_seed(0)
+        model = torch.nn.Sequential(torch.nn.Linear(2, 4), torch.nn.Tanh(), torch.nn.Linear(4, 1)).double()
+        data = (torch.randn(16, 2, dtype=torch.float64), torch.randn(16, 1, dtype=torch.float64))
+        objective = accumulator_class(model, torch.nn.MSELoss(), data, batch_size=16)
+        optimizer = SCG(model.parameters(), memory=3, diagonal_scaling=True)
+        for _ in range(6):
+            optimizer.step(objective)
+        return objective, [p.detach().clone() for p in model.parameters()]
+
+    timed, timed_weights = run(own_work.TimedAccumulator)
+    _, plain_weights = run(GradientAccumulator)
+    assert timed.seconds > 0.0
+    assert all(torch.equal(a, b) for a, b in zip(timed_weights, plain_weights))
+
+
 def test_it_prints_the_own_work_of_each_problem(monkeypatch, capsys):
     own_work = load_script(BENCHMARK, monkeypatch)
     assert own_work.main(["--problems", "regression", "logistic", "--steps", "3", "--repeats", "1"]) == 0
+    assert own_work.main(["--problems", "regression", "--steps", "3", "--repeats", "1", "--fake-closure"]) == 0
     lines = capsys.readouterr().out.splitlines()
     assert lines[0].startswith("SCG(memory=20) own work per step")
-    assert [line.split()[0] for line in lines[1:]] == ["regression", "logistic"]
-    assert all("own work" in line for line in lines[1:])
+    assert [line.split()[0] for line in lines[1:3]] == ["regression", "logistic"]
+    assert all("own work" in line and "evaluation" in line and "(3 steps)" in line for line in lines[1:3])
+    assert "fake closure" in lines[4]
 
 
 def test_it_times_the_memory_bound_model_at_its_full_size(monkeypatch, capsys):
