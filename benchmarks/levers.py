@@ -171,6 +171,12 @@ def passes_rows() -> dict[str, Row]:
         "diagonal H₀ β=0.999, v^¼": flat_variant(diagonal_beta=0.999, diagonal_power=0.25, loss_first=True),
         "diagonal H₀ β=0.99, v^⅛": flat_variant(diagonal_beta=0.99, diagonal_power=0.125, loss_first=True),
         "diagonal H₀ β=0.99, v^⅜": flat_variant(diagonal_beta=0.99, diagonal_power=0.375, loss_first=True),
+        **{
+            f"diagonal H₀ β=0.99, v^¼, Λ every {period}": flat_variant(
+                diagonal_beta=0.99, diagonal_power=0.25, diagonal_refresh=period, loss_first=True
+            )
+            for period in (5, 10, 20)
+        },
     }
 
 

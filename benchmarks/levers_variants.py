@@ -52,7 +52,10 @@ clearly win (issue #14), written on one flat vector so that each differs from th
   U (Λ + 1/γ)⁻¹ Uᵀ + γ(I − UUᵀ), with U Λ Uᵀ a rank-k randomized Nyström approximation of the Hessian
   (:class:`NystromPairs`: k exact Hessian-vector products, charged as such, at the start and after every N-th
   step) — the top of the spectrum from the sketch, the rest from the pairs' γ (Frangella, Tropp & Udell 2023;
-  Rathore, Lei, Frangella, Lu & Udell 2024 precondition PINNs this way).
+  Rathore, Lei, Frangella, Lu & Udell 2024 precondition PINNs this way);
+* ``diagonal_beta`` β, ``diagonal_power`` κ, ``diagonal_refresh`` T (lever 14; T: lever 16): H₀ = γ_D D, D from the
+  accepted gradients' second moment (:class:`DiagonalPairs`), D formed afresh at every T-th accepted gradient
+  (1: at every one, as the library's lever 14).
 
 Curvature: ``"secant"`` (δ = μ, as the library), ``"finite-difference"`` or ``"hvp"`` (the closure's ``hvp``).
 """
@@ -163,15 +166,24 @@ class DiagonalPairs(TwoLoopPairs):
     """:class:`WindowedPairs` whose H₀ is the diagonal γ_D · D of an Adam-like second moment of the accepted
     gradients: v ← β v + (1 − β) g² (bias-corrected v̂ = v / (1 − βᵗ)), D = 1 / (v̂ᵏ + ε · mean v̂ᵏ) with the
     power κ = ``power`` (½: Adam's √v̂), and
-    γ_D = maxᵢ sᵢᵀyᵢ / yᵢᵀ D yᵢ over the pairs held (the secant scaling in D's metric), in the two-loop recursion."""
+    γ_D = maxᵢ sᵢᵀyᵢ / yᵢᵀ D yᵢ over the pairs held (the secant scaling in D's metric), in the two-loop recursion.
+    With ``refresh`` = T > 1, D is formed from v at the first observed gradient and then only at every T-th, and
+    held in between (v itself takes every gradient)."""
 
     def __init__(
-        self, params: list[torch.Tensor], memory: int, beta: float, power: float = 0.5, epsilon: float = 1e-8
+        self,
+        params: list[torch.Tensor],
+        memory: int,
+        beta: float,
+        power: float = 0.5,
+        epsilon: float = 1e-8,
+        refresh: int = 1,
     ) -> None:
         super().__init__(params, memory, window=memory, pick="max")
-        self.beta, self.power, self.epsilon = beta, power, epsilon
+        self.beta, self.power, self.epsilon, self.refresh = beta, power, epsilon, refresh
         self.second_moment: torch.Tensor | None = None
         self.observed = 0
+        self._held: torch.Tensor | None = None
 
     def observe(self, gradient: torch.Tensor) -> None:
         """Add an accepted gradient g (or −g: only g² is used) to v."""
@@ -184,8 +196,11 @@ class DiagonalPairs(TwoLoopPairs):
 
     def diagonal(self) -> torch.Tensor:
         assert self.second_moment is not None
+        if self.refresh > 1 and self._held is not None and (self.observed - 1) % self.refresh != 0:
+            return self._held
         root = (self.second_moment / (1.0 - self.beta**self.observed)).pow(self.power)
-        return 1.0 / (root + self.epsilon * root.mean())
+        self._held = 1.0 / (root + self.epsilon * root.mean())
+        return self._held
 
     def _initial_inverse(self, q: torch.Tensor) -> torch.Tensor:
         (block,) = self.blocks
@@ -267,6 +282,7 @@ class FlatSCG:
         nystrom_rank: int = 0,
         diagonal_beta: float | None = None,
         diagonal_power: float = 0.5,
+        diagonal_refresh: int = 1,
         nystrom_every: int = 50,
         stretch_max: float = 1.0,
         stretch_factor: float = 1.5,
@@ -289,7 +305,7 @@ class FlatSCG:
         if nystrom_rank:
             self.pairs: WindowedPairs = NystromPairs(flat_params, memory, nystrom_rank)
         elif diagonal_beta is not None:
-            self.pairs = DiagonalPairs(flat_params, memory, diagonal_beta, diagonal_power)
+            self.pairs = DiagonalPairs(flat_params, memory, diagonal_beta, diagonal_power, refresh=diagonal_refresh)
         elif layerwise:
             sizes = [p.numel() for p in self.params]
             self.pairs = LayerwisePairs(flat_params, memory, sizes, gamma_scale)

@@ -12,7 +12,7 @@ from torch import nn
 from moller_scg import SCG
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
-from levers_variants import FlatSCG, LayerwisePairs, NystromPairs  # noqa: E402
+from levers_variants import DiagonalPairs, FlatSCG, LayerwisePairs, NystromPairs  # noqa: E402
 
 from moller_scg.quasi_newton import SecantPairs  # noqa: E402
 
@@ -70,6 +70,20 @@ def test_flat_diagonal_h0_at_a_fourth_root_is_the_librarys_diagonal_scaling():
     assert flat.passes == library.passes
 
 
+def test_a_diagonal_refreshed_every_t_gradients_is_held_in_between():
+    pairs = DiagonalPairs([torch.zeros(4, dtype=torch.float64)], memory=2, beta=0.9, power=0.25, refresh=3)
+    formed = []
+    for value in (1.0, 2.0, 3.0, 4.0, 5.0):  # gradients 1 … 5: D is formed at the 1st and the 4th
+        pairs.observe(torch.full((4,), value, dtype=torch.float64))
+        formed.append(pairs.diagonal().clone())
+    assert torch.equal(formed[0], formed[1]) and torch.equal(formed[1], formed[2])
+    assert not torch.equal(formed[2], formed[3]) and torch.equal(formed[3], formed[4])
+    every_time = DiagonalPairs([torch.zeros(4, dtype=torch.float64)], memory=2, beta=0.9, power=0.25)
+    for value in (1.0, 2.0, 3.0, 4.0):
+        every_time.observe(torch.full((4,), value, dtype=torch.float64))
+    assert torch.equal(every_time.diagonal(), formed[3])
+
+
 @pytest.mark.parametrize(
     "options",
     [
@@ -85,6 +99,7 @@ def test_flat_diagonal_h0_at_a_fourth_root_is_the_librarys_diagonal_scaling():
         {"stretch_max": 4.0},
         {"raise_accepted": False},
         {"diagonal_beta": 0.99},
+        {"diagonal_beta": 0.99, "diagonal_power": 0.25, "diagonal_refresh": 5},
     ],
 )
 def test_variants_never_accept_a_higher_loss(options):
