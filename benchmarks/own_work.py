@@ -18,6 +18,7 @@ To compare two versions of the library, run the script once at each (``git workt
 
     python benchmarks/own_work.py                      # regression, logistic, pinn; best of 5 runs of 120 steps
     python benchmarks/own_work.py --problems regression --diagonal-scaling
+    python benchmarks/own_work.py --with-lbfgs --count-operations  # and torch LBFGS's own work; SCG's operations
     python benchmarks/own_work.py --problems memory-bound --memory 5 --steps 5 --repeats 3 --warm-up 8   # 50 M weights
 """
 
@@ -33,6 +34,7 @@ import torch
 from common import environment
 from peers_memory_bound import MEMORY_BOUND, memory_bound_problem
 from peers_problems import PROBLEMS
+from torch.overrides import TorchFunctionMode
 
 from moller_scg import SCG, GradientAccumulator
 
@@ -104,12 +106,9 @@ def make_model(problem_name: str) -> torch.nn.Module:
     return PROBLEMS[problem_name](True, 0).make_model()
 
 
-def real_own_work(
-    problem_name: str, memory: int, steps: int, repeats: int, diagonal_scaling: bool = False
-) -> tuple[float, float]:
-    """(own seconds per step, seconds per evaluation): ``steps`` steps of SCG(memory=m, diagonal_scaling=…) from the
-    race's initial weights on the problem's full-batch objective at the race's size, the time inside the objective's
-    evaluations subtracted; the fastest of ``repeats`` runs of the same trajectory."""
+def timed_objective(problem_name: str) -> tuple[torch.nn.Module, dict[str, torch.Tensor], TimedAccumulator]:
+    """The problem's model at the race's initial weights (and a copy of them) and its full-batch objective at the
+    race's size, timed."""
     problem = PROBLEMS[problem_name](False, 0)
     model = problem.make_model()
     initial = copy.deepcopy(model.state_dict())
@@ -120,6 +119,16 @@ def real_own_work(
         batch_size=problem.accumulator_batch,
         reduction=problem.reduction,
     )
+    return model, initial, objective
+
+
+def real_own_work(
+    problem_name: str, memory: int, steps: int, repeats: int, diagonal_scaling: bool = False
+) -> tuple[float, float]:
+    """(own seconds per step, seconds per evaluation): ``steps`` steps of SCG(memory=m, diagonal_scaling=…) from the
+    race's initial weights on the problem's full-batch objective at the race's size, the time inside the objective's
+    evaluations subtracted; the fastest of ``repeats`` runs of the same trajectory."""
+    model, initial, objective = timed_objective(problem_name)
     best_own = best_evaluation = float("inf")
     for _ in range(repeats):
         model.load_state_dict(initial)
@@ -133,6 +142,87 @@ def real_own_work(
         trace = optimizer.trace
         best_evaluation = min(best_evaluation, objective.seconds / (trace.closure_calls + trace.hvp_calls))
     return best_own, best_evaluation
+
+
+class _EnoughEvaluations(Exception):
+    """Raised by the LBFGS closure once it has made its evaluations."""
+
+
+def _closure_of(model: torch.nn.Module, objective: TimedAccumulator, evaluations: int) -> Callable[[], torch.Tensor]:
+    """A closure over the objective that raises :class:`_EnoughEvaluations` when called once more than
+    ``evaluations`` times."""
+    made = [0]
+
+    def closure() -> torch.Tensor:
+        if made[0] == evaluations:
+            raise _EnoughEvaluations
+        made[0] += 1
+        model.zero_grad()
+        return objective()
+
+    return closure
+
+
+def lbfgs_own_work(problem_name: str, evaluations: int, repeats: int, history_size: int = 100) -> float:
+    """Own seconds per evaluation of torch.optim.LBFGS as ``benchmarks/peers.py`` runs it (strong-Wolfe line search,
+    lr 1, 20 iterations per step) over its first ``evaluations`` evaluations from the race's initial weights, the
+    time inside them subtracted; the fastest of ``repeats`` runs."""
+    model, initial, objective = timed_objective(problem_name)
+    best = float("inf")
+    for _ in range(repeats):
+        model.load_state_dict(initial)
+        optimizer = torch.optim.LBFGS(
+            model.parameters(),
+            lr=1,
+            history_size=history_size,
+            max_iter=20,
+            line_search_fn="strong_wolfe",
+            tolerance_grad=0.0,
+            tolerance_change=0.0,
+        )
+        closure = _closure_of(model, objective, evaluations)
+
+        objective.seconds = 0.0
+        started = time.perf_counter()
+        try:
+            while True:
+                optimizer.step(closure)
+        except _EnoughEvaluations:
+            pass
+        best = min(best, (time.perf_counter() - started - objective.seconds) / evaluations)
+    return best
+
+
+_ATTRIBUTE_READS = {"__get__", "is_complex", "numel", "dim", "size", "_set_grad_enabled"}
+"""Calls a ``TorchFunctionMode`` sees that are attribute reads, not tensor operations."""
+
+
+def tensor_operations_per_step(problem_name: str, memory: int, steps: int, diagonal_scaling: bool = False) -> float:
+    """The torch functions and tensor methods SCG(memory=m, diagonal_scaling=…) calls per step outside the
+    objective's evaluations (attribute reads not counted), over ``steps`` steps from the race's initial weights."""
+    model, initial, objective = timed_objective(problem_name)
+    optimizer = SCG(model.parameters(), memory=memory, diagonal_scaling=diagonal_scaling)
+    counted, evaluating = [0], [False]
+    timed = objective._timed
+
+    class CountOperations(TorchFunctionMode):
+        def __torch_function__(self, func, types, args=(), kwargs=None):
+            if not evaluating[0] and getattr(func, "__name__", "") not in _ATTRIBUTE_READS:
+                counted[0] += 1
+            return func(*args, **(kwargs or {}))
+
+    def evaluation_uncounted(evaluation, *args):
+        evaluating[0] = True
+        try:
+            return timed(evaluation, *args)
+        finally:
+            evaluating[0] = False
+
+    objective._timed = evaluation_uncounted
+    with CountOperations():
+        for _ in range(steps):
+            optimizer.step(objective)
+    return counted[0] / steps
 
 
 def own_work(
@@ -166,6 +256,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--warm-up", type=int, default=WARM_UP_STEPS, help="fake closure: steps before the timing")
     parser.add_argument("--diagonal-scaling", action="store_true", help="SCG(..., diagonal_scaling=True)")
     parser.add_argument("--fake-closure", action="store_true", help="time the fake closure's steps instead")
+    parser.add_argument(
+        "--with-lbfgs", action="store_true", help="also torch LBFGS(100)'s own work per evaluation, as many evaluations"
+    )
+    parser.add_argument("--count-operations", action="store_true", help="also SCG's tensor operations per step")
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
     env = environment(" ".join(["python benchmarks/own_work.py", *(sys.argv[1:] if argv is None else argv)]))
@@ -181,6 +275,12 @@ def main(argv: list[str] | None = None) -> int:
             own, call = real_own_work(name, args.memory, steps, args.repeats, args.diagonal_scaling)
             kind = "evaluation"
         print(f"{name:12s} own work {own * 1e6:7.0f} µs per step   {kind} {call * 1e6:6.0f} µs   ({steps} steps)")
+        if args.with_lbfgs and not (args.fake_closure or name == MEMORY_BOUND):
+            lbfgs = lbfgs_own_work(name, steps, args.repeats)
+            print(f"{'':12s} torch LBFGS(100): own work {lbfgs * 1e6:7.0f} µs per evaluation   ({steps} evaluations)")
+        if args.count_operations and not (args.fake_closure or name == MEMORY_BOUND):
+            operations = tensor_operations_per_step(name, args.memory, steps, args.diagonal_scaling)
+            print(f"{'':12s} {operations:.0f} tensor operations per step (attribute reads not counted)")
     return 0
 
 

@@ -51,6 +51,18 @@ def test_it_prints_the_own_work_of_each_problem(monkeypatch, capsys):
     assert "fake closure" in lines[4]
 
 
+def test_it_times_torch_lbfgs_and_counts_scgs_tensor_operations(monkeypatch, capsys):
+    own_work = load_script(BENCHMARK, monkeypatch)
+    assert own_work.lbfgs_own_work("regression", evaluations=4, repeats=1) > 0.0
+    plain = own_work.tensor_operations_per_step("regression", memory=3, steps=4)
+    diagonal = own_work.tensor_operations_per_step("regression", memory=3, steps=4, diagonal_scaling=True)
+    assert 0 < plain < diagonal  # v, Λ and YᵀΛY are tensor operations of their own
+    args = ["--problems", "logistic", "--steps", "2", "--repeats", "1", "--with-lbfgs", "--count-operations"]
+    assert own_work.main(args) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert "torch LBFGS(100): own work" in lines[2] and "tensor operations per step" in lines[3]
+
+
 def test_it_times_the_memory_bound_model_at_its_full_size(monkeypatch, capsys):
     # The memory-bound case's MLP at its full size (50 M weights) is what --problems memory-bound times; here its
     # hidden width is shrunk so that the test stays small.
