@@ -53,7 +53,7 @@ clearly win (issue #14), written on one flat vector so that each differs from th
   (:class:`NystromPairs`: k exact Hessian-vector products, charged as such, at the start and after every N-th
   step) — the top of the spectrum from the sketch, the rest from the pairs' γ (Frangella, Tropp & Udell 2023;
   Rathore, Lei, Frangella, Lu & Udell 2024 precondition PINNs this way);
-* ``diagonal_beta`` β, ``diagonal_power`` κ, ``diagonal_refresh`` T (lever 14; T: lever 16): H₀ = γ_D D, D from the
+* ``diagonal_beta`` β, ``diagonal_power`` κ, ``diagonal_refresh`` T (lever 14; T: lever 15): H₀ = γ_D D, D from the
   accepted gradients' second moment (:class:`DiagonalPairs`), D formed afresh at every T-th accepted gradient
   (1: at every one, as the library's lever 14).
 

@@ -5,11 +5,11 @@ closure is the problem's own full-batch objective at the race's size, SCG starts
 and every call into the closure is timed and subtracted: what is left is the optimizer's arithmetic on the real
 trajectory — the trial point, the inner products, the secant pair, the diagonal scaling and H r₊. On the regression,
 logistic and physics-informed problems a gradient pass takes 0.6–3 ms, and this work is what separates SCG's time
-per pass from LBFGS's there (docs/performance.md, levers 4 and 16).
+per pass from LBFGS's there (docs/performance.md, levers 4 and 15).
 
 ``--fake-closure`` times instead a closure that only sets each ``.grad`` to a fixed random tensor (scaled a little
 from call to call) and returns a falling loss: its steps keep few secant pairs, so it times less of a step than a
-real trajectory does (the figures quoted before lever 16 were taken with it). ``memory-bound``, the 50 M-weight MLP
+real trajectory does (the figures quoted before lever 15 were taken with it). ``memory-bound``, the 50 M-weight MLP
 of the memory-bound case of ``benchmarks/peers.py`` (``peers_memory_bound.py``, full size), always takes the fake
 closure: there the optimizer's vector work on n numbers, not its dispatching, is what a step costs beyond its
 gradient pass.
