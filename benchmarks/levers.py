@@ -177,6 +177,12 @@ def passes_rows() -> dict[str, Row]:
             )
             for period in (5, 10, 20)
         },
+        **{
+            f"diagonal H₀ β=0.99, v^¼, γ_D of the newest {window}": flat_variant(
+                diagonal_beta=0.99, diagonal_power=0.25, gamma_window=window, loss_first=True
+            )
+            for window in (1, 5)
+        },
     }
 
 

@@ -55,7 +55,7 @@ clearly win (issue #14), written on one flat vector so that each differs from th
   Rathore, Lei, Frangella, Lu & Udell 2024 precondition PINNs this way);
 * ``diagonal_beta`` β, ``diagonal_power`` κ, ``diagonal_refresh`` T (lever 14; T: lever 15): H₀ = γ_D D, D from the
   accepted gradients' second moment (:class:`DiagonalPairs`), D formed afresh at every T-th accepted gradient
-  (1: at every one, as the library's lever 14).
+  (1: at every one, as the library's lever 14); ``gamma_window`` then takes γ_D over the newest pairs only.
 
 Curvature: ``"secant"`` (δ = μ, as the library), ``"finite-difference"`` or ``"hvp"`` (the closure's ``hvp``).
 """
@@ -166,7 +166,8 @@ class DiagonalPairs(TwoLoopPairs):
     """:class:`WindowedPairs` whose H₀ is the diagonal γ_D · D of an Adam-like second moment of the accepted
     gradients: v ← β v + (1 − β) g² (bias-corrected v̂ = v / (1 − βᵗ)), D = 1 / (v̂ᵏ + ε · mean v̂ᵏ) with the
     power κ = ``power`` (½: Adam's √v̂), and
-    γ_D = maxᵢ sᵢᵀyᵢ / yᵢᵀ D yᵢ over the pairs held (the secant scaling in D's metric), in the two-loop recursion.
+    γ_D = maxᵢ sᵢᵀyᵢ / yᵢᵀ D yᵢ over the pairs held, or the newest ``window`` of them (the secant scaling in D's
+    metric), in the two-loop recursion.
     With ``refresh`` = T > 1, D is formed from v at the first observed gradient and then only at every T-th, and
     held in between (v itself takes every gradient)."""
 
@@ -178,8 +179,9 @@ class DiagonalPairs(TwoLoopPairs):
         power: float = 0.5,
         epsilon: float = 1e-8,
         refresh: int = 1,
+        window: int | None = None,
     ) -> None:
-        super().__init__(params, memory, window=memory, pick="max")
+        super().__init__(params, memory, window=memory if window is None else window, pick="max")
         self.beta, self.power, self.epsilon, self.refresh = beta, power, epsilon, refresh
         self.second_moment: torch.Tensor | None = None
         self.observed = 0
@@ -205,7 +207,8 @@ class DiagonalPairs(TwoLoopPairs):
     def _initial_inverse(self, q: torch.Tensor) -> torch.Tensor:
         (block,) = self.blocks
         diagonal = self.diagonal()
-        ratios = [float(self.sy[i, i]) / float(block[1, i] @ (diagonal * block[1, i])) for i in self.slots]
+        recent = self.slots[-self.window :]
+        ratios = [float(self.sy[i, i]) / float(block[1, i] @ (diagonal * block[1, i])) for i in recent]
         return max(ratios) * diagonal * q
 
 
@@ -305,7 +308,11 @@ class FlatSCG:
         if nystrom_rank:
             self.pairs: WindowedPairs = NystromPairs(flat_params, memory, nystrom_rank)
         elif diagonal_beta is not None:
-            self.pairs = DiagonalPairs(flat_params, memory, diagonal_beta, diagonal_power, refresh=diagonal_refresh)
+            if gamma_pick != "max":
+                raise ValueError("the diagonal H₀'s γ_D is the largest ratio of its window: gamma_pick must be 'max'")
+            self.pairs = DiagonalPairs(
+                flat_params, memory, diagonal_beta, diagonal_power, refresh=diagonal_refresh, window=gamma_window
+            )
         elif layerwise:
             sizes = [p.numel() for p in self.params]
             self.pairs = LayerwisePairs(flat_params, memory, sizes, gamma_scale)

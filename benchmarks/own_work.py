@@ -47,16 +47,23 @@ REAL_STEPS = 120
 
 class TimedAccumulator(GradientAccumulator):
     """A :class:`~moller_scg.GradientAccumulator` that adds up the seconds spent inside its evaluations — the
-    gradient pass, the trial's forward and its deferred backward, the HVP and loss-only passes — in ``seconds``."""
+    gradient pass, the trial's forward and its deferred backward, the HVP and loss-only passes — in ``seconds``.
+
+    ``depth`` is the number of evaluations under way: over several batches ``value_then_gradient`` makes its pass by
+    calling the accumulator itself, and only the outermost evaluation is timed."""
 
     seconds = 0.0
+    depth = 0
 
     def _timed(self, evaluation: Callable, *args):
         started = time.perf_counter()
+        self.depth += 1
         try:
             return evaluation(*args)
         finally:
-            self.seconds += time.perf_counter() - started
+            self.depth -= 1
+            if self.depth == 0:
+                self.seconds += time.perf_counter() - started
 
     def __call__(self):
         return self._timed(super().__call__)
@@ -201,23 +208,14 @@ def tensor_operations_per_step(problem_name: str, memory: int, steps: int, diago
     objective's evaluations (attribute reads not counted), over ``steps`` steps from the race's initial weights."""
     model, initial, objective = timed_objective(problem_name)
     optimizer = SCG(model.parameters(), memory=memory, diagonal_scaling=diagonal_scaling)
-    counted, evaluating = [0], [False]
-    timed = objective._timed
+    counted = [0]
 
     class CountOperations(TorchFunctionMode):
         def __torch_function__(self, func, types, args=(), kwargs=None):
-            if not evaluating[0] and getattr(func, "__name__", "") not in _ATTRIBUTE_READS:
+            if objective.depth == 0 and getattr(func, "__name__", "") not in _ATTRIBUTE_READS:
                 counted[0] += 1
             return func(*args, **(kwargs or {}))
 
-    def evaluation_uncounted(evaluation, *args):
-        evaluating[0] = True
-        try:
-            return timed(evaluation, *args)
-        finally:
-            evaluating[0] = False
-
-    objective._timed = evaluation_uncounted
     with CountOperations():
         for _ in range(steps):
             optimizer.step(objective)

@@ -84,6 +84,24 @@ def test_a_diagonal_refreshed_every_t_gradients_is_held_in_between():
     assert torch.equal(every_time.diagonal(), formed[3])
 
 
+def test_the_diagonal_h0_takes_gamma_d_over_its_window_of_newest_pairs():
+    closure = CountingClosure(seed=2)
+    variant = FlatSCG(list(closure.model.parameters()), memory=5, diagonal_beta=0.99, diagonal_power=0.25)
+    for _ in range(12):
+        variant.step(closure)
+    pairs = variant.pairs
+    (block,) = pairs.blocks
+    diagonal = pairs.diagonal()
+    ratios = [float(pairs.sy[i, i]) / float(block[1, i] @ (diagonal * block[1, i])) for i in pairs.slots]
+    assert len(ratios) == 5 and max(ratios) != ratios[-1]  # the newest pair's ratio is not the largest here
+    q = torch.ones_like(diagonal)
+    assert torch.allclose(pairs._initial_inverse(q), max(ratios) * diagonal)
+    pairs.window = 1
+    assert torch.allclose(pairs._initial_inverse(q), ratios[-1] * diagonal)
+    with pytest.raises(ValueError, match="gamma_pick"):
+        FlatSCG(list(closure.model.parameters()), memory=5, diagonal_beta=0.99, gamma_pick="min")
+
+
 @pytest.mark.parametrize(
     "options",
     [
@@ -100,6 +118,7 @@ def test_a_diagonal_refreshed_every_t_gradients_is_held_in_between():
         {"raise_accepted": False},
         {"diagonal_beta": 0.99},
         {"diagonal_beta": 0.99, "diagonal_power": 0.25, "diagonal_refresh": 5},
+        {"diagonal_beta": 0.99, "diagonal_power": 0.25, "gamma_window": 1},
     ],
 )
 def test_variants_never_accept_a_higher_loss(options):

@@ -3,8 +3,10 @@
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 
+import pytest
 import torch
 from scripts import load_script
 
@@ -20,7 +22,8 @@ def test_the_fake_closure_sets_every_grad_and_returns_a_falling_loss(monkeypatch
     assert second < first
 
 
-def test_the_timed_accumulator_counts_its_evaluations_and_changes_no_step(monkeypatch):
+@pytest.mark.parametrize("batch_size", [16, 4])  # one batch (the trial's backward deferred), or four
+def test_the_timed_accumulator_times_each_evaluation_once_and_changes_no_step(monkeypatch, batch_size):
     own_work = load_script(BENCHMARK, monkeypatch)
     from moller_scg import SCG, GradientAccumulator
 
@@ -28,20 +31,23 @@ def test_the_timed_accumulator_counts_its_evaluations_and_changes_no_step(monkey
         torch.manual_seed(0)
         model = torch.nn.Sequential(torch.nn.Linear(2, 4), torch.nn.Tanh(), torch.nn.Linear(4, 1)).double()
         data = (torch.randn(16, 2, dtype=torch.float64), torch.randn(16, 1, dtype=torch.float64))
-        objective = accumulator_class(model, torch.nn.MSELoss(), data, batch_size=16)
+        objective = accumulator_class(model, torch.nn.MSELoss(), data, batch_size=batch_size)
         optimizer = SCG(model.parameters(), memory=3, diagonal_scaling=True)
+        started = time.perf_counter()
         for _ in range(6):
             optimizer.step(objective)
-        return objective, [p.detach().clone() for p in model.parameters()]
+        return objective, time.perf_counter() - started, [p.detach().clone() for p in model.parameters()]
 
-    timed, timed_weights = run(own_work.TimedAccumulator)
-    _, plain_weights = run(GradientAccumulator)
-    assert timed.seconds > 0.0
+    timed, wall, timed_weights = run(own_work.TimedAccumulator)
+    _, _, plain_weights = run(GradientAccumulator)
+    assert 0.0 < timed.seconds < wall and timed.depth == 0
     assert all(torch.equal(a, b) for a, b in zip(timed_weights, plain_weights))
 
 
 def test_it_prints_the_own_work_of_each_problem(monkeypatch, capsys):
     own_work = load_script(BENCHMARK, monkeypatch)
+    own, evaluation = own_work.real_own_work("autoencoder", memory=3, steps=2, repeats=1)  # several batches
+    assert own > 0.0 and evaluation > 0.0
     assert own_work.main(["--problems", "regression", "logistic", "--steps", "3", "--repeats", "1"]) == 0
     assert own_work.main(["--problems", "regression", "--steps", "3", "--repeats", "1", "--fake-closure"]) == 0
     lines = capsys.readouterr().out.splitlines()
