@@ -32,6 +32,7 @@ from collections.abc import Callable
 
 import torch
 from common import environment
+from peers_adapters import torch_lbfgs
 from peers_memory_bound import MEMORY_BOUND, memory_bound_problem
 from peers_problems import PROBLEMS
 from torch.overrides import TorchFunctionMode
@@ -177,17 +178,8 @@ def lbfgs_own_work(problem_name: str, evaluations: int, repeats: int, history_si
     best = float("inf")
     for _ in range(repeats):
         model.load_state_dict(initial)
-        optimizer = torch.optim.LBFGS(
-            model.parameters(),
-            lr=1,
-            history_size=history_size,
-            max_iter=20,
-            line_search_fn="strong_wolfe",
-            tolerance_grad=0.0,
-            tolerance_change=0.0,
-        )
+        optimizer = torch_lbfgs(model.parameters(), history_size)
         closure = _closure_of(objective, evaluations)
-
         objective.seconds = 0.0
         started = time.perf_counter()
         try:

@@ -55,11 +55,11 @@ def require_peers() -> tuple[types.ModuleType, Callable[..., Any]]:
 # The optimizers
 
 
-def run_torch_lbfgs(run: Run, history_size: int = REFERENCE_HISTORY) -> None:
-    """torch.optim.LBFGS with strong-Wolfe line search, lr 1, 20 iterations per step; no stop rules."""
-    run.extra["history_size"] = history_size
-    optimizer = torch.optim.LBFGS(
-        run.params,
+def torch_lbfgs(params: Any, history_size: int = REFERENCE_HISTORY) -> torch.optim.LBFGS:
+    """torch.optim.LBFGS as the race runs it: strong-Wolfe line search, lr 1, 20 iterations per step, no stop
+    rules."""
+    return torch.optim.LBFGS(
+        params,
         lr=1,
         history_size=history_size,
         max_iter=20,
@@ -67,6 +67,12 @@ def run_torch_lbfgs(run: Run, history_size: int = REFERENCE_HISTORY) -> None:
         tolerance_grad=0.0,
         tolerance_change=0.0,
     )
+
+
+def run_torch_lbfgs(run: Run, history_size: int = REFERENCE_HISTORY) -> None:
+    """:func:`torch_lbfgs` on the run."""
+    run.extra["history_size"] = history_size
+    optimizer = torch_lbfgs(run.params, history_size)
     state = optimizer.state[run.params[0]]
     while True:
         try:
