@@ -46,27 +46,25 @@ class CountingClosure:
         return [product.detach() for product in products]
 
 
-def test_flat_default_is_the_library_mode():
+@pytest.mark.parametrize(
+    ("library_options", "variant_options", "rel"),
+    [
+        ({}, {}, 1e-9),  # the flat default is the library's mode
+        # The research rows "diagonal H₀ …, v^¼" and SCG(memory=m, diagonal_scaling=True) are one rule (the flat
+        # variant corrects v's bias, which γ_D cancels; the two-loop recursion and the compact form differ in
+        # rounding only).
+        ({"diagonal_scaling": True, "restart": 10**6}, {"diagonal_beta": 0.99, "diagonal_power": 0.25}, 1e-8),
+    ],
+    ids=["default", "diagonal-fourth-root"],
+)
+def test_the_flat_variant_takes_the_librarys_steps(library_options, variant_options, rel):
     library, flat = CountingClosure(), CountingClosure()
-    scg = SCG(library.model.parameters(), memory=5)
-    variant = FlatSCG(list(flat.model.parameters()), memory=5)
+    scg = SCG(library.model.parameters(), memory=5, **library_options)
+    variant = FlatSCG(list(flat.model.parameters()), memory=5, **variant_options)
     for _ in range(25):
         scg.step(library)
         variant.step(flat)
-        assert variant.loss == pytest.approx(scg.trace.loss, rel=1e-9)
-    assert flat.passes == library.passes
-
-
-def test_flat_diagonal_h0_at_a_fourth_root_is_the_librarys_diagonal_scaling():
-    """The research rows "diagonal H₀ …, v^¼" and SCG(memory=m, diagonal_scaling=True) are one rule (the flat variant
-    corrects v's bias, which γ_D cancels; the two-loop recursion and the compact form differ in rounding only)."""
-    library, flat = CountingClosure(), CountingClosure()
-    scg = SCG(library.model.parameters(), memory=5, diagonal_scaling=True, restart=10**6)
-    variant = FlatSCG(list(flat.model.parameters()), memory=5, diagonal_beta=0.99, diagonal_power=0.25)
-    for _ in range(25):
-        scg.step(library)
-        variant.step(flat)
-        assert variant.loss == pytest.approx(scg.trace.loss, rel=1e-8)
+        assert variant.loss == pytest.approx(scg.trace.loss, rel=rel)
     assert flat.passes == library.passes
 
 
