@@ -65,32 +65,44 @@ class FlatLayout:
         return [piece.view(shape) for piece, shape in zip(flat.split(self.numels), self.shapes)]
 
 
+FUSED_PRODUCTS_MAX = 1 << 15
+"""Vectors of at most this many numbers take a step's inner products with r₊ (|r₊|², r₊ᵀr, r₊ᵀp) and with p₊
+(|p₊|², p₊ᵀr₊) as one product of rows each, three tensor operations instead of eight and six. On the models of a
+few hundred weights whose gradient pass takes a millisecond, an operation's dispatch is what a step's own work is
+made of. Up to torch's grain size of 2^15 numbers no reduction is split among threads, and each row's float64 sum
+has the bits of :func:`moller_scg._vectors.dots` (tested)."""
+
+
 class FlatBuffers:
     """SCG's r, p and accepted copy of w as flat buffers, with the per-parameter views that ``optimizer.state``
     holds, and the buffers of the step's secant pair.
 
-    p shares one ``(3, n)`` tensor, :attr:`pair_rows`, with the trial's residual r₊ = −E'(w + αp) and the gradient
-    change y = r − r₊: the three vectors the quasi-Newton update multiplies with the stored pairs, as the rows of one
-    matrix (:meth:`SecantPairs.advance_flat <moller_scg.quasi_newton.SecantPairs.advance_flat>`). They are kept
-    between steps, so a step allocates no weight-sized tensor: on a model of 50 M weights a fresh 3 × n tensor per
-    step cost more in page faults than the products with it (``benchmarks/own_work.py --problems memory-bound``).
+    p and r share one ``(4, n)`` tensor, :attr:`rows`, with the trial's residual r₊ = −E'(w + αp) and the gradient
+    change y = r − r₊. Its first three rows, :attr:`pair_rows`, are the vectors the quasi-Newton update multiplies
+    with the stored pairs, as the rows of one matrix (:meth:`SecantPairs.advance_flat
+    <moller_scg.quasi_newton.SecantPairs.advance_flat>`), and the inner products of a step are products of rows
+    (:meth:`products_with_new_residual`, :meth:`products_with_direction`). They are kept between steps, so a step
+    allocates no weight-sized tensor: on a model of 50 M weights a fresh 3 × n tensor per step cost more in page
+    faults than the products with it (``benchmarks/own_work.py --problems memory-bound``).
 
     Attributes:
         layout: the parameters' :class:`FlatLayout`.
         residual, direction, accepted: the flat r = −E'(w), p and the copy of w taken before each trial.
-        new_residual: r₊ of the last trial; ``pair_rows[2]``.
-        pair_rows: the ``(3, n)`` tensor whose rows are y (scratch of step 7), p and r₊.
-        residual_views, direction_views, accepted_views: their per-parameter views.
+        new_residual: r₊ of the last trial; ``rows[2]``.
+        rows: the ``(4, n)`` tensor whose rows are y (scratch of step 7), p, r₊ and r.
+        pair_rows: ``rows[:3]``: y, p and r₊.
+        residual_views, direction_views, new_residual_views, accepted_views: their per-parameter views.
     """
 
     def __init__(self, layout: FlatLayout) -> None:
         self.layout = layout
-        self.residual = layout.empty()
-        self.pair_rows = torch.empty(3, sum(layout.numels), dtype=layout.dtype, device=layout.device)
-        self.change, self.direction, self.new_residual = self.pair_rows.unbind(0)
+        self.rows = torch.empty(4, sum(layout.numels), dtype=layout.dtype, device=layout.device)
+        self.pair_rows = self.rows[:3]
+        self.change, self.direction, self.new_residual, self.residual = self.rows.unbind(0)
         self.accepted = layout.empty()
         self.residual_views = layout.views(self.residual)
         self.direction_views = layout.views(self.direction)
+        self.new_residual_views = layout.views(self.new_residual)
         self.accepted_views = layout.views(self.accepted)
 
     def per_parameter(self, flat: torch.Tensor) -> list[torch.Tensor]:
@@ -101,8 +113,26 @@ class FlatBuffers:
             return self.direction_views
         return self.layout.views(flat)
 
+    @property
+    def fuses_products(self) -> bool:
+        """Whether the step's inner products are taken as products of rows (n ≤ :data:`FUSED_PRODUCTS_MAX`)."""
+        return self.rows.shape[-1] <= FUSED_PRODUCTS_MAX
+
+    def products_with_new_residual(self) -> list[float]:
+        """[r₊ᵀp, |r₊|², r₊ᵀr] (step 6), each summed in float64, in one product (:attr:`fuses_products`)."""
+        return _row_dots(self.rows[1:], self.new_residual)
+
+    def products_with_direction(self) -> list[float]:
+        """[|p|², pᵀr₊] (the next step's |p|² and μ after step 7 wrote p₊ = H r₊ into p), in one product."""
+        return _row_dots(self.rows[1:3], self.direction)
+
     def holds(self, residual: Sequence[torch.Tensor], direction: Sequence[torch.Tensor]) -> bool:
         """Whether these per-parameter r and p are this object's views (not replaced by a load or by hand)."""
         return all(a is b for a, b in zip(residual, self.residual_views)) and all(
             a is b for a, b in zip(direction, self.direction_views)
         )
+
+
+def _row_dots(rows: torch.Tensor, vector: torch.Tensor) -> list[float]:
+    """rowsᵢᵀ vector for each row: the elementwise products in the rows' dtype, each row's sum in float64."""
+    return (rows * vector).sum(dim=1, dtype=torch.float64).tolist()

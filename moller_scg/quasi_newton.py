@@ -50,6 +50,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from scipy.linalg import lapack
 
 from moller_scg import _vectors as vec
 from moller_scg.diagonal_scaling import DiagonalScaling
@@ -291,9 +292,10 @@ class SecantPairs:
     def _scaled_products(
         self, vectors: list[torch.Tensor], scratch: list[torch.Tensor] | None
     ) -> tuple[np.ndarray, np.ndarray] | None:
-        """With diagonal scaling, (YᵀΛv by slot, YᵀΛY by slot) over the rows in use, for v one flat vector per block
-        (one host synchronisation); ``None`` without. Vectors longer than ``PRODUCT_PIECE`` take Λv in ``scratch``
-        (one flat tensor per block, not one of ``vectors``; new tensors if ``None``)."""
+        """With diagonal scaling, (YᵀΛv by slot, m numbers, zero beyond the rows in use; YᵀΛY by slot, k × k over the k
+        rows in use) for v one flat vector per block (one host synchronisation); ``None`` without. Vectors longer
+        than ``PRODUCT_PIECE`` take Λv in ``scratch`` (one flat tensor per block, not one of ``vectors``; new tensors
+        if ``None``)."""
         if self.scaling is None:
             return None
         m, k = self.memory, self._rows_in_use()
@@ -307,12 +309,11 @@ class SecantPairs:
                 scaled = torch.mul(diagonal, v, out=scratch[index]) if scratch is not None else diagonal * v
                 gram = _scaled_gram(changes, diagonal)
                 against = _row_products(changes, scaled[None]).reshape(-1)
-            partial.append(torch.cat([against, gram.reshape(-1)]).to(torch.float64))
+            partial.append(_as_float64(torch.cat([against, gram.reshape(-1)])))
         totals = _sum_on_cpu(partial)
-        changes_dot_scaled, scaled_gram = np.zeros(m), np.zeros((m, m))
+        changes_dot_scaled = np.zeros(m)
         changes_dot_scaled[:k] = totals[:k]
-        scaled_gram[:k, :k] = totals[k:].reshape(k, k)
-        return changes_dot_scaled, scaled_gram
+        return changes_dot_scaled, totals[k:].reshape(k, k)
 
     def _apply_flat(
         self,
@@ -336,13 +337,13 @@ class SecantPairs:
             gamma = self.gamma
         else:
             changes_dot_v, by_slot = scaled
-            changes_gram = by_slot[np.ix_(order, order)]  # YᵀΛY, oldest first
+            changes_gram = by_slot.take(order, 0).take(order, 1)  # YᵀΛY, oldest first
             gamma = float((upper.diagonal() / changes_gram.diagonal()).max())  # γ_D = maxᵢ sᵢᵀyᵢ / yᵢᵀΛyᵢ
         u, w = s_dot_v[order], gamma * changes_dot_v[order]
-        r_inv_u = np.linalg.solve(upper, u)
+        r_inv_u = _solve_upper(upper, u)
         inner = np.diag(upper) * r_inv_u + gamma * (changes_gram @ r_inv_u) - w
         coefficients = np.zeros(2 * m)
-        coefficients[order] = np.linalg.solve(upper.T, inner)
+        coefficients[order] = _solve_upper(upper, inner, transposed=True)
         coefficients[m + order] = -gamma * r_inv_u
         coefficient_tensor = torch.from_numpy(coefficients)
         targets: list[torch.Tensor | None] = list(out) if out is not None else [None] * len(flat)
@@ -352,7 +353,9 @@ class SecantPairs:
             diagonals = list(self.scaling.diagonal)
         results = []
         for block, v, target, diagonal in zip(self.blocks, flat, targets, diagonals):
-            c = coefficient_tensor.to(device=v.device, dtype=v.dtype)
+            c = coefficient_tensor
+            if c.device != v.device or c.dtype != v.dtype:
+                c = c.to(device=v.device, dtype=v.dtype)
             if diagonal is not None:  # Λ(γ_D v + Y c_Y) + S c_S
                 result = torch.addmv(v, block[1, :k].T, c[m : m + k], beta=gamma, out=target).mul_(diagonal)
                 results.append(result.addmv_(block[0, :k].T, c[:k]))
@@ -482,11 +485,16 @@ def _row_products(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     :data:`~moller_scg._vectors.DOT_CHUNK`, one per piece of ``PRODUCT_PIECE`` columns, the pieces added in float64
     (the same bits as before this limit for n ≤ ``DOT_CHUNK``)."""
     if a.shape[-1] <= vec.DOT_CHUNK:
-        return (a @ b.T).to(torch.float64)
+        return _as_float64(a @ b.T)
     total = torch.zeros(a.shape[0], b.shape[0], dtype=torch.float64, device=a.device)
     for a_piece, b_piece in zip(a.split(PRODUCT_PIECE, dim=-1), b.split(PRODUCT_PIECE, dim=-1)):
         total += (a_piece @ b_piece.T).to(torch.float64)
     return total
+
+
+def _as_float64(t: torch.Tensor) -> torch.Tensor:
+    """t in float64: itself when it already is (no operation dispatched, which costs what a small product does)."""
+    return t if t.dtype == torch.float64 else t.to(torch.float64)
 
 
 def _scaled_gram(rows: torch.Tensor, diagonal: torch.Tensor) -> torch.Tensor:
@@ -496,6 +504,16 @@ def _scaled_gram(rows: torch.Tensor, diagonal: torch.Tensor) -> torch.Tensor:
     for rows_piece, diagonal_piece in zip(rows.split(PRODUCT_PIECE, dim=-1), diagonal.split(PRODUCT_PIECE)):
         total += ((rows_piece * diagonal_piece) @ rows_piece.T).to(torch.float64)
     return total
+
+
+def _solve_upper(upper: np.ndarray, b: np.ndarray, transposed: bool = False) -> np.ndarray:
+    """R⁻¹b (or R⁻ᵀb) for R upper triangular with a positive diagonal, by LAPACK's triangular solve (``trtrs``):
+    the bits of ``np.linalg.solve(R, b)``, whose LU of a triangular R with a positive diagonal pivots nowhere, at a
+    fifth of its call overhead — which is what an m × m solve costs."""
+    solution, info = lapack.dtrtrs(upper, b, lower=0, trans=1 if transposed else 0)
+    if info != 0:
+        raise np.linalg.LinAlgError(f"the triangular factor R of the secant pairs is singular (LAPACK info {info})")
+    return solution
 
 
 def _sum_on_cpu(partial: list[torch.Tensor]) -> np.ndarray:

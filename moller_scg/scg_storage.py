@@ -96,8 +96,9 @@ class _StateVectors:
         """r₊ = −E'(w₊) laid out like r: new tensors, or on the fast path the flat buffer of r₊
         (:attr:`FlatBuffers.new_residual <moller_scg.flat_vector.FlatBuffers.new_residual>`, overwritten by the next
         trial)."""
-        if self.flat is not None:
-            return [self.flat.layout.gather(gradients, out=self.flat.new_residual).neg_()]
+        if self.flat is not None:  # one copy into the per-parameter views, not a reshape of each and a cat
+            vec.copy_(self.flat.new_residual_views, gradients)
+            return [self.flat.new_residual.neg_()]
         return vec.negated(gradients)
 
     def keep_residual(self, state: _State, params: list[torch.Tensor], new_residual: list[torch.Tensor]) -> None:
@@ -128,10 +129,29 @@ class _StateVectors:
         """
         if self.flat is not None:  # direction and new_residual are the flat buffers of p and r₊
             pairs.advance_flat(self.flat.pair_rows, alpha, residual[0])
+            if self.flat.fuses_products:
+                new_direction_sq, new_mu = self.flat.products_with_direction()
+                return new_direction_sq, new_mu
         else:
             vec.copy_(direction, pairs.advance(direction, alpha, residual, new_residual))
         new_direction_sq, new_mu = vec.dots([(direction, direction), (direction, new_residual)])
         return new_direction_sq, new_mu
+
+    def trial_products(
+        self, new_residual: list[torch.Tensor], residual: list[torch.Tensor], direction: list[torch.Tensor]
+    ) -> tuple[float, float, float]:
+        """(|r₊|², r₊ᵀr, r₊ᵀp) of step 6, for r₊, r and p as :meth:`negated` and :meth:`residual_and_direction` hand
+        them out: one product of the flat buffers' rows on the fast path for small n (unless p is not the stored
+        direction: the steepest-descent fallback searches along r), the same bits as :func:`~moller_scg._vectors.dots`
+        otherwise."""
+        flat = self.flat
+        if flat is not None and flat.fuses_products and direction[0] is flat.direction:
+            new_dot_direction, new_residual_sq, new_dot_old = flat.products_with_new_residual()
+            return new_residual_sq, new_dot_old, new_dot_direction
+        new_residual_sq, new_dot_old, new_dot_direction = vec.dots(
+            [(new_residual, new_residual), (new_residual, residual), (new_residual, direction)]
+        )
+        return new_residual_sq, new_dot_old, new_dot_direction
 
     def observe_gradient(self, pairs: SecantPairs, new_residual: list[torch.Tensor]) -> None:
         """An accepted r₊ into the pairs' diagonal scaling, when the step restarts and forms no pair (the flat buffer of
@@ -189,9 +209,9 @@ def _vectors_of_their_own(param_states: dict[Any, Any]) -> dict[Any, Any]:
     """The per-parameter state dicts with r and p as tensors of their own: copies of the views of SCG's flat buffers
     (new dicts; ``optimizer.state`` is left as it is), other entries as they are.
 
-    On the fast path p is a row of the (3, n) buffer it shares with r₊ and y
-    (:attr:`FlatBuffers.pair_rows <moller_scg.flat_vector.FlatBuffers.pair_rows>`), and ``torch.save``, ``pickle``
-    and ``copy.deepcopy`` keep a view's whole storage: a saved state would hold 3n numbers for p. Copied, r and p
+    On the fast path r and p are rows of the (4, n) buffer they share with r₊ and y
+    (:attr:`FlatBuffers.rows <moller_scg.flat_vector.FlatBuffers.rows>`), and ``torch.save``, ``pickle`` and
+    ``copy.deepcopy`` keep a view's whole storage: a saved state would hold 4n numbers for each. Copied, r and p
     take n numbers each, as with Møller's SCG, whose per-parameter tensors are left as they are.
     """
 

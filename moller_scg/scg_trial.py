@@ -100,9 +100,7 @@ def trial_at(
             return Trial(trial_loss, None, math.nan, math.nan, False, math.nan)
         return Trial(trial_loss, None, math.nan, math.nan, True, comparison_ratio(delta, loss - trial_loss, mu))
     new_residual = storage.negated(trial_gradient())
-    new_residual_sq, new_dot_old, new_dot_direction = vec.dots(
-        [(new_residual, new_residual), (new_residual, residual), (new_residual, direction)]
-    )
+    new_residual_sq, new_dot_old, new_dot_direction = storage.trial_products(new_residual, residual, direction)
     finite = math.isfinite(trial_loss) and step_arithmetic.all_finite_given_squared_norm(new_residual, new_residual_sq)
     if not finite:
         return Trial(trial_loss, new_residual, new_residual_sq, new_dot_old, False, math.nan)

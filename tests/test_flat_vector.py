@@ -6,7 +6,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from moller_scg.flat_vector import FlatBuffers, FlatLayout
+from moller_scg import _vectors as vec
+from moller_scg.flat_vector import FUSED_PRODUCTS_MAX, FlatBuffers, FlatLayout
 
 SHAPES = [(2, 3), (4,), ()]
 
@@ -97,12 +98,33 @@ def test_per_parameter_of_another_flat_vector_gives_its_own_views():
     assert other[0] == -1.0
 
 
-def test_the_three_buffers_are_distinct():
+def test_the_buffers_are_distinct_and_r_p_r_plus_y_are_the_rows_of_one():
     buffers = FlatBuffers(FlatLayout(params()))
-    pointers = {buffers.residual.data_ptr(), buffers.direction.data_ptr(), buffers.accepted.data_ptr()}
-    assert len(pointers) == 3
+    vectors = [buffers.change, buffers.direction, buffers.new_residual, buffers.residual, buffers.accepted]
+    assert len({v.data_ptr() for v in vectors}) == 5
     buffers.accepted_views[2].fill_(5.0)
     assert buffers.accepted[10] == 5.0
+    buffers.rows.copy_(torch.arange(44, dtype=torch.float64).reshape(4, 11))
+    assert torch.equal(buffers.residual, torch.arange(33, 44, dtype=torch.float64))
+    assert torch.equal(buffers.pair_rows, buffers.rows[:3])
+    assert buffers.new_residual_views[1].tolist() == [28.0, 29.0, 30.0, 31.0]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("n", [11, 501, FUSED_PRODUCTS_MAX])
+def test_the_fused_products_have_the_bits_of_one_product_at_a_time(dtype, n):
+    generator = torch.Generator().manual_seed(n)
+    layout = FlatLayout([torch.zeros(n, dtype=dtype)])
+    buffers = FlatBuffers(layout)
+    assert buffers.fuses_products
+    buffers.rows.copy_(torch.randn(4, n, generator=generator, dtype=dtype) * 1e3)
+    r, p, r_plus = [buffers.residual], [buffers.direction], [buffers.new_residual]
+    assert buffers.products_with_new_residual() == vec.dots([(r_plus, p), (r_plus, r_plus), (r_plus, r)])
+    assert buffers.products_with_direction() == vec.dots([(p, p), (p, r_plus)])
+
+
+def test_longer_vectors_take_their_products_one_at_a_time():
+    assert not FlatBuffers(FlatLayout([torch.zeros(FUSED_PRODUCTS_MAX + 1)])).fuses_products
 
 
 def test_holds_its_own_views_and_not_once_a_state_tensor_is_replaced():

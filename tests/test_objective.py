@@ -19,6 +19,7 @@ from moller_scg import (
     as_objective,
 )
 from moller_scg.objective import ClosureWithHvpObjective
+from moller_scg.objective.protocol import read_gradients
 
 MODES = ["double-backward", "finite-difference"]
 
@@ -417,3 +418,15 @@ def test_scg_stepped_on_an_objective_follows_the_plain_closure_bit_for_bit(hvp_m
     assert objective.counts.nfev == trace.closure_calls == plain.trace.closure_calls
     if hvp_mode == "double-backward":
         assert objective.counts.nhev == trace.hvp_calls
+
+
+def test_gradients_read_without_a_copy_are_the_grad_tensors_or_detached_from_their_graph():
+    w = torch.tensor([1.0, 2.0], dtype=torch.float64, requires_grad=True)
+    plain = torch.tensor([3.0, 4.0], dtype=torch.float64)
+    (read,) = read_gradients([w], [plain], copy=False)
+    assert read is plain  # no graph: the .grad tensor itself, no detach dispatched
+    (copied,) = read_gradients([w], [plain], copy=True)
+    assert copied is not plain and torch.equal(copied, plain)
+    with_graph = w * 2.0  # as a backward with create_graph=True leaves .grad
+    (read,) = read_gradients([w], [with_graph], copy=False)
+    assert not read.requires_grad and torch.equal(read, with_graph.detach())

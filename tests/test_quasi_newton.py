@@ -7,7 +7,7 @@ import pytest
 import torch
 from reference_scg import two_loop
 
-from moller_scg.quasi_newton import SecantPairs
+from moller_scg.quasi_newton import SecantPairs, _solve_upper
 
 SHAPES = [(3, 4), (5,), (2, 1, 3)]
 N = sum(torch.Size(shape).numel() for shape in SHAPES)
@@ -285,3 +285,15 @@ def test_state_dict_saves_zeros_in_the_rows_no_pair_was_written_into():
     (saved,) = pairs.state_dict()["blocks"]
     assert torch.equal(saved[0, 0], step) and torch.equal(saved[1, 0], 2.0 * step)
     assert (saved[:, 1:] == 0).all()
+
+
+def test_the_triangular_solves_give_the_general_solves_numbers_and_refuse_a_singular_r():
+    rng = np.random.default_rng(0)
+    upper = np.triu(rng.random((7, 7))) + np.eye(7)
+    b = rng.random(7)
+    # LU of an upper triangle with a positive diagonal pivots nowhere: the same back substitution, the same bits.
+    assert np.array_equal(_solve_upper(upper, b), np.linalg.solve(upper, b))
+    np.testing.assert_allclose(_solve_upper(upper, b, transposed=True), np.linalg.solve(upper.T, b), rtol=1e-13)
+    upper[3, 3] = 0.0
+    with pytest.raises(np.linalg.LinAlgError, match="singular"):
+        _solve_upper(upper, b)

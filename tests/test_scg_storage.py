@@ -32,3 +32,40 @@ def test_remembered_products_serve_until_r_or_p_is_written_to(memory):
     p[-1] *= 2.0
     expected = (float(r @ r), float(p @ r), float(p @ p))
     assert storage.products(residual, direction) == pytest.approx(expected, rel=1e-14)
+
+
+@pytest.mark.parametrize("memory", [0, 1], ids=["per-parameter", "flat"])
+@pytest.mark.parametrize("along", ["direction", "residual"], ids=["along-p", "steepest-descent-fallback"])
+def test_trial_products_are_those_of_r_plus_with_r_plus_r_and_the_search_direction(memory, along):
+    """|r₊|², r₊ᵀr and r₊ᵀd for d the direction searched: p, or r itself (SCG's fallback when pᵀr = 0): the flat
+    path's fused product must not read the stored p then."""
+    generator = torch.Generator().manual_seed(3)
+    params = [torch.zeros(2, 3, dtype=torch.float64), torch.zeros(4, dtype=torch.float64)]
+    state: defaultdict = defaultdict(dict)
+    storage = _StateVectors()
+    storage.start(state, params, [torch.randn(p.shape, generator=generator, dtype=p.dtype) for p in params], memory)
+    residual, direction = storage.residual_and_direction(state, params)
+    for d in direction:
+        d.copy_(torch.randn(d.shape, generator=generator, dtype=d.dtype))
+    new_residual = storage.negated([torch.randn(p.shape, generator=generator, dtype=p.dtype) for p in params])
+    searched = direction if along == "direction" else residual
+    products = storage.trial_products(new_residual, residual, searched)
+    r, p, r_plus = (torch.cat([t.reshape(-1) for t in ts]) for ts in (residual, direction, new_residual))
+    along_searched = float(r_plus @ (p if along == "direction" else r))
+    assert products == pytest.approx((float(r_plus @ r_plus), float(r_plus @ r), along_searched), rel=1e-14)
+    assert float(r_plus @ p) != pytest.approx(float(r_plus @ r))  # reading the other vector would fail the test
+
+
+def test_negated_gradients_land_in_the_flat_buffer_of_r_plus():
+    params = [torch.zeros(2, 2, dtype=torch.float64), torch.zeros(3, dtype=torch.float64)]
+    gradients = [
+        torch.tensor([[1.0, -2.0], [3.0, 4.0]], dtype=torch.float64),
+        torch.tensor([5.0, 6.0, -7.0], dtype=torch.float64),
+    ]
+    state: defaultdict = defaultdict(dict)
+    storage = _StateVectors()
+    storage.start(state, params, gradients, memory=1)
+    (new_residual,) = storage.negated(gradients)
+    assert new_residual is storage.flat.new_residual
+    assert new_residual.tolist() == [-1.0, 2.0, -3.0, -4.0, -5.0, -6.0, 7.0]
+    assert gradients[0].tolist() == [[1.0, -2.0], [3.0, 4.0]]  # the gradients themselves are left as they are

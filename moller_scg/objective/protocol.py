@@ -147,7 +147,8 @@ def read_gradients(
                 f"(from nn.Embedding(sparse=True) or similar: use sparse=False)"
             )
         else:
-            gradients.append(grad.detach().clone() if copy else grad.detach())
+            detached = grad.detach() if grad.requires_grad else grad  # (an alias, where there is no graph)
+            gradients.append(detached.clone() if copy else detached)
     return gradients
 
 
