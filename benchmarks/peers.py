@@ -95,7 +95,7 @@ from peers_metering import (
     optimizer_state_numbers,
 )
 from peers_problems import PROBLEMS, Problem
-from peers_report import analyse, best_adam, from_json, goals, plot, report, to_json
+from peers_report import analyse, best_adam, from_json, goals, median_over_races, plot, report, to_json
 
 # ------------------------------------------------------------------------------------------------------------------
 # The race
@@ -194,14 +194,31 @@ PROBE_PROBLEM = "logistic"
 """The memory probe runs on this problem only: it is cheap, and memory in units of n is the algorithm's."""
 
 
-def run_problem(problem: Problem, probe_budget: float) -> dict[str, Any]:
+CHEAP_PASS_SECONDS = 0.01
+"""Problems whose gradient pass takes less than this (regression, logistic, physics-informed: 0.6–3 ms) are raced
+:data:`CHEAP_PASS_RACES` times: there an optimizer's own work is a large part of a step, a race lasts seconds, and
+one slow stretch of the shared machine moved a time ratio by ±0.2 from run to run (docs/performance.md)."""
+CHEAP_PASS_RACES = 3
+
+
+def races_for(costs: dict[str, float], quick: bool) -> int:
+    """Races for a problem: :data:`CHEAP_PASS_RACES` when its pass is cheap (not under ``--quick``), else 1."""
+    return CHEAP_PASS_RACES if costs["gradient_seconds"] < CHEAP_PASS_SECONDS and not quick else 1
+
+
+def run_problem(problem: Problem, probe_budget: float, quick: bool = False, races: int | None = None) -> dict[str, Any]:
+    """Calibrate, race (``races`` times: default :func:`races_for`; times are then medians over the races), probe
+    memory (on :data:`PROBE_PROBLEM`) and analyse one problem."""
     model = problem.make_model()
     initial = copy.deepcopy(model.state_dict())
     costs = calibrate(problem, initial)
-    raw = race(problem, initial, costs)
+    races = races_for(costs, quick) if races is None else races
+    raws = [race(problem, initial, costs) for _ in range(races)]
     probe = memory_probe(problem, initial, costs, probe_budget) if problem.name == PROBE_PROBLEM else None
-    results = best_adam(raw)
+    results = best_adam(raws[0])
     analysis = analyse(problem, results)
+    if races > 1:
+        median_over_races(results, [best_adam(raw) for raw in raws], analysis["targets"])
     summary = {
         "name": problem.name,
         "title": problem.title,
@@ -215,11 +232,12 @@ def run_problem(problem: Problem, probe_budget: float) -> dict[str, Any]:
     return {
         "problem": summary,
         "costs": costs,
+        "races": races,
         "analysis": analysis,
         "results": results,
         "memory_probe": probe,
         "probe_budget": probe_budget,
-        "all_adam": raw,
+        "all_adam": raws[0],
     }
 
 
@@ -260,6 +278,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--problems", nargs="+", choices=every, default=every)
     parser.add_argument("--threads", type=int, default=1, help="torch.set_num_threads (default 1: steadier timings)")
     parser.add_argument("--seed", type=int, default=0, help="data split and initial weights")
+    parser.add_argument(
+        "--races",
+        type=int,
+        default=None,
+        help=f"races per problem, times their medians (default {CHEAP_PASS_RACES} where a pass takes under "
+        f"{CHEAP_PASS_SECONDS * 1e3:g} ms, else 1; 1 under --quick)",
+    )
     parser.add_argument("--out", type=Path, default=RESULTS, help="folder for peers[_quick].{txt,json,png}")
     parser.add_argument(
         "--report-from",
@@ -281,7 +306,8 @@ def main(argv: list[str] | None = None) -> int:
         if name == memory_bound.MEMORY_BOUND:
             block = results["memory_bound"] = run_memory_bound(args.quick, args.seed)
         else:
-            block = run_problem(PROBLEMS[name](args.quick, args.seed), probe_budget=10.0 if args.quick else 30.0)
+            problem = PROBLEMS[name](args.quick, args.seed)
+            block = run_problem(problem, 10.0 if args.quick else 30.0, args.quick, args.races)
             results["problems"].append(block)
         block["wall_seconds"] = time.perf_counter() - started
         print(f"{name}: {block['wall_seconds']:.0f} s", file=sys.stderr)

@@ -7,6 +7,7 @@ import copy
 import json
 import math
 import re
+import statistics
 from pathlib import Path
 from typing import Any
 
@@ -73,6 +74,36 @@ def analyse(problem: Problem, results: list[dict[str, Any]], reference_name: str
     }
 
 
+def median_over_races(
+    results: list[dict[str, Any]],
+    races: list[list[dict[str, Any]]],
+    targets: list[float],
+    reference_name: str = REFERENCE,
+) -> None:
+    """Each result's time to each target as the median over several races of the same problem (``races``: each
+    race's results, the first race's among them), in place: ``seconds`` is the median of the races' times and
+    ``time_ratio`` the median of each race's ratio to its own reference, with the per-race numbers kept beside them
+    (``seconds_by_race``, ``time_ratios_by_race``). The races run the same trajectories (the passes and evaluations
+    to a target are the first race's); only the machine's speed differs from race to race."""
+    by_name = [{r["name"]: r for r in race} for race in races]
+    for result in results:
+        for entry, target in zip(result["targets"], targets):
+            if not entry["reached"]:
+                continue
+            seconds, ratios = [], []
+            for race in by_name:
+                hit = first_reaching(race[result["name"]]["history"], target)
+                reference_hit = first_reaching(race[reference_name]["history"], target)
+                if hit is None:
+                    continue
+                seconds.append(hit["seconds"])
+                if reference_hit is not None:
+                    ratios.append(hit["seconds"] / reference_hit["seconds"])
+            entry["seconds"], entry["seconds_by_race"] = statistics.median(seconds), seconds
+            if entry["reference_reached"] and ratios:
+                entry["time_ratio"], entry["time_ratios_by_race"] = statistics.median(ratios), ratios
+
+
 # ------------------------------------------------------------------------------------------------------------------
 # Report
 
@@ -115,7 +146,13 @@ def problem_table(block: dict[str, Any]) -> list[str]:
         f"torch LBFGS reaches them in {hit_seconds} s and {hit_passes} passes; final loss "
         f"{reference['final_loss']:.4g}, {problem['metric_name']} {_metric(problem, reference['metric'])}",
         "time and passes to each target: ratio to torch LBFGS (— = not reached within the budget, ≪1 = reached where "
-        "torch LBFGS did not); evals = calls "
+        "torch LBFGS did not)"
+        + (
+            f"; time: the median over {block['races']} interleaved races of the ratio to the same race's torch LBFGS"
+            if block.get("races", 1) > 1
+            else ""
+        )
+        + "; evals = calls "
         "into the objective to reach T1/T2/T3 (a gradient, an HVP and a loss-only evaluation count 1 each); final "
         "loss at the budget, ratio to torch LBFGS; state = peak optimizer memory at evaluations, in units of n",
         "",
@@ -135,6 +172,8 @@ def problem_table(block: dict[str, Any]) -> list[str]:
             f"{ratio_cell(t[1], 'passes_ratio'):>6}{ratio_cell(t[2], 'passes_ratio'):>6}  {evals:<15}"
             f"{r['final_loss_ratio']:>13.3g}{_metric(problem, r['metric']):>10}{r['state_in_n']:>7.1f}  {r['status']}"
         )
+    if block.get("races", 1) > 1:
+        lines.append(f"time ratios to T1 / T2 / T3 in each of the {block['races']} races: " + race_ranges(results))
     scg_runs = [r for r in results if r.get("family") == SCG_FAMILY and "scg_steps" in r]
     lines.append(
         "SCG steps (of which rejected, Δ < 0): "
@@ -145,6 +184,20 @@ def problem_table(block: dict[str, Any]) -> list[str]:
         grid = ", ".join(f"{k.split('=')[1]}: {v:.4g}" for k, v in adam["adam_grid"].items())
         lines.append(f"Adam: batch {problem['adam_batch']}; final training loss per lr: {grid}")
     return lines
+
+
+def race_ranges(results: list[dict[str, Any]]) -> str:
+    """The SCG rows' time ratios to each target, race by race (what the medians of the table are taken over)."""
+    rows = []
+    for r in results:
+        if r.get("family") != SCG_FAMILY:
+            continue
+        cells = [
+            ", ".join(f"{x:.2f}" for x in e["time_ratios_by_race"]) if "time_ratios_by_race" in e else "—"
+            for e in r["targets"]
+        ]
+        rows.append(f"{r['name']} " + " / ".join(cells))
+    return "; ".join(rows)
 
 
 def memory_section(blocks: list[dict[str, Any]]) -> list[str]:

@@ -345,25 +345,23 @@ class SecantPairs:
         coefficients = np.zeros(2 * m)
         coefficients[order] = _solve_upper(upper, inner, transposed=True)
         coefficients[m + order] = -gamma * r_inv_u
-        coefficient_tensor = torch.from_numpy(coefficients)
         targets: list[torch.Tensor | None] = list(out) if out is not None else [None] * len(flat)
         k = self._rows_in_use()
+        # c over [S Y] (2m numbers, for one product when every slot is in use), c_S and c_Y over the k slots in use.
+        both, steps, changes = (torch.from_numpy(c) for c in (coefficients, coefficients[:k], coefficients[m : m + k]))
         diagonals: list[torch.Tensor | None] = [None] * len(flat)
         if scaled is not None and self.scaling is not None:  # (scaled comes only with a scaling)
             diagonals = list(self.scaling.diagonal)
         results = []
         for block, v, target, diagonal in zip(self.blocks, flat, targets, diagonals):
-            c = coefficient_tensor
-            if c.device != v.device or c.dtype != v.dtype:
-                c = c.to(device=v.device, dtype=v.dtype)
             if diagonal is not None:  # Λ(γ_D v + Y c_Y) + S c_S
-                result = torch.addmv(v, block[1, :k].T, c[m : m + k], beta=gamma, out=target).mul_(diagonal)
-                results.append(result.addmv_(block[0, :k].T, c[:k]))
-            elif k == m:
-                results.append(torch.addmv(v, block.view(2 * m, -1).T, c, beta=gamma, out=target))
+                result = torch.addmv(v, block[1, :k].T, _on(changes, v), beta=gamma, out=target).mul_(diagonal)
+                results.append(result.addmv_(block[0, :k].T, _on(steps, v)))
+            elif k == m:  # every slot in use: γv + [S Y] c in one product
+                results.append(torch.addmv(v, block.view(2 * m, -1).T, _on(both, v), beta=gamma, out=target))
             else:  # γv + S c_S + Y c_Y over the k slots in use
-                result = torch.addmv(v, block[0, :k].T, c[:k], beta=gamma, out=target)
-                results.append(result.addmv_(block[1, :k].T, c[m : m + k]))
+                result = torch.addmv(v, block[0, :k].T, _on(steps, v), beta=gamma, out=target)
+                results.append(result.addmv_(block[1, :k].T, _on(changes, v)))
         return results
 
     def _append_in_order(
@@ -490,6 +488,13 @@ def _row_products(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     for a_piece, b_piece in zip(a.split(PRODUCT_PIECE, dim=-1), b.split(PRODUCT_PIECE, dim=-1)):
         total += (a_piece @ b_piece.T).to(torch.float64)
     return total
+
+
+def _on(coefficients: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """The float64 CPU coefficients on ``like``'s device and in its dtype (themselves when they already are)."""
+    if coefficients.device == like.device and coefficients.dtype == like.dtype:
+        return coefficients
+    return coefficients.to(device=like.device, dtype=like.dtype)
 
 
 def _as_float64(t: torch.Tensor) -> torch.Tensor:

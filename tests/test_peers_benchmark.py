@@ -333,3 +333,29 @@ def test_the_memory_bound_case_runs_alone(tmp_path, monkeypatch):
     results = json.loads((tmp_path / "peers_quick.json").read_text(encoding="utf-8"))
     assert results["problems"] == [] and results["memory_bound"]["results"]
     assert not (tmp_path / "peers_quick.png").exists()
+
+
+def test_median_over_races_takes_each_races_ratio_to_its_own_lbfgs(monkeypatch):
+    report = load_report(monkeypatch)
+
+    def run(name, seconds_per_step, losses=(3.0, 2.0, 1.0, 0.5)):
+        history = [{"loss": loss, "seconds": seconds_per_step * (i + 1)} for i, loss in enumerate(losses)]
+        return {"name": name, "history": history}
+
+    targets = [2.0, 0.5]  # reached at the 2nd and 4th points (T2 of the SCG row of race 3: never)
+    races = [
+        [run("torch LBFGS", 1.0), run("SCG", 0.5)],  # ratios 0.5, 0.5
+        [run("torch LBFGS", 2.0), run("SCG", 0.8)],  # a slower machine for both: 0.4, 0.4
+        [run("torch LBFGS", 1.0), run("SCG", 0.9, (3.0, 2.0, 1.0, 0.9))],  # 0.9, and T2 not reached
+    ]
+    results = [dict(r, targets=[]) for r in races[0]]
+    for result in results:
+        result["targets"] = [{"reached": True, "reference_reached": True, "seconds": 0.0} for _ in targets]
+    report.median_over_races(results, races, targets)
+    scg = results[1]["targets"]
+    assert scg[0]["time_ratios_by_race"] == [0.5, 0.4, 0.9]
+    assert scg[0]["time_ratio"] == 0.5 and scg[0]["seconds"] == 1.6  # medians of the ratios, and of the times
+    assert scg[0]["seconds_by_race"] == [1.0, 1.6, 1.8]
+    assert scg[1]["time_ratios_by_race"] == [0.5, 0.4]  # only the races that reached the target count
+    assert scg[1]["time_ratio"] == pytest.approx(0.45)
+    assert results[0]["targets"][1]["time_ratio"] == 1.0
