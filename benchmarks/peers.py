@@ -107,11 +107,13 @@ def race(
     costs: dict[str, float],
     table: dict[str, Row] | None = None,
     interleaved: bool = True,
+    shuffle_seed: int | None = None,
 ) -> list[dict[str, Any]]:
     """Run every optimizer of ``table`` (default: all of ``optimizers(problem)``) on ``problem``; at once, interleaved
-    by one baton, or one after the other; return their results."""
+    by one baton (in the table's order, or with ``shuffle_seed`` in a new random order every lap), or one after the
+    other; return their results."""
     table = optimizers(problem) if table is None else table
-    baton = RoundRobin(list(table))
+    baton = RoundRobin(list(table), shuffle_seed)
     runs: dict[str, Run] = {}
     errors: dict[str, BaseException] = {}
 
@@ -206,14 +208,18 @@ def races_for(costs: dict[str, float], quick: bool) -> int:
     return CHEAP_PASS_RACES if costs["gradient_seconds"] < CHEAP_PASS_SECONDS and not quick else 1
 
 
-def run_problem(problem: Problem, probe_budget: float, quick: bool = False, races: int | None = None) -> dict[str, Any]:
-    """Calibrate, race (``races`` times: default :func:`races_for`; times are then medians over the races), probe
-    memory (on :data:`PROBE_PROBLEM`) and analyse one problem."""
+def run_problem(
+    problem: Problem, probe_budget: float, quick: bool = False, races: int | None = None, shuffle: bool = False
+) -> dict[str, Any]:
+    """Calibrate, race (``races`` times: default :func:`races_for`; times are then medians over the races; with
+    ``shuffle`` the baton's order is a new random permutation every lap, seeded by the problem's seed and the race's
+    number), probe memory (on :data:`PROBE_PROBLEM`) and analyse one problem."""
     model = problem.make_model()
     initial = copy.deepcopy(model.state_dict())
     costs = calibrate(problem, initial)
     races = races_for(costs, quick) if races is None else races
-    raws = [race(problem, initial, costs) for _ in range(races)]
+    seeds = [1000 * problem.seed + number if shuffle else None for number in range(races)]
+    raws = [race(problem, initial, costs, shuffle_seed=seed) for seed in seeds]
     probe = memory_probe(problem, initial, costs, probe_budget) if problem.name == PROBE_PROBLEM else None
     results = best_adam(raws[0])
     analysis = analyse(problem, results)
@@ -233,6 +239,7 @@ def run_problem(problem: Problem, probe_budget: float, quick: bool = False, race
         "problem": summary,
         "costs": costs,
         "races": races,
+        "shuffled_order": shuffle,
         "analysis": analysis,
         "results": results,
         "memory_probe": probe,
@@ -287,6 +294,11 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--out", type=Path, default=RESULTS, help="folder for peers[_quick].{txt,json,png}")
     parser.add_argument(
+        "--shuffle-order",
+        action="store_true",
+        help="pass the baton in a new random order every lap (seeded) instead of the table's order",
+    )
+    parser.add_argument(
         "--report-from",
         type=Path,
         metavar="JSON",
@@ -307,7 +319,7 @@ def main(argv: list[str] | None = None) -> int:
             block = results["memory_bound"] = run_memory_bound(args.quick, args.seed)
         else:
             problem = PROBLEMS[name](args.quick, args.seed)
-            block = run_problem(problem, 10.0 if args.quick else 30.0, args.quick, args.races)
+            block = run_problem(problem, 10.0 if args.quick else 30.0, args.quick, args.races, args.shuffle_order)
             results["problems"].append(block)
         block["wall_seconds"] = time.perf_counter() - started
         print(f"{name}: {block['wall_seconds']:.0f} s", file=sys.stderr)

@@ -8,6 +8,7 @@ import contextlib
 import dataclasses
 import math
 import os
+import random
 import statistics
 import sys
 import threading
@@ -89,18 +90,25 @@ def calibrate(problem: Problem, initial: dict[str, torch.Tensor]) -> dict[str, f
 
 
 class RoundRobin:
-    """A baton passed among named threads in a fixed order; threads that finished are skipped.
+    """A baton passed among named threads in laps, each thread once a lap; threads that finished are skipped.
 
     Each thread waits on its own event, and passing the baton sets only the next thread's: the threads not next
     stay asleep. (With one shared condition notified to all, every pass woke all the waiting threads, and their
     wake-ups competed for the GIL with the optimizer that had just taken the baton and started its clock.)
+
+    With ``shuffle_seed`` the order of every lap after the first is a new random permutation (seeded, so a run can be
+    repeated), and a thread never takes two turns in a row while another is waiting. In a fixed order every
+    optimizer always runs right after the same one, whose code and data it finds in the processor's caches (or
+    not): on the millisecond problems that moved a row's time outside its evaluations by a third
+    (docs/performance.md, lever 16).
     """
 
-    def __init__(self, names: list[str]) -> None:
+    def __init__(self, names: list[str], shuffle_seed: int | None = None) -> None:
         self._order = list(names)
         self._active = set(names)
         self._lock = threading.Lock()
         self._turn_of = {name: threading.Event() for name in names}
+        self._random = random.Random(shuffle_seed) if shuffle_seed is not None else None
         if names:
             self._turn_of[names[0]].set()
 
@@ -125,6 +133,17 @@ class RoundRobin:
 
     def _next_after(self, name: str) -> str | None:
         start = self._order.index(name)
+        if self._random is not None:
+            following = [n for n in self._order[start + 1 :] if n in self._active]
+            if following:
+                return following[0]
+            self._random.shuffle(self._order)  # a new lap in a new order, not starting with the thread just run
+            lap = [n for n in self._order if n in self._active]
+            if len(lap) > 1 and lap[0] == name:
+                i, j = self._order.index(lap[0]), self._order.index(lap[1])
+                self._order[i], self._order[j] = self._order[j], self._order[i]
+                lap[0], lap[1] = lap[1], lap[0]
+            return lap[0] if lap else None
         for offset in range(1, len(self._order) + 1):
             candidate = self._order[(start + offset) % len(self._order)]
             if candidate in self._active:

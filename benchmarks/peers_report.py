@@ -152,6 +152,7 @@ def problem_table(block: dict[str, Any]) -> list[str]:
             if block.get("races", 1) > 1
             else ""
         )
+        + ("; the baton's order a new random permutation every lap" if block.get("shuffled_order") else "")
         + "; evals = calls "
         "into the objective to reach T1/T2/T3 (a gradient, an HVP and a loss-only evaluation count 1 each); final "
         "loss at the budget, ratio to torch LBFGS; state = peak optimizer memory at evaluations, in units of n",
