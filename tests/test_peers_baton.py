@@ -11,12 +11,9 @@ from scripts import load_script
 METERING = Path(__file__).resolve().parent.parent / "benchmarks" / "peers_metering.py"
 
 
-def test_turns_go_round_in_order_and_skip_a_thread_that_left(monkeypatch):
-    metering = load_script(METERING, monkeypatch)
-    names = ["a", "b", "c"]
-    baton = metering.RoundRobin(names)
+def turns_taken(baton, rounds: dict[str, int]) -> list[str]:
+    """The names in the order their threads held the baton, each thread taking ``rounds[name]`` turns, then leaving."""
     turns: list[str] = []
-    rounds = {"a": 3, "b": 1, "c": 3}  # b leaves after its first turn
 
     def participant(name: str) -> None:
         baton.wait_turn(name)
@@ -27,12 +24,19 @@ def test_turns_go_round_in_order_and_skip_a_thread_that_left(monkeypatch):
                 baton.wait_turn(name)
         baton.leave(name)
 
-    threads = [threading.Thread(target=participant, args=(name,)) for name in names]
+    threads = [threading.Thread(target=participant, args=(name,)) for name in rounds]
     for thread in threads:
         thread.start()
     for thread in threads:
         thread.join(timeout=10)
     assert not any(thread.is_alive() for thread in threads), "a thread never got the baton back"
+    return turns
+
+
+def test_turns_go_round_in_order_and_skip_a_thread_that_left(monkeypatch):
+    metering = load_script(METERING, monkeypatch)
+    baton = metering.RoundRobin(["a", "b", "c"])
+    turns = turns_taken(baton, {"a": 3, "b": 1, "c": 3})  # b leaves after its first turn
     assert turns == ["a", "b", "c", "a", "c", "a", "c"]
 
 
@@ -49,24 +53,7 @@ def test_a_shuffled_baton_gives_every_thread_one_turn_a_lap_in_new_orders(monkey
     metering = load_script(METERING, monkeypatch)
     names = ["a", "b", "c", "d"]
     baton = metering.RoundRobin(names, shuffle_seed=0)
-    turns: list[str] = []
-    laps = 6
-
-    def participant(name: str) -> None:
-        baton.wait_turn(name)
-        for turn in range(laps):
-            turns.append(name)
-            if turn < laps - 1:
-                baton.pass_turn(name)
-                baton.wait_turn(name)
-        baton.leave(name)
-
-    threads = [threading.Thread(target=participant, args=(name,)) for name in names]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join(timeout=10)
-    assert not any(thread.is_alive() for thread in threads), "a thread never got the baton back"
+    turns = turns_taken(baton, dict.fromkeys(names, 6))
     lap_orders = [turns[i : i + 4] for i in range(0, len(turns), 4)]
     assert lap_orders[0] == names  # the first lap in the table's order
     assert all(sorted(lap) == names for lap in lap_orders)  # every thread once a lap
