@@ -33,7 +33,7 @@ MODEL_BUFFERS = 4
 the differentiable gradient and the accumulated product."""
 SCG_BUFFERS = 4  # p, r, the accepted w and s = E''p (or the new r) at the peak, as the memory probe measures
 SECANT_EXTRA_BUFFERS = 1
-"""With memory m, besides the 2m pairs: r, the accepted w, and y = r − r₊, p and r₊ as the rows of one (3, n) buffer
+"""With memory m, besides the 2m pairs: the accepted w, and y = r − r₊, p, r₊ and r as the rows of one (4, n) buffer
 kept between steps — one more than Møller's 4 (the race measures 2m + 5 n at evaluations)."""
 DIAGONAL_SCALING_BUFFERS = 2
 """With ``diagonal_scaling=True``: the gradients' second moment v and the diagonal Λ (the race measures 2m + 7 n at

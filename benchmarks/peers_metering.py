@@ -99,8 +99,8 @@ class RoundRobin:
     With ``shuffle_seed`` the order of every lap after the first is a new random permutation (seeded, so a run can be
     repeated), and a thread never takes two turns in a row while another is waiting. In a fixed order every
     optimizer always runs right after the same one, whose code and data it finds in the processor's caches (or
-    not): on the millisecond problems that moved a row's time outside its evaluations by a third
-    (docs/performance.md, lever 16).
+    not); shuffling tested whether that favoured some rows on the millisecond problems, and it did not change
+    SCG's ratios (docs/performance.md, lever 16).
     """
 
     def __init__(self, names: list[str], shuffle_seed: int | None = None) -> None:

@@ -8,6 +8,7 @@ import json
 import math
 import re
 import statistics
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -84,7 +85,9 @@ def median_over_races(
     race's results, the first race's among them), in place: ``seconds`` is the median of the races' times and
     ``time_ratio`` the median of each race's ratio to its own reference, with the per-race numbers kept beside them
     (``seconds_by_race``, ``time_ratios_by_race``). The races run the same trajectories (the passes and evaluations
-    to a target are the first race's); only the machine's speed differs from race to race."""
+    to a target are the first race's); only the machine's speed differs from race to race. A row or a reference that
+    reaches a target in some races only (which deterministic runs do not) is named on stderr and the medians are
+    taken over the races that reached it (``races_reached`` records how many)."""
     by_name = [{r["name"]: r for r in race} for race in races]
     for result in results:
         for entry, target in zip(result["targets"], targets):
@@ -100,6 +103,13 @@ def median_over_races(
                 if reference_hit is not None:
                     ratios.append(hit["seconds"] / reference_hit["seconds"])
             entry["seconds"], entry["seconds_by_race"] = statistics.median(seconds), seconds
+            entry["races_reached"] = len(seconds)
+            if len(seconds) != len(races) or (entry["reference_reached"] and len(ratios) != len(races)):
+                print(
+                    f"warning: {result['name']} or {reference_name} reached the target {target:.4g} in some races "
+                    f"only ({len(seconds)} and {len(ratios)} of {len(races)}): medians over those",
+                    file=sys.stderr,
+                )
             if entry["reference_reached"] and ratios:
                 entry["time_ratio"], entry["time_ratios_by_race"] = statistics.median(ratios), ratios
 

@@ -30,7 +30,7 @@ from peers import race
 from peers_adapters import warm_up
 from peers_metering import Run, calibrate
 from peers_problems import PROBLEMS
-from peers_report import analyse
+from peers_report import analyse, best_adam, first_reaching
 
 from moller_scg import GradientAccumulator
 
@@ -104,11 +104,11 @@ def attribution(problem_name: str, races: int, shuffle: bool, quick: bool = Fals
     costs = calibrate(problem, initial)
     lines = []
     for number in range(races):
-        results, clock = timed_race(problem, initial, costs, number if shuffle else None)
-        target = analyse(problem, results)["targets"][target_index]
+        results, clock = timed_race(problem, initial, costs, 1000 * problem.seed + number if shuffle else None)
+        target = analyse(problem, best_adam(results))["targets"][target_index]  # the targets of peers.py
         by_name = {r["name"]: r for r in results}
         for name in ROWS:
-            hit = next((h for h in by_name[name]["history"] if h["loss"] <= target), None)
+            hit = first_reaching(by_name[name]["history"], target)
             if hit is None:
                 lines.append(f"race {number + 1}  {name:16s} T{target_index + 1} not reached")
                 continue

@@ -66,11 +66,11 @@ class FlatLayout:
 
 
 FUSED_PRODUCTS_MAX = 1 << 15
-"""Vectors of at most this many numbers take a step's inner products with r₊ (|r₊|², r₊ᵀr, r₊ᵀp) and with p₊
-(|p₊|², p₊ᵀr₊) as one product of rows each, three tensor operations instead of eight and six. On the models of a
+"""Vectors of at most this many numbers on the CPU take a step's inner products with r₊ (|r₊|², r₊ᵀr, r₊ᵀp) and
+with p₊ (|p₊|², p₊ᵀr₊) as one product of rows each, three tensor operations instead of eight and six. On the models of a
 few hundred weights whose gradient pass takes a millisecond, an operation's dispatch is what a step's own work is
-made of. Up to torch's grain size of 2^15 numbers no reduction is split among threads, and each row's float64 sum
-has the bits of :func:`moller_scg._vectors.dots` (tested)."""
+made of. Up to torch's grain size of 2^15 numbers no row's sum is split among threads, and each row's float64 sum
+has the bits of :func:`moller_scg._vectors.dots` (tested on the CPU)."""
 
 
 class FlatBuffers:
@@ -115,11 +115,14 @@ class FlatBuffers:
 
     @property
     def fuses_products(self) -> bool:
-        """Whether the step's inner products are taken as products of rows (n ≤ :data:`FUSED_PRODUCTS_MAX`)."""
-        return self.rows.shape[-1] <= FUSED_PRODUCTS_MAX
+        """Whether the step's inner products are taken as products of rows: on the CPU, n ≤ :data:`FUSED_PRODUCTS_MAX`.
+        (A GPU's reductions of one row and of several may add in other orders: there the products stay one at a time,
+        as a resumed run forms them, so that a resume stays bit for bit.)"""
+        return self.rows.device.type == "cpu" and self.rows.shape[-1] <= FUSED_PRODUCTS_MAX
 
     def products_with_new_residual(self) -> list[float]:
-        """[r₊ᵀp, |r₊|², r₊ᵀr] (step 6), each summed in float64, in one product (:attr:`fuses_products`)."""
+        """[r₊ᵀp, |r₊|², r₊ᵀr] (step 6; in the order of the rows p, r₊, r), each summed in float64, in one product
+        (:attr:`fuses_products`)."""
         return _row_dots(self.rows[1:], self.new_residual)
 
     def products_with_direction(self) -> list[float]:

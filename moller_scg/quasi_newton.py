@@ -50,7 +50,6 @@ from typing import Any
 
 import numpy as np
 import torch
-from scipy.linalg import lapack
 
 from moller_scg import _vectors as vec
 from moller_scg.diagonal_scaling import DiagonalScaling
@@ -348,20 +347,22 @@ class SecantPairs:
         targets: list[torch.Tensor | None] = list(out) if out is not None else [None] * len(flat)
         k = self._rows_in_use()
         # c over [S Y] (2m numbers, for one product when every slot is in use), c_S and c_Y over the k slots in use.
-        both, steps, changes = (torch.from_numpy(c) for c in (coefficients, coefficients[:k], coefficients[m : m + k]))
+        c_both = torch.from_numpy(coefficients)
+        c_s = torch.from_numpy(coefficients[:k])
+        c_y = torch.from_numpy(coefficients[m : m + k])
         diagonals: list[torch.Tensor | None] = [None] * len(flat)
         if scaled is not None and self.scaling is not None:  # (scaled comes only with a scaling)
             diagonals = list(self.scaling.diagonal)
         results = []
         for block, v, target, diagonal in zip(self.blocks, flat, targets, diagonals):
             if diagonal is not None:  # Λ(γ_D v + Y c_Y) + S c_S
-                result = torch.addmv(v, block[1, :k].T, _on(changes, v), beta=gamma, out=target).mul_(diagonal)
-                results.append(result.addmv_(block[0, :k].T, _on(steps, v)))
+                result = torch.addmv(v, block[1, :k].T, _on(c_y, v), beta=gamma, out=target).mul_(diagonal)
+                results.append(result.addmv_(block[0, :k].T, _on(c_s, v)))
             elif k == m:  # every slot in use: γv + [S Y] c in one product
-                results.append(torch.addmv(v, block.view(2 * m, -1).T, _on(both, v), beta=gamma, out=target))
+                results.append(torch.addmv(v, block.view(2 * m, -1).T, _on(c_both, v), beta=gamma, out=target))
             else:  # γv + S c_S + Y c_Y over the k slots in use
-                result = torch.addmv(v, block[0, :k].T, _on(steps, v), beta=gamma, out=target)
-                results.append(result.addmv_(block[1, :k].T, _on(changes, v)))
+                result = torch.addmv(v, block[0, :k].T, _on(c_s, v), beta=gamma, out=target)
+                results.append(result.addmv_(block[1, :k].T, _on(c_y, v)))
         return results
 
     def _append_in_order(
@@ -512,9 +513,12 @@ def _scaled_gram(rows: torch.Tensor, diagonal: torch.Tensor) -> torch.Tensor:
 
 
 def _solve_upper(upper: np.ndarray, b: np.ndarray, transposed: bool = False) -> np.ndarray:
-    """R⁻¹b (or R⁻ᵀb) for R upper triangular with a positive diagonal, by LAPACK's triangular solve (``trtrs``):
-    the bits of ``np.linalg.solve(R, b)``, whose LU of a triangular R with a positive diagonal pivots nowhere, at a
-    fifth of its call overhead — which is what an m × m solve costs."""
+    """R⁻¹b (or R⁻ᵀb) for R upper triangular with a positive diagonal, by LAPACK's triangular solve (``trtrs``), at a
+    fifth of ``np.linalg.solve``'s call overhead — which is what an m × m solve costs. R⁻¹b has the bits of
+    ``np.linalg.solve(R, b)``, whose LU of such an R pivots nowhere; R⁻ᵀb may differ from
+    ``np.linalg.solve(R.T, b)`` in the last place (its LU of the lower triangle Rᵀ may pivot)."""
+    from scipy.linalg import lapack  # here, not at the top: scipy takes 0.2 s to import and only this uses it
+
     solution, info = lapack.dtrtrs(upper, b, lower=0, trans=1 if transposed else 0)
     if info != 0:
         raise np.linalg.LinAlgError(f"the triangular factor R of the secant pairs is singular (LAPACK info {info})")

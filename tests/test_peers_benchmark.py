@@ -149,7 +149,7 @@ def test_quick_run_writes_table_json_and_figure(tmp_path, monkeypatch, capsys):
         "SCG m=20 diag",
         "SCG m=40 diag",
     ]
-    # SCG(memory=m) holds the 2m secant pairs besides r, w and the (3, n) buffer of y, p and r₊ (kept between steps,
+    # SCG(memory=m) holds the 2m secant pairs besides w and the (4, n) buffer of y, p, r₊ and r (kept between steps,
     # so that a step allocates no weight-sized temporary), and four m × m matrices: SᵀY and YᵀY by slot, R and YᵀY
     # in the pairs' order (4m² numbers: 12.8 n for m = 40 on the 501-weight regression). With diagonal scaling, v
     # and Λ besides (2m + 7).
@@ -359,3 +359,19 @@ def test_median_over_races_takes_each_races_ratio_to_its_own_lbfgs(monkeypatch):
     assert scg[1]["time_ratios_by_race"] == [0.5, 0.4]  # only the races that reached the target count
     assert scg[1]["time_ratio"] == pytest.approx(0.45)
     assert results[0]["targets"][1]["time_ratio"] == 1.0
+
+
+def test_median_over_races_names_a_target_reached_in_some_races_only(monkeypatch, capsys):
+    report = load_report(monkeypatch)
+
+    def run(name, losses):
+        return {"name": name, "history": [{"loss": loss, "seconds": i + 1.0} for i, loss in enumerate(losses)]}
+
+    races = [
+        [run("torch LBFGS", (3.0, 1.0)), run("SCG", (3.0, 1.0))],
+        [run("torch LBFGS", (3.0, 1.0)), run("SCG", (3.0, 2.0))],
+    ]
+    results = [dict(r, targets=[{"reached": True, "reference_reached": True, "seconds": 0.0}]) for r in races[0]]
+    report.median_over_races(results, races, [1.0])
+    assert results[1]["targets"][0]["races_reached"] == 1
+    assert "SCG or torch LBFGS reached the target 1 in some races only (1 and 1 of 2)" in capsys.readouterr().err

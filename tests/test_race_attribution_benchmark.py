@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import re
 from pathlib import Path
 
 import pytest
@@ -14,23 +13,24 @@ BENCHMARK = Path(__file__).resolve().parents[1] / "benchmarks" / "race_attributi
 @pytest.mark.slow
 @pytest.mark.filterwarnings("ignore:`torch.jit.script` is deprecated:FutureWarning")  # torchmin, at import
 @pytest.mark.filterwarnings("ignore::moller_scg.SCGStalledWarning")
-def test_the_clocked_time_splits_into_inside_and_outside_the_evaluations(monkeypatch):
+def test_every_evaluation_of_a_row_is_timed_once_and_inside_its_clocked_time(monkeypatch):
     for module in ("torchmin", "paramz", "sklearn", "mlxtend"):
         pytest.importorskip(module, reason=f"benchmarks/peers.py needs {module}: pip install 'moller-scg[benchmarks]'")
     attribution = load_script(BENCHMARK, monkeypatch)
+    problem = attribution.PROBLEMS["regression"](True, 0)
+    initial = problem.make_model().state_dict()
+    costs = attribution.calibrate(problem, initial)
+    results, clock = attribution.timed_race(problem, initial, costs, shuffle_seed=None)
+    by_name = {r["name"]: r for r in results}
+    for name in attribution.ROWS:
+        # One running total per call into the objective (a trial's backward adds to its forward's): the index the
+        # report reads at a target's evaluation count.
+        assert len(clock.after_evaluation[name]) == by_name[name]["evaluations"], name
+        assert clock.after_evaluation[name] == sorted(clock.after_evaluation[name])
+        assert 0.0 < clock.inside[name] < by_name[name]["seconds"], name
     lines = attribution.attribution("regression", races=1, shuffle=False, quick=True, target_index=0)
-    pattern = re.compile(
-        r"race 1  (.+?) +(\d+) evaluations to T1: ([\d.]+) ms each clocked = ([\d.]+) inside .* \+ ([\d.]+)"
-    )
-    rows = {}
-    for line in lines:
-        match = pattern.match(line)
-        assert match, line
-        name, evaluations, clocked, inside, outside = match.groups()
-        rows[name] = int(evaluations)
-        assert float(clocked) == pytest.approx(float(inside) + float(outside), abs=2e-3)
-        assert float(inside) > 0.0 and float(outside) > 0.0
-    assert set(rows) == set(attribution.ROWS)
+    assert len(lines) == len(attribution.ROWS)
+    assert all(line.startswith(f"race 1  {name:16s} ") for line, name in zip(lines, attribution.ROWS))
 
 
 def test_a_trials_deferred_backward_counts_in_the_evaluation_its_forward_began(monkeypatch):

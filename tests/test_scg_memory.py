@@ -196,7 +196,7 @@ def test_state_dict_round_trip_with_weights_only_continues_bit_identically():
 
 
 def test_a_saved_or_pickled_state_holds_r_and_p_once_not_the_buffers_they_live_in():
-    # On the fast path p is a row of a (3, n) buffer (beside r₊ and y); torch.save and pickle keep a view's whole
+    # On the fast path r and p are rows of a (4, n) buffer (beside r₊ and y); torch.save and pickle keep a view's whole
     # storage, so the state gives r and p as copies: the pairs (2m n), r and p (2 n) and a little more.
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(20, 200), nn.Tanh(), nn.Linear(200, 2)).double()  # n = 4,602: the format's
