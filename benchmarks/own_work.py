@@ -51,12 +51,15 @@ class TimedAccumulator(GradientAccumulator):
     gradient pass, the trial's forward and its deferred backward, the HVP and loss-only passes — in ``seconds``.
 
     ``depth`` is the number of evaluations under way: over several batches ``value_then_gradient`` makes its pass by
-    calling the accumulator itself, and only the outermost evaluation is timed."""
+    calling the accumulator itself, and only the outermost evaluation is timed. Given a list, ``evaluation_totals``
+    takes ``seconds`` after each evaluation (a trial's deferred backward updates its forward's entry), so that the
+    time inside the first e evaluations can be read (``benchmarks/race_attribution.py``)."""
 
     seconds = 0.0
     depth = 0
+    evaluation_totals: list[float] | None = None
 
-    def _timed(self, evaluation: Callable, *args):
+    def _timed(self, evaluation: Callable, *args, completes_last: bool = False):
         started = time.perf_counter()
         self.depth += 1
         try:
@@ -65,13 +68,18 @@ class TimedAccumulator(GradientAccumulator):
             self.depth -= 1
             if self.depth == 0:
                 self.seconds += time.perf_counter() - started
+                if self.evaluation_totals is not None:
+                    if completes_last:
+                        self.evaluation_totals[-1] = self.seconds
+                    else:
+                        self.evaluation_totals.append(self.seconds)
 
     def __call__(self):
         return self._timed(super().__call__)
 
     def value_then_gradient(self):
         loss, gradient = self._timed(super().value_then_gradient)
-        return loss, lambda: self._timed(gradient)
+        return loss, lambda: self._timed(gradient, completes_last=True)
 
     def hvp(self, vectors):
         return self._timed(super().hvp, vectors)

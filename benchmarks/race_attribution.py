@@ -19,79 +19,37 @@ from __future__ import annotations
 
 import argparse
 import sys
-import time
-from collections import defaultdict
-from collections.abc import Callable
 from typing import Any
 
 import torch
 from common import environment
+from own_work import TimedAccumulator
 from peers import race
 from peers_adapters import warm_up
 from peers_metering import Run, calibrate
 from peers_problems import PROBLEMS
 from peers_report import analyse, best_adam, first_reaching
 
-from moller_scg import GradientAccumulator
-
 ROWS = ("torch LBFGS", "SCG m=20", "SCG m=20 diag", "SCG m=40", "SCG m=40 diag")
 """The rows reported (all rows of the problem race)."""
 
 
-class EvaluationClock:
-    """Seconds each run spends inside its accumulator's evaluations, and the running total after each evaluation."""
-
-    def __init__(self) -> None:
-        self.inside: dict[str, float] = defaultdict(float)
-        self.after_evaluation: dict[str, list[float]] = defaultdict(list)
-
-    def timed(self, name: str, evaluation: Callable, ends_evaluation: bool) -> Callable:
-        """``evaluation`` timed for run ``name``; ``ends_evaluation=False`` for a trial's deferred backward, which
-        completes the evaluation its forward began (its time goes to that evaluation)."""
-
-        def wrapper(*args: Any) -> Any:
-            started = time.perf_counter()
-            try:
-                return evaluation(*args)
-            finally:
-                self.inside[name] += time.perf_counter() - started
-                if ends_evaluation:
-                    self.after_evaluation[name].append(self.inside[name])
-                else:
-                    self.after_evaluation[name][-1] = self.inside[name]
-
-        return wrapper
-
-
-class TimedEvaluations(GradientAccumulator):
-    """A run's accumulator whose evaluations its :class:`EvaluationClock` times (set ``clock`` and ``run_name``)."""
-
-    clock: EvaluationClock
-    run_name: str
-
-    def __call__(self) -> torch.Tensor:
-        return self.clock.timed(self.run_name, super().__call__, True)()
-
-    def value_then_gradient(self) -> tuple[torch.Tensor, Callable]:
-        loss, gradient = self.clock.timed(self.run_name, super().value_then_gradient, True)()
-        return loss, self.clock.timed(self.run_name, gradient, False)
-
-
 def timed_race(
     problem: Any, initial: dict[str, torch.Tensor], costs: dict[str, float], shuffle_seed: int | None
-) -> tuple[list[dict[str, Any]], EvaluationClock]:
-    """One race of all the problem's rows (``peers.race``) with every run's evaluations timed."""
-    clock = EvaluationClock()
+) -> tuple[list[dict[str, Any]], dict[str, list[float]]]:
+    """One race of all the problem's rows (``peers.race``), each run's accumulator an ``own_work.TimedAccumulator``;
+    also, per row, the seconds inside its evaluations after each evaluation."""
+    totals: dict[str, list[float]] = {}
     original_init = Run.__init__
 
     def watched_init(self: Run, *args: Any, **kwargs: Any) -> None:
         original_init(self, *args, **kwargs)
-        self.acc.__class__ = TimedEvaluations
-        self.acc.clock, self.acc.run_name = clock, self.name
+        self.acc.__class__ = TimedAccumulator
+        self.acc.evaluation_totals = totals[self.name] = []
 
     Run.__init__ = watched_init  # type: ignore[method-assign]
     try:
-        return race(problem, initial, costs, shuffle_seed=shuffle_seed), clock
+        return race(problem, initial, costs, shuffle_seed=shuffle_seed), totals
     finally:
         Run.__init__ = original_init  # type: ignore[method-assign]
 
@@ -104,7 +62,7 @@ def attribution(problem_name: str, races: int, shuffle: bool, quick: bool = Fals
     costs = calibrate(problem, initial)
     lines = []
     for number in range(races):
-        results, clock = timed_race(problem, initial, costs, 1000 * problem.seed + number if shuffle else None)
+        results, totals = timed_race(problem, initial, costs, 1000 * problem.seed + number if shuffle else None)
         target = analyse(problem, best_adam(results))["targets"][target_index]  # the targets of peers.py
         by_name = {r["name"]: r for r in results}
         for name in ROWS:
@@ -113,7 +71,7 @@ def attribution(problem_name: str, races: int, shuffle: bool, quick: bool = Fals
                 lines.append(f"race {number + 1}  {name:16s} T{target_index + 1} not reached")
                 continue
             evaluations = hit["evaluations"]
-            inside = clock.after_evaluation[name][evaluations - 1]
+            inside = totals[name][evaluations - 1]
             lines.append(
                 f"race {number + 1}  {name:16s} {evaluations:4d} evaluations to T{target_index + 1}: "
                 f"{hit['seconds'] / evaluations * 1e3:.3f} ms each clocked = {inside / evaluations * 1e3:.3f} inside "

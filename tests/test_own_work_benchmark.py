@@ -83,3 +83,20 @@ def test_it_times_the_memory_bound_model_at_its_full_size(monkeypatch, capsys):
     lines = capsys.readouterr().out.splitlines()
     assert lines[0].startswith("SCG(memory=5) own work per step")
     assert lines[1].split()[0] == "memory-bound" and "own work" in lines[1]
+
+
+@pytest.mark.parametrize("batch_size", [16, 4])  # one batch (the trial's backward deferred), or four
+def test_evaluation_totals_take_one_entry_per_evaluation_the_deferred_backward_in_its_forwards(monkeypatch, batch_size):
+    own_work = load_script(BENCHMARK, monkeypatch)
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(2, 4), torch.nn.Tanh(), torch.nn.Linear(4, 1)).double()
+    data = (torch.randn(16, 2, dtype=torch.float64), torch.randn(16, 1, dtype=torch.float64))
+    objective = own_work.TimedAccumulator(model, torch.nn.MSELoss(), data, batch_size=batch_size)
+    objective.evaluation_totals = []
+    objective()  # a gradient pass
+    loss, gradient = objective.value_then_gradient()  # a trial's forward …
+    after_forward = list(objective.evaluation_totals)
+    gradient()  # … and its backward
+    assert len(after_forward) == len(objective.evaluation_totals) == 2
+    assert objective.evaluation_totals[-1] == objective.seconds >= after_forward[-1]
+    assert objective.evaluation_totals == sorted(objective.evaluation_totals)
