@@ -20,7 +20,9 @@ meets H₀ (Byrd, Nocedal & Schnabel's eq. 3.1 for any H₀):
     H v = γ_D Λv + [S  γ_D ΛY] [ R⁻ᵀ(D + γ_D YᵀΛY)R⁻¹   −R⁻ᵀ ] [ Sᵀv     ]
                                [ −R⁻¹                   0   ] [ γ_D YᵀΛv ]
 
-Λ changes with every accepted gradient, so YᵀΛY is formed afresh at every step (k² n products, k the pairs held).
+Λ changes with every accepted gradient, so YᵀΛY is formed afresh at every step (k² n products, k the pairs held) —
+on models of up to 2^16 weights. On larger ones it is never formed: (YᵀΛY)R⁻¹u, all the compact form needs of it
+besides its diagonal, is Yᵀ(Λz) with z = Y R⁻¹u, 2kn products and one more host synchronisation.
 
 One matrix-vector product with the 2m × n block [S Y]ᵀ, an m × m triangular solve and one product back replace the
 4m vector operations of the two-loop recursion: the same H v (tested against the two-loop recursion), with a number
@@ -45,6 +47,7 @@ References:
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Sequence
 from typing import Any
 
@@ -57,6 +60,17 @@ from moller_scg.diagonal_scaling import DiagonalScaling
 CURVATURE_CONDITION = 1e-10
 """A pair is kept only if sᵀy > CURVATURE_CONDITION · yᵀy (a scale-free form of L-BFGS's sᵀy > 0): H then stays
 positive definite, so p = H r is a descent direction (pᵀr > 0)."""
+
+
+@dataclasses.dataclass
+class _ScaledProducts:
+    """The diagonal mode's inner products of a step (:meth:`SecantPairs._scaled_products`), by slot: YᵀΛv (m numbers,
+    zero beyond the k rows in use), the diagonal yᵢᵀΛyᵢ of YᵀΛY (k numbers) and YᵀΛY itself (k × k), which is
+    ``None`` on large models, where it is never formed."""
+
+    changes_dot_scaled: np.ndarray
+    gram_diagonal_by_slot: np.ndarray
+    gram_by_slot: np.ndarray | None
 
 
 class SecantPairs:
@@ -196,8 +210,9 @@ class SecantPairs:
         _, s_dot_v, y_dot_v = self._push_flat(columns, step_scale=alpha)
         if not self.slots:
             return vec.clone(new_residual)
-        scaled = self._scaled_products(flat_new_residual, [c[0] for c in columns])  # y's row is free: y is stored
-        return self._unflatten(self._apply_flat(flat_new_residual, s_dot_v, y_dot_v, scaled=scaled))
+        free_rows = [c[0] for c in columns]  # y's row is free: y is stored
+        scaled = self._scaled_products(flat_new_residual, free_rows)
+        return self._unflatten(self._apply_flat(flat_new_residual, s_dot_v, y_dot_v, scaled=scaled, scratch=free_rows))
 
     def advance_flat(self, rows: torch.Tensor, alpha: float, residual: torch.Tensor) -> None:
         """:meth:`advance` for real parameters of one device and dtype, on flat vectors of n numbers
@@ -217,7 +232,7 @@ class SecantPairs:
             rows[1].copy_(rows[2])
             return
         scaled = self._scaled_products([rows[2]], [rows[0]])  # y's row is free once the pair is stored
-        self._apply_flat([rows[2]], s_dot_v, y_dot_v, out=[rows[1]], scaled=scaled)
+        self._apply_flat([rows[2]], s_dot_v, y_dot_v, out=[rows[1]], scaled=scaled, scratch=[rows[0]])
 
     def _rows_in_use(self) -> int:
         """k: the products with the stacks use slots 0 … k − 1 of S and of Y — the pairs held while they fill the
@@ -290,29 +305,39 @@ class SecantPairs:
 
     def _scaled_products(
         self, vectors: list[torch.Tensor], scratch: list[torch.Tensor] | None
-    ) -> tuple[np.ndarray, np.ndarray] | None:
-        """With diagonal scaling, (YᵀΛv by slot, m numbers, zero beyond the rows in use; YᵀΛY by slot, k × k over the k
-        rows in use) for v one flat vector per block (one host synchronisation); ``None`` without. Vectors longer
-        than ``PRODUCT_PIECE`` take Λv in ``scratch`` (one flat tensor per block, not one of ``vectors``; new tensors
-        if ``None``)."""
+    ) -> _ScaledProducts | None:
+        """With diagonal scaling, YᵀΛv and YᵀΛY (or, on large models, YᵀΛY's diagonal only) for v one flat vector per
+        block (one host synchronisation); ``None`` without. On large models (:meth:`_forms_scaled_gram`) Λv is formed
+        in ``scratch`` (one flat tensor per block, not one of ``vectors``; new tensors if ``None``)."""
         if self.scaling is None:
             return None
         m, k = self.memory, self._rows_in_use()
+        whole = self._forms_scaled_gram()
         partial = []
         for index, (block, diagonal, v) in enumerate(zip(self.blocks, self.scaling.diagonal, vectors)):
             changes = block[1, :k]
-            if v.shape[-1] <= PRODUCT_PIECE:  # ΛY once, then [YᵀΛY | YᵀΛv] from two products
+            if whole:  # ΛY once, then [YᵀΛv | YᵀΛY] from two products
                 scaled_changes = changes * diagonal
-                gram, against = scaled_changes @ changes.T, scaled_changes @ v
-            else:  # in pieces: no k × n temporary
+                against, square = scaled_changes @ v, (scaled_changes @ changes.T).reshape(-1)
+            else:  # [YᵀΛv | diag YᵀΛY], a piece at a time: no k × n temporary, no k² n products
                 scaled = torch.mul(diagonal, v, out=scratch[index]) if scratch is not None else diagonal * v
-                gram = _scaled_gram(changes, diagonal)
                 against = _row_products(changes, scaled[None]).reshape(-1)
-            partial.append(_as_float64(torch.cat([against, gram.reshape(-1)])))
+                square = _scaled_squares(changes, diagonal)
+            partial.append(_as_float64(torch.cat([against, square])))
         totals = _sum_on_cpu(partial)
         changes_dot_scaled = np.zeros(m)
         changes_dot_scaled[:k] = totals[:k]
-        return changes_dot_scaled, totals[k:].reshape(k, k)
+        if whole:
+            gram = totals[k:].reshape(k, k)
+            return _ScaledProducts(changes_dot_scaled, gram.diagonal().copy(), gram)
+        return _ScaledProducts(changes_dot_scaled, totals[k:], None)
+
+    def _forms_scaled_gram(self) -> bool:
+        """Whether the diagonal mode forms YᵀΛY whole (k² n products): on models of up to ``PRODUCT_PIECE`` real
+        scalars, where a few more tensor operations would cost more than the products. On larger ones
+        :meth:`_apply_flat` forms (YᵀΛY)x as Yᵀ(Λ(Yx)) instead, 2kn products: on the MNIST CNN (n = 462,742, k = 40)
+        the k × k product took 25 ms of a step, against 2–3 ms for each matrix-vector product."""
+        return sum(block.shape[-1] for block in self.blocks) <= PRODUCT_PIECE
 
     def _apply_flat(
         self,
@@ -320,32 +345,40 @@ class SecantPairs:
         s_dot_v: np.ndarray,
         y_dot_v: np.ndarray,
         out: list[torch.Tensor] | None = None,
-        scaled: tuple[np.ndarray, np.ndarray] | None = None,
+        scaled: _ScaledProducts | None = None,
+        scratch: list[torch.Tensor] | None = None,
     ) -> list[torch.Tensor]:
         """H v per block from Sᵀv and Yᵀv over all slots (the compact form's m × m algebra in NumPy), as new
         tensors or into ``out`` (one flat tensor per block, not one of ``flat``).
 
-        With diagonal scaling (``scaled``: :meth:`_scaled_products`' YᵀΛv and YᵀΛY by slot), H₀ = γ_D Λ and the
-        compact form reads H v = Λ(γ_D v + Y c_Y) + S c_S: YᵀΛY takes the place of YᵀY and YᵀΛv of Yᵀv.
+        With diagonal scaling (``scaled``: :meth:`_scaled_products`' YᵀΛv and YᵀΛY), H₀ = γ_D Λ and the compact form
+        reads H v = Λ(γ_D v + Y c_Y) + S c_S: YᵀΛY takes the place of YᵀY and YᵀΛv of Yᵀv. Where YᵀΛY was not
+        formed whole, (YᵀΛY)R⁻¹u is Yᵀ(Λz) with z = Y R⁻¹u, formed in ``out`` and Λz in ``scratch`` (one flat tensor
+        per block each, new tensors if ``None``), one more host synchronisation; then Y c_Y = −γ_D z.
         """
         m = self.memory
         held, order = len(self.slots), self._order
         upper = self._ordered_r[:held, :held]  # R, upper triangular with the positive diagonal D
         if scaled is None:
-            changes_gram, changes_dot_v = self._ordered_yy[:held, :held], y_dot_v
+            changes_dot_v = y_dot_v
             gamma = self.gamma
         else:
-            changes_dot_v, by_slot = scaled
-            changes_gram = by_slot.take(order, 0).take(order, 1)  # YᵀΛY, oldest first
-            gamma = float((upper.diagonal() / changes_gram.diagonal()).max())  # γ_D = maxᵢ sᵢᵀyᵢ / yᵢᵀΛyᵢ
+            changes_dot_v = scaled.changes_dot_scaled
+            gamma = float((upper.diagonal() / scaled.gram_diagonal_by_slot[order]).max())  # γ_D = maxᵢ sᵢᵀyᵢ / yᵢᵀΛyᵢ
         u, w = s_dot_v[order], gamma * changes_dot_v[order]
         r_inv_u = _solve_upper(upper, u)
+        targets: list[torch.Tensor | None] = list(out) if out is not None else [None] * len(flat)
+        if scaled is None:
+            changes_gram = self._ordered_yy[:held, :held]
+        elif scaled.gram_by_slot is not None:
+            changes_gram = scaled.gram_by_slot.take(order, 0).take(order, 1)  # YᵀΛY, oldest first
+        else:
+            return self._apply_scaled_without_gram(flat, upper, r_inv_u, w, gamma, targets, scratch)
+        k = self._rows_in_use()
         inner = np.diag(upper) * r_inv_u + gamma * (changes_gram @ r_inv_u) - w
         coefficients = np.zeros(2 * m)
         coefficients[order] = _solve_upper(upper, inner, transposed=True)
         coefficients[m + order] = -gamma * r_inv_u
-        targets: list[torch.Tensor | None] = list(out) if out is not None else [None] * len(flat)
-        k = self._rows_in_use()
         # c over [S Y] (2m numbers, for one product when every slot is in use), c_S and c_Y over the k slots in use.
         c_both = torch.from_numpy(coefficients)
         c_s = torch.from_numpy(coefficients[:k])
@@ -363,6 +396,42 @@ class SecantPairs:
             else:  # γv + S c_S + Y c_Y over the k slots in use
                 result = torch.addmv(v, block[0, :k].T, _on(c_s, v), beta=gamma, out=target)
                 results.append(result.addmv_(block[1, :k].T, _on(c_y, v)))
+        return results
+
+    def _apply_scaled_without_gram(
+        self,
+        flat: list[torch.Tensor],
+        upper: np.ndarray,
+        r_inv_u: np.ndarray,
+        w: np.ndarray,
+        gamma: float,
+        targets: list[torch.Tensor | None],
+        scratch: list[torch.Tensor] | None,
+    ) -> list[torch.Tensor]:
+        """The diagonal mode's H v = γ_D Λ(v − z) + S c_S on a large model, z = Y R⁻¹u, with (YᵀΛY)R⁻¹u = Yᵀ(Λz)
+        (:meth:`_apply_flat`; R⁻¹u with u = Sᵀv, and w = γ_D YᵀΛv, oldest first)."""
+        assert self.scaling is not None
+        m, k, order = self.memory, self._rows_in_use(), self._order
+        by_slot = np.zeros(m)
+        by_slot[order] = r_inv_u
+        c_z = torch.from_numpy(by_slot[:k])
+        combined, scaled_combined, partial = [], [], []
+        for index, (block, v, target, diagonal) in enumerate(zip(self.blocks, flat, targets, self.scaling.diagonal)):
+            changes = block[1, :k]
+            combination = torch.mv(changes.T, _on(c_z, v), out=target)  # z = Y R⁻¹u
+            scaled = torch.mul(diagonal, combination, out=scratch[index] if scratch is not None else None)  # Λz
+            combined.append(combination)
+            scaled_combined.append(scaled)
+            partial.append(_row_products(changes, scaled[None]).reshape(-1))
+        gram_times_r_inv_u = _sum_on_cpu(partial)[order]  # (YᵀΛY)R⁻¹u = Yᵀ(Λz), oldest first
+        inner = np.diag(upper) * r_inv_u + gamma * gram_times_r_inv_u - w
+        by_slot[order] = _solve_upper(upper, inner, transposed=True)
+        c_s = torch.from_numpy(by_slot[:k])
+        results = []
+        for block, v, combination, diagonal in zip(self.blocks, flat, combined, self.scaling.diagonal):
+            # Λ(γ_D v + Y c_Y) with Y c_Y = −γ_D z, in z's storage; then + S c_S
+            result = torch.sub(v, combination, out=combination).mul_(diagonal).mul_(gamma)
+            results.append(result.addmv_(block[0, :k].T, _on(c_s, v)))
         return results
 
     def _append_in_order(
@@ -503,12 +572,13 @@ def _as_float64(t: torch.Tensor) -> torch.Tensor:
     return t if t.dtype == torch.float64 else t.to(torch.float64)
 
 
-def _scaled_gram(rows: torch.Tensor, diagonal: torch.Tensor) -> torch.Tensor:
-    """rows Λ rowsᵀ as float64, for k rows of n numbers and Λ = diag(``diagonal``): one product per piece of
-    ``PRODUCT_PIECE`` columns, so that the temporary rows · Λ holds k pieces, not k · n numbers."""
-    total = torch.zeros(rows.shape[0], rows.shape[0], dtype=torch.float64, device=rows.device)
+def _scaled_squares(rows: torch.Tensor, diagonal: torch.Tensor) -> torch.Tensor:
+    """Σⱼ rowsᵢⱼ² Λⱼ for each of k rows of n numbers (the diagonal of rows Λ rowsᵀ), as float64, for
+    Λ = diag(``diagonal``): one product per piece of ``PRODUCT_PIECE`` columns, so that the temporary holds k
+    pieces, not k · n numbers."""
+    total = torch.zeros(rows.shape[0], dtype=torch.float64, device=rows.device)
     for rows_piece, diagonal_piece in zip(rows.split(PRODUCT_PIECE, dim=-1), diagonal.split(PRODUCT_PIECE)):
-        total += ((rows_piece * diagonal_piece) @ rows_piece.T).to(torch.float64)
+        total += ((rows_piece * rows_piece) @ diagonal_piece).to(torch.float64)
     return total
 
 

@@ -124,7 +124,13 @@ def _assert_same_weights(model, other):
         assert torch.equal(p, q)
 
 
-def test_state_dict_round_trip_with_weights_only_continues_bit_identically():
+@pytest.mark.parametrize("piece", [None, 16])
+def test_state_dict_round_trip_with_weights_only_continues_bit_identically(monkeypatch, piece):
+    """With YᵀΛY formed whole, and without it (``PRODUCT_PIECE`` below the MLP's 31 weights)."""
+    from moller_scg import quasi_newton
+
+    if piece is not None:
+        monkeypatch.setattr(quasi_newton, "PRODUCT_PIECE", piece)
     reference_model, _ = _after_steps(20)
     model, optimizer = _after_steps(9)
     buffer = io.BytesIO()
@@ -242,3 +248,83 @@ def test_vectors_longer_than_a_piece_give_the_same_h_v_through_the_piecewise_pro
     monkeypatch.setattr(quasi_newton, "PRODUCT_PIECE", 3)
     for piecewise, expected in zip(run_pairs(), whole):
         torch.testing.assert_close(piecewise, expected, rtol=1e-12, atol=1e-14)
+
+
+def test_large_models_apply_h_without_forming_the_scaled_gram(monkeypatch):
+    """Above PRODUCT_PIECE real scalars YᵀΛY is never formed: (YᵀΛY)R⁻¹u is Yᵀ(Λz), z = Y R⁻¹u. The run follows
+    the one that forms YᵀΛY whole (to rounding) and its reference, the two-loop recursion."""
+    from moller_scg import quasi_newton
+
+    formed = []
+    scaled_products = SecantPairs._scaled_products
+
+    def recording(self, vectors, scratch):
+        products = scaled_products(self, vectors, scratch)
+        formed.append(products.gram_by_slot is not None)
+        return products
+
+    monkeypatch.setattr(SecantPairs, "_scaled_products", recording)
+    model, optimizer, closure = _mlp_run()
+    whole = []
+    for _ in range(25):
+        optimizer.step(closure)
+        whole.append(flat_params(model.parameters()))
+    assert formed and all(formed)
+    formed.clear()
+    monkeypatch.setattr(quasi_newton, "PRODUCT_PIECE", 16)  # the MLP has 31 weights
+    model, optimizer, closure = _mlp_run()
+    for expected in whole:
+        optimizer.step(closure)
+        torch.testing.assert_close(flat_params(model.parameters()), expected, rtol=1e-9, atol=1e-12)
+    assert formed and not any(formed)
+    assert optimizer.trace.k == 25
+
+
+@pytest.mark.parametrize("piece", [None, 16])
+def test_the_per_tensor_path_follows_the_flat_path_with_or_without_the_scaled_gram(monkeypatch, piece):
+    from moller_scg import quasi_newton
+
+    if piece is not None:
+        monkeypatch.setattr(quasi_newton, "PRODUCT_PIECE", piece)
+    model, optimizer, closure = _mlp_run()
+    fast = []
+    for _ in range(20):
+        optimizer.step(closure)
+        fast.append(flat_params(model.parameters()))
+    _per_tensor_path(monkeypatch)
+    model, optimizer, closure = _mlp_run()
+    assert optimizer._secant_pairs is None
+    for expected in fast:
+        optimizer.step(closure)
+        torch.testing.assert_close(flat_params(model.parameters()), expected, rtol=1e-10, atol=1e-12)
+
+
+def test_without_the_scaled_gram_a_step_holds_no_more_parameter_sized_buffers(monkeypatch):
+    """z = Y R⁻¹u is formed in p's storage and Λz in y's row, which the pair has been copied out of."""
+    from test_scg import _parameter_sized_buffers_during_steps
+
+    from moller_scg import quasi_newton
+
+    def peak():
+        w = nn.Parameter(torch.tensor([-1.2, 1.0] * 19, dtype=torch.float64))
+
+        def closure():
+            optimizer.zero_grad()
+            x, y = w[0::2], w[1::2]
+            loss = torch.sum(100 * (y - x**2) ** 2 + (1 - x) ** 2)
+            loss.backward()
+            closure.gradients.append(w.grad)
+            return loss
+
+        closure.gradients = []
+        optimizer = SCG([w], memory=3, diagonal_scaling=True)
+        buffers = _parameter_sized_buffers_during_steps(optimizer, w, closure, 12)
+        assert len(optimizer._secant_pairs) == 3
+        return buffers, optimizer._secant_pairs._forms_scaled_gram()
+
+    whole, formed = peak()
+    assert formed
+    monkeypatch.setattr(quasi_newton, "PRODUCT_PIECE", 16)  # n = 38
+    without, formed = peak()
+    assert not formed
+    assert without <= whole
