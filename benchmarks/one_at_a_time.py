@@ -1,0 +1,133 @@
+"""The race's rows run one at a time, as a user's training loop runs an optimizer: does the race's verdict hold?
+
+``benchmarks/peers.py`` runs every optimizer of a problem at once, in threads that hand one baton round-robin, so
+that the shared machine's slow stretches fall on every row alike. The price: between two evaluations of one
+optimizer the other 17 rows run, and evict its code and data from the processor's caches, which no training loop
+does (``benchmarks/race_attribution.py``: the crowd nearly doubles everyone's evaluations). Here each row runs
+alone, without threads or baton, to the budget; the rows take turns in an order that alternates between forwards
+and backwards, ``--repetitions`` times, and each time ratio is the median over the repetitions of the ratio to the
+same repetition's torch LBFGS(100). The targets are those of ``benchmarks/results/peers.json`` (the README's run),
+so that the two verdicts are about the same losses; a problem that file lacks (or ``--quick``) takes them from its
+own rows by the report's rule.
+
+Usage:
+    python benchmarks/one_at_a_time.py        # regression, logistic, physics-informed; 5 repetitions, ~2 minutes
+    python benchmarks/one_at_a_time.py --problems mnist --repetitions 3          # ~6 minutes a repetition
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+from pathlib import Path
+from typing import Any
+
+import torch
+from common import environment
+from peers import race
+from peers_adapters import optimizers, warm_up
+from peers_metering import calibrate
+from peers_problems import PROBLEMS
+from peers_report import REFERENCE, TARGET_GAPS, TIME_GOAL, first_reaching
+
+ROWS = ("torch LBFGS", "torch LBFGS h=20", "SCG m=20", "SCG m=40", "SCG m=20 diag", "SCG m=40 diag")
+"""The rows run (of ``peers_adapters.optimizers``): the reference, LBFGS at SCG(memory=20)'s memory, the SCG modes."""
+RESULTS = Path(__file__).resolve().parent / "results"
+RACE_RESULTS = RESULTS / "peers.json"
+
+
+def race_targets(problem_name: str, path: Path = RACE_RESULTS) -> list[float] | None:
+    """T1 / T2 / T3 of ``problem_name`` in the race's results, or ``None`` if it has none."""
+    if not path.exists():
+        return None
+    blocks = json.loads(path.read_text())["problems"]
+    return next((b["analysis"]["targets"] for b in blocks if b["problem"]["name"] == problem_name), None)
+
+
+def own_targets(results: list[dict[str, Any]]) -> list[float]:
+    """The report's rule on these rows alone: E* + g (E₀ − E*), E* the lowest loss any of them reached."""
+    initial_loss = results[0]["history"][0]["loss"]
+    best_loss = min(h["loss"] for r in results for h in r["history"])
+    return [best_loss + gap * (initial_loss - best_loss) for gap in TARGET_GAPS]
+
+
+def seconds_to(result: dict[str, Any], targets: list[float]) -> list[float | None]:
+    """The clock's reading at the first candidate loss at or below each target (``None``: not reached)."""
+    hits = [first_reaching(result["history"], target) for target in targets]
+    return [None if hit is None else hit["seconds"] for hit in hits]
+
+
+def one_at_a_time(problem_name: str, repetitions: int, quick: bool) -> tuple[list[float], dict[str, list[list]]]:
+    """The targets, and per row and repetition its seconds to each target, every row run alone."""
+    problem = PROBLEMS[problem_name](quick, 0)
+    initial = problem.make_model().state_dict()
+    costs = calibrate(problem, initial)
+    table = optimizers(problem)
+    runs: dict[str, list[dict[str, Any]]] = {name: [] for name in ROWS}
+    for repetition in range(repetitions):
+        for name in ROWS if repetition % 2 == 0 else reversed(ROWS):
+            runs[name].append(race(problem, initial, costs, {name: table[name]}, interleaved=False)[0])
+    targets = None if quick else race_targets(problem_name)
+    if targets is None:
+        targets = own_targets([result for results in runs.values() for result in results])
+    return targets, {name: [seconds_to(result, targets) for result in results] for name, results in runs.items()}
+
+
+def ratio_cells(seconds: list[list], reference: list[list]) -> list[str]:
+    """Per target: the median over repetitions of the ratio to the same repetition's reference, and its range."""
+    cells = []
+    for index in range(len(TARGET_GAPS)):
+        ratios = [s[index] / r[index] for s, r in zip(seconds, reference) if s[index] and r[index]]
+        cells.append(f"{statistics.median(ratios):.2f} ({min(ratios):.2f}–{max(ratios):.2f})" if ratios else "—")
+    return cells
+
+
+def report(problem_name: str, targets: list[float], seconds: dict[str, list[list]]) -> list[str]:
+    reference = seconds[REFERENCE]
+    reached = [[s for s in (rep[i] for rep in reference) if s] for i in range(len(TARGET_GAPS))]
+    lines = [
+        f"## {problem_name}: targets T1 / T2 / T3 = " + " / ".join(f"{t:.4g}" for t in targets),
+        "torch LBFGS reaches them in "
+        + " / ".join(f"{statistics.median(r) * 1e3:.1f}" if r else "—" for r in reached)
+        + " ms (medians over the repetitions)",
+        f"{'optimizer':18s}  {'time→T1':17s}  {'T2':17s}  {'T3':17s}",
+    ]
+    for name, row in seconds.items():
+        lines.append(f"{name:18s}  " + "  ".join(f"{cell:17s}" for cell in ratio_cells(row, reference)))
+    return lines
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--problems", nargs="+", choices=sorted(PROBLEMS), default=["regression", "logistic", "pinn"])
+    parser.add_argument("--repetitions", type=int, default=5)
+    parser.add_argument("--quick", action="store_true", help="the problems' --quick sizes, targets of their own")
+    parser.add_argument("--out", type=Path, default=None, help="the report's path (default results/one_at_a_time.txt)")
+    args = parser.parse_args(argv)
+    if args.repetitions < 1:
+        parser.error(f"--repetitions must be at least 1, got {args.repetitions}")
+    torch.set_num_threads(1)
+    warm_up()
+    command = "python benchmarks/one_at_a_time.py " + " ".join(argv if argv is not None else sys.argv[1:])
+    lines = [
+        "The race's rows one at a time (no threads, no baton), as a training loop runs them: time to T1 / T2 / T3 as "
+        f"the ratio to torch LBFGS(100) of the same repetition, median (range) over {args.repetitions} "
+        f"repetitions; time goal ≤ {TIME_GOAL}",
+        "; ".join(f"{key} {value}" for key, value in environment(command.strip()).items()),
+        "",
+    ]
+    for problem_name in args.problems:
+        targets, seconds = one_at_a_time(problem_name, args.repetitions, args.quick)
+        lines += report(problem_name, targets, seconds) + [""]
+        print("\n".join(lines[-len(ROWS) - 4 :]), flush=True)
+    out = args.out or RESULTS / ("one_at_a_time_quick.txt" if args.quick else "one_at_a_time.txt")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text("\n".join(lines))
+    print(f"wrote {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
