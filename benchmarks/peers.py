@@ -36,8 +36,8 @@ seen) / N. The budget is the same for every optimizer of a problem.
 Interleaving. All optimizers of a problem run at once, in threads that hand one baton round-robin: an optimizer
 runs until its next evaluation (Adam: one pass-equivalent of minibatch steps), then waits for its turn. Each
 optimizer's clock runs only while it holds the baton, so a slow minute of the shared machine slows every optimizer
-alike, and the times are ratios to ``torch.optim.LBFGS`` measured in the same run. A problem whose gradient pass
-takes under 10 ms is raced three times, and its time ratios are the medians of the races' ratios (``--races``).
+alike, and the times are ratios to ``torch.optim.LBFGS`` measured in the same run. Every problem is raced three
+times, and its time ratios are the medians of the races' ratios (``--races``).
 
 Reported per problem and optimizer, as ratios to ``torch.optim.LBFGS``: time and gradient-pass equivalents to
 reach three target training losses, the final training loss; and the test metric at the budget, the number of
@@ -197,16 +197,16 @@ PROBE_PROBLEM = "logistic"
 """The memory probe runs on this problem only: it is cheap, and memory in units of n is the algorithm's."""
 
 
-CHEAP_PASS_SECONDS = 0.01
-"""Problems whose gradient pass takes less than this (regression, logistic, physics-informed: 0.6–3 ms) are raced
-:data:`CHEAP_PASS_RACES` times: there an optimizer's own work is a large part of a step, a race lasts seconds, and
-one slow stretch of the shared machine moved a time ratio by ±0.2 from run to run (docs/performance.md)."""
-CHEAP_PASS_RACES = 3
+RACES = 3
+"""Races per problem (1 under ``--quick``); each time ratio is the median of the races' ratios, each to its own race's
+torch LBFGS. One race's time ratios moved from run to run by ±0.2 on the millisecond problems (a race lasts
+seconds there, and one slow stretch of the shared machine decides it) and by ±0.1 on MNIST (0.70–0.90 at T2 for
+the same passes in four full runs) (docs/performance.md)."""
 
 
-def races_for(costs: dict[str, float], quick: bool) -> int:
-    """Races for a problem: :data:`CHEAP_PASS_RACES` when its pass is cheap (not under ``--quick``), else 1."""
-    return CHEAP_PASS_RACES if costs["gradient_seconds"] < CHEAP_PASS_SECONDS and not quick else 1
+def races_for(quick: bool) -> int:
+    """Races for a problem: :data:`RACES`, or 1 under ``--quick``."""
+    return 1 if quick else RACES
 
 
 def run_problem(
@@ -218,7 +218,7 @@ def run_problem(
     model = problem.make_model()
     initial = copy.deepcopy(model.state_dict())
     costs = calibrate(problem, initial)
-    races = races_for(costs, quick) if races is None else races
+    races = races_for(quick) if races is None else races
     seeds = [1000 * problem.seed + number if shuffle else None for number in range(races)]
     raws = [race(problem, initial, costs, shuffle_seed=seed) for seed in seeds]
     probe = memory_probe(problem, initial, costs, probe_budget) if problem.name == PROBE_PROBLEM else None
@@ -290,8 +290,7 @@ def main(argv: list[str] | None = None) -> int:
         "--races",
         type=int,
         default=None,
-        help=f"races per problem, times their medians (default {CHEAP_PASS_RACES} where a pass takes under "
-        f"{CHEAP_PASS_SECONDS * 1e3:g} ms, else 1; 1 under --quick)",
+        help=f"races per problem, times their medians (default {RACES}; 1 under --quick)",
     )
     parser.add_argument("--out", type=Path, default=RESULTS, help="folder for peers[_quick].{txt,json,png}")
     parser.add_argument(
