@@ -39,11 +39,16 @@ RACE_RESULTS = RESULTS / "peers.json"
 
 
 def race_targets(problem_name: str, path: Path = RACE_RESULTS) -> list[float] | None:
-    """T1 / T2 / T3 of ``problem_name`` in the race's results, or ``None`` if it has none."""
+    """T1 / T2 / T3 of ``problem_name`` in the race's results, or ``None`` if it has none — or if that race was not of
+    the same problem: a ``--quick`` run, or one with a ``--seed`` other than 0 (another data split and start)."""
     if not path.exists():
         return None
-    blocks = json.loads(path.read_text())["problems"]
-    return next((b["analysis"]["targets"] for b in blocks if b["problem"]["name"] == problem_name), None)
+    results = json.loads(path.read_text())
+    command = results.get("environment", {}).get("command", "").split()
+    seed = command[command.index("--seed") + 1] if "--seed" in command[:-1] else "0"
+    if results.get("quick") or seed != "0":
+        return None
+    return next((b["analysis"]["targets"] for b in results["problems"] if b["problem"]["name"] == problem_name), None)
 
 
 def own_targets(results: list[dict[str, Any]]) -> list[float]:
@@ -79,14 +84,14 @@ def ratio_cells(seconds: list[list], reference: list[list]) -> list[str]:
     """Per target: the median over repetitions of the ratio to the same repetition's reference, and its range."""
     cells = []
     for index in range(len(TARGET_GAPS)):
-        ratios = [s[index] / r[index] for s, r in zip(seconds, reference) if s[index] and r[index]]
+        ratios = [s[index] / r[index] for s, r in zip(seconds, reference) if s[index] is not None and r[index]]
         cells.append(f"{statistics.median(ratios):.2f} ({min(ratios):.2f}–{max(ratios):.2f})" if ratios else "—")
     return cells
 
 
 def report(problem_name: str, targets: list[float], seconds: dict[str, list[list]]) -> list[str]:
     reference = seconds[REFERENCE]
-    reached = [[s for s in (rep[i] for rep in reference) if s] for i in range(len(TARGET_GAPS))]
+    reached = [[s for s in (rep[i] for rep in reference) if s is not None] for i in range(len(TARGET_GAPS))]
     lines = [
         f"## {problem_name}: targets T1 / T2 / T3 = " + " / ".join(f"{t:.4g}" for t in targets),
         "torch LBFGS reaches them in "

@@ -36,8 +36,8 @@ seen) / N. The budget is the same for every optimizer of a problem.
 Interleaving. All optimizers of a problem run at once, in threads that hand one baton round-robin: an optimizer
 runs until its next evaluation (Adam: one pass-equivalent of minibatch steps), then waits for its turn. Each
 optimizer's clock runs only while it holds the baton, so a slow minute of the shared machine slows every optimizer
-alike, and the times are ratios to ``torch.optim.LBFGS`` measured in the same run. Every problem is raced three
-times, and its time ratios are the medians of the races' ratios (``--races``).
+alike, and the times are ratios to ``torch.optim.LBFGS`` measured in the same run. Every problem (not the
+memory-bound case) is raced three times, and its time ratios are the medians of the races' ratios (``--races``).
 
 Reported per problem and optimizer, as ratios to ``torch.optim.LBFGS``: time and gradient-pass equivalents to
 reach three target training losses, the final training loss; and the test metric at the budget, the number of
@@ -198,7 +198,7 @@ PROBE_PROBLEM = "logistic"
 
 
 RACES = 3
-"""Races per problem (1 under ``--quick``); each time ratio is the median of the races' ratios, each to its own race's
+"""Races per problem (1 under ``--quick``; the memory-bound case runs once, its rows one at a time); each time ratio is the median of the races' ratios, each to its own race's
 torch LBFGS. One race's time ratios moved from run to run by ±0.2 on the millisecond problems (a race lasts
 seconds there, and one slow stretch of the shared machine decides it) and by ±0.1 on MNIST (0.70–0.90 at T2 for
 the same passes in four full runs) (docs/performance.md)."""

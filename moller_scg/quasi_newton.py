@@ -333,11 +333,9 @@ class SecantPairs:
         return _ScaledProducts(changes_dot_scaled, totals[k:], None)
 
     def _forms_scaled_gram(self) -> bool:
-        """Whether the diagonal mode forms YᵀΛY whole (k² n products): on models of up to ``PRODUCT_PIECE`` real
-        scalars, where a few more tensor operations would cost more than the products. On larger ones
-        :meth:`_apply_flat` forms (YᵀΛY)x as Yᵀ(Λ(Yx)) instead, 2kn products: on the MNIST CNN (n = 462,742, k = 40)
-        the k × k product took 25 ms of a step, against 2–3 ms for each matrix-vector product."""
-        return sum(block.shape[-1] for block in self.blocks) <= PRODUCT_PIECE
+        """Whether the diagonal mode forms YᵀΛY whole (k² n products): on models of up to :data:`SCALED_GRAM_LIMIT`
+        real scalars. On larger ones :meth:`_apply_flat` forms (YᵀΛY)x as Yᵀ(Λ(Yx)) instead, 2kn products."""
+        return sum(block.shape[-1] for block in self.blocks) <= SCALED_GRAM_LIMIT
 
     def _apply_flat(
         self,
@@ -412,21 +410,21 @@ class SecantPairs:
         (:meth:`_apply_flat`; R⁻¹u with u = Sᵀv, and w = γ_D YᵀΛv, oldest first)."""
         assert self.scaling is not None
         m, k, order = self.memory, self._rows_in_use(), self._order
-        by_slot = np.zeros(m)
-        by_slot[order] = r_inv_u
-        c_z = torch.from_numpy(by_slot[:k])
-        combined, scaled_combined, partial = [], [], []
+        r_inv_u_by_slot = np.zeros(m)
+        r_inv_u_by_slot[order] = r_inv_u
+        c_z = torch.from_numpy(r_inv_u_by_slot[:k])
+        combined, partial = [], []
         for index, (block, v, target, diagonal) in enumerate(zip(self.blocks, flat, targets, self.scaling.diagonal)):
             changes = block[1, :k]
             combination = torch.mv(changes.T, _on(c_z, v), out=target)  # z = Y R⁻¹u
             scaled = torch.mul(diagonal, combination, out=scratch[index] if scratch is not None else None)  # Λz
             combined.append(combination)
-            scaled_combined.append(scaled)
             partial.append(_row_products(changes, scaled[None]).reshape(-1))
         gram_times_r_inv_u = _sum_on_cpu(partial)[order]  # (YᵀΛY)R⁻¹u = Yᵀ(Λz), oldest first
         inner = np.diag(upper) * r_inv_u + gamma * gram_times_r_inv_u - w
-        by_slot[order] = _solve_upper(upper, inner, transposed=True)
-        c_s = torch.from_numpy(by_slot[:k])
+        c_s_by_slot = np.zeros(m)
+        c_s_by_slot[order] = _solve_upper(upper, inner, transposed=True)
+        c_s = torch.from_numpy(c_s_by_slot[:k])
         results = []
         for block, v, combination, diagonal in zip(self.blocks, flat, combined, self.scaling.diagonal):
             # Λ(γ_D v + Y c_Y) with Y c_Y = −γ_D z, in z's storage; then + S c_S
@@ -546,6 +544,12 @@ def _layout(params: Sequence[torch.Tensor]) -> list[tuple[torch.Size, torch.dtyp
 PRODUCT_PIECE = 1 << 16
 """Columns per piece of :func:`_row_products` on vectors longer than ``DOT_CHUNK``: a product of a few rows with
 2m rows of 50 M numbers took 0.31 s whole and 0.19 s in pieces of 2^16 columns on one CPU thread."""
+
+SCALED_GRAM_LIMIT = 1 << 16
+"""Real scalars up to which the diagonal mode forms YᵀΛY whole (k² n multiply-adds a step; below it, the extra
+tensor operations of the other way cost as much as the products: the same own work on the 501-weight regression,
+m = 20 and 40). Above it (:meth:`SecantPairs._forms_scaled_gram`) YᵀΛY is never formed: on the MNIST CNN
+(n = 462,742, m = 40) the k × k product had taken 25 ms of a step, a k × n matrix-vector product takes 2–3 ms."""
 
 
 def _row_products(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:

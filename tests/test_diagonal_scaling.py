@@ -124,13 +124,13 @@ def _assert_same_weights(model, other):
         assert torch.equal(p, q)
 
 
-@pytest.mark.parametrize("piece", [None, 16])
-def test_state_dict_round_trip_with_weights_only_continues_bit_identically(monkeypatch, piece):
-    """With YᵀΛY formed whole, and without it (``PRODUCT_PIECE`` below the MLP's 31 weights)."""
+@pytest.mark.parametrize("limit", [None, 16])
+def test_state_dict_round_trip_with_weights_only_continues_bit_identically(monkeypatch, limit):
+    """With YᵀΛY formed whole, and without it (``SCALED_GRAM_LIMIT`` below the MLP's 32 weights)."""
     from moller_scg import quasi_newton
 
-    if piece is not None:
-        monkeypatch.setattr(quasi_newton, "PRODUCT_PIECE", piece)
+    if limit is not None:
+        monkeypatch.setattr(quasi_newton, "SCALED_GRAM_LIMIT", limit)
     reference_model, _ = _after_steps(20)
     model, optimizer = _after_steps(9)
     buffer = io.BytesIO()
@@ -222,7 +222,7 @@ def test_a_state_saved_before_the_option_existed_loads_as_the_scalar_mode():
 
 
 def test_vectors_longer_than_a_piece_give_the_same_h_v_through_the_piecewise_products(monkeypatch):
-    """Above PRODUCT_PIECE numbers YᵀΛY and YᵀΛv are formed a piece at a time (no k × n temporary)."""
+    """Above PRODUCT_PIECE numbers the products with Y are formed a piece at a time (no k × n temporary)."""
     from moller_scg import _vectors, quasi_newton
 
     n = sum(torch.Size(s).numel() for s in SHAPES)
@@ -246,13 +246,14 @@ def test_vectors_longer_than_a_piece_give_the_same_h_v_through_the_piecewise_pro
     whole = run_pairs()
     monkeypatch.setattr(_vectors, "DOT_CHUNK", 5)
     monkeypatch.setattr(quasi_newton, "PRODUCT_PIECE", 3)
+    monkeypatch.setattr(quasi_newton, "SCALED_GRAM_LIMIT", 3)  # and YᵀΛY is not formed: its diagonal in pieces
     for piecewise, expected in zip(run_pairs(), whole):
         torch.testing.assert_close(piecewise, expected, rtol=1e-12, atol=1e-14)
 
 
 def test_large_models_apply_h_without_forming_the_scaled_gram(monkeypatch):
-    """Above PRODUCT_PIECE real scalars YᵀΛY is never formed: (YᵀΛY)R⁻¹u is Yᵀ(Λz), z = Y R⁻¹u. The run follows
-    the one that forms YᵀΛY whole (to rounding) and its reference, the two-loop recursion."""
+    """Above SCALED_GRAM_LIMIT real scalars YᵀΛY is never formed: (YᵀΛY)R⁻¹u is Yᵀ(Λz), z = Y R⁻¹u. The run follows
+    the one that forms YᵀΛY whole, to rounding."""
     from moller_scg import quasi_newton
 
     formed = []
@@ -271,7 +272,7 @@ def test_large_models_apply_h_without_forming_the_scaled_gram(monkeypatch):
         whole.append(flat_params(model.parameters()))
     assert formed and all(formed)
     formed.clear()
-    monkeypatch.setattr(quasi_newton, "PRODUCT_PIECE", 16)  # the MLP has 31 weights
+    monkeypatch.setattr(quasi_newton, "SCALED_GRAM_LIMIT", 16)  # the MLP has 32 weights
     model, optimizer, closure = _mlp_run()
     for expected in whole:
         optimizer.step(closure)
@@ -280,12 +281,12 @@ def test_large_models_apply_h_without_forming_the_scaled_gram(monkeypatch):
     assert optimizer.trace.k == 25
 
 
-@pytest.mark.parametrize("piece", [None, 16])
-def test_the_per_tensor_path_follows_the_flat_path_with_or_without_the_scaled_gram(monkeypatch, piece):
+@pytest.mark.parametrize("limit", [None, 16])
+def test_the_per_tensor_path_follows_the_flat_path_with_or_without_the_scaled_gram(monkeypatch, limit):
     from moller_scg import quasi_newton
 
-    if piece is not None:
-        monkeypatch.setattr(quasi_newton, "PRODUCT_PIECE", piece)
+    if limit is not None:
+        monkeypatch.setattr(quasi_newton, "SCALED_GRAM_LIMIT", limit)
     model, optimizer, closure = _mlp_run()
     fast = []
     for _ in range(20):
@@ -324,7 +325,49 @@ def test_without_the_scaled_gram_a_step_holds_no_more_parameter_sized_buffers(mo
 
     whole, formed = peak()
     assert formed
-    monkeypatch.setattr(quasi_newton, "PRODUCT_PIECE", 16)  # n = 38
+    monkeypatch.setattr(quasi_newton, "SCALED_GRAM_LIMIT", 16)  # n = 38
     without, formed = peak()
     assert not formed
     assert without <= whole
+
+
+def test_without_the_scaled_gram_blocks_of_several_dtypes_give_the_same_h_v(monkeypatch):
+    """Parameters of two dtypes are two blocks; Yᵀ(Λz) is summed over both, as YᵀΛY was."""
+    from moller_scg import quasi_newton
+
+    generator = torch.Generator().manual_seed(3)
+    shapes = [((3, 4), torch.float64), ((5,), torch.float32), ((2, 3), torch.float64)]
+    n = sum(torch.Size(shape).numel() for shape, _ in shapes)
+    hessian = spd(n, seed=4)
+
+    def pieces(x):
+        out, offset = [], 0
+        for shape, dtype in shapes:
+            size = torch.Size(shape).numel()
+            out.append(x[offset : offset + size].reshape(shape).to(dtype))
+            offset += size
+        return out
+
+    def run_pairs():
+        params = [torch.zeros(shape, dtype=dtype) for shape, dtype in shapes]
+        pairs = SecantPairs(params, 3, diagonal_scaling=True)
+        assert len(pairs.blocks) == 2
+        results = []
+        pairs.start_scaling(pieces(torch.randn(n, generator=generator, dtype=torch.float64)))
+        for _ in range(5):
+            direction = torch.randn(n, generator=generator, dtype=torch.float64)
+            residual = torch.randn(n, generator=generator, dtype=torch.float64)
+            new_residual = residual - hessian @ (0.5 * direction)
+            result = pairs.advance(pieces(direction), 0.5, pieces(residual), pieces(new_residual))
+            results.append(torch.cat([r.reshape(-1).double() for r in result]))
+        return results, pairs._forms_scaled_gram()
+
+    generator.manual_seed(3)
+    whole, formed = run_pairs()
+    assert formed
+    monkeypatch.setattr(quasi_newton, "SCALED_GRAM_LIMIT", 8)  # n = 23
+    generator.manual_seed(3)
+    without, formed = run_pairs()
+    assert not formed
+    for result, expected in zip(without, whole):
+        torch.testing.assert_close(result, expected, rtol=1e-5, atol=1e-6)

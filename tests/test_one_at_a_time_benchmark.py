@@ -16,8 +16,16 @@ def test_targets_come_from_the_race_results_when_they_have_the_problem(tmp_path,
     pytest.importorskip("torchmin", reason="benchmarks/peers.py needs torchmin: pip install 'moller-scg[benchmarks]'")
     script = load_script(BENCHMARK, monkeypatch)
     path = tmp_path / "peers.json"
-    path.write_text(json.dumps({"problems": [{"problem": {"name": "regression"}, "analysis": {"targets": [3, 2, 1]}}]}))
-    assert script.race_targets("regression", path) == [3, 2, 1]
+    blocks = [{"problem": {"name": "regression"}, "analysis": {"targets": [3, 2, 1]}}]
+    for command, quick, expected in [
+        ("python benchmarks/peers.py", False, [3, 2, 1]),
+        ("python benchmarks/peers.py --seed 0 --races 2", False, [3, 2, 1]),
+        ("python benchmarks/peers.py --seed 1", False, None),  # another split and start: another problem
+        ("python benchmarks/peers.py --quick", True, None),
+    ]:
+        path.write_text(json.dumps({"environment": {"command": command}, "quick": quick, "problems": blocks}))
+        assert script.race_targets("regression", path) == expected, command
+    path.write_text(json.dumps({"environment": {"command": "peers.py"}, "quick": False, "problems": blocks}))
     assert script.race_targets("logistic", path) is None
     assert script.race_targets("regression", tmp_path / "missing.json") is None
     history = [{"loss": 5.0, "seconds": 0.0}, {"loss": 1.5, "seconds": 1.0}, {"loss": 0.5, "seconds": 2.0}]
