@@ -167,19 +167,30 @@ def test_a_state_whose_groups_and_pairs_disagree_is_refused():
         SCG(make_mlp().parameters(), memory=4, diagonal_scaling=True).load_state_dict(state)
 
 
-def test_the_per_tensor_path_follows_the_flat_path(monkeypatch):
-    """Through restarts too (every 7 steps), where r₊ reaches v without forming a pair."""
-    model, optimizer, closure = _mlp_run(restart=7)
-    fast = []
-    for _ in range(25):
+def _weights_after_each_step(steps, **options):
+    model, optimizer, closure = _mlp_run(**options)
+    weights = []
+    for _ in range(steps):
         optimizer.step(closure)
-        fast.append(flat_params(model.parameters()))
+        weights.append(flat_params(model.parameters()))
+    return weights, optimizer
+
+
+@pytest.mark.parametrize("limit", [None, 16])
+def test_the_per_tensor_path_follows_the_flat_path(monkeypatch, limit):
+    """Through restarts too (every 7 steps), where r₊ reaches v without forming a pair; with YᵀΛY formed whole, and
+    without it (``SCALED_GRAM_LIMIT`` below the MLP's 32 weights)."""
+    from moller_scg import quasi_newton
+
+    if limit is not None:
+        monkeypatch.setattr(quasi_newton, "SCALED_GRAM_LIMIT", limit)
+    fast, optimizer = _weights_after_each_step(25, restart=7)
     assert optimizer._storage.flat is not None
     _per_tensor_path(monkeypatch)
-    model, optimizer, closure = _mlp_run(restart=7)
-    for expected in fast:
-        optimizer.step(closure)
-        torch.testing.assert_close(flat_params(model.parameters()), expected, rtol=1e-10, atol=1e-12)
+    per_tensor, optimizer = _weights_after_each_step(25, restart=7)
+    assert optimizer._storage.flat is None
+    for weights, expected in zip(per_tensor, fast):
+        torch.testing.assert_close(weights, expected, rtol=1e-10, atol=1e-12)
 
 
 @pytest.mark.parametrize(
@@ -265,39 +276,15 @@ def test_large_models_apply_h_without_forming_the_scaled_gram(monkeypatch):
         return products
 
     monkeypatch.setattr(SecantPairs, "_scaled_products", recording)
-    model, optimizer, closure = _mlp_run()
-    whole = []
-    for _ in range(25):
-        optimizer.step(closure)
-        whole.append(flat_params(model.parameters()))
+    whole, _ = _weights_after_each_step(25)
     assert formed and all(formed)
     formed.clear()
     monkeypatch.setattr(quasi_newton, "SCALED_GRAM_LIMIT", 16)  # the MLP has 32 weights
-    model, optimizer, closure = _mlp_run()
-    for expected in whole:
-        optimizer.step(closure)
-        torch.testing.assert_close(flat_params(model.parameters()), expected, rtol=1e-9, atol=1e-12)
+    without, optimizer = _weights_after_each_step(25)
     assert formed and not any(formed)
     assert optimizer.trace.k == 25
-
-
-@pytest.mark.parametrize("limit", [None, 16])
-def test_the_per_tensor_path_follows_the_flat_path_with_or_without_the_scaled_gram(monkeypatch, limit):
-    from moller_scg import quasi_newton
-
-    if limit is not None:
-        monkeypatch.setattr(quasi_newton, "SCALED_GRAM_LIMIT", limit)
-    model, optimizer, closure = _mlp_run()
-    fast = []
-    for _ in range(20):
-        optimizer.step(closure)
-        fast.append(flat_params(model.parameters()))
-    _per_tensor_path(monkeypatch)
-    model, optimizer, closure = _mlp_run()
-    assert optimizer._secant_pairs is None
-    for expected in fast:
-        optimizer.step(closure)
-        torch.testing.assert_close(flat_params(model.parameters()), expected, rtol=1e-10, atol=1e-12)
+    for weights, expected in zip(without, whole):
+        torch.testing.assert_close(weights, expected, rtol=1e-9, atol=1e-12)
 
 
 def test_without_the_scaled_gram_a_step_holds_no_more_parameter_sized_buffers(monkeypatch):
