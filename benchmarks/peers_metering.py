@@ -99,8 +99,9 @@ class RoundRobin:
     With ``shuffle_seed`` the order of every lap after the first is a new random permutation (seeded, so a run can be
     repeated), and a thread never takes two turns in a row while another is waiting. In a fixed order every
     optimizer always runs right after the same one, whose code and data it finds in the processor's caches (or
-    not); shuffling tested whether that favoured some rows on the millisecond problems, and it did not change
-    SCG's ratios (docs/performance.md, lever 16).
+    not): on the millisecond problems the first row, the reference torch LBFGS, took 1.05–1.9 times the time of its
+    twin with history 40, which computes the same (docs/performance.md, lever 17). ``benchmarks/peers.py`` shuffles
+    by default.
     """
 
     def __init__(self, names: list[str], shuffle_seed: int | None = None) -> None:

@@ -237,6 +237,19 @@ def test_beats_needs_every_contested_target_first_and_compares_final_loss_when_n
     assert not report.beats(fake_result("SCG", "SCG", [None, None, None], 3.0, final_loss=0.6), nobody)
 
 
+def test_the_twin_check_compares_lbfgs_history_40_where_it_computes_what_the_reference_does(monkeypatch):
+    report = load_report(monkeypatch)
+    reference = fake_result("torch LBFGS", "torch LBFGS", [1.0, 2.0, 4.0], 80.0)
+    twin = fake_result("torch LBFGS h=40", "torch LBFGS", [0.9, 2.2, 3.0], 60.0)
+    for result, evaluations in ((reference, (10, 40, 80)), (twin, (10, 40, 90))):
+        for target, count in zip(result["targets"], evaluations):
+            target["evaluations"] = count
+    block = fake_block("toy", [reference, twin], [1.0, 2.0, 4.0])
+    # T3: beyond the 40th evaluation (and reached after other evaluations), the histories differ: no comparison.
+    assert report.twin_check(block["results"]).endswith("is 0.90 / 1.10 / — (1 in a race fair to the reference)")
+    assert report.twin_check([reference]) is None
+
+
 def test_poisson_residual_is_minus_the_laplacian_inside_and_the_weighted_value_on_the_boundary(monkeypatch):
     monkeypatch.syspath_prepend(str(BENCHMARK.parent))
     import torch
