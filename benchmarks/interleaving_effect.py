@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import sys
 from pathlib import Path
-from typing import Any
 
 import torch
 from common import environment
@@ -24,16 +23,11 @@ from peers import race
 from peers_adapters import lbfgs, scg, warm_up
 from peers_metering import calibrate
 from peers_problems import PROBLEMS
+from peers_report import seconds_to_targets
 
 TARGETS = {"logistic": (0.3091, 0.1054, 0.08505), "regression": (0.02957, 0.002977, 0.0003177)}
 """T1 / T2 / T3 of ``benchmarks/results/peers.txt`` (E* + 10⁻¹ / 10⁻² / 10⁻³ × (E₀ − E*) of that run)."""
 RESULTS = Path(__file__).resolve().parent / "results" / "interleaving_effect.txt"
-
-
-def seconds_to_targets(result: dict[str, Any], targets: tuple[float, ...]) -> list[float | None]:
-    """The clock's reading at the first candidate loss at or below each target (None: not reached)."""
-    history = result["history"]
-    return [next((r["seconds"] for r in history if r["loss"] <= target), None) for target in targets]
 
 
 def main() -> int:

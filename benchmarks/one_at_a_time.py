@@ -30,7 +30,7 @@ from peers import race
 from peers_adapters import optimizers, warm_up
 from peers_metering import calibrate
 from peers_problems import PROBLEMS
-from peers_report import REFERENCE, TARGET_GAPS, TIME_GOAL, first_reaching
+from peers_report import REFERENCE, TARGET_GAPS, TIME_GOAL, lowest_loss, seconds_to_targets, targets_of
 
 ROWS = ("torch LBFGS", "torch LBFGS h=20", "SCG m=20", "SCG m=40", "SCG m=20 diag", "SCG m=40 diag")
 """The rows run (of ``peers_adapters.optimizers``): the reference, LBFGS at SCG(memory=20)'s memory, the SCG modes."""
@@ -51,19 +51,6 @@ def race_targets(problem_name: str, path: Path = RACE_RESULTS) -> list[float] | 
     return next((b["analysis"]["targets"] for b in results["problems"] if b["problem"]["name"] == problem_name), None)
 
 
-def own_targets(results: list[dict[str, Any]]) -> list[float]:
-    """The report's rule on these rows alone: E* + g (E₀ − E*), E* the lowest loss any of them reached."""
-    initial_loss = results[0]["history"][0]["loss"]
-    best_loss = min(h["loss"] for r in results for h in r["history"])
-    return [best_loss + gap * (initial_loss - best_loss) for gap in TARGET_GAPS]
-
-
-def seconds_to(result: dict[str, Any], targets: list[float]) -> list[float | None]:
-    """The clock's reading at the first candidate loss at or below each target (``None``: not reached)."""
-    hits = [first_reaching(result["history"], target) for target in targets]
-    return [None if hit is None else hit["seconds"] for hit in hits]
-
-
 def one_at_a_time(problem_name: str, repetitions: int, quick: bool) -> tuple[list[float], dict[str, list[list]]]:
     """The targets, and per row and repetition its seconds to each target, every row run alone."""
     problem = PROBLEMS[problem_name](quick, 0)
@@ -76,8 +63,9 @@ def one_at_a_time(problem_name: str, repetitions: int, quick: bool) -> tuple[lis
             runs[name].append(race(problem, initial, costs, {name: table[name]}, interleaved=False)[0])
     targets = None if quick else race_targets(problem_name)
     if targets is None:
-        targets = own_targets([result for results in runs.values() for result in results])
-    return targets, {name: [seconds_to(result, targets) for result in results] for name, results in runs.items()}
+        every_run = [result for results in runs.values() for result in results]
+        targets = targets_of(every_run[0]["history"][0]["loss"], lowest_loss(every_run))  # the report's rule
+    return targets, {name: [seconds_to_targets(r, targets) for r in results] for name, results in runs.items()}
 
 
 def ratio_cells(seconds: list[list], reference: list[list]) -> list[str]:

@@ -9,6 +9,7 @@ import math
 import re
 import statistics
 import sys
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -46,12 +47,28 @@ def first_reaching(history: list[dict[str, float]], target: float) -> dict[str, 
     return None
 
 
+def seconds_to_targets(result: dict[str, Any], targets: Sequence[float]) -> list[float | None]:
+    """The clock's reading at the first candidate loss at or below each target (``None``: not reached)."""
+    hits = [first_reaching(result["history"], target) for target in targets]
+    return [None if hit is None else hit["seconds"] for hit in hits]
+
+
+def lowest_loss(results: list[dict[str, Any]]) -> float:
+    """E*: the lowest loss in the histories of ``results``."""
+    return min(h["loss"] for r in results for h in r["history"])
+
+
+def targets_of(initial_loss: float, best_loss: float) -> list[float]:
+    """T1 / T2 / T3 = E* + g (E₀ − E*) for each g of :data:`TARGET_GAPS`."""
+    return [best_loss + gap * (initial_loss - best_loss) for gap in TARGET_GAPS]
+
+
 def analyse(problem: Problem, results: list[dict[str, Any]], reference_name: str = REFERENCE) -> dict[str, Any]:
     """Targets from the run's E₀ and E*, and each result's time and passes to them as ratios to the reference's."""
     reference = next(r for r in results if r["name"] == reference_name)
     initial_loss = reference["history"][0]["loss"]  # every full-batch run's first evaluation is the start
-    best_loss = min(h["loss"] for r in results for h in r["history"])
-    targets = [best_loss + gap * (initial_loss - best_loss) for gap in TARGET_GAPS]
+    best_loss = lowest_loss(results)
+    targets = targets_of(initial_loss, best_loss)
     reference_hits = [first_reaching(reference["history"], t) for t in targets]
     for result in results:
         reached = []

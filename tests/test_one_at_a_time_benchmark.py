@@ -29,8 +29,8 @@ def test_targets_come_from_the_race_results_when_they_have_the_problem(tmp_path,
     assert script.race_targets("logistic", path) is None
     assert script.race_targets("regression", tmp_path / "missing.json") is None
     history = [{"loss": 5.0, "seconds": 0.0}, {"loss": 1.5, "seconds": 1.0}, {"loss": 0.5, "seconds": 2.0}]
-    assert script.own_targets([{"history": history}]) == pytest.approx([0.95, 0.545, 0.5045])
-    assert script.seconds_to({"history": history}, [2.0, 1.0, 0.1]) == [1.0, 2.0, None]
+    assert script.targets_of(5.0, script.lowest_loss([{"history": history}])) == pytest.approx([0.95, 0.545, 0.5045])
+    assert script.seconds_to_targets({"history": history}, [2.0, 1.0, 0.1]) == [1.0, 2.0, None]
 
 
 def test_ratios_are_medians_of_each_repetitions_ratio_to_its_own_reference(monkeypatch):
