@@ -20,9 +20,14 @@ meets H₀ (Byrd, Nocedal & Schnabel's eq. 3.1 for any H₀):
     H v = γ_D Λv + [S  γ_D ΛY] [ R⁻ᵀ(D + γ_D YᵀΛY)R⁻¹   −R⁻ᵀ ] [ Sᵀv     ]
                                [ −R⁻¹                   0   ] [ γ_D YᵀΛv ]
 
-Λ changes with every accepted gradient, so YᵀΛY is formed afresh at every step (k² n products, k the pairs held) —
-on models of up to 2^16 weights. On larger ones it is never formed: (YᵀΛY)R⁻¹u, all the compact form needs of it
-besides its diagonal, is Yᵀ(Λz) with z = Y R⁻¹u, 2kn products and one more host synchronisation.
+Λ changes with every accepted gradient, so YᵀΛY would have to be formed afresh at every step (k² n products, k the
+pairs held). It is never formed: with z = Y R⁻¹u and q = v − z, the two terms of the compact form that hold YᵀΛY and
+YᵀΛv combine into one, γ_D(YᵀΛY R⁻¹u − YᵀΛv) = −γ_D YᵀΛq, so that
+
+    H v = γ_D Λq + S R⁻ᵀ(D R⁻¹u − γ_D YᵀΛq),        q = v − Y R⁻¹u,
+
+which takes Sᵀv (from the pair update's products), the diagonal of YᵀΛY (for γ_D) and YᵀΛq: kn products each, in
+one more host synchronisation, with q formed in the storage of the result and Λq in the scratch row of y.
 
 One matrix-vector product with the 2m × n block [S Y]ᵀ, an m × m triangular solve and one product back replace the
 4m vector operations of the two-loop recursion: the same H v (tested against the two-loop recursion), with a number
@@ -47,7 +52,6 @@ References:
 
 from __future__ import annotations
 
-import dataclasses
 from collections.abc import Sequence
 from typing import Any
 
@@ -60,17 +64,6 @@ from moller_scg.diagonal_scaling import DiagonalScaling
 CURVATURE_CONDITION = 1e-10
 """A pair is kept only if sᵀy > CURVATURE_CONDITION · yᵀy (a scale-free form of L-BFGS's sᵀy > 0): H then stays
 positive definite, so p = H r is a descent direction (pᵀr > 0)."""
-
-
-@dataclasses.dataclass
-class _ScaledProducts:
-    """The diagonal mode's inner products of a step (:meth:`SecantPairs._scaled_products`), by slot: YᵀΛv (m numbers,
-    zero beyond the k rows in use), the diagonal yᵢᵀΛyᵢ of YᵀΛY (k numbers) and YᵀΛY itself (k × k), which is
-    ``None`` on large models, where it is never formed."""
-
-    changes_dot_scaled: np.ndarray
-    gram_diagonal_by_slot: np.ndarray
-    gram_by_slot: np.ndarray | None
 
 
 class SecantPairs:
@@ -180,8 +173,7 @@ class SecantPairs:
         flat = self._flatten(vector)
         # [Sᵀv; Yᵀv] over the rows in use, one product per block.
         products = _sum_on_cpu([self._against_pairs(block, v[None]).reshape(-1) for block, v in zip(self.blocks, flat)])
-        scaled = self._scaled_products(flat, None)
-        return self._unflatten(self._apply_flat(flat, *self._split_by_slot(products), scaled=scaled))
+        return self._unflatten(self._apply_flat(flat, *self._split_by_slot(products)))
 
     def advance(
         self,
@@ -211,8 +203,7 @@ class SecantPairs:
         if not self.slots:
             return vec.clone(new_residual)
         free_rows = [c[0] for c in columns]  # y's row is free: y is stored
-        scaled = self._scaled_products(flat_new_residual, free_rows)
-        return self._unflatten(self._apply_flat(flat_new_residual, s_dot_v, y_dot_v, scaled=scaled, scratch=free_rows))
+        return self._unflatten(self._apply_flat(flat_new_residual, s_dot_v, y_dot_v, scratch=free_rows))
 
     def advance_flat(self, rows: torch.Tensor, alpha: float, residual: torch.Tensor) -> None:
         """:meth:`advance` for real parameters of one device and dtype, on flat vectors of n numbers
@@ -231,8 +222,8 @@ class SecantPairs:
         if not self.slots:
             rows[1].copy_(rows[2])
             return
-        scaled = self._scaled_products([rows[2]], [rows[0]])  # y's row is free once the pair is stored
-        self._apply_flat([rows[2]], s_dot_v, y_dot_v, out=[rows[1]], scaled=scaled, scratch=[rows[0]])
+        # y's row is free once the pair is stored
+        self._apply_flat([rows[2]], s_dot_v, y_dot_v, out=[rows[1]], scratch=[rows[0]])
 
     def _rows_in_use(self) -> int:
         """k: the products with the stacks use slots 0 … k − 1 of S and of Y — the pairs held while they fill the
@@ -303,134 +294,82 @@ class SecantPairs:
         s_dot_vector[slot], y_dot_vector[slot] = step_dot_vector, change_dot_vector
         return True, s_dot_vector, y_dot_vector
 
-    def _scaled_products(
-        self, vectors: list[torch.Tensor], scratch: list[torch.Tensor] | None
-    ) -> _ScaledProducts | None:
-        """With diagonal scaling, YᵀΛv and YᵀΛY (or, on large models, YᵀΛY's diagonal only) for v one flat vector per
-        block (one host synchronisation); ``None`` without. On large models (:meth:`_forms_scaled_gram`) Λv is formed
-        in ``scratch`` (one flat tensor per block, not one of ``vectors``; new tensors if ``None``)."""
-        if self.scaling is None:
-            return None
-        m, k = self.memory, self._rows_in_use()
-        whole = self._forms_scaled_gram()
-        partial = []
-        for index, (block, diagonal, v) in enumerate(zip(self.blocks, self.scaling.diagonal, vectors)):
-            changes = block[1, :k]
-            if whole:  # ΛY once, then [YᵀΛv | YᵀΛY] from two products
-                scaled_changes = changes * diagonal
-                against, square = scaled_changes @ v, (scaled_changes @ changes.T).reshape(-1)
-            else:  # [YᵀΛv | diag YᵀΛY], a piece at a time: no k × n temporary, no k² n products
-                scaled = torch.mul(diagonal, v, out=scratch[index]) if scratch is not None else diagonal * v
-                against = _row_products(changes, scaled[None]).reshape(-1)
-                square = _scaled_squares(changes, diagonal)
-            partial.append(_as_float64(torch.cat([against, square])))
-        totals = _sum_on_cpu(partial)
-        changes_dot_scaled = np.zeros(m)
-        changes_dot_scaled[:k] = totals[:k]
-        if whole:
-            gram = totals[k:].reshape(k, k)
-            return _ScaledProducts(changes_dot_scaled, gram.diagonal().copy(), gram)
-        return _ScaledProducts(changes_dot_scaled, totals[k:], None)
-
-    def _forms_scaled_gram(self) -> bool:
-        """Whether the diagonal mode forms YᵀΛY whole (k² n products): on models of up to :data:`SCALED_GRAM_LIMIT`
-        real scalars. On larger ones :meth:`_apply_flat` forms (YᵀΛY)x as Yᵀ(Λ(Yx)) instead, 2kn products."""
-        return sum(block.shape[-1] for block in self.blocks) <= SCALED_GRAM_LIMIT
-
     def _apply_flat(
         self,
         flat: list[torch.Tensor],
         s_dot_v: np.ndarray,
         y_dot_v: np.ndarray,
         out: list[torch.Tensor] | None = None,
-        scaled: _ScaledProducts | None = None,
         scratch: list[torch.Tensor] | None = None,
     ) -> list[torch.Tensor]:
         """H v per block from Sᵀv and Yᵀv over all slots (the compact form's m × m algebra in NumPy), as new
         tensors or into ``out`` (one flat tensor per block, not one of ``flat``).
 
-        With diagonal scaling (``scaled``: :meth:`_scaled_products`' YᵀΛv and YᵀΛY), H₀ = γ_D Λ and the compact form
-        reads H v = Λ(γ_D v + Y c_Y) + S c_S: YᵀΛY takes the place of YᵀY and YᵀΛv of Yᵀv. Where YᵀΛY was not
-        formed whole, (YᵀΛY)R⁻¹u is Yᵀ(Λz) with z = Y R⁻¹u, formed in ``out`` and Λz in ``scratch`` (one flat tensor
-        per block each, new tensors if ``None``), one more host synchronisation; then Y c_Y = −γ_D z.
+        With diagonal scaling, :meth:`_apply_scaled`, which also uses ``scratch`` (one flat tensor per block, not one
+        of ``flat`` or ``out``; new tensors if ``None``).
         """
         m = self.memory
         held, order = len(self.slots), self._order
         upper = self._ordered_r[:held, :held]  # R, upper triangular with the positive diagonal D
-        if scaled is None:
-            changes_dot_v = y_dot_v
-            gamma = self.gamma
-        else:
-            changes_dot_v = scaled.changes_dot_scaled
-            gamma = float((upper.diagonal() / scaled.gram_diagonal_by_slot[order]).max())  # γ_D = maxᵢ sᵢᵀyᵢ / yᵢᵀΛyᵢ
-        u, w = s_dot_v[order], gamma * changes_dot_v[order]
-        r_inv_u = _solve_upper(upper, u)
+        r_inv_u = _solve_upper(upper, s_dot_v[order])
         targets: list[torch.Tensor | None] = list(out) if out is not None else [None] * len(flat)
-        if scaled is None:
-            changes_gram = self._ordered_yy[:held, :held]
-        elif scaled.gram_by_slot is not None:
-            changes_gram = scaled.gram_by_slot.take(order, 0).take(order, 1)  # YᵀΛY, oldest first
-        else:
-            return self._apply_scaled_without_gram(flat, upper, r_inv_u, w, gamma, targets, scratch)
+        if self.scaling is not None:
+            return self._apply_scaled(flat, upper, r_inv_u, targets, scratch)
+        gamma = self.gamma
         k = self._rows_in_use()
-        inner = np.diag(upper) * r_inv_u + gamma * (changes_gram @ r_inv_u) - w
+        w = gamma * y_dot_v[order]
+        inner = np.diag(upper) * r_inv_u + gamma * (self._ordered_yy[:held, :held] @ r_inv_u) - w
         coefficients = np.zeros(2 * m)
         coefficients[order] = _solve_upper(upper, inner, transposed=True)
         coefficients[m + order] = -gamma * r_inv_u
-        # c over [S Y] (2m numbers, for one product when every slot is in use), c_S and c_Y over the k slots in use.
-        c_both = torch.from_numpy(coefficients)
-        c_s = torch.from_numpy(coefficients[:k])
-        c_y = torch.from_numpy(coefficients[m : m + k])
-        diagonals: list[torch.Tensor | None] = [None] * len(flat)
-        if scaled is not None and self.scaling is not None:  # (scaled comes only with a scaling)
-            diagonals = list(self.scaling.diagonal)
         results = []
-        for block, v, target, diagonal in zip(self.blocks, flat, targets, diagonals):
-            if diagonal is not None:  # Λ(γ_D v + Y c_Y) + S c_S
-                result = torch.addmv(v, block[1, :k].T, _on(c_y, v), beta=gamma, out=target).mul_(diagonal)
-                results.append(result.addmv_(block[0, :k].T, _on(c_s, v)))
-            elif k == m:  # every slot in use: γv + [S Y] c in one product
+        for block, v, target in zip(self.blocks, flat, targets):
+            if k == m:  # every slot in use: γv + [S Y] c in one product (c over [S Y], 2m numbers)
+                c_both = torch.from_numpy(coefficients)
                 results.append(torch.addmv(v, block.view(2 * m, -1).T, _on(c_both, v), beta=gamma, out=target))
             else:  # γv + S c_S + Y c_Y over the k slots in use
+                c_s, c_y = torch.from_numpy(coefficients[:k]), torch.from_numpy(coefficients[m : m + k])
                 result = torch.addmv(v, block[0, :k].T, _on(c_s, v), beta=gamma, out=target)
                 results.append(result.addmv_(block[1, :k].T, _on(c_y, v)))
         return results
 
-    def _apply_scaled_without_gram(
+    def _apply_scaled(
         self,
         flat: list[torch.Tensor],
         upper: np.ndarray,
         r_inv_u: np.ndarray,
-        w: np.ndarray,
-        gamma: float,
         targets: list[torch.Tensor | None],
         scratch: list[torch.Tensor] | None,
     ) -> list[torch.Tensor]:
-        """The diagonal mode's H v = γ_D Λ(v − z) + S c_S on a large model, z = Y R⁻¹u, with (YᵀΛY)R⁻¹u = Yᵀ(Λz)
-        (:meth:`_apply_flat`; R⁻¹u with u = Sᵀv, and w = γ_D YᵀΛv, oldest first)."""
+        """The diagonal mode's H v = γ_D Λq + S R⁻ᵀ(D R⁻¹u − γ_D YᵀΛq) with q = v − Y R⁻¹u (the module's docstring),
+        given R and R⁻¹u (u = Sᵀv, oldest first): q in ``targets``, Λq in ``scratch``, then YᵀΛq and the diagonal
+        yᵢᵀΛyᵢ of YᵀΛY (for γ_D = maxᵢ sᵢᵀyᵢ / yᵢᵀΛyᵢ) in one host synchronisation, and H v = γ_D Λq + S c_S in
+        ``targets``. YᵀΛY itself, k²n products, is never formed."""
         assert self.scaling is not None
         m, k, order = self.memory, self._rows_in_use(), self._order
-        r_inv_u_by_slot = np.zeros(m)
-        r_inv_u_by_slot[order] = r_inv_u
-        c_z = torch.from_numpy(r_inv_u_by_slot[:k])
-        combined, partial = [], []
+        minus_r_inv_u_by_slot = np.zeros(m)
+        minus_r_inv_u_by_slot[order] = -r_inv_u
+        c_q = torch.from_numpy(minus_r_inv_u_by_slot[:k])
+        scaled_rows, partial = [], []
         for index, (block, v, target, diagonal) in enumerate(zip(self.blocks, flat, targets, self.scaling.diagonal)):
             changes = block[1, :k]
-            combination = torch.mv(changes.T, _on(c_z, v), out=target)  # z = Y R⁻¹u
-            scaled = torch.mul(diagonal, combination, out=scratch[index] if scratch is not None else None)  # Λz
-            combined.append(combination)
-            partial.append(_row_products(changes, scaled[None]).reshape(-1))
-        gram_times_r_inv_u = _sum_on_cpu(partial)[order]  # (YᵀΛY)R⁻¹u = Yᵀ(Λz), oldest first
-        inner = np.diag(upper) * r_inv_u + gamma * gram_times_r_inv_u - w
+            q = torch.addmv(v, changes.T, _on(c_q, v), out=target)  # q = v − Y R⁻¹u
+            scaled = torch.mul(diagonal, q, out=scratch[index] if scratch is not None else None)  # Λq
+            scaled_rows.append(scaled)
+            partial.append(
+                torch.cat([_row_products(changes, scaled[None]).reshape(-1), _scaled_squares(changes, diagonal)])
+            )
+        totals = _sum_on_cpu(partial)
+        changes_dot_scaled, gram_diagonal = totals[:k][order], totals[k:][order]  # YᵀΛq, yᵢᵀΛyᵢ, oldest first
+        diagonal_of_r = np.diag(upper)  # D: sᵢᵀyᵢ
+        gamma = float((diagonal_of_r / gram_diagonal).max())  # γ_D
         c_s_by_slot = np.zeros(m)
-        c_s_by_slot[order] = _solve_upper(upper, inner, transposed=True)
+        c_s_by_slot[order] = _solve_upper(upper, diagonal_of_r * r_inv_u - gamma * changes_dot_scaled, transposed=True)
         c_s = torch.from_numpy(c_s_by_slot[:k])
-        results = []
-        for block, v, combination, diagonal in zip(self.blocks, flat, combined, self.scaling.diagonal):
-            # Λ(γ_D v + Y c_Y) with Y c_Y = −γ_D z, in z's storage; then + S c_S
-            result = torch.sub(v, combination, out=combination).mul_(diagonal).mul_(gamma)
-            results.append(result.addmv_(block[0, :k].T, _on(c_s, v)))
-        return results
+        return [
+            torch.addmv(scaled, block[0, :k].T, _on(c_s, v), beta=gamma, out=target)  # γ_D Λq + S c_S
+            for block, v, scaled, target in zip(self.blocks, flat, scaled_rows, targets)
+        ]
 
     def _append_in_order(
         self, drop_oldest: bool, steps_dot_change: np.ndarray, changes_dot_change: np.ndarray, sy: float, yy: float
@@ -545,12 +484,6 @@ PRODUCT_PIECE = 1 << 16
 """Columns per piece of :func:`_row_products` on vectors longer than ``DOT_CHUNK``: a product of a few rows with
 2m rows of 50 M numbers took 0.31 s whole and 0.19 s in pieces of 2^16 columns on one CPU thread."""
 
-SCALED_GRAM_LIMIT = 1 << 16
-"""Real scalars up to which the diagonal mode forms YᵀΛY whole (k² n multiply-adds a step; below it, the extra
-tensor operations of the other way cost as much as the products: the same own work on the 501-weight regression,
-m = 20 and 40). Above it (:meth:`SecantPairs._forms_scaled_gram`) YᵀΛY is never formed: on the MNIST CNN
-(n = 462,742, m = 40) the k × k product had taken 25 ms of a step, a k × n matrix-vector product takes 2–3 ms."""
-
 
 def _row_products(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """a bᵀ of two matrices of rows of n numbers, as float64: one product in their dtype, or, when n is larger than
@@ -579,7 +512,9 @@ def _as_float64(t: torch.Tensor) -> torch.Tensor:
 def _scaled_squares(rows: torch.Tensor, diagonal: torch.Tensor) -> torch.Tensor:
     """Σⱼ rowsᵢⱼ² Λⱼ for each of k rows of n numbers (the diagonal of rows Λ rowsᵀ), as float64, for
     Λ = diag(``diagonal``): one product per piece of ``PRODUCT_PIECE`` columns, so that the temporary holds k
-    pieces, not k · n numbers."""
+    pieces, not k · n numbers (one product, and no sum of pieces, up to ``PRODUCT_PIECE`` columns)."""
+    if rows.shape[-1] <= PRODUCT_PIECE:
+        return _as_float64((rows * rows) @ diagonal)
     total = torch.zeros(rows.shape[0], dtype=torch.float64, device=rows.device)
     for rows_piece, diagonal_piece in zip(rows.split(PRODUCT_PIECE, dim=-1), diagonal.split(PRODUCT_PIECE)):
         total += ((rows_piece * rows_piece) @ diagonal_piece).to(torch.float64)

@@ -124,13 +124,7 @@ def _assert_same_weights(model, other):
         assert torch.equal(p, q)
 
 
-@pytest.mark.parametrize("limit", [None, 16])
-def test_state_dict_round_trip_with_weights_only_continues_bit_identically(monkeypatch, limit):
-    """With YᵀΛY formed whole, and without it (``SCALED_GRAM_LIMIT`` below the MLP's 32 weights)."""
-    from moller_scg import quasi_newton
-
-    if limit is not None:
-        monkeypatch.setattr(quasi_newton, "SCALED_GRAM_LIMIT", limit)
+def test_state_dict_round_trip_with_weights_only_continues_bit_identically():
     reference_model, _ = _after_steps(20)
     model, optimizer = _after_steps(9)
     buffer = io.BytesIO()
@@ -176,14 +170,8 @@ def _weights_after_each_step(steps, **options):
     return weights, optimizer
 
 
-@pytest.mark.parametrize("limit", [None, 16])
-def test_the_per_tensor_path_follows_the_flat_path(monkeypatch, limit):
-    """Through restarts too (every 7 steps), where r₊ reaches v without forming a pair; with YᵀΛY formed whole, and
-    without it (``SCALED_GRAM_LIMIT`` below the MLP's 32 weights)."""
-    from moller_scg import quasi_newton
-
-    if limit is not None:
-        monkeypatch.setattr(quasi_newton, "SCALED_GRAM_LIMIT", limit)
+def test_the_per_tensor_path_follows_the_flat_path(monkeypatch):
+    """Through restarts too (every 7 steps), where r₊ reaches v without forming a pair."""
     fast, optimizer = _weights_after_each_step(25, restart=7)
     assert optimizer._storage.flat is not None
     _per_tensor_path(monkeypatch)
@@ -256,44 +244,51 @@ def test_vectors_longer_than_a_piece_give_the_same_h_v_through_the_piecewise_pro
 
     whole = run_pairs()
     monkeypatch.setattr(_vectors, "DOT_CHUNK", 5)
-    monkeypatch.setattr(quasi_newton, "PRODUCT_PIECE", 3)
-    monkeypatch.setattr(quasi_newton, "SCALED_GRAM_LIMIT", 3)  # and YᵀΛY is not formed: its diagonal in pieces
+    monkeypatch.setattr(quasi_newton, "PRODUCT_PIECE", 3)  # the diagonal of YᵀΛY in pieces too
     for piecewise, expected in zip(run_pairs(), whole):
         torch.testing.assert_close(piecewise, expected, rtol=1e-12, atol=1e-14)
 
 
-def test_large_models_apply_h_without_forming_the_scaled_gram(monkeypatch):
-    """Above SCALED_GRAM_LIMIT real scalars YᵀΛY is never formed: (YᵀΛY)R⁻¹u is Yᵀ(Λz), z = Y R⁻¹u. The run follows
-    the one that forms YᵀΛY whole, to rounding."""
-    from moller_scg import quasi_newton
-
-    formed = []
-    scaled_products = SecantPairs._scaled_products
-
-    def recording(self, vectors, scratch):
-        products = scaled_products(self, vectors, scratch)
-        formed.append(products.gram_by_slot is not None)
-        return products
-
-    monkeypatch.setattr(SecantPairs, "_scaled_products", recording)
-    whole, _ = _weights_after_each_step(25)
-    assert formed and all(formed)
-    formed.clear()
-    monkeypatch.setattr(quasi_newton, "SCALED_GRAM_LIMIT", 16)  # the MLP has 32 weights
-    without, optimizer = _weights_after_each_step(25)
-    assert formed and not any(formed)
-    assert optimizer.trace.k == 25
-    for weights, expected in zip(without, whole):
-        torch.testing.assert_close(weights, expected, rtol=1e-9, atol=1e-12)
+def _compact_form_with_the_scaled_gram(kept, v, diagonal):
+    """H v by Byrd, Nocedal & Schnabel's compact form with H₀ = γ_D Λ, YᵀΛY formed whole: the formula the library
+    applies without it."""
+    steps = torch.stack([s for s, _ in kept], dim=1)
+    changes = torch.stack([y for _, y in kept], dim=1)
+    scaled_changes = diagonal[:, None] * changes
+    sy = steps.T @ changes
+    upper, d = torch.triu(sy), torch.diag(torch.diag(sy))
+    gamma = max(float(s @ y) / float(y @ (diagonal * y)) for s, y in kept)
+    r_inv = torch.linalg.inv(upper)
+    top_left = r_inv.T @ (d + gamma * changes.T @ scaled_changes) @ r_inv
+    middle = torch.cat([torch.cat([top_left, -r_inv.T], 1), torch.cat([-r_inv, torch.zeros_like(r_inv)], 1)])
+    left = torch.cat([steps, gamma * scaled_changes], 1)
+    return gamma * diagonal * v + left @ (middle @ torch.cat([steps.T @ v, gamma * scaled_changes.T @ v]))
 
 
-def test_without_the_scaled_gram_a_step_holds_no_more_parameter_sized_buffers(monkeypatch):
-    """z = Y R⁻¹u is formed in p's storage and Λz in y's row, which the pair has been copied out of."""
+def test_h_v_is_the_compact_form_with_the_scaled_gram_which_is_never_formed():
+    """H v = γ_D Λq + S R⁻ᵀ(D R⁻¹u − γ_D YᵀΛq), q = v − Y R⁻¹u: the compact form, whose YᵀΛY R⁻¹u and YᵀΛv terms
+    it merges, to rounding, while the pairs fill their slots and after they wrap around."""
+    n = sum(torch.Size(s).numel() for s in SHAPES)
+    hessian = spd(n, seed=21)
+    generator = torch.Generator().manual_seed(22)
+    params = [torch.zeros(s, dtype=torch.float64) for s in SHAPES]
+    pairs, kept = SecantPairs(params, 4, diagonal_scaling=True), []
+    pairs.start_scaling(split(torch.randn(n, generator=generator, dtype=torch.float64)))
+    for _ in range(7):
+        direction = torch.randn(n, generator=generator, dtype=torch.float64)
+        residual = torch.randn(n, generator=generator, dtype=torch.float64)
+        new_residual = residual - hessian @ (0.5 * direction)
+        result = flat(pairs.advance(split(direction), 0.5, split(residual), split(new_residual)))
+        kept = (kept + [(0.5 * direction, residual - new_residual)])[-4:]
+        expected = _compact_form_with_the_scaled_gram(kept, new_residual, pairs.scaling.diagonal[0])
+        torch.testing.assert_close(result, expected, rtol=1e-10, atol=1e-12)
+
+
+def test_the_diagonal_mode_holds_two_more_parameter_sized_buffers_than_the_scalar_one():
+    """v and Λ; q = v − Y R⁻¹u is formed in p's storage and Λq in y's row, which the pair has been copied out of."""
     from test_scg import _parameter_sized_buffers_during_steps
 
-    from moller_scg import quasi_newton
-
-    def peak():
+    def peak(diagonal_scaling):
         w = nn.Parameter(torch.tensor([-1.2, 1.0] * 19, dtype=torch.float64))
 
         def closure():
@@ -305,56 +300,44 @@ def test_without_the_scaled_gram_a_step_holds_no_more_parameter_sized_buffers(mo
             return loss
 
         closure.gradients = []
-        optimizer = SCG([w], memory=3, diagonal_scaling=True)
+        optimizer = SCG([w], memory=3, diagonal_scaling=diagonal_scaling)
         buffers = _parameter_sized_buffers_during_steps(optimizer, w, closure, 12)
         assert len(optimizer._secant_pairs) == 3
-        return buffers, optimizer._secant_pairs._forms_scaled_gram()
+        return buffers
 
-    whole, formed = peak()
-    assert formed
-    monkeypatch.setattr(quasi_newton, "SCALED_GRAM_LIMIT", 16)  # n = 38
-    without, formed = peak()
-    assert not formed
-    assert without <= whole
+    assert peak(True) <= peak(False) + 2
 
 
-def test_without_the_scaled_gram_blocks_of_several_dtypes_give_the_same_h_v(monkeypatch):
-    """Parameters of two dtypes are two blocks; Yᵀ(Λz) is summed over both, as YᵀΛY was."""
-    from moller_scg import quasi_newton
-
+def test_blocks_of_several_dtypes_give_the_h_v_of_one_float64_block():
+    """Parameters of two dtypes are two blocks; YᵀΛq and the diagonal of YᵀΛY are summed over both."""
     generator = torch.Generator().manual_seed(3)
     shapes = [((3, 4), torch.float64), ((5,), torch.float32), ((2, 3), torch.float64)]
     n = sum(torch.Size(shape).numel() for shape, _ in shapes)
     hessian = spd(n, seed=4)
 
-    def pieces(x):
+    def pieces(x, dtypes=True):
         out, offset = [], 0
         for shape, dtype in shapes:
             size = torch.Size(shape).numel()
-            out.append(x[offset : offset + size].reshape(shape).to(dtype))
+            out.append(x[offset : offset + size].reshape(shape).to(dtype if dtypes else torch.float64))
             offset += size
         return out
 
-    def run_pairs():
-        params = [torch.zeros(shape, dtype=dtype) for shape, dtype in shapes]
+    def run_pairs(dtypes):
+        params = [torch.zeros(shape, dtype=dtype if dtypes else torch.float64) for shape, dtype in shapes]
         pairs = SecantPairs(params, 3, diagonal_scaling=True)
-        assert len(pairs.blocks) == 2
+        assert len(pairs.blocks) == (2 if dtypes else 1)
+        generator.manual_seed(3)
         results = []
-        pairs.start_scaling(pieces(torch.randn(n, generator=generator, dtype=torch.float64)))
+        pairs.start_scaling(pieces(torch.randn(n, generator=generator, dtype=torch.float64), dtypes))
         for _ in range(5):
             direction = torch.randn(n, generator=generator, dtype=torch.float64)
             residual = torch.randn(n, generator=generator, dtype=torch.float64)
             new_residual = residual - hessian @ (0.5 * direction)
-            result = pairs.advance(pieces(direction), 0.5, pieces(residual), pieces(new_residual))
+            parts = [pieces(x, dtypes) for x in (direction, residual, new_residual)]
+            result = pairs.advance(parts[0], 0.5, parts[1], parts[2])
             results.append(torch.cat([r.reshape(-1).double() for r in result]))
-        return results, pairs._forms_scaled_gram()
+        return results
 
-    generator.manual_seed(3)
-    whole, formed = run_pairs()
-    assert formed
-    monkeypatch.setattr(quasi_newton, "SCALED_GRAM_LIMIT", 8)  # n = 23
-    generator.manual_seed(3)
-    without, formed = run_pairs()
-    assert not formed
-    for result, expected in zip(without, whole):
+    for result, expected in zip(run_pairs(True), run_pairs(False)):
         torch.testing.assert_close(result, expected, rtol=1e-5, atol=1e-6)
