@@ -987,12 +987,15 @@ def test_weights_changed_between_steps_restart_from_the_new_point():
 # Memory and arithmetic of a step.
 
 
-def _parameter_sized_buffers_during_steps(optimizer: SCG, w: torch.Tensor, closure, steps: int, before_step=None):
+def _parameter_sized_buffers_during_steps(
+    optimizer: SCG, w: torch.Tensor, closure, steps: int, before_step=None, only_in: str | None = None
+):
     """The most tensors of w's size that SCG held at once, checked at every line SCG and its helpers executed.
 
     Held means referenced from a frame of ``moller_scg`` code or from ``optimizer.state``; w itself and every
     gradient the closure produced (all kept alive, so their memory is never reused) do not count. Temporaries
-    that live within one line are not seen, so this counts buffers, not allocator traffic.
+    that live within one line are not seen, so this counts buffers, not allocator traffic. With ``only_in``, the
+    name of one of SCG's functions, only that function's own frame is looked at, at each of its lines.
     """
     package = os.path.dirname(vec.__file__)
     n = w.numel()
@@ -1011,6 +1014,9 @@ def _parameter_sized_buffers_during_steps(optimizer: SCG, w: torch.Tensor, closu
                     visit(item)
 
         visit(returned)
+        if only_in is not None:
+            visit(list(frame.f_locals.values()))
+            return len(storages - excluded)
         for param_state in optimizer.state.values():
             visit(list(param_state.values()))
         while frame is not None:
@@ -1025,6 +1031,8 @@ def _parameter_sized_buffers_during_steps(optimizer: SCG, w: torch.Tensor, closu
         return trace_lines
 
     def trace_calls(frame, event, arg):
+        if only_in is not None:
+            return trace_lines if frame.f_code.co_name == only_in else None
         return trace_lines if frame.f_code.co_filename.startswith(package) else None
 
     previous_tracer = sys.gettrace()  # a coverage tool's, for example
