@@ -284,23 +284,30 @@ def test_h_v_is_the_compact_form_with_the_scaled_gram_which_is_never_formed():
         torch.testing.assert_close(result, expected, rtol=1e-10, atol=1e-12)
 
 
+def _rosenbrock_run(diagonal_scaling=True):
+    """w (19 Rosenbrock pairs, n = 38), ``SCG([w], memory=3, diagonal_scaling=…)`` and a closure that keeps every
+    gradient it makes in ``closure.gradients`` (for the buffer counts of ``tests/test_scg.py``)."""
+    w = nn.Parameter(torch.tensor([-1.2, 1.0] * 19, dtype=torch.float64))
+    optimizer = SCG([w], memory=3, diagonal_scaling=diagonal_scaling)
+
+    def closure():
+        optimizer.zero_grad()
+        x, y = w[0::2], w[1::2]
+        loss = torch.sum(100 * (y - x**2) ** 2 + (1 - x) ** 2)
+        loss.backward()
+        closure.gradients.append(w.grad)
+        return loss
+
+    closure.gradients = []
+    return w, optimizer, closure
+
+
 def test_the_diagonal_mode_holds_two_more_parameter_sized_buffers_than_the_scalar_one():
     """v and Λ; q = v − Y R⁻¹u is formed in p's storage and Λq in y's row, which the pair has been copied out of."""
     from test_scg import _parameter_sized_buffers_during_steps
 
     def peak(diagonal_scaling):
-        w = nn.Parameter(torch.tensor([-1.2, 1.0] * 19, dtype=torch.float64))
-
-        def closure():
-            optimizer.zero_grad()
-            x, y = w[0::2], w[1::2]
-            loss = torch.sum(100 * (y - x**2) ** 2 + (1 - x) ** 2)
-            loss.backward()
-            closure.gradients.append(w.grad)
-            return loss
-
-        closure.gradients = []
-        optimizer = SCG([w], memory=3, diagonal_scaling=diagonal_scaling)
+        w, optimizer, closure = _rosenbrock_run(diagonal_scaling)
         buffers = _parameter_sized_buffers_during_steps(optimizer, w, closure, 12)
         assert len(optimizer._secant_pairs) == 3
         return buffers
@@ -314,18 +321,7 @@ def test_applying_h_holds_no_weight_sized_tensor_but_the_steps_rows_and_lambda()
     whole step's count above does not see a q formed in a new tensor: its peak is elsewhere.)"""
     from test_scg import _parameter_sized_buffers_during_steps
 
-    w = nn.Parameter(torch.tensor([-1.2, 1.0] * 19, dtype=torch.float64))  # n = 38
-
-    def closure():
-        optimizer.zero_grad()
-        x, y = w[0::2], w[1::2]
-        loss = torch.sum(100 * (y - x**2) ** 2 + (1 - x) ** 2)
-        loss.backward()
-        closure.gradients.append(w.grad)
-        return loss
-
-    closure.gradients = []
-    optimizer = SCG([w], memory=3, diagonal_scaling=True)
+    w, optimizer, closure = _rosenbrock_run()
     for _ in range(4):
         optimizer.step(closure)
     assert optimizer._storage.flat is not None
