@@ -226,17 +226,22 @@ class Run:
     def evaluations(self) -> int:
         return sum(self.calls.values())
 
-    def charge(self, kind: str, cost: float | None = None, hand_on: bool = True) -> None:
+    def charge(self, kind: str, cost: float | None = None, completes_evaluation: bool = False) -> None:
         """Before a pass: refuse it if it would exceed the budget, hand the baton on, sample the optimizer's memory.
-        ``cost``: the pass's cost in gradient passes, when not that of ``kind``; ``hand_on=False`` keeps the baton
-        (the second half of an evaluation, which a real run makes right after the first)."""
+        ``cost``: the pass's cost in gradient passes, when not that of ``kind``.
+
+        ``completes_evaluation``: the pass is the second half of an evaluation (SCG's backward after its trial's
+        forward), which a real run makes right after the first. It keeps the baton, and the memory is not sampled
+        again: the optimizer's frames hold what they held at the first half, and walking them between a forward and
+        its backward evicts from the processor's caches what the backward is about to use, a cost no training loop
+        pays and one evaluation of LBFGS never pays (``docs/performance.md``, lever 20)."""
         cost = self.costs[kind] if cost is None else cost
         if self.passes + cost > self.budget + 1e-9:
             raise BudgetSpent
-        if hand_on:
+        if not completes_evaluation:
             self.switch()
-        with self.clock.paused():
-            self.sample_memory(sys._getframe())
+            with self.clock.paused():
+                self.sample_memory(sys._getframe())
         self.passes += cost
         self.calls[kind] += 1
 
@@ -323,7 +328,7 @@ class Run:
 
         def completed() -> list[torch.Tensor]:
             if not formed:
-                self.charge("gradient", cost=max(1.0 - forward, 0.0), hand_on=False)
+                self.charge("gradient", cost=max(1.0 - forward, 0.0), completes_evaluation=True)
                 self.calls["loss"] -= 1  # a gradient pass now, as the accumulator counts it
                 formed.append(gradient())
             return formed[0]

@@ -1,0 +1,34 @@
+"""The metering of ``benchmarks/peers.py`` (``peers_metering.Run``): one baton hand-off and one memory sample per
+evaluation, also when SCG's trial splits a gradient pass into its forward and, later, its backward."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from scripts import load_script
+
+METERING = Path(__file__).resolve().parent.parent / "benchmarks" / "peers_metering.py"
+
+
+def test_a_trial_completed_by_its_backward_is_one_hand_off_and_one_memory_sample(monkeypatch):
+    metering = load_script(METERING, monkeypatch)
+    problem = load_script(METERING.parent / "peers_problems.py", monkeypatch).PROBLEMS["regression"](True, 0)
+    initial = problem.make_model().state_dict()
+    run = metering.Run("SCG m=20", problem, initial, {"hvp": 2.0, "loss": 0.5, "forward": 0.4})
+    assert run.acc.defers_gradient  # the quick regression is one batch: SCG's trial defers its backward
+    events: list[str] = []
+    monkeypatch.setattr(run, "switch", lambda: events.append("hand-off"))
+    monkeypatch.setattr(run, "sample_memory", lambda frame: events.append("memory sample"))
+
+    loss, completed = run.value_then_grad()
+    assert events == ["hand-off", "memory sample"]
+    gradients = completed()
+    # The backward is the evaluation's second half: no hand-off, and no walk through the optimizer's frames between
+    # a forward and its backward (which would evict what the backward is about to use).
+    assert events == ["hand-off", "memory sample"]
+    assert len(gradients) == len(run.params)
+    assert run.passes == 1.0  # the forward's 0.4 and the backward's 0.6: one gradient pass
+    assert run.calls == {"gradient": 1, "hvp": 0, "loss": 0}
+
+    run()  # a plain gradient pass: one hand-off and one sample of its own
+    assert events == ["hand-off", "memory sample"] * 2
