@@ -162,6 +162,17 @@ def passes_rows() -> dict[str, Row]:
         "λ ÷ 4, loss first": flat_variant(decrease=4.0, loss_first=True),
         "no raise when accepted": flat_variant(raise_accepted=False, loss_first=True),
         "no raise when accepted, m=40": flat_variant(memory=40, raise_accepted=False, loss_first=True),
+        "λ by Δ (Nielsen)": flat_variant(decrease_by_fit=True, loss_first=True),
+        "λ by Δ (Nielsen), m=40": flat_variant(memory=40, decrease_by_fit=True, loss_first=True),
+        "diagonal H₀ β=0.99, v^¼, λ by Δ": flat_variant(
+            diagonal_beta=0.99, diagonal_power=0.25, decrease_by_fit=True, loss_first=True
+        ),
+        "diagonal H₀ β=0.99, v^¼, no raise when accepted": flat_variant(
+            diagonal_beta=0.99, diagonal_power=0.25, raise_accepted=False, loss_first=True
+        ),
+        "diagonal H₀ β=0.99, v^¼, λ ÷ 4": flat_variant(
+            diagonal_beta=0.99, diagonal_power=0.25, decrease=4.0, loss_first=True
+        ),
         "SCG m=20, diagonal": scg(hvp="secant", memory=MEMORY, diagonal_scaling=True),
         "SCG m=40, diagonal": scg(hvp="secant", memory=40, diagonal_scaling=True),
         "diagonal H₀ β=0.9": flat_variant(diagonal_beta=0.9, loss_first=True),

@@ -20,6 +20,10 @@ clearly win (issue #14), written on one flat vector so that each differs from th
 
 * ``reject_pairs=True``: a rejected trial's secant pair is kept too, and the direction recomputed from it;
 * ``decrease``: the divisor of λ after a good step (the library's secant mode: 2; Møller: 4); ``lambd``: λ₁;
+* ``decrease_by_fit=True`` (lever 21): after a good step (Δ ≥ 0.75) λ is multiplied by max(1/3, 1 − (2Δ − 1)³)
+  instead of divided by ``decrease`` — the Levenberg–Marquardt update of Nielsen (1999; also in Madsen, Nielsen &
+  Tingleff 2004) on the accepted side: ÷ 1.14 at Δ = 0.75, ÷ 2 at Δ = 0.9, ÷ 3 from Δ ≈ 0.94, so that a step the
+  model predicted well widens the trust region faster than one it predicted barely well enough;
 * ``hold_after_rejection=True``: λ is not divided after a good step that retries a rejected one (a trust region
   that does not widen again right after it was narrowed);
 * ``raise_accepted=False`` (lever 13): λ is raised only after a rejected trial, not after an accepted one with
@@ -271,6 +275,7 @@ class FlatSCG:
         retry: str = "moller",
         reject_pairs: bool = False,
         decrease: float = 2.0,
+        decrease_by_fit: bool = False,
         first_step: str = "scaled",
         gamma_window: int | None = None,
         gamma_pick: str = "max",
@@ -322,6 +327,7 @@ class FlatSCG:
             )
         self.direction_rule, self.curvature = direction, curvature
         self.retry, self.reject_pairs, self.decrease = retry, reject_pairs, decrease
+        self.decrease_by_fit = decrease_by_fit
         self.hold_after_rejection = hold_after_rejection
         self.raise_accepted = raise_accepted
         self.first_step, self.angle, self.restart, self.growth = first_step, angle, restart, growth
@@ -477,7 +483,10 @@ class FlatSCG:
             self.r, self.p, self.z, self.loss = new_r, new_p, new_z, trial_loss
             lambd_bar, self.success = 0.0, True
             if comparison >= 0.75 and not (self.hold_after_rejection and retrying):
-                lambd /= self.decrease
+                if self.decrease_by_fit:
+                    lambd *= max(1.0 / 3.0, 1.0 - (2.0 * comparison - 1.0) ** 3)
+                else:
+                    lambd /= self.decrease
         else:
             self._set(w)
             lambd_bar, self.success = lambd, False

@@ -114,6 +114,7 @@ def test_the_diagonal_h0_takes_gamma_d_over_its_window_of_newest_pairs():
         {"nystrom_rank": 4, "nystrom_every": 20},
         {"stretch_max": 4.0},
         {"raise_accepted": False},
+        {"decrease_by_fit": True},
         {"diagonal_beta": 0.99},
         {"diagonal_beta": 0.99, "diagonal_power": 0.25, "diagonal_refresh": 5},
         {"diagonal_beta": 0.99, "diagonal_power": 0.25, "gamma_window": 1},
@@ -125,6 +126,29 @@ def test_variants_never_accept_a_higher_loss(options):
     losses = [variant.step(closure) for _ in range(60)]
     assert all(later <= earlier for earlier, later in zip(losses, losses[1:]))
     assert losses[-1] < 0.5 * losses[0]
+
+
+def test_decrease_by_fit_multiplies_lambda_by_nielsens_factor_after_each_good_step():
+    closure = CountingClosure(seed=1)
+    variant = FlatSCG(list(closure.model.parameters()), memory=5, decrease_by_fit=True)
+    variant.log = []
+    lambdas_before = []
+    for _ in range(60):
+        lambdas_before.append(variant.lambd)
+        variant.step(closure)
+    checked = 0
+    for before, entry in zip(lambdas_before, variant.log):
+        if entry["comparison"] >= 0.75 and entry["trial_loss"] == entry["loss"]:  # a good step, accepted
+            assert entry["lambd"] == pytest.approx(before * _nielsen(entry["comparison"]), rel=1e-12)
+            checked += 1
+    assert checked >= 10
+    assert any(_nielsen(entry["comparison"]) == 1.0 / 3.0 for entry in variant.log)  # Δ ≥ 0.94: λ ÷ 3
+    assert any(1.0 / 3.0 < _nielsen(entry["comparison"]) < 1.0 for entry in variant.log if entry["comparison"] >= 0.75)
+
+
+def _nielsen(comparison: float) -> float:
+    """max(1/3, 1 − (2Δ − 1)³): Nielsen's λ factor after a step with comparison ratio Δ."""
+    return max(1.0 / 3.0, 1.0 - (2.0 * comparison - 1.0) ** 3)
 
 
 class LossFirstClosure(CountingClosure):
