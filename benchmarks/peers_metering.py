@@ -419,7 +419,8 @@ def optimizer_state_numbers(
     """Numbers held by tensors and arrays reachable from the frames between ``frame`` and the run's entry frame.
 
     Frames of this file (the harness) are skipped, as are modules, models, accumulators and the harness's objects.
-    Tensors are counted once per storage, arrays once per base buffer; the model's parameters and gradients
+    Tensors are counted once per storage, arrays once per base buffer (an array that views a tensor's memory, as
+    ``tensor.numpy()`` gives it, as that tensor); the model's parameters and gradients
     (``excluded`` storages) are not counted.
     """
     roots: list[Any] = list(extra or [])
@@ -477,6 +478,9 @@ def reachable_numbers(roots: list[Any], excluded: set[int]) -> int:
             base = value
             while isinstance(base.base, np.ndarray):
                 base = base.base
+            if isinstance(base.base, torch.Tensor):  # a view of a tensor's memory (SCG's pairs on small CPU blocks)
+                stack.append((base.base, depth))
+                continue
             pointer = base.__array_interface__["data"][0]
             if base.dtype.kind in "fc" and pointer not in seen_buffers:
                 seen_buffers.add(pointer)

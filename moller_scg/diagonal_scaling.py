@@ -25,7 +25,10 @@ from __future__ import annotations
 
 from typing import Any
 
+import numpy as np
 import torch
+
+from moller_scg import pair_arithmetic as arithmetic
 
 BETA = 0.99
 """β: the weight of the past in v ← βv + (1 − β)g² (0.99 and 0.999 took the same passes in the lever's tables)."""
@@ -43,41 +46,68 @@ class DiagonalScaling:
 
     Args:
         sizes: the number of real scalars in each block; ``dtypes``, ``devices``: each block's.
+        on_host: whether the blocks are worked on in NumPy (:func:`moller_scg.pair_arithmetic.on_host`); then
+            :meth:`start` and :meth:`observe` take the gradients as NumPy arrays.
 
     Attributes:
         second_moment: v, per block (uninitialised until :meth:`start`).
         diagonal: Λ's diagonal, per block, formed from v by every :meth:`start` and :meth:`observe`.
+        working_diagonal: ``diagonal`` as the pairs' arithmetic takes it (NumPy views of it when ``on_host``).
     """
 
-    def __init__(self, sizes: list[int], dtypes: list[torch.dtype], devices: list[torch.device]) -> None:
+    def __init__(
+        self, sizes: list[int], dtypes: list[torch.dtype], devices: list[torch.device], on_host: bool = False
+    ) -> None:
         self.second_moment = [torch.empty(n, dtype=d, device=dev) for n, d, dev in zip(sizes, dtypes, devices)]
         self.diagonal = [torch.empty_like(v) for v in self.second_moment]
+        self._on_host = on_host
+        self._moments = arithmetic.working(self.second_moment, on_host)
+        self.working_diagonal = arithmetic.working(self.diagonal, on_host)
 
-    def start(self, gradients: list[torch.Tensor]) -> None:
+    def __getstate__(self) -> dict[str, Any]:
+        """What a pickle or a deep copy keeps: v and Λ, not their NumPy views (made anew by :meth:`__setstate__`)."""
+        return {"second_moment": self.second_moment, "diagonal": self.diagonal, "on_host": self._on_host}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.second_moment, self.diagonal, self._on_host = state["second_moment"], state["diagonal"], state["on_host"]
+        self._moments = arithmetic.working(self.second_moment, self._on_host)
+        self.working_diagonal = arithmetic.working(self.diagonal, self._on_host)
+
+    def start(self, gradients: list[arithmetic.Vector]) -> None:
         """v = (1 − β) g² from the first gradient (flat, one per block; −g serves as well), and Λ from it."""
-        for v, g in zip(self.second_moment, gradients):
-            torch.mul(g, g, out=v).mul_(1.0 - BETA)
+        for v, g in zip(self._moments, gradients):
+            arithmetic.multiply(g, g, out=v)
+            arithmetic.multiply(v, 1.0 - BETA, out=v)
         self._form_diagonal()
 
-    def observe(self, gradients: list[torch.Tensor]) -> None:
+    def observe(self, gradients: list[arithmetic.Vector]) -> None:
         """v ← βv + (1 − β)g² with the gradient of an accepted step (flat, one per block), and Λ from it."""
-        for v, g in zip(self.second_moment, gradients):
-            v.mul_(BETA).addcmul_(g, g, value=1.0 - BETA)
+        for v, g, d in zip(self._moments, gradients, self.working_diagonal):
+            if isinstance(v, np.ndarray):  # (1 − β)g² in Λ's storage, which is formed anew from v below
+                np.multiply(g, g, out=d)
+                d *= 1.0 - BETA
+                v *= BETA
+                v += d
+            else:
+                v.mul_(BETA).addcmul_(g, g, value=1.0 - BETA)
         self._form_diagonal()
 
     def _form_diagonal(self) -> None:
         """Λ = diag(1 / (v^κ + ε · mean v^κ)), the denominator kept at least the dtype's smallest normal number, so that
         Λ stays finite (and ∝ I, which γ_D scales alike, while v is zero everywhere)."""
-        for v, d in zip(self.second_moment, self.diagonal):
-            torch.pow(v, POWER, out=d)
+        for v, d in zip(self._moments, self.working_diagonal):
+            if isinstance(d, np.ndarray):
+                np.power(v, POWER, out=d)
+            else:
+                torch.pow(v, POWER, out=d)
         if len(self.diagonal) == 1:  # the mean without a host synchronisation
-            (d,) = self.diagonal
-            d.add_(d.mean(), alpha=EPSILON).clamp_(min=torch.finfo(d.dtype).tiny).reciprocal_()
+            (d,) = self.working_diagonal
+            _offset_floored_reciprocal(d, d.mean(), EPSILON)
             return
         total = sum(float(d.sum(dtype=torch.float64)) for d in self.diagonal)
         floor = EPSILON * total / sum(d.numel() for d in self.diagonal)
-        for d in self.diagonal:
-            d.add_(floor).clamp_(min=torch.finfo(d.dtype).tiny).reciprocal_()
+        for d in self.working_diagonal:
+            _offset_floored_reciprocal(d, floor)
 
     def state_dict(self) -> dict[str, Any]:
         """v (copies): Λ follows from it."""
@@ -98,3 +128,14 @@ class DiagonalScaling:
         for v, s in zip(self.second_moment, saved):
             v.copy_(s)
         self._form_diagonal()
+
+
+def _offset_floored_reciprocal(d: arithmetic.Vector, offset: Any, scale: float = 1.0) -> None:
+    """d ← 1 / max(d + scale · offset, the dtype's smallest normal number), in place (``offset`` a number, or d's
+    mean as its array type gives it: a 0-dim tensor on d's device keeps the mean from a host synchronisation)."""
+    if isinstance(d, np.ndarray):
+        d += scale * offset
+        np.maximum(d, np.finfo(d.dtype).tiny, out=d)
+        np.reciprocal(d, out=d)
+    else:
+        d.add_(offset, alpha=scale).clamp_(min=torch.finfo(d.dtype).tiny).reciprocal_()

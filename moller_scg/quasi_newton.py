@@ -37,6 +37,8 @@ MNIST CNN, m = 20, the first 24 steps took 5 ms each instead of 14).
 
 The pairs are stored flat: all parameters that share a device and dtype form one block, whose m steps and m
 changes are the rows of one ``(2, m, n_block)`` tensor (complex parameters as their real and imaginary parts).
+Blocks of at most 2^15 numbers on the CPU are worked on through NumPy views of their tensors, larger or GPU ones
+in torch (:mod:`moller_scg.pair_arithmetic`).
 The m × m inner products SᵀY and YᵀY and the order of the slots are small and kept in float64 NumPy arrays on
 the CPU, where a handful of m × m operations cost microseconds, not a tensor operation's dispatch each: once by
 slot (what ``state_dict`` saves) and once in the pairs' order, oldest first, as the compact form uses them (4m²
@@ -59,6 +61,7 @@ import numpy as np
 import torch
 
 from moller_scg import _vectors as vec
+from moller_scg import pair_arithmetic as arithmetic
 from moller_scg.diagonal_scaling import DiagonalScaling
 
 CURVATURE_CONDITION = 1e-10
@@ -118,11 +121,16 @@ class SecantPairs:
             torch.empty(2, memory, sum(vec.as_real(params[i]).numel() for i in members), dtype=dtype, device=device)
             for (device, dtype), members in groups.items()
         ]
+        # Small CPU blocks are worked on in NumPy through views that share the tensors' memory (every block, or
+        # none, so that the products of all blocks add up alike); the tensors stay what state_dict saves.
+        self.on_host = all(arithmetic.on_host(block) for block in self.blocks)
+        self._stacks = arithmetic.working(self.blocks, self.on_host)
         self.scaling = (
             DiagonalScaling(
                 [block.shape[-1] for block in self.blocks],
                 [block.dtype for block in self.blocks],
                 [block.device for block in self.blocks],
+                on_host=self.on_host,
             )
             if diagonal_scaling
             else None
@@ -130,6 +138,17 @@ class SecantPairs:
 
     def __len__(self) -> int:
         return len(self.slots)
+
+    def __getstate__(self) -> dict[str, Any]:
+        """What a pickle or a deep copy keeps: everything but the NumPy views of the blocks, which would be saved as
+        copies that no longer share the blocks' memory (:meth:`__setstate__` makes them anew)."""
+        state = self.__dict__.copy()
+        del state["_stacks"]
+        return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state)
+        self._stacks = arithmetic.working(self.blocks, self.on_host)
 
     def fits(self, params: Sequence[torch.Tensor]) -> bool:
         """Whether these pairs were made for parameters of these shapes, dtypes and devices, in this order."""
@@ -145,18 +164,18 @@ class SecantPairs:
     def start_scaling(self, gradient: Sequence[torch.Tensor]) -> None:
         """With diagonal scaling, v and Λ from the first gradient (at SCG's start; −E' serves as well)."""
         if self.scaling is not None:
-            self.scaling.start(self._flatten(gradient))
+            self.scaling.start(self._working(self._flatten(gradient)))
 
     def observe(self, gradient: Sequence[torch.Tensor]) -> None:
         """With diagonal scaling, add an accepted step's gradient to v (:meth:`advance` does it by itself)."""
         if self.scaling is not None:
-            self.scaling.observe(self._flatten(gradient))
+            self.scaling.observe(self._working(self._flatten(gradient)))
 
     def observe_flat(self, gradient: torch.Tensor) -> None:
         """:meth:`observe` for real parameters of one device and dtype, the gradient a flat vector of n numbers
         (as :meth:`advance_flat` takes it)."""
         if self.scaling is not None:
-            self.scaling.observe([gradient])
+            self.scaling.observe(self._working([gradient]))
 
     def push(self, step: Sequence[torch.Tensor], change: Sequence[torch.Tensor]) -> bool:
         """Keep the pair (s, y) in place of the oldest, if sᵀy > CURVATURE_CONDITION · yᵀy; return whether kept.
@@ -164,15 +183,17 @@ class SecantPairs:
         One host synchronisation: sᵀy, yᵀy and the products of s and y with every stored pair are reduced together.
         """
         rows = [torch.stack([y, s, y]) for s, y in zip(self._flatten(step), self._flatten(change))]
-        return self._push_flat(rows, step_scale=1.0)[0]
+        return self._push_flat(self._working(rows), step_scale=1.0)[0]
 
     def inverse_product(self, vector: Sequence[torch.Tensor]) -> list[torch.Tensor]:
         """H v as new tensors, one per parameter (a copy of v when no pair is kept: H = I)."""
         if not self.slots:
             return vec.clone(vector)
-        flat = self._flatten(vector)
-        # [Sᵀv; Yᵀv] over the rows in use, one product per block.
-        products = _sum_on_cpu([self._against_pairs(block, v[None]).reshape(-1) for block, v in zip(self.blocks, flat)])
+        flat = self._working(self._flatten(vector))
+        # [Sᵀv, Yᵀv] over the rows in use, one product per block.
+        products = arithmetic.summed_on_host(
+            [self._against_pairs(stack, v[None]).reshape(-1) for stack, v in zip(self._stacks, flat)]
+        )
         return self._unflatten(self._apply_flat(flat, *self._split_by_slot(products)))
 
     def advance(
@@ -196,6 +217,7 @@ class SecantPairs:
             torch.cat([vec.as_real(direction[i]).reshape(-1) for i in members], out=rows[1])
             torch.cat([vec.as_real(residual[i]).reshape(-1) for i in members], out=rows[0]).sub_(rows[2])
             columns.append(rows)
+        columns = self._working(columns)
         flat_new_residual = [c[2] for c in columns]
         if self.scaling is not None:
             self.scaling.observe(flat_new_residual)
@@ -215,12 +237,13 @@ class SecantPairs:
             alpha: α, the accepted step length (s = αp).
             residual: r.
         """
-        torch.sub(residual, rows[2], out=rows[0])
+        rows, residual = self._working([rows, residual])
+        arithmetic.subtract(residual, rows[2], out=rows[0])
         if self.scaling is not None:
             self.scaling.observe([rows[2]])
         _, s_dot_v, y_dot_v = self._push_flat([rows], step_scale=alpha)
         if not self.slots:
-            rows[1].copy_(rows[2])
+            arithmetic.assign(rows[1], rows[2])
             return
         # y's row is free once the pair is stored
         self._apply_flat([rows[2]], s_dot_v, y_dot_v, out=[rows[1]], scratch=[rows[0]])
@@ -230,13 +253,15 @@ class SecantPairs:
         slots in order, all m slots once they are full (or after loading pairs in another order)."""
         return len(self.slots) if self._filled_in_order else self.memory
 
-    def _against_pairs(self, block: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
-        """[S; Y] rowsᵀ over the rows in use, in float64: 2k rows, Sᵀ's k then Yᵀ's k (one product when k = m, else
-        two)."""
+    def _against_pairs(self, stack: arithmetic.Vector, rows: arithmetic.Vector) -> arithmetic.Vector:
+        """rows [S Y] over the rows in use, in float64: one row per row of ``rows``, its products with S's k rows
+        then with Y's k (one product when k = m, else two)."""
         m, k = self.memory, self._rows_in_use()
         if k == m:
-            return _row_products(block.view(2 * m, -1), rows)
-        return torch.cat([_row_products(block[0, :k], rows), _row_products(block[1, :k], rows)])
+            return arithmetic.row_products(rows, stack.reshape(2 * m, -1))
+        return arithmetic.joined_columns(
+            arithmetic.row_products(rows, stack[0, :k]), arithmetic.row_products(rows, stack[1, :k])
+        )
 
     def _split_by_slot(self, products: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """(Sᵀv, Yᵀv) as m numbers each, indexed by slot, from the 2k products over the rows in use (zero beyond)."""
@@ -256,17 +281,17 @@ class SecantPairs:
         kept (one host synchronisation for all)."""
         m, k = self.memory, self._rows_in_use()
         partial = []
-        for block, stacked in zip(self.blocks, rows):
+        for stack, stacked in zip(self._stacks, rows):
             # Two matrix products give every inner product the pair and v need: the 3 × 3 Gram matrix of
-            # [y, d, v] (dᵀy, yᵀy, dᵀv, yᵀv among its entries) and [S; Y]ᵀ[y, d, v] over the k rows in use.
-            gram = _row_products(stacked, stacked)
-            against = self._against_pairs(block, stacked)
-            partial.append(torch.cat([gram.reshape(-1), against.T.reshape(-1)]))
-        totals = _sum_on_cpu(partial)
+            # [y, d, v] (dᵀy, yᵀy, dᵀv, yᵀv among its entries) and [y, d, v]ᵀ[S Y] over the k rows in use.
+            gram = arithmetic.row_products(stacked, stacked)
+            against = self._against_pairs(stack, stacked)
+            partial.append(arithmetic.joined([gram.reshape(-1), against.reshape(-1)]))
+        totals = arithmetic.summed_on_host(partial)
         # The Gram matrix row by row: (yᵀy, yᵀd, yᵀv, dᵀy, dᵀd, dᵀv, vᵀy, vᵀd, vᵀv); s = step_scale · d.
         change_sq, change_dot_vector = totals[0], totals[2]
         step_dot_change, step_dot_vector = step_scale * totals[3], step_scale * totals[5]
-        # Rows of [S; Y]ᵀ[y, d, v]: column y, then d, then v, each 2k long (the k slots of S, then of Y).
+        # Rows of [y, d, v]ᵀ[S Y]: y's, then d's, then v's, each 2k long (the k slots of S, then of Y).
         against_change, against_step, against_vector = (
             totals[9 : 9 + 2 * k],
             step_scale * totals[9 + 2 * k : 9 + 4 * k],
@@ -278,9 +303,9 @@ class SecantPairs:
         full = len(self.slots) == m
         older = self._order[1:] if full else self._order  # the slots of the pairs that stay, oldest first
         slot = self.slots.pop(0) if full else len(self.slots)
-        for block, (y, d, _) in zip(self.blocks, rows):
-            torch.mul(d, step_scale, out=block[0, slot])  # s
-            block[1, slot].copy_(y)
+        for stack, stacked in zip(self._stacks, rows):
+            arithmetic.multiply(stacked[1], step_scale, out=stack[0, slot])  # s = step_scale · d
+            arithmetic.assign(stack[1, slot], stacked[0])  # y
         self._append_in_order(full, against_change[:k][older], against_change[k:][older], step_dot_change, change_sq)
         self.slots.append(slot)
         self._order = np.append(older, slot)
@@ -296,23 +321,23 @@ class SecantPairs:
 
     def _apply_flat(
         self,
-        flat: list[torch.Tensor],
+        flat: list[arithmetic.Vector],
         s_dot_v: np.ndarray,
         y_dot_v: np.ndarray,
-        out: list[torch.Tensor] | None = None,
-        scratch: list[torch.Tensor] | None = None,
-    ) -> list[torch.Tensor]:
+        out: list[arithmetic.Vector] | None = None,
+        scratch: list[arithmetic.Vector] | None = None,
+    ) -> list[arithmetic.Vector]:
         """H v per block from Sᵀv and Yᵀv over all slots (the compact form's m × m algebra in NumPy), as new
-        tensors or into ``out`` (one flat tensor per block, not one of ``flat``).
+        vectors or into ``out`` (one flat vector per block, not one of ``flat``), as :meth:`_working` gives them.
 
-        With diagonal scaling, :meth:`_apply_scaled`, which also uses ``scratch`` (one flat tensor per block, not one
-        of ``flat`` or ``out``; new tensors if ``None``).
+        With diagonal scaling, :meth:`_apply_scaled`, which also uses ``scratch`` (one flat vector per block, not one
+        of ``flat`` or ``out``; new vectors if ``None``).
         """
         m = self.memory
         held, order = len(self.slots), self._order
         upper = self._ordered_r[:held, :held]  # R, upper triangular with the positive diagonal D
         r_inv_u = _solve_upper(upper, s_dot_v[order])
-        targets: list[torch.Tensor | None] = list(out) if out is not None else [None] * len(flat)
+        targets: list[arithmetic.Vector | None] = list(out) if out is not None else [None] * len(flat)
         if self.scaling is not None:
             return self._apply_scaled(flat, upper, r_inv_u, targets, scratch)
         gamma = self.gamma
@@ -323,24 +348,22 @@ class SecantPairs:
         coefficients[order] = _solve_upper(upper, inner, transposed=True)
         coefficients[m + order] = -gamma * r_inv_u
         results = []
-        for block, v, target in zip(self.blocks, flat, targets):
+        for stack, v, target in zip(self._stacks, flat, targets):
             if k == m:  # every slot in use: γv + [S Y] c in one product (c over [S Y], 2m numbers)
-                c_both = torch.from_numpy(coefficients)
-                results.append(torch.addmv(v, block.view(2 * m, -1).T, _on(c_both, v), beta=gamma, out=target))
+                results.append(arithmetic.add_product(v, stack.reshape(2 * m, -1), coefficients, gamma, target))
             else:  # γv + S c_S + Y c_Y over the k slots in use
-                c_s, c_y = torch.from_numpy(coefficients[:k]), torch.from_numpy(coefficients[m : m + k])
-                result = torch.addmv(v, block[0, :k].T, _on(c_s, v), beta=gamma, out=target)
-                results.append(result.addmv_(block[1, :k].T, _on(c_y, v)))
+                result = arithmetic.add_product(v, stack[0, :k], coefficients[:k], gamma, target)
+                results.append(arithmetic.add_product(result, stack[1, :k], coefficients[m : m + k], out=result))
         return results
 
     def _apply_scaled(
         self,
-        flat: list[torch.Tensor],
+        flat: list[arithmetic.Vector],
         upper: np.ndarray,
         r_inv_u: np.ndarray,
-        targets: list[torch.Tensor | None],
-        scratch: list[torch.Tensor] | None,
-    ) -> list[torch.Tensor]:
+        targets: list[arithmetic.Vector | None],
+        scratch: list[arithmetic.Vector] | None,
+    ) -> list[arithmetic.Vector]:
         """The diagonal mode's H v = γ_D Λq + S R⁻ᵀ(D R⁻¹u − γ_D YᵀΛq) with q = v − Y R⁻¹u (the module's docstring),
         given R and R⁻¹u (u = Sᵀv, oldest first): q in ``targets``, Λq in ``scratch``, then YᵀΛq and the diagonal
         yᵢᵀΛyᵢ of YᵀΛY (for γ_D = maxᵢ sᵢᵀyᵢ / yᵢᵀΛyᵢ) in one host synchronisation, and H v = γ_D Λq + S c_S in
@@ -349,26 +372,26 @@ class SecantPairs:
         m, k, order = self.memory, self._rows_in_use(), self._order
         minus_r_inv_u_by_slot = np.zeros(m)
         minus_r_inv_u_by_slot[order] = -r_inv_u
-        c_q = torch.from_numpy(minus_r_inv_u_by_slot[:k])
+        c_q = minus_r_inv_u_by_slot[:k]
         scaled_rows, partial = [], []
-        for index, (block, v, target, diagonal) in enumerate(zip(self.blocks, flat, targets, self.scaling.diagonal)):
-            changes = block[1, :k]
-            q = torch.addmv(v, changes.T, _on(c_q, v), out=target)  # q = v − Y R⁻¹u
-            scaled = torch.mul(diagonal, q, out=scratch[index] if scratch is not None else None)  # Λq
+        diagonals = self.scaling.working_diagonal
+        for index, (stack, v, target, diagonal) in enumerate(zip(self._stacks, flat, targets, diagonals)):
+            changes = stack[1, :k]
+            q = arithmetic.add_product(v, changes, c_q, out=target)  # q = v − Y R⁻¹u
+            scaled = arithmetic.multiply(diagonal, q, out=scratch[index] if scratch is not None else None)  # Λq
             scaled_rows.append(scaled)
-            partial.append(
-                torch.cat([_row_products(changes, scaled[None]).reshape(-1), _scaled_squares(changes, diagonal)])
-            )
-        totals = _sum_on_cpu(partial)
+            products = arithmetic.row_products(scaled[None], changes).reshape(-1)  # YᵀΛq
+            partial.append(arithmetic.joined([products, arithmetic.scaled_squares(changes, diagonal)]))
+        totals = arithmetic.summed_on_host(partial)
         changes_dot_scaled, gram_diagonal = totals[:k][order], totals[k:][order]  # YᵀΛq, yᵢᵀΛyᵢ, oldest first
         diagonal_of_r = np.diag(upper)  # D: sᵢᵀyᵢ
         gamma = float((diagonal_of_r / gram_diagonal).max())  # γ_D
         c_s_by_slot = np.zeros(m)
         c_s_by_slot[order] = _solve_upper(upper, diagonal_of_r * r_inv_u - gamma * changes_dot_scaled, transposed=True)
-        c_s = torch.from_numpy(c_s_by_slot[:k])
+        c_s = c_s_by_slot[:k]
         return [
-            torch.addmv(scaled, block[0, :k].T, _on(c_s, v), beta=gamma, out=target)  # γ_D Λq + S c_S
-            for block, v, scaled, target in zip(self.blocks, flat, scaled_rows, targets)
+            arithmetic.add_product(scaled, stack[0, :k], c_s, gamma, target)  # γ_D Λq + S c_S
+            for stack, scaled, target in zip(self._stacks, scaled_rows, targets)
         ]
 
     def _append_in_order(
@@ -460,14 +483,20 @@ class SecantPairs:
         for own, saved in zip(self.blocks, blocks):
             own.copy_(saved)
 
+    def _working(self, tensors: Sequence[torch.Tensor]) -> list[arithmetic.Vector]:
+        """Flat tensors as the arithmetic takes them (:func:`~moller_scg.pair_arithmetic.working`): NumPy views of
+        them when the blocks are worked on in NumPy, else themselves."""
+        return arithmetic.working(tensors, self.on_host)
+
     def _flatten(self, tensors: Sequence[torch.Tensor]) -> list[torch.Tensor]:
         """One flat real vector per block."""
         return [torch.cat([vec.as_real(tensors[i]).reshape(-1) for i in members]) for members in self._members]
 
-    def _unflatten(self, flats: list[torch.Tensor]) -> list[torch.Tensor]:
-        """The inverse of :meth:`_flatten`: one tensor per parameter, of its shape (complex again if it was)."""
+    def _unflatten(self, flats: list[arithmetic.Vector]) -> list[torch.Tensor]:
+        """The inverse of :meth:`_flatten` (of :meth:`_working` too): one tensor per parameter, of its shape (complex
+        again if it was)."""
         result: list[torch.Tensor | None] = [None] * len(self._shapes)
-        for members, flat in zip(self._members, flats):
+        for members, flat in zip(self._members, map(arithmetic.as_tensor, flats)):
             sizes = [self._shapes[i].numel() * (2 if self._complex[i] else 1) for i in members]
             for i, piece in zip(members, torch.split(flat, sizes)):
                 shape = (*self._shapes[i], 2) if self._complex[i] else self._shapes[i]
@@ -478,47 +507,6 @@ class SecantPairs:
 
 def _layout(params: Sequence[torch.Tensor]) -> list[tuple[torch.Size, torch.dtype, torch.device]]:
     return [(p.shape, p.dtype, p.device) for p in params]
-
-
-PRODUCT_PIECE = 1 << 16
-"""Columns per piece of :func:`_row_products` on vectors longer than ``DOT_CHUNK``: a product of a few rows with
-2m rows of 50 M numbers took 0.31 s whole and 0.19 s in pieces of 2^16 columns on one CPU thread."""
-
-
-def _row_products(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """a bᵀ of two matrices of rows of n numbers, as float64: one product in their dtype, or, when n is larger than
-    :data:`~moller_scg._vectors.DOT_CHUNK`, one per piece of ``PRODUCT_PIECE`` columns, the pieces added in float64
-    (the same bits as before this limit for n ≤ ``DOT_CHUNK``)."""
-    if a.shape[-1] <= vec.DOT_CHUNK:
-        return _as_float64(a @ b.T)
-    total = torch.zeros(a.shape[0], b.shape[0], dtype=torch.float64, device=a.device)
-    for a_piece, b_piece in zip(a.split(PRODUCT_PIECE, dim=-1), b.split(PRODUCT_PIECE, dim=-1)):
-        total += (a_piece @ b_piece.T).to(torch.float64)
-    return total
-
-
-def _on(coefficients: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
-    """The float64 CPU coefficients on ``like``'s device and in its dtype (themselves when they already are)."""
-    if coefficients.device == like.device and coefficients.dtype == like.dtype:
-        return coefficients
-    return coefficients.to(device=like.device, dtype=like.dtype)
-
-
-def _as_float64(t: torch.Tensor) -> torch.Tensor:
-    """t in float64: itself when it already is (no operation dispatched, which costs what a small product does)."""
-    return t if t.dtype == torch.float64 else t.to(torch.float64)
-
-
-def _scaled_squares(rows: torch.Tensor, diagonal: torch.Tensor) -> torch.Tensor:
-    """Σⱼ rowsᵢⱼ² Λⱼ for each of k rows of n numbers (the diagonal of rows Λ rowsᵀ), as float64, for
-    Λ = diag(``diagonal``): one product per piece of ``PRODUCT_PIECE`` columns, so that the temporary holds k
-    pieces, not k · n numbers (one product, and no sum of pieces, up to ``PRODUCT_PIECE`` columns)."""
-    if rows.shape[-1] <= PRODUCT_PIECE:
-        return _as_float64((rows * rows) @ diagonal)
-    total = torch.zeros(rows.shape[0], dtype=torch.float64, device=rows.device)
-    for rows_piece, diagonal_piece in zip(rows.split(PRODUCT_PIECE, dim=-1), diagonal.split(PRODUCT_PIECE)):
-        total += ((rows_piece * rows_piece) @ diagonal_piece).to(torch.float64)
-    return total
 
 
 def _solve_upper(upper: np.ndarray, b: np.ndarray, transposed: bool = False) -> np.ndarray:
@@ -532,12 +520,3 @@ def _solve_upper(upper: np.ndarray, b: np.ndarray, transposed: bool = False) -> 
     if info != 0:
         raise np.linalg.LinAlgError(f"the triangular factor R of the secant pairs is singular (LAPACK info {info})")
     return solution
-
-
-def _sum_on_cpu(partial: list[torch.Tensor]) -> np.ndarray:
-    """Σ of equally long float64 vectors from possibly several devices, as NumPy; one synchronisation a device."""
-    if len(partial) == 1:
-        return partial[0].cpu().numpy()
-    devices = list(dict.fromkeys(t.device for t in partial))
-    per_device = [torch.stack([t for t in partial if t.device == device]).sum(0).cpu().numpy() for device in devices]
-    return np.sum(per_device, axis=0)

@@ -8,8 +8,19 @@ import torch
 from problems import regression_problem
 from torch import nn
 
+from moller_scg import pair_arithmetic
+
 
 @pytest.fixture
 def regression() -> tuple[nn.Module, tuple[torch.Tensor, torch.Tensor]]:
     """A fresh ``regression_problem()``: the 2-8-1 tanh network at seed 0 and its 48 samples."""
     return regression_problem()
+
+
+@pytest.fixture(params=["numpy", "torch"])
+def arithmetic_path(request, monkeypatch) -> str:
+    """Run the test with the secant pairs' small CPU blocks worked on in NumPy (as they are), then in torch (as a GPU
+    block or a large one is: ``HOST_ARITHMETIC_MAX`` set to 0)."""
+    if request.param == "torch":
+        monkeypatch.setattr(pair_arithmetic, "HOST_ARITHMETIC_MAX", 0)
+    return request.param

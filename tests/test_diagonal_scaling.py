@@ -18,7 +18,7 @@ from test_scg import flat as flat_params
 from test_scg_memory import _per_tensor_path, mse_closure, run
 from torch import nn
 
-from moller_scg import SCG
+from moller_scg import SCG, pair_arithmetic
 from moller_scg.diagonal_scaling import BETA, EPSILON, POWER, DiagonalScaling
 from moller_scg.quasi_newton import SecantPairs
 
@@ -28,36 +28,43 @@ def expected_diagonal(second_moment: torch.Tensor) -> torch.Tensor:
     return 1.0 / (root + EPSILON * root.mean())
 
 
-def test_second_moment_and_diagonal_follow_their_formulas():
+def _scaling_on(path, sizes, dtypes):
+    """A DiagonalScaling of CPU blocks worked on in NumPy or in torch, and the gradients as it takes them."""
+    host = path == "numpy"
+    scaling = DiagonalScaling(sizes, dtypes, [torch.device("cpu")] * len(sizes), on_host=host)
+    return scaling, lambda gradients: pair_arithmetic.working(gradients, host)
+
+
+def test_second_moment_and_diagonal_follow_their_formulas(arithmetic_path):
     generator = torch.Generator().manual_seed(0)
     g1, g2, g3 = (torch.randn(7, generator=generator, dtype=torch.float64) for _ in range(3))
-    scaling = DiagonalScaling([7], [torch.float64], [torch.device("cpu")])
-    scaling.start([g1])
-    scaling.observe([g2])
-    scaling.observe([-g3])
+    scaling, taken = _scaling_on(arithmetic_path, [7], [torch.float64])
+    scaling.start(taken([g1]))
+    scaling.observe(taken([g2]))
+    scaling.observe(taken([-g3]))
     v = BETA**2 * (1 - BETA) * g1**2 + BETA * (1 - BETA) * g2**2 + (1 - BETA) * g3**2
     torch.testing.assert_close(scaling.second_moment[0], v, rtol=1e-14, atol=0)
     torch.testing.assert_close(scaling.diagonal[0], expected_diagonal(v), rtol=1e-14, atol=0)
 
 
-def test_weights_whose_gradient_was_always_zero_keep_a_finite_scale():
-    scaling = DiagonalScaling([3], [torch.float64], [torch.device("cpu")])
-    scaling.start([torch.tensor([0.0, 2.0, 0.0], dtype=torch.float64)])
+def test_weights_whose_gradient_was_always_zero_keep_a_finite_scale(arithmetic_path):
+    scaling, taken = _scaling_on(arithmetic_path, [3], [torch.float64])
+    scaling.start(taken([torch.tensor([0.0, 2.0, 0.0], dtype=torch.float64)]))
     assert torch.isfinite(scaling.diagonal[0]).all()
     assert scaling.diagonal[0][0] > 1e6 * scaling.diagonal[0][1]  # 1 / (ε mean v^κ) where v = 0
-    scaling.start([torch.zeros(3, dtype=torch.float64)])  # no gradient at all: Λ ∝ I, finite
+    scaling.start(taken([torch.zeros(3, dtype=torch.float64)]))  # no gradient at all: Λ ∝ I, finite
     assert torch.isfinite(scaling.diagonal[0]).all() and len(set(scaling.diagonal[0].tolist())) == 1
-    two_blocks = DiagonalScaling([2, 1], [torch.float64, torch.float32], [torch.device("cpu")] * 2)
-    two_blocks.start([torch.zeros(2, dtype=torch.float64), torch.zeros(1, dtype=torch.float32)])
+    two_blocks, taken = _scaling_on(arithmetic_path, [2, 1], [torch.float64, torch.float32])
+    two_blocks.start(taken([torch.zeros(2, dtype=torch.float64), torch.zeros(1, dtype=torch.float32)]))
     assert all(torch.isfinite(d).all() for d in two_blocks.diagonal)
-    two_blocks.start([torch.tensor([0.0, 2.0], dtype=torch.float64), torch.tensor([1.0])])
+    two_blocks.start(taken([torch.tensor([0.0, 2.0], dtype=torch.float64), torch.tensor([1.0])]))
     v = torch.tensor([0.0, 4.0, 1.0], dtype=torch.float64) * (1 - BETA)
     expected = expected_diagonal(v)
     torch.testing.assert_close(two_blocks.diagonal[0], expected[:2], rtol=1e-6, atol=0)  # the mean has a float32 part
     torch.testing.assert_close(two_blocks.diagonal[1], expected[2:].float(), rtol=1e-6, atol=0)
 
 
-def test_advance_observes_the_new_gradient_then_keeps_the_pair_then_applies_h():
+def test_advance_observes_the_new_gradient_then_keeps_the_pair_then_applies_h(arithmetic_path):
     n = sum(torch.Size(s).numel() for s in SHAPES)
     params = [torch.zeros(s, dtype=torch.float64) for s in SHAPES]
     hessian = spd(n, seed=1)
@@ -222,7 +229,7 @@ def test_a_state_saved_before_the_option_existed_loads_as_the_scalar_mode():
 
 def test_vectors_longer_than_a_piece_give_the_same_h_v_through_the_piecewise_products(monkeypatch):
     """Above PRODUCT_PIECE numbers the products with Y are formed a piece at a time (no k × n temporary)."""
-    from moller_scg import _vectors, quasi_newton
+    from moller_scg import _vectors, pair_arithmetic
 
     n = sum(torch.Size(s).numel() for s in SHAPES)
     hessian = spd(n, seed=15)
@@ -244,7 +251,8 @@ def test_vectors_longer_than_a_piece_give_the_same_h_v_through_the_piecewise_pro
 
     whole = run_pairs()
     monkeypatch.setattr(_vectors, "DOT_CHUNK", 5)
-    monkeypatch.setattr(quasi_newton, "PRODUCT_PIECE", 3)  # the diagonal of YᵀΛY in pieces too
+    monkeypatch.setattr(pair_arithmetic, "PRODUCT_PIECE", 3)  # the diagonal of YᵀΛY in pieces too
+    monkeypatch.setattr(pair_arithmetic, "HOST_ARITHMETIC_MAX", 0)  # the pieces are torch's
     for piecewise, expected in zip(run_pairs(), whole):
         torch.testing.assert_close(piecewise, expected, rtol=1e-12, atol=1e-14)
 
@@ -265,7 +273,7 @@ def _compact_form_with_the_scaled_gram(kept, v, diagonal):
     return gamma * diagonal * v + left @ (middle @ torch.cat([steps.T @ v, gamma * scaled_changes.T @ v]))
 
 
-def test_h_v_is_the_compact_form_with_the_scaled_gram_which_is_never_formed():
+def test_h_v_is_the_compact_form_with_the_scaled_gram_which_is_never_formed(arithmetic_path):
     """H v = γ_D Λq + S R⁻ᵀ(D R⁻¹u − γ_D YᵀΛq), q = v − Y R⁻¹u: the compact form, whose YᵀΛY R⁻¹u and YᵀΛv terms
     it merges, to rounding, while the pairs fill their slots and after they wrap around."""
     n = sum(torch.Size(s).numel() for s in SHAPES)
@@ -329,7 +337,7 @@ def test_applying_h_holds_no_weight_sized_tensor_but_the_steps_rows_and_lambda()
     assert _parameter_sized_buffers_during_steps(optimizer, w, closure, 8, only_in="_apply_scaled") == 2
 
 
-def test_blocks_of_several_dtypes_give_the_h_v_of_one_float64_block():
+def test_blocks_of_several_dtypes_give_the_h_v_of_one_float64_block(arithmetic_path):
     """Parameters of two dtypes are two blocks; YᵀΛq and the diagonal of YᵀΛY are summed over both."""
     generator = torch.Generator().manual_seed(3)
     shapes = [((3, 4), torch.float64), ((5,), torch.float32), ((2, 3), torch.float64)]

@@ -1,10 +1,13 @@
 """The metering of ``benchmarks/peers.py`` (``peers_metering.Run``): one baton hand-off and one memory sample per
-evaluation, also when SCG's trial splits a gradient pass into its forward and, later, its backward."""
+evaluation, also when SCG's trial splits a gradient pass into its forward and, later, its backward; and memory
+counted once per buffer, also where NumPy arrays view a tensor's memory."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
+import torch
 from scripts import load_script
 
 METERING = Path(__file__).resolve().parent.parent / "benchmarks" / "peers_metering.py"
@@ -32,3 +35,17 @@ def test_a_trial_completed_by_its_backward_is_one_hand_off_and_one_memory_sample
 
     run()  # a plain gradient pass: one hand-off and one sample of its own
     assert events == ["hand-off", "memory sample"] * 2
+
+
+def test_arrays_that_view_a_tensors_memory_count_as_that_tensor_once(monkeypatch):
+    """SCG's pairs on small CPU blocks are worked on through ``tensor.numpy()`` views, some of them at an offset into
+    the tensor (r is the last row of the (4, n) buffer): they add nothing to the tensor's numbers. An array of its
+    own counts once, however many views of it are held."""
+    metering = load_script(METERING, monkeypatch)
+    rows = torch.zeros(4, 10, dtype=torch.float64)
+    views = [rows.numpy(), rows[3].numpy(), rows[1:3].numpy()[1]]
+    assert metering.reachable_numbers([rows, *views], set()) == 40
+    assert metering.reachable_numbers(views[1:], set()) == 40
+    assert metering.reachable_numbers(views, {rows.untyped_storage().data_ptr()}) == 0  # the parameters' own storage
+    own = np.zeros((3, 10))
+    assert metering.reachable_numbers([rows, own, own[1], own[2:]], set()) == 70

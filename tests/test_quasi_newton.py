@@ -34,7 +34,7 @@ def spd(n: int, seed: int) -> torch.Tensor:
 
 @pytest.mark.parametrize("diagonal_scaling", [False, True])
 @pytest.mark.parametrize("memory, pushes", [(1, 1), (3, 2), (4, 4), (4, 11)])
-def test_inverse_product_equals_the_two_loop_recursion(memory, pushes, diagonal_scaling):
+def test_inverse_product_equals_the_two_loop_recursion(memory, pushes, diagonal_scaling, arithmetic_path):
     """H₀ = γI, or with diagonal scaling H₀ = γ_D Λ from the gradients observed between the pushes."""
     n = sum(torch.Size(s).numel() for s in SHAPES)
     params = [torch.zeros(s, dtype=torch.float64) for s in SHAPES]
@@ -50,6 +50,7 @@ def test_inverse_product_equals_the_two_loop_recursion(memory, pushes, diagonal_
         kept = (kept + [(s, y)])[-memory:]
     v = torch.randn(n, generator=generator, dtype=torch.float64)
     result = pairs.inverse_product(split(v))
+    assert pairs.on_host == (arithmetic_path == "numpy")
     assert [t.shape for t in result] == [torch.Size(s) for s in SHAPES]
     scale = pairs.scaling.diagonal[0] if diagonal_scaling else None
     torch.testing.assert_close(flat(result), two_loop(kept, v, scale), rtol=1e-12, atol=1e-14)
@@ -91,7 +92,7 @@ def test_inverse_satisfies_the_newest_secant_equation():
     torch.testing.assert_close(flat(pairs.inverse_product(split(y))), s, rtol=1e-10, atol=1e-12)
 
 
-def test_complex_and_mixed_dtype_parameters():
+def test_complex_and_mixed_dtype_parameters(arithmetic_path):
     """Complex parameters count as real pairs; float32 and float64 parameters form separate blocks."""
     params = [
         torch.zeros(3, dtype=torch.complex128),
@@ -127,7 +128,7 @@ def test_complex_and_mixed_dtype_parameters():
     torch.testing.assert_close(got, two_loop(kept, v), rtol=1e-5, atol=1e-6)
 
 
-def test_state_dict_round_trip_gives_the_same_products():
+def test_state_dict_round_trip_gives_the_same_products(arithmetic_path):
     params = [torch.zeros(s, dtype=torch.float64) for s in SHAPES]
     pairs = SecantPairs(params, 3)
     hessian = spd(N, seed=9)
@@ -146,7 +147,7 @@ def test_state_dict_round_trip_gives_the_same_products():
         SecantPairs([torch.zeros(5, dtype=torch.float64)], 3).load_state_dict(state)
 
 
-def test_advance_equals_push_then_inverse_product():
+def test_advance_equals_push_then_inverse_product(arithmetic_path):
     """SCG's one-synchronisation step: the same pairs and the same H r₊ as push followed by inverse_product, also
     when the pair fails the curvature condition and when the memory wraps around."""
     params = [torch.zeros(s, dtype=torch.float64) for s in SHAPES]
@@ -203,7 +204,7 @@ def test_the_pairs_in_their_order_are_the_slots_reordered_after_every_push():
         assert pairs._ratios == reloaded._ratios and pairs.gamma == reloaded.gamma
 
 
-def test_while_the_stacks_fill_the_products_read_only_the_pairs_held():
+def test_while_the_stacks_fill_the_products_read_only_the_pairs_held(arithmetic_path):
     # The empty rows of the stacks hold NaN here: a product over all m rows (a zero coefficient times NaN) would
     # spread it into H v and the inner products. Also after a clear, when rows 1 … m − 1 hold stale pairs.
     params = [torch.zeros(s, dtype=torch.float64) for s in SHAPES]
@@ -251,10 +252,11 @@ def test_pairs_loaded_out_of_slot_order_before_the_stacks_are_full_still_give_h_
 def test_products_with_vectors_longer_than_the_chunk_are_summed_in_pieces(monkeypatch):
     # Above DOT_CHUNK numbers [S; Y] [y, p, r₊]ᵀ is formed PRODUCT_PIECE columns at a time (on 50 M weights a
     # whole product was slower): the same pairs and H r₊ as the two-loop recursion, through the piecewise sums.
-    from moller_scg import _vectors, quasi_newton
+    from moller_scg import _vectors, pair_arithmetic
 
     monkeypatch.setattr(_vectors, "DOT_CHUNK", 5)
-    monkeypatch.setattr(quasi_newton, "PRODUCT_PIECE", 3)
+    monkeypatch.setattr(pair_arithmetic, "PRODUCT_PIECE", 3)
+    monkeypatch.setattr(pair_arithmetic, "HOST_ARITHMETIC_MAX", 0)  # the pieces are torch's (a GPU's, a large block's)
     params = [torch.zeros(s, dtype=torch.float64) for s in SHAPES]
     hessian = spd(N, seed=15)
     generator = torch.Generator().manual_seed(10)
@@ -269,8 +271,8 @@ def test_products_with_vectors_longer_than_the_chunk_are_summed_in_pieces(monkey
     a, b = torch.randn(4, N, generator=generator), torch.randn(3, N, generator=generator)
     pieces = zip(a.split(3, dim=-1), b.split(3, dim=-1))
     piecewise = torch.stack([(a_piece @ b_piece.T).double() for a_piece, b_piece in pieces]).sum(0)
-    torch.testing.assert_close(quasi_newton._row_products(a, b), piecewise, rtol=1e-15, atol=1e-12)
-    torch.testing.assert_close(quasi_newton._row_products(a, b), (a @ b.T).double(), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(pair_arithmetic.row_products(a, b), piecewise, rtol=1e-15, atol=1e-12)
+    torch.testing.assert_close(pair_arithmetic.row_products(a, b), (a @ b.T).double(), rtol=1e-5, atol=1e-5)
 
 
 def test_state_dict_saves_zeros_in_the_rows_no_pair_was_written_into():
@@ -297,3 +299,45 @@ def test_the_triangular_solves_give_the_general_solves_numbers_and_refuse_a_sing
     upper[3, 3] = 0.0
     with pytest.raises(np.linalg.LinAlgError, match="singular"):
         _solve_upper(upper, b)
+
+
+def test_small_cpu_blocks_are_worked_on_in_numpy_and_others_in_torch():
+    """Every block in NumPy (float32 or float64 on the CPU, at most HOST_ARITHMETIC_MAX numbers), or none."""
+    from moller_scg.pair_arithmetic import HOST_ARITHMETIC_MAX
+
+    def on_host(*tensors):
+        return SecantPairs(list(tensors), 2).on_host
+
+    assert on_host(torch.zeros(3, 4, dtype=torch.float64), torch.zeros(5, dtype=torch.float32))
+    assert on_host(torch.zeros(HOST_ARITHMETIC_MAX))
+    assert not on_host(torch.zeros(HOST_ARITHMETIC_MAX + 1))
+    assert not on_host(torch.zeros(3, dtype=torch.bfloat16))
+    assert not on_host(torch.zeros(3, dtype=torch.bfloat16), torch.zeros(5, dtype=torch.float64))
+
+
+@pytest.mark.parametrize("diagonal_scaling", [False, True])
+def test_a_copy_of_the_pairs_works_on_its_own_blocks(diagonal_scaling):
+    """pickle and deepcopy keep the blocks, not their NumPy views, which the copy makes anew over its own blocks: it
+    goes on as the original does, and the original's blocks are left as they were."""
+    import copy
+    import pickle
+
+    params = [torch.zeros(s, dtype=torch.float64) for s in SHAPES]
+    hessian = spd(N, seed=12)
+    generator = torch.Generator().manual_seed(6)
+    pairs = SecantPairs(params, 3, diagonal_scaling=diagonal_scaling)
+    pairs.start_scaling(split(torch.randn(N, generator=generator, dtype=torch.float64)))
+
+    def advance(target, seed):
+        g = torch.Generator().manual_seed(seed)
+        direction, residual = (torch.randn(N, generator=g, dtype=torch.float64) for _ in range(2))
+        new_residual = residual - hessian @ (0.5 * direction)
+        return flat(target.advance(split(direction), 0.5, split(residual), split(new_residual)))
+
+    for seed in range(4):
+        advance(pairs, seed)
+    for twin in (copy.deepcopy(pairs), pickle.loads(pickle.dumps(pairs))):
+        before = [block.clone() for block in pairs.blocks]
+        assert torch.equal(advance(twin, 10), advance(copy.deepcopy(pairs), 10))
+        assert all(torch.equal(a, b) for a, b in zip(pairs.blocks, before))
+        assert not all(torch.equal(a, b) for a, b in zip(twin.blocks, before))

@@ -12,6 +12,7 @@ import pickle
 import sys
 import warnings
 
+import numpy as np
 import pytest
 import torch
 from hypothesis import given, settings
@@ -987,6 +988,15 @@ def test_weights_changed_between_steps_restart_from_the_new_point():
 # Memory and arithmetic of a step.
 
 
+def _memory_owner(array: np.ndarray) -> int:
+    """The address of the memory a NumPy array views: its torch tensor's storage, or the array that owns it."""
+    while isinstance(array, np.ndarray) and array.base is not None:
+        array = array.base
+    if isinstance(array, torch.Tensor):
+        return array.untyped_storage().data_ptr()
+    return array.__array_interface__["data"][0]
+
+
 def _parameter_sized_buffers_during_steps(
     optimizer: SCG, w: torch.Tensor, closure, steps: int, before_step=None, only_in: str | None = None
 ):
@@ -995,7 +1005,9 @@ def _parameter_sized_buffers_during_steps(
     Held means referenced from a frame of ``moller_scg`` code or from ``optimizer.state``; w itself and every
     gradient the closure produced (all kept alive, so their memory is never reused) do not count. Temporaries
     that live within one line are not seen, so this counts buffers, not allocator traffic. With ``only_in``, the
-    name of one of SCG's functions, only that function's own frame is looked at, at each of its lines.
+    name of one of SCG's functions, only that function's own frame is looked at, at each of its lines. A NumPy
+    array of n numbers counts as the tensor whose memory it views (the pairs' arithmetic on small CPU blocks,
+    :mod:`moller_scg.pair_arithmetic`), or as a buffer of its own.
     """
     package = os.path.dirname(vec.__file__)
     n = w.numel()
@@ -1009,6 +1021,9 @@ def _parameter_sized_buffers_during_steps(
             if isinstance(value, torch.Tensor):
                 if value.numel() == n:
                     storages.add(value.untyped_storage().data_ptr())
+            elif isinstance(value, np.ndarray):
+                if value.size == n:
+                    storages.add(_memory_owner(value))
             elif isinstance(value, (list, tuple)):
                 for item in value:
                     visit(item)
