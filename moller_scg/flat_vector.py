@@ -91,6 +91,8 @@ class FlatBuffers:
         new_residual: r₊ of the last trial; ``rows[2]``.
         rows: the ``(4, n)`` tensor whose rows are y (scratch of step 7), p, r₊ and r.
         pair_rows: ``rows[:3]``: y, p and r₊.
+        fuses_products: whether the step's inner products are products of rows (:meth:`products_with_new_residual`,
+            :meth:`products_with_direction`): on the CPU, n ≤ :data:`FUSED_PRODUCTS_MAX`.
         residual_views, direction_views, new_residual_views, accepted_views: their per-parameter views.
     """
 
@@ -104,6 +106,10 @@ class FlatBuffers:
         self.direction_views = layout.views(self.direction)
         self.new_residual_views = layout.views(self.new_residual)
         self.accepted_views = layout.views(self.accepted)
+        # Whether the step's inner products are taken as products of rows: on the CPU, n ≤ FUSED_PRODUCTS_MAX. (A
+        # GPU's reductions of one row and of several may add in other orders: there the products stay one at a time,
+        # as a resumed run forms them, so that a resume stays bit for bit.) Asked twice a step: kept, not recomputed.
+        self.fuses_products = self.rows.device.type == "cpu" and self.rows.shape[-1] <= FUSED_PRODUCTS_MAX
 
     def per_parameter(self, flat: torch.Tensor) -> list[torch.Tensor]:
         """The views of r or p (whichever ``flat`` is), for operations that pair them with the parameters."""
@@ -113,16 +119,9 @@ class FlatBuffers:
             return self.direction_views
         return self.layout.views(flat)
 
-    @property
-    def fuses_products(self) -> bool:
-        """Whether the step's inner products are taken as products of rows: on the CPU, n ≤ :data:`FUSED_PRODUCTS_MAX`.
-        (A GPU's reductions of one row and of several may add in other orders: there the products stay one at a time,
-        as a resumed run forms them, so that a resume stays bit for bit.)"""
-        return self.rows.device.type == "cpu" and self.rows.shape[-1] <= FUSED_PRODUCTS_MAX
-
     def products_with_new_residual(self) -> list[float]:
         """[r₊ᵀp, |r₊|², r₊ᵀr] (step 6; in the order of the rows p, r₊, r), each summed in float64, in one product
-        (:attr:`fuses_products`)."""
+        (``fuses_products``)."""
         return _row_dots(self.rows[1:], self.new_residual)
 
     def products_with_direction(self) -> list[float]:
