@@ -69,7 +69,8 @@ class DiagonalScaling:
         return {"second_moment": self.second_moment, "diagonal": self.diagonal, "on_host": self._on_host}
 
     def __setstate__(self, state: dict[str, Any]) -> None:
-        self.second_moment, self.diagonal, self._on_host = state["second_moment"], state["diagonal"], state["on_host"]
+        self.second_moment, self.diagonal = state["second_moment"], state["diagonal"]
+        self._on_host = state.get("on_host", False)  # a pickle of a version before the NumPy path: torch throughout
         self._moments = arithmetic.working(self.second_moment, self._on_host)
         self.working_diagonal = arithmetic.working(self.diagonal, self._on_host)
 

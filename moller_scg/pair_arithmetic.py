@@ -102,7 +102,10 @@ def add_product(
             np.copyto(out, vector)
         gemv = _gemv(rows.dtype)
         # rowsᵀ is the Fortran-ordered n × k matrix whose memory rows is: no copy on the way into BLAS.
-        return gemv(1.0, rows.T, coefficients.astype(rows.dtype, copy=False), beta=scale, y=out, overwrite_y=1)
+        result = gemv(1.0, rows.T, coefficients.astype(rows.dtype, copy=False), beta=scale, y=out, overwrite_y=1)
+        if result is not out:  # BLAS wrote into a contiguous copy of a strided out
+            np.copyto(out, result)
+        return out
     c = torch.from_numpy(coefficients)
     if c.device != vector.device or c.dtype != vector.dtype:
         c = c.to(device=vector.device, dtype=vector.dtype)

@@ -148,6 +148,7 @@ class SecantPairs:
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         self.__dict__.update(state)
+        self.on_host = state.get("on_host", False)  # a pickle of a version before the NumPy path: torch throughout
         self._stacks = arithmetic.working(self.blocks, self.on_host)
 
     def fits(self, params: Sequence[torch.Tensor]) -> bool:

@@ -58,3 +58,14 @@ def test_working_views_share_the_tensors_memory():
     assert arithmetic.working([t], host=False)[0] is t
     assert arithmetic.summed_on_host([np.ones(3), np.ones(3)]).tolist() == [2.0, 2.0, 2.0]
     assert arithmetic.summed_on_host([torch.ones(3, dtype=torch.float64)] * 2).tolist() == [2.0, 2.0, 2.0]
+
+
+def test_a_product_into_a_strided_vector_lands_there():
+    """BLAS writes in place only into a contiguous vector: a strided ``out`` gets the result all the same."""
+    rows, coefficients = np.arange(12.0).reshape(3, 4), np.array([1.0, -2.0, 0.5])
+    vector = np.ones(4)
+    storage = np.zeros((4, 2))
+    out = storage[:, 1]
+    assert arithmetic.add_product(vector, rows, coefficients, 2.0, out=out) is out
+    np.testing.assert_allclose(storage[:, 1], 2.0 * vector + coefficients @ rows)
+    assert not storage[:, 0].any()
