@@ -9,7 +9,7 @@ pass takes a millisecond, each of these costs what its dispatch costs: 3–7 µs
 ``benchmarks/peers.py`` (``benchmarks/pair_update.py``, ``benchmarks/own_work.py``; docs/performance.md, lever 22).
 
 So a block of pairs that lives on the CPU in float32 or float64 and holds at most :data:`HOST_ARITHMETIC_MAX`
-numbers per vector (:func:`on_host`) is worked on through NumPy views of its tensors, which share their memory: the
+numbers in all (:func:`on_host`) is worked on through NumPy views of its tensors, which share their memory: the
 tensors stay what ``state_dict`` saves and what the rest of SCG sees, and nothing is copied. Every function here
 takes either NumPy arrays (such a block) or torch tensors (a GPU block, a larger one, another dtype) and does the
 same arithmetic on both; the two may differ in the last bits of their sums, as two BLAS libraries do. A given
@@ -33,10 +33,12 @@ Vector = Any
 tensor itself (``torch.Tensor``). Each function below takes either and branches on which it got, so the type
 checker is not asked to follow the two."""
 
-HOST_ARITHMETIC_MAX = 1 << 15
-"""The most numbers per vector of a CPU block whose arithmetic runs in NumPy. Up to torch's grain size of 2^15 no
-torch operation on it is split among threads, so NumPy's single-threaded loops lose nothing; above it the
-operation's work, not its dispatch, is what a step costs, and the block stays in torch."""
+HOST_ARITHMETIC_MAX = 1 << 17
+"""The most numbers a CPU block of pairs (its 2m stored vectors of n numbers) may hold for its arithmetic to run in
+NumPy. ``benchmarks/results/pair_update_lever22.txt``: NumPy's pair update took half torch's time at n = 501
+(m = 20 and 40: 40,000 numbers at most), about as long at n = 5,000 and 8,192 with m = 20 (up to 330,000), and 6–15
+times as long at 655,000 numbers and more (m = 40 at n = 8,192, m = 20 at 16,384 and 32,768), where NumPy's BLAS
+spreads a product over threads that the 2-core machine cannot give it; above this limit the block stays in torch."""
 
 HOST_DTYPES = (torch.float32, torch.float64)
 """The dtypes NumPy has too (not bfloat16 or float16, whose products torch forms in float32)."""
@@ -48,9 +50,9 @@ pieces of 2^16 columns on one CPU thread."""
 
 
 def on_host(block: torch.Tensor) -> bool:
-    """Whether a block's arithmetic runs in NumPy: on the CPU, float32 or float64, vectors of at most
-    :data:`HOST_ARITHMETIC_MAX` numbers (its last dimension)."""
-    return block.device.type == "cpu" and block.dtype in HOST_DTYPES and block.shape[-1] <= HOST_ARITHMETIC_MAX
+    """Whether a block's arithmetic runs in NumPy: on the CPU, float32 or float64, at most
+    :data:`HOST_ARITHMETIC_MAX` numbers in all."""
+    return block.device.type == "cpu" and block.dtype in HOST_DTYPES and block.numel() <= HOST_ARITHMETIC_MAX
 
 
 def working(tensors: Sequence[torch.Tensor], host: bool) -> list[Vector]:

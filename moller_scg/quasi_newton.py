@@ -37,8 +37,8 @@ MNIST CNN, m = 20, the first 24 steps took 5 ms each instead of 14).
 
 The pairs are stored flat: all parameters that share a device and dtype form one block, whose m steps and m
 changes are the rows of one ``(2, m, n_block)`` tensor (complex parameters as their real and imaginary parts).
-Blocks of at most 2^15 numbers on the CPU are worked on through NumPy views of their tensors, larger or GPU ones
-in torch (:mod:`moller_scg.pair_arithmetic`).
+Blocks of at most 2^17 numbers (2mn) on the CPU are worked on through NumPy views of their tensors, larger or GPU
+ones in torch (:mod:`moller_scg.pair_arithmetic`).
 The m × m inner products SᵀY and YᵀY and the order of the slots are small and kept in float64 NumPy arrays on
 the CPU, where a handful of m × m operations cost microseconds, not a tensor operation's dispatch each: once by
 slot (what ``state_dict`` saves) and once in the pairs' order, oldest first, as the compact form uses them (4m²

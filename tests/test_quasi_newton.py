@@ -302,15 +302,17 @@ def test_the_triangular_solves_give_the_general_solves_numbers_and_refuse_a_sing
 
 
 def test_small_cpu_blocks_are_worked_on_in_numpy_and_others_in_torch():
-    """Every block in NumPy (float32 or float64 on the CPU, at most HOST_ARITHMETIC_MAX numbers), or none."""
+    """Every block in NumPy (float32 or float64 on the CPU, at most HOST_ARITHMETIC_MAX numbers in its 2m vectors),
+    or none."""
     from moller_scg.pair_arithmetic import HOST_ARITHMETIC_MAX
 
-    def on_host(*tensors):
-        return SecantPairs(list(tensors), 2).on_host
+    def on_host(*tensors, memory=2):
+        return SecantPairs(list(tensors), memory).on_host
 
     assert on_host(torch.zeros(3, 4, dtype=torch.float64), torch.zeros(5, dtype=torch.float32))
-    assert on_host(torch.zeros(HOST_ARITHMETIC_MAX))
-    assert not on_host(torch.zeros(HOST_ARITHMETIC_MAX + 1))
+    assert on_host(torch.zeros(HOST_ARITHMETIC_MAX // 4))  # 2m = 4 vectors
+    assert not on_host(torch.zeros(HOST_ARITHMETIC_MAX // 4 + 1))
+    assert not on_host(torch.zeros(HOST_ARITHMETIC_MAX // 4), memory=3)
     assert not on_host(torch.zeros(3, dtype=torch.bfloat16))
     assert not on_host(torch.zeros(3, dtype=torch.bfloat16), torch.zeros(5, dtype=torch.float64))
 
