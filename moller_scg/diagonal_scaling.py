@@ -61,8 +61,12 @@ class DiagonalScaling:
         self.second_moment = [torch.empty(n, dtype=d, device=dev) for n, d, dev in zip(sizes, dtypes, devices)]
         self.diagonal = [torch.empty_like(v) for v in self.second_moment]
         self._on_host = on_host
-        self._moments = arithmetic.working(self.second_moment, on_host)
-        self.working_diagonal = arithmetic.working(self.diagonal, on_host)
+        self._make_views()
+
+    def _make_views(self) -> None:
+        """v and Λ as the pairs' arithmetic takes them (NumPy views sharing their memory when on the host)."""
+        self._moments = arithmetic.working(self.second_moment, self._on_host)
+        self.working_diagonal = arithmetic.working(self.diagonal, self._on_host)
 
     def __getstate__(self) -> dict[str, Any]:
         """What a pickle or a deep copy keeps: v and Λ, not their NumPy views (made anew by :meth:`__setstate__`)."""
@@ -71,8 +75,7 @@ class DiagonalScaling:
     def __setstate__(self, state: dict[str, Any]) -> None:
         self.second_moment, self.diagonal = state["second_moment"], state["diagonal"]
         self._on_host = state.get("on_host", False)  # a pickle of a version before the NumPy path: torch throughout
-        self._moments = arithmetic.working(self.second_moment, self._on_host)
-        self.working_diagonal = arithmetic.working(self.diagonal, self._on_host)
+        self._make_views()
 
     def start(self, gradients: list[arithmetic.Vector]) -> None:
         """v = (1 − β) g² from the first gradient (flat, one per block; −g serves as well), and Λ from it."""
