@@ -20,6 +20,7 @@ Inner products come back in float64 whatever the vectors' dtype, as the m × m a
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence
 from typing import Any
 
@@ -164,9 +165,11 @@ def summed_on_host(partial: Sequence[Vector]) -> np.ndarray:
     return np.sum(per_device, axis=0)
 
 
+@functools.cache
 def _gemv(dtype: np.dtype) -> Any:
-    """BLAS's y ← α A x + β y for this dtype (dgemv, sgemv), from SciPy's wrappers, which share NumPy's BLAS."""
-    from scipy.linalg import blas  # here, not at the top: scipy takes 0.2 s to import and only this uses it
+    """BLAS's y ← α A x + β y for this dtype (dgemv, sgemv), from SciPy's wrappers, which share NumPy's BLAS;
+    imported on first use (scipy takes 0.2 s to import) and kept (an import statement at every call cost 2–3 µs)."""
+    from scipy.linalg import blas
 
     return blas.dgemv if dtype == np.float64 else blas.sgemv
 

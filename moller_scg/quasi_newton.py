@@ -54,6 +54,7 @@ References:
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence
 from typing import Any
 
@@ -125,6 +126,7 @@ class SecantPairs:
         # none, so that the products of all blocks add up alike); the tensors stay what state_dict saves.
         self.on_host = all(arithmetic.on_host(block) for block in self.blocks)
         self._stacks = arithmetic.working(self.blocks, self.on_host)
+        self._flat_views: tuple[torch.Tensor, torch.Tensor, Any, Any] | None = None  # _working_flat's
         self.scaling = (
             DiagonalScaling(
                 [block.shape[-1] for block in self.blocks],
@@ -141,15 +143,17 @@ class SecantPairs:
 
     def __getstate__(self) -> dict[str, Any]:
         """What a pickle or a deep copy keeps: everything but the NumPy views of the blocks, which would be saved as
-        copies that no longer share the blocks' memory (:meth:`__setstate__` makes them anew)."""
+        copies that no longer share the blocks' memory (:meth:`__setstate__` makes them anew), and the views of SCG's
+        flat buffers that :meth:`advance_flat` keeps (SCG's buffers are not the pairs' to copy)."""
         state = self.__dict__.copy()
-        del state["_stacks"]
+        del state["_stacks"], state["_flat_views"]
         return state
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         self.__dict__.update(state)
         self.on_host = state.get("on_host", False)  # a pickle of a version before the NumPy path: torch throughout
         self._stacks = arithmetic.working(self.blocks, self.on_host)
+        self._flat_views = None
 
     def fits(self, params: Sequence[torch.Tensor]) -> bool:
         """Whether these pairs were made for parameters of these shapes, dtypes and devices, in this order."""
@@ -238,7 +242,7 @@ class SecantPairs:
             alpha: α, the accepted step length (s = αp).
             residual: r.
         """
-        rows, residual = self._working([rows, residual])
+        rows, residual = self._working_flat(rows, residual)
         arithmetic.subtract(residual, rows[2], out=rows[0])
         if self.scaling is not None:
             self.scaling.observe([rows[2]])
@@ -248,6 +252,14 @@ class SecantPairs:
             return
         # y's row is free once the pair is stored
         self._apply_flat([rows[2]], s_dot_v, y_dot_v, out=[rows[1]], scratch=[rows[0]])
+
+    def _working_flat(self, rows: torch.Tensor, residual: torch.Tensor) -> tuple[Any, Any]:
+        """:meth:`advance_flat`'s rows and r as the arithmetic takes them, the NumPy views kept while SCG passes the
+        same flat buffers (every step: making two views cost 5–8 µs of a step's own work)."""
+        kept = self._flat_views
+        if kept is None or kept[0] is not rows or kept[1] is not residual:
+            kept = self._flat_views = (rows, residual, *self._working([rows, residual]))
+        return kept[2], kept[3]
 
     def _rows_in_use(self) -> int:
         """k: the products with the stacks use slots 0 … k − 1 of S and of Y — the pairs held while they fill the
@@ -309,7 +321,7 @@ class SecantPairs:
             arithmetic.assign(stack[1, slot], stacked[0])  # y
         self._append_in_order(full, against_change[:k][older], against_change[k:][older], step_dot_change, change_sq)
         self.slots.append(slot)
-        self._order = np.append(older, slot)
+        self._order = _appended(older, slot)
         # The entries for the k slots in use (slots beyond k are empty and get theirs when they are filled).
         self.sy[:k, slot] = against_change[:k]  # Sᵀy
         self.sy[slot, :k] = against_step[k:]  # sᵀY
@@ -344,7 +356,7 @@ class SecantPairs:
         gamma = self.gamma
         k = self._rows_in_use()
         w = gamma * y_dot_v[order]
-        inner = np.diag(upper) * r_inv_u + gamma * (self._ordered_yy[:held, :held] @ r_inv_u) - w
+        inner = upper.diagonal() * r_inv_u + gamma * (self._ordered_yy[:held, :held] @ r_inv_u) - w
         coefficients = np.zeros(2 * m)
         coefficients[order] = _solve_upper(upper, inner, transposed=True)
         coefficients[m + order] = -gamma * r_inv_u
@@ -385,7 +397,7 @@ class SecantPairs:
             partial.append(arithmetic.joined([products, arithmetic.scaled_squares(changes, diagonal)]))
         totals = arithmetic.summed_on_host(partial)
         changes_dot_scaled, gram_diagonal = totals[:k][order], totals[k:][order]  # YᵀΛq, yᵢᵀΛyᵢ, oldest first
-        diagonal_of_r = np.diag(upper)  # D: sᵢᵀyᵢ
+        diagonal_of_r = upper.diagonal()  # D: sᵢᵀyᵢ
         gamma = float((diagonal_of_r / gram_diagonal).max())  # γ_D
         c_s_by_slot = np.zeros(m)
         c_s_by_slot[order] = _solve_upper(upper, diagonal_of_r * r_inv_u - gamma * changes_dot_scaled, transposed=True)
@@ -506,8 +518,27 @@ class SecantPairs:
         return [t for t in result if t is not None]
 
 
+def _appended(order: np.ndarray, slot: int) -> np.ndarray:
+    """The slots ``order`` followed by ``slot``, as a new index array (``np.append``'s result, in a third of its
+    time)."""
+    appended = np.empty(len(order) + 1, dtype=np.intp)
+    appended[:-1] = order
+    appended[-1] = slot
+    return appended
+
+
 def _layout(params: Sequence[torch.Tensor]) -> list[tuple[torch.Size, torch.dtype, torch.device]]:
     return [(p.shape, p.dtype, p.device) for p in params]
+
+
+@functools.cache
+def _triangular_solver() -> Any:
+    """LAPACK's ``dtrtrs``, imported on first use (scipy takes 0.2 s to import and only this and
+    :func:`moller_scg.pair_arithmetic.add_product` use it) and kept: an import statement run at every call cost 2–3 µs
+    of a step's own work."""
+    from scipy.linalg import lapack
+
+    return lapack.dtrtrs
 
 
 def _solve_upper(upper: np.ndarray, b: np.ndarray, transposed: bool = False) -> np.ndarray:
@@ -515,9 +546,7 @@ def _solve_upper(upper: np.ndarray, b: np.ndarray, transposed: bool = False) -> 
     fifth of ``np.linalg.solve``'s call overhead — which is what an m × m solve costs. R⁻¹b has the bits of
     ``np.linalg.solve(R, b)``, whose LU of such an R pivots nowhere; R⁻ᵀb may differ from
     ``np.linalg.solve(R.T, b)`` in the last place (its LU of the lower triangle Rᵀ may pivot)."""
-    from scipy.linalg import lapack  # here, not at the top: scipy takes 0.2 s to import and only this uses it
-
-    solution, info = lapack.dtrtrs(upper, b, lower=0, trans=1 if transposed else 0)
+    solution, info = _triangular_solver()(upper, b, lower=0, trans=1 if transposed else 0)
     if info != 0:
         raise np.linalg.LinAlgError(f"the triangular factor R of the secant pairs is singular (LAPACK info {info})")
     return solution

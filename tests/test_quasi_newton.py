@@ -350,3 +350,32 @@ def test_a_copy_of_the_pairs_works_on_its_own_blocks(diagonal_scaling):
         if diagonal_scaling:
             assert torch.equal(twin.scaling.second_moment[0], pairs.scaling.second_moment[0])
             assert torch.equal(twin.scaling.diagonal[0], pairs.scaling.diagonal[0])
+
+
+@pytest.mark.parametrize("diagonal_scaling", [False, True])
+def test_advance_flat_works_on_the_buffers_it_is_given_each_time(diagonal_scaling):
+    """advance_flat keeps its NumPy views of SCG's flat buffers between steps: given other buffers (SCG makes new
+    ones after a load_state_dict) it works on those, as pairs given new buffers at every step do."""
+    hessian = spd(N, seed=3)
+    generator = torch.Generator().manual_seed(8)
+    steps = [[torch.randn(N, generator=generator, dtype=torch.float64) for _ in range(2)] for _ in range(6)]
+    kept_rows, kept_residual = torch.empty(3, N, dtype=torch.float64), torch.empty(N, dtype=torch.float64)
+
+    def run(new_buffers_every_step):
+        pairs = SecantPairs([torch.zeros(N, dtype=torch.float64)], 3, diagonal_scaling=diagonal_scaling)
+        pairs.start_scaling([steps[0][1]])
+        directions = []
+        for direction, residual in steps:
+            rows, flat_residual = (
+                (torch.empty(3, N, dtype=torch.float64), torch.empty(N, dtype=torch.float64))
+                if new_buffers_every_step
+                else (kept_rows, kept_residual)
+            )
+            rows[1], rows[2] = direction, residual - hessian @ (0.5 * direction)
+            flat_residual.copy_(residual)
+            pairs.advance_flat(rows, 0.5, flat_residual)
+            directions.append(rows[1].clone())  # p₊ = H r₊
+        return directions
+
+    for kept, fresh in zip(run(False), run(True)):
+        assert torch.equal(kept, fresh)
