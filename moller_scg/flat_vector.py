@@ -14,7 +14,8 @@ expects; a loaded state is gathered into fresh flat buffers before the next step
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 import torch
 
@@ -128,11 +129,26 @@ class FlatBuffers:
         """[|p|², pᵀr₊] (the next step's |p|² and μ after step 7 wrote p₊ = H r₊ into p), in one product."""
         return _row_dots(self.rows[1:3], self.direction)
 
-    def holds(self, residual: Sequence[torch.Tensor], direction: Sequence[torch.Tensor]) -> bool:
-        """Whether these per-parameter r and p are this object's views (not replaced by a load or by hand)."""
-        return all(a is b for a, b in zip(residual, self.residual_views)) and all(
-            a is b for a, b in zip(direction, self.direction_views)
-        )
+    def is_held_by(self, state: Mapping[torch.Tensor, Any], params: Sequence[torch.Tensor]) -> bool:
+        """Whether ``params`` have this layout (:meth:`FlatLayout.matches`) and ``optimizer.state`` holds this object's
+        views as their r and p (not tensors put there by a load or by hand), in one pass over the parameters: asked
+        at every step, where on the models of a few hundred weights a step's own work is made of such checks."""
+        layout = self.layout
+        if len(params) != len(layout.shapes):
+            return False
+        dtype, device = layout.dtype, layout.device
+        for p, shape, residual, direction in zip(params, layout.shapes, self.residual_views, self.direction_views):
+            entries = state.get(p)
+            if (
+                entries is None
+                or entries.get("residual") is not residual
+                or entries.get("direction") is not direction
+                or p.shape != shape
+                or p.dtype != dtype
+                or p.device != device
+            ):
+                return False
+        return True
 
 
 def _row_dots(rows: torch.Tensor, vector: torch.Tensor) -> list[float]:

@@ -30,7 +30,7 @@ from moller_scg import _vectors as vec
 from moller_scg import quasi_newton, step_arithmetic
 from moller_scg.objective import Objective
 from moller_scg.scg_curvature import curvature_along
-from moller_scg.scg_direction import next_direction, restart_period
+from moller_scg.scg_direction import next_direction, real_scalar_count, restart_period
 from moller_scg.scg_inputs import (
     HVP_MODES,
     SIGMA_MAX,
@@ -191,6 +191,7 @@ class SCG(torch.optim.Optimizer):
     _storage: _StateVectors
     _param_versions: list[int] | None
     _warned_stalled: bool
+    _real_scalars: int | None
 
     def __init__(
         self,
@@ -355,7 +356,7 @@ class SCG(torch.optim.Optimizer):
         tally = EvaluationTally(objective)  # SCG counts no evaluation itself: the objective does
         try:
             if not self._scalars.started or self._weights_changed_outside(params):
-                self._start(objective, params)
+                self._start(objective, params, tally)
             else:
                 self._storage.hold_in_flat_buffers(self.state, params, group["memory"])
             accepted = self._storage.copy_of_weights(params)
@@ -372,10 +373,11 @@ class SCG(torch.optim.Optimizer):
         self._warned_stalled = warn_when_stalled(self._trace, self._warned_stalled)
         return torch.tensor(self._scalars.loss, dtype=torch.float64)
 
-    def _start(self, objective: Objective, params: list[torch.Tensor]) -> None:
+    def _start(self, objective: Objective, params: list[torch.Tensor], tally: EvaluationTally) -> None:
         """Step 1: evaluate E(w₁) and r₁ = −E'(w₁); p₁ = r₁; λ = λ₁, λ̄ = 0, success = true."""
         if self._scalars.started:
             logger.info("parameters were changed outside SCG.step: restarting SCG from the current weights")
+        self._real_scalars = None  # the parameters may be others (add_param_group)
         loss, gradients = evaluate(objective)
         step_arithmetic.require_finite(loss, gradients, "at the starting weights")
         memory = self.param_groups[0]["memory"]
@@ -400,7 +402,14 @@ class SCG(torch.optim.Optimizer):
         residual_sq = vec.squared_norm(residual)  # also p₁ᵀr₁ and |p₁|²: p₁ is a copy of r₁
         self._storage.remember_products(self.state, params, (residual_sq, residual_sq, residual_sq))
         self._trace = make_trace(
-            scalars, residual_sq, residual_sq, comparison=math.nan, mu=math.nan, alpha=0.0, success=False
+            scalars,
+            tally.totals(scalars),
+            residual_sq,
+            residual_sq,
+            comparison=math.nan,
+            mu=math.nan,
+            alpha=0.0,
+            success=False,
         )
 
     def _iterate(
@@ -434,7 +443,14 @@ class SCG(torch.optim.Optimizer):
             # r = 0 (step 9 terminates), or so small that μ² underflows and Δ cannot be formed: w is stationary
             # in float64, and the weights stay as they are.
             self._trace = make_trace(
-                scalars, residual_sq, stored_direction_sq, comparison=math.nan, mu=mu, alpha=0.0, success=False
+                scalars,
+                tally.totals(scalars),
+                residual_sq,
+                stored_direction_sq,
+                comparison=math.nan,
+                mu=mu,
+                alpha=0.0,
+                success=False,
             )
             return
 
@@ -478,7 +494,7 @@ class SCG(torch.optim.Optimizer):
         if direction is not stored_direction:
             vec.copy_(stored_direction, direction)  # the steepest-descent fallback searched along p = r
         if finite and comparison >= 0.0:
-            restart = scalars.k % restart_period(group["restart"], params) == 0
+            restart = scalars.k % restart_period(group["restart"], self._real_scalar_count(params)) == 0
             new_direction_sq, new_mu = next_direction(
                 stored_direction, residual, trial, restart, self._secant_pairs, storage, alpha, mu
             )
@@ -505,7 +521,14 @@ class SCG(torch.optim.Optimizer):
         storage.remember_products(self.state, params, held)
         held_residual_sq, _, held_direction_sq = held
         self._trace = make_trace(
-            scalars, held_residual_sq, held_direction_sq, comparison=comparison, mu=mu, alpha=alpha, success=success
+            scalars,
+            tally.totals(scalars),
+            held_residual_sq,
+            held_direction_sq,
+            comparison=comparison,
+            mu=mu,
+            alpha=alpha,
+            success=success,
         )
         if scalars.non_finite_trials >= MAX_NON_FINITE_TRIALS:
             raise step_arithmetic.non_finite_trials_error(scalars.non_finite_trials, trial_loss)
@@ -521,17 +544,25 @@ class SCG(torch.optim.Optimizer):
         """Whether H₀ is diagonal (``False`` for a state saved before the option existed)."""
         return bool(self.param_groups[0].get("diagonal_scaling", False))
 
+    def _real_scalar_count(self, params: list[torch.Tensor]) -> int:
+        """n, the number of real scalars in w (the default restart period N), counted once: the parameters change
+        only through ``add_param_group``, after which the next step starts again (``_start`` forgets the count)."""
+        if self._real_scalars is None:
+            self._real_scalars = real_scalar_count(params)
+        return self._real_scalars
+
     def _weights_changed_outside(self, params: list[torch.Tensor]) -> bool:
         """Whether the parameters were written to since the last step (then r and E are stale)."""
         return self._param_versions is not None and self._param_versions != [p._version for p in params]
 
     def _reset_transient(self) -> None:
         """Forget what cannot outlive this object: the objective of the last step (with the graph of its last
-        evaluation), the weights' versions, and the flat buffers of r and p and their inner products."""
+        evaluation), the weights' versions, the flat buffers of r and p and their inner products, and n."""
         self._step_objective = _StepObjective()
         self._storage = _StateVectors()
         self._param_versions = None
         self._warned_stalled = False
+        self._real_scalars = None
 
 
 def _saved_diagonal_scaling(state_dict: dict[str, Any]) -> bool:

@@ -119,11 +119,20 @@ class EvaluationTally:
         self._nfev_before, self._nhev_before = counts.nfev, counts.nhev
         self.finite_difference_products = 0
 
-    def add_to(self, scalars: SCGScalars, trace: SCGTrace | None) -> SCGTrace | None:
-        """Add this step's evaluations to the totals in ``scalars``; returns ``trace`` with those totals."""
+    def totals(self, scalars: SCGScalars) -> tuple[int, int]:
+        """SCG's (``closure_calls``, ``hvp_calls``) with what this step counted so far; ``scalars`` stay as they are.
+        The step's trace, made after its last evaluation, takes them from here."""
         counts = self._objective.counts
-        scalars.closure_calls += counts.nfev - self._nfev_before
-        scalars.hvp_calls += counts.nhev - self._nhev_before + self.finite_difference_products
-        if trace is None:
-            return None
+        return (
+            scalars.closure_calls + counts.nfev - self._nfev_before,
+            scalars.hvp_calls + counts.nhev - self._nhev_before + self.finite_difference_products,
+        )
+
+    def add_to(self, scalars: SCGScalars, trace: SCGTrace | None) -> SCGTrace | None:
+        """Add this step's evaluations to the totals in ``scalars``; returns ``trace`` with those totals (``trace``
+        itself when it has them already, as the trace a step made after its last evaluation does; a new one when
+        the step raised before making its own)."""
+        scalars.closure_calls, scalars.hvp_calls = self.totals(scalars)
+        if trace is None or (trace.closure_calls == scalars.closure_calls and trace.hvp_calls == scalars.hvp_calls):
+            return trace
         return dataclasses.replace(trace, closure_calls=scalars.closure_calls, hvp_calls=scalars.hvp_calls)

@@ -109,6 +109,7 @@ class SCGScalars:
 
 def make_trace(
     scalars: SCGScalars,
+    calls: tuple[int, int],
     residual_sq: float,
     direction_sq: float,
     *,
@@ -117,7 +118,8 @@ def make_trace(
     alpha: float,
     success: bool,
 ) -> SCGTrace:
-    """The trace of the iteration just done: the scalars after it, and |r|² and |p|² of the r and p held after it."""
+    """The trace of the iteration just done: the scalars after it, the call totals ``calls`` (``closure_calls``,
+    ``hvp_calls``) with its evaluations, and |r|² and |p|² of the r and p held after it."""
     return SCGTrace(
         k=scalars.k,
         loss=scalars.loss,
@@ -129,8 +131,8 @@ def make_trace(
         alpha=alpha,
         residual_norm=math.sqrt(residual_sq),
         direction_norm=math.sqrt(direction_sq),
-        closure_calls=scalars.closure_calls,
-        hvp_calls=scalars.hvp_calls,
+        closure_calls=calls[0],
+        hvp_calls=calls[1],
     )
 
 

@@ -65,10 +65,10 @@ class _StateVectors:
         are gathered into new buffers (same numbers)."""
         if memory == 0:
             return  # Møller's SCG keeps r and p per parameter (self.flat stays None)
+        if self.flat is not None and self.flat.is_held_by(state, params):
+            return
         residual = [state[p]["residual"] for p in params]
         direction = [state[p]["direction"] for p in params]
-        if self.flat is not None and self.flat.layout.matches(params) and self.flat.holds(residual, direction):
-            return
         if not FlatLayout.fits(params):
             self.flat = None
             return

@@ -127,13 +127,23 @@ def test_longer_vectors_take_their_products_one_at_a_time():
     assert not FlatBuffers(FlatLayout([torch.zeros(FUSED_PRODUCTS_MAX + 1)])).fuses_products
 
 
-def test_holds_its_own_views_and_not_once_a_state_tensor_is_replaced():
-    buffers = FlatBuffers(FlatLayout(params()))
-    residual, direction = list(buffers.residual_views), list(buffers.direction_views)
-    assert buffers.holds(residual, direction)
-    # An equal tensor that is not the view (as after load_state_dict) does not count.
-    replaced_residual = [*residual[:1], residual[1].clone(), *residual[2:]]
-    assert not buffers.holds(replaced_residual, direction)
-    replaced_direction = [*direction[:2], direction[2].clone()]
-    assert not buffers.holds(residual, replaced_direction)
-    assert not buffers.holds(direction, residual)
+def test_is_held_by_a_state_of_its_own_views_and_not_once_a_state_tensor_is_replaced():
+    weights = params()
+    buffers = FlatBuffers(FlatLayout(weights))
+    views = zip(weights, buffers.residual_views, buffers.direction_views)
+    state = {p: {"residual": r, "direction": d} for p, r, d in views}
+    assert buffers.is_held_by(state, weights)
+    # An equal tensor that is not the view (as after load_state_dict or by hand) does not count.
+    for name in ("residual", "direction"):
+        replaced = {p: dict(entries) for p, entries in state.items()}
+        replaced[weights[1]][name] = state[weights[1]][name].clone()
+        assert not buffers.is_held_by(replaced, weights)
+    swapped = {p: {"residual": e["direction"], "direction": e["residual"]} for p, e in state.items()}
+    assert not buffers.is_held_by(swapped, weights)
+    assert not buffers.is_held_by({p: e for p, e in state.items() if p is not weights[0]}, weights)
+    # Parameters of another layout: fewer, another shape, another dtype.
+    assert not buffers.is_held_by(state, weights[:2])
+    reshaped = [weights[0].reshape(-1), *weights[1:]]
+    assert not buffers.is_held_by({q: state[p] for q, p in zip(reshaped, weights)}, reshaped)
+    single = [p.float() for p in weights]
+    assert not buffers.is_held_by({q: state[p] for q, p in zip(single, weights)}, single)

@@ -210,6 +210,36 @@ def test_closure_calls_per_iteration(mode, calls_per_success, new_closure_each_s
     assert optimizer.trace.hvp_calls == 6
 
 
+@pytest.mark.parametrize("memory", [0, 5])
+def test_a_step_whose_closure_raises_still_counts_the_calls_it_made_in_its_trace(memory):
+    # The trace a step makes after its last evaluation has the step's totals; a step cut short by its closure makes
+    # none, and the latest trace is given the totals that now include the call that raised.
+    a, b = spd_quadratic(8, seed=4)
+    function = quadratic_function(a, b)
+    w = nn.Parameter(torch.zeros(8, dtype=torch.float64))
+    optimizer = SCG([w], memory=memory, hvp="finite-difference")
+    calls = []
+    closure = closure_for(optimizer, [w], lambda: function(w), "finite-difference", calls)
+    for _ in range(3):
+        optimizer.step(closure)
+    before = optimizer.trace
+
+    made = [0]
+
+    def failing_closure():
+        made[0] += 1
+        if made[0] == 2:  # the step's first call (the finite difference) goes through, the trial's raises
+            raise RuntimeError("the data loader failed")
+        return closure()
+
+    with pytest.raises(RuntimeError, match="data loader"):
+        optimizer.step(failing_closure)
+    totals = optimizer.state_dict()["scg"]["scalars"]
+    assert optimizer.trace.closure_calls == totals["closure_calls"] > before.closure_calls
+    assert optimizer.trace.hvp_calls == totals["hvp_calls"]
+    assert optimizer.trace.k == before.k  # the trace of the last completed iteration, with the new totals
+
+
 def test_an_objective_passed_by_the_caller_is_used_as_it_is_and_never_rewired():
     a, b = spd_quadratic(6, seed=2)
     function = quadratic_function(a, b)
