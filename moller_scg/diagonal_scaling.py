@@ -139,9 +139,11 @@ class DiagonalScaling:
 
 def _mean(d: arithmetic.Vector) -> Any:
     """d's mean: for a NumPy array its sum over its size, the bits of ``d.mean()`` without the Python layers of
-    ``np.mean`` (7 µs of a step's own work on the race's small problems); a 0-dim tensor for a tensor."""
+    ``np.mean`` (7 µs of a step's own work on the race's small problems); a 0-dim tensor for a tensor. The quotient
+    is rounded to d's dtype, as ``np.mean`` rounds it (NumPy 1's rules would leave a float32 sum over an int in
+    float64)."""
     if isinstance(d, np.ndarray):
-        return np.add.reduce(d) / d.size
+        return d.dtype.type(np.add.reduce(d) / d.size)
     return d.mean()
 
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import io
 
+import numpy as np
 import pytest
 import torch
 from problems import rosenbrock
@@ -19,7 +20,7 @@ from test_scg_memory import _per_tensor_path, mse_closure, run
 from torch import nn
 
 from moller_scg import SCG, pair_arithmetic
-from moller_scg.diagonal_scaling import BETA, EPSILON, POWER, DiagonalScaling
+from moller_scg.diagonal_scaling import BETA, EPSILON, POWER, DiagonalScaling, _mean
 from moller_scg.quasi_newton import SecantPairs
 
 
@@ -370,3 +371,13 @@ def test_blocks_of_several_dtypes_give_the_h_v_of_one_float64_block(arithmetic_p
 
     for result, expected in zip(run_pairs(True), run_pairs(False)):
         torch.testing.assert_close(result, expected, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("size", [1, 7, 501, 131_072])
+def test_the_mean_of_a_numpy_diagonal_has_the_bits_and_the_dtype_of_np_mean(dtype, size):
+    # Λ's floor ε·mean(v^¼) takes the mean through _mean on the NumPy path; a different bit would change Λ.
+    d = (np.random.default_rng(size).random(size) * 1e3).astype(dtype)
+    mean = _mean(d)
+    assert mean.dtype == d.mean().dtype == dtype
+    assert mean.tobytes() == d.mean().tobytes()

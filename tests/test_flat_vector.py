@@ -147,3 +147,5 @@ def test_is_held_by_a_state_of_its_own_views_and_not_once_a_state_tensor_is_repl
     assert not buffers.is_held_by({q: state[p] for q, p in zip(reshaped, weights)}, reshaped)
     single = [p.float() for p in weights]
     assert not buffers.is_held_by({q: state[p] for q, p in zip(single, weights)}, single)
+    complex_weights = [torch.complex(p, p) for p in weights]
+    assert not buffers.is_held_by({q: state[p] for q, p in zip(complex_weights, weights)}, complex_weights)

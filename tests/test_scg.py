@@ -167,6 +167,25 @@ def test_restart_period_sets_direction_to_residual():
             assert not torch.equal(state["direction"], state["residual"])
 
 
+def test_the_default_restart_period_counts_the_parameters_added_by_add_param_group():
+    # N = n, the number of real scalars: 2 at first, then 2 + 8 = 10 once w₂ is added. A period left at 2 would
+    # restart (p = r) at k = 2 and 4.
+    a, b = spd_quadratic(10, seed=5)
+    function = quadratic_function(a, b)
+    w1 = nn.Parameter(torch.zeros(2, dtype=torch.float64))
+    w2 = nn.Parameter(torch.full((8,), 0.5, dtype=torch.float64))
+    optimizer = SCG([w1])
+    closure = closure_for(optimizer, [w1], lambda: function(torch.cat([w1, w2.detach()])), "double-backward")
+    optimizer.step(closure)  # k = 1
+    optimizer.add_param_group({"params": [w2]})
+    closure = closure_for(optimizer, [w1, w2], lambda: function(torch.cat([w1, w2])), "double-backward")
+    for _ in range(4):  # k = 2, …, 5: the first starts again at step 1 from the current weights
+        optimizer.step(closure)
+        assert optimizer.trace.success
+        restarted = all(torch.equal(optimizer.state[w]["direction"], optimizer.state[w]["residual"]) for w in (w1, w2))
+        assert restarted == (optimizer.trace.k % 10 == 0), optimizer.trace.k
+
+
 @pytest.mark.parametrize("n", [5, 12])
 def test_finite_termination_on_spd_quadratic(n):
     a, b = spd_quadratic(n, seed=n)
