@@ -44,12 +44,11 @@ class FlatLayout:
         return all(not p.is_complex() and p.dtype == first.dtype and p.device == first.device for p in params)
 
     def matches(self, params: Sequence[torch.Tensor]) -> bool:
-        """Whether these parameters have this layout (the same shapes, dtype and device, in this order)."""
-        return (
-            self.fits(params)
-            and [p.shape for p in params] == self.shapes
-            and params[0].dtype == self.dtype
-            and params[0].device == self.device
+        """Whether these parameters have this layout (the same shapes, dtype and device, in this order; a complex
+        parameter never has the layout's real dtype). One pass, no list: asked at every step."""
+        dtype, device = self.dtype, self.device
+        return len(params) == len(self.shapes) and all(
+            p.shape == shape and p.dtype == dtype and p.device == device for p, shape in zip(params, self.shapes)
         )
 
     def empty(self) -> torch.Tensor:
@@ -131,22 +130,12 @@ class FlatBuffers:
 
     def is_held_by(self, state: Mapping[torch.Tensor, Any], params: Sequence[torch.Tensor]) -> bool:
         """Whether ``params`` have this layout (:meth:`FlatLayout.matches`) and ``optimizer.state`` holds this object's
-        views as their r and p (not tensors put there by a load or by hand), in one pass over the parameters: asked
-        at every step, where on the models of a few hundred weights a step's own work is made of such checks."""
-        layout = self.layout
-        if len(params) != len(layout.shapes):
+        views as their r and p, not tensors put there by a load or by hand."""
+        if not self.layout.matches(params):
             return False
-        dtype, device = layout.dtype, layout.device
-        for p, shape, residual, direction in zip(params, layout.shapes, self.residual_views, self.direction_views):
+        for p, residual, direction in zip(params, self.residual_views, self.direction_views):
             entries = state.get(p)
-            if (
-                entries is None
-                or entries.get("residual") is not residual
-                or entries.get("direction") is not direction
-                or p.shape != shape
-                or p.dtype != dtype
-                or p.device != device
-            ):
+            if entries is None or entries.get("residual") is not residual or entries.get("direction") is not direction:
                 return False
         return True
 

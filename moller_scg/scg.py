@@ -30,7 +30,7 @@ from moller_scg import _vectors as vec
 from moller_scg import quasi_newton, step_arithmetic
 from moller_scg.objective import Objective
 from moller_scg.scg_curvature import curvature_along
-from moller_scg.scg_direction import next_direction, real_scalar_count, restart_period
+from moller_scg.scg_direction import next_direction, restart_period
 from moller_scg.scg_inputs import (
     HVP_MODES,
     SIGMA_MAX,
@@ -191,7 +191,6 @@ class SCG(torch.optim.Optimizer):
     _storage: _StateVectors
     _param_versions: list[int] | None
     _warned_stalled: bool
-    _real_scalars: int | None
 
     def __init__(
         self,
@@ -377,7 +376,6 @@ class SCG(torch.optim.Optimizer):
         """Step 1: evaluate E(w₁) and r₁ = −E'(w₁); p₁ = r₁; λ = λ₁, λ̄ = 0, success = true."""
         if self._scalars.started:
             logger.info("parameters were changed outside SCG.step: restarting SCG from the current weights")
-        self._real_scalars = None  # the parameters may be others (add_param_group)
         loss, gradients = evaluate(objective)
         step_arithmetic.require_finite(loss, gradients, "at the starting weights")
         memory = self.param_groups[0]["memory"]
@@ -494,7 +492,7 @@ class SCG(torch.optim.Optimizer):
         if direction is not stored_direction:
             vec.copy_(stored_direction, direction)  # the steepest-descent fallback searched along p = r
         if finite and comparison >= 0.0:
-            restart = scalars.k % restart_period(group["restart"], self._real_scalar_count(params)) == 0
+            restart = scalars.k % restart_period(group["restart"], params) == 0
             new_direction_sq, new_mu = next_direction(
                 stored_direction, residual, trial, restart, self._secant_pairs, storage, alpha, mu
             )
@@ -544,25 +542,17 @@ class SCG(torch.optim.Optimizer):
         """Whether H₀ is diagonal (``False`` for a state saved before the option existed)."""
         return bool(self.param_groups[0].get("diagonal_scaling", False))
 
-    def _real_scalar_count(self, params: list[torch.Tensor]) -> int:
-        """n, the number of real scalars in w (the default restart period N), counted once: the parameters change
-        only through ``add_param_group``, after which the next step starts again (``_start`` forgets the count)."""
-        if self._real_scalars is None:
-            self._real_scalars = real_scalar_count(params)
-        return self._real_scalars
-
     def _weights_changed_outside(self, params: list[torch.Tensor]) -> bool:
         """Whether the parameters were written to since the last step (then r and E are stale)."""
         return self._param_versions is not None and self._param_versions != [p._version for p in params]
 
     def _reset_transient(self) -> None:
         """Forget what cannot outlive this object: the objective of the last step (with the graph of its last
-        evaluation), the weights' versions, the flat buffers of r and p and their inner products, and n."""
+        evaluation), the weights' versions, and the flat buffers of r and p and their inner products."""
         self._step_objective = _StepObjective()
         self._storage = _StateVectors()
         self._param_versions = None
         self._warned_stalled = False
-        self._real_scalars = None
 
 
 def _saved_diagonal_scaling(state_dict: dict[str, Any]) -> bool:

@@ -26,15 +26,9 @@ from moller_scg.scg_storage import _StateVectors
 from moller_scg.scg_trial import Trial
 
 
-def restart_period(restart: int | None, real_scalars: int) -> int:
-    """N: the user's restart period ``restart``, or ``real_scalars``, the number of real scalars in w
-    (:func:`real_scalar_count`; the paper's default)."""
-    return restart if restart is not None else real_scalars
-
-
-def real_scalar_count(params: list[torch.Tensor]) -> int:
-    """The number of real scalars in w (a complex parameter counts its real and imaginary parts)."""
-    return sum(vec.as_real(p).numel() for p in params)
+def restart_period(restart: int | None, params: list[torch.Tensor]) -> int:
+    """N: the user's restart period ``restart``, or the number of real scalars in w (the paper's default)."""
+    return restart if restart is not None else sum(vec.as_real(p).numel() for p in params)
 
 
 def next_direction(
