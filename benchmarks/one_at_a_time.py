@@ -21,6 +21,7 @@ import argparse
 import json
 import statistics
 import sys
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -92,34 +93,58 @@ def report(problem_name: str, targets: list[float], seconds: dict[str, list[list
     return lines
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+def run_command(
+    argv: list[str] | None,
+    *,
+    description: str,
+    script: str,
+    heading: str,
+    measure: Callable[[str, int, bool], tuple[list[float], dict[str, list[list]]]],
+    rows: int,
+    default_repetitions: int,
+) -> int:
+    """The command line shared with ``plain_loop.py``: parse, time each problem with ``measure(problem, repetitions,
+    quick)`` and write the report to ``results/<script>[_quick].txt`` (or ``--out``). ``heading`` is the report's
+    first line, told the number of repetitions."""
+    parser = argparse.ArgumentParser(description=description)
     parser.add_argument("--problems", nargs="+", choices=sorted(PROBLEMS), default=["regression", "logistic", "pinn"])
-    parser.add_argument("--repetitions", type=int, default=5)
+    parser.add_argument("--repetitions", type=int, default=default_repetitions)
     parser.add_argument("--quick", action="store_true", help="the problems' --quick sizes, targets of their own")
-    parser.add_argument("--out", type=Path, default=None, help="the report's path (default results/one_at_a_time.txt)")
+    parser.add_argument("--out", type=Path, default=None, help=f"the report's path (default results/{script}.txt)")
     args = parser.parse_args(argv)
     if args.repetitions < 1:
         parser.error(f"--repetitions must be at least 1, got {args.repetitions}")
     torch.set_num_threads(1)
     warm_up()
-    command = "python benchmarks/one_at_a_time.py " + " ".join(argv if argv is not None else sys.argv[1:])
+    command = f"python benchmarks/{script}.py " + " ".join(argv if argv is not None else sys.argv[1:])
     lines = [
-        "The race's rows one at a time (no threads, no baton), as a training loop runs them: time to T1 / T2 / T3 as "
-        f"the ratio to torch LBFGS(100) of the same repetition, median (range) over {args.repetitions} "
-        f"repetitions; time goal ≤ {TIME_GOAL}",
+        heading.format(repetitions=args.repetitions),
         "; ".join(f"{key} {value}" for key, value in environment(command.strip()).items()),
         "",
     ]
     for problem_name in args.problems:
-        targets, seconds = one_at_a_time(problem_name, args.repetitions, args.quick)
+        targets, seconds = measure(problem_name, args.repetitions, args.quick)
         lines += report(problem_name, targets, seconds) + [""]
-        print("\n".join(lines[-len(ROWS) - 4 :]), flush=True)
-    out = args.out or RESULTS / ("one_at_a_time_quick.txt" if args.quick else "one_at_a_time.txt")
+        print("\n".join(lines[-rows - 4 :]), flush=True)
+    out = args.out or RESULTS / (f"{script}_quick.txt" if args.quick else f"{script}.txt")
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text("\n".join(lines))
     print(f"wrote {out}")
     return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    return run_command(
+        argv,
+        description=__doc__.split("\n")[0],
+        script="one_at_a_time",
+        heading="The race's rows one at a time (no threads, no baton), as a training loop runs them: time to "
+        "T1 / T2 / T3 as the ratio to torch LBFGS(100) of the same repetition, median (range) over {repetitions} "
+        f"repetitions; time goal ≤ {TIME_GOAL}",
+        measure=one_at_a_time,
+        rows=len(ROWS),
+        default_repetitions=5,
+    )
 
 
 if __name__ == "__main__":

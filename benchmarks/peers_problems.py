@@ -322,9 +322,14 @@ PROBLEMS = {
 
 
 def make_accumulator(
-    problem: Problem, model: nn.Module, hvp_method: str = "double-backward", curvature_fraction: float = 1.0
+    problem: Problem,
+    model: nn.Module,
+    hvp_method: str = "double-backward",
+    curvature_fraction: float = 1.0,
+    accumulator_type: type[GradientAccumulator] = GradientAccumulator,
 ) -> GradientAccumulator:
-    return GradientAccumulator(
+    """The problem's accumulator over its training data (``accumulator_type``: a subclass, e.g. a timed one)."""
+    return accumulator_type(
         model,
         problem.make_loss(model),
         problem.train,

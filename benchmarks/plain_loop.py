@@ -17,24 +17,19 @@ Usage:
 
 from __future__ import annotations
 
-import argparse
 import sys
 import time
 from collections.abc import Callable
-from pathlib import Path
 from typing import Any
 
 import torch
-from common import environment
-from one_at_a_time import race_targets, report
-from peers_adapters import torch_lbfgs, warm_up
-from peers_problems import PROBLEMS, Problem
+from one_at_a_time import race_targets, run_command
+from peers_adapters import torch_lbfgs
+from peers_problems import PROBLEMS, Problem, make_accumulator
 from peers_report import TIME_GOAL, lowest_loss, seconds_to_targets, targets_of
 
 from moller_scg import SCG
 from moller_scg.accumulate import GradientAccumulator
-
-RESULTS = Path(__file__).resolve().parent / "results"
 
 ROWS: dict[str, Callable[[list[torch.Tensor]], torch.optim.Optimizer]] = {
     "torch LBFGS": lambda params: torch_lbfgs(params, 100),
@@ -88,13 +83,9 @@ class TimedAccumulator(GradientAccumulator):
 
 def timed_accumulator(problem: Problem, model: torch.nn.Module) -> TimedAccumulator:
     """The accumulator of ``peers_problems.make_accumulator``, timed."""
-    return TimedAccumulator(
-        model,
-        problem.make_loss(model),
-        problem.train,
-        batch_size=problem.accumulator_batch,
-        reduction=problem.reduction,
-    )
+    accumulator = make_accumulator(problem, model, accumulator_type=TimedAccumulator)
+    assert isinstance(accumulator, TimedAccumulator)
+    return accumulator
 
 
 def run_row(problem: Problem, initial: dict[str, torch.Tensor], name: str, last_target: float | None) -> list[dict]:
@@ -129,33 +120,17 @@ def plain_loop(problem_name: str, repetitions: int, quick: bool) -> tuple[list[f
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--problems", nargs="+", choices=sorted(PROBLEMS), default=["regression", "logistic", "pinn"])
-    parser.add_argument("--repetitions", type=int, default=7)
-    parser.add_argument("--quick", action="store_true", help="the problems' --quick sizes, targets of their own")
-    parser.add_argument("--out", type=Path, default=None, help="the report's path (default results/plain_loop.txt)")
-    args = parser.parse_args(argv)
-    if args.repetitions < 1:
-        parser.error(f"--repetitions must be at least 1, got {args.repetitions}")
-    torch.set_num_threads(1)
-    warm_up()
-    command = "python benchmarks/plain_loop.py " + " ".join(argv if argv is not None else sys.argv[1:])
-    lines = [
-        "A user's loop, optimizer.step(accumulator), each row alone: time to T1 / T2 / T3 as the ratio to torch "
-        f"LBFGS(100) of the same repetition, median (range) over {args.repetitions} repetitions; time goal ≤ "
+    return run_command(
+        argv,
+        description=__doc__.split("\n")[0],
+        script="plain_loop",
+        heading="A user's loop, optimizer.step(accumulator), each row alone: time to T1 / T2 / T3 as the ratio to "
+        "torch LBFGS(100) of the same repetition, median (range) over {repetitions} repetitions; time goal ≤ "
         f"{TIME_GOAL}",
-        "; ".join(f"{key} {value}" for key, value in environment(command.strip()).items()),
-        "",
-    ]
-    for problem_name in args.problems:
-        targets, seconds = plain_loop(problem_name, args.repetitions, args.quick)
-        lines += report(problem_name, targets, seconds) + [""]
-        print("\n".join(lines[-len(ROWS) - 4 :]), flush=True)
-    out = args.out or RESULTS / ("plain_loop_quick.txt" if args.quick else "plain_loop.txt")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text("\n".join(lines))
-    print(f"wrote {out}")
-    return 0
+        measure=plain_loop,
+        rows=len(ROWS),
+        default_repetitions=7,
+    )
 
 
 if __name__ == "__main__":
