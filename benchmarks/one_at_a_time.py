@@ -98,14 +98,13 @@ def run_command(
     *,
     description: str,
     script: str,
-    heading: str,
+    rows_are: str,
     measure: Callable[[str, int, bool], tuple[list[float], dict[str, list[list]]]],
-    rows: int,
     default_repetitions: int,
 ) -> int:
     """The command line shared with ``plain_loop.py``: parse, time each problem with ``measure(problem, repetitions,
-    quick)`` and write the report to ``results/<script>[_quick].txt`` (or ``--out``). ``heading`` is the report's
-    first line, told the number of repetitions."""
+    quick)`` and write the report to ``results/<script>[_quick].txt`` (or ``--out``). ``rows_are`` says how the rows
+    were run, the start of the report's first line."""
     parser = argparse.ArgumentParser(description=description)
     parser.add_argument("--problems", nargs="+", choices=sorted(PROBLEMS), default=["regression", "logistic", "pinn"])
     parser.add_argument("--repetitions", type=int, default=default_repetitions)
@@ -118,14 +117,16 @@ def run_command(
     warm_up()
     command = f"python benchmarks/{script}.py " + " ".join(argv if argv is not None else sys.argv[1:])
     lines = [
-        heading.format(repetitions=args.repetitions),
+        f"{rows_are}: time to T1 / T2 / T3 as the ratio to torch LBFGS(100) of the same repetition, median (range) "
+        f"over {args.repetitions} repetitions; time goal ≤ {TIME_GOAL}",
         "; ".join(f"{key} {value}" for key, value in environment(command.strip()).items()),
         "",
     ]
     for problem_name in args.problems:
         targets, seconds = measure(problem_name, args.repetitions, args.quick)
-        lines += report(problem_name, targets, seconds) + [""]
-        print("\n".join(lines[-rows - 4 :]), flush=True)
+        block = report(problem_name, targets, seconds)
+        print("\n".join(block) + "\n", flush=True)
+        lines += block + [""]
     out = args.out or RESULTS / (f"{script}_quick.txt" if args.quick else f"{script}.txt")
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text("\n".join(lines))
@@ -138,11 +139,8 @@ def main(argv: list[str] | None = None) -> int:
         argv,
         description=__doc__.split("\n")[0],
         script="one_at_a_time",
-        heading="The race's rows one at a time (no threads, no baton), as a training loop runs them: time to "
-        "T1 / T2 / T3 as the ratio to torch LBFGS(100) of the same repetition, median (range) over {repetitions} "
-        f"repetitions; time goal ≤ {TIME_GOAL}",
+        rows_are="The race's rows one at a time (no threads, no baton), as a training loop runs them",
         measure=one_at_a_time,
-        rows=len(ROWS),
         default_repetitions=5,
     )
 

@@ -26,7 +26,7 @@ import torch
 from one_at_a_time import race_targets, run_command
 from peers_adapters import torch_lbfgs
 from peers_problems import PROBLEMS, Problem, make_accumulator
-from peers_report import TIME_GOAL, lowest_loss, seconds_to_targets, targets_of
+from peers_report import lowest_loss, seconds_to_targets, targets_of
 
 from moller_scg import SCG
 from moller_scg.accumulate import GradientAccumulator
@@ -124,11 +124,8 @@ def main(argv: list[str] | None = None) -> int:
         argv,
         description=__doc__.split("\n")[0],
         script="plain_loop",
-        heading="A user's loop, optimizer.step(accumulator), each row alone: time to T1 / T2 / T3 as the ratio to "
-        "torch LBFGS(100) of the same repetition, median (range) over {repetitions} repetitions; time goal ≤ "
-        f"{TIME_GOAL}",
+        rows_are="A user's loop, optimizer.step(accumulator), each row alone",
         measure=plain_loop,
-        rows=len(ROWS),
         default_repetitions=7,
     )
 
