@@ -17,6 +17,27 @@ def regression() -> tuple[nn.Module, tuple[torch.Tensor, torch.Tensor]]:
     return regression_problem()
 
 
+STARTING_THREADS = torch.get_num_threads()
+"""torch's thread count when the test session started: what a user's process gets (the README command's)."""
+
+
+@pytest.fixture
+def starting_threads() -> int:
+    """:data:`STARTING_THREADS`."""
+    return STARTING_THREADS
+
+
+@pytest.fixture(autouse=True)
+def torch_threads_restored():
+    """Every test leaves torch's thread count as it found it. A benchmark's ``main`` sets it (``--threads``); without
+    this, every later test ran with the count the last benchmark test chose, and ``tests/test_mnist_e2e.py``, which
+    checks the README command's float32 result (its bits depend on the count), ran with one thread where the README
+    command runs with torch's default."""
+    threads = torch.get_num_threads()
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(params=["numpy", "torch"])
 def arithmetic_path(request, monkeypatch) -> str:
     """Run the test with the secant pairs' small CPU blocks worked on in NumPy (as they are), then in torch (as a GPU
