@@ -13,6 +13,7 @@ an optimizer that stops fitting). Møller's SCG with exact curvature over a rota
 (``memory=0``, the default before issue #14) stops at a loss of 0.0013 after 60 iterations, slower, and reaches
 96.1–96.2 % at seed 0 on all of those machines (seeds 1 and 2: 94.7 and 95.5 %); it stays pinned at 96 %.
 """
+
 from __future__ import annotations
 
 import pytest
