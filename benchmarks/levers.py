@@ -156,6 +156,7 @@ def passes_rows() -> dict[str, Row]:
         "SCG m=20, loss first": scg(hvp="secant", memory=MEMORY),
         "SCG m=40, loss first": scg(hvp="secant", memory=40),
         "flat m=20, loss first": flat_variant(loss_first=True),
+        "first step 1/|r|₂, loss first": flat_variant(first_step="scaled-l2", loss_first=True),
         "γ × 1.5, loss first": flat_variant(gamma_scale=1.5, loss_first=True),
         "γ × 2, loss first": flat_variant(gamma_scale=2.0, loss_first=True),
         "γ × 3, loss first": flat_variant(gamma_scale=3.0, loss_first=True),
@@ -179,6 +180,9 @@ def passes_rows() -> dict[str, Row]:
         "diagonal H₀ β=0.99": flat_variant(diagonal_beta=0.99, loss_first=True),
         "diagonal H₀ β=0.999": flat_variant(diagonal_beta=0.999, loss_first=True),
         "diagonal H₀ β=0.99, v^¼": flat_variant(diagonal_beta=0.99, diagonal_power=0.25, loss_first=True),
+        "diagonal H₀ β=0.99, v^¼, first step 1/|r|₂": flat_variant(
+            diagonal_beta=0.99, diagonal_power=0.25, first_step="scaled-l2", loss_first=True
+        ),
         "diagonal H₀ β=0.999, v^¼": flat_variant(diagonal_beta=0.999, diagonal_power=0.25, loss_first=True),
         "diagonal H₀ β=0.99, v^⅛": flat_variant(diagonal_beta=0.99, diagonal_power=0.125, loss_first=True),
         "diagonal H₀ β=0.99, v^⅜": flat_variant(diagonal_beta=0.99, diagonal_power=0.375, loss_first=True),

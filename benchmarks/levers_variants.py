@@ -30,8 +30,10 @@ clearly win (issue #14), written on one flat vector so that each differs from th
   0 ≤ Δ < 0.25 — the pair that step leaves already corrects the quasi-Newton model along it;
 * ``first_step``, the very first step, before any secant pair is held: ``"scaled"`` (the library: no curvature
   pass, δ is set so that α = min(1, 1/|r|₁), the first step of torch.optim.LBFGS, before λ's share) or
-  ``"finite-difference"`` (the library's previous mode: δ by Møller's σ, one more pass); later steps without a pair
-  (after a restart or when the pairs were dropped) take the finite difference either way;
+  ``"finite-difference"`` (the library's previous mode: δ by Møller's σ, one more pass), or ``"scaled-l2"``
+  (lever 26: α = min(1, 1/|r|₂), L-BFGS-B's first step, a step of length at most 1 where LBFGS's 1/|r|₁ is
+  shorter by |r|₂/|r|₁); later steps without a pair (after a restart or when the pairs were dropped) take the
+  finite difference either way;
 * ``gamma_window``, ``gamma_pick``: H's initial scaling γ = the largest (``"max"``) or smallest (``"min"``)
   sᵢᵀyᵢ / yᵢᵀyᵢ over the newest ``gamma_window`` pairs (``None``: all pairs held, the library's; 1: the newest
   pair's, L-BFGS's usual choice and the library's previous one), or (``"bb1"``) the largest sᵢᵀsᵢ / sᵢᵀyᵢ (the
@@ -74,7 +76,7 @@ import torch
 from moller_scg.quasi_newton import SecantPairs
 
 RETRY_RULES = ("moller", "cubic-lambda", "interpolate", "interpolate-raise")
-FIRST_STEPS = ("finite-difference", "scaled")
+FIRST_STEPS = ("finite-difference", "scaled", "scaled-l2")
 
 
 class WindowedPairs(SecantPairs):
@@ -396,6 +398,8 @@ class FlatSCG:
             return mu / self.stretch  # δ = pᵀBp / τ: α ≈ τ while λ is small
         if self.curvature == "secant" and self.steps == 0 and self.first_step == "scaled":
             return mu / min(1.0, 1.0 / float(r.abs().sum()))
+        if self.curvature == "secant" and self.steps == 0 and self.first_step == "scaled-l2":
+            return mu / min(1.0, 1.0 / float(r.norm()))
         if self.curvature == "hvp":
             product = closure.hvp(self._split(p))
             return float(p @ torch.cat([t.reshape(-1) for t in product]))

@@ -104,6 +104,7 @@ def test_the_diagonal_h0_takes_gamma_d_over_its_window_of_newest_pairs():
     "options",
     [
         {"first_step": "scaled"},
+        {"first_step": "scaled-l2"},
         {"gamma_window": 5},
         {"gamma_window": 5, "first_step": "scaled", "retry": "interpolate-raise"},
         {"retry": "interpolate"},
@@ -188,6 +189,27 @@ def test_scaled_first_step_takes_no_curvature_pass():
     variant = FlatSCG(list(closure.model.parameters()), memory=5, first_step="scaled")
     variant.step(closure)
     assert closure.passes == 2  # E(w₁) and the trial; Møller's σ would add E'(w₁ + σp₁)
+
+
+@pytest.mark.parametrize(("first_step", "norm"), [("scaled", 1), ("scaled-l2", 2)])
+def test_the_scaled_first_trials_step_along_r_by_lbfgs_or_lbfgsbs_alpha0(first_step, norm):
+    closure = CountingClosure()
+    params = list(closure.model.parameters())
+    closure()
+    residual = -torch.cat([p.grad.reshape(-1) for p in params])  # r₁ = −E'(w₁)
+    points = []
+
+    def recording_closure() -> torch.Tensor:
+        points.append(torch.cat([p.detach().reshape(-1) for p in params]))
+        return closure()
+
+    lambd = 1e-3
+    FlatSCG(params, memory=5, first_step=first_step, lambd=lambd).step(recording_closure)
+    start, trial = points[0], points[1]  # E(w₁), then the first trial
+    alpha0 = min(1.0, 1.0 / float(residual.norm(p=norm)))  # 1/|r₁|₁ torch LBFGS's, 1/|r₁|₂ L-BFGS-B's
+    mu = float(residual @ residual)  # p₁ = r₁: δ = μ/α₀ + λ₁|p₁|² and α = μ/δ
+    alpha = mu / (mu / alpha0 + lambd * mu)
+    torch.testing.assert_close(trial - start, alpha * residual, rtol=1e-9, atol=1e-15)
 
 
 def test_gamma_max_uses_the_largest_ratio_of_the_window():
