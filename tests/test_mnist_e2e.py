@@ -7,7 +7,7 @@ behind (``tests/conftest.py`` now restores the count after every test).
 The default, ``SCG(memory=20)``, fits the 4,000 embedded training digits to a loss below 1e-5 within its 60
 iterations. Its test accuracy at seed 0 depends on how the CPU rounds float32: 95.1 % (the machine of 2026-12-01),
 95.3 % (the AVX-512 machines of 2026-12-02 and 12-03), 94.8 % (2026-12-04's AVX2 machine, 2 threads; its 1-thread
-run reaches 95 %); seeds 1–3 on that machine (1 thread) give 94.6, 95.7 and 95.3 %. So the pin is 94.5 %, below
+run reaches 95.2 %); seeds 1–3 on that machine (1 thread) give 94.6, 95.7 and 95.3 %. So the pin is 94.5 %, below
 the spread rounding alone makes (a broken step or a lost gradient pass ends far lower, and the loss check catches
 an optimizer that stops fitting). Møller's SCG with exact curvature over a rotating 10 % of the images
 (``memory=0``, the default before issue #14) stops at a loss of 0.0013 after 60 iterations, slower, and reaches
