@@ -396,10 +396,9 @@ class FlatSCG:
         no_pairs = self.pairs.is_identity()
         if self.curvature == "secant" and not no_pairs and self.direction_rule == "qn":
             return mu / self.stretch  # δ = pᵀBp / τ: α ≈ τ while λ is small
-        if self.curvature == "secant" and self.steps == 0 and self.first_step == "scaled":
-            return mu / min(1.0, 1.0 / float(r.abs().sum()))
-        if self.curvature == "secant" and self.steps == 0 and self.first_step == "scaled-l2":
-            return mu / min(1.0, 1.0 / float(r.norm()))
+        if self.curvature == "secant" and self.steps == 0 and self.first_step != "finite-difference":
+            norm = float(r.abs().sum()) if self.first_step == "scaled" else float(r.norm())  # |r|₁, or |r|₂
+            return mu / min(1.0, 1.0 / norm)
         if self.curvature == "hvp":
             product = closure.hvp(self._split(p))
             return float(p @ torch.cat([t.reshape(-1) for t in product]))
