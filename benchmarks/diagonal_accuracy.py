@@ -9,6 +9,7 @@ change with it); the runs are deterministic on a given CPU and thread count (doc
 
     python benchmarks/diagonal_accuracy.py                       # κ = ⅛, ¼ and γI on seeds 0, 1, 2 (about 9 minutes)
     python benchmarks/diagonal_accuracy.py --powers 0.125 --seeds 0
+    python benchmarks/diagonal_accuracy.py --weight-decay 0     # the objective without weight decay (before 2026-12-04)
 """
 
 from __future__ import annotations
@@ -20,18 +21,25 @@ import torch
 from common import environment
 
 import moller_scg.diagonal_scaling as diagonal_scaling
-from moller_scg.mnist import DEFAULT_MAX_ITER, train_mnist
+from moller_scg.mnist import DEFAULT_MAX_ITER, DEFAULT_WEIGHT_DECAY, train_mnist
 
 
-def test_accuracy(power: float | None, seed: int, max_iter: int, max_train: int | None) -> tuple[float, float]:
-    """(test accuracy, final training loss) of ``train_mnist(seed=seed)`` with the diagonal H₀ at κ = ``power``, or
-    with γI when ``power`` is ``None``; the library's κ is restored afterwards."""
+def test_accuracy(
+    power: float | None, seed: int, max_iter: int, max_train: int | None, weight_decay: float = DEFAULT_WEIGHT_DECAY
+) -> tuple[float, float]:
+    """(test accuracy, final training loss) of ``train_mnist(seed=seed, weight_decay=ν)`` with the diagonal H₀ at
+    κ = ``power``, or with γI when ``power`` is ``None``; the library's κ is restored afterwards."""
     library_power = diagonal_scaling.POWER
     try:
         if power is not None:
             diagonal_scaling.POWER = power
         result = train_mnist(
-            seed=seed, diagonal_scaling=power is not None, max_iter=max_iter, max_train=max_train, progress=False
+            seed=seed,
+            diagonal_scaling=power is not None,
+            max_iter=max_iter,
+            max_train=max_train,
+            weight_decay=weight_decay,
+            progress=False,
         )
     finally:
         diagonal_scaling.POWER = library_power
@@ -45,11 +53,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--no-gamma", action="store_true", help="leave out the γI row")
     parser.add_argument("--max-iter", type=int, default=DEFAULT_MAX_ITER)
     parser.add_argument("--max-train", type=int, help="train on the first samples only (for a quick check)")
+    parser.add_argument(
+        "--weight-decay", type=float, default=DEFAULT_WEIGHT_DECAY, help="ν of the main job's objective (0: none)"
+    )
     args = parser.parse_args(argv)
     env = environment(" ".join(["python benchmarks/diagonal_accuracy.py", *(sys.argv[1:] if argv is None else argv)]))
     threads = torch.get_num_threads()
     print(
-        f"test accuracy of moller-scg mnist's CNN, {args.max_iter} iterations; torch {env['torch']}, "
+        f"test accuracy of moller-scg mnist's CNN, {args.max_iter} iterations, weight decay ν = {args.weight_decay:g}; "
+        f"torch {env['torch']}, "
         f"{threads} thread(s), {env['date']}"
     )
     rows: list[tuple[str, float | None]] = [(f"diagonal H₀, κ = {power:g}", power) for power in args.powers]
@@ -58,7 +70,7 @@ def main(argv: list[str] | None = None) -> int:
     for label, power in rows:
         cells = []
         for seed in args.seeds:
-            accuracy, loss = test_accuracy(power, seed, args.max_iter, args.max_train)
+            accuracy, loss = test_accuracy(power, seed, args.max_iter, args.max_train, args.weight_decay)
             cells.append(f"seed {seed}: {100 * accuracy:.1f} % (loss {loss:.1e})")
         print(f"{label:22s} " + "   ".join(cells), flush=True)
     return 0

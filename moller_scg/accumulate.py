@@ -69,6 +69,7 @@ from moller_scg.subsampling import (
     validate_fraction,
     validate_subset,
 )
+from moller_scg.weight_decay import WeightDecay, validate_weight_decay
 
 __all__ = [
     "GradientAccumulator",
@@ -192,6 +193,10 @@ class GradientAccumulator:
             permutation, so consecutive products see different samples; ``"fixed"``: always the same m samples.
             The next rotating window is :attr:`curvature_cursor`'s (``fit`` checkpoints its ``state_dict``).
         curvature_seed: seeds the permutation the subsets are taken from.
+        weight_decay: ν ≥ 0: the objective becomes E(w) = L(w) + (ν/2)|w|² over ``params``, L the loss above,
+            in every pass — loss, gradient (+ νw) and Hessian-vector product (+ νv), by either method — added once
+            per pass whatever the batch size (:mod:`moller_scg.weight_decay`). Needs a loss that is a mean over
+            samples; with ``reduction="sum"`` it is a ``ValueError``. Default 0: the loss alone.
 
     Raises:
         TypeError: an argument has the wrong type (the message names it and what is accepted).
@@ -230,6 +235,7 @@ class GradientAccumulator:
         curvature_fraction: float = 1.0,
         curvature_subset: str = "rotating",
         curvature_seed: int = 0,
+        weight_decay: float = 0.0,
     ) -> None:
         check_model_loss_and_progress(model, loss_fn, progress)
         if hvp_method not in HVP_METHODS:
@@ -249,7 +255,9 @@ class GradientAccumulator:
         self.progress = progress and _dist.is_main_process()
         self.on_non_finite = on_non_finite
         self.passes = PassCounts()
-        self._batch_loss = BatchLoss(loss_fn, self.reduction)
+        self.weight_decay = validate_weight_decay(weight_decay)
+        penalty = WeightDecay(self.weight_decay, self.params) if self.weight_decay > 0 else None
+        self._batch_loss = BatchLoss(loss_fn, self.reduction, penalty)
         shard = (_dist.rank(), _dist.world_size()) if self.distributed else None
         self._model_dtype = model_dtype(self.params)
         data = as_tensor_pair(data, self._model_dtype)  # NumPy arrays become tensors of the model's dtype

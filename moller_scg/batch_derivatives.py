@@ -90,7 +90,8 @@ def batch_hvp_forward_over_reverse(
     """
 
     def loss_of_weights(weights: dict[str, torch.Tensor]) -> torch.Tensor:
-        return batch_loss.term(torch.func.functional_call(model, weights, (inputs,)), targets)
+        outputs = torch.func.functional_call(model, weights, (inputs,))
+        return batch_loss.term(outputs, targets, [weights[name] for name in names])  # a penalty at these weights
 
     weights = {name: p.detach() for name, p in zip(names, params)}
     directions = dict(zip(names, vectors))

@@ -66,6 +66,14 @@ def _parser() -> argparse.ArgumentParser:
         "(fewer gradient passes on some problems; on the embedded digits the CNN tested a little lower)",
     )
     job.add_argument(
+        "--weight-decay",
+        type=float,
+        default=mnist.DEFAULT_WEIGHT_DECAY,
+        metavar="NU",
+        help=f"ν: train on the cross-entropy + (ν/2)|w|² (default {mnist.DEFAULT_WEIGHT_DECAY:g}; 0 = the "
+        f"cross-entropy alone, which the CNN drives towards 0 on the embedded digits)",
+    )
+    job.add_argument(
         "--hvp",
         choices=HVP_MODES,
         default=None,
@@ -206,6 +214,7 @@ def _mnist(args: argparse.Namespace, main_process: bool = True) -> int:
             memory=args.memory,
             diagonal_scaling=args.diagonal_scaling,
             curvature_fraction=args.curvature_fraction,
+            weight_decay=args.weight_decay,
             checkpoint=args.checkpoint,
             resume=args.resume,
             overwrite=args.overwrite,

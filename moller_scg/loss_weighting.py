@@ -12,7 +12,7 @@ means over the samples (:class:`MetricSums`).
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any, cast
 
 import torch
@@ -20,6 +20,7 @@ from torch import nn
 
 from moller_scg.input_checks import describe_value
 from moller_scg.loss_checks import check_same_shape, is_elementwise_loss
+from moller_scg.weight_decay import WeightDecay
 
 REDUCTIONS = ("mean", "sum", "batchmean")
 """Reductions the accumulator can weight exactly ("batchmean", as in ``nn.KLDivLoss``, is a mean over samples)."""
@@ -32,9 +33,17 @@ class BatchLoss:
     * ``"mean"``: term_b = loss_fn(outputs, targets), scale_b = n_b, denominator N.
     * ``"ratio"`` (``nn.CrossEntropyLoss`` / ``nn.NLLLoss`` with ``reduction="mean"``): term_b is the batch's
       summed loss S_b, scale_b = 1, denominator Σ_b D_b (the targets' class weights, ignored targets excluded).
+
+    With ``weight_decay`` (:mod:`moller_scg.weight_decay`), term_b also carries the batch's share of the penalty
+    (:meth:`term`); the ``"sum"`` kind refuses it with a ``ValueError``.
     """
 
-    def __init__(self, loss_fn: Callable[[Any, torch.Tensor], torch.Tensor], reduction: str) -> None:
+    def __init__(
+        self,
+        loss_fn: Callable[[Any, torch.Tensor], torch.Tensor],
+        reduction: str,
+        weight_decay: WeightDecay | None = None,
+    ) -> None:
         self.loss_fn = loss_fn
         self.reduction = reduction
         self.elementwise = is_elementwise_loss(loss_fn)
@@ -44,8 +53,27 @@ class BatchLoss:
             self.kind = "ratio"
         else:
             self.kind = "mean"
+        if weight_decay is not None and self.kind == "sum":
+            raise ValueError(
+                "weight_decay adds (ν/2)|w|² once to a mean over samples, but loss_fn sums over them "
+                "(reduction='sum'), so the penalty's share of a batch is undefined: use reduction='mean', or add "
+                "the penalty to the loss yourself outside the accumulator"
+            )
+        self.weight_decay = weight_decay
 
-    def term(self, outputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    def term(
+        self, outputs: torch.Tensor, targets: torch.Tensor, weights: Sequence[torch.Tensor] | None = None
+    ) -> torch.Tensor:
+        """term_b, with the batch's share of the weight-decay penalty P(w) when there is one: P itself for the mean
+        kind (scaled by n_b / N outside), D_b · P for the ratio kind (divided by Σ_b D_b), so that the pass adds P
+        once. ``weights`` are what ``torch.func`` evaluates P at instead of the parameters themselves."""
+        term = self._data_term(outputs, targets)
+        if self.weight_decay is None:
+            return term
+        share = 1 if self.kind == "mean" else self.denominator(targets)
+        return term + share * self.weight_decay.penalty(weights)
+
+    def _data_term(self, outputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         if self.kind != "ratio":
             if self.elementwise and outputs.shape != targets.shape:
                 check_same_shape(self.loss_fn, outputs, targets)

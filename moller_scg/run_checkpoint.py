@@ -58,6 +58,8 @@ class RunState:
     curvature_window: dict[str, Any] = dataclasses.field(default_factory=lambda: CurvatureCursor().state_dict())
     """The :class:`~moller_scg.subsampling.CurvatureCursor`'s state: where the rotating curvature subsets go on."""
     data_fingerprint: dict[str, Any] | None = None
+    weight_decay: float = 0.0
+    """ν of the objective's penalty (ν/2)|w|² (:mod:`moller_scg.weight_decay`): part of the objective E and r are of."""
     optimizer_at_weights: bool = False
     restarts: list[dict[str, Any]] | None = None
     annealing: dict[str, Any] | None = None
@@ -72,6 +74,7 @@ class RunState:
             "world_size": self.world_size,
             "curvature_window": self.curvature_window,
             "data_fingerprint": self.data_fingerprint,
+            "weight_decay": self.weight_decay,
             "optimizer_at_weights": self.optimizer_at_weights,
         }
         if self.annealing is not None:
@@ -89,6 +92,7 @@ class RunState:
             world_size=extra.get("world_size", 1),
             curvature_window=upgraded_cursor_state(extra.get("curvature_window", {"window": 0})),
             data_fingerprint=extra.get("data_fingerprint"),
+            weight_decay=float(extra.get("weight_decay", 0.0)),
             optimizer_at_weights=extra.get("optimizer_at_weights") is True,
             restarts=extra.get("restarts"),
             annealing=extra.get("annealing"),
@@ -132,6 +136,7 @@ class RunCheckpoint:
             world_size=_dist.world_size(),
             curvature_window=self.train.curvature_cursor.state_dict(),
             data_fingerprint=self.fingerprint,
+            weight_decay=self.train.weight_decay,
             optimizer_at_weights=self.optimizer_at_weights(),
             restarts=None if self.annealer is None else self.history.restarts,
             annealing=None if self.annealer is None else self.annealer.state_dict(),
@@ -183,8 +188,9 @@ def resume_run(
     """Load a checkpoint into model, optimizer and annealer (all or nothing) and return the History and run state
     it holds, and whether the loaded optimizer state was kept as it belongs to the loaded weights.
 
-    SCG's saved E and r are kept only if the checkpoint shows they were computed at its weights and on data with
-    this ``fingerprint``; otherwise SCG is restarted, so that its next step evaluates E and r at the loaded weights.
+    SCG's saved E and r are kept only if the checkpoint shows they were computed at its weights, on data with
+    this ``fingerprint`` and with the accumulator's ``weight_decay``; otherwise SCG is restarted, so that its next
+    step evaluates E and r at the loaded weights.
     """
     state = load_checkpoint(path)
     saved = RunState.from_extra(state["extra"])
@@ -215,7 +221,15 @@ def resume_run(
             f"loaded weights; the run goes on from them but is not a continuation of the saved run",
             stacklevel=3,
         )
-    trusted = same_data and saved.optimizer_at_weights
+    same_penalty = saved.weight_decay == train.weight_decay
+    if not same_penalty:
+        warnings.warn(
+            f"resuming from {os.fspath(path)!r} with weight_decay={train.weight_decay} where the run that wrote it had "
+            f"{saved.weight_decay}: another objective. The loss and gradient are recomputed at the loaded weights; "
+            f"the run goes on from them but is not a continuation of the saved run",
+            stacklevel=3,
+        )
+    trusted = same_data and same_penalty and saved.optimizer_at_weights
     if isinstance(optimizer, SCG) and not trusted:
         optimizer.restart()
         logger.info("SCG restarts at the weights loaded from %s: its saved E and r may belong to others", path)

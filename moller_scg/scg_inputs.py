@@ -53,7 +53,10 @@ _OPTIONS_OF_OTHER_OPTIMIZERS = {
     "history_size": "SCG keeps no curvature-pair history: it holds the direction p and the residual r only",
     "betas": "SCG keeps no moment estimates",
     "eps": "SCG keeps no moment estimates, so it has no ε to add to them",
-    "weight_decay": "add the penalty to the loss the closure returns (e.g. + wd/2 * Σ|w|²)",
+    "weight_decay": (
+        "add the penalty to the loss the closure returns (e.g. + wd/2 * Σ|w|²), or pass fit(..., weight_decay=wd) "
+        "or GradientAccumulator(..., weight_decay=wd)"
+    ),
     "momentum": "SCG's conjugate direction p = r + βp plays the role of momentum, with β from Møller's formula",
 }
 

@@ -72,6 +72,7 @@ def fit(
     curvature_fraction: float = 1.0,
     curvature_subset: str = "rotating",
     curvature_seed: int = 0,
+    weight_decay: float = 0.0,
 ) -> History:
     """Train ``model`` by full-batch SCG (or another closure optimizer) until a stopping rule fires.
 
@@ -134,6 +135,11 @@ def fit(
             seeded permutation; ``"fixed"``: always the same ones (:mod:`moller_scg.subsampling`).
         curvature_seed: seeds that permutation (an int; default 0). The checkpoint holds the next window, so a
             resumed run takes the same subsets when it is given the same seed.
+        weight_decay: ν ≥ 0: train on E(w) = L(w) + (ν/2)|w|², L the training loss, over the trainable
+            parameters (:mod:`moller_scg.weight_decay`; added once per pass, to the loss, the gradient and every
+            Hessian-vector product, so SCG's Δ test sees it). The History's ``loss`` is this E; the validation loss
+            and metric stay the loss alone. Needs a loss that is a mean over samples. The checkpoint records ν, and a
+            resume with another ν recomputes E and r (with a warning). Default 0.
 
     Distributed (under ``torchrun``, or any initialised ``torch.distributed`` process group; see
     :mod:`moller_scg.distributed`): call ``fit`` on every rank with the same arguments and the same initial
@@ -178,6 +184,7 @@ def fit(
         curvature_fraction=curvature_fraction,
         curvature_subset=curvature_subset,
         curvature_seed=curvature_seed,
+        weight_decay=weight_decay,
     )
     validation = None
     if val_data is not None:

@@ -210,8 +210,9 @@ def test_after_a_max_fail_stop_the_train_loss_is_that_of_the_weights_held(tmp_pa
 
     from moller_scg.checkpoint import load_checkpoint
     from moller_scg.data import load_mnist_idx
-    from moller_scg.mnist import train_mnist
+    from moller_scg.mnist import DEFAULT_WEIGHT_DECAY, train_mnist
     from moller_scg.models import MnistCNN
+    from moller_scg.weight_decay import squared_norm
 
     rng = np.random.default_rng(3)  # random labels: fitting the training images cannot help the validation ones
     for (split, kind), name in FILE_NAMES.items():
@@ -224,8 +225,10 @@ def test_after_a_max_fail_stop_the_train_loss_is_that_of_the_weights_held(tmp_pa
     model = MnistCNN()
     model.load_state_dict(load_checkpoint(checkpoint)["model"])  # the weights fit left in the model
     images, labels = load_mnist_idx(tmp_path).train
-    with torch.no_grad():
-        held = float(nn.functional.cross_entropy(model(images), labels))
+    with torch.no_grad():  # the objective: the cross-entropy + (ν/2)|w|²
+        penalty = 0.5 * DEFAULT_WEIGHT_DECAY * float(squared_norm(list(model.parameters())))
+        held = float(nn.functional.cross_entropy(model(images), labels)) + penalty
+    assert penalty > 1e-3  # the penalty is there and the check below would see it missing
     assert result.train_loss == pytest.approx(held, rel=1e-5)
     assert result.train_loss != result.history["loss"][-1]
 
@@ -247,3 +250,27 @@ def test_diagonal_scaling_is_off_by_default_and_a_flag_turns_it_on(flags, memory
     monkeypatch.setattr(mnist, "load_splits", lambda *args, **kwargs: None)
     assert main(["mnist", "--quiet", *flags]) != 0
     assert seen["memory"] == memory and seen["diagonal_scaling"] is expected
+
+
+@pytest.mark.parametrize(("arguments", "expected"), [([], 3e-4), (["--weight-decay", "0"], 0.0)])
+def test_weight_decay_defaults_to_the_main_jobs_and_zero_turns_it_off(monkeypatch, arguments, expected):
+    from moller_scg.mnist import DEFAULT_WEIGHT_DECAY
+
+    seen = {}
+
+    def record(**options):
+        seen["weight_decay"] = options["weight_decay"]
+        raise ValueError("stop here")
+
+    monkeypatch.setattr("moller_scg.mnist.train_mnist", record)
+    main(["mnist", "--quiet", *arguments])
+    assert DEFAULT_WEIGHT_DECAY == 3e-4
+    assert seen["weight_decay"] == expected
+
+
+def test_a_negative_weight_decay_is_one_line_not_a_traceback(capsys):
+    status = main(["mnist", "--quiet", "--max-train", "20", "--max-iter", "1", "--weight-decay", "-1"])
+    error = capsys.readouterr().err
+    assert status == 1
+    assert error.startswith("moller-scg mnist: Invalid weight_decay value: -1.0") and "Traceback" not in error
+

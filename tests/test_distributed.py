@@ -209,6 +209,15 @@ def _scenarios(folder: Path) -> dict:
         torch.equal(a, b) for a, b in zip(resumed.state_dict().values(), straight.state_dict().values())
     )
     results["fit_weights"] = straight.state_dict()
+
+    # Weight decay with the class-weighted loss: each rank's batches carry D_b · (ν/2)|w|², divided by the global
+    # Σ D_b, so the penalty is counted once over all ranks (with three ranks and 7 samples, uneven shards).
+    x = torch.randn(7, 3, generator=generator, dtype=torch.float64)
+    labels = torch.randint(0, 3, (7,), generator=generator)
+    model = _mlp(3, 3)
+    acc = GradientAccumulator(model, loss_fn, (x, labels), batch_size=2, weight_decay=0.2)
+    results["decay_losses"] = _scg_run(model, acc, 5)
+    results["decay_weights"] = {k: v.clone() for k, v in model.state_dict().items()}
     return results
 
 
@@ -283,6 +292,8 @@ def test_ranks_follow_the_single_process_trajectory_and_stay_bitwise_equal(world
         "tiny_hvp",
         "fit_losses",
         "fit_weights",
+        "decay_losses",
+        "decay_weights",
     )
     for key in numbers:
         _assert_close(ranks[0][key], single_process[key])

@@ -23,6 +23,7 @@ TODAYS_KEYS = [
     "world_size",
     "curvature_window",
     "data_fingerprint",
+    "weight_decay",
     "optimizer_at_weights",
 ]
 ANNEALING_KEYS = ["restarts", "annealing"]
@@ -46,6 +47,7 @@ def test_fit_writes_the_run_state_in_todays_layout(tmp_path, regression):
     assert isinstance(extra["elapsed"], float) and extra["elapsed"] > 0
     assert extra["world_size"] == 1 and extra["curvature_window"] == {"window": 0}
     assert isinstance(extra["data_fingerprint"], dict) and extra["optimizer_at_weights"] is True
+    assert extra["weight_decay"] == 0.0
 
 
 def test_a_run_with_annealing_adds_its_restarts_and_annealer_state(tmp_path, regression):

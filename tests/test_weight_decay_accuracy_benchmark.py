@@ -1,0 +1,28 @@
+"""benchmarks/weight_decay_accuracy.py: the main job's test accuracy for several weight decays ν."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from scripts import load_script
+
+BENCHMARK = Path(__file__).resolve().parents[1] / "benchmarks" / "weight_decay_accuracy.py"
+
+
+def test_each_row_trains_the_main_job_with_its_weight_decay(monkeypatch, capsys):
+    benchmark = load_script(BENCHMARK, monkeypatch)
+    seen = []
+    train_mnist = benchmark.train_mnist
+
+    def recording(**options):
+        seen.append((options["weight_decay"], options["seed"], options["memory"]))
+        return train_mnist(**options)
+
+    monkeypatch.setattr(benchmark, "train_mnist", recording)
+    arguments = ["--weight-decays", "0", "0.001", "--seeds", "0", "1", "--memory", "5", "--max-iter", "2"]
+    assert benchmark.main([*arguments, "--max-train", "40"]) == 0
+    assert seen == [(0.0, 0, 5), (0.0, 1, 5), (0.001, 0, 5), (0.001, 1, 5)]
+    lines = capsys.readouterr().out.splitlines()
+    assert "SCG(memory=5), 2 iterations" in lines[1]
+    assert lines[2].startswith("ν = 0 ") and "seed 0:" in lines[2] and "seed 1:" in lines[2]
+    assert lines[3].startswith("ν = 0.001 ")
