@@ -273,4 +273,3 @@ def test_a_negative_weight_decay_is_one_line_not_a_traceback(capsys):
     error = capsys.readouterr().err
     assert status == 1
     assert error.startswith("moller-scg mnist: Invalid weight_decay value: -1.0") and "Traceback" not in error
-
