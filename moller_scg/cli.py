@@ -63,7 +63,7 @@ def _parser() -> argparse.ArgumentParser:
         "--diagonal-scaling",
         action="store_true",
         help="with --memory > 0: H₀ of the quasi-Newton preconditioner from the gradients' second moments, not γI "
-        "(fewer gradient passes on some problems; on the embedded digits the CNN tested a little lower)",
+        "(fewer gradient passes on some problems; with --weight-decay 0 the CNN tested lower on the embedded digits)",
     )
     job.add_argument(
         "--weight-decay",
