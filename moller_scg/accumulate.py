@@ -273,7 +273,7 @@ class GradientAccumulator:
         self._curvature_samples = curvature_samples(self._samples, self.curvature_fraction, shard)  # N when f = 1
         self._curvature_batches = CurvatureBatches(self._batches, subsets, self.curvature_cursor, device_cache_bytes)
         if self.distributed:
-            _dist.check_ranks_agree(self._samples, self.params)
+            _dist.check_ranks_agree(self._samples, self.params, self.weight_decay)
         self._derivatives = BatchDerivatives(model, self._batch_loss, self.params, hvp_method)
         reduction_explicit = reduction is not None and getattr(loss_fn, "reduction", None) is None
         self._first_pass_checks = FirstPassChecks(model, self._batch_loss, reduction_explicit)

@@ -248,8 +248,9 @@ def resolve_distributed(distributed: bool | None, data: Any) -> bool:
     return active
 
 
-def check_ranks_agree(samples: int, params: Sequence[torch.Tensor]) -> None:
-    """Every rank must have the same N, the same parameters and the same initial weights (one all-reduce)."""
+def check_ranks_agree(samples: int, params: Sequence[torch.Tensor], weight_decay: float = 0.0) -> None:
+    """Every rank must have the same N, the same parameters, the same initial weights and the same weight decay ν
+    (one all-reduce)."""
     with torch.no_grad():
         checksum = sum(float(as_real(p).double().sum()) for p in params)
     check_same_on_every_rank(
@@ -257,6 +258,7 @@ def check_ranks_agree(samples: int, params: Sequence[torch.Tensor]) -> None:
             "the number of samples N": samples,
             "the number of parameters": sum(p.numel() for p in params),
             "the sum of the initial weights": checksum,
+            "the weight decay ν": weight_decay,
         }
     )
 

@@ -270,8 +270,9 @@ class FirstPassChecks:
         if stochastic_modules(self.model):
             logger.debug("additivity not checked: the model is stochastic in training mode")
             return
+        # The loss alone: a weight-decay penalty is additive by construction and would only widen the tolerance.
         check_additivity(
-            self.batch_loss.term, self.model, inputs, targets, self.batch_loss.kind, self.reduction_explicit
+            self.batch_loss.data_term, self.model, inputs, targets, self.batch_loss.kind, self.reduction_explicit
         )
 
 

@@ -67,13 +67,14 @@ class BatchLoss:
         """term_b, with the batch's share of the weight-decay penalty P(w) when there is one: P itself for the mean
         kind (scaled by n_b / N outside), D_b · P for the ratio kind (divided by Σ_b D_b), so that the pass adds P
         once. ``weights`` are what ``torch.func`` evaluates P at instead of the parameters themselves."""
-        term = self._data_term(outputs, targets)
+        term = self.data_term(outputs, targets)
         if self.weight_decay is None:
             return term
         share = 1 if self.kind == "mean" else self.denominator(targets)
         return term + share * self.weight_decay.penalty(weights)
 
-    def _data_term(self, outputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    def data_term(self, outputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        """term_b of the loss alone, without the weight-decay penalty (what the additivity check examines)."""
         if self.kind != "ratio":
             if self.elementwise and outputs.shape != targets.shape:
                 check_same_shape(self.loss_fn, outputs, targets)

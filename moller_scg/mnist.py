@@ -32,8 +32,8 @@ DEFAULT_WEIGHT_DECAY = 3e-4
 
 Without it the CNN drives the cross-entropy on the 4,000 embedded digits towards 0 (10⁻⁹ in 60 iterations), an
 objective with no finite minimiser, and the test accuracy it ends at moved with the seed and with the CPU's float
-rounding (94.6–95.7 %). With ν = 3·10⁻⁴ (ν = 10⁻³ and 3·10⁻³ were measured too) it was 96.3–96.7 % at seeds 0–2
-after 60 iterations: ``python benchmarks/weight_decay_accuracy.py``."""
+rounding (94.5–95.7 % on seeds 0–2). With ν = 3·10⁻⁴ it was 96.3–96.8 % there after 60 iterations, and with
+ν = 10⁻³ 96.0–96.6 %: ``python benchmarks/weight_decay_accuracy.py``."""
 
 
 @dataclasses.dataclass(frozen=True)

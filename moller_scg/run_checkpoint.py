@@ -35,6 +35,7 @@ from moller_scg.history import History
 from moller_scg.scg import SCG
 from moller_scg.stopping import EarlyStopping
 from moller_scg.subsampling import CurvatureCursor, upgraded_cursor_state
+from moller_scg.weight_decay import validate_weight_decay
 
 logger = logging.getLogger(__name__)
 
@@ -58,8 +59,9 @@ class RunState:
     curvature_window: dict[str, Any] = dataclasses.field(default_factory=lambda: CurvatureCursor().state_dict())
     """The :class:`~moller_scg.subsampling.CurvatureCursor`'s state: where the rotating curvature subsets go on."""
     data_fingerprint: dict[str, Any] | None = None
-    weight_decay: float = 0.0
-    """ν of the objective's penalty (ν/2)|w|² (:mod:`moller_scg.weight_decay`): part of the objective E and r are of."""
+    weight_decay: Any = 0.0
+    """ν of the objective's penalty (ν/2)|w|² (:mod:`moller_scg.weight_decay`): part of the objective E and r are of.
+    As read from a checkpoint, unchecked; :func:`resume_run` validates it before loading anything."""
     optimizer_at_weights: bool = False
     restarts: list[dict[str, Any]] | None = None
     annealing: dict[str, Any] | None = None
@@ -92,7 +94,7 @@ class RunState:
             world_size=extra.get("world_size", 1),
             curvature_window=upgraded_cursor_state(extra.get("curvature_window", {"window": 0})),
             data_fingerprint=extra.get("data_fingerprint"),
-            weight_decay=float(extra.get("weight_decay", 0.0)),
+            weight_decay=extra.get("weight_decay", 0.0),
             optimizer_at_weights=extra.get("optimizer_at_weights") is True,
             restarts=extra.get("restarts"),
             annealing=extra.get("annealing"),
@@ -201,6 +203,10 @@ def resume_run(
             f"has {world_size}. Resume with the same world size (torchrun --nproc-per-node {saved.world_size}), "
             f"or pass resume=False to start afresh"
         )
+    try:
+        saved_weight_decay = validate_weight_decay(saved.weight_decay)
+    except (TypeError, ValueError) as error:
+        raise CheckpointError(f"cannot resume from {path}: its weight_decay is invalid: {error}") from None
     history = History.from_dict(
         {"columns": state["history"], "best_iteration": saved.best_iteration, "restarts": saved.restarts}
     )
@@ -221,11 +227,11 @@ def resume_run(
             f"loaded weights; the run goes on from them but is not a continuation of the saved run",
             stacklevel=3,
         )
-    same_penalty = saved.weight_decay == train.weight_decay
+    same_penalty = saved_weight_decay == train.weight_decay
     if not same_penalty:
         warnings.warn(
             f"resuming from {os.fspath(path)!r} with weight_decay={train.weight_decay} where the run that wrote it had "
-            f"{saved.weight_decay}: another objective. The loss and gradient are recomputed at the loaded weights; "
+            f"{saved_weight_decay}: another objective. The loss and gradient are recomputed at the loaded weights; "
             f"the run goes on from them but is not a continuation of the saved run",
             stacklevel=3,
         )

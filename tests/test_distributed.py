@@ -87,6 +87,13 @@ def test_a_dataloader_is_refused_when_distributed(one_rank_group):
     assert not acc.distributed
 
 
+def test_the_ranks_must_agree_on_the_weight_decay(monkeypatch):
+    seen = {}
+    monkeypatch.setattr(moller_dist, "check_same_on_every_rank", lambda values: seen.update(values))
+    moller_dist.check_ranks_agree(10, [torch.ones(3)], weight_decay=0.25)
+    assert seen["the weight decay ν"] == 0.25 and seen["the number of samples N"] == 10
+
+
 def test_a_group_of_one_gives_the_single_process_numbers_exactly(one_rank_group):
     """World size 1: the all-reduce adds nothing, so the results are bitwise those of no process group."""
     torch.manual_seed(0)

@@ -133,6 +133,23 @@ def test_a_checkpoint_of_another_world_size_is_refused(tmp_path, regression):
         validated_fit(model, data, max_iter=4, checkpoint=path, resume=True)
 
 
+@pytest.mark.parametrize("value", ["abc", "0.3", None, [1], float("nan"), -1.0, True])
+def test_a_checkpoint_with_an_invalid_weight_decay_is_refused_before_anything_is_loaded(tmp_path, regression, value):
+    path = tmp_path / "run.pt"
+    model, data = regression
+    validated_fit(model, data, max_iter=2, checkpoint=path)
+    _rewritten_in_todays_layout(path, weight_decay=value)
+    before = [p.detach().clone() for p in model.parameters()]
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(1.0)  # weights that differ from the checkpoint's, so a half-load would show
+        moved = [p.detach().clone() for p in model.parameters()]
+    with pytest.raises(CheckpointError, match=f"cannot resume from {path}: its weight_decay is invalid"):
+        validated_fit(model, data, max_iter=4, checkpoint=path, resume=True)
+    assert all(torch.equal(p, q) for p, q in zip(model.parameters(), moved))
+    assert not all(torch.equal(p, q) for p, q in zip(model.parameters(), before))
+
+
 def test_an_extra_without_run_state_reads_as_a_fresh_run():
     assert RunState.from_extra({}) == RunState()
 

@@ -174,10 +174,68 @@ def test_a_resume_with_another_weight_decay_warns_and_recomputes_the_loss(tmp_pa
     assert resumed["success"][5], "the first trial was rejected: SCG compared it with the E of the other objective"
 
 
-def test_scg_steps_on_the_penalized_objective_take_the_penalty_into_their_curvature():
+def test_scg_with_exact_curvature_follows_the_penalized_objective_of_a_plain_closure():
+    """SCG on the penalized accumulator takes the steps it takes on a closure that evaluates the loss plus (ν/2)|w|²
+    on all the data at once (curvature by double-backward through that closure): the penalty's νv is in the HVP."""
     model, data = regression_problem()
-    optimizer = SCG(model.parameters())  # exact curvature through the accumulator's HVP
-    accumulator = GradientAccumulator(model, nn.MSELoss(), data, weight_decay=NU)
-    losses = [float(optimizer.step(accumulator)) for _ in range(15)]
-    assert losses == sorted(losses, reverse=True)  # Møller's test: an accepted step never raises E
-    assert optimizer.trace.hvp_calls > 0
+    twin = copy.deepcopy(model)
+    accumulator = GradientAccumulator(model, nn.MSELoss(), data, batch_size=7, weight_decay=NU)
+    streamed = SCG(model.parameters())
+    twin_params = list(twin.parameters())
+
+    def closure():
+        twin.zero_grad()
+        energy = nn.functional.mse_loss(twin(data[0]), data[1]) + 0.5 * NU * sum((p * p).sum() for p in twin_params)
+        energy.backward(create_graph=True)
+        return energy
+
+    reference = SCG(twin.parameters())
+    for _ in range(12):
+        assert float(streamed.step(accumulator)) == pytest.approx(float(reference.step(closure)), rel=1e-10)
+    assert streamed.trace.hvp_calls == reference.trace.hvp_calls > 0
+    for p, q in zip(model.parameters(), twin.parameters()):
+        torch.testing.assert_close(p, q, rtol=1e-9, atol=1e-12)
+
+
+def test_a_float32_model_with_class_weights_gets_float32_derivatives_of_the_penalized_objective():
+    """The class weights' sums D_b are float64, so each batch's D_b · P is too; the derivatives stay float32."""
+    model64, data = classification_problem()
+    model32 = copy.deepcopy(model64).float()
+    weight = torch.tensor([1.0, 2.0, 0.5])
+    vectors = [torch.randn_like(p) for p in model64.parameters()]
+    loss64 = nn.CrossEntropyLoss(weight=weight.double())
+    energy, gradient, product = penalized_derivatives(model64, loss64, data, vectors)
+    loss32 = nn.CrossEntropyLoss(weight=weight)
+    accumulator = GradientAccumulator(model32, loss32, (data[0].float(), data[1]), batch_size=5, weight_decay=NU)
+    assert float(accumulator()) == pytest.approx(float(energy), rel=1e-5)
+    for p, g in zip(model32.parameters(), gradient):
+        assert p.grad.dtype == torch.float32
+        torch.testing.assert_close(p.grad, g.float(), rtol=1e-4, atol=1e-5)
+    for got, want in zip(accumulator.hvp([v.float() for v in vectors]), product):
+        assert got.dtype == torch.float32
+        torch.testing.assert_close(got, want.float(), rtol=1e-4, atol=1e-5)
+
+
+def test_a_loss_that_depends_on_the_batch_is_still_caught_with_a_large_penalty():
+    """The additivity check looks at the loss alone: a large (ν/2)|w|² in every batch must not hide a loss whose
+    full-batch value would depend on the batch size."""
+    model, data = regression_problem()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.fill_(3.0)
+
+    class MeanPlusBatchConstant(nn.Module):
+        reduction = "mean"
+
+        def forward(self, outputs, targets):
+            return nn.functional.mse_loss(outputs, targets) + 1.0  # a per-call term in a mean: additive, fine
+
+    class SumCalledMean(nn.Module):
+        reduction = "mean"
+
+        def forward(self, outputs, targets):
+            return nn.functional.mse_loss(outputs, targets, reduction="sum")  # a sum that claims to be a mean
+
+    GradientAccumulator(model, MeanPlusBatchConstant(), data, batch_size=8, weight_decay=1.0)()
+    with pytest.raises(ValueError, match="behaves like reduction='sum'"):
+        GradientAccumulator(model, SumCalledMean(), data, batch_size=8, weight_decay=1.0)()
