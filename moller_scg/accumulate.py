@@ -87,7 +87,7 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
-HVP_METHODS = ("double-backward", "forward-over-reverse")
+HVP_METHODS = ("double-backward", "forward-over-reverse", "gauss-newton")
 """How :meth:`GradientAccumulator.hvp` differentiates each batch (see the class docstring)."""
 NON_FINITE_POLICIES = ("raise", "return")
 """What a pass does when a batch loss is not finite: raise ``FloatingPointError``, or return the non-finite sums."""
@@ -170,6 +170,14 @@ class GradientAccumulator:
             ∂(gᵀv)/∂w. ``"forward-over-reverse"``: ``torch.func.jvp`` of ``torch.func.grad`` through
             ``torch.func.functional_call``. If ``torch.func`` fails on the first batch (an operator it does not
             support), a warning is logged and :attr:`hvp_method` becomes ``"double-backward"``.
+            ``"gauss-newton"``: not E''(w)v but the Gauss–Newton product G v = Jᵀ H_L J v (J the Jacobian of the
+            model's outputs, H_L the loss's Hessian in them; + ν v with ``weight_decay``), positive semi-definite
+            for a loss convex in the outputs (MSE, cross-entropy on logits, BCE with logits), so SCG never meets
+            δ ≤ 0; cheaper than an exact product (J v by ``torch.func.jvp`` through the model, then one reverse
+            pass). It drops the second derivatives of the model itself, so it is an approximation of E''(w) except
+            for a linear model. The loss must hold the curvature: a model that ends in ``log_softmax`` with
+            ``nn.NLLLoss`` has G = 0 (a warning says so). Real parameters only; no fallback if ``torch.func``
+            cannot run the model (a ``RuntimeError`` on the first product says so).
         device_cache_bytes: the byte budget for copying tensor data to ``device`` once.
         on_non_finite: ``"raise"`` (default): a pass in which some batch loss is not finite raises
             ``FloatingPointError`` naming the first such batch, and leaves ``.grad`` untouched. ``"return"``:
@@ -310,7 +318,8 @@ class GradientAccumulator:
     @property
     def hvp_method(self) -> str:
         """How :meth:`hvp` differentiates each batch: the ``hvp_method`` given, or ``"double-backward"`` for good
-        once ``"forward-over-reverse"`` has failed on the first batch (:mod:`moller_scg.batch_derivatives`)."""
+        once ``"forward-over-reverse"`` has failed on the first batch (:mod:`moller_scg.batch_derivatives`).
+        With ``"gauss-newton"``, :meth:`hvp` returns the Gauss–Newton product G v instead of E''(w) v."""
         return self._derivatives.method
 
     @property
@@ -381,7 +390,8 @@ class GradientAccumulator:
         return loss, gradient
 
     def hvp(self, vectors: Sequence[torch.Tensor]) -> TensorList:
-        """One pass: s = E''(w) v = Σ_b w_b E_b''(w) v, exactly.
+        """One pass: s = E''(w) v = Σ_b w_b E_b''(w) v, exactly (with ``hvp_method="gauss-newton"``: the
+        Gauss–Newton product G v = Σ_b w_b G_b v instead).
 
         Args:
             vectors: v, one tensor per parameter of :attr:`params`, in that order and with the same shapes.

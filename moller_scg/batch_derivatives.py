@@ -7,10 +7,15 @@ each is computed for one batch, knowing nothing of sums, passes or SCG. The prod
 * double-backward: g = ∂E_b/∂w with ``create_graph=True``, then ∂(gᵀv)/∂w (Pearlmutter 1994);
 * forward-over-reverse: the forward-mode derivative of ∂E_b/∂w along v, through ``torch.func.functional_call``.
 
+and, in place of E_b''v, the Gauss–Newton product G_b v = J_bᵀ H_L J_b v (+ the weight-decay penalty's ν v share,
+which is exact), positive semi-definite when the loss is convex in the model's outputs
+(:func:`moller_scg.curvature.functional_gauss_newton_product`).
+
 Each function returns the batch's loss term E_b and its vectors, or ``None`` for the vectors when no parameter
 reaches the batch's loss (its gradient and curvature are 0, and nothing needs to be added).
 :class:`BatchDerivatives` is what the pass engine calls: it holds the accumulator's choice of method and falls
-back from forward-over-reverse to double-backward, once and for good, when ``torch.func`` fails on the first batch.
+back from forward-over-reverse to double-backward, once and for good, when ``torch.func`` fails on the first batch
+(a Gauss–Newton product has no such fallback: another method would give another matrix).
 
 References:
     Pearlmutter, B. A. (1994). Fast exact multiplication by the Hessian. Neural Computation 6(1), 147–160.
@@ -25,7 +30,7 @@ from typing import cast
 import torch
 from torch import nn
 
-from moller_scg.curvature import graph_hvp
+from moller_scg.curvature import functional_gauss_newton_product, graph_hvp
 from moller_scg.input_checks import param_names
 from moller_scg.loss_weighting import BatchLoss
 
@@ -100,6 +105,55 @@ def batch_hvp_forward_over_reverse(
     return term, [products[name] for name in names]
 
 
+GAUSS_NEWTON_FAILED_MESSAGE = (
+    "hvp_method='gauss-newton' needs forward-mode differentiation through the model (torch.func.jvp), which "
+    "failed on the first batch ({error}); use hvp_method='double-backward' (the exact E''v) instead"
+)
+ZERO_GAUSS_NEWTON_MESSAGE = (
+    "hvp_method='gauss-newton': the loss has no curvature in the model's outputs on the first batch (H_L J v = 0 "
+    "while J v ≠ 0), so the Gauss–Newton matrix is 0 (+ the weight decay's νI). A loss linear in the outputs does "
+    "this, e.g. NLLLoss after a log_softmax inside the model: end the model with logits and use CrossEntropyLoss, "
+    "or use hvp_method='double-backward'"
+)
+
+
+def batch_gauss_newton_product(
+    model: nn.Module,
+    batch_loss: BatchLoss,
+    params: Sequence[torch.Tensor],
+    names: Sequence[str],
+    inputs: torch.Tensor,
+    targets: torch.Tensor,
+    vectors: list[torch.Tensor],
+    check_curvature: bool = False,
+) -> tuple[torch.Tensor, BatchVectors, bool]:
+    """E_b, G_b v = J_bᵀ H_L J_b v of the batch's loss term (plus the penalty's share × ν v), and, with
+    ``check_curvature`` (two host synchronisations), whether the loss's curvature vanished along J_b v while J_b v
+    did not (:data:`ZERO_GAUSS_NEWTON_MESSAGE`); ``False`` without.
+
+    Raises:
+        RuntimeError: ``torch.func`` does not support an operator of the model.
+    """
+    weights = {name: p.detach() for name, p in zip(names, params)}
+
+    def outputs_of(w: dict[str, torch.Tensor]) -> torch.Tensor:
+        return cast(torch.Tensor, torch.func.functional_call(model, w, (inputs,)))
+
+    outputs, jacobian_v, products = functional_gauss_newton_product(
+        outputs_of, lambda y: batch_loss.data_term(y, targets), weights, dict(zip(names, vectors))
+    )
+    with torch.no_grad():
+        term = batch_loss.term(outputs, targets)
+    result = [products[name] for name in names]
+    penalty = batch_loss.weight_decay
+    if penalty is not None:  # P = (ν/2)|w|² is quadratic: its Hessian νI is its Gauss–Newton matrix too
+        share = batch_loss.penalty_share(targets)
+        # v · ν first: D_b may be an integer tensor, and an integer tensor times a Python float is float32
+        result = [s + (v * penalty.weight_decay) * share for s, v in zip(result, vectors)]
+    flat_zero = check_curvature and bool(jacobian_v.any()) and not any(bool(s.any()) for s in products.values())
+    return term, result, flat_zero
+
+
 class BatchDerivatives:
     """E_b with E_b'(w) or E_b''(w) v for one batch at a time, by the accumulator's Hessian-vector product method.
 
@@ -124,7 +178,13 @@ class BatchDerivatives:
         self.batch_loss = batch_loss
         self.params = params
         self.method = method
-        self._names = param_names(model, list(params)) if method == "forward-over-reverse" else None
+        functional = method in ("forward-over-reverse", "gauss-newton")
+        self._names = param_names(model, list(params), method) if functional else None
+        if method == "gauss-newton" and any(p.is_complex() for p in params):
+            raise ValueError(
+                "hvp_method='gauss-newton' supports real parameters only (its Jacobian products run in forward "
+                "mode over real weights); use hvp_method='double-backward' for complex ones"
+            )
         self._functional_works = False  # whether torch.func has evaluated one batch (then its errors are real)
 
     def gradient(self, inputs: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, BatchVectors]:
@@ -137,7 +197,9 @@ class BatchDerivatives:
         """E_b and E_b''v by :attr:`method` (``hvp_and_loss``: :func:`moller_scg.curvature.functional_hvp_and_loss`)."""
         if self.method == "double-backward":
             return batch_hvp_double_backward(self.model, self.batch_loss, self.params, inputs, targets, vectors)
-        names = cast(list[str], self._names)  # set when the method given was "forward-over-reverse"
+        names = cast(list[str], self._names)  # set when the method given was a functional one
+        if self.method == "gauss-newton":
+            return self._gauss_newton(names, inputs, targets, vectors)
         try:
             result = batch_hvp_forward_over_reverse(
                 self.model, self.batch_loss, self.params, names, inputs, targets, vectors, hvp_and_loss
@@ -155,3 +217,22 @@ class BatchDerivatives:
             return batch_hvp_double_backward(self.model, self.batch_loss, self.params, inputs, targets, vectors)
         self._functional_works = True
         return result
+
+    def _gauss_newton(
+        self, names: list[str], inputs: torch.Tensor, targets: torch.Tensor, vectors: list[torch.Tensor]
+    ) -> tuple[torch.Tensor, BatchVectors]:
+        """E_b and G_b v (:func:`batch_gauss_newton_product`); a ``torch.func`` failure on the first batch is a
+        ``RuntimeError`` that names the remedy, and a loss without curvature in the outputs is warned about once."""
+        try:
+            term, products, flat_zero = batch_gauss_newton_product(
+                self.model, self.batch_loss, self.params, names, inputs, targets, vectors, not self._functional_works
+            )
+        except RuntimeError as error:
+            if self._functional_works:
+                raise
+            first_line = str(error).splitlines()[0] if str(error) else type(error).__name__
+            raise RuntimeError(GAUSS_NEWTON_FAILED_MESSAGE.format(error=first_line)) from error
+        if flat_zero:
+            logger.warning(ZERO_GAUSS_NEWTON_MESSAGE)
+        self._functional_works = True
+        return term, products

@@ -95,13 +95,14 @@ def trainable_params(model: nn.Module, params: Iterable[torch.Tensor] | None) ->
     return chosen
 
 
-def param_names(model: nn.Module, params: list[torch.Tensor]) -> list[str]:
-    """The names ``torch.func.functional_call`` knows the parameters by."""
+def param_names(model: nn.Module, params: list[torch.Tensor], method: str = "forward-over-reverse") -> list[str]:
+    """The names ``torch.func.functional_call`` knows the parameters by (``method``: the ``hvp_method`` that needs
+    them, for the error message)."""
     by_id = {id(p): name for name, p in model.named_parameters(remove_duplicate=False)}
     missing = [index for index, p in enumerate(params) if id(p) not in by_id]
     if missing:
         raise ValueError(
-            f"hvp_method='forward-over-reverse' needs parameters of the model itself, but params{missing} are not "
+            f"hvp_method={method!r} needs parameters of the model itself, but params{missing} are not "
             f"among model.named_parameters(); use hvp_method='double-backward'"
         )
     return [by_id[id(p)] for p in params]

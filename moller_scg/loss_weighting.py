@@ -70,8 +70,11 @@ class BatchLoss:
         term = self.data_term(outputs, targets)
         if self.weight_decay is None:
             return term
-        share = 1 if self.kind == "mean" else self.denominator(targets)
-        return term + share * self.weight_decay.penalty(weights)
+        return term + self.penalty_share(targets) * self.weight_decay.penalty(weights)
+
+    def penalty_share(self, targets: torch.Tensor) -> torch.Tensor | int:
+        """How many times the batch's term carries the penalty P: 1 for the mean kind, D_b for the ratio kind."""
+        return 1 if self.kind == "mean" else self.denominator(targets)
 
     def data_term(self, outputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         """term_b of the loss alone, without the weight-decay penalty (what the additivity check examines)."""

@@ -1,0 +1,259 @@
+"""hvp_method="gauss-newton": the accumulator's product is G v = Jᵀ H_L J v (+ ν v), over the whole dataset."""
+
+from __future__ import annotations
+
+import logging
+
+import pytest
+import torch
+from problems import regression_problem
+from torch import nn
+from torch.func import functional_call
+
+from moller_scg import SCG, GradientAccumulator
+
+NU = 0.3
+
+
+def classification_problem(seed: int = 0, ignored: bool = True):
+    """A 4-5-3 tanh network (float64) and 23 samples with class-index targets, one of them ignored (-100)."""
+    generator = torch.Generator().manual_seed(seed)
+    x = torch.randn(23, 4, generator=generator, dtype=torch.float64)
+    y = torch.randint(0, 3, (23,), generator=generator)
+    if ignored:
+        y[3] = -100
+    torch.manual_seed(seed)
+    model = nn.Sequential(nn.Linear(4, 5), nn.Tanh(), nn.Linear(5, 3)).double()
+    return model, (x, y)
+
+
+def multilabel_problem(seed: int = 0):
+    """A 4-6-3 tanh network (float64) with three independent binary targets per sample (BCE with logits)."""
+    generator = torch.Generator().manual_seed(seed)
+    x = torch.randn(17, 4, generator=generator, dtype=torch.float64)
+    y = (torch.rand(17, 3, generator=generator, dtype=torch.float64) > 0.5).double()
+    torch.manual_seed(seed)
+    model = nn.Sequential(nn.Linear(4, 6), nn.Tanh(), nn.Linear(6, 3)).double()
+    return model, (x, y)
+
+
+LOSSES = {
+    "mean squared error": (regression_problem, nn.MSELoss),
+    "cross-entropy": (lambda: classification_problem(ignored=False), nn.CrossEntropyLoss),
+    "class-weighted cross-entropy with an ignored target": (
+        classification_problem,
+        lambda: nn.CrossEntropyLoss(weight=torch.tensor([1.0, 2.0, 0.5], dtype=torch.float64)),
+    ),
+    "binary cross-entropy with logits": (multilabel_problem, nn.BCEWithLogitsLoss),
+}
+
+
+def reference_gauss_newton(model, loss_fn, data, vectors, weight_decay=0.0):
+    """Jᵀ H_L J v (+ ν v) with J and H_L as explicit matrices over all the data at once."""
+    names = [name for name, _ in model.named_parameters()]
+    params = [p.detach() for p in model.parameters()]
+    inputs, targets = data
+
+    def outputs_of(*weights):
+        return functional_call(model, dict(zip(names, weights)), (inputs,))
+
+    outputs = outputs_of(*params).detach()
+    jacobians = torch.autograd.functional.jacobian(outputs_of, tuple(params))
+    jacobian = torch.cat([j.reshape(outputs.numel(), -1) for j in jacobians], dim=1)
+    loss_hessian = torch.autograd.functional.hessian(lambda y: loss_fn(y, targets), outputs)
+    loss_hessian = loss_hessian.reshape(outputs.numel(), outputs.numel())
+    flat_v = torch.cat([v.reshape(-1) for v in vectors])
+    product = jacobian.T @ (loss_hessian @ (jacobian @ flat_v)) + weight_decay * flat_v
+    return [piece.reshape(p.shape) for piece, p in zip(torch.split(product, [p.numel() for p in params]), params)]
+
+
+def exact_hessian_product(model, loss_fn, data, vectors):
+    params = list(model.parameters())
+    gradient = torch.autograd.grad(loss_fn(model(data[0]), data[1]), params, create_graph=True)
+    return torch.autograd.grad(sum((g * v).sum() for g, v in zip(gradient, vectors)), params)
+
+
+def flat(vectors):
+    return torch.cat([v.reshape(-1) for v in vectors])
+
+
+@pytest.mark.parametrize("weight_decay", [0.0, NU])
+@pytest.mark.parametrize("batch_size", [1, 5, 23])
+@pytest.mark.parametrize("loss_name", list(LOSSES))
+def test_the_product_is_the_full_batch_gauss_newton_product(loss_name, batch_size, weight_decay):
+    make_problem, make_loss = LOSSES[loss_name]
+    model, data = make_problem()
+    loss_fn = make_loss()
+    generator = torch.Generator().manual_seed(1)
+    vectors = [torch.randn(p.shape, generator=generator, dtype=p.dtype) for p in model.parameters()]
+    accumulator = GradientAccumulator(
+        model, loss_fn, data, batch_size=batch_size, hvp_method="gauss-newton", weight_decay=weight_decay
+    )
+    want = reference_gauss_newton(model, loss_fn, data, vectors, weight_decay)
+    got = accumulator.hvp(vectors)
+    assert accumulator.hvp_method == "gauss-newton"
+    for g, w, p in zip(got, want, model.parameters()):
+        assert g.shape == p.shape
+        torch.testing.assert_close(g, w, rtol=1e-11, atol=1e-14)
+    # and it is not the exact product: the network's own second derivatives are left out
+    exact = exact_hessian_product(model, loss_fn, data, vectors)
+    assert not torch.allclose(flat(got), flat(exact) + weight_decay * flat(vectors), rtol=1e-6)
+
+
+@pytest.mark.parametrize("loss_name", ["mean squared error", "cross-entropy"])
+def test_on_a_linear_model_it_is_the_exact_hessian_product(loss_name):
+    make_loss = LOSSES[loss_name][1]
+    generator = torch.Generator().manual_seed(2)
+    x = torch.randn(19, 4, generator=generator, dtype=torch.float64)
+    y = (
+        torch.randn(19, 3, generator=generator, dtype=torch.float64)
+        if loss_name == "mean squared error"
+        else (torch.randint(0, 3, (19,), generator=generator))
+    )
+    torch.manual_seed(2)
+    model = nn.Linear(4, 3).double()
+    vectors = [torch.randn(p.shape, generator=generator, dtype=p.dtype) for p in model.parameters()]
+    gauss_newton = GradientAccumulator(model, make_loss(), (x, y), batch_size=6, hvp_method="gauss-newton")
+    exact = GradientAccumulator(model, make_loss(), (x, y), batch_size=6)
+    for g, e in zip(gauss_newton.hvp(vectors), exact.hvp(vectors)):
+        torch.testing.assert_close(g, e, rtol=1e-12, atol=1e-14)
+
+
+def matrix_of(accumulator, params):
+    """The accumulator's curvature matrix, column by column from its products with the basis vectors."""
+    sizes = [p.numel() for p in params]
+    columns = []
+    for column in torch.eye(sum(sizes), dtype=torch.float64):
+        pieces = [piece.reshape(p.shape) for piece, p in zip(torch.split(column, sizes), params)]
+        columns.append(flat(accumulator.hvp(pieces)))
+    return torch.stack(columns, dim=1)
+
+
+@pytest.mark.parametrize("loss_name", ["mean squared error", "cross-entropy"])
+def test_it_is_positive_semi_definite_where_the_hessian_is_not(loss_name):
+    make_problem, make_loss = LOSSES[loss_name]
+    model, data = make_problem()
+    with torch.no_grad():  # larger weights: saturated units give the Hessian negative eigenvalues
+        for p in model.parameters():
+            p.mul_(3.0)
+    params = list(model.parameters())
+    exact = matrix_of(GradientAccumulator(model, make_loss(), data, batch_size=7), params)
+    gauss_newton = matrix_of(
+        GradientAccumulator(model, make_loss(), data, batch_size=7, hvp_method="gauss-newton"), params
+    )
+    torch.testing.assert_close(gauss_newton, gauss_newton.T, rtol=1e-10, atol=1e-13)
+    assert float(torch.linalg.eigvalsh(exact).min()) < -1e-3  # the Hessian has directions of negative curvature
+    assert float(torch.linalg.eigvalsh(gauss_newton).min()) > -1e-12  # the Gauss–Newton matrix has none
+
+
+def test_a_subsampled_product_takes_the_same_samples_as_the_exact_one():
+    """On a linear model G = E'', so the two methods agree sample for sample: the subsets are the same."""
+    generator = torch.Generator().manual_seed(4)
+    x = torch.randn(40, 3, generator=generator, dtype=torch.float64)
+    y = torch.randn(40, 2, generator=generator, dtype=torch.float64)
+    torch.manual_seed(4)
+    model = nn.Linear(3, 2).double()
+    options = {"batch_size": 8, "curvature_fraction": 0.25, "curvature_seed": 5}
+    gauss_newton = GradientAccumulator(model, nn.MSELoss(), (x, y), hvp_method="gauss-newton", **options)
+    exact = GradientAccumulator(model, nn.MSELoss(), (x, y), **options)
+    full = GradientAccumulator(model, nn.MSELoss(), (x, y), batch_size=8)
+    vectors = [torch.randn(p.shape, generator=generator, dtype=p.dtype) for p in model.parameters()]
+    for _ in range(3):  # three rotating windows
+        got, want = gauss_newton.hvp(vectors), exact.hvp(vectors)
+        for g, e in zip(got, want):
+            torch.testing.assert_close(g, e, rtol=1e-12, atol=1e-14)
+    assert not torch.allclose(flat(got), flat(full.hvp(vectors)))  # a subset, not the whole dataset
+
+
+def test_scg_on_the_accumulator_follows_scg_on_a_closure_with_the_reference_product():
+    """SCG's exact-curvature path asks the objective for s = G p: same trajectory as with the explicit G."""
+    model, data = classification_problem()
+    loss_fn = nn.CrossEntropyLoss(weight=torch.tensor([1.0, 2.0, 0.5], dtype=torch.float64))
+    twin = classification_problem()[0]
+    accumulator = GradientAccumulator(model, loss_fn, data, batch_size=5, hvp_method="gauss-newton", weight_decay=NU)
+
+    class ReferenceClosure:
+        def __call__(self):
+            params = list(twin.parameters())
+            loss = loss_fn(twin(data[0]), data[1]) + 0.5 * NU * sum((p * p).sum() for p in params)
+            gradients = torch.autograd.grad(loss, params)
+            for p, g in zip(params, gradients):
+                p.grad = g
+            return loss.detach()
+
+        def hvp(self, vectors):
+            return reference_gauss_newton(twin, loss_fn, data, vectors, NU)
+
+    reference_closure = ReferenceClosure()
+    initial_loss = float(accumulator.loss())
+    ours, theirs = SCG(model.parameters()), SCG(twin.parameters())
+    for _ in range(12):
+        loss = ours.step(accumulator)
+        reference_loss = theirs.step(reference_closure)
+        assert float(loss) == pytest.approx(float(reference_loss), rel=1e-10)
+    for p, q in zip(model.parameters(), twin.parameters()):
+        torch.testing.assert_close(p, q, rtol=1e-8, atol=1e-10)
+    assert float(accumulator.loss()) < initial_loss
+
+
+def test_complex_parameters_are_refused():
+    model = nn.Linear(3, 2, dtype=torch.complex128)
+    data = (torch.randn(5, 3, dtype=torch.complex128), torch.randn(5, 2, dtype=torch.complex128))
+    with pytest.raises(ValueError, match="gauss-newton' supports real parameters only"):
+        GradientAccumulator(
+            model, lambda y, t: (y - t).abs().square().mean(), data, reduction="mean", hvp_method="gauss-newton"
+        )
+
+
+class NoForwardMode(torch.autograd.Function):
+    """tanh without a forward-mode derivative."""
+
+    @staticmethod
+    def forward(ctx, x):
+        y = torch.tanh(x)
+        ctx.save_for_backward(y)
+        return y
+
+    @staticmethod
+    def backward(ctx, grad_output):
+        (y,) = ctx.saved_tensors
+        return grad_output * (1 - y * y)
+
+
+class NoForwardModeNet(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.layer = nn.Linear(3, 1).double()
+
+    def forward(self, x):
+        return NoForwardMode.apply(self.layer(x))
+
+
+def test_a_model_torch_func_cannot_run_forward_is_a_clear_error():
+    x, y = torch.randn(6, 3, dtype=torch.float64), torch.randn(6, 1, dtype=torch.float64)
+    model = NoForwardModeNet()
+    accumulator = GradientAccumulator(model, nn.MSELoss(), (x, y), hvp_method="gauss-newton")
+    vectors = [torch.ones_like(p) for p in model.parameters()]
+    with pytest.raises(RuntimeError, match="gauss-newton' needs forward-mode differentiation through the model"):
+        accumulator.hvp(vectors)
+    assert accumulator.hvp_method == "gauss-newton"  # no silent switch to another matrix
+
+
+def test_a_loss_linear_in_the_outputs_is_warned_about(caplog):
+    model, data = classification_problem(ignored=False)
+    log_model = nn.Sequential(model, nn.LogSoftmax(dim=1))
+    accumulator = GradientAccumulator(log_model, nn.NLLLoss(), data, hvp_method="gauss-newton")
+    vectors = [torch.ones_like(p) for p in log_model.parameters()]
+    with caplog.at_level(logging.WARNING, logger="moller_scg.batch_derivatives"):
+        products = accumulator.hvp(vectors)
+    assert "the Gauss–Newton matrix is 0" in caplog.text and "CrossEntropyLoss" in caplog.text
+    assert all(not p.any() for p in products)
+    caplog.clear()
+    GradientAccumulator(model, nn.CrossEntropyLoss(), data, hvp_method="gauss-newton").hvp(vectors)
+    assert "Gauss–Newton matrix is 0" not in caplog.text
+
+
+def test_the_repr_names_the_method():
+    model, data = regression_problem()
+    accumulator = GradientAccumulator(model, nn.MSELoss(), data, hvp_method="gauss-newton")
+    assert "hvp_method='gauss-newton'" in repr(accumulator)
