@@ -15,12 +15,13 @@ Research variants, not in the library. Every row runs one after the other (not i
   samples (positive semi-definite: no δ ≤ 0 repair), beside ``SCG, 10 % exact`` (the library's
   ``curvature_fraction=0.1``).
 
-The Gauss–Newton product over a batch is J^T H_L J v: J v by forward-mode AD through the model (``torch.func.jvp``),
-H_L (J v) by double backward on the loss as a function of the outputs, J^T(·) by one backward. Its cost is
-measured against a gradient pass before each problem's run (interleaved rounds, medians) and printed; a product is
-charged that ratio. The loss must be a function of the model's outputs alone (no weight penalty inside it), so the
-logistic problem (a penalty in its loss; linear, so its Gauss–Newton matrix is its Hessian) and the
-physics-informed net (its model differentiates itself) are not run.
+The Gauss–Newton products are the library's (``GradientAccumulator(..., hvp_method="gauss-newton",
+curvature_fraction=f)``: J v by forward mode through the model, H_L (J v) by double backward on the loss as a
+function of the outputs, Jᵀ(·) by one reverse pass). Their cost is measured against a gradient pass before each
+problem's run (interleaved rounds, medians) and printed; a product is charged that ratio. The loss must be a function
+of the model's outputs alone (no weight penalty inside it), so the logistic problem (a penalty in its loss; linear,
+so its Gauss–Newton matrix is its Hessian) and the physics-informed net (its model differentiates itself, which
+forward mode does not run through) are not run.
 
 Usage:
     python benchmarks/hessian_free.py                                   # autoencoder, mnist, regression (~25 min)
@@ -47,55 +48,18 @@ from peers_adapters import SCG_FAMILY, Row, lbfgs, run_scg, scg, warm_up
 from peers_metering import Run, calibrate
 from peers_problems import PROBLEMS, Problem, make_accumulator
 from torch import nn
-from torch.func import functional_call, jvp, vjp
+
+from moller_scg.accumulate import GradientAccumulator
 
 GAUSS_NEWTON_PROBLEMS = ("autoencoder", "mnist", "regression")
 FRACTIONS = (0.1, 0.3, 1.0)
 """The shares of the samples a Gauss–Newton product is calibrated over (those the rows use)."""
 
 
-class GaussNewtonProduct:
-    """G_S v = (1/|S|) Σ_{i∈S} J_iᵀ H_L J_i v over a rotating ``fraction`` of the training samples (the next slice of
-    a fixed permutation at each :meth:`advance`), for a loss that is a mean over the samples of a function of the
-    model's outputs."""
-
-    def __init__(self, problem: Problem, model: nn.Module, fraction: float, seed: int = 0) -> None:
-        self.model = model
-        self.loss = problem.make_loss(model)
-        self.inputs, self.targets = problem.train
-        samples = problem.samples
-        self.size = max(1, round(fraction * samples))
-        self.order = torch.randperm(samples, generator=torch.Generator().manual_seed(seed))
-        self.start = 0
-        self.names = [name for name, p in model.named_parameters() if p.requires_grad]
-        self.params = [p for p in model.parameters() if p.requires_grad]
-        self.batch_index = self.order[: self.size]
-
-    def advance(self) -> None:
-        """Move S on to the next slice of the permutation."""
-        self.start = (self.start + self.size) % len(self.order)
-        index = self.order[self.start : self.start + self.size]
-        if len(index) < self.size:
-            index = torch.cat([index, self.order[: self.size - len(index)]])
-        self.batch_index = index
-
-    def __call__(self, vectors: list[torch.Tensor]) -> list[torch.Tensor]:
-        inputs, targets = self.inputs[self.batch_index], self.targets[self.batch_index]
-        weights = {name: p.detach() for name, p in zip(self.names, self.params)}
-        tangents = {name: v.to(p.dtype) for name, p, v in zip(self.names, self.params, vectors)}
-
-        def outputs_of(w: dict[str, torch.Tensor]) -> torch.Tensor:
-            return functional_call(self.model, w, (inputs,))
-
-        outputs, jacobian_v = jvp(outputs_of, (weights,), (tangents,))
-        # H_L (J v) by double backward on the outputs alone (small; forward-mode fails inside cross-entropy)
-        free_outputs = outputs.detach().requires_grad_(True)
-        with torch.enable_grad():
-            (loss_gradient,) = torch.autograd.grad(self.loss(free_outputs, targets), free_outputs, create_graph=True)
-            (loss_hessian_jv,) = torch.autograd.grad(loss_gradient, free_outputs, jacobian_v)
-        _, pullback = vjp(outputs_of, weights)
-        (product,) = pullback(loss_hessian_jv)
-        return [product[name] for name in self.names]
+def gauss_newton_accumulator(problem: Problem, model: nn.Module, fraction: float) -> GradientAccumulator:
+    """The library's Gauss–Newton products (``hvp_method="gauss-newton"``) over a rotating ``fraction`` of the
+    problem's training samples."""
+    return make_accumulator(problem, model, hvp_method="gauss-newton", curvature_fraction=fraction)
 
 
 def product_cost(problem: Problem, initial: dict[str, torch.Tensor], fraction: float, rounds: int = 5) -> float:
@@ -104,16 +68,16 @@ def product_cost(problem: Problem, initial: dict[str, torch.Tensor], fraction: f
     model = problem.make_model()
     model.load_state_dict(initial)
     accumulator = make_accumulator(problem, model)
-    product = GaussNewtonProduct(problem, model, fraction)
+    products = gauss_newton_accumulator(problem, model, fraction)
     generator = torch.Generator().manual_seed(problem.seed + 2)
-    vectors = [torch.randn(p.shape, generator=generator, dtype=p.dtype) for p in product.params]
-    accumulator(), product(vectors)  # warm-up
+    vectors = [torch.randn(p.shape, generator=generator, dtype=p.dtype) for p in products.params]
+    accumulator(), products.hvp(vectors)  # warm-up
     ratios = []
     for _ in range(rounds):
         start = time.perf_counter()
         accumulator()
         middle = time.perf_counter()
-        product(vectors)
+        products.hvp(vectors)
         ratios.append((time.perf_counter() - middle) / (middle - start))
     return statistics.median(ratios)
 
@@ -128,14 +92,15 @@ class HessianFreeSCG:
     def __init__(
         self,
         run: Run,
-        product: GaussNewtonProduct,
+        products: GradientAccumulator,
         product_cost: float,
         max_cg: int = 50,
         rule: str = "moller",
         warm_start: float = 0.95,
         backtrack: bool = True,
     ) -> None:
-        self.run, self.product, self.cost = run, product, product_cost
+        self.run, self.products, self.cost = run, products, product_cost
+        self.window = 0  # S: the curvature window of the current solve
         self.max_cg, self.rule, self.warm_start, self.backtrack = max_cg, rule, warm_start, backtrack
         self.lambd: float | None = None  # λ, set from the curvature along r at the first CG product
         self.previous: torch.Tensor | None = None  # the last accepted d
@@ -148,8 +113,9 @@ class HessianFreeSCG:
 
     def _gauss_newton(self, v: torch.Tensor) -> torch.Tensor:
         self.run.charge("hvp", cost=self.cost)
-        self.run.acc.passes.hvp += 1  # the accumulator's count, which the harness checks, sees every product
-        pieces = self.product(self.run.unflatten(v))
+        self.run.acc.passes.hvp += 1  # the run's accumulator's count, which the harness checks, sees every product
+        self.products.curvature_window = self.window  # the same S for every product of one solve
+        pieces = self.products.hvp(self.run.unflatten(v))
         return torch.cat([piece.reshape(-1) for piece in pieces]).to(torch.float64)
 
     def _solve(self) -> tuple[torch.Tensor, list[torch.Tensor], float]:
@@ -200,7 +166,7 @@ class HessianFreeSCG:
         return -phi_of_d if self.rule == "moller" else -(phi_of_d - 0.5 * self.lambd * float(d @ d))
 
     def step(self) -> None:
-        self.product.advance()
+        self.window += 1  # a new S for each solve
         w = self.run.flat_params().to(torch.float64)
         d, kept, phi = self._solve()
         assert self.lambd is not None
@@ -249,10 +215,10 @@ def hessian_free(fraction: float = 0.1, **options: Any) -> Row:
     """A row running :class:`HessianFreeSCG` with its Gauss–Newton products over ``fraction`` of the samples."""
 
     def run_variant(run: Run) -> None:
-        product = GaussNewtonProduct(run.problem, run.model, fraction, seed=run.problem.seed)
+        products = gauss_newton_accumulator(run.problem, run.model, fraction)
         cost = run.calibrated[f"gauss_newton_{fraction:g}"]
         run.extra["record_in_step"] = True
-        optimizer = HessianFreeSCG(run, product, cost, **options)
+        optimizer = HessianFreeSCG(run, products, cost, **options)
         while True:
             optimizer.step()
             run.record(optimizer.loss, run.flat_params)
@@ -264,17 +230,11 @@ def hessian_free(fraction: float = 0.1, **options: Any) -> Row:
 
 
 def scg_gauss_newton(fraction: float = 0.1, **scg_options: Any) -> Row:
-    """Møller's SCG (exact-curvature path) whose E''p is the Gauss–Newton product over a rotating ``fraction``."""
+    """Møller's SCG (exact-curvature path) on an accumulator with ``hvp_method="gauss-newton"``, each product over
+    a rotating ``fraction`` of the samples."""
 
     def run_variant(run: Run) -> None:
-        product = GaussNewtonProduct(run.problem, run.model, fraction, seed=run.problem.seed)
-
-        def rotating_product(vectors: list[torch.Tensor]) -> list[torch.Tensor]:
-            product.advance()
-            run.acc.passes.hvp += 1  # counted as the accumulator's HVP pass would be
-            return product(vectors)
-
-        run.acc.hvp = rotating_product  # type: ignore[method-assign]
+        run.acc = gauss_newton_accumulator(run.problem, run.model, fraction)
         run.costs["hvp"] = run.calibrated[f"gauss_newton_{fraction:g}"]
         run_scg(run, "double-backward", **scg_options)
 

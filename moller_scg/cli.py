@@ -87,6 +87,12 @@ def _parser() -> argparse.ArgumentParser:
         help=f"with --hvp double-backward: each Hessian-vector product over a rotating F of the training images "
         f"(default {mnist.DEFAULT_CURVATURE_FRACTION:g} with --memory 0; 1 = all of them)",
     )
+    job.add_argument(
+        "--gauss-newton",
+        action="store_true",
+        help="with --hvp double-backward (--memory 0): each curvature product is the Gauss–Newton product Jᵀ H_L J p "
+        "(positive semi-definite, cheaper on this CNN) instead of the Hessian's",
+    )
     job.add_argument("--checkpoint", metavar="PATH", help="write the run's state here (atomically) as it goes")
     job.add_argument("--resume", action="store_true", help="continue from --checkpoint if it exists")
     job.add_argument(
@@ -189,6 +195,14 @@ def _mnist(args: argparse.Namespace, main_process: bool = True) -> int:
     if args.resume and args.overwrite:
         print("moller-scg mnist: --resume continues the checkpoint, --overwrite replaces it: pick one", file=sys.stderr)
         return 2
+    exact_curvature = args.hvp == "double-backward" or (args.hvp is None and args.memory == 0)
+    if args.gauss_newton and not exact_curvature:
+        print(
+            "moller-scg mnist: --gauss-newton sets how SCG's exact curvature products are formed, which only Møller's "
+            "SCG asks for: add --memory 0 (or --hvp double-backward)",
+            file=sys.stderr,
+        )
+        return 2
     try:
         device = distributed.local_device(_device(args.device))
     except ValueError as error:
@@ -215,6 +229,7 @@ def _mnist(args: argparse.Namespace, main_process: bool = True) -> int:
             diagonal_scaling=args.diagonal_scaling,
             curvature_fraction=args.curvature_fraction,
             weight_decay=args.weight_decay,
+            hvp_method="gauss-newton" if args.gauss_newton else "double-backward",
             checkpoint=args.checkpoint,
             resume=args.resume,
             overwrite=args.overwrite,

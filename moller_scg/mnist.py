@@ -106,6 +106,7 @@ def train_mnist(
     progress: bool = True,
     curvature_fraction: float | None = None,
     weight_decay: float = DEFAULT_WEIGHT_DECAY,
+    hvp_method: str = "double-backward",
 ) -> MnistResult:
     """Train the blog's CNN (:class:`~moller_scg.models.MnistCNN`) on MNIST by full-batch SCG.
 
@@ -139,6 +140,9 @@ def train_mnist(
         weight_decay: ν: the training objective is the cross-entropy + (ν/2)|w|² (``fit``'s ``weight_decay``);
             default :data:`DEFAULT_WEIGHT_DECAY`; 0 for the cross-entropy alone. The reported train loss is this
             objective; the validation loss of full MNIST is the cross-entropy alone.
+        hvp_method: with ``hvp="double-backward"``, how the accumulator forms each curvature product (``fit``'s
+            ``hvp_method``): ``"double-backward"`` (default, E''(w)p) or ``"gauss-newton"`` (the Gauss–Newton product,
+            positive semi-definite and cheaper on this CNN; ``docs/performance.md``, lever 29).
     """
     if hvp is None:
         hvp = "secant" if memory > 0 else "double-backward"
@@ -170,6 +174,7 @@ def train_mnist(
         progress=progress,
         curvature_fraction=curvature_fraction,
         weight_decay=weight_decay,
+        hvp_method=hvp_method,
     )
     wall_time = time.perf_counter() - started
     model.eval()

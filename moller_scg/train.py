@@ -20,7 +20,7 @@ import torch
 from torch import nn
 
 from moller_scg import distributed as _dist
-from moller_scg.accumulate import GradientAccumulator
+from moller_scg.accumulate import HVP_METHODS, GradientAccumulator
 from moller_scg.annealing import Annealer, AnnealingRestarts
 from moller_scg.fingerprint import data_fingerprint
 from moller_scg.history import History
@@ -73,6 +73,7 @@ def fit(
     curvature_subset: str = "rotating",
     curvature_seed: int = 0,
     weight_decay: float = 0.0,
+    hvp_method: str = "double-backward",
 ) -> History:
     """Train ``model`` by full-batch SCG (or another closure optimizer) until a stopping rule fires.
 
@@ -140,6 +141,13 @@ def fit(
             Hessian-vector product, so SCG's Δ test sees it). The History's ``loss`` is this E; the validation loss
             and metric stay the loss alone. Needs a loss that is a mean over samples. The checkpoint records ν, and a
             resume with another ν recomputes E and r (with a warning). Default 0.
+        hvp_method: how the training accumulator forms the curvature products SCG's exact mode asks for
+            (:class:`~moller_scg.GradientAccumulator`'s ``hvp_method``): ``"double-backward"`` (default) or
+            ``"forward-over-reverse"`` for E''(w)p, ``"gauss-newton"`` for the Gauss–Newton product G p, positive
+            semi-definite for a loss convex in the outputs (cross-entropy on logits, MSE), so SCG never repairs a
+            δ ≤ 0. With ``"gauss-newton"`` the default optimizer is Møller's ``SCG(params)``, which asks for the
+            products. A method other than the default with a given optimizer that does not ask for them is refused
+            before any data is touched.
 
     Distributed (under ``torchrun``, or any initialised ``torch.distributed`` process group; see
     :mod:`moller_scg.distributed`): call ``fit`` on every rank with the same arguments and the same initial
@@ -168,6 +176,7 @@ def fit(
     )
     _validate_callbacks(callbacks)
     _check_curvature_subsampling(curvature_fraction, curvature_subset, curvature_seed, optimizer)
+    _check_hvp_method(hvp_method, optimizer)
     if checkpoint is not None:
         check_checkpoint_path(checkpoint, resume, overwrite)
     if device is not None:
@@ -185,14 +194,17 @@ def fit(
         curvature_subset=curvature_subset,
         curvature_seed=curvature_seed,
         weight_decay=weight_decay,
+        hvp_method=hvp_method,
     )
     validation = None
     if val_data is not None:
         validation = GradientAccumulator(model, loss_fn, val_data, batch_size, device, reduction=reduction)
     if optimizer is None:
-        # The accumulator differentiates only the trainable parameters; SCG must hold the same w. Subsampled
-        # curvature asks for Møller's SCG with exact products; otherwise the quasi-Newton preconditioned mode.
-        optimizer = SCG(train.params) if train.curvature_fraction < 1.0 else SCG(train.params, memory=DEFAULT_MEMORY)
+        # The accumulator differentiates only the trainable parameters; SCG must hold the same w. Subsampled or
+        # Gauss–Newton curvature asks for Møller's SCG, which takes its products; otherwise the quasi-Newton
+        # preconditioned mode.
+        asks_for_products = train.curvature_fraction < 1.0 or hvp_method == "gauss-newton"
+        optimizer = SCG(train.params) if asks_for_products else SCG(train.params, memory=DEFAULT_MEMORY)
     _check_no_frozen_parameters(optimizer)
     if min_grad is not None and not isinstance(optimizer, SCG):
         raise ValueError("min_grad needs the gradient norm, which only SCG reports; drop min_grad or use SCG")
@@ -398,6 +410,19 @@ def _check_curvature_subsampling(
             f"curvature_fraction={fraction!r} subsamples the Hessian-vector products of SCG's exact "
             f"curvature, which this {type(optimizer).__name__} does not ask for: drop curvature_fraction, or use "
             f"SCG(params, hvp='double-backward')"
+        )
+
+
+def _check_hvp_method(method: Any, optimizer: torch.optim.Optimizer | None) -> None:
+    """Before any accumulator is built: ``method`` is one of the accumulator's, and a method other than the
+    default comes with an optimizer that asks for the products (otherwise it would never be used)."""
+    if method not in HVP_METHODS:
+        raise ValueError(f"Invalid hvp_method {method!r}; choose one of {', '.join(map(repr, HVP_METHODS))}")
+    if method != "double-backward" and optimizer is not None and not _takes_exact_curvature(optimizer):
+        raise ValueError(
+            f"hvp_method={method!r} sets how the curvature products of SCG's exact mode are formed, but this "
+            f"{type(optimizer).__name__} does not ask for them: drop hvp_method, or use SCG(params, "
+            f"hvp='double-backward') (or leave the optimizer to fit)"
         )
 
 

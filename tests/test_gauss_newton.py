@@ -257,3 +257,79 @@ def test_the_repr_names_the_method():
     model, data = regression_problem()
     accumulator = GradientAccumulator(model, nn.MSELoss(), data, hvp_method="gauss-newton")
     assert "hvp_method='gauss-newton'" in repr(accumulator)
+
+
+def test_fit_with_gauss_newton_runs_moller_scg_on_the_gauss_newton_accumulator():
+    from moller_scg import fit
+
+    model, data = classification_problem()
+    twin = classification_problem()[0]
+    loss_fn = nn.CrossEntropyLoss()
+    history = fit(model, loss_fn, data, batch_size=5, max_iter=6, progress=False, hvp_method="gauss-newton")
+    accumulator = GradientAccumulator(twin, loss_fn, data, batch_size=5, hvp_method="gauss-newton")
+    optimizer = SCG(twin.parameters())  # Møller's SCG: it asks the accumulator for each product
+    losses = [float(optimizer.step(accumulator)) for _ in range(6)]
+    assert optimizer.trace.hvp_calls > 0
+    assert len(history) == 6
+    for p, q in zip(model.parameters(), twin.parameters()):
+        torch.testing.assert_close(p, q, rtol=0, atol=0)
+    assert history["loss"][-1] < losses[0]
+
+
+@pytest.mark.parametrize(
+    ("options", "match"),
+    [
+        ({"hvp_method": "newton"}, "Invalid hvp_method 'newton'"),
+        ({"hvp_method": "gauss-newton", "optimizer": "secant"}, "this SCG does not ask for them"),
+        ({"hvp_method": "gauss-newton", "optimizer": "lbfgs"}, "this LBFGS does not ask for them"),
+    ],
+)
+def test_fit_refuses_a_curvature_method_nobody_asks_for(options, match):
+    from moller_scg import fit
+
+    model, data = regression_problem()
+    optimizers = {
+        "secant": lambda: SCG(model.parameters(), memory=5),
+        "lbfgs": lambda: torch.optim.LBFGS(model.parameters()),
+    }
+    if "optimizer" in options:
+        options = {**options, "optimizer": optimizers[options["optimizer"]]()}
+    before = [p.detach().clone() for p in model.parameters()]
+    with pytest.raises(ValueError, match=match):
+        fit(model, nn.MSELoss(), data, max_iter=2, progress=False, **options)
+    assert all(torch.equal(p, b) for p, b in zip(model.parameters(), before))
+
+
+def test_the_cli_passes_gauss_newton_to_the_main_job(monkeypatch):
+    from moller_scg import mnist
+    from moller_scg.cli import main
+
+    seen = {}
+
+    def fake_train_mnist(**options):
+        seen.update(options)
+        raise ValueError("stop here")
+
+    monkeypatch.setattr(mnist, "train_mnist", fake_train_mnist)
+    main(["mnist", "--quiet", "--memory", "0", "--gauss-newton"])
+    assert seen["hvp_method"] == "gauss-newton" and seen["memory"] == 0
+    main(["mnist", "--quiet", "--memory", "0"])
+    assert seen["hvp_method"] == "double-backward"
+
+
+def test_the_cli_refuses_gauss_newton_without_exact_curvature(capsys):
+    from moller_scg.cli import main
+
+    status = main(["mnist", "--quiet", "--max-train", "20", "--max-iter", "1", "--gauss-newton"])
+    error = capsys.readouterr().err
+    assert status == 2
+    assert error.startswith("moller-scg mnist: --gauss-newton") and "--memory 0" in error
+
+
+def test_the_main_job_trains_with_gauss_newton_curvature(capsys):
+    from moller_scg.cli import main
+
+    status = main(["mnist", "--quiet", "--max-train", "300", "--max-iter", "4", "--memory", "0", "--gauss-newton"])
+    output = capsys.readouterr().out
+    assert status == 0, output
+    assert "iterations     4" in output
