@@ -26,3 +26,21 @@ def test_each_row_trains_the_main_job_with_its_weight_decay(monkeypatch, capsys)
     assert "SCG(memory=5), 2 iterations" in lines[1]
     assert lines[2].startswith("ν = 0 ") and "seed 0:" in lines[2] and "seed 1:" in lines[2]
     assert lines[3].startswith("ν = 0.001 ")
+
+
+def test_gauss_newton_rows_ask_the_main_job_for_gauss_newton_products(monkeypatch, capsys):
+    benchmark = load_script(BENCHMARK, monkeypatch)
+    seen = []
+    train_mnist = benchmark.train_mnist
+
+    def recording(**options):
+        seen.append(options["hvp_method"])
+        return train_mnist(**options)
+
+    monkeypatch.setattr(benchmark, "train_mnist", recording)
+    arguments = ["--weight-decays", "0", "--seeds", "0", "--memory", "0", "--gauss-newton", "--max-iter", "2"]
+    assert benchmark.main([*arguments, "--max-train", "40"]) == 0
+    assert seen == ["gauss-newton"]
+    lines = capsys.readouterr().out.splitlines()
+    assert "SCG(memory=0), Gauss–Newton curvature products, 2 iterations" in lines[1]
+    assert "products" in lines[2] and "passes" in lines[2]
