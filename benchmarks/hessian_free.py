@@ -1,8 +1,10 @@
 """Levers 2 and 4 of issue #14, measured: Hessian-free inner CG with Martens's craft, and Gauss–Newton products.
 
-Research variants, not in the library. Every row runs one after the other (not interleaved) on a problem of
-``benchmarks/peers.py``, with the same budget in gradient-pass equivalents, and the table gives passes to the
-90 / 99 / 99.9 % targets as ratios to torch LBFGS(100)'s (``levers.py --table passes``'s table):
+Levers 28 and 29 of ``docs/performance.md``. The HF rows are research variants, not in the library; the
+Gauss–Newton rows run the library's SCG on its ``GradientAccumulator(..., hvp_method="gauss-newton")``. Every row
+runs one after the other (not interleaved) on a problem of ``benchmarks/peers.py``, with the same budget in
+gradient-pass equivalents, and the table gives passes to the 90 / 99 / 99.9 % targets as ratios to torch
+LBFGS(100)'s (``levers.py --table passes``'s table):
 
 * ``HF …``: :class:`HessianFreeSCG`. Per full gradient pass, CG on the damped quadratic model
   (G_S + λI) d = −E'(w), G_S the Gauss–Newton matrix over a rotating fraction S of the samples, with Martens
@@ -24,9 +26,12 @@ so its Gauss–Newton matrix is its Hessian) and the physics-informed net (its m
 forward mode does not run through) are not run.
 
 Usage:
-    python benchmarks/hessian_free.py                                   # autoencoder, mnist, regression (~25 min)
-    python benchmarks/hessian_free.py --problems regression --seeds 0 1 2
-    python benchmarks/hessian_free.py --quick                           # small versions, about a minute
+    python benchmarks/hessian_free.py --seeds 0 1 2       # autoencoder, mnist, regression, 3 seeds (~35 min)
+    python benchmarks/hessian_free.py --problems autoencoder --seeds 0 1 2 --rows "torch LBFGS" "torch LBFGS h=20" \
+        "SCG m=20 (library)" "SCG m=20, diagonal (library)" "HF Møller Δ, 10 %, ≤10 CG" "HF Møller Δ, 10 %, ≤5 CG" \
+        "HF Møller Δ, 10 %, ≤20 CG" "HF Møller Δ, 10 %, ≤10 CG, no backtracking" "HF Martens ρ, 10 %, ≤10 CG" \
+        "HF Møller Δ, 10 %, ≤10 CG, cold start" --stem hessian_free_autoencoder_variants   # the craft's parts (~6 min)
+    python benchmarks/hessian_free.py --quick                           # small versions, about half a minute
 """
 
 from __future__ import annotations
@@ -47,6 +52,7 @@ from peers import race
 from peers_adapters import SCG_FAMILY, Row, lbfgs, run_scg, scg, warm_up
 from peers_metering import Run, calibrate
 from peers_problems import PROBLEMS, Problem, make_accumulator
+from peers_report import analyse
 from torch import nn
 
 from moller_scg.accumulate import GradientAccumulator
@@ -242,19 +248,43 @@ def scg_gauss_newton(fraction: float = 0.1, **scg_options: Any) -> Row:
 
 
 def rows() -> dict[str, Row]:
+    """Every row; :data:`DEFAULT_ROWS` are those the default command runs."""
     return {
         "torch LBFGS": lbfgs(100),
         "torch LBFGS h=20": lbfgs(20),
         "SCG m=20 (library)": scg(hvp="secant", memory=20),
+        "SCG m=20, diagonal (library)": scg(hvp="secant", memory=20, diagonal_scaling=True),
         "SCG, exact": scg(),
         "SCG, GN": scg_gauss_newton(1.0),
         "SCG, 10 % exact": scg(curvature_fraction=0.1),
         "SCG, 10 % GN": scg_gauss_newton(0.1),
         "HF Møller Δ, 10 %": hessian_free(0.1, rule="moller"),
         "HF Martens ρ, 10 %": hessian_free(0.1, rule="martens"),
+        "HF Møller Δ, 10 %, ≤5 CG": hessian_free(0.1, rule="moller", max_cg=5),
         "HF Møller Δ, 10 %, ≤10 CG": hessian_free(0.1, rule="moller", max_cg=10),
+        "HF Møller Δ, 10 %, ≤20 CG": hessian_free(0.1, rule="moller", max_cg=20),
+        "HF Møller Δ, 10 %, ≤10 CG, no backtracking": hessian_free(0.1, rule="moller", max_cg=10, backtrack=False),
+        "HF Martens ρ, 10 %, ≤10 CG": hessian_free(0.1, rule="martens", max_cg=10),
+        "HF Møller Δ, 10 %, ≤10 CG, cold start": hessian_free(0.1, rule="moller", max_cg=10, warm_start=0.0),
         "HF Møller Δ, 30 %": hessian_free(0.3, rule="moller"),
     }
+
+
+DEFAULT_ROWS = (
+    "torch LBFGS",
+    "torch LBFGS h=20",
+    "SCG m=20 (library)",
+    "SCG m=20, diagonal (library)",
+    "SCG, exact",
+    "SCG, GN",
+    "SCG, 10 % exact",
+    "SCG, 10 % GN",
+    "HF Møller Δ, 10 %",
+    "HF Martens ρ, 10 %",
+    "HF Møller Δ, 10 %, ≤5 CG",
+    "HF Møller Δ, 10 %, ≤10 CG",
+)
+"""The rows of the default command (``--rows`` picks any of :func:`rows`)."""
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -262,7 +292,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--problems", nargs="+", choices=GAUSS_NEWTON_PROBLEMS, default=list(GAUSS_NEWTON_PROBLEMS))
     parser.add_argument("--seeds", type=int, nargs="+", default=[0])
-    parser.add_argument("--rows", nargs="+", help="only these rows (default: all)")
+    parser.add_argument("--rows", nargs="+", choices=list(rows()), help="these rows (default: DEFAULT_ROWS)")
     parser.add_argument("--stem", help="the result file's name without .txt (default: hessian_free[_quick])")
     parser.add_argument("--out", type=Path, default=RESULTS)
     argv = sys.argv[1:] if argv is None else list(argv)
@@ -279,9 +309,8 @@ def main(argv: list[str] | None = None) -> int:
         "ratios to torch LBFGS(100)'s; geometric mean over the seeds, then each seed (— not reached)",
         "",
     ]
-    table = rows()
-    if args.rows:
-        table = {row: table[row] for row in args.rows}
+    every_row = rows()
+    table = {row: every_row[row] for row in (args.rows or DEFAULT_ROWS)}
     for name in args.problems:
         per_seed = []
         costs_line = []
@@ -309,8 +338,6 @@ def main(argv: list[str] | None = None) -> int:
                     extras.append(
                         f"seed {seed} {result['name']}: {result['scg_steps']} steps, {result['scg_rejected']} rejected"
                     )
-            from peers_report import analyse
-
             analyse(problem, results)
             per_seed.append(results)
         lines += passes_table(name, per_seed) + costs_line + extras + [""]
