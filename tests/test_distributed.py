@@ -225,6 +225,12 @@ def _scenarios(folder: Path) -> dict:
     acc = GradientAccumulator(model, loss_fn, (x, labels), batch_size=2, weight_decay=0.2)
     results["decay_losses"] = _scg_run(model, acc, 5)
     results["decay_weights"] = {k: v.clone() for k, v in model.state_dict().items()}
+
+    # Gauss–Newton products, with the same loss and weight decay: Møller's SCG asks for one every step.
+    model = _mlp(3, 3)
+    acc = GradientAccumulator(model, loss_fn, (x, labels), batch_size=2, weight_decay=0.2, hvp_method="gauss-newton")
+    results["gauss_newton_losses"] = _scg_run(model, acc, 5)
+    results["gauss_newton_weights"] = {k: v.clone() for k, v in model.state_dict().items()}
     return results
 
 
@@ -301,6 +307,8 @@ def test_ranks_follow_the_single_process_trajectory_and_stay_bitwise_equal(world
         "fit_weights",
         "decay_losses",
         "decay_weights",
+        "gauss_newton_losses",
+        "gauss_newton_weights",
     )
     for key in numbers:
         _assert_close(ranks[0][key], single_process[key])
