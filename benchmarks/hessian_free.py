@@ -279,7 +279,6 @@ DEFAULT_ROWS = (
     "SCG, GN",
     "SCG, 10 % exact",
     "SCG, 10 % GN",
-    "HF Møller Δ, 10 %",
     "HF Martens ρ, 10 %",
     "HF Møller Δ, 10 %, ≤5 CG",
     "HF Møller Δ, 10 %, ≤10 CG",

@@ -173,11 +173,13 @@ class GradientAccumulator:
             ``"gauss-newton"``: not E''(w)v but the Gauss–Newton product G v = Jᵀ H_L J v (J the Jacobian of the
             model's outputs, H_L the loss's Hessian in them; + ν v with ``weight_decay``), positive semi-definite
             for a loss convex in the outputs (MSE, cross-entropy on logits, BCE with logits), so SCG never meets
-            δ ≤ 0; cheaper than an exact product (J v by ``torch.func.jvp`` through the model, then one reverse
-            pass). It drops the second derivatives of the model itself, so it is an approximation of E''(w) except
-            for a linear model. The loss must hold the curvature: a model that ends in ``log_softmax`` with
-            ``nn.NLLLoss`` has G = 0 (a warning says so). Real parameters only; no fallback if ``torch.func``
-            cannot run the model (a ``RuntimeError`` on the first product says so).
+            δ ≤ 0: J v and y from one forward with forward-mode dual weights, H_L (J v) by double-backward on
+            the outputs, Jᵀ(·) by one backward (so a batch norm or dropout in training mode runs once per batch, as
+            in the other methods). It drops the second derivatives of the model itself, so it is an approximation
+            of E''(w) except for a linear model. The loss must hold the curvature: a model that ends in
+            ``log_softmax`` with ``nn.NLLLoss`` has G = 0 (a warning after the first product says so). The model
+            must return one tensor; real parameters only; no fallback if an operation of the model has no
+            forward-mode derivative (a ``RuntimeError`` names ``"double-backward"``).
         device_cache_bytes: the byte budget for copying tensor data to ``device`` once.
         on_non_finite: ``"raise"`` (default): a pass in which some batch loss is not finite raises
             ``FloatingPointError`` naming the first such batch, and leaves ``.grad`` untouched. ``"return"``:
@@ -403,6 +405,7 @@ class GradientAccumulator:
         batches = self._curvature_batches.next()
         with restored_on_failure(self.model) as running_statistics:
             sums = self._stream("hvp", prepared, batches)
+            self._derivatives.end_product_pass()
             loss, products = self._finish(self._reduce(sums), batches, self._curvature_samples)
             running_statistics.restore_unless_finite(loss)
         self.passes.hvp += 1

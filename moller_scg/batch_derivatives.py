@@ -30,7 +30,7 @@ from typing import cast
 import torch
 from torch import nn
 
-from moller_scg.curvature import functional_gauss_newton_product, graph_hvp
+from moller_scg.curvature import dual_forward, gauss_newton_from_forward, graph_hvp
 from moller_scg.input_checks import param_names
 from moller_scg.loss_weighting import BatchLoss
 
@@ -106,14 +106,16 @@ def batch_hvp_forward_over_reverse(
 
 
 GAUSS_NEWTON_FAILED_MESSAGE = (
-    "hvp_method='gauss-newton' needs forward-mode differentiation through the model (torch.func.jvp), which "
-    "failed on the first batch ({error}); use hvp_method='double-backward' (the exact E''v) instead"
+    "hvp_method='gauss-newton' runs the model once with forward-mode dual weights (torch.autograd.forward_ad), and "
+    "that forward failed ({kind}: {error}); an operation without a forward-mode derivative does this: use "
+    "hvp_method='double-backward' (the exact E''v) instead"
 )
 ZERO_GAUSS_NEWTON_MESSAGE = (
-    "hvp_method='gauss-newton': the loss has no curvature in the model's outputs on the first batch (H_L J v = 0 "
-    "while J v ≠ 0), so the Gauss–Newton matrix is 0 (+ the weight decay's νI). A loss linear in the outputs does "
-    "this, e.g. NLLLoss after a log_softmax inside the model: end the model with logits and use CrossEntropyLoss, "
-    "or use hvp_method='double-backward'"
+    "hvp_method='gauss-newton': over the first product's batches the loss has no curvature in the model's outputs "
+    "(H_L J v = 0 while J v ≠ 0), so the Gauss–Newton matrix is 0 (+ the weight decay's νI). A loss linear in the "
+    "outputs does this — NLLLoss after a log_softmax inside the model, KLDivLoss on log-probabilities: compute the "
+    "loss from the logits instead (CrossEntropyLoss, with class indices or probabilities), so that the softmax and "
+    "its curvature are in the loss, or use hvp_method='double-backward'"
 )
 
 
@@ -125,33 +127,36 @@ def batch_gauss_newton_product(
     inputs: torch.Tensor,
     targets: torch.Tensor,
     vectors: list[torch.Tensor],
-    check_curvature: bool = False,
-) -> tuple[torch.Tensor, BatchVectors, bool]:
-    """E_b, G_b v = J_bᵀ H_L J_b v of the batch's loss term (plus the penalty's share × ν v), and, with
-    ``check_curvature`` (two host synchronisations), whether the loss's curvature vanished along J_b v while J_b v
-    did not (:data:`ZERO_GAUSS_NEWTON_MESSAGE`); ``False`` without.
+) -> tuple[torch.Tensor, BatchVectors, torch.Tensor, torch.Tensor]:
+    """E_b, G_b v = J_bᵀ H_L J_b v of the batch's loss term (plus the penalty's share × ν v), and |J_b v|² and
+    |J_bᵀ H_L J_b v|² as device scalars (for :class:`BatchDerivatives`' check that the loss has curvature).
 
     Raises:
-        RuntimeError: ``torch.func`` does not support an operator of the model.
+        TypeError: the model returns something other than one tensor.
+        RuntimeError: the model's forward failed under forward mode (:data:`GAUSS_NEWTON_FAILED_MESSAGE`).
     """
     weights = {name: p.detach() for name, p in zip(names, params)}
 
-    def outputs_of(w: dict[str, torch.Tensor]) -> torch.Tensor:
-        return cast(torch.Tensor, torch.func.functional_call(model, w, (inputs,)))
+    def outputs_of(w: dict[str, torch.Tensor]) -> object:
+        return torch.func.functional_call(model, w, (inputs,))
 
-    outputs, jacobian_v, products = functional_gauss_newton_product(
-        outputs_of, lambda y: batch_loss.data_term(y, targets), weights, dict(zip(names, vectors))
-    )
+    try:
+        outputs, jacobian_v, leaves = dual_forward(outputs_of, weights, dict(zip(names, vectors)))
+    except RuntimeError as error:
+        first_line = str(error).splitlines()[0] if str(error) else ""
+        raise RuntimeError(GAUSS_NEWTON_FAILED_MESSAGE.format(kind=type(error).__name__, error=first_line)) from error
+    products = gauss_newton_from_forward(outputs, jacobian_v, leaves, lambda y: batch_loss.data_term(y, targets))
     with torch.no_grad():
-        term = batch_loss.term(outputs, targets)
-    result = [products[name] for name in names]
+        term = batch_loss.term(outputs.detach(), targets)
+        jv_squared = jacobian_v.square().sum(dtype=torch.float64)
+        gv_squared = sum((s.square().sum(dtype=torch.float64) for s in products), torch.zeros((), dtype=torch.float64))
+    result = list(products)
     penalty = batch_loss.weight_decay
     if penalty is not None:  # P = (ν/2)|w|² is quadratic: its Hessian νI is its Gauss–Newton matrix too
         share = batch_loss.penalty_share(targets)
         # v · ν first: D_b may be an integer tensor, and an integer tensor times a Python float is float32
         result = [s + (v * penalty.weight_decay) * share for s, v in zip(result, vectors)]
-    flat_zero = check_curvature and bool(jacobian_v.any()) and not any(bool(s.any()) for s in products.values())
-    return term, result, flat_zero
+    return term, result, jv_squared, gv_squared
 
 
 class BatchDerivatives:
@@ -186,6 +191,8 @@ class BatchDerivatives:
                 "mode over real weights); use hvp_method='double-backward' for complex ones"
             )
         self._functional_works = False  # whether torch.func has evaluated one batch (then its errors are real)
+        self._curvature_checked = False  # gauss-newton: whether a pass with J v ≠ 0 has been checked for H_L = 0
+        self._curvature_sums: tuple[torch.Tensor, torch.Tensor] | None = None  # Σ|J v|², Σ|G v|² of this pass
 
     def gradient(self, inputs: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, BatchVectors]:
         """E_b and ∂E_b/∂w (:func:`batch_gradient`)."""
@@ -221,18 +228,28 @@ class BatchDerivatives:
     def _gauss_newton(
         self, names: list[str], inputs: torch.Tensor, targets: torch.Tensor, vectors: list[torch.Tensor]
     ) -> tuple[torch.Tensor, BatchVectors]:
-        """E_b and G_b v (:func:`batch_gauss_newton_product`); a ``torch.func`` failure on the first batch is a
-        ``RuntimeError`` that names the remedy, and a loss without curvature in the outputs is warned about once."""
-        try:
-            term, products, flat_zero = batch_gauss_newton_product(
-                self.model, self.batch_loss, self.params, names, inputs, targets, vectors, not self._functional_works
+        """E_b and G_b v (:func:`batch_gauss_newton_product`); until the curvature check has concluded, |J v|² and
+        |G v|² are added up on the device (no host synchronisation) for :meth:`end_product_pass`."""
+        term, products, jv_squared, gv_squared = batch_gauss_newton_product(
+            self.model, self.batch_loss, self.params, names, inputs, targets, vectors
+        )
+        if not self._curvature_checked:
+            self._curvature_sums = (
+                (jv_squared, gv_squared)
+                if self._curvature_sums is None
+                else (self._curvature_sums[0] + jv_squared, self._curvature_sums[1] + gv_squared)
             )
-        except RuntimeError as error:
-            if self._functional_works:
-                raise
-            first_line = str(error).splitlines()[0] if str(error) else type(error).__name__
-            raise RuntimeError(GAUSS_NEWTON_FAILED_MESSAGE.format(error=first_line)) from error
-        if flat_zero:
-            logger.warning(ZERO_GAUSS_NEWTON_MESSAGE)
-        self._functional_works = True
         return term, products
+
+    def end_product_pass(self) -> None:
+        """After a product pass: with ``"gauss-newton"``, until it has seen J v ≠ 0, check once per pass (one host
+        synchronisation) whether the loss gave curvature anywhere; if J v ≠ 0 somewhere and G v = 0 everywhere,
+        log :data:`ZERO_GAUSS_NEWTON_MESSAGE` — a loss linear in the model's outputs."""
+        if self.method != "gauss-newton" or self._curvature_checked or self._curvature_sums is None:
+            return
+        jv_squared, gv_squared = (float(total) for total in self._curvature_sums)
+        self._curvature_sums = None
+        if jv_squared > 0:
+            self._curvature_checked = True
+            if gv_squared == 0:
+                logger.warning(ZERO_GAUSS_NEWTON_MESSAGE)

@@ -10,7 +10,8 @@ Three ways to get s, each knowing nothing of SCG or of data:
   the loss of the same evaluation).
 * :func:`functional_gauss_newton_product` — not E''v but the Gauss–Newton product G v = Jᵀ H_L J v (J the
   Jacobian of the model's outputs, H_L the loss's Hessian with respect to them; Schraudolph 2002, Martens 2010):
-  positive semi-definite when the loss is convex in the outputs, and cheaper than either exact product.
+  positive semi-definite when the loss is convex in the outputs; one forward with forward-mode dual weights and
+  one backward.
 * :func:`finite_difference_hvp` — Møller's original approximation s = (E'(w + σₖ v) − E'(w)) / σₖ, from
   two gradients (Møller 1993, step 2).
 
@@ -29,6 +30,7 @@ from collections.abc import Callable, Mapping, Sequence
 from typing import cast
 
 import torch
+from torch.autograd import forward_ad
 
 from moller_scg._vectors import TensorList, as_real
 
@@ -141,15 +143,71 @@ def functional_hvp_and_loss(
     return loss, products
 
 
+def dual_forward(
+    outputs_of_params: Callable[[dict[str, torch.Tensor]], object],
+    params: Mapping[str, torch.Tensor],
+    vectors: Mapping[str, torch.Tensor],
+) -> tuple[torch.Tensor, torch.Tensor, list[torch.Tensor]]:
+    """y(w) and J v from **one** forward, with forward-mode dual weights w + εv (``torch.autograd.forward_ad``) while
+    autograd records: so the model runs once — a training-mode batch norm updates its statistics once, a dropout
+    draws one mask, and the Jᵀ of :func:`gauss_newton_from_forward` belongs to the same J.
+
+    Args:
+        outputs_of_params: y as a function of a name → tensor mapping of parameters (``torch.func.functional_call``).
+        params: w, by name.
+        vectors: v, by the same names.
+
+    Returns:
+        y with its autograd graph to the returned leaves (detached copies of w, in ``params``' order), and J v.
+
+    Raises:
+        TypeError: the model returns something other than one tensor.
+        RuntimeError: an operation of the model has no forward-mode derivative.
+    """
+    with torch.enable_grad(), forward_ad.dual_level():
+        leaves = [p.detach().requires_grad_(True) for p in params.values()]
+        duals = {name: forward_ad.make_dual(leaf, vectors[name]) for name, leaf in zip(params, leaves)}
+        outputs = outputs_of_params(duals)
+        if not isinstance(outputs, torch.Tensor):
+            raise TypeError(
+                f"hvp_method='gauss-newton' needs a model that returns one tensor (the loss's Hessian is taken in "
+                f"it), got {type(outputs).__name__}; use hvp_method='double-backward'"
+            )
+        primal, tangent = forward_ad.unpack_dual(outputs)
+    if tangent is None:  # no parameter reaches the outputs: J = 0
+        tangent = torch.zeros_like(primal)
+    return primal, tangent.detach(), leaves
+
+
+def gauss_newton_from_forward(
+    outputs: torch.Tensor,
+    jacobian_v: torch.Tensor,
+    leaves: Sequence[torch.Tensor],
+    loss_of_outputs: Callable[[torch.Tensor], torch.Tensor],
+) -> list[torch.Tensor]:
+    """Jᵀ H_L (J v) from :func:`dual_forward`'s y, J v and leaves: H_L (J v) by double-backward through the loss alone
+    (the outputs are small, and not every loss runs under forward mode), Jᵀ(·) by one backward through y's graph.
+    A parameter y does not reach gets zeros."""
+    free_outputs = outputs.detach().requires_grad_(True)
+    with torch.enable_grad():
+        (loss_gradient,) = torch.autograd.grad(loss_of_outputs(free_outputs), free_outputs, create_graph=True)
+        curvature_jv = None
+        if loss_gradient.requires_grad:
+            (curvature_jv,) = torch.autograd.grad(loss_gradient, free_outputs, jacobian_v, allow_unused=True)
+        if curvature_jv is None:  # L is linear in y: H_L = 0
+            curvature_jv = torch.zeros_like(free_outputs)
+        products = torch.autograd.grad(outputs, list(leaves), curvature_jv, allow_unused=True)
+    return [torch.zeros_like(leaf) if s is None else s for leaf, s in zip(leaves, products)]
+
+
 def functional_gauss_newton_product(
-    outputs_of_params: Callable[[dict[str, torch.Tensor]], torch.Tensor],
+    outputs_of_params: Callable[[dict[str, torch.Tensor]], object],
     loss_of_outputs: Callable[[torch.Tensor], torch.Tensor],
     params: Mapping[str, torch.Tensor],
     vectors: Mapping[str, torch.Tensor],
 ) -> tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
-    """G v = Jᵀ H_L J v for E(w) = L(y(w)): J v by forward mode through the model (``torch.func.jvp``),
-    H_L (J v) by double-backward through the loss alone (the outputs are small, and ``torch.func`` does not run
-    every loss under forward mode), Jᵀ(·) by one reverse pass (``torch.func.vjp``).
+    """G v = Jᵀ H_L J v for E(w) = L(y(w)), from one forward of the model (:func:`dual_forward`) and one backward
+    (:func:`gauss_newton_from_forward`).
 
     Args:
         outputs_of_params: y as a pure function of a name → tensor mapping of parameters (for example built on
@@ -161,20 +219,9 @@ def functional_gauss_newton_product(
     Returns:
         y(w) and J v (both detached), and G v by name.
     """
-    outputs, jacobian_v = cast(
-        "tuple[torch.Tensor, torch.Tensor]", torch.func.jvp(outputs_of_params, (dict(params),), (dict(vectors),))
-    )
-    free_outputs = outputs.detach().requires_grad_(True)
-    with torch.enable_grad():
-        (loss_gradient,) = torch.autograd.grad(loss_of_outputs(free_outputs), free_outputs, create_graph=True)
-        if loss_gradient.requires_grad:
-            (curvature_jv,) = torch.autograd.grad(loss_gradient, free_outputs, jacobian_v.detach())
-        else:  # L is linear in y: H_L = 0
-            curvature_jv = torch.zeros_like(free_outputs)
-    # vjp's stub does not tell its results with and without has_aux apart: (outputs, pullback) here
-    _, pullback = cast("tuple[torch.Tensor, Callable]", torch.func.vjp(outputs_of_params, dict(params)))
-    (products,) = pullback(curvature_jv)
-    return outputs.detach(), jacobian_v.detach(), products
+    outputs, jacobian_v, leaves = dual_forward(outputs_of_params, params, vectors)
+    products = gauss_newton_from_forward(outputs, jacobian_v, leaves, loss_of_outputs)
+    return outputs.detach(), jacobian_v, dict(zip(params, products))
 
 
 def finite_difference_hvp(

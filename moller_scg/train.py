@@ -145,9 +145,9 @@ def fit(
             (:class:`~moller_scg.GradientAccumulator`'s ``hvp_method``): ``"double-backward"`` (default) or
             ``"forward-over-reverse"`` for E''(w)p, ``"gauss-newton"`` for the Gauss–Newton product G p, positive
             semi-definite for a loss convex in the outputs (cross-entropy on logits, MSE), so SCG never repairs a
-            δ ≤ 0. With ``"gauss-newton"`` the default optimizer is Møller's ``SCG(params)``, which asks for the
-            products. A method other than the default with a given optimizer that does not ask for them is refused
-            before any data is touched.
+            δ ≤ 0. With a method other than the default, the default optimizer is Møller's ``SCG(params)``, which
+            asks for the products, and a given optimizer that does not ask for them is refused before any data is
+            touched.
 
     Distributed (under ``torchrun``, or any initialised ``torch.distributed`` process group; see
     :mod:`moller_scg.distributed`): call ``fit`` on every rank with the same arguments and the same initial
@@ -200,10 +200,10 @@ def fit(
     if val_data is not None:
         validation = GradientAccumulator(model, loss_fn, val_data, batch_size, device, reduction=reduction)
     if optimizer is None:
-        # The accumulator differentiates only the trainable parameters; SCG must hold the same w. Subsampled or
-        # Gauss–Newton curvature asks for Møller's SCG, which takes its products; otherwise the quasi-Newton
-        # preconditioned mode.
-        asks_for_products = train.curvature_fraction < 1.0 or hvp_method == "gauss-newton"
+        # The accumulator differentiates only the trainable parameters; SCG must hold the same w. Subsampled
+        # curvature, or a method chosen for the products, asks for Møller's SCG, which takes them; otherwise the
+        # quasi-Newton preconditioned mode.
+        asks_for_products = train.curvature_fraction < 1.0 or hvp_method != "double-backward"
         optimizer = SCG(train.params) if asks_for_products else SCG(train.params, memory=DEFAULT_MEMORY)
     _check_no_frozen_parameters(optimizer)
     if min_grad is not None and not isinstance(optimizer, SCG):

@@ -229,12 +229,14 @@ class NoForwardModeNet(nn.Module):
         return NoForwardMode.apply(self.layer(x))
 
 
-def test_a_model_torch_func_cannot_run_forward_is_a_clear_error():
+def test_a_model_without_a_forward_mode_derivative_is_a_clear_error():
     x, y = torch.randn(6, 3, dtype=torch.float64), torch.randn(6, 1, dtype=torch.float64)
     model = NoForwardModeNet()
     accumulator = GradientAccumulator(model, nn.MSELoss(), (x, y), hvp_method="gauss-newton")
     vectors = [torch.ones_like(p) for p in model.parameters()]
-    with pytest.raises(RuntimeError, match="gauss-newton' needs forward-mode differentiation through the model"):
+    with pytest.raises(
+        RuntimeError, match="that forward failed \\(NotImplementedError: .*use hvp_method='double-backward'"
+    ):
         accumulator.hvp(vectors)
     assert accumulator.hvp_method == "gauss-newton"  # no silent switch to another matrix
 
@@ -242,11 +244,13 @@ def test_a_model_torch_func_cannot_run_forward_is_a_clear_error():
 def test_a_loss_linear_in_the_outputs_is_warned_about(caplog):
     model, data = classification_problem(ignored=False)
     log_model = nn.Sequential(model, nn.LogSoftmax(dim=1))
-    accumulator = GradientAccumulator(log_model, nn.NLLLoss(), data, hvp_method="gauss-newton")
+    accumulator = GradientAccumulator(log_model, nn.NLLLoss(), data, batch_size=5, hvp_method="gauss-newton")
     vectors = [torch.ones_like(p) for p in log_model.parameters()]
     with caplog.at_level(logging.WARNING, logger="moller_scg.batch_derivatives"):
         products = accumulator.hvp(vectors)
+        accumulator.hvp(vectors)
     assert "the Gauss–Newton matrix is 0" in caplog.text and "CrossEntropyLoss" in caplog.text
+    assert caplog.text.count("the Gauss–Newton matrix is 0") == 1  # once per accumulator, not per batch
     assert all(not p.any() for p in products)
     caplog.clear()
     GradientAccumulator(model, nn.CrossEntropyLoss(), data, hvp_method="gauss-newton").hvp(vectors)
@@ -333,3 +337,117 @@ def test_the_main_job_trains_with_gauss_newton_curvature(capsys):
     output = capsys.readouterr().out
     assert status == 0, output
     assert "iterations     4" in output
+
+
+def test_a_first_batch_without_targets_is_not_taken_for_a_loss_without_curvature(caplog):
+    """Every target of the first batch ignored: H_L = 0 there, but not on the others; no warning."""
+    model, (x, y) = classification_problem(ignored=False)
+    y = y.clone()
+    y[:5] = -100
+    accumulator = GradientAccumulator(model, nn.CrossEntropyLoss(), (x, y), batch_size=5, hvp_method="gauss-newton")
+    with caplog.at_level(logging.WARNING, logger="moller_scg.batch_derivatives"):
+        accumulator.hvp([torch.ones_like(p) for p in model.parameters()])
+    assert "Gauss–Newton matrix is 0" not in caplog.text
+
+
+def test_kl_divergence_on_log_probabilities_is_warned_about(caplog):
+    model, (x, _) = multilabel_problem()
+    log_model = nn.Sequential(model, nn.LogSoftmax(dim=1))
+    targets = torch.softmax(torch.randn(17, 3, generator=torch.Generator().manual_seed(5), dtype=torch.float64), 1)
+    loss_fn = nn.KLDivLoss(reduction="batchmean")
+    accumulator = GradientAccumulator(log_model, loss_fn, (x, targets), batch_size=6, hvp_method="gauss-newton")
+    with caplog.at_level(logging.WARNING, logger="moller_scg.batch_derivatives"):
+        accumulator.hvp([torch.ones_like(p) for p in log_model.parameters()])
+    assert "KLDivLoss" in caplog.text and "the Gauss–Newton matrix is 0" in caplog.text
+
+
+def test_a_model_that_returns_a_tuple_is_a_type_error():
+    class TwoHeads(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.layer = nn.Linear(3, 2).double()
+
+        def forward(self, x):
+            y = self.layer(x)
+            return y, y
+
+    x, y = torch.randn(6, 3, dtype=torch.float64), torch.randn(6, 2, dtype=torch.float64)
+    model = TwoHeads()
+    loss_fn = lambda outputs, targets: nn.functional.mse_loss(outputs[0], targets)  # noqa: E731
+    accumulator = GradientAccumulator(model, loss_fn, (x, y), reduction="mean", hvp_method="gauss-newton")
+    with pytest.raises(TypeError, match="needs a model that returns one tensor .* got tuple"):
+        accumulator.hvp([torch.ones_like(p) for p in model.parameters()])
+
+
+@pytest.mark.filterwarnings("ignore::moller_scg.StochasticObjectiveWarning")
+def test_training_mode_batch_norm_runs_once_per_batch_as_in_an_exact_product():
+    """One forward per batch: a training-mode batch norm's statistics move as in a double-backward pass, and the
+    product is the Gauss–Newton product of that forward (the batch statistics are part of the model's function)."""
+    x, y = torch.randn(20, 3, dtype=torch.float64), torch.randn(20, 1, dtype=torch.float64)
+
+    def make_model():
+        torch.manual_seed(6)
+        return nn.Sequential(nn.Linear(3, 4), nn.BatchNorm1d(4), nn.Tanh(), nn.Linear(4, 1)).double()
+
+    gauss_newton_model, exact_model = make_model(), make_model()
+    vectors = [torch.randn_like(p) for p in gauss_newton_model.parameters()]
+    gauss_newton = GradientAccumulator(
+        gauss_newton_model, nn.MSELoss(), (x, y), batch_size=20, hvp_method="gauss-newton"
+    )
+    exact = GradientAccumulator(exact_model, nn.MSELoss(), (x, y), batch_size=20)
+    got = gauss_newton.hvp(vectors)
+    exact.hvp(vectors)
+    for a, b in zip(gauss_newton_model.buffers(), exact_model.buffers()):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+    assert int(gauss_newton_model[1].num_batches_tracked) == 1
+    reference_model = make_model()  # the reference's forward in training mode: the same batch statistics
+    want = reference_gauss_newton(reference_model, nn.MSELoss(), (x, y), vectors)
+    for g, w in zip(got, want):
+        torch.testing.assert_close(g, w, rtol=1e-11, atol=1e-14)
+
+
+@pytest.mark.filterwarnings("ignore::moller_scg.StochasticObjectiveWarning")
+def test_with_dropout_the_product_stays_positive_semi_definite():
+    """One forward per batch, so Jᵀ and J share the dropout mask: vᵀ G v ≥ 0 on every call."""
+    torch.manual_seed(7)
+    x, y = torch.randn(1, 2, dtype=torch.float64), torch.randn(1, 1, dtype=torch.float64)
+    model = nn.Sequential(nn.Linear(2, 2), nn.Tanh(), nn.Dropout(0.5), nn.Linear(2, 1)).double()
+    accumulator = GradientAccumulator(model, nn.MSELoss(), (x, y), hvp_method="gauss-newton")
+    v = [torch.randn_like(p) for p in model.parameters()]
+    curvatures = [float(flat(v) @ flat(accumulator.hvp(v))) for _ in range(100)]
+    assert min(curvatures) >= 0 and max(curvatures) > 0
+
+
+def test_float32_models_get_float32_products_close_to_the_float64_ones():
+    model, data = classification_problem(ignored=False)
+    vectors = [
+        torch.randn(p.shape, generator=torch.Generator().manual_seed(8), dtype=p.dtype) for p in model.parameters()
+    ]
+    want = GradientAccumulator(model, nn.CrossEntropyLoss(), data, batch_size=5, hvp_method="gauss-newton").hvp(vectors)
+    single = classification_problem(ignored=False)[0].float()
+    inputs = data[0].float()
+    got = GradientAccumulator(
+        single, nn.CrossEntropyLoss(), (inputs, data[1]), batch_size=5, hvp_method="gauss-newton"
+    ).hvp([v.float() for v in vectors])
+    for g, w in zip(got, want):
+        assert g.dtype == torch.float32
+        torch.testing.assert_close(g.double(), w, rtol=1e-5, atol=1e-6)
+
+
+def test_fit_with_forward_over_reverse_runs_moller_scg_on_its_products():
+    from moller_scg import fit
+
+    model, data = regression_problem()
+    calls = []
+    original = GradientAccumulator.hvp
+
+    def counting(self, vectors):
+        calls.append(self.hvp_method)
+        return original(self, vectors)
+
+    GradientAccumulator.hvp = counting
+    try:
+        fit(model, nn.MSELoss(), data, max_iter=3, progress=False, hvp_method="forward-over-reverse")
+    finally:
+        GradientAccumulator.hvp = original
+    assert calls  # the default optimizer asked for the products the method forms
