@@ -307,11 +307,11 @@ def report(results: dict[str, object]) -> str:
         f"(a column N = {results['memory_batch_size']} is a single batch)",
     ]
     for field, label, unit in measures:
-        lines += ["", label, f"{'':<22}" + "".join(f"{f'N={n}':>10}" for n in sizes)]
+        lines += ["", label, f"{'':<26}" + "".join(f"{f'N={n}':>10}" for n in sizes)]
         for kind in kinds:
             cells = {row["samples"]: row.get(field) for row in memory if row["kind"] == kind}
             row = "".join(f"{_scaled(cells[n], unit) if n in cells else '—':>10}" for n in sizes)
-            lines.append(f"{kind:<22}{row}")
+            lines.append(f"{kind:<26}{row}")
     return "\n".join(lines)
 
 
