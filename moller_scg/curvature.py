@@ -188,6 +188,8 @@ def gauss_newton_from_forward(
     """Jᵀ H_L (J v) from :func:`dual_forward`'s y, J v and leaves: H_L (J v) by double-backward through the loss alone
     (the outputs are small, and not every loss runs under forward mode), Jᵀ(·) by one backward through y's graph.
     A parameter y does not reach gets zeros."""
+    if not outputs.requires_grad:  # no parameter reaches y: J = 0
+        return [torch.zeros_like(leaf) for leaf in leaves]
     free_outputs = outputs.detach().requires_grad_(True)
     with torch.enable_grad():
         (loss_gradient,) = torch.autograd.grad(loss_of_outputs(free_outputs), free_outputs, create_graph=True)

@@ -451,3 +451,20 @@ def test_fit_with_forward_over_reverse_runs_moller_scg_on_its_products():
     finally:
         GradientAccumulator.hvp = original
     assert calls  # the default optimizer asked for the products the method forms
+
+
+def test_a_model_whose_outputs_no_parameter_reaches_gets_a_zero_product_as_with_exact_products():
+    class Ignores(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.unused = nn.Parameter(torch.ones(2, dtype=torch.float64))
+
+        def forward(self, x):
+            return x * 2.0
+
+    x, y = torch.randn(5, 2, dtype=torch.float64), torch.randn(5, 2, dtype=torch.float64)
+    model = Ignores()
+    vectors = [torch.ones_like(model.unused)]
+    for method in ("gauss-newton", "double-backward"):
+        (product,) = GradientAccumulator(model, nn.MSELoss(), (x, y), hvp_method=method).hvp(vectors)
+        assert torch.equal(product, torch.zeros(2, dtype=torch.float64))
