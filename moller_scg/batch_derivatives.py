@@ -127,9 +127,11 @@ def batch_gauss_newton_product(
     inputs: torch.Tensor,
     targets: torch.Tensor,
     vectors: list[torch.Tensor],
-) -> tuple[torch.Tensor, BatchVectors, torch.Tensor, torch.Tensor]:
-    """E_b, G_b v = J_bᵀ H_L J_b v of the batch's loss term (plus the penalty's share × ν v), and |J_b v|² and
-    |J_bᵀ H_L J_b v|² as device scalars (for :class:`BatchDerivatives`' check that the loss has curvature).
+    measure_curvature: bool = False,
+) -> tuple[torch.Tensor, BatchVectors, tuple[torch.Tensor, torch.Tensor] | None]:
+    """E_b, G_b v = J_bᵀ H_L J_b v of the batch's loss term (plus the penalty's share × ν v), and, with
+    ``measure_curvature``, |J_b v|² and |J_bᵀ H_L J_b v|² as device scalars (for :class:`BatchDerivatives`' check
+    that the loss has curvature; ``None`` without, so a pass after the check adds no reductions).
 
     Raises:
         TypeError: the model returns something other than one tensor.
@@ -148,15 +150,19 @@ def batch_gauss_newton_product(
     products = gauss_newton_from_forward(outputs, jacobian_v, leaves, lambda y: batch_loss.data_term(y, targets))
     with torch.no_grad():
         term = batch_loss.term(outputs.detach(), targets)
-        jv_squared = jacobian_v.square().sum(dtype=torch.float64)
-        gv_squared = sum((s.square().sum(dtype=torch.float64) for s in products), torch.zeros((), dtype=torch.float64))
+        squares = None
+        if measure_curvature:
+            squares = (
+                jacobian_v.square().sum(dtype=torch.float64),
+                sum((s.square().sum(dtype=torch.float64) for s in products), torch.zeros((), dtype=torch.float64)),
+            )
     result = list(products)
     penalty = batch_loss.weight_decay
     if penalty is not None:  # P = (ν/2)|w|² is quadratic: its Hessian νI is its Gauss–Newton matrix too
         share = batch_loss.penalty_share(targets)
         # v · ν first: D_b may be an integer tensor, and an integer tensor times a Python float is float32
         result = [s + (v * penalty.weight_decay) * share for s, v in zip(result, vectors)]
-    return term, result, jv_squared, gv_squared
+    return term, result, squares
 
 
 class BatchDerivatives:
@@ -230,15 +236,12 @@ class BatchDerivatives:
     ) -> tuple[torch.Tensor, BatchVectors]:
         """E_b and G_b v (:func:`batch_gauss_newton_product`); until the curvature check has concluded, |J v|² and
         |G v|² are added up on the device (no host synchronisation) for :meth:`end_product_pass`."""
-        term, products, jv_squared, gv_squared = batch_gauss_newton_product(
-            self.model, self.batch_loss, self.params, names, inputs, targets, vectors
+        term, products, squares = batch_gauss_newton_product(
+            self.model, self.batch_loss, self.params, names, inputs, targets, vectors, not self._curvature_checked
         )
-        if not self._curvature_checked:
-            self._curvature_sums = (
-                (jv_squared, gv_squared)
-                if self._curvature_sums is None
-                else (self._curvature_sums[0] + jv_squared, self._curvature_sums[1] + gv_squared)
-            )
+        if squares is not None:
+            previous = self._curvature_sums
+            self._curvature_sums = squares if previous is None else (previous[0] + squares[0], previous[1] + squares[1])
         return term, products
 
     def end_product_pass(self) -> None:
