@@ -68,13 +68,19 @@ def gauss_newton_accumulator(problem: Problem, model: nn.Module, fraction: float
     return make_accumulator(problem, model, hvp_method="gauss-newton", curvature_fraction=fraction)
 
 
-def product_cost(problem: Problem, initial: dict[str, torch.Tensor], fraction: float, rounds: int = 5) -> float:
-    """Seconds of a Gauss–Newton product over ``fraction`` of the samples ÷ a gradient pass (median of per-round
-    ratios, the two interleaved)."""
+def product_cost(
+    problem: Problem,
+    initial: dict[str, torch.Tensor],
+    fraction: float,
+    rounds: int = 5,
+    hvp_method: str = "gauss-newton",
+) -> float:
+    """Seconds of a product (Gauss–Newton by default; ``hvp_method`` of the accumulator) over ``fraction`` of the
+    samples ÷ a gradient pass (median of per-round ratios, the two interleaved)."""
     model = problem.make_model()
     model.load_state_dict(initial)
     accumulator = make_accumulator(problem, model)
-    products = gauss_newton_accumulator(problem, model, fraction)
+    products = make_accumulator(problem, model, hvp_method=hvp_method, curvature_fraction=fraction)
     generator = torch.Generator().manual_seed(problem.seed + 2)
     vectors = [torch.randn(p.shape, generator=generator, dtype=p.dtype) for p in products.params]
     accumulator(), products.hvp(vectors)  # warm-up

@@ -5,9 +5,8 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-import torch
+from problems import least_squares_optimum, linear_least_squares_benchmark_problem
 from scripts import load_script
-from torch import nn
 
 BENCHMARK = Path(__file__).resolve().parents[1] / "benchmarks" / "hessian_free.py"
 
@@ -17,45 +16,11 @@ def benchmark(monkeypatch):
     return load_script(BENCHMARK, monkeypatch)
 
 
-def linear_least_squares(benchmark):
-    """A Problem whose Gauss–Newton matrix is its Hessian: a linear model with the mean squared error."""
-    from peers_problems import Problem
-
-    generator = torch.Generator().manual_seed(0)
-    x = torch.randn(64, 5, generator=generator, dtype=torch.float64)
-    y = x @ torch.randn(5, 1, generator=generator, dtype=torch.float64) + 0.1 * torch.randn(
-        64, 1, generator=generator, dtype=torch.float64
-    )
-
-    def make_model():
-        torch.manual_seed(0)
-        return nn.Linear(5, 1).double()
-
-    problem = Problem(
-        name="linear",
-        title="linear least squares",
-        make_model=make_model,
-        make_loss=lambda model: nn.MSELoss(),
-        reduction=None,
-        train=(x, y),
-        test=(x, y),
-        metric_name="mse",
-        metric=lambda model, data: 0.0,
-        higher_is_better=False,
-        accumulator_batch=16,
-        budget=200.0,
-        adam_lrs=(),
-        adam_batch=8,
-        calibration_rounds=1,
-    )
-    return problem, x, y
-
-
 @pytest.mark.parametrize("rule", ["moller", "martens"])
 def test_on_a_quadratic_it_reaches_the_least_squares_solution_in_a_few_outer_steps(benchmark, rule):
     from peers_metering import Run
 
-    problem, x, y = linear_least_squares(benchmark)
+    problem, x, y = linear_least_squares_benchmark_problem()
     initial = problem.make_model().state_dict()
     costs = {"hvp": 2.0, "loss": 0.5, "forward": 0.5, "gauss_newton_1": 1.0}
     run = Run("HF", problem, initial, costs)
@@ -65,9 +30,7 @@ def test_on_a_quadratic_it_reaches_the_least_squares_solution_in_a_few_outer_ste
     for _ in range(8):
         optimizer.step()
         losses.append(optimizer.loss)
-    design = torch.cat([x, torch.ones(64, 1, dtype=torch.float64)], dim=1)
-    solution = torch.linalg.lstsq(design, y).solution
-    optimum = float(((design @ solution - y) ** 2).mean())
+    optimum = least_squares_optimum(x, y)
     assert all(later <= earlier for earlier, later in zip(losses, losses[1:]))  # a rejected trial is undone
     assert losses[-1] == pytest.approx(optimum, rel=1e-6)
     assert optimizer.cg_iterations > 0 and run.calls["hvp"] == run.acc.passes.hvp

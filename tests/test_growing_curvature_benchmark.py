@@ -1,0 +1,96 @@
+"""benchmarks/growing_curvature.py: Møller's SCG with exact curvature over a share of the samples that grows."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from problems import least_squares_optimum, linear_least_squares_benchmark_problem
+from scripts import load_script
+
+BENCHMARK = Path(__file__).resolve().parents[1] / "benchmarks" / "growing_curvature.py"
+
+
+@pytest.fixture
+def benchmark(monkeypatch):
+    return load_script(BENCHMARK, monkeypatch)
+
+
+def test_a_share_is_rounded_up_to_the_next_of_the_fractions(benchmark):
+    assert benchmark.FRACTIONS == (0.1, 0.2, 0.5, 1.0)
+    assert [benchmark.rounded_up(f) for f in (0.01, 0.1, 0.11, 0.2, 0.3, 0.5, 0.51, 1.0, 7.0)] == [
+        0.1,
+        0.1,
+        0.2,
+        0.2,
+        0.5,
+        0.5,
+        1.0,
+        1.0,
+        1.0,
+    ]
+
+
+def least_squares_run(benchmark, power):
+    from peers_metering import Run
+
+    problem, x, y = linear_least_squares_benchmark_problem()
+    costs = {"hvp": 2.0, "loss": 0.5, "forward": 0.5}
+    run = Run("grow", problem, problem.make_model().state_dict(), costs)
+    shares = {0.1: 1.1, 0.2: 1.2, 0.5: 1.5, 1.0: 2.0}
+    return run, benchmark.GrowingCurvatureObjective(run, shares, power), x, y
+
+
+def test_a_product_over_every_sample_is_the_accumulators_exact_product(benchmark):
+    run, objective, _, _ = least_squares_run(benchmark, power=None)
+    for _ in range(3):
+        objective.grow()
+    assert objective.fraction == 1.0
+    run()  # the gradient at w, as SCG makes it before asking for curvature
+    generator = torch.Generator().manual_seed(3)
+    vectors = [torch.randn(p.shape, generator=generator, dtype=p.dtype) for p in run.params]
+    products = objective.hvp(vectors)
+    reference = run.acc.hvp(vectors)
+    assert all(torch.equal(a, b) for a, b in zip(products, reference))
+    assert run.passes == pytest.approx(1.0 + 2.0)  # one gradient pass and one product charged its share's cost
+
+
+def test_growing_on_rejection_moves_one_fraction_up_and_stops_at_one(benchmark):
+    _, objective, _, _ = least_squares_run(benchmark, power=None)
+    seen = [objective.fraction]
+    for _ in range(5):
+        objective.grow()
+        seen.append(objective.fraction)
+    assert seen == [0.1, 0.2, 0.5, 1.0, 1.0, 1.0]
+
+
+@pytest.mark.filterwarnings("ignore::moller_scg.scg_state.SCGStalledWarning")  # at the optimum, as it should
+@pytest.mark.parametrize("power", [1.0, 0.5])
+def test_scg_on_a_growing_share_reaches_the_least_squares_solution_and_the_share_never_shrinks(benchmark, power):
+    from moller_scg import SCG
+
+    run, objective, x, y = least_squares_run(benchmark, power)
+    optimizer = SCG(run.params, hvp="double-backward")
+    for _ in range(40):
+        optimizer.step(objective)
+        if optimizer.trace.stalled:  # at the optimum to the last bits
+            break
+    assert float(optimizer.trace.loss) == pytest.approx(least_squares_optimum(x, y), rel=1e-8)
+    assert objective.used[0] == 0.1 and len(objective.used) == run.calls["hvp"] == run.acc.passes.hvp
+    assert all(later >= earlier for earlier, later in zip(objective.used, objective.used[1:]))
+    assert objective.used[-1] > 0.1  # |r| fell by orders of magnitude: the share grew
+    charged = sum(objective.costs[fraction] for fraction in objective.used)
+    assert run.passes == pytest.approx(charged + run.calls["gradient"] + 0.5 * run.calls["loss"], rel=1e-12)
+
+
+def test_quick_run_writes_a_table_with_every_row_asked_for(benchmark, tmp_path):
+    rows = ["torch LBFGS", "SCG, 10 % exact", "SCG, grow ∝ |r₀|/|r|", "SCG, grow on rejection"]
+    status = benchmark.main(["--quick", "--problems", "regression", "--rows", *rows, "--out", str(tmp_path)])
+    assert status == 0
+    text = (tmp_path / "growing_curvature_quick.txt").read_text(encoding="utf-8")
+    assert "## regression: passes to T1 / T2 / T3" in text
+    for row in rows:
+        assert row in text
+    assert "an exact product over 0.1 / 0.2 / 0.5 / 1 of the samples costs" in text
+    assert "SCG, grow ∝ |r₀|/|r|: " in text and "shares 0.1×" in text
