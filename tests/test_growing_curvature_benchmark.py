@@ -94,3 +94,41 @@ def test_quick_run_writes_a_table_with_every_row_asked_for(benchmark, tmp_path):
         assert row in text
     assert "an exact product over 0.1 / 0.2 / 0.5 / 1 of the samples costs" in text
     assert "SCG, grow ∝ |r₀|/|r|: " in text and "shares 0.1×" in text
+
+
+def test_the_finite_difference_product_is_the_exact_one_to_its_truncation_and_puts_w_and_grad_back(benchmark):
+    run, objective, _, _ = least_squares_run(benchmark, power=None)
+    run()
+    weights = [p.detach().clone() for p in run.params]
+    gradients = [p.grad for p in run.params]
+    generator = torch.Generator().manual_seed(4)
+    vectors = [torch.randn(p.shape, generator=generator, dtype=p.dtype) for p in run.params]
+    products = objective.finite_difference_product(vectors)
+    reference = run.acc.hvp(vectors)
+    for product, exact in zip(products, reference):  # a quadratic: only rounding separates them
+        torch.testing.assert_close(product, exact, rtol=1e-6, atol=1e-9)
+    assert all(torch.equal(p, w) for p, w in zip(run.params, weights))
+    assert all(p.grad is gradient for p, gradient in zip(run.params, gradients))
+    assert run.calls["gradient"] == 2 and run.passes == pytest.approx(2.0)
+
+
+@pytest.mark.filterwarnings("ignore::moller_scg.scg_state.SCGStalledWarning")
+def test_with_finite_differences_a_share_that_costs_a_pass_is_replaced_by_one_gradient_pass(benchmark):
+    from moller_scg import SCG
+
+    run, _, x, y = least_squares_run(benchmark, power=1.0)
+    shares = {0.1: 0.3, 0.2: 0.6, 0.5: 1.0, 1.0: 2.0}  # from f = 0.5 on a product costs a pass or more
+    objective = benchmark.GrowingCurvatureObjective(run, shares, 1.0, finite_difference=True)
+    optimizer = SCG(run.params, hvp="double-backward")
+    for _ in range(40):
+        optimizer.step(objective)
+        if optimizer.trace.stalled:
+            break
+    assert float(optimizer.trace.loss) == pytest.approx(least_squares_optimum(x, y), rel=1e-8)
+    assert set(objective.used) <= {0.1, 0.2, benchmark.FINITE_DIFFERENCE}
+    assert objective.used[-1] == benchmark.FINITE_DIFFERENCE
+    finite_differences = objective.used.count(benchmark.FINITE_DIFFERENCE)
+    products = len(objective.used) - finite_differences
+    assert run.calls["hvp"] == run.acc.passes.hvp == products
+    # every closure call of SCG is a gradient or trial pass; the finite differences are the only others
+    assert run.calls["gradient"] + run.calls["loss"] == optimizer.trace.closure_calls + finite_differences
