@@ -30,15 +30,13 @@ import copy
 import math
 import sys
 from collections.abc import Sequence
-from pathlib import Path
 from typing import Any, cast
 
 import torch
-from common import RESULTS, environment
 from hessian_free import product_cost
-from levers import passes_table
+from levers import parse_run_arguments, passes_header, passes_table
 from peers import race
-from peers_adapters import SCG_FAMILY, MeteredObjective, Row, lbfgs, scg, warm_up
+from peers_adapters import SCG_FAMILY, MeteredObjective, Row, lbfgs, scg
 from peers_metering import Run, calibrate
 from peers_problems import PROBLEMS, make_accumulator
 from peers_report import analyse
@@ -184,22 +182,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--problems", nargs="+", choices=PROBLEM_NAMES, default=list(PROBLEM_NAMES[:4]))
     parser.add_argument("--seeds", type=int, nargs="+", default=[0])
     parser.add_argument("--rows", nargs="+", choices=list(rows()), help="these rows (default: all)")
-    parser.add_argument("--stem", help="the result file's name without .txt (default: growing_curvature[_quick])")
-    parser.add_argument("--out", type=Path, default=RESULTS)
-    argv = sys.argv[1:] if argv is None else list(argv)
-    args = parser.parse_args(argv)
-    torch.set_num_threads(1)
-    warm_up()
-    env = environment(" ".join(argv))
-    lines = [
-        "A growing curvature fraction (lever 5 of issue #14) against fixed ones and torch LBFGS (history 100):"
-        " gradient passes to the targets",
-        f"command: python benchmarks/growing_curvature.py {' '.join(argv)}".rstrip(),
-        f"date: {env['date']}; torch {env['torch']}, CPU, 1 thread",
-        "cells: passes to the 90 / 99 / 99.9 % targets (E* = lowest loss of any row of that problem and seed) as "
-        "ratios to torch LBFGS(100)'s; geometric mean over the seeds, then each seed (— not reached)",
-        "",
-    ]
+    args, argv, env = parse_run_arguments(
+        parser, argv, "the result file's name without .txt (default: growing_curvature[_quick])"
+    )
+    title = "A growing curvature fraction (lever 5 of issue #14) against fixed ones and torch LBFGS (history 100)"
+    lines = passes_header(title, "growing_curvature.py", argv, env)
     every_row = rows()
     table = {row: every_row[row] for row in (args.rows or every_row)}
     for name in args.problems:

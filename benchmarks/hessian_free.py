@@ -42,14 +42,12 @@ import math
 import statistics
 import sys
 import time
-from pathlib import Path
 from typing import Any
 
 import torch
-from common import RESULTS, environment
-from levers import passes_table
+from levers import parse_run_arguments, passes_header, passes_table
 from peers import race
-from peers_adapters import SCG_FAMILY, Row, lbfgs, run_scg, scg, warm_up
+from peers_adapters import SCG_FAMILY, Row, lbfgs, run_scg, scg
 from peers_metering import Run, calibrate
 from peers_problems import PROBLEMS, Problem, make_accumulator
 from peers_report import analyse
@@ -298,22 +296,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--problems", nargs="+", choices=GAUSS_NEWTON_PROBLEMS, default=list(GAUSS_NEWTON_PROBLEMS))
     parser.add_argument("--seeds", type=int, nargs="+", default=[0])
     parser.add_argument("--rows", nargs="+", choices=list(rows()), help="these rows (default: DEFAULT_ROWS)")
-    parser.add_argument("--stem", help="the result file's name without .txt (default: hessian_free[_quick])")
-    parser.add_argument("--out", type=Path, default=RESULTS)
-    argv = sys.argv[1:] if argv is None else list(argv)
-    args = parser.parse_args(argv)
-    torch.set_num_threads(1)
-    warm_up()
-    env = environment(" ".join(argv))
-    lines = [
-        "Hessian-free inner CG (Martens's craft) and Gauss–Newton curvature against torch LBFGS (history 100):"
-        " gradient passes to the targets",
-        f"command: python benchmarks/hessian_free.py {' '.join(argv)}".rstrip(),
-        f"date: {env['date']}; torch {env['torch']}, CPU, 1 thread",
-        "cells: passes to the 90 / 99 / 99.9 % targets (E* = lowest loss of any row of that problem and seed) as "
-        "ratios to torch LBFGS(100)'s; geometric mean over the seeds, then each seed (— not reached)",
-        "",
-    ]
+    args, argv, env = parse_run_arguments(
+        parser, argv, "the result file's name without .txt (default: hessian_free[_quick])"
+    )
+    title = "Hessian-free inner CG (Martens's craft) and Gauss–Newton curvature against torch LBFGS (history 100)"
+    lines = passes_header(title, "hessian_free.py", argv, env)
     every_row = rows()
     table = {row: every_row[row] for row in (args.rows or DEFAULT_ROWS)}
     for name in args.problems:

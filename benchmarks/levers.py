@@ -214,6 +214,33 @@ MNIST_PASSES_ROWS = (
 """The rows of ``--table passes`` on mnist (0.35 s a pass): the library's mode and the winners."""
 
 
+def parse_run_arguments(
+    parser: argparse.ArgumentParser, argv: list[str] | None, stem_help: str
+) -> tuple[argparse.Namespace, list[str], dict[str, Any]]:
+    """Add ``--stem`` and ``--out`` to ``parser``, parse ``argv`` (the command line's when ``None``), and set up the
+    run as every benchmark of rows does: one torch thread, the rows' code warmed up. Returns the arguments, the argv
+    parsed and the environment (:func:`common.environment`)."""
+    parser.add_argument("--stem", help=stem_help)
+    parser.add_argument("--out", type=Path, default=RESULTS)
+    argv = sys.argv[1:] if argv is None else list(argv)
+    args = parser.parse_args(argv)
+    torch.set_num_threads(1)
+    warm_up()
+    return args, argv, environment(" ".join(argv))
+
+
+def passes_header(title: str, script: str, argv: list[str], env: dict[str, Any]) -> list[str]:
+    """The first lines of a passes table's file: ``title``, the command that made it, the date, what a cell holds."""
+    return [
+        f"{title}: gradient passes to the targets",
+        f"command: python benchmarks/{script} {' '.join(argv)}".rstrip(),
+        f"date: {env['date']}; torch {env['torch']}, CPU, 1 thread",
+        "cells: passes to the 90 / 99 / 99.9 % targets (E* = lowest loss of any row of that problem and seed) as "
+        "ratios to torch LBFGS(100)'s; geometric mean over the seeds, then each seed (— not reached)",
+        "",
+    ]
+
+
 def passes_table(problem_name: str, per_seed: list[list[dict[str, Any]]]) -> list[str]:
     """Passes to T1 / T2 / T3 as ratios to torch LBFGS, per seed and their geometric mean (— not reached, ≪1 reached
     where LBFGS did not; the mean is "mixed" when some seeds are ≪1 and the others a number), and the final loss at
@@ -279,13 +306,8 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--seeds", type=int, nargs="+", help="--table passes: the seeds (default: --seed)")
     parser.add_argument("--rows", nargs="+", help="--table passes: only these rows (default: all)")
-    parser.add_argument("--stem", help="--table passes: the result file's name without .txt (default: levers_passes…)")
-    parser.add_argument("--out", type=Path, default=RESULTS)
-    argv = sys.argv[1:] if argv is None else list(argv)
-    args = parser.parse_args(argv)
-    torch.set_num_threads(1)
-    warm_up()
-    env = environment(" ".join(argv))
+    stem_help = "--table passes: the result file's name without .txt (default: levers_passes…)"
+    args, argv, env = parse_run_arguments(parser, argv, stem_help)
     if args.table == "passes":
         return main_passes(args, argv, env)
     lines = [
@@ -316,14 +338,7 @@ def main(argv: list[str] | None = None) -> int:
 def main_passes(args: argparse.Namespace, argv: list[str], env: dict[str, Any]) -> int:
     """``--table passes``: per problem and seed, every row of ``passes_rows`` run one after the other."""
     seeds = args.seeds or [args.seed]
-    lines = [
-        "Rule variants of SCG(memory=m) against torch LBFGS (history 100): gradient passes to the targets",
-        f"command: python benchmarks/levers.py {' '.join(argv)}".rstrip(),
-        f"date: {env['date']}; torch {env['torch']}, CPU, 1 thread",
-        "cells: passes to the 90 / 99 / 99.9 % targets (E* = lowest loss of any row of that problem and seed) as "
-        "ratios to torch LBFGS(100)'s; geometric mean over the seeds, then each seed (— not reached)",
-        "",
-    ]
+    lines = passes_header("Rule variants of SCG(memory=m) against torch LBFGS (history 100)", "levers.py", argv, env)
     for name in args.problems:
         rows = passes_rows()
         if args.rows:
