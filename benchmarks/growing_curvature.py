@@ -61,8 +61,9 @@ def rounded_up(target: float) -> float:
 class GrowingCurvatureObjective(MeteredObjective):
     """The run as SCG's objective, whose ``hvp`` takes s = E''(w)p over a share f of the samples that grows.
 
-    Symbols: r = −E'(w) the gradient at the product's w (the last gradient pass, which SCG makes at w before it asks
-    for the curvature there), r₀ the first such, κ the power of the schedule, f the share.
+    Symbols: r = −E'(w) the gradient at the product's w (that of the objective's latest evaluation, the accepted
+    trial: SCG asks for curvature only at a point it has just evaluated), r₀ the first such, κ the power of the
+    schedule, f the share.
 
     Args:
         run: the race's run (its gradient passes and budget).
@@ -89,39 +90,62 @@ class GrowingCurvatureObjective(MeteredObjective):
         """One step up :data:`FRACTIONS` (after a rejected trial)."""
         self.fraction = rounded_up(math.nextafter(self.fraction, math.inf))
 
-    def hvp(self, vectors: Sequence[torch.Tensor]) -> list[torch.Tensor]:
-        if self.power is not None:
-            gradient_norm = float(self.run.flat_grad().norm())
-            if self.initial_gradient_norm is None:
-                self.initial_gradient_norm = self.smallest_gradient_norm = gradient_norm
-            self.smallest_gradient_norm = min(self.smallest_gradient_norm, gradient_norm)
-            progress = self.initial_gradient_norm / max(self.smallest_gradient_norm, 1e-300)  # |r₀| / min |r|
-            self.fraction = rounded_up(FRACTIONS[0] * max(progress, 1.0) ** self.power)
-        self._counts.nhev += 1
-        if self.finite_difference and (self.fraction == 1.0 or self.costs[self.fraction] >= 1.0):
-            self.used.append(FINITE_DIFFERENCE)
-            return self.finite_difference_product(vectors)
-        self.run.charge("hvp", cost=self.costs[self.fraction])
-        self.run.acc.passes.hvp += 1  # the run's accumulator's count, which the harness checks, sees every product
-        self.used.append(self.fraction)
-        return self.products[self.fraction].hvp(list(vectors))
+    def fraction_at(self, gradient_norm: float) -> float:
+        """f for a product where |r| = ``gradient_norm``: f₀ (|r₀|/min |r|)^κ rounded up (κ = ``power``), or the
+        share :meth:`grow` left (``power=None``)."""
+        if self.power is None:
+            return self.fraction
+        if self.initial_gradient_norm is None:
+            self.initial_gradient_norm = gradient_norm
+        self.smallest_gradient_norm = min(self.smallest_gradient_norm, gradient_norm)
+        progress = self.initial_gradient_norm / max(self.smallest_gradient_norm, 1e-300)  # |r₀| / min |r|
+        self.fraction = rounded_up(FRACTIONS[0] * max(progress, 1.0) ** self.power)
+        return self.fraction
 
-    def finite_difference_product(self, vectors: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+    def current_gradients(self) -> list[torch.Tensor]:
+        """E'(w) at the weights the parameters hold: the latest evaluation's gradients, which must be at w."""
+        if not self._last_evaluation_is_current():
+            raise RuntimeError(
+                "SCG asked for curvature at weights its objective has not just evaluated (a rejected trial's "
+                "gradient, or weights changed since): this research row cannot form E''(w)p there"
+            )
+        return [torch.zeros_like(p) if g is None else g for p, g in zip(self.run.params, self._last_gradients or [])]
+
+    def hvp(self, vectors: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+        gradients = self.current_gradients()
+        gradient_norm = float(torch.cat([g.reshape(-1) for g in gradients]).norm())  # |r|, as the run's flat_grad
+        fraction = self.fraction_at(gradient_norm)
+        self._counts.nhev += 1
+        if self.finite_difference and (fraction == 1.0 or self.costs[fraction] >= 1.0):
+            self.used.append(FINITE_DIFFERENCE)
+            return self.finite_difference_product(vectors, gradients)
+        self.run.charge("hvp", cost=self.costs[fraction])
+        self.run.acc.passes.hvp += 1  # the run's accumulator's count, which the harness checks, sees every product
+        self.used.append(fraction)
+        return self.products[fraction].hvp(list(vectors))
+
+    def finite_difference_product(
+        self, vectors: Sequence[torch.Tensor], gradients: list[torch.Tensor]
+    ) -> list[torch.Tensor]:
         """Møller's s = (E'(w + σₖv) − E'(w)) / σₖ, σₖ = σ/|v| (σ = ``SCG``'s default), over every sample: one
-        gradient pass at w + σₖv, E'(w) the last pass's (at w); w and each ``.grad`` are put back as they were."""
-        weights = [p.detach().clone() for p in self.run.params]
-        gradients = [cast(torch.Tensor, p.grad) for p in self.run.params]
-        sigma_k = SIGMA / float(torch.sqrt(sum(v.double().square().sum() for v in vectors)))
-        with torch.no_grad():
-            for p, v in zip(self.run.params, vectors):
-                p.add_(v, alpha=sigma_k)
+        gradient pass at w + σₖv; ``gradients`` = E'(w). The pass is charged before w moves (a spent budget leaves w
+        as it was), and w and each ``.grad`` are put back as they were."""
         self.run.charge("gradient")
-        self.run.acc()
-        shifted = [cast(torch.Tensor, p.grad) for p in self.run.params]
-        with torch.no_grad():
-            for p, w, gradient in zip(self.run.params, weights, gradients):
-                p.copy_(w)
-                p.grad = gradient
+        weights = [p.detach().clone() for p in self.run.params]
+        held = [p.grad for p in self.run.params]
+        sigma_k = SIGMA / float(torch.sqrt(sum(v.double().square().sum() for v in vectors)))
+        try:
+            with torch.no_grad():
+                for p, v in zip(self.run.params, vectors):
+                    p.add_(v, alpha=sigma_k)
+            self.run.acc()
+            shifted = [cast(torch.Tensor, p.grad) for p in self.run.params]
+        finally:
+            with torch.no_grad():
+                for p, w, grad in zip(self.run.params, weights, held):
+                    p.copy_(w)
+                    p.grad = grad
+            self._last_versions = [p._version for p in self.run.params]  # w is the latest evaluation's again
         return [(later - here) / sigma_k for later, here in zip(shifted, gradients)]
 
 

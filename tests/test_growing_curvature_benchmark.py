@@ -38,7 +38,7 @@ def least_squares_run(benchmark, power):
     problem, x, y = linear_least_squares_benchmark_problem()
     costs = {"hvp": 2.0, "loss": 0.5, "forward": 0.5}
     run = Run("grow", problem, problem.make_model().state_dict(), costs)
-    shares = {0.1: 1.1, 0.2: 1.2, 0.5: 1.5, 1.0: 2.0}
+    shares = {0.1: 1.1, 0.2: 1.2, 0.5: 1.5, 1.0: 2.5}  # 2.5: not the run's own price of a product (2.0)
     return run, benchmark.GrowingCurvatureObjective(run, shares, power), x, y
 
 
@@ -47,13 +47,31 @@ def test_a_product_over_every_sample_is_the_accumulators_exact_product(benchmark
     for _ in range(3):
         objective.grow()
     assert objective.fraction == 1.0
-    run()  # the gradient at w, as SCG makes it before asking for curvature
+    objective()  # the gradient at w, as SCG makes it before asking for curvature
     generator = torch.Generator().manual_seed(3)
     vectors = [torch.randn(p.shape, generator=generator, dtype=p.dtype) for p in run.params]
     products = objective.hvp(vectors)
     reference = run.acc.hvp(vectors)
     assert all(torch.equal(a, b) for a, b in zip(products, reference))
-    assert run.passes == pytest.approx(1.0 + 2.0)  # one gradient pass and one product charged its share's cost
+    assert run.passes == pytest.approx(1.0 + 2.5)  # one gradient pass and one product charged its share's cost
+
+
+@pytest.mark.parametrize(("power", "expected"), [(1.0, [0.1, 0.5, 0.5, 1.0, 1.0]), (0.5, [0.1, 0.2, 0.2, 0.5, 0.5])])
+def test_the_share_follows_the_smallest_gradient_so_far(benchmark, power, expected):
+    _, objective, _, _ = least_squares_run(benchmark, power)
+    # |r₀|/min |r| = 1, 2.5, 2.5 (|r| rose: f stays), 10, 10; f₀ (·)^κ rounded up
+    assert [objective.fraction_at(norm) for norm in (1.0, 0.4, 0.9, 0.1, 3.0)] == expected
+
+
+def test_a_product_at_weights_not_just_evaluated_is_refused(benchmark):
+    run, objective, _, _ = least_squares_run(benchmark, power=1.0)
+    objective()
+    with torch.no_grad():
+        run.params[0].add_(1.0)  # as a rejected trial's restore would leave them
+    vectors = [torch.ones_like(p) for p in run.params]
+    with pytest.raises(RuntimeError, match="not just evaluated"):
+        objective.hvp(vectors)
+    assert run.calls["hvp"] == 0
 
 
 def test_growing_on_rejection_moves_one_fraction_up_and_stops_at_one(benchmark):
@@ -96,19 +114,35 @@ def test_quick_run_writes_a_table_with_every_row_asked_for(benchmark, tmp_path):
     assert "SCG, grow ∝ |r₀|/|r|: " in text and "shares 0.1×" in text
 
 
-def test_the_finite_difference_product_is_the_exact_one_to_its_truncation_and_puts_w_and_grad_back(benchmark):
+def test_the_finite_difference_product_is_mollers_and_puts_w_and_grad_back(benchmark):
+    from peers_problems import make_accumulator
+
+    from moller_scg import GradientAccumulator
+
+    class WeightsAtEachPass(GradientAccumulator):
+        seen: list[list[torch.Tensor]] = []
+
+        def __call__(self):
+            self.seen.append([p.detach().clone() for p in self.params])
+            return super().__call__()
+
     run, objective, _, _ = least_squares_run(benchmark, power=None)
-    run()
+    run.acc = make_accumulator(run.problem, run.model, accumulator_type=WeightsAtEachPass)
+    objective()
     weights = [p.detach().clone() for p in run.params]
     gradients = [p.grad for p in run.params]
     generator = torch.Generator().manual_seed(4)
     vectors = [torch.randn(p.shape, generator=generator, dtype=p.dtype) for p in run.params]
-    products = objective.finite_difference_product(vectors)
+    products = objective.finite_difference_product(vectors, objective.current_gradients())
+    sigma_k = benchmark.SIGMA / float(torch.sqrt(sum(v.square().sum() for v in vectors)))  # σₖ = σ/|v|
+    for shifted, w, v in zip(run.acc.seen[-1], weights, vectors):
+        torch.testing.assert_close(shifted, w + sigma_k * v, rtol=1e-15, atol=1e-15)
     reference = run.acc.hvp(vectors)
     for product, exact in zip(products, reference):  # a quadratic: only rounding separates them
         torch.testing.assert_close(product, exact, rtol=1e-6, atol=1e-9)
     assert all(torch.equal(p, w) for p, w in zip(run.params, weights))
     assert all(p.grad is gradient for p, gradient in zip(run.params, gradients))
+    assert objective.current_gradients() == gradients  # w is still the latest evaluation's
     assert run.calls["gradient"] == 2 and run.passes == pytest.approx(2.0)
 
 
