@@ -112,6 +112,13 @@ def test_quick_run_writes_a_table_with_every_row_asked_for(benchmark, tmp_path):
         assert row in text
     assert "an exact product over 0.1 / 0.2 / 0.5 / 1 of the samples costs" in text
     assert "SCG, grow ∝ |r₀|/|r|: " in text and "shares 0.1×" in text
+    # growing on rejection: each rejected trial moved f one step up
+    line = next(line for line in text.splitlines() if line.startswith("seed 0 SCG, grow on rejection:"))
+    rejected = int(line.split(" rejected")[0].rsplit(" ", 1)[1])
+    last_share = float(line.rsplit("→", 1)[-1].split("shares")[-1].strip().split("×")[0])
+    grown = benchmark.FRACTIONS.index(last_share)
+    # this quick run rejects a trial mid-run (at about its 9th of 21 steps), so a product follows every rejection
+    assert rejected >= 1 and grown == min(rejected, 3)
 
 
 def test_the_finite_difference_product_is_mollers_and_puts_w_and_grad_back(benchmark):
