@@ -434,7 +434,7 @@ def test_float32_models_get_float32_products_close_to_the_float64_ones():
         torch.testing.assert_close(g.double(), w, rtol=1e-5, atol=1e-6)
 
 
-def test_fit_with_forward_over_reverse_runs_moller_scg_on_its_products():
+def test_fit_with_forward_over_reverse_runs_moller_scg_on_its_products(monkeypatch):
     from moller_scg import fit
 
     model, data = regression_problem()
@@ -445,11 +445,8 @@ def test_fit_with_forward_over_reverse_runs_moller_scg_on_its_products():
         calls.append(self.hvp_method)
         return original(self, vectors)
 
-    GradientAccumulator.hvp = counting
-    try:
-        fit(model, nn.MSELoss(), data, max_iter=3, progress=False, hvp_method="forward-over-reverse")
-    finally:
-        GradientAccumulator.hvp = original
+    monkeypatch.setattr(GradientAccumulator, "hvp", counting)
+    fit(model, nn.MSELoss(), data, max_iter=3, progress=False, hvp_method="forward-over-reverse")
     assert calls  # the default optimizer asked for the products the method forms
 
 
