@@ -159,6 +159,7 @@ def passes_rows() -> dict[str, Row]:
         "flat m=20, loss first": flat_variant(loss_first=True),
         "γ of the newest pair, loss first": flat_variant(gamma_window=1, loss_first=True),
         "first step 1/|r|₂, loss first": flat_variant(first_step="scaled-l2", loss_first=True),
+        "first step probed, loss first": flat_variant(first_step="probe", loss_first=True),
         "γ × 1.5, loss first": flat_variant(gamma_scale=1.5, loss_first=True),
         "γ × 2, loss first": flat_variant(gamma_scale=2.0, loss_first=True),
         "γ × 3, loss first": flat_variant(gamma_scale=3.0, loss_first=True),
@@ -184,6 +185,9 @@ def passes_rows() -> dict[str, Row]:
         "diagonal H₀ β=0.99, v^¼": flat_variant(diagonal_beta=0.99, diagonal_power=0.25, loss_first=True),
         "diagonal H₀ β=0.99, v^¼, first step 1/|r|₂": flat_variant(
             diagonal_beta=0.99, diagonal_power=0.25, first_step="scaled-l2", loss_first=True
+        ),
+        "diagonal H₀ β=0.99, v^¼, first step probed": flat_variant(
+            diagonal_beta=0.99, diagonal_power=0.25, first_step="probe", loss_first=True
         ),
         "diagonal H₀ β=0.999, v^¼": flat_variant(diagonal_beta=0.999, diagonal_power=0.25, loss_first=True),
         "diagonal H₀ β=0.99, v^⅛": flat_variant(diagonal_beta=0.99, diagonal_power=0.125, loss_first=True),

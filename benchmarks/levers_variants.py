@@ -32,8 +32,12 @@ clearly win (issue #14), written on one flat vector so that each differs from th
   pass, δ is set so that α = min(1, 1/|r|₁), the first step of torch.optim.LBFGS, before λ's share) or
   ``"finite-difference"`` (the library's previous mode: δ by Møller's σ, one more pass), or ``"scaled-l2"``
   (lever 26: α = min(1, 1/|r|₂), L-BFGS-B's first step, a step of length at most 1 where LBFGS's 1/|r|₁ is
-  shorter by |r|₂/|r|₁); later steps without a pair (after a restart or when the pairs were dropped) take the
-  finite difference either way;
+  shorter by |r|₂/|r|₁), or ``"probe"`` (lever 31: the trial at torch LBFGS's α₀ is first a probe — its loss
+  alone, a forward, fits the quadratic E(w) − tμ + ½t²δ along p = r, and when the fit is convex with a minimiser
+  α* = μ/δ beyond ``PROBE_MIN_RATIO`` α₀ the probe's backward is never made and the first trial is taken at α*
+  instead, as Møller's step with that δ; otherwise the probe is the trial, as ``"scaled"``; only where the run
+  defers the backward and ``loss_first``); later steps without a pair (after a restart or when the pairs were
+  dropped) take the finite difference either way;
 * ``gamma_window``, ``gamma_pick``: H's initial scaling γ = the largest (``"max"``) or smallest (``"min"``)
   sᵢᵀyᵢ / yᵢᵀyᵢ over the newest ``gamma_window`` pairs (``None``: all pairs held, the library's; 1: the newest
   pair's, L-BFGS's usual choice and the library's previous one), or (``"bb1"``) the largest sᵢᵀsᵢ / sᵢᵀyᵢ (the
@@ -76,7 +80,9 @@ import torch
 from moller_scg.quasi_newton import SecantPairs
 
 RETRY_RULES = ("moller", "cubic-lambda", "interpolate", "interpolate-raise")
-FIRST_STEPS = ("finite-difference", "scaled", "scaled-l2")
+FIRST_STEPS = ("finite-difference", "scaled", "scaled-l2", "probe")
+PROBE_MIN_RATIO = 2.0
+"""``first_step="probe"``: the fitted α* must exceed this many α₀ for the trial at α₀ to serve as a probe only."""
 
 
 class WindowedPairs(SecantPairs):
@@ -397,7 +403,7 @@ class FlatSCG:
         if self.curvature == "secant" and not no_pairs and self.direction_rule == "qn":
             return mu / self.stretch  # δ = pᵀBp / τ: α ≈ τ while λ is small
         if self.curvature == "secant" and self.steps == 0 and self.first_step != "finite-difference":
-            norm = float(r.abs().sum()) if self.first_step == "scaled" else float(r.norm())  # |r|₁, or |r|₂
+            norm = float(r.norm()) if self.first_step == "scaled-l2" else float(r.abs().sum())  # |r|₂, or |r|₁
             return mu / min(1.0, 1.0 / norm)
         if self.curvature == "hvp":
             product = closure.hvp(self._split(p))
@@ -452,7 +458,16 @@ class FlatSCG:
             alpha = mu / delta
         self.retry_alpha = None
         self._set(w + alpha * p)
-        trial_loss, trial_gradient = self._evaluate_trial(closure)
+        if self.steps == 0 and self.first_step == "probe" and self._rejects_on_loss(closure):
+            trial_loss, trial_gradient, fitted = self._probe(closure, mu, alpha)
+            if fitted is not None:  # the probe's minimiser is far beyond α₀: the first trial is at α* instead
+                self.raw_delta = fitted
+                delta = fitted + (lambd - lambd_bar) * p_sq
+                alpha = mu / delta
+                self._set(w + alpha * p)
+                trial_loss, trial_gradient = self._evaluate_trial(closure)
+        else:
+            trial_loss, trial_gradient = self._evaluate_trial(closure)
         if trial_gradient is None:  # rejected on its loss alone, as the library does: r₊ is never formed
             new_r, finite = r, math.isfinite(trial_loss)  # new_r unread: the rules that read it are off here
         else:
@@ -546,6 +561,21 @@ class FlatSCG:
 
         self.pairs.refresh(hessian_product, flat.numel(), flat.dtype)
         return True
+
+    def _probe(self, closure: Any, mu: float, alpha: float) -> tuple[float, torch.Tensor | None, float | None]:
+        """The first trial at w + α₀p as a probe (``first_step="probe"``): its loss from a forward; δ of the quadratic
+        through E(w), the slope −μ and that loss, when it is positive and its α* = μ/δ > ``PROBE_MIN_RATIO`` α₀
+        (the probe's backward is then never made); otherwise the trial's loss and gradient as
+        :meth:`_evaluate_trial` gives them, and ``None``."""
+        with torch.enable_grad():
+            loss, gradient = closure.value_then_grad()
+        trial_loss = float(loss)
+        fitted = 2.0 * (trial_loss - self.loss + alpha * mu) / (alpha * alpha)
+        if math.isfinite(trial_loss) and fitted > 0.0 and mu / fitted > PROBE_MIN_RATIO * alpha:
+            return trial_loss, None, fitted
+        if not trial_loss <= self.loss:
+            return trial_loss, None, None
+        return trial_loss, torch.cat([g.detach().reshape(-1) for g in gradient()]).clone(), None
 
     def _interpolated_step(self, mu: float, alpha: float, trial_loss: float, trial_slope_neg: float) -> float | None:
         """t in [0.1α, 0.5α]: the minimiser of the cubic through E(w), E'(w)ᵀp = −μ, E(w + αp), E'(w + αp)ᵀp

@@ -309,3 +309,96 @@ def test_stretch_lengthens_the_step_while_the_model_underestimates_the_decrease(
             assert variant.stretch == max(before / 1.5, 1.0)
         stretches.append(variant.stretch)
     assert max(stretches) > 1.0
+
+
+class DeferringClosure:
+    """E(w) = cross-entropy of a linear softmax classifier (32 features, 5 classes, 200 random samples; float64),
+    whose first trial at torch LBFGS's α₀ = 1/|r₁|₁ falls far short of the minimiser along r₁, as on the race's
+    logistic problem. ``value_then_grad`` gives E(w) from a forward and E'(w) only when asked for, as the race's run
+    over one batch; the forwards and the backwards it made are counted."""
+
+    def __init__(self) -> None:
+        generator = torch.Generator().manual_seed(0)
+        self.x = torch.randn(200, 32, generator=generator, dtype=torch.float64)
+        self.y = torch.randint(0, 5, (200,), generator=generator)
+        torch.manual_seed(0)
+        self.model = nn.Linear(32, 5).double()
+        self.passes = self.forwards = self.backwards = 0
+
+    def loss(self) -> torch.Tensor:
+        return nn.functional.cross_entropy(self.model(self.x), self.y)
+
+    def __call__(self) -> torch.Tensor:
+        self.passes += 1
+        self.model.zero_grad()
+        loss = self.loss()
+        loss.backward()
+        return loss.detach()
+
+    def value_then_grad(self):
+        self.forwards += 1
+        params = list(self.model.parameters())
+        with torch.enable_grad():
+            loss = self.loss()
+
+        def gradient() -> list[torch.Tensor]:
+            self.backwards += 1
+            return list(torch.autograd.grad(loss, params))
+
+        return loss.detach(), gradient
+
+
+def _flat(params: list[torch.Tensor]) -> torch.Tensor:
+    return torch.cat([p.detach().reshape(-1) for p in params])
+
+
+def _probed_first_step(closure: DeferringClosure) -> tuple[list[torch.Tensor], torch.Tensor, torch.Tensor, float]:
+    """The points the first step of ``first_step="probe"`` (λ₁ = 10⁻³) evaluates after E(w₁), w₁, r₁ and E(w₁)."""
+    params = list(closure.model.parameters())
+    variant = FlatSCG(params, memory=5, first_step="probe", loss_first=True, lambd=1e-3)
+    start, start_loss = _flat(params), float(closure())
+    residual = -torch.cat([p.grad.reshape(-1) for p in params])
+    points = []
+    value_then_grad = closure.value_then_grad
+
+    def recording_value_then_grad():
+        points.append(_flat(params))
+        return value_then_grad()
+
+    closure.value_then_grad = recording_value_then_grad  # type: ignore[method-assign]
+    closure.passes = 0
+    variant.step(closure)  # evaluates E(w₁) again: a gradient pass
+    return points, start, residual, start_loss
+
+
+def test_the_probed_first_step_moves_its_trial_to_the_fitted_minimiser():
+    closure = DeferringClosure()
+    points, start, residual, start_loss = _probed_first_step(closure)
+    probe, trial = points  # the probe (a forward), then the trial
+    mu = float(residual @ residual)  # p₁ = r₁
+    alpha0 = min(1.0, 1.0 / float(residual.abs().sum()))
+    probe_alpha = mu / (mu / alpha0 + 1e-3 * mu)  # δ = μ/α₀ + λ₁|p₁|², α = μ/δ, as the "scaled" first step
+    torch.testing.assert_close(probe - start, probe_alpha * residual, rtol=1e-9, atol=1e-15)
+    # The quadratic E(w₁) − tμ + ½t²δ through E at the probe gives δ, and the trial is at α* = μ/(δ + λ₁|p₁|²).
+    with torch.no_grad():
+        for p, value in zip(closure.model.parameters(), probe.split([p.numel() for p in closure.model.parameters()])):
+            p.copy_(value.view_as(p))
+        probe_loss = float(closure.loss())
+    fitted = 2.0 * (probe_loss - start_loss + probe_alpha * mu) / probe_alpha**2
+    alpha = mu / (fitted + 1e-3 * mu)
+    assert fitted > 0.0 and alpha > 10.0 * probe_alpha  # the fit qualified, far beyond α₀
+    torch.testing.assert_close(trial - start, alpha * residual, rtol=1e-9, atol=1e-15)
+    assert closure.forwards == 2 and closure.backwards == 1  # the probe's backward was never made
+    assert closure.passes == 1  # E(w₁), and no other gradient pass
+
+
+def test_a_probe_whose_fit_does_not_qualify_is_the_first_trial(monkeypatch):
+    import levers_variants
+
+    monkeypatch.setattr(levers_variants, "PROBE_MIN_RATIO", 1e12)  # no fitted α* is that far beyond α₀
+    closure = DeferringClosure()
+    points, _, _, _ = _probed_first_step(closure)
+    assert len(points) == 1 and closure.backwards == 1  # the probe is the trial, accepted with its gradient
+    scaled = DeferringClosure()
+    FlatSCG(list(scaled.model.parameters()), memory=5, first_step="scaled", loss_first=True, lambd=1e-3).step(scaled)
+    torch.testing.assert_close(_flat(list(closure.model.parameters())), _flat(list(scaled.model.parameters())))
