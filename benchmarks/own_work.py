@@ -20,12 +20,20 @@ To compare two versions of the library, run the script once at each (``git workt
     python benchmarks/own_work.py --problems regression --diagonal-scaling
     python benchmarks/own_work.py --with-lbfgs --count-operations  # and torch LBFGS's own work; SCG's operations
     python benchmarks/own_work.py --problems memory-bound --memory 5 --steps 5 --repeats 3 --warm-up 8   # 50 M weights
+
+``--before-each-evaluation E`` times instead the own work before each of the first E evaluations of a fresh optimizer
+(constructed, then stepped from the race's initial weights; its construction counts in the first), SCG beside
+torch LBFGS at the history ``--lbfgs-history`` (20: the equal-memory row of ``SCG(memory=20)``), the median of
+``--repeats`` runs — where a race to an early target, a few evaluations long, spends its time outside them:
+
+    python benchmarks/own_work.py --problems logistic --before-each-evaluation 9 --repeats 40
 """
 
 from __future__ import annotations
 
 import argparse
 import copy
+import statistics
 import sys
 import time
 from collections.abc import Callable
@@ -203,6 +211,69 @@ _ATTRIBUTE_READS = {"__get__", "is_complex", "numel", "dim", "size", "_set_grad_
 """Calls a ``TorchFunctionMode`` sees that are attribute reads, not tensor operations."""
 
 
+class _EvaluationStarts(TimedAccumulator):
+    """A :class:`TimedAccumulator` that notes, at the start of each of its first ``limit`` evaluations, the clock and
+    the seconds spent inside the evaluations before it, and raises :class:`_EnoughEvaluations` at the next one (a
+    trial's deferred backward belongs to its forward's evaluation and is not one of its own)."""
+
+    limit = 0
+    starts: list[tuple[float, float]]
+
+    def _timed(self, evaluation: Callable, *args, completes_last: bool = False):
+        if self.depth == 0 and not completes_last:
+            if len(self.starts) == self.limit:
+                raise _EnoughEvaluations
+            self.starts.append((time.perf_counter(), self.seconds))
+        return super()._timed(evaluation, *args, completes_last=completes_last)
+
+
+def own_work_before_evaluations(
+    problem_name: str,
+    make_optimizer: Callable[[list[torch.Tensor]], torch.optim.Optimizer],
+    evaluations: int,
+    repeats: int,
+) -> list[float]:
+    """Seconds of an optimizer's own work before each of its first ``evaluations`` evaluations, the median over
+    ``repeats`` runs: each run constructs the optimizer (``make_optimizer(params)``, counted before the first) and
+    steps it on the problem's full-batch objective from the race's initial weights."""
+    model, initial, objective = timed_objective(problem_name)
+    objective.__class__ = _EvaluationStarts
+    objective.limit = evaluations
+    runs = []
+    for _ in range(repeats):
+        model.load_state_dict(initial)
+        objective.seconds, objective.starts = 0.0, []
+        started = time.perf_counter()
+        try:
+            optimizer = make_optimizer(list(model.parameters()))
+            while True:
+                optimizer.step(objective)
+        except _EnoughEvaluations:
+            pass
+        marks = [(started, 0.0), *objective.starts]
+        runs.append([(t - t0) - (inside - inside0) for (t0, inside0), (t, inside) in zip(marks, marks[1:])])
+    return [statistics.median(run[i] for run in runs) for i in range(evaluations)]
+
+
+def print_before_each_evaluation(
+    name: str, memory: int, diagonal_scaling: bool, lbfgs_history: int, evaluations: int, repeats: int
+) -> None:
+    """:func:`own_work_before_evaluations` of SCG(memory=m, diagonal_scaling=…) and torch LBFGS(history), a line
+    each: µs before each evaluation, and their running sums at the last two evaluations."""
+    rows = {
+        f"SCG(memory={memory}{', diagonal' if diagonal_scaling else ''})": lambda params: SCG(
+            params, memory=memory, diagonal_scaling=diagonal_scaling
+        ),
+        f"torch LBFGS(h={lbfgs_history})": lambda params: torch_lbfgs(params, lbfgs_history),
+    }
+    print(f"{name}: own work before each of the first {evaluations} evaluations, µs (median of {repeats} runs)")
+    for label, make in rows.items():
+        before = own_work_before_evaluations(name, make, evaluations, repeats)
+        cells = " ".join(f"{seconds * 1e6:.0f}" for seconds in before)
+        totals = ", ".join(f"{e}: {sum(before[:e]) * 1e6:.0f}" for e in sorted({max(evaluations - 1, 1), evaluations}))
+        print(f"  {label:26s} {cells}   (sum to evaluation {totals})")
+
+
 def tensor_operations_per_step(problem_name: str, memory: int, steps: int, diagonal_scaling: bool = False) -> float:
     """The torch functions and tensor methods SCG(memory=m, diagonal_scaling=…) calls per step outside the
     objective's evaluations (attribute reads not counted), over ``steps`` steps from the race's initial weights."""
@@ -257,9 +328,25 @@ def main(argv: list[str] | None = None) -> int:
         "--with-lbfgs", action="store_true", help="also torch LBFGS(100)'s own work per evaluation, as many evaluations"
     )
     parser.add_argument("--count-operations", action="store_true", help="also SCG's tensor operations per step")
+    parser.add_argument(
+        "--before-each-evaluation",
+        type=int,
+        metavar="E",
+        help="instead: own work before each of the first E evaluations of SCG and torch LBFGS(--lbfgs-history)",
+    )
+    parser.add_argument("--lbfgs-history", type=int, default=20, help="with --before-each-evaluation (default 20)")
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
     env = environment(" ".join(["python benchmarks/own_work.py", *(sys.argv[1:] if argv is None else argv)]))
+    if args.before_each_evaluation is not None:
+        if args.before_each_evaluation < 1 or MEMORY_BOUND in args.problems or args.fake_closure:
+            parser.error("--before-each-evaluation takes E ≥ 1 and the real problems' objectives")
+        print(f"torch {env['torch']}, 1 thread, {env['date']}; {env['command']}")
+        for name in args.problems:
+            print_before_each_evaluation(
+                name, args.memory, args.diagonal_scaling, args.lbfgs_history, args.before_each_evaluation, args.repeats
+            )
+        return 0
     mode = f"memory={args.memory}" + (", diagonal_scaling=True" if args.diagonal_scaling else "")
     print(f"SCG({mode}) own work per step; torch {env['torch']}, 1 thread, {env['date']}")
     for name in args.problems:

@@ -100,3 +100,28 @@ def test_evaluation_totals_take_one_entry_per_evaluation_the_deferred_backward_i
     assert len(after_forward) == len(objective.evaluation_totals) == 2
     assert objective.evaluation_totals[-1] == objective.seconds >= after_forward[-1]
     assert objective.evaluation_totals == sorted(objective.evaluation_totals)
+
+
+def test_it_times_the_own_work_before_each_evaluation_of_scg_and_lbfgs(monkeypatch, capsys):
+    own_work = load_script(BENCHMARK, monkeypatch)
+    from moller_scg import SCG
+
+    made = []
+
+    def make(params):
+        made.append(len(params))
+        return SCG(params, memory=3)
+
+    before = own_work.own_work_before_evaluations("regression", make, evaluations=4, repeats=2)
+    assert made == [6, 6]  # a fresh optimizer per run, over the MLP's three weights and three biases
+    assert len(before) == 4 and all(seconds > 0.0 for seconds in before)
+    assert own_work.main(["--problems", "logistic", "--before-each-evaluation", "3", "--repeats", "1"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[1] == "logistic: own work before each of the first 3 evaluations, µs (median of 1 runs)"
+    for line, label in zip(lines[2:4], ("SCG(memory=20)", "torch LBFGS(h=20)")):
+        cells, totals = line.split("(sum to evaluation ")
+        assert cells.strip().startswith(label)
+        assert len([cell for cell in cells.split() if cell.isdigit()]) == 3
+        assert totals.startswith("2: ") and ", 3: " in totals
+    with pytest.raises(SystemExit):
+        own_work.main(["--problems", "logistic", "--before-each-evaluation", "0"])
