@@ -169,7 +169,8 @@ def real_own_work(
 
 
 class _EnoughEvaluations(Exception):
-    """Raised by the LBFGS closure once it has made its evaluations."""
+    """Raised once an optimizer has made the evaluations asked for (by the LBFGS closure of :func:`_closure_of`, and by
+    :class:`_EvaluationStarts`)."""
 
 
 def _closure_of(objective: TimedAccumulator, evaluations: int) -> Callable[[], torch.Tensor]:
@@ -232,10 +233,10 @@ def own_work_before_evaluations(
     make_optimizer: Callable[[list[torch.Tensor]], torch.optim.Optimizer],
     evaluations: int,
     repeats: int,
-) -> list[float]:
-    """Seconds of an optimizer's own work before each of its first ``evaluations`` evaluations, the median over
-    ``repeats`` runs: each run constructs the optimizer (``make_optimizer(params)``, counted before the first) and
-    steps it on the problem's full-batch objective from the race's initial weights."""
+) -> list[list[float]]:
+    """Seconds of an optimizer's own work before each of its first ``evaluations`` evaluations, one list per run of
+    ``repeats``: each run constructs the optimizer (``make_optimizer(params)``, counted before the first) and steps it
+    on the problem's full-batch objective from the race's initial weights."""
     model, initial, objective = timed_objective(problem_name)
     objective.__class__ = _EvaluationStarts
     objective.limit = evaluations
@@ -252,14 +253,14 @@ def own_work_before_evaluations(
             pass
         marks = [(started, 0.0), *objective.starts]
         runs.append([(t - t0) - (inside - inside0) for (t0, inside0), (t, inside) in zip(marks, marks[1:])])
-    return [statistics.median(run[i] for run in runs) for i in range(evaluations)]
+    return runs
 
 
 def print_before_each_evaluation(
     name: str, memory: int, diagonal_scaling: bool, lbfgs_history: int, evaluations: int, repeats: int
 ) -> None:
     """:func:`own_work_before_evaluations` of SCG(memory=m, diagonal_scaling=…) and torch LBFGS(history), a line
-    each: µs before each evaluation, and their running sums at the last two evaluations."""
+    each: the median µs before each evaluation, and the median of the runs' totals up to the last two evaluations."""
     rows = {
         f"SCG(memory={memory}{', diagonal' if diagonal_scaling else ''})": lambda params: SCG(
             params, memory=memory, diagonal_scaling=diagonal_scaling
@@ -268,10 +269,13 @@ def print_before_each_evaluation(
     }
     print(f"{name}: own work before each of the first {evaluations} evaluations, µs (median of {repeats} runs)")
     for label, make in rows.items():
-        before = own_work_before_evaluations(name, make, evaluations, repeats)
-        cells = " ".join(f"{seconds * 1e6:.0f}" for seconds in before)
-        totals = ", ".join(f"{e}: {sum(before[:e]) * 1e6:.0f}" for e in sorted({max(evaluations - 1, 1), evaluations}))
-        print(f"  {label:26s} {cells}   (sum to evaluation {totals})")
+        runs = own_work_before_evaluations(name, make, evaluations, repeats)
+        cells = " ".join(f"{statistics.median(run[i] for run in runs) * 1e6:.0f}" for i in range(evaluations))
+        totals = ", ".join(
+            f"{e}: {statistics.median(sum(run[:e]) for run in runs) * 1e6:.0f}"
+            for e in sorted({max(evaluations - 1, 1), evaluations})
+        )
+        print(f"  {label:26s} {cells}   (total to evaluation {totals})")
 
 
 def tensor_operations_per_step(problem_name: str, memory: int, steps: int, diagonal_scaling: bool = False) -> float:

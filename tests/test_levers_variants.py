@@ -315,7 +315,7 @@ class DeferringClosure:
     """E(w) = cross-entropy of a linear softmax classifier (32 features, 5 classes, 200 random samples; float64),
     whose first trial at torch LBFGS's α₀ = 1/|r₁|₁ falls far short of the minimiser along r₁, as on the race's
     logistic problem. ``value_then_grad`` gives E(w) from a forward and E'(w) only when asked for, as the race's run
-    over one batch; the forwards and the backwards it made are counted."""
+    over one batch, its loss raised by ``offset`` (0: none); the forwards and the backwards it made are counted."""
 
     def __init__(self) -> None:
         generator = torch.Generator().manual_seed(0)
@@ -324,6 +324,7 @@ class DeferringClosure:
         torch.manual_seed(0)
         self.model = nn.Linear(32, 5).double()
         self.passes = self.forwards = self.backwards = 0
+        self.offset = 0.0
 
     def loss(self) -> torch.Tensor:
         return nn.functional.cross_entropy(self.model(self.x), self.y)
@@ -345,7 +346,7 @@ class DeferringClosure:
             self.backwards += 1
             return list(torch.autograd.grad(loss, params))
 
-        return loss.detach(), gradient
+        return loss.detach() + self.offset, gradient
 
 
 def _flat(params: list[torch.Tensor]) -> torch.Tensor:
@@ -402,3 +403,15 @@ def test_a_probe_whose_fit_does_not_qualify_is_the_first_trial(monkeypatch):
     scaled = DeferringClosure()
     FlatSCG(list(scaled.model.parameters()), memory=5, first_step="scaled", loss_first=True, lambd=1e-3).step(scaled)
     torch.testing.assert_close(_flat(list(closure.model.parameters())), _flat(list(scaled.model.parameters())))
+
+
+def test_a_probe_whose_loss_rose_is_a_trial_rejected_on_its_loss():
+    closure = DeferringClosure()
+    closure.offset = 10.0  # every forward's loss above E(w₁), which the gradient pass gives without the offset
+    params = list(closure.model.parameters())
+    start = _flat(params)
+    variant = FlatSCG(params, memory=5, first_step="probe", loss_first=True, lambd=1e-3)
+    variant.step(closure)
+    assert closure.forwards == 1 and closure.backwards == 0  # the probe, rejected without its gradient
+    assert variant.rejected == 1 and not variant.success
+    torch.testing.assert_close(_flat(params), start, rtol=0, atol=0)  # back at w₁

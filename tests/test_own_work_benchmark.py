@@ -102,6 +102,52 @@ def test_evaluation_totals_take_one_entry_per_evaluation_the_deferred_backward_i
     assert objective.evaluation_totals == sorted(objective.evaluation_totals)
 
 
+def test_the_own_work_before_each_evaluation_leaves_out_the_evaluations_and_the_deferred_backward(monkeypatch):
+    # A fake clock that only the fake evaluations (100 s; a deferred backward 50 s more) and the fake optimizer's own
+    # work (11 s to construct, 7 s before each evaluation, 3 s between a trial's forward and its backward) advance.
+    own_work = load_script(BENCHMARK, monkeypatch)
+    from moller_scg import GradientAccumulator
+
+    clock = [0.0]
+    monkeypatch.setattr(own_work.time, "perf_counter", lambda: clock[0])
+
+    def evaluation(self):
+        clock[0] += 100.0
+        return torch.tensor(1.0)
+
+    def deferred(self):
+        clock[0] += 100.0
+        return torch.tensor(1.0), lambda: clock.__setitem__(0, clock[0] + 50.0)
+
+    monkeypatch.setattr(GradientAccumulator, "__call__", evaluation)
+    monkeypatch.setattr(GradientAccumulator, "value_then_gradient", deferred)
+    model = torch.nn.Linear(2, 1)
+    data = (torch.zeros(4, 2), torch.zeros(4, 1))
+    objective = own_work.TimedAccumulator(model, torch.nn.MSELoss(), data)
+    monkeypatch.setattr(own_work, "timed_objective", lambda name: (model, model.state_dict(), objective))
+
+    class Alternating:
+        """A gradient pass, then a trial whose backward is deferred, then a gradient pass, …"""
+
+        def __init__(self, params):
+            clock[0] += 11.0
+            self.steps = 0
+
+        def step(self, closure):
+            clock[0] += 7.0
+            if self.steps % 2 == 0:
+                closure()
+            else:
+                _, gradient = closure.value_then_gradient()
+                clock[0] += 3.0
+                gradient()
+            self.steps += 1
+
+    runs = own_work.own_work_before_evaluations("any", Alternating, evaluations=4, repeats=2)
+    # Before the 1st: construction and a step's 7 s; then 7 s a step, and 3 s more after a deferred trial.
+    assert runs == [[18.0, 7.0, 10.0, 7.0]] * 2
+
+
 def test_it_times_the_own_work_before_each_evaluation_of_scg_and_lbfgs(monkeypatch, capsys):
     own_work = load_script(BENCHMARK, monkeypatch)
     from moller_scg import SCG
@@ -112,14 +158,14 @@ def test_it_times_the_own_work_before_each_evaluation_of_scg_and_lbfgs(monkeypat
         made.append(len(params))
         return SCG(params, memory=3)
 
-    before = own_work.own_work_before_evaluations("regression", make, evaluations=4, repeats=2)
+    runs = own_work.own_work_before_evaluations("regression", make, evaluations=4, repeats=2)
     assert made == [6, 6]  # a fresh optimizer per run, over the MLP's three weights and three biases
-    assert len(before) == 4 and all(seconds > 0.0 for seconds in before)
+    assert len(runs) == 2 and all(len(run) == 4 and all(seconds > 0.0 for seconds in run) for run in runs)
     assert own_work.main(["--problems", "logistic", "--before-each-evaluation", "3", "--repeats", "1"]) == 0
     lines = capsys.readouterr().out.splitlines()
     assert lines[1] == "logistic: own work before each of the first 3 evaluations, µs (median of 1 runs)"
     for line, label in zip(lines[2:4], ("SCG(memory=20)", "torch LBFGS(h=20)")):
-        cells, totals = line.split("(sum to evaluation ")
+        cells, totals = line.split("(total to evaluation ")
         assert cells.strip().startswith(label)
         assert len([cell for cell in cells.split() if cell.isdigit()]) == 3
         assert totals.startswith("2: ") and ", 3: " in totals
