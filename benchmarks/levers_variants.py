@@ -381,9 +381,14 @@ class FlatSCG:
             return self._evaluate(closure)
         with torch.enable_grad():
             loss, gradient = closure.value_then_grad()
-        if not float(loss) <= self.loss:
-            return float(loss), None
-        return float(loss), torch.cat([g.detach().reshape(-1) for g in gradient()]).clone()
+        return self._completed_trial(float(loss), gradient)
+
+    def _completed_trial(self, trial_loss: float, gradient: Any) -> tuple[float, torch.Tensor | None]:
+        """A deferred trial's loss and flat gradient, the backward (``gradient()``) made only when the loss does not
+        reject the trial (``None`` then)."""
+        if not trial_loss <= self.loss:
+            return trial_loss, None
+        return trial_loss, torch.cat([g.detach().reshape(-1) for g in gradient()]).clone()
 
     def _evaluate(self, closure: Any) -> tuple[float, torch.Tensor]:
         with torch.enable_grad():
@@ -565,17 +570,15 @@ class FlatSCG:
     def _probe(self, closure: Any, mu: float, alpha: float) -> tuple[float, torch.Tensor | None, float | None]:
         """The first trial at w + α₀p as a probe (``first_step="probe"``): its loss from a forward; δ of the quadratic
         through E(w), the slope −μ and that loss, when it is positive and its α* = μ/δ > ``PROBE_MIN_RATIO`` α₀
-        (the probe's backward is then never made); otherwise the trial's loss and gradient as
-        :meth:`_evaluate_trial` gives them, and ``None``."""
+        (the probe's backward is then never made; a loss that is not finite never qualifies); otherwise the trial's
+        loss and gradient as :meth:`_evaluate_trial` gives them, and ``None``."""
         with torch.enable_grad():
             loss, gradient = closure.value_then_grad()
         trial_loss = float(loss)
         fitted = 2.0 * (trial_loss - self.loss + alpha * mu) / (alpha * alpha)
-        if math.isfinite(trial_loss) and fitted > 0.0 and mu / fitted > PROBE_MIN_RATIO * alpha:
+        if fitted > 0.0 and mu / fitted > PROBE_MIN_RATIO * alpha:
             return trial_loss, None, fitted
-        if not trial_loss <= self.loss:
-            return trial_loss, None, None
-        return trial_loss, torch.cat([g.detach().reshape(-1) for g in gradient()]).clone(), None
+        return (*self._completed_trial(trial_loss, gradient), None)
 
     def _interpolated_step(self, mu: float, alpha: float, trial_loss: float, trial_slope_neg: float) -> float | None:
         """t in [0.1α, 0.5α]: the minimiser of the cubic through E(w), E'(w)ᵀp = −μ, E(w + αp), E'(w + αp)ᵀp

@@ -405,9 +405,10 @@ def test_a_probe_whose_fit_does_not_qualify_is_the_first_trial(monkeypatch):
     torch.testing.assert_close(_flat(list(closure.model.parameters())), _flat(list(scaled.model.parameters())))
 
 
-def test_a_probe_whose_loss_rose_is_a_trial_rejected_on_its_loss():
+@pytest.mark.parametrize("offset", [10.0, float("nan")], ids=["rose", "not-finite"])
+def test_a_probe_whose_loss_rose_or_is_not_finite_is_a_trial_rejected_on_its_loss(offset):
     closure = DeferringClosure()
-    closure.offset = 10.0  # every forward's loss above E(w₁), which the gradient pass gives without the offset
+    closure.offset = offset  # every forward's loss above E(w₁) (or NaN); the gradient pass gives E(w₁) without it
     params = list(closure.model.parameters())
     start = _flat(params)
     variant = FlatSCG(params, memory=5, first_step="probe", loss_first=True, lambd=1e-3)
