@@ -169,43 +169,7 @@ def real_own_work(
 
 
 class _EnoughEvaluations(Exception):
-    """Raised once an optimizer has made the evaluations asked for (by the LBFGS closure of :func:`_closure_of`, and by
-    :class:`_EvaluationStarts`)."""
-
-
-def _closure_of(objective: TimedAccumulator, evaluations: int) -> Callable[[], torch.Tensor]:
-    """A closure over the objective that raises :class:`_EnoughEvaluations` when called once more than
-    ``evaluations`` times."""
-    made = [0]
-
-    def closure() -> torch.Tensor:
-        if made[0] == evaluations:
-            raise _EnoughEvaluations
-        made[0] += 1
-        return objective()  # sets every .grad, as the race's closure does
-
-    return closure
-
-
-def lbfgs_own_work(problem_name: str, evaluations: int, repeats: int, history_size: int = 100) -> float:
-    """Own seconds per evaluation of torch.optim.LBFGS as ``benchmarks/peers.py`` runs it (strong-Wolfe line search,
-    lr 1, 20 iterations per step) over its first ``evaluations`` evaluations from the race's initial weights, the
-    time inside them subtracted; the fastest of ``repeats`` runs."""
-    model, initial, objective = timed_objective(problem_name)
-    best = float("inf")
-    for _ in range(repeats):
-        model.load_state_dict(initial)
-        optimizer = torch_lbfgs(model.parameters(), history_size)
-        closure = _closure_of(objective, evaluations)
-        objective.seconds = 0.0
-        started = time.perf_counter()
-        try:
-            while True:
-                optimizer.step(closure)
-        except _EnoughEvaluations:
-            pass
-        best = min(best, (time.perf_counter() - started - objective.seconds) / evaluations)
-    return best
+    """Raised by :class:`_EvaluationStarts` once an optimizer has made the evaluations asked for."""
 
 
 _ATTRIBUTE_READS = {"__get__", "is_complex", "numel", "dim", "size", "_set_grad_enabled"}
@@ -256,6 +220,17 @@ def own_work_before_evaluations(
     return runs
 
 
+def lbfgs_own_work(problem_name: str, evaluations: int, repeats: int, history_size: int = 100) -> float:
+    """Own seconds per evaluation of torch.optim.LBFGS as ``benchmarks/peers.py`` runs it (strong-Wolfe line search,
+    lr 1, 20 iterations per step) over its first ``evaluations`` evaluations from the race's initial weights (its
+    construction and its work up to the next evaluation included), the time inside them subtracted; the fastest of
+    ``repeats`` runs."""
+    runs = own_work_before_evaluations(
+        problem_name, lambda params: torch_lbfgs(params, history_size), evaluations + 1, repeats
+    )
+    return min(sum(run) for run in runs) / evaluations
+
+
 def print_before_each_evaluation(
     name: str, memory: int, diagonal_scaling: bool, lbfgs_history: int, evaluations: int, repeats: int
 ) -> None:
@@ -271,10 +246,8 @@ def print_before_each_evaluation(
     for label, make in rows.items():
         runs = own_work_before_evaluations(name, make, evaluations, repeats)
         cells = " ".join(f"{statistics.median(run[i] for run in runs) * 1e6:.0f}" for i in range(evaluations))
-        totals = ", ".join(
-            f"{e}: {statistics.median(sum(run[:e]) for run in runs) * 1e6:.0f}"
-            for e in sorted({max(evaluations - 1, 1), evaluations})
-        )
+        last_two = (evaluations - 1, evaluations) if evaluations > 1 else (evaluations,)
+        totals = ", ".join(f"{e}: {statistics.median(sum(run[:e]) for run in runs) * 1e6:.0f}" for e in last_two)
         print(f"  {label:26s} {cells}   (total to evaluation {totals})")
 
 
