@@ -24,9 +24,13 @@ To compare two versions of the library, run the script once at each (``git workt
 ``--before-each-evaluation E`` times instead the own work before each of the first E evaluations of a fresh optimizer
 (constructed, then stepped from the race's initial weights; its construction counts in the first), SCG beside
 torch LBFGS at the history ``--lbfgs-history`` (20: the equal-memory row of ``SCG(memory=20)``), the median of
-``--repeats`` runs — where a race to an early target, a few evaluations long, spends its time outside them:
+``--repeats`` runs, the two rows' runs alternating — where a race to an early target, a few evaluations long, spends
+its time outside them. ``--cold-caches MIB`` reads and writes MIB MiB of memory before each evaluation, outside the
+clock, so that each step runs with the caches as cold as a race leaves them, where the other optimizers run between
+two evaluations of one (docs/performance.md, lever 34):
 
     python benchmarks/own_work.py --problems logistic --before-each-evaluation 9 --repeats 40
+    python benchmarks/own_work.py --problems logistic --before-each-evaluation 9 --repeats 40 --cold-caches 32
 """
 
 from __future__ import annotations
@@ -38,6 +42,7 @@ import sys
 import time
 from collections.abc import Callable
 
+import numpy as np
 import torch
 from common import environment
 from peers_adapters import torch_lbfgs
@@ -179,17 +184,33 @@ _ATTRIBUTE_READS = {"__get__", "is_complex", "numel", "dim", "size", "_set_grad_
 class _EvaluationStarts(TimedAccumulator):
     """A :class:`TimedAccumulator` that notes, at the start of each of its first ``limit`` evaluations, the clock and
     the seconds spent inside the evaluations before it, and raises :class:`_EnoughEvaluations` at the next one (a
-    trial's deferred backward belongs to its forward's evaluation and is not one of its own)."""
+    trial's deferred backward belongs to its forward's evaluation and is not one of its own).
+
+    With a ``thrash`` buffer, every element of it is read and written before each of those evaluations, its time
+    counted with the evaluations' (so left out of the own work): the optimizer's work after that evaluation then runs
+    with its code and data evicted from the CPU's caches, as in a race, where the other optimizers run between two of
+    its evaluations (the baton is handed on before each evaluation but a deferred backward), or in a run that is not
+    the only thing its process does."""
 
     limit = 0
     starts: list[tuple[float, float]]
+    thrash: np.ndarray | None = None
 
     def _timed(self, evaluation: Callable, *args, completes_last: bool = False):
         if self.depth == 0 and not completes_last:
             if len(self.starts) == self.limit:
                 raise _EnoughEvaluations
+            if self.thrash is not None:
+                started = time.perf_counter()
+                self._evict_caches()
+                self.seconds += time.perf_counter() - started
             self.starts.append((time.perf_counter(), self.seconds))
         return super()._timed(evaluation, *args, completes_last=completes_last)
+
+    def _evict_caches(self) -> None:
+        """Read and write every element of ``thrash``."""
+        assert self.thrash is not None
+        self.thrash += 1.0
 
 
 def own_work_before_evaluations(
@@ -197,13 +218,17 @@ def own_work_before_evaluations(
     make_optimizer: Callable[[list[torch.Tensor]], torch.optim.Optimizer],
     evaluations: int,
     repeats: int,
+    cold_caches_mib: int = 0,
 ) -> list[list[float]]:
     """Seconds of an optimizer's own work before each of its first ``evaluations`` evaluations, one list per run of
     ``repeats``: each run constructs the optimizer (``make_optimizer(params)``, counted before the first) and steps it
-    on the problem's full-batch objective from the race's initial weights."""
+    on the problem's full-batch objective from the race's initial weights. With ``cold_caches_mib`` > 0, that many
+    MiB of memory are read and written before each evaluation, outside the clock (:class:`_EvaluationStarts`)."""
     model, initial, objective = timed_objective(problem_name)
     objective.__class__ = _EvaluationStarts
     objective.limit = evaluations
+    if cold_caches_mib > 0:
+        objective.thrash = np.zeros(cold_caches_mib * 2**20 // 8)
     runs = []
     for _ in range(repeats):
         model.load_state_dict(initial)
@@ -232,19 +257,30 @@ def lbfgs_own_work(problem_name: str, evaluations: int, repeats: int, history_si
 
 
 def print_before_each_evaluation(
-    name: str, memory: int, diagonal_scaling: bool, lbfgs_history: int, evaluations: int, repeats: int
+    name: str,
+    memory: int,
+    diagonal_scaling: bool,
+    lbfgs_history: int,
+    evaluations: int,
+    repeats: int,
+    cold_caches_mib: int = 0,
 ) -> None:
     """:func:`own_work_before_evaluations` of SCG(memory=m, diagonal_scaling=…) and torch LBFGS(history), a line
-    each: the median µs before each evaluation, and the median of the runs' totals up to the last two evaluations."""
+    each: the median µs before each evaluation, and the median of the runs' totals up to the last two evaluations.
+    The two rows' runs alternate, so that a drift of the machine reaches both alike."""
     rows = {
         f"SCG(memory={memory}{', diagonal' if diagonal_scaling else ''})": lambda params: SCG(
             params, memory=memory, diagonal_scaling=diagonal_scaling
         ),
         f"torch LBFGS(h={lbfgs_history})": lambda params: torch_lbfgs(params, lbfgs_history),
     }
-    print(f"{name}: own work before each of the first {evaluations} evaluations, µs (median of {repeats} runs)")
-    for label, make in rows.items():
-        runs = own_work_before_evaluations(name, make, evaluations, repeats)
+    cold = f", {cold_caches_mib} MiB read and written before each evaluation" if cold_caches_mib else ""
+    print(f"{name}: own work before each of the first {evaluations} evaluations, µs (median of {repeats} runs{cold})")
+    runs_of: dict[str, list[list[float]]] = {label: [] for label in rows}
+    for _ in range(repeats):
+        for label, make in rows.items():
+            runs_of[label] += own_work_before_evaluations(name, make, evaluations, 1, cold_caches_mib)
+    for label, runs in runs_of.items():
         cells = " ".join(f"{statistics.median(run[i] for run in runs) * 1e6:.0f}" for i in range(evaluations))
         last_two = (evaluations - 1, evaluations) if evaluations > 1 else (evaluations,)
         totals = ", ".join(f"{e}: {statistics.median(sum(run[:e]) for run in runs) * 1e6:.0f}" for e in last_two)
@@ -312,16 +348,31 @@ def main(argv: list[str] | None = None) -> int:
         help="instead: own work before each of the first E evaluations of SCG and torch LBFGS(--lbfgs-history)",
     )
     parser.add_argument("--lbfgs-history", type=int, default=20, help="with --before-each-evaluation (default 20)")
+    parser.add_argument(
+        "--cold-caches",
+        type=int,
+        default=0,
+        metavar="MIB",
+        help="with --before-each-evaluation: MIB MiB read and written before each evaluation (unclocked)",
+    )
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
     env = environment(" ".join(["python benchmarks/own_work.py", *(sys.argv[1:] if argv is None else argv)]))
+    if args.cold_caches < 0 or (args.cold_caches and args.before_each_evaluation is None):
+        parser.error("--cold-caches takes MIB ≥ 0, with --before-each-evaluation")
     if args.before_each_evaluation is not None:
         if args.before_each_evaluation < 1 or MEMORY_BOUND in args.problems or args.fake_closure:
             parser.error("--before-each-evaluation takes E ≥ 1 and the real problems' objectives")
         print(f"torch {env['torch']}, 1 thread, {env['date']}; {env['command']}")
         for name in args.problems:
             print_before_each_evaluation(
-                name, args.memory, args.diagonal_scaling, args.lbfgs_history, args.before_each_evaluation, args.repeats
+                name,
+                args.memory,
+                args.diagonal_scaling,
+                args.lbfgs_history,
+                args.before_each_evaluation,
+                args.repeats,
+                args.cold_caches,
             )
         return 0
     mode = f"memory={args.memory}" + (", diagonal_scaling=True" if args.diagonal_scaling else "")

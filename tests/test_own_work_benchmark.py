@@ -6,6 +6,7 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from scripts import load_script
@@ -147,6 +148,20 @@ def test_the_own_work_before_each_evaluation_leaves_out_the_evaluations_and_the_
     # Before the 1st: construction and a step's 7 s; then 7 s a step, and 3 s more after a deferred trial.
     assert runs == [[18.0, 7.0, 10.0, 7.0]] * 2
 
+    # With cold caches, the eviction (1000 s here) comes before each evaluation that starts, not before a deferred
+    # backward (the race hands its baton on at the same points), and is left out of the own work.
+    evictions = []
+
+    def evict(self):
+        evictions.append(self.thrash.nbytes)
+        clock[0] += 1000.0
+
+    monkeypatch.setattr(own_work._EvaluationStarts, "_evict_caches", evict)
+    objective.__class__ = own_work.TimedAccumulator
+    runs = own_work.own_work_before_evaluations("any", Alternating, evaluations=4, repeats=2, cold_caches_mib=3)
+    assert runs == [[18.0, 7.0, 10.0, 7.0]] * 2
+    assert evictions == [3 * 2**20] * 8
+
 
 def test_it_times_the_own_work_before_each_evaluation_of_scg_and_lbfgs(monkeypatch, capsys):
     own_work = load_script(BENCHMARK, monkeypatch)
@@ -171,3 +186,21 @@ def test_it_times_the_own_work_before_each_evaluation_of_scg_and_lbfgs(monkeypat
         assert totals.startswith("2: ") and ", 3: " in totals
     with pytest.raises(SystemExit):
         own_work.main(["--problems", "logistic", "--before-each-evaluation", "0"])
+    with pytest.raises(SystemExit):
+        own_work.main(["--problems", "logistic", "--cold-caches", "4"])  # only with --before-each-evaluation
+    args = ["--problems", "logistic", "--before-each-evaluation", "2", "--repeats", "1", "--cold-caches", "1"]
+    assert own_work.main(args) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[1].endswith("(median of 1 runs, 1 MiB read and written before each evaluation)")
+    assert lines[2].startswith("  SCG(memory=20)") and lines[3].startswith("  torch LBFGS(h=20)")
+
+
+def test_evicting_the_caches_reads_and_writes_the_whole_buffer(monkeypatch):
+    own_work = load_script(BENCHMARK, monkeypatch)
+    model = torch.nn.Linear(2, 1)
+    objective = own_work.TimedAccumulator(model, torch.nn.MSELoss(), (torch.zeros(4, 2), torch.zeros(4, 1)))
+    objective.__class__ = own_work._EvaluationStarts
+    objective.thrash = np.zeros(1000)
+    objective._evict_caches()
+    objective._evict_caches()
+    assert np.array_equal(objective.thrash, np.full(1000, 2.0))
