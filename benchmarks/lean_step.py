@@ -1,0 +1,248 @@
+"""A lean SCG step, for measurement: ``SCG(params, memory=m)``'s algorithm in as few calls as it takes (lever 35).
+
+On a model whose gradient pass takes about a millisecond (the logistic problem of ``benchmarks/peers.py``), SCG's own
+work decides its time to the early targets, and with the CPU's caches cold — as after other work — every part of the
+library's step slows alike (docs/performance.md, lever 34). Would a step that makes far fewer calls win there? Before
+rewriting the library's step (and changing every trajectory's bits), this research variant answers it.
+
+:class:`LeanSCG` runs the library's secant mode with H₀ = γI — δ = μ from the quasi-Newton model, the first step
+LBFGS's α₀ = min(1, 1/|r₁|₁), Møller's λ, λ̄ and Δ with λ ÷ 2 after a good step, p = H r₊ from the compact form of
+the last m pairs with γ = maxᵢ sᵢᵀyᵢ / yᵢᵀyᵢ, the same curvature condition, restart period and steepest-descent
+fallback — on one NumPy array: the parameters become views of one flat tensor, and r, p, r₊, y and the m pairs are
+rows of one ``(4 + 2m) × n`` array, so that every inner product a step needs is one matrix product and H r₊ one
+more. Left out (research variant, not the library): Møller's finite difference for a step without pairs after the
+first (it takes α₀ again), the slopes' estimate of a decrease that rounding drowns, λ's bound, a state dict, and
+any check of its input. Real parameters of one dtype on the CPU only.
+
+Usage:
+    python benchmarks/lean_step.py                 # own work before each of 9 evaluations, cold, beside SCG and LBFGS
+    python benchmarks/lean_step.py --cold-caches 0 # the same warm
+    python benchmarks/lean_step.py --plain-loop --problems logistic --repetitions 31 --out FILE   # a user's loop
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+from collections.abc import Callable
+from typing import Any
+
+import numpy as np
+import torch
+from peers_adapters import torch_lbfgs
+from scipy.linalg import blas, lapack
+
+from moller_scg import SCG
+from moller_scg.quasi_newton import CURVATURE_CONDITION
+from moller_scg.scg import GOOD_COMPARISON, NON_FINITE_COMPARISON, POOR_COMPARISON, SECANT_LAMBDA_DECREASE_FACTOR
+
+Y, P, R_NEW, R = 0, 1, 2, 3
+"""The rows of :attr:`LeanSCG.rows` that hold y = r − r₊, p, r₊ and r; the pairs' steps and changes follow."""
+
+
+class LeanSCG:
+    """``SCG(params, memory=m)`` (secant mode, H₀ = γI) with every vector a row of one NumPy array (module docstring).
+
+    Args:
+        params: real parameters of one dtype on the CPU; they become views of one flat tensor.
+        memory: m ≥ 1.
+        lambd: λ₁.
+    """
+
+    def __init__(self, params: list[torch.Tensor], memory: int = 20, lambd: float = 5e-7) -> None:
+        self.params = list(params)
+        self.memory = m = memory
+        self.lambd_initial = lambd
+        n = sum(p.numel() for p in self.params)
+        flat = torch.empty(n, dtype=self.params[0].dtype)
+        offset = 0
+        with torch.no_grad():
+            for p in self.params:
+                view = flat[offset : offset + p.numel()].view_as(p)
+                view.copy_(p)
+                p.data = view
+                offset += p.numel()
+        self._flat = flat
+        self.w = flat.numpy()
+        self.accepted = np.empty_like(self.w)
+        self.rows = np.zeros((4 + 2 * m, n), dtype=self.w.dtype)
+        self.pair_rows = self.rows[4:].reshape(2, m, n)  # [0]: the steps sᵢ, [1]: the changes yᵢ, by slot
+        self.sy = np.zeros((m, m))  # sᵢᵀyⱼ by slot
+        self.yy = np.zeros((m, m))  # yᵢᵀyⱼ by slot
+        self.order: list[int] = []  # the slots held, oldest first
+        self.started = False
+        self.k = 0
+
+    def step(self, objective: Any) -> torch.Tensor:
+        """One iteration; the first call also evaluates E(w₁) and r₁ = p₁ = −E'(w₁)."""
+        rows = self.rows
+        if not self.started:
+            self.loss = float(objective())
+            self._gather_negated([p.grad for p in self.params], rows[R])
+            rows[P] = rows[R]
+            self.mu = self.direction_sq = float(rows[R] @ rows[R])
+            self.lambd, self.lambd_bar, self.success, self.delta = self.lambd_initial, 0.0, True, 0.0
+            self.order.clear()
+            self.started = True
+        mu, direction_sq, lambd, lambd_bar = self.mu, self.direction_sq, self.lambd, self.lambd_bar
+        if mu <= 0.0:  # p lost descent (rounding): steepest descent, the pairs dropped
+            self.order.clear()
+            rows[P] = rows[R]
+            mu = direction_sq = float(rows[R] @ rows[R])
+            self.success, lambd_bar = True, 0.0
+        if self.success:
+            delta = mu if self.order else mu / min(1.0, 1.0 / float(np.abs(rows[R]).sum()))
+        else:
+            delta = self.delta
+        delta += (lambd - lambd_bar) * direction_sq
+        if delta <= 0.0:
+            lambd_bar = 2.0 * (lambd - delta / direction_sq)
+            delta = -delta + lambd * direction_sq
+            lambd = lambd_bar
+        alpha = mu / delta
+        self.accepted[:] = self.w
+        np.multiply(rows[P], alpha, out=self.w)
+        self.w += self.accepted
+        trial_loss_tensor, gradient = objective.value_then_gradient()
+        trial_loss = float(trial_loss_tensor)
+        self.k += 1
+        comparison = 2.0 * delta * (self.loss - trial_loss) / mu**2
+        finite = np.isfinite(trial_loss)
+        if finite and comparison >= 0.0:
+            self._gather_negated(gradient(), rows[R_NEW])
+            finite = self._accept(alpha, trial_loss)
+        if finite and comparison >= 0.0:
+            lambd_bar, self.success = 0.0, True
+            if comparison >= GOOD_COMPARISON:
+                lambd /= SECANT_LAMBDA_DECREASE_FACTOR
+        else:
+            self.w[:] = self.accepted
+            lambd_bar, self.success = lambd, False
+        effective = comparison if finite else NON_FINITE_COMPARISON
+        if effective < POOR_COMPARISON:
+            lambd = lambd + delta * (1.0 - effective) / direction_sq
+        self.lambd, self.lambd_bar, self.delta = lambd, lambd_bar, delta
+        return torch.tensor(self.loss, dtype=torch.float64)
+
+    def _gather_negated(self, gradients: Any, out: np.ndarray) -> None:
+        np.concatenate([g.numpy().reshape(-1) for g in gradients], out=out)
+        np.negative(out, out=out)
+
+    def _accept(self, alpha: float, trial_loss: float) -> bool:
+        """Step 7 after Δ ≥ 0: the pair, p₊ = H r₊, r ← r₊; ``False`` (nothing changed) if r₊ is not finite."""
+        rows, m = self.rows, self.memory
+        np.subtract(rows[R], rows[R_NEW], out=rows[Y])
+        products = rows[:3] @ rows.T  # [y, p, r₊] against [y, p, r₊, r, S, Y]: every inner product of the step
+        new_residual_sq = products[R_NEW, R_NEW]
+        if not np.isfinite(new_residual_sq):
+            return False
+        self.loss = trial_loss
+        restart = self.k % self.rows.shape[1] == 0
+        if restart:
+            self.order.clear()
+            rows[P] = rows[R_NEW]
+            self.mu = self.direction_sq = float(new_residual_sq)
+            rows[R] = rows[R_NEW]
+            return True
+        change_sq, step_dot_change = products[Y, Y], alpha * products[P, Y]
+        s_dot_v, y_dot_v = products[R_NEW, 4 : 4 + m].copy(), products[R_NEW, 4 + m :].copy()
+        if step_dot_change > CURVATURE_CONDITION * change_sq > 0.0:
+            full = len(self.order) == m
+            slot = self.order.pop(0) if full else len(self.order)
+            steps, changes = self.pair_rows
+            np.multiply(rows[P], alpha, out=steps[slot])
+            changes[slot] = rows[Y]
+            self.sy[:, slot] = products[Y, 4 : 4 + m]  # Sᵀy
+            self.sy[slot, :] = alpha * products[P, 4 + m :]  # sᵀY
+            self.yy[:, slot] = self.yy[slot, :] = products[Y, 4 + m :]
+            self.sy[slot, slot], self.yy[slot, slot] = step_dot_change, change_sq
+            s_dot_v[slot], y_dot_v[slot] = alpha * products[P, R_NEW], products[Y, R_NEW]
+            self.order.append(slot)
+        if self.order:
+            self._inverse_product(s_dot_v, y_dot_v)
+        else:
+            rows[P] = rows[R_NEW]
+        rows[R] = rows[R_NEW]
+        self.direction_sq, self.mu = (rows[P : R_NEW + 1] @ rows[P]).tolist()  # |p₊|², r₊ᵀp₊
+        return True
+
+    def _inverse_product(self, s_dot_v: np.ndarray, y_dot_v: np.ndarray) -> None:
+        """p ← H r₊ by the compact form (Byrd, Nocedal & Schnabel 1994), as :mod:`moller_scg.quasi_newton` forms it."""
+        m, order = self.memory, np.array(self.order)
+        in_order = np.ix_(order, order)
+        upper = np.triu(self.sy[in_order])
+        diagonal = upper.diagonal()
+        gamma = float((diagonal / self.yy[order, order]).max())
+        r_inv_u, _ = lapack.dtrtrs(upper, s_dot_v[order])
+        inner = diagonal * r_inv_u + gamma * (self.yy[in_order] @ r_inv_u) - gamma * y_dot_v[order]
+        coefficients = np.zeros(2 * m)
+        coefficients[order], _ = lapack.dtrtrs(upper, inner, trans=1)
+        coefficients[m + order] = -gamma * r_inv_u
+        rows = self.rows
+        rows[P] = rows[R_NEW]
+        gemv = blas.dgemv if rows.dtype == np.float64 else blas.sgemv
+        gemv(1.0, rows[4:].T, coefficients.astype(rows.dtype), beta=gamma, y=rows[P], overwrite_y=1)
+
+
+ROWS: dict[str, Callable[[list[torch.Tensor]], Any]] = {
+    "SCG(memory=20)": lambda params: SCG(params, memory=20),
+    "lean SCG(memory=20)": lambda params: LeanSCG(params, memory=20),
+    "torch LBFGS(h=20)": lambda params: torch_lbfgs(params, 20),
+}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--problem", default="logistic")
+    parser.add_argument("--evaluations", type=int, default=9)
+    parser.add_argument("--repeats", type=int, default=40)
+    parser.add_argument("--cold-caches", type=int, default=32, metavar="MIB")
+    parser.add_argument("--plain-loop", action="store_true", help="instead: plain_loop.py's user's loop with the rows")
+    args, rest = parser.parse_known_args(argv)
+    torch.set_num_threads(1)
+    if args.plain_loop:
+        import plain_loop
+        from one_at_a_time import run_command
+
+        plain_loop.ROWS = {
+            "torch LBFGS": lambda params: torch_lbfgs(params, 100),
+            "torch LBFGS h=20": ROWS["torch LBFGS(h=20)"],
+            "SCG m=20": ROWS["SCG(memory=20)"],
+            "lean SCG m=20": ROWS["lean SCG(memory=20)"],
+        }
+        return run_command(
+            rest,
+            description=__doc__.splitlines()[0],
+            script="lean_step",
+            rows_are="A user's loop with the lean row (lean_step.py --plain-loop: plain_loop.py's measurement), "
+            "optimizer.step(accumulator), each row alone",
+            measure=plain_loop.plain_loop,
+            default_repetitions=7,
+        )
+    if rest:
+        parser.error(f"unrecognized arguments: {' '.join(rest)}")
+    from common import environment
+    from own_work import own_work_before_evaluations
+
+    env = environment(" ".join(["python benchmarks/lean_step.py", *(sys.argv[1:] if argv is None else argv)]))
+    print(f"torch {env['torch']}, 1 thread, {env['date']}; {env['command']}")
+    cold = f", {args.cold_caches} MiB read and written before each evaluation" if args.cold_caches else ""
+    print(
+        f"{args.problem}: own work before each of the first {args.evaluations} evaluations, µs (median of "
+        f"{args.repeats} runs{cold})"
+    )
+    runs_of: dict[str, list[list[float]]] = {label: [] for label in ROWS}
+    for _ in range(args.repeats):
+        for label, make in ROWS.items():
+            runs_of[label] += own_work_before_evaluations(args.problem, make, args.evaluations, 1, args.cold_caches)
+    e = args.evaluations
+    for label, runs in runs_of.items():
+        cells = " ".join(f"{statistics.median(run[i] for run in runs) * 1e6:.0f}" for i in range(e))
+        totals = ", ".join(f"{t}: {statistics.median(sum(run[:t]) for run in runs) * 1e6:.0f}" for t in (e - 1, e))
+        print(f"  {label:22s} {cells}   (total to evaluation {totals})")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

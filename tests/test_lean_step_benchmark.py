@@ -1,0 +1,97 @@
+"""benchmarks/lean_step.py: the library's secant mode in a few NumPy calls a step, a research variant (lever 35)."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import pytest
+import torch
+from scripts import load_script
+from torch import nn
+
+from moller_scg import SCG, GradientAccumulator
+
+BENCHMARK = Path(__file__).resolve().parents[1] / "benchmarks" / "lean_step.py"
+
+
+def _softmax_problem(seed: int = 0) -> tuple[nn.Module, GradientAccumulator]:
+    torch.manual_seed(seed)
+    model = nn.Sequential(nn.Linear(6, 4), nn.Tanh(), nn.Linear(4, 3)).double()
+    inputs = torch.randn(64, 6, dtype=torch.float64)
+    targets = torch.randint(0, 3, (64,))
+    return model, GradientAccumulator(model, nn.CrossEntropyLoss(), (inputs, targets))
+
+
+def test_it_takes_the_library_secant_modes_steps(monkeypatch):
+    # The same algorithm as SCG(params, memory=m): the same accepted and rejected trials, the losses equal to rounding,
+    # over 40 steps that fill and recycle m = 3 slots and reject some trials — before the first restart (k = N = 43,
+    # the number of weights), after which the library takes Møller's finite difference and the variant α₀ again.
+    script = load_script(BENCHMARK, monkeypatch)
+    model, accumulator = _softmax_problem()
+    initial = {k: v.clone() for k, v in model.state_dict().items()}
+    library = SCG(model.parameters(), memory=3)
+    library_losses, rejected = [], 0
+    for _ in range(40):
+        library_losses.append(float(library.step(accumulator)))
+        rejected += not library.trace.success
+    model.load_state_dict(initial)
+    lean = script.LeanSCG(list(model.parameters()), memory=3)
+    lean_losses = [float(lean.step(accumulator)) for _ in range(40)]
+    assert rejected > 0
+    assert lean_losses == pytest.approx(library_losses, rel=1e-9, abs=0.0)
+    assert lean_losses[-1] < 0.5 * lean_losses[0]
+
+
+def test_the_parameters_become_views_of_one_flat_array_with_their_values(monkeypatch):
+    script = load_script(BENCHMARK, monkeypatch)
+    model, _ = _softmax_problem()
+    before = [p.detach().clone() for p in model.parameters()]
+    lean = script.LeanSCG(list(model.parameters()), memory=2)
+    assert all(torch.equal(p, b) for p, b in zip(model.parameters(), before))
+    lean.w[0] = 7.0  # the NumPy array is the parameters' memory
+    assert next(model.parameters()).reshape(-1)[0].item() == 7.0
+
+
+class _NaNTrials(GradientAccumulator):
+    """An accumulator whose trials (``value_then_gradient``) return a NaN loss from the ``nan_from``-th on."""
+
+    trials = 0
+    nan_from = 0
+
+    def value_then_gradient(self):
+        loss, gradient = super().value_then_gradient()
+        self.trials += 1
+        return (torch.tensor(math.nan, dtype=torch.float64) if self.trials >= self.nan_from else loss), gradient
+
+
+def test_a_non_finite_trial_leaves_the_accepted_weights_and_raises_lambda(monkeypatch):
+    script = load_script(BENCHMARK, monkeypatch)
+    model, accumulator = _softmax_problem()
+    accumulator.__class__ = _NaNTrials
+    accumulator.nan_from = 4
+    lean = script.LeanSCG(list(model.parameters()), memory=3)
+    for _ in range(3):
+        lean.step(accumulator)
+    accepted = [p.detach().clone() for p in model.parameters()]
+    loss, lambd = lean.loss, lean.lambd
+    assert float(lean.step(accumulator)) == loss  # the fourth trial is NaN: rejected
+    assert all(torch.equal(p, a) for p, a in zip(model.parameters(), accepted))
+    assert lean.lambd > lambd and not lean.success
+
+
+def test_it_prints_the_own_work_of_each_row_and_runs_the_users_loop(monkeypatch, capsys, tmp_path):
+    for module in ("sklearn", "torchmin"):
+        pytest.importorskip(module, reason=f"benchmarks/peers.py needs {module}: pip install 'moller-scg[benchmarks]'")
+    script = load_script(BENCHMARK, monkeypatch)
+    assert script.main(["--repeats", "1", "--evaluations", "3", "--cold-caches", "1"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[1].startswith("logistic: own work before each of the first 3 evaluations")
+    assert [line.split("  ")[1].strip() for line in lines[2:5]] == list(script.ROWS)
+    with pytest.raises(SystemExit):
+        script.main(["--repetitions", "1"])  # plain_loop.py's option, without --plain-loop
+    out = tmp_path / "lean_plain.txt"
+    args = ["--plain-loop", "--problems", "logistic", "--quick", "--repetitions", "1", "--out", str(out)]
+    assert script.main(args) == 0
+    report = out.read_text()
+    assert "lean SCG m=20" in report and "torch LBFGS h=20" in report
