@@ -18,6 +18,7 @@ Usage:
     python benchmarks/lean_step.py                 # own work before each of 9 evaluations, cold, beside SCG and LBFGS
     python benchmarks/lean_step.py --cold-caches 0 # the same warm
     python benchmarks/lean_step.py --plain-loop --problems logistic --repetitions 31 --out FILE   # a user's loop
+    python benchmarks/lean_step.py --race --problems logistic --races 9 --out DIR    # peers.py's race, four rows
 """
 
 from __future__ import annotations
@@ -185,6 +186,48 @@ class LeanSCG:
         gemv(1.0, rows[4:].T, coefficients.astype(rows.dtype), beta=gamma, y=rows[P], overwrite_y=1)
 
 
+class _RunAsAccumulator:
+    """A race's run (``peers_metering.Run``) as :class:`LeanSCG` calls its objective: the accumulator's names."""
+
+    def __init__(self, run: Any) -> None:
+        self.run = run
+
+    def __call__(self) -> torch.Tensor:
+        return self.run()
+
+    def value_then_gradient(self) -> tuple[torch.Tensor, Callable[[], list[torch.Tensor]]]:
+        return self.run.value_then_grad()
+
+
+def run_lean(run: Any) -> None:
+    """:class:`LeanSCG` (m = 20) in ``benchmarks/peers.py``'s race, its accepted points recorded after each step as
+    ``peers_adapters.run_scg`` records SCG's (the race ends it when the budget is spent)."""
+    optimizer = LeanSCG(run.params, memory=20)
+    objective = _RunAsAccumulator(run)
+    run.extra["record_in_step"] = True
+    while True:
+        loss = optimizer.step(objective)
+        run.record(float(loss), run.flat_params)
+
+
+RACE_ROWS = ("torch LBFGS", "torch LBFGS h=20", "SCG m=20")
+"""The rows of ``peers.py`` that ``--race`` runs beside the lean one."""
+
+LEAN_RACE_ROW = "lean SCG m=20 (research)"
+"""The lean row's name in the race; a peer's row, so that the report's goals of issue #14 leave it out (the race's
+memory measure does not see NumPy arrays)."""
+
+
+def race_table(problem: Any) -> dict[str, Any]:
+    """``peers.py``'s table cut to :data:`RACE_ROWS`, with the lean row."""
+    import peers_adapters
+
+    full = peers_adapters.optimizers(problem)
+    table = {name: full[name] for name in RACE_ROWS}
+    table[LEAN_RACE_ROW] = peers_adapters.Row(run_lean, peers_adapters.PEER_FAMILY)
+    return table
+
+
 ROWS: dict[str, Callable[[list[torch.Tensor]], Any]] = {
     "SCG(memory=20)": lambda params: SCG(params, memory=20),
     "lean SCG(memory=20)": lambda params: LeanSCG(params, memory=20),
@@ -199,8 +242,19 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--repeats", type=int, default=40)
     parser.add_argument("--cold-caches", type=int, default=32, metavar="MIB")
     parser.add_argument("--plain-loop", action="store_true", help="instead: plain_loop.py's user's loop with the rows")
+    parser.add_argument("--race", action="store_true", help="instead: peers.py's race of RACE_ROWS and the lean row")
     args, rest = parser.parse_known_args(argv)
     torch.set_num_threads(1)
+    if args.race:
+        import peers
+
+        peers.optimizers = race_table
+        peers.memory_probe = lambda *args: None  # the probe's table needs Adam's rows; memory is not asked here
+        peers_environment = peers.environment
+        peers.environment = lambda command: peers_environment(
+            command.replace("python benchmarks/peers.py", "python benchmarks/lean_step.py --race", 1)
+        )
+        return peers.main(rest)
     if args.plain_loop:
         import plain_loop
         from one_at_a_time import run_command

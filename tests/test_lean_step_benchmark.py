@@ -95,3 +95,17 @@ def test_it_prints_the_own_work_of_each_row_and_runs_the_users_loop(monkeypatch,
     assert script.main(args) == 0
     report = out.read_text()
     assert "lean SCG m=20" in report and "torch LBFGS h=20" in report
+
+
+@pytest.mark.filterwarnings("ignore:`torch.jit.script` is deprecated:FutureWarning")  # torchmin, at import
+def test_it_races_the_lean_row_beside_three_rows_of_the_race(monkeypatch, tmp_path):
+    for module in ("sklearn", "torchmin", "paramz"):
+        pytest.importorskip(module, reason=f"benchmarks/peers.py needs {module}: pip install 'moller-scg[benchmarks]'")
+    script = load_script(BENCHMARK, monkeypatch)
+    assert script.main(["--race", "--problems", "logistic", "--quick", "--out", str(tmp_path)]) == 0
+    report = (tmp_path / "peers_quick.txt").read_text()
+    assert "command: python benchmarks/lean_step.py --race --problems logistic --quick" in report
+    lines = report.splitlines()
+    table = lines[next(i for i, line in enumerate(lines) if line.startswith("-----")) + 1 :][:4]
+    assert [line.split("  ")[0] for line in table] == [*script.RACE_ROWS, script.LEAN_RACE_ROW]
+    assert "budget spent" in next(line for line in report.splitlines() if line.startswith(script.LEAN_RACE_ROW))

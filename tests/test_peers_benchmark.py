@@ -237,6 +237,22 @@ def test_beats_needs_every_contested_target_first_and_compares_final_loss_when_n
     assert not report.beats(fake_result("SCG", "SCG", [None, None, None], 3.0, final_loss=0.6), nobody)
 
 
+def test_beats_over_several_races_compares_the_two_rows_race_by_race(monkeypatch):
+    # The challenger's median seconds (2.0) are below the other's (2.2), but it is slower in two races of three: the
+    # machine's speed moved between races, and it loses in the median race (ratios 1.1, 1.1, 0.5).
+    report = load_report(monkeypatch)
+    challenger = fake_result("SCG", "SCG", [2.0, None, None], 3.0)
+    other = fake_result("torch LBFGS h=20", "torch LBFGS", [2.2, None, None], 50.0)
+    challenger["targets"][0]["seconds_by_race"] = [1.1, 2.2, 2.0]
+    other["targets"][0]["seconds_by_race"] = [1.0, 2.0, 4.0]
+    assert not report.beats(challenger, other)
+    assert report.beats(other, challenger)  # ratios 0.91, 0.91, 2.0: faster in the median race
+    challenger["targets"][0]["seconds_by_race"] = [0.9, 1.8, 4.4]  # faster in two races of three
+    assert report.beats(challenger, other)
+    del challenger["targets"][0]["seconds_by_race"]  # one race: its seconds
+    assert report.beats(challenger, other)
+
+
 def test_the_twin_check_compares_lbfgs_history_40_where_it_computes_what_the_reference_does(monkeypatch):
     report = load_report(monkeypatch)
     reference = fake_result("torch LBFGS", "torch LBFGS", [1.0, 2.0, 4.0], 80.0)
