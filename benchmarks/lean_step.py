@@ -87,6 +87,8 @@ class LeanSCG:
             self.order.clear()
             self.started = True
         mu, direction_sq, lambd, lambd_bar = self.mu, self.direction_sq, self.lambd, self.lambd_bar
+        if not rows[R].any():  # r = 0: w is stationary, and stays
+            return torch.tensor(self.loss, dtype=torch.float64)
         if mu <= 0.0:  # p lost descent (rounding): steepest descent, the pairs dropped
             self.order.clear()
             rows[P] = rows[R]

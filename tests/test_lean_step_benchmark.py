@@ -80,6 +80,18 @@ def test_a_non_finite_trial_leaves_the_accepted_weights_and_raises_lambda(monkey
     assert lean.lambd > lambd and not lean.success
 
 
+def test_at_a_zero_gradient_the_weights_stay(monkeypatch):
+    script = load_script(BENCHMARK, monkeypatch)
+    model = nn.Linear(2, 1).double()
+    with torch.no_grad():
+        model.weight.zero_()
+        model.bias.zero_()
+    accumulator = GradientAccumulator(model, nn.MSELoss(), (torch.ones(4, 2, dtype=torch.float64), torch.zeros(4, 1)))
+    lean = script.LeanSCG(list(model.parameters()), memory=2)
+    assert float(lean.step(accumulator)) == 0.0 and float(lean.step(accumulator)) == 0.0
+    assert not any(p.detach().any() for p in model.parameters())
+
+
 def test_it_prints_the_own_work_of_each_row_and_runs_the_users_loop(monkeypatch, capsys, tmp_path):
     for module in ("sklearn", "torchmin"):
         pytest.importorskip(module, reason=f"benchmarks/peers.py needs {module}: pip install 'moller-scg[benchmarks]'")
