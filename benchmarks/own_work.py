@@ -26,8 +26,8 @@ To compare two versions of the library, run the script once at each (``git workt
 torch LBFGS at the history ``--lbfgs-history`` (20: the equal-memory row of ``SCG(memory=20)``), the median of
 ``--repeats`` runs, the two rows' runs alternating — where a race to an early target, a few evaluations long, spends
 its time outside them. ``--cold-caches MIB`` reads and writes MIB MiB of memory before each evaluation, outside the
-clock, so that each step runs with the caches as cold as a race leaves them, where the other optimizers run between
-two evaluations of one (docs/performance.md, lever 34):
+clock, so that each step runs with its code and data evicted from the caches, as after other work — a race, where the
+other optimizers run between two evaluations of one, or a loop that does more (docs/performance.md, lever 34):
 
     python benchmarks/own_work.py --problems logistic --before-each-evaluation 9 --repeats 40
     python benchmarks/own_work.py --problems logistic --before-each-evaluation 9 --repeats 40 --cold-caches 32

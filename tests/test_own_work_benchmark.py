@@ -195,6 +195,24 @@ def test_it_times_the_own_work_before_each_evaluation_of_scg_and_lbfgs(monkeypat
     assert lines[2].startswith("  SCG(memory=20)") and lines[3].startswith("  torch LBFGS(h=20)")
 
 
+def test_the_rows_runs_alternate_and_each_takes_the_cold_caches(monkeypatch, capsys):
+    own_work = load_script(BENCHMARK, monkeypatch)
+    calls = []
+
+    def record(name, make, evaluations, repeats, cold_caches_mib=0):
+        calls.append((make, repeats, cold_caches_mib))
+        return [[1e-6 * (len(calls) + i) for i in range(evaluations)]]
+
+    monkeypatch.setattr(own_work, "own_work_before_evaluations", record)
+    own_work.print_before_each_evaluation("logistic", 20, False, 20, 3, repeats=3, cold_caches_mib=5)
+    assert len(calls) == 6 and all(repeats == 1 and cold == 5 for _, repeats, cold in calls)
+    makers = [make for make, _, _ in calls]
+    assert all(m is makers[0] for m in makers[0::2]) and all(m is makers[1] for m in makers[1::2])
+    assert makers[0] is not makers[1]  # SCG, then LBFGS, then SCG, …
+    with pytest.raises(SystemExit):
+        own_work.main(["--problems", "logistic", "--before-each-evaluation", "2", "--cold-caches", "-1"])
+
+
 def test_evicting_the_caches_reads_and_writes_the_whole_buffer(monkeypatch):
     own_work = load_script(BENCHMARK, monkeypatch)
     model = torch.nn.Linear(2, 1)
