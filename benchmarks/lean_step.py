@@ -10,15 +10,18 @@ LBFGS's α₀ = min(1, 1/|r₁|₁), Møller's λ, λ̄ and Δ with λ ÷ 2 afte
 the last m pairs with γ = maxᵢ sᵢᵀyᵢ / yᵢᵀyᵢ, the same curvature condition, restart period and steepest-descent
 fallback — on one NumPy array: the parameters become views of one flat tensor, and r, p, r₊, y and the m pairs are
 rows of one ``(4 + 2m) × n`` array, so that every inner product a step needs is one matrix product and H r₊ one
-more. Left out (research variant, not the library): Møller's finite difference for a step without pairs after the
-first (it takes α₀ again), the slopes' estimate of a decrease that rounding drowns, λ's bound, a state dict, and
-any check of its input. Real parameters of one dtype on the CPU only.
+more. With ``diagonal_scaling=True``, H₀ = γ_D Λ as in ``SCG(params, memory=m, diagonal_scaling=True)``: v and Λ
+from the accepted gradients (:mod:`moller_scg.diagonal_scaling`'s rule and constants) and H r₊ by the form
+:mod:`moller_scg.quasi_newton` derives for it. Left out (research variant, not the library): Møller's finite
+difference for a step without pairs after the first (it takes α₀ again), the slopes' estimate of a decrease that
+rounding drowns, λ's bound, a state dict, and any check of its input. Real parameters of one dtype on the CPU only.
 
 Usage:
     python benchmarks/lean_step.py                 # own work before each of 9 evaluations, cold, beside SCG and LBFGS
     python benchmarks/lean_step.py --cold-caches 0 # the same warm
     python benchmarks/lean_step.py --plain-loop --problems logistic --repetitions 31 --out FILE   # a user's loop
     python benchmarks/lean_step.py --race --problems logistic --races 9 --out DIR    # peers.py's race, four rows
+    python benchmarks/lean_step.py --diagonal-scaling [...]     # each of the above with H₀ = γ_D Λ in the SCG rows
 """
 
 from __future__ import annotations
@@ -35,6 +38,7 @@ from peers_adapters import torch_lbfgs
 from scipy.linalg import blas, lapack
 
 from moller_scg import SCG
+from moller_scg.diagonal_scaling import BETA, EPSILON, POWER
 from moller_scg.quasi_newton import CURVATURE_CONDITION
 from moller_scg.scg import GOOD_COMPARISON, NON_FINITE_COMPARISON, POOR_COMPARISON, SECANT_LAMBDA_DECREASE_FACTOR
 
@@ -51,7 +55,9 @@ class LeanSCG:
         lambd: λ₁.
     """
 
-    def __init__(self, params: list[torch.Tensor], memory: int = 20, lambd: float = 5e-7) -> None:
+    def __init__(
+        self, params: list[torch.Tensor], memory: int = 20, lambd: float = 5e-7, diagonal_scaling: bool = False
+    ) -> None:
         self.params = list(params)
         self.memory = m = memory
         self.lambd_initial = lambd
@@ -72,6 +78,10 @@ class LeanSCG:
         self.sy = np.zeros((m, m))  # sᵢᵀyⱼ by slot
         self.yy = np.zeros((m, m))  # yᵢᵀyⱼ by slot
         self.order: list[int] = []  # the slots held, oldest first
+        # With diagonal scaling, H₀ = γ_D Λ: v ← βv + (1 − β)g² over the accepted gradients, Λ = 1/(v^κ + ε mean v^κ)
+        # (moller_scg.diagonal_scaling's constants).
+        self.second_moment = np.zeros(n, dtype=self.w.dtype) if diagonal_scaling else None
+        self.diagonal = np.zeros(n, dtype=self.w.dtype) if diagonal_scaling else None
         self.started = False
         self.k = 0
 
@@ -82,6 +92,10 @@ class LeanSCG:
             self.loss = float(objective())
             self._gather_negated([p.grad for p in self.params], rows[R])
             rows[P] = rows[R]
+            if self.second_moment is not None:
+                np.multiply(rows[R], rows[R], out=self.second_moment)
+                self.second_moment *= 1.0 - BETA
+                self._form_diagonal()
             self.mu = self.direction_sq = float(rows[R] @ rows[R])
             self.lambd, self.lambd_bar, self.success, self.delta = self.lambd_initial, 0.0, True, 0.0
             self.order.clear()
@@ -141,6 +155,12 @@ class LeanSCG:
         if not np.isfinite(new_residual_sq):
             return False
         self.loss = trial_loss
+        if self.second_moment is not None:  # v ← βv + (1 − β)r₊², then Λ
+            np.multiply(rows[R_NEW], rows[R_NEW], out=self.diagonal)
+            self.diagonal *= 1.0 - BETA
+            self.second_moment *= BETA
+            self.second_moment += self.diagonal
+            self._form_diagonal()
         restart = self.k % self.rows.shape[1] == 0
         if restart:
             self.order.clear()
@@ -170,6 +190,14 @@ class LeanSCG:
         self.direction_sq, self.mu = (rows[P : R_NEW + 1] @ rows[P]).tolist()  # |p₊|², r₊ᵀp₊
         return True
 
+    def _form_diagonal(self) -> None:
+        """Λ = 1/max(v^κ + ε mean v^κ, the smallest normal number), as :mod:`moller_scg.diagonal_scaling` forms it."""
+        d = self.diagonal
+        np.power(self.second_moment, POWER, out=d)
+        d += EPSILON * d.dtype.type(np.add.reduce(d) / d.size)
+        np.maximum(d, np.finfo(d.dtype).tiny, out=d)
+        np.reciprocal(d, out=d)
+
     def _inverse_product(self, s_dot_v: np.ndarray, y_dot_v: np.ndarray) -> None:
         """p ← H r₊ by the compact form (Byrd, Nocedal & Schnabel 1994), as :mod:`moller_scg.quasi_newton` forms it."""
         m, order = self.memory, np.array(self.order)
@@ -178,6 +206,9 @@ class LeanSCG:
         diagonal = upper.diagonal()
         gamma = float((diagonal / self.yy[order, order]).max())
         r_inv_u, _ = lapack.dtrtrs(upper, s_dot_v[order])
+        if self.diagonal is not None:
+            self._scaled_inverse_product(order, upper, r_inv_u)
+            return
         inner = diagonal * r_inv_u + gamma * (self.yy[in_order] @ r_inv_u) - gamma * y_dot_v[order]
         coefficients = np.zeros(2 * m)
         coefficients[order], _ = lapack.dtrtrs(upper, inner, trans=1)
@@ -186,6 +217,26 @@ class LeanSCG:
         rows[P] = rows[R_NEW]
         gemv = blas.dgemv if rows.dtype == np.float64 else blas.sgemv
         gemv(1.0, rows[4:].T, coefficients.astype(rows.dtype), beta=gamma, y=rows[P], overwrite_y=1)
+
+    def _scaled_inverse_product(self, order: np.ndarray, upper: np.ndarray, r_inv_u: np.ndarray) -> None:
+        """p ← H r₊ with H₀ = γ_D Λ: H v = γ_D Λq + S R⁻ᵀ(D R⁻¹u − γ_D YᵀΛq), q = v − Y R⁻¹u (the form
+        :mod:`moller_scg.quasi_newton` derives), q in p's row and Λq in y's (y is stored)."""
+        m, rows = self.memory, self.rows
+        steps, changes = self.pair_rows
+        gemv = blas.dgemv if rows.dtype == np.float64 else blas.sgemv
+        c_q = np.zeros(m)
+        c_q[order] = -r_inv_u
+        rows[P] = rows[R_NEW]
+        gemv(1.0, changes.T, c_q.astype(rows.dtype), beta=1.0, y=rows[P], overwrite_y=1)  # q
+        np.multiply(self.diagonal, rows[P], out=rows[Y])  # Λq
+        changes_dot_scaled = changes @ rows[Y]  # YᵀΛq
+        gram_diagonal = (changes * changes) @ self.diagonal  # yᵢᵀΛyᵢ
+        diagonal_of_r = upper.diagonal()
+        gamma = float((diagonal_of_r / gram_diagonal[order]).max())  # γ_D
+        c_s = np.zeros(m)
+        c_s[order], _ = lapack.dtrtrs(upper, diagonal_of_r * r_inv_u - gamma * changes_dot_scaled[order], trans=1)
+        rows[P] = rows[Y]
+        gemv(1.0, steps.T, c_s.astype(rows.dtype), beta=gamma, y=rows[P], overwrite_y=1)  # γ_D Λq + S c_S
 
 
 class _RunAsAccumulator:
@@ -201,10 +252,10 @@ class _RunAsAccumulator:
         return self.run.value_then_grad()
 
 
-def run_lean(run: Any) -> None:
+def run_lean(run: Any, diagonal_scaling: bool = False) -> None:
     """:class:`LeanSCG` (m = 20) in ``benchmarks/peers.py``'s race, its accepted points recorded after each step as
     ``peers_adapters.run_scg`` records SCG's (the race ends it when the budget is spent)."""
-    optimizer = LeanSCG(run.params, memory=20)
+    optimizer = LeanSCG(run.params, memory=20, diagonal_scaling=diagonal_scaling)
     objective = _RunAsAccumulator(run)
     run.extra["record_in_step"] = True
     while True:
@@ -212,29 +263,37 @@ def run_lean(run: Any) -> None:
         run.record(float(loss), run.flat_params)
 
 
-RACE_ROWS = ("torch LBFGS", "torch LBFGS h=20", "SCG m=20")
-"""The rows of ``peers.py`` that ``--race`` runs beside the lean one."""
-
-LEAN_RACE_ROW = "lean SCG m=20 (research)"
-"""The lean row's name in the race; a peer's row, so that the report's goals of issue #14 leave it out (the race's
-memory measure does not see NumPy arrays)."""
+def race_rows(diagonal_scaling: bool) -> tuple[str, ...]:
+    """The rows of ``peers.py`` that ``--race`` runs beside the lean one: LBFGS(100), LBFGS history 20 and the
+    library's mode the lean row computes."""
+    return ("torch LBFGS", "torch LBFGS h=20", "SCG m=20 diag" if diagonal_scaling else "SCG m=20")
 
 
-def race_table(problem: Any) -> dict[str, Any]:
-    """``peers.py``'s table cut to :data:`RACE_ROWS`, with the lean row."""
+def lean_race_row(diagonal_scaling: bool) -> str:
+    """The lean row's name in the race; a peer's row, so that the report's goals of issue #14 leave it out (the race's
+    memory measure does not see NumPy arrays)."""
+    return f"lean SCG m=20{' diag' if diagonal_scaling else ''} (research)"
+
+
+def race_table(problem: Any, diagonal_scaling: bool = False) -> dict[str, Any]:
+    """``peers.py``'s table cut to :func:`race_rows`, with the lean row."""
     import peers_adapters
 
     full = peers_adapters.optimizers(problem)
-    table = {name: full[name] for name in RACE_ROWS}
-    table[LEAN_RACE_ROW] = peers_adapters.Row(run_lean, peers_adapters.PEER_FAMILY)
+    table = {name: full[name] for name in race_rows(diagonal_scaling)}
+    lean = peers_adapters.Row(lambda run: run_lean(run, diagonal_scaling), peers_adapters.PEER_FAMILY)
+    table[lean_race_row(diagonal_scaling)] = lean
     return table
 
 
-ROWS: dict[str, Callable[[list[torch.Tensor]], Any]] = {
-    "SCG(memory=20)": lambda params: SCG(params, memory=20),
-    "lean SCG(memory=20)": lambda params: LeanSCG(params, memory=20),
-    "torch LBFGS(h=20)": lambda params: torch_lbfgs(params, 20),
-}
+def rows(diagonal_scaling: bool) -> dict[str, Callable[[list[torch.Tensor]], Any]]:
+    """The library's mode, its lean variant and LBFGS history 20, by the labels of the own-work table."""
+    mode = ", diagonal" if diagonal_scaling else ""
+    return {
+        f"SCG(memory=20{mode})": lambda params: SCG(params, memory=20, diagonal_scaling=diagonal_scaling),
+        f"lean SCG(memory=20{mode})": lambda params: LeanSCG(params, memory=20, diagonal_scaling=diagonal_scaling),
+        "torch LBFGS(h=20)": lambda params: torch_lbfgs(params, 20),
+    }
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -244,13 +303,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--repeats", type=int, default=40)
     parser.add_argument("--cold-caches", type=int, default=32, metavar="MIB")
     parser.add_argument("--plain-loop", action="store_true", help="instead: plain_loop.py's user's loop with the rows")
-    parser.add_argument("--race", action="store_true", help="instead: peers.py's race of RACE_ROWS and the lean row")
+    parser.add_argument("--race", action="store_true", help="instead: peers.py's race, four rows (race_rows)")
+    parser.add_argument("--diagonal-scaling", action="store_true", help="the diagonal H₀ in the SCG rows")
     args, rest = parser.parse_known_args(argv)
     torch.set_num_threads(1)
     if args.race:
         import peers
 
-        peers.optimizers = race_table
+        peers.optimizers = lambda problem: race_table(problem, args.diagonal_scaling)
         peers.memory_probe = lambda *args: None  # the probe's table needs Adam's rows; memory is not asked here
         peers_environment = peers.environment
         peers.environment = lambda command: peers_environment(
@@ -261,11 +321,13 @@ def main(argv: list[str] | None = None) -> int:
         import plain_loop
         from one_at_a_time import run_command
 
+        library, lean, lbfgs = rows(args.diagonal_scaling).values()
+        diag = " diag" if args.diagonal_scaling else ""
         plain_loop.ROWS = {
             "torch LBFGS": lambda params: torch_lbfgs(params, 100),
-            "torch LBFGS h=20": ROWS["torch LBFGS(h=20)"],
-            "SCG m=20": ROWS["SCG(memory=20)"],
-            "lean SCG m=20": ROWS["lean SCG(memory=20)"],
+            "torch LBFGS h=20": lbfgs,
+            f"SCG m=20{diag}": library,
+            f"lean SCG m=20{diag}": lean,
         }
         return run_command(
             rest,
@@ -288,15 +350,16 @@ def main(argv: list[str] | None = None) -> int:
         f"{args.problem}: own work before each of the first {args.evaluations} evaluations, µs (median of "
         f"{args.repeats} runs{cold})"
     )
-    runs_of: dict[str, list[list[float]]] = {label: [] for label in ROWS}
+    table = rows(args.diagonal_scaling)
+    runs_of: dict[str, list[list[float]]] = {label: [] for label in table}
     for _ in range(args.repeats):
-        for label, make in ROWS.items():
+        for label, make in table.items():
             runs_of[label] += own_work_before_evaluations(args.problem, make, args.evaluations, 1, args.cold_caches)
     e = args.evaluations
     for label, runs in runs_of.items():
         cells = " ".join(f"{statistics.median(run[i] for run in runs) * 1e6:.0f}" for i in range(e))
         totals = ", ".join(f"{t}: {statistics.median(sum(run[:t]) for run in runs) * 1e6:.0f}" for t in (e - 1, e))
-        print(f"  {label:22s} {cells}   (total to evaluation {totals})")
+        print(f"  {label:32s} {cells}   (total to evaluation {totals})")
     return 0
 
 
