@@ -27,13 +27,15 @@ Usage:
 from __future__ import annotations
 
 import argparse
+import contextlib
 import statistics
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import numpy as np
 import torch
+from common import environment
 from peers_adapters import torch_lbfgs
 from scipy.linalg import blas, lapack
 
@@ -296,6 +298,20 @@ def rows(diagonal_scaling: bool) -> dict[str, Callable[[list[torch.Tensor]], Any
     }
 
 
+@contextlib.contextmanager
+def _replaced(module: Any, attributes: dict[str, Any]) -> Iterator[None]:
+    """The module's attributes replaced for the duration (``peers.py``'s table, ``plain_loop.py``'s rows, the reports'
+    command lines), then put back."""
+    saved = {name: getattr(module, name) for name in attributes}
+    for name, value in attributes.items():
+        setattr(module, name, value)
+    try:
+        yield
+    finally:
+        for name, value in saved.items():
+            setattr(module, name, value)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--problem", default="logistic")
@@ -307,40 +323,47 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--diagonal-scaling", action="store_true", help="the diagonal H₀ in the SCG rows")
     args, rest = parser.parse_known_args(argv)
     torch.set_num_threads(1)
+    diagonal = " --diagonal-scaling" if args.diagonal_scaling else ""  # the reports' command lines
     if args.race:
         import peers
 
-        peers.optimizers = lambda problem: race_table(problem, args.diagonal_scaling)
-        peers.memory_probe = lambda *args: None  # the probe's table needs Adam's rows; memory is not asked here
-        peers_environment = peers.environment
-        peers.environment = lambda command: peers_environment(
-            command.replace("python benchmarks/peers.py", "python benchmarks/lean_step.py --race", 1)
-        )
-        return peers.main(rest)
+        race = {
+            "optimizers": lambda problem: race_table(problem, args.diagonal_scaling),
+            "memory_probe": lambda *args: None,  # the probe's table needs Adam's rows; memory is not asked here
+            "environment": lambda command: environment(
+                command.replace("python benchmarks/peers.py", f"python benchmarks/lean_step.py --race{diagonal}", 1)
+            ),
+        }
+        with _replaced(peers, race):
+            return peers.main(rest)
     if args.plain_loop:
+        import one_at_a_time
         import plain_loop
-        from one_at_a_time import run_command
 
         library, lean, lbfgs = rows(args.diagonal_scaling).values()
         diag = " diag" if args.diagonal_scaling else ""
-        plain_loop.ROWS = {
+        loop_rows = {
             "torch LBFGS": lambda params: torch_lbfgs(params, 100),
             "torch LBFGS h=20": lbfgs,
             f"SCG m=20{diag}": library,
             f"lean SCG m=20{diag}": lean,
         }
-        return run_command(
-            rest,
-            description=__doc__.splitlines()[0],
-            script="lean_step",
-            rows_are="A user's loop with the lean row (lean_step.py --plain-loop: plain_loop.py's measurement), "
-            "optimizer.step(accumulator), each row alone",
-            measure=plain_loop.plain_loop,
-            default_repetitions=7,
-        )
+        script = "python benchmarks/lean_step.py"
+        labelled = {
+            "environment": lambda command: environment(command.replace(script, f"{script} --plain-loop{diagonal}", 1))
+        }
+        with _replaced(plain_loop, {"ROWS": loop_rows}), _replaced(one_at_a_time, labelled):
+            return one_at_a_time.run_command(
+                rest,
+                description=__doc__.splitlines()[0],
+                script="lean_step",
+                rows_are="A user's loop with the lean row (lean_step.py --plain-loop: plain_loop.py's measurement), "
+                "optimizer.step(accumulator), each row alone",
+                measure=plain_loop.plain_loop,
+                default_repetitions=7,
+            )
     if rest:
         parser.error(f"unrecognized arguments: {' '.join(rest)}")
-    from common import environment
     from own_work import own_work_before_evaluations
 
     env = environment(" ".join(["python benchmarks/lean_step.py", *(sys.argv[1:] if argv is None else argv)]))

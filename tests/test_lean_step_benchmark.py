@@ -112,6 +112,12 @@ def test_it_prints_the_own_work_of_each_row_and_runs_the_users_loop(monkeypatch,
     assert script.main(args) == 0
     report = out.read_text()
     assert "lean SCG m=20" in report and "torch LBFGS h=20" in report
+    assert "command python benchmarks/lean_step.py --plain-loop --problems logistic --quick" in report
+    import common
+    import one_at_a_time
+    import plain_loop
+
+    assert "lean SCG m=20" not in plain_loop.ROWS and one_at_a_time.environment is common.environment  # put back
 
 
 @pytest.mark.filterwarnings("ignore:`torch.jit.script` is deprecated:FutureWarning")  # torchmin, at import
@@ -126,7 +132,12 @@ def test_it_races_the_lean_row_beside_three_rows_of_the_race(monkeypatch, tmp_pa
     table = lines[next(i for i, line in enumerate(lines) if line.startswith("-----")) + 1 :][:4]
     assert [line.split("  ")[0] for line in table] == [*script.race_rows(False), script.lean_race_row(False)]
     assert "budget spent" in next(line for line in lines if line.startswith(script.lean_race_row(False)))
+    import common
+    import peers
+    import peers_adapters
     from peers_problems import PROBLEMS  # benchmarks/ is on sys.path while the script is loaded
+
+    assert peers.optimizers is peers_adapters.optimizers and peers.environment is common.environment  # put back
 
     table = script.race_table(PROBLEMS["logistic"](True, 0), diagonal_scaling=True)
     assert list(table) == ["torch LBFGS", "torch LBFGS h=20", "SCG m=20 diag", "lean SCG m=20 diag (research)"]
