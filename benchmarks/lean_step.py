@@ -22,6 +22,7 @@ Usage:
     python benchmarks/lean_step.py --plain-loop --problems logistic --repetitions 31 --out FILE   # a user's loop
     python benchmarks/lean_step.py --race --problems logistic --races 9 --out DIR    # peers.py's race, four rows
     python benchmarks/lean_step.py --diagonal-scaling [...]     # each of the above with H₀ = γ_D Λ in the SCG rows
+    python benchmarks/lean_step.py --as-optimizer [...]         # the lean rows behind torch.optim.Optimizer's step
 """
 
 from __future__ import annotations
@@ -241,6 +242,20 @@ class LeanSCG:
         gemv(1.0, steps.T, c_s.astype(rows.dtype), beta=gamma, y=rows[P], overwrite_y=1)  # γ_D Λq + S c_S
 
 
+class LeanSCGOptimizer(torch.optim.Optimizer):
+    """:class:`LeanSCG` behind ``torch.optim.Optimizer``'s ``step``: its profiler range, step hooks and ``no_grad``,
+    which the library's ``SCG`` pays at every iteration and the variant alone does not (``--as-optimizer``)."""
+
+    def __init__(self, params: list[torch.Tensor], memory: int = 20, diagonal_scaling: bool = False) -> None:
+        params = list(params)
+        super().__init__(params, {})
+        self.lean = LeanSCG(params, memory=memory, diagonal_scaling=diagonal_scaling)
+
+    @torch.no_grad()
+    def step(self, closure: Any) -> torch.Tensor:  # type: ignore[override]
+        return self.lean.step(closure)
+
+
 class _RunAsAccumulator:
     """A race's run (``peers_metering.Run``) as :class:`LeanSCG` calls its objective: the accumulator's names."""
 
@@ -288,12 +303,14 @@ def race_table(problem: Any, diagonal_scaling: bool = False) -> dict[str, Any]:
     return table
 
 
-def rows(diagonal_scaling: bool) -> dict[str, Callable[[list[torch.Tensor]], Any]]:
-    """The library's mode, its lean variant and LBFGS history 20, by the labels of the own-work table."""
+def rows(diagonal_scaling: bool, as_optimizer: bool = False) -> dict[str, Callable[[list[torch.Tensor]], Any]]:
+    """The library's mode, its lean variant (behind ``torch.optim.Optimizer``'s step if ``as_optimizer``) and LBFGS
+    history 20, by the labels of the own-work table."""
     mode = ", diagonal" if diagonal_scaling else ""
+    lean = LeanSCGOptimizer if as_optimizer else LeanSCG
     return {
         f"SCG(memory=20{mode})": lambda params: SCG(params, memory=20, diagonal_scaling=diagonal_scaling),
-        f"lean SCG(memory=20{mode})": lambda params: LeanSCG(params, memory=20, diagonal_scaling=diagonal_scaling),
+        f"lean SCG(memory=20{mode})": lambda params: lean(params, memory=20, diagonal_scaling=diagonal_scaling),
         "torch LBFGS(h=20)": lambda params: torch_lbfgs(params, 20),
     }
 
@@ -321,9 +338,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--plain-loop", action="store_true", help="instead: plain_loop.py's user's loop with the rows")
     parser.add_argument("--race", action="store_true", help="instead: peers.py's race, four rows (race_rows)")
     parser.add_argument("--diagonal-scaling", action="store_true", help="the diagonal H₀ in the SCG rows")
+    parser.add_argument(
+        "--as-optimizer", action="store_true", help="the lean rows behind torch.optim.Optimizer's step (not --race)"
+    )
     args, rest = parser.parse_known_args(argv)
     torch.set_num_threads(1)
+    if args.as_optimizer and args.race:
+        parser.error("--as-optimizer times the own work or the user's loop, not the race")
     diagonal = " --diagonal-scaling" if args.diagonal_scaling else ""  # the reports' command lines
+    diagonal += " --as-optimizer" if args.as_optimizer else ""
     if args.race:
         import peers
 
@@ -340,7 +363,7 @@ def main(argv: list[str] | None = None) -> int:
         import one_at_a_time
         import plain_loop
 
-        library, lean, lbfgs = rows(args.diagonal_scaling).values()
+        library, lean, lbfgs = rows(args.diagonal_scaling, args.as_optimizer).values()
         diag = " diag" if args.diagonal_scaling else ""
         loop_rows = {
             "torch LBFGS": lambda params: torch_lbfgs(params, 100),
@@ -373,7 +396,7 @@ def main(argv: list[str] | None = None) -> int:
         f"{args.problem}: own work before each of the first {args.evaluations} evaluations, µs (median of "
         f"{args.repeats} runs{cold})"
     )
-    table = rows(args.diagonal_scaling)
+    table = rows(args.diagonal_scaling, args.as_optimizer)
     runs_of: dict[str, list[list[float]]] = {label: [] for label in table}
     for _ in range(args.repeats):
         for label, make in table.items():

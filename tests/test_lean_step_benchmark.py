@@ -81,6 +81,25 @@ def test_a_non_finite_trial_leaves_the_accepted_weights_and_raises_lambda(monkey
     assert lean.lambd > lambd and not lean.success
 
 
+def test_as_a_torch_optimizer_it_takes_the_same_steps_through_optimizer_step(monkeypatch):
+    script = load_script(BENCHMARK, monkeypatch)
+    model, accumulator = _softmax_problem()
+    initial = {k: v.clone() for k, v in model.state_dict().items()}
+    bare = script.LeanSCG(list(model.parameters()), memory=3)
+    bare_losses = [float(bare.step(accumulator)) for _ in range(10)]
+    model.load_state_dict(initial)
+    optimizer = script.LeanSCGOptimizer(list(model.parameters()), memory=3)
+    hooked = []
+    optimizer.register_step_post_hook(lambda *args: hooked.append(True))
+    assert [float(optimizer.step(accumulator)) for _ in range(10)] == bare_losses
+    assert len(hooked) == 10  # through torch.optim.Optimizer's step wrapper
+    assert isinstance(
+        script.rows(False, as_optimizer=True)["lean SCG(memory=20)"](list(model.parameters())), torch.optim.Optimizer
+    )
+    with pytest.raises(SystemExit):
+        script.main(["--race", "--as-optimizer"])
+
+
 def test_at_a_zero_gradient_the_weights_stay(monkeypatch):
     script = load_script(BENCHMARK, monkeypatch)
     model = nn.Linear(2, 1).double()
