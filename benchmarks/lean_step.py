@@ -44,6 +44,7 @@ from moller_scg import SCG
 from moller_scg.diagonal_scaling import BETA, EPSILON, POWER
 from moller_scg.quasi_newton import CURVATURE_CONDITION
 from moller_scg.scg import GOOD_COMPARISON, NON_FINITE_COMPARISON, POOR_COMPARISON, SECANT_LAMBDA_DECREASE_FACTOR
+from moller_scg.step_arithmetic import scaled_curvature
 
 Y, P, R_NEW, R = 0, 1, 2, 3
 """The rows of :attr:`LeanSCG.rows` that hold y = r − r₊, p, r₊ and r; the pairs' steps and changes follow."""
@@ -115,11 +116,7 @@ class LeanSCG:
             delta = mu if self.order else mu / min(1.0, 1.0 / float(np.abs(rows[R]).sum()))
         else:
             delta = self.delta
-        delta += (lambd - lambd_bar) * direction_sq
-        if delta <= 0.0:
-            lambd_bar = 2.0 * (lambd - delta / direction_sq)
-            delta = -delta + lambd * direction_sq
-            lambd = lambd_bar
+        delta, lambd, lambd_bar = scaled_curvature(delta, lambd, lambd_bar, direction_sq)
         alpha = mu / delta
         self.accepted[:] = self.w
         np.multiply(rows[P], alpha, out=self.w)

@@ -78,6 +78,7 @@ from typing import Any
 import torch
 
 from moller_scg.quasi_newton import SecantPairs
+from moller_scg.step_arithmetic import scaled_curvature
 
 RETRY_RULES = ("moller", "cubic-lambda", "interpolate", "interpolate-raise")
 FIRST_STEPS = ("finite-difference", "scaled", "scaled-l2", "probe")
@@ -453,11 +454,7 @@ class FlatSCG:
                 delta = self.raw_delta
             else:
                 delta = self.delta
-            delta += (lambd - lambd_bar) * p_sq
-            if delta <= 0.0:
-                lambd_bar = 2.0 * (lambd - delta / p_sq)
-                delta = -delta + lambd * p_sq
-                lambd = lambd_bar
+            delta, lambd, lambd_bar = scaled_curvature(delta, lambd, lambd_bar, p_sq)
             if self.growth is not None and (mu / delta) ** 2 * p_sq > self.growth**2 * self.last_step_sq:
                 delta = mu / (self.growth * math.sqrt(self.last_step_sq / p_sq))  # |αp| = growth · |s_last|
             alpha = mu / delta

@@ -473,13 +473,8 @@ class SCG(torch.optim.Optimizer):
             )
         else:
             delta = scalars.delta
-        # Step 3: scale δ by λ.
-        delta += (lambd - lambd_bar) * direction_sq
-        # Step 4: make the Hessian positive definite along p.
-        if delta <= 0.0:
-            lambd_bar = 2.0 * (lambd - delta / direction_sq)
-            delta = -delta + lambd * direction_sq
-            lambd = lambd_bar
+        # Steps 3 and 4: scale δ by λ, and make the Hessian positive definite along p.
+        delta, lambd, lambd_bar = step_arithmetic.scaled_curvature(delta, lambd, lambd_bar, direction_sq)
         # Step 5: the step length.
         alpha = mu / delta
         # Step 6: the comparison ratio Δ, from one evaluation at the trial point w + αp.

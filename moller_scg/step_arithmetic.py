@@ -1,9 +1,9 @@
 """The arithmetic of an SCG iteration that needs no optimizer state: numbers in, numbers out.
 
-LBFGS's first step length α₀ of the secant mode, the loss decrease E(w) − E(w + αp) of step 6 (measured, or
-estimated from the slopes when rounding drowns it), Møller's finite-difference quotient s of step 2, and the
-finiteness checks and their errors. :class:`moller_scg.SCG` calls them; each is tested on its own in
-``tests/test_scg.py``.
+LBFGS's first step length α₀ of the secant mode, δ scaled by λ and made positive (steps 3–4), the loss decrease
+E(w) − E(w + αp) of step 6 (measured, or estimated from the slopes when rounding drowns it), Møller's
+finite-difference quotient s of step 2, and the finiteness checks and their errors. :class:`moller_scg.SCG` calls
+them; each is tested on its own in ``tests/test_scg.py``.
 """
 
 from __future__ import annotations
@@ -32,6 +32,20 @@ def first_step_length(residual: list[torch.Tensor]) -> float | None:
     """
     l1 = vec.l1_norm(residual)
     return min(1.0, 1.0 / l1) if 0.0 < l1 < math.inf else None
+
+
+def scaled_curvature(delta: float, lambd: float, lambd_bar: float, direction_sq: float) -> tuple[float, float, float]:
+    """Steps 3 and 4: δ scaled by λ, then made positive, as (δ, λ, λ̄).
+
+    Step 3: δ ← δ + (λ − λ̄)|p|². Step 4, if δ ≤ 0 (the scaled Hessian is not positive definite along p):
+    λ̄ = 2(λ − δ/|p|²), δ ← −δ + λ|p|², λ ← λ̄. ``direction_sq`` is |p|² > 0.
+    """
+    delta += (lambd - lambd_bar) * direction_sq
+    if delta <= 0.0:
+        lambd_bar = 2.0 * (lambd - delta / direction_sq)
+        delta = -delta + lambd * direction_sq
+        lambd = lambd_bar
+    return delta, lambd, lambd_bar
 
 
 def loss_epsilon(params: list[torch.Tensor]) -> float:

@@ -1336,6 +1336,15 @@ def test_rounding_level_decrease_is_estimated_from_the_slopes():
     assert step_arithmetic.loss_decrease(loss, increase, alpha, mu, trial_dot, eps, unchanged=False) == loss - increase
 
 
+def test_steps_3_and_4_scale_delta_by_lambda_and_make_it_positive():
+    # Step 3 alone: δ = 2 + (0.5 − 0.25)·4 = 3, λ and λ̄ unchanged.
+    assert step_arithmetic.scaled_curvature(2.0, 0.5, 0.25, 4.0) == (3.0, 0.5, 0.25)
+    # Step 4: δ = −3 + (0.5 − 0)·4 = −1 ≤ 0, so λ̄ = 2(0.5 + 1/4) = 1.5, δ = 1 + 0.5·4 = 3 and λ = λ̄.
+    assert step_arithmetic.scaled_curvature(-3.0, 0.5, 0.0, 4.0) == (3.0, 1.5, 1.5)
+    # δ = 0 after step 3 counts as not positive (Møller's δ ≤ 0).
+    assert step_arithmetic.scaled_curvature(-2.0, 0.5, 0.0, 4.0) == (2.0, 1.0, 1.0)
+
+
 def test_stalled_flag_and_a_single_warning_once_steps_change_nothing():
     # float32 least squares, condition number 1e4: the loss's rounding error is ~100 ulps here (the residuals cancel),
     # more than UNRESOLVED_DECREASE_ULPS, so trials get rejected, λ climbs and αp drops below the weights' resolution.
