@@ -17,6 +17,7 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+import numpy as np
 import torch
 
 
@@ -70,7 +71,8 @@ FUSED_PRODUCTS_MAX = 1 << 15
 with p₊ (|p₊|², p₊ᵀr₊) as one product of rows each, three tensor operations instead of eight and six. On the models of a
 few hundred weights whose gradient pass takes a millisecond, an operation's dispatch is what a step's own work is
 made of. Up to torch's grain size of 2^15 numbers no row's sum is split among threads, and each row's float64 sum
-has the bits of :func:`moller_scg._vectors.dots` (tested on the CPU)."""
+has the bits of :func:`moller_scg._vectors.dots` (tested on the CPU). In float64 they are NumPy products of the rows
+instead (:attr:`FlatBuffers.host_rows`)."""
 
 
 class FlatBuffers:
@@ -93,6 +95,10 @@ class FlatBuffers:
         pair_rows: ``rows[:3]``: y, p and r₊.
         fuses_products: whether the step's inner products are products of rows (:meth:`products_with_new_residual`,
             :meth:`products_with_direction`): on the CPU, n ≤ :data:`FUSED_PRODUCTS_MAX`.
+        host_rows: with ``fuses_products`` in float64, a NumPy view of :attr:`rows`, through which those products
+            are taken (and, when the secant pairs are worked on in NumPy too, the trial's products and the pair's in
+            one: :meth:`SecantPairs.prepare_advance <moller_scg.quasi_newton.SecantPairs.prepare_advance>`); else
+            ``None``.
         residual_views, direction_views, new_residual_views, accepted_views: their per-parameter views.
     """
 
@@ -110,6 +116,15 @@ class FlatBuffers:
         # GPU's reductions of one row and of several may add in other orders: there the products stay one at a time,
         # as a resumed run forms them, so that a resume stays bit for bit.) Asked twice a step: kept, not recomputed.
         self.fuses_products = self.rows.device.type == "cpu" and self.rows.shape[-1] <= FUSED_PRODUCTS_MAX
+        # In float64 the products of rows are NumPy's, through a view that shares the rows' memory: one BLAS call
+        # (1–2 µs) where torch's product, float64 sum and list took three operations (10–20 µs). Their bits are
+        # BLAS's, not dots()'s, so SCG saves the products a step ends with in its state_dict, and a resume reads
+        # them instead of forming them again. (In float32, torch's products keep their float64 sums.)
+        self.host_rows = self.rows.numpy() if self.fuses_products and self.rows.dtype == torch.float64 else None
+        # r₊'s per-parameter parts as NumPy views, where a trial's gradient is negated into (host_rows only).
+        self.host_new_residual_parts = (
+            None if self.host_rows is None else list(np.split(self.host_rows[2], np.cumsum(layout.numels)[:-1]))
+        )
 
     def per_parameter(self, flat: torch.Tensor) -> list[torch.Tensor]:
         """The views of r or p (whichever ``flat`` is), for operations that pair them with the parameters."""
@@ -122,10 +137,14 @@ class FlatBuffers:
     def products_with_new_residual(self) -> list[float]:
         """[r₊ᵀp, |r₊|², r₊ᵀr] (step 6; in the order of the rows p, r₊, r), each summed in float64, in one product
         (``fuses_products``)."""
+        if self.host_rows is not None:
+            return (self.host_rows[1:] @ self.host_rows[2]).tolist()
         return _row_dots(self.rows[1:], self.new_residual)
 
     def products_with_direction(self) -> list[float]:
         """[|p|², pᵀr₊] (the next step's |p|² and μ after step 7 wrote p₊ = H r₊ into p), in one product."""
+        if self.host_rows is not None:
+            return (self.host_rows[1:3] @ self.host_rows[1]).tolist()
         return _row_dots(self.rows[1:3], self.direction)
 
     def is_held_by(self, state: Mapping[torch.Tensor, Any], params: Sequence[torch.Tensor]) -> bool:

@@ -54,6 +54,7 @@ References:
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 from collections.abc import Sequence
 from typing import Any
@@ -155,6 +156,17 @@ class SecantPairs:
         self._stacks = arithmetic.working(self.blocks, self.on_host)
         self._flat_views = None
 
+    def fits_flat(self, rows: torch.Tensor) -> bool:
+        """Whether SCG's flat rows (y, p, r₊, r; :mod:`moller_scg.flat_vector`) are one block of these pairs: their
+        length, dtype and device."""
+        block = self.blocks[0]
+        return (
+            len(self.blocks) == 1
+            and rows.shape[-1] == block.shape[-1]
+            and rows.dtype == block.dtype
+            and rows.device == block.device
+        )
+
     def fits(self, params: Sequence[torch.Tensor]) -> bool:
         """Whether these pairs were made for parameters of these shapes, dtypes and devices, in this order."""
         return self._layout == _layout(params)
@@ -232,7 +244,23 @@ class SecantPairs:
         free_rows = [c[0] for c in columns]  # y's row is free: y is stored
         return self._unflatten(self._apply_flat(flat_new_residual, s_dot_v, y_dot_v, scratch=free_rows))
 
-    def advance_flat(self, rows: torch.Tensor, alpha: float, residual: torch.Tensor) -> None:
+    def prepare_advance(self, rows: np.ndarray) -> PreparedAdvance:
+        """Step 6's inner products and those :meth:`advance_flat` needs, in two NumPy products, for pairs worked on in
+        NumPy (``on_host``) in one block: SCG's flat float64 rows y, p, r₊, r
+        (:attr:`FlatBuffers.host_rows <moller_scg.flat_vector.FlatBuffers.host_rows>`), y = r − r₊ written first.
+
+        The trial needs |r₊|², r₊ᵀr and r₊ᵀp, the pair yᵀy, pᵀy, Sᵀy, sᵀY and H r₊'s Sᵀr₊ and Yᵀr₊: all are products
+        of [y, p, r₊] with [y, p, r₊, r] and with [S Y], formed here before Δ says whether the step is accepted (a
+        rejected or restarting step wastes two products of 3 rows, a few µs). Pass the result to :meth:`advance_flat`
+        if step 7 accepts, before any pair changes.
+        """
+        np.subtract(rows[3], rows[2], out=rows[0])  # y = r − r₊
+        gram = rows[:3] @ rows.T
+        return PreparedAdvance(gram, self._against_pairs(self._stacks[0], rows[:3]), self._rows_in_use())
+
+    def advance_flat(
+        self, rows: torch.Tensor, alpha: float, residual: torch.Tensor, prepared: PreparedAdvance | None = None
+    ) -> None:
         """:meth:`advance` for real parameters of one device and dtype, on flat vectors of n numbers
         (:mod:`moller_scg.flat_vector`), bit for bit :meth:`advance`'s numbers, with no weight-sized temporary.
 
@@ -241,12 +269,20 @@ class SecantPairs:
                 takes y = r − r₊, and p is overwritten with p₊ = H r₊.
             alpha: α, the accepted step length (s = αp).
             residual: r.
+            prepared: :meth:`prepare_advance`'s products of these rows (y already in ``rows[0]``), or ``None`` to
+                form y and the products here.
         """
         rows, residual = self._working_flat(rows, residual)
-        arithmetic.subtract(residual, rows[2], out=rows[0])
+        totals = None
+        if prepared is None:
+            arithmetic.subtract(residual, rows[2], out=rows[0])
+        else:
+            if prepared.rows_in_use != self._rows_in_use():
+                raise RuntimeError("the prepared products of this step are stale: the pairs changed since")
+            totals = np.concatenate([prepared.gram[:, :3].reshape(-1), prepared.against.reshape(-1)])
         if self.scaling is not None:
             self.scaling.observe([rows[2]])
-        _, s_dot_v, y_dot_v = self._push_flat([rows], step_scale=alpha)
+        _, s_dot_v, y_dot_v = self._push_flat([rows], step_scale=alpha, totals=totals)
         if not self.slots:
             arithmetic.assign(rows[1], rows[2])
             return
@@ -288,19 +324,23 @@ class SecantPairs:
         """γ = maxᵢ sᵢᵀyᵢ / yᵢᵀyᵢ over the pairs held: H's scale along directions the pairs do not see."""
         return max(self._ratios)
 
-    def _push_flat(self, rows: list[torch.Tensor], step_scale: float) -> tuple[bool, np.ndarray, np.ndarray]:
+    def _push_flat(
+        self, rows: list[torch.Tensor], step_scale: float, totals: np.ndarray | None = None
+    ) -> tuple[bool, np.ndarray, np.ndarray]:
         """:meth:`push` on flat blocks, given per block the rows [y, d, v] of a 3 × n tensor with the step
         s = ``step_scale`` · d; also returns Sᵀv and Yᵀv over all slots, with the new pair's entry in place if it was
-        kept (one host synchronisation for all)."""
+        kept (one host synchronisation for all). ``totals``: the products below, if already formed
+        (:meth:`prepare_advance`)."""
         m, k = self.memory, self._rows_in_use()
-        partial = []
-        for stack, stacked in zip(self._stacks, rows):
-            # Two matrix products give every inner product the pair and v need: the 3 × 3 Gram matrix of
-            # [y, d, v] (dᵀy, yᵀy, dᵀv, yᵀv among its entries) and [y, d, v]ᵀ[S Y] over the k rows in use.
-            gram = arithmetic.row_products(stacked, stacked)
-            against = self._against_pairs(stack, stacked)
-            partial.append(arithmetic.joined([gram.reshape(-1), against.reshape(-1)]))
-        totals = arithmetic.summed_on_host(partial)
+        if totals is None:
+            partial = []
+            for stack, stacked in zip(self._stacks, rows):
+                # Two matrix products give every inner product the pair and v need: the 3 × 3 Gram matrix of
+                # [y, d, v] (dᵀy, yᵀy, dᵀv, yᵀv among its entries) and [y, d, v]ᵀ[S Y] over the k rows in use.
+                gram = arithmetic.row_products(stacked, stacked)
+                against = self._against_pairs(stack, stacked)
+                partial.append(arithmetic.joined([gram.reshape(-1), against.reshape(-1)]))
+            totals = arithmetic.summed_on_host(partial)
         # The Gram matrix row by row: (yᵀy, yᵀd, yᵀv, dᵀy, dᵀd, dᵀv, vᵀy, vᵀd, vᵀv); s = step_scale · d.
         change_sq, change_dot_vector = totals[0], totals[2]
         step_dot_change, step_dot_vector = step_scale * totals[3], step_scale * totals[5]
@@ -516,6 +556,21 @@ class SecantPairs:
                 piece = piece.view(shape)
                 result[i] = torch.view_as_complex(piece) if self._complex[i] else piece
         return [t for t in result if t is not None]
+
+
+@dataclasses.dataclass(frozen=True)
+class PreparedAdvance:
+    """:meth:`SecantPairs.prepare_advance`'s products, for :meth:`SecantPairs.advance_flat`.
+
+    Attributes:
+        gram: 3 × 4, the products of y, p, r₊ (rows) with y, p, r₊, r (columns).
+        against: 3 × 2k, the products of y, p, r₊ with S's then Y's k rows in use.
+        rows_in_use: k when they were formed (the pairs may not change before they are used).
+    """
+
+    gram: np.ndarray
+    against: np.ndarray
+    rows_in_use: int
 
 
 def _appended(order: np.ndarray, slot: int) -> np.ndarray:

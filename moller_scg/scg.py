@@ -49,6 +49,7 @@ from moller_scg.scg_state import (
     SCGStalledWarning,
     SCGTrace,
     make_trace,
+    read_held_products,
     read_scg_entry,
     scg_entry,
     warn_when_stalled,
@@ -261,7 +262,7 @@ class SCG(torch.optim.Optimizer):
         state = super().state_dict()
         state["state"] = _vectors_of_their_own(state["state"])
         secant_pairs_state = None if self._secant_pairs is None else self._secant_pairs.state_dict()
-        state["scg"] = scg_entry(self._scalars, self._trace, secant_pairs_state)
+        state["scg"] = scg_entry(self._scalars, self._trace, secant_pairs_state, self._held_products())
         return state
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
@@ -272,6 +273,7 @@ class SCG(torch.optim.Optimizer):
         """
         memory = self.param_groups[0]["memory"]
         scalars, trace, secant_pairs_state = read_scg_entry(state_dict, memory)
+        held_products = read_held_products(state_dict)
         secant_pairs = None
         if secant_pairs_state is not None:
             secant_pairs = quasi_newton.SecantPairs(self._params(), memory, _saved_diagonal_scaling(state_dict))
@@ -285,6 +287,7 @@ class SCG(torch.optim.Optimizer):
         self._trace = trace
         self._secant_pairs = secant_pairs
         self._reset_transient()
+        self._remember_held_products(held_products)
 
     def __getstate__(self) -> dict[str, Any]:
         # The autograd graph of the last evaluation cannot be copied or pickled; it is rebuilt when needed.
@@ -293,12 +296,15 @@ class SCG(torch.optim.Optimizer):
         state["_scalars"] = dataclasses.replace(self._scalars)
         state["_trace"] = self._trace
         state["_secant_pairs"] = self._secant_pairs
+        state["_held_products"] = self._held_products()
         return state
 
     def __setstate__(self, state: dict[str, Any]) -> None:
+        held_products = state.pop("_held_products", None)
         super().__setstate__(state)
         self.param_groups = [_ParamGroup(group) for group in self.param_groups]
         self._reset_transient()
+        self._remember_held_products(held_products)
 
     def restart(self) -> None:
         """Forget the search direction: the next :meth:`step` starts again at step 1 from the current weights.
@@ -478,7 +484,19 @@ class SCG(torch.optim.Optimizer):
         # Step 5: the step length.
         alpha = mu / delta
         # Step 6: the comparison ratio Δ, from one evaluation at the trial point w + αp.
-        trial = trial_at(objective, params, storage, direction, residual, alpha, mu, delta, scalars.loss, residual_sq)
+        trial = trial_at(
+            objective,
+            params,
+            storage,
+            direction,
+            residual,
+            alpha,
+            mu,
+            delta,
+            scalars.loss,
+            residual_sq,
+            self._secant_pairs,
+        )
         trial_loss, _, new_residual_sq, _, finite, comparison = trial
         # That was the last closure call of the iteration: from here on, state may be committed and p overwritten.
 
@@ -536,6 +554,22 @@ class SCG(torch.optim.Optimizer):
     def _diagonal_scaling(self) -> bool:
         """Whether H₀ is diagonal (``False`` for a state saved before the option existed)."""
         return bool(self.param_groups[0].get("diagonal_scaling", False))
+
+    def _held_products(self) -> tuple[float, float, float] | None:
+        """(|r|², μ, |p|²) of the r and p in the state as the last step formed them (``None`` before a step, or if the
+        state's r or p were replaced or written to since)."""
+        if not self._scalars.started:
+            return None
+        return self._storage.held_products(self.state, self._params())
+
+    def _remember_held_products(self, held_products: tuple[float, float, float] | None) -> None:
+        """Give a loaded or unpickled state's r and p the products they were saved with, so that the next step does
+        not form them again (in other last bits: :meth:`_StateVectors.products
+        <moller_scg.scg_storage._StateVectors.products>`)."""
+        params = self._params()
+        held = all("residual" in self.state.get(p, {}) and "direction" in self.state.get(p, {}) for p in params)
+        if held_products is not None and self._scalars.started and held:
+            self._storage.remember_products(self.state, params, held_products)
 
     def _weights_changed_outside(self, params: list[torch.Tensor]) -> bool:
         """Whether the parameters were written to since the last step (then r and E are stale)."""

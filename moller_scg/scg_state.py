@@ -155,15 +155,45 @@ def warn_when_stalled(trace: SCGTrace | None, warned: bool) -> bool:
     return stalled
 
 
-def scg_entry(scalars: SCGScalars, trace: SCGTrace | None, secant_pairs_state: dict[str, Any] | None) -> dict[str, Any]:
-    """The ``"scg"`` entry of ``SCG.state_dict()``: the scalars, the latest trace and, with memory, the secant pairs."""
+def scg_entry(
+    scalars: SCGScalars,
+    trace: SCGTrace | None,
+    secant_pairs_state: dict[str, Any] | None,
+    held_products: tuple[float, float, float] | None = None,
+) -> dict[str, Any]:
+    """The ``"scg"`` entry of ``SCG.state_dict()``: the scalars, the latest trace, with memory the secant pairs, and
+    the products (|r|², μ = pᵀr, |p|²) of the r and p held as the last step formed them (``"held_products"``), so that
+    a resume takes them as they were, not formed again in other last bits."""
     entry: dict[str, Any] = {
         "scalars": dataclasses.asdict(scalars),
         "trace": None if trace is None else dataclasses.asdict(trace),
     }
     if secant_pairs_state is not None:
         entry["secant_pairs"] = secant_pairs_state
+    if held_products is not None:
+        entry["held_products"] = list(held_products)
     return entry
+
+
+def read_held_products(state_dict: dict[str, Any]) -> tuple[float, float, float] | None:
+    """The ``"held_products"`` of an SCG state_dict's ``"scg"`` entry (``None`` if it was saved without them).
+
+    ``ValueError`` if they are not three numbers.
+    """
+    products = state_dict["scg"].get("held_products")
+    if products is None:
+        return None
+    if not (
+        isinstance(products, (list, tuple))
+        and len(products) == 3
+        and all(isinstance(x, (int, float)) and not isinstance(x, bool) for x in products)
+    ):
+        raise ValueError(
+            "the 'held_products' of this SCG state_dict's 'scg' entry must be three numbers (|r|², pᵀr, |p|²), "
+            f"got {products!r}"
+        )
+    residual_sq, mu, direction_sq = (float(x) for x in products)
+    return residual_sq, mu, direction_sq
 
 
 def read_scg_entry(state_dict: Any, memory: int) -> tuple[SCGScalars, SCGTrace | None, dict[str, Any] | None]:

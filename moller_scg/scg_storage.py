@@ -21,11 +21,12 @@ from __future__ import annotations
 from collections.abc import MutableMapping
 from typing import Any
 
+import numpy as np
 import torch
 
 from moller_scg import _vectors as vec
 from moller_scg.flat_vector import FlatBuffers, FlatLayout
-from moller_scg.quasi_newton import SecantPairs
+from moller_scg.quasi_newton import PreparedAdvance, SecantPairs
 
 _State = MutableMapping[torch.Tensor, Any]
 """``optimizer.state``: each parameter's dict, with r under ``"residual"`` and p under ``"direction"``."""
@@ -43,6 +44,8 @@ class _StateVectors:
         self.flat: FlatBuffers | None = None
         # (the tensors of r and p, their versions, (|r|², pᵀr, |p|²)) as remember_products last saw them
         self._known_products: tuple[list[torch.Tensor], list[int], tuple[float, float, float]] | None = None
+        # The secant pair's products that step 6 formed with its own (trial_products), for step 7's pair.
+        self._prepared: PreparedAdvance | None = None
 
     def start(self, state: _State, params: list[torch.Tensor], gradients: list[torch.Tensor], memory: int) -> None:
         """Step 1's vectors: r₁ = −E'(w₁) and p₁ = r₁, in flat buffers on the fast path (m ≥ 1)."""
@@ -72,12 +75,15 @@ class _StateVectors:
         if not FlatLayout.fits(params):
             self.flat = None
             return
+        known = self._remembered(residual + direction)  # a loaded state's saved products, say
         # New buffers, not the old ones: a state tensor may still be a view of them.
         flat = FlatBuffers(FlatLayout(params))
         flat.layout.gather(residual, out=flat.residual)
         flat.layout.gather(direction, out=flat.direction)
         self._point_state_at(state, params, flat)
         self.flat = flat
+        if known is not None:  # the same numbers, gathered: their products too
+            self.remember_products(state, params, known)
 
     def residual_and_direction(
         self, state: _State, params: list[torch.Tensor]
@@ -96,15 +102,24 @@ class _StateVectors:
         """r₊ = −E'(w₊) laid out like r: new tensors, or on the fast path the flat buffer of r₊
         (:attr:`FlatBuffers.new_residual <moller_scg.flat_vector.FlatBuffers.new_residual>`, overwritten by the next
         trial)."""
-        if self.flat is not None:  # one copy into the per-parameter views, not a reshape of each and a cat
-            vec.copy_(self.flat.new_residual_views, gradients)
-            return [self.flat.new_residual.neg_()]
+        flat = self.flat
+        if flat is not None and flat.host_new_residual_parts is not None and _host_float64(gradients):
+            # float64 on the CPU: negated straight into the NumPy views of r₊'s parts, one call each
+            for part, gradient in zip(flat.host_new_residual_parts, gradients):
+                np.negative(gradient.detach().numpy().reshape(-1), out=part)
+            return [flat.new_residual]
+        if flat is not None:  # one copy into the per-parameter views, not a reshape of each and a cat
+            vec.copy_(flat.new_residual_views, gradients)
+            return [flat.new_residual.neg_()]
         return vec.negated(gradients)
 
     def keep_residual(self, state: _State, params: list[torch.Tensor], new_residual: list[torch.Tensor]) -> None:
         """r ← r₊ (step 7, after a success): into the flat buffer on the fast path, in ``optimizer.state`` otherwise."""
-        if self.flat is not None:
-            self.flat.residual.copy_(new_residual[0])
+        flat = self.flat
+        if flat is not None and flat.host_rows is not None and new_residual[0] is flat.new_residual:
+            np.copyto(flat.host_rows[3], flat.host_rows[2])  # one NumPy call (torch's copy_ took three times as long)
+        elif flat is not None:
+            flat.residual.copy_(new_residual[0])
         else:
             for p, r in zip(params, new_residual):
                 state[p]["residual"] = r
@@ -127,8 +142,9 @@ class _StateVectors:
         weight-sized tensor; otherwise it holds one 3 × n buffer (y, p and r₊ flattened) and H r₊ besides the stored
         pairs (:meth:`SecantPairs.advance <moller_scg.quasi_newton.SecantPairs.advance>`).
         """
+        prepared, self._prepared = self._prepared, None
         if self.flat is not None:  # direction and new_residual are the flat buffers of p and r₊
-            pairs.advance_flat(self.flat.pair_rows, alpha, residual[0])
+            pairs.advance_flat(self.flat.pair_rows, alpha, residual[0], prepared)
             if self.flat.fuses_products:
                 new_direction_sq, new_mu = self.flat.products_with_direction()
                 return new_direction_sq, new_mu
@@ -138,14 +154,30 @@ class _StateVectors:
         return new_direction_sq, new_mu
 
     def trial_products(
-        self, new_residual: list[torch.Tensor], residual: list[torch.Tensor], direction: list[torch.Tensor]
+        self,
+        new_residual: list[torch.Tensor],
+        residual: list[torch.Tensor],
+        direction: list[torch.Tensor],
+        pairs: SecantPairs | None = None,
     ) -> tuple[float, float, float]:
         """(|r₊|², r₊ᵀr, r₊ᵀp) of step 6, for r₊, r and p as :meth:`negated` and :meth:`residual_and_direction` hand
         them out: one product of the flat buffers' rows on the fast path for small n (unless p is not the stored
         direction: the steepest-descent fallback searches along r), the same bits as :func:`~moller_scg._vectors.dots`
-        otherwise."""
+        otherwise.
+
+        When the flat buffers are float64 NumPy rows (:attr:`FlatBuffers.host_rows
+        <moller_scg.flat_vector.FlatBuffers.host_rows>`) and ``pairs`` are worked on in NumPy too, the products of the
+        secant pair that step 7 keeps if it accepts come from the same two NumPy products
+        (:meth:`SecantPairs.prepare_advance <moller_scg.quasi_newton.SecantPairs.prepare_advance>`), held for
+        :meth:`quasi_newton_direction`.
+        """
         flat = self.flat
+        self._prepared = None
         if flat is not None and flat.fuses_products and direction[0] is flat.direction:
+            if flat.host_rows is not None and pairs is not None and pairs.on_host and pairs.fits_flat(flat.rows):
+                self._prepared = pairs.prepare_advance(flat.host_rows)
+                _, new_dot_direction, new_residual_sq, new_dot_old = self._prepared.gram[2].tolist()
+                return new_residual_sq, new_dot_old, new_dot_direction
             new_dot_direction, new_residual_sq, new_dot_old = flat.products_with_new_residual()
             return new_residual_sq, new_dot_old, new_dot_direction
         new_residual_sq, new_dot_old, new_dot_direction = vec.dots(
@@ -173,17 +205,31 @@ class _StateVectors:
         """(|r|², μ = pᵀr, |p|²) of the state's r and p.
 
         The previous step already formed them for its trace and its successor (:meth:`remember_products`); they are
-        reused when r and p are still the same tensors, unmodified since, and computed otherwise (after a
-        ``load_state_dict``, or when something wrote into the state). Same bits either way.
+        reused when r and p are still the same tensors, unmodified since (a loaded state brings the ones it was saved
+        with: :meth:`held_products`), and computed otherwise (when something wrote into the state, or from a state
+        saved without them) — on the fast path in float64 not always in the same last bits.
         """
-        tensors = residual + direction
-        if self._known_products is not None:
-            known_tensors, known_versions, products = self._known_products
-            if len(known_tensors) == len(tensors) and all(a is b for a, b in zip(known_tensors, tensors)):
-                if known_versions == [t._version for t in tensors]:
-                    return products
+        known = self._remembered(residual + direction)
+        if known is not None:
+            return known
         residual_sq, mu, direction_sq = vec.dots([(residual, residual), (direction, residual), (direction, direction)])
         return residual_sq, mu, direction_sq
+
+    def held_products(self, state: _State, params: list[torch.Tensor]) -> tuple[float, float, float] | None:
+        """(|r|², μ = pᵀr, |p|²) of the r and p in the state, as the last step formed them, or ``None`` if they were
+        replaced or written to since (what ``state_dict`` saves, so that a resume takes the same bits: the NumPy
+        products of the fast path in float64 are not the ones :meth:`products` would form again)."""
+        residual, direction = self.residual_and_direction(state, params)
+        return self._remembered(residual + direction)
+
+    def _remembered(self, tensors: list[torch.Tensor]) -> tuple[float, float, float] | None:
+        """The products :meth:`remember_products` kept, if it kept them for these tensors, unmodified since."""
+        if self._known_products is None:
+            return None
+        known_tensors, known_versions, products = self._known_products
+        if len(known_tensors) != len(tensors) or not all(a is b for a, b in zip(known_tensors, tensors)):
+            return None
+        return products if known_versions == [t._version for t in tensors] else None
 
     def remember_products(
         self, state: _State, params: list[torch.Tensor], products: tuple[float, float, float]
@@ -199,6 +245,11 @@ class _StateVectors:
         for p, r, d in zip(params, flat.residual_views, flat.direction_views):
             state[p]["residual"] = r
             state[p]["direction"] = d
+
+
+def _host_float64(tensors: list[torch.Tensor]) -> bool:
+    """Whether every tensor is a float64 CPU tensor (a closure's gradients, before they are read through NumPy)."""
+    return all(t.dtype == torch.float64 and t.device.type == "cpu" for t in tensors)
 
 
 _VECTOR_KEYS = ("residual", "direction")

@@ -33,6 +33,7 @@ import torch
 from moller_scg import _vectors as vec
 from moller_scg import step_arithmetic
 from moller_scg.objective import Objective
+from moller_scg.quasi_newton import SecantPairs
 from moller_scg.scg_objective import evaluate_loss_first
 from moller_scg.scg_storage import _StateVectors
 
@@ -83,6 +84,7 @@ def trial_at(
     delta: float,
     loss: float,
     residual_sq: float,
+    secant_pairs: SecantPairs | None = None,
 ) -> Trial:
     """Move the parameters from w to w + αp, evaluate the objective there once, and form Δ.
 
@@ -91,6 +93,8 @@ def trial_at(
         storage: where r and p live; ``direction``: p, ``residual``: r, as it hands them out.
         alpha: α (step 5); ``mu``: μ = pᵀr; ``delta``: δ, scaled (steps 3–4).
         loss: E(w); ``residual_sq``: |r|².
+        secant_pairs: SCG's pairs (m ≥ 1), whose products for step 7 the storage may form with the trial's
+            (:meth:`_StateVectors.trial_products`), or ``None``.
     """
     vec.add_(params, storage.per_parameter(direction), alpha)
     trial_loss, trial_gradient = evaluate_loss_first(objective)
@@ -100,7 +104,9 @@ def trial_at(
             return Trial(trial_loss, None, math.nan, math.nan, False, math.nan)
         return Trial(trial_loss, None, math.nan, math.nan, True, comparison_ratio(delta, loss - trial_loss, mu))
     new_residual = storage.negated(trial_gradient())
-    new_residual_sq, new_dot_old, new_dot_direction = storage.trial_products(new_residual, residual, direction)
+    new_residual_sq, new_dot_old, new_dot_direction = storage.trial_products(
+        new_residual, residual, direction, secant_pairs
+    )
     finite = math.isfinite(trial_loss) and step_arithmetic.all_finite_given_squared_norm(new_residual, new_residual_sq)
     if not finite:
         return Trial(trial_loss, new_residual, new_residual_sq, new_dot_old, False, math.nan)
