@@ -17,7 +17,6 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-import numpy as np
 import torch
 
 
@@ -121,10 +120,6 @@ class FlatBuffers:
         # BLAS's, not dots()'s, so SCG saves the products a step ends with in its state_dict, and a resume reads
         # them instead of forming them again. (In float32, torch's products keep their float64 sums.)
         self.host_rows = self.rows.numpy() if self.fuses_products and self.rows.dtype == torch.float64 else None
-        # r₊'s per-parameter parts as NumPy views, where a trial's gradient is negated into (host_rows only).
-        self.host_new_residual_parts = (
-            None if self.host_rows is None else list(np.split(self.host_rows[2], np.cumsum(layout.numels)[:-1]))
-        )
 
     def per_parameter(self, flat: torch.Tensor) -> list[torch.Tensor]:
         """The views of r or p (whichever ``flat`` is), for operations that pair them with the parameters."""

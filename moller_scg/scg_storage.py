@@ -103,11 +103,6 @@ class _StateVectors:
         (:attr:`FlatBuffers.new_residual <moller_scg.flat_vector.FlatBuffers.new_residual>`, overwritten by the next
         trial)."""
         flat = self.flat
-        if flat is not None and flat.host_new_residual_parts is not None and _host_float64(gradients):
-            # float64 on the CPU: negated straight into the NumPy views of r₊'s parts, one call each
-            for part, gradient in zip(flat.host_new_residual_parts, gradients):
-                np.negative(gradient.detach().numpy().reshape(-1), out=part)
-            return [flat.new_residual]
         if flat is not None:  # one copy into the per-parameter views, not a reshape of each and a cat
             vec.copy_(flat.new_residual_views, gradients)
             return [flat.new_residual.neg_()]
@@ -245,11 +240,6 @@ class _StateVectors:
         for p, r, d in zip(params, flat.residual_views, flat.direction_views):
             state[p]["residual"] = r
             state[p]["direction"] = d
-
-
-def _host_float64(tensors: list[torch.Tensor]) -> bool:
-    """Whether every tensor is a float64 CPU tensor (a closure's gradients, before they are read through NumPy)."""
-    return all(t.dtype == torch.float64 and t.device.type == "cpu" for t in tensors)
 
 
 _VECTOR_KEYS = ("residual", "direction")
