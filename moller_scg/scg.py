@@ -383,9 +383,14 @@ class SCG(torch.optim.Optimizer):
         if self._scalars.started:
             logger.info("parameters were changed outside SCG.step: restarting SCG from the current weights")
         loss, gradients = evaluate(objective)
-        step_arithmetic.require_finite(loss, gradients, "at the starting weights")
+        scalars = self._scalars
+        scalars.started = False  # until r₁ is known to be finite: a state saved after a failure here restarts
         memory = self.param_groups[0]["memory"]
         self._storage.start(self.state, params, gradients, memory)  # r₁ = −E'(w₁), p₁ = r₁
+        residual, _ = self._storage.residual_and_direction(self.state, params)
+        # |r₁|², also p₁ᵀr₁ and |p₁|² (p₁ is a copy of r₁); finite unless an element of r₁ is not (or it overflows)
+        residual_sq = self._storage.squared_norm(residual)
+        step_arithmetic.require_finite(loss, gradients, "at the starting weights", residual_sq)
         if memory > 0:
             # H = I: p₁ = r₁. The storage of the pairs is kept across restarts while the parameters stay the same.
             diagonal_scaling = self._diagonal_scaling
@@ -394,7 +399,6 @@ class SCG(torch.optim.Optimizer):
                 pairs = self._secant_pairs = quasi_newton.SecantPairs(params, memory, diagonal_scaling)
             pairs.clear()
             pairs.start_scaling(gradients)
-        scalars = self._scalars
         scalars.loss = loss
         scalars.lambd = float(self.param_groups[0]["lambd"])
         scalars.lambd_bar = 0.0
@@ -402,8 +406,6 @@ class SCG(torch.optim.Optimizer):
         scalars.success = True
         scalars.non_finite_trials = 0
         scalars.started = True
-        residual, _ = self._storage.residual_and_direction(self.state, params)
-        residual_sq = vec.squared_norm(residual)  # also p₁ᵀr₁ and |p₁|²: p₁ is a copy of r₁
         self._storage.remember_products(self.state, params, (residual_sq, residual_sq, residual_sq))
         self._trace = make_trace(
             scalars,
@@ -460,7 +462,9 @@ class SCG(torch.optim.Optimizer):
 
         # Step 2: the second-order information along p, only after a success.
         first_step_length = (
-            step_arithmetic.first_step_length(residual) if scalars.k == 0 and group["hvp"] == "secant" else None
+            step_arithmetic.first_step_length(storage.l1_norm(residual))
+            if scalars.k == 0 and group["hvp"] == "secant"
+            else None
         )
         if success and group["hvp"] == "secant" and self._secant_pairs:
             delta = mu  # p = H r, so the quasi-Newton model B = H⁻¹ has Bp = r and δ = pᵀBp = pᵀr = μ

@@ -210,6 +210,29 @@ class _StateVectors:
         residual_sq, mu, direction_sq = vec.dots([(residual, residual), (direction, residual), (direction, direction)])
         return residual_sq, mu, direction_sq
 
+    def squared_norm(self, vector: list[torch.Tensor]) -> float:
+        """|v|² of r or p as :meth:`residual_and_direction` hands them out: through NumPy on the fast path in float64
+        (:attr:`FlatBuffers.host_rows <moller_scg.flat_vector.FlatBuffers.host_rows>`), else summed in float64 by
+        :func:`~moller_scg._vectors.squared_norm`."""
+        row = self._host_row(vector)
+        return float(row @ row) if row is not None else vec.squared_norm(vector)
+
+    def l1_norm(self, vector: list[torch.Tensor]) -> float:
+        """|v|₁ of r or p, as :meth:`squared_norm` takes |v|²."""
+        row = self._host_row(vector)
+        return float(np.abs(row).sum()) if row is not None else vec.l1_norm(vector)
+
+    def _host_row(self, vector: list[torch.Tensor]) -> np.ndarray | None:
+        """The NumPy view of r or p (whichever ``vector`` is) on the fast path in float64, else ``None``."""
+        flat = self.flat
+        if flat is None or flat.host_rows is None:
+            return None
+        if vector[0] is flat.residual:
+            return flat.host_rows[3]
+        if vector[0] is flat.direction:
+            return flat.host_rows[1]
+        return None
+
     def held_products(self, state: _State, params: list[torch.Tensor]) -> tuple[float, float, float] | None:
         """(|r|², μ = pᵀr, |p|²) of the r and p in the state, as the last step formed them, or ``None`` if they were
         replaced or written to since (what ``state_dict`` saves, so that a resume takes the same bits: the NumPy

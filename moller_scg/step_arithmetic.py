@@ -20,7 +20,7 @@ are rounding noise rather than a measurement: step 6 then estimates the decrease
 (:func:`loss_decrease`)."""
 
 
-def first_step_length(residual: list[torch.Tensor]) -> float | None:
+def first_step_length(l1: float) -> float | None:
     """α₀ = min(1, 1/|r₁|₁), LBFGS's first step length along p₁ = r₁, for the secant mode's very first step.
 
     Before any secant pair exists the quasi-Newton model has no curvature to give. Møller's finite difference costs a
@@ -28,9 +28,8 @@ def first_step_length(residual: list[torch.Tensor]) -> float | None:
     ``benchmarks/levers.py --table passes``: fewer passes to the first target on every problem, none more later. Only
     the first step of a run takes it: after a restart or when the pairs were dropped the finite difference stays
     (on the physics-informed problem, whose loss is concave along −E' at the start, repeating α₀ cost passes).
-    ``None`` when |r₁|₁ is not a positive finite number (then the finite difference is taken).
+    ``None`` when |r₁|₁ (``l1``) is not a positive finite number (then the finite difference is taken).
     """
-    l1 = vec.l1_norm(residual)
     return min(1.0, 1.0 / l1) if 0.0 < l1 < math.inf else None
 
 
@@ -103,13 +102,18 @@ def all_finite_given_squared_norm(xs: list[torch.Tensor], squared_norm: float) -
     return math.isfinite(squared_norm) or vec.all_finite(xs)
 
 
-def require_finite(loss: float, gradients: list[torch.Tensor], where: str) -> None:
+def require_finite(
+    loss: float, gradients: list[torch.Tensor], where: str, gradient_squared_norm: float = math.nan
+) -> None:
+    """Raise ``FloatingPointError`` if the loss or an element of the gradient is not finite (the gradient's elements
+    are read only when ``gradient_squared_norm``, |E'|² if known, is not finite: see
+    :func:`all_finite_given_squared_norm`)."""
     if not math.isfinite(loss):
         raise FloatingPointError(
             f"the loss {where} is not finite ({loss}): check the data and the weights for NaN or inf, and the loss "
             f"for operations that overflow there (torch.autograd.set_detect_anomaly(True) names the operation)"
         )
-    if not vec.all_finite(gradients):
+    if not all_finite_given_squared_norm(gradients, gradient_squared_norm):
         raise FloatingPointError(
             f"the gradient {where} is not finite although the loss is: look for an operation whose derivative is "
             f"infinite there (sqrt or abs at 0, log near 0); torch.autograd.set_detect_anomaly(True) names it"

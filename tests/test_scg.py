@@ -483,6 +483,29 @@ def test_non_finite_gradient_at_start_raises():
         optimizer.step(closure)
 
 
+@pytest.mark.parametrize("memory", [0, 2])
+def test_a_non_finite_gradient_at_a_restart_leaves_a_state_that_starts_again(memory):
+    # SCG ran, then the weights were written from outside: the restart's gradient is not finite. The weights stay,
+    # and the state (which by then may hold that r₁) says "not started", so a loaded copy starts again, too.
+    w = nn.Parameter(torch.tensor([1.0, 2.0], dtype=torch.float64))
+    optimizer = SCG([w], memory=memory)
+
+    def closure():
+        optimizer.zero_grad()
+        loss = torch.sqrt(w.abs()).sum()  # finite value, infinite derivative at 0
+        loss.backward(create_graph=memory == 0)
+        return loss
+
+    optimizer.step(closure)
+    assert optimizer.state_dict()["scg"]["scalars"]["started"]
+    with torch.no_grad():
+        w.zero_()
+    with pytest.raises(FloatingPointError, match="gradient at the starting weights is not finite"):
+        optimizer.step(closure)
+    assert torch.equal(w.detach(), torch.zeros(2, dtype=torch.float64))
+    assert not optimizer.state_dict()["scg"]["scalars"]["started"]
+
+
 def test_persistent_non_finite_trials_raise_instead_of_looping():
     w = nn.Parameter(torch.tensor([1.0, 2.0], dtype=torch.float64))
     optimizer = SCG([w])

@@ -8,6 +8,7 @@ from collections import defaultdict
 import pytest
 import torch
 
+from moller_scg import _vectors as vec
 from moller_scg.scg_storage import _StateVectors
 
 
@@ -69,3 +70,19 @@ def test_negated_gradients_land_in_the_flat_buffer_of_r_plus():
     assert new_residual is storage.flat.new_residual
     assert new_residual.tolist() == [-1.0, 2.0, -3.0, -4.0, -5.0, -6.0, 7.0]
     assert gradients[0].tolist() == [[1.0, -2.0], [3.0, 4.0]]  # the gradients themselves are left as they are
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_norms_of_r_and_p_are_taken_through_numpy_in_float64_and_equal_the_torch_ones(dtype):
+    generator = torch.Generator().manual_seed(3)
+    params = [torch.zeros(3, 4, dtype=dtype), torch.zeros(5, dtype=dtype)]
+    state: dict = {p: {} for p in params}
+    storage = _StateVectors()
+    gradients = [torch.randn(p.shape, generator=generator, dtype=dtype) for p in params]
+    storage.start(state, params, gradients, memory=2)
+    residual, direction = storage.residual_and_direction(state, params)
+    assert (storage.flat.host_rows is not None) == (dtype == torch.float64)
+    for vector in (residual, direction):
+        assert storage.squared_norm(vector) == pytest.approx(vec.squared_norm(vector), rel=1e-14)
+        assert storage.l1_norm(vector) == pytest.approx(vec.l1_norm(vector), rel=1e-14)
+    assert storage.squared_norm(gradients) == vec.squared_norm(gradients)  # not r or p: torch's
