@@ -383,6 +383,8 @@ class SCG(torch.optim.Optimizer):
         if self._scalars.started:
             logger.info("parameters were changed outside SCG.step: restarting SCG from the current weights")
         loss, gradients = evaluate(objective)
+        where = "at the starting weights"
+        step_arithmetic.require_finite_loss(loss, where)
         scalars = self._scalars
         scalars.started = False  # until r₁ is known to be finite: a state saved after a failure here restarts
         memory = self.param_groups[0]["memory"]
@@ -390,7 +392,7 @@ class SCG(torch.optim.Optimizer):
         residual, _ = self._storage.residual_and_direction(self.state, params)
         # |r₁|², also p₁ᵀr₁ and |p₁|² (p₁ is a copy of r₁); finite unless an element of r₁ is not (or it overflows)
         residual_sq = self._storage.squared_norm(residual)
-        step_arithmetic.require_finite(loss, gradients, "at the starting weights", residual_sq)
+        step_arithmetic.require_finite_gradient(gradients, where, residual_sq)
         if memory > 0:
             # H = I: p₁ = r₁. The storage of the pairs is kept across restarts while the parameters stay the same.
             diagonal_scaling = self._diagonal_scaling
@@ -462,7 +464,7 @@ class SCG(torch.optim.Optimizer):
 
         # Step 2: the second-order information along p, only after a success.
         first_step_length = (
-            step_arithmetic.first_step_length(storage.l1_norm(residual))
+            step_arithmetic.first_step_length(vec.l1_norm(residual))
             if scalars.k == 0 and group["hvp"] == "secant"
             else None
         )

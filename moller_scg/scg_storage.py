@@ -217,11 +217,6 @@ class _StateVectors:
         row = self._host_row(vector)
         return float(row @ row) if row is not None else vec.squared_norm(vector)
 
-    def l1_norm(self, vector: list[torch.Tensor]) -> float:
-        """|v|₁ of r or p, as :meth:`squared_norm` takes |v|²."""
-        row = self._host_row(vector)
-        return float(np.abs(row).sum()) if row is not None else vec.l1_norm(vector)
-
     def _host_row(self, vector: list[torch.Tensor]) -> np.ndarray | None:
         """The NumPy view of r or p (whichever ``vector`` is) on the fast path in float64, else ``None``."""
         flat = self.flat

@@ -102,18 +102,19 @@ def all_finite_given_squared_norm(xs: list[torch.Tensor], squared_norm: float) -
     return math.isfinite(squared_norm) or vec.all_finite(xs)
 
 
-def require_finite(
-    loss: float, gradients: list[torch.Tensor], where: str, gradient_squared_norm: float = math.nan
-) -> None:
-    """Raise ``FloatingPointError`` if the loss or an element of the gradient is not finite (the gradient's elements
-    are read only when ``gradient_squared_norm``, |E'|² if known, is not finite: see
-    :func:`all_finite_given_squared_norm`)."""
+def require_finite_loss(loss: float, where: str) -> None:
+    """Raise ``FloatingPointError`` if the loss is not finite."""
     if not math.isfinite(loss):
         raise FloatingPointError(
             f"the loss {where} is not finite ({loss}): check the data and the weights for NaN or inf, and the loss "
             f"for operations that overflow there (torch.autograd.set_detect_anomaly(True) names the operation)"
         )
-    if not all_finite_given_squared_norm(gradients, gradient_squared_norm):
+
+
+def require_finite_gradient(gradients: list[torch.Tensor], where: str, squared_norm: float) -> None:
+    """Raise ``FloatingPointError`` if an element of the gradient is not finite (read only when |E'|², given as
+    ``squared_norm``, is not finite: :func:`all_finite_given_squared_norm`)."""
+    if not all_finite_given_squared_norm(gradients, squared_norm):
         raise FloatingPointError(
             f"the gradient {where} is not finite although the loss is: look for an operation whose derivative is "
             f"infinite there (sqrt or abs at 0, log near 0); torch.autograd.set_detect_anomaly(True) names it"
