@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import statistics
 import sys
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -384,25 +383,14 @@ def main(argv: list[str] | None = None) -> int:
             )
     if rest:
         parser.error(f"unrecognized arguments: {' '.join(rest)}")
-    from own_work import own_work_before_evaluations
+    from own_work import print_rows_before_each_evaluation
 
     env = environment(" ".join(["python benchmarks/lean_step.py", *(sys.argv[1:] if argv is None else argv)]))
     print(f"torch {env['torch']}, 1 thread, {env['date']}; {env['command']}")
-    cold = f", {args.cold_caches} MiB read and written before each evaluation" if args.cold_caches else ""
-    print(
-        f"{args.problem}: own work before each of the first {args.evaluations} evaluations, µs (median of "
-        f"{args.repeats} runs{cold})"
-    )
     table = rows(args.diagonal_scaling, args.as_optimizer)
-    runs_of: dict[str, list[list[float]]] = {label: [] for label in table}
-    for _ in range(args.repeats):
-        for label, make in table.items():
-            runs_of[label] += own_work_before_evaluations(args.problem, make, args.evaluations, 1, args.cold_caches)
-    e = args.evaluations
-    for label, runs in runs_of.items():
-        cells = " ".join(f"{statistics.median(run[i] for run in runs) * 1e6:.0f}" for i in range(e))
-        totals = ", ".join(f"{t}: {statistics.median(sum(run[:t]) for run in runs) * 1e6:.0f}" for t in (e - 1, e))
-        print(f"  {label:32s} {cells}   (total to evaluation {totals})")
+    print_rows_before_each_evaluation(
+        args.problem, table, args.evaluations, args.repeats, args.cold_caches, label_width=32
+    )
     return 0
 
 

@@ -41,6 +41,7 @@ import statistics
 import sys
 import time
 from collections.abc import Callable
+from typing import Any
 
 import numpy as np
 import torch
@@ -274,6 +275,20 @@ def print_before_each_evaluation(
         ),
         f"torch LBFGS(h={lbfgs_history})": lambda params: torch_lbfgs(params, lbfgs_history),
     }
+    print_rows_before_each_evaluation(name, rows, evaluations, repeats, cold_caches_mib)
+
+
+def print_rows_before_each_evaluation(
+    name: str,
+    rows: dict[str, Callable[[list[torch.Tensor]], Any]],
+    evaluations: int,
+    repeats: int,
+    cold_caches_mib: int = 0,
+    label_width: int = 26,
+) -> None:
+    """:func:`own_work_before_evaluations` of each row (a label and a function that makes the optimizer from the
+    parameters), a line each: the median µs before each evaluation, and the median of the runs' totals up to the last
+    two evaluations. The rows' runs alternate, so that a drift of the machine reaches them alike."""
     cold = f", {cold_caches_mib} MiB read and written before each evaluation" if cold_caches_mib else ""
     print(f"{name}: own work before each of the first {evaluations} evaluations, µs (median of {repeats} runs{cold})")
     runs_of: dict[str, list[list[float]]] = {label: [] for label in rows}
@@ -284,7 +299,7 @@ def print_before_each_evaluation(
         cells = " ".join(f"{statistics.median(run[i] for run in runs) * 1e6:.0f}" for i in range(evaluations))
         last_two = (evaluations - 1, evaluations) if evaluations > 1 else (evaluations,)
         totals = ", ".join(f"{e}: {statistics.median(sum(run[:e]) for run in runs) * 1e6:.0f}" for e in last_two)
-        print(f"  {label:26s} {cells}   (total to evaluation {totals})")
+        print(f"  {label:{label_width}s} {cells}   (total to evaluation {totals})")
 
 
 def tensor_operations_per_step(problem_name: str, memory: int, steps: int, diagonal_scaling: bool = False) -> float:
