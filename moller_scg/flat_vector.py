@@ -116,7 +116,8 @@ class FlatBuffers:
         # as a resumed run forms them, so that a resume stays bit for bit.) Asked twice a step: kept, not recomputed.
         self.fuses_products = self.rows.device.type == "cpu" and self.rows.shape[-1] <= FUSED_PRODUCTS_MAX
         # In float64 the products of rows are NumPy's, through a view that shares the rows' memory: one BLAS call
-        # (1–2 µs) where torch's product, float64 sum and list took three operations (10–20 µs). Their bits are
+        # where torch's product, float64 sum and list take three operations (3 rows of 650 numbers, warm: 1.9 µs
+        # against 7.7). Their bits are
         # BLAS's, not dots()'s, so SCG saves the products a step ends with in its state_dict, and a resume reads
         # them instead of forming them again. (In float32, torch's products keep their float64 sums.)
         self.host_rows = self.rows.numpy() if self.fuses_products and self.rows.dtype == torch.float64 else None

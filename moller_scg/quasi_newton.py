@@ -156,17 +156,6 @@ class SecantPairs:
         self._stacks = arithmetic.working(self.blocks, self.on_host)
         self._flat_views = None
 
-    def fits_flat(self, rows: torch.Tensor) -> bool:
-        """Whether SCG's flat rows (y, p, r₊, r; :mod:`moller_scg.flat_vector`) are one block of these pairs: their
-        length, dtype and device."""
-        block = self.blocks[0]
-        return (
-            len(self.blocks) == 1
-            and rows.shape[-1] == block.shape[-1]
-            and rows.dtype == block.dtype
-            and rows.device == block.device
-        )
-
     def fits(self, params: Sequence[torch.Tensor]) -> bool:
         """Whether these pairs were made for parameters of these shapes, dtypes and devices, in this order."""
         return self._layout == _layout(params)
@@ -246,7 +235,8 @@ class SecantPairs:
 
     def prepare_advance(self, rows: np.ndarray) -> PreparedAdvance:
         """Step 6's inner products and those :meth:`advance_flat` needs, in two NumPy products, for pairs worked on in
-        NumPy (``on_host``) in one block: SCG's flat float64 rows y, p, r₊, r
+        NumPy (``on_host``; SCG's flat buffers exist only for parameters of one device and dtype, so these pairs then
+        have one block of the rows' length): SCG's flat float64 rows y, p, r₊, r
         (:attr:`FlatBuffers.host_rows <moller_scg.flat_vector.FlatBuffers.host_rows>`), y = r − r₊ written first.
 
         The trial needs |r₊|², r₊ᵀr and r₊ᵀp, the pair yᵀy, pᵀy, Sᵀy, sᵀY and H r₊'s Sᵀr₊ and Yᵀr₊: all are products

@@ -572,9 +572,10 @@ class SCG(torch.optim.Optimizer):
         """Give a loaded or unpickled state's r and p the products they were saved with, so that the next step does
         not form them again (in other last bits: :meth:`_StateVectors.products
         <moller_scg.scg_storage._StateVectors.products>`)."""
+        if held_products is None or not self._scalars.started:
+            return
         params = self._params()
-        held = all("residual" in self.state.get(p, {}) and "direction" in self.state.get(p, {}) for p in params)
-        if held_products is not None and self._scalars.started and held:
+        if all("residual" in self.state.get(p, {}) and "direction" in self.state.get(p, {}) for p in params):
             self._storage.remember_products(self.state, params, held_products)
 
     def _weights_changed_outside(self, params: list[torch.Tensor]) -> bool:

@@ -102,19 +102,15 @@ class _StateVectors:
         """r₊ = −E'(w₊) laid out like r: new tensors, or on the fast path the flat buffer of r₊
         (:attr:`FlatBuffers.new_residual <moller_scg.flat_vector.FlatBuffers.new_residual>`, overwritten by the next
         trial)."""
-        flat = self.flat
-        if flat is not None:  # one copy into the per-parameter views, not a reshape of each and a cat
-            vec.copy_(flat.new_residual_views, gradients)
-            return [flat.new_residual.neg_()]
+        if self.flat is not None:  # one copy into the per-parameter views, not a reshape of each and a cat
+            vec.copy_(self.flat.new_residual_views, gradients)
+            return [self.flat.new_residual.neg_()]
         return vec.negated(gradients)
 
     def keep_residual(self, state: _State, params: list[torch.Tensor], new_residual: list[torch.Tensor]) -> None:
         """r ← r₊ (step 7, after a success): into the flat buffer on the fast path, in ``optimizer.state`` otherwise."""
-        flat = self.flat
-        if flat is not None and flat.host_rows is not None and new_residual[0] is flat.new_residual:
-            np.copyto(flat.host_rows[3], flat.host_rows[2])  # one NumPy call (torch's copy_ took three times as long)
-        elif flat is not None:
-            flat.residual.copy_(new_residual[0])
+        if self.flat is not None:
+            self.flat.residual.copy_(new_residual[0])
         else:
             for p, r in zip(params, new_residual):
                 state[p]["residual"] = r
@@ -169,7 +165,7 @@ class _StateVectors:
         flat = self.flat
         self._prepared = None
         if flat is not None and flat.fuses_products and direction[0] is flat.direction:
-            if flat.host_rows is not None and pairs is not None and pairs.on_host and pairs.fits_flat(flat.rows):
+            if flat.host_rows is not None and pairs is not None and pairs.on_host:
                 self._prepared = pairs.prepare_advance(flat.host_rows)
                 _, new_dot_direction, new_residual_sq, new_dot_old = self._prepared.gram[2].tolist()
                 return new_residual_sq, new_dot_old, new_dot_direction
