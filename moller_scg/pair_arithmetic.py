@@ -146,6 +146,14 @@ def joined(pieces: Sequence[Vector]) -> Vector:
     return torch.cat(list(pieces))
 
 
+def no_columns(rows: Vector) -> Vector:
+    """The float64 product of these rows with no rows at all: one empty row each (as :func:`row_products` with an
+    empty matrix gives, without the product)."""
+    if isinstance(rows, np.ndarray):
+        return np.zeros((rows.shape[0], 0))
+    return torch.zeros(rows.shape[0], 0, dtype=torch.float64, device=rows.device)
+
+
 def joined_columns(left: Vector, right: Vector) -> Vector:
     """Two matrices of the same rows side by side (a product with S beside one with Y)."""
     if isinstance(left, np.ndarray):

@@ -296,6 +296,8 @@ class SecantPairs:
         """rows [S Y] over the rows in use, in float64: one row per row of ``rows``, its products with S's k rows
         then with Y's k (one product when k = m, else two)."""
         m, k = self.memory, self._rows_in_use()
+        if k == 0:  # no pair yet (SCG's first step, a restart): no product to form
+            return arithmetic.no_columns(rows)
         if k == m:
             return arithmetic.row_products(rows, stack.reshape(2 * m, -1))
         return arithmetic.joined_columns(

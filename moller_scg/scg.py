@@ -511,7 +511,7 @@ class SCG(torch.optim.Optimizer):
         if direction is not stored_direction:
             vec.copy_(stored_direction, direction)  # the steepest-descent fallback searched along p = r
         if finite and comparison >= 0.0:
-            restart = scalars.k % restart_period(group["restart"], params) == 0
+            restart = scalars.k % restart_period(group["restart"], params, storage) == 0
             new_direction_sq, new_mu = next_direction(
                 stored_direction, residual, trial, restart, self._secant_pairs, storage, alpha, mu
             )

@@ -26,9 +26,14 @@ from moller_scg.scg_storage import _StateVectors
 from moller_scg.scg_trial import Trial
 
 
-def restart_period(restart: int | None, params: list[torch.Tensor]) -> int:
-    """N: the user's restart period ``restart``, or the number of real scalars in w (the paper's default)."""
-    return restart if restart is not None else sum(vec.as_real(p).numel() for p in params)
+def restart_period(restart: int | None, params: list[torch.Tensor], storage: _StateVectors) -> int:
+    """N: the user's restart period ``restart``, or the number of real scalars in w (the paper's default): the length
+    of the storage's flat buffers when it has them (counted once, not at every step), else counted here."""
+    if restart is not None:
+        return restart
+    if storage.flat is not None:
+        return storage.flat.size
+    return sum(vec.as_real(p).numel() for p in params)
 
 
 def next_direction(

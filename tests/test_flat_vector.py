@@ -82,6 +82,32 @@ def test_views_have_the_parameters_shapes_and_write_through_to_the_flat_buffer()
     assert views[0][0, 0] == 100.0
 
 
+@pytest.mark.parametrize("shapes", [SHAPES, [(3, 0, 2), (5,), (), (0,), (2, 1, 3)]], ids=["three", "empty-ones"])
+def test_views_of_a_row_of_a_matrix_are_the_split_views_with_contiguous_strides(shapes):
+    # SCG's r, p and r₊ are rows of one (4, n) buffer: their views start at the row's offset in the storage, and have
+    # the strides torch gives a contiguous tensor of the parameter's shape (also for a parameter with no numbers).
+    tensors = [torch.zeros(shape, dtype=torch.float64) for shape in shapes]
+    layout = FlatLayout(tensors)
+    rows = torch.arange(4.0 * sum(t.numel() for t in tensors), dtype=torch.float64).reshape(4, -1)
+    for row in rows.unbind(0):
+        views = layout.views(row)
+        split = [piece.view(shape) for piece, shape in zip(row.split(layout.numels), shapes)]
+        for view, expected in zip(views, split):
+            assert view.shape == expected.shape and view.stride() == torch.zeros(view.shape).stride()
+            assert view.data_ptr() == expected.data_ptr() and torch.equal(view, expected)
+        views[0].add_(1.0)  # writes through to the row
+        assert torch.equal(split[0], views[0])
+
+
+def test_views_of_a_strided_flat_vector_are_its_pieces():
+    layout = FlatLayout(params())
+    flat = torch.arange(1, 23, dtype=torch.float64)[::2]  # 1, 3, …, 21: not contiguous
+    views = layout.views(flat)
+    assert all(torch.equal(v, 2 * p - 1) for v, p in zip(views, params()))
+    views[2].fill_(-1.0)
+    assert flat[10] == -1.0
+
+
 def test_per_parameter_returns_the_cached_views_of_residual_and_direction():
     buffers = FlatBuffers(FlatLayout(params()))
     assert buffers.per_parameter(buffers.residual) is buffers.residual_views

@@ -167,14 +167,15 @@ def test_restart_period_sets_direction_to_residual():
             assert not torch.equal(state["direction"], state["residual"])
 
 
-def test_the_default_restart_period_counts_the_parameters_added_by_add_param_group():
+@pytest.mark.parametrize("memory", [0, 2])
+def test_the_default_restart_period_counts_the_parameters_added_by_add_param_group(memory):
     # N = n, the number of real scalars: 2 at first, then 2 + 8 = 10 once w₂ is added. A period left at 2 would
-    # restart (p = r) at k = 2 and 4.
+    # restart (p = r) at k = 2 and 4. With memory, n is the length of the flat buffers, made anew for w₁ and w₂.
     a, b = spd_quadratic(10, seed=5)
     function = quadratic_function(a, b)
     w1 = nn.Parameter(torch.zeros(2, dtype=torch.float64))
     w2 = nn.Parameter(torch.full((8,), 0.5, dtype=torch.float64))
-    optimizer = SCG([w1])
+    optimizer = SCG([w1], memory=memory)
     closure = closure_for(optimizer, [w1], lambda: function(torch.cat([w1, w2.detach()])), "double-backward")
     optimizer.step(closure)  # k = 1
     optimizer.add_param_group({"params": [w2]})

@@ -171,3 +171,10 @@ def test_negated_is_minus_x_as_new_tensors():
         assert torch.equal(negative, -before)
         assert torch.equal(value, before)
         assert negative.data_ptr() != value.data_ptr()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_the_l1_norm_of_one_tensor_has_the_bits_of_the_sum_over_several(dtype):
+    # One tensor (SCG's flat buffer) skips the per-device totals; an empty second tensor adds an exact zero there.
+    x = torch.randn(1000, generator=torch.Generator().manual_seed(4), dtype=torch.float64).to(dtype)
+    assert _vectors.l1_norm([x]) == _vectors.l1_norm([x, x.new_zeros(0)])
