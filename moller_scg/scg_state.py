@@ -14,8 +14,12 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import os
+import sys
 import warnings
 from typing import Any, cast
+
+import torch
 
 LAMBDA_MAX = 1e100
 """Upper bound on λ (netlab's ``betamax`` plays the same role). Once the loss no longer changes at rounding level,
@@ -150,9 +154,25 @@ def warn_when_stalled(trace: SCGTrace | None, warned: bool) -> bool:
             f"longer changes the loss, and further steps cost full price for nothing. Stop the loop when "
             f"optimizer.trace.stalled is true (fit(...) does), or change something (optimizer.restart())",
             SCGStalledWarning,
-            stacklevel=3,
+            stacklevel=_stacklevel_of_the_caller(),
         )
     return stalled
+
+
+_INTERNAL_PREFIXES = (os.path.dirname(__file__) + os.sep, os.path.dirname(torch.__file__) + os.sep)
+"""Where moller_scg's and torch's files are: the frames between a user's call of ``step`` (or ``fit``) and the
+warning (``SCG.step``, torch's ``no_grad`` decorator, torch.optim's step wrapper when it runs, ``fit``'s loop)."""
+
+
+def _stacklevel_of_the_caller() -> int:
+    """``warnings.warn``'s stacklevel, for the function that calls this, of the first frame outside moller_scg and
+    torch: the line that called ``SCG.step`` (or ``fit``), however many decorators and wrappers lie between."""
+    frame = sys._getframe(1)
+    level = 1
+    while frame.f_back is not None and frame.f_code.co_filename.startswith(_INTERNAL_PREFIXES):
+        frame = frame.f_back
+        level += 1
+    return level
 
 
 def scg_entry(

@@ -1369,7 +1369,8 @@ def test_steps_3_and_4_scale_delta_by_lambda_and_make_it_positive():
     assert step_arithmetic.scaled_curvature(-2.0, 0.5, 0.0, 4.0) == (2.0, 1.0, 1.0)
 
 
-def test_stalled_flag_and_a_single_warning_once_steps_change_nothing():
+@pytest.mark.parametrize("step_hook", [False, True], ids=["bare-step", "behind-torchs-step-wrapper"])
+def test_stalled_flag_and_a_single_warning_once_steps_change_nothing(step_hook):
     # float32 least squares, condition number 1e4: the loss's rounding error is ~100 ulps here (the residuals cancel),
     # more than UNRESOLVED_DECREASE_ULPS, so trials get rejected, λ climbs and αp drops below the weights' resolution.
     generator = torch.Generator().manual_seed(0)
@@ -1380,6 +1381,8 @@ def test_stalled_flag_and_a_single_warning_once_steps_change_nothing():
     a, y = a.float(), y.float()
     w = nn.Parameter(torch.zeros(20))
     optimizer = SCG([w])
+    if step_hook:  # torch.optim's step wrapper then runs (moller_scg.step_wrapper): two more frames above the warning
+        optimizer.register_step_pre_hook(lambda *args: None)
     closure = closure_for(optimizer, [w], lambda: torch.mean((a @ w - y) ** 2), "double-backward")
     flags = []
     with warnings.catch_warnings(record=True) as caught:
@@ -1394,6 +1397,7 @@ def test_stalled_flag_and_a_single_warning_once_steps_change_nothing():
     assert optimizer.trace.success and optimizer.trace.comparison == 0.0  # "successful" no-op steps
     assert len(stalled_warnings) == 1 and f"iteration {first + 1}" in str(stalled_warnings[0].message)
     assert "optimizer.trace.stalled" in str(stalled_warnings[0].message)
+    assert stalled_warnings[0].filename == __file__  # the line that called step, not torch's decorator
 
 
 def test_stalled_when_lambda_reaches_its_bound():
