@@ -19,6 +19,21 @@ def regression_problem(seed: int = 0, n: int = 48) -> tuple[nn.Module, tuple[tor
     return model, (x, y)
 
 
+def mean_squared_error_closure(
+    optimizer: torch.optim.Optimizer, model: nn.Module, x: torch.Tensor, y: torch.Tensor
+) -> Any:
+    """A ``torch.optim`` closure of the mean squared error of ``model`` on (x, y): zero the gradients, evaluate,
+    back-propagate (no graph kept), return the loss."""
+
+    def closure() -> torch.Tensor:
+        optimizer.zero_grad()
+        loss = torch.mean((model(x) - y) ** 2)
+        loss.backward()
+        return loss
+
+    return closure
+
+
 def rosenbrock(w: torch.Tensor) -> torch.Tensor:
     """Rosenbrock's function of a vector w: Σᵢ 100 (wᵢ₊₁ − wᵢ²)² + (1 − wᵢ)², least 0 at w = (1, …, 1)."""
     return torch.sum(100 * (w[1:] - w[:-1] ** 2) ** 2 + (1 - w[:-1]) ** 2)

@@ -12,7 +12,7 @@ import pickle
 
 import pytest
 import torch
-from problems import rosenbrock
+from problems import mean_squared_error_closure, rosenbrock
 from reference_scg import problem_from_function, reference_scg
 from test_scg import (
     assert_trajectories_equal,
@@ -164,14 +164,7 @@ def test_state_dict_round_trip_with_weights_only_continues_bit_identically():
         model = make_mlp(seed)
         x, y = mlp_data()
         optimizer = SCG(model.parameters(), memory=4)
-
-        def closure():
-            optimizer.zero_grad()
-            loss = torch.mean((model(x) - y) ** 2)
-            loss.backward()
-            return loss
-
-        return model, optimizer, closure
+        return model, optimizer, mean_squared_error_closure(optimizer, model, x, y)
 
     reference_model, reference_optimizer, reference_closure = setup()
     for _ in range(20):

@@ -6,6 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.optim.optimizer as torch_optimizer
+from problems import mean_squared_error_closure
 from torch import nn
 
 from moller_scg import SCG
@@ -16,14 +17,7 @@ def _problem(memory=2):
     model = nn.Linear(3, 1).double()
     x, y = torch.randn(8, 3, dtype=torch.float64), torch.randn(8, 1, dtype=torch.float64)
     optimizer = SCG(model.parameters(), memory=memory)
-
-    def closure():
-        optimizer.zero_grad()
-        loss = torch.mean((model(x) - y) ** 2)
-        loss.backward()
-        return loss
-
-    return model, optimizer, closure
+    return model, optimizer, mean_squared_error_closure(optimizer, model, x, y)
 
 
 @pytest.fixture
