@@ -68,6 +68,10 @@ def _totals(partial_sums: Sequence[Sequence[torch.Tensor]]) -> list[float]:
     (``torch.stack(...).sum()``) and the devices' sums are then added in Python, in the order in which the devices
     first appear.
     """
+    if partial_sums and all(len(scalars) == 1 for scalars in partial_sums):  # one tensor a vector (flat buffers)
+        firsts = [scalars[0] for scalars in partial_sums]
+        if all(first.device == firsts[0].device for first in firsts):
+            return torch.stack(firsts).tolist()  # a sum of one number is that number: the same bits, fewer operations
     devices = list(dict.fromkeys(scalar.device for scalars in partial_sums for scalar in scalars))
     per_device = []
     for device in devices:
@@ -82,19 +86,7 @@ def dots(pairs: Sequence[tuple[Sequence[torch.Tensor], Sequence[torch.Tensor]]])
     ``dots([(x, y), (u, v)])`` equals ``[dot(x, y), dot(u, v)]`` bit for bit; it only waits for the results once
     per device instead of once per product.
     """
-    if pairs and all(len(xs) == 1 for xs, _ in pairs):
-        return _dots_of_single_tensors(pairs)
     return _totals([_partial_dots(xs, ys) for xs, ys in pairs])
-
-
-def _dots_of_single_tensors(pairs: Sequence[tuple[Sequence[torch.Tensor], Sequence[torch.Tensor]]]) -> list[float]:
-    """:func:`dots` when each vector is one tensor (SCG's flat buffers): the same bits with fewer operations, one
-    stack of the products per device instead of one per product and per device."""
-    products = [_float64_dot(xs[0], ys[0]) for xs, ys in pairs]
-    device = products[0].device
-    if any(product.device != device for product in products):
-        return _totals([[product] for product in products])
-    return torch.stack(products).tolist()
 
 
 def dot(xs: Sequence[torch.Tensor], ys: Sequence[torch.Tensor]) -> float:
@@ -109,8 +101,6 @@ def squared_norm(xs: Sequence[torch.Tensor]) -> float:
 
 def l1_norm(xs: Sequence[torch.Tensor]) -> float:
     """|x|₁ = Σ|xᵢ| over the real numbers of x, summed in float64."""
-    if len(xs) == 1:  # SCG's flat buffer: the one sum as it is, the bits _totals gives it (without its 30 µs)
-        return float(_float64_sum_in_pieces(torch.abs, xs[0]))
     return _totals([[_float64_sum_in_pieces(torch.abs, x) for x in xs]])[0]
 
 

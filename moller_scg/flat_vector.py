@@ -33,6 +33,7 @@ class FlatLayout:
             raise ValueError("FlatLayout needs real parameters that share one device and dtype")
         self.shapes = [p.shape for p in params]
         self.numels = [p.numel() for p in params]
+        self.size = sum(self.numels)
         self.dtype = params[0].dtype
         self.device = params[0].device
         # Each parameter's (shape, contiguous strides, offset in the flat vector), for views (:meth:`views`).
@@ -59,7 +60,7 @@ class FlatLayout:
 
     def empty(self) -> torch.Tensor:
         """A new, uninitialised flat buffer of n numbers."""
-        return torch.empty(sum(self.numels), dtype=self.dtype, device=self.device)
+        return torch.empty(self.size, dtype=self.dtype, device=self.device)
 
     def gather(self, tensors: Sequence[torch.Tensor], out: torch.Tensor | None = None) -> torch.Tensor:
         """The per-parameter tensors laid out in one flat vector (into ``out`` if given)."""
@@ -101,7 +102,6 @@ class FlatBuffers:
 
     Attributes:
         layout: the parameters' :class:`FlatLayout`.
-        size: n, the number of weights.
         residual, direction, accepted: the flat r = −E'(w), p and the copy of w taken before each trial.
         new_residual: r₊ of the last trial; ``rows[2]``.
         rows: the ``(4, n)`` tensor whose rows are y (scratch of step 7), p, r₊ and r.
@@ -117,8 +117,7 @@ class FlatBuffers:
 
     def __init__(self, layout: FlatLayout) -> None:
         self.layout = layout
-        self.size = sum(layout.numels)
-        self.rows = torch.empty(4, self.size, dtype=layout.dtype, device=layout.device)
+        self.rows = torch.empty(4, layout.size, dtype=layout.dtype, device=layout.device)
         self.pair_rows = self.rows[:3]
         self.change, self.direction, self.new_residual, self.residual = self.rows.unbind(0)
         self.accepted = layout.empty()

@@ -32,7 +32,7 @@ def restart_period(restart: int | None, params: list[torch.Tensor], storage: _St
     if restart is not None:
         return restart
     if storage.flat is not None:
-        return storage.flat.size
+        return storage.flat.layout.size
     return sum(vec.as_real(p).numel() for p in params)
 
 
