@@ -116,9 +116,7 @@ def per_evaluation(
                 outside.setdefault(name, []).append(
                     [1e3 * (b - a) for a, b in zip([0.0, *outside_before], outside_before)]
                 )
-                inside.setdefault(name, []).append(
-                    [1e3 * (b - a) for a, b in zip([0.0, *totals[name][: count - 1]], totals[name][:count])]
-                )
+                inside.setdefault(name, []).append([1e3 * (b - a) for a, b in zip(inside_before, totals[name][:count])])
     return {name: {"outside": _medians(outside[name]), "inside": _medians(inside[name])} for name in outside}
 
 

@@ -41,7 +41,7 @@ def test_every_evaluation_of_a_row_is_timed_once_and_inside_its_clocked_time(mon
 @pytest.mark.slow
 @pytest.mark.filterwarnings("ignore:`torch.jit.script` is deprecated:FutureWarning")  # torchmin, at import
 @pytest.mark.filterwarnings("ignore::moller_scg.SCGStalledWarning")
-def test_the_split_by_evaluation_adds_up_to_the_clocked_time_of_the_lean_race(monkeypatch):
+def test_each_evaluation_is_split_into_the_own_work_before_it_and_the_time_inside_it(monkeypatch):
     attribution, problem, initial, costs = _script_and_quick_regression(monkeypatch)
     with attribution.clock_at_each_evaluation() as readings:
         results, totals = attribution.timed_race(problem, initial, costs, shuffle_seed=None)
