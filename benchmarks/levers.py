@@ -109,6 +109,9 @@ def passes_rows() -> dict[str, Row]:
     return {
         "torch LBFGS": lbfgs(100),
         "torch LBFGS h=20": lbfgs(20),
+        # torch's default LBFGS (no line search: steps of length 1 after the first), at the same two histories.
+        "torch LBFGS, no line search": lbfgs(100, line_search_fn=None),
+        "torch LBFGS h=20, no line search": lbfgs(20, line_search_fn=None),
         # Every trial a gradient pass, as when the tables in benchmarks/results/ were measured (before lever 12);
         # the rows "… loss first" below charge a trial that its loss rejects its forward only.
         "SCG m=20": scg(hvp="secant", memory=MEMORY, loss_first=False),

@@ -55,24 +55,29 @@ def require_peers() -> tuple[types.ModuleType, Callable[..., Any]]:
 # The optimizers
 
 
-def torch_lbfgs(params: Any, history_size: int = REFERENCE_HISTORY) -> torch.optim.LBFGS:
+def torch_lbfgs(
+    params: Any, history_size: int = REFERENCE_HISTORY, line_search_fn: str | None = "strong_wolfe"
+) -> torch.optim.LBFGS:
     """torch.optim.LBFGS as the race runs it: strong-Wolfe line search, lr 1, 20 iterations per step, no stop
-    rules."""
+    rules. ``line_search_fn=None`` is torch's default: no line search, every step of length lr = 1 after the first
+    (of length min(1, 1/|g|₁))."""
     return torch.optim.LBFGS(
         params,
         lr=1,
         history_size=history_size,
         max_iter=20,
-        line_search_fn="strong_wolfe",
+        line_search_fn=line_search_fn,
         tolerance_grad=0.0,
         tolerance_change=0.0,
     )
 
 
-def run_torch_lbfgs(run: Run, history_size: int = REFERENCE_HISTORY) -> None:
+def run_torch_lbfgs(
+    run: Run, history_size: int = REFERENCE_HISTORY, line_search_fn: str | None = "strong_wolfe"
+) -> None:
     """:func:`torch_lbfgs` on the run."""
     run.extra["history_size"] = history_size
-    optimizer = torch_lbfgs(run.params, history_size)
+    optimizer = torch_lbfgs(run.params, history_size, line_search_fn)
     state = optimizer.state[run.params[0]]
     while True:
         try:
@@ -235,8 +240,9 @@ def scg(
     )
 
 
-def lbfgs(history_size: int) -> Row:
-    return Row(lambda run: run_torch_lbfgs(run, history_size), LBFGS_FAMILY, history_size)
+def lbfgs(history_size: int, line_search_fn: str | None = "strong_wolfe") -> Row:
+    """A torch LBFGS row (:func:`torch_lbfgs`); ``line_search_fn=None``: torch's default, no line search."""
+    return Row(lambda run: run_torch_lbfgs(run, history_size, line_search_fn), LBFGS_FAMILY, history_size)
 
 
 def optimizers(problem: Problem) -> dict[str, Row]:

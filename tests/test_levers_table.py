@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+import torch
 from scripts import load_script
 
 LEVERS = Path(__file__).resolve().parent.parent / "benchmarks" / "levers.py"
@@ -41,3 +42,45 @@ def test_each_row_gives_its_ratios_per_seed_and_its_final_loss_ratio(levers):
     assert "final" in columns
     assert row.split()[:7] == ["SCG", "1.00", "/", "≪1", "/", "—", "0.6"]  # √(0.9 · 0.4) = 0.6
     assert row.endswith("0.50/≪1/— ×0.9  2.00/≪1/— ×0.4")
+
+
+def test_the_no_line_search_rows_take_the_steps_of_torchs_default_lbfgs(levers):
+    import peers_metering  # benchmarks/ is on sys.path while the levers script is loaded
+    from peers_problems import PROBLEMS
+
+    problem = PROBLEMS["regression"](True, 0)
+    initial = problem.make_model().state_dict()
+    run = peers_metering.Run("torch LBFGS, no line search", problem, initial, {"hvp": 2.0, "loss": 0.5})
+    run.budget = 20.0  # one step of 20 iterations: its first evaluation and one after each of the first 19
+    with pytest.raises(peers_metering.BudgetSpent):  # the next step's first evaluation
+        levers.passes_rows()["torch LBFGS, no line search"].run(run)
+    assert (run.extra["lbfgs_iterations"], run.extra["lbfgs_evaluations"]) == (20, 20)
+
+    model = problem.make_model()
+    model.load_state_dict(initial)
+    inputs, targets = problem.train
+    loss_function = problem.make_loss(model)
+    optimizer = torch.optim.LBFGS(model.parameters())  # torch's defaults: lr 1, no line search, history 100
+
+    def closure() -> torch.Tensor:
+        optimizer.zero_grad()
+        loss = loss_function(model(inputs), targets)
+        loss.backward()
+        return loss
+
+    optimizer.step(closure)
+    for mine, torchs in zip(run.params, model.parameters()):
+        torch.testing.assert_close(mine, torchs, rtol=1e-10, atol=1e-12)
+
+
+def test_the_race_reference_keeps_its_strong_wolfe_line_search(levers):
+    import peers_metering
+    from peers_problems import PROBLEMS
+
+    problem = PROBLEMS["regression"](True, 0)
+    run = peers_metering.Run("torch LBFGS", problem, problem.make_model().state_dict(), {"hvp": 2.0, "loss": 0.5})
+    run.budget = 40.0
+    with pytest.raises(peers_metering.BudgetSpent):
+        levers.passes_rows()["torch LBFGS"].run(run)
+    iterations, evaluations = run.extra["lbfgs_iterations"], run.extra["lbfgs_evaluations"]
+    assert evaluations > iterations + 1, (iterations, evaluations)  # some line search tried more than one step
