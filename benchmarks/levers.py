@@ -253,9 +253,10 @@ def passes_table(problem_name: str, per_seed: list[list[dict[str, Any]]]) -> lis
     where LBFGS did not; the mean is "mixed" when some seeds are ≪1 and the others a number), and the final loss at
     the budget as a ratio to torch LBFGS's: the geometric mean over the seeds, then each seed's after "×"."""
     seeds = len(per_seed)
+    width = max(26, 2 + max(len(result["name"]) for result in per_seed[0]))  # a long row name keeps its columns
     lines = [
         f"## {problem_name}: passes to T1 / T2 / T3 ÷ LBFGS(100)'s, {seeds} seed(s); final loss ÷ LBFGS(100)'s",
-        f"{'row':<26}{'geo-mean':>20}{'final':>8}   per seed",
+        f"{'row':<{width}}{'geo-mean':>20}{'final':>8}   per seed",
     ]
     for index, result in enumerate(per_seed[0]):
         entries = [results[index]["targets"] for results in per_seed]
@@ -266,7 +267,7 @@ def passes_table(problem_name: str, per_seed: list[list[dict[str, Any]]]) -> lis
             "/".join(ratio_cell(entry, "passes_ratio") for entry in targets) + f" ×{x:.3g}"
             for targets, x in zip(entries, finals)
         )
-        lines.append(f"{result['name']:<26}{' / '.join(means):>20}{final:>8.3g}   {cells}")
+        lines.append(f"{result['name']:<{width}}{' / '.join(means):>20}{final:>8.3g}   {cells}")
     return lines
 
 

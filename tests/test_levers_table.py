@@ -84,3 +84,11 @@ def test_the_race_reference_keeps_its_strong_wolfe_line_search(levers):
         levers.passes_rows()["torch LBFGS"].run(run)
     iterations, evaluations = run.extra["lbfgs_iterations"], run.extra["lbfgs_evaluations"]
     assert evaluations > iterations + 1, (iterations, evaluations)  # some line search tried more than one step
+
+
+def test_a_long_row_name_keeps_the_columns_aligned(levers):
+    targets = [entry(0.5), entry(0.5), entry(0.5)]
+    per_seed = [[result("SCG", targets, 1.0), result("torch LBFGS h=20, no line search", targets, 1.0)]]
+    _, columns, short, long = levers.passes_table("logistic", per_seed)
+    assert columns.index("geo-mean") + len("geo-mean") == short.index("0.50 / 0.50 / 0.50") + len("0.50 / 0.50 / 0.50")
+    assert short.index("0.50 / 0.50 / 0.50") == long.index("0.50 / 0.50 / 0.50")
