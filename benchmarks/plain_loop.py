@@ -34,13 +34,17 @@ from moller_scg.accumulate import GradientAccumulator
 ROWS: dict[str, Callable[[list[torch.Tensor]], torch.optim.Optimizer]] = {
     "torch LBFGS": lambda params: torch_lbfgs(params, 100),
     "torch LBFGS h=20": lambda params: torch_lbfgs(params, 20),
+    "LBFGS no LS": lambda params: torch_lbfgs(params, 100, line_search_fn=None),
+    "LBFGS h=20 no LS": lambda params: torch_lbfgs(params, 20, line_search_fn=None),
     "SCG m=20": lambda params: SCG(params, memory=20),
     "SCG m=40": lambda params: SCG(params, memory=40),
     "SCG m=20 diag": lambda params: SCG(params, memory=20, diagonal_scaling=True),
     "SCG m=40 diag": lambda params: SCG(params, memory=40, diagonal_scaling=True),
 }
 """The rows, as a user constructs them: the reference torch LBFGS (history 100, strong Wolfe, the race's settings),
-LBFGS at ``SCG(memory=20)``'s memory, and the SCG modes of ``one_at_a_time.py``."""
+LBFGS at ``SCG(memory=20)``'s memory, the same two without a line search ("no LS": torch's default
+``line_search_fn=None``, steps of length 1; docs/performance.md, lever 39), and the SCG modes of
+``one_at_a_time.py``."""
 
 
 class TimedAccumulator(GradientAccumulator):
@@ -66,6 +70,8 @@ class TimedAccumulator(GradientAccumulator):
         return loss
 
     def value_then_gradient(self) -> tuple[torch.Tensor, Callable[[], list[torch.Tensor]]]:
+        if not self.defers_gradient:  # over several batches this is one gradient pass, which __call__ notes
+            return super().value_then_gradient()
         loss, gradient = super().value_then_gradient()
         entry = len(self.history)
         self._note(loss)  # a trial rejected on its loss: its forward is its evaluation

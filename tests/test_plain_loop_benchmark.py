@@ -60,6 +60,19 @@ def test_a_trial_rejected_on_its_loss_is_noted_at_its_forward(monkeypatch):
     assert len(accumulator.history) == 2 and accumulator.history[1]["seconds"] >= accumulator.history[0]["seconds"]
 
 
+def test_over_several_batches_a_trial_is_one_gradient_pass_noted_once(monkeypatch):
+    script = _script(monkeypatch)
+    torch.manual_seed(0)
+    model = nn.Linear(3, 1).double()
+    data = (torch.randn(16, 3, dtype=torch.float64), torch.randn(16, 1, dtype=torch.float64))
+    accumulator = script.TimedAccumulator(model, nn.MSELoss(), data, batch_size=4)
+    assert not accumulator.defers_gradient
+    accumulator.start_clock()
+    loss, gradient = accumulator.value_then_gradient()
+    gradient()
+    assert [h["loss"] for h in accumulator.history] == [float(loss)]
+
+
 def test_a_row_stops_at_the_last_target_or_at_the_budget(monkeypatch):
     for module in ("sklearn", "mlxtend"):
         pytest.importorskip(module, reason=f"benchmarks/peers.py needs {module}: pip install 'moller-scg[benchmarks]'")
