@@ -44,16 +44,25 @@ def test_each_row_gives_its_ratios_per_seed_and_its_final_loss_ratio(levers):
     assert row.endswith("0.50/≪1/— ×0.9  2.00/≪1/— ×0.4")
 
 
-def test_the_no_line_search_rows_take_the_steps_of_torchs_default_lbfgs(levers):
+def _run_until_the_budget_is_spent(levers, name: str, budget: float):
+    """Row ``name`` of ``--table passes`` on the quick regression (seed 0) until ``budget`` passes are spent; the
+    problem, its initial weights and the run."""
     import peers_metering  # benchmarks/ is on sys.path while the levers script is loaded
     from peers_problems import PROBLEMS
 
     problem = PROBLEMS["regression"](True, 0)
     initial = problem.make_model().state_dict()
-    run = peers_metering.Run("torch LBFGS, no line search", problem, initial, {"hvp": 2.0, "loss": 0.5})
-    run.budget = 20.0  # one step of 20 iterations: its first evaluation and one after each of the first 19
-    with pytest.raises(peers_metering.BudgetSpent):  # the next step's first evaluation
-        levers.passes_rows()["torch LBFGS, no line search"].run(run)
+    run = peers_metering.Run(name, problem, initial, {"hvp": 2.0, "loss": 0.5})
+    run.budget = budget
+    with pytest.raises(peers_metering.BudgetSpent):
+        levers.passes_rows()[name].run(run)
+    return problem, initial, run
+
+
+def test_the_no_line_search_rows_take_the_steps_of_torchs_default_lbfgs(levers):
+    # One step of 20 iterations: its first evaluation and one after each of the first 19; the next step's first
+    # evaluation exceeds the budget.
+    problem, initial, run = _run_until_the_budget_is_spent(levers, "torch LBFGS, no line search", 20.0)
     assert (run.extra["lbfgs_iterations"], run.extra["lbfgs_evaluations"]) == (20, 20)
 
     model = problem.make_model()
@@ -74,14 +83,7 @@ def test_the_no_line_search_rows_take_the_steps_of_torchs_default_lbfgs(levers):
 
 
 def test_the_race_reference_keeps_its_strong_wolfe_line_search(levers):
-    import peers_metering
-    from peers_problems import PROBLEMS
-
-    problem = PROBLEMS["regression"](True, 0)
-    run = peers_metering.Run("torch LBFGS", problem, problem.make_model().state_dict(), {"hvp": 2.0, "loss": 0.5})
-    run.budget = 40.0
-    with pytest.raises(peers_metering.BudgetSpent):
-        levers.passes_rows()["torch LBFGS"].run(run)
+    _, _, run = _run_until_the_budget_is_spent(levers, "torch LBFGS", 40.0)
     iterations, evaluations = run.extra["lbfgs_iterations"], run.extra["lbfgs_evaluations"]
     assert evaluations > iterations + 1, (iterations, evaluations)  # some line search tried more than one step
 
