@@ -71,6 +71,7 @@ Usage:
     python benchmarks/peers.py --quick    # a small version, 25-60 s on 2 shared CPU cores
     python benchmarks/peers.py --problems regression logistic
     python benchmarks/peers.py --problems memory-bound   # only the memory-bound case (peers_memory_bound.py)
+    python benchmarks/peers.py --default-lbfgs           # also torch LBFGS without a line search (lever 40)
 
 Needs ``pip install pytorch-minimize paramz scikit-learn mlxtend matplotlib``.
 """
@@ -164,15 +165,22 @@ def race(
 # Main
 
 
-def memory_probe(problem: Problem, initial: dict[str, torch.Tensor], costs: dict[str, float], budget: float) -> dict:
-    """Each optimizer's peak working memory at *every* Python call and return of its own code, untimed.
+def memory_probe(
+    problem: Problem,
+    initial: dict[str, torch.Tensor],
+    costs: dict[str, float],
+    budget: float,
+    default_lbfgs: bool = False,
+) -> dict:
+    """Each optimizer's peak working memory at *every* Python call and return of its own code, untimed (the rows of
+    ``optimizers(problem, default_lbfgs)``).
 
     The race samples memory only when an optimizer asks for an evaluation; temporaries that live between two
     evaluations (SCG's new r and p while the old ones are still referenced, LBFGS's two-loop recursion) are seen
     here. One optimizer at a time, no baton, ``budget`` passes each; in units of n.
     """
     peaks: dict[str, float] = {}
-    table = optimizers(problem)
+    table = optimizers(problem, default_lbfgs)
     for name in [n for n in table if not n.startswith("Adam")] + [next(n for n in table if n.startswith("Adam"))]:
         run = Run(name, problem, initial, costs)
         run.budget = budget
@@ -214,18 +222,27 @@ def races_for(quick: bool) -> int:
 
 
 def run_problem(
-    problem: Problem, probe_budget: float, quick: bool = False, races: int | None = None, shuffle: bool = True
+    problem: Problem,
+    probe_budget: float,
+    quick: bool = False,
+    races: int | None = None,
+    shuffle: bool = True,
+    default_lbfgs: bool = False,
 ) -> dict[str, Any]:
     """Calibrate, race (``races`` times: default :func:`races_for`; times are then medians over the races; with
     ``shuffle`` the baton's order is a new random permutation every lap, seeded by the problem's seed and the race's
-    number), probe memory (on :data:`PROBE_PROBLEM`) and analyse one problem."""
+    number), probe memory (on :data:`PROBE_PROBLEM`) and analyse one problem; ``default_lbfgs``: with the rows of
+    torch LBFGS without a line search (``optimizers``)."""
     model = problem.make_model()
     initial = copy.deepcopy(model.state_dict())
     costs = calibrate(problem, initial)
     races = races_for(quick) if races is None else races
     seeds = [1000 * problem.seed + number if shuffle else None for number in range(races)]
-    raws = [race(problem, initial, costs, shuffle_seed=seed) for seed in seeds]
-    probe = memory_probe(problem, initial, costs, probe_budget) if problem.name == PROBE_PROBLEM else None
+    table = optimizers(problem, default_lbfgs)
+    raws = [race(problem, initial, costs, table, shuffle_seed=seed) for seed in seeds]
+    probe = (
+        memory_probe(problem, initial, costs, probe_budget, default_lbfgs) if problem.name == PROBE_PROBLEM else None
+    )
     results = best_adam(raws[0])
     analysis = analyse(problem, results)
     if races > 1:
@@ -305,6 +322,12 @@ def main(argv: list[str] | None = None) -> int:
         "computes the same, took 0.52–0.95 of its time (docs/performance.md, lever 17)",
     )
     parser.add_argument(
+        "--default-lbfgs",
+        action="store_true",
+        help="also race torch LBFGS without a line search (torch's default; history 100 and 20): the report pairs "
+        "each SCG row with one of them by the equal-memory rule, apart from the goals (docs/performance.md, lever 40)",
+    )
+    parser.add_argument(
         "--report-from",
         type=Path,
         metavar="JSON",
@@ -327,7 +350,9 @@ def main(argv: list[str] | None = None) -> int:
             block = results["memory_bound"] = run_memory_bound(args.quick, args.seed)
         else:
             problem = PROBLEMS[name](args.quick, args.seed)
-            block = run_problem(problem, 10.0 if args.quick else 30.0, args.quick, args.races, not args.fixed_order)
+            block = run_problem(
+                problem, 10.0 if args.quick else 30.0, args.quick, args.races, not args.fixed_order, args.default_lbfgs
+            )
             results["problems"].append(block)
         block["wall_seconds"] = time.perf_counter() - started
         print(f"{name}: {block['wall_seconds']:.0f} s", file=sys.stderr)

@@ -35,6 +35,13 @@ DIAGONAL = f"SCG m={DEFAULT_MEMORY} diag"
 SCG_FAMILY, LBFGS_FAMILY, PEER_FAMILY, ADAM_FAMILY = "SCG", "torch LBFGS", "peer", "Adam"
 """Which kind of optimizer a row is: the report judges every SCG row by the goals, and pairs it with the LBFGS row
 of nearest memory."""
+DEFAULT_LBFGS_FAMILY = "torch LBFGS, no line search"
+"""torch.optim.LBFGS as a user first writes it (``line_search_fn=None``: after the first step every step has length
+lr = 1). ``peers.py --default-lbfgs`` adds these rows; the report pairs each SCG row with one of them by the
+equal-memory rule, apart from the goals, which keep the issue's strong-Wolfe reference (docs/performance.md, lever
+40)."""
+DEFAULT_LBFGS_ROWS = {"LBFGS no LS": REFERENCE_HISTORY, "LBFGS h=20 no LS": 20}
+"""The rows of ``--default-lbfgs``, by name: their histories."""
 MISSING_HINT = "pip install pytorch-minimize paramz scikit-learn  (setup.cfg extra: benchmarks)"
 
 
@@ -245,9 +252,15 @@ def lbfgs(history_size: int, line_search_fn: str | None = "strong_wolfe") -> Row
     return Row(lambda run: run_torch_lbfgs(run, history_size, line_search_fn), LBFGS_FAMILY, history_size)
 
 
-def optimizers(problem: Problem) -> dict[str, Row]:
+def default_lbfgs_row(history_size: int) -> Row:
+    """A row of torch LBFGS without a line search (:data:`DEFAULT_LBFGS_FAMILY`)."""
+    return Row(lambda run: run_torch_lbfgs(run, history_size, None), DEFAULT_LBFGS_FAMILY, history_size)
+
+
+def optimizers(problem: Problem, default_lbfgs: bool = False) -> dict[str, Row]:
     """The rows of the report, in order. A new SCG mode is one more ``scg(...)`` line here: the race, the tables,
-    the memory probe, the figure and the goals pick it up from its family."""
+    the memory probe, the figure and the goals pick it up from its family. ``default_lbfgs``: also the rows of
+    :data:`DEFAULT_LBFGS_ROWS`, torch LBFGS without a line search, after the strong-Wolfe LBFGS rows."""
     table = {
         REFERENCE: lbfgs(REFERENCE_HISTORY),
         "SCG exact": scg(),
@@ -259,6 +272,7 @@ def optimizers(problem: Problem) -> dict[str, Row]:
         DIAGONAL: scg(hvp="secant", memory=DEFAULT_MEMORY, diagonal_scaling=True),
         "SCG m=40 diag": scg(hvp="secant", memory=40, diagonal_scaling=True),
         **{f"torch LBFGS h={history}": lbfgs(history) for history in LBFGS_HISTORIES},
+        **{name: default_lbfgs_row(history) for name, history in DEFAULT_LBFGS_ROWS.items() if default_lbfgs},
         NETLAB: Row(run_netlab, PEER_FAMILY),
         "torchmin CG": Row(lambda run: run_torchmin(run, "cg"), PEER_FAMILY),
         "torchmin L-BFGS": Row(lambda run: run_torchmin(run, "l-bfgs"), PEER_FAMILY),

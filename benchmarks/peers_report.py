@@ -13,7 +13,15 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from peers_adapters import LBFGS_FAMILY, LBFGS_HISTORIES, NETLAB, REFERENCE, SCG_FAMILY, SUBSAMPLED
+from peers_adapters import (
+    DEFAULT_LBFGS_FAMILY,
+    LBFGS_FAMILY,
+    LBFGS_HISTORIES,
+    NETLAB,
+    REFERENCE,
+    SCG_FAMILY,
+    SUBSAMPLED,
+)
 from peers_metering import CURVATURE_FRACTION
 from peers_problems import Problem
 
@@ -289,10 +297,12 @@ def optimizer_memory(result: dict[str, Any], probe: dict[str, float]) -> float:
     return max(result["state_in_n"], probe.get(result["name"], 0.0))
 
 
-def equal_memory_partner(block: dict[str, Any], scg_result: dict[str, Any], probe: dict[str, float]) -> dict[str, Any]:
-    """The torch LBFGS row whose measured memory is the nearest at or above the SCG row's (the largest LBFGS, the
-    nearest below, if none is as large)."""
-    lbfgs_rows = [r for r in block["results"] if r.get("family") == LBFGS_FAMILY]
+def equal_memory_partner(
+    block: dict[str, Any], scg_result: dict[str, Any], probe: dict[str, float], family: str = LBFGS_FAMILY
+) -> dict[str, Any]:
+    """The torch LBFGS row (of ``family``: with the strong-Wolfe line search, or without one) whose measured memory
+    is the nearest at or above the SCG row's (the largest LBFGS, the nearest below, if none is as large)."""
+    lbfgs_rows = [r for r in block["results"] if r.get("family") == family]
     lbfgs_rows.sort(key=lambda r: optimizer_memory(r, probe))
     needed = optimizer_memory(scg_result, probe)
     return next((r for r in lbfgs_rows if optimizer_memory(r, probe) >= needed), lbfgs_rows[-1])
@@ -317,6 +327,40 @@ def faster(entry: dict[str, Any], other: dict[str, Any]) -> bool:
     if mine and theirs and len(mine) == len(theirs) > 1:
         return statistics.median(a / b for a, b in zip(mine, theirs)) < 1.0
     return entry["seconds"] < other["seconds"]
+
+
+def race_by_race_ratio(entry: dict[str, Any], other: dict[str, Any]) -> float | None:
+    """One row's time to a target over another's, as :func:`faster` reads it: the median over the races of the ratio
+    of the two rows' times in the same race (one race: the ratio); ``None`` when either did not reach it."""
+    if not (entry["reached"] and other["reached"]):
+        return None
+    mine, theirs = entry.get("seconds_by_race"), other.get("seconds_by_race")
+    if mine and theirs and len(mine) == len(theirs) > 1:
+        return statistics.median(a / b for a, b in zip(mine, theirs))
+    return entry["seconds"] / other["seconds"]
+
+
+def default_lbfgs_comparison(
+    blocks: list[dict[str, Any]], name: str, probe: dict[str, float]
+) -> tuple[str, dict[str, bool]] | None:
+    """The SCG row ``name`` against torch LBFGS without a line search (``peers.py --default-lbfgs``), by the goals'
+    equal-memory rule and ``beats``, per problem, with the race-by-race time ratios to T1 / T2 / T3; ``None`` when
+    the run has no such rows. Not one of the issue's goals, whose reference is the strong-Wolfe LBFGS."""
+    if not any(r.get("family") == DEFAULT_LBFGS_FAMILY for b in blocks for r in b["results"]):
+        return None
+    cells, wins = [], {}
+    for block in blocks:
+        scg_result = next(r for r in block["results"] if r["name"] == name)
+        partner = equal_memory_partner(block, scg_result, probe, DEFAULT_LBFGS_FAMILY)
+        memories = optimizer_memory(partner, probe), optimizer_memory(scg_result, probe)
+        ratios = [race_by_race_ratio(mine, theirs) for mine, theirs in zip(scg_result["targets"], partner["targets"])]
+        wins[block["problem"]["name"]] = beats(scg_result, partner)
+        cells.append(
+            f"{block['problem']['name']} {'yes' if wins[block['problem']['name']] else 'no'} "
+            f"(vs {partner['name']}, {memories[0]:.1f} n {'≥' if memories[0] >= memories[1] else '<'} "
+            f"{memories[1]:.1f} n; time ÷ its " + " / ".join("—" if x is None else f"{x:.2f}" for x in ratios) + ")"
+        )
+    return "  beats torch LBFGS without a line search at equal memory (not a goal): " + "; ".join(cells), wins
 
 
 def within_time_goal(result: dict[str, Any]) -> bool:
@@ -370,6 +414,10 @@ def goals(blocks: list[dict[str, Any]]) -> tuple[list[str], dict[str, Any]]:
             f"  beats torch LBFGS at equal memory (goal: all): {'; '.join(partners)} "
             f"→ {'met' if memory_met else 'NOT met'}",
         ]
+        against_default = default_lbfgs_comparison(blocks, name, probe)
+        if against_default is not None:
+            line, verdicts[name]["beats_default_lbfgs_at_equal_memory"] = against_default
+            lines.append(line)
     best = [name for name, v in verdicts.items() if v["time_goal_met"] and v["equal_memory_goal_met"]]
     lines.append(f"issue #14's goal {'met by ' + ', '.join(best) if best else 'NOT met by any SCG mode'}")
     return lines, verdicts
@@ -411,6 +459,8 @@ COLORS = {
     "torchmin L-BFGS": "tab:cyan",
     "torchmin Newton-CG": "tab:purple",
     "torchmin trust-ncg": "tab:pink",
+    "LBFGS no LS": "goldenrod",
+    "LBFGS h=20 no LS": "darkkhaki",
 }
 
 

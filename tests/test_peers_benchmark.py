@@ -226,6 +226,60 @@ def test_goals_pair_each_scg_row_with_the_lbfgs_row_of_nearest_memory_at_or_abov
     assert "## Goals of issue #14" in lines[0]
 
 
+def test_the_default_lbfgs_rows_are_compared_by_the_same_rule_apart_from_the_goals(monkeypatch):
+    report = load_report(monkeypatch)
+
+    def toy_block(name, default_h20_seconds):
+        results = [
+            fake_result("torch LBFGS", "torch LBFGS", [1.0, 2.0, 4.0], 80.0),
+            fake_result("torch LBFGS h=20", "torch LBFGS", [1.0, 2.0, 5.0], 50.0),
+            fake_result("LBFGS no LS", "torch LBFGS, no line search", [0.8, 1.6, 3.2], 78.0),
+            fake_result("LBFGS h=20 no LS", "torch LBFGS, no line search", default_h20_seconds, 48.0),
+            fake_result("SCG m=20", "SCG", [0.9, 1.5, 3.0], 47.0),
+        ]
+        return fake_block(name, results, [1.0, 2.0, 4.0])
+
+    # SCG (47 n) is paired with the default row of nearest memory at or above it, history 20 (48 n); its time ÷
+    # that row's: 0.9 / 1.5 / 3.0 over 1.0 / 2.0 / None on "first", over 0.8 / 2.0 / 4.0 on "second".
+    blocks = [toy_block("first", [1.0, 2.0, None]), toy_block("second", [0.8, 2.0, 4.0])]
+    lines, verdicts = report.goals(blocks)
+    assert set(verdicts) == {"SCG m=20"}  # the default rows are not judged by the goals
+    assert verdicts["SCG m=20"]["beats_default_lbfgs_at_equal_memory"] == {"first": True, "second": False}
+    assert verdicts["SCG m=20"]["beats_lbfgs_at_equal_memory"] == {"first": True, "second": True}  # strong Wolfe
+    line = next(line for line in lines if "without a line search" in line)
+    assert "first yes (vs LBFGS h=20 no LS, 48.0 n ≥ 47.0 n; time ÷ its 0.90 / 0.75 / —)" in line
+    assert "second no (vs LBFGS h=20 no LS, 48.0 n ≥ 47.0 n; time ÷ its 1.12 / 0.75 / 0.75)" in line
+
+    # A run without those rows (every run before lever 40) reports as before.
+    for block in blocks:
+        block["results"] = [r for r in block["results"] if r["family"] != "torch LBFGS, no line search"]
+    lines, verdicts = report.goals(blocks)
+    assert not any("without a line search" in line for line in lines)
+    assert "beats_default_lbfgs_at_equal_memory" not in verdicts["SCG m=20"]
+
+
+def test_default_lbfgs_adds_torchs_default_lbfgs_rows_to_the_race(monkeypatch):
+    load_report(monkeypatch)  # benchmarks/ on sys.path
+    import peers_adapters
+    import peers_metering
+    from peers_problems import PROBLEMS
+
+    problem = PROBLEMS["regression"](True, 0)
+    assert not set(peers_adapters.DEFAULT_LBFGS_ROWS) & set(peers_adapters.optimizers(problem))
+    table = peers_adapters.optimizers(problem, default_lbfgs=True)
+    rows = {name: table[name] for name in peers_adapters.DEFAULT_LBFGS_ROWS}
+    assert {name: (row.family, row.history_size) for name, row in rows.items()} == {
+        "LBFGS no LS": ("torch LBFGS, no line search", 100),
+        "LBFGS h=20 no LS": ("torch LBFGS, no line search", 20),
+    }
+    # One step of 20 iterations of history 20 without a line search: 20 evaluations, one per iteration.
+    run = peers_metering.Run("LBFGS h=20 no LS", problem, problem.make_model().state_dict(), {"hvp": 2.0, "loss": 0.5})
+    run.budget = 20.0
+    with pytest.raises(peers_metering.BudgetSpent):
+        rows["LBFGS h=20 no LS"].run(run)
+    assert (run.extra["lbfgs_iterations"], run.extra["lbfgs_evaluations"]) == (20, 20)
+
+
 def test_beats_needs_every_contested_target_first_and_compares_final_loss_when_none_is_reached(monkeypatch):
     report = load_report(monkeypatch)
     lbfgs = fake_result("torch LBFGS h=2", "torch LBFGS", [1.0, None, None], 9.0, final_loss=0.5)
