@@ -323,15 +323,13 @@ def faster(entry: dict[str, Any], other: dict[str, Any]) -> bool:
     are medians of each race's ratio — and in one race, in fewer seconds. (The medians of each row's seconds over the
     races can rank two rows the other way round, the machine's speed moving between races: on the logistic problem
     raced nine times, a row at a median ratio of 1.08 to the other had the lower median seconds.)"""
-    mine, theirs = entry.get("seconds_by_race"), other.get("seconds_by_race")
-    if mine and theirs and len(mine) == len(theirs) > 1:
-        return statistics.median(a / b for a, b in zip(mine, theirs)) < 1.0
-    return entry["seconds"] < other["seconds"]
+    ratio = race_by_race_ratio(entry, other)
+    return ratio is not None and ratio < 1.0
 
 
 def race_by_race_ratio(entry: dict[str, Any], other: dict[str, Any]) -> float | None:
-    """One row's time to a target over another's, as :func:`faster` reads it: the median over the races of the ratio
-    of the two rows' times in the same race (one race: the ratio); ``None`` when either did not reach it."""
+    """One row's time to a target over another's: the median over the races of the ratio of the two rows' times in
+    the same race (one race: the ratio of their seconds); ``None`` when either did not reach it."""
     if not (entry["reached"] and other["reached"]):
         return None
     mine, theirs = entry.get("seconds_by_race"), other.get("seconds_by_race")
