@@ -21,6 +21,7 @@ Usage:
     python benchmarks/lean_step.py --cold-caches 0 # the same warm
     python benchmarks/lean_step.py --plain-loop --problems logistic --repetitions 31 --out FILE   # a user's loop
     python benchmarks/lean_step.py --race --problems logistic --races 9 --out DIR    # peers.py's race, four rows
+    python benchmarks/lean_step.py --race --default-lbfgs [...]   # and torch LBFGS without a line search (six rows)
     python benchmarks/lean_step.py --diagonal-scaling [...]     # each of the above with H₀ = γ_D Λ in the SCG rows
     python benchmarks/lean_step.py --as-optimizer [...]         # the lean rows behind torch.optim.Optimizer's step
 """
@@ -288,12 +289,14 @@ def lean_race_row(diagonal_scaling: bool) -> str:
     return f"lean SCG m=20{' diag' if diagonal_scaling else ''} (research)"
 
 
-def race_table(problem: Any, diagonal_scaling: bool = False) -> dict[str, Any]:
-    """``peers.py``'s table cut to :func:`race_rows`, with the lean row."""
+def race_table(problem: Any, diagonal_scaling: bool = False, default_lbfgs: bool = False) -> dict[str, Any]:
+    """``peers.py``'s table cut to :func:`race_rows` (with ``default_lbfgs``, ``peers.py --default-lbfgs``: and the
+    rows of torch LBFGS without a line search), with the lean row."""
     import peers_adapters
 
-    full = peers_adapters.optimizers(problem)
-    table = {name: full[name] for name in race_rows(diagonal_scaling)}
+    full = peers_adapters.optimizers(problem, default_lbfgs)
+    names = [*race_rows(diagonal_scaling), *(peers_adapters.DEFAULT_LBFGS_ROWS if default_lbfgs else ())]
+    table = {name: full[name] for name in names}
     lean = peers_adapters.Row(lambda run: run_lean(run, diagonal_scaling), peers_adapters.PEER_FAMILY)
     table[lean_race_row(diagonal_scaling)] = lean
     return table
@@ -332,7 +335,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--repeats", type=int, default=40)
     parser.add_argument("--cold-caches", type=int, default=32, metavar="MIB")
     parser.add_argument("--plain-loop", action="store_true", help="instead: plain_loop.py's user's loop with the rows")
-    parser.add_argument("--race", action="store_true", help="instead: peers.py's race, four rows (race_rows)")
+    parser.add_argument(
+        "--race", action="store_true", help="instead: peers.py's race, four rows (race_rows); --default-lbfgs: six"
+    )
     parser.add_argument("--diagonal-scaling", action="store_true", help="the diagonal H₀ in the SCG rows")
     parser.add_argument(
         "--as-optimizer", action="store_true", help="the lean rows behind torch.optim.Optimizer's step (not --race)"
@@ -347,7 +352,9 @@ def main(argv: list[str] | None = None) -> int:
         import peers
 
         race = {
-            "optimizers": lambda problem: race_table(problem, args.diagonal_scaling),
+            "optimizers": lambda problem, default_lbfgs=False: race_table(
+                problem, args.diagonal_scaling, default_lbfgs
+            ),
             "memory_probe": lambda *args: None,  # the probe's table needs Adam's rows; memory is not asked here
             "environment": lambda command: environment(
                 command.replace("python benchmarks/peers.py", f"python benchmarks/lean_step.py --race{diagonal}", 1)

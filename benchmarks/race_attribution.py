@@ -103,7 +103,10 @@ def per_evaluation(
             import lean_step
             import peers
 
-            stack.enter_context(lean_step._replaced(peers, {"optimizers": lambda p: lean_step.race_table(p, False)}))
+            def lean_table(problem: Any, default_lbfgs: bool = False) -> dict[str, Any]:
+                return lean_step.race_table(problem, False, default_lbfgs)
+
+            stack.enter_context(lean_step._replaced(peers, {"optimizers": lean_table}))
         for number in range(races):
             with clock_at_each_evaluation() as readings:
                 results, totals = timed_race(problem, initial, costs, 1000 * problem.seed + number if shuffle else None)
