@@ -31,6 +31,7 @@ other optimizers run between two evaluations of one, or a loop that does more (d
 
     python benchmarks/own_work.py --problems logistic --before-each-evaluation 9 --repeats 40
     python benchmarks/own_work.py --problems logistic --before-each-evaluation 9 --repeats 40 --cold-caches 32
+    python benchmarks/own_work.py --problems logistic --before-each-evaluation 9 --repeats 40 --lbfgs-no-line-search
 """
 
 from __future__ import annotations
@@ -265,15 +266,18 @@ def print_before_each_evaluation(
     evaluations: int,
     repeats: int,
     cold_caches_mib: int = 0,
+    lbfgs_line_search: str | None = "strong_wolfe",
 ) -> None:
     """:func:`own_work_before_evaluations` of SCG(memory=m, diagonal_scaling=…) and torch LBFGS(history), a line
     each: the median µs before each evaluation, and the median of the runs' totals up to the last two evaluations.
-    The two rows' runs alternate, so that a drift of the machine reaches both alike."""
+    The two rows' runs alternate, so that a drift of the machine reaches both alike. ``lbfgs_line_search=None``:
+    torch LBFGS without a line search (torch's default)."""
+    lbfgs_label = f"torch LBFGS(h={lbfgs_history}{'' if lbfgs_line_search else ', no LS'})"
     rows = {
         f"SCG(memory={memory}{', diagonal' if diagonal_scaling else ''})": lambda params: SCG(
             params, memory=memory, diagonal_scaling=diagonal_scaling
         ),
-        f"torch LBFGS(h={lbfgs_history})": lambda params: torch_lbfgs(params, lbfgs_history),
+        lbfgs_label: lambda params: torch_lbfgs(params, lbfgs_history, lbfgs_line_search),
     }
     print_rows_before_each_evaluation(name, rows, evaluations, repeats, cold_caches_mib)
 
@@ -364,6 +368,11 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--lbfgs-history", type=int, default=20, help="with --before-each-evaluation (default 20)")
     parser.add_argument(
+        "--lbfgs-no-line-search",
+        action="store_true",
+        help="with --before-each-evaluation: torch LBFGS without a line search (torch's default; lever 40)",
+    )
+    parser.add_argument(
         "--cold-caches",
         type=int,
         default=0,
@@ -388,6 +397,7 @@ def main(argv: list[str] | None = None) -> int:
                 args.before_each_evaluation,
                 args.repeats,
                 args.cold_caches,
+                None if args.lbfgs_no_line_search else "strong_wolfe",
             )
         return 0
     mode = f"memory={args.memory}" + (", diagonal_scaling=True" if args.diagonal_scaling else "")

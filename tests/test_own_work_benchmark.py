@@ -195,6 +195,23 @@ def test_it_times_the_own_work_before_each_evaluation_of_scg_and_lbfgs(monkeypat
     assert lines[2].startswith("  SCG(memory=20)") and lines[3].startswith("  torch LBFGS(h=20)")
 
 
+def test_the_lbfgs_row_can_be_torchs_default_without_a_line_search(monkeypatch, capsys):
+    own_work = load_script(BENCHMARK, monkeypatch)
+    line_searches = []
+    real = own_work.torch_lbfgs
+
+    def recording(params, history_size, line_search_fn="strong_wolfe"):
+        line_searches.append((history_size, line_search_fn))
+        return real(params, history_size, line_search_fn)
+
+    monkeypatch.setattr(own_work, "torch_lbfgs", recording)
+    args = ["--problems", "logistic", "--before-each-evaluation", "2", "--repeats", "1"]
+    assert own_work.main([*args, "--lbfgs-no-line-search"]) == 0
+    assert capsys.readouterr().out.splitlines()[3].startswith("  torch LBFGS(h=20, no LS)")
+    assert own_work.main(args) == 0
+    assert line_searches == [(20, None), (20, "strong_wolfe")]
+
+
 def test_the_rows_runs_alternate_and_each_takes_the_cold_caches(monkeypatch, capsys):
     own_work = load_script(BENCHMARK, monkeypatch)
     calls = []
