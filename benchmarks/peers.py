@@ -170,17 +170,17 @@ def memory_probe(
     initial: dict[str, torch.Tensor],
     costs: dict[str, float],
     budget: float,
-    default_lbfgs: bool = False,
+    table: dict[str, Row] | None = None,
 ) -> dict:
     """Each optimizer's peak working memory at *every* Python call and return of its own code, untimed (the rows of
-    ``optimizers(problem, default_lbfgs)``).
+    ``table``, default all of ``optimizers(problem)``).
 
     The race samples memory only when an optimizer asks for an evaluation; temporaries that live between two
     evaluations (SCG's new r and p while the old ones are still referenced, LBFGS's two-loop recursion) are seen
     here. One optimizer at a time, no baton, ``budget`` passes each; in units of n.
     """
     peaks: dict[str, float] = {}
-    table = optimizers(problem, default_lbfgs)
+    table = optimizers(problem) if table is None else table
     for name in [n for n in table if not n.startswith("Adam")] + [next(n for n in table if n.startswith("Adam"))]:
         run = Run(name, problem, initial, costs)
         run.budget = budget
@@ -240,9 +240,7 @@ def run_problem(
     seeds = [1000 * problem.seed + number if shuffle else None for number in range(races)]
     table = optimizers(problem, default_lbfgs)
     raws = [race(problem, initial, costs, table, shuffle_seed=seed) for seed in seeds]
-    probe = (
-        memory_probe(problem, initial, costs, probe_budget, default_lbfgs) if problem.name == PROBE_PROBLEM else None
-    )
+    probe = memory_probe(problem, initial, costs, probe_budget, table) if problem.name == PROBE_PROBLEM else None
     results = best_adam(raws[0])
     analysis = analyse(problem, results)
     if races > 1:

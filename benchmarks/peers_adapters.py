@@ -37,9 +37,9 @@ SCG_FAMILY, LBFGS_FAMILY, PEER_FAMILY, ADAM_FAMILY = "SCG", "torch LBFGS", "peer
 of nearest memory."""
 DEFAULT_LBFGS_FAMILY = "torch LBFGS, no line search"
 """torch.optim.LBFGS as a user first writes it (``line_search_fn=None``: after the first step every step has length
-lr = 1). ``peers.py --default-lbfgs`` adds these rows; the report pairs each SCG row with one of them by the
-equal-memory rule, apart from the goals, which keep the issue's strong-Wolfe reference (docs/performance.md, lever
-40)."""
+lr = 1): the family of every :func:`lbfgs` row with ``line_search_fn=None`` (``levers.py``'s, and those that
+``peers.py --default-lbfgs`` adds). The report pairs each SCG row with one of them by the equal-memory rule, apart
+from the goals, which keep the issue's strong-Wolfe reference (docs/performance.md, lever 40)."""
 DEFAULT_LBFGS_ROWS = {"LBFGS no LS": REFERENCE_HISTORY, "LBFGS h=20 no LS": 20}
 """The rows of ``--default-lbfgs``, by name: their histories."""
 MISSING_HINT = "pip install pytorch-minimize paramz scikit-learn  (setup.cfg extra: benchmarks)"
@@ -248,13 +248,10 @@ def scg(
 
 
 def lbfgs(history_size: int, line_search_fn: str | None = "strong_wolfe") -> Row:
-    """A torch LBFGS row (:func:`torch_lbfgs`); ``line_search_fn=None``: torch's default, no line search."""
-    return Row(lambda run: run_torch_lbfgs(run, history_size, line_search_fn), LBFGS_FAMILY, history_size)
-
-
-def default_lbfgs_row(history_size: int) -> Row:
-    """A row of torch LBFGS without a line search (:data:`DEFAULT_LBFGS_FAMILY`)."""
-    return Row(lambda run: run_torch_lbfgs(run, history_size, None), DEFAULT_LBFGS_FAMILY, history_size)
+    """A torch LBFGS row (:func:`torch_lbfgs`); ``line_search_fn=None``: torch's default, no line search, a row of
+    :data:`DEFAULT_LBFGS_FAMILY`."""
+    family = LBFGS_FAMILY if line_search_fn else DEFAULT_LBFGS_FAMILY
+    return Row(lambda run: run_torch_lbfgs(run, history_size, line_search_fn), family, history_size)
 
 
 def optimizers(problem: Problem, default_lbfgs: bool = False) -> dict[str, Row]:
@@ -272,7 +269,7 @@ def optimizers(problem: Problem, default_lbfgs: bool = False) -> dict[str, Row]:
         DIAGONAL: scg(hvp="secant", memory=DEFAULT_MEMORY, diagonal_scaling=True),
         "SCG m=40 diag": scg(hvp="secant", memory=40, diagonal_scaling=True),
         **{f"torch LBFGS h={history}": lbfgs(history) for history in LBFGS_HISTORIES},
-        **{name: default_lbfgs_row(history) for name, history in DEFAULT_LBFGS_ROWS.items() if default_lbfgs},
+        **{name: lbfgs(history, None) for name, history in DEFAULT_LBFGS_ROWS.items() if default_lbfgs},
         NETLAB: Row(run_netlab, PEER_FAMILY),
         "torchmin CG": Row(lambda run: run_torchmin(run, "cg"), PEER_FAMILY),
         "torchmin L-BFGS": Row(lambda run: run_torchmin(run, "l-bfgs"), PEER_FAMILY),
