@@ -189,6 +189,9 @@ def passes_rows() -> dict[str, Row]:
         "diagonal H₀ β=0.99, v^¼, first step 1/|r|₂": flat_variant(
             diagonal_beta=0.99, diagonal_power=0.25, first_step="scaled-l2", loss_first=True
         ),
+        "diagonal H₀ β=0.99, v^¼, first step D r": flat_variant(
+            diagonal_beta=0.99, diagonal_power=0.25, first_step="diagonal", loss_first=True
+        ),
         "diagonal H₀ β=0.99, v^¼, first step probed": flat_variant(
             diagonal_beta=0.99, diagonal_power=0.25, first_step="probe", loss_first=True
         ),

@@ -36,8 +36,10 @@ clearly win (issue #14), written on one flat vector so that each differs from th
   alone, a forward, fits the quadratic E(w) − tμ + ½t²δ along p = r, and when the fit is convex with a minimiser
   α* = μ/δ beyond ``PROBE_MIN_RATIO`` α₀ the probe's backward is never made and the first trial is taken at α*
   instead, as Møller's step with that δ; otherwise the probe is the trial, as ``"scaled"``; only where the run
-  defers the backward and ``loss_first``); later steps without a pair (after a restart or when the pairs were
-  dropped) take the finite difference either way;
+  defers the backward and ``loss_first``), or ``"diagonal"`` (lever 42, with ``diagonal_beta``: p₁ = D r₁, the
+  diagonal H₀ of the first gradient alone, at α = min(1, 1/|p₁|₁): a first step of the same L1 length as torch
+  LBFGS's, along the preconditioned direction; otherwise as ``"scaled"``); later steps without a pair (after a
+  restart or when the pairs were dropped) take the finite difference either way;
 * ``gamma_window``, ``gamma_pick``: H's initial scaling γ = the largest (``"max"``) or smallest (``"min"``)
   sᵢᵀyᵢ / yᵢᵀyᵢ over the newest ``gamma_window`` pairs (``None``: all pairs held, the library's; 1: the newest
   pair's, L-BFGS's usual choice and the library's previous one), or (``"bb1"``) the largest sᵢᵀsᵢ / sᵢᵀyᵢ (the
@@ -81,7 +83,7 @@ from moller_scg.quasi_newton import SecantPairs
 from moller_scg.step_arithmetic import scaled_curvature
 
 RETRY_RULES = ("moller", "cubic-lambda", "interpolate", "interpolate-raise")
-FIRST_STEPS = ("finite-difference", "scaled", "scaled-l2", "probe")
+FIRST_STEPS = ("finite-difference", "scaled", "scaled-l2", "probe", "diagonal")
 PROBE_MIN_RATIO = 2.0
 """``first_step="probe"``: the fitted α* must exceed this many α₀ for the trial at α₀ to serve as a probe only."""
 
@@ -409,7 +411,12 @@ class FlatSCG:
         if self.curvature == "secant" and not no_pairs and self.direction_rule == "qn":
             return mu / self.stretch  # δ = pᵀBp / τ: α ≈ τ while λ is small
         if self.curvature == "secant" and self.steps == 0 and self.first_step != "finite-difference":
-            norm = float(r.norm()) if self.first_step == "scaled-l2" else float(r.abs().sum())  # |r|₂, or |r|₁
+            if self.first_step == "scaled-l2":
+                norm = float(r.norm())  # |r|₂
+            elif self.first_step == "diagonal":
+                norm = float(p.abs().sum())  # |p₁|₁ of p₁ = D r₁: a first step of L1 length min(1, |p₁|₁)
+            else:
+                norm = float(r.abs().sum())  # |r|₁
             return mu / min(1.0, 1.0 / norm)
         if self.curvature == "hvp":
             product = closure.hvp(self._split(p))
@@ -435,6 +442,8 @@ class FlatSCG:
             self.accepted_losses = [self.loss]
             if isinstance(self.pairs, DiagonalPairs):
                 self.pairs.observe(self.r)
+                if self.first_step == "diagonal":  # p₁ = D r₁: the diagonal H₀ before any pair (γ_D needs one)
+                    self.p = self.z = self.pairs.diagonal() * self.r
             if self._sketch(closure):
                 self.p = self.z = self._precondition(self.r)
         r, p, w = self.r, self.p, self._flat()

@@ -119,6 +119,7 @@ def test_the_diagonal_h0_takes_gamma_d_over_its_window_of_newest_pairs():
         {"diagonal_beta": 0.99},
         {"diagonal_beta": 0.99, "diagonal_power": 0.25, "diagonal_refresh": 5},
         {"diagonal_beta": 0.99, "diagonal_power": 0.25, "gamma_window": 1},
+        {"diagonal_beta": 0.99, "diagonal_power": 0.25, "first_step": "diagonal"},
     ],
 )
 def test_variants_never_accept_a_higher_loss(options):
@@ -210,6 +211,32 @@ def test_the_scaled_first_trials_step_along_r_by_lbfgs_or_lbfgsbs_alpha0(first_s
     mu = float(residual @ residual)  # p₁ = r₁: δ = μ/α₀ + λ₁|p₁|² and α = μ/δ
     alpha = mu / (mu / alpha0 + lambd * mu)
     torch.testing.assert_close(trial - start, alpha * residual, rtol=1e-9, atol=1e-15)
+
+
+def test_the_diagonal_first_trial_steps_along_d_r_with_lbfgs_l1_length():
+    # first_step="diagonal" (lever 42): p₁ = D r₁, D = 1 / (v̂^κ + ε mean v̂^κ) of the first gradient alone
+    # (v̂ = g₁²), at α₀ = min(1, 1/|p₁|₁), δ = μ/α₀ + λ₁|p₁|²
+    closure = CountingClosure()
+    params = list(closure.model.parameters())
+    closure()
+    residual = -torch.cat([p.grad.reshape(-1) for p in params]).double()
+    points = []
+
+    def recording_closure() -> torch.Tensor:
+        points.append(torch.cat([p.detach().reshape(-1) for p in params]))
+        return closure()
+
+    lambd, power = 1e-3, 0.25
+    variant = FlatSCG(params, memory=5, first_step="diagonal", diagonal_beta=0.99, diagonal_power=power, lambd=lambd)
+    variant.step(recording_closure)
+    root = (residual * residual).pow(power)
+    direction = residual / (root + 1e-8 * root.mean())
+    alpha0 = min(1.0, 1.0 / float(direction.abs().sum()))
+    mu, direction_sq = float(direction @ residual), float(direction @ direction)
+    alpha = mu / (mu / alpha0 + lambd * direction_sq)
+    start, trial = points[0], points[1]
+    torch.testing.assert_close((trial - start).double(), alpha * direction, rtol=1e-6, atol=1e-12)
+    assert not torch.allclose(direction / direction.norm(), residual / residual.norm())  # not along r₁
 
 
 def test_gamma_max_uses_the_largest_ratio_of_the_window():
