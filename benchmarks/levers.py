@@ -189,6 +189,11 @@ def passes_rows() -> dict[str, Row]:
         "diagonal H₀ β=0.99, v^¼, first step 1/|r|₂": flat_variant(
             diagonal_beta=0.99, diagonal_power=0.25, first_step="scaled-l2", loss_first=True
         ),
+        "Powell-damped pairs c=0.2": flat_variant(powell_damping=0.2, loss_first=True),
+        "Powell-damped pairs c=0.05": flat_variant(powell_damping=0.05, loss_first=True),
+        "Powell-damped pairs c=0.2, diagonal": flat_variant(
+            diagonal_beta=0.99, diagonal_power=0.25, powell_damping=0.2, loss_first=True
+        ),
         "diagonal H₀ β=0.99, v^¼, first step D r": flat_variant(
             diagonal_beta=0.99, diagonal_power=0.25, first_step="diagonal", loss_first=True
         ),

@@ -56,6 +56,9 @@ clearly win (issue #14), written on one flat vector so that each differs from th
   is small — a step longer than the quasi-Newton model's minimiser; τ is multiplied by f after an accepted step
   whose Δ > Δ₊ (the model underestimated the decrease), up to τₘₐₓ, divided by f after one with Δ < 0.75, and reset
   to 1 after a rejection (1: the library's δ = μ);
+* ``powell_damping`` c (lever 43; 0: off): an accepted step's pair with sᵀy < c sᵀBs is kept as (s, θy + (1 − θ)Bs),
+  θ = (1 − c)sᵀBs / (sᵀBs − sᵀy), so that sᵀy = c sᵀBs (Powell 1978; Nocedal & Wright 2006, procedure 18.2) instead
+  of as it is (or dropped, when sᵀy ≤ 10⁻¹⁰ yᵀy); free, since p = H r gives Bs = αr and sᵀBs = α²μ;
 * ``loss_first`` (lever 12): as the library, a trial whose loss rose is rejected without its gradient, so that a
   run that defers the backward (``Run.value_then_grad`` over one batch) charges it the forward alone; only where no
   rule of the variant reads a rejected trial's gradient (False: every trial a gradient pass, as the tables measured
@@ -307,6 +310,7 @@ class FlatSCG:
         stretch_factor: float = 1.5,
         stretch_above: float = 1.1,
         loss_first: bool = False,
+        powell_damping: float = 0.0,
         sigma: float = 5e-5,
         lambd: float = 5e-7,
     ) -> None:
@@ -321,6 +325,9 @@ class FlatSCG:
         self.stretch, self.stretch_max = 1.0, stretch_max  # τ and its cap (1: the library's δ = μ)
         self.stretch_factor, self.stretch_above = stretch_factor, stretch_above
         self.loss_first = loss_first  # a trial whose loss rose is rejected without its gradient (lever 12)
+        if not 0.0 <= powell_damping < 1.0 or (powell_damping and (first_step == "diagonal" or direction != "qn")):
+            raise ValueError("powell_damping c needs 0 ≤ c < 1 and p = H r (direction 'qn', not first_step 'diagonal')")
+        self.powell_damping = powell_damping  # c of Powell's damping (lever 43; 0: off)
         if nystrom_rank:
             self.pairs: WindowedPairs = NystromPairs(flat_params, memory, nystrom_rank)
         elif diagonal_beta is not None:
@@ -427,6 +434,18 @@ class FlatSCG:
         self._set(w)
         return float(p @ (shifted + r)) / sigma_k
 
+    def _damped(self, step: torch.Tensor, change: torch.Tensor, model_change: torch.Tensor, step_model_step: float):
+        """Powell's damping (``powell_damping`` = c > 0): y ← θy + (1 − θ)Bs with θ = (1 − c)sᵀBs / (sᵀBs − sᵀy)
+        when sᵀy < c sᵀBs, so that the pair keeps sᵀy = c sᵀBs (Powell 1978; Nocedal & Wright 2006, procedure
+        18.2). Free here: p = H r with the pairs held, so Bs = αBp = αr (``model_change``) and sᵀBs = α²μ
+        (``step_model_step``)."""
+        step_change = float(step @ change)
+        if step_change >= self.powell_damping * step_model_step:
+            return change
+        theta = (1.0 - self.powell_damping) * step_model_step / (step_model_step - step_change)
+        self.damped = getattr(self, "damped", 0) + 1
+        return theta * change + (1.0 - theta) * model_change
+
     def _keeps(self, step: torch.Tensor, change: torch.Tensor) -> bool:
         """The variant's extra curvature condition sᵀy > angle · |s||y| (the library's is checked by ``push``)."""
         return self.angle == 0.0 or float(step @ change) > self.angle * float(step.norm() * change.norm())
@@ -494,6 +513,8 @@ class FlatSCG:
         if finite and (comparison >= 0.0 or trial_loss <= reference):
             self.accepted_losses = [*self.accepted_losses[-self.nonmonotone :], trial_loss]
             step, change = alpha * p, r - new_r
+            if self.powell_damping:
+                change = self._damped(step, change, alpha * r, alpha * alpha * mu)
             if isinstance(self.pairs, DiagonalPairs):
                 self.pairs.observe(new_r)
             self.last_step_sq = alpha * alpha * p_sq

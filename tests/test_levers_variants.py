@@ -120,6 +120,8 @@ def test_the_diagonal_h0_takes_gamma_d_over_its_window_of_newest_pairs():
         {"diagonal_beta": 0.99, "diagonal_power": 0.25, "diagonal_refresh": 5},
         {"diagonal_beta": 0.99, "diagonal_power": 0.25, "gamma_window": 1},
         {"diagonal_beta": 0.99, "diagonal_power": 0.25, "first_step": "diagonal"},
+        {"powell_damping": 0.2},
+        {"powell_damping": 0.2, "diagonal_beta": 0.99, "diagonal_power": 0.25},
     ],
 )
 def test_variants_never_accept_a_higher_loss(options):
@@ -237,6 +239,38 @@ def test_the_diagonal_first_trial_steps_along_d_r_with_lbfgs_l1_length():
     start, trial = points[0], points[1]
     torch.testing.assert_close((trial - start).double(), alpha * direction, rtol=1e-6, atol=1e-12)
     assert not torch.allclose(direction / direction.norm(), residual / residual.norm())  # not along r₁
+
+
+def test_powell_damping_keeps_s_y_at_c_times_s_b_s_where_the_curvature_is_weak():
+    # Lever 43: with p = H r, Bs = αr and sᵀBs = α²μ; a pair with sᵀy < c sᵀBs becomes θy + (1 − θ)Bs, sᵀ of which
+    # is c sᵀBs exactly, and a pair with more curvature is kept as it is.
+    closure = CountingClosure()
+    variant = FlatSCG(list(closure.model.parameters()), memory=5, powell_damping=0.2)
+    generator = torch.Generator().manual_seed(3)
+    step, noise = torch.randn(6, generator=generator, dtype=torch.float64).split(3)
+    residual = 2.0 * step + 0.1 * noise  # sᵀr > 0, as for a descent direction p = H r
+    model_change = 0.5 * residual  # Bs = αr with α = 0.5
+    step_model_step = float(step @ model_change)  # sᵀBs
+    assert step_model_step > 0.0
+    weak = -step  # sᵀy < 0
+    damped = variant._damped(step, weak, model_change, step_model_step)
+    assert float(step @ damped) == pytest.approx(0.2 * step_model_step, rel=1e-12)
+    strong = step * (step_model_step / float(step @ step))  # sᵀy = sᵀBs ≥ c sᵀBs
+    assert variant._damped(step, strong, model_change, step_model_step) is strong
+    with pytest.raises(ValueError, match="powell_damping"):
+        FlatSCG(
+            list(closure.model.parameters()), memory=5, powell_damping=0.2, first_step="diagonal", diagonal_beta=0.9
+        )
+
+
+def test_powell_damping_uses_b_s_equal_to_alpha_r_which_holds_for_p_equal_h_r():
+    # The free Bs = αr rests on p = H r with the pairs held when the step was taken: check H⁻¹p = r along the run.
+    closure = CountingClosure()
+    variant = FlatSCG(list(closure.model.parameters()), memory=3)
+    for _ in range(6):
+        variant.step(closure)
+        if variant.success and len(variant.pairs):
+            torch.testing.assert_close(variant.pairs.inverse_product([variant.r])[0], variant.p)
 
 
 def test_gamma_max_uses_the_largest_ratio_of_the_window():
