@@ -325,8 +325,14 @@ class FlatSCG:
         self.stretch, self.stretch_max = 1.0, stretch_max  # τ and its cap (1: the library's δ = μ)
         self.stretch_factor, self.stretch_above = stretch_factor, stretch_above
         self.loss_first = loss_first  # a trial whose loss rose is rejected without its gradient (lever 12)
-        if not 0.0 <= powell_damping < 1.0 or (powell_damping and (first_step == "diagonal" or direction != "qn")):
-            raise ValueError("powell_damping c needs 0 ≤ c < 1 and p = H r (direction 'qn', not first_step 'diagonal')")
+        if not 0.0 <= powell_damping < 1.0 or (
+            powell_damping and (first_step == "diagonal" or direction != "qn" or nystrom_rank)
+        ):
+            # (after the μ ≤ 0 fallback p = r, while a Nyström sketch outlives the pairs' clear(): p ≠ H r)
+            raise ValueError(
+                "powell_damping c needs 0 ≤ c < 1 and p = H r "
+                "(direction 'qn', not first_step 'diagonal', no Nyström H₀)"
+            )
         self.powell_damping = powell_damping  # c of Powell's damping (lever 43; 0: off)
         if nystrom_rank:
             self.pairs: WindowedPairs = NystromPairs(flat_params, memory, nystrom_rank)

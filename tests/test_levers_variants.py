@@ -263,14 +263,29 @@ def test_powell_damping_keeps_s_y_at_c_times_s_b_s_where_the_curvature_is_weak()
         )
 
 
-def test_powell_damping_uses_b_s_equal_to_alpha_r_which_holds_for_p_equal_h_r():
-    # The free Bs = αr rests on p = H r with the pairs held when the step was taken: check H⁻¹p = r along the run.
+@pytest.mark.parametrize("options", [{}, {"diagonal_beta": 0.99, "diagonal_power": 0.25}])
+def test_powell_damping_is_handed_b_s_equal_to_alpha_r_and_fires(options):
+    # The free Bs = αr rests on p = H r with the pairs held when the step was taken: H(αr) must be s = αp at every
+    # call of _damped (before the pair is pushed), and with c = 0.9 some pairs of this non-convex MLP are damped.
     closure = CountingClosure()
-    variant = FlatSCG(list(closure.model.parameters()), memory=3)
-    for _ in range(6):
+    variant = FlatSCG(list(closure.model.parameters()), memory=3, powell_damping=0.9, **options)
+    calls = []
+    damped = variant._damped
+
+    def checked(step, change, model_change, step_model_step):
+        torch.testing.assert_close(variant.pairs.inverse_product([model_change])[0], step, rtol=1e-9, atol=1e-12)
+        assert step_model_step == pytest.approx(float(step @ model_change), rel=1e-12)
+        kept = damped(step, change, model_change, step_model_step)
+        assert float(step @ kept) >= 0.9 * step_model_step * (1 - 1e-12)
+        calls.append(kept is not change)
+        return kept
+
+    variant._damped = checked
+    for _ in range(25):
         variant.step(closure)
-        if variant.success and len(variant.pairs):
-            torch.testing.assert_close(variant.pairs.inverse_product([variant.r])[0], variant.p)
+    assert len(calls) >= 10 and any(calls)
+    with pytest.raises(ValueError, match="Nyström"):
+        FlatSCG(list(closure.model.parameters()), memory=3, powell_damping=0.2, nystrom_rank=2)
 
 
 def test_gamma_max_uses_the_largest_ratio_of_the_window():

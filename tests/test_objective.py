@@ -391,7 +391,7 @@ def test_as_objective_asks_the_protocol_of_a_subclass_of_the_accumulator():
 
 
 def test_as_objective_skips_the_protocol_check_where_the_answer_is_known(monkeypatch):
-    # The runtime Protocol check cost 20–30 µs of SCG's first step: the library's own objectives (and subclasses,
+    # The runtime Protocol check cost 24–33 µs of SCG's first step, cold: the library's own objectives (and subclasses,
     # such as the race's metered one) and objects without value_and_grad are told apart without it; an object
     # with value_and_grad that is none of the library's is still asked.
     import moller_scg.objective as objective_module
