@@ -289,6 +289,11 @@ def lean_race_row(diagonal_scaling: bool) -> str:
     return f"lean SCG m=20{' diag' if diagonal_scaling else ''} (research)"
 
 
+def race_optimizers(diagonal_scaling: bool) -> Callable[..., dict[str, Any]]:
+    """What stands in for ``peers.optimizers`` in ``peers.py``'s race: :func:`race_table`, same arguments."""
+    return lambda problem, default_lbfgs=False: race_table(problem, diagonal_scaling, default_lbfgs)
+
+
 def race_table(problem: Any, diagonal_scaling: bool = False, default_lbfgs: bool = False) -> dict[str, Any]:
     """``peers.py``'s table cut to :func:`race_rows` (with ``default_lbfgs``, ``peers.py --default-lbfgs``: and the
     rows of torch LBFGS without a line search), with the lean row."""
@@ -352,9 +357,7 @@ def main(argv: list[str] | None = None) -> int:
         import peers
 
         race = {
-            "optimizers": lambda problem, default_lbfgs=False: race_table(
-                problem, args.diagonal_scaling, default_lbfgs
-            ),
+            "optimizers": race_optimizers(args.diagonal_scaling),
             "memory_probe": lambda *args: None,  # the probe's table needs Adam's rows; memory is not asked here
             "environment": lambda command: environment(
                 command.replace("python benchmarks/peers.py", f"python benchmarks/lean_step.py --race{diagonal}", 1)

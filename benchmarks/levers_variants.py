@@ -440,7 +440,9 @@ class FlatSCG:
         self._set(w)
         return float(p @ (shifted + r)) / sigma_k
 
-    def _damped(self, step: torch.Tensor, change: torch.Tensor, model_change: torch.Tensor, step_model_step: float):
+    def _damped(
+        self, step: torch.Tensor, change: torch.Tensor, model_change: torch.Tensor, step_model_step: float
+    ) -> torch.Tensor:
         """Powell's damping (``powell_damping`` = c > 0): y ← θy + (1 − θ)Bs with θ = (1 − c)sᵀBs / (sᵀBs − sᵀy)
         when sᵀy < c sᵀBs, so that the pair keeps sᵀy = c sᵀBs (Powell 1978; Nocedal & Wright 2006, procedure
         18.2). Free here: p = H r with the pairs held, so Bs = αBp = αr (``model_change``) and sᵀBs = α²μ
@@ -449,7 +451,6 @@ class FlatSCG:
         if step_change >= self.powell_damping * step_model_step:
             return change
         theta = (1.0 - self.powell_damping) * step_model_step / (step_model_step - step_change)
-        self.damped = getattr(self, "damped", 0) + 1
         return theta * change + (1.0 - theta) * model_change
 
     def _keeps(self, step: torch.Tensor, change: torch.Tensor) -> bool:

@@ -103,10 +103,7 @@ def per_evaluation(
             import lean_step
             import peers
 
-            def lean_table(problem: Any, default_lbfgs: bool = False) -> dict[str, Any]:
-                return lean_step.race_table(problem, False, default_lbfgs)
-
-            stack.enter_context(lean_step._replaced(peers, {"optimizers": lean_table}))
+            stack.enter_context(lean_step._replaced(peers, {"optimizers": lean_step.race_optimizers(False)}))
         for number in range(races):
             with clock_at_each_evaluation() as readings:
                 results, totals = timed_race(problem, initial, costs, 1000 * problem.seed + number if shuffle else None)
