@@ -68,6 +68,8 @@ def _totals(partial_sums: Sequence[Sequence[torch.Tensor]]) -> list[float]:
     (``torch.stack(...).sum()``) and the devices' sums are then added in Python, in the order in which the devices
     first appear.
     """
+    if len(partial_sums) == 1 and len(partial_sums[0]) == 1:  # one sum of one tensor (|r|₁ of a flat buffer, say)
+        return [partial_sums[0][0].item()]  # the same bits as the stack below, in one operation instead of two
     if partial_sums and all(len(scalars) == 1 for scalars in partial_sums):  # one tensor a vector (flat buffers)
         firsts = [scalars[0] for scalars in partial_sums]
         if all(first.device == firsts[0].device for first in firsts):

@@ -78,6 +78,16 @@ class FlatLayout:
         base = flat.storage_offset()
         return [flat.as_strided(shape, strides, base + offset) for shape, strides, offset in self._pieces]
 
+    def row_views(self, block: torch.Tensor) -> list[tuple[torch.Tensor, ...]]:
+        """For each parameter, its views in every row of a contiguous ``(rows, n)`` block, one per row: the same
+        tensors as :meth:`views` of each row, made with one ``as_strided`` and one ``unbind`` per parameter."""
+        rows, size = block.shape
+        base = block.storage_offset()
+        return [
+            block.as_strided((rows, *shape), (size, *strides), base + offset).unbind(0)
+            for shape, strides, offset in self._pieces
+        ]
+
 
 FUSED_PRODUCTS_MAX = 1 << 15
 """Vectors of at most this many numbers on the CPU take a step's inner products with r₊ (|r₊|², r₊ᵀr, r₊ᵀp) and
@@ -120,10 +130,14 @@ class FlatBuffers:
         self.rows = torch.empty(4, layout.size, dtype=layout.dtype, device=layout.device)
         self.pair_rows = self.rows[:3]
         self.change, self.direction, self.new_residual, self.residual = self.rows.unbind(0)
+        # Each parameter's views of the four rows come from one view of its columns (two operations a parameter
+        # instead of four, at SCG's first step).
+        _, self.direction_views, self.new_residual_views, self.residual_views = (
+            list(views) for views in zip(*layout.row_views(self.rows))
+        )
+        # The accepted w has a buffer of its own: views share their base's version counter, and the copy of w taken
+        # before each trial would otherwise mark r and p as written, and their remembered products as stale.
         self.accepted = layout.empty()
-        self.residual_views = layout.views(self.residual)
-        self.direction_views = layout.views(self.direction)
-        self.new_residual_views = layout.views(self.new_residual)
         self.accepted_views = layout.views(self.accepted)
         # Whether the step's inner products are taken as products of rows: on the CPU, n ≤ FUSED_PRODUCTS_MAX. (A
         # GPU's reductions of one row and of several may add in other orders: there the products stay one at a time,

@@ -108,6 +108,32 @@ def test_views_of_a_strided_flat_vector_are_its_pieces():
     assert flat[10] == -1.0
 
 
+def test_row_views_are_each_rows_views_for_every_parameter():
+    layout = FlatLayout(params())
+    block = torch.arange(3 * 11, dtype=torch.float64).reshape(3, 11)
+    per_parameter = layout.row_views(block)
+    assert len(per_parameter) == len(params())
+    for row in range(3):
+        expected = layout.views(block[row])
+        got = [views[row] for views in per_parameter]
+        assert all(torch.equal(a, b) and a.shape == b.shape and a.stride() == b.stride() for a, b in zip(got, expected))
+        assert all(a.data_ptr() == b.data_ptr() for a, b in zip(got, expected))
+    per_parameter[2][1].fill_(-1.0)  # the third parameter's view in the second row writes into the block
+    assert block[1, 10] == -1.0 and block[0, 10] == 10.0
+    offset_block = torch.arange(4 * 11, dtype=torch.float64).reshape(4, 11)[1:]  # a block not at its storage's start
+    assert torch.equal(layout.row_views(offset_block)[0][0], offset_block[0, :6].view(2, 3))
+
+
+def test_the_copy_of_w_before_a_trial_leaves_r_and_p_unwritten():
+    """SCG reuses |r|², μ and |p|² while r and p keep their versions: the accepted w must not share their storage (a
+    view shares its base's version counter)."""
+    weights = params()
+    buffers = FlatBuffers(FlatLayout(weights))
+    versions = [t._version for t in (buffers.residual, buffers.direction)]
+    vec.copy_(buffers.accepted_views, weights)
+    assert [t._version for t in (buffers.residual, buffers.direction)] == versions
+
+
 def test_per_parameter_returns_the_cached_views_of_residual_and_direction():
     buffers = FlatBuffers(FlatLayout(params()))
     assert buffers.per_parameter(buffers.residual) is buffers.residual_views

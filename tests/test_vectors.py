@@ -41,6 +41,16 @@ def test_dots_of_one_tensor_vectors_take_the_generic_paths_bits(dtype):
     assert shortcut[1] == pytest.approx(float(np.sum(as_numpy([x]) ** 2)), rel=1e-6)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.complex64])
+def test_one_sum_of_one_tensor_has_the_bits_of_the_per_device_reduction(dtype):
+    """|r|₁ or one product of SCG's flat buffers is read with ``item()``: the bits of stacking and summing it."""
+    generator = torch.Generator().manual_seed(1)
+    x, y = (torch.randn(1000, generator=generator, dtype=dtype) for _ in range(2))
+    for partial in (_vectors._float64_sum_in_pieces(torch.abs, x), _vectors._float64_dot(x, y)):
+        assert _vectors._totals([[partial]]) == torch.stack([torch.stack([partial]).sum()]).tolist()
+    assert _vectors.l1_norm([x]) == float(torch.sum(torch.abs(_vectors.as_real(x)), dtype=torch.float64))
+
+
 def test_dot_is_the_float64_sum_of_the_elementwise_products():
     x, y = vector(0, torch.float64), vector(1, torch.float64)
     assert _vectors.dot(x, y) == pytest.approx(float(np.dot(as_numpy(x), as_numpy(y))), rel=1e-14)
