@@ -71,7 +71,8 @@ class FlatLayout:
         """The per-parameter parts of a flat vector, as views of it in the parameters' shapes.
 
         One ``as_strided`` per parameter where ``flat`` is contiguous (SCG's buffers always are): a third of the time
-        of ``split`` and ``view`` (9 against 29 µs for two parameters, warm), which SCG's first step pays four times.
+        of ``split`` and ``view`` (9 against 29 µs for two parameters, warm). (SCG's first step makes the views of r, p
+        and r₊ with :meth:`row_views`, and those of the accepted w with this.)
         """
         if flat.dim() != 1 or flat.stride() != (1,):
             return [piece.view(shape) for piece, shape in zip(flat.split(self.numels), self.shapes)]
@@ -79,9 +80,12 @@ class FlatLayout:
         return [flat.as_strided(shape, strides, base + offset) for shape, strides, offset in self._pieces]
 
     def row_views(self, block: torch.Tensor) -> list[tuple[torch.Tensor, ...]]:
-        """For each parameter, its views in every row of a contiguous ``(rows, n)`` block, one per row: the same
-        tensors as :meth:`views` of each row, made with one ``as_strided`` and one ``unbind`` per parameter."""
+        """For each parameter, its views in every row of a ``(rows, n)`` block, one per row: the same tensors as
+        :meth:`views` of each row, made with one ``as_strided`` and one ``unbind`` per parameter when the block is
+        contiguous (SCG's rows are), with :meth:`views` row by row otherwise."""
         rows, size = block.shape
+        if block.stride() != (size, 1):
+            return list(zip(*(self.views(row) for row in block.unbind(0))))
         base = block.storage_offset()
         return [
             block.as_strided((rows, *shape), (size, *strides), base + offset).unbind(0)
@@ -130,8 +134,8 @@ class FlatBuffers:
         self.rows = torch.empty(4, layout.size, dtype=layout.dtype, device=layout.device)
         self.pair_rows = self.rows[:3]
         self.change, self.direction, self.new_residual, self.residual = self.rows.unbind(0)
-        # Each parameter's views of the four rows come from one view of its columns (two operations a parameter
-        # instead of four, at SCG's first step).
+        # Each parameter's views of the rows come from one view of its columns (two operations a parameter instead
+        # of three for the views of r, p and r₊, at SCG's first step; y's views come with them, unused).
         _, self.direction_views, self.new_residual_views, self.residual_views = (
             list(views) for views in zip(*layout.row_views(self.rows))
         )

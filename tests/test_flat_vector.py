@@ -122,6 +122,10 @@ def test_row_views_are_each_rows_views_for_every_parameter():
     assert block[1, 10] == -1.0 and block[0, 10] == 10.0
     offset_block = torch.arange(4 * 11, dtype=torch.float64).reshape(4, 11)[1:]  # a block not at its storage's start
     assert torch.equal(layout.row_views(offset_block)[0][0], offset_block[0, :6].view(2, 3))
+    transposed = torch.arange(3 * 11, dtype=torch.float64).reshape(11, 3).T  # not contiguous: row by row
+    for row in range(3):
+        expected = layout.views(transposed[row])
+        assert all(torch.equal(views[row], e) for views, e in zip(layout.row_views(transposed), expected))
 
 
 def test_the_copy_of_w_before_a_trial_leaves_r_and_p_unwritten():
