@@ -173,6 +173,11 @@ def summed_on_host(partial: Sequence[Vector]) -> np.ndarray:
     return np.sum(per_device, axis=0)
 
 
+def import_blas() -> None:
+    """Import SciPy's BLAS wrappers now (:func:`moller_scg.quasi_newton.import_linear_algebra`)."""
+    _gemv(np.dtype(np.float64))
+
+
 @functools.cache
 def _gemv(dtype: np.dtype) -> Any:
     """BLAS's y ← α A x + β y for this dtype (dgemv, sgemv), from SciPy's wrappers, which share NumPy's BLAS;

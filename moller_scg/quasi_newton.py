@@ -578,6 +578,15 @@ def _layout(params: Sequence[torch.Tensor]) -> list[tuple[torch.Size, torch.dtyp
     return [(p.shape, p.dtype, p.device) for p in params]
 
 
+def import_linear_algebra() -> None:
+    """Import SciPy's LAPACK and BLAS wrappers, which the pairs' NumPy arithmetic uses (the triangular solve,
+    gemv), now rather than at their first use: ``SCG(params, memory=m)`` calls this when it is built, so that the
+    import (65–85 ms once per process on the 2-core machine, where nothing imported SciPy before) is not paid inside
+    its first step, in a loop a user times. ``import moller_scg`` itself still does not import SciPy."""
+    _triangular_solver()
+    arithmetic.import_blas()
+
+
 @functools.cache
 def _triangular_solver() -> Any:
     """LAPACK's ``dtrtrs``, imported on first use (scipy takes 0.2 s to import and only this and

@@ -9,6 +9,8 @@ from __future__ import annotations
 import copy
 import io
 import pickle
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -437,3 +439,20 @@ def test_only_the_very_first_step_skips_the_finite_difference():
 
     optimizer.step(closure)  # step 1 again (one call), then the finite difference and the trial
     assert optimizer.trace.hvp_calls == 1 and optimizer.trace.closure_calls == 6 + 3
+
+
+def test_scipy_is_imported_when_a_preconditioned_scg_is_built_not_in_its_first_step():
+    """SCG(memory ≥ 1) imports SciPy's LAPACK and BLAS wrappers (tens of milliseconds, once per process) when it is
+    built, so that a user who times the steps does not time the import; ``import moller_scg`` and Møller's SCG
+    (memory 0) do not import SciPy at all. A fresh interpreter, since this one has imported SciPy long ago."""
+    code = (
+        "import sys, torch, moller_scg\n"
+        "p = torch.nn.Parameter(torch.zeros(2, dtype=torch.float64))\n"
+        "assert 'scipy.linalg' not in sys.modules, 'import moller_scg imported SciPy'\n"
+        "moller_scg.SCG([p])\n"
+        "assert 'scipy.linalg' not in sys.modules, 'SCG(memory=0) imported SciPy'\n"
+        "moller_scg.SCG([p], memory=1)\n"
+        "assert 'scipy.linalg' in sys.modules, 'SCG(memory=1) left the import to its first step'\n"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
