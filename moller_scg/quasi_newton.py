@@ -581,7 +581,7 @@ def _layout(params: Sequence[torch.Tensor]) -> list[tuple[torch.Size, torch.dtyp
 def import_linear_algebra() -> None:
     """Import SciPy's LAPACK and BLAS wrappers, which the pairs' NumPy arithmetic uses (the triangular solve,
     gemv), now rather than at their first use: ``SCG(params, memory=m)`` calls this when it is built, so that the
-    import (65–85 ms once per process on the 2-core machine, where nothing imported SciPy before) is not paid inside
+    import (60–85 ms once per process on the 2-core machine, where nothing imported SciPy before) is not paid inside
     its first step, in a loop a user times. ``import moller_scg`` itself still does not import SciPy."""
     _triangular_solver()
     arithmetic.import_blas()
