@@ -589,9 +589,9 @@ def import_linear_algebra() -> None:
 
 @functools.cache
 def _triangular_solver() -> Any:
-    """LAPACK's ``dtrtrs``, imported on first use (scipy takes 0.2 s to import and only this and
-    :func:`moller_scg.pair_arithmetic.add_product` use it) and kept: an import statement run at every call cost 2–3 µs
-    of a step's own work."""
+    """LAPACK's ``dtrtrs``, imported on first use (SciPy takes 60–85 ms to import and only this and
+    :func:`moller_scg.pair_arithmetic.add_product` use it; :func:`import_linear_algebra` makes SCG's construction that
+    first use) and kept: an import statement run at every call cost 2–3 µs of a step's own work."""
     from scipy.linalg import lapack
 
     return lapack.dtrtrs
