@@ -181,8 +181,8 @@ def import_blas() -> None:
 @functools.cache
 def _gemv(dtype: np.dtype) -> Any:
     """BLAS's y ← α A x + β y for this dtype (dgemv, sgemv), from SciPy's wrappers, which share NumPy's BLAS;
-    imported on first use (SciPy takes 60–85 ms to import; :func:`import_blas` at SCG's construction) and kept (an
-    import statement at every call cost 2–3 µs)."""
+    imported on first use (SciPy takes about 60–85 ms to import on the 2-core machine; :func:`import_blas` at SCG's
+    construction) and kept (an import statement at every call cost 2–3 µs)."""
     from scipy.linalg import blas
 
     return blas.dgemv if dtype == np.float64 else blas.sgemv

@@ -581,15 +581,15 @@ def _layout(params: Sequence[torch.Tensor]) -> list[tuple[torch.Size, torch.dtyp
 def import_linear_algebra() -> None:
     """Import SciPy's LAPACK and BLAS wrappers, which the pairs' NumPy arithmetic uses (the triangular solve,
     gemv), now rather than at their first use: ``SCG(params, memory=m)`` calls this when it is built, so that the
-    import (60–85 ms once per process on the 2-core machine, where nothing imported SciPy before) is not paid inside
-    its first step, in a loop a user times. ``import moller_scg`` itself still does not import SciPy."""
+    import (about 60–85 ms once per process on the 2-core machine, where nothing imported SciPy before) is not paid
+    inside its first step, in a loop a user times. ``import moller_scg`` itself still does not import SciPy."""
     _triangular_solver()
     arithmetic.import_blas()
 
 
 @functools.cache
 def _triangular_solver() -> Any:
-    """LAPACK's ``dtrtrs``, imported on first use (SciPy takes 60–85 ms to import and only this and
+    """LAPACK's ``dtrtrs``, imported on first use (SciPy takes about 60–85 ms to import and only this and
     :func:`moller_scg.pair_arithmetic.add_product` use it; :func:`import_linear_algebra` makes SCG's construction that
     first use) and kept: an import statement run at every call cost 2–3 µs of a step's own work."""
     from scipy.linalg import lapack

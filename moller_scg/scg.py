@@ -219,7 +219,7 @@ class SCG(torch.optim.Optimizer):
         }
         _validate_hyperparameters(defaults)
         super().__init__(params, defaults)
-        if memory > 0:
+        if self.param_groups[0]["memory"] > 0:  # (every group has the same m)
             quasi_newton.import_linear_algebra()  # here, not inside the first step (a one-time import of SciPy)
         self._scalars = SCGScalars(lambd=float(lambd))
         self._secant_pairs: quasi_newton.SecantPairs | None = None  # made at step 1 when memory ≥ 1

@@ -451,8 +451,8 @@ def test_scipy_is_imported_when_a_preconditioned_scg_is_built_not_in_its_first_s
         "assert 'scipy.linalg' not in sys.modules, 'import moller_scg imported SciPy'\n"
         "moller_scg.SCG([p])\n"
         "assert 'scipy.linalg' not in sys.modules, 'SCG(memory=0) imported SciPy'\n"
-        "moller_scg.SCG([p], memory=1)\n"
-        "assert 'scipy.linalg' in sys.modules, 'SCG(memory=1) left the import to its first step'\n"
+        "moller_scg.SCG([{'params': [p], 'memory': 3}])\n"
+        "assert 'scipy.linalg' in sys.modules, 'a group with memory=3 left the import to the first step'\n"
     )
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr
