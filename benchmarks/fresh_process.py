@@ -35,7 +35,7 @@ ROWS = ("SCG(memory=20)", "torch LBFGS(h=20, strong Wolfe, one iteration a step)
 
 
 def make_optimizer(row: str, params: list[Any]) -> Any:
-    """One of :data:`ROWS` over ``params`` (imports torch and moller_scg when called in a fresh process)."""
+    """One of :data:`ROWS` over ``params`` (:func:`first_run` has imported torch and moller_scg by then)."""
     import torch
 
     from moller_scg import SCG
