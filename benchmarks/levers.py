@@ -174,6 +174,12 @@ def passes_rows() -> dict[str, Row]:
         "diagonal H₀ β=0.99, v^¼, λ by Δ": flat_variant(
             diagonal_beta=0.99, diagonal_power=0.25, decrease_by_fit=True, loss_first=True
         ),
+        "flat m=40, loss first": flat_variant(memory=40, loss_first=True),
+        "λ to the observed curvature, loss first": flat_variant(decrease_to_fit=True, loss_first=True),
+        "λ to the observed curvature, m=40, loss first": flat_variant(memory=40, decrease_to_fit=True, loss_first=True),
+        "diagonal H₀ β=0.99, v^¼, λ to the observed curvature": flat_variant(
+            diagonal_beta=0.99, diagonal_power=0.25, decrease_to_fit=True, loss_first=True
+        ),
         "diagonal H₀ β=0.99, v^¼, no raise when accepted": flat_variant(
             diagonal_beta=0.99, diagonal_power=0.25, raise_accepted=False, loss_first=True
         ),

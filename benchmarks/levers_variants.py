@@ -24,6 +24,11 @@ clearly win (issue #14), written on one flat vector so that each differs from th
   instead of divided by ``decrease`` — the Levenberg–Marquardt update of Nielsen (1999; also in Madsen, Nielsen &
   Tingleff 2004) on the accepted side: ÷ 1.14 at Δ = 0.75, ÷ 2 at Δ = 0.9, ÷ 3 from Δ ≈ 0.94, so that a step the
   model predicted well widens the trust region faster than one it predicted barely well enough;
+* ``decrease_to_fit=True`` (lever 48): after a good step (Δ ≥ 0.75) λ ← min(λ / ``decrease``, max(λ_fit, 0)), where
+  λ_fit = λ − (Δ − 1) δ / |p|² is the λ at which δ would have equalled the curvature the trial observed along p: on
+  a quadratic along p, Δ = 2 − c/δ for the curvature c = pᵀE''p, so c = (2 − Δ)δ. A step damped by a large λ
+  that decreased E by far more than the model predicted (Δ near 2) then takes λ down to what the decrease supports
+  in one step, instead of halving it step after step;
 * ``hold_after_rejection=True``: λ is not divided after a good step that retries a rejected one (a trust region
   that does not widen again right after it was narrowed);
 * ``raise_accepted=False`` (lever 13): λ is raised only after a rejected trial, not after an accepted one with
@@ -290,6 +295,7 @@ class FlatSCG:
         reject_pairs: bool = False,
         decrease: float = 2.0,
         decrease_by_fit: bool = False,
+        decrease_to_fit: bool = False,
         first_step: str = "scaled",
         gamma_window: int | None = None,
         gamma_pick: str = "max",
@@ -352,6 +358,7 @@ class FlatSCG:
         self.direction_rule, self.curvature = direction, curvature
         self.retry, self.reject_pairs, self.decrease = retry, reject_pairs, decrease
         self.decrease_by_fit = decrease_by_fit
+        self.decrease_to_fit = decrease_to_fit
         self.hold_after_rejection = hold_after_rejection
         self.raise_accepted = raise_accepted
         self.first_step, self.angle, self.restart, self.growth = first_step, angle, restart, growth
@@ -542,6 +549,8 @@ class FlatSCG:
             if comparison >= 0.75 and not (self.hold_after_rejection and retrying):
                 if self.decrease_by_fit:
                     lambd *= max(1.0 / 3.0, 1.0 - (2.0 * comparison - 1.0) ** 3)
+                elif self.decrease_to_fit:  # λ at which δ = (2 − Δ)δ, the curvature the trial observed
+                    lambd = min(lambd / self.decrease, max(lambd - (comparison - 1.0) * delta / p_sq, 0.0))
                 else:
                     lambd /= self.decrease
         else:
