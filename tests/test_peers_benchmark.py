@@ -287,6 +287,28 @@ def test_default_lbfgs_adds_torchs_default_lbfgs_rows_to_the_race(monkeypatch):
     assert (run.extra["lbfgs_iterations"], run.extra["lbfgs_evaluations"]) == (20, 20)
 
 
+def test_the_millisecond_problems_race_nine_times_the_others_three_and_quick_once(monkeypatch):
+    peers = load_benchmark(monkeypatch)
+    names = ["mnist", "regression", "logistic", "pinn", "autoencoder"]
+    assert [peers.races_for(name, quick=False) for name in names] == [3, 9, 9, 3, 3]
+    assert [peers.races_for(name, quick=True) for name in names] == [1] * 5
+
+    # run_problem takes that count unless --races gives one (the race itself replaced by a stub here).
+    from peers_problems import PROBLEMS
+
+    calls = []
+    monkeypatch.setattr(peers, "race", lambda *args, **kwargs: calls.append(kwargs["shuffle_seed"]) or [])
+    monkeypatch.setattr(peers, "calibrate", lambda problem, initial: {})
+    monkeypatch.setattr(peers, "best_adam", lambda raw: raw)
+    monkeypatch.setattr(peers, "analyse", lambda problem, results: {"targets": []})
+    monkeypatch.setattr(peers, "median_over_races", lambda *args: None)
+    block = peers.run_problem(PROBLEMS["regression"](True, 0), 1.0, quick=False)
+    assert block["races"] == 9 and calls == list(range(9))
+    calls.clear()
+    assert peers.run_problem(PROBLEMS["regression"](True, 0), 1.0, quick=False, races=2)["races"] == 2
+    assert calls == [0, 1]
+
+
 def test_beats_needs_every_contested_target_first_and_compares_final_loss_when_none_is_reached(monkeypatch):
     report = load_report(monkeypatch)
     lbfgs = fake_result("torch LBFGS h=2", "torch LBFGS", [1.0, None, None], 9.0, final_loss=0.5)
