@@ -24,7 +24,7 @@ clearly win (issue #14), written on one flat vector so that each differs from th
   instead of divided by ``decrease`` — the Levenberg–Marquardt update of Nielsen (1999; also in Madsen, Nielsen &
   Tingleff 2004) on the accepted side: ÷ 1.14 at Δ = 0.75, ÷ 2 at Δ = 0.9, ÷ 3 from Δ ≈ 0.94, so that a step the
   model predicted well widens the trust region faster than one it predicted barely well enough;
-* ``decrease_to_fit=True`` (lever 48): after a good step (Δ ≥ 0.75) λ ← min(λ / ``decrease``, max(λ_fit, 0)), where
+* ``decrease_to_fit=True`` (lever 49): after a good step (Δ ≥ 0.75) λ ← min(λ / ``decrease``, max(λ_fit, 0)), where
   λ_fit = λ − (Δ − 1) δ / |p|² is the λ at which δ would have equalled the curvature the trial observed along p: on
   a quadratic along p, Δ = 2 − c/δ for the curvature c = pᵀE''p, so c = (2 − Δ)δ. A step damped by a large λ
   that decreased E by far more than the model predicted (Δ near 2) then takes λ down to what the decrease supports

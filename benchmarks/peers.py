@@ -41,7 +41,8 @@ new random order (seeded; ``--fixed-order`` keeps the table's): in a fixed order
 the same one, whose code and data it finds in the processor's caches or not, and on the millisecond problems the
 reference, torch LBFGS, took 1.05–1.9 times the time of torch LBFGS with history 40, which computes the same up to
 its 40th iteration (the report prints this twin check). Every problem (not the memory-bound case) is raced three times,
-and its time ratios are the medians of the races' ratios (``--races``).
+the regression and logistic problems nine (:data:`RACES_BY_PROBLEM`), and its time ratios are the medians of the
+races' ratios (``--races``).
 
 Reported per problem and optimizer, as ratios to ``torch.optim.LBFGS``: time and gradient-pass equivalents to
 reach three target training losses, the final training loss; and the test metric at the budget, the number of
@@ -220,8 +221,8 @@ RACES_BY_PROBLEM = {"regression": 9, "logistic": 9}
 """Problems raced more than :data:`RACES` times: the two whose gradient pass takes about a millisecond, where a race
 lasts seconds and its time ratios are the noisiest, and where the equal-memory goal's closest cells are (the
 logistic problem's 90 % target, decided in 30 races across four runs: docs/performance.md). Nine races of either
-add about two minutes on the 2-core machine, and give each equal-memory cell's count of the races SCG was first in
-(the report's goals) the resolution of the separate nine-race runs."""
+add three to five minutes on the 2-core AVX-512 machine (2026-12-06), and give each equal-memory cell's count of
+the races SCG was first in (the report's goals) the resolution of the separate nine-race runs."""
 
 
 def races_for(problem: str, quick: bool) -> int:
