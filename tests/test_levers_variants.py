@@ -134,41 +134,43 @@ def test_variants_never_accept_a_higher_loss(options):
     assert losses[-1] < 0.5 * losses[0]
 
 
-def test_decrease_by_fit_multiplies_lambda_by_nielsens_factor_after_each_good_step():
+def _good_steps(**options):
+    """60 steps of ``FlatSCG(memory=5, **options)``: (λ before the step, its log entry) for each good accepted step
+    (Δ ≥ 0.75), and the whole log."""
     closure = CountingClosure(seed=1)
-    variant = FlatSCG(list(closure.model.parameters()), memory=5, decrease_by_fit=True)
+    variant = FlatSCG(list(closure.model.parameters()), memory=5, **options)
     variant.log = []
     lambdas_before = []
     for _ in range(60):
         lambdas_before.append(variant.lambd)
         variant.step(closure)
-    checked = 0
-    for before, entry in zip(lambdas_before, variant.log):
-        if entry["comparison"] >= 0.75 and entry["trial_loss"] == entry["loss"]:  # a good step, accepted
-            assert entry["lambd"] == pytest.approx(before * _nielsen(entry["comparison"]), rel=1e-12)
-            checked += 1
-    assert checked >= 10
-    assert any(_nielsen(entry["comparison"]) == 1.0 / 3.0 for entry in variant.log)  # Δ ≥ 0.94: λ ÷ 3
-    assert any(1.0 / 3.0 < _nielsen(entry["comparison"]) < 1.0 for entry in variant.log if entry["comparison"] >= 0.75)
+    good = [
+        (before, entry)
+        for before, entry in zip(lambdas_before, variant.log)
+        if entry["comparison"] >= 0.75 and entry["trial_loss"] == entry["loss"]
+    ]
+    return good, variant.log
+
+
+def test_decrease_by_fit_multiplies_lambda_by_nielsens_factor_after_each_good_step():
+    good, log = _good_steps(decrease_by_fit=True)
+    for before, entry in good:
+        assert entry["lambd"] == pytest.approx(before * _nielsen(entry["comparison"]), rel=1e-12)
+    assert len(good) >= 10
+    assert any(_nielsen(entry["comparison"]) == 1.0 / 3.0 for entry in log)  # Δ ≥ 0.94: λ ÷ 3
+    assert any(1.0 / 3.0 < _nielsen(entry["comparison"]) < 1.0 for entry in log if entry["comparison"] >= 0.75)
 
 
 def test_decrease_to_fit_lowers_lambda_to_the_observed_curvature_after_a_good_step():
     # λ_fit = λ − (Δ − 1)δ/|p|² is the λ at which δ = (2 − Δ)δ, the curvature a quadratic along p shows; after a good
     # step λ ← min(λ / 2, max(λ_fit, 0)): at least halved, lowered further when the decrease beat the model's.
-    closure = CountingClosure(seed=1)
-    variant = FlatSCG(list(closure.model.parameters()), memory=5, decrease_to_fit=True)
-    variant.log = []
-    lambdas_before = []
-    for _ in range(60):
-        lambdas_before.append(variant.lambd)
-        variant.step(closure)
+    good, _ = _good_steps(decrease_to_fit=True)
     halved = fitted = 0
-    for before, entry in zip(lambdas_before, variant.log):
-        if entry["comparison"] >= 0.75 and entry["trial_loss"] == entry["loss"]:  # a good step, accepted
-            fit = before - (entry["comparison"] - 1.0) * entry["delta"] / entry["p_sq"]
-            assert entry["lambd"] == pytest.approx(min(before / 2.0, max(fit, 0.0)), rel=1e-12, abs=1e-300)
-            halved += entry["lambd"] == pytest.approx(before / 2.0, rel=1e-12)
-            fitted += entry["lambd"] < 0.5 * before * (1 - 1e-9)
+    for before, entry in good:
+        fit = before - (entry["comparison"] - 1.0) * entry["delta"] / entry["p_sq"]
+        assert entry["lambd"] == pytest.approx(min(before / 2.0, max(fit, 0.0)), rel=1e-12, abs=1e-300)
+        halved += entry["lambd"] == pytest.approx(before / 2.0, rel=1e-12)
+        fitted += entry["lambd"] < 0.5 * before * (1 - 1e-9)
     assert halved >= 1 and fitted >= 1  # both branches of the min are taken on this problem
 
 
