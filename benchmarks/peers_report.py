@@ -9,7 +9,7 @@ import math
 import re
 import statistics
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -311,10 +311,19 @@ def equal_memory_partner(
 def beats(challenger: dict[str, Any], other: dict[str, Any]) -> bool:
     """Whether ``challenger`` reaches every target that either run reaches, each in less time than ``other``
     (:func:`faster`); when neither reaches any target, whether its final loss is lower."""
+    return _first_to_every_target(challenger, other, faster)
+
+
+def _first_to_every_target(
+    challenger: dict[str, Any], other: dict[str, Any], first: Callable[[dict[str, Any], dict[str, Any]], bool]
+) -> bool:
+    """:func:`beats` and :func:`beats_in_every_race` with ``first(challenger's target, other's)`` deciding a target
+    both reached: every target either run reaches is reached by ``challenger``, first where ``other`` reaches it too;
+    when neither reaches any target, the lower final loss."""
     contested = [(c, o) for c, o in zip(challenger["targets"], other["targets"]) if c["reached"] or o["reached"]]
     if not contested:
         return challenger["final_loss"] < other["final_loss"]
-    return all(c["reached"] and (not o["reached"] or faster(c, o)) for c, o in contested)
+    return all(c["reached"] and (not o["reached"] or first(c, o)) for c, o in contested)
 
 
 def faster(entry: dict[str, Any], other: dict[str, Any]) -> bool:
@@ -355,14 +364,12 @@ def beats_in_every_race(challenger: dict[str, Any], other: dict[str, Any]) -> bo
     lower final loss (a deterministic run's, the same in every race). Over three races a row whose time to a target
     is the other's within the race-to-race noise wins in the median race about half the time; in every race, about
     one time in eight."""
-    contested = [(c, o) for c, o in zip(challenger["targets"], other["targets"]) if c["reached"] or o["reached"]]
-    if not contested:
-        return challenger["final_loss"] < other["final_loss"]
-    return all(c["reached"] and (not o["reached"] or _ahead_in_all(races_ahead(c, o))) for c, o in contested)
+    return _first_to_every_target(challenger, other, _first_in_every_race)
 
 
-def _ahead_in_all(count: tuple[int, int] | None) -> bool:
-    """Whether :func:`races_ahead`'s count is every race compared."""
+def _first_in_every_race(entry: dict[str, Any], other: dict[str, Any]) -> bool:
+    """Whether :func:`races_ahead` counts every race compared."""
+    count = races_ahead(entry, other)
     return count is not None and count[0] == count[1]
 
 
