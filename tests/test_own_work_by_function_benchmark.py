@@ -42,7 +42,9 @@ def test_the_timers_put_every_function_back(monkeypatch):
 @pytest.mark.parametrize("gap, expected", [(1, "SCG._start"), (3, "SecantPairs.advance_flat")])
 def test_it_splits_the_first_step_and_a_later_one(monkeypatch, capsys, gap, expected):
     by_function = load_script(BENCHMARK, monkeypatch)
-    totals, split = by_function.split_gap("logistic", gap, repeats=2, memory=5, diagonal_scaling=True, cold_caches_mib=1)
+    totals, split = by_function.split_gap(
+        "logistic", gap, repeats=2, memory=5, diagonal_scaling=True, cold_caches_mib=1
+    )
     assert len(totals) == 2 and all(total > 0.0 for total in totals)
     assert expected in split and "SCG.step" in split
     assert all(0.0 <= value <= max(totals) for values in split.values() for value in values)
