@@ -209,10 +209,48 @@ class _EvaluationStarts(TimedAccumulator):
             self.starts.append((time.perf_counter(), self.seconds))
         return super()._timed(evaluation, *args, completes_last=completes_last)
 
+    def reset(self) -> None:
+        """Forget the marks and the seconds of the last run."""
+        self.seconds, self.starts = 0.0, []
+
     def _evict_caches(self) -> None:
         """Read and write every element of ``thrash``."""
         assert self.thrash is not None
         self.thrash += 1.0
+
+
+def stopping_objective(
+    problem_name: str, evaluations: int, cold_caches_mib: int = 0, kind: type[_EvaluationStarts] | None = None
+) -> tuple[torch.nn.Module, dict[str, torch.Tensor], _EvaluationStarts]:
+    """:func:`timed_objective` made an :class:`_EvaluationStarts` (or its subclass ``kind``) that stops an optimizer at
+    its ``evaluations`` + 1-th evaluation, evicting ``cold_caches_mib`` MiB before each evaluation if > 0."""
+    model, initial, objective = timed_objective(problem_name)
+    objective.__class__ = kind or _EvaluationStarts
+    objective.limit = evaluations
+    if cold_caches_mib > 0:
+        objective.thrash = np.zeros(cold_caches_mib * 2**20 // 8)
+    return model, initial, objective
+
+
+def run_until_stopped(
+    model: torch.nn.Module,
+    initial: dict[str, torch.Tensor],
+    objective: _EvaluationStarts,
+    make_optimizer: Callable[[list[torch.Tensor]], torch.optim.Optimizer],
+) -> float:
+    """One run from the initial weights, the objective's marks cleared (:meth:`_EvaluationStarts.reset`): a new
+    optimizer (``make_optimizer(params)``) stepped until the objective stops it; returns the clock before its
+    construction."""
+    model.load_state_dict(initial)
+    objective.reset()
+    started = time.perf_counter()
+    try:
+        optimizer = make_optimizer(list(model.parameters()))
+        while True:
+            optimizer.step(objective)
+    except _EnoughEvaluations:
+        pass
+    return started
 
 
 def own_work_before_evaluations(
@@ -226,22 +264,10 @@ def own_work_before_evaluations(
     ``repeats``: each run constructs the optimizer (``make_optimizer(params)``, counted before the first) and steps it
     on the problem's full-batch objective from the race's initial weights. With ``cold_caches_mib`` > 0, that many
     MiB of memory are read and written before each evaluation, outside the clock (:class:`_EvaluationStarts`)."""
-    model, initial, objective = timed_objective(problem_name)
-    objective.__class__ = _EvaluationStarts
-    objective.limit = evaluations
-    if cold_caches_mib > 0:
-        objective.thrash = np.zeros(cold_caches_mib * 2**20 // 8)
+    model, initial, objective = stopping_objective(problem_name, evaluations, cold_caches_mib)
     runs = []
     for _ in range(repeats):
-        model.load_state_dict(initial)
-        objective.seconds, objective.starts = 0.0, []
-        started = time.perf_counter()
-        try:
-            optimizer = make_optimizer(list(model.parameters()))
-            while True:
-                optimizer.step(objective)
-        except _EnoughEvaluations:
-            pass
+        started = run_until_stopped(model, initial, objective, make_optimizer)
         marks = [(started, 0.0), *objective.starts]
         runs.append([(t - t0) - (inside - inside0) for (t0, inside0), (t, inside) in zip(marks, marks[1:])])
     return runs

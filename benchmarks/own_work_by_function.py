@@ -27,10 +27,9 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-import numpy as np
 import torch
 from common import environment
-from own_work import _EnoughEvaluations, _EvaluationStarts, timed_objective
+from own_work import _EvaluationStarts, run_until_stopped, stopping_objective
 
 from moller_scg import SCG
 
@@ -129,6 +128,10 @@ class _MarkedEvaluations(_EvaluationStarts):
             if outermost:
                 self.evaluations.append((started, time.perf_counter()))
 
+    def reset(self) -> None:
+        super().reset()
+        self.evaluations, self.evictions = [], []
+
     def _evict_caches(self) -> None:
         started = time.perf_counter()
         super()._evict_caches()
@@ -147,25 +150,16 @@ def split_gap(
     The gap runs from the end of the last evaluation before evaluation ``gap`` + 1 (before the eviction that precedes
     it, with ``cold_caches_mib``) to its start (to that eviction); a function's evaluations inside the window are
     subtracted from its time (a trial's forward, say)."""
-    model, initial, objective = timed_objective(problem_name)
-    objective.__class__ = _MarkedEvaluations
-    objective.limit = gap + 1
-    if cold_caches_mib > 0:
-        objective.thrash = np.zeros(cold_caches_mib * 2**20 // 8)
+    model, initial, objective = stopping_objective(problem_name, gap + 1, cold_caches_mib, _MarkedEvaluations)
+    assert isinstance(objective, _MarkedEvaluations)
     totals: list[float] = []
     by_function: dict[str, list[float]] = {}
     with Timers() as timers:
         for _ in range(repeats):
-            model.load_state_dict(initial)
-            objective.seconds, objective.starts = 0.0, []
-            objective.evaluations, objective.evictions = [], []
             timers.intervals.clear()
-            try:
-                optimizer = SCG(list(model.parameters()), memory=memory, diagonal_scaling=diagonal_scaling)
-                while True:
-                    optimizer.step(objective)
-            except _EnoughEvaluations:
-                pass
+            run_until_stopped(
+                model, initial, objective, lambda params: SCG(params, memory=memory, diagonal_scaling=diagonal_scaling)
+            )
             high = objective.evictions[gap][0] if cold_caches_mib > 0 else objective.starts[gap][0]
             low = max(end for _, end in objective.evaluations if end <= high)
             totals.append((high - low) * 1e6)
