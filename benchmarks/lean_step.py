@@ -41,7 +41,7 @@ from peers_adapters import torch_lbfgs
 from scipy.linalg import blas, lapack
 
 from moller_scg import SCG
-from moller_scg.diagonal_scaling import BETA, EPSILON, POWER
+from moller_scg.diagonal_scaling import BETA, EPSILON, power_into
 from moller_scg.quasi_newton import CURVATURE_CONDITION
 from moller_scg.scg import GOOD_COMPARISON, NON_FINITE_COMPARISON, POOR_COMPARISON, SECANT_LAMBDA_DECREASE_FACTOR
 from moller_scg.step_arithmetic import scaled_curvature
@@ -193,7 +193,7 @@ class LeanSCG:
     def _form_diagonal(self) -> None:
         """Λ = 1/max(v^κ + ε mean v^κ, the smallest normal number), as :mod:`moller_scg.diagonal_scaling` forms it."""
         d = self.diagonal
-        np.power(self.second_moment, POWER, out=d)
+        power_into(self.second_moment, d)
         d += EPSILON * d.dtype.type(np.add.reduce(d) / d.size)
         np.maximum(d, np.finfo(d.dtype).tiny, out=d)
         np.reciprocal(d, out=d)
