@@ -15,26 +15,14 @@ from __future__ import annotations
 
 import argparse
 import sys
-import time
-from collections.abc import Callable
 
 import numpy as np
 import torch
 from common import environment
+from own_work import best_seconds_per_call
 
 from moller_scg import pair_arithmetic
 from moller_scg.diagonal_scaling import POWER, power_into
-
-
-def best_seconds(operation: Callable[[], object], calls: int, repeats: int) -> float:
-    """The best over ``repeats`` of the mean time of ``calls`` calls."""
-    best = float("inf")
-    for _ in range(repeats):
-        started = time.perf_counter()
-        for _ in range(calls):
-            operation()
-        best = min(best, (time.perf_counter() - started) / calls)
-    return best
 
 
 def compare(n: int, dtype: torch.dtype, calls: int, repeats: int) -> tuple[float, float, float]:
@@ -56,8 +44,8 @@ def compare(n: int, dtype: torch.dtype, calls: int, repeats: int) -> tuple[float
 
     power_seconds, roots_seconds = [], []
     for _ in range(3):  # alternated, so that the machine's load falls on both alike
-        power_seconds.append(best_seconds(power, calls, repeats))
-        roots_seconds.append(best_seconds(roots, calls, repeats))
+        power_seconds.append(best_seconds_per_call(power, calls, repeats))
+        roots_seconds.append(best_seconds_per_call(roots, calls, repeats))
     a, b = torch.as_tensor(by_power), torch.as_tensor(by_roots)
     difference = float(((a - b).abs() / a).max())
     return min(power_seconds), min(roots_seconds), difference
