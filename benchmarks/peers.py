@@ -101,6 +101,7 @@ from peers_metering import (
     is_optimizer_frame,
     optimizer_state_numbers,
 )
+from peers_pooling import pool_runs
 from peers_problems import PROBLEMS, Problem
 from peers_report import analyse, best_adam, from_json, goals, median_over_races, plot, report, to_json
 
@@ -338,15 +339,25 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--report-from",
         type=Path,
+        nargs="+",
         metavar="JSON",
-        help="run nothing: write the report of a saved run (its peers.json) again with this version's report code",
+        help="run nothing: write the report of a saved run (its peers.json) again with this version's report code; "
+        "given several runs of the same computation, pool their races into one report (peers_pooling.py)",
     )
     argv = sys.argv[1:] if argv is None else list(argv)
     args = parser.parse_args(argv)
     if args.races is not None and args.races < 1:
         parser.error(f"--races must be at least 1, got {args.races}")
     if args.report_from is not None:
-        return write_report(from_json(args.report_from.read_text(encoding="utf-8")), args.out)
+        runs = [from_json(path.read_text(encoding="utf-8")) for path in args.report_from]
+        if len(runs) == 1:
+            return write_report(runs[0], args.out)
+        command = " ".join(["python benchmarks/peers.py", *argv])
+        try:
+            pooled = pool_runs(runs, [str(path) for path in args.report_from], command)
+        except ValueError as error:
+            parser.error(str(error))
+        return write_report(pooled, args.out)
     require_peers()
     torch.set_num_threads(args.threads)
     warm_up()

@@ -506,12 +506,14 @@ def report(results: dict[str, Any], memory_bound_lines: list[str] | None = None)
     env = results["environment"]
     cpu = env.get("cpu_capability", "instruction set not recorded")
     lines = [
-        f"SCG and its peers on {len(results['problems'])} problems, side by side in one run (issues #7, #14)",
+        f"SCG and its peers on {len(results['problems'])} problems, side by side in one run (issues #7, #14)"
+        + (f"; {len(env['pooled_from'])} runs pooled" if env.get("pooled_from") else ""),
         f"command: {env['command']}",
         f"date: {env['date']}; torch {env['torch']}, Python {env['python']}, CPU ({cpu}), {env['threads']} thread(s); "
         f"optimizers interleaved round-robin (one baton, each clock runs only while its optimizer holds it)",
         "every full-batch optimizer evaluates E, E', E''v through its own GradientAccumulator; Adam: minibatches, "
         "best lr of the grid; every run starts from the same weights and stops at the budget (no tolerance stops)",
+        *pooled_header(env),
         "",
     ]
     for block in results["problems"]:
@@ -581,6 +583,26 @@ def plot(results: dict[str, Any], path: Path) -> None:
     figure.tight_layout()
     figure.savefig(path, dpi=110)
     plt.close(figure)
+
+
+def pooled_header(env: dict[str, Any]) -> list[str]:
+    """The header lines of a pooled report (``peers.py --report-from A.json B.json``, :mod:`peers_pooling`): which
+    runs' races it pools; none for one run."""
+    sources = env.get("pooled_from")
+    if not sources:
+        return []
+    lines = [
+        f"pooled from {len(sources)} runs: each time and time ratio is the median over every race of every run that "
+        "raced the problem; the passes, evaluations, final losses, memory and curves are the first run's (the same in "
+        "every run, checked); the date and machine above are the first run's"
+    ]
+    for source in sources:
+        races = ", ".join(f"{name} {count}" for name, count in source["problems"].items())
+        lines.append(
+            f"  {source['source']} ({source['date']}, CPU {source['cpu_capability']}; races: {races}): "
+            f"{source['command']}"
+        )
+    return lines
 
 
 def from_json(text: str) -> dict[str, Any]:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import copy
 import json
 import math
+import statistics
 from pathlib import Path
 
 import pytest
@@ -168,6 +169,23 @@ def test_quick_run_writes_table_json_and_figure(tmp_path, monkeypatch, capsys):
         peak = buffers + (memory if diagonal else 0) + 4 * memory**2 / probe_block["problem"]["n"] + 0.5
         assert probe[name] < peak, name
     assert set(results["goals"]) == set(scg_rows)
+
+    # --report-from with several runs pools their races: this run twice is one of twice the races, with the same
+    # medians; its own report's header names both sources.
+    pooled_dir = tmp_path / "pooled"
+    saved = str(tmp_path / "peers_quick.json")
+    assert peers.main(["--report-from", saved, saved, "--out", str(pooled_dir)]) == 0
+    pooled = json.loads((pooled_dir / "peers_quick.json").read_text(encoding="utf-8"))
+    assert [block["races"] for block in pooled["problems"]] == [2] * len(problems)
+    assert "memory_bound" not in pooled
+    for block, original in zip(pooled["problems"], results["problems"]):
+        for row, original_row in zip(block["results"], original["results"]):
+            for target, original_target in zip(row["targets"], original_row["targets"]):
+                if target["reached"]:
+                    assert target["seconds_by_race"] == [original_target["seconds"]] * 2
+                    assert target["seconds"] == original_target["seconds"]
+    pooled_report = (pooled_dir / "peers_quick.txt").read_text(encoding="utf-8")
+    assert "2 runs pooled" in pooled_report and pooled_report.count(f"  {saved} (") == 2
 
 
 def load_report(monkeypatch):
@@ -546,3 +564,109 @@ def test_median_over_races_names_a_target_reached_in_some_races_only(monkeypatch
     report.median_over_races(results, races, [1.0])
     assert results[1]["targets"][0]["races_reached"] == 1
     assert "SCG or torch LBFGS reached the target 1 in some races only (1 and 1 of 2)" in capsys.readouterr().err
+
+
+def load_pooling(monkeypatch):
+    """peers_pooling.py alone (it needs neither the peers nor the data)."""
+    monkeypatch.syspath_prepend(str(BENCHMARK.parent))
+    import peers_pooling
+
+    return peers_pooling
+
+
+def raced_run(problems, command="python benchmarks/peers.py"):
+    """A saved run as ``from_json`` reads it: ``problems`` maps a problem's name to its rows, each a name and its
+    seconds to T1 / T2 / T3 in each race (None: not reached); the first row is the reference."""
+    blocks = []
+    for name, rows in problems.items():
+        reference = rows[0][1]
+        races = len(reference[0])
+        results = []
+        for row_name, by_target in rows:
+            targets = []
+            for index, seconds in enumerate(by_target):
+                entry = {"reached": seconds is not None, "reference_reached": reference[index] is not None}
+                if seconds is not None:
+                    ratios = [s / r for s, r in zip(seconds, reference[index])]
+                    entry.update(
+                        evaluations=3 * (index + 1),
+                        seconds=statistics.median(seconds),
+                        seconds_by_race=list(seconds),
+                        time_ratio=statistics.median(ratios),
+                        time_ratios_by_race=ratios,
+                    )
+                targets.append(entry)
+            results.append({"name": row_name, "targets": targets})
+        analysis = {"targets": [0.3, 0.2, 0.1]}
+        block = {"problem": {"name": name}, "races": races, "shuffled_order": True, "results": results}
+        blocks.append(dict(block, analysis=analysis, memory_probe=None))
+    environment = {"command": command, "date": "2026-12-06", "cpu_capability": "AVX2"}
+    return {"quick": False, "environment": environment, "problems": blocks}
+
+
+def test_pooled_runs_take_each_ratio_over_every_race_of_every_run(monkeypatch):
+    pooling = load_pooling(monkeypatch)
+    first = raced_run(
+        {
+            "toy": [("LBFGS", [[1.0, 2.0, 1.0], [2.0] * 3, [4.0] * 3]), ("SCG", [[0.9, 2.2, 0.8], [1.0] * 3, None])],
+            "other": [("LBFGS", [[1.0], [2.0], [3.0]]), ("SCG", [[0.5], [1.0], [1.5]])],
+        }
+    )
+    second = raced_run(
+        {"toy": [("LBFGS", [[1.0, 1.0], [2.0] * 2, [4.0] * 2]), ("SCG", [[1.2, 1.3], [1.0] * 2, None])]},
+        command="python benchmarks/peers.py --problems toy --races 2",
+    )
+    pooled = pooling.pool_runs([first, second], ["a.json", "b.json"], "pool a b")
+    toy, other = pooled["problems"]
+    assert toy["races"] == 5 and other["races"] == 1  # "other" was raced in the first run only
+    scg_t1 = toy["results"][1]["targets"][0]
+    assert scg_t1["seconds_by_race"] == [0.9, 2.2, 0.8, 1.2, 1.3] and scg_t1["seconds"] == 1.2
+    assert scg_t1["time_ratios_by_race"] == pytest.approx([0.9, 1.1, 0.8, 1.2, 1.3])
+    # First in the first run's median race (0.9), second over all five races (1.1).
+    assert first["problems"][0]["results"][1]["targets"][0]["time_ratio"] == pytest.approx(0.9)
+    assert scg_t1["time_ratio"] == pytest.approx(1.1)
+    assert scg_t1["races_reached"] == 5
+    assert not toy["results"][1]["targets"][2]["reached"]
+    assert other["results"][1]["targets"][0]["seconds_by_race"] == [0.5]
+    assert first["problems"][0]["races"] == 3  # the runs themselves are not changed
+    environment = pooled["environment"]
+    assert environment["command"] == "pool a b"
+    assert [source["problems"] for source in environment["pooled_from"]] == [{"toy": 3, "other": 1}, {"toy": 2}]
+
+
+def test_pooling_refuses_runs_that_did_not_compute_the_same(monkeypatch):
+    pooling = load_pooling(monkeypatch)
+
+    def run():
+        return raced_run({"toy": [("LBFGS", [[1.0], [2.0], [3.0]]), ("SCG", [[0.5], [1.0], [1.5]])]})
+
+    with pytest.raises(ValueError, match="at least two runs"):
+        pooling.pool_runs([run()], ["a.json"], "pool")
+    other = run()
+    other["problems"][0]["results"][1]["targets"][1]["evaluations"] = 7
+    with pytest.raises(ValueError, match=r"b.json against a.json, problem 'toy': 'SCG' reached T2 in 7 evaluations"):
+        pooling.pool_runs([run(), other], ["a.json", "b.json"], "pool")
+    other = run()
+    other["problems"][0]["results"][1]["targets"][2] = {"reached": False, "reference_reached": True}
+    with pytest.raises(ValueError, match=r"T3 in no evaluation \(not reached\) against 9 evaluations"):
+        pooling.pool_runs([run(), other], ["a.json", "b.json"], "pool")
+    other = run()
+    other["problems"][0]["analysis"]["targets"][0] = 0.30001
+    with pytest.raises(ValueError, match="target T1 is 0.30001 against 0.3"):
+        pooling.pool_runs([run(), other], ["a.json", "b.json"], "pool")
+    other = run()
+    other["problems"][0]["results"][1]["name"] = "SCG m=5"
+    with pytest.raises(ValueError, match="the rows differ"):
+        pooling.pool_runs([run(), other], ["a.json", "b.json"], "pool")
+    other = run()
+    other["problems"][0]["shuffled_order"] = False
+    with pytest.raises(ValueError, match="fixed order"):
+        pooling.pool_runs([run(), other], ["a.json", "b.json"], "pool")
+    other = run()
+    other["quick"] = True
+    with pytest.raises(ValueError, match="different 'quick'"):
+        pooling.pool_runs([run(), other], ["a.json", "b.json"], "pool")
+    # Targets equal to the last bits pool.
+    other = run()
+    other["problems"][0]["analysis"]["targets"][0] = 0.3 * (1 + 1e-15)
+    assert pooling.pool_runs([run(), other], ["a.json", "b.json"], "pool")["problems"][0]["races"] == 2

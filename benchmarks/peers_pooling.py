@@ -1,0 +1,138 @@
+"""Several runs of ``benchmarks/peers.py`` read as one: their races pooled.
+
+One full run races each problem three or nine times, and two runs of the same version on the same machine type have
+given two verdicts on issue #14's goal (docs/performance.md, "What is left"): its cells sit inside the race's noise.
+:func:`pool_runs` merges saved runs (their JSON) into one whose races are all of theirs, so that every time ratio and
+every equal-memory verdict is the median over more races — ``python benchmarks/peers.py --report-from A.json B.json
+--out DIR`` — without changing the rule the report applies.
+
+Pooling is only meaningful between runs that computed the same thing, so :func:`check_same_trajectories` refuses runs
+whose rows, targets, or evaluations to a target differ (another version of the library, another seed, a float32
+problem on another instruction set): the races of such runs do not time the same computation. A problem raced in
+some of the runs only (``--problems logistic --races 9``) is pooled over those.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import statistics
+from typing import Any
+
+TARGET_TOLERANCE = 1e-9
+"""Relative difference up to which two runs' targets T1 / T2 / T3 count as the same (their E* is the lowest loss of
+a deterministic run, the same up to the last bits)."""
+
+
+def pool_runs(runs: list[dict[str, Any]], sources: list[str], command: str) -> dict[str, Any]:
+    """The runs ``runs`` (as :func:`peers_report.from_json` reads them; ``sources`` names each, e.g. its file) as one
+    run whose races are all of theirs: per problem, each row's time to each target is the median over every race of
+    every run that raced the problem (``seconds_by_race`` and ``time_ratios_by_race`` their concatenation, in the
+    runs' order), and ``races`` their count. Everything else of a problem — its rows, passes, evaluations, final
+    losses, memory, the curves of the figure — is the first such run's, which :func:`check_same_trajectories` has
+    found the same in every run. The memory-bound case (run once, not interleaved) is left out. ``command`` is the
+    pooling command, for the report's header."""
+    if len(runs) != len(sources):
+        raise ValueError(f"pool_runs: {len(runs)} runs but {len(sources)} sources")
+    if len(runs) < 2:
+        raise ValueError(f"pool_runs needs at least two runs, got {len(runs)}")
+    check_same_trajectories(runs, sources)
+    pooled = copy.deepcopy(runs[0])
+    pooled.pop("memory_bound", None)
+    pooled.pop("goals", None)
+    pooled.pop("goals_text", None)
+    pooled["problems"] = []
+    for name in problem_names(runs):
+        blocks = [block for run in runs for block in run["problems"] if block["problem"]["name"] == name]
+        pooled["problems"].append(pooled_block(blocks))
+    environment = runs[0]["environment"]
+    pooled["environment"] = dict(
+        environment,
+        command=command,
+        pooled_from=[
+            {
+                "source": source,
+                "date": run["environment"]["date"],
+                "cpu_capability": run["environment"].get("cpu_capability"),
+                "command": run["environment"]["command"],
+                "problems": {block["problem"]["name"]: block.get("races", 1) for block in run["problems"]},
+            }
+            for source, run in zip(sources, runs)
+        ],
+    )
+    return pooled
+
+
+def problem_names(runs: list[dict[str, Any]]) -> list[str]:
+    """Every problem raced in any of the runs, in the order the runs first name them."""
+    names: list[str] = []
+    for run in runs:
+        names += [block["problem"]["name"] for block in run["problems"] if block["problem"]["name"] not in names]
+    return names
+
+
+def pooled_block(blocks: list[dict[str, Any]]) -> dict[str, Any]:
+    """One problem's block from several runs' (the first's, with the times of every race)."""
+    pooled = copy.deepcopy(blocks[0])
+    pooled["races"] = sum(block.get("races", 1) for block in blocks)
+    pooled["memory_probe"] = next((block["memory_probe"] for block in blocks if block.get("memory_probe")), None)
+    for index, result in enumerate(pooled["results"]):
+        for target_index, entry in enumerate(result["targets"]):
+            if not entry["reached"]:
+                continue
+            entries = [block["results"][index]["targets"][target_index] for block in blocks]
+            seconds = [s for e in entries for s in e.get("seconds_by_race", [e["seconds"]])]
+            entry["seconds"], entry["seconds_by_race"], entry["races_reached"] = (
+                statistics.median(seconds),
+                seconds,
+                len(seconds),
+            )
+            if entry["reference_reached"]:
+                ratios = [r for e in entries for r in e.get("time_ratios_by_race", [e["time_ratio"]])]
+                entry["time_ratio"], entry["time_ratios_by_race"] = statistics.median(ratios), ratios
+    return pooled
+
+
+def check_same_trajectories(runs: list[dict[str, Any]], sources: list[str]) -> None:
+    """Raise ``ValueError``, naming the source, problem, row and target, unless every run that raced a problem has the
+    first such run's rows in the same order, its targets (to :data:`TARGET_TOLERANCE`), and for each row and target
+    the same outcome (reached or not) in the same number of evaluations — and the same ``--quick`` and baton order
+    (a fixed order biases the millisecond problems' ratios: docs/performance.md, lever 17)."""
+    if len({run.get("quick") for run in runs}) > 1:
+        raise ValueError("cannot pool runs with different 'quick' settings: a --quick run races other problems")
+    first_seen: dict[str, tuple[str, dict[str, Any]]] = {}
+    for source, run in zip(sources, runs):
+        for block in run["problems"]:
+            name = block["problem"]["name"]
+            if name not in first_seen:
+                first_seen[name] = (source, block)
+                continue
+            first_source, first = first_seen[name]
+            check_same_block(block, first, f"{source} against {first_source}, problem {name!r}")
+
+
+def check_same_block(block: dict[str, Any], first: dict[str, Any], where: str) -> None:
+    """:func:`check_same_trajectories` for one problem's block against the first run's (``where`` names them)."""
+    if block.get("shuffled_order") != first.get("shuffled_order"):
+        raise ValueError(f"{where}: one run passed the baton in a fixed order, the other shuffled it")
+    rows = [result["name"] for result in block["results"]]
+    first_rows = [result["name"] for result in first["results"]]
+    if rows != first_rows:
+        raise ValueError(f"{where}: the rows differ ({rows} against {first_rows})")
+    for index, (target, first_target) in enumerate(zip(block["analysis"]["targets"], first["analysis"]["targets"])):
+        if not math.isclose(target, first_target, rel_tol=TARGET_TOLERANCE):
+            raise ValueError(f"{where}: target T{index + 1} is {target!r} against {first_target!r}")
+    for result, first_result in zip(block["results"], first["results"]):
+        for index, (entry, first_entry) in enumerate(zip(result["targets"], first_result["targets"])):
+            mine = entry.get("evaluations") if entry["reached"] else None
+            theirs = first_entry.get("evaluations") if first_entry["reached"] else None
+            if mine != theirs:
+                raise ValueError(
+                    f"{where}: {result['name']!r} reached T{index + 1} in {_evaluations(mine)} against "
+                    f"{_evaluations(theirs)}: the runs did not compute the same, so their races do not time the "
+                    "same computation"
+                )
+
+
+def _evaluations(count: int | None) -> str:
+    return "no evaluation (not reached)" if count is None else f"{count} evaluations"
