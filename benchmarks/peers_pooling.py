@@ -72,23 +72,35 @@ def problem_names(runs: list[dict[str, Any]]) -> list[str]:
 
 
 def pooled_block(blocks: list[dict[str, Any]]) -> dict[str, Any]:
-    """One problem's block from several runs' (the first's, with the times of every race)."""
+    """One problem's block from several runs' (the first's, with the times of every race). A target that a row reached
+    in some runs only — the budget, charged at each run's own measured cost of an HVP, ended the others first
+    (:func:`check_same_block`) — takes its times from the runs that reached it, and is listed in the block's
+    ``reached_in_some_runs``."""
     pooled = copy.deepcopy(blocks[0])
     pooled["races"] = sum(block.get("races", 1) for block in blocks)
     pooled["memory_probe"] = next((block["memory_probe"] for block in blocks if block.get("memory_probe")), None)
+    pooled["reached_in_some_runs"] = []
     for index, result in enumerate(pooled["results"]):
-        for target_index, entry in enumerate(result["targets"]):
-            if not entry["reached"]:
-                continue
+        for target_index in range(len(result["targets"])):
             entries = [block["results"][index]["targets"][target_index] for block in blocks]
-            seconds = [s for e in entries for s in e.get("seconds_by_race", [e["seconds"]])]
+            reached = [entry for entry in entries if entry["reached"]]
+            if not reached:
+                continue
+            if len(reached) < len(entries):
+                pooled["reached_in_some_runs"].append(
+                    f"{result['name']} T{target_index + 1} in {len(reached)} of {len(entries)} runs"
+                )
+            entry = result["targets"][target_index] = copy.deepcopy(reached[0])
+            seconds = [s for e in reached for s in e.get("seconds_by_race", [e["seconds"]])]
             entry["seconds"], entry["seconds_by_race"], entry["races_reached"] = (
                 statistics.median(seconds),
                 seconds,
                 len(seconds),
             )
-            if entry["reference_reached"]:
-                ratios = [r for e in entries for r in e.get("time_ratios_by_race", [e["time_ratio"]])]
+            ratios = [
+                r for e in reached if e["reference_reached"] for r in e.get("time_ratios_by_race", [e["time_ratio"]])
+            ]
+            if ratios:
                 entry["time_ratio"], entry["time_ratios_by_race"] = statistics.median(ratios), ratios
     return pooled
 
@@ -96,7 +108,8 @@ def pooled_block(blocks: list[dict[str, Any]]) -> dict[str, Any]:
 def check_same_trajectories(runs: list[dict[str, Any]], sources: list[str]) -> None:
     """Raise ``ValueError``, naming the source, problem, row and target, unless every run that raced a problem has the
     first such run's rows in the same order, its targets (to :data:`TARGET_TOLERANCE`), and for each row and target
-    the same outcome (reached or not) in the same number of evaluations — and the same ``--quick`` and baton order
+    the same outcome (reached or not) in the same number of evaluations, unless one run's budget ended before the
+    evaluation that reached it in the other (:func:`cut_by_budget`) — and the same ``--quick`` and baton order
     (a fixed order biases the millisecond problems' ratios: docs/performance.md, lever 17)."""
     if len({run.get("quick") for run in runs}) > 1:
         raise ValueError("cannot pool runs with different 'quick' settings: a --quick run races other problems")
@@ -126,12 +139,24 @@ def check_same_block(block: dict[str, Any], first: dict[str, Any], where: str) -
         for index, (entry, first_entry) in enumerate(zip(result["targets"], first_result["targets"])):
             mine = entry.get("evaluations") if entry["reached"] else None
             theirs = first_entry.get("evaluations") if first_entry["reached"] else None
-            if mine != theirs:
+            if mine != theirs and not cut_by_budget(mine, theirs, result, first_result):
                 raise ValueError(
                     f"{where}: {result['name']!r} reached T{index + 1} in {_evaluations(mine)} against "
                     f"{_evaluations(theirs)}: the runs did not compute the same, so their races do not time the "
                     "same computation"
                 )
+
+
+def cut_by_budget(mine: int | None, theirs: int | None, result: dict[str, Any], first_result: dict[str, Any]) -> bool:
+    """Whether a target reached in one run only (after ``mine`` or ``theirs`` evaluations) was missed in the other
+    because its budget ended first: that run's row stopped after fewer evaluations than the other needed. The budget
+    is in gradient passes, and a row that takes HVPs (Møller's SCG, torchmin's Newton-CG) is charged each run's own
+    measured cost of one, so its last evaluations fall on either side of the budget from run to run."""
+    if mine is None and theirs is not None:
+        return result["evaluations"] < theirs
+    if theirs is None and mine is not None:
+        return first_result["evaluations"] < mine
+    return False
 
 
 def _evaluations(count: int | None) -> str:

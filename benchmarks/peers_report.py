@@ -513,7 +513,7 @@ def report(results: dict[str, Any], memory_bound_lines: list[str] | None = None)
         f"optimizers interleaved round-robin (one baton, each clock runs only while its optimizer holds it)",
         "every full-batch optimizer evaluates E, E', E''v through its own GradientAccumulator; Adam: minibatches, "
         "best lr of the grid; every run starts from the same weights and stops at the budget (no tolerance stops)",
-        *pooled_header(env),
+        *pooled_header(env, results["problems"]),
         "",
     ]
     for block in results["problems"]:
@@ -585,7 +585,7 @@ def plot(results: dict[str, Any], path: Path) -> None:
     plt.close(figure)
 
 
-def pooled_header(env: dict[str, Any]) -> list[str]:
+def pooled_header(env: dict[str, Any], blocks: list[dict[str, Any]]) -> list[str]:
     """The header lines of a pooled report (``peers.py --report-from A.json B.json``, :mod:`peers_pooling`): which
     runs' races it pools; none for one run."""
     sources = env.get("pooled_from")
@@ -601,6 +601,14 @@ def pooled_header(env: dict[str, Any]) -> list[str]:
         lines.append(
             f"  {source['source']} ({source['date']}, CPU {source['cpu_capability']}; races: {races}): "
             f"{source['command']}"
+        )
+    partial = [
+        f"{block['problem']['name']}: {note}" for block in blocks for note in block.get("reached_in_some_runs", [])
+    ]
+    if partial:
+        lines.append(
+            "reached in some runs only (the budget, charged at each run's measured cost of an HVP, ended the others "
+            "first; times from the runs that reached it): " + "; ".join(partial)
         )
     return lines
 

@@ -596,7 +596,7 @@ def raced_run(problems, command="python benchmarks/peers.py"):
                         time_ratios_by_race=ratios,
                     )
                 targets.append(entry)
-            results.append({"name": row_name, "targets": targets})
+            results.append({"name": row_name, "targets": targets, "evaluations": 100})  # the row's total
         analysis = {"targets": [0.3, 0.2, 0.1]}
         block = {"problem": {"name": name}, "races": races, "shuffled_order": True, "results": results}
         blocks.append(dict(block, analysis=analysis, memory_probe=None))
@@ -666,6 +666,19 @@ def test_pooling_refuses_runs_that_did_not_compute_the_same(monkeypatch):
     other["quick"] = True
     with pytest.raises(ValueError, match="different 'quick'"):
         pooling.pool_runs([run(), other], ["a.json", "b.json"], "pool")
+    # A row that takes HVPs is charged each run's own measured cost of one, so the budget may end it before a target
+    # it reached in the other run: that pools, with the times of the run that reached it, and the report says so.
+    cut = run()
+    cut["problems"][0]["results"][1]["targets"][2] = {"reached": False, "reference_reached": True}
+    for stopped_after, pools in ((8, True), (9, False)):  # reached after 9 evaluations in the first run
+        cut["problems"][0]["results"][1]["evaluations"] = stopped_after
+        if pools:
+            block = pooling.pool_runs([run(), cut], ["a.json", "b.json"], "pool")["problems"][0]
+            assert block["results"][1]["targets"][2]["seconds_by_race"] == [1.5]
+            assert block["reached_in_some_runs"] == ["SCG T3 in 1 of 2 runs"]
+        else:
+            with pytest.raises(ValueError, match="T3 in no evaluation"):
+                pooling.pool_runs([run(), cut], ["a.json", "b.json"], "pool")
     # Targets equal to the last bits pool.
     other = run()
     other["problems"][0]["analysis"]["targets"][0] = 0.3 * (1 + 1e-15)
