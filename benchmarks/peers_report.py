@@ -506,8 +506,9 @@ def report(results: dict[str, Any], memory_bound_lines: list[str] | None = None)
     env = results["environment"]
     cpu = env.get("cpu_capability", "instruction set not recorded")
     lines = [
-        f"SCG and its peers on {len(results['problems'])} problems, side by side in one run (issues #7, #14)"
-        + (f"; {len(env['pooled_from'])} runs pooled" if env.get("pooled_from") else ""),
+        f"SCG and its peers on {len(results['problems'])} problems, side by side in "
+        + (f"each of {len(env['pooled_from'])} runs pooled" if env.get("pooled_from") else "one run")
+        + " (issues #7, #14)",
         f"command: {env['command']}",
         f"date: {env['date']}; torch {env['torch']}, Python {env['python']}, CPU ({cpu}), {env['threads']} thread(s); "
         f"optimizers interleaved round-robin (one baton, each clock runs only while its optimizer holds it)",
@@ -593,8 +594,8 @@ def pooled_header(env: dict[str, Any], blocks: list[dict[str, Any]]) -> list[str
         return []
     lines = [
         f"pooled from {len(sources)} runs: each time and time ratio is the median over every race of every run that "
-        "raced the problem; the passes, evaluations, final losses, memory and curves are the first run's (the same in "
-        "every run, checked); the date and machine above are the first run's"
+        "raced the problem; the passes, evaluations, final losses, memory and curves are the first run's (every row's "
+        "evaluations to every target checked the same in every run); the date and machine above are the first run's"
     ]
     for source in sources:
         races = ", ".join(f"{name} {count}" for name, count in source["problems"].items())
