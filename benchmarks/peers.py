@@ -348,11 +348,11 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.races is not None and args.races < 1:
         parser.error(f"--races must be at least 1, got {args.races}")
+    command = " ".join(["python benchmarks/peers.py", *argv])
     if args.report_from is not None:
         runs = [from_json(path.read_text(encoding="utf-8")) for path in args.report_from]
         if len(runs) == 1:
             return write_report(runs[0], args.out)
-        command = " ".join(["python benchmarks/peers.py", *argv])
         try:
             pooled = pool_runs(runs, [str(path) for path in args.report_from], command)
         except ValueError as error:
@@ -361,7 +361,6 @@ def main(argv: list[str] | None = None) -> int:
     require_peers()
     torch.set_num_threads(args.threads)
     warm_up()
-    command = " ".join(["python benchmarks/peers.py", *argv])
     results: dict[str, Any] = {"environment": environment(command), "quick": args.quick, "problems": []}
     for name in args.problems:
         started = time.perf_counter()

@@ -39,8 +39,6 @@ def pool_runs(runs: list[dict[str, Any]], sources: list[str], command: str) -> d
     check_same_trajectories(runs, sources)
     pooled = copy.deepcopy(runs[0])
     pooled.pop("memory_bound", None)
-    pooled.pop("goals", None)
-    pooled.pop("goals_text", None)
     pooled["problems"] = []
     for name in problem_names(runs):
         blocks = [block for run in runs for block in run["problems"] if block["problem"]["name"] == name]
