@@ -23,6 +23,8 @@ Usage:
     python benchmarks/lean_step.py --race --problems logistic --races 9 --out DIR    # peers.py's race, four rows
     python benchmarks/lean_step.py --race --default-lbfgs [...]   # and torch LBFGS without a line search (six rows)
     python benchmarks/lean_step.py --diagonal-scaling [...]     # each of the above with H₀ = γ_D Λ in the SCG rows
+    python benchmarks/lean_step.py --pairs-from A.json [B.json ...] [--diagonal-scaling]  # the lean row against
+        # the others, race by race, over every race of the saved --race runs
     python benchmarks/lean_step.py --as-optimizer [...]         # the lean rows behind torch.optim.Optimizer's step
 """
 
@@ -32,6 +34,7 @@ import argparse
 import contextlib
 import sys
 from collections.abc import Callable, Iterator
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -319,6 +322,42 @@ def rows(diagonal_scaling: bool, as_optimizer: bool = False) -> dict[str, Callab
     }
 
 
+def race_pairs(diagonal_scaling: bool) -> list[tuple[str, str]]:
+    """The (row, partner) pairs that ``--pairs-from`` compares: the lean row and the library's mode each against
+    LBFGS history 20 (the m = 20 mode's equal-memory partner in ``peers.py``'s goals) and LBFGS(100), then the lean
+    row against the library's mode."""
+    reference, history_20, library = race_rows(diagonal_scaling)
+    lean = lean_race_row(diagonal_scaling)
+    return [(lean, history_20), (library, history_20), (lean, reference), (library, reference), (lean, library)]
+
+
+def pairs_report(paths: list[str], diagonal_scaling: bool) -> str:
+    """For the saved ``--race`` runs at ``paths`` (pooled as ``peers.py --report-from`` pools them, which refuses runs
+    that did not compute the same), each of :func:`race_pairs`' ratios to T1 / T2 / T3 race by race — the median over
+    every race of the ratio of the two rows' times in that race, the report's rule for its goals — and in how many
+    races the row was first. ``peers.py``'s report leaves the lean row out of its goals: the race's memory measure
+    does not see its NumPy arrays."""
+    import peers_pooling
+    import peers_report
+
+    runs = [peers_report.from_json(Path(path).read_text(encoding="utf-8")) for path in paths]
+    results = runs[0] if len(runs) == 1 else peers_pooling.pool_runs(runs, paths, "")
+    lines = []
+    for block in results["problems"]:
+        by_name = {row["name"]: row for row in block["results"]}
+        lines.append(
+            f"{block['problem']['name']}: time to T1 / T2 / T3 over the partner's, race by race "
+            f"(median of the per-race ratios; first in k of the races), {block['races']} races"
+        )
+        for name, partner in race_pairs(diagonal_scaling):
+            cells = []
+            for mine, theirs in zip(by_name[name]["targets"], by_name[partner]["targets"]):
+                ratio, ahead = peers_report.race_by_race_ratio(mine, theirs), peers_report.races_ahead(mine, theirs)
+                cells.append("—" if ratio is None or ahead is None else f"{ratio:.2f} (first in {ahead[0]})")
+            lines.append(f"  {name} ÷ {partner}: {' / '.join(cells)}")
+    return "\n".join(lines)
+
+
 @contextlib.contextmanager
 def _replaced(module: Any, attributes: dict[str, Any]) -> Iterator[None]:
     """The module's attributes replaced for the duration (``peers.py``'s table, ``plain_loop.py``'s rows, the reports'
@@ -347,7 +386,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--as-optimizer", action="store_true", help="the lean rows behind torch.optim.Optimizer's step (not --race)"
     )
+    parser.add_argument(
+        "--pairs-from", nargs="+", metavar="JSON", help="instead: the lean row against the others in saved --race runs"
+    )
     args, rest = parser.parse_known_args(argv)
+    if args.pairs_from:
+        if rest:
+            parser.error(f"unrecognized arguments: {' '.join(rest)}")
+        print(pairs_report(args.pairs_from, args.diagonal_scaling))
+        return 0
     torch.set_num_threads(1)
     if args.as_optimizer and args.race:
         parser.error("--as-optimizer times the own work or the user's loop, not the race")

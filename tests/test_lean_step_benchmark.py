@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 from pathlib import Path
 
@@ -140,7 +141,7 @@ def test_it_prints_the_own_work_of_each_row_and_runs_the_users_loop(monkeypatch,
 
 
 @pytest.mark.filterwarnings("ignore:`torch.jit.script` is deprecated:FutureWarning")  # torchmin, at import
-def test_it_races_the_lean_row_beside_three_rows_of_the_race(monkeypatch, tmp_path):
+def test_it_races_the_lean_row_beside_three_rows_of_the_race(monkeypatch, tmp_path, capsys):
     for module in ("sklearn", "torchmin", "paramz"):
         pytest.importorskip(module, reason=f"benchmarks/peers.py needs {module}: pip install 'moller-scg[benchmarks]'")
     script = load_script(BENCHMARK, monkeypatch)
@@ -151,6 +152,25 @@ def test_it_races_the_lean_row_beside_three_rows_of_the_race(monkeypatch, tmp_pa
     table = lines[next(i for i, line in enumerate(lines) if line.startswith("-----")) + 1 :][:4]
     assert [line.split("  ")[0] for line in table] == [*script.race_rows(False), script.lean_race_row(False)]
     assert "budget spent" in next(line for line in lines if line.startswith(script.lean_race_row(False)))
+    # --pairs-from: the lean row against the others, race by race, over the saved runs' races (pooled: this run
+    # twice is one of two races with the same ratios).
+    saved = str(tmp_path / "peers_quick.json")
+    capsys.readouterr()
+    assert script.main(["--pairs-from", saved, saved]) == 0
+    pairs = capsys.readouterr().out.splitlines()
+    assert (
+        pairs[0].startswith("logistic: time to T1 / T2 / T3 over the partner's, race by race") and "2 races" in pairs[0]
+    )
+    expected = [f"  {name} ÷ {partner}: " for name, partner in script.race_pairs(False)]
+    assert [line[: len(start)] for line, start in zip(pairs[1:], expected)] == expected and len(pairs) == 6
+    results = json.loads(Path(saved).read_text(encoding="utf-8"))
+    by_name = {row["name"]: row for row in results["problems"][0]["results"]}
+    lean, library = by_name[script.lean_race_row(False)], by_name["SCG m=20"]
+    first = lean["targets"][0]
+    if first["reached"] and library["targets"][0]["reached"]:  # one race: the ratio of the two times
+        ratio = first["seconds"] / library["targets"][0]["seconds"]
+        ahead = int(first["seconds"] < library["targets"][0]["seconds"])
+        assert pairs[5].split(": ", 1)[1].startswith(f"{ratio:.2f} (first in {2 * ahead}) / ")
     import common
     import peers
     import peers_adapters
