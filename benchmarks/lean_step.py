@@ -26,6 +26,8 @@ Usage:
     python benchmarks/lean_step.py --pairs-from A.json [B.json ...] [--diagonal-scaling]  # the lean row against
         # the others, race by race, over every race of the saved --race runs
     python benchmarks/lean_step.py --as-optimizer [...]         # the lean rows behind torch.optim.Optimizer's step
+    python benchmarks/lean_step.py --parameters-apart [...]     # own work: and the lean step with the parameters'
+        # own storage, w written into them (lever 56)
 """
 
 from __future__ import annotations
@@ -60,24 +62,36 @@ class LeanSCG:
         params: real parameters of one dtype on the CPU; they become views of one flat tensor.
         memory: m ≥ 1.
         lambd: λ₁.
+        parameters_apart: keep the parameters' own storage and write w into them after each change of w (one
+            ``torch._foreach_copy_`` from views of w), instead of making them views of w (lever 56: what the views
+            are worth).
     """
 
     def __init__(
-        self, params: list[torch.Tensor], memory: int = 20, lambd: float = 5e-7, diagonal_scaling: bool = False
+        self,
+        params: list[torch.Tensor],
+        memory: int = 20,
+        lambd: float = 5e-7,
+        diagonal_scaling: bool = False,
+        parameters_apart: bool = False,
     ) -> None:
         self.params = list(params)
         self.memory = m = memory
         self.lambd_initial = lambd
         n = sum(p.numel() for p in self.params)
         flat = torch.empty(n, dtype=self.params[0].dtype)
+        views = []
         offset = 0
         with torch.no_grad():
             for p in self.params:
                 view = flat[offset : offset + p.numel()].view_as(p)
                 view.copy_(p)
-                p.data = view
+                views.append(view)
+                if not parameters_apart:
+                    p.data = view
                 offset += p.numel()
         self._flat = flat
+        self._views_of_w = views if parameters_apart else None
         self.w = flat.numpy()
         self.accepted = np.empty_like(self.w)
         self.rows = np.zeros((4 + 2 * m, n), dtype=self.w.dtype)
@@ -124,6 +138,7 @@ class LeanSCG:
         self.accepted[:] = self.w
         np.multiply(rows[P], alpha, out=self.w)
         self.w += self.accepted
+        self._write_parameters()
         trial_loss_tensor, gradient = objective.value_then_gradient()
         trial_loss = float(trial_loss_tensor)
         self.k += 1
@@ -138,12 +153,19 @@ class LeanSCG:
                 lambd /= SECANT_LAMBDA_DECREASE_FACTOR
         else:
             self.w[:] = self.accepted
+            self._write_parameters()
             lambd_bar, self.success = lambd, False
         effective = comparison if finite else NON_FINITE_COMPARISON
         if effective < POOR_COMPARISON:
             lambd = lambd + delta * (1.0 - effective) / direction_sq
         self.lambd, self.lambd_bar, self.delta = lambd, lambd_bar, delta
         return torch.tensor(self.loss, dtype=torch.float64)
+
+    def _write_parameters(self) -> None:
+        """With ``parameters_apart``, w into the parameters' own storage (they are w's views otherwise)."""
+        if self._views_of_w is not None:
+            with torch.no_grad():
+                torch._foreach_copy_(self.params, self._views_of_w)
 
     def _gather_negated(self, gradients: Any, out: np.ndarray) -> None:
         np.concatenate([g.numpy().reshape(-1) for g in gradients], out=out)
@@ -310,16 +332,24 @@ def race_table(problem: Any, diagonal_scaling: bool = False, default_lbfgs: bool
     return table
 
 
-def rows(diagonal_scaling: bool, as_optimizer: bool = False) -> dict[str, Callable[[list[torch.Tensor]], Any]]:
+def rows(
+    diagonal_scaling: bool, as_optimizer: bool = False, parameters_apart: bool = False
+) -> dict[str, Callable[[list[torch.Tensor]], Any]]:
     """The library's mode, its lean variant (behind ``torch.optim.Optimizer``'s step if ``as_optimizer``) and LBFGS
-    history 20, by the labels of the own-work table."""
+    history 20, by the labels of the own-work table; with ``parameters_apart``, also the lean variant that leaves the
+    parameters' storage alone (lever 56)."""
     mode = ", diagonal" if diagonal_scaling else ""
     lean = LeanSCGOptimizer if as_optimizer else LeanSCG
-    return {
+    table = {
         f"SCG(memory=20{mode})": lambda params: SCG(params, memory=20, diagonal_scaling=diagonal_scaling),
         f"lean SCG(memory=20{mode})": lambda params: lean(params, memory=20, diagonal_scaling=diagonal_scaling),
-        "torch LBFGS(h=20)": lambda params: torch_lbfgs(params, 20),
     }
+    if parameters_apart:
+        table[f"lean, parameters apart{mode}"] = lambda params: LeanSCG(
+            params, memory=20, diagonal_scaling=diagonal_scaling, parameters_apart=True
+        )
+    table["torch LBFGS(h=20)"] = lambda params: torch_lbfgs(params, 20)
+    return table
 
 
 def race_pairs(diagonal_scaling: bool) -> list[tuple[str, str]]:
@@ -389,6 +419,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--pairs-from", nargs="+", metavar="JSON", help="instead: the lean row against the others in saved --race runs"
     )
+    parser.add_argument(
+        "--parameters-apart",
+        action="store_true",
+        help="own work: also the lean step that writes w into the parameters' own storage (lever 56)",
+    )
     args, rest = parser.parse_known_args(argv)
     if args.pairs_from:
         if rest:
@@ -444,7 +479,9 @@ def main(argv: list[str] | None = None) -> int:
 
     env = environment(" ".join(["python benchmarks/lean_step.py", *(sys.argv[1:] if argv is None else argv)]))
     print(f"torch {env['torch']}, 1 thread, {env['date']}; {env['command']}")
-    table = rows(args.diagonal_scaling, args.as_optimizer)
+    if args.parameters_apart and args.as_optimizer:
+        parser.error("--parameters-apart adds a row of the lean step alone, not behind torch.optim's step")
+    table = rows(args.diagonal_scaling, args.as_optimizer, args.parameters_apart)
     print_rows_before_each_evaluation(
         args.problem, table, args.evaluations, args.repeats, args.cold_caches, label_width=32
     )

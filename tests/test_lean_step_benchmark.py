@@ -55,6 +55,26 @@ def test_the_parameters_become_views_of_one_flat_array_with_their_values(monkeyp
     assert next(model.parameters()).reshape(-1)[0].item() == 7.0
 
 
+@pytest.mark.parametrize("diagonal_scaling", [False, True])
+def test_with_the_parameters_apart_it_takes_the_same_steps_and_leaves_their_storage(monkeypatch, diagonal_scaling):
+    # Lever 56: w written into the parameters' own storage after every change of w, instead of the parameters made
+    # views of w — the same numbers, bit for bit (the same NumPy arithmetic; only where the model reads w changes).
+    script = load_script(BENCHMARK, monkeypatch)
+    model, accumulator = _softmax_problem()
+    initial = {k: v.clone() for k, v in model.state_dict().items()}
+    storage = [p.data_ptr() for p in model.parameters()]
+    apart = script.LeanSCG(list(model.parameters()), memory=3, diagonal_scaling=diagonal_scaling, parameters_apart=True)
+    apart_losses = [float(apart.step(accumulator)) for _ in range(40)]
+    assert [p.data_ptr() for p in model.parameters()] == storage
+    flat = torch.cat([p.detach().reshape(-1) for p in model.parameters()])
+    assert torch.equal(flat, torch.from_numpy(apart.w))  # the parameters hold w, the last accepted point
+    apart_final = {k: v.clone() for k, v in model.state_dict().items()}
+    model.load_state_dict(initial)
+    views = script.LeanSCG(list(model.parameters()), memory=3, diagonal_scaling=diagonal_scaling)
+    assert [float(views.step(accumulator)) for _ in range(40)] == apart_losses
+    assert all(torch.equal(v, apart_final[k]) for k, v in model.state_dict().items())
+
+
 class _NaNTrials(GradientAccumulator):
     """An accumulator whose trials (``value_then_gradient``) return a NaN loss from the ``nan_from``-th on."""
 
@@ -125,6 +145,10 @@ def test_it_prints_the_own_work_of_each_row_and_runs_the_users_loop(monkeypatch,
     lines = capsys.readouterr().out.splitlines()
     assert [line.split("  ")[1].strip() for line in lines[2:5]] == list(script.rows(True))
     assert lines[2].strip().startswith("SCG(memory=20, diagonal)")
+    assert script.main(["--repeats", "1", "--evaluations", "2", "--cold-caches", "0", "--parameters-apart"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert [line.split("  ")[1].strip() for line in lines[2:6]] == list(script.rows(False, parameters_apart=True))
+    assert lines[4].strip().startswith("lean, parameters apart")
     with pytest.raises(SystemExit):
         script.main(["--repetitions", "1"])  # plain_loop.py's option, without --plain-loop
     out = tmp_path / "lean_plain.txt"
