@@ -22,6 +22,7 @@ Usage:
     python benchmarks/lean_step.py --plain-loop --problems logistic --repetitions 31 --out FILE   # a user's loop
     python benchmarks/lean_step.py --race --problems logistic --races 9 --out DIR    # peers.py's race, four rows
     python benchmarks/lean_step.py --race --default-lbfgs [...]   # and torch LBFGS without a line search (six rows)
+    python benchmarks/lean_step.py --race --full-crowd [...]      # every row of peers.py's race and the lean one
     python benchmarks/lean_step.py --diagonal-scaling [...]     # each of the above with H₀ = γ_D Λ in the SCG rows
     python benchmarks/lean_step.py --pairs-from A.json [B.json ...] [--diagonal-scaling]  # the lean row against
         # the others, race by race, over every race of the saved --race runs
@@ -314,19 +315,22 @@ def lean_race_row(diagonal_scaling: bool) -> str:
     return f"lean SCG m=20{' diag' if diagonal_scaling else ''} (research)"
 
 
-def race_optimizers(diagonal_scaling: bool) -> Callable[..., dict[str, Any]]:
+def race_optimizers(diagonal_scaling: bool, full_crowd: bool = False) -> Callable[..., dict[str, Any]]:
     """What stands in for ``peers.optimizers`` in ``peers.py``'s race: :func:`race_table`, same arguments."""
-    return lambda problem, default_lbfgs=False: race_table(problem, diagonal_scaling, default_lbfgs)
+    return lambda problem, default_lbfgs=False: race_table(problem, diagonal_scaling, default_lbfgs, full_crowd)
 
 
-def race_table(problem: Any, diagonal_scaling: bool = False, default_lbfgs: bool = False) -> dict[str, Any]:
+def race_table(
+    problem: Any, diagonal_scaling: bool = False, default_lbfgs: bool = False, full_crowd: bool = False
+) -> dict[str, Any]:
     """``peers.py``'s table cut to :func:`race_rows` (with ``default_lbfgs``, ``peers.py --default-lbfgs``: and the
-    rows of torch LBFGS without a line search), with the lean row."""
+    rows of torch LBFGS without a line search), with the lean row; with ``full_crowd``, ``peers.py``'s whole table
+    with the lean row (lever 57: the lean step among the nineteen rows the goals are judged in)."""
     import peers_adapters
 
     full = peers_adapters.optimizers(problem, default_lbfgs)
     names = [*race_rows(diagonal_scaling), *(peers_adapters.DEFAULT_LBFGS_ROWS if default_lbfgs else ())]
-    table = {name: full[name] for name in names}
+    table = dict(full) if full_crowd else {name: full[name] for name in names}
     lean = peers_adapters.Row(lambda run: run_lean(run, diagonal_scaling), peers_adapters.PEER_FAMILY)
     table[lean_race_row(diagonal_scaling)] = lean
     return table
@@ -414,6 +418,9 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--diagonal-scaling", action="store_true", help="the diagonal H₀ in the SCG rows")
     parser.add_argument(
+        "--full-crowd", action="store_true", help="with --race: every row of peers.py's race, and the lean row"
+    )
+    parser.add_argument(
         "--as-optimizer", action="store_true", help="the lean rows behind torch.optim.Optimizer's step (not --race)"
     )
     parser.add_argument(
@@ -433,13 +440,16 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(1)
     if args.as_optimizer and args.race:
         parser.error("--as-optimizer times the own work or the user's loop, not the race")
+    if args.full_crowd and not args.race:
+        parser.error("--full-crowd is an option of --race")
     diagonal = " --diagonal-scaling" if args.diagonal_scaling else ""  # the reports' command lines
+    diagonal += " --full-crowd" if args.full_crowd else ""
     diagonal += " --as-optimizer" if args.as_optimizer else ""
     if args.race:
         import peers
 
         race = {
-            "optimizers": race_optimizers(args.diagonal_scaling),
+            "optimizers": race_optimizers(args.diagonal_scaling, args.full_crowd),
             "memory_probe": lambda *args: None,  # the probe's table needs Adam's rows; memory is not asked here
             "environment": lambda command: environment(
                 command.replace("python benchmarks/peers.py", f"python benchmarks/lean_step.py --race{diagonal}", 1)

@@ -206,3 +206,7 @@ def test_it_races_the_lean_row_beside_three_rows_of_the_race(monkeypatch, tmp_pa
     assert list(table) == ["torch LBFGS", "torch LBFGS h=20", "SCG m=20 diag", "lean SCG m=20 diag (research)"]
     table = script.race_table(PROBLEMS["logistic"](True, 0), default_lbfgs=True)  # --race --default-lbfgs
     assert list(table) == [*script.race_rows(False), "LBFGS no LS", "LBFGS h=20 no LS", script.lean_race_row(False)]
+    table = script.race_table(PROBLEMS["logistic"](True, 0), diagonal_scaling=True, full_crowd=True)  # --full-crowd
+    assert list(table) == [*peers_adapters.optimizers(PROBLEMS["logistic"](True, 0)), script.lean_race_row(True)]
+    with pytest.raises(SystemExit):
+        script.main(["--full-crowd"])  # an option of --race only
