@@ -60,7 +60,8 @@ class LeanSCG:
     """``SCG(params, memory=m)`` (secant mode, H₀ = γI) with every vector a row of one NumPy array (module docstring).
 
     Args:
-        params: real parameters of one dtype on the CPU; they become views of one flat tensor.
+        params: real parameters of one dtype on the CPU; they become views of one flat tensor (unless
+            ``parameters_apart``).
         memory: m ≥ 1.
         lambd: λ₁.
         parameters_apart: keep the parameters' own storage and write w into them after each change of w (one
@@ -433,8 +434,8 @@ def main(argv: list[str] | None = None) -> int:
     )
     args, rest = parser.parse_known_args(argv)
     if args.pairs_from:
-        if rest:
-            parser.error(f"unrecognized arguments: {' '.join(rest)}")
+        if rest or args.race or args.plain_loop or args.as_optimizer or args.parameters_apart or args.full_crowd:
+            parser.error("--pairs-from reads saved races: of the other options it takes --diagonal-scaling only")
         print(pairs_report(args.pairs_from, args.diagonal_scaling))
         return 0
     torch.set_num_threads(1)
@@ -442,6 +443,8 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("--as-optimizer times the own work or the user's loop, not the race")
     if args.full_crowd and not args.race:
         parser.error("--full-crowd is an option of --race")
+    if args.parameters_apart and (args.race or args.plain_loop or args.as_optimizer):
+        parser.error("--parameters-apart adds a row to the own-work table only")
     diagonal = " --diagonal-scaling" if args.diagonal_scaling else ""  # the reports' command lines
     diagonal += " --full-crowd" if args.full_crowd else ""
     diagonal += " --as-optimizer" if args.as_optimizer else ""
@@ -489,8 +492,6 @@ def main(argv: list[str] | None = None) -> int:
 
     env = environment(" ".join(["python benchmarks/lean_step.py", *(sys.argv[1:] if argv is None else argv)]))
     print(f"torch {env['torch']}, 1 thread, {env['date']}; {env['command']}")
-    if args.parameters_apart and args.as_optimizer:
-        parser.error("--parameters-apart adds a row of the lean step alone, not behind torch.optim's step")
     table = rows(args.diagonal_scaling, args.as_optimizer, args.parameters_apart)
     print_rows_before_each_evaluation(
         args.problem, table, args.evaluations, args.repeats, args.cold_caches, label_width=32

@@ -210,3 +210,7 @@ def test_it_races_the_lean_row_beside_three_rows_of_the_race(monkeypatch, tmp_pa
     assert list(table) == [*peers_adapters.optimizers(PROBLEMS["logistic"](True, 0)), script.lean_race_row(True)]
     with pytest.raises(SystemExit):
         script.main(["--full-crowd"])  # an option of --race only
+    with pytest.raises(SystemExit):
+        script.main(["--race", "--parameters-apart"])  # a row of the own-work table only
+    with pytest.raises(SystemExit):
+        script.main(["--pairs-from", "any.json", "--race"])  # reads saved races, races none
