@@ -368,10 +368,11 @@ def race_pairs(diagonal_scaling: bool) -> list[tuple[str, str]]:
 
 def pairs_report(paths: list[str], diagonal_scaling: bool) -> str:
     """For the saved ``--race`` runs at ``paths`` (pooled as ``peers.py --report-from`` pools them, which refuses runs
-    that did not compute the same), each of :func:`race_pairs`' ratios to T1 / T2 / T3 race by race — the median over
-    every race of the ratio of the two rows' times in that race, the report's rule for its goals — and in how many
-    races the row was first. ``peers.py``'s report leaves the lean row out of its goals: the race's memory measure
-    does not see its NumPy arrays."""
+    that did not compute the same), each of :func:`race_pairs` as the report's goals print a row against its partner
+    (``peers_report.race_by_race_cell``: the median over every race of the ratio of the two rows' times in that race,
+    and in how many races the row was first; its "only SCG" and "only LBFGS" mean the row and the partner).
+    ``peers.py``'s report leaves the lean row out of its goals: the race's memory measure does not see its NumPy
+    arrays."""
     import peers_pooling
     import peers_report
 
@@ -380,16 +381,9 @@ def pairs_report(paths: list[str], diagonal_scaling: bool) -> str:
     lines = []
     for block in results["problems"]:
         by_name = {row["name"]: row for row in block["results"]}
-        lines.append(
-            f"{block['problem']['name']}: time to T1 / T2 / T3 over the partner's, race by race "
-            f"(median of the per-race ratios; first in k of the races), {block['races']} races"
-        )
+        lines.append(f"{block['problem']['name']}, {block['races']} races, T1 / T2 / T3 race by race:")
         for name, partner in race_pairs(diagonal_scaling):
-            cells = []
-            for mine, theirs in zip(by_name[name]["targets"], by_name[partner]["targets"]):
-                ratio, ahead = peers_report.race_by_race_ratio(mine, theirs), peers_report.races_ahead(mine, theirs)
-                cells.append("—" if ratio is None or ahead is None else f"{ratio:.2f} (first in {ahead[0]})")
-            lines.append(f"  {name} ÷ {partner}: {' / '.join(cells)}")
+            lines.append(f"  {name} ÷ {partner}: {peers_report.race_by_race_cell(by_name[name], by_name[partner])}")
     return "\n".join(lines)
 
 
