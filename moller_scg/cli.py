@@ -93,6 +93,13 @@ def _parser() -> argparse.ArgumentParser:
         help="with --hvp double-backward (--memory 0): each curvature product is the Gauss–Newton product Jᵀ H_L J p "
         "(positive semi-definite, cheaper on this CNN) instead of the Hessian's",
     )
+    job.add_argument(
+        "--memory-format",
+        choices=list(mnist.MEMORY_FORMATS),
+        default="channels_last",
+        help="the layout of the CNN's weights (default channels_last: the convolution runs on NHWC data, faster on "
+        "the CPU; contiguous = PyTorch's default NCHW). The same objective, in other last bits",
+    )
     job.add_argument("--checkpoint", metavar="PATH", help="write the run's state here (atomically) as it goes")
     job.add_argument("--resume", action="store_true", help="continue from --checkpoint if it exists")
     job.add_argument(
@@ -187,7 +194,7 @@ def main(argv: list[str] | None = None) -> int:
 
 def _mnist(args: argparse.Namespace, main_process: bool = True) -> int:
     from moller_scg import distributed
-    from moller_scg.mnist import train_mnist
+    from moller_scg.mnist import MEMORY_FORMATS, train_mnist
 
     if args.resume and not args.checkpoint:
         print("moller-scg mnist: --resume needs --checkpoint PATH", file=sys.stderr)
@@ -230,6 +237,7 @@ def _mnist(args: argparse.Namespace, main_process: bool = True) -> int:
             curvature_fraction=args.curvature_fraction,
             weight_decay=args.weight_decay,
             hvp_method="gauss-newton" if args.gauss_newton else "double-backward",
+            memory_format=MEMORY_FORMATS[args.memory_format],
             checkpoint=args.checkpoint,
             resume=args.resume,
             overwrite=args.overwrite,

@@ -64,6 +64,35 @@ def test_mnist_smoke_run_on_200_embedded_images(capsys, tmp_path):
     assert plot.read_bytes().startswith(b"\x89PNG")
 
 
+@pytest.mark.parametrize(
+    "flags, conv_weight_stride", [([], (25, 1, 5, 1)), (["--memory-format", "contiguous"], (25, 25, 5, 1))]
+)
+def test_the_cnn_is_laid_out_channels_last_unless_told_otherwise(flags, conv_weight_stride, monkeypatch, capsys):
+    from moller_scg import mnist
+
+    strides = []
+
+    def spy(params, **options):
+        params = list(params)
+        strides.append(params[0].stride())  # the convolution's weights, 32 × 1 × 5 × 5
+        return mnist_scg(params, **options)
+
+    mnist_scg = mnist.SCG
+    monkeypatch.setattr(mnist, "SCG", spy)
+    status = main(["mnist", "--max-train", "100", "--max-iter", "1", "--quiet", *flags])
+    assert status == 0, capsys.readouterr().out
+    assert strides == [conv_weight_stride]
+
+
+def test_a_memory_format_other_than_the_two_is_refused_by_name():
+    import torch
+
+    from moller_scg.mnist import train_mnist
+
+    with pytest.raises(ValueError, match="memory_format must be torch.channels_last or torch.contiguous_format"):
+        train_mnist(memory_format=torch.channels_last_3d, max_train=100, max_iter=1, progress=False)
+
+
 def test_mnist_with_subsampled_exact_curvature(capsys, tmp_path):
     write_tiny_mnist(tmp_path)
     arguments = ["mnist", "--data", str(tmp_path), "--max-iter", "4", "--quiet", "--batch-size", "16"]

@@ -1006,6 +1006,57 @@ def test_non_contiguous_parameter_optimizes_like_a_contiguous_one():
     assert_trajectories_equal(actual, expected, rtol=1e-12)
 
 
+def _small_cnn_run(memory_format: torch.memory_format, steps: int, **options):
+    """A float64 CNN (3 input channels, so that channels_last really reorders its weights), its SCG and closure."""
+    torch.manual_seed(0)
+    model = nn.Sequential(
+        nn.Conv2d(3, 4, 3), nn.Tanh(), nn.Conv2d(4, 2, 3), nn.Tanh(), nn.Flatten(), nn.Linear(2 * 4 * 4, 3)
+    ).double()
+    model = model.to(memory_format=memory_format)
+    images = torch.randn(24, 3, 8, 8, dtype=torch.float64)
+    labels = torch.randint(0, 3, (24,))
+    optimizer = SCG(model.parameters(), **options)
+    create_graph = optimizer.uses_exact_curvature
+
+    def closure():
+        optimizer.zero_grad()
+        loss = nn.functional.cross_entropy(model(images), labels)
+        loss.backward(create_graph=create_graph)
+        return loss
+
+    trajectory = []
+    for _ in range(steps):
+        optimizer.step(closure)
+        trajectory.append(flat(model.parameters()))
+    return model, optimizer, closure, trajectory
+
+
+@pytest.mark.parametrize(
+    "options", [{}, {"hvp": "finite-difference"}, {"memory": 4}, {"memory": 4, "diagonal_scaling": True}]
+)
+def test_channels_last_parameters_take_the_steps_of_contiguous_ones(options):
+    """A CNN laid out as ``torch.channels_last`` (the main job's) is the same w in another order in memory: SCG takes
+    the same steps (the convolutions' sums round differently), keeps the weights' layout, and resumes bit for bit."""
+    _, _, _, expected = _small_cnn_run(torch.contiguous_format, 12, **options)
+    model, optimizer, closure, actual = _small_cnn_run(torch.channels_last, 12, **options)
+    assert not model[0].weight.is_contiguous() and model[0].weight.is_contiguous(memory_format=torch.channels_last)
+    assert_trajectories_equal(actual, expected, rtol=1e-8)
+    assert float(closure()) < 0.5 * float(nn.functional.cross_entropy(torch.zeros(1, 3), torch.tensor([0])))
+
+    paused_model, paused_optimizer, _, _ = _small_cnn_run(torch.channels_last, 6, **options)
+    buffer = io.BytesIO()
+    torch.save({"model": paused_model.state_dict(), "optimizer": paused_optimizer.state_dict()}, buffer)
+    buffer.seek(0)
+    saved = torch.load(buffer, weights_only=True)
+    resumed_model, resumed_optimizer, resumed_closure, _ = _small_cnn_run(torch.channels_last, 0, **options)
+    resumed_model.load_state_dict(saved["model"])
+    resumed_optimizer.load_state_dict(saved["optimizer"])
+    assert resumed_model[0].weight.is_contiguous(memory_format=torch.channels_last)
+    for _ in range(6):
+        resumed_optimizer.step(resumed_closure)
+    assert torch.equal(flat(resumed_model.parameters()), actual[-1])
+
+
 def test_sparse_gradient_raises_type_error():
     embedding = nn.Embedding(5, 2, sparse=True).double()
     optimizer = SCG(embedding.parameters(), hvp="finite-difference")
