@@ -31,6 +31,10 @@ images and of a loss-only pass are measured against a gradient pass before the r
 medians of 3 interleaved rounds).
 Validation passes are not counted.
 
+Every row's CNN is laid out as the main job lays it out (``torch.channels_last`` since 2026-12-06; the runs saved
+before that date, and the README's full-MNIST table, used PyTorch's default layout, whose gradient passes took
+about 1.7× as long on the CPU: ``benchmarks/memory_format.py``).
+
 Writes ``blog_mnist.txt``, ``blog_mnist.json`` and ``blog_mnist.png`` (test accuracy against wall time) to
 ``--out`` (default ``benchmarks/results/``).
 
@@ -62,6 +66,7 @@ from common import RESULTS, command_line, environment  # noqa: E402
 
 from moller_scg import SCG, GradientAccumulator, History, fit  # noqa: E402
 from moller_scg.data import MnistSplits, load_mnist_idx  # noqa: E402
+from moller_scg.mnist import DEFAULT_MEMORY_FORMAT  # noqa: E402
 from moller_scg.models import MnistCNN  # noqa: E402
 from moller_scg.train import accuracy  # noqa: E402
 
@@ -147,6 +152,14 @@ def accuracy_curve(model: nn.Module, snapshots: Snapshots, test: tuple[torch.Ten
 # Pass costs
 
 
+def initial_model(seed: int) -> MnistCNN:
+    """The CNN at its initial weights for ``seed``, laid out as ``moller-scg mnist`` lays it out
+    (:data:`moller_scg.mnist.DEFAULT_MEMORY_FORMAT`, channels_last: faster passes on the CPU, the same objective), for
+    every row alike."""
+    torch.manual_seed(seed)
+    return MnistCNN().to(memory_format=DEFAULT_MEMORY_FORMAT)
+
+
 def pass_costs(train: tuple[torch.Tensor, torch.Tensor], seed: int) -> dict[str, float]:
     """Seconds of an HVP pass over 10 % of the images and of a loss-only pass, each as a ratio to a gradient pass.
 
@@ -156,8 +169,7 @@ def pass_costs(train: tuple[torch.Tensor, torch.Tensor], seed: int) -> dict[str,
     """
     count = min(len(train[1]), CALIBRATION_IMAGES)
     subset = (train[0][:count], train[1][:count])
-    torch.manual_seed(seed)
-    model = MnistCNN()
+    model = initial_model(seed)
     loss_fn = nn.CrossEntropyLoss()
     gradient_pass = GradientAccumulator(model, loss_fn, subset, batch_size=STREAM_BATCH_SIZE)
     curvature_pass = GradientAccumulator(
@@ -234,8 +246,7 @@ def run_full_batch(
     name: str, splits: MnistSplits, max_time: float, snapshots: Snapshots, costs: dict[str, float], seed: int
 ) -> tuple[dict[str, Any], nn.Module]:
     """One full-batch row, through ``fit`` as ``moller-scg mnist`` trains."""
-    torch.manual_seed(seed)
-    model = MnistCNN()
+    model = initial_model(seed)
     optimizer, curvature_fraction = full_batch_optimizer(name, model)
     snapshots.take(0.0, model)
 
@@ -280,8 +291,7 @@ def run_full_batch(
 
 def run_adam(splits: MnistSplits, max_time: float, snapshots: Snapshots, seed: int) -> tuple[dict[str, Any], nn.Module]:
     """Minibatch Adam over reshuffled epochs until the time budget runs out (its clock: its steps only)."""
-    torch.manual_seed(seed)
-    model = MnistCNN()
+    model = initial_model(seed)
     optimizer = torch.optim.Adam(model.parameters(), lr=ADAM_LEARNING_RATE)
     loss_fn = nn.CrossEntropyLoss()
     images, labels = splits.train
