@@ -31,9 +31,10 @@ images and of a loss-only pass are measured against a gradient pass before the r
 medians of 3 interleaved rounds).
 Validation passes are not counted.
 
-Every row's CNN is laid out as the main job lays it out (``torch.channels_last`` since 2026-12-06; the runs saved
-before that date, and the README's full-MNIST table, used PyTorch's default layout, whose gradient passes took
-about 1.7× as long on the CPU: ``benchmarks/memory_format.py``).
+Every row's CNN is laid out as ``--memory-format`` says, by default as the main job lays it out (``channels_last``
+since 2026-12-06). The runs saved before that date, and the README's full-MNIST table, used PyTorch's default layout
+(``--memory-format contiguous``), whose gradient passes took about 1.7× as long on the 4,000 embedded digits
+(``benchmarks/memory_format.py``).
 
 Writes ``blog_mnist.txt``, ``blog_mnist.json`` and ``blog_mnist.png`` (test accuracy against wall time) to
 ``--out`` (default ``benchmarks/results/``).
@@ -66,7 +67,7 @@ from common import RESULTS, command_line, environment  # noqa: E402
 
 from moller_scg import SCG, GradientAccumulator, History, fit  # noqa: E402
 from moller_scg.data import MnistSplits, load_mnist_idx  # noqa: E402
-from moller_scg.mnist import DEFAULT_MEMORY_FORMAT  # noqa: E402
+from moller_scg.mnist import MEMORY_FORMATS  # noqa: E402
 from moller_scg.models import MnistCNN  # noqa: E402
 from moller_scg.train import accuracy  # noqa: E402
 
@@ -152,15 +153,17 @@ def accuracy_curve(model: nn.Module, snapshots: Snapshots, test: tuple[torch.Ten
 # Pass costs
 
 
-def initial_model(seed: int) -> MnistCNN:
-    """The CNN at its initial weights for ``seed``, laid out as ``moller-scg mnist`` lays it out
-    (:data:`moller_scg.mnist.DEFAULT_MEMORY_FORMAT`, channels_last: faster passes on the CPU, the same objective), for
-    every row alike."""
+def initial_model(seed: int, memory_format: torch.memory_format) -> MnistCNN:
+    """The CNN at its initial weights for ``seed``, its weights laid out as ``memory_format`` (``--memory-format``;
+    by default as ``moller-scg mnist`` lays them out, channels_last: faster passes on the CPU, the same objective),
+    for every row alike."""
     torch.manual_seed(seed)
-    return MnistCNN().to(memory_format=DEFAULT_MEMORY_FORMAT)
+    return MnistCNN().to(memory_format=memory_format)
 
 
-def pass_costs(train: tuple[torch.Tensor, torch.Tensor], seed: int) -> dict[str, float]:
+def pass_costs(
+    train: tuple[torch.Tensor, torch.Tensor], seed: int, memory_format: torch.memory_format
+) -> dict[str, float]:
     """Seconds of an HVP pass over 10 % of the images and of a loss-only pass, each as a ratio to a gradient pass.
 
     Medians of :data:`CALIBRATION_ROUNDS` interleaved rounds (gradient, HVP, loss) after one warm-up gradient pass,
@@ -169,7 +172,7 @@ def pass_costs(train: tuple[torch.Tensor, torch.Tensor], seed: int) -> dict[str,
     """
     count = min(len(train[1]), CALIBRATION_IMAGES)
     subset = (train[0][:count], train[1][:count])
-    model = initial_model(seed)
+    model = initial_model(seed, memory_format)
     loss_fn = nn.CrossEntropyLoss()
     gradient_pass = GradientAccumulator(model, loss_fn, subset, batch_size=STREAM_BATCH_SIZE)
     curvature_pass = GradientAccumulator(
@@ -243,10 +246,16 @@ def _evaluation_counts(optimizer: torch.optim.Optimizer, history: History) -> di
 
 
 def run_full_batch(
-    name: str, splits: MnistSplits, max_time: float, snapshots: Snapshots, costs: dict[str, float], seed: int
+    name: str,
+    splits: MnistSplits,
+    max_time: float,
+    snapshots: Snapshots,
+    costs: dict[str, float],
+    seed: int,
+    memory_format: torch.memory_format,
 ) -> tuple[dict[str, Any], nn.Module]:
     """One full-batch row, through ``fit`` as ``moller-scg mnist`` trains."""
-    model = initial_model(seed)
+    model = initial_model(seed, memory_format)
     optimizer, curvature_fraction = full_batch_optimizer(name, model)
     snapshots.take(0.0, model)
 
@@ -289,9 +298,11 @@ def run_full_batch(
     return row, model
 
 
-def run_adam(splits: MnistSplits, max_time: float, snapshots: Snapshots, seed: int) -> tuple[dict[str, Any], nn.Module]:
+def run_adam(
+    splits: MnistSplits, max_time: float, snapshots: Snapshots, seed: int, memory_format: torch.memory_format
+) -> tuple[dict[str, Any], nn.Module]:
     """Minibatch Adam over reshuffled epochs until the time budget runs out (its clock: its steps only)."""
-    model = initial_model(seed)
+    model = initial_model(seed, memory_format)
     optimizer = torch.optim.Adam(model.parameters(), lr=ADAM_LEARNING_RATE)
     loss_fn = nn.CrossEntropyLoss()
     images, labels = splits.train
@@ -323,14 +334,22 @@ def run_adam(splits: MnistSplits, max_time: float, snapshots: Snapshots, seed: i
     return row, model
 
 
-def run(name: str, splits: MnistSplits, max_time: float, points: int, costs: dict[str, float], seed: int) -> RunResult:
+def run(
+    name: str,
+    splits: MnistSplits,
+    max_time: float,
+    points: int,
+    costs: dict[str, float],
+    seed: int,
+    memory_format: torch.memory_format,
+) -> RunResult:
     """Train one optimizer for ``max_time`` seconds, then evaluate its snapshots on the test images."""
     snapshots = Snapshots(every=max_time / points)
     load_before, started = os.getloadavg(), datetime.datetime.now().isoformat(timespec="seconds")
     if name == "Adam":
-        row, model = run_adam(splits, max_time, snapshots, seed)
+        row, model = run_adam(splits, max_time, snapshots, seed, memory_format)
     else:
-        row, model = run_full_batch(name, splits, max_time, snapshots, costs, seed)
+        row, model = run_full_batch(name, splits, max_time, snapshots, costs, seed, memory_format)
     load_after = os.getloadavg()
     curve = accuracy_curve(model, snapshots, splits.test)
     return RunResult(
@@ -410,7 +429,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--threads", type=int, default=2, help="torch threads")
     parser.add_argument("--snapshots", type=int, default=30, help="test-accuracy points per run")
     parser.add_argument("--seed", type=int, default=0, help="initial weights (and Adam's shuffling)")
+    parser.add_argument(
+        "--memory-format",
+        choices=list(MEMORY_FORMATS),
+        default="channels_last",
+        help="every row's CNN layout, as moller-scg mnist's (runs saved before 2026-12-06 used contiguous)",
+    )
     args = parser.parse_args(argv)
+    memory_format = MEMORY_FORMATS[args.memory_format]
     _check_arguments(args, parser.error)
 
     torch.set_num_threads(args.threads)
@@ -420,11 +446,11 @@ def main(argv: list[str] | None = None) -> int:
             splits, train=(splits.train[0][: args.max_train], splits.train[1][: args.max_train])
         )
     sizes = {name: len(part[1]) for name, part in dataclasses.asdict(splits).items() if part is not None}
-    costs = pass_costs(splits.train, args.seed)
+    costs = pass_costs(splits.train, args.seed, memory_format)
     print(f"splits {sizes}; pass costs {costs}", flush=True)
     results = []
     for name in args.optimizers:
-        result = run(name, splits, args.max_time, args.snapshots, costs, args.seed)
+        result = run(name, splits, args.max_time, args.snapshots, costs, args.seed, memory_format)
         print(f"{name}: {result.test_accuracy:.2%} after {result.wall_time:.0f} s", flush=True)
         results.append(result)
 
@@ -433,7 +459,7 @@ def main(argv: list[str] | None = None) -> int:
         "# The blog's CNN on full MNIST: each optimizer with the same time budget (issue #17)",
         f"command: {env['command']}",
         f"date {datetime.datetime.now().isoformat(timespec='minutes')}, torch {env['torch']}, {env['threads']} "
-        f"threads, {env['cpu_count']} CPUs, load average "
+        f"threads, {env['cpu_count']} CPUs, the CNN laid out {args.memory_format}, load average "
         + ", ".join(f"{r.name} {r.load_average_before[0]:.2f}→{r.load_average_after[0]:.2f}" for r in results),
         f"splits {sizes}; budget {args.max_time:.0f} s per optimizer; pass costs (× a gradient pass): HVP over "
         f"{CURVATURE_FRACTION:.0%} {costs['hvp_subsampled']:.2f}, loss-only {costs['loss']:.2f}",

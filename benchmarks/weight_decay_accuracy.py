@@ -23,7 +23,7 @@ import sys
 import torch
 from common import environment
 
-from moller_scg.mnist import DEFAULT_MAX_ITER, DEFAULT_MEMORY, train_mnist
+from moller_scg.mnist import DEFAULT_MAX_ITER, DEFAULT_MEMORY, MEMORY_FORMATS, train_mnist
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -35,6 +35,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--gauss-newton", action="store_true", help="with --memory 0: Gauss–Newton curvature products")
     parser.add_argument("--max-iter", type=int, default=DEFAULT_MAX_ITER)
     parser.add_argument("--max-train", type=int, help="train on the first samples only (for a quick check)")
+    parser.add_argument(
+        "--memory-format",
+        choices=list(MEMORY_FORMATS),
+        default="channels_last",
+        help="the CNN's layout, as moller-scg mnist's (runs saved before 2026-12-06 used contiguous)",
+    )
     args = parser.parse_args(argv)
     arguments = sys.argv[1:] if argv is None else argv
     env = environment(" ".join(["python benchmarks/weight_decay_accuracy.py", *arguments]))
@@ -43,7 +49,8 @@ def main(argv: list[str] | None = None) -> int:
         mode += ", Gauss–Newton curvature products"
     print(f"command: {env['command']}")
     print(
-        f"test accuracy of moller-scg mnist's CNN, {mode}, {args.max_iter} iterations; torch {env['torch']}, "
+        f"test accuracy of moller-scg mnist's CNN ({args.memory_format}), {mode}, {args.max_iter} iterations; "
+        f"torch {env['torch']}, "
         f"{torch.get_num_threads()} thread(s), CPU {env['cpu_capability']}, {env['date']}"
     )
     for weight_decay in args.weight_decays:
@@ -58,6 +65,7 @@ def main(argv: list[str] | None = None) -> int:
                 max_train=args.max_train,
                 progress=False,
                 hvp_method="gauss-newton" if args.gauss_newton else "double-backward",
+                memory_format=MEMORY_FORMATS[args.memory_format],
             )
             cells.append(
                 f"seed {seed}: {100 * result.test_accuracy:.1f} % (E {result.train_loss:.2e}; "

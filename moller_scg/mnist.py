@@ -40,7 +40,8 @@ DEFAULT_WEIGHT_DECAY = 3e-4
 Without it the CNN drives the cross-entropy on the 4,000 embedded digits towards 0 (10⁻⁹ in 60 iterations), an
 objective with no finite minimiser, and the test accuracy it ends at moved with the seed and with the CPU's float
 rounding (94.5–95.7 % on seeds 0–2). With ν = 3·10⁻⁴ it was 96.3–96.8 % there after 60 iterations, and with
-ν = 10⁻³ 96.0–96.6 %: ``python benchmarks/weight_decay_accuracy.py``."""
+ν = 10⁻³ 96.0–96.6 % (``python benchmarks/weight_decay_accuracy.py``, in PyTorch's default layout, before
+:data:`DEFAULT_MEMORY_FORMAT`); with ν = 3·10⁻⁴ in channels_last, 96.4–96.7 %."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -156,7 +157,10 @@ def train_mnist(
             sums, not the objective.
     """
     if memory_format not in MEMORY_FORMATS.values():
-        raise ValueError(f"memory_format must be torch.channels_last or torch.contiguous_format, not {memory_format}")
+        raise ValueError(
+            f"memory_format must be torch.channels_last or torch.contiguous_format (a torch.memory_format; the "
+            f"command line's names are {', '.join(MEMORY_FORMATS)}), not {memory_format!r}"
+        )
     if hvp is None:
         hvp = "secant" if memory > 0 else "double-backward"
     if curvature_fraction is None:

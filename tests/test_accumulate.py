@@ -6,6 +6,7 @@ its gradient and its Hessian-vector product by double-backward.
 
 from __future__ import annotations
 
+import copy
 import doctest
 import logging
 import math
@@ -234,6 +235,28 @@ def test_complex_parameters_get_the_exact_gradient_and_hvp():
     acc = GradientAccumulator(model, loss_fn, (inputs, targets), batch_size=7)
     assert_matches_full_batch(acc, model, loss_fn, inputs, targets)
     assert model.weight.grad.dtype == torch.complex128
+
+
+@pytest.mark.parametrize("hvp_method", ["double-backward", "gauss-newton"])
+def test_a_channels_last_cnn_gets_the_loss_gradient_and_curvature_of_the_contiguous_one(hvp_method):
+    """The main job lays its CNN out as channels_last: the same E, E' and E''v (or G v) in other last bits."""
+    torch.manual_seed(0)
+    cnn = nn.Sequential(nn.Conv2d(3, 4, 3), nn.Tanh(), nn.MaxPool2d(2), nn.Flatten(), nn.Linear(4 * 3 * 3, 3)).double()
+    images, labels = torch.randn(20, 3, 8, 8, dtype=torch.float64), torch.randint(0, 3, (20,))
+    vectors = [torch.randn_like(p) for p in cnn.parameters()]
+    results = []
+    for memory_format in (torch.contiguous_format, torch.channels_last):
+        model = copy.deepcopy(cnn).to(memory_format=memory_format)
+        acc = GradientAccumulator(model, nn.CrossEntropyLoss(), (images, labels), batch_size=6, hvp_method=hvp_method)
+        loss = acc()
+        gradients = [p.grad.clone() for p in model.parameters()]
+        results.append((loss, gradients, acc.hvp(vectors)))
+    assert not model[0].weight.is_contiguous()  # the channels_last model really is laid out otherwise
+    (loss, gradients, products), (cl_loss, cl_gradients, cl_products) = results
+    torch.testing.assert_close(cl_loss, loss, rtol=1e-12, atol=0.0)
+    for expected, actual in zip(gradients + products, cl_gradients + cl_products):
+        torch.testing.assert_close(actual, expected, rtol=1e-10, atol=1e-13)
+    assert max(float(p.abs().max()) for p in products) > 1e-3  # products that could differ
 
 
 def test_sums_do_not_drift_with_the_number_of_batches_in_float32():

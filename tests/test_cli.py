@@ -84,13 +84,20 @@ def test_the_cnn_is_laid_out_channels_last_unless_told_otherwise(flags, conv_wei
     assert strides == [conv_weight_stride]
 
 
-def test_a_memory_format_other_than_the_two_is_refused_by_name():
+@pytest.mark.parametrize(
+    "memory_format, shown", [("channels_last_3d", "torch.channels_last_3d"), (None, "'channels_last'")]
+)
+def test_a_memory_format_other_than_the_two_is_refused_by_name(memory_format, shown):
     import torch
 
     from moller_scg.mnist import train_mnist
 
-    with pytest.raises(ValueError, match="memory_format must be torch.channels_last or torch.contiguous_format"):
-        train_mnist(memory_format=torch.channels_last_3d, max_train=100, max_iter=1, progress=False)
+    given = getattr(torch, memory_format) if memory_format else "channels_last"  # a name is not a torch.memory_format
+    with pytest.raises(
+        ValueError, match="memory_format must be torch.channels_last or torch.contiguous_format"
+    ) as error:
+        train_mnist(memory_format=given, max_train=100, max_iter=1, progress=False)
+    assert str(error.value).endswith(f"not {shown}")
 
 
 def test_mnist_with_subsampled_exact_curvature(capsys, tmp_path):
@@ -119,11 +126,13 @@ def test_mnist_on_tiny_idx_files(capsys, tmp_path, gz):
     assert "(50 images)" in output and "(20 images)" in output  # 60 train → 50 train + 10 validation
 
 
-def test_mnist_checkpoint_and_resume(capsys, tmp_path):
+@pytest.mark.parametrize("first_layout", ["channels_last", "contiguous"])
+def test_mnist_checkpoint_and_resume(first_layout, capsys, tmp_path):
+    """A run resumes from its checkpoint, also one written in the other layout (before the main job's channels_last)."""
     write_tiny_mnist(tmp_path)
     checkpoint = tmp_path / "run.pt"
     arguments = ["mnist", "--data", str(tmp_path), "--quiet", "--batch-size", "32", "--checkpoint", str(checkpoint)]
-    assert main([*arguments, "--max-iter", "2"]) == 0
+    assert main([*arguments, "--max-iter", "2", "--memory-format", first_layout]) == 0
     assert main([*arguments, "--max-iter", "4", "--resume"]) == 0
     output = capsys.readouterr().out
     assert "iterations     4" in output

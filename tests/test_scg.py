@@ -1056,6 +1056,15 @@ def test_channels_last_parameters_take_the_steps_of_contiguous_ones(options):
         resumed_optimizer.step(resumed_closure)
     assert torch.equal(flat(resumed_model.parameters()), actual[-1])
 
+    # A state saved in the default layout (a checkpoint of the main job before it was channels_last) goes on there.
+    contiguous_model, contiguous_optimizer, _, _ = _small_cnn_run(torch.contiguous_format, 6, **options)
+    moved_model, moved_optimizer, moved_closure, _ = _small_cnn_run(torch.channels_last, 0, **options)
+    moved_model.load_state_dict(contiguous_model.state_dict())
+    moved_optimizer.load_state_dict(contiguous_optimizer.state_dict())
+    for _ in range(6):
+        moved_optimizer.step(moved_closure)
+    assert_trajectories_equal([flat(moved_model.parameters())], [expected[-1]], rtol=1e-8)
+
 
 def test_sparse_gradient_raises_type_error():
     embedding = nn.Embedding(5, 2, sparse=True).double()
