@@ -41,6 +41,7 @@ from unittest import mock
 
 import torch
 from common import environment
+from peers_problems import TanhThenPoolCNN
 from torch import nn
 
 from moller_scg import GradientAccumulator, mnist
@@ -87,17 +88,6 @@ def seconds(one_pass: Callable[[], Any]) -> float:
     started = time.perf_counter()
     one_pass()
     return time.perf_counter() - started
-
-
-class TanhThenPoolCNN(MnistCNN):
-    """:class:`~moller_scg.models.MnistCNN` as it was before 2026-12-06: tanh on every output of the convolution, then
-    max-pooling (the blog's order; the same function as pooling first)."""
-
-    def forward(self, images: torch.Tensor) -> torch.Tensor:
-        x = images.reshape(-1, 1, 28, 28)
-        x = torch.max_pool2d(torch.tanh(self.conv(x)), 2)
-        x = torch.tanh(self.hidden(x.flatten(1)))
-        return self.output(x)
 
 
 ROWS = {

@@ -29,8 +29,8 @@ DEFAULT_CURVATURE_FRACTION = 0.1
 """With ``memory=0`` and exact curvature: each HVP over a rotating 10 % of the training images."""
 DEFAULT_MEMORY_FORMAT = torch.channels_last
 """How the CNN's weights are laid out: ``torch.channels_last`` makes the convolution and the pooling run on NHWC data.
-Against PyTorch's default layout (``torch.contiguous_format``, NCHW) a gradient pass took 0.60× the time and the main
-job 0.60–0.68× on 2 CPU cores (AVX2): the same objective, in other last bits (``python benchmarks/memory_format.py``,
+Against PyTorch's default layout (``torch.contiguous_format``, NCHW) a gradient pass took 0.61× the time and the main
+job 0.64–0.65× on 2 CPU cores (AVX2): the same objective, in other last bits (``python benchmarks/mnist_cnn_passes.py``,
 docs/performance.md, lever 58). Not measured on a GPU."""
 MEMORY_FORMATS = {"channels_last": torch.channels_last, "contiguous": torch.contiguous_format}
 """The layouts :func:`train_mnist` takes, by the names ``moller-scg mnist --memory-format`` gives them."""
@@ -41,7 +41,7 @@ Without it the CNN drives the cross-entropy on the 4,000 embedded digits towards
 objective with no finite minimiser, and the test accuracy it ends at moved with the seed and with the CPU's float
 rounding (94.5–95.7 % on seeds 0–2). With ν = 3·10⁻⁴ it was 96.3–96.8 % there after 60 iterations, and with
 ν = 10⁻³ 96.0–96.6 % (``python benchmarks/weight_decay_accuracy.py``, in PyTorch's default layout, before
-:data:`DEFAULT_MEMORY_FORMAT`); with ν = 3·10⁻⁴ in channels_last, 96.4–96.7 %."""
+:data:`DEFAULT_MEMORY_FORMAT`); with ν = 3·10⁻⁴ in channels_last, and the CNN pooling before its tanh, 96.1–96.7 %."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -144,8 +144,9 @@ def train_mnist(
         progress: show the progress bar.
         curvature_fraction: with ``hvp="double-backward"``, take each Hessian-vector product over this share of the
             training images (a rotating subset; loss and gradient stay exact; see :func:`moller_scg.fit`). Default
-            :data:`DEFAULT_CURVATURE_FRACTION` with exact curvature: a step then costs about 1.2 gradient passes
-            where finite differences cost 2 (``benchmarks/peers.py``); unused otherwise.
+            :data:`DEFAULT_CURVATURE_FRACTION` with exact curvature: a step then costs about 1.4 gradient passes
+            where finite differences cost 2 (the product over 10 % took 0.37 of a gradient pass in the main job's
+            layout, ``python benchmarks/mnist_cnn_passes.py``); unused otherwise.
         weight_decay: ν: the training objective is the cross-entropy + (ν/2)|w|² (``fit``'s ``weight_decay``);
             default :data:`DEFAULT_WEIGHT_DECAY`; 0 for the cross-entropy alone. The reported train loss is this
             objective; the validation loss of full MNIST is the cross-entropy alone.

@@ -13,8 +13,10 @@ class MnistCNN(nn.Module):
     linear 10 (logits for ``nn.CrossEntropyLoss``). The blog does not give the kernel size; 5×5 is our choice.
 
     :meth:`forward` pools before the first tanh: tanh is increasing, so the maximum of the tanh of four numbers is the
-    tanh of their maximum, and the network is the same function (and gradient; bit for bit in the tests) with a
-    quarter of the tanh evaluations, which took a third of a forward pass on the CPU (docs/performance.md, lever 59).
+    tanh of their maximum. The network is the same function with a quarter of the tanh evaluations; its gradient is
+    the same but for float rounding and for which of two numbers with equal tanh the pooling picks. A gradient pass
+    over the embedded digits took 0.84× the time (``python benchmarks/mnist_cnn_passes.py``, docs/performance.md,
+    lever 58).
     """
 
     def __init__(self, filters: int = 32, kernel_size: int = 5, hidden: int = 100, classes: int = 10) -> None:
