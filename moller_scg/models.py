@@ -9,14 +9,14 @@ from torch import nn
 class MnistCNN(nn.Module):
     """The blog's MNIST network: one convolution of 32 filters, max-pooling by 2, 100 tanh units, a linear output.
 
-    Layout: 1×28×28 → conv 5×5, 32 filters, tanh → max-pool 2 → 32×12×12 → fully connected 100, tanh →
-    linear 10 (logits for ``nn.CrossEntropyLoss``). The blog does not give the kernel size; 5×5 is our choice.
+    Layout (the blog's order): 1×28×28 → conv 5×5, 32 filters, tanh → max-pool 2 → 32×12×12 → fully connected 100,
+    tanh → linear 10 (logits for ``nn.CrossEntropyLoss``). The blog does not give the kernel size; 5×5 is our choice.
 
     :meth:`forward` pools before the first tanh: tanh is increasing, so the maximum of the tanh of four numbers is the
     tanh of their maximum. The network is the same function with a quarter of the tanh evaluations; its gradient is
     the same but for float rounding and for which of two numbers with equal tanh the pooling picks. A gradient pass
-    over the embedded digits took 0.84× the time (``python benchmarks/mnist_cnn_passes.py``, docs/performance.md,
-    lever 58).
+    over the embedded digits, in channels_last, took 0.84× the time (``python benchmarks/mnist_cnn_passes.py``,
+    docs/performance.md, lever 58).
     """
 
     def __init__(self, filters: int = 32, kernel_size: int = 5, hidden: int = 100, classes: int = 10) -> None:
