@@ -117,10 +117,12 @@ def time_passes(rounds: int, with_compile: bool, max_train: int | None = None) -
         compiling = seconds(compiled_pass)
         lines.append(f"torch.compile of today's model: first gradient pass (compiling) {compiling:.1f} s")
         rows["the same, torch.compile"] = {"gradient": compiled_pass}
-    first_losses = {name: float(passes["gradient"]()) for name, passes in rows.items()}  # and a warm-up
-    for passes in rows.values():
-        for one_pass in passes.values():
-            one_pass()  # warm-up
+    first_losses = {}
+    for row, passes in rows.items():
+        for kind, one_pass in passes.items():  # one warm-up of each pass; the gradient pass's loss is reported
+            result = one_pass()
+            if kind == "gradient":
+                first_losses[row] = float(result)
     measured: dict[str, dict[str, list[float]]] = {row: {kind: [] for kind in passes} for row, passes in rows.items()}
     for _ in range(rounds):
         for kind in PASSES:
