@@ -29,9 +29,9 @@ DEFAULT_CURVATURE_FRACTION = 0.1
 """With ``memory=0`` and exact curvature: each HVP over a rotating 10 % of the training images."""
 DEFAULT_MEMORY_FORMAT = torch.channels_last
 """How the CNN's weights are laid out: ``torch.channels_last`` makes the convolution and the pooling run on NHWC data.
-Against PyTorch's default layout (``torch.contiguous_format``, NCHW) a gradient pass took 0.61× the time and the main
-job 0.64–0.65× on 2 CPU cores (AVX2): the same objective, in other last bits (``python benchmarks/mnist_cnn_passes.py``,
-docs/performance.md, lever 58). Not measured on a GPU."""
+Against PyTorch's default layout (``torch.contiguous_format``, NCHW) a gradient pass took 0.61–0.67× the time and
+the main job 0.64–0.71× on 2 CPU cores (AVX2, two runs): the same objective, in other last bits (``python
+benchmarks/mnist_cnn_passes.py``, docs/performance.md, lever 58). Not measured on a GPU."""
 MEMORY_FORMATS = {"channels_last": torch.channels_last, "contiguous": torch.contiguous_format}
 """The layouts :func:`train_mnist` takes, by the names ``moller-scg mnist --memory-format`` gives them."""
 DEFAULT_WEIGHT_DECAY = 3e-4

@@ -15,7 +15,7 @@ class MnistCNN(nn.Module):
     :meth:`forward` pools before the first tanh: tanh is increasing, so the maximum of the tanh of four numbers is the
     tanh of their maximum. The network is the same function with a quarter of the tanh evaluations; its gradient is
     the same but for float rounding and for which of two numbers with equal tanh the pooling picks. A gradient pass
-    over the embedded digits, in channels_last, took 0.84× the time (``python benchmarks/mnist_cnn_passes.py``,
+    over the embedded digits, in channels_last, took 0.72–0.84× the time (``python benchmarks/mnist_cnn_passes.py``,
     docs/performance.md, lever 58).
     """
 
