@@ -1,15 +1,18 @@
 """The MNIST CNN's passes, as the main job runs them today and as it ran them before, side by side.
 
-Two changes of 2026-12-06 make the main job's passes faster on the CPU without changing what they compute:
+Three changes of 2026-12-06 make the main job's passes faster on the CPU without changing what they compute:
 
 * ``moller-scg mnist`` lays the CNN's weights out as ``torch.channels_last``
   (:data:`moller_scg.mnist.DEFAULT_MEMORY_FORMAT`): the convolution and max-pooling then run on NHWC data, which
   oneDNN's CPU kernels take faster than NCHW. The objective is the same; its float32 sums round differently.
 * :class:`moller_scg.models.MnistCNN` max-pools before its first tanh, not after: tanh is increasing, so the two
-  orders are the same function, and pooling first leaves a quarter of the numbers to take the tanh of.
+  orders are the same function, and pooling first leaves a quarter of the numbers to take the tanh of (lever 58).
+* :class:`moller_scg.models.MnistCNN` hands the gradient of its pooled activations back in channels_last: ``flatten``
+  brings it back NCHW, which max-pooling's CPU backward converted at a cost (lever 59; the same bits).
 
 This script times the CNN in PyTorch's default layout with the old order (the main job before), in channels_last with
-the old order, and in channels_last with today's order (the main job now), on the 4,000 embedded training digits
+the old order, in channels_last with today's order but the gradient left NCHW (:class:`NchwGradientCNN`, the main job
+after lever 58), and today's CNN (the main job now), on the 4,000 embedded training digits
 streamed in minibatches of 128 as the main job streams them, in rounds that alternate the rows (so that the
 machine's load falls on all alike):
 
@@ -90,12 +93,25 @@ def seconds(one_pass: Callable[[], Any]) -> float:
     return time.perf_counter() - started
 
 
+class NchwGradientCNN(MnistCNN):
+    """Today's CNN as lever 58 left it: its pooled activations' gradient comes back through ``flatten`` in the default
+    (NCHW) layout, which max-pooling's CPU backward converts (``MnistCNN`` hands it back in channels_last: lever 59)."""
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        x = torch.tanh(torch.max_pool2d(self.conv(images.reshape(-1, 1, 28, 28)), 2))
+        return self.output(torch.tanh(self.hidden(x.flatten(1))))
+
+
 ROWS = {
     "NCHW, tanh then pool (before)": (TanhThenPoolCNN, torch.contiguous_format),
     "channels_last, tanh then pool": (TanhThenPoolCNN, torch.channels_last),
-    "channels_last, pool then tanh (now)": (MnistCNN, torch.channels_last),
+    "channels_last, pool then tanh": (NchwGradientCNN, torch.channels_last),
+    "the same, NHWC gradient (now)": (MnistCNN, torch.channels_last),
 }
-"""The models timed: the main job's CNN before 2026-12-06, with the new layout alone, and today's."""
+"""The models timed: the main job's CNN before 2026-12-06, with the new layout alone, with pooling first (lever 58),
+and today's (lever 59: the gradient handed back in channels_last)."""
+NOW = "the same, NHWC gradient (now)"
+"""The row of today's CNN."""
 
 
 def time_passes(rounds: int, with_compile: bool, max_train: int | None = None) -> list[str]:
@@ -112,7 +128,7 @@ def time_passes(rounds: int, with_compile: bool, max_train: int | None = None) -
     rows = {name: passes_of(model, train) for name, model in models.items()}
     lines = []
     if with_compile:
-        compiled = torch.compile(copy.deepcopy(models["channels_last, pool then tanh (now)"]))
+        compiled = torch.compile(copy.deepcopy(models[NOW]))
         compiled_pass = GradientAccumulator(compiled, nn.CrossEntropyLoss(), train, batch_size=DEFAULT_BATCH_SIZE)
         compiling = seconds(compiled_pass)
         lines.append(f"torch.compile of today's model: first gradient pass (compiling) {compiling:.1f} s")
@@ -150,8 +166,8 @@ def time_passes(rounds: int, with_compile: bool, max_train: int | None = None) -
 
 def time_main_job(repetitions: int, max_iter: int = DEFAULT_MAX_ITER, max_train: int | None = None) -> list[str]:
     """``train_mnist`` with its defaults (but ``max_iter`` and ``max_train``) for each row of :data:`ROWS`,
-    alternated ``repetitions`` times: its ``memory_format``, and the rows of the old order with
-    ``moller_scg.mnist.MnistCNN`` replaced by :class:`TanhThenPoolCNN` for the run."""
+    alternated ``repetitions`` times: its ``memory_format``, and ``moller_scg.mnist.MnistCNN`` replaced by the row's
+    model for the run."""
     images = "the 4,000" if max_train is None else f"{max_train:,}"
     lines = [
         f"the main job (train_mnist, its defaults: SCG(memory=20); {max_iter} iterations on {images} embedded training "

@@ -17,6 +17,14 @@ class MnistCNN(nn.Module):
     the same but for float rounding and for which of two numbers with equal tanh the pooling picks. A gradient pass
     over the embedded digits, in channels_last, took 0.72–0.84× the time (``python benchmarks/mnist_cnn_passes.py``,
     docs/performance.md, lever 58).
+
+    In channels_last, :meth:`forward` also hands the gradient of the pooled activations back in channels_last. Their
+    ``flatten`` for the hidden layer copies them into the default (NCHW) order, so the gradient autograd brings back
+    through it is NCHW. The CPU's max-pooling backward, given an NHWC input and an NCHW gradient, spent more time
+    converting between the two layouts than pooling (two copies of the 128 × 32 × 24 × 24 gradient a batch, in a
+    profile). A tensor hook (:func:`_gradient_as_channels_last`) lays the gradient out as the activations are, one
+    copy of the smaller 12 × 12 maps: the same numbers bit for bit, in 0.78–0.95× a gradient pass's time (two runs
+    of ``python benchmarks/mnist_cnn_passes.py``, docs/performance.md, lever 59).
     """
 
     def __init__(self, filters: int = 32, kernel_size: int = 5, hidden: int = 100, classes: int = 10) -> None:
@@ -30,5 +38,12 @@ class MnistCNN(nn.Module):
         """Logits for a batch of images shaped (B, 1, 28, 28) or (B, 784)."""
         x = images.reshape(-1, 1, 28, 28)
         x = torch.tanh(torch.max_pool2d(self.conv(x), 2))  # = max_pool2d(tanh(conv(x)), 2): tanh is increasing
+        if x.requires_grad and not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last):
+            x.register_hook(_gradient_as_channels_last)  # flatten's gradient comes back NCHW (class docstring)
         x = torch.tanh(self.hidden(x.flatten(1)))
         return self.output(x)
+
+
+def _gradient_as_channels_last(gradient: torch.Tensor) -> torch.Tensor:
+    """The gradient of :class:`MnistCNN`'s pooled activations laid out as they are, channels_last (the same numbers)."""
+    return gradient.contiguous(memory_format=torch.channels_last)

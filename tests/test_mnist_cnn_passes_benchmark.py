@@ -32,13 +32,15 @@ def test_it_times_every_pass_of_every_row_and_runs_the_main_job_in_each_layout(m
     arguments = ["--rounds", "1", "--max-train", "100", "--main-job", "1", "--max-iter", "2", "--out", str(out)]
     assert benchmark.main(arguments) == 0
 
-    # The rows: the old order in both layouts (the weights 32 × 1 × 5 × 5), then today's CNN in channels_last.
+    # The rows: the old order in both layouts (the weights 32 × 1 × 5 × 5), then pooling first in channels_last with
+    # the gradient left NCHW (lever 58), then today's CNN.
     nchw, nhwc = (25, 25, 5, 1), (25, 1, 5, 1)
-    old_order = benchmark.TanhThenPoolCNN
-    assert models_timed == [(old_order, nchw), (old_order, nhwc), (MnistCNN, nhwc)]
+    old_order, lever_58 = benchmark.TanhThenPoolCNN, benchmark.NchwGradientCNN
+    assert models_timed == [(old_order, nchw), (old_order, nhwc), (lever_58, nhwc), (MnistCNN, nhwc)]
     assert main_job_layouts == [
         (old_order, torch.contiguous_format),
         (old_order, torch.channels_last),
+        (lever_58, torch.channels_last),
         (MnistCNN, torch.channels_last),
     ]
     printed = capsys.readouterr().out
@@ -61,7 +63,10 @@ def test_it_times_every_pass_of_every_row_and_runs_the_main_job_in_each_layout(m
             assert lowest - 0.005 <= float(ratio) <= highest + 0.005, row
     # Pooling before the tanh is the same function: the same loss but for float32 rounding.
     assert all(abs(float(loss) - float(losses[0])) < 1e-5 for loss in losses)
+    # The gradient handed back in channels_last changes no number: the same loss, and the same main job.
+    assert losses[2] == losses[3]
     runs = [line for line in lines if " run 1: " in line]
     assert [run.split(" run 1: ")[0].strip() for run in runs] == list(benchmark.ROWS)
     assert all("3 closure calls" in run and "test accuracy" in run for run in runs)
-    assert [line.split(" ÷ ")[0].strip() for line in lines[-2:]] == list(benchmark.ROWS)[1:]
+    assert runs[2].split(" s, ")[1] == runs[3].split(" s, ")[1]  # test accuracy, train loss, closure calls
+    assert [line.split(" ÷ ")[0].strip() for line in lines[-3:]] == list(benchmark.ROWS)[1:]
