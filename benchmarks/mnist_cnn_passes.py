@@ -18,11 +18,13 @@ machine's load falls on all alike):
 
 * a gradient pass (loss and gradient, what SCG's secant mode and LBFGS take per evaluation), a loss-only pass, and
   a Hessian-vector pass over 10 % of the images (Møller's SCG with subsampled curvature: by double backward and the
-  Gauss–Newton product), as the median seconds of ``--rounds`` rounds and their ratio to the first row's;
+  Gauss–Newton product), as the median seconds of ``--rounds`` rounds and their ratio to the first row's (and
+  today's to lever 58's);
 * the loss of each row's first gradient pass (the same function: the same loss but for float32 rounding);
 * with ``--compile``, also a gradient pass of ``torch.compile`` of today's model (its compilation timed apart);
-* with ``--main-job R``, the whole main job (``train_mnist``, its defaults but the layout and the CNN's order) R times
-  for each row, alternated, with each run's training time, test accuracy and training objective.
+* with ``--main-job R``, the whole main job (``train_mnist``, its defaults but the layout and the CNN) R times
+  for each row, alternated, with each run's training time, test accuracy and training objective, and each row's
+  time run by run over the first row's (and today's over lever 58's).
 
 Usage:
     python benchmarks/mnist_cnn_passes.py                 # the passes, 5 rounds (about a minute)
@@ -112,6 +114,8 @@ ROWS = {
 and today's (lever 59: the gradient handed back in channels_last)."""
 NOW = "the same, NHWC gradient (now)"
 """The row of today's CNN."""
+LEVER_58 = "channels_last, pool then tanh"
+"""The row of the CNN before lever 59, which today's is also compared with."""
 
 
 def time_passes(rounds: int, with_compile: bool, max_train: int | None = None) -> list[str]:
@@ -161,6 +165,11 @@ def time_passes(rounds: int, with_compile: bool, max_train: int | None = None) -
             baseline = statistics.median(measured[first_row][kind])
             cells.append(f"{median:>19.3f} s ({median / baseline:4.2f}×)")
         lines.append(f"  {row:36s}" + "".join(cells) + f"{first_losses[row]:>20.9f}")
+    ratios = ", ".join(
+        f"{kind} {statistics.median(measured[NOW][kind]) / statistics.median(measured[LEVER_58][kind]):.2f}×"
+        for kind in PASSES
+    )
+    lines.append(f"  {NOW} ÷ {LEVER_58}: {ratios}")
     return lines
 
 
@@ -186,9 +195,9 @@ def time_main_job(repetitions: int, max_iter: int = DEFAULT_MAX_ITER, max_train:
                 f"{result.test_accuracy:.2%}, train loss {result.train_loss:.6f}, {result.closure_calls} closure calls"
             )
     first = next(iter(ROWS))
-    for name in list(ROWS)[1:]:
-        ratios = ", ".join(f"{this / before:.2f}" for before, this in zip(wall[first], wall[name]))
-        lines.append(f"  {name} ÷ {first}, run by run: {ratios}")
+    for name, baseline in [(name, first) for name in list(ROWS)[1:]] + [(NOW, LEVER_58)]:
+        ratios = ", ".join(f"{this / before:.2f}" for before, this in zip(wall[baseline], wall[name]))
+        lines.append(f"  {name} ÷ {baseline}, run by run: {ratios}")
     return lines
 
 
@@ -204,7 +213,8 @@ def main(argv: list[str] | None = None) -> int:
     command = "python benchmarks/mnist_cnn_passes.py " + " ".join(argv if argv is not None else sys.argv[1:])
     info = environment(command.strip())
     lines = [
-        f"the MNIST CNN's passes, before and now (layout, order of pooling and tanh); torch {info['torch']}, CPU "
+        f"the MNIST CNN's passes, before and now (layout, order of pooling and tanh, layout of the pooled gradient); "
+        f"torch {info['torch']}, CPU "
         f"({info['cpu_capability']}), {info['threads']} threads, {info['date']}; {info['command']}"
     ]
     lines += time_passes(args.rounds, args.compile, args.max_train)

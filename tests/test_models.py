@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import pytest
 import torch
+from torch import nn
 
+from moller_scg import GradientAccumulator
 from moller_scg.models import MnistCNN
 
 
@@ -66,17 +68,57 @@ def test_the_gradient_reaches_the_pooling_in_the_activations_layout(memory_forma
     assert layouts == [True]
 
 
-@pytest.mark.parametrize("memory_format", [torch.contiguous_format, torch.channels_last])
-def test_the_hook_changes_no_number_of_the_gradient_or_the_curvature_product(memory_format):
+class WithoutTheHook(MnistCNN):
+    """MnistCNN as it was before its gradient hook (the reference of the tests below)."""
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return pool_then_tanh_without_the_hook(self, images)
+
+
+@pytest.mark.parametrize("hvp_method", ["double-backward", "forward-over-reverse", "gauss-newton"])
+@pytest.mark.parametrize("batch_size, dtype", [(16, torch.float32), (1, torch.float32), (16, torch.float64)])
+def test_the_hook_changes_no_number_of_the_accumulators_loss_gradient_or_curvature(hvp_method, batch_size, dtype):
     torch.manual_seed(0)
-    model = MnistCNN().to(memory_format=memory_format)
-    images, labels = torch.rand(32, 1, 28, 28), torch.randint(0, 10, (32,))
-    direction = [torch.randn_like(p) for p in model.parameters()]
+    images, labels = torch.rand(40, 1, 28, 28, dtype=dtype), torch.randint(0, 10, (40,))
     results = []
-    for forward in (model, lambda x: pool_then_tanh_without_the_hook(model, x)):
-        loss = torch.nn.functional.cross_entropy(forward(images), labels)
-        gradient = torch.autograd.grad(loss, list(model.parameters()), create_graph=True)
-        product = torch.autograd.grad(gradient, list(model.parameters()), grad_outputs=direction)
-        results.append([g.detach() for g in gradient] + list(product))
+    for model_type in (MnistCNN, WithoutTheHook):
+        torch.manual_seed(1)
+        model = model_type().to(dtype).to(memory_format=torch.channels_last)
+        accumulator = GradientAccumulator(
+            model, nn.CrossEntropyLoss(), (images, labels), batch_size=batch_size, hvp_method=hvp_method
+        )
+        direction = [
+            torch.randn(p.shape, dtype=dtype, generator=torch.Generator().manual_seed(2)) for p in model.parameters()
+        ]
+        loss = accumulator()
+        gradient = [p.grad.clone() for p in model.parameters()]
+        product = accumulator.hvp(direction)
+        assert accumulator.hvp_method == hvp_method  # forward-over-reverse did not fall back to double backward
+        results.append([loss, *gradient, *product])
     for with_hook, without in zip(*results):
         assert torch.equal(with_hook, without)
+
+
+def test_the_hook_leaves_vmapped_transforms_working():
+    # Per-sample gradients and Jacobians run the backward under torch.func.vmap, which refuses a channels_last
+    # memory_format: the hook lays the gradient out through permute instead.
+    torch.manual_seed(0)
+    model = MnistCNN().to(memory_format=torch.channels_last)
+    reference = WithoutTheHook().to(memory_format=torch.channels_last)
+    reference.load_state_dict(model.state_dict())
+    weights = {name: p.detach() for name, p in model.named_parameters()}
+    images, labels = torch.rand(3, 1, 28, 28), torch.randint(0, 10, (3,))
+
+    def per_sample_gradients(network: MnistCNN) -> dict[str, torch.Tensor]:
+        def loss(w, image, label):
+            logits = torch.func.functional_call(network, w, (image[None],))
+            return nn.functional.cross_entropy(logits, label[None])
+
+        return torch.func.vmap(torch.func.grad(loss), in_dims=(None, 0, 0))(weights, images, labels)
+
+    for name, value in per_sample_gradients(model).items():
+        torch.testing.assert_close(value, per_sample_gradients(reference)[name], rtol=0, atol=0)
+    jacobian = torch.func.jacrev(lambda w: torch.func.functional_call(model, w, (images,)))(weights)
+    reference_jacobian = torch.func.jacrev(lambda w: torch.func.functional_call(reference, w, (images,)))(weights)
+    for name in weights:
+        assert torch.equal(jacobian[name], reference_jacobian[name])
