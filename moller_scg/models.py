@@ -23,8 +23,8 @@ class MnistCNN(nn.Module):
     through it is NCHW. The CPU's max-pooling backward, given an NHWC input and an NCHW gradient, spent more time
     converting between the two layouts than pooling (two copies of the 128 × 32 × 24 × 24 gradient a batch, in a
     profile). A tensor hook (:func:`_gradient_as_channels_last`) lays the gradient out as the activations are, one
-    copy of the smaller 12 × 12 maps: the same numbers bit for bit, in 0.78–0.95× a gradient pass's time (two runs
-    of ``python benchmarks/mnist_cnn_passes.py``, docs/performance.md, lever 59).
+    copy of the smaller 12 × 12 maps: the same numbers bit for bit, in 0.78–0.95× a gradient pass's time (four
+    runs of ``python benchmarks/mnist_cnn_passes.py``, docs/performance.md, lever 59).
     """
 
     def __init__(self, filters: int = 32, kernel_size: int = 5, hidden: int = 100, classes: int = 10) -> None:
