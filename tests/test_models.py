@@ -56,7 +56,7 @@ def max_pool_backward_node(output: torch.Tensor) -> torch.autograd.graph.Node:
 @pytest.mark.parametrize("memory_format", [torch.contiguous_format, torch.channels_last])
 def test_the_gradient_reaches_the_pooling_in_the_activations_layout(memory_format):
     # In channels_last, flatten brings the gradient back NCHW; the CPU's max-pooling backward then converted it at a
-    # cost (lever 58's profile). MnistCNN hands it back as the activations are laid out.
+    # cost (lever 59's profile). MnistCNN hands it back as the activations are laid out.
     torch.manual_seed(0)
     model = MnistCNN().to(memory_format=memory_format)
     images = torch.rand(8, 1, 28, 28).contiguous(memory_format=memory_format)
