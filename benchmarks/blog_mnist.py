@@ -34,8 +34,10 @@ Validation passes are not counted.
 Every row's CNN is laid out as ``--memory-format`` says, by default as the main job lays it out (``channels_last``
 since 2026-12-06), and pools before its first tanh (``MnistCNN``, since the same day; the same function as the
 blog's order). The runs saved before that date, and the README's full-MNIST table, used PyTorch's default layout and
-the blog's order, whose gradient pass over the 4,000 embedded digits took about 2× as long (1.048 s against 0.536 s,
-``python benchmarks/mnist_cnn_passes.py``). ``--memory-format contiguous`` gives the old layout, not the old order.
+the blog's order, whose gradient pass over the 4,000 embedded digits took about 2× as long as the CNN's of lever 58
+(1.048 s against 0.536 s) and 2.1–2.3× as long as today's, which also hands its pooled activations' gradient back in
+channels_last (lever 59; ``python benchmarks/mnist_cnn_passes.py``, ``benchmarks/results/mnist_cnn_passes*.txt``).
+``--memory-format contiguous`` gives the old layout, not the old order.
 
 Writes ``blog_mnist.txt``, ``blog_mnist.json`` and ``blog_mnist.png`` (test accuracy against wall time) to
 ``--out`` (default ``benchmarks/results/``).
