@@ -19,6 +19,18 @@ def regression_problem(seed: int = 0, n: int = 48) -> tuple[nn.Module, tuple[tor
     return model, (x, y)
 
 
+def softmax_problem(seed: int = 0) -> tuple[nn.Module, Any]:
+    """A 6-4-3 tanh classifier (float64, initial weights from ``seed``) and a ``GradientAccumulator`` of its
+    cross-entropy over 64 random samples of 3 classes, in one batch."""
+    from moller_scg import GradientAccumulator
+
+    torch.manual_seed(seed)
+    model = nn.Sequential(nn.Linear(6, 4), nn.Tanh(), nn.Linear(4, 3)).double()
+    inputs = torch.randn(64, 6, dtype=torch.float64)
+    targets = torch.randint(0, 3, (64,))
+    return model, GradientAccumulator(model, nn.CrossEntropyLoss(), (inputs, targets))
+
+
 def mean_squared_error_closure(
     optimizer: torch.optim.Optimizer, model: nn.Module, x: torch.Tensor, y: torch.Tensor
 ) -> Any:

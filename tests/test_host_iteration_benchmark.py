@@ -8,20 +8,13 @@ from pathlib import Path
 
 import pytest
 import torch
+from problems import softmax_problem
 from scripts import load_script
 from torch import nn
 
 from moller_scg import SCG, GradientAccumulator
 
 BENCHMARK = Path(__file__).resolve().parents[1] / "benchmarks" / "host_iteration.py"
-
-
-def _softmax_problem(seed: int = 0) -> tuple[nn.Module, GradientAccumulator]:
-    torch.manual_seed(seed)
-    model = nn.Sequential(nn.Linear(6, 4), nn.Tanh(), nn.Linear(4, 3)).double()
-    inputs = torch.randn(64, 6, dtype=torch.float64)
-    targets = torch.randint(0, 3, (64,))
-    return model, GradientAccumulator(model, nn.CrossEntropyLoss(), (inputs, targets))
 
 
 def _run(kind: type, model: nn.Module, objective, steps: int, **options) -> tuple[list, list[torch.Tensor], SCG]:
@@ -46,7 +39,7 @@ def test_it_takes_the_library_secant_modes_steps_bit_for_bit(monkeypatch, diagon
     # 60 steps that fill and recycle m = 3 slots, reject some trials and restart twice (N = 25): every trace and the
     # weights equal SCG's exactly, and the written-out iteration took the steps it is for.
     script = load_script(BENCHMARK, monkeypatch)
-    model, accumulator = _softmax_problem()
+    model, accumulator = softmax_problem()
     initial = {k: v.clone() for k, v in model.state_dict().items()}
     options = {"memory": 3, "diagonal_scaling": diagonal_scaling, "restart": 25}
     library_traces, library_weights, _ = _run(SCG, model, accumulator, 60, **options)
@@ -81,7 +74,7 @@ def test_a_non_finite_trial_goes_as_in_the_library(monkeypatch):
     # The 6th and 7th evaluations (trials with pairs held, the variant's steps) give a loss that is not finite: both
     # are rejected and λ raised as SCG does it, and the run goes on to the same weights.
     script = load_script(BENCHMARK, monkeypatch)
-    model, accumulator = _softmax_problem(seed=1)
+    model, accumulator = softmax_problem(seed=1)
     initial = {k: v.clone() for k, v in model.state_dict().items()}
     runs = []
     for kind in (SCG, script.HostIterationSCG):
@@ -96,7 +89,7 @@ def test_its_state_resumes_in_the_library_bit_for_bit(monkeypatch):
     # The variant keeps the library's storage: a state saved after 20 of its steps, loaded into SCG, continues as the
     # variant itself continues.
     script = load_script(BENCHMARK, monkeypatch)
-    model, accumulator = _softmax_problem(seed=2)
+    model, accumulator = softmax_problem(seed=2)
     _, _, host = _run(script.HostIterationSCG, model, accumulator, 20, memory=3)
     saved_weights = {k: v.clone() for k, v in model.state_dict().items()}
     saved_state = host.state_dict()

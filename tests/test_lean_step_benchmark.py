@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from problems import softmax_problem
 from scripts import load_script
 from torch import nn
 
@@ -16,21 +17,13 @@ from moller_scg import SCG, GradientAccumulator
 BENCHMARK = Path(__file__).resolve().parents[1] / "benchmarks" / "lean_step.py"
 
 
-def _softmax_problem(seed: int = 0) -> tuple[nn.Module, GradientAccumulator]:
-    torch.manual_seed(seed)
-    model = nn.Sequential(nn.Linear(6, 4), nn.Tanh(), nn.Linear(4, 3)).double()
-    inputs = torch.randn(64, 6, dtype=torch.float64)
-    targets = torch.randint(0, 3, (64,))
-    return model, GradientAccumulator(model, nn.CrossEntropyLoss(), (inputs, targets))
-
-
 @pytest.mark.parametrize("diagonal_scaling", [False, True])
 def test_it_takes_the_library_secant_modes_steps(monkeypatch, diagonal_scaling):
     # The same algorithm as SCG(params, memory=m): the same accepted and rejected trials, the losses equal to rounding,
     # over 40 steps that fill and recycle m = 3 slots and reject some trials — before the first restart (k = N = 43,
     # the number of weights), after which the library takes Møller's finite difference and the variant α₀ again.
     script = load_script(BENCHMARK, monkeypatch)
-    model, accumulator = _softmax_problem()
+    model, accumulator = softmax_problem()
     initial = {k: v.clone() for k, v in model.state_dict().items()}
     library = SCG(model.parameters(), memory=3, diagonal_scaling=diagonal_scaling)
     library_losses, rejected = [], 0
@@ -47,7 +40,7 @@ def test_it_takes_the_library_secant_modes_steps(monkeypatch, diagonal_scaling):
 
 def test_the_parameters_become_views_of_one_flat_array_with_their_values(monkeypatch):
     script = load_script(BENCHMARK, monkeypatch)
-    model, _ = _softmax_problem()
+    model, _ = softmax_problem()
     before = [p.detach().clone() for p in model.parameters()]
     lean = script.LeanSCG(list(model.parameters()), memory=2)
     assert all(torch.equal(p, b) for p, b in zip(model.parameters(), before))
@@ -60,7 +53,7 @@ def test_with_the_parameters_apart_it_takes_the_same_steps_and_leaves_their_stor
     # Lever 56: w written into the parameters' own storage after every change of w, instead of the parameters made
     # views of w — the same numbers, bit for bit (the same NumPy arithmetic; only where the model reads w changes).
     script = load_script(BENCHMARK, monkeypatch)
-    model, accumulator = _softmax_problem()
+    model, accumulator = softmax_problem()
     initial = {k: v.clone() for k, v in model.state_dict().items()}
     storage = [p.data_ptr() for p in model.parameters()]
     apart = script.LeanSCG(list(model.parameters()), memory=3, diagonal_scaling=diagonal_scaling, parameters_apart=True)
@@ -89,7 +82,7 @@ class _NaNTrials(GradientAccumulator):
 
 def test_a_non_finite_trial_leaves_the_accepted_weights_and_raises_lambda(monkeypatch):
     script = load_script(BENCHMARK, monkeypatch)
-    model, accumulator = _softmax_problem()
+    model, accumulator = softmax_problem()
     accumulator.__class__ = _NaNTrials
     accumulator.nan_from = 4
     lean = script.LeanSCG(list(model.parameters()), memory=3)
@@ -104,7 +97,7 @@ def test_a_non_finite_trial_leaves_the_accepted_weights_and_raises_lambda(monkey
 
 def test_as_a_torch_optimizer_it_takes_the_same_steps_through_optimizer_step(monkeypatch):
     script = load_script(BENCHMARK, monkeypatch)
-    model, accumulator = _softmax_problem()
+    model, accumulator = softmax_problem()
     initial = {k: v.clone() for k, v in model.state_dict().items()}
     bare = script.LeanSCG(list(model.parameters()), memory=3)
     bare_losses = [float(bare.step(accumulator)) for _ in range(10)]
