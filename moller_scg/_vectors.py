@@ -17,6 +17,7 @@ per-tensor op would.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Sequence
 
 import torch
@@ -117,8 +118,22 @@ def all_finite(xs: Sequence[torch.Tensor]) -> bool:
 
 
 def add_(xs: Sequence[torch.Tensor], ys: Sequence[torch.Tensor], alpha: float) -> None:
-    """x ← x + α y, in place."""
-    torch._foreach_add_(list(xs), list(ys), alpha=alpha)
+    """x ← x + α y, in place.
+
+    torch refuses an ``alpha`` beyond the largest finite number of a tensor's dtype (65504 in float16) instead of
+    forming α y; for such an α the product is formed first (in float16 it rounds to inf where it overflows, and the
+    trial point is then not finite, which SCG rejects)."""
+    xs, ys = list(xs), list(ys)
+    if any(abs(alpha) > _largest_finite(x.dtype) for x in xs):
+        torch._foreach_add_(xs, [torch.mul(y, alpha) for y in ys])
+        return
+    torch._foreach_add_(xs, ys, alpha=alpha)
+
+
+@functools.cache
+def _largest_finite(dtype: torch.dtype) -> float:
+    """The largest finite number of a floating-point or complex dtype (of its real part)."""
+    return torch.finfo(dtype).max
 
 
 def scale_add_(xs: Sequence[torch.Tensor], beta: float, ys: Sequence[torch.Tensor]) -> None:

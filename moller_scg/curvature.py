@@ -38,7 +38,9 @@ MISSING_GRAPH_MESSAGE = (
     "double-backward curvature needs gradients that carry their autograd graph, but no gradient does. "
     "Call loss.backward(create_graph=True) in the closure (in PyTorch Lightning: override "
     "LightningModule.backward to pass create_graph=True), pass a closure with an hvp() method (such as "
-    "moller_scg.GradientAccumulator), or use SCG(..., hvp='finite-difference'), which needs only gradients"
+    "moller_scg.GradientAccumulator), or use SCG(..., hvp='finite-difference'), which needs only gradients. (If "
+    "the closure does call backward(create_graph=True), the loss is at most linear in the weights, E'' = 0: "
+    "hvp='finite-difference' gives that too)"
 )
 NO_SECOND_DERIVATIVE_MESSAGE = (
     "double-backward curvature failed: an operation in the model has no second derivative in PyTorch ({error}). "
@@ -83,16 +85,20 @@ def graph_hvp(
         if require_graph:
             raise RuntimeError(MISSING_GRAPH_MESSAGE)
         return [torch.zeros_like(p) for p in params]  # the gradient does not depend on w: E'' = 0
+    # A frozen parameter (requires_grad=False) has a zero gradient, as in torch.optim, and so a zero product:
+    # autograd is asked only for the others (it refuses to differentiate with respect to a frozen tensor).
+    trained = [p for p in params if p.requires_grad]
     with torch.enable_grad():
         directional = cast(torch.Tensor, sum(torch.sum(as_real(g) * as_real(v)) for g, v in pairs))  # pairs ≠ []
         try:
-            products = torch.autograd.grad(directional, list(params), allow_unused=True)
+            products = iter(torch.autograd.grad(directional, trained, allow_unused=True))
         except RuntimeError as error:  # NotImplementedError is a RuntimeError too
             first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
             if not any(sign in first_line for sign in _NO_SECOND_DERIVATIVE_SIGNS):
                 raise
             raise RuntimeError(NO_SECOND_DERIVATIVE_MESSAGE.format(error=first_line)) from error
-    return [torch.zeros_like(p) if s is None else s.detach() for p, s in zip(params, products)]
+    by_param = [next(products) if p.requires_grad else None for p in params]
+    return [torch.zeros_like(p) if s is None else s.detach() for p, s in zip(params, by_param)]
 
 
 def functional_hvp(

@@ -171,7 +171,12 @@ def _minimize_scg(
         if trace.residual_norm <= tol:
             status, message = STATUS_GRADIENT, f"the gradient norm {trace.residual_norm:.3g} is ≤ tol = {tol:g}"
             break
-        if trace.success and previous_loss is not None and _relative_change(previous_loss, trace.loss) <= ftol:
+        if (
+            ftol > 0  # 0 turns the rule off
+            and trace.success
+            and previous_loss is not None
+            and _relative_change(previous_loss, trace.loss) <= ftol
+        ):
             status = STATUS_LOSS_CHANGE
             message = f"the relative loss change of an accepted step is ≤ ftol = {ftol:g}"
             break

@@ -191,7 +191,7 @@ class SCG(torch.optim.Optimizer):
     # What cannot outlive this object, set by _reset_transient (declared here, where the type checker looks first).
     _step_objective: _StepObjective
     _storage: _StateVectors
-    _param_versions: list[int] | None
+    _param_versions: list[tuple[int, int]] | None
     _warned_stalled: bool
 
     def __init__(
@@ -279,6 +279,12 @@ class SCG(torch.optim.Optimizer):
         state saved before that option existed has ``False``); ``memory`` must match (``ValueError`` otherwise).
         """
         memory = self.param_groups[0]["memory"]
+        saved_memory = _saved_memory(state_dict)
+        if saved_memory is not None and saved_memory != memory:
+            raise ValueError(
+                f"this SCG state_dict was saved by an SCG with memory={saved_memory!r}, but this SCG has "
+                f"memory={memory}: build the optimizer with the memory it was saved with"
+            )
         scalars, trace, secant_pairs_state = read_scg_entry(state_dict, memory)
         held_products = read_held_products(state_dict)
         secant_pairs = None
@@ -316,8 +322,11 @@ class SCG(torch.optim.Optimizer):
     def restart(self) -> None:
         """Forget the search direction: the next :meth:`step` starts again at step 1 from the current weights.
 
-        Use it after writing new weights into the parameters (SCG notices such writes between steps by itself,
-        but not right after :meth:`load_state_dict`). λ returns to λ₁; the iteration count k goes on.
+        Use it after writing new weights into the parameters in place through ``.data`` (``p.data.copy_(…)``,
+        ``p.data.clamp_(…)``), which escapes autograd's version counter, and right after :meth:`load_state_dict`. SCG
+        notices other writes between steps by itself — in-place writes to the parameters (``p.copy_`` under
+        ``torch.no_grad()``, ``model.load_state_dict``) and new storage (``p.data = …``,
+        ``torch.nn.utils.vector_to_parameters``) — and restarts. λ returns to λ₁; the iteration count k goes on.
         """
         self._scalars.started = False
 
@@ -379,7 +388,7 @@ class SCG(torch.optim.Optimizer):
                 vec.copy_(params, accepted)
                 raise
             finally:
-                self._param_versions = [p._version for p in params]
+                self._param_versions = _versions(params)
         finally:
             self._trace = tally.add_to(self._scalars, self._trace)  # closure_calls, hvp_calls: what it counted
         self._warned_stalled = warn_when_stalled(self._trace, self._warned_stalled)
@@ -586,8 +595,9 @@ class SCG(torch.optim.Optimizer):
             self._storage.remember_products(self.state, params, held_products)
 
     def _weights_changed_outside(self, params: list[torch.Tensor]) -> bool:
-        """Whether the parameters were written to since the last step (then r and E are stale)."""
-        return self._param_versions is not None and self._param_versions != [p._version for p in params]
+        """Whether the parameters were written to since the last step (then r and E are stale): an in-place write
+        (``p.copy_``, ``model.load_state_dict``) or new storage (``p.data = …``, ``vector_to_parameters``)."""
+        return self._param_versions is not None and self._param_versions != _versions(params)
 
     def _reset_transient(self) -> None:
         """Forget what cannot outlive this object: the objective of the last step (with the graph of its last
@@ -596,6 +606,20 @@ class SCG(torch.optim.Optimizer):
         self._storage = _StateVectors()
         self._param_versions = None
         self._warned_stalled = False
+
+
+def _versions(params: list[torch.Tensor]) -> list[tuple[int, int]]:
+    """Each parameter's (version counter, address of its data): what changes when it is written to. An in-place
+    write through ``p.data`` changes neither (``.data`` escapes autograd's version counter): call
+    :meth:`SCG.restart` after one."""
+    return [(p._version, p.data_ptr()) for p in params]
+
+
+def _saved_memory(state_dict: Any) -> Any:
+    """``memory`` of a saved state's first parameter group (``None`` if it has none)."""
+    groups = state_dict.get("param_groups") if isinstance(state_dict, dict) else None
+    first = groups[0] if isinstance(groups, list) and groups else None
+    return first.get("memory") if isinstance(first, dict) else None
 
 
 def _saved_diagonal_scaling(state_dict: dict[str, Any]) -> bool:

@@ -50,9 +50,15 @@ _OPTIONS_OF_OTHER_OPTIMIZERS = {
         "SCG.step does not stop by itself: stop the loop when optimizer.trace.stalled is true, or use fit(...), "
         "which stops a stalled run"
     ),
-    "history_size": "SCG keeps no curvature-pair history: it holds the direction p and the residual r only",
-    "betas": "SCG keeps no moment estimates",
-    "eps": "SCG keeps no moment estimates, so it has no ε to add to them",
+    "history_size": (
+        "SCG's history of secant pairs is memory=m: SCG(params, memory=20) keeps the 20 latest (memory=0, the "
+        "default of SCG(params), is Møller's SCG without them)"
+    ),
+    "betas": (
+        "SCG has no Adam moments to tune: with memory ≥ 1, diagonal_scaling=True keeps a second moment of the "
+        "gradients for the preconditioner's H₀, with a fixed β"
+    ),
+    "eps": "SCG has no Adam moments to tune: diagonal_scaling=True's second moment has a fixed ε",
     "weight_decay": (
         "add the penalty to the loss the closure returns (e.g. + wd/2 * Σ|w|²), or pass fit(..., weight_decay=wd) "
         "or GradientAccumulator(..., weight_decay=wd)"
@@ -126,7 +132,7 @@ def _other_optimizer_options_message(options: dict[str, Any]) -> str:
     unknown = [name for name in options if name not in _OPTIONS_OF_OTHER_OPTIMIZERS]
     lines = [
         f"SCG got keyword arguments it does not have: {', '.join(f'{name}={options[name]!r}' for name in options)}. "
-        f"SCG's only options are sigma, lambd, hvp and restart; remove the others."
+        f"SCG's options are sigma, lambd, hvp, restart, memory and diagonal_scaling; remove the others."
     ]
     lines += [f"  {name}: {_OPTIONS_OF_OTHER_OPTIMIZERS[name]}." for name in known]
     if unknown:

@@ -168,6 +168,15 @@ def test_loss_change_rule_stops_on_a_positive_minimum():
     assert DEFAULT_FTOL == pytest.approx(2.220446049250313e-09)
 
 
+def test_ftol_zero_turns_the_loss_change_rule_off():
+    # The same problem as above: with ftol = 0, an accepted step that leaves the loss unchanged in float64 (as
+    # happens near its positive minimum) no longer stops the run; the iterations do.
+    result = minimize(
+        lambda x: ((x - 1) ** 4).sum() + 1, torch.tensor([3.0], dtype=torch.float64), tol=0.0, ftol=0.0, max_iter=300
+    )
+    assert result.status == 1 and result.nit == 300
+
+
 def test_lbfgs_method_for_comparison():
     result = minimize(rosenbrock, torch.tensor([-1.2, 1.0], dtype=torch.float64), method="lbfgs", tol=1e-10, ftol=0.0)
     assert isinstance(result, OptimizeResult)

@@ -737,6 +737,88 @@ def test_missing_create_graph_raises_a_clear_error():
         optimizer.step(closure)
 
 
+@pytest.mark.parametrize("gradient", ["zero", "none"])
+def test_a_closure_without_a_graph_at_a_zero_gradient_leaves_the_weights(gradient):
+    # torch.optim's test_step_is_noop_for_zero_grads and test_step_is_noop_when_params_have_no_grad: a closure that
+    # sets zero gradients (or none) without a graph. No curvature product is needed at r = 0, so no graph either.
+    w = nn.Parameter(torch.tensor([1.0, -2.0], dtype=torch.float64))
+    optimizer = SCG([w])
+
+    def closure():
+        w.grad = torch.zeros_like(w) if gradient == "zero" else None
+        return torch.tensor(1.0, dtype=torch.float64)
+
+    for _ in range(3):
+        assert float(optimizer.step(closure)) == 1.0
+    assert w.tolist() == [1.0, -2.0]
+
+
+@pytest.mark.parametrize("options", [{}, {"hvp": "finite-difference"}, {"memory": 3, "hvp": "double-backward"}])
+def test_a_frozen_parameter_has_a_zero_gradient_and_stays(options):
+    # Fine-tuning: SCG(model.parameters()) over a model with a frozen layer, as torch.optim.LBFGS takes it.
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 1)).double()
+    model[0].weight.requires_grad_(False)
+    frozen = model[0].weight.detach().clone()
+    x, y = torch.randn(32, 3, dtype=torch.float64), torch.randn(32, 1, dtype=torch.float64)
+    optimizer = SCG(model.parameters(), **options)
+
+    def closure():
+        optimizer.zero_grad()
+        loss = nn.functional.mse_loss(model(x), y)
+        loss.backward(create_graph=True)
+        return loss
+
+    first = float(closure().detach())
+    for _ in range(10):
+        optimizer.step(closure)
+    assert optimizer.trace.loss < 0.9 * first
+    assert torch.equal(model[0].weight, frozen)
+
+
+def test_weights_replaced_by_vector_to_parameters_restart_scg():
+    # vector_to_parameters gives each parameter new storage (p.data = …), which its version counter does not see.
+    w = nn.Parameter(torch.tensor([-1.2, 1.0], dtype=torch.float64))
+    optimizer = SCG([w], memory=2)
+
+    def closure():
+        optimizer.zero_grad()
+        loss = rosenbrock(w)
+        loss.backward()
+        return loss
+
+    for _ in range(5):
+        optimizer.step(closure)
+    accepted = optimizer.trace.loss
+    nn.utils.vector_to_parameters(torch.tensor([3.0, -2.0], dtype=torch.float64), [w])
+    replaced = float(rosenbrock(w.detach()))  # 12,104
+    optimizer.step(closure)
+    # Restarted from the new weights, whose loss the step's trial is judged against; a stale E(w) (the old run's,
+    # below 5) would reject every trial from there on, and the trace would report that stale loss.
+    assert accepted < 5 and 1000 < optimizer.trace.loss <= replaced
+
+
+def test_a_float16_step_longer_than_float16_holds_is_taken_as_a_trial():
+    # α = μ/δ ≈ 2·10⁶ > 65504, the largest float16: torch refuses such an alpha; SCG forms αp instead, rejects the
+    # overflowing trial point, raises λ and goes on, where before it raised at every step.
+    w = nn.Parameter(torch.tensor([1.0, -2.0], dtype=torch.float16))
+    optimizer = SCG([w])
+
+    def closure():
+        optimizer.zero_grad()
+        loss = 1e-4 * ((w - 3) ** 2).sum()
+        loss.backward(create_graph=True)
+        return loss
+
+    alphas = []
+    for _ in range(4):
+        optimizer.step(closure)
+        alphas.append(optimizer.trace.alpha)
+    assert alphas[0] > torch.finfo(torch.float16).max
+    assert optimizer.trace.success and torch.isfinite(w).all()
+    assert w.tolist() == pytest.approx([3.0, 3.0], abs=0.2)
+
+
 @pytest.mark.parametrize(
     "options, match",
     [
@@ -804,17 +886,18 @@ def test_a_non_floating_parameter_is_refused_naming_its_dtype(dtype):
         ({"lr": 1}, "no learning rate"),
         ({"line_search_fn": "strong_wolfe"}, "no line search"),
         ({"max_iter": 20}, "call step max_iter times"),
-        ({"history_size": 100}, "no curvature-pair history"),
+        ({"history_size": 100}, "history of secant pairs is memory=m"),
         ({"tolerance_grad": 1e-7}, "residual_norm"),
         ({"tolerance_change": 1e-9}, "trace.stalled"),
-        ({"betas": (0.9, 0.999)}, "no moment"),
+        ({"betas": (0.9, 0.999)}, "no Adam moments"),
+        ({"eps": 1e-8}, "fixed ε"),
         ({"weight_decay": 1e-4}, "add the penalty to the loss"),
     ],
 )
 def test_options_of_lbfgs_and_adam_get_advice_instead_of_a_bare_type_error(options, advice):
     with pytest.raises(TypeError, match=advice) as raised:
         SCG([nn.Parameter(torch.zeros(1))], **options)
-    assert "only options are sigma, lambd, hvp and restart" in str(raised.value)
+    assert "options are sigma, lambd, hvp, restart, memory and diagonal_scaling;" in str(raised.value)
 
 
 def test_a_whole_lbfgs_line_is_refused_with_advice_for_every_option():

@@ -230,6 +230,13 @@ def test_states_of_other_memories_are_refused():
     plain.step(_rosenbrock_closure(plain, w))
     with pytest.raises(ValueError, match="memory=0"):
         SCG([w], memory=3).load_state_dict(plain.state_dict())
+    # A state saved before the first step holds no pairs, but its memory is refused all the same (it was taken over
+    # with the saved parameter groups before).
+    for saved, loading in ((0, 3), (3, 0), (3, 5)):
+        optimizer = SCG([w], memory=loading)
+        with pytest.raises(ValueError, match=f"saved by an SCG with memory={saved}"):
+            optimizer.load_state_dict(SCG([w], memory=saved).state_dict())
+        assert optimizer.param_groups[0]["memory"] == loading
 
 
 def _rosenbrock_closure(optimizer, w):
