@@ -93,13 +93,14 @@ NON_FINITE_POLICIES = ("raise", "return")
 """What a pass does when a batch loss is not finite: raise ``FloatingPointError``, or return the non-finite sums."""
 
 PARTIAL_SUM_BATCHES = 8
-"""Batches summed in a float32 (or narrower) parameter's own dtype before the sum is added into float64.
+"""Batches summed in float32 (the dtype of a float32 parameter, and of a float16 or bfloat16 one's partial sums)
+before the sum is added into float64.
 
 The pass engine reads this module attribute at the start of every pass, so setting
 ``moller_scg.accumulate.PARTIAL_SUM_BATCHES`` takes effect at once (:class:`moller_scg.float64_sums.WideSums`).
-1 adds every batch straight into float64. 8 removes most of the per-batch cost of float64 accumulation (about
-0.5 ms per batch for the 0.46 M parameters of the MNIST CNN on one CPU thread) and adds at most 16 roundings of
-the parameter's dtype, however many batches there are. Float64 parameters are always added directly."""
+1 adds every batch's scaled vector, formed in float32, into float64. 8 removes most of the per-batch cost of
+float64 accumulation (about 0.5 ms per batch for the 0.46 M parameters of the MNIST CNN on one CPU thread) and adds
+at most 16 float32 roundings, however many batches there are. Float64 parameters are always added directly."""
 REDUCTION_CHECK_SAMPLES = ADDITIVITY_CHECK_SAMPLES
 """Samples on which the loss's additivity is checked once (:func:`moller_scg.loss_checks.check_additivity`)."""
 

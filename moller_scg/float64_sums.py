@@ -3,8 +3,8 @@
 A pass adds every batch's loss term and gradient (or Hessian-vector product) into float64 sums and divides once at
 the end (:func:`divided_sums`), so the result does not drift with the number of batches B. Adding every batch
 straight into float64 costs a read-modify-write of all of w per batch, the dominant per-batch cost on CPU;
-:class:`WideSums` therefore sums a block of consecutive batches in a float32 parameter's own dtype first and adds
-the block into float64.
+:class:`WideSums` therefore sums a block of consecutive batches in float32 first (a float32 parameter's own dtype;
+float16 and bfloat16 parameters' too, whose range a mean's n_b · E_b' can leave) and adds the block into float64.
 """
 
 from __future__ import annotations
@@ -44,21 +44,23 @@ class WideSums:
     """Σ_b scale_b · v_b per parameter, in float64 (complex128 for complex parameters).
 
     Parameters already in float64 (complex128) are added into the totals batch by batch. For narrower
-    parameters, up to ``partial_sum_batches`` consecutive batches are first summed in the parameter's own dtype
-    and that partial sum is then added into the float64 total: the float64 read-modify-write of all of w, the
-    dominant per-batch cost on CPU, is paid once per block instead of once per batch. The error this adds is at
-    most 2·partial_sum_batches roundings of the parameter's dtype, whatever the number of batches, so the result
-    still does not drift with B (``tests/test_accumulate.py``, float32 over 4096 batches).
+    parameters, up to ``partial_sum_batches`` consecutive batches are first summed in float32 (complex64) and that
+    partial sum is then added into the float64 total: the float64 read-modify-write of all of w, the dominant
+    per-batch cost on CPU, is paid once per block instead of once per batch. The error this adds is at most
+    2·partial_sum_batches float32 roundings, whatever the number of batches, so the result still does not drift
+    with B (``tests/test_accumulate.py``, float32 over 4096 batches). A float16 or bfloat16 parameter's partial sums
+    are float32 too: scale_b · v_b of a mean loss (scale_b = n_b) overflows float16 for |v_b| > 65504 / n_b.
 
     Args:
         params: the parameters w, whose shapes and dtypes the sums take.
-        partial_sum_batches: the block size (:data:`moller_scg.accumulate.PARTIAL_SUM_BATCHES`; 1 adds every batch
-            straight into float64).
+        partial_sum_batches: the block size (:data:`moller_scg.accumulate.PARTIAL_SUM_BATCHES`; 1 adds every
+            batch's scale_b · v_b, formed in float32, into float64).
     """
 
     def __init__(self, params: Sequence[torch.Tensor], partial_sum_batches: int) -> None:
         self.totals = [torch.zeros_like(p, dtype=wide_dtype(p.dtype)) for p in params]
         self._narrow = [p.dtype != total.dtype for p, total in zip(params, self.totals)]
+        self._partial_dtypes = [torch.promote_types(p.dtype, torch.float32) for p in params]
         self._partials: list[torch.Tensor | None] = [None] * len(self.totals)
         self._pending = 0
         self._partial_sum_batches = partial_sum_batches
@@ -71,7 +73,8 @@ class WideSums:
             if not self._narrow[index]:
                 self.totals[index].add_(vector, alpha=scale)
             elif (partial := self._partials[index]) is None:
-                self._partials[index] = vector * scale  # a new tensor: autograd's result may be a shared view
+                # A new tensor (autograd's result may be a shared view), in float32 at least.
+                self._partials[index] = vector.to(self._partial_dtypes[index]) * scale
             else:
                 partial.add_(vector, alpha=scale)
         self._pending += 1

@@ -303,6 +303,25 @@ def test_float32_model_matches_the_float64_reference_to_float32_precision(batch_
     assert relative_error(acc.hvp([v.float() for v in vectors]), product) <= 1e-5
 
 
+@pytest.mark.parametrize("batch_size, partial_sum_batches", [(512, 8), (256, 8), (256, 1), (64, 8)])
+def test_a_float16_models_mean_gradient_does_not_overflow_in_its_partial_sums(
+    batch_size, partial_sum_batches, monkeypatch
+):
+    """E' = 400 fits float16 easily, but a batch's n_b · E_b' (up to 204,800) does not: the partial sums are float32."""
+    monkeypatch.setattr(accumulate, "PARTIAL_SUM_BATCHES", partial_sum_batches)
+    samples = 512
+    inputs = torch.full((samples, 1), 10.0, dtype=torch.float16)
+    targets = torch.full((samples, 1), -10.0, dtype=torch.float16)
+    model = nn.Linear(1, 1).half()
+    with torch.no_grad():
+        model.weight.fill_(1.0)
+        model.bias.fill_(0.0)
+    acc = GradientAccumulator(model, nn.MSELoss(), (inputs, targets), batch_size=batch_size)
+    assert float(acc()) == 400.0  # (w x + b − y)² = 20²
+    assert model.weight.grad.dtype == torch.float16
+    assert float(model.weight.grad) == 400.0 and float(model.bias.grad) == 40.0  # 2 · 20 · x, 2 · 20
+
+
 # ------------------------------------------------------------------------------------------------------------------
 # What a pass returns and what it leaves behind
 
