@@ -513,6 +513,9 @@ class GradientAccumulator:
             if index >= terms.numel():
                 terms = torch.cat([terms, torch.empty_like(terms)])  # the loader yielded more than len(loader)
             terms[index] = term.detach().reshape(())
+            # The batch's graph ends with it: an HVP pass's E_b still holds the forward graph its double backward
+            # kept (create_graph), which would otherwise live on through the next batch's forward pass.
+            del term
             scales.append(scale)
             if denominator is not None:
                 denominator += objective.denominator(targets)

@@ -115,7 +115,8 @@ class BatchLoss:
         weight = loss_fn.weight
         if weight is None:
             return kept.sum()
-        return (weight[torch.where(kept, targets, 0)] * kept).sum(dtype=torch.float64)
+        # Class indices as int64: indexing with a uint8 (or bool) tensor would read it as a mask.
+        return (weight[torch.where(kept, targets, 0).long()] * kept).sum(dtype=torch.float64)
 
 
 def is_class_index_loss(loss_fn: Any) -> bool:

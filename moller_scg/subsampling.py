@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import math
 import numbers
+from fractions import Fraction
 from typing import Any
 
 import torch
@@ -56,8 +57,9 @@ def validate_subset(mode: object, seed: object) -> None:
 
 
 def subset_size(samples: int, fraction: float) -> int:
-    """m = ⌈f·n⌉ samples (0 only when n = 0, for an empty shard)."""
-    return min(samples, math.ceil(fraction * samples))
+    """m = ⌈f·n⌉ samples (0 only when n = 0, for an empty shard), with f the decimal the user wrote: the float
+    product 0.07 · 100 is 7.000000000000001, whose ceiling would be 8."""
+    return min(samples, math.ceil(Fraction(repr(float(fraction))) * samples))
 
 
 class CurvatureSubsets:

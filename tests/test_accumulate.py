@@ -12,6 +12,7 @@ import logging
 import math
 import re
 import warnings
+import weakref
 from pathlib import Path
 
 import pytest
@@ -186,6 +187,15 @@ def test_cross_entropy_with_class_weights_and_ignored_targets_is_exact(batch_siz
     assert_matches_full_batch(acc, model, loss_fn, inputs, targets)
 
 
+def test_class_weights_with_uint8_class_targets_are_exact():
+    # torch's cross-entropy takes uint8 class indices; indexing the class weights with them as a mask would not.
+    (inputs, targets), model = classification_data(), tanh_mlp(CLASSES)
+    loss_fn = nn.CrossEntropyLoss(weight=torch.tensor([0.2, 1.0, 3.5], dtype=torch.float64))
+    small_targets = targets.to(torch.uint8)
+    acc = GradientAccumulator(model, loss_fn, (inputs, small_targets), batch_size=7)
+    assert_matches_full_batch(acc, model, loss_fn, inputs, small_targets)
+
+
 def test_nll_loss_with_class_weights_and_ignore_index_is_exact():
     (inputs, targets), model = classification_data(), nn.Sequential(tanh_mlp(CLASSES), nn.LogSoftmax(dim=1))
     loss_fn = nn.NLLLoss(weight=torch.tensor([2.0, 0.5, 1.0], dtype=torch.float64), ignore_index=0)
@@ -324,6 +334,45 @@ def test_a_float16_models_mean_gradient_does_not_overflow_in_its_partial_sums(
 
 # ------------------------------------------------------------------------------------------------------------------
 # What a pass returns and what it leaves behind
+
+
+@pytest.mark.parametrize("hvp_method", ["double-backward", "gauss-newton"])
+def test_no_tensor_a_batch_saved_for_backward_outlives_its_batch(hvp_method):
+    """Memory bounded by one batch: when a batch's forward pass starts, no tensor that autograd saved in an earlier
+    batch is alive (an HVP pass's batch loss once held its forward graph into the next batch)."""
+
+    class Saved:
+        def __init__(self, tensor: torch.Tensor, batch: int) -> None:
+            self.tensor, self.batch = tensor, batch
+
+    saved: list = []
+    batch = [-1]
+    carried_over: list[list[tuple[int, ...]]] = []
+
+    class Probe(nn.Module):
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            batch[0] += 1
+            alive = (ref() for ref in saved)
+            carried_over.append([tuple(s.tensor.shape) for s in alive if s is not None and s.batch < batch[0]])
+            return x
+
+    def pack(tensor: torch.Tensor) -> Saved:
+        holder = Saved(tensor, batch[0])
+        saved.append(weakref.ref(holder))
+        return holder
+
+    (inputs, targets), classifier = classification_data(), tanh_mlp(CLASSES)
+    model = nn.Sequential(Probe(), classifier)
+    acc = GradientAccumulator(model, nn.CrossEntropyLoss(), (inputs, targets), batch_size=16, hvp_method=hvp_method)
+    acc.loss()
+    vectors = [torch.randn_like(p) for p in acc.params]
+    for evaluate in (acc, lambda: acc.hvp(vectors)):
+        saved.clear()
+        carried_over.clear()
+        batch[0] = -1
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda holder: holder.tensor):
+            evaluate()
+        assert len(carried_over) > 2 and not any(carried_over)
 
 
 def test_grad_is_replaced_never_added_to_and_the_old_grad_is_untouched():

@@ -57,6 +57,8 @@ def test_fixed_subset_is_always_the_same_and_the_seed_decides_it():
 def test_subset_size_rounds_up_and_an_empty_shard_has_none():
     assert subset_size(130, 0.1) == 13 and subset_size(131, 0.1) == 14 and subset_size(5, 0.01) == 1
     assert subset_size(0, 0.5) == 0 and subset_size(7, 1.0) == 7
+    assert 0.07 * 100 > 7 and subset_size(100, 0.07) == 7  # ⌈f·n⌉ of the decimal f, not of the float product
+    assert subset_size(3, 1 / 3) == 1 and subset_size(100, 0.1) == 10
     assert CurvatureSubsets(0, 0.5).indices(4).numel() == 0
 
 
