@@ -30,6 +30,13 @@ def as_real(tensor: torch.Tensor) -> torch.Tensor:
     return torch.view_as_real(tensor) if tensor.is_complex() else tensor
 
 
+def as_complex(pairs: torch.Tensor) -> torch.Tensor:
+    """The inverse of :func:`as_real` for a contiguous ``(..., 2)`` tensor of (real, imaginary) pairs: a complex view
+    of it, or of a copy where it starts at an odd offset of its storage (a part of a flat real vector after a real
+    tensor of odd size), which a complex view cannot take."""
+    return torch.view_as_complex(pairs if pairs.storage_offset() % 2 == 0 else pairs.clone())
+
+
 DOT_CHUNK = 1 << 20
 """Numbers per piece of an inner product of a larger tensor (4 MiB of float32 temporary); smaller tensors are
 multiplied and summed whole, as before this limit existed (the same bits)."""

@@ -36,7 +36,7 @@ import torch
 import torch.distributed as dist
 from torch.utils.data import DataLoader
 
-from moller_scg._vectors import as_real
+from moller_scg._vectors import as_complex, as_real
 from moller_scg.float64_sums import PassSums
 
 logger = logging.getLogger(__name__)
@@ -114,7 +114,7 @@ def all_reduce_sum(tensors: Sequence[torch.Tensor | None]) -> list[torch.Tensor 
         count = t.numel() * (2 if t.is_complex() else 1)
         chunk = buffer[start : start + count]
         start += count
-        results.append(torch.view_as_complex(chunk.view(*t.shape, 2)) if t.is_complex() else chunk.view(t.shape))
+        results.append(as_complex(chunk.view(*t.shape, 2)) if t.is_complex() else chunk.view(t.shape))
     return results
 
 

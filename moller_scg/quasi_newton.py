@@ -546,7 +546,7 @@ class SecantPairs:
             for i, piece in zip(members, torch.split(flat, sizes)):
                 shape = (*self._shapes[i], 2) if self._complex[i] else self._shapes[i]
                 piece = piece.view(shape)
-                result[i] = torch.view_as_complex(piece) if self._complex[i] else piece
+                result[i] = vec.as_complex(piece) if self._complex[i] else piece
         return [t for t in result if t is not None]
 
 

@@ -110,6 +110,29 @@ def test_a_group_of_one_gives_the_single_process_numbers_exactly(one_rank_group)
     assert all(torch.equal(a, b) for a, b in zip(grouped.hvp(v), alone.hvp(v)))
 
 
+def test_a_group_of_one_sums_a_complex_parameter_after_an_odd_number_of_reals(one_rank_group):
+    """The all-reduce packs the loss, the class-weight denominator and the samples (3 reals) before the complex
+    gradient: its part of the float64 buffer starts at an odd offset, which a complex view cannot take (it raised)."""
+
+    class ComplexLinear(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.w = nn.Parameter(torch.randn(3, 2, dtype=torch.complex128, generator=torch.Generator().manual_seed(0)))
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            z = x.to(torch.complex128) @ self.w
+            return torch.cat([z.real, z.imag], dim=1)
+
+    generator = torch.Generator().manual_seed(1)
+    x, y = torch.randn(10, 3, dtype=torch.float64, generator=generator), torch.randint(0, 4, (10,), generator=generator)
+    model = ComplexLinear()
+    grouped = GradientAccumulator(model, nn.CrossEntropyLoss(), (x, y), batch_size=3)
+    alone = GradientAccumulator(model, nn.CrossEntropyLoss(), (x, y), batch_size=3, distributed=False)
+    loss = grouped()
+    gradient = model.w.grad.clone()
+    assert torch.equal(loss, alone()) and torch.equal(gradient, model.w.grad)
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # The scenarios every rank runs (and one process runs as the reference)
 

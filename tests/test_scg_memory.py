@@ -347,6 +347,28 @@ def test_complex_parameters_with_memory_follow_their_real_view(diagonal_scaling)
         torch.testing.assert_close(torch.view_as_real(c.reshape(2)).reshape(-1), r, rtol=1e-10, atol=1e-12)
 
 
+def test_a_complex_parameter_after_a_real_one_of_odd_size_follows_its_real_view():
+    """The pairs hold a real parameter of 3 numbers and a complex one in one flat block of float64: the complex
+    parameter's part starts at an odd offset, which a complex view of the block cannot take (it raised)."""
+    target = torch.tensor([1.0 + 2.0j, -0.5 + 0.25j], dtype=torch.complex128)
+    a, z = nn.Parameter(torch.zeros(3, dtype=torch.float64)), nn.Parameter(torch.zeros(2, dtype=torch.complex128))
+    b, real = nn.Parameter(torch.zeros(3, dtype=torch.float64)), nn.Parameter(torch.zeros(2, 2, dtype=torch.float64))
+
+    def loss_complex():
+        return torch.sum(torch.abs(z - target) ** 4) + torch.sum((a - 1) ** 2) * (1 + torch.sum(torch.abs(z) ** 2))
+
+    def loss_real():
+        squared = torch.sum((real - torch.view_as_real(target)) ** 2, dim=-1)
+        return torch.sum(squared**2) + torch.sum((b - 1) ** 2) * (1 + torch.sum(real**2))
+
+    _, complex_trajectory, _ = run([a, z], loss_complex, 15, memory=3)
+    _, real_trajectory, _ = run([b, real], loss_real, 15, memory=3)
+    for c, r in zip(complex_trajectory, real_trajectory):  # c: a and z as one complex vector of 5
+        as_reals = torch.cat([c[:3].real, torch.view_as_real(c[3:]).reshape(-1)])
+        torch.testing.assert_close(as_reals, r, rtol=1e-10, atol=1e-12)
+    assert float(loss_complex()) < 0.01 * float(torch.sum(torch.abs(target) ** 4) + 3)  # it trains
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # The flat fast path (moller_scg/flat_vector.py): r, p and the accepted w in one buffer each
 
