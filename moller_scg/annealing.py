@@ -364,10 +364,21 @@ class Annealer:
     def _anneal(self, history: History, kind: str, reason: str, restart: int, moves: int) -> None:
         temperature, scale = self.config.temperature_at(restart), self.config.scale_at(restart)
         params = self._params()
-        if kind == REINITIALISATION:
-            result = self._reinitialise(params, moves, temperature, scale)
-        else:
-            result = self._walk(params, moves, temperature, scale)
+        # A chain cut short (Ctrl-C, an error in the loss) leaves the weights and the generator as they were before
+        # it, not at a random candidate: the run stops at an accepted point, and a resume draws the same chain.
+        with torch.no_grad():
+            start = vec.clone(params)
+        generator_state = self.generator.get_state()
+        try:
+            if kind == REINITIALISATION:
+                result = self._reinitialise(params, moves, temperature, scale)
+            else:
+                result = self._walk(params, moves, temperature, scale)
+        except BaseException:
+            with torch.no_grad():
+                vec.copy_(params, start)
+            self.generator.set_state(generator_state)
+            raise
         _restart_scg(self.optimizer)
         event = {
             "iteration": len(history),

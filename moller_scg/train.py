@@ -237,17 +237,20 @@ def fit(
         state.stepped()  # the loaded optimizer state belongs to the loaded weights, as after a step
     bar = _progress_bar(progress and _dist.is_main_process(), max_iter, initial=len(history))
     stops = StopRequests()
+    steps_taken = 0
     try:
         with stops.installed():
             while history.stop_reason is None:
                 history.stop_reason = agreed(budget_exhausted(history, max_iter, max_time, started, stops))
                 if history.stop_reason is not None:
                     break
-                annealed = annealer is not None and annealer.before_iteration(history)
                 try:
+                    # An annealing chain cut short leaves the weights where it found them (Annealer._anneal).
+                    annealed = annealer is not None and annealer.before_iteration(history)
                     # torch types a closure as returning a float; a loss tensor is what its optimizers take
                     optimizer.step(train)  # type: ignore[arg-type]
                     state.stepped()
+                    steps_taken += 1
                 except KeyboardInterrupt:
                     history.stop_reason = "interrupted"
                     break
@@ -276,7 +279,10 @@ def fit(
             bar.close()
     if history.stop_reason == "max_fail" and early.best_weights is not None:
         model.load_state_dict(early.best_weights)  # SCG's E and r now belong to other weights: state.save says so
-    state.save(started)
+    if steps_taken or not found:
+        # A resume that took no step leaves its checkpoint as it found it: rewritten, it would take this call's
+        # data fingerprint and distrust SCG's saved state, though nothing was trained on that data.
+        state.save(started)
     logger.info("stopped after %d iterations: %s", len(history), history.message)
     return history
 

@@ -315,6 +315,30 @@ def test_restarts_round_trip_through_a_weights_only_dict(tmp_path):
         History.from_dict({"columns": history.to_dict()["columns"], "restarts": ["stall"]})
 
 
+def test_a_chain_cut_short_by_ctrl_c_leaves_the_weights_where_it_found_them():
+    # A second Ctrl-C in the third loss pass of the initial chain: fit stops as interrupted, and the model holds the
+    # weights it started from, not a random candidate of the chain.
+    import os
+    import signal
+
+    class InterruptedLoss(nn.MSELoss):
+        calls = 0
+
+        def forward(self, outputs, targets):
+            InterruptedLoss.calls += 1
+            if InterruptedLoss.calls == 8:
+                os.kill(os.getpid(), signal.SIGINT)
+                os.kill(os.getpid(), signal.SIGINT)
+            return super().forward(outputs, targets)
+
+    model, data = regression_problem()
+    start = [p.detach().clone() for p in model.parameters()]
+    config = AnnealingRestarts(initial_perturbations=5, scale=0.5)
+    history = fit(model, InterruptedLoss(), data, max_iter=5, progress=False, annealing=config)
+    assert history.stop_reason == "interrupted" and len(history) == 0 and not history.restarts
+    assert all(torch.equal(p, q) for p, q in zip(model.parameters(), start))
+
+
 def test_resume_with_annealing_ends_bit_identical(tmp_path):
     reference_model, data = regression_problem()
     reference = fit_regression(reference_model, data)

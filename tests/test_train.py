@@ -486,6 +486,24 @@ def test_resume_on_the_same_data_trusts_the_checkpoint_and_does_not_warn(tmp_pat
     assert not [w for w in recwarn if "training data" in str(w.message)]
 
 
+def test_a_resume_that_takes_no_step_leaves_its_checkpoint_as_it_was(tmp_path, recwarn):
+    # A resume mistakenly given other data, at a budget already spent: it warns, takes no step and must not rewrite
+    # the file with the other data's fingerprint (a later resume on the right data would distrust SCG's state).
+    path = tmp_path / "run.pt"
+    model, data = regression_problem()
+    quiet_fit(model, data, max_iter=4, checkpoint=path)
+    saved = path.read_bytes()
+    _, other = regression_problem(seed=7)
+    with pytest.warns(UserWarning, match="other training data"):
+        mistaken = quiet_fit(model, other, max_iter=4, checkpoint=path, resume=True)
+    assert mistaken.stop_reason == "max_iter" and len(mistaken) == 4
+    assert path.read_bytes() == saved
+    recwarn.clear()
+    quiet_fit(model, data, max_iter=6, checkpoint=path, resume=True)
+    assert not [w for w in recwarn if "training data" in str(w.message)]
+    assert load_checkpoint(path)["extra"]["optimizer_at_weights"] is True
+
+
 def test_lbfgs_history_records_the_loss_at_the_weights_after_the_step(regression):
     model, data = regression
     optimizer = torch.optim.LBFGS(model.parameters(), max_iter=5, line_search_fn="strong_wolfe")
