@@ -296,5 +296,5 @@ def _parse(name: str, text: str) -> Any:
     if name in _BOOLEAN_COLUMNS:
         return {"True": True, "False": False}.get(text, math.nan)
     if name in _INTEGER_COLUMNS:
-        return int(text)
+        return math.nan if text == "nan" else int(text)  # NaN: an optimizer that does not count (LBFGS's calls)
     return float(text)

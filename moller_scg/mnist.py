@@ -9,6 +9,7 @@ the validation split for early stopping.
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 import time
 from typing import cast
@@ -20,7 +21,7 @@ from moller_scg.accumulate import GradientAccumulator
 from moller_scg.data import MnistSplits, load_embedded_mnist, load_mnist_idx
 from moller_scg.history import History
 from moller_scg.models import MnistCNN
-from moller_scg.scg import DEFAULT_MEMORY, SCG, SCGTrace
+from moller_scg.scg import DEFAULT_MEMORY, SCG
 from moller_scg.train import DEFAULT_MAX_FAIL, accuracy, fit
 
 DEFAULT_MAX_ITER = 60
@@ -76,6 +77,8 @@ class MnistResult:
 def held_weights_loss(history: History) -> float:
     """E at the weights the model holds after :func:`~moller_scg.fit`: after a ``max_fail`` stop, the loss of the
     best validation iteration, whose weights ``fit`` restored; otherwise the last iteration's."""
+    if not len(history):
+        return math.nan  # fit took no step (a time budget spent before it, a loss not finite at the start)
     if history.stop_reason == "max_fail" and history.best_iteration is not None:
         return history["loss"][history.best_iteration - 1]
     return history["loss"][-1]
@@ -199,15 +202,14 @@ def train_mnist(
     test_accuracy = float(
         GradientAccumulator(model, accuracy, splits.test, batch_size=batch_size, device=device, reduction="mean").loss()
     )
-    # None only if fit took no step, and then history["loss"][-1] (evaluated first below) raises IndexError anyway.
-    trace = cast(SCGTrace, optimizer.trace)
+    trace = optimizer.trace  # None if fit took no step
     return MnistResult(
         history=history,
         train_loss=held_weights_loss(history),
         test_accuracy=test_accuracy,
         iterations=len(history),
-        closure_calls=trace.closure_calls,
-        hvp_calls=trace.hvp_calls,
+        closure_calls=0 if trace is None else trace.closure_calls,
+        hvp_calls=0 if trace is None else trace.hvp_calls,
         wall_time=history["time"][-1] if len(history) else wall_time,
         stop_reason=cast(str, history.stop_reason),  # fit returns its History with stop_reason set
         train_size=len(splits.train[1]),

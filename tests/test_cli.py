@@ -64,6 +64,13 @@ def test_mnist_smoke_run_on_200_embedded_images(capsys, tmp_path):
     assert plot.read_bytes().startswith(b"\x89PNG")
 
 
+def test_mnist_with_a_time_budget_spent_before_the_first_step_reports_no_iteration(capsys):
+    status = main(["mnist", "--max-train", "200", "--max-time", "0", "--quiet"])
+    output = capsys.readouterr().out
+    assert status == 0, output
+    assert "iterations     0" in output and "stop reason    max_time" in output and "train loss     nan" in output
+
+
 @pytest.mark.parametrize(
     "flags, conv_weight_stride", [([], (25, 1, 5, 1)), (["--memory-format", "contiguous"], (25, 25, 5, 1))]
 )

@@ -70,6 +70,20 @@ def test_csv_round_trip_keeps_how_the_run_ended(tmp_path):
     assert len(again) == len(history)
 
 
+def test_csv_round_trip_of_an_lbfgs_run_whose_call_counts_are_nan(tmp_path):
+    # fit records no closure or HVP counts for an optimizer that does not report them (NaN in integer columns).
+    torch.manual_seed(0)
+    x, y = torch.randn(40, 3, dtype=torch.float64), torch.randn(40, 1, dtype=torch.float64)
+    model = nn.Sequential(nn.Linear(3, 6), nn.Tanh(), nn.Linear(6, 1)).double()
+    optimizer = torch.optim.LBFGS(model.parameters(), max_iter=3)
+    history = fit(model, nn.MSELoss(), (x, y), optimizer=optimizer, max_iter=3, progress=False)
+    assert all(math.isnan(value) for value in history["closure_calls"])
+    path = tmp_path / "history.csv"
+    history.to_csv(path)
+    again = History.from_csv(path)
+    assert all(math.isnan(value) for value in again["closure_calls"]) and again["loss"] == history["loss"]
+
+
 def test_csv_round_trip_of_a_history_without_rows(tmp_path):
     history = History(stop_reason="max_time")
     path = tmp_path / "history.csv"
