@@ -231,6 +231,13 @@ def fit(
     elif resume:
         logger.info("no checkpoint at %s yet: starting afresh", checkpoint)
 
+    if found and len(history):
+        # A run that had stopped by a rule stops again by it, before any step, if this call's rules say so too (a
+        # finished run resumed with the same arguments is finished); looser rules let it go on.
+        stall_since = 0 if annealer is None else annealer.since(history)
+        history.stop_reason = converged(history, goal, min_grad, max_fail, max_stall, early, stall_since)
+        if annealer is not None:
+            history.stop_reason = restart_instead(annealer, history, min_grad)
     started = time.perf_counter() - elapsed_before
     state = RunCheckpoint(checkpoint, model, optimizer, train, history, early, fingerprint, annealer)
     if optimizer_trusted:

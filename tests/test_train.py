@@ -504,6 +504,22 @@ def test_a_resume_that_takes_no_step_leaves_its_checkpoint_as_it_was(tmp_path, r
     assert load_checkpoint(path)["extra"]["optimizer_at_weights"] is True
 
 
+def test_a_finished_run_resumed_with_its_arguments_stays_finished(tmp_path):
+    # The same call again after the run met its goal: no step, the same weights, the checkpoint untouched; a lower
+    # goal lets it go on from there.
+    path = tmp_path / "run.pt"
+    model, data = regression_problem()
+    goal = quiet_fit(regression_problem()[0], data, max_iter=12)["loss"][9]
+    finished = quiet_fit(model, data, max_iter=100, goal=goal, checkpoint=path)
+    assert finished.stop_reason == "goal" and len(finished) == 10
+    weights, saved = [p.detach().clone() for p in model.parameters()], path.read_bytes()
+    again = quiet_fit(model, data, max_iter=100, goal=goal, checkpoint=path, resume=True)
+    assert again.stop_reason == "goal" and len(again) == 10
+    assert all(torch.equal(p, q) for p, q in zip(model.parameters(), weights)) and path.read_bytes() == saved
+    further = quiet_fit(model, data, max_iter=100, goal=goal / 2, checkpoint=path, resume=True)
+    assert further.stop_reason == "goal" and len(further) > 10
+
+
 def test_lbfgs_history_records_the_loss_at_the_weights_after_the_step(regression):
     model, data = regression
     optimizer = torch.optim.LBFGS(model.parameters(), max_iter=5, line_search_fn="strong_wolfe")
