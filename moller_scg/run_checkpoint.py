@@ -46,8 +46,8 @@ class RunState:
     columns and the random generators: its ``extra`` entry, one field per key.
 
     ``optimizer_at_weights`` says whether SCG's saved E and r were computed at the saved weights (see
-    :meth:`RunCheckpoint.optimizer_at_weights`); ``restarts`` and ``annealing`` are written only by a run with
-    annealing restarts.
+    :meth:`RunCheckpoint.optimizer_at_weights`); ``restarts`` is written by a run with annealing restarts and by one
+    whose History has some (a run resumed without annealing), ``annealing`` only by a run with annealing restarts.
     """
 
     stop_reason: str | None = None
@@ -79,8 +79,10 @@ class RunState:
             "weight_decay": self.weight_decay,
             "optimizer_at_weights": self.optimizer_at_weights,
         }
+        if self.restarts is not None:
+            extra["restarts"] = self.restarts
         if self.annealing is not None:
-            extra |= {"restarts": self.restarts, "annealing": self.annealing}
+            extra["annealing"] = self.annealing
         return extra
 
     @classmethod
@@ -140,7 +142,8 @@ class RunCheckpoint:
             data_fingerprint=self.fingerprint,
             weight_decay=self.train.weight_decay,
             optimizer_at_weights=self.optimizer_at_weights(),
-            restarts=None if self.annealer is None else self.history.restarts,
+            # The restarts of a run with annealing, and those a resumed run without it carries on (its History's).
+            restarts=self.history.restarts if self.annealer is not None or self.history.restarts else None,
             annealing=None if self.annealer is None else self.annealer.state_dict(),
         )
 

@@ -315,6 +315,30 @@ def test_restarts_round_trip_through_a_weights_only_dict(tmp_path):
         History.from_dict({"columns": history.to_dict()["columns"], "restarts": ["stall"]})
 
 
+def test_a_run_resumed_without_annealing_keeps_the_restarts_in_its_checkpoint(tmp_path):
+    path = tmp_path / "run.pt"
+
+    def resumed(max_iter, **options):
+        model, data = regression_problem()
+        return fit(
+            model,
+            nn.MSELoss(),
+            data,
+            max_iter=max_iter,
+            progress=False,
+            batch_size=16,
+            checkpoint=path,
+            resume=True,
+            **options,
+        )
+
+    first = resumed(60, annealing=AnnealingRestarts(window=5, rel_tol=0.05, max_restarts=3))
+    assert len(first.restarts) == 2
+    assert len(resumed(70).restarts) == 2
+    assert load_checkpoint(path)["extra"]["restarts"] == first.restarts  # written without annealing too
+    assert resumed(75).restarts == first.restarts
+
+
 def test_a_chain_cut_short_by_ctrl_c_leaves_the_weights_where_it_found_them():
     # A second Ctrl-C in the third loss pass of the initial chain: fit stops as interrupted, and the model holds the
     # weights it started from, not a random candidate of the chain.
