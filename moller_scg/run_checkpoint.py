@@ -63,6 +63,9 @@ class RunState:
     """ν of the objective's penalty (ν/2)|w|² (:mod:`moller_scg.weight_decay`): part of the objective E and r are of.
     As read from a checkpoint, unchecked; :func:`resume_run` validates it before loading anything."""
     optimizer_at_weights: bool = False
+    loss: str | None = None
+    """The training loss as :func:`describe_loss` names it: part of the objective E and r are of (``None`` in a
+    checkpoint written before it was recorded)."""
     restarts: list[dict[str, Any]] | None = None
     annealing: dict[str, Any] | None = None
 
@@ -78,6 +81,7 @@ class RunState:
             "data_fingerprint": self.data_fingerprint,
             "weight_decay": self.weight_decay,
             "optimizer_at_weights": self.optimizer_at_weights,
+            "loss": self.loss,
         }
         if self.restarts is not None:
             extra["restarts"] = self.restarts
@@ -98,6 +102,7 @@ class RunState:
             data_fingerprint=extra.get("data_fingerprint"),
             weight_decay=extra.get("weight_decay", 0.0),
             optimizer_at_weights=extra.get("optimizer_at_weights") is True,
+            loss=extra.get("loss"),
             restarts=extra.get("restarts"),
             annealing=extra.get("annealing"),
         )
@@ -142,6 +147,7 @@ class RunCheckpoint:
             data_fingerprint=self.fingerprint,
             weight_decay=self.train.weight_decay,
             optimizer_at_weights=self.optimizer_at_weights(),
+            loss=describe_loss(self.train),
             # The restarts of a run with annealing, and those a resumed run without it carries on (its History's).
             restarts=self.history.restarts if self.annealer is not None or self.history.restarts else None,
             annealing=None if self.annealer is None else self.annealer.state_dict(),
@@ -180,6 +186,16 @@ def check_checkpoint_path(path: str | os.PathLike[str], resume: bool, overwrite:
         raise problem
     if failed:
         raise ValueError(f"rank 0 cannot use the checkpoint {os.fspath(path)!r}: see its error")
+
+
+def describe_loss(train: GradientAccumulator) -> str:
+    """The training loss as a checkpoint records it: its type (or function) and the reduction the accumulator
+    applies, e.g. ``"torch.nn.modules.loss.MSELoss, reduction 'mean'"``. Settings inside a loss module (class
+    weights, label smoothing) are not part of it."""
+    loss_fn = train.loss_fn
+    named = type(loss_fn) if isinstance(loss_fn, nn.Module) else loss_fn  # a module by its class, a function itself
+    name = f"{getattr(named, '__module__', '?')}.{getattr(named, '__qualname__', type(named).__qualname__)}"
+    return f"{name}, reduction {train.reduction!r}"
 
 
 def resume_run(
@@ -238,7 +254,15 @@ def resume_run(
             f"the run goes on from them but is not a continuation of the saved run",
             stacklevel=3,
         )
-    trusted = same_data and same_penalty and saved.optimizer_at_weights
+    same_loss = saved.loss is None or saved.loss == describe_loss(train)  # an older checkpoint: not recorded
+    if not same_loss:
+        warnings.warn(
+            f"resuming from {os.fspath(path)!r} with the loss {describe_loss(train)} where the run that wrote it had "
+            f"{saved.loss}: another objective. The loss and gradient are recomputed at the loaded weights; the run "
+            f"goes on from them but is not a continuation of the saved run",
+            stacklevel=3,
+        )
+    trusted = same_data and same_penalty and same_loss and saved.optimizer_at_weights
     if isinstance(optimizer, SCG) and not trusted:
         optimizer.restart()
         logger.info("SCG restarts at the weights loaded from %s: its saved E and r may belong to others", path)

@@ -14,7 +14,7 @@ from moller_scg.checkpoint import CheckpointError, load_checkpoint, save_checkpo
 from moller_scg.run_checkpoint import RunState
 from moller_scg.stopping import EarlyStopping
 
-# The keys of a checkpoint's "extra" as fit has written them since the run state was typed (and before).
+# The keys of a checkpoint's "extra" as fit writes them ("loss" since 2026-12-07; a checkpoint without it resumes).
 TODAYS_KEYS = [
     "stop_reason",
     "best_iteration",
@@ -25,6 +25,7 @@ TODAYS_KEYS = [
     "data_fingerprint",
     "weight_decay",
     "optimizer_at_weights",
+    "loss",
 ]
 ANNEALING_KEYS = ["restarts", "annealing"]
 
@@ -48,6 +49,7 @@ def test_fit_writes_the_run_state_in_todays_layout(tmp_path, regression):
     assert extra["world_size"] == 1 and extra["curvature_window"] == {"window": 0}
     assert isinstance(extra["data_fingerprint"], dict) and extra["optimizer_at_weights"] is True
     assert extra["weight_decay"] == 0.0
+    assert extra["loss"] == "torch.nn.modules.loss.MSELoss, reduction 'mean'"
 
 
 def test_a_run_with_annealing_adds_its_restarts_and_annealer_state(tmp_path, regression):

@@ -477,6 +477,18 @@ def test_resume_on_other_data_warns_and_recomputes_the_loss(tmp_path):
     assert resumed["loss"][-1] == pytest.approx(mse_at(model, other), rel=1e-12)
 
 
+def test_resume_with_another_loss_warns_and_recomputes_the_loss(tmp_path):
+    path = tmp_path / "run.pt"
+    model, data = regression_problem()
+    fit(model, nn.MSELoss(), data, max_iter=5, checkpoint=path, progress=False, batch_size=16)
+    assert load_checkpoint(path)["extra"]["loss"] == "torch.nn.modules.loss.MSELoss, reduction 'mean'"
+    summed = nn.MSELoss(reduction="sum")
+    with pytest.warns(UserWarning, match="with the loss .*MSELoss, reduction 'sum' where the run that wrote it had"):
+        resumed = fit(model, summed, data, max_iter=8, checkpoint=path, resume=True, progress=False, batch_size=16)
+    assert all(resumed["success"][5:])  # SCG restarted on the new objective: no trial judged by the old E
+    assert resumed["loss"][-1] == pytest.approx(float(summed(model(data[0]), data[1])), rel=1e-12)
+
+
 def test_resume_on_the_same_data_trusts_the_checkpoint_and_does_not_warn(tmp_path, recwarn, regression):
     path = tmp_path / "run.pt"
     model, data = regression
