@@ -188,6 +188,27 @@ def check_checkpoint_path(path: str | os.PathLike[str], resume: bool, overwrite:
         raise ValueError(f"rank 0 cannot use the checkpoint {os.fspath(path)!r}: see its error")
 
 
+SCG_SETTINGS = ("sigma", "lambd", "hvp", "restart", "memory", "diagonal_scaling")
+"""The settings of an SCG that a resumed fit must share with the run it continues (load_state_dict would take the
+saved ones over silently, past fit's checks of the given optimizer against its other arguments)."""
+
+
+def _differing_scg_settings(optimizer: torch.optim.Optimizer, saved_optimizer: Any) -> str:
+    """The saved SCG settings that differ from ``optimizer``'s, as ``"hvp='finite-difference' (this one has
+    'double-backward'), …"``; empty when they agree, or when either is not an SCG state (the restore names that)."""
+    groups = saved_optimizer.get("param_groups") if isinstance(saved_optimizer, Mapping) else None
+    if not isinstance(optimizer, SCG) or not isinstance(groups, list) or not groups or not isinstance(groups[0], dict):
+        return ""
+    saved = {"diagonal_scaling": False} | groups[0]  # diagonal_scaling: False in a state saved before the option
+    own = optimizer.param_groups[0]
+    differing = [  # a setting the saved state does not record (an older version's) is not compared
+        f"{key}={saved[key]!r} (this one has {own.get(key)!r})"
+        for key in SCG_SETTINGS
+        if key in saved and saved[key] != own.get(key)
+    ]
+    return ", ".join(differing)
+
+
 def describe_loss(train: GradientAccumulator) -> str:
     """The training loss as a checkpoint records it: its type (or function) and the reduction the accumulator
     applies, e.g. ``"torch.nn.modules.loss.MSELoss, reduction 'mean'"``. Settings inside a loss module (class
@@ -234,6 +255,13 @@ def resume_run(
         cursor.load_state_dict(saved.curvature_window)
     except ValueError as error:
         raise CheckpointError(f"cannot resume from {path}: its curvature_window is invalid: {error}") from None
+    settings = _differing_scg_settings(optimizer, state.get("optimizer"))
+    if settings:
+        raise CheckpointError(
+            f"cannot resume from {path}: the SCG that wrote it had {settings}. Build the optimizer with the "
+            f"settings it was saved with (fit checks them against its other arguments), or pass resume=False to start "
+            f"afresh"
+        )
     if annealer is not None and saved.annealing is not None:
         annealer.load_state_dict(saved.annealing)  # checked before anything else is loaded
     restore(model, optimizer, state, source=path)

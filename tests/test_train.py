@@ -477,6 +477,20 @@ def test_resume_on_other_data_warns_and_recomputes_the_loss(tmp_path):
     assert resumed["loss"][-1] == pytest.approx(mse_at(model, other), rel=1e-12)
 
 
+def test_resume_with_an_scg_of_other_settings_is_refused_and_changes_nothing(tmp_path):
+    # load_state_dict would take the saved settings over, past fit's checks of the optimizer it was given.
+    path = tmp_path / "run.pt"
+    model, data = regression_problem()
+    quiet_fit(model, data, max_iter=3, optimizer=SCG(model.parameters(), hvp="finite-difference", sigma=1e-4),
+              checkpoint=path)  # fmt: skip
+    weights = [p.detach().clone() for p in model.parameters()]
+    with pytest.raises(CheckpointError, match=r"hvp='finite-difference' \(this one has 'double-backward'\)"):
+        quiet_fit(model, data, max_iter=6, optimizer=SCG(model.parameters()), checkpoint=path, resume=True)
+    assert all(torch.equal(p, q) for p, q in zip(model.parameters(), weights))
+    same = SCG(model.parameters(), hvp="finite-difference", sigma=1e-4)
+    assert len(quiet_fit(model, data, max_iter=6, optimizer=same, checkpoint=path, resume=True)) == 6
+
+
 def test_resume_with_another_loss_warns_and_recomputes_the_loss(tmp_path):
     path = tmp_path / "run.pt"
     model, data = regression_problem()
