@@ -251,6 +251,9 @@ def fit(
                 history.stop_reason = agreed(budget_exhausted(history, max_iter, max_time, started, stops))
                 if history.stop_reason is not None:
                     break
+                # Weights written since the last step (by a callback, say) need their validation loss evaluated even
+                # if this step's trial fails and leaves them as they are.
+                written_outside = len(history) > 0 and not state.optimizer_at_weights()
                 try:
                     # An annealing chain cut short leaves the weights where it found them (Annealer._anneal).
                     annealed = annealer is not None and annealer.before_iteration(history)
@@ -266,7 +269,7 @@ def fit(
                     logger.warning("stopping: %s", error)
                     break
                 row = _row(optimizer, history, started, train)
-                moved = row["success"] or annealed
+                moved = row["success"] or annealed or written_outside
                 row |= _validation_row(validation, metric, history, weights_moved=moved)
                 history.append(**row)
                 if validation is not None:

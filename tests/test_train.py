@@ -477,6 +477,23 @@ def test_resume_on_other_data_warns_and_recomputes_the_loss(tmp_path):
     assert resumed["loss"][-1] == pytest.approx(mse_at(model, other), rel=1e-12)
 
 
+def test_weights_a_callback_writes_get_their_validation_loss_even_if_the_next_trial_fails():
+    model, (x, y) = regression_problem()
+    generator = torch.Generator().manual_seed(1)
+
+    def scatter_the_weights(history):
+        if len(history) == 5:
+            with torch.no_grad():
+                for p in model.parameters():
+                    p.copy_(torch.randn(p.shape, generator=generator, dtype=p.dtype) * 20.0)
+
+    validation = (x + 0.1, y)
+    history = quiet_fit(model, (x, y), val_data=validation, max_iter=6, callbacks=[scatter_the_weights])
+    assert not history["success"][-1]  # SCG's first trial from the written weights was rejected
+    assert history["val_loss"][-1] == pytest.approx(mse_at(model, validation), rel=1e-12)
+    assert history["val_loss"][-1] > 100 * history["val_loss"][-2]
+
+
 def test_resume_with_an_scg_of_other_settings_is_refused_and_changes_nothing(tmp_path):
     # load_state_dict would take the saved settings over, past fit's checks of the optimizer it was given.
     path = tmp_path / "run.pt"
