@@ -167,6 +167,13 @@ def pass_problem(sums: PassSums, streamed: Batches, loss_fn: Any, distributed: b
     if bool(healthy):
         return None
     if denominator is not None and not bool(denominator > 0):
+        if subset:
+            raise ValueError(
+                f"the targets' total class weight in this Hessian-vector product's curvature subset is "
+                f"{float(denominator)} (every target in it equals ignore_index or has weight 0), so the subset's mean "
+                f"{type(loss_fn).__name__} is 0/0: raise curvature_fraction, so that every subset holds targets "
+                f"that count (the dataset's own total weight is positive)"
+            )
         raise ValueError(
             f"the targets' total class weight is {float(denominator)} (every target equals ignore_index or has "
             f"weight 0), so the mean {type(loss_fn).__name__} over the dataset is 0/0"

@@ -196,6 +196,21 @@ def test_class_weights_with_uint8_class_targets_are_exact():
     assert_matches_full_batch(acc, model, loss_fn, inputs, small_targets)
 
 
+def test_a_curvature_subset_whose_targets_are_all_ignored_is_named_as_the_subset():
+    # 2 samples a subset, 1 target in 4 labelled: the dataset's mean is fine, a subset of two ignored targets' is 0/0.
+    torch.manual_seed(0)
+    x, y = torch.randn(40, 3), torch.full((40,), -100)
+    y[::4] = torch.randint(0, 3, (10,))
+    model = nn.Linear(3, 3)
+    acc = GradientAccumulator(model, nn.CrossEntropyLoss(), (x, y), batch_size=8, curvature_fraction=0.05)
+    assert math.isfinite(float(acc()))
+    vectors = [torch.ones_like(p) for p in model.parameters()]
+    named = "in this Hessian-vector product's curvature subset .* raise curvature_fraction"
+    with pytest.raises(ValueError, match=named):
+        for _ in range(20):  # rotating subsets of 2 samples: some hold no labelled one
+            acc.hvp(vectors)
+
+
 def test_nll_loss_with_class_weights_and_ignore_index_is_exact():
     (inputs, targets), model = classification_data(), nn.Sequential(tanh_mlp(CLASSES), nn.LogSoftmax(dim=1))
     loss_fn = nn.NLLLoss(weight=torch.tensor([2.0, 0.5, 1.0], dtype=torch.float64), ignore_index=0)
