@@ -235,7 +235,17 @@ def resume_run(
     step evaluates E and r at the loaded weights.
     """
     state = load_checkpoint(path)
-    saved = RunState.from_extra(state["extra"])
+    try:
+        saved = RunState.from_extra(state["extra"])
+        history = History.from_dict(
+            {"columns": state["history"], "best_iteration": saved.best_iteration, "restarts": saved.restarts}
+        )
+    except (TypeError, ValueError, KeyError, AttributeError) as error:
+        # A checkpoint written by another loop with moller_scg.checkpoint's functions, whose run state is not fit's.
+        raise CheckpointError(
+            f"cannot resume from {path}: its run state is not one fit wrote ({type(error).__name__}: {error}). "
+            f"Resume it with the loop that wrote it, or pass resume=False to start afresh"
+        ) from None
     world_size = _dist.world_size()
     if saved.world_size != world_size:
         raise CheckpointError(
@@ -247,9 +257,6 @@ def resume_run(
         saved_weight_decay = validate_weight_decay(saved.weight_decay)
     except (TypeError, ValueError) as error:
         raise CheckpointError(f"cannot resume from {path}: its weight_decay is invalid: {error}") from None
-    history = History.from_dict(
-        {"columns": state["history"], "best_iteration": saved.best_iteration, "restarts": saved.restarts}
-    )
     cursor = CurvatureCursor()
     try:
         cursor.load_state_dict(saved.curvature_window)

@@ -245,6 +245,23 @@ def test_resume_with_another_models_checkpoint_is_refused(tmp_path):
     assert all(torch.equal(p, q) for p, q in zip(model.parameters(), before))
 
 
+@pytest.mark.parametrize(
+    "history, extra", [({"loss": [0.5, 0.4]}, {"epoch": 2}), ({}, {"early_stopping": {"patience": 3}})]
+)
+def test_a_checkpoint_of_a_users_own_loop_is_refused_by_name(tmp_path, history, extra):
+    from moller_scg.checkpoint import make_checkpoint, save_checkpoint
+
+    path = tmp_path / "own_loop.pt"
+    model, data = regression_problem()
+    optimizer = SCG(model.parameters(), memory=20)
+    save_checkpoint(path, make_checkpoint(model, optimizer, iteration=2, history=history, extra=extra))
+    model, data = regression_problem()
+    before = [p.detach().clone() for p in model.parameters()]
+    with pytest.raises(CheckpointError, match="its run state is not one fit wrote"):
+        quiet_fit(model, data, checkpoint=path, resume=True)
+    assert all(torch.equal(p, q) for p, q in zip(model.parameters(), before))
+
+
 def test_truncated_checkpoint_is_refused(tmp_path):
     path = tmp_path / "run.pt"
     model, data = regression_problem()
