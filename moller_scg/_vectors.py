@@ -131,10 +131,19 @@ def add_(xs: Sequence[torch.Tensor], ys: Sequence[torch.Tensor], alpha: float) -
     forming α y; for such an α the product is formed first (in float16 it rounds to inf where it overflows, and the
     trial point is then not finite, which SCG rejects)."""
     xs, ys = list(xs), list(ys)
-    if any(abs(alpha) > _largest_finite(x.dtype) for x in xs):
+    if abs(alpha) > _NARROWEST_RANGE and any(abs(alpha) > _largest_finite(x.dtype) for x in xs):
         torch._foreach_add_(xs, [torch.mul(y, alpha) for y in ys])
         return
     torch._foreach_add_(xs, ys, alpha=alpha)
+
+
+_NARROWEST_RANGE = min(
+    torch.finfo(getattr(torch, name)).max
+    for name in ("float16", "float8_e4m3fn", "float8_e4m3fnuz", "float8_e5m2", "float8_e5m2fnuz")
+    if hasattr(torch, name)
+)
+"""The largest finite number of the floating dtype with the narrowest range: an α below it every dtype holds, and
+:func:`add_` then pays one comparison."""
 
 
 @functools.cache
