@@ -30,6 +30,13 @@ def as_real(tensor: torch.Tensor) -> torch.Tensor:
     return torch.view_as_real(tensor) if tensor.is_complex() else tensor
 
 
+def write_marks(tensors: Sequence[torch.Tensor]) -> list[tuple[int, int]]:
+    """Each tensor's (version counter, address of its data): what changes when it is written to in place
+    (``p.copy_``) or given new storage (``p.data = …``, ``torch.nn.utils.vector_to_parameters``). An in-place write
+    through ``p.data`` changes neither: ``.data`` escapes autograd's version counter."""
+    return [(t._version, t.data_ptr()) for t in tensors]
+
+
 def as_complex(pairs: torch.Tensor) -> torch.Tensor:
     """The inverse of :func:`as_real` for a contiguous ``(..., 2)`` tensor of (real, imaginary) pairs: a complex view
     of it, or of a copy where it starts at an odd offset of its storage (a part of a flat real vector after a real
@@ -124,26 +131,27 @@ def all_finite(xs: Sequence[torch.Tensor]) -> bool:
     return _totals([non_finite_counts])[0] == 0
 
 
-def add_(xs: Sequence[torch.Tensor], ys: Sequence[torch.Tensor], alpha: float) -> None:
-    """x ← x + α y, in place.
-
-    torch refuses an ``alpha`` beyond the largest finite number of a tensor's dtype (65504 in float16) instead of
-    forming α y; for such an α the product is formed first (in float16 it rounds to inf where it overflows, and the
-    trial point is then not finite, which SCG rejects)."""
-    xs, ys = list(xs), list(ys)
-    if abs(alpha) > _NARROWEST_RANGE and any(abs(alpha) > _largest_finite(x.dtype) for x in xs):
-        torch._foreach_add_(xs, [torch.mul(y, alpha) for y in ys])
-        return
-    torch._foreach_add_(xs, ys, alpha=alpha)
-
-
 _NARROWEST_RANGE = min(
     torch.finfo(getattr(torch, name)).max
     for name in ("float16", "float8_e4m3fn", "float8_e4m3fnuz", "float8_e5m2", "float8_e5m2fnuz")
     if hasattr(torch, name)
 )
-"""The largest finite number of the floating dtype with the narrowest range: an α below it every dtype holds, and
-:func:`add_` then pays one comparison."""
+"""The largest finite number of the floating dtype with the narrowest range (240, a float8's): an α below it every
+dtype holds, and :func:`add_` then pays one comparison."""
+
+
+def add_(xs: Sequence[torch.Tensor], ys: Sequence[torch.Tensor], alpha: float) -> None:
+    """x ← x + α y, in place.
+
+    torch refuses an ``alpha`` beyond the largest finite number of a tensor's dtype (65504 in float16) instead of
+    forming α y; for such an α the product is formed first (in float16 it rounds to inf where it overflows, and the
+    trial point is then not finite, which SCG rejects). An α within :data:`_NARROWEST_RANGE` costs one comparison.
+    """
+    xs, ys = list(xs), list(ys)
+    if abs(alpha) > _NARROWEST_RANGE and any(abs(alpha) > _largest_finite(x.dtype) for x in xs):
+        torch._foreach_add_(xs, [torch.mul(y, alpha) for y in ys])
+        return
+    torch._foreach_add_(xs, ys, alpha=alpha)
 
 
 @functools.cache

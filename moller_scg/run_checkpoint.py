@@ -19,6 +19,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from moller_scg import _vectors as vec
 from moller_scg import distributed as _dist
 from moller_scg.accumulate import GradientAccumulator
 from moller_scg.annealing import Annealer
@@ -114,8 +115,9 @@ class RunCheckpoint:
     model holds.
 
     ``optimizer_at_weights`` is true while the parameters are as the optimizer's last step left them (their
-    version counters unchanged): restoring the best weights after a ``max_fail`` stop, or a callback that writes
-    the weights, makes it false, and a resume then recomputes E and r instead of trusting them.
+    version counters and storage unchanged, :func:`~moller_scg._vectors.write_marks`): restoring the best weights
+    after a ``max_fail`` stop, or a callback that writes the weights, makes it false, and a resume then recomputes E
+    and r instead of trusting them.
     """
 
     path: str | os.PathLike[str] | None
@@ -126,7 +128,7 @@ class RunCheckpoint:
     early: EarlyStopping
     fingerprint: dict[str, Any] | None
     annealer: Annealer | None = None
-    _versions_after_step: list[int] | None = None
+    _versions_after_step: list[tuple[int, int]] | None = None
 
     def stepped(self) -> None:
         """Remember the parameters' versions right after ``optimizer.step``."""
@@ -166,8 +168,8 @@ class RunCheckpoint:
         )
         save_checkpoint(self.path, checkpoint)
 
-    def _versions(self) -> list[int]:
-        return [p._version for p in self.model.parameters()]
+    def _versions(self) -> list[tuple[int, int]]:
+        return vec.write_marks(list(self.model.parameters()))
 
 
 def check_checkpoint_path(path: str | os.PathLike[str], resume: bool, overwrite: bool) -> None:
@@ -226,9 +228,10 @@ def resume_run(
     train: GradientAccumulator,
     fingerprint: dict[str, Any] | None,
     annealer: Annealer | None = None,
-) -> tuple[History, RunState, bool]:
+) -> tuple[History, RunState, bool, bool]:
     """Load a checkpoint into model, optimizer and annealer (all or nothing) and return the History and run state
-    it holds, and whether the loaded optimizer state was kept as it belongs to the loaded weights.
+    it holds, whether the loaded optimizer state was kept as it belongs to the loaded weights, and whether the
+    objective is the saved run's (the same data, weight decay and loss: then the saved losses are this run's too).
 
     SCG's saved E and r are kept only if the checkpoint shows they were computed at its weights, on data with
     this ``fingerprint`` and with the accumulator's ``weight_decay``; otherwise SCG is restarted, so that its next
@@ -301,4 +304,4 @@ def resume_run(
     if isinstance(optimizer, SCG) and not trusted:
         optimizer.restart()
         logger.info("SCG restarts at the weights loaded from %s: its saved E and r may belong to others", path)
-    return history, saved, trusted
+    return history, saved, trusted, same_data and same_penalty and same_loss

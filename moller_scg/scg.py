@@ -322,11 +322,11 @@ class SCG(torch.optim.Optimizer):
     def restart(self) -> None:
         """Forget the search direction: the next :meth:`step` starts again at step 1 from the current weights.
 
-        Use it after writing new weights into the parameters in place through ``.data`` (``p.data.copy_(…)``,
-        ``p.data.clamp_(…)``), which escapes autograd's version counter, and right after :meth:`load_state_dict`. SCG
-        notices other writes between steps by itself — in-place writes to the parameters (``p.copy_`` under
-        ``torch.no_grad()``, ``model.load_state_dict``) and new storage (``p.data = …``,
-        ``torch.nn.utils.vector_to_parameters``) — and restarts. λ returns to λ₁; the iteration count k goes on.
+        SCG notices writes to the parameters between steps by itself and restarts: in-place writes (``p.copy_``
+        under ``torch.no_grad()``, ``model.load_state_dict``) and new storage (``p.data = …``,
+        ``torch.nn.utils.vector_to_parameters``). Call this after the writes it cannot notice: in-place writes through
+        ``.data`` (``p.data.copy_(…)``, ``p.data.clamp_(…)``), which escape autograd's version counter, and writes
+        made between :meth:`load_state_dict` and the next step. λ returns to λ₁; the iteration count k goes on.
         """
         self._scalars.started = False
 
@@ -388,7 +388,7 @@ class SCG(torch.optim.Optimizer):
                 vec.copy_(params, accepted)
                 raise
             finally:
-                self._param_versions = _versions(params)
+                self._param_versions = vec.write_marks(params)
         finally:
             self._trace = tally.add_to(self._scalars, self._trace)  # closure_calls, hvp_calls: what it counted
         self._warned_stalled = warn_when_stalled(self._trace, self._warned_stalled)
@@ -597,7 +597,7 @@ class SCG(torch.optim.Optimizer):
     def _weights_changed_outside(self, params: list[torch.Tensor]) -> bool:
         """Whether the parameters were written to since the last step (then r and E are stale): an in-place write
         (``p.copy_``, ``model.load_state_dict``) or new storage (``p.data = …``, ``vector_to_parameters``)."""
-        return self._param_versions is not None and self._param_versions != _versions(params)
+        return self._param_versions is not None and self._param_versions != vec.write_marks(params)
 
     def _reset_transient(self) -> None:
         """Forget what cannot outlive this object: the objective of the last step (with the graph of its last
@@ -606,13 +606,6 @@ class SCG(torch.optim.Optimizer):
         self._storage = _StateVectors()
         self._param_versions = None
         self._warned_stalled = False
-
-
-def _versions(params: list[torch.Tensor]) -> list[tuple[int, int]]:
-    """Each parameter's (version counter, address of its data): what changes when it is written to. An in-place
-    write through ``p.data`` changes neither (``.data`` escapes autograd's version counter): call
-    :meth:`SCG.restart` after one."""
-    return [(p._version, p.data_ptr()) for p in params]
 
 
 def _saved_memory(state_dict: Any) -> Any:

@@ -219,25 +219,26 @@ def fit(
         annealer = Annealer(annealing, optimizer, train.loss)
 
     history, early, elapsed_before, optimizer_trusted = History(), EarlyStopping(), 0.0, False
+    saved_stop_reason: str | None = None
     fingerprint = data_fingerprint(train_data) if checkpoint is not None else None
     found = resume and checkpoint is not None and Path(checkpoint).exists()
     if _dist.is_distributed() and resume:
         # A rank that cannot see rank 0's file would start afresh while the others resume.
         _dist.check_same_on_every_rank({f"whether the checkpoint {checkpoint} exists": found})
     if found and checkpoint is not None:  # found implies a checkpoint; the second test narrows its type
-        history, saved, optimizer_trusted = resume_run(model, optimizer, checkpoint, train, fingerprint, annealer)
-        early, elapsed_before = saved.early_stopping, saved.elapsed
+        history, saved, optimizer_trusted, same_objective = resume_run(
+            model, optimizer, checkpoint, train, fingerprint, annealer
+        )
+        early, elapsed_before, saved_stop_reason = saved.early_stopping, saved.elapsed, saved.stop_reason
+        if same_objective and len(history):
+            # A run that had stopped by a rule stops again by it, before any step, if this call's rules say so too
+            # (a finished run resumed with the same arguments is finished); looser rules let it go on. (On another
+            # objective the saved losses are not this run's: it goes on.)
+            _apply_stop_rules(history, goal, min_grad, max_fail, max_stall, early, annealer)
         logger.info("resumed from %s after %d iterations", checkpoint, len(history))
     elif resume:
         logger.info("no checkpoint at %s yet: starting afresh", checkpoint)
 
-    if found and len(history):
-        # A run that had stopped by a rule stops again by it, before any step, if this call's rules say so too (a
-        # finished run resumed with the same arguments is finished); looser rules let it go on.
-        stall_since = 0 if annealer is None else annealer.since(history)
-        history.stop_reason = converged(history, goal, min_grad, max_fail, max_stall, early, stall_since)
-        if annealer is not None:
-            history.stop_reason = restart_instead(annealer, history, min_grad)
     started = time.perf_counter() - elapsed_before
     state = RunCheckpoint(checkpoint, model, optimizer, train, history, early, fingerprint, annealer)
     if optimizer_trusted:
@@ -276,10 +277,7 @@ def fit(
                     early.update(model, row["k"], row["val_loss"], moved=moved)
                     history.best_iteration = early.best_iteration
                 _update_bar(bar, history)
-                stall_since = 0 if annealer is None else annealer.since(history)
-                history.stop_reason = converged(history, goal, min_grad, max_fail, max_stall, early, stall_since)
-                if annealer is not None:
-                    history.stop_reason = restart_instead(annealer, history, min_grad)
+                _apply_stop_rules(history, goal, min_grad, max_fail, max_stall, early, annealer)
                 if history.stop_reason is None and _callbacks_ask_to_stop(callbacks, state, started):
                     history.stop_reason = "callback"
                 if history.stop_reason is None and len(history) % checkpoint_every == 0:
@@ -287,11 +285,13 @@ def fit(
     finally:
         if bar is not None:
             bar.close()
-    if history.stop_reason == "max_fail" and early.best_weights is not None:
-        model.load_state_dict(early.best_weights)  # SCG's E and r now belong to other weights: state.save says so
-    if steps_taken or not found:
-        # A resume that took no step leaves its checkpoint as it found it: rewritten, it would take this call's
-        # data fingerprint and distrust SCG's saved state, though nothing was trained on that data.
+    best_weights = early.best_weights if history.stop_reason == "max_fail" else None
+    restores_best = best_weights is not None
+    if best_weights is not None:
+        model.load_state_dict(best_weights)  # SCG's E and r now belong to other weights: state.save says so
+    if steps_taken or restores_best or not found or history.stop_reason != saved_stop_reason:
+        # A resume that changed nothing (no step, the same stop) leaves its checkpoint as it found it: rewritten, it
+        # would take this call's data fingerprint and distrust SCG's saved state, though nothing was trained on it.
         state.save(started)
     logger.info("stopped after %d iterations: %s", len(history), history.message)
     return history
@@ -304,6 +304,23 @@ def accuracy(outputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
 
 # --------------------------------------------------------------------------------------------------------------
 # Helpers of fit, each one rule
+
+
+def _apply_stop_rules(
+    history: History,
+    goal: float | None,
+    min_grad: float | None,
+    max_fail: int | None,
+    max_stall: int,
+    early: EarlyStopping,
+    annealer: Annealer | None,
+) -> None:
+    """Set ``history.stop_reason`` by the rules that read the History after its latest row (``converged``); with
+    annealing, a stall or a stationary point restarts instead while restarts are left (``restart_instead``)."""
+    stall_since = 0 if annealer is None else annealer.since(history)
+    history.stop_reason = converged(history, goal, min_grad, max_fail, max_stall, early, stall_since)
+    if annealer is not None:
+        history.stop_reason = restart_instead(annealer, history, min_grad)
 
 
 def _row(

@@ -580,6 +580,46 @@ def test_a_finished_run_resumed_with_its_arguments_stays_finished(tmp_path):
     assert further.stop_reason == "goal" and len(further) > 10
 
 
+def test_a_finished_run_resumed_on_other_data_goes_on(tmp_path):
+    # Its saved losses are the old objective's: the goal they met says nothing of the new data's loss.
+    path = tmp_path / "run.pt"
+    model, data = regression_problem()
+    goal = quiet_fit(regression_problem()[0], data, max_iter=12)["loss"][9]
+    assert len(quiet_fit(model, data, max_iter=100, goal=goal, checkpoint=path)) == 10
+    _, other = regression_problem(seed=7)
+    with pytest.warns(UserWarning, match="other training data"):
+        resumed = quiet_fit(model, other, max_iter=100, goal=goal, checkpoint=path, resume=True)
+    assert len(resumed) > 10 and resumed["loss"][-1] <= goal
+
+
+def test_a_resume_that_stops_by_max_fail_before_a_step_writes_the_restored_weights(tmp_path):
+    # Saved at max_iter with fails pending; resumed with a max_fail they exceed: no step, the best weights restored,
+    # and the checkpoint says so (it kept the last weights and the old stop before).
+    path = tmp_path / "run.pt"
+    model, (x, y) = regression_problem(n=24)
+    validation = (x + 0.3, y)
+    first = quiet_fit(model, (x, y), val_data=validation, max_iter=60, max_fail=None, checkpoint=path)
+    assert first.stop_reason == "max_iter" and load_checkpoint(path)["extra"]["early_stopping"]["fails"] > 5
+    resumed = quiet_fit(model, (x, y), val_data=validation, max_iter=100, max_fail=5, checkpoint=path, resume=True)
+    assert resumed.stop_reason == "max_fail" and len(resumed) == 60
+    saved = load_checkpoint(path)
+    assert saved["extra"]["stop_reason"] == "max_fail"
+    assert all(torch.equal(value, saved["model"][name]) for name, value in model.state_dict().items())
+
+
+def test_weights_given_new_storage_by_a_callback_are_not_trusted_by_the_checkpoint(tmp_path):
+    path = tmp_path / "run.pt"
+    model, data = regression_problem()
+
+    def halve_into_new_storage(history):
+        if len(history) == 5:
+            halved = nn.utils.parameters_to_vector(model.parameters()).detach() * 0.5
+            nn.utils.vector_to_parameters(halved, model.parameters())
+
+    quiet_fit(model, data, max_iter=5, checkpoint=path, callbacks=[halve_into_new_storage])
+    assert load_checkpoint(path)["extra"]["optimizer_at_weights"] is False
+
+
 def test_lbfgs_history_records_the_loss_at_the_weights_after_the_step(regression):
     model, data = regression
     optimizer = torch.optim.LBFGS(model.parameters(), max_iter=5, line_search_fn="strong_wolfe")
