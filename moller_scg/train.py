@@ -254,7 +254,8 @@ def fit(
                     break
                 # Weights written since the last step (by a callback, say) need their validation loss evaluated even
                 # if this step's trial fails and leaves them as they are.
-                written_outside = len(history) > 0 and not state.optimizer_at_weights()
+                # (Counted from this call's first step: right after a resume the weights are the saved ones.)
+                written_outside = steps_taken > 0 and not state.optimizer_at_weights()
                 try:
                     # An annealing chain cut short leaves the weights where it found them (Annealer._anneal).
                     annealed = annealer is not None and annealer.before_iteration(history)
