@@ -279,7 +279,7 @@ class SCG(torch.optim.Optimizer):
         state saved before that option existed has ``False``); ``memory`` must match (``ValueError`` otherwise).
         """
         memory = self.param_groups[0]["memory"]
-        saved_memory = _saved_memory(state_dict)
+        saved_memory = _saved_setting(state_dict, "memory")
         if saved_memory is not None and saved_memory != memory:
             raise ValueError(
                 f"this SCG state_dict was saved by an SCG with memory={saved_memory!r}, but this SCG has "
@@ -289,7 +289,8 @@ class SCG(torch.optim.Optimizer):
         held_products = read_held_products(state_dict)
         secant_pairs = None
         if secant_pairs_state is not None:
-            secant_pairs = quasi_newton.SecantPairs(self._params(), memory, _saved_diagonal_scaling(state_dict))
+            diagonal_scaling = bool(_saved_setting(state_dict, "diagonal_scaling", False))  # False: saved before it
+            secant_pairs = quasi_newton.SecantPairs(self._params(), memory, diagonal_scaling)
             secant_pairs.load_state_dict(secant_pairs_state)
         super().load_state_dict(state_dict)
         _copy_loaded_vectors(self.state)  # r and p, not shared with the dict: step 7 updates p in place
@@ -608,15 +609,8 @@ class SCG(torch.optim.Optimizer):
         self._warned_stalled = False
 
 
-def _saved_memory(state_dict: Any) -> Any:
-    """``memory`` of a saved state's first parameter group (``None`` if it has none)."""
+def _saved_setting(state_dict: Any, key: str, default: Any = None) -> Any:
+    """``key`` of a saved state's first parameter group (``default`` if the state has no such group or entry)."""
     groups = state_dict.get("param_groups") if isinstance(state_dict, dict) else None
     first = groups[0] if isinstance(groups, list) and groups else None
-    return first.get("memory") if isinstance(first, dict) else None
-
-
-def _saved_diagonal_scaling(state_dict: dict[str, Any]) -> bool:
-    """``diagonal_scaling`` of a saved state's first parameter group (``False`` if it has none)."""
-    groups = state_dict.get("param_groups") if isinstance(state_dict, dict) else None
-    first = groups[0] if isinstance(groups, list) and groups else None
-    return bool(first.get("diagonal_scaling", False)) if isinstance(first, dict) else False
+    return first.get(key, default) if isinstance(first, dict) else default
