@@ -111,7 +111,12 @@ class InnerProducts(NamedTuple):
 
 
 def _inner(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-    """xᵀy over the whole tensor, summed in float64, as a 0-dim tensor on the tensors' device (no host sync)."""
+    """xᵀy over the whole tensor, summed in float64, as a 0-dim tensor on the tensors' device (no host sync).
+
+    Half-precision tensors are multiplied in float64 too: float16's products overflow above 65504, i.e. at
+    gradient entries of about 256."""
+    if x.element_size() < 4:
+        x, y = x.double(), y.double()
     return torch.sum(x * y, dtype=torch.float64)
 
 
@@ -370,9 +375,7 @@ class CoBA(ConjugateAdaptiveOptimizer):
         if group["bias_correction"] is None:
             group["bias_correction"] = not group["amsgrad"]
         check_flag(group, "bias_correction")
-        if group["cg_rule"] not in CG_RULES:
-            choices = ", ".join(map(repr, CG_RULES))
-            raise ValueError(f"Invalid cg_rule value: {group['cg_rule']!r}; choose one of {choices}")
+        check_choice(group, "cg_rule", CG_RULES)
         check_schedule(group, "M", "M")
         check_nonnegative(group, "a", "a (the exponent in M/nᵃ)")
         hz_lambda = group["hz_lambda"]

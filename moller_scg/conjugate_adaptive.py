@@ -253,8 +253,9 @@ class ConjugateAdaptiveOptimizer(torch.optim.Optimizer):
         option existed.
 
         Raises:
-            ValueError: the state was saved by another optimizer (its groups lack this one's hyperparameters), or a
-                group saved with a callable schedule is loaded into a group constructed without one.
+            ValueError: the state was saved by another optimizer (its groups lack this one's hyperparameters, or its
+                parameters' state holds memory this one does not keep), or a group saved with a callable schedule is
+                loaded into a group constructed without one.
         """
         saved_groups = state_dict.get("param_groups") if isinstance(state_dict, dict) else None
         if not isinstance(saved_groups, list) or not all(isinstance(g, dict) for g in saved_groups):
@@ -271,6 +272,7 @@ class ConjugateAdaptiveOptimizer(torch.optim.Optimizer):
                     f"this is not a {type(self).__name__} state_dict: its parameter group {index} has no "
                     f"{', '.join(map(repr, missing))} (was it saved by another optimizer?)"
                 )
+            self._check_saved_fields(index, group, saved, state_dict.get("state"))
             schedules.append({})
             for key in self._schedule_keys:
                 if saved[key] != SCHEDULE_PLACEHOLDER:
@@ -285,6 +287,25 @@ class ConjugateAdaptiveOptimizer(torch.optim.Optimizer):
         super().load_state_dict(state_dict)
         for group, restored in zip(self.param_groups, schedules):
             group.update(restored)
+
+    def _check_saved_fields(self, index: int, group: dict[str, Any], saved: dict[str, Any], saved_state: Any) -> None:
+        """The saved state of group ``index``'s parameters must hold only what this optimizer's rules keep.
+
+        Another variant's state can carry every hyperparameter of this one (SCGAMSGrad's groups have all of
+        SCGAdam's keys), but not its memory: SCGAMSGrad keeps ``max_exp_avg_sq``, which SCGAdam would ignore.
+        """
+        if not isinstance(saved_state, dict):
+            return
+        direction_rule, moment_rule = self._rules(group)
+        kept = {"step", *direction_rule.State._fields, *moment_rule.State._fields}
+        for param_id in saved.get("params", []):
+            foreign = sorted(set(saved_state.get(param_id, {})) - kept)
+            if foreign:
+                raise ValueError(
+                    f"this is not a {type(self).__name__} state_dict: the state of parameter {param_id!r} in "
+                    f"parameter group {index} holds {', '.join(map(repr, foreign))}, which "
+                    f"{type(self).__name__} does not keep (was it saved by another optimizer?)"
+                )
 
     # -- the step ------------------------------------------------------------------------------------------------
 
@@ -314,11 +335,12 @@ class ConjugateAdaptiveOptimizer(torch.optim.Optimizer):
                 inputs = [(as_real(self._gradient(group, p)), self._memory(direction_rule, p)) for p in params]
                 context = direction_rule.group_context(group, inputs)
             for param in params:
-                grad, n = as_real(self._gradient(group, param)), self._advance(param, direction_rule, moment_rule)
+                grad, n = as_real(self._gradient(group, param)), self._next_step(param, direction_rule, moment_rule)
                 direction_state = _view(direction_rule.State, self.state[param])
                 direction = direction_rule.direction(grad, direction_state, n, group, context)
                 moment_state = _view(moment_rule.State, self.state[param])
                 moment_rule.step(as_real(param), direction, grad, moment_state, n, group)
+                self.state[param]["step"] = n
         return loss
 
     def _gradient(self, group: dict[str, Any], param: torch.Tensor) -> torch.Tensor:
@@ -333,15 +355,16 @@ class ConjugateAdaptiveOptimizer(torch.optim.Optimizer):
         state = self.state[param]
         return _view(rule.State, state) if state else None
 
-    def _advance(self, param: torch.Tensor, direction_rule: DirectionRule, moment_rule: MomentRule) -> int:
-        """Count step n of a parameter, creating its state (zeros) at n = 1; returns n."""
+    def _next_step(self, param: torch.Tensor, direction_rule: DirectionRule, moment_rule: MomentRule) -> int:
+        """The number n of the step a parameter is about to take, creating its state (zeros) before n = 1.
+
+        ``step`` counts n only once the update is made, so a schedule that raises leaves the count where it was."""
         state = self.state[param]
         if not state:
             state["step"] = 0
             for name in direction_rule.State._fields + moment_rule.State._fields:
                 state[name] = torch.zeros_like(param, memory_format=torch.preserve_format)
-        state["step"] += 1
-        return state["step"]
+        return state["step"] + 1
 
     def _groups_with_gradients(self) -> list[tuple[dict[str, Any], list[torch.Tensor]]]:
         """(group, its parameters with a gradient) for every group; ``TypeError`` if any gradient is sparse."""

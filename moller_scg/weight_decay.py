@@ -19,6 +19,7 @@ minimisers at finite weights (``moller_scg.mnist``, :data:`~moller_scg.mnist.DEF
 from __future__ import annotations
 
 import math
+import numbers
 from collections.abc import Sequence
 from typing import Any
 
@@ -32,7 +33,7 @@ def validate_weight_decay(value: Any) -> float:
         TypeError: not a real number (a bool is not one).
         ValueError: negative, infinite or NaN.
     """
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
         raise TypeError(f"weight_decay must be a real number ≥ 0, got {value!r:.80} ({type(value).__name__})")
     if not math.isfinite(value) or value < 0:
         raise ValueError(f"Invalid weight_decay value: {value} (it must be finite and ≥ 0; 0 turns it off)")

@@ -280,6 +280,7 @@ def test_sparse_gradient_raises_type_error():
     "options, match",
     [
         ({"cg_rule": "hs"}, "cg_rule value: 'hs'; choose one of 'HS', 'FR', 'PRP', 'DY', 'HZ'"),
+        ({"cg_rule": ["HZ"]}, r"cg_rule value: \['HZ'\]; choose one of"),
         ({"M": -1e-3}, "M value: -0.001"),
         ({"a": -1.0}, r"a \(the exponent in M/nᵃ\) value: -1.0"),
         ({"hz_lambda": 0.25}, r"hz_lambda \(λ\) value: 0.25"),
@@ -305,3 +306,18 @@ def test_logistic_regression_loss_decreases(cg_rule, form):
 def test_module_docstring_examples_run():
     result = doctest.testmod(coba, raise_on_error=False)
     assert result.attempted > 0 and result.failed == 0
+
+
+@pytest.mark.parametrize("cg_rule", RULES)
+def test_float16_gradients_above_256_keep_beta_and_the_weights_finite(cg_rule):
+    """Their squares pass float16's 65504: the inner products multiply in float64, as the reference does."""
+    w = nn.Parameter(torch.tensor([1.0, 2.0], dtype=torch.float16))
+    wide = nn.Parameter(w.detach().double())
+    optimizer, reference = CoBA([w], lr=1e-3, cg_rule=cg_rule), CoBA([wide], lr=1e-3, cg_rule=cg_rule)
+    for gradient in ([300.0, -10.0], [310.0, -12.0], [290.0, -9.0]):
+        w.grad = torch.tensor(gradient, dtype=torch.float16)
+        wide.grad = w.grad.double()
+        optimizer.step()
+        reference.step()
+    assert torch.isfinite(w).all()
+    torch.testing.assert_close(w.double(), wide.detach(), rtol=0, atol=2e-3)

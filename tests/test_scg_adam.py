@@ -25,6 +25,7 @@ from reference_adam import batch, flat, reference_scg_adaptive, regression_data
 from torch import nn
 
 from moller_scg import scg_adam
+from moller_scg.coba import CoBA
 from moller_scg.scg_adam import SCHEDULE_PLACEHOLDER, SCGAdam, SCGAMSGrad, SCGRMSProp, diminishing_lr
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -358,6 +359,19 @@ def test_load_state_dict_refuses_a_foreign_state():
         SCGAMSGrad(params).load_state_dict(SCGAdam(params).state_dict())
 
 
+def test_load_state_dict_refuses_another_variants_memory_though_it_has_every_hyperparameter():
+    """SCGAMSGrad's groups hold every key of SCGAdam's; its max_exp_avg_sq tells the two apart."""
+    params = torch_params()
+    amsgrad = SCGAMSGrad(params, lr=1e-2)
+    amsgrad.zero_grad()
+    torch_loss(params, 1).backward()
+    amsgrad.step()
+    adam = SCGAdam(params, lr=1e-2)
+    with pytest.raises(ValueError, match="not a SCGAdam state_dict.*holds 'max_exp_avg_sq'"):
+        adam.load_state_dict(amsgrad.state_dict())
+    assert not adam.state
+
+
 @pytest.mark.parametrize("kind", sorted(OPTIMIZERS))
 def test_state_is_the_step_and_the_fields_of_the_two_rules_typed_states(kind):
     params = torch_params()
@@ -510,6 +524,40 @@ def test_bad_schedule_value_raises_naming_step_and_value():
         optimizer.step()
     with pytest.raises(ValueError, match=r"'delta' schedule returned -1.0 at step n = 3"):
         optimizer.step()
+
+
+@pytest.mark.parametrize("kind", ["adam", "coba"])
+def test_a_schedule_that_raises_leaves_the_parameter_state_as_it_was(kind):
+    """The step count is not advanced by a failed step: the step after it is still step n = 3."""
+    failing = {"now": False}
+
+    def schedule(n):
+        return float("nan") if failing["now"] else 0.1 * n
+
+    def optimizer_for(w):
+        if kind == "coba":
+            return CoBA([w], lr=0.1, M=schedule)
+        return SCGAdam([w], lr=0.1, gamma=schedule)
+
+    w, reference = nn.Parameter(torch.ones(2, dtype=torch.float64)), nn.Parameter(torch.ones(2, dtype=torch.float64))
+    optimizer, uninterrupted = optimizer_for(w), optimizer_for(reference)
+    gradients = [torch.tensor([1.0, -2.0]), torch.tensor([0.5, 1.0]), torch.tensor([-1.0, 0.25])]
+    for gradient in gradients[:2]:
+        w.grad, reference.grad = gradient.double(), gradient.double()
+        optimizer.step()
+        uninterrupted.step()
+    before = {key: value.clone() if torch.is_tensor(value) else value for key, value in optimizer.state[w].items()}
+    failing["now"] = True
+    w.grad = gradients[2].double()
+    with pytest.raises(ValueError, match="schedule returned nan at step n = 3"):
+        optimizer.step()
+    assert optimizer.state[w]["step"] == 2
+    assert all(torch.equal(optimizer.state[w][key], value) for key, value in before.items() if key != "step")
+    failing["now"] = False
+    reference.grad = gradients[2].double()
+    optimizer.step()
+    uninterrupted.step()
+    assert optimizer.state[w]["step"] == 3 and torch.equal(w, reference)
 
 
 @pytest.mark.parametrize("kind", sorted(OPTIMIZERS))

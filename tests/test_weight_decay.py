@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 import warnings
 
+import numpy as np
 import pytest
 import torch
 from problems import regression_problem
@@ -119,6 +120,11 @@ def test_a_bad_weight_decay_is_refused_by_name(value, error, message):
     model, data = regression_problem()
     with pytest.raises(error, match=message):
         fit(model, nn.MSELoss(), data, max_iter=1, progress=False, weight_decay=value)
+
+
+@pytest.mark.parametrize("value", [np.float32(0.25), np.float64(0.25), np.int64(0), 0, 0.25])
+def test_numpy_and_python_real_numbers_are_weight_decays(value):
+    assert validate_weight_decay(value) == float(value) and type(validate_weight_decay(value)) is float
 
 
 def test_fit_trains_on_the_penalized_objective_and_validates_on_the_loss_alone():
