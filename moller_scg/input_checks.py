@@ -61,7 +61,8 @@ def as_tensor_pair(data: Any, dtype: torch.dtype | None) -> Any:
     """
     if not isinstance(data, (tuple, list)) or not any(_is_numpy_array(item) for item in data):
         return data
-    return type(data)(_array_to_tensor(item, dtype) if _is_numpy_array(item) else item for item in data)
+    items = [_array_to_tensor(item, dtype) if _is_numpy_array(item) else item for item in data]
+    return type(data)(*items) if hasattr(data, "_fields") else type(data)(items)  # a namedtuple takes its fields
 
 
 def check_input_dtype(inputs: torch.Tensor, dtype: torch.dtype | None, where: str) -> None:

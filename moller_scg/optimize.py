@@ -20,7 +20,11 @@ Stopping rules, checked after each iteration k:
 * ``status 1``: ``max_iter`` iterations (SCG counts accepted and rejected steps alike);
 * ``status 3``: the loss or gradient is not finite at x0, or SCG met non-finite trial points too often (its
   ``FloatingPointError``); x is then the last accepted point, never a non-finite one;
-* ``status 4``: ``callback(x)`` returned ``True``.
+* ``status 4``: ``callback(x)`` returned a true value (``True``, ``numpy.True_``, a tensor holding true, 1);
+* ``status 5``: SCG stalled (:attr:`moller_scg.scg.SCGTrace.stalled`): λ reached its bound, or an accepted step
+  changed nothing, so the loss cannot be lowered at this precision (scipy's "precision loss"); not a success.
+
+The callback is called after every iteration, the last one included, before these rules are checked.
 
 References:
     Møller, M. F. (1993). A scaled conjugate gradient algorithm for fast supervised learning.
@@ -30,15 +34,17 @@ References:
 from __future__ import annotations
 
 import dataclasses
+import inspect
 import math
 import numbers
+import warnings
 from collections.abc import Callable, Mapping
 from typing import Any
 
 import torch
 
 from moller_scg.objective import HVP_MODES, FunctionObjective
-from moller_scg.scg import SCG
+from moller_scg.scg import SCG, SCGStalledWarning
 
 METHODS = ("scg", "lbfgs")
 DEFAULT_FTOL = 1e7 * torch.finfo(torch.float64).eps
@@ -49,6 +55,7 @@ STATUS_MAX_ITER = 1
 STATUS_LOSS_CHANGE = 2
 STATUS_NON_FINITE = 3
 STATUS_CALLBACK = 4
+STATUS_STALLED = 5
 _SUCCESSFUL_STATUSES = (STATUS_GRADIENT, STATUS_LOSS_CHANGE)
 
 
@@ -66,7 +73,7 @@ class OptimizeResult:
         nhev: Hessian-vector products (exact, or finite differences of gradients).
         success: whether a convergence rule stopped the run (``status`` 0 or 2).
         status: 0 gradient norm ≤ tol, 1 max_iter reached, 2 loss change ≤ ftol, 3 non-finite values,
-            4 stopped by the callback.
+            4 stopped by the callback, 5 SCG stalled at the loss's rounding level.
         message: the reason in words.
     """
 
@@ -109,18 +116,22 @@ def minimize(
         tol: stop when |E'(x)| ≤ tol (Euclidean norm).
         ftol: stop when an accepted step changes the loss by ≤ ftol relative to it (see the module docstring);
             0 turns the rule off.
-        callback: ``callback(x)`` after each iteration, x a new copy in x0's structure; returning ``True`` stops.
-            SCG only.
-        options: keyword arguments of the optimizer: ``sigma``, ``lambd``, ``restart`` for SCG; any of
-            ``torch.optim.LBFGS``'s (``history_size``, ``max_eval``, …) for ``"lbfgs"``.
+        callback: ``callback(x)`` after each iteration (the last one included), x a new copy in x0's structure;
+            returning a true value stops. SCG only.
+        options: keyword arguments of the optimizer: ``sigma``, ``lambd``, ``restart`` for SCG; for ``"lbfgs"``
+            ``torch.optim.LBFGS``'s ``lr``, ``history_size``, ``max_eval`` and ``line_search_fn`` (its
+            ``max_iter``, ``tolerance_grad`` and ``tolerance_change`` are ``minimize``'s ``max_iter``, ``tol`` and
+            ``ftol``).
 
     Returns:
         An :class:`OptimizeResult`.
 
     Raises:
         TypeError: ``fun`` or ``callback`` is not callable, x0 is not a tensor pytree, ``fun`` returns something
-            other than a real scalar tensor.
-        ValueError: an unknown ``method`` or ``hvp``, an invalid ``max_iter``, ``tol``, ``ftol`` or option.
+            other than a real scalar (a tensor of several elements, a complex value, ``None``, …).
+        ValueError: an unknown ``method`` or ``hvp``, an invalid ``max_iter``, ``tol``, ``ftol`` or option;
+            ``fun``'s value does not depend on x through autograd (a Python number, a detached tensor, a graph
+            that does not reach x).
 
     Example:
         >>> import torch
@@ -158,64 +169,99 @@ def _minimize_scg(
         raise ValueError(f"unknown SCG options {sorted(unknown)}: method='scg' takes sigma, lambd and restart")
     optimizer = SCG(objective.params, hvp=hvp, **options)
     status, message = STATUS_MAX_ITER, f"the maximum number of iterations ({max_iter}) was reached"
-    for _ in range(max_iter):
-        previous_loss = None if optimizer.trace is None else optimizer.trace.loss
-        try:
-            # The objective is the closure; in double-backward mode SCG asks its hvp() for E''(x)p.
-            optimizer.step(objective)
-        except FloatingPointError as error:
-            status, message = STATUS_NON_FINITE, str(error)
-            break
+    try:
+        with warnings.catch_warnings():
+            # minimize stops a stalled run itself (status 5); the warning's advice is for a user's own step loop.
+            warnings.simplefilter("ignore", SCGStalledWarning)
+            for _ in range(max_iter):
+                previous_loss = None if optimizer.trace is None else optimizer.trace.loss
+                try:
+                    # The objective is the closure; in double-backward mode SCG asks its hvp() for E''(x)p.
+                    optimizer.step(objective)
+                except FloatingPointError as error:
+                    status, message = STATUS_NON_FINITE, str(error)
+                    break
+                trace = optimizer.trace
+                assert trace is not None  # every step leaves one
+                if callback is not None and _stops(callback, callback(objective.structured(_copies(objective.params)))):
+                    status, message = STATUS_CALLBACK, "the callback returned a true value"
+                    break
+                if trace.residual_norm <= tol:
+                    status, message = STATUS_GRADIENT, f"the gradient norm {trace.residual_norm:.3g} is ≤ tol = {tol:g}"
+                    break
+                if (
+                    ftol > 0  # 0 turns the rule off
+                    and trace.success
+                    and previous_loss is not None
+                    and _relative_change(previous_loss, trace.loss) <= ftol
+                ):
+                    status = STATUS_LOSS_CHANGE
+                    message = f"the relative loss change of an accepted step is ≤ ftol = {ftol:g}"
+                    break
+                if trace.stalled:
+                    status = STATUS_STALLED
+                    message = (
+                        f"SCG stalled at a gradient norm of {trace.residual_norm:.3g}: λ reached its bound or an "
+                        f"accepted step changed nothing, so the loss cannot be lowered at this precision"
+                    )
+                    break
         trace = optimizer.trace
-        assert trace is not None  # every step leaves one
-        if trace.residual_norm <= tol:
-            status, message = STATUS_GRADIENT, f"the gradient norm {trace.residual_norm:.3g} is ≤ tol = {tol:g}"
-            break
-        if (
-            ftol > 0  # 0 turns the rule off
-            and trace.success
-            and previous_loss is not None
-            and _relative_change(previous_loss, trace.loss) <= ftol
-        ):
-            status = STATUS_LOSS_CHANGE
-            message = f"the relative loss change of an accepted step is ≤ ftol = {ftol:g}"
-            break
-        if callback is not None and callback(objective.structured(_copies(objective.params))) is True:
-            status, message = STATUS_CALLBACK, "the callback returned True"
-            break
-    trace = optimizer.trace
-    params = objective.params
-    residual = [optimizer.state[p].get("residual") for p in params]  # r = −E'(x), SCG's documented state
-    jac = None if any(r is None for r in residual) else objective.structured([-r for r in residual])
-    return OptimizeResult(
-        x=objective.structured(_copies(params)),
-        fun=math.nan if trace is None else trace.loss,
-        jac=jac,
-        nit=0 if trace is None else trace.k,
-        nfev=objective.counts.nfev,
-        njev=objective.counts.ngev,
-        nhev=0 if trace is None else trace.hvp_calls,
-        success=status in _SUCCESSFUL_STATUSES,
-        status=status,
-        message=message,
-    )
+        params = objective.params
+        residual = [optimizer.state[p].get("residual") for p in params]  # r = −E'(x), SCG's documented state
+        jac = None if any(r is None for r in residual) else objective.structured([-r for r in residual])
+        # A failure at x0 (a non-finite gradient) leaves no trace: E(x0) is still what the result reports.
+        fun = float(objective.loss()) if trace is None else trace.loss
+        return OptimizeResult(
+            x=objective.structured(_copies(params)),
+            fun=fun,
+            jac=jac,
+            nit=0 if trace is None else trace.k,
+            nfev=objective.counts.nfev,
+            njev=objective.counts.ngev,
+            nhev=0 if trace is None else trace.hvp_calls,
+            success=status in _SUCCESSFUL_STATUSES,
+            status=status,
+            message=message,
+        )
+    finally:
+        objective.release_graph()
+
+
+_MINIMIZE_OWNS = {"max_iter": "max_iter", "tolerance_grad": "tol", "tolerance_change": "ftol"}
+"""The LBFGS arguments that ``minimize``'s own arguments set, with the argument that does."""
 
 
 def _minimize_lbfgs(
     objective: FunctionObjective, max_iter: int, tol: float, ftol: float, options: Mapping[str, Any]
 ) -> OptimizeResult:
+    _check_lbfgs_options(options)
     settings = {"line_search_fn": "strong_wolfe", **options}
     optimizer = torch.optim.LBFGS(
         objective.params, max_iter=max_iter, tolerance_grad=tol, tolerance_change=ftol, **settings
     )
-    optimizer.step(objective)
-    state = optimizer.state[objective.params[0]]  # LBFGS keeps its state on its first parameter
-    # LBFGS does not say why it stopped, nor is its last evaluation always at the final x: one more evaluation.
-    loss, gradients = objective.value_and_grad()
+    first: list[bool] = []  # whether E and E' were finite at x0, once the first evaluation has run
+
+    def closure() -> Any:
+        loss = objective()
+        if not first:
+            gradients = [p.grad for p in objective.params if p.grad is not None]
+            value = float(loss.detach()) if isinstance(loss, torch.Tensor) else float(loss)
+            first.append(math.isfinite(value) and all(bool(torch.isfinite(g).all()) for g in gradients))
+        return loss
+
+    try:
+        optimizer.step(closure)
+        state = optimizer.state[objective.params[0]]  # LBFGS keeps its state on its first parameter
+        # LBFGS does not say why it stopped, nor is its last evaluation always at the final x: one more evaluation.
+        loss, gradients = objective.value_and_grad()
+    finally:
+        objective.release_graph()
     fun = float(loss)
     largest_gradient = max(float(g.abs().max()) for g in gradients)
     max_eval = optimizer.param_groups[0]["max_eval"]
-    if not math.isfinite(fun) or not math.isfinite(largest_gradient):
+    if not first[0]:
+        status, message = STATUS_NON_FINITE, "the loss or gradient at x0 is not finite: LBFGS started from it anyway"
+    elif not math.isfinite(fun) or not math.isfinite(largest_gradient):
         status, message = STATUS_NON_FINITE, f"the loss or gradient at the final x is not finite (loss {fun})"
     elif largest_gradient <= tol:
         status, message = STATUS_GRADIENT, f"the largest gradient entry {largest_gradient:.3g} is ≤ tol = {tol:g}"
@@ -235,6 +281,31 @@ def _minimize_lbfgs(
         status=status,
         message=message,
     )
+
+
+def _check_lbfgs_options(options: Mapping[str, Any]) -> None:
+    """``options`` must be keyword arguments of ``torch.optim.LBFGS`` that ``minimize`` does not set itself."""
+    for key, argument in _MINIMIZE_OWNS.items():
+        if key in options:
+            raise ValueError(f"options[{key!r}] is minimize's {argument}= for method='lbfgs': pass {argument}=…")
+    accepted = set(inspect.signature(torch.optim.LBFGS).parameters) - {"params", *_MINIMIZE_OWNS}
+    unknown = sorted(set(options) - accepted)
+    if unknown:
+        raise ValueError(
+            f"unknown LBFGS options {unknown}: method='lbfgs' takes {', '.join(sorted(accepted))} "
+            f"(and minimize's max_iter, tol and ftol)"
+        )
+
+
+def _stops(callback: Callable[[Any], Any], answer: Any) -> bool:
+    """A callback's answer as a bool (NumPy and one-element tensor booleans included), as ``fit`` reads one."""
+    try:
+        return bool(answer)
+    except Exception as error:  # a tensor of several elements, or an object whose __bool__ raises
+        raise TypeError(
+            f"the callback {callback!r:.80} returned {answer!r:.80}, which is neither true nor false: return True to "
+            f"stop the run, False or None to go on"
+        ) from error
 
 
 def _relative_change(previous: float, current: float) -> float:

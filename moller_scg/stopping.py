@@ -52,7 +52,8 @@ class EarlyStopping:
 
     def state_dict(self) -> dict[str, Any]:
         """The record as a plain dict (the best weights are the tensors held, not copies)."""
-        return dataclasses.asdict(self) | {"best_weights": self.best_weights}
+        # Not dataclasses.asdict: it would deep-copy the best weights, a model-sized copy at every checkpoint.
+        return {field.name: getattr(self, field.name) for field in dataclasses.fields(self)}
 
     @classmethod
     def from_state_dict(cls, state: Mapping[str, Any]) -> EarlyStopping:

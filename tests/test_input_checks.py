@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import collections
+
 import numpy as np
 import pytest
 import torch
@@ -51,6 +53,19 @@ def test_conversion_leaves_tensors_and_other_data_alone():
     assert as_tensor_pair(dataset, torch.float32) is dataset
     converted = as_tensor_pair((np.zeros((2, 1), dtype=np.float64), pair[1]), torch.float32)
     assert converted[0].dtype == torch.float32 and converted[1] is pair[1]
+
+
+def test_a_namedtuple_of_arrays_is_converted_and_keeps_its_type():
+    pair_type = collections.namedtuple("Pair", "inputs targets")
+    inputs, _, labels = arrays()
+    converted = as_tensor_pair(pair_type(inputs, labels), torch.float32)
+    assert type(converted) is pair_type and converted.inputs.dtype == torch.float32
+    assert converted.targets.dtype == torch.int64
+    model = nn.Linear(FEATURES, CLASSES)
+    acc = GradientAccumulator(model, nn.CrossEntropyLoss(), pair_type(inputs, labels), batch_size=8)
+    with torch.no_grad():
+        reference = nn.CrossEntropyLoss()(model(converted.inputs), converted.targets)
+    assert float(acc.loss()) == pytest.approx(float(reference), rel=1e-6)
 
 
 def test_float64_tensor_inputs_against_a_float32_model_name_both_dtypes():

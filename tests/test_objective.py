@@ -277,16 +277,39 @@ def test_accumulator_objective_rejects_other_closures():
 # Function face, the protocol, as_objective
 
 
-def test_function_objective_loss_costs_one_call_of_fun_without_gradient():
-    calls = []
-
+def test_function_objective_loss_costs_one_call_of_fun_and_forms_no_gradient():
     def fun(x):
-        calls.append(torch.is_grad_enabled())
         return (x**2).sum()
 
     objective = FunctionObjective(fun, torch.tensor([3.0], dtype=torch.float64))
-    assert float(objective.loss()) == 9.0
-    assert calls == [False] and objective.counts == EvaluationCounts(nfev=1, ngev=0, nhev=0)
+    loss = objective.loss()
+    assert float(loss) == 9.0 and not loss.requires_grad
+    assert all(p.grad is None for p in objective.params)
+    assert objective.counts == EvaluationCounts(nfev=1, ngev=0, nhev=0)
+
+
+def test_function_objective_loss_of_a_fun_that_differentiates_inside():
+    """A physics-informed loss holds a derivative of its network: loss() must leave autograd on for it."""
+    t = torch.linspace(0.0, 1.0, 5, dtype=torch.float64).reshape(-1, 1)
+
+    def residual_loss(x):
+        points = t.clone().requires_grad_(True)
+        u = x["a"] * points + x["b"] * points**2
+        (du,) = torch.autograd.grad(u.sum(), points, create_graph=True)
+        return ((du - 2 * points) ** 2).mean()
+
+    x0 = {"a": torch.tensor(1.0, dtype=torch.float64), "b": torch.tensor(0.0, dtype=torch.float64)}
+    objective = FunctionObjective(residual_loss, x0)
+    with torch.no_grad():  # as a validation loop would call it
+        loss = objective.loss()
+    assert float(loss) == float(objective.value_and_grad()[0])
+
+
+def test_function_objective_refuses_a_graph_that_does_not_reach_x():
+    other = torch.tensor(2.0, dtype=torch.float64, requires_grad=True)
+    objective = FunctionObjective(lambda x: other**2 + x.detach().sum(), torch.ones(2, dtype=torch.float64))
+    with pytest.raises(ValueError, match="the graph does not reach x"):
+        objective.value_and_grad()
 
 
 @pytest.mark.parametrize("hvp_mode", MODES)

@@ -3,9 +3,13 @@ and input checks."""
 
 from __future__ import annotations
 
+import gc
 import math
 import sys
+import warnings
+import weakref
 
+import numpy
 import pytest
 import torch
 from problems import rosenbrock
@@ -13,7 +17,14 @@ from problems import rosenbrock
 import moller_scg
 import moller_scg.optimize
 from moller_scg import OptimizeResult, minimize
-from moller_scg.optimize import DEFAULT_FTOL, STATUS_CALLBACK, STATUS_GRADIENT, STATUS_MAX_ITER, STATUS_NON_FINITE
+from moller_scg.optimize import (
+    DEFAULT_FTOL,
+    STATUS_CALLBACK,
+    STATUS_GRADIENT,
+    STATUS_MAX_ITER,
+    STATUS_NON_FINITE,
+    STATUS_STALLED,
+)
 
 MODES = ["double-backward", "finite-difference"]
 
@@ -168,13 +179,98 @@ def test_loss_change_rule_stops_on_a_positive_minimum():
     assert DEFAULT_FTOL == pytest.approx(2.220446049250313e-09)
 
 
-def test_ftol_zero_turns_the_loss_change_rule_off():
+def test_ftol_zero_turns_the_loss_change_rule_off_and_a_stalled_run_stops_by_itself():
     # The same problem as above: with ftol = 0, an accepted step that leaves the loss unchanged in float64 (as
-    # happens near its positive minimum) no longer stops the run; the iterations do.
+    # happens near its positive minimum) no longer stops the run by the loss-change rule; SCG's stall does, without
+    # its warning (whose advice is for a user's own step loop) and without spending the iterations left.
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        result = minimize(
+            lambda x: ((x - 1) ** 4).sum() + 1,
+            torch.tensor([3.0], dtype=torch.float64),
+            tol=0.0,
+            ftol=0.0,
+            max_iter=300,
+        )
+    assert result.status == STATUS_STALLED and not result.success and "stalled" in result.message
+    assert result.nit < 300 and result.fun == pytest.approx(1.0)
+
+
+def test_a_float32_run_that_stalls_before_tol_is_not_a_success():
+    x0 = torch.zeros(6, dtype=torch.float32)
     result = minimize(
-        lambda x: ((x - 1) ** 4).sum() + 1, torch.tensor([3.0], dtype=torch.float64), tol=0.0, ftol=0.0, max_iter=300
+        lambda x: (100 * (x[1:] - x[:-1] ** 2) ** 2 + (1 - x[:-1]) ** 2).sum(), x0, ftol=0.0, max_iter=2000
     )
-    assert result.status == 1 and result.nit == 300
+    assert result.status == STATUS_STALLED and result.nit < 2000 and result.fun < 1e-6
+
+
+def test_a_failure_at_x0_still_reports_its_finite_loss():
+    # sqrt at 0: E(x0) = 0 is finite, E'(x0) is not.
+    result = minimize(lambda x: torch.sqrt(x).sum(), torch.zeros(1, dtype=torch.float64))
+    assert result.status == STATUS_NON_FINITE and result.fun == 0.0 and torch.isinf(result.jac).all()
+
+
+def test_minimize_leaves_nothing_of_its_run_alive():
+    """A gradient that holds its graph holds its parameter too: minimize lets go of both when it returns."""
+    made = []
+    original = moller_scg.optimize.FunctionObjective
+
+    class Spy(original):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            made.append(weakref.ref(self.params[0]))
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(moller_scg.optimize, "FunctionObjective", Spy)
+        for method, hvp in (("scg", "double-backward"), ("scg", "finite-difference"), ("lbfgs", "double-backward")):
+            minimize(
+                lambda x: ((x - 1.0) ** 2).sum() + 1e-3 * (x**4).sum(),
+                torch.zeros(4, dtype=torch.float64),
+                method=method,
+                hvp=hvp,
+                max_iter=3,
+            )
+    gc.collect()
+    assert len(made) == 3 and all(ref() is None for ref in made)
+
+
+@pytest.mark.parametrize("answer", [True, 1, torch.tensor(True), numpy.True_])
+def test_a_callback_stops_on_any_true_value_after_the_last_iteration_too(answer):
+    seen = []
+
+    def callback(x):
+        seen.append(x)
+        return answer if len(seen) == 2 else None
+
+    result = minimize(rosenbrock, torch.tensor([-1.2, 1.0], dtype=torch.float64), callback=callback)
+    assert result.status == STATUS_CALLBACK and result.nit == 2
+    converged = []
+    result = minimize(rosenbrock, torch.tensor([-1.2, 1.0], dtype=torch.float64), callback=converged.append)
+    assert result.success and len(converged) == result.nit and torch.equal(converged[-1], result.x)
+
+
+def test_a_callback_answer_that_is_neither_true_nor_false_is_named():
+    with pytest.raises(TypeError, match="neither true nor false"):
+        minimize(rosenbrock, torch.tensor([-1.2, 1.0], dtype=torch.float64), callback=lambda x: torch.ones(2))
+
+
+def test_lbfgs_from_a_non_finite_x0_is_not_a_success():
+    result = minimize(lambda x: torch.log(x).sum(), torch.tensor([-1.0], dtype=torch.float64), method="lbfgs")
+    assert result.status == STATUS_NON_FINITE and not result.success and "x0" in result.message
+
+
+@pytest.mark.parametrize(
+    ("options", "match"),
+    [
+        ({"max_iter": 5}, r"options\['max_iter'\] is minimize's max_iter="),
+        ({"tolerance_grad": 0.0}, r"options\['tolerance_grad'\] is minimize's tol="),
+        ({"tolerance_change": 0.0}, r"options\['tolerance_change'\] is minimize's ftol="),
+        ({"bogus": 1}, r"unknown LBFGS options \['bogus'\]: method='lbfgs' takes history_size"),
+    ],
+)
+def test_lbfgs_options_that_minimize_sets_or_lbfgs_lacks_are_named(options, match):
+    with pytest.raises(ValueError, match=match):
+        minimize(rosenbrock, torch.tensor([-1.2, 1.0], dtype=torch.float64), method="lbfgs", options=options)
 
 
 def test_lbfgs_method_for_comparison():

@@ -703,7 +703,7 @@ def test_closure_may_return_tensor_or_number(make_loss):
     assert float(loss) == float(rosenbrock(w.detach()))
 
 
-@pytest.mark.parametrize("bad", [torch.ones(2), "1.0", None, True])
+@pytest.mark.parametrize("bad", [torch.ones(2), "1.0", None, True, torch.tensor(True)])
 def test_closure_returning_a_non_scalar_raises_type_error(bad):
     w = nn.Parameter(torch.tensor([1.0], dtype=torch.float64))
     optimizer = SCG([w])

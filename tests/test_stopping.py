@@ -163,3 +163,19 @@ def test_state_dict_holds_the_best_weights_themselves_and_an_empty_state_is_a_fr
     assert all(early.state_dict()["best_weights"][name] is value for name, value in early.best_weights.items())
     fresh = EarlyStopping.from_state_dict({})
     assert (fresh.best_loss, fresh.best_iteration, fresh.best_weights, fresh.fails) == (math.inf, None, None, 0)
+
+
+def test_early_stopping_state_dict_holds_the_best_weights_without_copying_them():
+    model = nn.Linear(3, 2)
+    early = EarlyStopping()
+    early.update(model, 1, 0.5, moved=True)
+    copies = []
+    original = torch.Tensor.__deepcopy__
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(torch.Tensor, "__deepcopy__", lambda self, memo: copies.append(self) or original(self, memo))
+        state = early.state_dict()
+    assert copies == []  # a model-sized copy at every checkpoint, thrown away
+    assert state["best_weights"] is early.best_weights
+    assert all(state["best_weights"][name] is value for name, value in early.best_weights.items())
+    restored = EarlyStopping.from_state_dict(state)
+    assert (restored.best_loss, restored.best_iteration, restored.fails) == (0.5, 1, 0)

@@ -61,11 +61,24 @@ class FunctionObjective(ClosureObjective):
         return pytree.tree_unflatten(tensors, self._spec)
 
     def loss(self) -> float | torch.Tensor:
-        """E(w) = fun(x) without autograd: one call of ``fun``, counted in nfev only."""
-        with torch.no_grad():
+        """E(w) = fun(x): one call of ``fun``, counted in nfev only, its graph freed on return.
+
+        Autograd stays on, since ``fun`` may differentiate inside (a physics-informed loss holds derivatives of a
+        network); no gradient with respect to w is formed."""
+        with torch.enable_grad():
             value = self.fun(self.structured(self.params))
         self._counts.nfev += 1
         return scalar_loss(value, "fun")
+
+    def release_graph(self) -> None:
+        """Let go of the last evaluation's gradients and their graph (each ``.grad`` too).
+
+        In double-backward mode a gradient holds its graph, and the graph holds the parameters whose ``.grad`` it
+        is: a cycle through autograd's C++ objects that Python's garbage collector cannot free. ``minimize`` calls
+        this when it returns, so that nothing of a run outlives it."""
+        self._last_gradients = None
+        for p in self.params:
+            p.grad = None
 
     def value_then_grad(self) -> ValueThenGrad:
         """fun(x) now (counted in nfev), and a function that forms ∂fun/∂w from that call's graph when asked
@@ -102,6 +115,11 @@ class FunctionObjective(ClosureObjective):
         """∂fun/∂w from the graph of ``value`` (kept for double-backward), written into each ``.grad``."""
         create_graph = self.hvp_mode == "double-backward"
         gradients = torch.autograd.grad(value, self.params, create_graph=create_graph, allow_unused=True)
+        if all(gradient is None for gradient in gradients):
+            raise ValueError(
+                "fun(x) does not depend on x through autograd: its value carries a graph, but the graph does not reach "
+                "x (is fun computed from another tensor that requires grad, or from a detached copy of x?)"
+            )
         for p, gradient in zip(self.params, gradients):
             p.grad = gradient
         return list(gradients)

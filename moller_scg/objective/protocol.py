@@ -196,6 +196,11 @@ def scalar_loss(raw: Any, source: str) -> float | torch.Tensor:
                 f"{source} must return a scalar loss (a 0-dim or one-element tensor), got a tensor of shape "
                 f"{tuple(raw.shape)}: reduce it (.sum() or .mean(), or the squared norm of a residual)"
             )
+        if raw.dtype == torch.bool:
+            raise TypeError(
+                f"{source} must return a scalar loss, got a bool tensor ({raw!r:.40}): return the loss itself, a "
+                f"floating-point tensor"
+            )
         if raw.is_complex():
             raise TypeError(
                 f"{source} must return a real loss, got a complex tensor of dtype {raw.dtype}: minimize a real "
