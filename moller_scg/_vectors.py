@@ -60,11 +60,23 @@ def _float64_sum_in_pieces(summand: Callable[..., torch.Tensor], *xs: torch.Tens
     return torch.stack([torch.sum(summand(*piece), dtype=torch.float64) for piece in pieces]).sum()
 
 
+def widened(x: torch.Tensor) -> torch.Tensor:
+    """x itself, or a float32 copy of a float16 or bfloat16 x: the dtype in which products of its elements are
+    formed. float16's products overflow above 65504, i.e. for elements beyond 256, which a gradient easily has."""
+    return x.float() if x.is_floating_point() and x.element_size() < 4 else x
+
+
+def _widened_product(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    return widened(x) * widened(y)
+
+
 def _float64_dot(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-    """xᵀy as a 0-dim float64 tensor on the tensors' device: the elementwise product in their dtype, summed in
-    float64 (in pieces above ``DOT_CHUNK`` numbers). The common case, a small vector, is written out: it runs
-    several times in every step."""
+    """xᵀy as a 0-dim float64 tensor on the tensors' device: the elementwise product in their dtype (float32 for
+    float16 and bfloat16: :func:`widened`), summed in float64 (in pieces above ``DOT_CHUNK`` numbers). The common
+    case, a small vector, is written out: it runs several times in every step."""
     x, y = as_real(x), as_real(y)
+    if x.element_size() < 4:
+        return _float64_sum_in_pieces(_widened_product, x, y)
     if x.numel() <= DOT_CHUNK:
         return torch.sum(x * y, dtype=torch.float64)
     return _float64_sum_in_pieces(torch.mul, x, y)
@@ -72,7 +84,7 @@ def _float64_dot(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
 
 def _partial_dots(xs: Sequence[torch.Tensor], ys: Sequence[torch.Tensor]) -> TensorList:
     """xᵢᵀyᵢ of each pair of tensors, as 0-dim float64 tensors on the tensors' devices."""
-    # The elementwise product stays in the parameters' dtype; its sum is taken in float64.
+    # The elementwise product stays in the parameters' dtype (at least float32); its sum is taken in float64.
     return [_float64_dot(x, y) for x, y in zip(xs, ys)]
 
 

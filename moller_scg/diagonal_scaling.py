@@ -53,7 +53,8 @@ class DiagonalScaling:
             :meth:`start` and :meth:`observe` take the gradients as NumPy arrays.
 
     Attributes:
-        second_moment: v, per block (uninitialised until :meth:`start`).
+        second_moment: v, per block (uninitialised until :meth:`start`), in the block's dtype, or in float32 for a
+            float16 or bfloat16 block: v holds squares of gradients, beyond float16's 65504 once |g| passes 256.
         diagonal: Λ's diagonal, per block, formed from v by every :meth:`start` and :meth:`observe`.
         working_diagonal: ``diagonal`` as the pairs' arithmetic takes it (NumPy views of it when ``on_host``).
     """
@@ -61,8 +62,10 @@ class DiagonalScaling:
     def __init__(
         self, sizes: list[int], dtypes: list[torch.dtype], devices: list[torch.device], on_host: bool = False
     ) -> None:
-        self.second_moment = [torch.empty(n, dtype=d, device=dev) for n, d, dev in zip(sizes, dtypes, devices)]
-        self.diagonal = [torch.empty_like(v) for v in self.second_moment]
+        self.second_moment = [
+            torch.empty(n, dtype=_second_moment_dtype(d), device=dev) for n, d, dev in zip(sizes, dtypes, devices)
+        ]
+        self.diagonal = [torch.empty(n, dtype=d, device=dev) for n, d, dev in zip(sizes, dtypes, devices)]
         self._on_host = on_host
         self._make_views()
 
@@ -83,6 +86,9 @@ class DiagonalScaling:
     def start(self, gradients: list[arithmetic.Vector]) -> None:
         """v = (1 − β) g² from the first gradient (flat, one per block; −g serves as well), and Λ from it."""
         for v, g in zip(self._moments, gradients):
+            if not isinstance(g, np.ndarray) and g.element_size() < 4:
+                torch.square(g.float(), out=v).mul_(1.0 - BETA)  # g² overflows float16 above |g| = 256
+                continue
             arithmetic.multiply(g, g, out=v)
             arithmetic.multiply(v, 1.0 - BETA, out=v)
         self._form_diagonal()
@@ -132,6 +138,11 @@ class DiagonalScaling:
         for v, s in zip(self.second_moment, saved):
             v.copy_(s)
         self._form_diagonal()
+
+
+def _second_moment_dtype(dtype: torch.dtype) -> torch.dtype:
+    """v's dtype for a block of this dtype: float32 for float16 and bfloat16, else the block's own."""
+    return torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
 
 
 def power_into(v: arithmetic.Vector, out: arithmetic.Vector) -> None:

@@ -20,6 +20,8 @@ from typing import Any
 
 import torch
 
+from moller_scg import _vectors as vec
+
 
 class FlatLayout:
     """How the parameters' tensors lie, one after the other, in a flat vector of n = Σ numel numbers.
@@ -196,5 +198,6 @@ def _contiguous_strides(shape: Sequence[int]) -> tuple[int, ...]:
 
 
 def _row_dots(rows: torch.Tensor, vector: torch.Tensor) -> list[float]:
-    """rowsᵢᵀ vector for each row: the elementwise products in the rows' dtype, each row's sum in float64."""
-    return (rows * vector).sum(dim=1, dtype=torch.float64).tolist()
+    """rowsᵢᵀ vector for each row: the elementwise products in the rows' dtype (float32 for float16 and bfloat16,
+    :func:`~moller_scg._vectors.widened`), each row's sum in float64."""
+    return (vec.widened(rows) * vec.widened(vector)).sum(dim=1, dtype=torch.float64).tolist()

@@ -72,6 +72,7 @@ def row_products(a: Vector, b: Vector) -> Vector:
     the pieces added in float64."""
     if isinstance(a, np.ndarray):
         return _as_float64(a @ b.T)
+    a, b = vec.widened(a), vec.widened(b)  # float16's products overflow above 65504
     if a.shape[-1] <= vec.DOT_CHUNK:
         return _as_float64(a @ b.T)
     total = torch.zeros(a.shape[0], b.shape[0], dtype=torch.float64, device=a.device)
@@ -84,7 +85,10 @@ def scaled_squares(rows: Vector, diagonal: Vector) -> Vector:
     """Σⱼ rowsᵢⱼ² Λⱼ for each of k rows of n numbers (the diagonal of rows Λ rowsᵀ), as float64, for
     Λ = diag(``diagonal``): for a torch tensor, one product per piece of :data:`PRODUCT_PIECE` columns, so that the
     temporary holds k pieces, not k · n numbers."""
-    if isinstance(rows, np.ndarray) or rows.shape[-1] <= PRODUCT_PIECE:
+    if isinstance(rows, np.ndarray):
+        return _as_float64((rows * rows) @ diagonal)
+    rows, diagonal = vec.widened(rows), vec.widened(diagonal)  # float16's squares overflow above 256
+    if rows.shape[-1] <= PRODUCT_PIECE:
         return _as_float64((rows * rows) @ diagonal)
     total = torch.zeros(rows.shape[0], dtype=torch.float64, device=rows.device)
     for rows_piece, diagonal_piece in zip(rows.split(PRODUCT_PIECE, dim=-1), diagonal.split(PRODUCT_PIECE)):
@@ -110,6 +114,11 @@ def add_product(
             np.copyto(out, result)
         return out
     c = torch.from_numpy(coefficients)
+    if vector.element_size() < 4:
+        # float16 would round coefficients beyond 65504 to inf: the sum is formed in float32, then rounded.
+        c = c.to(device=vector.device, dtype=torch.float32)
+        wide = torch.addmv(vec.widened(vector), vec.widened(rows).T, c, beta=scale)
+        return wide.to(vector.dtype) if out is None else out.copy_(wide)
     if c.device != vector.device or c.dtype != vector.dtype:
         c = c.to(device=vector.device, dtype=vector.dtype)
     if out is vector:

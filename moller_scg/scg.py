@@ -455,7 +455,8 @@ class SCG(torch.optim.Optimizer):
         direction, direction_sq = stored_direction, stored_direction_sq
         success = scalars.success
         lambd, lambd_bar = scalars.lambd, scalars.lambd_bar
-        lost_descent = mu < 0.0 and self._secant_pairs is not None
+        # μ < 0, or a p = H r that is not finite (μ or |p|² NaN or inf), is no descent direction either.
+        lost_descent = self._secant_pairs is not None and not (mu >= 0.0 and math.isfinite(stored_direction_sq))
         if residual_sq != 0.0 and (mu == 0.0 or lost_descent):
             # p ⟂ r would give α = 0 and Δ = 0/0; search along steepest descent instead (not in the paper). The
             # search direction is r itself; p's storage takes it over in step 7, after the last closure call.

@@ -280,6 +280,54 @@ def test_non_finite_trial_keeps_weights_and_pairs(diagonal_scaling):
     assert torch.isfinite(w).all()
 
 
+@pytest.mark.parametrize("diagonal_scaling", [False, True])
+@pytest.mark.parametrize("with_float32", [False, True], ids=["float16", "float16+float32"])
+def test_float16_parameters_with_gradients_beyond_256_train(diagonal_scaling, with_float32):
+    """Their inner products, pair products and second moment v overflow float16 if formed in it (300² > 65504):
+    the direction was NaN from the first step and every trial was rejected until SCG gave up."""
+    generator = torch.Generator().manual_seed(0)
+    target = torch.randn(50, generator=generator) * 300
+    half = nn.Parameter(torch.zeros(50, dtype=torch.float16))
+    single = nn.Parameter(torch.zeros(5))
+    params = [half, single] if with_float32 else [half]
+    optimizer = SCG(params, memory=3, diagonal_scaling=diagonal_scaling)
+
+    def closure():
+        optimizer.zero_grad()
+        loss = ((half.float() - target) ** 2).sum() + (1e3 * ((single - 1) ** 2).sum() if with_float32 else 0.0)
+        loss.backward()
+        return loss
+
+    first = float(closure())
+    for _ in range(30):
+        optimizer.step(closure)
+    assert optimizer.trace.loss < 1e-3 * first and optimizer.trace.direction_norm > 0
+    assert all(torch.isfinite(p).all() for p in params)
+    if diagonal_scaling:
+        moments = optimizer._secant_pairs.scaling.second_moment
+        assert moments[0].dtype == torch.float32 and all(torch.isfinite(v).all() for v in moments)
+
+
+def test_a_direction_that_is_not_finite_is_dropped_for_steepest_descent():
+    """p = H r is not a descent direction when it is NaN: the pairs go and SCG searches along r, as for μ < 0."""
+    w = nn.Parameter(torch.tensor([-1.2, 1.0], dtype=torch.float64))
+    optimizer = SCG([w], memory=3)
+
+    def closure():
+        optimizer.zero_grad()
+        loss = rosenbrock(w)
+        loss.backward()
+        return loss
+
+    for _ in range(5):
+        optimizer.step(closure)
+    before = optimizer.trace.loss
+    optimizer.state[w]["direction"].fill_(float("nan"))  # as an overflow in H r would leave it
+    optimizer.step(closure)
+    assert optimizer.trace.success and optimizer.trace.loss < before and torch.isfinite(w).all()
+    assert len(optimizer.state_dict()["scg"]["secant_pairs"]["slots"]) <= 1
+
+
 @pytest.mark.parametrize(
     "options, match",
     [
