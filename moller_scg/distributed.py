@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import datetime
 import logging
+import math
 import os
 from collections.abc import Mapping, Sequence
 from typing import Any, cast
@@ -125,7 +126,8 @@ def check_same_on_every_rank(values: Mapping[str, float]) -> None:
     disagree would each compute their own objective and their weights would drift apart silently.
     """
     names = list(values)
-    local = torch.tensor([float(values[name]) for name in names], dtype=torch.float64).nan_to_num(0.0)
+    local = torch.tensor([float(values[name]) for name in names], dtype=torch.float64, device=_coordination_device())
+    local = local.nan_to_num(0.0)
     extremes = torch.cat([local, -local])
     _all_reduce(extremes, dist.ReduceOp.MAX, "a consistency check")
     highest, lowest = extremes[: len(names)], -extremes[len(names) :]
@@ -143,13 +145,43 @@ def check_same_on_every_rank(values: Mapping[str, float]) -> None:
         )
 
 
+def _coordination_device() -> torch.device:
+    """Where the ranks' small coordination tensors go: the CPU when the group has a backend for it (gloo, or
+    ``"cpu:gloo,cuda:nccl"``), else the current GPU (a group started with ``"nccl"`` alone, which has no CPU
+    transport)."""
+    if "cpu:" in dist.get_backend_config():
+        return torch.device("cpu")
+    return torch.device("cuda", torch.cuda.current_device())
+
+
 def agree_on_max(code: int) -> int:
     """The largest of the ranks' ``code`` (one tiny all-reduce): how ranks agree on a rank-local decision."""
     if not is_distributed():
         return code
-    value = torch.tensor([code], dtype=torch.float64)
+    value = torch.tensor([code], dtype=torch.float64, device=_coordination_device())
     _all_reduce(value, dist.ReduceOp.MAX, "a stop decision")
     return int(value.item())
+
+
+def timeout_from_env() -> datetime.timedelta:
+    """``MOLLER_SCG_DIST_TIMEOUT`` seconds, or :data:`DEFAULT_TIMEOUT` when it is unset or empty.
+
+    Raises:
+        ValueError: it is not a finite number of seconds > 0 (the message names the variable).
+    """
+    text = os.environ.get("MOLLER_SCG_DIST_TIMEOUT", "").strip()
+    if not text:
+        return DEFAULT_TIMEOUT
+    try:
+        seconds = float(text)
+    except ValueError:
+        seconds = math.nan
+    if not (0.0 < seconds < math.inf):
+        raise ValueError(
+            f"MOLLER_SCG_DIST_TIMEOUT={text!r} is not a number of seconds > 0 (how long a collective may wait; "
+            f"unset it for the default of {DEFAULT_TIMEOUT.total_seconds():g} s)"
+        )
+    return datetime.timedelta(seconds=seconds)
 
 
 def init_from_env(timeout: datetime.timedelta | None = None, backend: str | None = None) -> bool:
@@ -158,7 +190,8 @@ def init_from_env(timeout: datetime.timedelta | None = None, backend: str | None
     Args:
         timeout: how long a collective may wait; default :data:`DEFAULT_TIMEOUT` (or ``MOLLER_SCG_DIST_TIMEOUT``
             seconds).
-        backend: default ``"nccl"`` when CUDA is available, ``"gloo"`` otherwise.
+        backend: default ``"cpu:gloo,cuda:nccl"`` when CUDA is available (NCCL for tensors on the GPUs, gloo for
+            those on the CPU), ``"gloo"`` otherwise.
 
     Returns:
         ``True`` if this call started the group (then the caller should ``destroy_process_group()`` at the end).
@@ -168,11 +201,11 @@ def init_from_env(timeout: datetime.timedelta | None = None, backend: str | None
     if not dist.is_available():
         raise RuntimeError("torchrun started this process, but this PyTorch build has no torch.distributed")
     if timeout is None:
-        seconds = os.environ.get("MOLLER_SCG_DIST_TIMEOUT")
-        timeout = datetime.timedelta(seconds=float(seconds)) if seconds else DEFAULT_TIMEOUT
+        timeout = timeout_from_env()
     if backend is None:
-        backend = "nccl" if torch.cuda.is_available() else "gloo"
-    if backend == "nccl":
+        # NCCL for the GPUs' tensors, gloo for the CPU's: the coordination collectives, and a run on --device cpu
+        backend = "cpu:gloo,cuda:nccl" if torch.cuda.is_available() else "gloo"
+    if "nccl" in backend:
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))  # NCCL needs each process on its own GPU
     dist.init_process_group(backend, timeout=timeout)
     logger.debug("process group started: rank %d of %d (%s)", dist.get_rank(), dist.get_world_size(), backend)
@@ -205,8 +238,7 @@ def shut_down(finished_normally: bool) -> None:
     if not is_distributed():
         return
     if finished_normally:
-        device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else "cpu"
-        all_reduce = dist.all_reduce(torch.zeros(1, dtype=torch.float64, device=device), async_op=True)
+        all_reduce = dist.all_reduce(torch.zeros(1, dtype=torch.float64, device=_coordination_device()), async_op=True)
         _SHUT_DOWN_WORKS.append(all_reduce)
         all_reduce.wait()
         barrier = dist.barrier(async_op=True)

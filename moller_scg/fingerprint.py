@@ -15,8 +15,9 @@ import hashlib
 from collections.abc import Sequence
 from typing import Any
 
+import numpy as np
 import torch
-from torch.utils.data import DataLoader, Dataset, IterableDataset
+from torch.utils.data import DataLoader, Dataset, IterableDataset, default_collate, default_convert
 
 SAMPLE_COUNT = 16
 """How many samples, evenly spaced from the first to the last, go into the hash."""
@@ -26,16 +27,21 @@ def data_fingerprint(data: Any) -> dict[str, Any] | None:
     """``{"samples": N, "layout": [...], "sha256": ...}`` for tensors, a map-style Dataset or a DataLoader over one.
 
     ``layout`` lists each tensor of one sample as ``"dtype[shape]"``; ``sha256`` hashes the bytes of the sampled
-    items (moved to the CPU). ``None`` when the data cannot be fingerprinted without a pass (an
-    ``IterableDataset``, a Dataset whose items are not tensors, numbers or tuples of them).
+    items (moved to the CPU). NumPy arrays count as the tensors they are converted to. A DataLoader whose
+    ``collate_fn`` is its own (not torch's default) is fingerprinted on what that function makes of each sampled
+    item, so that a changed preprocessing there is noticed. ``None`` when the data cannot be fingerprinted without
+    a pass (an ``IterableDataset``, a Dataset whose items are not tensors, arrays, numbers or tuples of them).
     """
+    collate = None
     if isinstance(data, DataLoader):
+        if data.collate_fn not in (default_collate, default_convert):
+            collate = data.collate_fn
         data = data.dataset
     if isinstance(data, IterableDataset):
         return None
-    if isinstance(data, (tuple, list)) and all(isinstance(part, torch.Tensor) for part in data):
-        samples = len(data[0]) if data else 0
-        columns = tuple(data)
+    if isinstance(data, (tuple, list)) and data and all(isinstance(part, (torch.Tensor, np.ndarray)) for part in data):
+        samples = len(data[0])
+        columns = tuple(torch.as_tensor(part) for part in data)  # no copy
 
         def get(index: int) -> tuple[torch.Tensor, ...]:
             return tuple(column[index] for column in columns)
@@ -47,7 +53,8 @@ def data_fingerprint(data: Any) -> dict[str, Any] | None:
     digest = hashlib.sha256()
     layout: list[str] = []
     for index in _sample_indices(samples):
-        tensors = _as_tensors(get(index))
+        item = get(index)
+        tensors = _as_tensors(item if collate is None else collate([item]))
         if tensors is None:
             return None
         layout = [f"{str(t.dtype).removeprefix('torch.')}{list(t.shape)}" for t in tensors]
@@ -72,12 +79,14 @@ def _sample_indices(samples: int) -> list[int]:
 
 
 def _as_tensors(item: Any) -> list[torch.Tensor] | None:
-    """The tensors of one sample (numbers become 0-d tensors), or ``None`` for items of another kind."""
+    """The tensors of one sample (numbers and NumPy arrays become tensors), or ``None`` for items of another kind."""
     parts: Sequence[Any] = item if isinstance(item, (tuple, list)) else (item,)
     tensors = []
     for part in parts:
         if isinstance(part, torch.Tensor):
             tensors.append(part)
+        elif isinstance(part, (np.ndarray, np.generic)):
+            tensors.append(torch.as_tensor(part))
         elif isinstance(part, (bool, int, float)):
             tensors.append(torch.tensor(part))
         else:

@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from moller_scg.accumulate import GradientAccumulator
-from moller_scg.data import MnistSplits, load_embedded_mnist, load_mnist_idx
+from moller_scg.data import MnistSplits, check_int, load_embedded_mnist, load_mnist_idx
 from moller_scg.history import History
 from moller_scg.models import MnistCNN
 from moller_scg.scg import DEFAULT_MEMORY, SCG
@@ -87,9 +87,17 @@ def held_weights_loss(history: History) -> float:
 def load_splits(
     data: str | os.PathLike[str] | None, *, download: bool, max_train: int | None, seed: int
 ) -> MnistSplits:
-    """The embedded digits (``data=None``) or full MNIST from IDX files at ``data``."""
+    """The embedded digits (``data=None``) or full MNIST from IDX files at ``data``.
+
+    Raises:
+        ValueError: ``download`` without ``data`` (the folder to download into), or ``max_train`` < 1.
+    """
     if data is None:
+        if download:
+            raise ValueError("download=True needs data=PATH, the folder to download full MNIST into (--data PATH)")
         return load_embedded_mnist(seed=seed, max_train=max_train)
+    if max_train is not None:
+        check_int("max_train", max_train, 1)  # before the files are read; a negative one would slice from the end
     splits = load_mnist_idx(data, download=download)
     if max_train is not None:
         images, labels = splits.train

@@ -635,6 +635,21 @@ def test_dataloaders_give_the_full_batch_result(make_loader):
     assert_matches_full_batch(acc, model, loss_fn, inputs, targets)
 
 
+@pytest.mark.parametrize(
+    ("batches", "match"),
+    [
+        ([[0, 1, 2], [2, 3, 4], [5, 6, 7], [8]], "yields 1 indices more than once and misses 1 of the dataset's 10"),
+        ([[0, 1, 2, 3, 4], [5, 6, 7, 8, 10]], "yields index 10, outside the dataset's 10 samples"),
+    ],
+)
+def test_a_custom_batch_sampler_that_repeats_or_skips_indices_is_refused(batches, match):
+    """Its count per pass can still be N: what the per-pass count cannot see is checked on its indices."""
+    inputs, targets = torch.randn(10, 3), torch.randn(10, 1)
+    loader = DataLoader(TensorDataset(inputs, targets), batch_sampler=batches)
+    with pytest.raises(ValueError, match=match):
+        GradientAccumulator(nn.Linear(3, 1), nn.MSELoss(), loader)
+
+
 def test_tensor_data_on_the_device_is_used_in_place_without_copies():
     (inputs, targets), model = regression_data(), tanh_mlp(OUTPUTS)
     acc = GradientAccumulator(model, nn.MSELoss(), (inputs, targets), batch_size=7, device="cpu")

@@ -151,6 +151,20 @@ def test_mnist_bad_path_is_a_clear_error(capsys, tmp_path):
     assert "nowhere" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("max_train", ["-3", "0"])
+def test_a_max_train_below_one_with_idx_files_is_named(capsys, tmp_path, max_train):
+    """A negative one sliced the last images off and trained on the rest; 0 failed later as an empty data set."""
+    write_tiny_mnist(tmp_path)
+    status = main(["mnist", "--data", str(tmp_path), "--quiet", "--max-iter", "1", "--max-train", max_train])
+    assert status == 1
+    assert f"Invalid max_train: {max_train} (expected 1 ≤ max_train)" in capsys.readouterr().err
+
+
+def test_download_without_data_is_refused(capsys):
+    assert main(["mnist", "--download", "--max-iter", "1", "--quiet"]) == 2
+    assert "--download needs --data PATH" in capsys.readouterr().err
+
+
 def test_mnist_malformed_file_is_a_clear_error(capsys, tmp_path):
     write_tiny_mnist(tmp_path)
     (tmp_path / "train-images-idx3-ubyte").write_bytes(b"\x00\x00\x08\x03garbage")

@@ -507,3 +507,46 @@ def test_shut_down_meets_at_a_barrier_only_after_a_normal_finish(tmp_path, monke
     assert len(kept) == (2 if finished_normally else 0)
     assert all(work.is_completed() for work in kept)
     moller_dist.shut_down(finished_normally)  # no group: nothing to do, no error
+
+
+@pytest.mark.parametrize(
+    ("config", "expected"),
+    [("cpu:gloo,cuda:gloo", torch.device("cpu")), ("cpu:gloo,cuda:nccl", torch.device("cpu")), ("cuda:nccl", "cuda")],
+)
+def test_coordination_tensors_go_where_the_group_has_a_backend(monkeypatch, config, expected):
+    """A group started with "nccl" alone has no CPU transport: the ranks' small checks go to the current GPU.
+    (Simulated: no GPU here; the NCCL paths are untested on real GPUs.)"""
+    monkeypatch.setattr(dist, "get_backend_config", lambda: config)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 2)
+    expected = torch.device("cuda", 2) if expected == "cuda" else expected
+    assert moller_dist._coordination_device() == expected
+
+
+def test_a_coordination_check_runs_on_the_group_of_one(one_rank_group):
+    moller_dist.check_same_on_every_rank({"the number of samples N": 10.0})
+    assert moller_dist.agree_on_max(3) == 3
+
+
+@pytest.mark.parametrize("value", ["30s", "-5", "0", "nan", "inf"])
+def test_a_bad_timeout_variable_is_named(monkeypatch, value):
+    monkeypatch.setenv("MOLLER_SCG_DIST_TIMEOUT", value)
+    with pytest.raises(ValueError, match=f"MOLLER_SCG_DIST_TIMEOUT='{value}' is not a number of seconds > 0"):
+        moller_dist.timeout_from_env()
+
+
+def test_the_timeout_variable_sets_the_timeout(monkeypatch):
+    monkeypatch.setenv("MOLLER_SCG_DIST_TIMEOUT", " 12.5 ")
+    assert moller_dist.timeout_from_env() == datetime.timedelta(seconds=12.5)
+    monkeypatch.setenv("MOLLER_SCG_DIST_TIMEOUT", "")
+    assert moller_dist.timeout_from_env() == moller_dist.DEFAULT_TIMEOUT
+
+
+def test_the_command_line_names_a_bad_timeout_variable(monkeypatch, capsys):
+    from moller_scg import cli
+
+    for name, value in {"RANK": "0", "WORLD_SIZE": "1", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "29541"}.items():
+        monkeypatch.setenv(name, value)
+    monkeypatch.setenv("MOLLER_SCG_DIST_TIMEOUT", "30s")
+    assert cli.main(["mnist", "--max-iter", "1"]) == 2
+    assert "MOLLER_SCG_DIST_TIMEOUT='30s'" in capsys.readouterr().err
+    assert not dist.is_initialized()

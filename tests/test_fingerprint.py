@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import numpy
 import torch
-from torch.utils.data import DataLoader, IterableDataset, TensorDataset
+from torch import nn
+from torch.utils.data import DataLoader, Dataset, IterableDataset, TensorDataset, default_collate
 
+from moller_scg import fit
 from moller_scg.fingerprint import data_fingerprint, describe_difference
 
 
@@ -43,3 +46,51 @@ def test_an_iterable_dataset_has_no_fingerprint():
             yield from zip(*data())
 
     assert data_fingerprint(Stream()) is None
+
+
+def test_numpy_arrays_are_fingerprinted_as_the_tensors_they_become():
+    x, y = data()
+    expected = data_fingerprint((x, y))
+    assert data_fingerprint((x.numpy(), y.numpy())) == expected
+
+    class NumpyItems(Dataset):
+        def __len__(self):
+            return len(x)
+
+        def __getitem__(self, index):
+            return x[index].numpy(), y[index].numpy()
+
+    assert data_fingerprint(NumpyItems()) == expected
+
+
+def test_a_loaders_own_collate_fn_is_part_of_the_fingerprint():
+    x, y = data()
+
+    def scaled(factor):
+        def collate(items):
+            inputs, targets = default_collate(items)
+            return inputs * factor, targets
+
+        return collate
+
+    dataset = TensorDataset(x, y)
+    once, tenfold = (data_fingerprint(DataLoader(dataset, batch_size=7, collate_fn=scaled(f))) for f in (1.0, 10.0))
+    assert once is not None and once != tenfold
+    assert "values differ" in describe_difference(once, tenfold)
+    assert data_fingerprint(DataLoader(dataset, batch_size=7, collate_fn=scaled(1.0))) == once
+
+
+def test_a_resume_on_numpy_data_ends_bit_identical_to_an_uninterrupted_run(tmp_path):
+    generator = numpy.random.default_rng(0)
+    inputs, targets = generator.standard_normal((64, 4)), generator.standard_normal((64, 1))
+
+    def model():
+        torch.manual_seed(0)
+        return nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 1)).double()
+
+    options = {"progress": False, "max_fail": None}
+    uninterrupted = fit(model(), nn.MSELoss(), (inputs, targets), max_iter=8, **options)
+    interrupted, path = model(), tmp_path / "run.pt"
+    fit(interrupted, nn.MSELoss(), (inputs, targets), max_iter=4, checkpoint=path, **options)
+    resumed = fit(interrupted, nn.MSELoss(), (inputs, targets), max_iter=8, checkpoint=path, resume=True, **options)
+    assert list(resumed["loss"]) == list(uninterrupted["loss"])
