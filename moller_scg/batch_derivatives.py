@@ -144,6 +144,8 @@ def batch_gauss_newton_product(
 
     try:
         outputs, jacobian_v, leaves = dual_forward(outputs_of, weights, dict(zip(names, vectors)))
+    except torch.OutOfMemoryError:
+        raise  # not a forward-mode limitation: the caller's handler of OutOfMemoryError must still see it
     except RuntimeError as error:
         first_line = str(error).splitlines()[0] if str(error) else ""
         raise RuntimeError(GAUSS_NEWTON_FAILED_MESSAGE.format(kind=type(error).__name__, error=first_line)) from error
@@ -218,8 +220,8 @@ class BatchDerivatives:
                 self.model, self.batch_loss, self.params, names, inputs, targets, vectors, hvp_and_loss
             )
         except RuntimeError as error:
-            if self._functional_works:
-                raise
+            if self._functional_works or isinstance(error, torch.OutOfMemoryError):
+                raise  # an out-of-memory error says nothing of whether forward-over-reverse works here
             logger.warning(
                 "hvp_method='forward-over-reverse' failed on the first batch (%s: %s); using 'double-backward' "
                 "from now on",

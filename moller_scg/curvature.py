@@ -51,6 +51,12 @@ NO_SECOND_DERIVATIVE_MESSAGE = (
     "torch.backends.cudnn.flags(enabled=False)"
 )
 """What :func:`graph_hvp` raises when autograd cannot differentiate a backward pass (``{error}``: its message)."""
+LOSS_WITHOUT_SECOND_DERIVATIVE_MESSAGE = (
+    "Gauss–Newton curvature failed: the loss has no second derivative with respect to the model's outputs in "
+    "PyTorch ({error}; CTC loss, for one). Use SCG(..., hvp='finite-difference'), which needs only gradients, or "
+    "SCG(..., memory=m), whose curvature comes from its secant pairs"
+)
+"""What :func:`gauss_newton_from_forward` raises when autograd cannot differentiate the loss twice."""
 # How autograd says that a backward function is not differentiable once more.
 _NO_SECOND_DERIVATIVE_SIGNS = ("is not implemented", "not supported", "once_differentiable")
 
@@ -201,7 +207,13 @@ def gauss_newton_from_forward(
         (loss_gradient,) = torch.autograd.grad(loss_of_outputs(free_outputs), free_outputs, create_graph=True)
         curvature_jv = None
         if loss_gradient.requires_grad:
-            (curvature_jv,) = torch.autograd.grad(loss_gradient, free_outputs, jacobian_v, allow_unused=True)
+            try:
+                (curvature_jv,) = torch.autograd.grad(loss_gradient, free_outputs, jacobian_v, allow_unused=True)
+            except RuntimeError as error:  # NotImplementedError is a RuntimeError too
+                first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+                if not any(sign in first_line for sign in _NO_SECOND_DERIVATIVE_SIGNS):
+                    raise
+                raise RuntimeError(LOSS_WITHOUT_SECOND_DERIVATIVE_MESSAGE.format(error=first_line)) from error
         if curvature_jv is None:  # L is linear in y: H_L = 0
             curvature_jv = torch.zeros_like(free_outputs)
         products = torch.autograd.grad(outputs, list(leaves), curvature_jv, allow_unused=True)

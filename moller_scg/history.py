@@ -163,7 +163,9 @@ class History:
             writer = csv.writer(file)
             writer.writerow(COLUMNS + RUN_COLUMNS)
             for row in self.rows():
-                writer.writerow([repr(value) if isinstance(value, float) else value for value in row.values()] + run)
+                # float(value): NumPy 2 writes a np.float64 as "np.float64(0.25)", which from_csv cannot read
+                cells = [repr(float(value)) if isinstance(value, float) else value for value in row.values()]
+                writer.writerow(cells + run)
             if not len(self):
                 writer.writerow([""] * len(COLUMNS) + run)
 
@@ -246,14 +248,13 @@ class History:
         if any(math.isfinite(value) for value in self.columns["val_loss"]):
             loss_axes.plot(k, self.columns["val_loss"], "--", label="validation loss")
         successes = [index for index, success in zip(k, self.columns["success"]) if success is True]
+        loss_scale_is_log = _log_scale_if_possible(loss_axes, losses, self.columns["val_loss"])
         if successes:
-            loss_axes.plot(
-                successes, [_lowest(losses)] * len(successes), "|", color="tab:green", label="successful step"
-            )
+            lowest = _lowest(losses, loss_scale_is_log)
+            loss_axes.plot(successes, [lowest] * len(successes), "|", color="tab:green", label="successful step")
         for index, event in enumerate(self.restarts):
             label = "annealing restart" if index == 0 else None
             loss_axes.axvline(event["iteration"] + 0.5, color="tab:red", linestyle=":", linewidth=1, label=label)
-        _log_scale_if_possible(loss_axes, losses, self.columns["val_loss"])
         loss_axes.set(title="a) loss and successful steps", xlabel="iteration k")
         vector_axes.plot(k, self.columns["direction_norm"], label="|p| (search direction)")
         vector_axes.plot(k, self.columns["residual_norm"], label="|r| = |E'(w)| (gradient)")
@@ -279,17 +280,21 @@ def _positive(values: list[Any]) -> list[float]:
     return [value for value in values if math.isfinite(value) and value > 0]
 
 
-def _lowest(losses: list[Any]) -> float:
-    """Where the success marks sit: the lowest loss the axis shows (positive if any, else finite, else 0)."""
-    positive = _positive(losses)
-    finite = [value for value in losses if math.isfinite(value)]
-    return min(positive) if positive else min(finite, default=0.0)
+def _lowest(losses: list[Any], log_scale: bool) -> float:
+    """Where the success marks sit: the lowest loss the axis shows (the lowest positive one on a log axis, else the
+    lowest finite one; 0 when there is none)."""
+    shown = _positive(losses) if log_scale else [value for value in losses if math.isfinite(value)]
+    return min(shown, default=0.0)
 
 
-def _log_scale_if_possible(axes: Any, *columns: list[Any]) -> None:
-    """A logarithmic y axis when some value is finite and > 0; otherwise the axis stays linear."""
-    if any(_positive(column) for column in columns):
+def _log_scale_if_possible(axes: Any, *columns: list[Any]) -> bool:
+    """A logarithmic y axis when some value is finite and > 0 and none is negative (a negative loss, such as a
+    Gaussian negative log-likelihood's, would vanish from it); otherwise the axis stays linear. Whether it is log."""
+    values = [value for column in columns for value in column]
+    log_scale = bool(_positive(values)) and not any(value < 0 for value in values if math.isfinite(value))
+    if log_scale:
         axes.set_yscale("log")
+    return log_scale
 
 
 def _parse(name: str, text: str) -> Any:

@@ -116,7 +116,12 @@ def check_additivity(
     whole, first, second = (float(v.double()) for v in values)
     if not all(math.isfinite(value) for value in (whole, first, second)):
         return  # a non-finite loss is the pass's to report, with the batch it comes from
-    tolerance = math.sqrt(torch.finfo(values[0].dtype).eps)
+    # The rounding is that of the least precise dtype involved: a float32 model's loss carries float32's even when
+    # the loss is returned in float64 (a float64 penalty added, a .double() at the end).
+    dtypes = [values[0].dtype, *(p.dtype for p in model.parameters() if p.is_floating_point())]
+    if inputs.is_floating_point():
+        dtypes.append(inputs.dtype)
+    tolerance = math.sqrt(max(torch.finfo(dtype).eps for dtype in dtypes if dtype.is_floating_point))
     as_sum = first + second
     as_mean = (half * first + (count - half) * second) / count
     matches = {
@@ -204,6 +209,10 @@ def stochastic_modules(model: nn.Module) -> list[str]:
         elif isinstance(module, nn.modules.dropout._DropoutNd) and module.p > 0:
             names.append(name or type(module).__name__)
         elif isinstance(module, nn.MultiheadAttention) and module.dropout > 0:
+            names.append(name or type(module).__name__)
+        elif isinstance(module, nn.RNNBase) and module.dropout > 0 and module.num_layers > 1:
+            names.append(name or type(module).__name__)  # dropout between the recurrent layers
+        elif isinstance(module, nn.RReLU):  # a random slope per element in training mode
             names.append(name or type(module).__name__)
     return names
 

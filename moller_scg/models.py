@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import nn
 
@@ -35,7 +37,16 @@ class MnistCNN(nn.Module):
         self.output = nn.Linear(hidden, classes)
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
-        """Logits for a batch of images shaped (B, 1, 28, 28) or (B, 784)."""
+        """Logits for a batch of images shaped (B, 1, 28, 28), (B, 28, 28) or (B, 784).
+
+        Raises:
+            ValueError: a batch whose images are not 784 pixels each (the reshape would make other rows of them).
+        """
+        if images.dim() >= 2 and math.prod(images.shape[1:]) != 28 * 28:
+            raise ValueError(
+                f"MnistCNN takes images of 28 × 28 = 784 pixels, shaped (B, 1, 28, 28), (B, 28, 28) or (B, 784); got "
+                f"a batch of shape {tuple(images.shape)}"
+            )
         x = images.reshape(-1, 1, 28, 28)
         x = torch.tanh(torch.max_pool2d(self.conv(x), 2))  # = max_pool2d(tanh(conv(x)), 2): tanh is increasing
         if x.requires_grad and not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last):

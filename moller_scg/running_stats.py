@@ -20,7 +20,8 @@ from torch.nn.parameter import is_lazy
 
 
 class RunningStatistics:
-    """A copy of the running-statistics buffers of every batch-norm module of ``model`` in training mode.
+    """A copy of the running-statistics buffers of every batch-norm (and instance-norm) module of ``model`` in
+    training mode.
 
     Empty (and free) when there is none: a model in evaluation mode, or without batch norm.
     """
@@ -29,7 +30,7 @@ class RunningStatistics:
         self._saved: list[tuple[torch.Tensor, torch.Tensor]] = [
             (buffer, buffer.detach().clone())
             for module in model.modules()
-            if isinstance(module, nn.modules.batchnorm._BatchNorm) and module.training
+            if isinstance(module, nn.modules.batchnorm._NormBase) and module.training  # batch and instance norm
             for buffer in module.buffers(recurse=False)
             if not is_lazy(buffer)
         ]

@@ -241,6 +241,56 @@ def test_a_model_without_a_forward_mode_derivative_is_a_clear_error():
     assert accumulator.hvp_method == "gauss-newton"  # no silent switch to another matrix
 
 
+class OutOfMemoryInCurvature(nn.Module):
+    """Stands in for a GPU model whose curvature pass (a dual forward: values and tangents) does not fit in memory:
+    once ``tight`` is set, its forward raises as CUDA's allocator would."""
+
+    def __init__(self):
+        super().__init__()
+        self.linear = nn.Linear(3, 1).double()
+        self.tight = False
+
+    def forward(self, x):
+        if self.tight:
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+        return self.linear(x)
+
+
+@pytest.mark.parametrize("hvp_method", ["gauss-newton", "forward-over-reverse"])
+def test_an_out_of_memory_error_in_forward_mode_stays_one(hvp_method):
+    """Not turned into "no forward-mode derivative" (whose advice, double-backward, needs more memory), nor taken
+    for a reason to switch forward-over-reverse off for good."""
+    x, y = torch.randn(8, 3, dtype=torch.float64), torch.randn(8, 1, dtype=torch.float64)
+    model = OutOfMemoryInCurvature()
+    accumulator = GradientAccumulator(model, nn.MSELoss(), (x, y), hvp_method=hvp_method)
+    accumulator()  # the first pass, with its checks, fits
+    model.tight = True
+    with pytest.raises(torch.OutOfMemoryError):
+        accumulator.hvp([torch.ones_like(p) for p in model.parameters()])
+    assert accumulator.hvp_method == hvp_method
+
+
+def test_a_loss_without_a_second_derivative_is_named_with_what_to_use_instead():
+    torch.manual_seed(0)
+    steps, batch, classes, length = 6, 4, 5, 3
+    model = nn.Linear(classes, classes).double()
+    inputs = torch.randn(batch, steps, classes, dtype=torch.float64)
+    targets = torch.randint(1, classes, (batch, length))
+
+    def ctc(outputs, targets):
+        log_probs = outputs.log_softmax(-1).transpose(0, 1)
+        lengths = torch.full((outputs.shape[0],), steps, dtype=torch.long)
+        return nn.functional.ctc_loss(log_probs, targets, lengths, torch.full_like(lengths, length))
+
+    accumulator = GradientAccumulator(model, ctc, (inputs, targets), hvp_method="gauss-newton", reduction="mean")
+    with pytest.raises(
+        RuntimeError,
+        match=r"Gauss–Newton curvature failed: the loss has no second derivative.*"
+        r"hvp='finite-difference'",
+    ):
+        accumulator.hvp([torch.ones_like(p) for p in model.parameters()])
+
+
 def test_a_loss_linear_in_the_outputs_is_warned_about(caplog):
     model, data = classification_problem(ignored=False)
     log_model = nn.Sequential(model, nn.LogSoftmax(dim=1))

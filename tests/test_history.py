@@ -188,3 +188,25 @@ def test_plot_keeps_log_scales_for_a_normal_run(tmp_path):
     pytest.importorskip("matplotlib")
     figure = trained_history(max_iter=3).plot(tmp_path / "figure3.png")
     assert [axes.get_yscale() for axes in figure.axes] == ["log"] * 3
+
+
+def test_a_loss_that_goes_negative_keeps_a_linear_axis_that_shows_it(tmp_path):
+    """A Gaussian negative log-likelihood goes below 0: a log axis would drop those iterations without a word."""
+    pytest.importorskip("matplotlib")
+    history = History()
+    for k, loss in enumerate([1.0, 0.3, -0.5, -1.2, -1.5], start=1):
+        history.append(k=k, loss=loss, success=True, lambd=1.0, delta=1.0, residual_norm=1.0, direction_norm=1.0)
+    figure = history.plot(tmp_path / "figure3.png")
+    loss_axes = figure.axes[0]
+    assert loss_axes.get_yscale() == "linear" and loss_axes.get_ylim()[0] < -1.5
+    success_marks = [line for line in loss_axes.get_lines() if line.get_label() == "successful step"]
+    assert list(success_marks[0].get_ydata()) == [-1.5] * 5
+
+
+def test_numpy_floats_are_written_as_numbers_the_csv_reads_back(tmp_path):
+    numpy = pytest.importorskip("numpy")
+    history = History()
+    history.append(k=1, loss=numpy.float64(0.25), success=True, val_loss=numpy.float64(0.5))
+    history.to_csv(tmp_path / "history.csv")
+    again = History.from_csv(tmp_path / "history.csv")
+    assert again["loss"] == [0.25] and again["val_loss"] == [0.5] and type(again["loss"][0]) is float

@@ -9,7 +9,7 @@ from torch.nn import functional as F
 from torch.utils.data import DataLoader, TensorDataset
 
 from moller_scg.accumulate import GradientAccumulator
-from moller_scg.loss_checks import ELEMENTWISE_LOSSES, check_same_shape, is_elementwise_loss
+from moller_scg.loss_checks import ELEMENTWISE_LOSSES, check_same_shape, is_elementwise_loss, stochastic_modules
 
 SAMPLES, FEATURES = 40, 3
 PENALTY = 0.5
@@ -149,3 +149,32 @@ def test_every_listed_elementwise_loss_is_recognised_but_a_subclass_with_its_own
     with torch.no_grad():
         expected = F.mse_loss(model(inputs), targets)
     assert float(acc()) == pytest.approx(float(expected), rel=1e-12)
+
+
+@pytest.mark.parametrize(
+    "loss_fn",
+    [
+        lambda outputs, targets: F.mse_loss(outputs, targets) + torch.tensor(0.01, dtype=torch.float64),
+        lambda outputs, targets: F.mse_loss(outputs, targets).double(),
+    ],
+    ids=["float64-penalty", "double"],
+)
+def test_a_float32_models_mean_loss_returned_in_float64_is_accepted(loss_fn):
+    """It carries float32's rounding: the check's tolerance is the least precise dtype's, not the result's."""
+    for seed in range(20):
+        torch.manual_seed(seed)
+        inputs, targets = torch.randn(64, 10), torch.randn(64, 1)
+        model = nn.Sequential(nn.Linear(10, 32), nn.Tanh(), nn.Linear(32, 1))
+        GradientAccumulator(model, loss_fn, (inputs, targets), reduction="mean")()
+
+
+@pytest.mark.parametrize(
+    "module",
+    [nn.LSTM(3, 4, num_layers=2, dropout=0.5, batch_first=True), nn.GRU(3, 4, num_layers=2, dropout=0.5), nn.RReLU()],
+    ids=["lstm-dropout", "gru-dropout", "rrelu"],
+)
+def test_recurrent_dropout_and_rrelu_are_random_in_training_mode(module):
+    model = nn.Sequential(module).train()
+    assert stochastic_modules(model) == ["0"]
+    assert stochastic_modules(model.eval()) == []
+    assert stochastic_modules(nn.Sequential(nn.LSTM(3, 4, num_layers=2, dropout=0.0))) == []

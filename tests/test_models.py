@@ -122,3 +122,15 @@ def test_the_hook_leaves_vmapped_transforms_working():
     reference_jacobian = torch.func.jacrev(lambda w: torch.func.functional_call(reference, w, (images,)))(weights)
     for name in weights:
         assert torch.equal(jacobian[name], reference_jacobian[name])
+
+
+@pytest.mark.parametrize("shape", [(4, 3, 28, 28), (4, 1568), (4, 2, 784), (49, 1, 32, 32)])
+def test_a_batch_of_images_that_are_not_784_pixels_is_refused(shape):
+    """reshape(-1, 1, 28, 28) would make other rows of them: 12 logits for 4 RGB images, say."""
+    with pytest.raises(ValueError, match=r"784 pixels.*got a batch of shape"):
+        MnistCNN()(torch.zeros(shape))
+
+
+@pytest.mark.parametrize("shape", [(4, 1, 28, 28), (4, 28, 28), (4, 784)])
+def test_the_three_batch_shapes_give_one_row_of_logits_per_image(shape):
+    assert MnistCNN()(torch.zeros(shape)).shape == (4, 10)

@@ -104,3 +104,15 @@ def test_a_model_in_eval_mode_takes_no_snapshot():
     model, _ = batch_norm_problem(bad_batch=False)
     assert RunningStatistics(model.eval())._saved == []
     assert len(RunningStatistics(model.train())._saved) == 3  # running mean, variance, batches tracked
+
+
+def test_instance_norm_running_statistics_are_restored_after_a_failed_pass():
+    torch.manual_seed(0)
+    inputs, targets = torch.randn(16, 2, 5, dtype=torch.float64), torch.randn(16, 10, dtype=torch.float64)
+    inputs[-1, 0, 0] = math.inf  # one bad sample, in the last batch
+    norm = nn.InstanceNorm1d(2, track_running_stats=True)
+    model = nn.Sequential(norm, nn.Flatten(), nn.Linear(10, 10)).double().train()
+    accumulator = GradientAccumulator(model, nn.MSELoss(), (inputs, targets), batch_size=8)
+    with pytest.raises(FloatingPointError):
+        accumulator()
+    assert norm.running_mean.tolist() == [0.0, 0.0] and int(norm.num_batches_tracked) == 0
