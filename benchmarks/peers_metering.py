@@ -219,6 +219,9 @@ class Run:
         self.baton: RoundRobin | None = None
         self.entry_code: types.CodeType | None = None
         self.extra: dict[str, Any] = {}
+        self.evaluation_end = 0.0
+        """The clock when the last evaluation (loss and gradient) was complete: the time of a point an optimizer
+        records after its own work on that evaluation (SCG, after its step), as another's is recorded then."""
 
     # -- bookkeeping -------------------------------------------------------------------------------------------
 
@@ -254,13 +257,18 @@ class Run:
         self.baton.wait_turn(self.name)
         self.clock.start()
 
-    def record(self, loss: float, weights: Callable[[], torch.Tensor]) -> None:
-        """Add a point to the history: the lowest candidate loss so far (and keep the weights that gave it)."""
+    def record(self, loss: float, weights: Callable[[], torch.Tensor], at: float | None = None) -> None:
+        """Add a point to the history: the lowest candidate loss so far (and keep the weights that gave it).
+
+        ``at``: the clock's time of the point, when it is not now: SCG records its accepted point after its step,
+        whose work after the trial's evaluation (the pair update, the next direction) belongs to the next point, as
+        LBFGS's work after an evaluation does (``docs/performance.md``, lever 61)."""
         with self.clock.paused():
             if math.isfinite(loss) and loss < self.best_loss:
                 self.best_loss = loss
                 self.best_weights = weights().detach().clone()
-            self.history.append(Record(self.passes, self.evaluations, self.clock.now(), self.best_loss))
+            seconds = self.clock.now() if at is None else at
+            self.history.append(Record(self.passes, self.evaluations, seconds, self.best_loss))
 
     def record_current(self, loss: float) -> None:
         """Add a point to the history of a minibatch run: the full-batch loss at its current weights."""
@@ -309,6 +317,7 @@ class Run:
         """
         self.charge("gradient")
         loss = self.acc()
+        self.evaluation_end = self.clock.now()
         if not self.extra.get("record_in_step") or not self.history:
             self.record(float(loss), self.flat_params)
         return loss
@@ -331,6 +340,7 @@ class Run:
                 self.charge("gradient", cost=max(1.0 - forward, 0.0), completes_evaluation=True)
                 self.calls["loss"] -= 1  # a gradient pass now, as the accumulator counts it
                 formed.append(gradient())
+                self.evaluation_end = self.clock.now()
             return formed[0]
 
         return loss, completed

@@ -24,6 +24,12 @@ TARGET_TOLERANCE = 1e-9
 a deterministic run, the same up to the last bits)."""
 
 
+POOLED_ALIKE = ("threads", "torch", "moller_scg")
+"""What pooled runs must share besides their trajectories: a change of threads, of torch or of the library's version
+can change the time of the same computation. (Their commits may differ, by a change to the docs, say: the report's
+header lists each run's.)"""
+
+
 def pool_runs(runs: list[dict[str, Any]], sources: list[str], command: str) -> dict[str, Any]:
     """The runs ``runs`` (as :func:`peers_report.from_json` reads them; ``sources`` names each, e.g. its file) as one
     run whose races are all of theirs: per problem, each row's time to each target is the median over every race of
@@ -52,6 +58,7 @@ def pool_runs(runs: list[dict[str, Any]], sources: list[str], command: str) -> d
                 "source": source,
                 "date": run["environment"]["date"],
                 "cpu_capability": run["environment"].get("cpu_capability"),
+                "commit": run["environment"].get("commit"),
                 "command": run["environment"]["command"],
                 "problems": {block["problem"]["name"]: block.get("races", 1) for block in run["problems"]},
             }
@@ -72,8 +79,10 @@ def problem_names(runs: list[dict[str, Any]]) -> list[str]:
 def pooled_block(blocks: list[dict[str, Any]]) -> dict[str, Any]:
     """One problem's block from several runs' (the first's, with the times of every race). A target that a row reached
     in some runs only — the budget, charged at each run's own measured cost of an HVP, ended the others first
-    (:func:`check_same_block`) — takes its times from the runs that reached it, and is listed in the block's
-    ``reached_in_some_runs``."""
+    (:func:`check_same_block`) — takes an infinite time in each race of the runs that missed it, so that its races
+    stay aligned with every other row's and its median counts them; it is reached if that median is finite, and is
+    listed in the block's ``reached_in_some_runs`` (``docs/performance.md``, lever 61: it took its times from the
+    runs that reached it alone, a row reaching T3 in one run of two counted as reached)."""
     pooled = copy.deepcopy(blocks[0])
     pooled["races"] = sum(block.get("races", 1) for block in blocks)
     pooled["memory_probe"] = next((block["memory_probe"] for block in blocks if block.get("memory_probe")), None)
@@ -89,17 +98,17 @@ def pooled_block(blocks: list[dict[str, Any]]) -> dict[str, Any]:
                     f"{result['name']} T{target_index + 1} in {len(reached)} of {len(entries)} runs"
                 )
             entry = result["targets"][target_index] = copy.deepcopy(reached[0])
-            seconds = [s for e in reached for s in e.get("seconds_by_race", [e["seconds"]])]
-            entry["seconds"], entry["seconds_by_race"], entry["races_reached"] = (
-                statistics.median(seconds),
-                seconds,
-                len(seconds),
-            )
-            ratios = [
-                r for e in reached if e["reference_reached"] for r in e.get("time_ratios_by_race", [e["time_ratio"]])
-            ]
-            if ratios:
-                entry["time_ratio"], entry["time_ratios_by_race"] = statistics.median(ratios), ratios
+            seconds, ratios = [], []
+            for block, mine in zip(blocks, entries):
+                races = block.get("races", 1)
+                seconds += mine.get("seconds_by_race", [mine["seconds"]]) if mine["reached"] else [math.inf] * races
+                ratios += (
+                    mine.get("time_ratios_by_race", [mine["time_ratio"]]) if mine["reached"] else [math.inf] * races
+                )
+            entry["seconds"], entry["seconds_by_race"] = statistics.median(seconds), seconds
+            entry["races_reached"] = sum(math.isfinite(value) for value in seconds)
+            entry["time_ratio"], entry["time_ratios_by_race"] = statistics.median(ratios), ratios
+            entry["reached"] = math.isfinite(entry["seconds"])
     return pooled
 
 
@@ -111,6 +120,12 @@ def check_same_trajectories(runs: list[dict[str, Any]], sources: list[str]) -> N
     (a fixed order biases the millisecond problems' ratios: docs/performance.md, lever 17)."""
     if len({run.get("quick") for run in runs}) > 1:
         raise ValueError("cannot pool runs with different 'quick' settings: a --quick run races other problems")
+    for key in POOLED_ALIKE:
+        values = {source: run["environment"].get(key) for source, run in zip(sources, runs)}
+        if len(set(map(repr, values.values()))) > 1:
+            raise ValueError(
+                f"cannot pool runs with different {key!r} ({values}): their times do not measure the same thing"
+            )
     first_seen: dict[str, tuple[str, dict[str, Any]]] = {}
     for source, run in zip(sources, runs):
         for block in run["problems"]:

@@ -24,7 +24,7 @@ from typing import Any
 
 import torch
 from one_at_a_time import race_targets, run_command
-from peers_adapters import torch_lbfgs
+from peers_adapters import USER_LOOP_MAX_ITER, torch_lbfgs
 from peers_problems import PROBLEMS, Problem, make_accumulator
 from peers_report import lowest_loss, seconds_to_targets, targets_of
 
@@ -32,10 +32,10 @@ from moller_scg import SCG
 from moller_scg.accumulate import GradientAccumulator
 
 ROWS: dict[str, Callable[[list[torch.Tensor]], torch.optim.Optimizer]] = {
-    "torch LBFGS": lambda params: torch_lbfgs(params, 100),
-    "torch LBFGS h=20": lambda params: torch_lbfgs(params, 20),
-    "LBFGS no LS": lambda params: torch_lbfgs(params, 100, line_search_fn=None),
-    "LBFGS h=20 no LS": lambda params: torch_lbfgs(params, 20, line_search_fn=None),
+    "torch LBFGS": lambda params: torch_lbfgs(params, 100, max_iter=USER_LOOP_MAX_ITER),
+    "torch LBFGS h=20": lambda params: torch_lbfgs(params, 20, max_iter=USER_LOOP_MAX_ITER),
+    "LBFGS no LS": lambda params: torch_lbfgs(params, 100, line_search_fn=None, max_iter=USER_LOOP_MAX_ITER),
+    "LBFGS h=20 no LS": lambda params: torch_lbfgs(params, 20, line_search_fn=None, max_iter=USER_LOOP_MAX_ITER),
     "SCG m=20": lambda params: SCG(params, memory=20),
     "SCG m=40": lambda params: SCG(params, memory=40),
     "SCG m=20 diag": lambda params: SCG(params, memory=20, diagonal_scaling=True),

@@ -563,7 +563,7 @@ def test_median_over_races_names_a_target_reached_in_some_races_only(monkeypatch
     results = [dict(r, targets=[{"reached": True, "reference_reached": True, "seconds": 0.0}]) for r in races[0]]
     report.median_over_races(results, races, [1.0])
     assert results[1]["targets"][0]["races_reached"] == 1
-    assert "SCG or torch LBFGS reached the target 1 in some races only (1 and 1 of 2)" in capsys.readouterr().err
+    assert "SCG or torch LBFGS reached the target 1 in some races only (1 and 2 of 2)" in capsys.readouterr().err
 
 
 def load_pooling(monkeypatch):
@@ -667,14 +667,16 @@ def test_pooling_refuses_runs_that_did_not_compute_the_same(monkeypatch):
     with pytest.raises(ValueError, match="different 'quick'"):
         pooling.pool_runs([run(), other], ["a.json", "b.json"], "pool")
     # A row that takes HVPs is charged each run's own measured cost of one, so the budget may end it before a target
-    # it reached in the other run: that pools, with the times of the run that reached it, and the report says so.
+    # it reached in the other run: that pools, each race of the run that missed it an infinite time (lever 61), and
+    # the report says so. Missed in one race of two, its median is infinite: not reached.
     cut = run()
     cut["problems"][0]["results"][1]["targets"][2] = {"reached": False, "reference_reached": True}
     for stopped_after, pools in ((8, True), (9, False)):  # reached after 9 evaluations in the first run
         cut["problems"][0]["results"][1]["evaluations"] = stopped_after
         if pools:
             block = pooling.pool_runs([run(), cut], ["a.json", "b.json"], "pool")["problems"][0]
-            assert block["results"][1]["targets"][2]["seconds_by_race"] == [1.5]
+            pooled_t3 = block["results"][1]["targets"][2]
+            assert pooled_t3["seconds_by_race"] == [1.5, math.inf] and not pooled_t3["reached"]
             assert block["reached_in_some_runs"] == ["SCG T3 in 1 of 2 runs"]
         else:
             with pytest.raises(ValueError, match="T3 in no evaluation"):
@@ -683,3 +685,110 @@ def test_pooling_refuses_runs_that_did_not_compute_the_same(monkeypatch):
     other = run()
     other["problems"][0]["analysis"]["targets"][0] = 0.3 * (1 + 1e-15)
     assert pooling.pool_runs([run(), other], ["a.json", "b.json"], "pool")["problems"][0]["races"] == 2
+
+
+def test_a_target_the_reference_misses_gives_a_bound_not_a_ratio_of_zero(monkeypatch):
+    """SCG at T2 and T3 in 9 s and 10 s, LBFGS(100) missing both in its whole run of 5 s: the ratios are at most 1.8
+    and 2.0, not 0, and the time goal is not met (lever 61). T1 / T2 / T3 = 1.9, 1.09, 1.009 (E₀ = 10, E* = 1)."""
+    report = load_report(monkeypatch)
+
+    def history(points):
+        return [
+            {"loss": loss, "seconds": seconds, "passes": seconds, "evaluations": i}
+            for i, (seconds, loss) in enumerate(points)
+        ]
+
+    reference = {
+        "name": "torch LBFGS",
+        "history": history([(0.0, 10.0), (1.0, 1.5)]),
+        "final_loss": 5.0,
+        "seconds": 5.0,
+        "passes": 5.0,
+    }
+    scg = {
+        "name": "SCG",
+        "history": history([(0.0, 10.0), (2.0, 1.5), (9.0, 1.05), (10.0, 1.0)]),
+        "final_loss": 1.0,
+        "seconds": 10.0,
+        "passes": 10.0,
+    }
+    analysis = report.analyse(None, [reference, scg])
+    t1, t2, t3 = scg["targets"]
+    assert t1["reference_reached"] and not t2["reference_reached"] and not t3["reference_reached"]
+    assert t2["time_ratio"] == pytest.approx(1.8) and t3["time_ratio"] == pytest.approx(2.0)
+    assert not report.within_time_goal(scg)
+    assert report.ratio_cell(t3, "time_ratio") == "≤2.00"
+    assert analysis["targets"][2] == pytest.approx(1.0 + 0.001 * 9.0)
+
+
+def test_median_over_races_bounds_the_ratio_where_the_reference_misses_in_every_race(monkeypatch):
+    report = load_report(monkeypatch)
+
+    def run(name, points, seconds):
+        return {"name": name, "seconds": seconds, "history": [{"loss": loss, "seconds": t} for t, loss in points]}
+
+    races = [
+        [run("torch LBFGS", [(1.0, 3.0)], 4.0), run("SCG", [(1.0, 3.0), (2.0, 1.0)], 2.0)],
+        [run("torch LBFGS", [(1.0, 3.0)], 8.0), run("SCG", [(1.0, 3.0), (3.0, 1.0)], 3.0)],
+    ]
+    results = [dict(r, targets=[{"reached": True, "reference_reached": False, "seconds": 0.0}]) for r in races[0][1:]]
+    report.median_over_races(results, races, [1.0])
+    assert results[0]["targets"][0]["time_ratios_by_race"] == [0.5, 0.375]
+
+
+def test_pooled_runs_count_a_target_missed_in_a_run_as_an_infinite_time_in_its_races(monkeypatch):
+    pooling = load_pooling(monkeypatch)
+    report = load_report(monkeypatch)
+
+    def run(scg_t3):
+        return raced_run({"toy": [("LBFGS", [[1.0], [2.0], [3.0]]), ("SCG", [[0.5], [1.0], scg_t3])]})
+
+    reached, missed = run([1.5]), run(None)
+    missed["problems"][0]["results"][1]["evaluations"] = 8  # the budget ended it before the 9 evaluations to T3
+    pooled = pooling.pool_runs([reached, reached, missed], ["a.json", "b.json", "c.json"], "pool")
+    scg_t3, lbfgs_t3 = (result["targets"][2] for result in pooled["problems"][0]["results"][::-1])
+    assert scg_t3["seconds_by_race"] == [1.5, 1.5, math.inf] and scg_t3["reached"] and scg_t3["races_reached"] == 2
+    assert scg_t3["time_ratios_by_race"] == [0.5, 0.5, math.inf] and scg_t3["time_ratio"] == 0.5
+    assert report.races_ahead(scg_t3, lbfgs_t3) == (2, 3)  # the races stay aligned with the partner's
+    assert report.race_by_race_ratio(scg_t3, lbfgs_t3) == 0.5
+    neither = {"reached": True, "seconds": 1.0, "seconds_by_race": [1.0, math.inf, math.inf]}
+    assert report.race_by_race_ratio(neither, dict(neither)) == 1.0  # a race neither reached in is a tie
+
+
+@pytest.mark.parametrize("key", ["threads", "torch", "moller_scg"])
+def test_pooling_refuses_runs_timed_under_other_threads_or_versions(monkeypatch, key):
+    pooling = load_pooling(monkeypatch)
+
+    def run():
+        return raced_run({"toy": [("LBFGS", [[1.0], [2.0], [3.0]]), ("SCG", [[0.5], [1.0], [1.5]])]})
+
+    first, other = run(), run()
+    first["environment"][key], other["environment"][key] = "1", "2"
+    with pytest.raises(ValueError, match=f"different '{key}'"):
+        pooling.pool_runs([first, other], ["a.json", "b.json"], "pool")
+    other["environment"][key] = "1"
+    other["environment"]["commit"] = "abc"  # another commit pools (a change to the docs, say); the header names it
+    pooled = pooling.pool_runs([first, other], ["a.json", "b.json"], "pool")
+    assert [source["commit"] for source in pooled["environment"]["pooled_from"]] == [None, "abc"]
+
+
+def test_a_memory_probe_is_read_for_its_own_problem_only(monkeypatch):
+    """SCG's m × m matrices are 2.5 n on the logistic problem's 650 weights and 0.003 n on MNIST's: the logistic
+    probe's peak, in units of n, must not move MNIST's rows to other equal-memory partners (lever 61)."""
+    report = load_report(monkeypatch)
+
+    def block(name, probe):
+        results = [
+            fake_result("torch LBFGS", "torch LBFGS", [1.0, 2.0, 3.0], 75.0),
+            fake_result("torch LBFGS h=20", "torch LBFGS", [1.1, 2.1, 3.1], 47.0),
+            fake_result("SCG m=20", "SCG", [0.9, 1.5, 2.0], 45.0),
+        ]
+        return dict(fake_block(name, results, [1.0, 2.0, 3.0]), memory_probe=probe)
+
+    logistic, mnist = block("logistic", {"SCG m=20": 48.1}), block("mnist", None)
+    _, verdicts = report.goals([logistic, mnist])
+    assert report.block_probe(mnist) == {} and report.block_probe(logistic) == {"SCG m=20": 48.1}
+    lines, _ = report.goals([mnist, logistic])
+    text = "\n".join(lines)
+    assert "mnist yes (vs torch LBFGS h=20, 47.0 n ≥ 45.0 n" in text
+    assert "logistic yes (vs torch LBFGS, 75.0 n ≥ 48.1 n" in text

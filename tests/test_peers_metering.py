@@ -49,3 +49,73 @@ def test_arrays_that_view_a_tensors_memory_count_as_that_tensor_once(monkeypatch
     assert metering.reachable_numbers(views, {rows.untyped_storage().data_ptr()}) == 0  # the parameters' own storage
     own = np.zeros((3, 10))
     assert metering.reachable_numbers([rows, own, own[1], own[2:]], set()) == 70
+
+
+def test_scgs_accepted_point_is_timed_at_its_evaluation_not_after_its_own_work(monkeypatch):
+    """LBFGS's points are recorded as its evaluations return; SCG's after its step, whose work after the trial (the
+    pair update, the next direction) belongs to the next point (docs/performance.md, lever 61)."""
+    import time
+
+    metering = load_script(METERING, monkeypatch)
+    adapters = load_script(METERING.parent / "peers_adapters.py", monkeypatch)
+    problem = load_script(METERING.parent / "peers_problems.py", monkeypatch).PROBLEMS["regression"](True, 0)
+    run = metering.Run(
+        "SCG m=20", problem, problem.make_model().state_dict(), {"hvp": 2.0, "loss": 0.5, "forward": 0.4}
+    )
+    run.budget = 4.0
+    after_each_step = 0.2
+    adapters.SCG([torch.zeros(2, requires_grad=True)], memory=20)  # SciPy's import, once per process, off the clock
+
+    class SlowAfterItsEvaluations(adapters.SCG):
+        def step(self, closure):
+            loss = super().step(closure)
+            time.sleep(after_each_step)  # own work after the step's last evaluation, on the run's clock
+            return loss
+
+    monkeypatch.setattr(adapters, "SCG", SlowAfterItsEvaluations)
+    run.clock.start()
+    try:
+        adapters.run_scg(run, "secant", memory=20)
+    except metering.BudgetSpent:
+        pass
+    start, first_step, second_step = run.history[:3]
+    assert first_step.loss < start.loss  # the first step was accepted
+    assert first_step.seconds < after_each_step <= second_step.seconds < 2 * after_each_step
+    assert run.clock.seconds >= 3 * after_each_step
+
+
+def test_a_point_recorded_at_a_given_time_keeps_it(monkeypatch):
+    metering = load_script(METERING, monkeypatch)
+    problem = load_script(METERING.parent / "peers_problems.py", monkeypatch).PROBLEMS["regression"](True, 0)
+    run = metering.Run(
+        "SCG m=20", problem, problem.make_model().state_dict(), {"hvp": 2.0, "loss": 0.5, "forward": 0.4}
+    )
+    run.clock.start()
+    run()
+    assert 0.0 < run.evaluation_end <= run.clock.now()
+    run.record(0.125, run.flat_params, at=run.evaluation_end)
+    assert run.history[-1].seconds == run.evaluation_end and run.history[-1].loss == 0.125
+
+
+def test_the_reference_lbfgs_never_evaluates_the_same_point_twice_in_a_row(monkeypatch):
+    """With torch's max_iter=20, every step() began by evaluating again the point the last one ended at: 14 of 300
+    evaluations on the logistic problem. The race runs one unbounded step (lever 61)."""
+    metering = load_script(METERING, monkeypatch)
+    adapters = load_script(METERING.parent / "peers_adapters.py", monkeypatch)
+    problem = load_script(METERING.parent / "peers_problems.py", monkeypatch).PROBLEMS["logistic"](True, 0)
+    run = metering.Run("torch LBFGS", problem, problem.make_model().state_dict(), {"hvp": 2.0, "loss": 0.5})
+    run.budget = 60.0
+    points = []
+    record = run.record
+
+    def noted(loss, weights, at=None):
+        points.append(weights().clone())
+        record(loss, weights, at)
+
+    monkeypatch.setattr(run, "record", noted)
+    try:
+        adapters.run_torch_lbfgs(run)
+    except metering.BudgetSpent:
+        pass
+    assert len(points) == 60 and run.extra["lbfgs_iterations"] > 20
+    assert not any(torch.equal(a, b) for a, b in zip(points, points[1:]))
