@@ -631,7 +631,23 @@ def from_json(text: str) -> dict[str, Any]:
         for result in block["results"]:
             columns = result["history"]
             result["history"] = [dict(zip(columns, values)) for values in zip(*columns.values())]
+        _bound_ratios_the_reference_missed(block)
     return results
+
+
+def _bound_ratios_the_reference_missed(block: dict[str, Any]) -> None:
+    """A run saved before lever 61 gave a target its reference missed a ratio of 0: give it the bound
+    :func:`analyse` gives now (over the reference's whole run; race by race, over the first race's run)."""
+    reference = next((r for r in block["results"] if r["name"] == REFERENCE), None)
+    if reference is None:
+        return
+    for result in block["results"]:
+        for entry in result.get("targets", []):
+            if entry["reached"] and not entry["reference_reached"] and entry.get("time_ratio") == 0.0:
+                entry["time_ratio"] = entry["seconds"] / reference["seconds"]
+                entry["passes_ratio"] = entry["passes"] / reference["passes"]
+                if "seconds_by_race" in entry:
+                    entry["time_ratios_by_race"] = [s / reference["seconds"] for s in entry["seconds_by_race"]]
 
 
 def to_json(results: dict[str, Any]) -> str:

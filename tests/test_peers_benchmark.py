@@ -792,3 +792,22 @@ def test_a_memory_probe_is_read_for_its_own_problem_only(monkeypatch):
     text = "\n".join(lines)
     assert "mnist yes (vs torch LBFGS h=20, 47.0 n ≥ 45.0 n" in text
     assert "logistic yes (vs torch LBFGS, 75.0 n ≥ 48.1 n" in text
+
+
+def test_a_run_saved_with_ratios_of_zero_is_read_with_the_bound(monkeypatch):
+    """Runs saved before lever 61 gave a target the reference missed a ratio of 0; read again, they get the bound."""
+    report = load_report(monkeypatch)
+    history = {"passes": [1.0], "evaluations": [1], "seconds": [0.5], "loss": [1.0]}
+    missed = {"reached": True, "reference_reached": False, "seconds": 2.0, "passes": 3.0, "seconds_by_race": [2.0, 6.0]}
+    saved = {
+        "problems": [
+            {
+                "results": [
+                    {"name": "torch LBFGS", "seconds": 4.0, "passes": 6.0, "history": history, "targets": []},
+                    {"name": "SCG", "history": history, "targets": [dict(missed, time_ratio=0.0, passes_ratio=0.0)]},
+                ]
+            }
+        ]
+    }
+    (entry,) = report.from_json(json.dumps(saved))["problems"][0]["results"][1]["targets"]
+    assert (entry["time_ratio"], entry["passes_ratio"], entry["time_ratios_by_race"]) == (0.5, 0.5, [0.5, 1.5])
