@@ -275,9 +275,9 @@ def own_work_before_evaluations(
 
 def lbfgs_own_work(problem_name: str, evaluations: int, repeats: int, history_size: int = 100) -> float:
     """Own seconds per evaluation of torch.optim.LBFGS as ``benchmarks/peers.py`` runs it (strong-Wolfe line search,
-    lr 1, 20 iterations per step) over its first ``evaluations`` evaluations from the race's initial weights (its
-    construction and its work up to the next evaluation included), the time inside them subtracted; the fastest of
-    ``repeats`` runs."""
+    lr 1, one step without a bound on its iterations) over its first ``evaluations`` evaluations from the race's
+    initial weights (its construction and its work up to the next evaluation included), the time inside them
+    subtracted; the fastest of ``repeats`` runs."""
     runs = own_work_before_evaluations(
         problem_name, lambda params: torch_lbfgs(params, history_size), evaluations + 1, repeats
     )

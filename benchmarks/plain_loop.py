@@ -41,7 +41,8 @@ ROWS: dict[str, Callable[[list[torch.Tensor]], torch.optim.Optimizer]] = {
     "SCG m=20 diag": lambda params: SCG(params, memory=20, diagonal_scaling=True),
     "SCG m=40 diag": lambda params: SCG(params, memory=40, diagonal_scaling=True),
 }
-"""The rows, as a user constructs them: the reference torch LBFGS (history 100, strong Wolfe, the race's settings),
+"""The rows, as a user constructs them: the reference torch LBFGS (history 100, strong Wolfe, the race's settings but
+for torch's default ``max_iter=20``, which a loop of ``step`` calls takes),
 LBFGS at ``SCG(memory=20)``'s memory, the same two without a line search ("no LS": torch's default
 ``line_search_fn=None``, steps of length 1; docs/performance.md, lever 39), and the SCG modes of
 ``one_at_a_time.py``."""

@@ -168,43 +168,8 @@ def _minimize_scg(
     if unknown:
         raise ValueError(f"unknown SCG options {sorted(unknown)}: method='scg' takes sigma, lambd and restart")
     optimizer = SCG(objective.params, hvp=hvp, **options)
-    status, message = STATUS_MAX_ITER, f"the maximum number of iterations ({max_iter}) was reached"
     try:
-        with warnings.catch_warnings():
-            # minimize stops a stalled run itself (status 5); the warning's advice is for a user's own step loop.
-            warnings.simplefilter("ignore", SCGStalledWarning)
-            for _ in range(max_iter):
-                previous_loss = None if optimizer.trace is None else optimizer.trace.loss
-                try:
-                    # The objective is the closure; in double-backward mode SCG asks its hvp() for E''(x)p.
-                    optimizer.step(objective)
-                except FloatingPointError as error:
-                    status, message = STATUS_NON_FINITE, str(error)
-                    break
-                trace = optimizer.trace
-                assert trace is not None  # every step leaves one
-                if callback is not None and _stops(callback, callback(objective.structured(_copies(objective.params)))):
-                    status, message = STATUS_CALLBACK, "the callback returned a true value"
-                    break
-                if trace.residual_norm <= tol:
-                    status, message = STATUS_GRADIENT, f"the gradient norm {trace.residual_norm:.3g} is ≤ tol = {tol:g}"
-                    break
-                if (
-                    ftol > 0  # 0 turns the rule off
-                    and trace.success
-                    and previous_loss is not None
-                    and _relative_change(previous_loss, trace.loss) <= ftol
-                ):
-                    status = STATUS_LOSS_CHANGE
-                    message = f"the relative loss change of an accepted step is ≤ ftol = {ftol:g}"
-                    break
-                if trace.stalled:
-                    status = STATUS_STALLED
-                    message = (
-                        f"SCG stalled at a gradient norm of {trace.residual_norm:.3g}: λ reached its bound or an "
-                        f"accepted step changed nothing, so the loss cannot be lowered at this precision"
-                    )
-                    break
+        status, message = _iterate(optimizer, objective, max_iter, tol, ftol, callback)
         trace = optimizer.trace
         params = objective.params
         residual = [optimizer.state[p].get("residual") for p in params]  # r = −E'(x), SCG's documented state
@@ -225,6 +190,46 @@ def _minimize_scg(
         )
     finally:
         objective.release_graph()
+
+
+def _iterate(
+    optimizer: SCG,
+    objective: FunctionObjective,
+    max_iter: int,
+    tol: float,
+    ftol: float,
+    callback: Callable[[Any], Any] | None,
+) -> tuple[int, str]:
+    """SCG's steps until a stopping rule of the module docstring holds: (status, message)."""
+    with warnings.catch_warnings():
+        # minimize stops a stalled run itself (status 5); the warning's advice is for a user's own step loop.
+        warnings.simplefilter("ignore", SCGStalledWarning)
+        for _ in range(max_iter):
+            previous_loss = None if optimizer.trace is None else optimizer.trace.loss
+            try:
+                # The objective is the closure; in double-backward mode SCG asks its hvp() for E''(x)p.
+                optimizer.step(objective)
+            except FloatingPointError as error:
+                return STATUS_NON_FINITE, str(error)
+            trace = optimizer.trace
+            assert trace is not None  # every step leaves one
+            if callback is not None and _stops(callback, callback(objective.structured(_copies(objective.params)))):
+                return STATUS_CALLBACK, "the callback returned a true value"
+            if trace.residual_norm <= tol:
+                return STATUS_GRADIENT, f"the gradient norm {trace.residual_norm:.3g} is ≤ tol = {tol:g}"
+            if (
+                ftol > 0  # 0 turns the rule off
+                and trace.success
+                and previous_loss is not None
+                and _relative_change(previous_loss, trace.loss) <= ftol
+            ):
+                return STATUS_LOSS_CHANGE, f"the relative loss change of an accepted step is ≤ ftol = {ftol:g}"
+            if trace.stalled:
+                return STATUS_STALLED, (
+                    f"SCG stalled at a gradient norm of {trace.residual_norm:.3g}: λ reached its bound or an accepted "
+                    f"step changed nothing, so the loss cannot be lowered at this precision"
+                )
+    return STATUS_MAX_ITER, f"the maximum number of iterations ({max_iter}) was reached"
 
 
 _MINIMIZE_OWNS = {"max_iter": "max_iter", "tolerance_grad": "tol", "tolerance_change": "ftol"}
