@@ -166,7 +166,7 @@ def growing(power: float | None, finite_difference: bool = False) -> Row:
                 run.extra["scg_rejected"] += 1
                 if power is None:
                     objective.grow()
-            run.record(trace.loss, run.flat_params)
+            run.record(trace.loss, run.flat_params, at=run.evaluation_end)  # timed as run_scg's points (lever 61)
             run.extra["scg_steps"] = trace.k
             run.extra["fractions"] = _spans(objective.used)
 

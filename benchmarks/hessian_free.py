@@ -231,7 +231,7 @@ def hessian_free(fraction: float = 0.1, **options: Any) -> Row:
         optimizer = HessianFreeSCG(run, products, cost, **options)
         while True:
             optimizer.step()
-            run.record(optimizer.loss, run.flat_params)
+            run.record(optimizer.loss, run.flat_params, at=run.evaluation_end)  # timed as run_scg's points (lever 61)
             run.extra["scg_steps"] = optimizer.steps
             run.extra["scg_rejected"] = optimizer.rejected
             run.extra["cg_iterations"] = optimizer.cg_iterations

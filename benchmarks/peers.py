@@ -210,7 +210,8 @@ def memory_probe(
 
 
 PROBE_PROBLEM = "logistic"
-"""The memory probe runs on this problem only: it is cheap, and memory in units of n is the algorithm's."""
+"""The memory probe runs on this problem only (it is cheap), and its peaks count for this problem only: SCG's m × m
+matrices are a fixed number of floats, not a multiple of n (docs/performance.md, lever 61)."""
 
 
 RACES = 3

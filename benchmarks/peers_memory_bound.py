@@ -139,7 +139,7 @@ def section(block: dict[str, Any]) -> list[str]:
         f"({MODEL_BUFFERS} + its buffers) × n × {block['element_size']} bytes; budget {problem['budget']:g} "
         "gradient-pass equivalents; run one at a time",
         f"time and passes to T1 / T2 / T3 as ratios to {reference or 'no LBFGS: none fits'}, the torch LBFGS of the "
-        "largest history that fits (— = not reached, ≪1 = reached where it did not)",
+        "largest history that fits (— = not reached, ≤x = reached where it did not: at most x)",
         "",
         f"{'optimizer':<23}{'buffers':>8}{'needs GiB':>10}{'machine':>9}{'cap':>5}  {'time→T1':>8}{'T2':>6}{'T3':>6}"
         f"{'passes→T1':>10}{'T2':>6}{'T3':>6}{'final loss':>12}{'state':>7}  status",

@@ -181,8 +181,8 @@ def problem_table(block: dict[str, Any]) -> list[str]:
         + " / ".join(f"{t:.4g}" for t in targets),
         f"torch LBFGS reaches them in {hit_seconds} s and {hit_passes} passes; final loss "
         f"{reference['final_loss']:.4g}, {problem['metric_name']} {_metric(problem, reference['metric'])}",
-        "time and passes to each target: ratio to torch LBFGS (— = not reached within the budget, ≪1 = reached where "
-        "torch LBFGS did not)"
+        "time and passes to each target: ratio to torch LBFGS (— = not reached within the budget, ≤x = reached where "
+        "torch LBFGS did not, x its time or passes over torch LBFGS's whole run's)"
         + (
             f"; time: the median over {block['races']} interleaved races of the ratio to the same race's torch LBFGS"
             if block.get("races", 1) > 1
@@ -638,7 +638,8 @@ def from_json(text: str) -> dict[str, Any]:
 def _bound_ratios_the_reference_missed(block: dict[str, Any]) -> None:
     """A run saved before lever 61 gave a target its reference missed a ratio of 0: give it the bound
     :func:`analyse` gives now (over the reference's whole run; race by race, over the first race's run)."""
-    reference = next((r for r in block["results"] if r["name"] == REFERENCE), None)
+    name = block.get("reference") or REFERENCE  # the memory-bound case's reference is the largest LBFGS that fits
+    reference = next((r for r in block["results"] if r["name"] == name), None)
     if reference is None:
         return
     for result in block["results"]:

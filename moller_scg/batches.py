@@ -35,6 +35,7 @@ from torch.utils.data import (
 
 from moller_scg import distributed as _dist
 from moller_scg.input_checks import describe_value
+from moller_scg.rng_state import capture_rng_state, restore_rng_state
 
 if TYPE_CHECKING:
     from moller_scg.subsampling import CurvatureCursor, CurvatureSubsets
@@ -309,11 +310,20 @@ def validate_loader(loader: DataLoader, batch_size: int | None) -> None:
 
 def _check_indices_of_a_pass(batch_sampler: Iterable[Sequence[int]], samples: int) -> None:
     """A batch_sampler of the user's own must yield every index of the dataset once per pass: checked on one pass
-    over its indices (numbers, not samples). A one-shot iterator is not consumed here; the samples of each pass
-    are counted instead, which misses an index repeated in place of another."""
-    if iter(batch_sampler) is batch_sampler:
+    over its indices (numbers, not samples), with the random generators put back as they were, so that the passes
+    that train draw what they would have drawn without it. Not checked, and left to each pass's count of samples
+    (which misses an index repeated in place of another): a one-shot iterator, which this pass would use up, and
+    indices that are not integers (the keys of a dataset of its own)."""
+    generators = capture_rng_state()
+    try:
+        if iter(batch_sampler) is batch_sampler:  # (iter() runs the sampler's __iter__, which may draw already)
+            return
+        pass_of_indices = [index for batch in batch_sampler for index in batch]
+    finally:
+        restore_rng_state(generators)
+    if not all(isinstance(index, numbers.Integral) for index in pass_of_indices):
         return
-    indices = torch.tensor([int(index) for batch in batch_sampler for index in batch], dtype=torch.int64)
+    indices = torch.tensor([int(index) for index in pass_of_indices], dtype=torch.int64)
     outside = indices[(indices < 0) | (indices >= samples)]
     if outside.numel():
         raise ValueError(

@@ -296,7 +296,12 @@ class ConjugateAdaptiveOptimizer(torch.optim.Optimizer):
         """
         if not isinstance(saved_state, dict):
             return
-        direction_rule, moment_rule = self._rules(group)
+        # The rules the saved settings choose (they replace this group's on loading: a CoBA saved with
+        # amsgrad=True keeps max_exp_avg_sq, and continues as AMSGrad, in an optimizer built with amsgrad=False).
+        try:
+            direction_rule, moment_rule = self._rules({**group, **saved})
+        except (KeyError, TypeError, ValueError):  # a saved setting these rules cannot read: judge by this group's
+            direction_rule, moment_rule = self._rules(group)
         kept = {"step", *direction_rule.State._fields, *moment_rule.State._fields}
         for param_id in saved.get("params", []):
             foreign = sorted(set(saved_state.get(param_id, {})) - kept)

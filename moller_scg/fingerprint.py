@@ -28,9 +28,10 @@ def data_fingerprint(data: Any) -> dict[str, Any] | None:
 
     ``layout`` lists each tensor of one sample as ``"dtype[shape]"``; ``sha256`` hashes the bytes of the sampled
     items (moved to the CPU). NumPy arrays count as the tensors they are converted to. A DataLoader whose
-    ``collate_fn`` is its own (not torch's default) is fingerprinted on what that function makes of each sampled
-    item, so that a changed preprocessing there is noticed. ``None`` when the data cannot be fingerprinted without
-    a pass (an ``IterableDataset``, a Dataset whose items are not tensors, arrays, numbers or tuples of them).
+    ``collate_fn`` is its own (not torch's default) adds ``"collated_sha256"``, the hash of what that function makes
+    of each sampled item, so that a changed preprocessing there is noticed. ``None`` when the data cannot be
+    fingerprinted without a pass (an ``IterableDataset``, a Dataset whose items are not tensors, arrays, numbers or
+    tuples of them).
     """
     collate = None
     if isinstance(data, DataLoader):
@@ -50,17 +51,35 @@ def data_fingerprint(data: Any) -> dict[str, Any] | None:
         get = data.__getitem__  # type: ignore[assignment]
     else:
         return None
-    digest = hashlib.sha256()
+    digest, collated = hashlib.sha256(), hashlib.sha256()
     layout: list[str] = []
     for index in _sample_indices(samples):
         item = get(index)
-        tensors = _as_tensors(item if collate is None else collate([item]))
+        tensors = _as_tensors(item)
         if tensors is None:
             return None
         layout = [f"{str(t.dtype).removeprefix('torch.')}{list(t.shape)}" for t in tensors]
-        for tensor in tensors:
-            digest.update(tensor.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes())
-    return {"samples": samples, "layout": layout, "sha256": digest.hexdigest()}
+        _update(digest, tensors)
+        if collate is not None:
+            collated_tensors = _as_tensors(collate([item]))
+            if collated_tensors is None:
+                return None
+            _update(collated, collated_tensors)
+    fingerprint = {"samples": samples, "layout": layout, "sha256": digest.hexdigest()}
+    if collate is not None:
+        fingerprint["collated_sha256"] = collated.hexdigest()
+    return fingerprint
+
+
+def fingerprints_match(saved: Any, current: dict[str, Any]) -> bool:
+    """Whether a checkpoint's fingerprint ``saved`` is that of the data ``current`` fingerprints.
+
+    A fingerprint written before a DataLoader's own ``collate_fn`` was part of it (no ``"collated_sha256"``) is
+    compared on the rest, as it was then; one written with a ``collate_fn`` of its own differs from data without one.
+    """
+    if not isinstance(saved, dict) or any(saved.get(key) != current[key] for key in ("samples", "layout", "sha256")):
+        return False
+    return saved.get("collated_sha256", current.get("collated_sha256")) == current.get("collated_sha256")
 
 
 def describe_difference(saved: dict[str, Any], current: dict[str, Any]) -> str:
@@ -69,7 +88,14 @@ def describe_difference(saved: dict[str, Any], current: dict[str, Any]) -> str:
         return f"it has {current['samples']} samples where the checkpoint's run had {saved.get('samples')}"
     if saved.get("layout") != current["layout"]:
         return f"its samples are {current['layout']} where the checkpoint's were {saved.get('layout')}"
+    if saved.get("sha256") == current["sha256"]:
+        return "the same samples, but the DataLoader's collate_fn makes other batches of them"
     return f"the same {current['samples']} samples of the same shapes, but their values differ"
+
+
+def _update(digest: Any, tensors: list[torch.Tensor]) -> None:
+    for tensor in tensors:
+        digest.update(tensor.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes())
 
 
 def _sample_indices(samples: int) -> list[int]:

@@ -42,7 +42,8 @@ class MnistCNN(nn.Module):
         Raises:
             ValueError: a batch whose images are not 784 pixels each (the reshape would make other rows of them).
         """
-        if images.dim() >= 2 and math.prod(images.shape[1:]) != 28 * 28:
+        one_image = images.shape in ((28, 28), (1, 28, 28), (784,))  # unbatched, as before this check
+        if not one_image and (images.dim() < 2 or math.prod(images.shape[1:]) != 28 * 28):
             raise ValueError(
                 f"MnistCNN takes images of 28 × 28 = 784 pixels, shaped (B, 1, 28, 28), (B, 28, 28) or (B, 784); got "
                 f"a batch of shape {tuple(images.shape)}"

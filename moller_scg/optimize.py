@@ -234,6 +234,8 @@ def _iterate(
 
 _MINIMIZE_OWNS = {"max_iter": "max_iter", "tolerance_grad": "tol", "tolerance_change": "ftol"}
 """The LBFGS arguments that ``minimize``'s own arguments set, with the argument that does."""
+_REFUSED_LBFGS_OPTIONS = {"maximize": "minimize minimizes: to maximize f, minimize −f"}
+"""LBFGS arguments ``minimize`` cannot take, with the reason."""
 
 
 def _minimize_lbfgs(
@@ -293,7 +295,14 @@ def _check_lbfgs_options(options: Mapping[str, Any]) -> None:
     for key, argument in _MINIMIZE_OWNS.items():
         if key in options:
             raise ValueError(f"options[{key!r}] is minimize's {argument}= for method='lbfgs': pass {argument}=…")
-    accepted = set(inspect.signature(torch.optim.LBFGS).parameters) - {"params", *_MINIMIZE_OWNS}
+    for key, reason in _REFUSED_LBFGS_OPTIONS.items():
+        if key in options:
+            raise ValueError(f"options[{key!r}] is refused: {reason}")
+    accepted = set(inspect.signature(torch.optim.LBFGS).parameters) - {
+        "params",
+        *_MINIMIZE_OWNS,
+        *_REFUSED_LBFGS_OPTIONS,
+    }
     unknown = sorted(set(options) - accepted)
     if unknown:
         raise ValueError(

@@ -72,12 +72,14 @@ def row_products(a: Vector, b: Vector) -> Vector:
     the pieces added in float64."""
     if isinstance(a, np.ndarray):
         return _as_float64(a @ b.T)
-    a, b = vec.widened(a), vec.widened(b)  # float16's products overflow above 65504
-    if a.shape[-1] <= vec.DOT_CHUNK:
-        return _as_float64(a @ b.T)
+    # float16's products overflow above 65504: half-precision pieces are multiplied in float32 (vec.widened), a
+    # piece at a time, so that the float32 copies hold pieces, not the rows.
+    whole = vec.DOT_CHUNK if a.element_size() >= 4 else PRODUCT_PIECE
+    if a.shape[-1] <= whole:
+        return _as_float64(vec.widened(a) @ vec.widened(b).T)
     total = torch.zeros(a.shape[0], b.shape[0], dtype=torch.float64, device=a.device)
     for a_piece, b_piece in zip(a.split(PRODUCT_PIECE, dim=-1), b.split(PRODUCT_PIECE, dim=-1)):
-        total += (a_piece @ b_piece.T).to(torch.float64)
+        total += (vec.widened(a_piece) @ vec.widened(b_piece).T).to(torch.float64)
     return total
 
 
@@ -87,11 +89,13 @@ def scaled_squares(rows: Vector, diagonal: Vector) -> Vector:
     temporary holds k pieces, not k · n numbers."""
     if isinstance(rows, np.ndarray):
         return _as_float64((rows * rows) @ diagonal)
-    rows, diagonal = vec.widened(rows), vec.widened(diagonal)  # float16's squares overflow above 256
+    # float16's squares overflow above 256: half-precision pieces are squared in float32 (vec.widened).
     if rows.shape[-1] <= PRODUCT_PIECE:
+        rows, diagonal = vec.widened(rows), vec.widened(diagonal)
         return _as_float64((rows * rows) @ diagonal)
     total = torch.zeros(rows.shape[0], dtype=torch.float64, device=rows.device)
     for rows_piece, diagonal_piece in zip(rows.split(PRODUCT_PIECE, dim=-1), diagonal.split(PRODUCT_PIECE)):
+        rows_piece, diagonal_piece = vec.widened(rows_piece), vec.widened(diagonal_piece)
         total += ((rows_piece * rows_piece) @ diagonal_piece).to(torch.float64)
     return total
 
@@ -115,15 +119,25 @@ def add_product(
         return out
     c = torch.from_numpy(coefficients)
     if vector.element_size() < 4:
-        # float16 would round coefficients beyond 65504 to inf: the sum is formed in float32, then rounded.
-        c = c.to(device=vector.device, dtype=torch.float32)
-        wide = torch.addmv(vec.widened(vector), vec.widened(rows).T, c, beta=scale)
-        return wide.to(vector.dtype) if out is None else out.copy_(wide)
+        return _add_product_in_float32(vector, rows, c.to(device=vector.device, dtype=torch.float32), scale, out)
     if c.device != vector.device or c.dtype != vector.dtype:
         c = c.to(device=vector.device, dtype=vector.dtype)
     if out is vector:
         return vector.addmv_(rows.T, c, beta=scale)
     return torch.addmv(vector, rows.T, c, beta=scale, out=out)
+
+
+def _add_product_in_float32(
+    vector: torch.Tensor, rows: torch.Tensor, c: torch.Tensor, scale: float, out: torch.Tensor | None
+) -> torch.Tensor:
+    """:func:`add_product` for a float16 or bfloat16 vector: float16 would round coefficients beyond 65504 to inf, so
+    each piece of :data:`PRODUCT_PIECE` numbers is summed in float32 and rounded into ``out``."""
+    out = torch.empty_like(vector) if out is None else out
+    for piece, rows_piece, out_piece in zip(
+        vector.split(PRODUCT_PIECE), rows.split(PRODUCT_PIECE, dim=-1), out.split(PRODUCT_PIECE)
+    ):
+        out_piece.copy_(torch.addmv(piece.float(), rows_piece.float().T, c, beta=scale))
+    return out
 
 
 def multiply(a: Vector, b: Vector, out: Vector = None) -> Vector:

@@ -31,7 +31,7 @@ from moller_scg.checkpoint import (
     restore,
     save_checkpoint,
 )
-from moller_scg.fingerprint import describe_difference
+from moller_scg.fingerprint import describe_difference, fingerprints_match
 from moller_scg.history import History
 from moller_scg.scg import SCG
 from moller_scg.stopping import EarlyStopping
@@ -276,7 +276,7 @@ def resume_run(
         annealer.load_state_dict(saved.annealing)  # checked before anything else is loaded
     restore(model, optimizer, state, source=path)
     train.curvature_cursor.load_state_dict(cursor.state_dict())  # the rotating curvature subsets go on where they were
-    same_data = fingerprint is not None and saved.data_fingerprint == fingerprint
+    same_data = fingerprint is not None and fingerprints_match(saved.data_fingerprint, fingerprint)
     if fingerprint is not None and isinstance(saved.data_fingerprint, dict) and not same_data:
         warnings.warn(
             f"resuming from {os.fspath(path)!r} on other training data than the run that wrote it: "

@@ -22,7 +22,7 @@ from torch.nn import functional as F
 from torch.utils.data import DataLoader, Dataset, IterableDataset, RandomSampler, SubsetRandomSampler, TensorDataset
 
 import moller_scg.accumulate as accumulate
-from moller_scg import SCG
+from moller_scg import SCG, batches
 from moller_scg._vectors import as_real
 from moller_scg.accumulate import GradientAccumulator, StochasticObjectiveWarning
 
@@ -1049,3 +1049,36 @@ def test_docs_accumulation_snippets_run():
     assert blocks
     for block in blocks:
         exec(compile(block, "docs/accumulation.md", "exec"), {})  # noqa: S102 - the docs' own code
+
+
+def test_a_custom_batch_sampler_is_checked_without_moving_the_random_generators():
+    """Its check draws one pass of indices; the passes that train must draw what they would have without it."""
+
+    class Shuffled:
+        def __iter__(self):
+            order = torch.randperm(10).tolist()
+            return iter([order[:4], order[4:8], order[8:]])
+
+    torch.manual_seed(5)
+    expected = torch.rand(3)
+    torch.manual_seed(5)
+    batches._check_indices_of_a_pass(Shuffled(), 10)  # (a DataLoader draws its workers' base seed at each pass)
+    assert torch.equal(torch.rand(3), expected)
+
+
+def test_a_custom_batch_sampler_of_keys_that_are_not_integers_is_left_to_the_count_of_each_pass():
+    class Keyed(torch.utils.data.Dataset):
+        def __init__(self):
+            self.items = {f"sample-{i}": (torch.randn(3), torch.randn(1)) for i in range(6)}
+
+        def __len__(self):
+            return len(self.items)
+
+        def __getitem__(self, key):
+            return self.items[key]
+
+    dataset = Keyed()
+    keys = list(dataset.items)
+    loader = DataLoader(dataset, batch_sampler=[keys[:3], keys[3:]])
+    accumulator = GradientAccumulator(nn.Linear(3, 1), nn.MSELoss(), loader)
+    assert accumulator.samples == 6

@@ -321,3 +321,14 @@ def test_float16_gradients_above_256_keep_beta_and_the_weights_finite(cg_rule):
         reference.step()
     assert torch.isfinite(w).all()
     torch.testing.assert_close(w.double(), wide.detach(), rtol=0, atol=2e-3)
+
+
+def test_a_state_saved_with_amsgrad_loads_into_a_coba_built_without_it_and_goes_on_as_saved():
+    """The saved settings replace the group's on loading: the state's max_exp_avg_sq is then what the rules keep."""
+    w = nn.Parameter(torch.tensor([1.0, -2.0], dtype=torch.float64))
+    saved_by = CoBA([w], lr=1e-2)  # the default, amsgrad=True
+    w.grad = torch.tensor([0.5, 1.0], dtype=torch.float64)
+    saved_by.step()
+    loading = CoBA([nn.Parameter(w.detach().clone())], lr=1e-2, amsgrad=False)
+    loading.load_state_dict(saved_by.state_dict())
+    assert loading.param_groups[0]["amsgrad"] is True

@@ -8,7 +8,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset, IterableDataset, TensorDataset, default_collate
 
 from moller_scg import fit
-from moller_scg.fingerprint import data_fingerprint, describe_difference
+from moller_scg.fingerprint import data_fingerprint, describe_difference, fingerprints_match
 
 
 def data(n: int = 100) -> tuple[torch.Tensor, torch.Tensor]:
@@ -75,8 +75,12 @@ def test_a_loaders_own_collate_fn_is_part_of_the_fingerprint():
 
     dataset = TensorDataset(x, y)
     once, tenfold = (data_fingerprint(DataLoader(dataset, batch_size=7, collate_fn=scaled(f))) for f in (1.0, 10.0))
-    assert once is not None and once != tenfold
-    assert "values differ" in describe_difference(once, tenfold)
+    assert once is not None and not fingerprints_match(once, tenfold)
+    assert "collate_fn makes other batches" in describe_difference(once, tenfold)
+    # A checkpoint written before the collate_fn was part of the fingerprint is judged on the samples, as then; one
+    # written with a collate_fn of its own is not the data without it.
+    written_before = {key: value for key, value in once.items() if key != "collated_sha256"}
+    assert fingerprints_match(written_before, tenfold) and not fingerprints_match(once, written_before)
     assert data_fingerprint(DataLoader(dataset, batch_size=7, collate_fn=scaled(1.0))) == once
 
 

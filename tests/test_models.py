@@ -134,3 +134,8 @@ def test_a_batch_of_images_that_are_not_784_pixels_is_refused(shape):
 @pytest.mark.parametrize("shape", [(4, 1, 28, 28), (4, 28, 28), (4, 784)])
 def test_the_three_batch_shapes_give_one_row_of_logits_per_image(shape):
     assert MnistCNN()(torch.zeros(shape)).shape == (4, 10)
+
+
+@pytest.mark.parametrize("shape", [(28, 28), (1, 28, 28), (784,)])
+def test_one_unbatched_image_is_one_row_of_logits_as_before(shape):
+    assert MnistCNN()(torch.zeros(shape)).shape == (1, 10)

@@ -266,6 +266,7 @@ def test_lbfgs_from_a_non_finite_x0_is_not_a_success():
         ({"tolerance_grad": 0.0}, r"options\['tolerance_grad'\] is minimize's tol="),
         ({"tolerance_change": 0.0}, r"options\['tolerance_change'\] is minimize's ftol="),
         ({"bogus": 1}, r"unknown LBFGS options \['bogus'\]: method='lbfgs' takes history_size"),
+        ({"maximize": True}, r"options\['maximize'\] is refused: minimize minimizes"),
     ],
 )
 def test_lbfgs_options_that_minimize_sets_or_lbfgs_lacks_are_named(options, match):

@@ -69,3 +69,32 @@ def test_a_product_into_a_strided_vector_lands_there():
     assert arithmetic.add_product(vector, rows, coefficients, 2.0, out=out) is out
     np.testing.assert_allclose(storage[:, 1], 2.0 * vector + coefficients @ rows)
     assert not storage[:, 0].any()
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_half_precision_products_are_formed_in_float32_a_piece_at_a_time(monkeypatch, dtype):
+    """Pieces of PRODUCT_PIECE columns (4 here): the float32 copies hold pieces, not the stack of rows; entries
+    beyond 256 square past float16's 65504."""
+    monkeypatch.setattr(arithmetic, "PRODUCT_PIECE", 4)
+    monkeypatch.setattr(arithmetic.vec, "DOT_CHUNK", 4)
+    generator = torch.Generator().manual_seed(0)
+    rows = (torch.randn(3, 10, generator=generator) * 300).to(dtype)
+    other = (torch.randn(2, 10, generator=generator) * 300).to(dtype)
+    diagonal = torch.rand(10, generator=generator).to(dtype)
+    torch.testing.assert_close(
+        arithmetic.row_products(rows, other), rows.double() @ other.double().T, rtol=1e-6, atol=0
+    )
+    torch.testing.assert_close(
+        arithmetic.scaled_squares(rows, diagonal), (rows.double() ** 2) @ diagonal.double(), rtol=1e-6, atol=0
+    )
+    vector = (torch.randn(10, generator=generator) * 300).to(dtype)
+    small_rows = (torch.randn(3, 10, generator=generator) * 0.01).to(dtype)
+    coefficients = np.array([1.0e5, -7.0e4, 9.0e4])  # beyond 65504 themselves: float16 would make them inf
+    c = torch.tensor(coefficients, dtype=torch.float32)
+    expected = (0.5 * vector.float() + small_rows.float().T @ c).to(dtype)
+    result = arithmetic.add_product(vector, small_rows, coefficients, 0.5)
+    assert result.dtype == dtype and torch.isfinite(result).all()
+    torch.testing.assert_close(result.float(), expected.float(), rtol=1e-2, atol=0)
+    into_itself = vector.clone()
+    assert arithmetic.add_product(into_itself, small_rows, coefficients, 0.5, out=into_itself) is into_itself
+    assert torch.equal(into_itself, result)

@@ -811,3 +811,20 @@ def test_a_run_saved_with_ratios_of_zero_is_read_with_the_bound(monkeypatch):
     }
     (entry,) = report.from_json(json.dumps(saved))["problems"][0]["results"][1]["targets"]
     assert (entry["time_ratio"], entry["passes_ratio"], entry["time_ratios_by_race"]) == (0.5, 0.5, [0.5, 1.5])
+
+
+def test_the_memory_bound_case_is_bounded_by_its_own_reference(monkeypatch):
+    """Its reference is the largest LBFGS that fits (history 5), not LBFGS(100), which it does not race."""
+    report = load_report(monkeypatch)
+    history = {"passes": [1.0], "evaluations": [1], "seconds": [0.5], "loss": [1.0]}
+    missed = {"reached": True, "reference_reached": False, "seconds": 2.0, "passes": 3.0, "time_ratio": 0.0}
+    block = {
+        "reference": "torch LBFGS h=5",
+        "results": [
+            {"name": "torch LBFGS h=5", "seconds": 8.0, "passes": 12.0, "history": history, "targets": []},
+            {"name": "SCG m=5", "history": history, "targets": [dict(missed, passes_ratio=0.0)]},
+        ],
+    }
+    saved = {"problems": [], "memory_bound": block}
+    (entry,) = report.from_json(json.dumps(saved))["memory_bound"]["results"][1]["targets"]
+    assert (entry["time_ratio"], entry["passes_ratio"]) == (0.25, 0.25)
