@@ -45,6 +45,7 @@ import torch
 
 from moller_scg.objective import HVP_MODES, FunctionObjective
 from moller_scg.scg import SCG, SCGStalledWarning
+from moller_scg.stopping import callback_says_stop
 
 METHODS = ("scg", "lbfgs")
 DEFAULT_FTOL = 1e7 * torch.finfo(torch.float64).eps
@@ -213,8 +214,10 @@ def _iterate(
                 return STATUS_NON_FINITE, str(error)
             trace = optimizer.trace
             assert trace is not None  # every step leaves one
-            if callback is not None and _stops(callback, callback(objective.structured(_copies(objective.params)))):
-                return STATUS_CALLBACK, "the callback returned a true value"
+            if callback is not None:
+                answer = callback(objective.structured(_copies(objective.params)))
+                if callback_says_stop(callback, answer):
+                    return STATUS_CALLBACK, "the callback returned a true value"
             if trace.residual_norm <= tol:
                 return STATUS_GRADIENT, f"the gradient norm {trace.residual_norm:.3g} is ≤ tol = {tol:g}"
             if (
@@ -309,17 +312,6 @@ def _check_lbfgs_options(options: Mapping[str, Any]) -> None:
             f"unknown LBFGS options {unknown}: method='lbfgs' takes {', '.join(sorted(accepted))} "
             f"(and minimize's max_iter, tol and ftol)"
         )
-
-
-def _stops(callback: Callable[[Any], Any], answer: Any) -> bool:
-    """A callback's answer as a bool (NumPy and one-element tensor booleans included), as ``fit`` reads one."""
-    try:
-        return bool(answer)
-    except Exception as error:  # a tensor of several elements, or an object whose __bool__ raises
-        raise TypeError(
-            f"the callback {callback!r:.80} returned {answer!r:.80}, which is neither true nor false: return True to "
-            f"stop the run, False or None to go on"
-        ) from error
 
 
 def _relative_change(previous: float, current: float) -> float:

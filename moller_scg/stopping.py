@@ -160,3 +160,20 @@ def iterations_without_decrease(losses: list[float]) -> int:
             break
         count += 1
     return count
+
+
+def callback_says_stop(callback: Any, answer: Any) -> bool:
+    """A callback's answer (``fit``'s callbacks, ``minimize``'s ``callback``) as a bool: any true value stops the
+    run, NumPy and one-element tensor booleans included.
+
+    Raises:
+        TypeError: the answer is neither true nor false (a tensor of several elements, an object whose ``__bool__``
+            raises).
+    """
+    try:
+        return bool(answer)
+    except Exception as error:
+        raise TypeError(
+            f"the callback {callback!r:.80} returned {answer!r:.80}, which is neither true nor false: return True to "
+            f"stop the run, False or None to go on"
+        ) from error

@@ -26,7 +26,15 @@ from moller_scg.fingerprint import data_fingerprint
 from moller_scg.history import History
 from moller_scg.run_checkpoint import RunCheckpoint, check_checkpoint_path, resume_run
 from moller_scg.scg import DEFAULT_MEMORY, SCG, SCGTrace
-from moller_scg.stopping import EarlyStopping, StopRequests, agreed, budget_exhausted, converged, restart_instead
+from moller_scg.stopping import (
+    EarlyStopping,
+    StopRequests,
+    agreed,
+    budget_exhausted,
+    callback_says_stop,
+    converged,
+    restart_instead,
+)
 from moller_scg.subsampling import validate_fraction, validate_subset
 
 logger = logging.getLogger(__name__)
@@ -400,7 +408,7 @@ def _callbacks_ask_to_stop(callbacks: Sequence[Callback], state: RunCheckpoint, 
     History (as the exception's ``history``) before its exception goes on."""
     try:
         answers = [(callback, callback(state.history)) for callback in callbacks]
-        return any([_truth(callback, answer) for callback, answer in answers])
+        return any([callback_says_stop(callback, answer) for callback, answer in answers])
     except Exception as error:
         state.save(started)
         error.history = state.history  # type: ignore[attr-defined]
@@ -408,17 +416,6 @@ def _callbacks_ask_to_stop(callbacks: Sequence[Callback], state: RunCheckpoint, 
             where = "" if state.path is None else f"; the checkpoint {os.fspath(state.path)!r} holds it"
             error.add_note(f"fit stopped after iteration {len(state.history)}: its History is error.history{where}")
         raise
-
-
-def _truth(callback: Callback, answer: Any) -> bool:
-    """A callback's answer as a bool (NumPy and one-element tensor booleans included)."""
-    try:
-        return bool(answer)
-    except Exception as error:  # a tensor of several elements, or an object whose __bool__ raises
-        raise TypeError(
-            f"the callback {callback!r:.80} returned {answer!r:.80}, which is neither true nor false: return True to "
-            f"stop the run, False or None to go on"
-        ) from error
 
 
 def _validate_callbacks(callbacks: Any) -> None:
