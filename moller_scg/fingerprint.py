@@ -42,7 +42,10 @@ def data_fingerprint(data: Any) -> dict[str, Any] | None:
         return None
     if isinstance(data, (tuple, list)) and data and all(isinstance(part, (torch.Tensor, np.ndarray)) for part in data):
         samples = len(data[0])
-        columns = tuple(torch.as_tensor(part) for part in data)  # no copy
+        try:
+            columns = tuple(torch.as_tensor(part) for part in data)  # no copy
+        except (TypeError, RuntimeError):  # an array torch cannot hold (strings, objects): no fingerprint, as before
+            return None
 
         def get(index: int) -> tuple[torch.Tensor, ...]:
             return tuple(column[index] for column in columns)
@@ -112,7 +115,10 @@ def _as_tensors(item: Any) -> list[torch.Tensor] | None:
         if isinstance(part, torch.Tensor):
             tensors.append(part)
         elif isinstance(part, (np.ndarray, np.generic)):
-            tensors.append(torch.as_tensor(part))
+            try:
+                tensors.append(torch.as_tensor(part))
+            except (TypeError, RuntimeError):  # an array torch cannot hold (strings, objects)
+                return None
         elif isinstance(part, (bool, int, float)):
             tensors.append(torch.tensor(part))
         else:

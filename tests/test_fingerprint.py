@@ -98,3 +98,8 @@ def test_a_resume_on_numpy_data_ends_bit_identical_to_an_uninterrupted_run(tmp_p
     fit(interrupted, nn.MSELoss(), (inputs, targets), max_iter=4, checkpoint=path, **options)
     resumed = fit(interrupted, nn.MSELoss(), (inputs, targets), max_iter=8, checkpoint=path, resume=True, **options)
     assert list(resumed["loss"]) == list(uninterrupted["loss"])
+
+
+def test_arrays_torch_cannot_hold_have_no_fingerprint_as_before():
+    x, _ = data(10)
+    assert data_fingerprint((x.numpy(), numpy.array(["a"] * 10))) is None
