@@ -19,9 +19,14 @@ import math
 import statistics
 from typing import Any
 
-TARGET_TOLERANCE = 1e-9
-"""Relative difference up to which two runs' targets T1 / T2 / T3 count as the same (their E* is the lowest loss of
-a deterministic run, the same up to the last bits)."""
+TARGET_TOLERANCE = 1e-5
+"""How far two runs' targets T1 / T2 / T3 may differ and count as the same, as a share of the first run's achievable
+decrease E₀ − E*. E* is the lowest final loss of any row, and a row that takes HVPs or loss-only trials is charged
+each run's own measured cost of one against its budget, so when such a row ends lowest, E* moves in its last digits
+from run to run (3.8e-7 of the decrease on the regression of the two full runs of 2026-12-07; docs/performance.md,
+lever 62). What pooling needs is that every race times the same computation to the same evaluation, and
+:func:`check_same_block` checks that row by row, so a target moved by a hundred-thousandth of the decrease, a
+hundredth of T3's distance from E*, is the same target as long as every row reaches it at the same evaluation."""
 
 
 POOLED_ALIKE = ("threads", "torch", "moller_scg")
@@ -82,11 +87,13 @@ def pooled_block(blocks: list[dict[str, Any]]) -> dict[str, Any]:
     (:func:`check_same_block`) — takes an infinite time in each race of the runs that missed it, so that its races
     stay aligned with every other row's and its median counts them; it is reached if that median is finite, and is
     listed in the block's ``reached_in_some_runs`` (``docs/performance.md``, lever 61: it took its times from the
-    runs that reached it alone, a row reaching T3 in one run of two counted as reached)."""
+    runs that reached it alone, a row reaching T3 in one run of two counted as reached). A target a row reached at
+    another evaluation in another run, because the target moved with E*, keeps each run's own times and is listed in
+    ``crossed_apart``."""
     pooled = copy.deepcopy(blocks[0])
     pooled["races"] = sum(block.get("races", 1) for block in blocks)
     pooled["memory_probe"] = next((block["memory_probe"] for block in blocks if block.get("memory_probe")), None)
-    pooled["reached_in_some_runs"] = []
+    pooled["reached_in_some_runs"], pooled["crossed_apart"] = [], []
     for index, result in enumerate(pooled["results"]):
         for target_index in range(len(result["targets"])):
             entries = [block["results"][index]["targets"][target_index] for block in blocks]
@@ -96,6 +103,11 @@ def pooled_block(blocks: list[dict[str, Any]]) -> dict[str, Any]:
             if len(reached) < len(entries):
                 pooled["reached_in_some_runs"].append(
                     f"{result['name']} T{target_index + 1} in {len(reached)} of {len(entries)} runs"
+                )
+            crossings = sorted({entry["evaluations"] for entry in reached})
+            if len(crossings) > 1:  # the target moved with E* across one of the row's losses (moved_target_explains)
+                pooled["crossed_apart"].append(
+                    f"{result['name']} T{target_index + 1} at {' or '.join(map(str, crossings))} evaluations"
                 )
             entry = result["targets"][target_index] = copy.deepcopy(reached[0])
             seconds, ratios = [], []
@@ -114,10 +126,11 @@ def pooled_block(blocks: list[dict[str, Any]]) -> dict[str, Any]:
 
 def check_same_trajectories(runs: list[dict[str, Any]], sources: list[str]) -> None:
     """Raise ``ValueError``, naming the source, problem, row and target, unless every run that raced a problem has the
-    first such run's rows in the same order, its targets (to :data:`TARGET_TOLERANCE`), and for each row and target
-    the same outcome (reached or not) in the same number of evaluations, unless one run's budget ended before the
-    evaluation that reached it in the other (:func:`cut_by_budget`) — and the same ``--quick`` and baton order
-    (a fixed order biases the millisecond problems' ratios: docs/performance.md, lever 17)."""
+    first such run's rows in the same order, its targets (to :data:`TARGET_TOLERANCE` of the decrease E₀ − E*), and
+    for each row and target the same outcome (reached or not) in the same number of evaluations, unless one run's
+    budget ended before the evaluation that reached it in the other (:func:`cut_by_budget`) or the target moved across
+    one of its losses (:func:`moved_target_explains`) — and the same ``--quick`` and baton order (a fixed order biases
+    the millisecond problems' ratios: docs/performance.md, lever 17)."""
     if len({run.get("quick") for run in runs}) > 1:
         raise ValueError("cannot pool runs with different 'quick' settings: a --quick run races other problems")
     for key in POOLED_ALIKE:
@@ -145,14 +158,21 @@ def check_same_block(block: dict[str, Any], first: dict[str, Any], where: str) -
     first_rows = [result["name"] for result in first["results"]]
     if rows != first_rows:
         raise ValueError(f"{where}: the rows differ ({rows} against {first_rows})")
+    decrease = first["analysis"]["initial_loss"] - first["analysis"]["best_loss"]
     for index, (target, first_target) in enumerate(zip(block["analysis"]["targets"], first["analysis"]["targets"])):
-        if not math.isclose(target, first_target, rel_tol=TARGET_TOLERANCE):
-            raise ValueError(f"{where}: target T{index + 1} is {target!r} against {first_target!r}")
+        if not abs(target - first_target) <= TARGET_TOLERANCE * decrease:
+            raise ValueError(
+                f"{where}: target T{index + 1} is {target!r} against {first_target!r}, apart by more than "
+                f"{TARGET_TOLERANCE:g} of the decrease E0 - E* = {decrease:.6g}"
+            )
     for result, first_result in zip(block["results"], first["results"]):
         for index, (entry, first_entry) in enumerate(zip(result["targets"], first_result["targets"])):
             mine = entry.get("evaluations") if entry["reached"] else None
             theirs = first_entry.get("evaluations") if first_entry["reached"] else None
-            if mine != theirs and not cut_by_budget(mine, theirs, result, first_result):
+            explained = cut_by_budget(mine, theirs, result, first_result) or moved_target_explains(
+                mine, theirs, result, first_result
+            )
+            if mine != theirs and not explained:
                 raise ValueError(
                     f"{where}: {result['name']!r} reached T{index + 1} in {_evaluations(mine)} against "
                     f"{_evaluations(theirs)}: the runs did not compute the same, so their races do not time the "
@@ -170,6 +190,27 @@ def cut_by_budget(mine: int | None, theirs: int | None, result: dict[str, Any], 
     if theirs is None and mine is not None:
         return first_result["evaluations"] < mine
     return False
+
+
+def moved_target_explains(
+    mine: int | None, theirs: int | None, result: dict[str, Any], first_result: dict[str, Any]
+) -> bool:
+    """Whether a target a row reached in both runs, after ``mine`` and ``theirs`` evaluations, was reached at another
+    evaluation only because the target moved with E* (:data:`TARGET_TOLERANCE`): the row's recorded losses are the
+    same in both runs, evaluation by evaluation, up to the later of the two, so its computation is the same and a
+    loss between the two runs' targets crossed one and not the other. (In the two full runs of 2026-12-07,
+    ``SCG m=5`` on the regression: a loss of 3.14427e-4 at its 270th evaluation, under one run's T3 of 3.14534e-4 and
+    over the other's of 3.14422e-4.) Each run's races then time the row to its own crossing."""
+    if mine is None or theirs is None:
+        return False
+    last = max(mine, theirs)
+    curves = []
+    for row in (result, first_result):
+        history = row.get("history")
+        if not history:
+            return False
+        curves.append([(point["evaluations"], point["loss"]) for point in history if point["evaluations"] <= last])
+    return bool(curves[0]) and curves[0] == curves[1]
 
 
 def _evaluations(count: int | None) -> str:

@@ -604,7 +604,8 @@ def pooled_header(env: dict[str, Any], blocks: list[dict[str, Any]]) -> list[str
     lines = [
         f"pooled from {len(sources)} runs: each time and time ratio is the median over every race of every run that "
         "raced the problem; the passes, evaluations, final losses, memory and curves are the first run's (every row's "
-        "evaluations to every target checked the same in every run); the date and machine above are the first run's"
+        "evaluations to every target checked the same in every run, but for the cells listed below); the date and "
+        "machine above are the first run's"
     ]
     for source in sources:
         races = ", ".join(f"{name} {count}" for name, count in source["problems"].items())
@@ -620,6 +621,13 @@ def pooled_header(env: dict[str, Any], blocks: list[dict[str, Any]]) -> list[str
         lines.append(
             "reached in some runs only (the budget, charged at each run's measured cost of an HVP, ended the others "
             "first; each race of those counts as an infinite time): " + "; ".join(partial)
+        )
+    apart = [f"{block['problem']['name']}: {note}" for block in blocks for note in block.get("crossed_apart", [])]
+    if apart:
+        lines.append(
+            "targets moved with E* (the lowest final loss, of a row charged each run's measured costs) across a loss "
+            "of the same trajectory, so reached at another evaluation in some runs (each race times its own run's "
+            "crossing; the first run's targets and evaluations are shown): " + "; ".join(apart)
         )
     return lines
 

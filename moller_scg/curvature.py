@@ -43,8 +43,8 @@ MISSING_GRAPH_MESSAGE = (
     "hvp='finite-difference' gives that too)"
 )
 NO_SECOND_DERIVATIVE_MESSAGE = (
-    "double-backward curvature failed: an operation in the model has no second derivative in PyTorch ({error}). "
-    "Use SCG(..., hvp='finite-difference'), which needs only gradients. Or switch the operation to a twice "
+    "double-backward curvature failed: an operation in the model or its loss has no second derivative in PyTorch "
+    "({error}). Use SCG(..., hvp='finite-difference'), which needs only gradients. Or switch the operation to a twice "
     "differentiable kernel in the closure's forward pass: for scaled_dot_product_attention (which the "
     "nn.Transformer layers use) run the forward under "
     "torch.nn.attention.sdpa_kernel(torch.nn.attention.SDPBackend.MATH); for cuDNN RNNs, under "

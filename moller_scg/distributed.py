@@ -127,16 +127,23 @@ def check_same_on_every_rank(values: Mapping[str, float]) -> None:
     """
     names = list(values)
     local = torch.tensor([float(values[name]) for name in names], dtype=torch.float64, device=_coordination_device())
-    local = local.nan_to_num(0.0)
-    extremes = torch.cat([local, -local])
+    # A maximum over NaN is not defined: each number travels as its value (0 for NaN) and whether it is NaN, so a
+    # rank whose checksum is NaN differs from one whose checksum is 0.
+    is_nan = local.isnan()
+    entries = torch.cat([local.nan_to_num(0.0, posinf=math.inf, neginf=-math.inf), is_nan.to(torch.float64)])
+    extremes = torch.cat([entries, -entries])
     _all_reduce(extremes, dist.ReduceOp.MAX, "a consistency check")
-    highest, lowest = extremes[: len(names)], -extremes[len(names) :]
-    differing = [
-        f"{name} ranges from {lowest[i].item():.17g} to {highest[i].item():.17g} (rank {rank()} has "
-        f"{local[i].item():.17g})"
-        for i, name in enumerate(names)
-        if highest[i] != lowest[i]
-    ]
+    highest, lowest = extremes[: len(entries)], -extremes[len(entries) :]
+    count = len(names)
+    differing = []
+    for i, name in enumerate(names):
+        if highest[count + i] != lowest[count + i]:
+            differing.append(f"{name} is NaN on some ranks only (rank {rank()} has {local[i].item():.17g})")
+        elif highest[i] != lowest[i]:
+            differing.append(
+                f"{name} ranges from {lowest[i].item():.17g} to {highest[i].item():.17g} (rank {rank()} has "
+                f"{local[i].item():.17g})"
+            )
     if differing:
         raise ValueError(
             f"the {world_size()} ranks disagree: {'; '.join(differing)}. Every rank must pass the same data (the "

@@ -17,6 +17,8 @@ from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+import numpy as np
+
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
 
@@ -247,7 +249,12 @@ class History:
         loss_axes.plot(k, losses, label="training loss")
         if any(math.isfinite(value) for value in self.columns["val_loss"]):
             loss_axes.plot(k, self.columns["val_loss"], "--", label="validation loss")
-        successes = [index for index, success in zip(k, self.columns["success"]) if success is True]
+        # A NaN (no verdict, as in LBFGS's rows) is truthy, so a success is a bool that is true, NumPy's included.
+        successes = [
+            index
+            for index, success in zip(k, self.columns["success"])
+            if isinstance(success, (bool, np.bool_)) and success
+        ]
         loss_scale_is_log = _log_scale_if_possible(loss_axes, losses, self.columns["val_loss"])
         if successes:
             lowest = _lowest(losses, loss_scale_is_log)

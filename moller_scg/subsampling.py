@@ -36,13 +36,20 @@ SUBSET_MODES = ("rotating", "fixed")
 
 
 def validate_fraction(fraction: object) -> float:
-    """f as a float in (0, 1], or ``ValueError`` naming the bad value."""
+    """f as a float in (0, 1], or ``ValueError`` naming the bad value.
+
+    The float is the decimal the number shows: ``np.float32(0.1)`` gives 0.1, not the 0.10000000149011612 that
+    ``float()`` makes of it (:func:`subset_size` takes ⌈f·n⌉ of that decimal).
+    """
     if isinstance(fraction, bool) or not isinstance(fraction, numbers.Real) or not (0.0 < float(fraction) <= 1.0):
         raise ValueError(
             f"Invalid curvature_fraction {fraction!r}; it must be a number in (0, 1]: the share of the samples each "
             f"Hessian-vector product is taken over (1 = the whole dataset, exact)"
         )
-    return float(fraction)
+    try:
+        return float(str(fraction))
+    except ValueError:  # a number whose str is not a decimal, such as Fraction(1, 3)
+        return float(fraction)
 
 
 def validate_subset(mode: object, seed: object) -> None:

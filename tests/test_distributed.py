@@ -527,6 +527,37 @@ def test_a_coordination_check_runs_on_the_group_of_one(one_rank_group):
     assert moller_dist.agree_on_max(3) == 3
 
 
+def _check_beside_another_rank(monkeypatch, mine: float, theirs: float) -> None:
+    """check_same_on_every_rank as one of two ranks: the other rank's all-reduce buffer is made by the same code (a
+    first call that records it), and the all-reduce is the elementwise maximum of the two buffers."""
+    recorded = []
+    monkeypatch.setattr(moller_dist, "_all_reduce", lambda buffer, op, what: recorded.append(buffer.clone()))
+    moller_dist.check_same_on_every_rank({"a checksum of the initial weights": theirs})
+    monkeypatch.setattr(
+        moller_dist, "_all_reduce", lambda buffer, op, what: buffer.copy_(torch.maximum(buffer, recorded[0]))
+    )
+    moller_dist.check_same_on_every_rank({"a checksum of the initial weights": mine})
+
+
+@pytest.mark.parametrize(("mine", "theirs"), [(0.0, float("nan")), (float("nan"), 0.0), (float("nan"), 2.5)])
+def test_a_rank_whose_number_is_nan_disagrees_with_one_whose_number_is_not(one_rank_group, monkeypatch, mine, theirs):
+    """NaN has no maximum: it used to travel as 0, so a NaN checksum passed beside a checksum of 0."""
+    with pytest.raises(ValueError, match="a checksum of the initial weights is NaN on some ranks only"):
+        _check_beside_another_rank(monkeypatch, mine, theirs)
+
+
+@pytest.mark.parametrize(("mine", "theirs"), [(1.0, 2.0), (float("inf"), 1.0), (-float("inf"), float("inf"))])
+def test_ranks_whose_numbers_differ_are_named_with_their_range(one_rank_group, monkeypatch, mine, theirs):
+    low, high = sorted([mine, theirs])
+    with pytest.raises(ValueError, match=f"ranges from {low:.17g} to {high:.17g}"):
+        _check_beside_another_rank(monkeypatch, mine, theirs)
+
+
+@pytest.mark.parametrize("value", [float("nan"), float("inf"), 3.25])
+def test_ranks_whose_numbers_are_alike_pass_even_when_they_are_not_finite(one_rank_group, monkeypatch, value):
+    _check_beside_another_rank(monkeypatch, value, value)
+
+
 @pytest.mark.parametrize("value", ["30s", "-5", "0", "nan", "inf"])
 def test_a_bad_timeout_variable_is_named(monkeypatch, value):
     monkeypatch.setenv("MOLLER_SCG_DIST_TIMEOUT", value)

@@ -210,3 +210,16 @@ def test_numpy_floats_are_written_as_numbers_the_csv_reads_back(tmp_path):
     history.to_csv(tmp_path / "history.csv")
     again = History.from_csv(tmp_path / "history.csv")
     assert again["loss"] == [0.25] and again["val_loss"] == [0.5] and type(again["loss"][0]) is float
+
+
+@pytest.mark.parametrize("success", [True, "numpy"])
+def test_success_marks_are_drawn_for_numpy_bools_and_not_for_nan(tmp_path, success):
+    pytest.importorskip("matplotlib")
+    numpy = pytest.importorskip("numpy")
+    mark = numpy.bool_(True) if success == "numpy" else True
+    history = History()
+    for k, verdict in enumerate([mark, math.nan, mark, numpy.bool_(False)], start=1):
+        history.append(k=k, loss=1.0 / k, success=verdict, lambd=1.0, delta=1.0, residual_norm=1.0, direction_norm=1.0)
+    loss_axes = history.plot(tmp_path / "figure3.png").axes[0]
+    success_marks = [line for line in loss_axes.get_lines() if line.get_label() == "successful step"]
+    assert list(success_marks[0].get_xdata()) == [1, 3]

@@ -599,7 +599,7 @@ def raced_run(problems, command="python benchmarks/peers.py"):
                     )
                 targets.append(entry)
             results.append({"name": row_name, "targets": targets, "evaluations": 100})  # the row's total
-        analysis = {"targets": [0.3, 0.2, 0.1]}
+        analysis = {"targets": [0.3, 0.2, 0.1], "initial_loss": 1.0, "best_loss": 0.0}
         block = {"problem": {"name": name}, "races": races, "shuffled_order": True, "results": results}
         blocks.append(dict(block, analysis=analysis, memory_probe=None))
     environment = {"command": command, "date": "2026-12-06", "cpu_capability": "AVX2"}
@@ -653,8 +653,8 @@ def test_pooling_refuses_runs_that_did_not_compute_the_same(monkeypatch):
     with pytest.raises(ValueError, match=r"T3 in no evaluation \(not reached\) against 9 evaluations"):
         pooling.pool_runs([run(), other], ["a.json", "b.json"], "pool")
     other = run()
-    other["problems"][0]["analysis"]["targets"][0] = 0.30001
-    with pytest.raises(ValueError, match="target T1 is 0.30001 against 0.3"):
+    other["problems"][0]["analysis"]["targets"][0] = 0.3001  # 1e-4 of the decrease E0 - E* = 1
+    with pytest.raises(ValueError, match="target T1 is 0.3001 against 0.3, apart by more than 1e-05 of the decrease"):
         pooling.pool_runs([run(), other], ["a.json", "b.json"], "pool")
     other = run()
     other["problems"][0]["results"][1]["name"] = "SCG m=5"
@@ -736,6 +736,38 @@ def test_median_over_races_bounds_the_ratio_where_the_reference_misses_in_every_
     results = [dict(r, targets=[{"reached": True, "reference_reached": False, "seconds": 0.0}]) for r in races[0][1:]]
     report.median_over_races(results, races, [1.0])
     assert results[0]["targets"][0]["time_ratios_by_race"] == [0.5, 0.375]
+
+
+def test_a_target_moved_with_e_star_across_a_loss_of_the_same_trajectory_is_pooled_at_each_runs_crossing(monkeypatch):
+    """E* is the lowest final loss of a row whose budget is charged at each run's measured costs, so it moves in its
+    last digits from run to run, and a row's loss can fall between the two runs' targets (the regression's SCG m=5 in
+    the two full runs of 2026-12-07): the same computation, reached one evaluation apart."""
+    pooling = load_pooling(monkeypatch)
+    report = load_report(monkeypatch)
+
+    def run(t3_evaluations, t3_seconds, losses):
+        raced = raced_run({"toy": [("LBFGS", [[1.0], [2.0], [3.0]]), ("SCG", [[0.5], [1.0], [t3_seconds]])]})
+        scg = raced["problems"][0]["results"][1]
+        scg["targets"][2]["evaluations"] = t3_evaluations
+        scg["history"] = [{"evaluations": e, "loss": loss, "passes": e, "seconds": e / 10} for e, loss in losses]
+        return raced
+
+    curve = [(8, 0.1000003), (9, 0.0999998), (10, 0.0999)]  # at 9: under the first run's T3, over the second's
+    first = run(9, 1.5, curve)
+    second = run(10, 1.6, curve)
+    second["problems"][0]["analysis"]["targets"][2] = 0.1 - 4e-7  # E* moved by 4e-7 of the decrease
+    pooled = pooling.pool_runs([first, second], ["a.json", "b.json"], "pool")
+    scg_t3 = pooled["problems"][0]["results"][1]["targets"][2]
+    assert scg_t3["seconds_by_race"] == [1.5, 1.6] and scg_t3["evaluations"] == 9
+    assert pooled["problems"][0]["crossed_apart"] == ["SCG T3 at 9 or 10 evaluations"]
+    assert "toy: SCG T3 at 9 or 10 evaluations" in report.pooled_header(pooled["environment"], pooled["problems"])[-1]
+    other_trajectory = run(10, 1.6, [(8, 0.1000003), (9, 0.0999997), (10, 0.0999)])
+    with pytest.raises(ValueError, match="'SCG' reached T3 in 10 evaluations against 9 evaluations"):
+        pooling.pool_runs([first, other_trajectory], ["a.json", "b.json"], "pool")
+    without_history = run(10, 1.6, curve)
+    del without_history["problems"][0]["results"][1]["history"]
+    with pytest.raises(ValueError, match="'SCG' reached T3 in 10 evaluations against 9 evaluations"):
+        pooling.pool_runs([first, without_history], ["a.json", "b.json"], "pool")
 
 
 def test_pooled_runs_count_a_target_missed_in_a_run_as_an_infinite_time_in_its_races(monkeypatch):

@@ -62,6 +62,19 @@ def test_subset_size_rounds_up_and_an_empty_shard_has_none():
     assert CurvatureSubsets(0, 0.5).indices(4).numel() == 0
 
 
+@pytest.mark.parametrize("fraction", [0.1, "float32", "float64", "fraction"])
+def test_a_numpy_or_fraction_share_is_the_decimal_it_shows(fraction):
+    """np.float32(0.1) is 0.10000000149011612 as a float64: its share of 100 samples used to be 11."""
+    numpy = pytest.importorskip("numpy")
+    from fractions import Fraction
+
+    given = {"float32": numpy.float32(0.1), "float64": numpy.float64(0.1), "fraction": Fraction(1, 10)}.get(
+        fraction, fraction
+    )
+    assert CurvatureSubsets(100, given).size == 10
+    assert CurvatureSubsets(3, Fraction(1, 3)).size == 1
+
+
 @pytest.mark.parametrize("fraction", [0.0, -0.1, 1.5, float("nan"), True, "0.5", None])
 def test_bad_fraction_is_an_error_that_names_it(fraction):
     with pytest.raises(ValueError, match="curvature_fraction"):
