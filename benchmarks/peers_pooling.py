@@ -24,9 +24,9 @@ TARGET_TOLERANCE = 1e-5
 decrease E₀ − E*. E* is the lowest final loss of any row, and a row that takes HVPs or loss-only trials is charged
 each run's own measured cost of one against its budget, so when such a row ends lowest, E* moves in its last digits
 from run to run (3.8e-7 of the decrease on the regression of the two full runs of 2026-12-07; docs/performance.md,
-lever 62). What pooling needs is that every race times the same computation to the same evaluation, and
-:func:`check_same_block` checks that row by row, so a target moved by a hundred-thousandth of the decrease, a
-hundredth of T3's distance from E*, is the same target as long as every row reaches it at the same evaluation."""
+lever 62). What pooling needs is that every race times the same computation to the same evaluation:
+:func:`check_same_block` checks that every row recorded the same losses in both runs, and reached every target at the
+same evaluation unless the moved target explains the difference (:func:`moved_target_explains`)."""
 
 
 POOLED_ALIKE = ("threads", "torch", "moller_scg")
@@ -126,7 +126,8 @@ def pooled_block(blocks: list[dict[str, Any]]) -> dict[str, Any]:
 
 def check_same_trajectories(runs: list[dict[str, Any]], sources: list[str]) -> None:
     """Raise ``ValueError``, naming the source, problem, row and target, unless every run that raced a problem has the
-    first such run's rows in the same order, its targets (to :data:`TARGET_TOLERANCE` of the decrease E₀ − E*), and
+    first such run's rows in the same order, each row's recorded losses while both ran
+    (:func:`same_losses_while_both_ran`), its targets (to :data:`TARGET_TOLERANCE` of the decrease E₀ − E*), and
     for each row and target the same outcome (reached or not) in the same number of evaluations, unless one run's
     budget ended before the evaluation that reached it in the other (:func:`cut_by_budget`) or the target moved across
     one of its losses (:func:`moved_target_explains`) — and the same ``--quick`` and baton order (a fixed order biases
@@ -166,6 +167,11 @@ def check_same_block(block: dict[str, Any], first: dict[str, Any], where: str) -
                 f"{TARGET_TOLERANCE:g} of the decrease E0 - E* = {decrease:.6g}"
             )
     for result, first_result in zip(block["results"], first["results"]):
+        if not same_losses_while_both_ran(result, first_result):
+            raise ValueError(
+                f"{where}: {result['name']!r} recorded other losses (evaluation by evaluation, while both runs ran): "
+                "the runs did not compute the same, so their races do not time the same computation"
+            )
         for index, (entry, first_entry) in enumerate(zip(result["targets"], first_result["targets"])):
             mine = entry.get("evaluations") if entry["reached"] else None
             theirs = first_entry.get("evaluations") if first_entry["reached"] else None
@@ -192,6 +198,24 @@ def cut_by_budget(mine: int | None, theirs: int | None, result: dict[str, Any], 
     return False
 
 
+def same_losses_while_both_ran(result: dict[str, Any], first_result: dict[str, Any]) -> bool:
+    """Whether a row's recorded losses are the same in two runs, evaluation by evaluation, up to the end of the
+    shorter (a budget charged at each run's measured costs may end one run's row a step before the other's; NaN equals
+    NaN). This is what makes two runs' races time the same computation, rows that reach no target included (their
+    verdict is the final loss); a row without a recorded history (an old or synthetic run) is not compared."""
+    histories = [row.get("history") for row in (result, first_result)]
+    if not all(histories):
+        return True
+    last = min(max(point["evaluations"] for point in history) for history in histories)
+    curves = [_curve(history, last) for history in histories]
+    return curves[0] == curves[1]
+
+
+def _curve(history: list[dict[str, Any]], last: int) -> list[tuple[int, str]]:
+    """(evaluations, loss) up to evaluation ``last``, the loss as its repr so that NaN equals NaN."""
+    return [(point["evaluations"], repr(point["loss"])) for point in history if point["evaluations"] <= last]
+
+
 def moved_target_explains(
     mine: int | None, theirs: int | None, result: dict[str, Any], first_result: dict[str, Any]
 ) -> bool:
@@ -203,13 +227,10 @@ def moved_target_explains(
     over the other's of 3.14422e-4.) Each run's races then time the row to its own crossing."""
     if mine is None or theirs is None:
         return False
-    last = max(mine, theirs)
-    curves = []
-    for row in (result, first_result):
-        history = row.get("history")
-        if not history:
-            return False
-        curves.append([(point["evaluations"], point["loss"]) for point in history if point["evaluations"] <= last])
+    histories = [row.get("history") for row in (result, first_result)]
+    if not all(histories):
+        return False
+    curves = [_curve(history, max(mine, theirs)) for history in histories]
     return bool(curves[0]) and curves[0] == curves[1]
 
 

@@ -27,6 +27,7 @@ import numbers
 from fractions import Fraction
 from typing import Any
 
+import numpy as np
 import torch
 from torch.utils.data import DataLoader
 
@@ -38,18 +39,21 @@ SUBSET_MODES = ("rotating", "fixed")
 def validate_fraction(fraction: object) -> float:
     """f as a float in (0, 1], or ``ValueError`` naming the bad value.
 
-    The float is the decimal the number shows: ``np.float32(0.1)`` gives 0.1, not the 0.10000000149011612 that
-    ``float()`` makes of it (:func:`subset_size` takes ⌈f·n⌉ of that decimal).
+    A NumPy float narrower than float64 is taken as the shortest decimal that is that float: ``np.float32(0.1)``
+    gives 0.1, not the 0.10000000149011612 that ``float()`` makes of it (:func:`subset_size` takes ⌈f·n⌉ of the
+    decimal, and ⌈0.10000000149011612 · 100⌉ is 11).
     """
-    if isinstance(fraction, bool) or not isinstance(fraction, numbers.Real) or not (0.0 < float(fraction) <= 1.0):
+    value = math.nan
+    if isinstance(fraction, np.floating) and fraction.dtype.itemsize < 8:
+        value = float(np.format_float_positional(fraction, unique=True))
+    elif isinstance(fraction, numbers.Real) and not isinstance(fraction, bool):
+        value = float(fraction)
+    if not 0.0 < value <= 1.0:
         raise ValueError(
             f"Invalid curvature_fraction {fraction!r}; it must be a number in (0, 1]: the share of the samples each "
             f"Hessian-vector product is taken over (1 = the whole dataset, exact)"
         )
-    try:
-        return float(str(fraction))
-    except ValueError:  # a number whose str is not a decimal, such as Fraction(1, 3)
-        return float(fraction)
+    return value
 
 
 def validate_subset(mode: object, seed: object) -> None:

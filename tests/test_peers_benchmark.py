@@ -762,12 +762,30 @@ def test_a_target_moved_with_e_star_across_a_loss_of_the_same_trajectory_is_pool
     assert pooled["problems"][0]["crossed_apart"] == ["SCG T3 at 9 or 10 evaluations"]
     assert "toy: SCG T3 at 9 or 10 evaluations" in report.pooled_header(pooled["environment"], pooled["problems"])[-1]
     other_trajectory = run(10, 1.6, [(8, 0.1000003), (9, 0.0999997), (10, 0.0999)])
-    with pytest.raises(ValueError, match="'SCG' reached T3 in 10 evaluations against 9 evaluations"):
+    with pytest.raises(ValueError, match="'SCG' recorded other losses"):
         pooling.pool_runs([first, other_trajectory], ["a.json", "b.json"], "pool")
     without_history = run(10, 1.6, curve)
     del without_history["problems"][0]["results"][1]["history"]
     with pytest.raises(ValueError, match="'SCG' reached T3 in 10 evaluations against 9 evaluations"):
         pooling.pool_runs([first, without_history], ["a.json", "b.json"], "pool")
+
+
+def test_pooling_compares_every_rows_losses_while_both_runs_ran(monkeypatch):
+    """Rows that reach no target (the autoencoder's, whose verdict is the final loss) are compared too; a run whose
+    budget ended a row a step later, on the same losses, pools; NaN losses equal NaN losses."""
+    pooling = load_pooling(monkeypatch)
+
+    def run(losses):
+        raced = raced_run({"toy": [("LBFGS", [[1.0], [2.0], [3.0]]), ("SCG", [[0.5], [1.0], [1.5]])]})
+        raced["problems"][0]["results"][1]["history"] = [
+            {"evaluations": e, "loss": loss, "passes": e, "seconds": e / 10} for e, loss in enumerate(losses, start=1)
+        ]
+        return raced
+
+    losses = [0.9, 0.5, math.nan, 0.05]
+    pooling.pool_runs([run(losses), run(losses + [0.04])], ["a.json", "b.json"], "pool")
+    with pytest.raises(ValueError, match="'SCG' recorded other losses"):
+        pooling.pool_runs([run(losses), run([0.9, 0.5, math.nan, 0.051])], ["a.json", "b.json"], "pool")
 
 
 def test_pooled_runs_count_a_target_missed_in_a_run_as_an_infinite_time_in_its_races(monkeypatch):
