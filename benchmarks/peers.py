@@ -241,16 +241,19 @@ def run_problem(
     races: int | None = None,
     shuffle: bool = True,
     default_lbfgs: bool = False,
+    order_seed: int | None = None,
 ) -> dict[str, Any]:
     """Calibrate, race (``races`` times: default :func:`races_for`; times are then medians over the races; with
-    ``shuffle`` the baton's order is a new random permutation every lap, seeded by the problem's seed and the race's
-    number), probe memory (on :data:`PROBE_PROBLEM`) and analyse one problem; ``default_lbfgs``: with the rows of
-    torch LBFGS without a line search (``optimizers``)."""
+    ``shuffle`` the baton's order is a new random permutation every lap, seeded by ``order_seed`` — by default the
+    problem's seed — and the race's number: race k of a run draws its orders from 1000 · seed + k, so two runs with
+    one seed race the same orders), probe memory (on :data:`PROBE_PROBLEM`) and analyse one problem;
+    ``default_lbfgs``: with the rows of torch LBFGS without a line search (``optimizers``)."""
     model = problem.make_model()
     initial = copy.deepcopy(model.state_dict())
     costs = calibrate(problem, initial)
     races = races_for(problem.name, quick) if races is None else races
-    seeds = [1000 * problem.seed + number if shuffle else None for number in range(races)]
+    base = problem.seed if order_seed is None else order_seed
+    seeds = [1000 * base + number if shuffle else None for number in range(races)]
     table = optimizers(problem, default_lbfgs)
     raws = [race(problem, initial, costs, table, shuffle_seed=seed) for seed in seeds]
     probe = memory_probe(problem, initial, costs, probe_budget, table) if problem.name == PROBE_PROBLEM else None
@@ -273,6 +276,7 @@ def run_problem(
         "costs": costs,
         "races": races,
         "shuffled_order": shuffle,
+        "order_seeds": seeds,
         "analysis": analysis,
         "results": results,
         "memory_probe": probe,
@@ -334,6 +338,13 @@ def main(argv: list[str] | None = None) -> int:
         "computes the same, took 0.52–0.95 of its time (docs/performance.md, lever 17)",
     )
     parser.add_argument(
+        "--order-seed",
+        type=int,
+        default=None,
+        help="seed of the baton's random orders (default: --seed). Race k draws its orders from 1000 · seed + k, so "
+        "runs with one seed race the same orders; give each run to be pooled its own (docs/performance.md, lever 62)",
+    )
+    parser.add_argument(
         "--default-lbfgs",
         action="store_true",
         help="also race torch LBFGS without a line search (torch's default; history 100 and 20): the report pairs "
@@ -372,7 +383,13 @@ def main(argv: list[str] | None = None) -> int:
         else:
             problem = PROBLEMS[name](args.quick, args.seed)
             block = run_problem(
-                problem, 10.0 if args.quick else 30.0, args.quick, args.races, not args.fixed_order, args.default_lbfgs
+                problem,
+                10.0 if args.quick else 30.0,
+                args.quick,
+                args.races,
+                not args.fixed_order,
+                args.default_lbfgs,
+                args.order_seed,
             )
             results["problems"].append(block)
         block["wall_seconds"] = time.perf_counter() - started

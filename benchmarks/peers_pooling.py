@@ -94,6 +94,8 @@ def pooled_block(blocks: list[dict[str, Any]]) -> dict[str, Any]:
     pooled["races"] = sum(block.get("races", 1) for block in blocks)
     pooled["memory_probe"] = next((block["memory_probe"] for block in blocks if block.get("memory_probe")), None)
     pooled["reached_in_some_runs"], pooled["crossed_apart"] = [], []
+    orders = [block.get("order_seeds") for block in blocks]
+    pooled["order_seeds"] = sum(orders, []) if all(orders) else None  # unknown for runs saved before they were kept
     for index, result in enumerate(pooled["results"]):
         for target_index in range(len(result["targets"])):
             entries = [block["results"][index]["targets"][target_index] for block in blocks]

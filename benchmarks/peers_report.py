@@ -622,6 +622,16 @@ def pooled_header(env: dict[str, Any], blocks: list[dict[str, Any]]) -> list[str
             "reached in some runs only (the budget, charged at each run's measured cost of an HVP, ended the others "
             "first; each race of those counts as an infinite time): " + "; ".join(partial)
         )
+    repeated = [
+        f"{block['problem']['name']} {len(seeds) - len(set(seeds))} of {len(seeds)}"
+        for block in blocks
+        if (seeds := block.get("order_seeds")) and len(set(seeds)) < len(seeds)
+    ]
+    if repeated:
+        lines.append(
+            "races that repeat another race's baton orders (runs with one --order-seed, by default --seed, race the "
+            "same orders), by problem: " + "; ".join(repeated)
+        )
     apart = [f"{block['problem']['name']}: {note}" for block in blocks for note in block.get("crossed_apart", [])]
     if apart:
         lines.append(

@@ -327,6 +327,28 @@ def test_the_millisecond_problems_race_nine_times_the_others_three_and_quick_onc
     calls.clear()
     assert peers.run_problem(PROBLEMS["regression"](True, 0), 1.0, quick=False, races=2)["races"] == 2
     assert calls == [0, 1]
+    calls.clear()
+    block = peers.run_problem(PROBLEMS["regression"](True, 0), 1.0, quick=False, races=2, order_seed=7)
+    assert calls == [7000, 7001] and block["order_seeds"] == [7000, 7001]
+
+
+def test_pooled_races_that_repeat_a_runs_baton_orders_are_counted_in_the_header(monkeypatch):
+    pooling = load_pooling(monkeypatch)
+    report = load_report(monkeypatch)
+
+    def run(order_seeds):
+        raced = raced_run({"toy": [("LBFGS", [[1.0, 1.1], [2.0, 2.1], [3.0, 3.1]]), ("SCG", [[0.5, 0.6], None, None])]})
+        raced["problems"][0]["order_seeds"] = order_seeds
+        return raced
+
+    same = pooling.pool_runs([run([0, 1]), run([0, 1])], ["a.json", "b.json"], "pool")
+    assert same["problems"][0]["order_seeds"] == [0, 1, 0, 1]
+    header = report.pooled_header(same["environment"], same["problems"])
+    assert any("repeat another race's baton orders" in line and "toy 2 of 4" in line for line in header)
+    apart = pooling.pool_runs([run([0, 1]), run([5000, 5001])], ["a.json", "b.json"], "pool")
+    assert not any("repeat" in line for line in report.pooled_header(apart["environment"], apart["problems"]))
+    unknown = pooling.pool_runs([run([0, 1]), run(None)], ["a.json", "b.json"], "pool")
+    assert unknown["problems"][0]["order_seeds"] is None
 
 
 def test_beats_needs_every_contested_target_first_and_compares_final_loss_when_none_is_reached(monkeypatch):
