@@ -133,16 +133,16 @@ def check_same_on_every_rank(values: Mapping[str, float]) -> None:
     entries = torch.cat([local.nan_to_num(0.0, posinf=math.inf, neginf=-math.inf), is_nan.to(torch.float64)])
     extremes = torch.cat([entries, -entries])
     _all_reduce(extremes, dist.ReduceOp.MAX, "a consistency check")
-    highest, lowest = extremes[: len(entries)], -extremes[len(entries) :]
+    reduced, mine = extremes.tolist(), local.tolist()  # one copy to the host
+    highest, lowest = reduced[: len(entries)], [-value for value in reduced[len(entries) :]]
     count = len(names)
     differing = []
     for i, name in enumerate(names):
         if highest[count + i] != lowest[count + i]:
-            differing.append(f"{name} is NaN on some ranks only (rank {rank()} has {local[i].item():.17g})")
+            differing.append(f"{name} is NaN on some ranks only (rank {rank()} has {mine[i]:.17g})")
         elif highest[i] != lowest[i]:
             differing.append(
-                f"{name} ranges from {lowest[i].item():.17g} to {highest[i].item():.17g} (rank {rank()} has "
-                f"{local[i].item():.17g})"
+                f"{name} ranges from {lowest[i]:.17g} to {highest[i]:.17g} (rank {rank()} has {mine[i]:.17g})"
             )
     if differing:
         raise ValueError(
