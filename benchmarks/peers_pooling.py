@@ -26,7 +26,7 @@ each run's own measured cost of one against its budget, so when such a row ends 
 from run to run (3.8e-7 of the decrease on the regression of the two full runs of 2026-12-07; docs/performance.md,
 lever 62). What pooling needs is that every race times the same computation to the same evaluation:
 :func:`check_same_block` checks that every row recorded the same losses in both runs, and reached every target at the
-same evaluation unless the moved target explains the difference (:func:`moved_target_explains`)."""
+same evaluation unless the target moved across one of those losses."""
 
 
 POOLED_ALIKE = ("threads", "torch", "moller_scg")
@@ -107,7 +107,7 @@ def pooled_block(blocks: list[dict[str, Any]]) -> dict[str, Any]:
                     f"{result['name']} T{target_index + 1} in {len(reached)} of {len(entries)} runs"
                 )
             crossings = sorted({entry["evaluations"] for entry in reached})
-            if len(crossings) > 1:  # the target moved with E* across one of the row's losses (moved_target_explains)
+            if len(crossings) > 1:  # the target moved with E* across one of the row's losses (check_same_block)
                 pooled["crossed_apart"].append(
                     f"{result['name']} T{target_index + 1} at {' or '.join(map(str, crossings))} evaluations"
                 )
@@ -128,12 +128,12 @@ def pooled_block(blocks: list[dict[str, Any]]) -> dict[str, Any]:
 
 def check_same_trajectories(runs: list[dict[str, Any]], sources: list[str]) -> None:
     """Raise ``ValueError``, naming the source, problem, row and target, unless every run that raced a problem has the
-    first such run's rows in the same order, each row's recorded losses while both ran
-    (:func:`same_losses_while_both_ran`), its targets (to :data:`TARGET_TOLERANCE` of the decrease E₀ − E*), and
-    for each row and target the same outcome (reached or not) in the same number of evaluations, unless one run's
-    budget ended before the evaluation that reached it in the other (:func:`cut_by_budget`) or the target moved across
-    one of its losses (:func:`moved_target_explains`) — and the same ``--quick`` and baton order (a fixed order biases
-    the millisecond problems' ratios: docs/performance.md, lever 17)."""
+    first such run's rows in the same order, each row's recorded losses while both ran (:func:`shared_history_end`),
+    its targets (to :data:`TARGET_TOLERANCE` of the decrease E₀ − E*), and for each row and target the same outcome
+    (reached or not) in the same number of evaluations, unless one run's budget ended before the evaluation that
+    reached it in the other (:func:`cut_by_budget`) or the target moved with E* across one of the row's losses — and
+    the same ``--quick`` and baton order (a fixed order biases the millisecond problems' ratios: docs/performance.md,
+    lever 17)."""
     if len({run.get("quick") for run in runs}) > 1:
         raise ValueError("cannot pool runs with different 'quick' settings: a --quick run races other problems")
     for key in POOLED_ALIKE:
@@ -169,7 +169,8 @@ def check_same_block(block: dict[str, Any], first: dict[str, Any], where: str) -
                 f"{TARGET_TOLERANCE:g} of the decrease E0 - E* = {decrease:.6g}"
             )
     for result, first_result in zip(block["results"], first["results"]):
-        if not same_losses_while_both_ran(result, first_result):
+        end = shared_history_end(result, first_result)
+        if end is not None and _curve(result["history"], end) != _curve(first_result["history"], end):
             raise ValueError(
                 f"{where}: {result['name']!r} recorded other losses (evaluation by evaluation, while both runs ran): "
                 "the runs did not compute the same, so their races do not time the same computation"
@@ -177,10 +178,11 @@ def check_same_block(block: dict[str, Any], first: dict[str, Any], where: str) -
         for index, (entry, first_entry) in enumerate(zip(result["targets"], first_result["targets"])):
             mine = entry.get("evaluations") if entry["reached"] else None
             theirs = first_entry.get("evaluations") if first_entry["reached"] else None
-            explained = cut_by_budget(mine, theirs, result, first_result) or moved_target_explains(
-                mine, theirs, result, first_result
-            )
-            if mine != theirs and not explained:
+            # Reached at other evaluations on the same losses (compared up to ``end``): the target moved with E*
+            # across one of them (the regression's SCG m=5 of 2026-12-07: a loss of 3.14427e-4 at its 270th
+            # evaluation, under one run's T3 of 3.14534e-4 and over the other's of 3.14422e-4).
+            moved = end is not None and mine is not None and theirs is not None and max(mine, theirs) <= end
+            if mine != theirs and not (moved or cut_by_budget(mine, theirs, result, first_result)):
                 raise ValueError(
                     f"{where}: {result['name']!r} reached T{index + 1} in {_evaluations(mine)} against "
                     f"{_evaluations(theirs)}: the runs did not compute the same, so their races do not time the "
@@ -200,40 +202,19 @@ def cut_by_budget(mine: int | None, theirs: int | None, result: dict[str, Any], 
     return False
 
 
-def same_losses_while_both_ran(result: dict[str, Any], first_result: dict[str, Any]) -> bool:
-    """Whether a row's recorded losses are the same in two runs, evaluation by evaluation, up to the end of the
-    shorter (a budget charged at each run's measured costs may end one run's row a step before the other's; NaN equals
-    NaN). This is what makes two runs' races time the same computation, rows that reach no target included (their
-    verdict is the final loss); a row without a recorded history (an old or synthetic run) is not compared."""
+def shared_history_end(result: dict[str, Any], first_result: dict[str, Any]) -> int | None:
+    """The last evaluation both runs recorded a loss of this row at, up to which :func:`check_same_block` compares
+    their losses (a budget charged at each run's measured costs may end one run's row a step before the other's);
+    ``None`` when either recorded no history (an old or synthetic run), whose losses are not compared."""
     histories = [row.get("history") for row in (result, first_result)]
     if not all(histories):
-        return True
-    last = min(max(point["evaluations"] for point in history) for history in histories)
-    curves = [_curve(history, last) for history in histories]
-    return curves[0] == curves[1]
+        return None
+    return min(max(point["evaluations"] for point in history) for history in histories)
 
 
 def _curve(history: list[dict[str, Any]], last: int) -> list[tuple[int, str]]:
     """(evaluations, loss) up to evaluation ``last``, the loss as its repr so that NaN equals NaN."""
     return [(point["evaluations"], repr(point["loss"])) for point in history if point["evaluations"] <= last]
-
-
-def moved_target_explains(
-    mine: int | None, theirs: int | None, result: dict[str, Any], first_result: dict[str, Any]
-) -> bool:
-    """Whether a target a row reached in both runs, after ``mine`` and ``theirs`` evaluations, was reached at another
-    evaluation only because the target moved with E* (:data:`TARGET_TOLERANCE`): the row's recorded losses are the
-    same in both runs, evaluation by evaluation, up to the later of the two, so its computation is the same and a
-    loss between the two runs' targets crossed one and not the other. (In the two full runs of 2026-12-07,
-    ``SCG m=5`` on the regression: a loss of 3.14427e-4 at its 270th evaluation, under one run's T3 of 3.14534e-4 and
-    over the other's of 3.14422e-4.) Each run's races then time the row to its own crossing."""
-    if mine is None or theirs is None:
-        return False
-    histories = [row.get("history") for row in (result, first_result)]
-    if not all(histories):
-        return False
-    curves = [_curve(history, max(mine, theirs)) for history in histories]
-    return bool(curves[0]) and curves[0] == curves[1]
 
 
 def _evaluations(count: int | None) -> str:
