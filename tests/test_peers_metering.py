@@ -63,7 +63,9 @@ def test_scgs_accepted_point_is_timed_at_its_evaluation_not_after_its_own_work(m
         "SCG m=20", problem, problem.make_model().state_dict(), {"hvp": 2.0, "loss": 0.5, "forward": 0.4}
     )
     run.budget = 4.0
-    after_each_step = 0.2
+    # Own work much longer than a step's evaluations (milliseconds, a quarter of a second on a loaded machine), so
+    # that "timed before its own work" (under one step's sleep) and "after it" (two) stay apart on any machine.
+    after_each_step = 1.0
     adapters.SCG([torch.zeros(2, requires_grad=True)], memory=20)  # SciPy's import, once per process, off the clock
 
     class SlowAfterItsEvaluations(adapters.SCG):
