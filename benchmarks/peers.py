@@ -105,7 +105,17 @@ from peers_metering import (
 )
 from peers_pooling import pool_runs
 from peers_problems import PROBLEMS, Problem
-from peers_report import analyse, best_adam, from_json, goals, median_over_races, plot, report, to_json
+from peers_report import (
+    analyse,
+    best_adam,
+    from_json,
+    goals,
+    median_over_races,
+    plot,
+    report,
+    time_against_reference_copies,
+    to_json,
+)
 
 # ------------------------------------------------------------------------------------------------------------------
 # The race
@@ -398,7 +408,11 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def write_report(results: dict[str, Any], out: Path) -> int:
-    """The goals, the text report, the figure and the JSON of a run, into ``out``/peers[_quick].{txt,json,png}."""
+    """The goals, the text report, the figure and the JSON of a run, into ``out``/peers[_quick].{txt,json,png}; every
+    time ratio over the reference and its copies first (:func:`time_against_reference_copies`: a saved run re-rendered
+    or pooled with ``--report-from`` gets the same)."""
+    for block in results["problems"]:
+        time_against_reference_copies(block)
     results["goals_text"], results["goals"] = goals(results["problems"])
     bound = results.get("memory_bound")
     text = report(results, memory_bound.section(bound) if bound else None)

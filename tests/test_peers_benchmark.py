@@ -437,17 +437,63 @@ def test_an_equal_memory_cell_decided_by_the_final_loss_shows_it(monkeypatch):
     assert report.race_by_race_cell(lbfgs, only) == "time ÷ its only LBFGS / — / —"
 
 
-def test_the_twin_check_compares_lbfgs_history_40_where_it_computes_what_the_reference_does(monkeypatch):
+def copies_block(report, copy_losses, copy_family="torch LBFGS"):
+    """Three races: the reference, a row of its code that recorded ``copy_losses`` (its history is the reference's
+    but for them), an SCG row; every row reaches T1 / T2 / T3 at evaluations 2 / 3 / 4."""
+
+    def result(name, family, losses, seconds_by_race):
+        history = [{"passes": e, "evaluations": e, "seconds": 0.0, "loss": loss} for e, loss in enumerate(losses, 1)]
+        targets = [
+            {"reached": True, "evaluations": e, "seconds": statistics.median(s), "seconds_by_race": s}
+            for e, s in zip((2, 3, 4), seconds_by_race)
+        ]
+        return {"name": name, "family": family, "history": history, "targets": targets}
+
+    losses = [4.0, 3.0, 2.0, 1.0]
+    block = {
+        "races": 3,
+        "results": [
+            result("torch LBFGS", "torch LBFGS", losses, [[1.2, 1.1, 1.0], [2.4, 2.0, 2.2], [3.0, 3.3, 3.6]]),
+            result("torch LBFGS h=40", copy_family, copy_losses, [[1.0, 1.0, 1.0], [2.0, 2.0, 2.0], [3.0, 3.0, 3.0]]),
+            result("SCG m=20", "SCG", [4.0, 2.5, 1.5, 0.5], [[0.8, 0.8, 0.8], [1.6, 1.6, 1.6], [2.4, 2.4, 2.4]]),
+        ],
+    }
+    report.time_against_reference_copies(block)
+    return block
+
+
+def test_time_ratios_are_over_the_median_of_the_reference_and_the_rows_that_computed_the_same(monkeypatch):
     report = load_report(monkeypatch)
-    reference = fake_result("torch LBFGS", "torch LBFGS", [1.0, 2.0, 4.0], 80.0)
-    twin = fake_result("torch LBFGS h=40", "torch LBFGS", [0.9, 2.2, 3.0], 60.0)
-    for result, evaluations in ((reference, (10, 40, 80)), (twin, (10, 40, 90))):
-        for target, count in zip(result["targets"], evaluations):
-            target["evaluations"] = count
-    block = fake_block("toy", [reference, twin], [1.0, 2.0, 4.0])
-    # T3: beyond the 40th evaluation (and reached after other evaluations), the histories differ: no comparison.
-    assert report.twin_check(block["results"]).endswith("is 0.90 / 1.10 / — (1 in a race fair to the reference)")
-    assert report.twin_check([reference]) is None
+    block = copies_block(report, [4.0, 3.0, 2.0, 1.0])
+    reference, twin, scg = block["results"]
+    assert block["reference_copies"] == [["torch LBFGS h=40"]] * 3
+    # Race by race over the median (here the mean) of the reference's and its copy's time: T1 1.1, 1.05, 1.0.
+    assert scg["targets"][0]["time_ratios_by_race"] == pytest.approx([0.8 / 1.1, 0.8 / 1.05, 0.8 / 1.0])
+    assert scg["targets"][0]["time_ratio"] == pytest.approx(0.8 / 1.05)
+    assert reference["targets"][2]["time_ratios_by_race"] == pytest.approx([1.0, 3.3 / 3.15, 3.6 / 3.3])
+    assert twin["targets"][1]["time_ratio"] == pytest.approx(2.0 / 2.1)
+    # Idempotent: a saved run re-rendered or pooled gets the same ratios from the same seconds.
+    again = copy.deepcopy(block)
+    report.time_against_reference_copies(again)
+    assert again == block
+    line = report.reference_line(block)
+    assert "(T1 / T2 / T3: h=40 / h=40 / h=40)" in line
+    assert line.endswith("own time over that median is 1.05 / 1.05 / 1.05 (1 in a race fair to it)")
+
+
+def test_a_row_is_a_copy_of_the_reference_only_up_to_where_it_recorded_the_same_losses(monkeypatch):
+    report = load_report(monkeypatch)
+    # The copy's fourth loss differs: a copy at T1 and T2 (evaluations 2 and 3), not at T3 (evaluation 4).
+    block = copies_block(report, [4.0, 3.0, 2.0, 0.9])
+    assert block["reference_copies"] == [["torch LBFGS h=40"], ["torch LBFGS h=40"], []]
+    scg = block["results"][2]
+    assert scg["targets"][2]["time_ratios_by_race"] == pytest.approx([2.4 / 3.0, 2.4 / 3.3, 2.4 / 3.6])
+    assert report.reference_line(block).endswith("is 1.05 / 1.05 / — (1 in a race fair to it)")
+    # The same losses from another optimizer's code are not a copy: its own work is not the reference's.
+    other = copies_block(report, [4.0, 3.0, 2.0, 1.0], copy_family="peer")
+    assert other["reference_copies"] == [[], [], []]
+    assert report.reference_line(other) is None
+    assert other["results"][2]["targets"][0]["time_ratios_by_race"] == pytest.approx([0.8 / 1.2, 0.8 / 1.1, 0.8])
 
 
 def test_poisson_residual_is_minus_the_laplacian_inside_and_the_weighted_value_on_the_boundary(monkeypatch):
