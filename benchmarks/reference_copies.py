@@ -64,6 +64,9 @@ def main(argv: list[str] | None = None) -> int:
     table = optimizers(problem) | {ADDED_COPY: lbfgs(100)}
     for number in range(races):
         results = {r["name"]: r for r in race(problem, initial, costs, table, shuffle_seed=1000 + number)}
+        for name in (ADDED_COPY, "torch LBFGS h=40"):  # the exact copies: the same losses at every evaluation
+            if [p["loss"] for p in results[name]["history"]] != [p["loss"] for p in results[REFERENCE]["history"]]:
+                raise RuntimeError(f"{name} did not compute what {REFERENCE} computed")
         seconds = {
             name: {point["evaluations"]: point["seconds"] for point in results[name]["history"]} for name in LBFGS_ROWS
         }
