@@ -43,11 +43,11 @@ new random order (seeded; ``--fixed-order`` keeps the table's): in a fixed order
 the same one, whose code and data it finds in the processor's caches or not, and on the millisecond problems the
 reference, torch LBFGS, took 1.05–1.9 times the time of torch LBFGS with history 40, which computes the same up to
 its 40th iteration. Each race's unit of time at a target is the median time of the reference and its copies, the
-torch LBFGS rows that recorded the same losses to the same evaluation (``time_against_reference_copies``; one row's
-time moves by up to ±10 % from race to race: docs/performance.md, lever 63), and the report prints the reference's
-own time over it under each table. Every problem (not the memory-bound case) is raced three times,
-the regression and logistic problems nine (:data:`RACES_BY_PROBLEM`), and its time ratios are the medians of the
-races' ratios (``--races``).
+torch LBFGS rows that recorded the same losses to the same evaluation (``time_against_reference_copies``: the
+LBFGS rows of one MNIST race took 0.92–1.14 of their median time to the same evaluation, docs/performance.md, lever
+63), and the report prints the reference's own time over it under each table. Every problem (not the memory-bound
+case) is raced three times, the regression and logistic problems nine (:data:`RACES_BY_PROBLEM`), and its time
+ratios are the medians of the races' ratios (``--races``).
 
 Reported per problem and optimizer, as ratios to ``torch.optim.LBFGS``: time and gradient-pass equivalents to
 reach three target training losses, the final training loss; and the test metric at the budget, the number of
