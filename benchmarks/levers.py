@@ -162,6 +162,8 @@ def passes_rows() -> dict[str, Row]:
         "flat m=20, loss first": flat_variant(loss_first=True),
         "γ of the newest pair, loss first": flat_variant(gamma_window=1, loss_first=True),
         "first step 1/|r|₂, loss first": flat_variant(first_step="scaled-l2", loss_first=True),
+        "secant diagonal H₀ c=10, loss first": flat_variant(secant_diagonal=10.0, loss_first=True),
+        "secant diagonal H₀ c=100, loss first": flat_variant(secant_diagonal=100.0, loss_first=True),
         "first step probed, loss first": flat_variant(first_step="probe", loss_first=True),
         "γ × 1.5, loss first": flat_variant(gamma_scale=1.5, loss_first=True),
         "γ × 2, loss first": flat_variant(gamma_scale=2.0, loss_first=True),

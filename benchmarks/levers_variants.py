@@ -73,6 +73,10 @@ clearly win (issue #14), written on one flat vector so that each differs from th
   (:class:`NystromPairs`: k exact Hessian-vector products, charged as such, at the start and after every N-th
   step) — the top of the spectrum from the sketch, the rest from the pairs' γ (Frangella, Tropp & Udell 2023;
   Rathore, Lei, Frangella, Lu & Udell 2024 precondition PINNs this way);
+* ``secant_diagonal`` c (lever 66; ``None``: off): H₀ diagonal from the pairs held, coordinate by coordinate,
+  dⱼ = Σᵢ sᵢⱼ yᵢⱼ / Σᵢ yᵢⱼ², the least-squares fit of H₀ yᵢ ≈ sᵢ in each coordinate (a diagonal quasi-Newton
+  scaling in the manner of Zhu, Nazareth & Wolkowicz 1999), clipped to [γ/c, γc] around the library's γ and γ where
+  the fit is not positive (:class:`SecantDiagonalPairs`) — free, unlike ``diagonal_beta``'s second moment;
 * ``diagonal_beta`` β, ``diagonal_power`` κ, ``diagonal_refresh`` T (lever 14; T: lever 15): H₀ = γ_D D, D from the
   accepted gradients' second moment (:class:`DiagonalPairs`), D formed afresh at every T-th accepted gradient
   (1: at every one, as the library's lever 14); ``gamma_window`` then takes γ_D over the newest pairs only.
@@ -235,6 +239,30 @@ class DiagonalPairs(TwoLoopPairs):
         return max(ratios) * diagonal * q
 
 
+class SecantDiagonalPairs(TwoLoopPairs):
+    """:class:`WindowedPairs` whose H₀ is diagonal, fitted to the pairs held coordinate by coordinate:
+    dⱼ = Σᵢ sᵢⱼ yᵢⱼ / Σᵢ yᵢⱼ² (the least-squares H₀ yᵢ ≈ sᵢ in coordinate j), clipped to [γ/c, γc] with γ the
+    library's maxᵢ sᵢᵀyᵢ / yᵢᵀyᵢ and c = ``clip``, and γ where the fit is not positive, in the two-loop recursion."""
+
+    def __init__(self, params: list[torch.Tensor], memory: int, clip: float) -> None:
+        if not clip >= 1.0:
+            raise ValueError(f"secant_diagonal's clip c must be ≥ 1 (1: γI), got {clip}")
+        super().__init__(params, memory, window=memory, pick="max")
+        self.clip = clip
+
+    def diagonal(self) -> torch.Tensor:
+        """d: the clipped coordinate-wise fit over the pairs held."""
+        (block,) = self.blocks
+        held = block[:, self.slots]  # (2, k, n): the steps sᵢ and the changes yᵢ held
+        fitted = (held[0] * held[1]).sum(dim=0) / (held[1] * held[1]).sum(dim=0)
+        gamma = self.gamma
+        fitted = torch.where(fitted > 0.0, fitted, torch.full_like(fitted, gamma))  # (0/0 = NaN is not > 0)
+        return fitted.clamp(gamma / self.clip, gamma * self.clip)
+
+    def _initial_inverse(self, q: torch.Tensor) -> torch.Tensor:
+        return self.diagonal() * q
+
+
 class NystromPairs(TwoLoopPairs):
     """:class:`WindowedPairs` whose H₀ = U (Λ + 1/γ)⁻¹ Uᵀ + γ(I − UUᵀ) once :meth:`refresh` has sketched the Hessian
     (γ the pairs' max ratio, or 1/λ_k, the smallest eigenvalue kept, while no pair is held), in the two-loop
@@ -311,6 +339,7 @@ class FlatSCG:
         diagonal_beta: float | None = None,
         diagonal_power: float = 0.5,
         diagonal_refresh: int = 1,
+        secant_diagonal: float | None = None,
         nystrom_every: int = 50,
         stretch_max: float = 1.0,
         stretch_factor: float = 1.5,
@@ -340,6 +369,10 @@ class FlatSCG:
                 "(direction 'qn', not first_step 'diagonal', no Nyström H₀)"
             )
         self.powell_damping = powell_damping  # c of Powell's damping (lever 43; 0: off)
+        if secant_diagonal is not None and (nystrom_rank or diagonal_beta is not None or first_step == "diagonal"):
+            raise ValueError(
+                "secant_diagonal is an H₀ of its own: not with nystrom_rank, diagonal_beta or first_step 'diagonal'"
+            )
         if nystrom_rank:
             self.pairs: WindowedPairs = NystromPairs(flat_params, memory, nystrom_rank)
         elif diagonal_beta is not None:
@@ -348,6 +381,10 @@ class FlatSCG:
             self.pairs = DiagonalPairs(
                 flat_params, memory, diagonal_beta, diagonal_power, refresh=diagonal_refresh, window=gamma_window
             )
+        elif secant_diagonal is not None:
+            if layerwise or gamma_pick != "max" or gamma_window is not None or gamma_scale != 1.0:
+                raise ValueError("secant_diagonal fits its own H₀: no layerwise or gamma_* options beside it")
+            self.pairs = SecantDiagonalPairs(flat_params, memory, secant_diagonal)
         elif layerwise:
             sizes = [p.numel() for p in self.params]
             self.pairs = LayerwisePairs(flat_params, memory, sizes, gamma_scale)

@@ -12,7 +12,7 @@ from torch import nn
 from moller_scg import SCG
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
-from levers_variants import DiagonalPairs, FlatSCG, LayerwisePairs, NystromPairs  # noqa: E402
+from levers_variants import DiagonalPairs, FlatSCG, LayerwisePairs, NystromPairs, SecantDiagonalPairs  # noqa: E402
 
 from moller_scg.quasi_newton import SecantPairs  # noqa: E402
 
@@ -124,6 +124,7 @@ def test_the_diagonal_h0_takes_gamma_d_over_its_window_of_newest_pairs():
         {"diagonal_beta": 0.99, "diagonal_power": 0.25, "first_step": "diagonal"},
         {"powell_damping": 0.2},
         {"powell_damping": 0.2, "diagonal_beta": 0.99, "diagonal_power": 0.25},
+        {"secant_diagonal": 10.0},
     ],
 )
 def test_variants_never_accept_a_higher_loss(options):
@@ -357,6 +358,50 @@ def test_layerwise_h0_takes_each_layers_largest_curvature_ratio():
     # H is still the inverse of a model that reproduces the newest pair: H yₘ = sₘ.
     newest = pairs.slots[-1]
     torch.testing.assert_close(pairs.inverse_product([block[1, newest].clone()])[0], block[0, newest])
+
+
+def test_secant_diagonal_h0_with_no_room_to_move_is_the_librarys_h():
+    # c = 1 clips every coordinate's fit to γ: H₀ = γI, the library's.
+    params = [torch.zeros(7, dtype=torch.float64)]
+    secant_diagonal, library = SecantDiagonalPairs(params, 5, clip=1.0), SecantPairs(params, 5)
+    _curved_pairs([secant_diagonal, library], 7, 6)
+    v = torch.randn(7, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    torch.testing.assert_close(secant_diagonal.inverse_product([v])[0], library.inverse_product([v])[0])
+
+
+def test_secant_diagonal_h0_is_each_coordinates_fit_to_the_pairs_clipped_around_gamma():
+    params = [torch.zeros(7, dtype=torch.float64)]
+    pairs = SecantDiagonalPairs(params, 5, clip=3.0)
+    _curved_pairs([pairs], 7, 8)  # more pairs than the memory: only the 5 held count
+    (block,) = pairs.blocks
+    steps = torch.stack([block[0, i] for i in pairs.slots])
+    changes = torch.stack([block[1, i] for i in pairs.slots])
+    gamma = max(float(steps[k] @ changes[k] / (changes[k] @ changes[k])) for k in range(len(pairs.slots)))
+    assert pairs.gamma == pytest.approx(gamma)
+    diagonal = pairs.diagonal()
+    for j in range(7):
+        fit = float((steps[:, j] * changes[:, j]).sum() / changes[:, j].square().sum())
+        expected = min(max(fit, gamma / 3.0), gamma * 3.0) if fit > 0.0 else gamma
+        assert float(diagonal[j]) == pytest.approx(expected, rel=1e-12), j
+    assert len(set(diagonal.tolist())) > 1  # not γI in disguise
+    # H is still the inverse of a model that reproduces the newest pair: H yₘ = sₘ.
+    newest = pairs.slots[-1]
+    torch.testing.assert_close(pairs.inverse_product([block[1, newest].clone()])[0], block[0, newest])
+
+
+@pytest.mark.parametrize(
+    "options",
+    [{"diagonal_beta": 0.99}, {"nystrom_rank": 2}, {"layerwise": True}, {"gamma_window": 3}, {"gamma_scale": 2.0}],
+)
+def test_secant_diagonal_refuses_another_h0_beside_it(options):
+    closure = CountingClosure()
+    with pytest.raises(ValueError, match="secant_diagonal"):
+        FlatSCG(list(closure.model.parameters()), memory=5, secant_diagonal=10.0, **options)
+
+
+def test_secant_diagonal_clip_below_one_is_refused():
+    with pytest.raises(ValueError, match="clip"):
+        SecantDiagonalPairs([torch.zeros(3, dtype=torch.float64)], 5, clip=0.5)
 
 
 def test_nystrom_h0_of_a_full_rank_sketch_is_the_damped_inverse_hessian():
