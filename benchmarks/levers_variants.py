@@ -74,9 +74,10 @@ clearly win (issue #14), written on one flat vector so that each differs from th
   step) — the top of the spectrum from the sketch, the rest from the pairs' γ (Frangella, Tropp & Udell 2023;
   Rathore, Lei, Frangella, Lu & Udell 2024 precondition PINNs this way);
 * ``secant_diagonal`` c (lever 66; ``None``: off): H₀ diagonal from the pairs held, coordinate by coordinate,
-  dⱼ = Σᵢ sᵢⱼ yᵢⱼ / Σᵢ yᵢⱼ², the least-squares fit of H₀ yᵢ ≈ sᵢ in each coordinate (a diagonal quasi-Newton
-  scaling in the manner of Zhu, Nazareth & Wolkowicz 1999), clipped to [γ/c, γc] around the library's γ and γ where
-  the fit is not positive (:class:`SecantDiagonalPairs`) — free, unlike ``diagonal_beta``'s second moment;
+  dⱼ = Σᵢ sᵢⱼ yᵢⱼ / Σᵢ yᵢⱼ², the least-squares fit of H₀ yᵢ ≈ sᵢ in each coordinate (related to the diagonal
+  quasi-Newton updates of Zhu, Nazareth & Wolkowicz 1999, which satisfy one pair's weak secant condition), clipped to
+  [γ/c, γc] around the library's γ and γ where the fit is not positive (:class:`SecantDiagonalPairs`) — no pass and
+  no state beyond the pairs (``diagonal_beta`` keeps n more numbers);
 * ``diagonal_beta`` β, ``diagonal_power`` κ, ``diagonal_refresh`` T (lever 14; T: lever 15): H₀ = γ_D D, D from the
   accepted gradients' second moment (:class:`DiagonalPairs`), D formed afresh at every T-th accepted gradient
   (1: at every one, as the library's lever 14); ``gamma_window`` then takes γ_D over the newest pairs only.
@@ -251,7 +252,8 @@ class SecantDiagonalPairs(TwoLoopPairs):
         self.clip = clip
 
     def diagonal(self) -> torch.Tensor:
-        """d: the clipped coordinate-wise fit over the pairs held."""
+        """d: the clipped coordinate-wise fit over the pairs held (at least one)."""
+        assert self.slots, "the fitted H₀ needs a pair"
         (block,) = self.blocks
         held = block[:, self.slots]  # (2, k, n): the steps sᵢ and the changes yᵢ held
         fitted = (held[0] * held[1]).sum(dim=0) / (held[1] * held[1]).sum(dim=0)

@@ -389,9 +389,38 @@ def test_secant_diagonal_h0_is_each_coordinates_fit_to_the_pairs_clipped_around_
     torch.testing.assert_close(pairs.inverse_product([block[1, newest].clone()])[0], block[0, newest])
 
 
+def test_secant_diagonal_h0_reads_only_the_pairs_held_and_falls_back_to_gamma():
+    # Pairs held before clear() must not count; a coordinate whose fit is negative, or 0/0, takes γ; one whose fit
+    # is far above γ is clipped to γc.
+    params = [torch.zeros(4, dtype=torch.float64)]
+    pairs = SecantDiagonalPairs(params, 5, clip=3.0)
+    _curved_pairs([pairs], 4, 6)
+    pairs.clear()
+    as_tensor = lambda values: torch.tensor(values, dtype=torch.float64)  # noqa: E731
+    pairs.push([as_tensor([1.0, 1.0, 1.0, 0.0])], [as_tensor([1.0, -0.1, 0.001, 0.0])])  # sᵀy/yᵀy = 0.901/1.010001
+    pairs.push([as_tensor([1.0, 0.5, 0.0, 0.0])], [as_tensor([2.0, -0.2, 0.0, 0.0])])  # sᵀy/yᵀy = 1.9/4.04
+    assert len(pairs.slots) == 2
+    gamma = 0.901 / 1.010001
+    expected = [
+        3.0 / 5.0,  # (1·1 + 1·2) / (1 + 4), within [γ/3, 3γ]
+        gamma,  # (−0.1 − 0.1) / 0.05 < 0
+        3.0 * gamma,  # 0.001 / 10⁻⁶ = 1000, clipped
+        gamma,  # 0 / 0
+    ]
+    torch.testing.assert_close(pairs.diagonal(), as_tensor(expected), rtol=1e-12, atol=0.0)
+
+
 @pytest.mark.parametrize(
     "options",
-    [{"diagonal_beta": 0.99}, {"nystrom_rank": 2}, {"layerwise": True}, {"gamma_window": 3}, {"gamma_scale": 2.0}],
+    [
+        {"diagonal_beta": 0.99},
+        {"nystrom_rank": 2},
+        {"layerwise": True},
+        {"gamma_window": 3},
+        {"gamma_scale": 2.0},
+        {"gamma_pick": "min"},
+        {"first_step": "diagonal"},
+    ],
 )
 def test_secant_diagonal_refuses_another_h0_beside_it(options):
     closure = CountingClosure()
