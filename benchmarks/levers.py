@@ -41,6 +41,7 @@ from typing import Any
 
 import torch
 from common import RESULTS, environment
+from levers_sr1 import FlatSR1
 from levers_variants import FlatSCG
 from peers import race
 from peers_adapters import SCG_FAMILY, Row, lbfgs, scg, warm_up
@@ -51,11 +52,11 @@ from peers_report import analyse, ratio_cell
 MEMORY = 20
 
 
-def flat_variant(**options: Any) -> Row:
-    """A row running :class:`levers_variants.FlatSCG` with ``options``."""
+def flat_variant(variant: type[FlatSCG] = FlatSCG, **options: Any) -> Row:
+    """A row running :class:`levers_variants.FlatSCG` (or the subclass ``variant``) with ``options``."""
 
     def run_variant(run: Run) -> None:
-        optimizer = FlatSCG(run.params, **options)
+        optimizer = variant(run.params, **options)
         run.extra["record_in_step"] = True
         while True:
             optimizer.step(run)
@@ -188,6 +189,10 @@ def passes_rows() -> dict[str, Row]:
         "diagonal H₀ β=0.99, v^¼, λ ÷ 4": flat_variant(
             diagonal_beta=0.99, diagonal_power=0.25, decrease=4.0, loss_first=True
         ),
+        "L-SR1 m=20, loss first": flat_variant(FlatSR1),
+        "L-SR1 m=40, loss first": flat_variant(FlatSR1, memory=40),
+        "L-SR1 m=20, b₀ below the pencil, loss first": flat_variant(FlatSR1, initial="pencil"),
+        "L-SR1 m=40, b₀ below the pencil, loss first": flat_variant(FlatSR1, memory=40, initial="pencil"),
         "SCG m=20, diagonal": scg(hvp="secant", memory=MEMORY, diagonal_scaling=True),
         "SCG m=40, diagonal": scg(hvp="secant", memory=40, diagonal_scaling=True),
         "diagonal H₀ β=0.9": flat_variant(diagonal_beta=0.9, loss_first=True),
@@ -273,7 +278,7 @@ def passes_table(problem_name: str, per_seed: list[list[dict[str, Any]]]) -> lis
     width = max(26, 2 + max(len(result["name"]) for result in per_seed[0]))  # a long row name keeps its columns
     lines = [
         f"## {problem_name}: passes to T1 / T2 / T3 ÷ LBFGS(100)'s, {seeds} seed(s); final loss ÷ LBFGS(100)'s",
-        f"{'row':<{width}}{'geo-mean':>20}{'final':>8}   per seed",
+        f"{'row':<{width}}{'geo-mean':>20}{'final':>9}   per seed",
     ]
     for index, result in enumerate(per_seed[0]):
         entries = [results[index]["targets"] for results in per_seed]
@@ -284,7 +289,7 @@ def passes_table(problem_name: str, per_seed: list[list[dict[str, Any]]]) -> lis
             "/".join(ratio_cell(entry, "passes_ratio") for entry in targets) + f" ×{x:.3g}"
             for targets, x in zip(entries, finals)
         )
-        lines.append(f"{result['name']:<{width}}{' / '.join(means):>20}{final:>8.3g}   {cells}")
+        lines.append(f"{result['name']:<{width}}{' / '.join(means):>20}{final:>9.3g}   {cells}")
     return lines
 
 
