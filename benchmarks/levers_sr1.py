@@ -10,8 +10,8 @@ step and Møller's accept test and λ rules, and changes the model and what λ d
   diagonal, in the pairs' time order). Before a pair, b₀ = max(1, |r|₁) (the library's first step: α = min(1, 1/|r|₁)).
   With pairs, ``initial="ratio"``: b₀ = 1/γ, the library's γ = maxᵢ sᵢᵀyᵢ / yᵢᵀyᵢ — which makes B singular after one
   pair (sᵀ(y − b₀s) = sᵀy(1 − 1/cos²∠(s, y)) ≤ 0) — or ``initial="pencil"``: b₀ = 0.9 θ_min, θ_min the smallest
-  eigenvalue of the pencil (D + L + Lᵀ, SᵀS), so that M ≻ 0 and B ⪰ b₀I ≻ 0 (as L-SR1 trust-region methods for deep
-  learning choose it: Erway, Griffin, Marcia & Omheni 2020), the ratio's b₀ where θ_min ≤ 0. B may be indefinite.
+  eigenvalue of the pencil (D + L + Lᵀ, SᵀS), so that M ≻ 0 and B ⪰ b₀I ≻ 0 (M = (D + L + Lᵀ) − b₀SᵀS is positive
+  definite exactly when b₀ < θ_min), the ratio's b₀ where θ_min ≤ 0. B may be indefinite.
 * λ damps the direction itself, as Levenberg–Marquardt damping or a trust region does: p solves (B + λ_e I)p = r,
   with λ_e = max(λ, −1.5 λ_min(B)) so that B + λ_e I is positive definite (λ_min(B) from a k × k eigenproblem:
   the non-zero eigenvalues of Ψ M⁻¹ Ψᵀ are those of T M⁻¹ Tᵀ, TᵀT = ΨᵀΨ). By Sherman–Morrison–Woodbury,
