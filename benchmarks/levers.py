@@ -189,6 +189,12 @@ def passes_rows() -> dict[str, Row]:
         "diagonal H₀ β=0.99, v^¼, λ ÷ 4": flat_variant(
             diagonal_beta=0.99, diagonal_power=0.25, decrease=4.0, loss_first=True
         ),
+        "function-value secant c=0.1, loss first": flat_variant(value_secant=0.1, loss_first=True),
+        "function-value secant c=0.5, loss first": flat_variant(value_secant=0.5, loss_first=True),
+        "function-value secant c=0.1, m=40, loss first": flat_variant(memory=40, value_secant=0.1, loss_first=True),
+        "diagonal H₀ β=0.99, v^¼, function-value secant c=0.1": flat_variant(
+            diagonal_beta=0.99, diagonal_power=0.25, value_secant=0.1, loss_first=True
+        ),
         "L-SR1 m=20, loss first": flat_variant(FlatSR1),
         "L-SR1 m=40, loss first": flat_variant(FlatSR1, memory=40),
         "L-SR1 m=20, b₀ below the pencil, loss first": flat_variant(FlatSR1, initial="pencil"),

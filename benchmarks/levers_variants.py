@@ -64,6 +64,11 @@ clearly win (issue #14), written on one flat vector so that each differs from th
 * ``powell_damping`` c (lever 43; 0: off): an accepted step's pair with sᵀy < c sᵀBs is kept as (s, θy + (1 − θ)Bs),
   θ = (1 − c)sᵀBs / (sᵀBs − sᵀy), so that sᵀy = c sᵀBs (Powell 1978; Nocedal & Wright 2006, procedure 18.2) instead
   of as it is (or dropped, when sᵀy ≤ 10⁻¹⁰ yᵀy); free, since p = H r gives Bs = αr and sᵀBs = α²μ;
+* ``value_secant`` c (lever 68; ``None``: off): an accepted step's pair is kept as (s, ỹ) with
+  ỹ = y + (θ / sᵀs) s, θ = 6(E(w) − E(w₊)) + 3(g + g₊)ᵀs, so that sᵀỹ = sᵀy + θ is the curvature E''(w₊) along s
+  exactly where E is cubic along s (the function-value secant equation of Zhang, Deng & Chen 1999; Wei, Li & Qi
+  2006), where sᵀy is the curvature averaged over the step; θ is clipped to θ ≥ (c − 1) sᵀy, so that sᵀỹ ≥ c sᵀy
+  (a pair with sᵀy ≤ 0 is left as it is, and dropped by the pairs as the library's); free: E(w₊) is the trial's loss;
 * ``loss_first`` (lever 12): as the library, a trial whose loss rose is rejected without its gradient, so that a
   run that defers the backward (``Run.value_then_grad`` over one batch) charges it the forward alone; only where no
   rule of the variant reads a rejected trial's gradient (False: every trial a gradient pass, as the tables measured
@@ -348,6 +353,7 @@ class FlatSCG:
         stretch_above: float = 1.1,
         loss_first: bool = False,
         powell_damping: float = 0.0,
+        value_secant: float | None = None,
         sigma: float = 5e-5,
         lambd: float = 5e-7,
     ) -> None:
@@ -371,6 +377,11 @@ class FlatSCG:
                 "(direction 'qn', not first_step 'diagonal', no Nyström H₀)"
             )
         self.powell_damping = powell_damping  # c of Powell's damping (lever 43; 0: off)
+        if value_secant is not None and not 0.0 < value_secant <= 1.0:
+            raise ValueError(f"value_secant c needs 0 < c ≤ 1 (sᵀỹ ≥ c sᵀy), got {value_secant}")
+        if value_secant is not None and powell_damping:
+            raise ValueError("value_secant and powell_damping each rewrite y: not both")
+        self.value_secant = value_secant  # c of the function-value secant pair (lever 68; None: off)
         if secant_diagonal is not None and (nystrom_rank or diagonal_beta is not None or first_step == "diagonal"):
             raise ValueError(
                 "secant_diagonal is an H₀ of its own: not with nystrom_rank, diagonal_beta or first_step 'diagonal'"
@@ -499,6 +510,19 @@ class FlatSCG:
         theta = (1.0 - self.powell_damping) * step_model_step / (step_model_step - step_change)
         return theta * change + (1.0 - theta) * model_change
 
+    def _value_secant_change(
+        self, step: torch.Tensor, change: torch.Tensor, r: torch.Tensor, new_r: torch.Tensor, trial_loss: float
+    ) -> torch.Tensor:
+        """ỹ = y + (θ / sᵀs) s with θ = 6(E(w) − E(w₊)) + 3(g + g₊)ᵀs = 6(E(w) − E(w₊)) − 3(r + r₊)ᵀs, clipped to
+        θ ≥ (c − 1) sᵀy (``value_secant`` = c); y itself where sᵀy ≤ 0. On a cubic along s, sᵀỹ = sᵀE''(w₊)s."""
+        step_change = float(step @ change)
+        if not step_change > 0.0:
+            return change
+        theta = 6.0 * (self.loss - trial_loss) - 3.0 * float((r + new_r) @ step)
+        assert self.value_secant is not None
+        theta = max(theta, (self.value_secant - 1.0) * step_change)
+        return change + (theta / float(step @ step)) * step
+
     def _keeps(self, step: torch.Tensor, change: torch.Tensor) -> bool:
         """The variant's extra curvature condition sᵀy > angle · |s||y| (the library's is checked by ``push``)."""
         return self.angle == 0.0 or float(step @ change) > self.angle * float(step.norm() * change.norm())
@@ -568,6 +592,8 @@ class FlatSCG:
             step, change = alpha * p, r - new_r
             if self.powell_damping:
                 change = self._damped(step, change, alpha * r, alpha * alpha * mu)
+            if self.value_secant is not None:
+                change = self._value_secant_change(step, change, r, new_r, trial_loss)
             if isinstance(self.pairs, DiagonalPairs):
                 self.pairs.observe(new_r)
             self.last_step_sq = alpha * alpha * p_sq

@@ -590,3 +590,82 @@ def test_a_probe_whose_loss_rose_or_is_not_finite_is_a_trial_rejected_on_its_los
     assert closure.forwards == 1 and closure.backwards == 0  # the probe, rejected without its gradient
     assert variant.rejected == 1 and not variant.success
     torch.testing.assert_close(_flat(params), start, rtol=0, atol=0)  # back at w₁
+
+
+def test_the_function_value_secant_pair_has_the_curvature_at_the_new_point_on_a_cubic():
+    # E(w) = Σ aⱼwⱼ² + dⱼwⱼ³ is a cubic along any s, so sᵀỹ = sᵀE''(w₊)s exactly (Zhang, Deng & Chen 1999), where the
+    # plain pair's sᵀy is the curvature averaged over the step.
+    generator = torch.Generator().manual_seed(3)
+    a, d = (
+        torch.rand(6, generator=generator, dtype=torch.float64),
+        torch.randn(6, generator=generator, dtype=torch.float64),
+    )
+    w = torch.randn(6, generator=generator, dtype=torch.float64)
+    s = 0.3 * torch.randn(6, generator=generator, dtype=torch.float64)
+
+    def value(x):
+        return float((a * x * x + d * x**3).sum())
+
+    def gradient(x):
+        return 2 * a * x + 3 * d * x * x
+
+    variant = FlatSCG([torch.zeros(6, dtype=torch.float64)], memory=3, value_secant=1e-9)
+    variant.loss = value(w)
+    r, new_r = -gradient(w), -gradient(w + s)
+    change = r - new_r
+    modified = variant._value_secant_change(s, change, r, new_r, value(w + s))
+    curvature_at_new_point = float(s @ ((2 * a + 6 * d * (w + s)) * s))
+    assert float(s @ change) != pytest.approx(curvature_at_new_point, rel=1e-3)
+    assert float(s @ modified) == pytest.approx(curvature_at_new_point, rel=1e-10)
+    torch.testing.assert_close(modified - change, (float(s @ modified - s @ change) / float(s @ s)) * s)
+
+
+def test_the_function_value_secant_is_clipped_at_c_and_leaves_a_pair_without_curvature_alone():
+    variant = FlatSCG([torch.zeros(2, dtype=torch.float64)], memory=3, value_secant=0.25)
+    s = torch.tensor([1.0, 0.0], dtype=torch.float64)
+    change = torch.tensor([2.0, 1.0], dtype=torch.float64)  # sᵀy = 2
+    r = torch.tensor([0.0, 0.0], dtype=torch.float64)
+    variant.loss = 0.0
+    # θ = 6(0 − 10) − 0 = −60 would make sᵀỹ negative: it is clipped to sᵀỹ = c sᵀy = 0.5.
+    modified = variant._value_secant_change(s, change, r, r, trial_loss=10.0)
+    assert float(s @ modified) == pytest.approx(0.5, rel=1e-12)
+    assert float(modified[1]) == 1.0  # ỹ − y is along s
+    negative = torch.tensor([-1.0, 3.0], dtype=torch.float64)
+    assert variant._value_secant_change(s, negative, r, r, trial_loss=-10.0) is negative
+
+
+def test_the_step_pushes_the_function_value_secant_pair():
+    closure = CountingClosure()
+    variant = FlatSCG(list(closure.model.parameters()), memory=5, value_secant=0.1, loss_first=True)
+    variant.step(closure)
+    pushed = 0
+    for _ in range(12):
+        w, r, loss = variant._flat(), variant.r.clone(), variant.loss
+        slots_before = list(variant.pairs.slots)
+        variant.step(closure)
+        if variant.loss == loss:  # rejected: nothing pushed
+            continue
+        s, new_r = variant._flat() - w, variant.r
+        change = r - new_r
+        theta = 6.0 * (loss - variant.loss) - 3.0 * float((r + new_r) @ s)
+        theta = max(theta, -0.9 * float(s @ change))
+        expected = change + (theta / float(s @ s)) * s
+        (block,) = variant.pairs.blocks
+        newest = variant.pairs.slots[-1]
+        assert variant.pairs.slots != slots_before
+        torch.testing.assert_close(block[1, newest], expected, rtol=1e-9, atol=1e-12)
+        pushed += 1
+    assert pushed >= 8
+
+
+@pytest.mark.parametrize(
+    ("options", "message"),
+    [
+        ({"value_secant": 0.0}, "0 < c ≤ 1"),
+        ({"value_secant": 1.5}, "0 < c ≤ 1"),
+        ({"value_secant": 0.1, "powell_damping": 0.2}, "not both"),
+    ],
+)
+def test_function_value_secant_refusals(options, message):
+    with pytest.raises(ValueError, match=message):
+        FlatSCG([torch.zeros(2, dtype=torch.float64)], memory=3, **options)
