@@ -60,7 +60,9 @@ def flat_variant(variant: type[FlatSCG] = FlatSCG, **options: Any) -> Row:
         run.extra["record_in_step"] = True
         while True:
             optimizer.step(run)
-            run.record(optimizer.loss, run.flat_params, at=run.evaluation_end)  # timed as run_scg's points (lever 61)
+            run.record(
+                optimizer.reported_loss, run.flat_params, at=run.evaluation_end
+            )  # timed as run_scg's points (lever 61)
             run.extra["scg_steps"] = optimizer.steps
             run.extra["scg_rejected"] = optimizer.rejected
 
@@ -194,6 +196,10 @@ def passes_rows() -> dict[str, Row]:
         "function-value secant c=0.1, m=40, loss first": flat_variant(memory=40, value_secant=0.1, loss_first=True),
         "diagonal H₀ β=0.99, v^¼, function-value secant c=0.1": flat_variant(
             diagonal_beta=0.99, diagonal_power=0.25, value_secant=0.1, loss_first=True
+        ),
+        "log E, loss first": flat_variant(log_loss=True, loss_first=True),
+        "diagonal H₀ β=0.99, v^¼, log E": flat_variant(
+            diagonal_beta=0.99, diagonal_power=0.25, log_loss=True, loss_first=True
         ),
         "L-SR1 m=20, loss first": flat_variant(FlatSR1),
         "L-SR1 m=40, loss first": flat_variant(FlatSR1, memory=40),

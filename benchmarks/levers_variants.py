@@ -69,6 +69,10 @@ clearly win (issue #14), written on one flat vector so that each differs from th
   exactly where E is cubic along s (the function-value secant equation of Zhang, Deng & Chen 1999; Wei, Li & Qi
   2006), where sᵀy is the curvature averaged over the step; θ is clipped to θ ≥ (c − 1) sᵀy, so that sᵀỹ ≥ c sᵀy
   (a pair with sᵀy ≤ 0 is left as it is, and dropped by the pairs as the library's); free: E(w₊) is the trial's loss;
+* ``log_loss=True`` (lever 69): the variant minimises log E(w) in place of E(w) — the same minimisers where E > 0, the
+  same accepted steps' order (log is increasing), gradient ∇E / E at no pass — so that a cross-entropy whose
+  decrease is geometric late in a run (E ≈ Σ exp(−margin)) looks to the secant model like a function of slowly
+  changing slope; ``reported_loss`` gives E back;
 * ``loss_first`` (lever 12): as the library, a trial whose loss rose is rejected without its gradient, so that a
   run that defers the backward (``Run.value_then_grad`` over one batch) charges it the forward alone; only where no
   rule of the variant reads a rejected trial's gradient (False: every trial a gradient pass, as the tables measured
@@ -354,6 +358,7 @@ class FlatSCG:
         loss_first: bool = False,
         powell_damping: float = 0.0,
         value_secant: float | None = None,
+        log_loss: bool = False,
         sigma: float = 5e-5,
         lambd: float = 5e-7,
     ) -> None:
@@ -382,6 +387,9 @@ class FlatSCG:
         if value_secant is not None and powell_damping:
             raise ValueError("value_secant and powell_damping each rewrite y: not both")
         self.value_secant = value_secant  # c of the function-value secant pair (lever 68; None: off)
+        if log_loss and first_step == "probe":
+            raise ValueError("the probed first step fits E itself: not with log_loss")
+        self.log_loss = log_loss  # minimise log E (lever 69)
         if secant_diagonal is not None and (nystrom_rank or diagonal_beta is not None or first_step == "diagonal"):
             raise ValueError(
                 "secant_diagonal is an H₀ of its own: not with nystrom_rank, diagonal_beta or first_step 'diagonal'"
@@ -459,17 +467,31 @@ class FlatSCG:
     def _completed_trial(self, trial_loss: float, gradient: Any) -> tuple[float, torch.Tensor | None]:
         """A deferred trial's loss and flat gradient, the backward (``gradient()``) made only when the loss does not
         reject the trial (``None`` then)."""
-        if not trial_loss <= self.loss:
-            return trial_loss, None
-        return trial_loss, torch.cat([g.detach().reshape(-1) for g in gradient()]).clone()
+        objective = self._objective(trial_loss)
+        if not objective <= self.loss:
+            return objective, None
+        flat = torch.cat([g.detach().reshape(-1) for g in gradient()]).clone()
+        return objective, flat / trial_loss if self.log_loss else flat
 
     def _evaluate(self, closure: Any) -> tuple[float, torch.Tensor]:
         with torch.enable_grad():
-            loss = closure()
+            loss = float(closure())
         gradient = torch.cat(
             [(torch.zeros_like(p) if p.grad is None else p.grad).detach().reshape(-1) for p in self.params]
         )
-        return float(loss), gradient.clone()
+        return self._objective(loss), gradient / loss if self.log_loss else gradient.clone()
+
+    def _objective(self, loss: float) -> float:
+        """What the variant minimises at a point whose closure returned ``loss``: E, or log E (``log_loss``; −∞ at
+        E = 0, NaN below)."""
+        if not self.log_loss:
+            return loss
+        return math.log(loss) if loss > 0.0 else (-math.inf if loss == 0.0 else math.nan)
+
+    @property
+    def reported_loss(self) -> float:
+        """E at the weights held (exp of what the variant minimises when ``log_loss``)."""
+        return math.exp(self.loss) if self.log_loss else self.loss
 
     def _precondition(self, r: torch.Tensor) -> torch.Tensor:
         return self.pairs.inverse_product([r])[0]

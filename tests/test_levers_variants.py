@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import sys
 from pathlib import Path
 
@@ -669,3 +670,28 @@ def test_the_step_pushes_the_function_value_secant_pair():
 def test_function_value_secant_refusals(options, message):
     with pytest.raises(ValueError, match=message):
         FlatSCG([torch.zeros(2, dtype=torch.float64)], memory=3, **options)
+
+
+def test_log_loss_minimises_log_e_with_gradient_over_e_and_reports_e():
+    closure = CountingClosure()
+    params = list(closure.model.parameters())
+    variant = FlatSCG(params, memory=5, log_loss=True, loss_first=True)
+    reported = []
+    for _ in range(15):
+        variant.step(closure)
+        reported.append(variant.reported_loss)
+        closure.model.zero_grad()
+        with torch.enable_grad():
+            loss = torch.nn.functional.mse_loss(closure.model(closure.x), closure.y)
+            loss.backward()
+        gradient = torch.cat([p.grad.reshape(-1) for p in params])
+        assert variant.loss == pytest.approx(math.log(float(loss)), rel=1e-12)
+        assert variant.reported_loss == pytest.approx(float(loss), rel=1e-12)
+        torch.testing.assert_close(variant.r, -gradient / float(loss), rtol=1e-10, atol=1e-14)
+    assert all(later <= earlier for earlier, later in zip(reported, reported[1:]))
+    assert reported[-1] < reported[0]
+
+
+def test_log_loss_refuses_the_probed_first_step():
+    with pytest.raises(ValueError, match="log_loss"):
+        FlatSCG([torch.zeros(2, dtype=torch.float64)], memory=3, log_loss=True, first_step="probe")
