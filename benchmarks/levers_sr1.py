@@ -14,8 +14,9 @@ step and Møller's accept test and λ rules, and changes the model and what λ d
   definite exactly when b₀ < θ_min), the ratio's b₀ where θ_min ≤ 0. B may be indefinite.
 * λ damps the direction itself, as Levenberg–Marquardt damping or a trust region does: p solves (B + λ_e I)p = r,
   with λ_e = max(λ, −1.5 λ_min(B)) so that B + λ_e I is positive definite (λ_min(B) from a k × k eigenproblem:
-  the non-zero eigenvalues of Ψ M⁻¹ Ψᵀ are those of T M⁻¹ Tᵀ, TᵀT = ΨᵀΨ). By Sherman–Morrison–Woodbury,
-  p = (r − Ψ (cM + ΨᵀΨ)⁻¹ Ψᵀ r) / c with c = b₀ + λ_e: k × k algebra and four products with the pairs.
+  the non-zero eigenvalues of Ψ M⁻¹ Ψᵀ are those of T M⁻¹ Tᵀ, TᵀT = ΨᵀΨ; not formed where b₀ certifies B ⪰ b₀I).
+  By Sherman–Morrison–Woodbury, p = (r − Ψ (cM + ΨᵀΨ)⁻¹ Ψᵀ r) / c with c = b₀ + λ_e: k × k algebra and four
+  products with the pairs.
 * The trial is w + p (α = 1). Møller's scalars follow from it: μ = pᵀr, δ = pᵀ(B + λ_e I)p = μ and
   Δ = 2(E(w) − E(w + p))/μ.
   A trial with Δ < 0 is rejected (on its loss alone, as the library's, where the run defers the backward), and the
@@ -38,7 +39,7 @@ import torch
 from levers_variants import FlatSCG
 
 SKIP = 1e-8
-"""r of the SR1 skip rule: a pair is dropped when |sᵀ(y − Bs)| < r |s| |y − Bs| (Nocedal & Wright 2006, eq. 6.26)."""
+"""ε of the SR1 skip rule: a pair is dropped when |sᵀ(y − Bs)| ≤ ε |s| |y − Bs| (Nocedal & Wright 2006, eq. 6.26)."""
 CONDITIONING = 1e12
 """The largest condition number of M that the pairs held may give before the oldest are dropped."""
 INITIAL_RULES = ("ratio", "pencil")
@@ -56,6 +57,7 @@ class FlatSR1(FlatSCG):
         memory: m, the pairs held.
         lambd: λ₁, as the library's.
         decrease: the divisor of λ after a good step (the library's secant mode: 2).
+        initial: b₀'s rule, ``"ratio"`` (1/γ) or ``"pencil"`` (0.9 θ_min of (D + L + Lᵀ, SᵀS)).
     """
 
     def __init__(
@@ -80,7 +82,6 @@ class FlatSR1(FlatSCG):
         self.yy = np.zeros((memory, memory))  # yᵢᵀyⱼ
         self.skipped = 0
         self.dropped = 0
-        self.lambd_effective = lambd  # λ_e of the latest trial
 
     # --- the pairs and the compact SR1 model -------------------------------------------------------------------
 
@@ -93,10 +94,12 @@ class FlatSR1(FlatSCG):
         self.held_steps[row], self.held_changes[row] = step, change
         self.slots.append(row)
         held = self.slots
-        s_against = (self.held_steps[held] @ step).double().cpu().numpy()  # sᵢᵀs
-        y_against = (self.held_changes[held] @ step).double().cpu().numpy()  # yᵢᵀs
-        s_change = (self.held_steps[held] @ change).double().cpu().numpy()  # sᵢᵀy
-        y_change = (self.held_changes[held] @ change).double().cpu().numpy()  # yᵢᵀy
+        steps, changes = self.held_steps[held].double(), self.held_changes[held].double()  # float64 products
+        step64, change64 = step.double(), change.double()
+        s_against = (steps @ step64).cpu().numpy()  # sᵢᵀs
+        y_against = (changes @ step64).cpu().numpy()  # yᵢᵀs
+        s_change = (steps @ change64).cpu().numpy()  # sᵢᵀy
+        y_change = (changes @ change64).cpu().numpy()  # yᵢᵀy
         self.ss[held, row] = self.ss[row, held] = s_against
         self.yy[held, row] = self.yy[row, held] = y_change
         self.sy[held, row] = s_change  # sᵢᵀy, column of the new y
@@ -108,20 +111,24 @@ class FlatSR1(FlatSCG):
         rank-one update (y − Bs)(y − Bs)ᵀ / sᵀ(y − Bs) is undefined or unbounded."""
         return abs(float(step @ residual)) > SKIP * float(step.norm() * residual.norm())
 
-    def initial_curvature(self, r: torch.Tensor) -> float:
-        """b₀ of B₀ = b₀I: 1/γ with the library's γ = maxᵢ sᵢᵀyᵢ / yᵢᵀyᵢ over the pairs with sᵢᵀyᵢ > 0 (the smallest
-        |yᵢ|² / |sᵢᵀyᵢ| when none has); max(1, |r|₁) before any pair."""
+    def initial_curvature(self, r: torch.Tensor) -> tuple[float, bool]:
+        """b₀ of B₀ = b₀I, and whether it makes B ⪰ b₀I ≻ 0 by construction.
+
+        ``initial="pencil"`` with θ_min > 0: b₀ = 0.9 θ_min (:meth:`pencil_smallest`), and then M ≻ 0, so B ⪰ b₀I.
+        Otherwise 1/γ with the library's γ = maxᵢ sᵢᵀyᵢ / yᵢᵀyᵢ over the pairs with sᵢᵀyᵢ > 0 (the smallest
+        |yᵢ|² / |sᵢᵀyᵢ| when none has); max(1, |r|₁) before any pair (certified: B = b₀I) or when every sᵢᵀyᵢ is 0.
+        """
         if not self.slots:
-            return max(1.0, float(r.abs().sum()))
+            return max(1.0, float(r.abs().sum())), True
         if self.initial == "pencil":
             smallest = self.pencil_smallest()
             if smallest > 0.0:
-                return PENCIL_FRACTION * smallest
+                return PENCIL_FRACTION * smallest, True
         curvatures = [self.yy[i, i] / self.sy[i, i] for i in self.slots if self.sy[i, i] > 0.0]
         if curvatures:
-            return float(min(curvatures))
+            return float(min(curvatures)), False
         others = [self.yy[i, i] / abs(self.sy[i, i]) for i in self.slots if self.sy[i, i] != 0.0]
-        return float(min(others)) if others else max(1.0, float(r.abs().sum()))
+        return (float(min(others)), False) if others else (max(1.0, float(r.abs().sum())), False)
 
     def pencil_smallest(self) -> float:
         """The smallest eigenvalue θ of (D + L + Lᵀ) u = θ SᵀS u over the pairs held: below it, M = D + L + Lᵀ − b₀SᵀS
@@ -137,18 +144,25 @@ class FlatSR1(FlatSCG):
         pencil = whitening.T @ symmetric_part @ whitening
         return float(np.linalg.eigvalsh(0.5 * (pencil + pencil.T)).min())
 
-    def model(self, b0: float) -> tuple[np.ndarray, np.ndarray]:
-        """M = D + L + Lᵀ − b₀SᵀS and ΨᵀΨ = YᵀY − b₀(SᵀY + YᵀS) + b₀²SᵀS over the pairs held, in time order; the
-        oldest pairs are dropped first while M is singular or worse conditioned than ``CONDITIONING``."""
+    def middle_and_gram(self, b0: float) -> tuple[np.ndarray, np.ndarray]:
+        """M = D + L + Lᵀ − b₀SᵀS and ΨᵀΨ = YᵀY − b₀(SᵀY + YᵀS) + b₀²SᵀS over the pairs held, in time order."""
+        order = np.array(self.slots, dtype=np.intp)
+        sy = self.sy[np.ix_(order, order)]
+        ss = self.ss[np.ix_(order, order)]
+        lower = np.tril(sy, -1)
+        middle = np.diag(np.diag(sy)) + lower + lower.T - b0 * ss
+        gram = self.yy[np.ix_(order, order)] - b0 * (sy + sy.T) + b0 * b0 * ss
+        return middle, gram
+
+    def fitted_model(self, r: torch.Tensor) -> tuple[float, bool, np.ndarray, np.ndarray]:
+        """b₀ and whether it certifies B ⪰ b₀I (:meth:`initial_curvature`), M and ΨᵀΨ of the pairs held, after the
+        oldest pairs are dropped while M is singular or worse conditioned than ``CONDITIONING`` (b₀ formed afresh
+        after each drop)."""
         while True:
-            order = np.array(self.slots, dtype=np.intp)
-            sy = self.sy[np.ix_(order, order)]
-            ss = self.ss[np.ix_(order, order)]
-            lower = np.tril(sy, -1)
-            middle = np.diag(np.diag(sy)) + lower + lower.T - b0 * ss
+            b0, certified = self.initial_curvature(r)
+            middle, gram = self.middle_and_gram(b0)
             if not self.slots or np.linalg.cond(middle) <= CONDITIONING:
-                gram = self.yy[np.ix_(order, order)] - b0 * (sy + sy.T) + b0 * b0 * ss
-                return middle, gram
+                return b0, certified, middle, gram
             self.slots.pop(0)
             self.dropped += 1
 
@@ -179,8 +193,8 @@ class FlatSR1(FlatSCG):
         return (r - (changes.T @ z - b0 * (steps.T @ z))) / c
 
     def dense_model(self, b0: float) -> torch.Tensor:
-        """B as an n × n matrix (for the tests: small n only)."""
-        middle, _ = self.model(b0)
+        """B as an n × n matrix over the pairs held, none dropped (for the tests: small n only)."""
+        middle, _ = self.middle_and_gram(b0)
         steps, changes = self.held_steps[self.slots].double(), self.held_changes[self.slots].double()
         psi = (changes - b0 * steps).T
         n = steps.shape[1]
@@ -198,21 +212,20 @@ class FlatSR1(FlatSCG):
             self.r = -gradient
             self.started = True
         r, w = self.r, self._flat()
-        b0 = self.initial_curvature(r)
-        middle, gram = self.model(b0)
-        smallest = self.smallest_eigenvalue(b0, middle, gram)
-        lambd = max(self.lambd, -INDEFINITE_MARGIN * smallest) if smallest < 0.0 else self.lambd
-        p = self.damped_direction(r, b0, lambd, middle, gram)
+        b0, certified, middle, gram = self.fitted_model(r)
+        # λ_min(B): B ⪰ b₀I where b₀ certifies it (there the eigenproblem would only add rounding)
+        smallest = b0 if certified else self.smallest_eigenvalue(b0, middle, gram)
+        lambd_e = max(self.lambd, -INDEFINITE_MARGIN * smallest) if smallest < 0.0 else self.lambd
+        p = self.damped_direction(r, b0, lambd_e, middle, gram)
         mu, p_sq = float(p @ r), float(p @ p)
         if not (mu > 0.0 and math.isfinite(mu)):  # rounding in the k × k algebra: start again from B₀
             self.slots.clear()
-            b0 = self.initial_curvature(r)
-            lambd = self.lambd
-            p = r / (b0 + lambd)
+            b0, _ = self.initial_curvature(r)
+            smallest, lambd_e = b0, self.lambd
+            p = r / (b0 + lambd_e)
             mu, p_sq = float(p @ r), float(p @ p)
             if not mu > 0.0:  # r = 0: a stationary point, where the step leaves w as it is
                 return self.loss
-        self.lambd_effective = lambd
         self._set(w + p)
         trial_loss, trial_gradient = self._evaluate_trial(closure)
         finite = math.isfinite(trial_loss) and (trial_gradient is None or bool(torch.isfinite(trial_gradient).all()))
@@ -222,7 +235,7 @@ class FlatSR1(FlatSCG):
         if finite and trial_gradient is not None and comparison >= 0.0:
             new_r = -trial_gradient
             change = r - new_r  # y
-            residual = lambd * p - new_r  # y − Bs, with Bs = r − λ_e s
+            residual = lambd_e * p - new_r  # y − Bs, with Bs = r − λ_e s
             if self.informative(p, residual):
                 self.push(p, change)
             else:
@@ -235,14 +248,15 @@ class FlatSR1(FlatSCG):
             self.rejected += 1
         effective = comparison if finite else -2.0
         if effective < 0.25:  # Møller's raise, from the λ_e this trial used, with δ = μ
-            trust = min(lambd + mu * (1.0 - effective) / p_sq, 1e100)
+            trust = min(lambd_e + mu * (1.0 - effective) / p_sq, 1e100)
         if self.log is not None:
             self.log.append(
                 dict(
                     mu=mu,
                     p_sq=p_sq,
                     comparison=comparison,
-                    lambd=lambd,
+                    lambd=lambd_e,
+                    next_lambd=trust,
                     b0=b0,
                     smallest=smallest,
                     trial_loss=trial_loss,

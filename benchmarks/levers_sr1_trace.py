@@ -1,8 +1,8 @@
 """Lever 67's L-SR1 variant step by step on one problem of the race: what its model does after each pair.
 
 Prints, for each of the first steps of ``FlatSR1`` (``benchmarks/levers_sr1.py``) on the problem's full-batch objective
-at the race's initial weights: μ = pᵀr, |p|², Δ, the λ_e the trial used, b₀, λ_min(B), the trial's loss, the loss
-held and the pairs held.
+at the race's initial weights: μ = pᵀr, |p|², Δ, the λ_e the trial used, b₀, λ_min(B) (b₀ itself where b₀ certifies
+B ⪰ b₀I), the trial's loss, the loss held and the pairs held after the step. Steps count from 0.
 
 Usage:
     python benchmarks/levers_sr1_trace.py                           # MNIST, seed 0, b₀ = 1/γ, 30 steps
@@ -48,9 +48,9 @@ def main(argv: list[str] | None = None) -> int:
     )
     name = f"FlatSR1(memory={arguments.memory}, initial={arguments.initial!r})"
     print(f"{name} on {arguments.problem}, seed {arguments.seed}")
-    print(f"{'step':>4} " + " ".join(f"{name:>11}" for name in COLUMNS) + "  pairs")
+    print(f"{'step':>4} " + " ".join(f"{column:>11}" for column in COLUMNS) + "  pairs")
     for step, entry in enumerate(log):
-        print(f"{step:>4} " + " ".join(f"{entry[name]:>11.3g}" for name in COLUMNS) + f"  {entry['pairs']:>5}")
+        print(f"{step:>4} " + " ".join(f"{entry[column]:>11.3g}" for column in COLUMNS) + f"  {entry['pairs']:>5}")
     return 0
 
 

@@ -70,9 +70,10 @@ clearly win (issue #14), written on one flat vector so that each differs from th
   2006), where sᵀy is the curvature averaged over the step; θ is clipped to θ ≥ (c − 1) sᵀy, so that sᵀỹ ≥ c sᵀy
   (a pair with sᵀy ≤ 0 is left as it is, and dropped by the pairs as the library's); free: E(w₊) is the trial's loss;
 * ``log_loss=True`` (lever 69): the variant minimises log E(w) in place of E(w) — the same minimisers where E > 0, the
-  same accepted steps' order (log is increasing), gradient ∇E / E at no pass — so that a cross-entropy whose
+  same accept test (log E₊ ≤ log E exactly when E₊ ≤ E), gradient ∇E / E at no pass — so that a cross-entropy whose
   decrease is geometric late in a run (E ≈ Σ exp(−margin)) looks to the secant model like a function of slowly
-  changing slope; ``reported_loss`` gives E back;
+  changing slope; ``reported_loss`` gives E back (``log``'s losses are log E); not with Hessian products
+  (``curvature="hvp"``, ``nystrom_rank``: they are E's) nor the probed first step (it fits E);
 * ``loss_first`` (lever 12): as the library, a trial whose loss rose is rejected without its gradient, so that a
   run that defers the backward (``Run.value_then_grad`` over one batch) charges it the forward alone; only where no
   rule of the variant reads a rejected trial's gradient (False: every trial a gradient pass, as the tables measured
@@ -387,8 +388,11 @@ class FlatSCG:
         if value_secant is not None and powell_damping:
             raise ValueError("value_secant and powell_damping each rewrite y: not both")
         self.value_secant = value_secant  # c of the function-value secant pair (lever 68; None: off)
-        if log_loss and first_step == "probe":
-            raise ValueError("the probed first step fits E itself: not with log_loss")
+        if log_loss and (first_step == "probe" or curvature == "hvp" or nystrom_rank):
+            raise ValueError(
+                "log_loss minimises log E: not with the probed first step or Hessian products "
+                "(curvature 'hvp', nystrom_rank), which are E's"
+            )
         self.log_loss = log_loss  # minimise log E (lever 69)
         if secant_diagonal is not None and (nystrom_rank or diagonal_beta is not None or first_step == "diagonal"):
             raise ValueError(
@@ -483,9 +487,15 @@ class FlatSCG:
 
     def _objective(self, loss: float) -> float:
         """What the variant minimises at a point whose closure returned ``loss``: E, or log E (``log_loss``; −∞ at
-        E = 0, NaN below)."""
+        E = 0; NaN for a NaN E, which rejects a trial).
+
+        Raises:
+            ValueError: ``log_loss`` and a negative E, whose logarithm is not defined.
+        """
         if not self.log_loss:
             return loss
+        if loss < 0.0:
+            raise ValueError(f"log_loss needs E ≥ 0, and the closure returned {loss}")
         return math.log(loss) if loss > 0.0 else (-math.inf if loss == 0.0 else math.nan)
 
     @property

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import sys
 from pathlib import Path
 
@@ -12,7 +13,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from levers_sr1 import FlatSR1  # noqa: E402
-from test_levers_variants import CountingClosure  # noqa: E402
+from test_levers_variants import CountingClosure, LossFirstClosure  # noqa: E402
 
 
 class Quadratic:
@@ -48,8 +49,10 @@ def test_the_compact_model_is_the_sr1_matrix_its_smallest_eigenvalue_and_its_dam
     the dense B; and p = (B + λI)⁻¹ r by Woodbury against a dense solve — on a model whose B is indefinite."""
     optimizer = trained(CountingClosure(1), steps=12)
     assert len(optimizer.slots) == 5
-    b0 = optimizer.initial_curvature(optimizer.r)
-    middle, gram = optimizer.model(b0)
+    assert 12 - optimizer.rejected - optimizer.skipped > 5  # more pushes than rows: the rows were reused
+    b0, certified = optimizer.initial_curvature(optimizer.r)
+    assert not certified
+    middle, gram = optimizer.middle_and_gram(b0)
     steps = optimizer.held_steps[optimizer.slots]
     changes = optimizer.held_changes[optimizer.slots]
     # SR1 built densely, one pair at a time from B₀ = b₀I, in time order (Nocedal & Wright 2006, eq. 6.24).
@@ -74,7 +77,7 @@ def test_on_a_quadratic_the_model_meets_every_secant_pair_held():
     for _ in range(5):
         optimizer.step(quadratic)
     assert len(optimizer.slots) >= 3
-    b0 = optimizer.initial_curvature(optimizer.r)
+    b0, _ = optimizer.initial_curvature(optimizer.r)
     model = optimizer.dense_model(b0)
     for row in optimizer.slots:
         s, y = optimizer.held_steps[row], optimizer.held_changes[row]
@@ -170,10 +173,37 @@ def test_an_ill_conditioned_middle_matrix_drops_the_oldest_pairs():
     y = quadratic.matrix @ s
     optimizer.push(s, y)
     optimizer.push(s, y)
-    middle, _ = optimizer.model(optimizer.initial_curvature(s))
+    _, _, middle, _ = optimizer.fitted_model(s)
     assert middle.shape == (1, 1)
     assert optimizer.dropped == 1
     assert np.isfinite(middle).all()
+
+
+def test_the_oldest_pair_is_the_one_dropped():
+    """(s, y) then (2s, 2y): M is singular, and the pair kept is the newer one."""
+    quadratic = Quadratic([1.0, 2.0, 5.0], seed=6)
+    optimizer = FlatSR1([quadratic.weights], memory=3)
+    s = torch.tensor([1.0, 0.5, 0.0], dtype=torch.float64)
+    optimizer.push(s, quadratic.matrix @ s)
+    optimizer.push(2 * s, quadratic.matrix @ (2 * s))
+    optimizer.fitted_model(s)
+    assert optimizer.dropped == 1
+    assert torch.equal(optimizer.held_steps[optimizer.slots[0]], 2 * s)
+
+
+def test_the_ratio_b0_is_the_largest_curvature_ratio_inverted():
+    """``initial="ratio"``: b₀ = 1/γ = minᵢ yᵢᵀyᵢ / sᵢᵀyᵢ, not certified; max(1, |r|₁) before any pair, certified."""
+    quadratic = Quadratic([1.0, 2.0, 5.0], seed=9)
+    optimizer = FlatSR1([quadratic.weights], memory=3)
+    r = torch.tensor([3.0, -1.0, 0.5], dtype=torch.float64)
+    assert optimizer.initial_curvature(r) == (4.5, True)
+    first, second = (
+        torch.tensor([1.0, 0.0, 0.0], dtype=torch.float64),
+        torch.tensor([0.0, 1.0, 0.0], dtype=torch.float64),
+    )
+    optimizer.push(first, torch.tensor([2.0, 1.0, 0.0], dtype=torch.float64))  # yᵀy / sᵀy = 5 / 2
+    optimizer.push(second, torch.tensor([0.0, 4.0, 0.0], dtype=torch.float64))  # 16 / 4
+    assert optimizer.initial_curvature(r) == (2.5, False)
 
 
 def test_b0_below_the_pencil_makes_the_model_positive_definite():
@@ -191,9 +221,10 @@ def test_b0_below_the_pencil_makes_the_model_positive_definite():
     symmetric_part = np.diag(np.diag(products)) + lower + lower.T
     theta = scipy_linalg.eigh(symmetric_part, (steps @ steps.T).numpy(), eigvals_only=True).min()
     assert theta > 0.0
-    b0 = optimizer.initial_curvature(optimizer.r)
+    b0, certified = optimizer.initial_curvature(optimizer.r)
+    assert certified
     assert b0 == pytest.approx(0.9 * theta, rel=1e-8)
-    middle, _ = optimizer.model(b0)
+    middle, _ = optimizer.middle_and_gram(b0)
     assert np.linalg.eigvalsh(middle).min() > 0.0
     assert float(torch.linalg.eigvalsh(optimizer.dense_model(b0)).min()) >= b0 * (1 - 1e-9)
 
@@ -218,3 +249,85 @@ def test_the_trace_script_prints_each_step_of_the_variant(monkeypatch, capsys):
     assert [row[0] for row in rows] == ["0", "1", "2"]
     b0, smallest = float(rows[1][5]), float(rows[1][6])
     assert abs(smallest) <= 1e-6 * b0
+
+
+def test_the_pencil_uses_the_lower_triangle_of_the_products_on_a_loss_that_is_not_quadratic():
+    """Off a quadratic SᵀY is not symmetric, so D + L + Lᵀ (sᵢᵀyⱼ for i newer than j) differs from D + U + Uᵀ."""
+    scipy_linalg = pytest.importorskip("scipy.linalg")
+    closure = CountingClosure(2)
+    optimizer = FlatSR1(list(closure.model.parameters()), memory=4, initial="pencil")
+    for _ in range(8):
+        optimizer.step(closure)
+    steps, changes = optimizer.held_steps[optimizer.slots], optimizer.held_changes[optimizer.slots]
+    products = (steps @ changes.T).numpy()
+    assert not np.allclose(products, products.T, rtol=1e-3)
+    lower, upper = np.tril(products, -1), np.triu(products, 1)
+    gram = (steps @ steps.T).numpy()
+    expected = scipy_linalg.eigh(np.diag(np.diag(products)) + lower + lower.T, gram, eigvals_only=True).min()
+    other = scipy_linalg.eigh(np.diag(np.diag(products)) + upper + upper.T, gram, eigvals_only=True).min()
+    assert optimizer.pencil_smallest() == pytest.approx(expected, rel=1e-6)
+    assert expected != pytest.approx(other, rel=1e-3)
+
+
+def test_the_skip_rule_is_handed_y_minus_b_s():
+    """The free residual λ_e s − r₊ is y − Bs for the B the step solved with, (B + λ_e I)s = r."""
+    closure = CountingClosure(0)
+    optimizer = FlatSR1(list(closure.model.parameters()), memory=4)
+    optimizer.step(closure)
+    checked = 0
+    for _ in range(10):
+        r = optimizer.r.clone()
+        b0, _, _, _ = optimizer.fitted_model(r)
+        model = optimizer.dense_model(b0)
+        handed = []
+        original = FlatSR1.informative
+
+        def recording(step, residual, handed=handed, original=original):
+            handed.append((step.clone(), residual.clone()))
+            return original(step, residual)
+
+        optimizer.informative = recording
+        optimizer.step(closure)
+        del optimizer.informative
+        if handed:
+            (step, residual), new_r = handed[0], optimizer.r
+            torch.testing.assert_close(residual, (r - new_r) - model @ step, rtol=1e-7, atol=1e-10)
+            checked += 1
+    assert checked >= 5
+
+
+def test_lambda_is_halved_after_a_good_step_and_raised_from_lambda_e_after_a_poor_one():
+    closure = CountingClosure(0)
+    optimizer = trained(closure, steps=0)
+    optimizer.log = []
+    for _ in range(40):
+        optimizer.step(closure)
+    trust = 5e-7
+    kinds = set()
+    for entry in optimizer.log:
+        comparison = entry["comparison"] if math.isfinite(entry["comparison"]) else -2.0
+        assert entry["lambd"] >= trust  # λ_e ≥ λ
+        if comparison < 0.25:
+            expected = min(entry["lambd"] + entry["mu"] * (1.0 - comparison) / entry["p_sq"], 1e100)
+            kinds.add("raised")
+        elif comparison >= 0.75:
+            expected = trust / 2.0
+            kinds.add("halved")
+        else:
+            expected = trust
+            kinds.add("kept")
+        assert entry["next_lambd"] == pytest.approx(expected, rel=1e-12)
+        trust = entry["next_lambd"]
+    assert {"raised", "halved"} <= kinds
+
+
+def test_a_trial_rejected_on_its_loss_costs_no_backward_and_the_steps_are_the_same():
+    """FlatSR1 always defers the backward where the run allows it: the same trajectory, fewer gradient passes."""
+    full, loss_first = CountingClosure(seed=1), LossFirstClosure(seed=1)
+    optimizers = [FlatSR1(list(c.model.parameters()), memory=5) for c in (full, loss_first)]
+    losses = [[o.step(c) for _ in range(40)] for o, c in zip(optimizers, (full, loss_first))]
+    assert losses[0] == losses[1]
+    rejected = optimizers[1].rejected
+    assert rejected > 0 and optimizers[0].rejected == rejected
+    assert loss_first.forwards == full.passes - 1
+    assert loss_first.passes == full.passes - rejected

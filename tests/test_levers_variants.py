@@ -692,6 +692,30 @@ def test_log_loss_minimises_log_e_with_gradient_over_e_and_reports_e():
     assert reported[-1] < reported[0]
 
 
-def test_log_loss_refuses_the_probed_first_step():
+def test_log_loss_rejects_on_log_e_and_defers_the_backward_as_the_full_run_steps():
+    """The race's path: a loss-first run (``_completed_trial``) takes the same steps in log space as a full one, and
+    skips the backward of the trials its loss rejects."""
+    full, loss_first = CountingClosure(seed=1), LossFirstClosure(seed=1)
+    variants = [
+        FlatSCG(list(c.model.parameters()), memory=5, gamma_scale=3.0, log_loss=True, loss_first=True)
+        for c in (full, loss_first)
+    ]
+    losses = [[variant.step(closure) for _ in range(40)] for variant, closure in zip(variants, (full, loss_first))]
+    assert losses[0] == losses[1]
+    torch.testing.assert_close(variants[0].r, variants[1].r, rtol=0, atol=0)
+    rejected = variants[1].rejected
+    assert rejected > 0 and variants[0].rejected == rejected
+    assert loss_first.passes == full.passes - rejected
+
+
+@pytest.mark.parametrize("options", [{"first_step": "probe"}, {"curvature": "hvp"}, {"nystrom_rank": 2}])
+def test_log_loss_refuses_what_reads_e_itself(options):
     with pytest.raises(ValueError, match="log_loss"):
-        FlatSCG([torch.zeros(2, dtype=torch.float64)], memory=3, log_loss=True, first_step="probe")
+        FlatSCG([torch.zeros(2, dtype=torch.float64)], memory=3, log_loss=True, **options)
+
+
+def test_log_loss_refuses_a_negative_loss():
+    variant = FlatSCG([torch.zeros(2, dtype=torch.float64)], memory=3, log_loss=True)
+    with pytest.raises(ValueError, match="E ≥ 0"):
+        variant._objective(-1.0)
+    assert variant._objective(0.0) == -math.inf
