@@ -201,6 +201,11 @@ def passes_rows() -> dict[str, Row]:
         "diagonal H₀ β=0.99, v^¼, log E": flat_variant(
             diagonal_beta=0.99, diagonal_power=0.25, log_loss=True, loss_first=True
         ),
+        "two-step pairs, loss first": flat_variant(multistep=True, loss_first=True),
+        "two-step pairs, m=40, loss first": flat_variant(memory=40, multistep=True, loss_first=True),
+        "diagonal H₀ β=0.99, v^¼, two-step pairs": flat_variant(
+            diagonal_beta=0.99, diagonal_power=0.25, multistep=True, loss_first=True
+        ),
         "L-SR1 m=20, loss first": flat_variant(FlatSR1),
         "L-SR1 m=40, loss first": flat_variant(FlatSR1, memory=40),
         "L-SR1 m=20, b₀ below the pencil, loss first": flat_variant(FlatSR1, initial="pencil"),

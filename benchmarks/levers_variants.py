@@ -69,6 +69,11 @@ clearly win (issue #14), written on one flat vector so that each differs from th
   exactly where E is cubic along s (the function-value secant equation of Zhang, Deng & Chen 1999; Wei, Li & Qi
   2006), where sᵀy is the curvature averaged over the step; θ is clipped to θ ≥ (c − 1) sᵀy, so that sᵀỹ ≥ c sᵀy
   (a pair with sᵀy ≤ 0 is left as it is, and dropped by the pairs as the library's); free: E(w₊) is the trial's loss;
+* ``multistep=True`` (lever 70): an accepted step's pair is the two-step pair (r, w) = (s − δ s₋, y − δ y₋) of Ford &
+  Moghrabi (1994), the derivatives at the newest point of the quadratic curves through the last three iterates and
+  their gradients, with δ = α² / (1 + 2α), α = |s| / |s₋| (their "accumulative" parametrisation by the steps'
+  lengths), s₋, y₋ the previous accepted step's plain pair; (s, y) itself for the first pair, after the pairs were
+  cleared, or where rᵀw ≤ 10⁻¹⁰ wᵀw; free: every number is already held;
 * ``log_loss=True`` (lever 69): the variant minimises log E(w) in place of E(w) — the same minimisers where E > 0, the
   same accept test (log E₊ ≤ log E exactly when E₊ ≤ E), gradient ∇E / E at no pass — so that a cross-entropy whose
   decrease is geometric late in a run (E ≈ Σ exp(−margin)) looks to the secant model like a function of slowly
@@ -360,6 +365,7 @@ class FlatSCG:
         powell_damping: float = 0.0,
         value_secant: float | None = None,
         log_loss: bool = False,
+        multistep: bool = False,
         sigma: float = 5e-5,
         lambd: float = 5e-7,
     ) -> None:
@@ -394,6 +400,10 @@ class FlatSCG:
                 "(curvature 'hvp', nystrom_rank), which are E's"
             )
         self.log_loss = log_loss  # minimise log E (lever 69)
+        if multistep and (powell_damping or value_secant is not None):
+            raise ValueError("multistep rewrites the pair: not with powell_damping or value_secant")
+        self.multistep = multistep  # Ford & Moghrabi's two-step pair (lever 70)
+        self.previous_pair: tuple[torch.Tensor, torch.Tensor] | None = None  # s₋, y₋ (multistep)
         if secant_diagonal is not None and (nystrom_rank or diagonal_beta is not None or first_step == "diagonal"):
             raise ValueError(
                 "secant_diagonal is an H₀ of its own: not with nystrom_rank, diagonal_beta or first_step 'diagonal'"
@@ -555,6 +565,19 @@ class FlatSCG:
         theta = max(theta, (self.value_secant - 1.0) * step_change)
         return change + (theta / float(step @ step)) * step
 
+    def _two_step_pair(self, step: torch.Tensor, change: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(r, w) = (s − δ s₋, y − δ y₋), δ = α² / (1 + 2α), α = |s| / |s₋| (Ford & Moghrabi 1994); (s, y) with no
+        previous pair or where rᵀw ≤ 10⁻¹⁰ wᵀw."""
+        if self.previous_pair is None:
+            return step, change
+        previous_step, previous_change = self.previous_pair
+        ratio = float(step.norm()) / float(previous_step.norm())
+        delta = ratio * ratio / (1.0 + 2.0 * ratio)
+        two_step, two_change = step - delta * previous_step, change - delta * previous_change
+        if not float(two_step @ two_change) > 1e-10 * float(two_change @ two_change):
+            return step, change
+        return two_step, two_change
+
     def _keeps(self, step: torch.Tensor, change: torch.Tensor) -> bool:
         """The variant's extra curvature condition sᵀy > angle · |s||y| (the library's is checked by ``push``)."""
         return self.angle == 0.0 or float(step @ change) > self.angle * float(step.norm() * change.norm())
@@ -578,6 +601,7 @@ class FlatSCG:
         mu, p_sq = float(p @ r), float(p @ p)
         if mu <= 0.0:
             self.pairs.clear()
+            self.previous_pair = None
             self.p = p = self.z = r.clone()
             mu, p_sq, self.success, self.lambd_bar = float(r @ r), float(r @ r), True, 0.0
             self.retry_alpha = None
@@ -626,13 +650,18 @@ class FlatSCG:
                 change = self._damped(step, change, alpha * r, alpha * alpha * mu)
             if self.value_secant is not None:
                 change = self._value_secant_change(step, change, r, new_r, trial_loss)
+            plain_pair = (step, change)
+            if self.multistep:
+                step, change = self._two_step_pair(step, change)
             if isinstance(self.pairs, DiagonalPairs):
                 self.pairs.observe(new_r)
             self.last_step_sq = alpha * alpha * p_sq
             if self._keeps(step, change):
                 self.pairs.push([step], [change])
+            self.previous_pair = plain_pair  # the next two-step pair reaches back to this step (multistep)
             if self.restart is not None and self.steps % self.restart == 0:
                 self.pairs.clear()
+                self.previous_pair = None
             if self.steps % self.nystrom_every == 0:
                 self._sketch(closure)  # at the accepted w + αp, which the parameters hold
             new_z = self._precondition(new_r)

@@ -719,3 +719,67 @@ def test_log_loss_refuses_a_negative_loss():
     with pytest.raises(ValueError, match="E ≥ 0"):
         variant._objective(-1.0)
     assert variant._objective(0.0) == -math.inf
+
+
+def test_the_two_step_pair_is_ford_and_moghrabis_and_a_secant_pair_of_a_quadratic():
+    # On a quadratic y = As for every step, so w = y − δy₋ = A(s − δs₋) = Ar: the two-step pair is a secant pair too.
+    generator = torch.Generator().manual_seed(5)
+    basis, _ = torch.linalg.qr(torch.randn(5, 5, generator=generator, dtype=torch.float64))
+    matrix = basis @ torch.diag(torch.tensor([0.5, 1.0, 2.0, 4.0, 9.0], dtype=torch.float64)) @ basis.T
+    variant = FlatSCG([torch.zeros(5, dtype=torch.float64)], memory=3, multistep=True)
+    previous, step = (torch.randn(5, generator=generator, dtype=torch.float64) for _ in range(2))
+    step = 0.3 * step
+    plain = variant._two_step_pair(step, matrix @ step)  # no previous pair yet
+    assert plain[0] is step
+    variant.previous_pair = (previous, matrix @ previous)
+    two_step, two_change = variant._two_step_pair(step, matrix @ step)
+    ratio = float(step.norm() / previous.norm())
+    delta = ratio**2 / (1 + 2 * ratio)
+    torch.testing.assert_close(two_step, step - delta * previous)
+    torch.testing.assert_close(two_change, matrix @ two_step)
+    # s₋ = −s (α = 1, δ = ⅓) and y₋ = 6As: r = (4/3)s, w = −As, rᵀw < 0: the plain pair is kept.
+    variant.previous_pair = (-step, 6.0 * (matrix @ step))
+    kept_step, kept_change = variant._two_step_pair(step, matrix @ step)
+    assert kept_step is step
+
+
+def test_the_step_pushes_two_step_pairs_and_forgets_the_previous_step_at_a_restart():
+    closure = CountingClosure()
+    variant = FlatSCG(list(closure.model.parameters()), memory=5, multistep=True, loss_first=True, restart=6)
+    variant.step(closure)
+    previous = variant.previous_pair  # the first step's plain pair (its start is not at hand here)
+    assert previous is not None
+    two_step_pushes = 0
+    for _ in range(14):
+        w, r, loss = variant._flat(), variant.r.clone(), variant.loss
+        held_before = list(variant.pairs.slots)
+        variant.step(closure)
+        if variant.loss == loss:
+            continue
+        step, change = variant._flat() - w, r - variant.r
+        restarted = variant.steps % 6 == 0
+        if not restarted and variant.pairs.slots != held_before:
+            (block,) = variant.pairs.blocks
+            newest = variant.pairs.slots[-1]
+            expected_step, expected_change = step, change
+            if previous is not None:
+                ratio = float(step.norm() / previous[0].norm())
+                delta = ratio**2 / (1 + 2 * ratio)
+                candidate = (step - delta * previous[0], change - delta * previous[1])
+                if float(candidate[0] @ candidate[1]) > 1e-10 * float(candidate[1] @ candidate[1]):
+                    expected_step, expected_change = candidate
+                    two_step_pushes += 1
+            torch.testing.assert_close(block[0, newest], expected_step, rtol=1e-9, atol=1e-12)
+            torch.testing.assert_close(block[1, newest], expected_change, rtol=1e-9, atol=1e-12)
+        previous = None if restarted else (step, change)
+        assert (variant.previous_pair is None) == restarted
+        if not restarted:
+            torch.testing.assert_close(variant.previous_pair[0], step, rtol=1e-9, atol=1e-12)
+            torch.testing.assert_close(variant.previous_pair[1], change, rtol=1e-9, atol=1e-12)
+    assert two_step_pushes >= 5
+
+
+def test_multistep_refuses_another_rewrite_of_the_pair():
+    for options in ({"powell_damping": 0.2}, {"value_secant": 0.1}):
+        with pytest.raises(ValueError, match="multistep"):
+            FlatSCG([torch.zeros(2, dtype=torch.float64)], memory=3, multistep=True, **options)
