@@ -69,16 +69,18 @@ clearly win (issue #14), written on one flat vector so that each differs from th
   exactly where E is cubic along s (the function-value secant equation of Zhang, Deng & Chen 1999; Wei, Li & Qi
   2006), where sᵀy is the curvature averaged over the step; θ is clipped to θ ≥ (c − 1) sᵀy, so that sᵀỹ ≥ c sᵀy
   (a pair with sᵀy ≤ 0 is left as it is, and dropped by the pairs as the library's); free: E(w₊) is the trial's loss;
-* ``multistep=True`` (lever 70): an accepted step's pair is the two-step pair (r, w) = (s − δ s₋, y − δ y₋) of Ford &
-  Moghrabi (1994), the derivatives at the newest point of the quadratic curves through the last three iterates and
-  their gradients, with δ = α² / (1 + 2α), α = |s| / |s₋| (their "accumulative" parametrisation by the steps'
-  lengths), s₋, y₋ the previous accepted step's plain pair; (s, y) itself for the first pair, after the pairs were
-  cleared, or where rᵀw ≤ 10⁻¹⁰ wᵀw; free: every number is already held;
 * ``log_loss=True`` (lever 69): the variant minimises log E(w) in place of E(w) — the same minimisers where E > 0, the
   same accept test (log E₊ ≤ log E exactly when E₊ ≤ E), gradient ∇E / E at no pass — so that a cross-entropy whose
   decrease is geometric late in a run (E ≈ Σ exp(−margin)) looks to the secant model like a function of slowly
   changing slope; ``reported_loss`` gives E back (``log``'s losses are log E); not with Hessian products
   (``curvature="hvp"``, ``nystrom_rank``: they are E's) nor the probed first step (it fits E);
+* ``multistep=True`` (lever 70): an accepted step's pair is the two-step pair (ŝ, ŷ) = (s − ω s₋, y − ω y₋) of Ford &
+  Moghrabi (1994), the derivatives at the newest point of the quadratic curves through the last three iterates and
+  their gradients, with ω = α² / (1 + 2α), α = |s| / |s₋| (their "accumulative" parametrisation by the steps'
+  lengths), s₋, y₋ the previous accepted step's plain pair; (s, y) itself for the first pair, after the pairs were
+  cleared, after a zero step, or where ŝᵀŷ ≤ 10⁻¹⁰ ŷᵀŷ (``CURVATURE_CONDITION``); no pass, two more weight-sized
+  buffers (s₋, y₋); not with the other rewrites of the pair (``powell_damping``, ``value_secant``) nor with
+  ``reject_pairs``;
 * ``loss_first`` (lever 12): as the library, a trial whose loss rose is rejected without its gradient, so that a
   run that defers the backward (``Run.value_then_grad`` over one batch) charges it the forward alone; only where no
   rule of the variant reads a rejected trial's gradient (False: every trial a gradient pass, as the tables measured
@@ -107,7 +109,7 @@ from typing import Any
 
 import torch
 
-from moller_scg.quasi_newton import SecantPairs
+from moller_scg.quasi_newton import CURVATURE_CONDITION, SecantPairs
 from moller_scg.step_arithmetic import scaled_curvature
 
 RETRY_RULES = ("moller", "cubic-lambda", "interpolate", "interpolate-raise")
@@ -400,8 +402,8 @@ class FlatSCG:
                 "(curvature 'hvp', nystrom_rank), which are E's"
             )
         self.log_loss = log_loss  # minimise log E (lever 69)
-        if multistep and (powell_damping or value_secant is not None):
-            raise ValueError("multistep rewrites the pair: not with powell_damping or value_secant")
+        if multistep and (powell_damping or value_secant is not None or reject_pairs):
+            raise ValueError("multistep rewrites the pair: not with powell_damping, value_secant or reject_pairs")
         self.multistep = multistep  # Ford & Moghrabi's two-step pair (lever 70)
         self.previous_pair: tuple[torch.Tensor, torch.Tensor] | None = None  # s₋, y₋ (multistep)
         if secant_diagonal is not None and (nystrom_rank or diagonal_beta is not None or first_step == "diagonal"):
@@ -566,15 +568,18 @@ class FlatSCG:
         return change + (theta / float(step @ step)) * step
 
     def _two_step_pair(self, step: torch.Tensor, change: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """(r, w) = (s − δ s₋, y − δ y₋), δ = α² / (1 + 2α), α = |s| / |s₋| (Ford & Moghrabi 1994); (s, y) with no
-        previous pair or where rᵀw ≤ 10⁻¹⁰ wᵀw."""
+        """(ŝ, ŷ) = (s − ω s₋, y − ω y₋), ω = α² / (1 + 2α), α = |s| / |s₋| (Ford & Moghrabi 1994); (s, y) with no
+        previous pair, after a zero step s₋, or where ŝᵀŷ ≤ ``CURVATURE_CONDITION`` ŷᵀŷ."""
         if self.previous_pair is None:
             return step, change
         previous_step, previous_change = self.previous_pair
-        ratio = float(step.norm()) / float(previous_step.norm())
-        delta = ratio * ratio / (1.0 + 2.0 * ratio)
-        two_step, two_change = step - delta * previous_step, change - delta * previous_change
-        if not float(two_step @ two_change) > 1e-10 * float(two_change @ two_change):
+        previous_length = float(previous_step.norm())
+        if previous_length == 0.0:
+            return step, change
+        ratio = float(step.norm()) / previous_length
+        weight = ratio * ratio / (1.0 + 2.0 * ratio)  # ω
+        two_step, two_change = step - weight * previous_step, change - weight * previous_change
+        if not float(two_step @ two_change) > CURVATURE_CONDITION * float(two_change @ two_change):
             return step, change
         return two_step, two_change
 
@@ -658,7 +663,8 @@ class FlatSCG:
             self.last_step_sq = alpha * alpha * p_sq
             if self._keeps(step, change):
                 self.pairs.push([step], [change])
-            self.previous_pair = plain_pair  # the next two-step pair reaches back to this step (multistep)
+            if self.multistep:
+                self.previous_pair = plain_pair  # the next two-step pair reaches back to this step
             if self.restart is not None and self.steps % self.restart == 0:
                 self.pairs.clear()
                 self.previous_pair = None

@@ -734,27 +734,35 @@ def test_the_two_step_pair_is_ford_and_moghrabis_and_a_secant_pair_of_a_quadrati
     variant.previous_pair = (previous, matrix @ previous)
     two_step, two_change = variant._two_step_pair(step, matrix @ step)
     ratio = float(step.norm() / previous.norm())
-    delta = ratio**2 / (1 + 2 * ratio)
-    torch.testing.assert_close(two_step, step - delta * previous)
+    weight = ratio**2 / (1 + 2 * ratio)
+    torch.testing.assert_close(two_step, step - weight * previous)
     torch.testing.assert_close(two_change, matrix @ two_step)
-    # s₋ = −s (α = 1, δ = ⅓) and y₋ = 6As: r = (4/3)s, w = −As, rᵀw < 0: the plain pair is kept.
+    # s₋ = −s (α = 1, ω = ⅓) and y₋ = 6As: ŝ = (4/3)s, ŷ = −As, ŝᵀŷ < 0: the plain pair is kept.
     variant.previous_pair = (-step, 6.0 * (matrix @ step))
     kept_step, kept_change = variant._two_step_pair(step, matrix @ step)
     assert kept_step is step
+    variant.previous_pair = (torch.zeros(5, dtype=torch.float64), matrix @ step)
+    assert variant._two_step_pair(step, matrix @ step)[0] is step  # a zero s₋: the plain pair
 
 
 def test_the_step_pushes_two_step_pairs_and_forgets_the_previous_step_at_a_restart():
     closure = CountingClosure()
-    variant = FlatSCG(list(closure.model.parameters()), memory=5, multistep=True, loss_first=True, restart=6)
+    variant = FlatSCG(
+        list(closure.model.parameters()), memory=5, multistep=True, loss_first=True, restart=6, gamma_scale=3.0
+    )
     variant.step(closure)
     previous = variant.previous_pair  # the first step's plain pair (its start is not at hand here)
     assert previous is not None
-    two_step_pushes = 0
+    two_step_pushes = rejected = 0
     for _ in range(14):
         w, r, loss = variant._flat(), variant.r.clone(), variant.loss
         held_before = list(variant.pairs.slots)
         variant.step(closure)
-        if variant.loss == loss:
+        if variant.loss == loss:  # rejected: the previous step is still the last accepted one
+            assert variant.previous_pair is not None or previous is None
+            if previous is not None:
+                torch.testing.assert_close(variant.previous_pair[0], previous[0], rtol=1e-9, atol=1e-12)
+            rejected += 1
             continue
         step, change = variant._flat() - w, r - variant.r
         restarted = variant.steps % 6 == 0
@@ -777,9 +785,43 @@ def test_the_step_pushes_two_step_pairs_and_forgets_the_previous_step_at_a_resta
             torch.testing.assert_close(variant.previous_pair[0], step, rtol=1e-9, atol=1e-12)
             torch.testing.assert_close(variant.previous_pair[1], change, rtol=1e-9, atol=1e-12)
     assert two_step_pushes >= 5
+    assert rejected >= 1
+
+
+def test_a_fallback_to_the_gradient_forgets_the_previous_step():
+    # μ = pᵀr ≤ 0 clears the pairs and steps along r: the pair it leaves is plain, not reaching back across the clear.
+    closure = CountingClosure()
+    variant = FlatSCG(list(closure.model.parameters()), memory=5, multistep=True, loss_first=True)
+    for _ in range(4):
+        variant.step(closure)
+    assert variant.previous_pair is not None
+    variant.p = -variant.r  # μ < 0
+    w, r = variant._flat(), variant.r.clone()
+    seen = []
+    two_step_pair = variant._two_step_pair
+
+    def recording(step, change):
+        seen.append(variant.previous_pair)
+        return two_step_pair(step, change)
+
+    variant._two_step_pair = recording
+    variant.step(closure)
+    assert seen == [None]
+    assert len(variant.pairs) == 1  # the gradient step was accepted and its plain pair pushed
+    (block,) = variant.pairs.blocks
+    torch.testing.assert_close(block[0, variant.pairs.slots[-1]], variant._flat() - w, rtol=1e-9, atol=1e-12)
+    torch.testing.assert_close(block[1, variant.pairs.slots[-1]], r - variant.r, rtol=1e-9, atol=1e-12)
+
+
+def test_without_multistep_no_previous_step_is_kept():
+    closure = CountingClosure()
+    variant = FlatSCG(list(closure.model.parameters()), memory=5, loss_first=True)
+    for _ in range(5):
+        variant.step(closure)
+    assert variant.previous_pair is None
 
 
 def test_multistep_refuses_another_rewrite_of_the_pair():
-    for options in ({"powell_damping": 0.2}, {"value_secant": 0.1}):
+    for options in ({"powell_damping": 0.2}, {"value_secant": 0.1}, {"reject_pairs": True}):
         with pytest.raises(ValueError, match="multistep"):
             FlatSCG([torch.zeros(2, dtype=torch.float64)], memory=3, multistep=True, **options)
