@@ -60,9 +60,8 @@ def flat_variant(variant: type[FlatSCG] = FlatSCG, **options: Any) -> Row:
         run.extra["record_in_step"] = True
         while True:
             optimizer.step(run)
-            run.record(
-                optimizer.reported_loss, run.flat_params, at=run.evaluation_end
-            )  # timed as run_scg's points (lever 61)
+            # E at the weights held (the variant may minimise log E), timed as run_scg's points (lever 61)
+            run.record(optimizer.reported_loss, run.flat_params, at=run.evaluation_end)
             run.extra["scg_steps"] = optimizer.steps
             run.extra["scg_rejected"] = optimizer.rejected
 
