@@ -130,15 +130,20 @@ class FlatSR1(FlatSCG):
         others = [self.yy[i, i] / abs(self.sy[i, i]) for i in self.slots if self.sy[i, i] != 0.0]
         return (float(min(others)), False) if others else (max(1.0, float(r.abs().sum())), False)
 
+    def held_products(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """SᵀY, SᵀS and D + L + Lᵀ over the pairs held, in time order (SᵀY = L + D + U: L strictly lower, the
+        products sᵢᵀyⱼ of a newer sᵢ with an older yⱼ)."""
+        order = np.array(self.slots, dtype=np.intp)
+        sy = self.sy[np.ix_(order, order)]
+        lower = np.tril(sy, -1)
+        return sy, self.ss[np.ix_(order, order)], np.diag(np.diag(sy)) + lower + lower.T
+
     def pencil_smallest(self) -> float:
         """The smallest eigenvalue θ of (D + L + Lᵀ) u = θ SᵀS u over the pairs held: below it, M = D + L + Lᵀ − b₀SᵀS
         is positive definite and so is B ⪰ b₀I (over the range of SᵀS: eigenvalues below 10⁻¹² of its largest are
         dropped, as steps that are nearly parallel leave)."""
-        order = np.array(self.slots, dtype=np.intp)
-        sy = self.sy[np.ix_(order, order)]
-        lower = np.tril(sy, -1)
-        symmetric_part = np.diag(np.diag(sy)) + lower + lower.T
-        e, v = np.linalg.eigh(self.ss[np.ix_(order, order)])
+        _, ss, symmetric_part = self.held_products()
+        e, v = np.linalg.eigh(ss)
         keep = e > 1e-12 * float(e.max())
         whitening = v[:, keep] / np.sqrt(e[keep])  # SᵀS restricted to its range, whitened
         pencil = whitening.T @ symmetric_part @ whitening
@@ -146,11 +151,9 @@ class FlatSR1(FlatSCG):
 
     def middle_and_gram(self, b0: float) -> tuple[np.ndarray, np.ndarray]:
         """M = D + L + Lᵀ − b₀SᵀS and ΨᵀΨ = YᵀY − b₀(SᵀY + YᵀS) + b₀²SᵀS over the pairs held, in time order."""
+        sy, ss, symmetric_part = self.held_products()
         order = np.array(self.slots, dtype=np.intp)
-        sy = self.sy[np.ix_(order, order)]
-        ss = self.ss[np.ix_(order, order)]
-        lower = np.tril(sy, -1)
-        middle = np.diag(np.diag(sy)) + lower + lower.T - b0 * ss
+        middle = symmetric_part - b0 * ss
         gram = self.yy[np.ix_(order, order)] - b0 * (sy + sy.T) + b0 * b0 * ss
         return middle, gram
 

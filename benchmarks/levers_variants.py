@@ -559,11 +559,11 @@ class FlatSCG:
     ) -> torch.Tensor:
         """ỹ = y + (θ / sᵀs) s with θ = 6(E(w) − E(w₊)) + 3(g + g₊)ᵀs = 6(E(w) − E(w₊)) − 3(r + r₊)ᵀs, clipped to
         θ ≥ (c − 1) sᵀy (``value_secant`` = c); y itself where sᵀy ≤ 0. On a cubic along s, sᵀỹ = sᵀE''(w₊)s."""
+        assert self.value_secant is not None
         step_change = float(step @ change)
         if not step_change > 0.0:
             return change
         theta = 6.0 * (self.loss - trial_loss) - 3.0 * float((r + new_r) @ step)
-        assert self.value_secant is not None
         theta = max(theta, (self.value_secant - 1.0) * step_change)
         return change + (theta / float(step @ step)) * step
 
