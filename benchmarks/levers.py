@@ -41,6 +41,7 @@ from typing import Any
 
 import torch
 from common import RESULTS, environment
+from levers_kfac import FlatKFAC
 from levers_sr1 import FlatSR1
 from levers_variants import FlatSCG
 from peers import race
@@ -209,6 +210,13 @@ def passes_rows() -> dict[str, Row]:
         "L-SR1 m=40, loss first": flat_variant(FlatSR1, memory=40),
         "L-SR1 m=20, b₀ below the pencil, loss first": flat_variant(FlatSR1, initial="pencil"),
         "L-SR1 m=40, b₀ below the pencil, loss first": flat_variant(FlatSR1, memory=40, initial="pencil"),
+        **{
+            f"K-FAC H₀ {mode} κ={damping:g}, free factors": flat_variant(
+                FlatKFAC, damping=damping, damping_mode=mode, charge=False, loss_first=True
+            )
+            for mode, dampings in (("layer", (1e-2, 1.0, 3.0)), ("global", (1e-3, 1e-2, 0.1, 0.3, 1.0, 3.0, 10.0)))
+            for damping in dampings
+        },
         "SCG m=20, diagonal": scg(hvp="secant", memory=MEMORY, diagonal_scaling=True),
         "SCG m=40, diagonal": scg(hvp="secant", memory=40, diagonal_scaling=True),
         "diagonal H₀ β=0.9": flat_variant(diagonal_beta=0.9, loss_first=True),

@@ -1,0 +1,247 @@
+"""benchmarks/levers_kfac.py: lever 71's research variant, the secant mode with a Kronecker-factored H₀ (K-FAC)."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+import torch
+import torch.nn.functional as functional
+from torch import nn
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
+import levers_kfac  # noqa: E402
+from levers_kfac import FlatKFAC, KfacPairs, KroneckerFactors  # noqa: E402
+from levers_variants import FlatSCG  # noqa: E402
+
+
+class SmallCNN(nn.Module):
+    """A convolution (2 filters, 3 × 3, stride 1, padding 1), tanh, a hidden linear layer and a linear output."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(1, 2, 3, padding=1)
+        self.hidden = nn.Linear(2 * 5 * 5, 6)
+        self.output = nn.Linear(6, 3)
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        x = torch.tanh(self.conv(images))
+        return self.output(torch.tanh(self.hidden(x.flatten(1))))
+
+
+def small_problem(samples: int = 7) -> tuple[SmallCNN, torch.Tensor, torch.Tensor]:
+    torch.manual_seed(0)
+    model = SmallCNN().double()
+    inputs = torch.randn(samples, 1, 5, 5, dtype=torch.float64)
+    targets = torch.randint(0, 3, (samples,))
+    return model, inputs, targets
+
+
+def factors_by_definition(
+    model: SmallCNN, inputs: torch.Tensor, targets: torch.Tensor
+) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """A and G of each layer, sample by sample and position by position (the empirical Fisher: true labels)."""
+    n = inputs.shape[0]
+    result = []
+    for layer in (model.conv, model.hidden, model.output):
+        a_sum, g_sum, positions = 0.0, 0.0, 1
+        for i in range(n):
+            seen: dict[str, torch.Tensor] = {}
+            handle = layer.register_forward_hook(lambda m, args, out, seen=seen: seen.update(a=args[0], s=out))
+            logits = model(inputs[i : i + 1])
+            handle.remove()
+            (gradient,) = torch.autograd.grad(functional.cross_entropy(logits, targets[i : i + 1]), [seen["s"]])
+            if layer is model.conv:
+                patches = functional.unfold(seen["a"], 3, padding=1)[0].T  # (T, 9)
+                positions = patches.shape[0]
+                a_rows = torch.cat([patches, torch.ones(positions, 1, dtype=torch.float64)], dim=1)
+                g_rows = gradient[0].flatten(1).T  # (T, 2)
+            else:
+                a_rows = torch.cat([seen["a"], torch.ones(1, 1, dtype=torch.float64)], dim=1)
+                g_rows = gradient
+            a_sum = a_sum + a_rows.T @ a_rows
+            g_sum = g_sum + g_rows.T @ g_rows
+        result.append((a_sum / n, g_sum / (n * positions)))
+    return result
+
+
+def as_matrix(v: torch.Tensor, offset: int, layer: nn.Module) -> torch.Tensor:
+    """The layer's part of the flat v as V = [W | b] (out × in + 1)."""
+    outputs, weights = layer.weight.shape[0], layer.weight.numel()
+    return torch.cat(
+        [v[offset : offset + weights].view(outputs, -1), v[offset + weights : offset + weights + outputs, None]], 1
+    )
+
+
+@pytest.mark.parametrize("low_rank", [False, True])
+def test_the_inverse_is_each_layers_damped_kronecker_factors_inverted(monkeypatch, low_rank):
+    """K⁻¹v undone by (G + ε_G I) V (A + ε_A I) with A and G formed by their definitions, sample by sample, and
+    ε = κ · tr / dim of each factor; the same through Woodbury's low-rank form (the hidden layer's A: 51 rows, 7
+    samples)."""
+    if low_rank:
+        monkeypatch.setattr(levers_kfac, "LOW_RANK_ABOVE", 20)
+    model, inputs, targets = small_problem()
+    params = list(model.parameters())
+    factors = KroneckerFactors(model, params, damping=0.3, fisher="empirical")
+    factors.refresh(inputs, targets, torch.Generator().manual_seed(0))
+    v = torch.randn(sum(p.numel() for p in params), dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+    solved = factors.inverse_product(v)
+    offset = 0
+    for layer, (a, g) in zip((model.conv, model.hidden, model.output), factors_by_definition(model, inputs, targets)):
+        damped_a = a + 0.3 * a.diagonal().mean() * torch.eye(a.shape[0], dtype=torch.float64)
+        damped_g = g + 0.3 * g.diagonal().mean() * torch.eye(g.shape[0], dtype=torch.float64)
+        undone = damped_g @ as_matrix(solved, offset, layer) @ damped_a
+        expected = as_matrix(v, offset, layer)
+        torch.testing.assert_close(undone, expected, rtol=1e-9, atol=1e-9)
+        offset += layer.weight.numel() + layer.bias.numel()
+
+
+class ClassifierClosure:
+    """The cross-entropy of :class:`SmallCNN` over 24 random images (float64), with what ``peers_metering.Run``
+    gives :class:`~levers_kfac.FlatKFAC`: ``model``, ``problem.train`` and ``charge``; counts gradient passes."""
+
+    def __init__(self, seed: int = 0) -> None:
+        generator = torch.Generator().manual_seed(seed)
+        inputs = torch.randn(24, 1, 5, 5, generator=generator, dtype=torch.float64)
+        targets = torch.randint(0, 3, (24,), generator=generator)
+        torch.manual_seed(seed)
+        self.model = SmallCNN().double()
+        self.problem = SimpleNamespace(train=(inputs, targets))
+        self.passes = 0
+        self.charged: list[tuple[str, float | None]] = []
+
+    def __call__(self) -> torch.Tensor:
+        self.passes += 1
+        self.model.zero_grad()
+        inputs, targets = self.problem.train
+        loss = functional.cross_entropy(self.model(inputs), targets)
+        loss.backward()
+        return loss.detach()
+
+    def charge(self, kind: str, cost: float | None = None) -> None:
+        self.charged.append((kind, cost))
+
+
+def test_global_damping_is_one_tikhonov_term_split_between_the_factors_by_pi():
+    """The "global" damping: ε_A ε_G = η = κ · (K's mean diagonal over all weights) and ε_A / ε_G = π² = a / g for
+    every layer; the "layer" damping: κ times each factor's mean diagonal."""
+    model, inputs, targets = small_problem()
+    factors = KroneckerFactors(model, list(model.parameters()), damping=0.2, damping_mode="global")
+    by_definition = [(a.detach(), g.detach()) for a, g in factors_by_definition(model, inputs, targets)]
+    dampings = factors._dampings(by_definition)
+    means = [(float(a.diagonal().mean()), float(g.diagonal().mean())) for a, g in by_definition]
+    sizes = [(a.shape[0], g.shape[0]) for a, g in by_definition]
+    eta = 0.2 * sum(a * g * da * dg for (a, g), (da, dg) in zip(means, sizes)) / sum(da * dg for da, dg in sizes)
+    for (epsilon_a, epsilon_g), (a, g) in zip(dampings, means):
+        assert epsilon_a * epsilon_g == pytest.approx(eta, rel=1e-12)
+        assert epsilon_a / epsilon_g == pytest.approx(a / g, rel=1e-12)
+    layer = KroneckerFactors(model, list(model.parameters()), damping=0.2, damping_mode="layer")
+    flat = [epsilon for pair in layer._dampings(by_definition) for epsilon in pair]
+    assert flat == pytest.approx([0.2 * mean for pair in means for mean in pair], rel=1e-12)
+
+
+def test_the_sampled_fisher_draws_the_labels_from_the_models_softmax():
+    """With the output's softmax all but one-hot on class 2, the labels drawn are 2: the sampled Fisher's factors are
+    the empirical Fisher's for targets 2 (and not the true targets')."""
+    model, inputs, targets = small_problem()
+    with torch.no_grad():
+        model.output.bias.copy_(torch.tensor([0.0, 0.0, 60.0], dtype=torch.float64))
+    params = list(model.parameters())
+    v = torch.randn(sum(p.numel() for p in params), dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+    solved = {}
+    for name, fisher, labels in [
+        ("sampled", "sampled", targets),
+        ("twos", "empirical", torch.full_like(targets, 2)),
+        ("true", "empirical", targets),
+    ]:
+        factors = KroneckerFactors(model, params, damping=0.1, fisher=fisher)
+        factors.refresh(inputs, labels, torch.Generator().manual_seed(0))
+        solved[name] = factors.inverse_product(v)
+    torch.testing.assert_close(solved["sampled"], solved["twos"])
+    assert not torch.allclose(solved["sampled"], solved["true"])
+
+
+@pytest.mark.parametrize(
+    ("arguments", "message"),
+    [
+        ({"damping": 0.0}, "damping"),
+        ({"damping": 0.1, "fisher": "true"}, "fisher"),
+        ({"damping": 0.1, "damping_mode": "per-weight"}, "damping_mode"),
+    ],
+)
+def test_bad_settings_are_refused_by_name(arguments, message):
+    model, _, _ = small_problem()
+    with pytest.raises(ValueError, match=message):
+        KroneckerFactors(model, list(model.parameters()), **arguments)
+
+
+def test_a_model_with_a_layer_it_cannot_factor_is_refused():
+    model = nn.Sequential(nn.Linear(3, 4), nn.LayerNorm(4), nn.Linear(4, 2))
+    with pytest.raises(ValueError, match="nn.Linear and nn.Conv2d layers only"):
+        KroneckerFactors(model, list(model.parameters()), damping=0.1)
+
+
+def test_h0_is_the_largest_secant_ratio_in_k_metric_times_k_inverse_and_follows_a_refresh():
+    """γ_K K⁻¹q with γ_K = maxᵢ sᵢᵀyᵢ / yᵢᵀK⁻¹yᵢ over the pairs held, recomputed after the factors are refreshed at
+    other weights (the cached yᵢᵀK⁻¹yᵢ belong to the old factors)."""
+    model, inputs, targets = small_problem()
+    params = list(model.parameters())
+    n = sum(p.numel() for p in params)
+    factors = KroneckerFactors(model, params, damping=0.1, fisher="empirical")
+    factors.refresh(inputs, targets, torch.Generator().manual_seed(0))
+    pairs = KfacPairs([torch.zeros(n, dtype=torch.float64)], 4, factors)
+    generator = torch.Generator().manual_seed(2)
+    held = []
+    for _ in range(3):
+        step = torch.randn(n, dtype=torch.float64, generator=generator)
+        change = step + 0.3 * torch.randn(n, dtype=torch.float64, generator=generator)
+        assert pairs.push([step], [change])
+        held.append((step, change))
+    q = torch.randn(n, dtype=torch.float64, generator=generator)
+
+    def expected() -> torch.Tensor:
+        gamma = max(float(s @ y) / float(y @ factors.inverse_product(y)) for s, y in held)
+        return gamma * factors.inverse_product(q)
+
+    torch.testing.assert_close(pairs._initial_inverse(q), expected())
+    with torch.no_grad():
+        for p in params:
+            p.mul_(1.5)
+    factors.refresh(inputs, targets, torch.Generator().manual_seed(0))
+    torch.testing.assert_close(pairs._initial_inverse(q), expected())
+
+
+def test_the_first_step_is_the_library_modes_and_the_factors_are_refreshed_every_t_accepted_steps():
+    """Before any pair H = I: the first step is FlatSCG's. The factors are formed at the first accepted point
+    and after every ``refresh`` accepted steps, each time charged ``fraction`` of a gradient pass (over that many
+    samples); with ``charge=False``, never charged."""
+    plain, kfac_closure, free_closure = ClassifierClosure(), ClassifierClosure(), ClassifierClosure()
+    plain_variant = FlatSCG(list(plain.model.parameters()), memory=5)
+    variant = FlatKFAC(list(kfac_closure.model.parameters()), memory=5, damping=0.1, refresh=3, fraction=0.5)
+    free = FlatKFAC(list(free_closure.model.parameters()), memory=5, damping=0.1, charge=False)
+    assert variant.step(kfac_closure) == plain_variant.step(plain)
+    assert variant.rejected == 0  # the first trial was accepted: its pair is held, and p₂ = H r₂ formed the factors
+    assert variant.factors.refreshes == 1
+    accepted = 1
+    for _ in range(12):
+        before = variant.rejected
+        variant.step(kfac_closure)
+        free.step(free_closure)
+        accepted += variant.rejected == before
+    assert variant.factors.refreshes == 1 + (accepted - 1) // 3
+    assert kfac_closure.charged == [("gradient", 0.5)] * variant.factors.refreshes
+    assert free.factors.refreshes > variant.factors.refreshes and free_closure.charged == []
+
+
+def test_the_loss_never_rises_and_a_rejected_trial_leaves_the_accepted_weights():
+    closure = ClassifierClosure(seed=3)
+    params = list(closure.model.parameters())
+    variant = FlatKFAC(params, memory=5, damping=0.01, fisher="empirical")
+    losses = [variant.step(closure) for _ in range(25)]
+    assert all(b <= a for a, b in zip(losses, losses[1:]))
+    assert losses[-1] < 0.5 * losses[0]
+    assert variant.rejected > 0
+    closure.model.zero_grad()
+    assert float(closure()) == losses[-1]  # the parameters hold the point whose loss the step returned
