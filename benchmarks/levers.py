@@ -217,6 +217,24 @@ def passes_rows() -> dict[str, Row]:
             for mode, dampings in (("layer", (1e-2, 1.0, 3.0)), ("global", (1e-3, 1e-2, 0.1, 0.3, 1.0, 3.0, 10.0)))
             for damping in dampings
         },
+        "K-FAC H₀ global κ=10, every step, rank 64, free factors": flat_variant(
+            FlatKFAC, damping=10.0, damping_mode="global", rank=64, charge=False, loss_first=True
+        ),
+        **{
+            f"K-FAC H₀ global κ=10, {percent} % every {period}, rank 64{', γ_K recomputed' if recompute else ''}": (
+                flat_variant(
+                    FlatKFAC,
+                    damping=10.0,
+                    damping_mode="global",
+                    fraction=percent / 100,
+                    refresh=period,
+                    rank=64,
+                    recompute=recompute,
+                    loss_first=True,
+                )
+            )
+            for percent, period, recompute in ((25, 5, False), (25, 5, True), (25, 1, False), (10, 5, False))
+        },
         "SCG m=20, diagonal": scg(hvp="secant", memory=MEMORY, diagonal_scaling=True),
         "SCG m=40, diagonal": scg(hvp="secant", memory=40, diagonal_scaling=True),
         "diagonal H₀ β=0.9": flat_variant(diagonal_beta=0.9, loss_first=True),
@@ -330,9 +348,10 @@ def _mean_cell(column: list[dict[str, Any]]) -> str:
 
 
 def table(problem_name: str, results: list[dict[str, Any]], analysis: dict[str, Any]) -> list[str]:
+    width = max(22, 2 + max(len(result["name"]) for result in results))  # a long row name keeps its columns
     lines = [
         f"## {problem_name}: targets {' / '.join(f'{t:.4g}' for t in analysis['targets'])}",
-        f"{'row':<22}{'time→T1':>8}{'T2':>6}{'T3':>6}{'passes→T1':>11}{'T2':>6}{'T3':>6}{'final ×LBFGS':>13}"
+        f"{'row':<{width}}{'time→T1':>8}{'T2':>6}{'T3':>6}{'passes→T1':>11}{'T2':>6}{'T3':>6}{'final ×LBFGS':>13}"
         f"{'rejected':>10}",
     ]
     for result in results:
@@ -341,7 +360,7 @@ def table(problem_name: str, results: list[dict[str, Any]], analysis: dict[str, 
         rejected = result.get("scg_rejected", "")
         steps = result.get("scg_steps", "")
         lines.append(
-            f"{result['name']:<22}{cells[0]:>8}{cells[1]:>6}{cells[2]:>6}{cells[3]:>11}{cells[4]:>6}{cells[5]:>6}"
+            f"{result['name']:<{width}}{cells[0]:>8}{cells[1]:>6}{cells[2]:>6}{cells[3]:>11}{cells[4]:>6}{cells[5]:>6}"
             f"{result['final_loss_ratio']:>13.3g}{f'{rejected}/{steps}' if steps != '' else '':>10}"
         )
     return lines
@@ -359,8 +378,10 @@ def main(argv: list[str] | None = None) -> int:
         help="passes: the λ/γ/first-step rule variants, one after the other (not interleaved), passes only",
     )
     parser.add_argument("--seeds", type=int, nargs="+", help="--table passes: the seeds (default: --seed)")
-    parser.add_argument("--rows", nargs="+", help="--table passes: only these rows (default: all)")
-    stem_help = "--table passes: the result file's name without .txt (default: levers_passes…)"
+    parser.add_argument(
+        "--rows", nargs="+", help="only these rows (default: all; --table levers takes those of --table passes too)"
+    )
+    stem_help = "the result file's name without .txt (default: levers_passes… or levers_…)"
     args, argv, env = parse_run_arguments(parser, argv, stem_help)
     if args.table == "passes":
         return main_passes(args, argv, env)
@@ -377,13 +398,17 @@ def main(argv: list[str] | None = None) -> int:
         model = problem.make_model()
         initial = copy.deepcopy(model.state_dict())
         costs = calibrate(problem, initial)
-        results = race(problem, initial, costs, levers())
+        rows = levers()
+        if args.rows:
+            every_row = {**rows, **passes_rows()}
+            rows = {row: every_row[row] for row in args.rows}
+        results = race(problem, initial, costs, rows)
         analysis = analyse(problem, results)
         lines += table(name, results, analysis) + [""]
         print("\n".join(lines[-len(results) - 3 :]), flush=True)
     text = "\n".join(lines)
     args.out.mkdir(parents=True, exist_ok=True)
-    stem = "levers_quick" if args.quick else "levers_" + "_".join(args.problems)
+    stem = args.stem or ("levers_quick" if args.quick else "levers_" + "_".join(args.problems))
     (args.out / f"{stem}.txt").write_text(text + "\n", encoding="utf-8")
     print(f"written to {args.out / stem}.txt")
     return 0

@@ -51,7 +51,11 @@ class KroneckerFactors:
         damping: float,
         fisher: str = "sampled",
         damping_mode: str = "layer",
+        rank: int | None = None,
     ) -> None:
+        if rank is not None and rank < 1:
+            raise ValueError(f"rank must be ≥ 1 (None: every direction of A's samples), got {rank}")
+        self.rank = rank
         if fisher not in ("sampled", "empirical"):
             raise ValueError(f"fisher must be 'sampled' or 'empirical', got {fisher!r}")
         if damping_mode not in ("layer", "global"):
@@ -127,7 +131,7 @@ class KroneckerFactors:
                 a_factor = rows.T.double() @ rows.double() / samples
             factors.append((a_factor, g_factor))
         self.inverses = [
-            (_input_inverse(a_factor, a_damping), _damped_inverse(g_factor, g_damping))
+            (_input_inverse(a_factor, a_damping, self.rank), _damped_inverse(g_factor, g_damping))
             for (a_factor, g_factor), (a_damping, g_damping) in zip(factors, self._dampings(factors))
         ]
         self.refreshes += 1
@@ -161,7 +165,10 @@ class KroneckerFactors:
                 [v[start : start + weights].view(outputs, width), v[start + weights : start + weights + outputs, None]],
                 dim=1,
             )
-            if isinstance(a_inverse, tuple):
+            if isinstance(a_inverse, tuple) and a_inverse[0] == "eigen":
+                _, basis, coefficients, epsilon = a_inverse
+                right = (block / epsilon + ((block @ basis) * coefficients) @ basis.T).double()
+            elif isinstance(a_inverse, tuple):
                 _, z, factor, epsilon = a_inverse
                 projected = torch.cholesky_solve((block @ z.T).T.double(), factor).to(z.dtype)  # (εI + ZZᵀ)⁻¹ Z Vᵀ
                 right = ((block - projected.T @ z) / epsilon).double()
@@ -184,11 +191,20 @@ def _width(a_factor: torch.Tensor) -> int:
     return int(a_factor.shape[1])
 
 
-def _input_inverse(a_factor: torch.Tensor, epsilon: float) -> Any:
-    """(A + εI)⁻¹: the matrix, or, for A = ZᵀZ given as Z, ("low-rank", Z, the Cholesky factor of εI + ZZᵀ, ε)."""
+def _input_inverse(a_factor: torch.Tensor, epsilon: float, rank: int | None = None) -> Any:
+    """(A + εI)⁻¹: the matrix; for A = ZᵀZ given as Z, ("low-rank", Z, the Cholesky factor of εI + ZZᵀ, ε), or with
+    ``rank`` k, ("eigen", U, c): A's k largest eigenpairs U, Λ (from ZZᵀ's) and c = 1/(Λ + ε) − 1/ε, so that
+    (A + εI)⁻¹v ≈ v/ε + U c Uᵀv (the rest of A's spectrum taken as 0)."""
     if a_factor.shape[1] <= LOW_RANK_ABOVE:
         return _damped_inverse(a_factor, epsilon)
     inner = (a_factor @ a_factor.T).double()
+    if rank is not None:
+        eigenvalues, vectors = torch.linalg.eigh(inner)
+        eigenvalues, vectors = eigenvalues[-rank:].clamp_min(0.0), vectors[:, -rank:]
+        kept = eigenvalues > 0.0
+        basis = (a_factor.T.double() @ (vectors[:, kept] / eigenvalues[kept].sqrt())).to(a_factor.dtype)  # U = ZᵀQΛ^-½
+        coefficients = 1.0 / (eigenvalues[kept] + epsilon) - 1.0 / epsilon
+        return ("eigen", basis, coefficients.to(a_factor.dtype), epsilon)
     inner.diagonal().add_(epsilon)
     return ("low-rank", a_factor, torch.linalg.cholesky(inner), epsilon)
 
@@ -201,16 +217,20 @@ def _damped_inverse(factor: torch.Tensor, epsilon: float) -> torch.Tensor:
 
 class KfacPairs(TwoLoopPairs):
     """The secant pairs with H₀ = γ_K K⁻¹ (:class:`KroneckerFactors`), γ_K = maxᵢ sᵢᵀyᵢ / yᵢᵀK⁻¹yᵢ over the pairs
-    held, in the two-loop recursion; H = I while no pair is held (the library's first step)."""
+    held, in the two-loop recursion; H = I while no pair is held (the library's first step). Each yᵢᵀK⁻¹yᵢ is
+    computed once per pair and factors; with ``recompute=False`` once per pair, with the factors held when it came
+    (no product for the pairs held at a refresh)."""
 
-    def __init__(self, params: list[torch.Tensor], memory: int, factors: KroneckerFactors) -> None:
+    def __init__(
+        self, params: list[torch.Tensor], memory: int, factors: KroneckerFactors, recompute: bool = True
+    ) -> None:
         super().__init__(params, memory, window=memory, pick="max")
-        self.factors = factors
+        self.factors, self.recompute = factors, recompute
         self._metric: dict[int, tuple[float, float]] = {}  # slot i → (sᵢᵀyᵢ, yᵢᵀK⁻¹yᵢ) for the factors held
         self._version = -1  # the factors' refresh count when _metric was filled
 
     def _initial_inverse(self, q: torch.Tensor) -> torch.Tensor:
-        if self._version != self.factors.refreshes:
+        if self.recompute and self._version != self.factors.refreshes:
             self._metric, self._version = {}, self.factors.refreshes
         (block,) = self.blocks
         ratios = []
@@ -226,7 +246,8 @@ class KfacPairs(TwoLoopPairs):
 class FlatKFAC(FlatSCG):
     """:class:`levers_variants.FlatSCG` with :class:`KfacPairs`: the library's secant mode (loss first) whose H₀ is
     γ_K K⁻¹, the factors formed at the first preconditioned step and then after every ``refresh`` accepted steps,
-    over ``fraction`` of the training samples (a fixed stratum drawn once, ``seed``)."""
+    over ``fraction`` of the training samples (drawn afresh at each refresh, ``seed``); ``rank``: A's largest
+    eigenpairs kept for the large factors (:func:`_input_inverse`); ``recompute``: :class:`KfacPairs`'s."""
 
     def __init__(
         self,
@@ -237,6 +258,8 @@ class FlatKFAC(FlatSCG):
         fraction: float = 1.0,
         fisher: str = "sampled",
         damping_mode: str = "layer",
+        rank: int | None = None,
+        recompute: bool = True,
         charge: bool = True,
         seed: int = 0,
         **options: Any,
@@ -246,6 +269,7 @@ class FlatKFAC(FlatSCG):
             raise ValueError(f"refresh must be ≥ 1 and 0 < fraction ≤ 1, got {refresh} and {fraction}")
         self.memory, self.damping, self.fisher, self.damping_mode = memory, damping, fisher, damping_mode
         self.refresh, self.fraction, self.charge = refresh, fraction, charge
+        self.rank, self.recompute = rank, recompute
         self.generator = torch.Generator().manual_seed(seed)
         self.factors: KroneckerFactors | None = None
         self.closure: Any = None
@@ -255,8 +279,10 @@ class FlatKFAC(FlatSCG):
     def step(self, closure: Any) -> float:
         if self.factors is None:
             self.closure = closure
-            self.factors = KroneckerFactors(closure.model, self.params, self.damping, self.fisher, self.damping_mode)
-            self.pairs = KfacPairs([self._flat()], self.memory, self.factors)
+            self.factors = KroneckerFactors(
+                closure.model, self.params, self.damping, self.fisher, self.damping_mode, self.rank
+            )
+            self.pairs = KfacPairs([self._flat()], self.memory, self.factors, self.recompute)
         return super().step(closure)
 
     def _precondition(self, r: torch.Tensor) -> torch.Tensor:
@@ -277,7 +303,9 @@ class FlatKFAC(FlatSCG):
             chosen = torch.randperm(inputs.shape[0], generator=self.generator)[:count]
             inputs, targets = inputs[chosen], targets[chosen]
         if self.charge:
-            self.closure.charge("gradient", cost=count / self.closure.problem.train[0].shape[0])
-            self.factor_passes += count / self.closure.problem.train[0].shape[0]
+            share = count / self.closure.problem.train[0].shape[0]
+            self.closure.charge("gradient", cost=share)
+            self.closure.calls["gradient"] -= 1  # charged to the budget, not a call of the accumulator's
+            self.factor_passes += share
         self.factors.refresh(inputs, targets, self.generator)
         self.accepted_since_refresh = 0

@@ -111,6 +111,7 @@ class ClassifierClosure:
         self.problem = SimpleNamespace(train=(inputs, targets))
         self.passes = 0
         self.charged: list[tuple[str, float | None]] = []
+        self.calls = {"gradient": 0}
 
     def __call__(self) -> torch.Tensor:
         self.passes += 1
@@ -122,6 +123,7 @@ class ClassifierClosure:
 
     def charge(self, kind: str, cost: float | None = None) -> None:
         self.charged.append((kind, cost))
+        self.calls[kind] += 1  # as peers_metering.Run counts a call
 
 
 def test_global_damping_is_one_tikhonov_term_split_between_the_factors_by_pi():
@@ -232,6 +234,9 @@ def test_the_first_step_is_the_library_modes_and_the_factors_are_refreshed_every
         accepted += variant.rejected == before
     assert variant.factors.refreshes == 1 + (accepted - 1) // 3
     assert kfac_closure.charged == [("gradient", 0.5)] * variant.factors.refreshes
+    assert (
+        kfac_closure.calls["gradient"] == 0
+    )  # the budget pays for the factors; the accumulator's calls do not count them
     assert free.factors.refreshes > variant.factors.refreshes and free_closure.charged == []
 
 
@@ -245,3 +250,74 @@ def test_the_loss_never_rises_and_a_rejected_trial_leaves_the_accepted_weights()
     assert variant.rejected > 0
     closure.model.zero_grad()
     assert float(closure()) == losses[-1]  # the parameters hold the point whose loss the step returned
+
+
+def test_a_rank_k_input_factor_keeps_as_largest_eigenpairs_and_all_of_them_is_woodbury(monkeypatch):
+    """``rank`` = k: (A_k + εI)⁻¹ with A_k the k largest eigenpairs of A (dense, here); k ≥ the samples: Woodbury's
+    exact (A + εI)⁻¹."""
+    monkeypatch.setattr(levers_kfac, "LOW_RANK_ABOVE", 20)
+    model, inputs, targets = small_problem()
+    params = list(model.parameters())
+    v = torch.randn(sum(p.numel() for p in params), dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+    solved = {}
+    for rank in (None, 7, 3):
+        factors = KroneckerFactors(model, params, damping=0.3, fisher="empirical", rank=rank)
+        factors.refresh(inputs, targets, torch.Generator().manual_seed(0))
+        solved[rank] = factors.inverse_product(v)
+    torch.testing.assert_close(solved[7], solved[None], rtol=1e-9, atol=1e-9)
+    (_, (a, g), _) = [(a.detach(), g.detach()) for a, g in factors_by_definition(model, inputs, targets)]
+    eigenvalues, vectors = torch.linalg.eigh(a)
+    top = vectors[:, -3:] @ torch.diag(eigenvalues[-3:]) @ vectors[:, -3:].T
+    epsilon_a = 0.3 * float(a.diagonal().mean())
+    damped_g = g + 0.3 * g.diagonal().mean() * torch.eye(g.shape[0], dtype=torch.float64)
+    offset = model.conv.weight.numel() + model.conv.bias.numel()
+    undone = damped_g @ as_matrix(solved[3], offset, model.hidden) @ (top + epsilon_a * torch.eye(51, dtype=a.dtype))
+    torch.testing.assert_close(undone, as_matrix(v, offset, model.hidden), rtol=1e-9, atol=1e-9)
+    assert not torch.allclose(solved[3], solved[None])
+
+
+def test_without_recompute_each_pairs_metric_keeps_the_factors_it_came_with():
+    model, inputs, targets = small_problem()
+    params = list(model.parameters())
+    n = sum(p.numel() for p in params)
+    factors = KroneckerFactors(model, params, damping=0.1, fisher="empirical")
+    factors.refresh(inputs, targets, torch.Generator().manual_seed(0))
+    pairs = KfacPairs([torch.zeros(n, dtype=torch.float64)], 4, factors, recompute=False)
+    generator = torch.Generator().manual_seed(2)
+    step = torch.randn(n, dtype=torch.float64, generator=generator)
+    change = step + 0.3 * torch.randn(n, dtype=torch.float64, generator=generator)
+    pairs.push([step], [change])
+    q = torch.randn(n, dtype=torch.float64, generator=generator)
+    gamma = float(step @ change) / float(change @ factors.inverse_product(change))  # the first factors' γ_K
+    pairs._initial_inverse(q)
+    with torch.no_grad():
+        for p in params:
+            p.mul_(1.5)
+    factors.refresh(inputs, targets, torch.Generator().manual_seed(0))
+    torch.testing.assert_close(pairs._initial_inverse(q), gamma * factors.inverse_product(q))
+    fresh = float(step @ change) / float(change @ factors.inverse_product(change))
+    assert fresh != pytest.approx(gamma, rel=1e-3)
+
+
+def test_a_charged_row_races_in_levers_py_and_pays_for_its_factors(monkeypatch, tmp_path):
+    """``levers.py --quick --problems mnist --rows …``: the K-FAC row runs in the race's harness (its model, its
+    training data, its budget), and its passes include ``fraction`` of a pass for each refresh of the factors."""
+    from scripts import load_script
+
+    levers = load_script(Path(__file__).resolve().parents[1] / "benchmarks" / "levers.py", monkeypatch)
+    row = "K-FAC H₀ global κ=10, 25 % every 5, rank 64"
+    made = []
+    original = levers.FlatKFAC
+
+    class Recorded(original):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            made.append(self)
+
+    monkeypatch.setattr(levers, "FlatKFAC", Recorded)
+    arguments = ["--quick", "--problems", "mnist", "--rows", "torch LBFGS", row, "--stem", "kfac", "--out"]
+    assert levers.main([*arguments, str(tmp_path)]) == 0
+    text = (tmp_path / "kfac.txt").read_text(encoding="utf-8")
+    assert row in text
+    (variant,) = made
+    assert variant.factors.refreshes >= 2 and variant.factor_passes == 0.25 * variant.factors.refreshes

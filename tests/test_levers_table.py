@@ -95,3 +95,14 @@ def test_a_long_row_name_keeps_the_columns_aligned(levers):
     _, columns, short, long = levers.passes_table("logistic", per_seed)
     assert columns.index("geo-mean") + len("geo-mean") == short.index("0.50 / 0.50 / 0.50") + len("0.50 / 0.50 / 0.50")
     assert short.index("0.50 / 0.50 / 0.50") == long.index("0.50 / 0.50 / 0.50")
+
+
+def test_the_race_tables_long_row_name_keeps_the_columns_aligned(levers):
+    targets = [dict(entry(0.5), time_ratio=0.6) for _ in range(3)]
+    results = [
+        dict(result("SCG", targets, 1.0), scg_rejected=1, scg_steps=9),
+        dict(result("K-FAC H₀ global κ=3, 25 % every 5, rank 64", targets, 1.0), scg_rejected=2, scg_steps=9),
+    ]
+    _, columns, short, long = levers.table("mnist", results, {"targets": [1.0, 0.1, 0.01]})
+    assert columns.index("rejected") + len("rejected") == short.index("1/9") + len("1/9") == long.index("2/9") + 3
+    assert short.index("0.60") == long.index("0.60")
