@@ -246,6 +246,18 @@ def passes_rows() -> dict[str, Row]:
                 (30.0, 5, 5, True),
             )
         },
+        **{
+            f"K-FAC H₀ global κ=10, {percent} % every 5, Bernoulli": flat_variant(
+                FlatKFAC,
+                damping=10.0,
+                damping_mode="global",
+                fraction=percent / 100,
+                refresh=5,
+                distribution="bernoulli",
+                loss_first=True,
+            )
+            for percent in (5, 25)
+        },
         "SCG m=20, diagonal": scg(hvp="secant", memory=MEMORY, diagonal_scaling=True),
         "SCG m=40, diagonal": scg(hvp="secant", memory=40, diagonal_scaling=True),
         "diagonal H₀ β=0.9": flat_variant(diagonal_beta=0.9, loss_first=True),

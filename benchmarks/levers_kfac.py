@@ -7,21 +7,25 @@ does: for each layer l with weights and bias V (out × in + 1), the Fisher's blo
 * A = (1/N) Σₙ Σₜ aₙₜ aₙₜᵀ, the layer's inputs with a 1 appended (t: the positions of a convolution's patches, one
   for a linear layer),
 * G = (1/(N T)) Σₙ Σₜ gₙₜ gₙₜᵀ, the gradients of sample n's loss ℓₙ with respect to the layer's outputs at position t
-  (T positions; labels drawn from the model's own softmax, ``fisher="sampled"``, or the true ones,
-  ``fisher="empirical"``),
+  (T positions; labels drawn from the model's own distribution, ``fisher="sampled"`` — a categorical over the softmax
+  for the cross-entropy, Bernoullis over the sigmoids for the binary cross-entropy, ``distribution`` — or the true
+  ones, ``fisher="empirical"``),
 
-and the block's inverse applied to V is (G + ε_G I)⁻¹ V (A + ε_A I)⁻¹, with the relative damping
-ε = κ · tr(F) / dim F for each factor F (κ = ``damping``). :class:`KfacPairs` makes H₀ = γ_K K⁻¹ of the secant mode's
-two-loop recursion, γ_K = maxᵢ sᵢᵀyᵢ / yᵢᵀK⁻¹yᵢ over the pairs held (the secant scaling in K's metric, as the
-diagonal H₀'s γ_D). Between refreshes, every ``refresh`` accepted steps, the factors are held.
+and the block's inverse applied to V is (G + ε_G I)⁻¹ V (A + ε_A I)⁻¹. The damping (κ = ``damping``):
+``damping_mode="layer"``, ε = κ · tr(F) / dim F for each factor F; ``"global"``, one Tikhonov term η = κ × (K's mean
+diagonal over all weights) split between each layer's factors by π = √(a/g) (Martens & Grosse 2015, §6.3).
+:class:`KfacPairs` makes H₀ = γ_K K⁻¹ of the secant mode's two-loop recursion, γ_K = maxᵢ sᵢᵀyᵢ / yᵢᵀK⁻¹yᵢ over the
+pairs held (the secant scaling in K's metric, as the diagonal H₀'s γ_D). Between refreshes, every ``refresh``
+accepted steps, the factors are held.
 
 A factor of more than ``LOW_RANK_ABOVE`` rows (the MNIST CNN's hidden layer: 4,609) is kept as its samples' inputs
-Z = X / √N (A = ZᵀZ, of rank ≤ the samples used) and inverted by Woodbury: (ZᵀZ + εI)⁻¹ = (I − Zᵀ(εI + ZZᵀ)⁻¹Z) / ε.
+Z = X / √N (A = ZᵀZ, of rank ≤ the samples used) and inverted by Woodbury, (ZᵀZ + εI)⁻¹ = (I − Zᵀ(εI + ZZᵀ)⁻¹Z) / ε,
+or, with ``rank`` = k, by A's k largest eigenpairs and ε on the rest (:func:`_input_inverse`).
 
-What it costs: the factors take a forward and a backward over ``fraction`` of the training samples (a gradient pass's
-worth of work on them, with labels drawn from the softmax), charged to the run as ``fraction`` gradient passes when
-``charge`` (off: the upper bound, what K-FAC's direction is worth if its statistics were free), plus products that
-no gradient pass makes (for the hidden layer, ZZᵀ: samples² × 4,609 multiply-adds), not charged.
+What it costs: the factors take a forward and a backward over ``fraction`` of the training samples, charged to the
+run as ``fraction`` of a gradient pass when ``charge`` (off: the upper bound, what K-FAC's direction is worth if its
+statistics were free), plus products that no gradient pass makes (for the hidden layer, ZZᵀ: samples² × 4,609
+multiply-adds, its eigenpairs, and K⁻¹ applied to r and to each new pair), in the row's time and not in its passes.
 """
 
 from __future__ import annotations
@@ -52,7 +56,11 @@ class KroneckerFactors:
         fisher: str = "sampled",
         damping_mode: str = "layer",
         rank: int | None = None,
+        distribution: str = "categorical",
     ) -> None:
+        if distribution not in ("categorical", "bernoulli"):
+            raise ValueError(f"distribution must be 'categorical' or 'bernoulli', got {distribution!r}")
+        self.distribution = distribution
         if rank is not None and rank < 1:
             raise ValueError(f"rank must be ≥ 1 (None: every direction of A's samples), got {rank}")
         self.rank = rank
@@ -98,12 +106,7 @@ class KroneckerFactors:
         try:
             with torch.enable_grad():
                 logits = self.model(inputs)
-                if self.fisher == "sampled":
-                    labels = torch.multinomial(torch.softmax(logits.detach().double(), 1), 1, generator=generator)
-                    labels = labels.squeeze(1)
-                else:
-                    labels = targets
-                loss = functional.cross_entropy(logits, labels, reduction="sum")  # Σₙ ℓₙ: g is ℓₙ's gradient
+                loss = self._sample_loss(logits, targets, generator)
                 outputs = [captured[module][1] for module, _ in self.layers]
                 gradients = torch.autograd.grad(loss, outputs)
         finally:
@@ -135,6 +138,21 @@ class KroneckerFactors:
             for (a_factor, g_factor), (a_damping, g_damping) in zip(factors, self._dampings(factors))
         ]
         self.refreshes += 1
+
+    def _sample_loss(self, logits: torch.Tensor, targets: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+        """Σₙ ℓₙ over the samples (so that g is each sample's loss gradient), ℓₙ the sample's loss at labels drawn from
+        the model's distribution (``fisher="sampled"``) or at ``targets``: a categorical over the softmax with the
+        cross-entropy, or independent Bernoullis over the sigmoids with the binary cross-entropy averaged over the
+        outputs (``nn.BCEWithLogitsLoss``'s mean, as the autoencoder's loss)."""
+        if self.distribution == "categorical":
+            if self.fisher == "sampled":
+                probabilities = torch.softmax(logits.detach().double(), 1)
+                targets = torch.multinomial(probabilities, 1, generator=generator).squeeze(1)
+            return functional.cross_entropy(logits, targets, reduction="sum")
+        if self.fisher == "sampled":
+            targets = torch.bernoulli(torch.sigmoid(logits.detach()), generator=generator)
+        outputs = logits[0].numel()
+        return functional.binary_cross_entropy_with_logits(logits, targets, reduction="sum") / outputs
 
     def _dampings(self, factors: list[tuple[torch.Tensor, torch.Tensor]]) -> list[tuple[float, float]]:
         """(ε_A, ε_G) per layer from the factors' mean diagonals a = tr(A)/dim A, g = tr(G)/dim G:
@@ -259,6 +277,7 @@ class FlatKFAC(FlatSCG):
         fisher: str = "sampled",
         damping_mode: str = "layer",
         rank: int | None = None,
+        distribution: str = "categorical",
         recompute: bool = True,
         charge: bool = True,
         seed: int = 0,
@@ -269,7 +288,7 @@ class FlatKFAC(FlatSCG):
             raise ValueError(f"refresh must be ≥ 1 and 0 < fraction ≤ 1, got {refresh} and {fraction}")
         self.memory, self.damping, self.fisher, self.damping_mode = memory, damping, fisher, damping_mode
         self.refresh, self.fraction, self.charge = refresh, fraction, charge
-        self.rank, self.recompute = rank, recompute
+        self.rank, self.recompute, self.distribution = rank, recompute, distribution
         self.generator = torch.Generator().manual_seed(seed)
         self.factors: KroneckerFactors | None = None
         self.closure: Any = None
@@ -280,7 +299,7 @@ class FlatKFAC(FlatSCG):
         if self.factors is None:
             self.closure = closure
             self.factors = KroneckerFactors(
-                closure.model, self.params, self.damping, self.fisher, self.damping_mode, self.rank
+                closure.model, self.params, self.damping, self.fisher, self.damping_mode, self.rank, self.distribution
             )
             self.pairs = KfacPairs([self._flat()], self.memory, self.factors, self.recompute)
         return super().step(closure)

@@ -171,6 +171,8 @@ def test_the_sampled_fisher_draws_the_labels_from_the_models_softmax():
         ({"damping": 0.0}, "damping"),
         ({"damping": 0.1, "fisher": "true"}, "fisher"),
         ({"damping": 0.1, "damping_mode": "per-weight"}, "damping_mode"),
+        ({"damping": 0.1, "distribution": "gaussian"}, "distribution"),
+        ({"damping": 0.1, "rank": 0}, "rank"),
     ],
 )
 def test_bad_settings_are_refused_by_name(arguments, message):
@@ -321,3 +323,39 @@ def test_a_charged_row_races_in_levers_py_and_pays_for_its_factors(monkeypatch, 
     assert row in text
     (variant,) = made
     assert variant.factors.refreshes >= 2 and variant.factor_passes == 0.25 * variant.factors.refreshes
+
+
+def test_the_bernoulli_fisher_draws_each_output_from_its_sigmoid_and_averages_over_the_outputs():
+    """An autoencoder-like model under the binary cross-entropy. With every sigmoid all but 0 or 1, the labels drawn
+    are those: the sampled Fisher's factors are the empirical Fisher's for them. Its G is that of ℓₙ, the BCE
+    averaged over the sample's outputs (here at random bits as labels, the sigmoids away from 0 and 1)."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 3), nn.Tanh(), nn.Linear(3, 6)).double()
+    params = list(model.parameters())
+    inputs = torch.rand(5, 6, dtype=torch.float64, generator=torch.Generator().manual_seed(3))
+    bits = torch.randint(0, 2, (5, 6), generator=torch.Generator().manual_seed(4)).double()
+    factors = KroneckerFactors(model, params, damping=0.1, fisher="empirical", distribution="bernoulli")
+    factors.refresh(inputs, bits, torch.Generator().manual_seed(0))
+    logits = model(inputs)
+    loss = functional.binary_cross_entropy_with_logits(logits, bits, reduction="sum")
+    (gradient,) = torch.autograd.grad(loss, logits)
+    per_sample = gradient.detach() / 6  # each ℓₙ averages its 6 outputs
+    g = per_sample.T @ per_sample / 5
+    damped = g + 0.1 * g.diagonal().mean() * torch.eye(6, dtype=torch.float64)
+    torch.testing.assert_close(factors.inverses[1][1], torch.linalg.inv(damped))
+
+    with torch.no_grad():
+        model[2].bias.copy_(torch.tensor([40.0, -40.0, 40.0, -40.0, 40.0, -40.0], dtype=torch.float64))
+    drawn = (model[2].bias > 0).double().expand(5, 6)
+    v = torch.randn(sum(p.numel() for p in params), dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+    solved = {}
+    for name, fisher, labels in [
+        ("sampled", "sampled", bits),
+        ("drawn", "empirical", drawn),
+        ("bits", "empirical", bits),
+    ]:
+        factors = KroneckerFactors(model, params, damping=0.1, fisher=fisher, distribution="bernoulli")
+        factors.refresh(inputs, labels, torch.Generator().manual_seed(0))
+        solved[name] = factors.inverse_product(v)
+    torch.testing.assert_close(solved["sampled"], solved["drawn"])
+    assert not torch.allclose(solved["sampled"], solved["bits"])
