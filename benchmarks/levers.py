@@ -106,6 +106,16 @@ def levers() -> dict[str, Row]:
     }
 
 
+def race_rows(names: list[str] | None = None) -> dict[str, Row]:
+    """The rows of the race table: :func:`levers`, or the rows ``names`` of either table. A name in both (``SCG m=20``:
+    the library's mode here, every trial a gradient pass in :func:`passes_rows`) is the race table's row."""
+    rows = levers()
+    if not names:
+        return rows
+    every_row = {**passes_rows(), **rows}
+    return {name: every_row[name] for name in names}
+
+
 def passes_rows() -> dict[str, Row]:
     """The rows of ``--table passes``: the library's mode, its flat copy, and one rule change (or a combination of
     the ones that won) per row; all of them one gradient pass per step, so passes are all that differ."""
@@ -421,11 +431,7 @@ def main(argv: list[str] | None = None) -> int:
         model = problem.make_model()
         initial = copy.deepcopy(model.state_dict())
         costs = calibrate(problem, initial)
-        rows = levers()
-        if args.rows:
-            every_row = {**rows, **passes_rows()}
-            rows = {row: every_row[row] for row in args.rows}
-        results = race(problem, initial, costs, rows)
+        results = race(problem, initial, costs, race_rows(args.rows))
         analysis = analyse(problem, results)
         lines += table(name, results, analysis) + [""]
         print("\n".join(lines[-len(results) - 3 :]), flush=True)

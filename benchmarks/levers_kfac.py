@@ -36,10 +36,25 @@ from typing import Any
 import torch
 import torch.nn.functional as functional
 from levers_variants import FlatSCG, TwoLoopPairs
+from peers_metering import BudgetSpent
 from torch import nn
 
 LOW_RANK_ABOVE = 1024
 """A factor with more rows than this is kept as Z (A = ZᵀZ) and inverted by Woodbury."""
+
+
+def check_settings(damping: float, fisher: str, damping_mode: str, rank: int | None, distribution: str) -> None:
+    """Refuse, by name, a setting :class:`KroneckerFactors` does not have."""
+    if not damping > 0.0:
+        raise ValueError(f"damping κ must be > 0, got {damping}")
+    if fisher not in ("sampled", "empirical"):
+        raise ValueError(f"fisher must be 'sampled' or 'empirical', got {fisher!r}")
+    if damping_mode not in ("layer", "global"):
+        raise ValueError(f"damping_mode must be 'layer' or 'global', got {damping_mode!r}")
+    if rank is not None and rank < 1:
+        raise ValueError(f"rank must be ≥ 1 (None: every direction of A's samples), got {rank}")
+    if distribution not in ("categorical", "bernoulli"):
+        raise ValueError(f"distribution must be 'categorical' or 'bernoulli', got {distribution!r}")
 
 
 class KroneckerFactors:
@@ -58,20 +73,9 @@ class KroneckerFactors:
         rank: int | None = None,
         distribution: str = "categorical",
     ) -> None:
-        if distribution not in ("categorical", "bernoulli"):
-            raise ValueError(f"distribution must be 'categorical' or 'bernoulli', got {distribution!r}")
-        self.distribution = distribution
-        if rank is not None and rank < 1:
-            raise ValueError(f"rank must be ≥ 1 (None: every direction of A's samples), got {rank}")
-        self.rank = rank
-        if fisher not in ("sampled", "empirical"):
-            raise ValueError(f"fisher must be 'sampled' or 'empirical', got {fisher!r}")
-        if damping_mode not in ("layer", "global"):
-            raise ValueError(f"damping_mode must be 'layer' or 'global', got {damping_mode!r}")
-        self.damping_mode = damping_mode
-        if not damping > 0.0:
-            raise ValueError(f"damping κ must be > 0, got {damping}")
+        check_settings(damping, fisher, damping_mode, rank, distribution)
         self.model, self.damping, self.fisher = model, damping, fisher
+        self.damping_mode, self.rank, self.distribution = damping_mode, rank, distribution
         offsets, offset = {}, 0
         for p in params:
             offsets[id(p)] = offset
@@ -81,6 +85,10 @@ class KroneckerFactors:
         covered = 0
         for module in model.modules():
             if isinstance(module, (nn.Linear, nn.Conv2d)):
+                if isinstance(module, nn.Conv2d) and (
+                    module.groups != 1 or module.padding_mode != "zeros" or isinstance(module.padding, str)
+                ):
+                    raise ValueError("KroneckerFactors takes convolutions of one group, zero padding given in numbers")
                 if module.bias is None:
                     raise ValueError("KroneckerFactors expects every layer to have a bias")
                 start = offsets[id(module.weight)]
@@ -125,7 +133,11 @@ class KroneckerFactors:
                 output_rows = gradient.flatten(2).transpose(1, 2).reshape(-1, gradient.shape[1]).double()
                 g_factor = output_rows.T @ output_rows / (samples * positions)
             else:
-                rows = layer_input.flatten(1)
+                if layer_input.dim() != 2:
+                    raise ValueError(
+                        f"KroneckerFactors takes a linear layer's input as (N, features): {tuple(layer_input.shape)}"
+                    )
+                rows = layer_input
                 g_factor = gradient.T.double() @ gradient.double() / samples
             rows = torch.cat([rows, torch.ones(rows.shape[0], 1, dtype=rows.dtype)], dim=1)
             if rows.shape[1] > LOW_RANK_ABOVE:
@@ -283,6 +295,9 @@ class FlatKFAC(FlatSCG):
         seed: int = 0,
         **options: Any,
     ) -> None:
+        if options.get("reject_pairs"):
+            raise ValueError("FlatKFAC counts accepted steps in _precondition: not with reject_pairs")
+        check_settings(damping, fisher, damping_mode, rank, distribution)
         super().__init__(params, memory=memory, **options)
         if refresh < 1 or not 0.0 < fraction <= 1.0:
             raise ValueError(f"refresh must be ≥ 1 and 0 < fraction ≤ 1, got {refresh} and {fraction}")
@@ -323,7 +338,13 @@ class FlatKFAC(FlatSCG):
             inputs, targets = inputs[chosen], targets[chosen]
         if self.charge:
             share = count / self.closure.problem.train[0].shape[0]
-            self.closure.charge("gradient", cost=share)
+            try:
+                self.closure.charge("gradient", cost=share)
+            except BudgetSpent:
+                if self.factors.refreshes == 0:
+                    raise
+                return  # the factors held serve this last step; the run ends at its next evaluation, after the
+                # accepted point this step reached is recorded (levers.py records it when step returns)
             self.closure.calls["gradient"] -= 1  # charged to the budget, not a call of the accumulator's
             self.factor_passes += share
         self.factors.refresh(inputs, targets, self.generator)

@@ -359,3 +359,87 @@ def test_the_bernoulli_fisher_draws_each_output_from_its_sigmoid_and_averages_ov
         solved[name] = factors.inverse_product(v)
     torch.testing.assert_close(solved["sampled"], solved["drawn"])
     assert not torch.allclose(solved["sampled"], solved["bits"])
+
+
+def test_the_sampled_labels_are_drawn_not_picked_the_output_layers_g_is_the_softmaxs_covariance():
+    """Over 4,000 copies of one image the output layer's G (gradients p − e_y, y drawn from p) is diag(p) − ppᵀ up to
+    sampling error: the labels are drawn from p, not its argmax."""
+    model, inputs, _ = small_problem()
+    with torch.no_grad():
+        model.output.weight.zero_()
+        model.output.bias.copy_(torch.log(torch.tensor([0.5, 0.3, 0.2], dtype=torch.float64)))
+    copies = inputs[:1].expand(4000, 1, 5, 5)
+    factors = KroneckerFactors(model, list(model.parameters()), damping=0.1)
+    factors.refresh(copies, torch.zeros(4000, dtype=torch.int64), torch.Generator().manual_seed(0))
+    damped = torch.linalg.inv(factors.inverses[2][1])  # G + 0.1 · mean diag(G) · I
+    g = damped - 0.1 / 1.1 * damped.diagonal().mean() * torch.eye(3, dtype=torch.float64)
+    p = torch.tensor([0.5, 0.3, 0.2], dtype=torch.float64)
+    torch.testing.assert_close(g, torch.diag(p) - torch.outer(p, p), rtol=0.0, atol=0.03)
+
+
+def test_layers_it_would_factor_wrongly_are_refused():
+    grouped = nn.Sequential(nn.Conv2d(2, 2, 3, groups=2), nn.Flatten(), nn.Linear(18, 3))
+    with pytest.raises(ValueError, match="one group"):
+        KroneckerFactors(grouped, list(grouped.parameters()), damping=0.1)
+    reflected = nn.Sequential(nn.Conv2d(1, 2, 3, padding=1, padding_mode="reflect"), nn.Flatten(), nn.Linear(50, 3))
+    with pytest.raises(ValueError, match="zero padding"):
+        KroneckerFactors(reflected, list(reflected.parameters()), damping=0.1)
+    sequence = nn.Sequential(nn.Linear(4, 3), nn.Flatten(), nn.Linear(6, 3))
+    factors = KroneckerFactors(sequence, list(sequence.parameters()), damping=0.1)
+    with pytest.raises(ValueError, match=r"\(N, features\)"):
+        factors.refresh(torch.randn(5, 2, 4), torch.zeros(5, dtype=torch.int64), torch.Generator())
+
+
+def test_the_variant_refuses_bad_settings_when_made_not_at_its_first_step():
+    params = list(SmallCNN().parameters())
+    with pytest.raises(ValueError, match="damping"):
+        FlatKFAC(params, damping=-1.0)
+    with pytest.raises(ValueError, match="distribution"):
+        FlatKFAC(params, distribution="poisson")
+    with pytest.raises(ValueError, match="reject_pairs"):
+        FlatKFAC(params, reject_pairs=True)
+
+
+def test_the_factors_are_formed_over_the_share_of_the_samples_asked_for(monkeypatch):
+    closure = ClassifierClosure()
+    variant = FlatKFAC(list(closure.model.parameters()), memory=5, damping=0.1, fraction=0.25, refresh=2)
+    sizes = []
+    original = KroneckerFactors.refresh
+
+    def recorded(self, inputs, targets, generator):
+        sizes.append((inputs.shape[0], targets.shape[0]))
+        original(self, inputs, targets, generator)
+
+    monkeypatch.setattr(KroneckerFactors, "refresh", recorded)
+    for _ in range(6):
+        variant.step(closure)
+    assert len(sizes) >= 2 and set(sizes) == {(6, 6)}  # 25 % of 24
+
+
+def test_a_refresh_the_budget_cannot_pay_for_keeps_the_factors_and_lets_the_step_end():
+    """The last accepted step must still return (so that the race records its point); the factors held serve it.
+    Before any factors are formed, the budget's refusal ends the run as any evaluation's does."""
+
+    budget_spent = levers_kfac.BudgetSpent
+    closure = ClassifierClosure()
+    variant = FlatKFAC(list(closure.model.parameters()), memory=5, damping=0.1, refresh=1)
+    variant.step(closure)
+    assert variant.factors.refreshes == 1
+    refusals = []
+
+    def refuse(kind, cost=None):
+        refusals.append(kind)
+        raise budget_spent
+
+    closure.charge = refuse
+    for _ in range(10):  # until an accepted step asks for a refresh
+        loss = variant.step(closure)
+        if refusals:
+            break
+    assert refusals and variant.factors.refreshes == 1
+    assert loss == variant.loss  # the step returned its accepted point
+    fresh_closure = ClassifierClosure()
+    fresh_closure.charge = refuse
+    fresh = FlatKFAC(list(fresh_closure.model.parameters()), memory=5, damping=0.1)
+    with pytest.raises(budget_spent):
+        fresh.step(fresh_closure)

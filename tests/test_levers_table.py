@@ -106,3 +106,20 @@ def test_the_race_tables_long_row_name_keeps_the_columns_aligned(levers):
     _, columns, short, long = levers.table("mnist", results, {"targets": [1.0, 0.1, 0.01]})
     assert columns.index("rejected") + len("rejected") == short.index("1/9") + len("1/9") == long.index("2/9") + 3
     assert short.index("0.60") == long.index("0.60")
+
+
+def test_a_row_named_in_both_tables_races_as_the_race_tables_row(levers, monkeypatch):
+    """``--rows "SCG m=20"`` in the race table is the library's mode (a trial its loss rejects costs its forward),
+    not ``--table passes``'s row of that name (every trial a gradient pass, the library before lever 12)."""
+    made = []
+
+    def recording_scg(**options):
+        made.append(options)
+        return options
+
+    monkeypatch.setattr(levers, "scg", recording_scg)
+    rows = levers.race_rows(["SCG m=20", "SCG m=20, loss first"])
+    assert rows["SCG m=20"].get("loss_first", True) is True
+    assert rows["SCG m=20, loss first"] == rows["SCG m=20"]
+    assert levers.passes_rows()["SCG m=20"]["loss_first"] is False
+    assert set(levers.race_rows()) == set(levers.levers())
