@@ -275,9 +275,10 @@ class KfacPairs(TwoLoopPairs):
 
 class FlatKFAC(FlatSCG):
     """:class:`levers_variants.FlatSCG` with :class:`KfacPairs`: the library's secant mode (loss first) whose H₀ is
-    γ_K K⁻¹, the factors formed at the first preconditioned step and then after every ``refresh`` accepted steps,
-    over ``fraction`` of the training samples (drawn afresh at each refresh, ``seed``); ``rank``: A's largest
-    eigenpairs kept for the large factors (:func:`_input_inverse`); ``recompute``: :class:`KfacPairs`'s."""
+    γ_K K⁻¹, the factors formed at the first accepted point (for the first preconditioned direction) and then after
+    every ``refresh`` accepted steps, over ``fraction`` of the training samples (drawn afresh at each refresh,
+    ``seed``); ``rank``: A's largest eigenpairs kept for the large factors (:func:`_input_inverse`); ``recompute``:
+    :class:`KfacPairs`'s."""
 
     def __init__(
         self,
