@@ -31,6 +31,7 @@ multiply-adds, its eigenpairs, and K⁻¹ applied to r and to each new pair), in
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -98,7 +99,8 @@ class KroneckerFactors:
                 covered += module.weight.numel() + module.bias.numel()
         if covered != self.size:
             raise ValueError("KroneckerFactors covers nn.Linear and nn.Conv2d layers only; the model has others")
-        self.inverses: list[tuple[Any, torch.Tensor]] = []
+        self.inverses: list[tuple[Callable[[torch.Tensor], torch.Tensor], torch.Tensor]] = []
+        """Per layer: V ↦ V (A + ε_A I)⁻¹ (in float64), and (G + ε_G I)⁻¹."""
         self.refreshes = 0
 
     @torch.no_grad()
@@ -173,7 +175,7 @@ class KroneckerFactors:
         means = [(_mean_diagonal(a_factor), float(g_factor.diagonal().mean())) for a_factor, g_factor in factors]
         if self.damping_mode == "layer":
             return [(self.damping * a, self.damping * g) for a, g in means]
-        sizes = [(_width(a_factor), g_factor.shape[0]) for a_factor, g_factor in factors]
+        sizes = [(a_factor.shape[1], g_factor.shape[0]) for a_factor, g_factor in factors]
         weighted = sum(a * g * width * height for (a, g), (width, height) in zip(means, sizes))
         eta = self.damping * weighted / sum(width * height for width, height in sizes)
         dampings = []
@@ -187,7 +189,7 @@ class KroneckerFactors:
         if not self.inverses:
             raise RuntimeError("KroneckerFactors.inverse_product before refresh")
         out = torch.empty_like(v)
-        for (module, start), (a_inverse, g_inverse) in zip(self.layers, self.inverses):
+        for (module, start), (times_a_inverse, g_inverse) in zip(self.layers, self.inverses):
             outputs = module.weight.shape[0]
             weights = module.weight.numel()
             width = weights // outputs
@@ -195,16 +197,7 @@ class KroneckerFactors:
                 [v[start : start + weights].view(outputs, width), v[start + weights : start + weights + outputs, None]],
                 dim=1,
             )
-            if isinstance(a_inverse, tuple) and a_inverse[0] == "eigen":
-                _, basis, coefficients, epsilon = a_inverse
-                right = (block / epsilon + ((block @ basis) * coefficients) @ basis.T).double()
-            elif isinstance(a_inverse, tuple):
-                _, z, factor, epsilon = a_inverse
-                projected = torch.cholesky_solve((block @ z.T).T.double(), factor).to(z.dtype)  # (εI + ZZᵀ)⁻¹ Z Vᵀ
-                right = ((block - projected.T @ z) / epsilon).double()
-            else:
-                right = block.double() @ a_inverse
-            result = (g_inverse @ right).to(v.dtype)
+            result = (g_inverse @ times_a_inverse(block)).to(v.dtype)
             out[start : start + weights] = result[:, :width].reshape(-1)
             out[start + weights : start + weights + outputs] = result[:, width]
         return out
@@ -217,26 +210,32 @@ def _mean_diagonal(a_factor: torch.Tensor) -> float:
     return float(a_factor.diagonal().mean())
 
 
-def _width(a_factor: torch.Tensor) -> int:
-    return int(a_factor.shape[1])
-
-
-def _input_inverse(a_factor: torch.Tensor, epsilon: float, rank: int | None = None) -> Any:
-    """(A + εI)⁻¹: the matrix; for A = ZᵀZ given as Z, ("low-rank", Z, the Cholesky factor of εI + ZZᵀ, ε), or with
-    ``rank`` k, ("eigen", U, c): A's k largest eigenpairs U, Λ (from ZZᵀ's) and c = 1/(Λ + ε) − 1/ε, so that
-    (A + εI)⁻¹v ≈ v/ε + U c Uᵀv (the rest of A's spectrum taken as 0)."""
+def _input_inverse(
+    a_factor: torch.Tensor, epsilon: float, rank: int | None = None
+) -> Callable[[torch.Tensor], torch.Tensor]:
+    """V ↦ V (A + εI)⁻¹ (float64), for A a matrix or, with more columns than ``LOW_RANK_ABOVE``, A = ZᵀZ given as Z:
+    by Woodbury, V(A + εI)⁻¹ = (V − ((εI + ZZᵀ)⁻¹ Z Vᵀ)ᵀ Z) / ε; or with ``rank`` k by A's k largest eigenpairs U, Λ
+    (from ZZᵀ's), V(A + εI)⁻¹ ≈ V/ε + (VU) c Uᵀ with c = 1/(Λ + ε) − 1/ε (the rest of A's spectrum taken as 0)."""
     if a_factor.shape[1] <= LOW_RANK_ABOVE:
-        return _damped_inverse(a_factor, epsilon)
-    inner = (a_factor @ a_factor.T).double()
-    if rank is not None:
-        eigenvalues, vectors = torch.linalg.eigh(inner)
-        eigenvalues, vectors = eigenvalues[-rank:].clamp_min(0.0), vectors[:, -rank:]
-        kept = eigenvalues > 0.0
-        basis = (a_factor.T.double() @ (vectors[:, kept] / eigenvalues[kept].sqrt())).to(a_factor.dtype)  # U = ZᵀQΛ^-½
-        coefficients = 1.0 / (eigenvalues[kept] + epsilon) - 1.0 / epsilon
-        return ("eigen", basis, coefficients.to(a_factor.dtype), epsilon)
-    inner.diagonal().add_(epsilon)
-    return ("low-rank", a_factor, torch.linalg.cholesky(inner), epsilon)
+        inverse = _damped_inverse(a_factor, epsilon)
+        return lambda block: block.double() @ inverse
+    z = a_factor
+    inner = (z @ z.T).double()
+    if rank is None:
+        inner.diagonal().add_(epsilon)
+        factor = torch.linalg.cholesky(inner)
+
+        def woodbury(block: torch.Tensor) -> torch.Tensor:
+            projected = torch.cholesky_solve((block @ z.T).T.double(), factor).to(z.dtype)  # (εI + ZZᵀ)⁻¹ Z Vᵀ
+            return ((block - projected.T @ z) / epsilon).double()
+
+        return woodbury
+    eigenvalues, vectors = torch.linalg.eigh(inner)
+    eigenvalues, vectors = eigenvalues[-rank:].clamp_min(0.0), vectors[:, -rank:]
+    kept = eigenvalues > 0.0
+    basis = (z.T.double() @ (vectors[:, kept] / eigenvalues[kept].sqrt())).to(z.dtype)  # U = ZᵀQΛ^-½
+    coefficients = (1.0 / (eigenvalues[kept] + epsilon) - 1.0 / epsilon).to(z.dtype)
+    return lambda block: (block / epsilon + ((block @ basis) * coefficients) @ basis.T).double()
 
 
 def _damped_inverse(factor: torch.Tensor, epsilon: float) -> torch.Tensor:
