@@ -81,6 +81,12 @@ def moller_lambda_variant(**changes: Any) -> Row:
     return flat_variant(**{"decrease": 4.0, **changes})
 
 
+def kfac_variant(damping: float, **changes: Any) -> Row:
+    """:func:`flat_variant` of :class:`levers_kfac.FlatKFAC` (lever 71) with damping κ = ``damping``, "global" unless
+    ``changes`` say otherwise, loss first, and ``changes`` on top."""
+    return flat_variant(FlatKFAC, **{"damping": damping, "damping_mode": "global", "loss_first": True, **changes})
+
+
 PREVIOUS_MODE = {"first_step": "finite-difference", "gamma_window": 1}
 """The library's ``SCG(memory=m)`` before it adopted the scaled first step and γ = max (the baseline of the rule
 rows below, so that their tables in benchmarks/results/ stay reproducible)."""
@@ -221,26 +227,15 @@ def passes_rows() -> dict[str, Row]:
         "L-SR1 m=20, b₀ below the pencil, loss first": flat_variant(FlatSR1, initial="pencil"),
         "L-SR1 m=40, b₀ below the pencil, loss first": flat_variant(FlatSR1, memory=40, initial="pencil"),
         **{
-            f"K-FAC H₀ {mode} κ={damping:g}, free factors": flat_variant(
-                FlatKFAC, damping=damping, damping_mode=mode, charge=False, loss_first=True
-            )
+            f"K-FAC H₀ {mode} κ={damping:g}, free factors": kfac_variant(damping, damping_mode=mode, charge=False)
             for mode, dampings in (("layer", (1.0, 3.0)), ("global", (1e-3, 1e-2, 0.1, 0.3, 1.0, 3.0, 10.0)))
             for damping in dampings
         },
-        "K-FAC H₀ global κ=10, every step, rank 64, free factors": flat_variant(
-            FlatKFAC, damping=10.0, damping_mode="global", rank=64, charge=False, loss_first=True
-        ),
+        "K-FAC H₀ global κ=10, every step, rank 64, free factors": kfac_variant(10.0, rank=64, charge=False),
         **{
             f"K-FAC H₀ global κ={damping:g}, {percent} % every {period}, rank 64"
-            f"{', γ_K recomputed' if recompute else ''}": flat_variant(
-                FlatKFAC,
-                damping=damping,
-                damping_mode="global",
-                fraction=percent / 100,
-                refresh=period,
-                rank=64,
-                recompute=recompute,
-                loss_first=True,
+            f"{', γ_K recomputed' if recompute else ''}": kfac_variant(
+                damping, fraction=percent / 100, refresh=period, rank=64, recompute=recompute
             )
             for damping, percent, period, recompute in (
                 (10.0, 25, 5, False),
@@ -257,14 +252,8 @@ def passes_rows() -> dict[str, Row]:
             )
         },
         **{
-            f"K-FAC H₀ global κ=10, {percent} % every 5, Bernoulli": flat_variant(
-                FlatKFAC,
-                damping=10.0,
-                damping_mode="global",
-                fraction=percent / 100,
-                refresh=5,
-                distribution="bernoulli",
-                loss_first=True,
+            f"K-FAC H₀ global κ=10, {percent} % every 5, Bernoulli": kfac_variant(
+                10.0, fraction=percent / 100, refresh=5, distribution="bernoulli"
             )
             for percent in (5, 25)
         },
@@ -350,7 +339,7 @@ def passes_table(problem_name: str, per_seed: list[list[dict[str, Any]]]) -> lis
     some are and the others a number), and the final loss at
     the budget as a ratio to torch LBFGS's: the geometric mean over the seeds, then each seed's after "×"."""
     seeds = len(per_seed)
-    width = max(26, 2 + max(len(result["name"]) for result in per_seed[0]))  # a long row name keeps its columns
+    width = _name_width(per_seed[0], 26)
     lines = [
         f"## {problem_name}: passes to T1 / T2 / T3 ÷ LBFGS(100)'s, {seeds} seed(s); final loss ÷ LBFGS(100)'s",
         f"{'row':<{width}}{'geo-mean':>20}{'final':>9}   per seed",
@@ -368,6 +357,11 @@ def passes_table(problem_name: str, per_seed: list[list[dict[str, Any]]]) -> lis
     return lines
 
 
+def _name_width(results: list[dict[str, Any]], minimum: int) -> int:
+    """The row-name column's width: ``minimum``, or wider so that a long row name keeps the columns after it."""
+    return max(minimum, 2 + max(len(result["name"]) for result in results))
+
+
 def _mean_cell(column: list[dict[str, Any]]) -> str:
     """The geometric mean over the seeds of one target's passes ratio, as :func:`passes_table` prints it."""
     if not all(entry["reached"] for entry in column):
@@ -381,7 +375,7 @@ def _mean_cell(column: list[dict[str, Any]]) -> str:
 
 
 def table(problem_name: str, results: list[dict[str, Any]], analysis: dict[str, Any]) -> list[str]:
-    width = max(22, 2 + max(len(result["name"]) for result in results))  # a long row name keeps its columns
+    width = _name_width(results, 22)
     lines = [
         f"## {problem_name}: targets {' / '.join(f'{t:.4g}' for t in analysis['targets'])}",
         f"{'row':<{width}}{'time→T1':>8}{'T2':>6}{'T3':>6}{'passes→T1':>11}{'T2':>6}{'T3':>6}{'final ×LBFGS':>13}"
