@@ -45,7 +45,7 @@ from levers_kfac import FlatKFAC
 from levers_sr1 import FlatSR1
 from levers_variants import FlatSCG
 from peers import race
-from peers_adapters import SCG_FAMILY, Row, lbfgs, scg, warm_up
+from peers_adapters import KRONECKER_OPTIONS, SCG_FAMILY, Row, lbfgs, scg, warm_up
 from peers_metering import Run, calibrate
 from peers_problems import PROBLEMS
 from peers_report import analyse, ratio_cell
@@ -105,6 +105,7 @@ def levers() -> dict[str, Row]:
         "SCG m=20 + FD δ": scg(hvp="finite-difference", memory=MEMORY),
         "SCG m=20 + exact δ": scg(hvp="double-backward", memory=MEMORY),
         "SCG m=20 + 10% δ": scg(hvp="double-backward", curvature_fraction=0.1, memory=MEMORY),
+        "SCG m=20, K-FAC": scg(hvp="secant", memory=MEMORY, kronecker_factors=KRONECKER_OPTIONS),
         "PCG β, FD δ": previous_mode_variant(direction="pcg", curvature="finite-difference"),
         "cubic λ": previous_mode_variant(cubic=True),
         "rejected pairs": previous_mode_variant(reject_pairs=True),
@@ -251,6 +252,7 @@ def passes_rows() -> dict[str, Row]:
                 (30.0, 5, 5, True),
             )
         },
+        "SCG m=20, K-FAC": scg(hvp="secant", memory=MEMORY, kronecker_factors=KRONECKER_OPTIONS),
         **{
             f"K-FAC H₀ global κ=10, {percent} % every 5, Bernoulli": kfac_variant(
                 10.0, fraction=percent / 100, refresh=5, distribution="bernoulli"

@@ -11,11 +11,12 @@ from typing import Any
 
 import numpy as np
 import torch
-from peers_metering import CURVATURE_FRACTION, Run, reachable_numbers
+from peers_metering import CURVATURE_FRACTION, BudgetSpent, Run, reachable_numbers
 from peers_problems import Problem, make_accumulator
 from torch import nn
 
 from moller_scg.accumulate import GradientAccumulator
+from moller_scg.kronecker import KroneckerFactors
 from moller_scg.objective import ClosureWithHvpObjective
 from moller_scg.objective.protocol import ValueThenGrad
 from moller_scg.scg import DEFAULT_MEMORY, SCG
@@ -120,6 +121,39 @@ class MeteredObjective(ClosureWithHvpObjective):
         return self._value_then_grad(loss, gradient)
 
 
+KRONECKER_LOSSES = {"mnist": "cross_entropy", "logistic": "cross_entropy", "regression": "mse"}
+"""The loss whose predictive distribution :class:`~moller_scg.kronecker.KroneckerFactors` draws labels from, for
+each problem its H₀ is raced on. Not the physics-informed net (its loss holds the network's second derivatives, not
+a likelihood of its output) nor the autoencoder (its Bernoulli factors, up to 785 × 785, lost in time as a research
+variant: docs/performance.md, lever 71)."""
+
+KRONECKER_OPTIONS = {"fraction": 0.05, "every": 5, "damping": 10.0, "rank": 64}
+"""The factors' settings of the K-FAC rows: lever 71's best on the MNIST CNN (and the library's defaults)."""
+
+
+class ChargedKroneckerFactors(KroneckerFactors):
+    """:class:`~moller_scg.kronecker.KroneckerFactors` over the run's model and training inputs, each refresh charged
+    to the run's budget as its share of a gradient pass (a forward and a backward over that share of the samples;
+    it is not an evaluation of the objective, so it is not counted as one). A refresh the budget cannot pay for keeps
+    the factors held, as lever 71's research variant did; the run ends at its next evaluation."""
+
+    def __init__(self, run: Run, **options: Any) -> None:
+        super().__init__(run.model, run.problem.train[0], loss=KRONECKER_LOSSES[run.problem.name], **options)
+        self.run = run
+
+    def refresh(self) -> None:
+        share = self.samples / self.run.problem.samples
+        try:
+            self.run.charge("gradient", cost=share)
+        except BudgetSpent:
+            if self.refreshes == 0:
+                raise
+            return
+        self.run.calls["gradient"] -= 1  # charged to the budget, not a call of the accumulator's
+        self.run.extra["factor_passes"] = self.run.extra.get("factor_passes", 0.0) + share
+        super().refresh()
+
+
 def run_scg(run: Run, hvp: str, curvature_fraction: float = 1.0, loss_first: bool = True, **scg_options: Any) -> None:
     """moller_scg.SCG, default σ and λ₁ unless ``scg_options`` (keyword arguments of ``SCG``) say otherwise; the
     objective is the run itself (its ``hvp`` gives exact curvature, its ``value_then_grad`` the trial's loss
@@ -133,6 +167,8 @@ def run_scg(run: Run, hvp: str, curvature_fraction: float = 1.0, loss_first: boo
         run.costs["hvp"] = run.calibrated["hvp_subsampled"]
     run.extra["hvp_cost"] = run.costs["hvp"]
     run.extra["scg_rejected"] = 0
+    if scg_options.get("kronecker_factors") is not None:  # the factors' settings, made into factors of this run
+        scg_options["kronecker_factors"] = ChargedKroneckerFactors(run, **scg_options["kronecker_factors"])
     optimizer = SCG(run.params, hvp=hvp, **scg_options)
     objective = MeteredObjective(run, run.params) if loss_first else run
     run.extra["record_in_step"] = True

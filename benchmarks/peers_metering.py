@@ -24,6 +24,7 @@ from peers_problems import Problem, make_accumulator
 from torch import nn
 
 from moller_scg.accumulate import GradientAccumulator
+from moller_scg.kronecker import KroneckerFactors
 
 CURVATURE_FRACTION = 0.1
 """The subsampled SCG's curvature_fraction: each E''p over a rotating 10 % of the training samples."""
@@ -300,7 +301,7 @@ class Run:
         self.peak_state_numbers = max(self.peak_state_numbers, numbers)
 
     def excluded_storages(self) -> set[int]:
-        excluded = set()
+        excluded = {self.problem.train[0].untyped_storage().data_ptr()}  # (K-FAC's factors hold the inputs)
         for p in self.params:
             excluded.add(p.untyped_storage().data_ptr())
             if p.grad is not None:
@@ -419,6 +420,7 @@ _RECURSE_MODULES = (
     "moller_scg.scg",
     "moller_scg.quasi_newton",
     "moller_scg.diagonal_scaling",
+    "moller_scg.kronecker",
     "collections",
 )
 
@@ -501,7 +503,7 @@ def reachable_numbers(roots: list[Any], excluded: set[int]) -> int:
             stack.extend((item, depth + 1) for item in value.values())
         elif isinstance(value, (nn.Module, GradientAccumulator, Run, types.ModuleType, type, types.FunctionType)):
             continue
-        elif type(value).__module__.startswith(_RECURSE_MODULES):
+        elif type(value).__module__.startswith(_RECURSE_MODULES) or isinstance(value, KroneckerFactors):
             with contextlib.suppress(TypeError):
                 stack.extend((item, depth + 1) for item in vars(value).values())
             if hasattr(type(value), "__slots__"):

@@ -1,6 +1,8 @@
 """moller_scg: full-batch training with Møller's Scaled Conjugate Gradient (SCG) in PyTorch.
 
 - :class:`SCG` — Møller's algorithm as a ``torch.optim.Optimizer`` driven by ``step(closure)``.
+- :class:`KroneckerFactors` — K-FAC's curvature of a network as the initial inverse of ``SCG(memory=m)``'s
+  quasi-Newton preconditioner.
 - :class:`GradientAccumulator` — the exact full-batch loss, gradient and Hessian-vector product, streamed in
   minibatches; the closure ``SCG.step`` calls.
 - :func:`fit` — training with stopping rules, validation early stopping, checkpoints and a :class:`History`.
@@ -17,6 +19,7 @@ from moller_scg.accumulate import GradientAccumulator, StochasticObjectiveWarnin
 from moller_scg.annealing import AnnealingRestarts
 from moller_scg.coba import CoBA
 from moller_scg.history import History
+from moller_scg.kronecker import KroneckerFactors
 from moller_scg.objective import (
     AccumulatorObjective,
     ClosureObjective,
@@ -34,6 +37,7 @@ __all__ = [
     "SCG",
     "SCGTrace",
     "SCGStalledWarning",
+    "KroneckerFactors",
     "GradientAccumulator",
     "StochasticObjectiveWarning",
     "History",

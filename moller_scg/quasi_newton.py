@@ -65,6 +65,7 @@ import torch
 from moller_scg import _vectors as vec
 from moller_scg import pair_arithmetic as arithmetic
 from moller_scg.diagonal_scaling import DiagonalScaling
+from moller_scg.kronecker import KroneckerFactors
 
 CURVATURE_CONDITION = 1e-10
 """A pair is kept only if sᵀy > CURVATURE_CONDITION · yᵀy (a scale-free form of L-BFGS's sᵀy > 0): H then stays
@@ -82,6 +83,10 @@ class SecantPairs:
             (:mod:`moller_scg.diagonal_scaling`; 2n more numbers) instead of γI. The gradients reach Λ through
             :meth:`start_scaling` (at SCG's start), :meth:`advance` / :meth:`advance_flat` (an accepted step) and
             :meth:`observe` (an accepted step that restarts).
+        kronecker_factors: H₀ = γ_K K⁻¹ with K K-FAC's Kronecker-factored curvature of the network
+            (:mod:`moller_scg.kronecker`; parameters of one dtype and device, so one block), refreshed before an
+            accepted step's direction when :meth:`KroneckerFactors.due <moller_scg.kronecker.KroneckerFactors.due>`
+            says so; γ_K = maxᵢ sᵢᵀyᵢ / yᵢᵀK⁻¹yᵢ. Not with ``diagonal_scaling``.
 
     Attributes:
         memory: m.
@@ -92,8 +97,19 @@ class SecantPairs:
         scaling: the :class:`~moller_scg.diagonal_scaling.DiagonalScaling` (v and Λ), or ``None`` (H₀ = γI).
     """
 
-    def __init__(self, params: Sequence[torch.Tensor], memory: int, diagonal_scaling: bool = False) -> None:
+    def __init__(
+        self,
+        params: Sequence[torch.Tensor],
+        memory: int,
+        diagonal_scaling: bool = False,
+        kronecker_factors: KroneckerFactors | None = None,
+    ) -> None:
+        if kronecker_factors is not None and diagonal_scaling:
+            raise ValueError("an H₀ is either diagonal (diagonal_scaling=True) or Kronecker-factored, not both")
         self.memory = memory
+        self.kronecker = kronecker_factors
+        self._kronecker_metric: dict[int, float] = {}  # slot i → yᵢᵀK⁻¹yᵢ with the factors of refresh _kronecker_seen
+        self._kronecker_seen = -1
         self.slots: list[int] = []
         self.sy = np.zeros((memory, memory))
         self.yy = np.zeros((memory, memory))
@@ -166,6 +182,7 @@ class SecantPairs:
         self._order = np.zeros(0, dtype=np.intp)
         self._ratios = []
         self._filled_in_order = True
+        self._kronecker_metric = {}
 
     def start_scaling(self, gradient: Sequence[torch.Tensor]) -> None:
         """With diagonal scaling, v and Λ from the first gradient (at SCG's start; −E' serves as well)."""
@@ -215,6 +232,7 @@ class SecantPairs:
         The same numbers as :meth:`push` then :meth:`inverse_product`, in one host synchronisation instead of two:
         the products the pair needs and Sᵀr₊, Yᵀr₊ come from one matrix product.
         """
+        self._refresh_factors_when_due()
         # Per block, one 3 × n buffer holds y = r − r₊, p and r₊: the pair's and H r₊'s only temporaries (s = αp).
         columns = []
         for members, block in zip(self._members, self.blocks):
@@ -262,6 +280,7 @@ class SecantPairs:
             prepared: :meth:`prepare_advance`'s products of these rows (y already in ``rows[0]``), or ``None`` to
                 form y and the products here.
         """
+        self._refresh_factors_when_due()
         rows, residual = self._working_flat(rows, residual)
         totals = None
         if prepared is None:
@@ -353,6 +372,7 @@ class SecantPairs:
             arithmetic.assign(stack[1, slot], stacked[0])  # y
         self._append_in_order(full, against_change[:k][older], against_change[k:][older], step_dot_change, change_sq)
         self.slots.append(slot)
+        self._kronecker_metric.pop(slot, None)
         self._order = _appended(older, slot)
         # The entries for the k slots in use (slots beyond k are empty and get theirs when they are filled).
         self.sy[:k, slot] = against_change[:k]  # Sᵀy
@@ -385,6 +405,8 @@ class SecantPairs:
         targets: list[arithmetic.Vector | None] = list(out) if out is not None else [None] * len(flat)
         if self.scaling is not None:
             return self._apply_scaled(flat, upper, r_inv_u, targets, scratch)
+        if self.kronecker is not None:
+            return self._apply_kronecker(flat, upper, r_inv_u, targets)
         gamma = self.gamma
         k = self._rows_in_use()
         w = gamma * y_dot_v[order]
@@ -439,6 +461,54 @@ class SecantPairs:
             for stack, scaled, target in zip(self._stacks, scaled_rows, targets)
         ]
 
+    def _refresh_factors_when_due(self) -> None:
+        """With Kronecker factors, count this accepted step and form the factors anew if they are due (at the first
+        accepted step, then every T), at the weights the parameters hold: the accepted ones. Before the pair is kept,
+        so that a refresh that raises leaves the pairs as they were (and SCG puts the weights back)."""
+        if self.kronecker is not None and self.kronecker.due():
+            self.kronecker.refresh()
+
+    def _apply_kronecker(
+        self,
+        flat: list[arithmetic.Vector],
+        upper: np.ndarray,
+        r_inv_u: np.ndarray,
+        targets: list[arithmetic.Vector | None],
+    ) -> list[arithmetic.Vector]:
+        """H v = γ_K K⁻¹q + S R⁻ᵀ(D R⁻¹u − γ_K YᵀK⁻¹q) with q = v − Y R⁻¹u: :meth:`_apply_scaled`'s form with K⁻¹ in
+        place of Λ (the form holds for any symmetric positive definite H₀). q goes into ``targets``, K⁻¹q is a new
+        vector; yᵢᵀK⁻¹yᵢ (for γ_K = maxᵢ sᵢᵀyᵢ / yᵢᵀK⁻¹yᵢ) is formed once per pair and factors
+        (:meth:`_kronecker_curvatures`)."""
+        assert self.kronecker is not None
+        m, k, order = self.memory, self._rows_in_use(), self._order
+        minus_r_inv_u_by_slot = np.zeros(m)
+        minus_r_inv_u_by_slot[order] = -r_inv_u
+        (stack,), (v,), (target,) = self._stacks, flat, targets
+        changes = stack[1, :k]
+        q = arithmetic.add_product(v, changes, minus_r_inv_u_by_slot[:k], out=target)  # q = v − Y R⁻¹u
+        (scaled,) = self._working([self.kronecker.inverse_product(arithmetic.as_tensor(q))])  # K⁻¹q
+        changes_dot_scaled = arithmetic.summed_on_host([arithmetic.row_products(scaled[None], changes).reshape(-1)])
+        changes_dot_scaled = changes_dot_scaled[order]  # YᵀK⁻¹q, oldest first
+        diagonal_of_r = upper.diagonal()  # D: sᵢᵀyᵢ
+        gamma = float((diagonal_of_r / self._kronecker_curvatures()).max())  # γ_K
+        c_s_by_slot = np.zeros(m)
+        c_s_by_slot[order] = _solve_upper(upper, diagonal_of_r * r_inv_u - gamma * changes_dot_scaled, transposed=True)
+        return [arithmetic.add_product(scaled, stack[0, :k], c_s_by_slot[:k], gamma, target)]  # γ_K K⁻¹q + S c_S
+
+    def _kronecker_curvatures(self) -> np.ndarray:
+        """yᵢᵀK⁻¹yᵢ of the pairs held, oldest first, each formed once per pair and factors (one K⁻¹ product for a new
+        pair, one per pair held after a refresh)."""
+        assert self.kronecker is not None
+        if self._kronecker_seen != self.kronecker.refreshes:
+            self._kronecker_metric, self._kronecker_seen = {}, self.kronecker.refreshes
+        (block,) = self.blocks
+        for slot in self.slots:
+            if slot not in self._kronecker_metric:
+                change = block[1, slot]
+                product = self.kronecker.inverse_product(change)
+                self._kronecker_metric[slot] = float(torch.dot(change.double(), product.double()))
+        return np.array([self._kronecker_metric[slot] for slot in self.slots])
+
     def _append_in_order(
         self, drop_oldest: bool, steps_dot_change: np.ndarray, changes_dot_change: np.ndarray, sy: float, yy: float
     ) -> None:
@@ -479,6 +549,8 @@ class SecantPairs:
         }
         if self.scaling is not None:
             state["diagonal_scaling"] = self.scaling.state_dict()
+        if self.kronecker is not None:
+            state["kronecker_factors"] = self.kronecker.state_dict()
         return state
 
     def _saved(self, block: torch.Tensor) -> torch.Tensor:
@@ -518,8 +590,17 @@ class SecantPairs:
                 f"this SCG state_dict was saved by an SCG with {saved_with}: build the optimizer with the "
                 f"diagonal_scaling it was saved with"
             )
+        if ("kronecker_factors" in state) != (self.kronecker is not None):
+            saved_with = "with" if "kronecker_factors" in state else "without"
+            raise ValueError(
+                f"this SCG state_dict was saved by an SCG {saved_with} kronecker_factors: build the optimizer as it "
+                f"was saved"
+            )
         if self.scaling is not None:
             self.scaling.load_state_dict(state["diagonal_scaling"])
+        if self.kronecker is not None:
+            self.kronecker.load_state_dict(state["kronecker_factors"])
+            self._kronecker_metric = {}
         self.slots = list(state["slots"])
         self._filled_in_order = self.slots == list(range(len(self.slots)))
         self.sy = state["sy"].to(torch.float64).numpy().copy()

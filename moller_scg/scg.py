@@ -28,6 +28,7 @@ import torch
 
 from moller_scg import _vectors as vec
 from moller_scg import quasi_newton, step_arithmetic
+from moller_scg.kronecker import KroneckerFactors
 from moller_scg.objective import Objective
 from moller_scg.scg_curvature import curvature_along
 from moller_scg.scg_direction import next_direction, restart_period
@@ -158,6 +159,13 @@ class SCG(torch.optim.Optimizer):
             net, the regression's 99.9 % target and the MNIST CNN of ``benchmarks/peers.py``, but the CNN it trained
             on the embedded MNIST digits tested 0.3–1.8 points lower (3 seeds), so ``fit`` keeps γI. Default
             ``False``.
+        kronecker_factors: with ``memory`` ≥ 1, a :class:`~moller_scg.kronecker.KroneckerFactors` over the model
+            and its training inputs: H₀ = γ_K K⁻¹ in place of γI, K K-FAC's Kronecker-factored Fisher of the
+            network's ``nn.Linear`` and ``nn.Conv2d`` layers, formed at the first accepted step and then every T
+            accepted steps over a share of the samples, with labels drawn from the model; γ_K = maxᵢ sᵢᵀyᵢ /
+            yᵢᵀK⁻¹yᵢ (:mod:`moller_scg.kronecker`). Every parameter must belong to such a layer, all of one dtype
+            and device. Its refreshes are forwards and backwards of the model that the objective does not count.
+            Not with ``diagonal_scaling``. The factors are held in the state dict. Default ``None``.
         **options_of_other_optimizers: none are accepted. Options of ``torch.optim.LBFGS`` or Adam kept by habit
             (``lr``, ``line_search_fn``, ``max_iter``, ``tolerance_grad``, ``history_size``, ``weight_decay``, …)
             raise a ``TypeError`` that says what SCG does instead of each.
@@ -203,6 +211,7 @@ class SCG(torch.optim.Optimizer):
         restart: int | None = None,
         memory: int = 0,
         diagonal_scaling: bool = False,
+        kronecker_factors: KroneckerFactors | None = None,
         **options_of_other_optimizers: Any,
     ) -> None:
         if options_of_other_optimizers:
@@ -218,7 +227,12 @@ class SCG(torch.optim.Optimizer):
             "diagonal_scaling": diagonal_scaling,
         }
         _validate_hyperparameters(defaults)
+        if kronecker_factors is not None:
+            _check_kronecker_factors(kronecker_factors, memory, diagonal_scaling)
         super().__init__(params, defaults)
+        self._kronecker_factors = kronecker_factors
+        if kronecker_factors is not None:
+            kronecker_factors.bind(self._params())
         if self.param_groups[0]["memory"] > 0:  # (every group has the same m)
             quasi_newton.import_linear_algebra()  # here, not inside the first step (a one-time import of SciPy)
         self._scalars = SCGScalars(lambd=float(lambd))
@@ -290,7 +304,7 @@ class SCG(torch.optim.Optimizer):
         secant_pairs = None
         if secant_pairs_state is not None:
             diagonal_scaling = bool(_saved_setting(state_dict, "diagonal_scaling", False))  # False: saved before it
-            secant_pairs = quasi_newton.SecantPairs(self._params(), memory, diagonal_scaling)
+            secant_pairs = quasi_newton.SecantPairs(self._params(), memory, diagonal_scaling, self._kronecker_factors)
             secant_pairs.load_state_dict(secant_pairs_state)
         super().load_state_dict(state_dict)
         _copy_loaded_vectors(self.state)  # r and p, not shared with the dict: step 7 updates p in place
@@ -414,8 +428,17 @@ class SCG(torch.optim.Optimizer):
             # H = I: p₁ = r₁. The storage of the pairs is kept across restarts while the parameters stay the same.
             diagonal_scaling = self._diagonal_scaling
             pairs = self._secant_pairs
-            if pairs is None or not pairs.fits(params) or (pairs.scaling is not None) != diagonal_scaling:
-                pairs = self._secant_pairs = quasi_newton.SecantPairs(params, memory, diagonal_scaling)
+            kronecker_factors = self._kronecker_factors
+            if (
+                pairs is None
+                or not pairs.fits(params)
+                or (pairs.scaling is not None) != diagonal_scaling
+                or pairs.kronecker is not kronecker_factors
+            ):
+                if kronecker_factors is not None:
+                    kronecker_factors.bind(params)  # (a parameter group added since construction)
+                pairs = quasi_newton.SecantPairs(params, memory, diagonal_scaling, kronecker_factors)
+                self._secant_pairs = pairs
             pairs.clear()
             pairs.start_scaling(gradients)
         scalars.loss = loss
@@ -608,6 +631,18 @@ class SCG(torch.optim.Optimizer):
         self._storage = _StateVectors()
         self._param_versions = None
         self._warned_stalled = False
+
+
+def _check_kronecker_factors(kronecker_factors: Any, memory: Any, diagonal_scaling: Any) -> None:
+    """Refuse, by name, a ``kronecker_factors`` argument SCG cannot use."""
+    if not isinstance(kronecker_factors, KroneckerFactors):
+        raise TypeError(
+            f"kronecker_factors must be a moller_scg.KroneckerFactors, got {type(kronecker_factors).__name__}"
+        )
+    if memory == 0:
+        raise ValueError("kronecker_factors is the initial inverse H₀ of the quasi-Newton mode: pass memory=m ≥ 1 too")
+    if diagonal_scaling:
+        raise ValueError("an H₀ is either diagonal (diagonal_scaling=True) or Kronecker-factored, not both")
 
 
 def _saved_setting(state_dict: Any, key: str, default: Any = None) -> Any:

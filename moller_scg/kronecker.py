@@ -1,0 +1,475 @@
+"""K-FAC's Kronecker-factored curvature K of a network, as the initial inverse H₀ = γ_K K⁻¹ of ``SCG(memory=m)``.
+
+The secant mode's H₀ = γI (and the diagonal H₀) use nothing of the network's structure. K-FAC (Martens & Grosse
+2015; for convolutions, KFC: Grosse & Martens 2016) does: for each ``nn.Linear`` or ``nn.Conv2d`` layer with weights
+and bias V (out × in + 1), the block of the Fisher F = E[∇ℓ ∇ℓᵀ] that belongs to V is approximated by A ⊗ G,
+
+* A = (1/N) Σₙ Σₜ aₙₜ aₙₜᵀ (summed over positions, as KFC's Ω), the layer's inputs aₙₜ with a 1 appended for the
+  bias (t: the positions of a convolution's patches, or of a linear layer's leading dimensions beyond the batch's;
+  one for a 2-D input),
+* G = (1/(N T)) Σₙ Σₜ gₙₜ gₙₜᵀ, the gradients of sample n's loss ℓₙ with respect to the layer's outputs at
+  position t (T positions), at labels drawn from the model's own predictive distribution — the *sampled* Fisher:
+  a categorical over the softmax for ``loss="cross_entropy"``, independent Bernoullis over the sigmoids for
+  ``"binary_cross_entropy"`` (with logits), a unit Gaussian around the output for ``"mse"``,
+
+and the block's damped inverse applied to V is (G + ε_G I)⁻¹ V (A + ε_A I)⁻¹. The damping is Tikhonov's: one
+η = κ · (the mean diagonal of K over all the weights), κ = ``damping``, split between each layer's factors by
+π = √(a/g), with a and g the factors' mean diagonals (Martens & Grosse 2015, §6.3): ε_A = π√η, ε_G = √η/π.
+
+The secant pairs set K⁻¹'s scale: γ_K = maxᵢ sᵢᵀyᵢ / yᵢᵀK⁻¹yᵢ over the pairs held
+(:mod:`moller_scg.quasi_newton`), as γ = maxᵢ sᵢᵀyᵢ / yᵢᵀyᵢ sets H₀ = γI's. So K's own scale (a sum or a mean over
+outputs in ℓ) does not matter.
+
+An input factor wider than :data:`LOW_RANK_ABOVE` (the MNIST CNN's hidden layer, 4,609 wide) is never formed: it is
+kept as its samples' rows Z = X/√N (A = ZᵀZ, of rank at most the rows), and with ``rank`` = k its k largest
+eigenpairs U, Λ come from the rows' Gram matrix ZZᵀ, so that V(A + εI)⁻¹ ≈ V/ε + (VU)(1/(Λ + ε) − 1/ε)Uᵀ (the rest
+of A's spectrum taken as 0); with ``rank=None``, by Woodbury, V(A + εI)⁻¹ = (V − ((εI + ZZᵀ)⁻¹ZVᵀ)ᵀZ)/ε exactly.
+
+What it costs: each refresh, a forward and a backward over ``fraction`` of the training samples (not counted in
+the objective's evaluations), the factors' inverses (the small factors are inverted whole; a wide one costs its
+rows' Gram matrix, rows² × width multiply-adds, and its eigenpairs), and then K⁻¹ applied about twice a step (to
+the direction and to each new pair's y) and to every pair held at each refresh. The factors' inverses are held in
+float64 (rows × width numbers for a wide input factor, in the layer's dtype).
+
+Measured (docs/performance.md, lever 71, as a research variant): on the MNIST CNN of ``benchmarks/peers.py``,
+``SCG(memory=20)`` with this H₀ over 5 % of the digits every 5 accepted steps, κ = 10, rank 64, reached the 99 % and
+99.9 % targets in about 0.7 of LBFGS(100)'s gradient passes and time, where γI takes 0.83.
+
+References:
+    Martens, J., Grosse, R. (2015). Optimizing neural networks with Kronecker-factored approximate curvature.
+    ICML.
+    Grosse, R., Martens, J. (2016). A Kronecker-factored approximate Fisher matrix for convolution layers. ICML.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import numbers
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+import torch.nn.functional as functional
+from torch import nn
+
+LOW_RANK_ABOVE = 1024
+"""An input factor A wider than this is kept as its samples' rows Z (A = ZᵀZ) and never formed."""
+
+LOSSES = ("cross_entropy", "binary_cross_entropy", "mse")
+"""The losses whose predictive distribution the factors sample labels from: a categorical over the softmax of the
+model's (N, C) logits, independent Bernoullis over the sigmoids of its logits, a unit Gaussian around its output."""
+
+
+@dataclasses.dataclass
+class _InputInverse:
+    """V ↦ V(A + εI)⁻¹ for one layer's input factor A, as data (what a ``state_dict`` saves).
+
+    ``kind``: ``"matrix"`` (``tensors`` = [(A + εI)⁻¹]), ``"eigen"`` ([U, c] with c = 1/(Λ + ε) − 1/ε, the k largest
+    eigenpairs of A) or ``"woodbury"`` ([Z, L], L the Cholesky factor of εI + ZZᵀ).
+    """
+
+    kind: str
+    tensors: list[torch.Tensor]
+    epsilon: float
+
+    def apply(self, block: torch.Tensor) -> torch.Tensor:
+        """V(A + εI)⁻¹ in float64, V the layer's (out × in + 1) part of a vector."""
+        if self.kind == "matrix":
+            (inverse,) = self.tensors
+            return block.double() @ inverse
+        if self.kind == "eigen":
+            basis, coefficients = self.tensors
+            block = block.to(basis.dtype)
+            return (block / self.epsilon + ((block @ basis) * coefficients) @ basis.T).double()
+        rows, cholesky = self.tensors
+        block = block.to(rows.dtype)
+        projected = torch.cholesky_solve((block @ rows.T).T.double(), cholesky).to(rows.dtype)  # (εI + ZZᵀ)⁻¹ZVᵀ
+        return ((block - projected.T @ rows) / self.epsilon).double()
+
+
+@dataclasses.dataclass
+class _Layer:
+    """A factored layer: its module, where its weight (and bias) sit in the flat vector of the parameters."""
+
+    module: nn.Linear | nn.Conv2d
+    weight_offset: int
+    bias_offset: int | None
+
+
+class KroneckerFactors:
+    """K-FAC's factors of a model's ``nn.Linear`` and ``nn.Conv2d`` layers, formed every few accepted steps over a
+    random share of the training inputs, for ``SCG(params, memory=m, kronecker_factors=…)``.
+
+    Args:
+        model: the network; every parameter the optimizer is given must be the weight or bias of one of its
+            ``nn.Linear`` or ``nn.Conv2d`` layers (a convolution of one group, with zero padding given in numbers).
+        inputs: the training inputs, a tensor whose first dimension counts the samples, or a
+            ``torch.utils.data.Dataset`` (of inputs, or of tuples whose first element is the input). No labels are
+            needed: they are drawn from the model.
+        loss: which predictive distribution labels are drawn from (:data:`LOSSES`): ``"cross_entropy"`` (the model
+            returns (N, C) logits), ``"binary_cross_entropy"`` (logits of independent Bernoullis), ``"mse"``.
+        fraction: the share of the samples each refresh uses (drawn afresh each time), 0 < fraction ≤ 1. Default
+            0.05.
+        every: T, the number of accepted quasi-Newton steps between refreshes (the first comes at the first
+            accepted step). Default 5.
+        damping: κ, the Tikhonov damping relative to K's mean diagonal (the module's docstring). Default 10.
+        rank: k, the eigenpairs kept of an input factor wider than :data:`LOW_RANK_ABOVE`; ``None``: all of them,
+            by Woodbury. Default 64.
+        batch_size: the most samples one forward of a refresh takes (the factors are sums over such batches).
+            Default 1024.
+        seed: the seed of the generator that picks the samples and draws the labels. Default 0.
+
+    Attributes:
+        refreshes: how many times the factors were formed.
+        samples: the number of samples a refresh uses, max(1, round(fraction · N)).
+
+    Example:
+        >>> import torch
+        >>> from torch import nn
+        >>> from moller_scg import SCG, KroneckerFactors
+        >>> model = nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 3)).double()
+        >>> x, labels = torch.randn(200, 4, dtype=torch.float64), torch.randint(3, (200,))
+        >>> factors = KroneckerFactors(model, x, loss="cross_entropy", fraction=0.25)
+        >>> optimizer = SCG(model.parameters(), memory=10, kronecker_factors=factors)
+        >>> def closure():
+        ...     optimizer.zero_grad()
+        ...     loss = nn.functional.cross_entropy(model(x), labels)
+        ...     loss.backward()
+        ...     return loss
+        >>> first = float(closure().detach())
+        >>> for _ in range(30):
+        ...     loss = optimizer.step(closure)
+        >>> bool(loss < first) and factors.refreshes > 1
+        True
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        inputs: torch.Tensor | torch.utils.data.Dataset,
+        loss: str = "cross_entropy",
+        fraction: float = 0.05,
+        every: int = 5,
+        damping: float = 10.0,
+        rank: int | None = 64,
+        batch_size: int = 1024,
+        seed: int = 0,
+    ) -> None:
+        if not isinstance(model, nn.Module):
+            raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
+        if loss not in LOSSES:
+            raise ValueError(f"Invalid loss {loss!r}: choose one of {', '.join(map(repr, LOSSES))}")
+        if not _is_real(fraction) or not 0.0 < fraction <= 1.0:
+            raise ValueError(f"Invalid fraction {fraction!r}: the share of samples must be in (0, 1]")
+        if not _is_int(every) or every < 1:
+            raise ValueError(f"Invalid every (T) {every!r}: refresh after T ≥ 1 accepted steps")
+        if not _is_real(damping) or not 0.0 < damping < math.inf:
+            raise ValueError(f"Invalid damping (κ) {damping!r}: it must be positive and finite")
+        if rank is not None and (not _is_int(rank) or rank < 1):
+            raise ValueError(f"Invalid rank {rank!r}: keep k ≥ 1 eigenpairs, or None for all of them (Woodbury)")
+        if not _is_int(batch_size) or batch_size < 1:
+            raise ValueError(f"Invalid batch_size {batch_size!r}: it must be ≥ 1")
+        count = _sample_count(inputs)
+        self.model, self.inputs, self.loss = model, inputs, loss
+        self.fraction, self.every, self.damping, self.rank = float(fraction), int(every), float(damping), rank
+        self.batch_size = int(batch_size)
+        self.samples = max(1, round(self.fraction * count))
+        self.generator = torch.Generator().manual_seed(int(seed))
+        self.refreshes = 0
+        self.steps_since_refresh = 0
+        self._layers: list[_Layer] = []
+        self._size = 0
+        self._input_inverses: list[_InputInverse] = []  # per layer: V ↦ V(A + ε_A I)⁻¹
+        self._output_inverses: list[torch.Tensor] = []  # per layer: (G + ε_G I)⁻¹
+
+    # ----------------------------------------------------------------------------------------------------------
+    # What SCG asks
+
+    def bind(self, params: Sequence[torch.Tensor]) -> None:
+        """Map the optimizer's parameters (in its order, flattened one after the other) to the model's layers, or
+        raise a ``ValueError`` that names what the factors cannot precondition."""
+        if not params:
+            raise ValueError("KroneckerFactors: the optimizer has no parameters")
+        first = params[0]
+        for index, p in enumerate(params):
+            if p.is_complex() or not p.is_floating_point():
+                raise ValueError(
+                    f"KroneckerFactors takes real floating-point parameters; parameter {index} is {p.dtype}"
+                )
+            if p.dtype != first.dtype or p.device != first.device:
+                raise ValueError(
+                    "KroneckerFactors takes parameters of one dtype and device, got "
+                    f"{first.dtype} on {first.device} and {p.dtype} on {p.device}"
+                )
+        offsets, offset = {}, 0
+        for p in params:
+            offsets[id(p)] = offset
+            offset += p.numel()
+        layers, covered = [], set()
+        names = {id(p): name for name, p in self.model.named_parameters()}
+        for name, module in self.model.named_modules():
+            if not isinstance(module, (nn.Linear, nn.Conv2d)) or id(module.weight) not in offsets:
+                continue
+            if isinstance(module, nn.Conv2d) and (
+                module.groups != 1 or module.padding_mode != "zeros" or isinstance(module.padding, str)
+            ):
+                raise ValueError(
+                    f"KroneckerFactors takes convolutions of one group with zero padding given in numbers; "
+                    f"layer {name!r} has groups={module.groups}, padding={module.padding!r}, "
+                    f"padding_mode={module.padding_mode!r}"
+                )
+            bias = module.bias
+            if bias is not None and id(bias) not in offsets:
+                raise ValueError(f"layer {name!r}: its weight is optimized but not its bias; give SCG both or neither")
+            layers.append(_Layer(module, offsets[id(module.weight)], None if bias is None else offsets[id(bias)]))
+            covered.update({id(module.weight)} | (set() if bias is None else {id(bias)}))
+        missing = [names.get(id(p), f"#{index}") for index, p in enumerate(params) if id(p) not in covered]
+        if missing:
+            raise ValueError(
+                f"KroneckerFactors covers the weights and biases of the model's nn.Linear and nn.Conv2d layers only, "
+                f"but the optimizer also has {', '.join(missing[:5])}{' …' if len(missing) > 5 else ''}: use "
+                f"SCG(memory=m) or diagonal_scaling=True for such a model"
+            )
+        self._layers, self._size = layers, offset
+
+    def due(self) -> bool:
+        """Whether the factors are to be formed at this accepted step: at the first one, then after
+        every T accepted steps (counted here: call once per accepted quasi-Newton step)."""
+        self.steps_since_refresh += 1
+        return self.refreshes == 0 or self.steps_since_refresh >= self.every
+
+    @torch.no_grad()
+    def refresh(self) -> None:
+        """Form A and G at the weights the model holds, over a fresh draw of ``samples`` inputs, and their damped
+        inverses. The model's ``.grad`` tensors are not touched (the gradients are taken with respect to the layers'
+        outputs)."""
+        if not self._layers:
+            raise RuntimeError("KroneckerFactors.refresh before bind: pass the factors to SCG(kronecker_factors=…)")
+        chosen = torch.randperm(_sample_count(self.inputs), generator=self.generator)[: self.samples]
+        device = self.model_device()
+        sums: list[list[Any]] = [[None, None, 0, []] for _ in self._layers]  # per layer: Σaaᵀ, Σggᵀ, T, a's rows
+        for start in range(0, len(chosen), self.batch_size):
+            batch = _gather(self.inputs, chosen[start : start + self.batch_size]).to(device)
+            self._accumulate(batch, sums)
+        count = len(chosen)
+        factors = []
+        for a_sum, g_sum, positions, wide_rows in sums:
+            g_factor = g_sum / (count * positions)
+            if wide_rows:
+                a_factor = torch.cat(wide_rows) / math.sqrt(count)  # Z: A = ZᵀZ
+            else:
+                a_factor = a_sum / count
+            factors.append((a_factor, g_factor))
+        dampings = self._dampings(factors)
+        self._input_inverses = [
+            _input_inverse(a, a_damping, self.rank) for (a, _), (a_damping, _) in zip(factors, dampings)
+        ]
+        self._output_inverses = [_damped_inverse(g, g_damping) for (_, g), (_, g_damping) in zip(factors, dampings)]
+        self.refreshes += 1
+        self.steps_since_refresh = 0
+
+    def inverse_product(self, vector: torch.Tensor) -> torch.Tensor:
+        """K⁻¹v for v a flat vector of the parameters (in :meth:`bind`'s order), layer by layer:
+        (G + ε_G I)⁻¹ V (A + ε_A I)⁻¹ with V = [W | b] the layer's part of v, as a new tensor of v's dtype."""
+        if not self._input_inverses:
+            raise RuntimeError("KroneckerFactors.inverse_product before the first refresh")
+        if vector.shape != (self._size,):
+            raise ValueError(
+                f"KroneckerFactors.inverse_product takes a flat vector of {self._size}, got {tuple(vector.shape)}"
+            )
+        out = torch.empty_like(vector)
+        for layer, input_inverse, output_inverse in zip(self._layers, self._input_inverses, self._output_inverses):
+            weight = layer.module.weight
+            outputs, weights = weight.shape[0], weight.numel()
+            width = weights // outputs
+            parts = [vector[layer.weight_offset : layer.weight_offset + weights].view(outputs, width)]
+            if layer.bias_offset is not None:
+                parts.append(vector[layer.bias_offset : layer.bias_offset + outputs, None])
+            result = (output_inverse @ input_inverse.apply(torch.cat(parts, dim=1))).to(vector.dtype)
+            out[layer.weight_offset : layer.weight_offset + weights] = result[:, :width].reshape(-1)
+            if layer.bias_offset is not None:
+                out[layer.bias_offset : layer.bias_offset + outputs] = result[:, width]
+        return out
+
+    def model_device(self) -> torch.device:
+        return self._layers[0].module.weight.device
+
+    # ----------------------------------------------------------------------------------------------------------
+    # Checkpoints
+
+    def state_dict(self) -> dict[str, Any]:
+        """The factors' inverses, the refresh counters and the generator's state: what a resume needs to go on bit
+        for bit (tensors, strings and numbers only, for ``torch.load(weights_only=True)``)."""
+        return {
+            "refreshes": self.refreshes,
+            "steps_since_refresh": self.steps_since_refresh,
+            "generator": self.generator.get_state(),
+            "inverses": [
+                {
+                    "kind": input_inverse.kind,
+                    "tensors": [t.clone() for t in input_inverse.tensors],
+                    "epsilon": input_inverse.epsilon,
+                    "output": output_inverse.clone(),
+                }
+                for input_inverse, output_inverse in zip(self._input_inverses, self._output_inverses)
+            ],
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore :meth:`state_dict`'s output (after :meth:`bind`); a ``ValueError`` if it belongs to other layers."""
+        inverses = state.get("inverses") if isinstance(state, dict) else None
+        if not isinstance(inverses, list) or (inverses and len(inverses) != len(self._layers)):
+            raise ValueError(
+                "the 'kronecker_factors' entry of this SCG state_dict does not belong to these layers: build the "
+                "KroneckerFactors over the model it was saved with"
+            )
+        loaded = []
+        for layer, saved in zip(self._layers, inverses):
+            outputs = layer.module.weight.shape[0]
+            output = saved.get("output")
+            if not isinstance(output, torch.Tensor) or output.shape != (outputs, outputs):
+                raise ValueError(f"the saved factors have another shape than layer {layer.module!r}'s")
+            loaded.append((_InputInverse(saved["kind"], list(saved["tensors"]), float(saved["epsilon"])), output))
+        self._input_inverses = [input_inverse for input_inverse, _ in loaded]
+        self._output_inverses = [output for _, output in loaded]
+        self.refreshes = int(state["refreshes"])
+        self.steps_since_refresh = int(state["steps_since_refresh"])
+        self.generator.set_state(state["generator"])
+
+    # ----------------------------------------------------------------------------------------------------------
+    # Forming the factors
+
+    def _accumulate(self, batch: torch.Tensor, sums: list[list[Any]]) -> None:
+        """Add one batch's Σaaᵀ (or its rows, for a wide A) and Σggᵀ to ``sums``, with labels drawn from the model."""
+        captured: dict[nn.Module, tuple[torch.Tensor, torch.Tensor]] = {}
+
+        def keep(module: nn.Module, args: tuple[torch.Tensor, ...], output: torch.Tensor) -> None:
+            captured[module] = (args[0].detach(), output)
+
+        handles = [layer.module.register_forward_hook(keep) for layer in self._layers]
+        try:
+            with torch.enable_grad():
+                output = self.model(batch)
+                sampled = self._sampled_loss(output)
+                missing = [layer.module for layer in self._layers if layer.module not in captured]
+                if missing:
+                    raise ValueError(f"KroneckerFactors: the model's forward did not call {missing[0]!r}")
+                gradients = torch.autograd.grad(sampled, [captured[layer.module][1] for layer in self._layers])
+        finally:
+            for handle in handles:
+                handle.remove()
+        for layer, gradient, entry in zip(self._layers, gradients, sums):
+            rows, output_rows = _layer_rows(layer.module, captured[layer.module][0], gradient)
+            if layer.bias_offset is not None:
+                rows = torch.cat([rows, rows.new_ones(rows.shape[0], 1)], dim=1)
+            output_rows = output_rows.double()
+            entry[1] = output_rows.T @ output_rows + (0.0 if entry[1] is None else entry[1])
+            entry[2] = rows.shape[0] // batch.shape[0]  # T
+            if rows.shape[1] > LOW_RANK_ABOVE:
+                entry[3].append(rows)
+            else:
+                rows = rows.double()
+                entry[0] = rows.T @ rows + (0.0 if entry[0] is None else entry[0])
+
+    def _sampled_loss(self, output: torch.Tensor) -> torch.Tensor:
+        """Σₙ ℓₙ at labels drawn from the model's predictive distribution (so that each sample's gradient is one
+        draw of the sampled Fisher's ∇ℓ)."""
+        detached = output.detach()
+        if self.loss == "cross_entropy":
+            if output.dim() != 2:
+                raise ValueError(f"loss='cross_entropy' takes (N, C) logits, the model returned {tuple(output.shape)}")
+            labels = torch.multinomial(torch.softmax(detached.double(), 1).cpu(), 1, generator=self.generator)
+            return functional.cross_entropy(output, labels.squeeze(1).to(output.device), reduction="sum")
+        if self.loss == "binary_cross_entropy":
+            draws = torch.rand(output.shape, generator=self.generator, dtype=torch.float64).to(output.device)
+            labels = (draws < torch.sigmoid(detached.double())).to(output.dtype)
+            return functional.binary_cross_entropy_with_logits(output, labels, reduction="sum")
+        noise = torch.randn(output.shape, generator=self.generator, dtype=torch.float64).to(output.device)
+        return 0.5 * ((output - (detached + noise.to(output.dtype))) ** 2).sum()
+
+    def _dampings(self, factors: list[tuple[torch.Tensor, torch.Tensor]]) -> list[tuple[float, float]]:
+        """(ε_A, ε_G) per layer: η = κ · (K's mean diagonal over all the weights), split by π = √(a/g)."""
+        means = [(_mean_diagonal(a_factor), float(g_factor.diagonal().mean())) for a_factor, g_factor in factors]
+        sizes = [(a_factor.shape[1], g_factor.shape[0]) for a_factor, g_factor in factors]
+        weighted = sum(a * g * width * height for (a, g), (width, height) in zip(means, sizes))
+        eta = self.damping * weighted / sum(width * height for width, height in sizes)
+        eta = eta if eta > 0.0 else 1.0  # K = 0 (every sampled gradient zero): K⁻¹ is then a multiple of I
+        dampings = []
+        for a, g in means:
+            pi = math.sqrt(a / g) if a > 0.0 and g > 0.0 else 1.0
+            dampings.append((pi * math.sqrt(eta), math.sqrt(eta) / pi))
+        return dampings
+
+
+def _layer_rows(module: nn.Module, layer_input: torch.Tensor, gradient: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """The layer's input rows aₙₜ (one per sample and position) and output-gradient rows gₙₜ."""
+    if isinstance(module, nn.Conv2d):
+        padding = module.padding
+        assert not isinstance(padding, str)  # refused by bind
+        patches = functional.unfold(layer_input, module.kernel_size, module.dilation, padding, module.stride)
+        rows = patches.transpose(1, 2).reshape(-1, patches.shape[1])  # (N·T, C·kh·kw)
+        return rows, gradient.flatten(2).transpose(1, 2).reshape(-1, gradient.shape[1])
+    return layer_input.reshape(-1, layer_input.shape[-1]), gradient.reshape(-1, gradient.shape[-1])
+
+
+def _mean_diagonal(a_factor: torch.Tensor) -> float:
+    """tr(A) / dim A, for A a matrix or A = ZᵀZ given as Z (wider than :data:`LOW_RANK_ABOVE`)."""
+    if a_factor.shape[1] > LOW_RANK_ABOVE:
+        return float((a_factor.double() ** 2).sum()) / a_factor.shape[1]
+    return float(a_factor.diagonal().mean())
+
+
+def _input_inverse(a_factor: torch.Tensor, epsilon: float, rank: int | None) -> _InputInverse:
+    """V ↦ V(A + εI)⁻¹, for A a matrix or A = ZᵀZ given as Z (the module's docstring)."""
+    if a_factor.shape[1] <= LOW_RANK_ABOVE:
+        return _InputInverse("matrix", [_damped_inverse(a_factor, epsilon)], epsilon)
+    rows = a_factor
+    gram = (rows @ rows.T).double()
+    if rank is None:
+        gram.diagonal().add_(epsilon)
+        return _InputInverse("woodbury", [rows, torch.linalg.cholesky(gram)], epsilon)
+    eigenvalues, vectors = torch.linalg.eigh(gram)
+    eigenvalues, vectors = eigenvalues[-rank:].clamp_min(0.0), vectors[:, -rank:]
+    kept = eigenvalues > 0.0
+    basis = (rows.T.double() @ (vectors[:, kept] / eigenvalues[kept].sqrt())).to(rows.dtype)  # U = ZᵀQΛ^-½
+    coefficients = (1.0 / (eigenvalues[kept] + epsilon) - 1.0 / epsilon).to(rows.dtype)
+    return _InputInverse("eigen", [basis, coefficients], epsilon)
+
+
+def _damped_inverse(factor: torch.Tensor, epsilon: float) -> torch.Tensor:
+    """(F + εI)⁻¹ of a symmetric positive semi-definite F, in float64; ε > 0."""
+    damped = factor.double() + epsilon * torch.eye(factor.shape[0], dtype=torch.float64, device=factor.device)
+    return torch.cholesky_inverse(torch.linalg.cholesky(damped))
+
+
+def _sample_count(inputs: Any) -> int:
+    if isinstance(inputs, torch.Tensor):
+        if inputs.dim() == 0 or inputs.shape[0] == 0:
+            raise ValueError(f"KroneckerFactors needs at least one input sample, got a tensor of shape {inputs.shape}")
+        return inputs.shape[0]
+    try:
+        count = len(inputs)
+    except TypeError:
+        raise TypeError(
+            f"inputs must be a tensor of samples or a map-style Dataset, got {type(inputs).__name__}"
+        ) from None
+    if count == 0:
+        raise ValueError("KroneckerFactors needs at least one input sample, got an empty dataset")
+    return count
+
+
+def _gather(inputs: Any, indices: torch.Tensor) -> torch.Tensor:
+    """The inputs at ``indices`` as one batch (a dataset's items, or their first elements, stacked)."""
+    if isinstance(inputs, torch.Tensor):
+        return inputs[indices]
+    items = [inputs[int(i)] for i in indices]
+    return torch.stack([item[0] if isinstance(item, (tuple, list)) else item for item in items])
+
+
+def _is_real(value: Any) -> bool:
+    return isinstance(value, numbers.Real) and not isinstance(value, bool)
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
