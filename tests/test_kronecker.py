@@ -1,0 +1,428 @@
+"""moller_scg.kronecker and SCG(memory=m, kronecker_factors=…): K-FAC's factors as the secant mode's H₀."""
+
+from __future__ import annotations
+
+import copy
+import io
+import math
+
+import pytest
+import torch
+import torch.nn.functional as functional
+from reference_scg import dot
+from torch import nn
+
+from moller_scg import SCG, KroneckerFactors, kronecker
+from moller_scg.quasi_newton import SecantPairs
+
+
+class SmallCNN(nn.Module):
+    """A convolution (2 filters, 3 × 3, padding 1), tanh, a hidden linear layer and a linear output of 3."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(1, 2, 3, padding=1)
+        self.hidden = nn.Linear(2 * 5 * 5, 6)
+        self.output = nn.Linear(6, 3)
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        x = torch.tanh(self.conv(images))
+        return self.output(torch.tanh(self.hidden(x.flatten(1))))
+
+
+def small_problem(samples: int = 7) -> tuple[SmallCNN, torch.Tensor, torch.Tensor]:
+    torch.manual_seed(0)
+    model = SmallCNN().double()
+    inputs = torch.randn(samples, 1, 5, 5, dtype=torch.float64)
+    targets = torch.randint(0, 3, (samples,))
+    return model, inputs, targets
+
+
+def drawn_labels(output: torch.Tensor, loss: str, generator: torch.Generator) -> torch.Tensor:
+    """The labels the factors draw, replayed from the same generator (after its permutation of the samples)."""
+    if loss == "cross_entropy":
+        return torch.multinomial(torch.softmax(output.double(), 1), 1, generator=generator).squeeze(1)
+    if loss == "binary_cross_entropy":
+        return (torch.rand(output.shape, generator=generator, dtype=torch.float64) < torch.sigmoid(output)).double()
+    return output + torch.randn(output.shape, generator=generator, dtype=torch.float64)
+
+
+def sample_loss(output: torch.Tensor, label: torch.Tensor, loss: str) -> torch.Tensor:
+    if loss == "cross_entropy":
+        return functional.cross_entropy(output, label, reduction="sum")
+    if loss == "binary_cross_entropy":
+        return functional.binary_cross_entropy_with_logits(output, label, reduction="sum")
+    return 0.5 * ((output - label) ** 2).sum()
+
+
+def factors_by_definition(
+    model: SmallCNN, inputs: torch.Tensor, loss: str, seed: int
+) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """A = (1/N) Σₙ Σₜ aaᵀ and G = (1/(NT)) Σₙ Σₜ ggᵀ of each layer, sample by sample and position by position, at the
+    labels the factors draw (all N samples: fraction 1)."""
+    generator = torch.Generator().manual_seed(seed)
+    order = torch.randperm(inputs.shape[0], generator=generator)
+    inputs = inputs[order]
+    with torch.no_grad():
+        labels = drawn_labels(model(inputs), loss, generator)
+    n = inputs.shape[0]
+    result = []
+    for layer in (model.conv, model.hidden, model.output):
+        a_sum, g_sum, positions = 0.0, 0.0, 1
+        for i in range(n):
+            seen: dict[str, torch.Tensor] = {}
+            handle = layer.register_forward_hook(lambda m, args, out, seen=seen: seen.update(a=args[0], s=out))
+            output = model(inputs[i : i + 1])
+            handle.remove()
+            (gradient,) = torch.autograd.grad(sample_loss(output, labels[i : i + 1], loss), [seen["s"]])
+            seen["a"] = seen["a"].detach()
+            if layer is model.conv:
+                patches = functional.unfold(seen["a"], 3, padding=1)[0].T  # (T, 9)
+                positions = patches.shape[0]
+                a_rows = torch.cat([patches, torch.ones(positions, 1, dtype=torch.float64)], dim=1)
+                g_rows = gradient[0].flatten(1).T  # (T, 2)
+            else:
+                a_rows = torch.cat([seen["a"], torch.ones(1, 1, dtype=torch.float64)], dim=1)
+                g_rows = gradient
+            a_sum = a_sum + a_rows.T @ a_rows
+            g_sum = g_sum + g_rows.T @ g_rows
+        result.append((a_sum / n, g_sum / (n * positions)))
+    return result
+
+
+def global_dampings(factors: list[tuple[torch.Tensor, torch.Tensor]], kappa: float) -> list[tuple[float, float]]:
+    """ε_A = π√η, ε_G = √η/π with η = κ · (K's mean diagonal over all the weights) and π = √(a/g)."""
+    diagonal_sum = sum(float(a.diagonal().sum() * g.diagonal().sum()) for a, g in factors)
+    eta = kappa * diagonal_sum / sum(a.shape[0] * g.shape[0] for a, g in factors)
+    result = []
+    for a, g in factors:
+        pi = math.sqrt(float(a.diagonal().mean()) / float(g.diagonal().mean()))
+        result.append((pi * math.sqrt(eta), math.sqrt(eta) / pi))
+    return result
+
+
+def as_matrix(v: torch.Tensor, offset: int, layer: nn.Module) -> torch.Tensor:
+    """The layer's part of the flat v as V = [W | b] (out × in + 1)."""
+    outputs, weights = layer.weight.shape[0], layer.weight.numel()
+    return torch.cat(
+        [v[offset : offset + weights].view(outputs, -1), v[offset + weights : offset + weights + outputs, None]], 1
+    )
+
+
+def bound_factors(model: nn.Module, inputs: torch.Tensor, **options) -> KroneckerFactors:
+    factors = KroneckerFactors(model, inputs, **{"fraction": 1.0, **options})
+    factors.bind(list(model.parameters()))
+    return factors
+
+
+@pytest.mark.parametrize("loss", ["cross_entropy", "binary_cross_entropy", "mse"])
+@pytest.mark.parametrize("low_rank", [False, True])
+def test_the_inverse_is_each_layers_damped_kronecker_factors_inverted(monkeypatch, loss, low_rank):
+    """K⁻¹v undone by (G + ε_G I) V (A + ε_A I), with A and G formed by their definitions at the labels the factors
+    draw from each loss's distribution and the global damping's ε; the same through Woodbury's form (the hidden
+    layer's A: 51 wide, 7 samples) and through its eigenpairs when all of them are kept."""
+    if low_rank:
+        monkeypatch.setattr(kronecker, "LOW_RANK_ABOVE", 20)
+    model, inputs, _ = small_problem()
+    v = torch.randn(sum(p.numel() for p in model.parameters()), dtype=torch.float64)
+    expected_factors = factors_by_definition(model, inputs, loss, seed=3)
+    dampings = global_dampings(expected_factors, 0.3)
+    for rank in [None, 7] if low_rank else [None]:
+        factors = bound_factors(model, inputs, loss=loss, damping=0.3, rank=rank, seed=3)
+        factors.refresh()
+        solved = factors.inverse_product(v)
+        offset = 0
+        layers = (model.conv, model.hidden, model.output)
+        for layer, (a, g), (a_damping, g_damping) in zip(layers, expected_factors, dampings):
+            damped_a = a + a_damping * torch.eye(a.shape[0], dtype=torch.float64)
+            damped_g = g + g_damping * torch.eye(g.shape[0], dtype=torch.float64)
+            undone = damped_g @ as_matrix(solved, offset, layer) @ damped_a
+            torch.testing.assert_close(undone, as_matrix(v, offset, layer), rtol=1e-8, atol=1e-8)
+            offset += layer.weight.numel() + layer.bias.numel()
+
+
+def test_a_rank_k_input_factor_keeps_as_largest_eigenpairs(monkeypatch):
+    """With k below A's rank, V(A + εI)⁻¹ ≈ V/ε + (VU)(1/(Λ + ε) − 1/ε)Uᵀ over A's k largest eigenpairs U, Λ."""
+    monkeypatch.setattr(kronecker, "LOW_RANK_ABOVE", 20)
+    model, inputs, _ = small_problem()
+    (_, _), (a, _), _ = factors_by_definition(model, inputs, "cross_entropy", seed=0)
+    factors = bound_factors(model, inputs, damping=0.3, rank=3)
+    factors.refresh()
+    input_inverse = factors._input_inverses[1]
+    assert input_inverse.kind == "eigen"
+    epsilon = input_inverse.epsilon
+    values, vectors = torch.linalg.eigh(a)
+    top, basis = values[-3:], vectors[:, -3:]
+    block = torch.randn(6, a.shape[0], dtype=torch.float64)
+    expected = block / epsilon + ((block @ basis) * (1.0 / (top + epsilon) - 1.0 / epsilon)) @ basis.T
+    torch.testing.assert_close(input_inverse.apply(block), expected, rtol=1e-8, atol=1e-10)
+
+
+def test_a_dataset_of_pairs_gives_the_factors_of_its_inputs():
+    """A map-style dataset whose items are (input, target) tuples: the factors of the inputs, as from the tensor."""
+    model, inputs, targets = small_problem()
+    v = torch.randn(sum(p.numel() for p in model.parameters()), dtype=torch.float64)
+    results = []
+    for source in (inputs, torch.utils.data.TensorDataset(inputs, targets)):
+        factors = bound_factors(model, source, seed=2, batch_size=3)  # three batches of at most 3
+        factors.refresh()
+        results.append(factors.inverse_product(v))
+    torch.testing.assert_close(results[0], results[1], rtol=1e-12, atol=1e-12)
+
+
+def test_a_share_of_the_samples_is_drawn_afresh_at_each_refresh_and_grads_are_left_alone():
+    model, inputs, _ = small_problem(samples=40)
+    factors = bound_factors(model, inputs, fraction=0.1, seed=0)
+    assert factors.samples == 4
+    seen: list[int] = []
+    handle = model.conv.register_forward_hook(lambda m, args, out: seen.append(args[0].shape[0]))
+    grads = []
+    for p in model.parameters():
+        p.grad = torch.full_like(p, 7.0)
+        grads.append(p.grad)
+    v = torch.randn(sum(p.numel() for p in model.parameters()), dtype=torch.float64)
+    factors.refresh()
+    first = factors.inverse_product(v)
+    factors.refresh()
+    handle.remove()
+    assert seen == [4, 4]
+    assert not torch.equal(first, factors.inverse_product(v))  # other samples, other labels
+    assert factors.refreshes == 2
+    for p, grad in zip(model.parameters(), grads):
+        assert p.grad is grad and bool((grad == 7.0).all())
+
+
+def two_loop_with(pairs: list[tuple[torch.Tensor, torch.Tensor]], v: torch.Tensor, inverse) -> torch.Tensor:
+    """H v by the two-loop recursion with H₀ = γ_K K⁻¹, γ_K = maxᵢ sᵢᵀyᵢ / yᵢᵀK⁻¹yᵢ."""
+    q = v.clone()
+    alphas = []
+    for s, y in reversed(pairs):
+        a = dot(s, q) / dot(s, y)
+        alphas.append(a)
+        q = q - a * y
+    q = max(dot(s, y) / dot(y, inverse(y)) for s, y in pairs) * inverse(q)
+    for (s, y), a in zip(pairs, reversed(alphas)):
+        q = q + (a - dot(y, q) / dot(s, y)) * s
+    return q
+
+
+@pytest.mark.parametrize("host", [True, False])
+def test_the_compact_form_with_k_inverse_is_the_two_loop_recursion_and_refreshes_every_t_steps(monkeypatch, host):
+    """SecantPairs' H r₊ with the factors equals the two-loop recursion with H₀ = γ_K K⁻¹ over the same pairs, with
+    the factors formed at the first accepted step and then every T = 2, more steps than m = 3 (the oldest pairs
+    leave), in NumPy and in torch."""
+    from moller_scg import pair_arithmetic
+
+    if not host:
+        monkeypatch.setattr(pair_arithmetic, "HOST_ARITHMETIC_MAX", 0)
+    model, inputs, _ = small_problem(samples=20)
+    params = list(model.parameters())
+    factors = bound_factors(model, inputs, fraction=0.5, every=2, damping=1.0)
+    pairs = SecantPairs(params, 3, kronecker_factors=factors)
+    assert pairs.on_host == host
+    n = sum(p.numel() for p in params)
+    generator = torch.Generator().manual_seed(4)
+    root = torch.randn(n, n, generator=generator, dtype=torch.float64)
+    hessian = root @ root.T / n + torch.eye(n, dtype=torch.float64)
+    kept: list[tuple[torch.Tensor, torch.Tensor]] = []
+    refreshes = []
+    for _ in range(7):
+        direction, residual = (torch.randn(n, generator=generator, dtype=torch.float64) for _ in range(2))
+        new_residual = residual - hessian @ (0.5 * direction)
+        result = pairs.advance(split(direction, params), 0.5, split(residual, params), split(new_residual, params))
+        refreshes.append(factors.refreshes)
+        kept = (kept + [(0.5 * direction, residual - new_residual)])[-3:]
+        expected = two_loop_with(kept, new_residual, factors.inverse_product)
+        torch.testing.assert_close(torch.cat([r.reshape(-1) for r in result]), expected, rtol=1e-10, atol=1e-12)
+    assert refreshes == [1, 1, 2, 2, 3, 3, 4]
+
+
+def split(flat: torch.Tensor, params: list[torch.Tensor]) -> list[torch.Tensor]:
+    return [piece.view_as(p) for piece, p in zip(torch.split(flat, [p.numel() for p in params]), params)]
+
+
+class Classification:
+    """The cross-entropy of :class:`SmallCNN` over 40 random images (float64), as a closure."""
+
+    def __init__(self, model: SmallCNN | None = None, seed: int = 0) -> None:
+        generator = torch.Generator().manual_seed(seed)
+        self.inputs = torch.randn(40, 1, 5, 5, generator=generator, dtype=torch.float64)
+        self.targets = torch.randint(0, 3, (40,), generator=generator)
+        if model is None:
+            torch.manual_seed(seed)
+            model = SmallCNN().double()
+        self.model = model
+        self.calls = 0
+
+    def __call__(self) -> torch.Tensor:
+        self.calls += 1
+        self.model.zero_grad()
+        loss = functional.cross_entropy(self.model(self.inputs), self.targets)
+        loss.backward()
+        return loss
+
+    def optimizer(self, **options) -> SCG:
+        factors = KroneckerFactors(self.model, self.inputs, **{"fraction": 0.25, "every": 3, "damping": 1.0, **options})
+        return SCG(self.model.parameters(), memory=4, kronecker_factors=factors)
+
+
+def flat_weights(model: nn.Module) -> torch.Tensor:
+    return torch.cat([p.detach().reshape(-1) for p in model.parameters()])
+
+
+def test_training_lowers_the_loss_and_never_leaves_a_rejected_trial():
+    problem = Classification()
+    optimizer = problem.optimizer()
+    losses = [float(problem().detach())]
+    for _ in range(25):
+        before = flat_weights(problem.model)
+        loss = float(optimizer.step(problem))
+        if not optimizer.trace.success:
+            assert torch.equal(flat_weights(problem.model), before)
+        assert loss <= losses[-1]
+        losses.append(loss)
+    assert losses[-1] < 0.5 * losses[0]
+    assert optimizer._kronecker_factors.refreshes >= 5
+
+
+def test_a_saved_state_resumes_bit_for_bit_with_new_factors_of_the_same_settings():
+    """Save after 8 steps (through torch.save and torch.load(weights_only=True)), rebuild the model, the factors and
+    SCG, load, and the next 12 steps — which refresh the factors — take the bits of the run that went on."""
+    problem = Classification()
+    optimizer = problem.optimizer()
+    for _ in range(8):
+        optimizer.step(problem)
+    buffer = io.BytesIO()
+    torch.save({"model": problem.model.state_dict(), "optimizer": optimizer.state_dict()}, buffer)
+    for _ in range(12):
+        optimizer.step(problem)
+    buffer.seek(0)
+    saved = torch.load(buffer, weights_only=True)
+    resumed = Classification(model=SmallCNN().double())
+    resumed.model.load_state_dict(saved["model"])
+    resumed_optimizer = resumed.optimizer()
+    resumed_optimizer.load_state_dict(saved["optimizer"])
+    for _ in range(12):
+        resumed_optimizer.step(resumed)
+    assert torch.equal(flat_weights(resumed.model), flat_weights(problem.model))
+    assert resumed_optimizer._kronecker_factors.refreshes == optimizer._kronecker_factors.refreshes
+
+
+def test_a_state_saved_with_or_without_factors_is_refused_by_the_other():
+    problem = Classification()
+    with_factors = problem.optimizer()
+    without = SCG(problem.model.parameters(), memory=4)
+    for optimizer in (with_factors, without):
+        for _ in range(3):
+            optimizer.step(problem)
+    with pytest.raises(ValueError, match="kronecker_factors"):
+        copy.deepcopy(problem).optimizer().load_state_dict(without.state_dict())
+    with pytest.raises(ValueError, match="kronecker_factors"):
+        SCG(problem.model.parameters(), memory=4).load_state_dict(with_factors.state_dict())
+
+
+def test_a_refresh_that_raises_leaves_the_accepted_weights_and_the_pairs():
+    """The factors are formed at the accepted trial point, before its pair is kept: if the model raises there, SCG
+    puts the weights back to the point the step started from, and the pairs are as they were."""
+    problem = Classification()
+    optimizer = problem.optimizer(every=1)
+    optimizer.step(problem)
+    optimizer.step(problem)
+    pairs = optimizer._secant_pairs
+    held = list(pairs.slots)
+    before = flat_weights(problem.model)
+    original_forward = problem.model.forward
+
+    def forward_that_fails_outside_the_closure(images):
+        if images.shape[0] != 40:  # the factors' 10 samples, not the closure's 40
+            raise RuntimeError("out of memory in the factors' forward")
+        return original_forward(images)
+
+    problem.model.forward = forward_that_fails_outside_the_closure
+    with pytest.raises(RuntimeError, match="factors' forward"):
+        for _ in range(5):  # until a step is accepted
+            before = flat_weights(problem.model)
+            held = list(pairs.slots)
+            optimizer.step(problem)
+    assert torch.equal(flat_weights(problem.model), before)
+    assert pairs.slots == held
+
+
+@pytest.mark.parametrize(
+    ("options", "message"),
+    [
+        ({"loss": "nll"}, "loss"),
+        ({"fraction": 0.0}, "fraction"),
+        ({"fraction": 1.5}, "fraction"),
+        ({"every": 0}, "every"),
+        ({"damping": 0.0}, "damping"),
+        ({"damping": math.inf}, "damping"),
+        ({"rank": 0}, "rank"),
+        ({"batch_size": 0}, "batch_size"),
+    ],
+)
+def test_bad_settings_are_refused_by_name(options, message):
+    model, inputs, _ = small_problem()
+    with pytest.raises(ValueError, match=message):
+        KroneckerFactors(model, inputs, **options)
+
+
+def test_what_scg_cannot_use_is_refused_by_name():
+    model, inputs, _ = small_problem()
+    factors = KroneckerFactors(model, inputs)
+    with pytest.raises(ValueError, match="memory=m"):
+        SCG(model.parameters(), kronecker_factors=factors)
+    with pytest.raises(ValueError, match="diagonal"):
+        SCG(model.parameters(), memory=3, diagonal_scaling=True, kronecker_factors=factors)
+    with pytest.raises(TypeError, match="KroneckerFactors"):
+        SCG(model.parameters(), memory=3, kronecker_factors={"fraction": 0.1})
+    with pytest.raises(TypeError, match="model"):
+        KroneckerFactors(lambda x: x, inputs)
+    with pytest.raises(ValueError, match="at least one"):
+        KroneckerFactors(model, inputs[:0])
+
+
+def test_parameters_outside_the_layers_it_factors_are_refused_by_name():
+    model = nn.Sequential(nn.Linear(4, 5), nn.LayerNorm(5), nn.Linear(5, 2)).double()
+    with pytest.raises(ValueError, match=r"1\.weight, 1\.bias"):
+        SCG(model.parameters(), memory=3, kronecker_factors=KroneckerFactors(model, torch.randn(8, 4)))
+    grouped = nn.Sequential(nn.Conv2d(2, 2, 3, groups=2)).double()
+    with pytest.raises(ValueError, match="groups=2"):
+        SCG(grouped.parameters(), memory=3, kronecker_factors=KroneckerFactors(grouped, torch.randn(8, 2, 5, 5)))
+    mixed = nn.Sequential(nn.Linear(4, 5), nn.Linear(5, 2).double())
+    with pytest.raises(ValueError, match="one dtype"):
+        SCG(mixed.parameters(), memory=3, kronecker_factors=KroneckerFactors(mixed, torch.randn(8, 4)))
+    linear = nn.Linear(4, 2)
+    with pytest.raises(ValueError, match="bias"):
+        SCG([linear.weight], memory=3, kronecker_factors=KroneckerFactors(linear, torch.randn(8, 4)))
+
+
+def test_frozen_layers_and_layers_without_bias_are_handled():
+    """A layer whose weights SCG is not given is not factored; a layer without a bias has A without the ones
+    column. Training a model of both lowers its loss."""
+    torch.manual_seed(1)
+    model = nn.Sequential(nn.Linear(4, 6), nn.Tanh(), nn.Linear(6, 3, bias=False)).double()
+    model[0].requires_grad_(False)
+    inputs, targets = torch.randn(30, 4, dtype=torch.float64), torch.randint(0, 3, (30,))
+    factors = KroneckerFactors(model, inputs, fraction=0.5, every=2)
+    optimizer = SCG([model[2].weight], memory=3, kronecker_factors=factors)
+
+    def closure():
+        optimizer.zero_grad()
+        loss = functional.cross_entropy(model(inputs), targets)
+        loss.backward()
+        return loss
+
+    first = float(closure().detach())
+    for _ in range(15):
+        loss = float(optimizer.step(closure))
+    assert loss < first
+    assert len(factors._layers) == 1 and factors._input_inverses[0].tensors[0].shape == (6, 6)
+
+
+def test_a_cross_entropy_model_that_does_not_return_logits_is_told_so():
+    model = nn.Sequential(nn.Linear(4, 3), nn.Flatten(0)).double()
+    factors = KroneckerFactors(model, torch.randn(8, 4, dtype=torch.float64))
+    factors.bind(list(model.parameters()))
+    with pytest.raises(ValueError, match=r"\(N, C\) logits"):
+        factors.refresh()
