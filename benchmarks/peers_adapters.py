@@ -31,6 +31,10 @@ SUBSAMPLED = f"SCG exact, {CURVATURE_FRACTION:.0%} curv."
 NETLAB = "paramz SCG (netlab)"
 PRECONDITIONED = f"SCG m={DEFAULT_MEMORY}"
 """The default mode of fit and moller-scg mnist: SCG(params, memory=20), δ from the secant model (issue #14)."""
+KRONECKER = f"SCG m={DEFAULT_MEMORY} K-FAC"
+"""SCG(params, memory=20, kronecker_factors=KroneckerFactors(model, inputs, …)): H₀ = γ_K K⁻¹ from K-FAC's factors
+(lever 71), on the problems of :data:`KRONECKER_LOSSES`; on the others, which have no factors, ``SCG(params,
+memory=20)``, as a user of the mode would fall back to it."""
 DIAGONAL = f"SCG m={DEFAULT_MEMORY} diag"
 """SCG(params, memory=20, diagonal_scaling=True): H₀ = γ_D Λ from the gradients' second moments (lever 14)."""
 SCG_FAMILY, LBFGS_FAMILY, PEER_FAMILY, ADAM_FAMILY = "SCG", "torch LBFGS", "peer", "Adam"
@@ -319,6 +323,11 @@ def optimizers(problem: Problem, default_lbfgs: bool = False) -> dict[str, Row]:
         "SCG m=5": scg(hvp="secant", memory=5),
         "SCG m=40": scg(hvp="secant", memory=40),
         DIAGONAL: scg(hvp="secant", memory=DEFAULT_MEMORY, diagonal_scaling=True),
+        KRONECKER: scg(
+            hvp="secant",
+            memory=DEFAULT_MEMORY,
+            kronecker_factors=KRONECKER_OPTIONS if problem.name in KRONECKER_LOSSES else None,
+        ),
         "SCG m=40 diag": scg(hvp="secant", memory=40, diagonal_scaling=True),
         **{f"torch LBFGS h={history}": lbfgs(history) for history in LBFGS_HISTORIES},
         **{name: lbfgs(history, None) for name, history in DEFAULT_LBFGS_ROWS.items() if default_lbfgs},
