@@ -20,16 +20,19 @@ The secant pairs set K⁻¹'s scale: γ_K = maxᵢ sᵢᵀyᵢ / yᵢᵀK⁻¹y�
 (:mod:`moller_scg.quasi_newton`), as γ = maxᵢ sᵢᵀyᵢ / yᵢᵀyᵢ sets H₀ = γI's. So K's own scale (a sum or a mean over
 outputs in ℓ) does not matter.
 
-An input factor wider than :data:`LOW_RANK_ABOVE` (the MNIST CNN's hidden layer, 4,609 wide) is never formed: it is
-kept as its samples' rows Z = X/√N (A = ZᵀZ, of rank at most the rows), and with ``rank`` = k its k largest
-eigenpairs U, Λ come from the rows' Gram matrix ZZᵀ, so that V(A + εI)⁻¹ ≈ V/ε + (VU)(1/(Λ + ε) − 1/ε)Uᵀ (the rest
-of A's spectrum taken as 0); with ``rank=None``, by Woodbury, V(A + εI)⁻¹ = (V − ((εI + ZZᵀ)⁻¹ZVᵀ)ᵀZ)/ε exactly.
+An input factor wider than :data:`LOW_RANK_ABOVE` (the MNIST CNN's hidden layer, 4,609 wide) whose rows (samples
+× positions) are fewer than its width is never formed: it is kept as its rows Z = X/√N (A = ZᵀZ, of rank at most
+the rows), and with ``rank`` = k its k largest eigenpairs U, Λ come from the rows' Gram matrix ZZᵀ, so that
+V(A + εI)⁻¹ ≈ V/ε + (VU)(1/(Λ + ε) − 1/ε)Uᵀ (the rest of A's spectrum taken as 0); with ``rank=None``, by Woodbury,
+V(A + εI)⁻¹ = (V − ((εI + ZZᵀ)⁻¹ZVᵀ)ᵀZ)/ε exactly. With as many rows as its width or more (a wide convolution), A
+is formed and inverted whole, as the narrow ones are.
 
-What it costs: each refresh, a forward and a backward over ``fraction`` of the training samples (not counted in
-the objective's evaluations), the factors' inverses (the small factors are inverted whole; a wide one costs its
-rows' Gram matrix, rows² × width multiply-adds, and its eigenpairs), and then K⁻¹ applied about twice a step (to
-the direction and to each new pair's y) and to every pair held at each refresh. The factors' inverses are held in
-float64 (rows × width numbers for a wide input factor, in the layer's dtype).
+What it costs: each refresh, a forward and a backward over ``samples`` of the training inputs (not counted in the
+objective's evaluations), the factors' inverses (a narrow factor is inverted whole; a wide one held as rows costs
+rows² × width multiply-adds for their Gram matrix, and its eigenpairs), and then K⁻¹ applied about twice a step (to
+the direction and to each new pair's y) and to every pair held at each refresh. Everything is held in float64:
+the inverses of the narrow factors, and width × k numbers (``rank`` k) or the rows Z (``rank=None``) for a wide one;
+a refresh holds the layers' rows of one batch and the factors besides.
 
 Measured (docs/performance.md, lever 71, as a research variant): on the MNIST CNN of ``benchmarks/peers.py``,
 ``SCG(memory=20)`` with this H₀ over 5 % of the digits every 5 accepted steps, κ = 10, rank 64, reached the 99 % and
@@ -63,7 +66,7 @@ model's (N, C) logits, independent Bernoullis over the sigmoids of its logits, a
 
 @dataclasses.dataclass
 class _InputInverse:
-    """V ↦ V(A + εI)⁻¹ for one layer's input factor A, as data (what a ``state_dict`` saves).
+    """V ↦ V(A + εI)⁻¹ for one layer's input factor A, as data (what a ``state_dict`` saves), every tensor float64.
 
     ``kind``: ``"matrix"`` (``tensors`` = [(A + εI)⁻¹]), ``"eigen"`` ([U, c] with c = 1/(Λ + ε) − 1/ε, the k largest
     eigenpairs of A) or ``"woodbury"`` ([Z, L], L the Cholesky factor of εI + ZZᵀ).
@@ -74,18 +77,21 @@ class _InputInverse:
     epsilon: float
 
     def apply(self, block: torch.Tensor) -> torch.Tensor:
-        """V(A + εI)⁻¹ in float64, V the layer's (out × in + 1) part of a vector."""
+        """V(A + εI)⁻¹, V the layer's (out × in + 1) part of a vector, computed and returned in float64 (in float32
+        the eigen form's V/ε + VUcUᵀ would cancel along A's largest directions)."""
+        block = block.double()
         if self.kind == "matrix":
             (inverse,) = self.tensors
-            return block.double() @ inverse
+            return block @ inverse
         if self.kind == "eigen":
             basis, coefficients = self.tensors
-            block = block.to(basis.dtype)
-            return (block / self.epsilon + ((block @ basis) * coefficients) @ basis.T).double()
+            return block / self.epsilon + ((block @ basis) * coefficients) @ basis.T
         rows, cholesky = self.tensors
-        block = block.to(rows.dtype)
-        projected = torch.cholesky_solve((block @ rows.T).T.double(), cholesky).to(rows.dtype)  # (εI + ZZᵀ)⁻¹ZVᵀ
-        return ((block - projected.T @ rows) / self.epsilon).double()
+        projected = torch.cholesky_solve((block @ rows.T).T, cholesky)  # (εI + ZZᵀ)⁻¹ZVᵀ
+        return (block - projected.T @ rows) / self.epsilon
+
+    def to(self, device: torch.device) -> _InputInverse:
+        return _InputInverse(self.kind, [t.to(device=device, dtype=torch.float64) for t in self.tensors], self.epsilon)
 
 
 @dataclasses.dataclass
@@ -95,6 +101,44 @@ class _Layer:
     module: nn.Linear | nn.Conv2d
     weight_offset: int
     bias_offset: int | None
+
+
+@dataclasses.dataclass
+class _Sums:
+    """What a refresh adds up for one layer over its batches: Σaaᵀ (or, for a wide A while the rows are fewer than
+    its width, the rows a themselves), Σggᵀ and the positions T per sample."""
+
+    a_sum: torch.Tensor | None = None
+    a_rows: list[torch.Tensor] = dataclasses.field(default_factory=list)
+    g_sum: torch.Tensor | None = None
+    positions: int = 1
+
+    def add(self, rows: torch.Tensor, output_rows: torch.Tensor, positions: int) -> None:
+        """Add one batch's input rows a (with the bias's 1) and output-gradient rows g (float64)."""
+        self.positions = positions
+        self.g_sum = _plus(self.g_sum, output_rows.T @ output_rows)
+        width = rows.shape[1]
+        held = sum(r.shape[0] for r in self.a_rows)
+        if width > LOW_RANK_ABOVE and self.a_sum is None and held + rows.shape[0] < width:
+            self.a_rows.append(rows)  # A = ZᵀZ of rank < its width: keep the rows
+            return
+        if self.a_rows:  # more rows than the width: A is formed after all
+            rows = torch.cat([*self.a_rows, rows])
+            self.a_rows = []
+        self.a_sum = _plus(self.a_sum, rows.T @ rows)
+
+    def factors(self, samples: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """(A, or Z with A = ZᵀZ; G) over ``samples`` samples."""
+        assert self.g_sum is not None
+        g_factor = self.g_sum / (samples * self.positions)
+        if self.a_rows:
+            return torch.cat(self.a_rows) / math.sqrt(samples), g_factor
+        assert self.a_sum is not None
+        return self.a_sum / samples, g_factor
+
+
+def _plus(total: torch.Tensor | None, term: torch.Tensor) -> torch.Tensor:
+    return term if total is None else total + term
 
 
 class KroneckerFactors:
@@ -111,6 +155,10 @@ class KroneckerFactors:
             returns (N, C) logits), ``"binary_cross_entropy"`` (logits of independent Bernoullis), ``"mse"``.
         fraction: the share of the samples each refresh uses (drawn afresh each time), 0 < fraction ≤ 1. Default
             0.05.
+        max_samples: the most samples a refresh uses, whatever ``fraction`` gives (``None``: no bound). Default 512:
+            the factors are second moments, which a few hundred samples estimate (lever 71 measured 100 of the MNIST
+            CNN's 2,000 digits), and a wide input factor costs rows² × width multiply-adds, which on full MNIST's
+            3,000 rows of 5 % would outweigh a gradient pass.
         every: T, the number of accepted quasi-Newton steps between refreshes (the first comes at the first
             accepted step). Default 5.
         damping: κ, the Tikhonov damping relative to K's mean diagonal (the module's docstring). Default 10.
@@ -122,12 +170,20 @@ class KroneckerFactors:
 
     Attributes:
         refreshes: how many times the factors were formed.
-        samples: the number of samples a refresh uses, max(1, round(fraction · N)).
+        samples: the number of samples a refresh uses, max(1, round(fraction · N)), at most ``max_samples``.
+
+    A refresh runs the model as it is, in its current mode (``train()`` or ``eval()``): dropout draws from torch's
+    global generator, and a frozen ``BatchNorm`` in training mode updates its running statistics, as in any forward.
+    What the factors cannot precondition is refused when SCG is built (parameters outside ``nn.Linear`` and
+    ``nn.Conv2d`` layers, mixed dtypes or devices, grouped or non-zero-padded convolutions); a forward that does not
+    call a factored layer, calls one twice, or returns no (N, C) logits for the cross-entropy is refused at the first
+    refresh, by name.
 
     Example:
         >>> import torch
         >>> from torch import nn
         >>> from moller_scg import SCG, KroneckerFactors
+        >>> _ = torch.manual_seed(0)
         >>> model = nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 3)).double()
         >>> x, labels = torch.randn(200, 4, dtype=torch.float64), torch.randint(3, (200,))
         >>> factors = KroneckerFactors(model, x, loss="cross_entropy", fraction=0.25)
@@ -150,6 +206,7 @@ class KroneckerFactors:
         inputs: torch.Tensor | torch.utils.data.Dataset,
         loss: str = "cross_entropy",
         fraction: float = 0.05,
+        max_samples: int | None = 512,
         every: int = 5,
         damping: float = 10.0,
         rank: int | None = 64,
@@ -170,11 +227,17 @@ class KroneckerFactors:
             raise ValueError(f"Invalid rank {rank!r}: keep k ≥ 1 eigenpairs, or None for all of them (Woodbury)")
         if not _is_int(batch_size) or batch_size < 1:
             raise ValueError(f"Invalid batch_size {batch_size!r}: it must be ≥ 1")
+        if max_samples is not None and (not _is_int(max_samples) or max_samples < 1):
+            raise ValueError(f"Invalid max_samples {max_samples!r}: it must be ≥ 1, or None")
+        if not _is_int(seed):
+            raise ValueError(f"Invalid seed {seed!r}: it must be an int")
         count = _sample_count(inputs)
         self.model, self.inputs, self.loss = model, inputs, loss
         self.fraction, self.every, self.damping, self.rank = float(fraction), int(every), float(damping), rank
         self.batch_size = int(batch_size)
         self.samples = max(1, round(self.fraction * count))
+        if max_samples is not None:
+            self.samples = min(self.samples, int(max_samples))
         self.generator = torch.Generator().manual_seed(int(seed))
         self.refreshes = 0
         self.steps_since_refresh = 0
@@ -209,7 +272,13 @@ class KroneckerFactors:
         layers, covered = [], set()
         names = {id(p): name for name, p in self.model.named_parameters()}
         for name, module in self.model.named_modules():
-            if not isinstance(module, (nn.Linear, nn.Conv2d)) or id(module.weight) not in offsets:
+            if not isinstance(module, (nn.Linear, nn.Conv2d)):
+                continue
+            if id(module.weight) not in offsets:
+                if module.bias is not None and id(module.bias) in offsets:
+                    raise ValueError(
+                        f"layer {name!r}: its bias is optimized but not its weight; give SCG both or neither"
+                    )
                 continue
             if isinstance(module, nn.Conv2d) and (
                 module.groups != 1 or module.padding_mode != "zeros" or isinstance(module.padding, str)
@@ -231,49 +300,52 @@ class KroneckerFactors:
                 f"but the optimizer also has {', '.join(missing[:5])}{' …' if len(missing) > 5 else ''}: use "
                 f"SCG(memory=m) or diagonal_scaling=True for such a model"
             )
+        if [(id(layer.module), layer.weight_offset, layer.bias_offset) for layer in layers] != [
+            (id(layer.module), layer.weight_offset, layer.bias_offset) for layer in self._layers
+        ]:  # other layers (a parameter group added): the inverses held belong to the old ones
+            self._input_inverses, self._output_inverses = [], []
         self._layers, self._size = layers, offset
 
-    def due(self) -> bool:
-        """Whether the factors are to be formed at this accepted step: at the first one, then after
-        every T accepted steps (counted here: call once per accepted quasi-Newton step)."""
+    def count_accepted_step(self) -> bool:
+        """Count one accepted quasi-Newton step, and return whether the factors are to be formed at it: at the first
+        one (or the first since :meth:`bind` changed the layers), then after every T."""
         self.steps_since_refresh += 1
-        return self.refreshes == 0 or self.steps_since_refresh >= self.every
+        return not self._input_inverses or self.steps_since_refresh >= self.every
 
     @torch.no_grad()
     def refresh(self) -> None:
         """Form A and G at the weights the model holds, over a fresh draw of ``samples`` inputs, and their damped
         inverses. The model's ``.grad`` tensors are not touched (the gradients are taken with respect to the layers'
-        outputs)."""
+        outputs). If anything raises, the factors held before stay, whole.
+
+        Raises:
+            FloatingPointError: the factors are not finite (the model's outputs or their gradients are not).
+        """
         if not self._layers:
             raise RuntimeError("KroneckerFactors.refresh before bind: pass the factors to SCG(kronecker_factors=…)")
         chosen = torch.randperm(_sample_count(self.inputs), generator=self.generator)[: self.samples]
-        device = self.model_device()
-        sums: list[list[Any]] = [[None, None, 0, []] for _ in self._layers]  # per layer: Σaaᵀ, Σggᵀ, T, a's rows
+        sums = [_Sums() for _ in self._layers]
         for start in range(0, len(chosen), self.batch_size):
-            batch = _gather(self.inputs, chosen[start : start + self.batch_size]).to(device)
+            batch = _gather(self.inputs, chosen[start : start + self.batch_size]).to(self.model_device())
             self._accumulate(batch, sums)
-        count = len(chosen)
-        factors = []
-        for a_sum, g_sum, positions, wide_rows in sums:
-            g_factor = g_sum / (count * positions)
-            if wide_rows:
-                a_factor = torch.cat(wide_rows) / math.sqrt(count)  # Z: A = ZᵀZ
-            else:
-                a_factor = a_sum / count
-            factors.append((a_factor, g_factor))
+        factors = [layer_sums.factors(len(chosen)) for layer_sums in sums]
+        if not all(bool(torch.isfinite(a).all() and torch.isfinite(g).all()) for a, g in factors):
+            raise FloatingPointError(
+                "KroneckerFactors: the factors at these weights are not finite (the model's outputs or their "
+                "gradients are not); the factors held before are kept"
+            )
         dampings = self._dampings(factors)
-        self._input_inverses = [
-            _input_inverse(a, a_damping, self.rank) for (a, _), (a_damping, _) in zip(factors, dampings)
-        ]
-        self._output_inverses = [_damped_inverse(g, g_damping) for (_, g), (_, g_damping) in zip(factors, dampings)]
+        input_inverses = [_input_inverse(a, a_damping, self.rank) for (a, _), (a_damping, _) in zip(factors, dampings)]
+        output_inverses = [_damped_inverse(g, g_damping) for (_, g), (_, g_damping) in zip(factors, dampings)]
+        self._input_inverses, self._output_inverses = input_inverses, output_inverses
         self.refreshes += 1
         self.steps_since_refresh = 0
 
     def inverse_product(self, vector: torch.Tensor) -> torch.Tensor:
         """K⁻¹v for v a flat vector of the parameters (in :meth:`bind`'s order), layer by layer:
         (G + ε_G I)⁻¹ V (A + ε_A I)⁻¹ with V = [W | b] the layer's part of v, as a new tensor of v's dtype."""
-        if not self._input_inverses:
-            raise RuntimeError("KroneckerFactors.inverse_product before the first refresh")
+        if not self._input_inverses or len(self._input_inverses) != len(self._layers):
+            raise RuntimeError("KroneckerFactors.inverse_product before the first refresh of these layers")
         if vector.shape != (self._size,):
             raise ValueError(
                 f"KroneckerFactors.inverse_product takes a flat vector of {self._size}, got {tuple(vector.shape)}"
@@ -293,6 +365,7 @@ class KroneckerFactors:
         return out
 
     def model_device(self) -> torch.device:
+        """The device of the model's factored layers (where a refresh runs and the factors live)."""
         return self._layers[0].module.weight.device
 
     # ----------------------------------------------------------------------------------------------------------
@@ -317,65 +390,84 @@ class KroneckerFactors:
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        """Restore :meth:`state_dict`'s output (after :meth:`bind`); a ``ValueError`` if it belongs to other layers."""
+        """Restore :meth:`state_dict`'s output (after :meth:`bind`), the factors moved to the model's device; a
+        ``ValueError`` if it belongs to other layers. Nothing is changed unless all of it loads."""
         inverses = state.get("inverses") if isinstance(state, dict) else None
         if not isinstance(inverses, list) or (inverses and len(inverses) != len(self._layers)):
             raise ValueError(
                 "the 'kronecker_factors' entry of this SCG state_dict does not belong to these layers: build the "
                 "KroneckerFactors over the model it was saved with"
             )
-        loaded = []
+        device = self.model_device()
+        input_inverses, output_inverses = [], []
         for layer, saved in zip(self._layers, inverses):
-            outputs = layer.module.weight.shape[0]
+            input_inverse = _saved_input_inverse(saved, layer)
             output = saved.get("output")
+            outputs = layer.module.weight.shape[0]
             if not isinstance(output, torch.Tensor) or output.shape != (outputs, outputs):
                 raise ValueError(f"the saved factors have another shape than layer {layer.module!r}'s")
-            loaded.append((_InputInverse(saved["kind"], list(saved["tensors"]), float(saved["epsilon"])), output))
-        self._input_inverses = [input_inverse for input_inverse, _ in loaded]
-        self._output_inverses = [output for _, output in loaded]
+            input_inverses.append(input_inverse.to(device))
+            output_inverses.append(output.to(device=device, dtype=torch.float64))
+        generator = torch.Generator().set_state(state["generator"])
+        self._input_inverses, self._output_inverses = input_inverses, output_inverses
         self.refreshes = int(state["refreshes"])
         self.steps_since_refresh = int(state["steps_since_refresh"])
-        self.generator.set_state(state["generator"])
+        self.generator = generator
 
     # ----------------------------------------------------------------------------------------------------------
     # Forming the factors
 
-    def _accumulate(self, batch: torch.Tensor, sums: list[list[Any]]) -> None:
-        """Add one batch's Σaaᵀ (or its rows, for a wide A) and Σggᵀ to ``sums``, with labels drawn from the model."""
+    def _accumulate(self, batch: torch.Tensor, sums: list[_Sums]) -> None:
+        """Add one batch's rows of each layer to ``sums``, with labels drawn from the model."""
+        inputs, gradients = self._layer_inputs_and_output_gradients(batch)
+        for layer, layer_input, gradient, layer_sums in zip(self._layers, inputs, gradients, sums):
+            rows, output_rows = _layer_rows(layer.module, layer_input, gradient)
+            if layer.bias_offset is not None:
+                rows = torch.cat([rows, rows.new_ones(rows.shape[0], 1)], dim=1)
+            layer_sums.add(rows.double(), output_rows.double(), positions=rows.shape[0] // batch.shape[0])
+
+    def _layer_inputs_and_output_gradients(self, batch: torch.Tensor) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        """Each factored layer's input and the gradient of Σₙ ℓₙ (labels drawn from the model) with respect to its
+        output, from one forward and one backward. The hooks hand on a copy of each output, so that an in-place
+        operation after the layer (``nn.ReLU(inplace=True)``) cannot change what the gradient is taken with respect
+        to; a layer called twice in one forward is refused."""
         captured: dict[nn.Module, tuple[torch.Tensor, torch.Tensor]] = {}
 
-        def keep(module: nn.Module, args: tuple[torch.Tensor, ...], output: torch.Tensor) -> None:
+        def keep(module: nn.Module, args: tuple[torch.Tensor, ...], output: torch.Tensor) -> torch.Tensor:
+            if module in captured:
+                raise ValueError(
+                    f"KroneckerFactors: {module!r} is called more than once in one forward; its factors would be "
+                    f"those of one call (weights shared between calls are not supported)"
+                )
             captured[module] = (args[0].detach(), output)
+            return output.clone()  # what the rest of the forward gets, and may change in place
 
         handles = [layer.module.register_forward_hook(keep) for layer in self._layers]
         try:
             with torch.enable_grad():
-                output = self.model(batch)
-                sampled = self._sampled_loss(output)
+                sampled = self._sampled_loss(self.model(batch))
                 missing = [layer.module for layer in self._layers if layer.module not in captured]
                 if missing:
                     raise ValueError(f"KroneckerFactors: the model's forward did not call {missing[0]!r}")
-                gradients = torch.autograd.grad(sampled, [captured[layer.module][1] for layer in self._layers])
+                outputs = [captured[layer.module][1] for layer in self._layers]
+                gradients = torch.autograd.grad(sampled, outputs, allow_unused=True)
         finally:
             for handle in handles:
                 handle.remove()
-        for layer, gradient, entry in zip(self._layers, gradients, sums):
-            rows, output_rows = _layer_rows(layer.module, captured[layer.module][0], gradient)
-            if layer.bias_offset is not None:
-                rows = torch.cat([rows, rows.new_ones(rows.shape[0], 1)], dim=1)
-            output_rows = output_rows.double()
-            entry[1] = output_rows.T @ output_rows + (0.0 if entry[1] is None else entry[1])
-            entry[2] = rows.shape[0] // batch.shape[0]  # T
-            if rows.shape[1] > LOW_RANK_ABOVE:
-                entry[3].append(rows)
-            else:
-                rows = rows.double()
-                entry[0] = rows.T @ rows + (0.0 if entry[0] is None else entry[0])
+        unused = [layer.module for layer, gradient in zip(self._layers, gradients) if gradient is None]
+        if unused:
+            raise ValueError(f"KroneckerFactors: the output of {unused[0]!r} does not reach the model's output")
+        return [captured[layer.module][0] for layer in self._layers], list(gradients)
 
     def _sampled_loss(self, output: torch.Tensor) -> torch.Tensor:
         """Σₙ ℓₙ at labels drawn from the model's predictive distribution (so that each sample's gradient is one
         draw of the sampled Fisher's ∇ℓ)."""
         detached = output.detach()
+        if not bool(torch.isfinite(detached).all()):
+            raise FloatingPointError(
+                "KroneckerFactors: the model's outputs at these weights are not finite, so the factors are not; the "
+                "factors held before are kept"
+            )
         if self.loss == "cross_entropy":
             if output.dim() != 2:
                 raise ValueError(f"loss='cross_entropy' takes (N, C) logits, the model returned {tuple(output.shape)}")
@@ -414,27 +506,64 @@ def _layer_rows(module: nn.Module, layer_input: torch.Tensor, gradient: torch.Te
 
 
 def _mean_diagonal(a_factor: torch.Tensor) -> float:
-    """tr(A) / dim A, for A a matrix or A = ZᵀZ given as Z (wider than :data:`LOW_RANK_ABOVE`)."""
-    if a_factor.shape[1] > LOW_RANK_ABOVE:
+    """tr(A) / dim A, for A a (square) matrix or A = ZᵀZ given as Z (fewer rows than columns)."""
+    if _is_rows(a_factor):
         return float((a_factor.double() ** 2).sum()) / a_factor.shape[1]
     return float(a_factor.diagonal().mean())
 
 
+def _is_rows(a_factor: torch.Tensor) -> bool:
+    """Whether an input factor is given as its rows Z (A = ZᵀZ: fewer rows than its width), not as A."""
+    return a_factor.shape[0] != a_factor.shape[1]
+
+
 def _input_inverse(a_factor: torch.Tensor, epsilon: float, rank: int | None) -> _InputInverse:
     """V ↦ V(A + εI)⁻¹, for A a matrix or A = ZᵀZ given as Z (the module's docstring)."""
-    if a_factor.shape[1] <= LOW_RANK_ABOVE:
+    if not _is_rows(a_factor):
         return _InputInverse("matrix", [_damped_inverse(a_factor, epsilon)], epsilon)
-    rows = a_factor
-    gram = (rows @ rows.T).double()
+    rows = a_factor.double()
+    gram = rows @ rows.T
     if rank is None:
         gram.diagonal().add_(epsilon)
         return _InputInverse("woodbury", [rows, torch.linalg.cholesky(gram)], epsilon)
     eigenvalues, vectors = torch.linalg.eigh(gram)
     eigenvalues, vectors = eigenvalues[-rank:].clamp_min(0.0), vectors[:, -rank:]
     kept = eigenvalues > 0.0
-    basis = (rows.T.double() @ (vectors[:, kept] / eigenvalues[kept].sqrt())).to(rows.dtype)  # U = ZᵀQΛ^-½
-    coefficients = (1.0 / (eigenvalues[kept] + epsilon) - 1.0 / epsilon).to(rows.dtype)
+    basis = rows.T @ (vectors[:, kept] / eigenvalues[kept].sqrt())  # U = ZᵀQΛ^-½
+    coefficients = 1.0 / (eigenvalues[kept] + epsilon) - 1.0 / epsilon
     return _InputInverse("eigen", [basis, coefficients], epsilon)
+
+
+def _saved_input_inverse(saved: Any, layer: _Layer) -> _InputInverse:
+    """A layer's saved input-side inverse, checked against the layer's width, or a ``ValueError``."""
+    width = layer.module.weight[0].numel() + (layer.bias_offset is not None)
+    if not isinstance(saved, dict):
+        raise ValueError(f"the saved factors do not belong to layer {layer.module!r}: got {type(saved).__name__}")
+    kind, tensors = saved.get("kind"), saved.get("tensors")
+    shapes: dict[str, list[tuple[int | None, ...]]] = {
+        "matrix": [(width, width)],
+        "eigen": [(width, None), (None,)],
+        "woodbury": [(None, width), (None, None)],
+    }
+    expected = shapes.get(kind) if isinstance(kind, str) else None
+    if (
+        not isinstance(kind, str)
+        or expected is None
+        or not isinstance(tensors, list)
+        or len(tensors) != len(expected)
+        or not all(_has_shape(t, shape) for t, shape in zip(tensors, expected))
+    ):
+        raise ValueError(f"the saved factors do not belong to layer {layer.module!r} (input width {width})")
+    return _InputInverse(kind, list(tensors), float(saved["epsilon"]))
+
+
+def _has_shape(value: Any, shape: tuple[int | None, ...]) -> bool:
+    """Whether ``value`` is a tensor of ``shape`` (``None``: any length along that axis)."""
+    return (
+        isinstance(value, torch.Tensor)
+        and value.dim() == len(shape)
+        and all(d is None or d == n for d, n in zip(shape, value.shape))
+    )
 
 
 def _damped_inverse(factor: torch.Tensor, epsilon: float) -> torch.Tensor:

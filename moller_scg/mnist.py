@@ -20,6 +20,7 @@ from torch import nn
 from moller_scg.accumulate import GradientAccumulator
 from moller_scg.data import MnistSplits, check_int, load_embedded_mnist, load_mnist_idx
 from moller_scg.history import History
+from moller_scg.kronecker import KroneckerFactors
 from moller_scg.models import MnistCNN
 from moller_scg.scg import DEFAULT_MEMORY, SCG
 from moller_scg.train import DEFAULT_MAX_FAIL, accuracy, fit
@@ -116,6 +117,7 @@ def train_mnist(
     hvp: str | None = None,
     memory: int = DEFAULT_MEMORY,
     diagonal_scaling: bool = False,
+    kronecker: bool = False,
     checkpoint: str | os.PathLike[str] | None = None,
     resume: bool = False,
     overwrite: bool = False,
@@ -145,6 +147,9 @@ def train_mnist(
             (a step costs one gradient pass); ``0`` is Møller's SCG.
         diagonal_scaling: with ``memory`` ≥ 1, SCG's H₀ = γ_D Λ from the gradients' second moments
             (:class:`~moller_scg.SCG`); default ``False`` (H₀ = γI).
+        kronecker: with ``memory`` ≥ 1, SCG's H₀ = γ_K K⁻¹ from K-FAC's factors of the CNN over 5 % of the training
+            images every 5 accepted steps (:class:`~moller_scg.KroneckerFactors` with its defaults, labels drawn from
+            the CNN's softmax); default ``False``.
         checkpoint: a file to write the run's state to, as for :func:`moller_scg.fit`.
         resume: continue from ``checkpoint`` if it exists, as for :func:`moller_scg.fit`.
         overwrite: replace an existing ``checkpoint`` and start afresh, as for :func:`moller_scg.fit`.
@@ -182,7 +187,10 @@ def train_mnist(
     model = MnistCNN().to(memory_format=memory_format)
     if device is not None:
         model.to(device)
-    optimizer = SCG(model.parameters(), hvp=hvp, memory=memory, diagonal_scaling=diagonal_scaling)
+    factors = KroneckerFactors(model, splits.train[0], loss="cross_entropy", seed=seed) if kronecker else None
+    optimizer = SCG(
+        model.parameters(), hvp=hvp, memory=memory, diagonal_scaling=diagonal_scaling, kronecker_factors=factors
+    )
     loss_fn = nn.CrossEntropyLoss()
     started = time.perf_counter()
     history = fit(

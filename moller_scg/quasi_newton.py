@@ -84,9 +84,9 @@ class SecantPairs:
             :meth:`start_scaling` (at SCG's start), :meth:`advance` / :meth:`advance_flat` (an accepted step) and
             :meth:`observe` (an accepted step that restarts).
         kronecker_factors: H₀ = γ_K K⁻¹ with K K-FAC's Kronecker-factored curvature of the network
-            (:mod:`moller_scg.kronecker`; parameters of one dtype and device, so one block), refreshed before an
-            accepted step's direction when :meth:`KroneckerFactors.due <moller_scg.kronecker.KroneckerFactors.due>`
-            says so; γ_K = maxᵢ sᵢᵀyᵢ / yᵢᵀK⁻¹yᵢ. Not with ``diagonal_scaling``.
+            (:mod:`moller_scg.kronecker`; parameters of one dtype and device, so one block), γ_K = maxᵢ sᵢᵀyᵢ /
+            yᵢᵀK⁻¹yᵢ. The caller refreshes the factors (:meth:`refresh_factors_when_due`, before :meth:`advance`:
+            SCG calls it before it commits an accepted step). Not with ``diagonal_scaling``.
 
     Attributes:
         memory: m.
@@ -232,7 +232,6 @@ class SecantPairs:
         The same numbers as :meth:`push` then :meth:`inverse_product`, in one host synchronisation instead of two:
         the products the pair needs and Sᵀr₊, Yᵀr₊ come from one matrix product.
         """
-        self._refresh_factors_when_due()
         # Per block, one 3 × n buffer holds y = r − r₊, p and r₊: the pair's and H r₊'s only temporaries (s = αp).
         columns = []
         for members, block in zip(self._members, self.blocks):
@@ -270,7 +269,8 @@ class SecantPairs:
         self, rows: torch.Tensor, alpha: float, residual: torch.Tensor, prepared: PreparedAdvance | None = None
     ) -> None:
         """:meth:`advance` for real parameters of one device and dtype, on flat vectors of n numbers
-        (:mod:`moller_scg.flat_vector`), bit for bit :meth:`advance`'s numbers, with no weight-sized temporary.
+        (:mod:`moller_scg.flat_vector`), bit for bit :meth:`advance`'s numbers, with no weight-sized temporary (but K⁻¹q
+        and its pieces with Kronecker factors).
 
         Args:
             rows: a ``(3, n)`` tensor holding p in ``rows[1]`` and r₊ in ``rows[2]``; ``rows[0]`` is scratch and
@@ -280,7 +280,6 @@ class SecantPairs:
             prepared: :meth:`prepare_advance`'s products of these rows (y already in ``rows[0]``), or ``None`` to
                 form y and the products here.
         """
-        self._refresh_factors_when_due()
         rows, residual = self._working_flat(rows, residual)
         totals = None
         if prepared is None:
@@ -461,11 +460,12 @@ class SecantPairs:
             for stack, scaled, target in zip(self._stacks, scaled_rows, targets)
         ]
 
-    def _refresh_factors_when_due(self) -> None:
-        """With Kronecker factors, count this accepted step and form the factors anew if they are due (at the first
-        accepted step, then every T), at the weights the parameters hold: the accepted ones. Before the pair is kept,
-        so that a refresh that raises leaves the pairs as they were (and SCG puts the weights back)."""
-        if self.kronecker is not None and self.kronecker.due():
+    def refresh_factors_when_due(self) -> None:
+        """With Kronecker factors, count an accepted step and form the factors anew if they are due (at the first
+        accepted step, then every T), at the weights the parameters hold: the accepted ones. SCG calls it before it
+        commits the step (before :meth:`advance`), so that a refresh that raises leaves its state and the pairs as
+        they were; without factors it does nothing."""
+        if self.kronecker is not None and self.kronecker.count_accepted_step():
             self.kronecker.refresh()
 
     def _apply_kronecker(
@@ -483,7 +483,7 @@ class SecantPairs:
         m, k, order = self.memory, self._rows_in_use(), self._order
         minus_r_inv_u_by_slot = np.zeros(m)
         minus_r_inv_u_by_slot[order] = -r_inv_u
-        (stack,), (v,), (target,) = self._stacks, flat, targets
+        (stack,), (v,), (target,) = self._stacks, flat, targets  # one block: KroneckerFactors.bind checked it
         changes = stack[1, :k]
         q = arithmetic.add_product(v, changes, minus_r_inv_u_by_slot[:k], out=target)  # q = v − Y R⁻¹u
         (scaled,) = self._working([self.kronecker.inverse_product(arithmetic.as_tensor(q))])  # K⁻¹q

@@ -324,11 +324,14 @@ class SCG(torch.optim.Optimizer):
         state["_scalars"] = dataclasses.replace(self._scalars)
         state["_trace"] = self._trace
         state["_secant_pairs"] = self._secant_pairs
+        state["_kronecker_factors"] = self._kronecker_factors  # (a copy holds a copy of the model and its inputs)
         state["_held_products"] = self._held_products()
         return state
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         held_products = state.pop("_held_products", None)
+        if "_kronecker_factors" not in state and "_kronecker_factors" not in self.__dict__:
+            state["_kronecker_factors"] = None  # pickled before the option existed (load_state_dict passes no such key)
         super().__setstate__(state)
         self.param_groups = [_ParamGroup(group) for group in self.param_groups]
         self._reset_transient()
@@ -548,11 +551,16 @@ class SCG(torch.optim.Optimizer):
         # That was the last closure call of the iteration: from here on, state may be committed and p overwritten.
 
         # Step 7: accept or reject the trial point.
+        accept = finite and comparison >= 0.0
+        restart = accept and (scalars.k + 1) % restart_period(group["restart"], params, storage) == 0
+        if accept and not restart and self._secant_pairs is not None:
+            # Kronecker factors at w₊, when due: before anything is committed, so that a refresh that raises leaves
+            # the state as it was (and the weights are put back)
+            self._secant_pairs.refresh_factors_when_due()
         scalars.k += 1
         if direction is not stored_direction:
             vec.copy_(stored_direction, direction)  # the steepest-descent fallback searched along p = r
-        if finite and comparison >= 0.0:
-            restart = scalars.k % restart_period(group["restart"], params, storage) == 0
+        if accept:
             new_direction_sq, new_mu = next_direction(
                 stored_direction, residual, trial, restart, self._secant_pairs, storage, alpha, mu
             )

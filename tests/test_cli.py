@@ -145,6 +145,26 @@ def test_mnist_checkpoint_and_resume(first_layout, capsys, tmp_path):
     assert "iterations     4" in output
 
 
+def test_a_kronecker_run_resumed_from_its_checkpoint_ends_bit_identical(tmp_path):
+    """The main job with K-FAC's H₀ (refreshed every 5 accepted steps): 3 iterations, then a resume to 8 from the
+    checkpoint (through torch.load(weights_only=True)) end with the weights of 8 iterations in one go."""
+    import torch
+
+    from moller_scg.checkpoint import load_checkpoint
+    from moller_scg.mnist import train_mnist
+
+    write_tiny_mnist(tmp_path)
+    options = {"data": tmp_path, "batch_size": 32, "kronecker": True, "max_fail": None, "progress": False}
+    whole, parted = tmp_path / "whole.pt", tmp_path / "parted.pt"
+    train_mnist(max_iter=8, checkpoint=whole, **options)
+    train_mnist(max_iter=3, checkpoint=parted, **options)
+    train_mnist(max_iter=8, checkpoint=parted, resume=True, **options)
+    first, second = load_checkpoint(whole), load_checkpoint(parted)
+    for name, tensor in first["model"].items():
+        assert torch.equal(tensor, second["model"][name]), name
+    assert first["optimizer"]["scg"]["secant_pairs"]["kronecker_factors"]["refreshes"] >= 2
+
+
 def test_mnist_bad_path_is_a_clear_error(capsys, tmp_path):
     status = main(["mnist", "--data", str(tmp_path / "nowhere"), "--quiet"])
     assert status == 1
@@ -309,6 +329,29 @@ def test_diagonal_scaling_is_off_by_default_and_a_flag_turns_it_on(flags, memory
     monkeypatch.setattr(mnist, "load_splits", lambda *args, **kwargs: None)
     assert main(["mnist", "--quiet", *flags]) != 0
     assert seen["memory"] == memory and seen["diagonal_scaling"] is expected
+
+
+def test_kronecker_flag_gives_scg_factors_of_the_cnn_over_its_training_images(monkeypatch):
+    from moller_scg import KroneckerFactors, mnist
+
+    seen = {}
+
+    def record_optimizer(model_params, **options):
+        seen.update(options)
+        raise ValueError("stop here")
+
+    monkeypatch.setattr(mnist, "SCG", record_optimizer)
+    assert main(["mnist", "--quiet", "--max-train", "100"]) != 0
+    assert seen["kronecker_factors"] is None
+    assert main(["mnist", "--quiet", "--max-train", "100", "--kronecker"]) != 0
+    factors = seen["kronecker_factors"]
+    assert isinstance(factors, KroneckerFactors) and factors.loss == "cross_entropy"
+    assert factors.inputs.shape == (100, 1, 28, 28) and factors.samples == 5
+
+
+def test_kronecker_without_memory_is_one_line_not_a_traceback(capsys):
+    assert main(["mnist", "--quiet", "--max-train", "100", "--max-iter", "1", "--memory", "0", "--kronecker"]) == 1
+    assert "memory=m ≥ 1" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize(("arguments", "expected"), [([], 3e-4), (["--weight-decay", "0"], 0.0)])

@@ -56,15 +56,20 @@ def sample_loss(output: torch.Tensor, label: torch.Tensor, loss: str) -> torch.T
 
 
 def factors_by_definition(
-    model: SmallCNN, inputs: torch.Tensor, loss: str, seed: int
+    model: SmallCNN, inputs: torch.Tensor, loss: str, seed: int, batch_size: int = 1024
 ) -> list[tuple[torch.Tensor, torch.Tensor]]:
     """A = (1/N) Σₙ Σₜ aaᵀ and G = (1/(NT)) Σₙ Σₜ ggᵀ of each layer, sample by sample and position by position, at the
-    labels the factors draw (all N samples: fraction 1)."""
+    labels the factors draw, batch by batch (all N samples: fraction 1)."""
     generator = torch.Generator().manual_seed(seed)
     order = torch.randperm(inputs.shape[0], generator=generator)
     inputs = inputs[order]
     with torch.no_grad():
-        labels = drawn_labels(model(inputs), loss, generator)
+        labels = torch.cat(
+            [
+                drawn_labels(model(inputs[start : start + batch_size]), loss, generator)
+                for start in range(0, len(inputs), batch_size)
+            ]
+        )
     n = inputs.shape[0]
     result = []
     for layer in (model.conv, model.hidden, model.output):
@@ -116,19 +121,21 @@ def bound_factors(model: nn.Module, inputs: torch.Tensor, **options) -> Kronecke
 
 
 @pytest.mark.parametrize("loss", ["cross_entropy", "binary_cross_entropy", "mse"])
-@pytest.mark.parametrize("low_rank", [False, True])
-def test_the_inverse_is_each_layers_damped_kronecker_factors_inverted(monkeypatch, loss, low_rank):
+@pytest.mark.parametrize("wide_above", [1024, 20, 5])
+def test_the_inverse_is_each_layers_damped_kronecker_factors_inverted(monkeypatch, loss, wide_above):
     """K⁻¹v undone by (G + ε_G I) V (A + ε_A I), with A and G formed by their definitions at the labels the factors
-    draw from each loss's distribution and the global damping's ε; the same through Woodbury's form (the hidden
-    layer's A: 51 wide, 7 samples) and through its eigenpairs when all of them are kept."""
-    if low_rank:
-        monkeypatch.setattr(kronecker, "LOW_RANK_ABOVE", 20)
+    draw from each loss's distribution and the global damping's ε. With wide factors above 20 the hidden layer's A
+    (51 wide, 7 samples) is held as its rows: through Woodbury's form and through its eigenpairs when all are kept.
+    Above 5, the convolution's (10 wide, 175 rows) and the output layer's (7 wide, 7 rows) are wide but formed
+    whole, also when their rows come in batches of 3 that pass the width only in the third."""
+    monkeypatch.setattr(kronecker, "LOW_RANK_ABOVE", wide_above)
     model, inputs, _ = small_problem()
     v = torch.randn(sum(p.numel() for p in model.parameters()), dtype=torch.float64)
-    expected_factors = factors_by_definition(model, inputs, loss, seed=3)
-    dampings = global_dampings(expected_factors, 0.3)
-    for rank in [None, 7] if low_rank else [None]:
-        factors = bound_factors(model, inputs, loss=loss, damping=0.3, rank=rank, seed=3)
+    settings = [(None, 1024)] if wide_above == 1024 else [(None, 1024), (7, 1024), (None, 3)]
+    for rank, batch_size in settings:
+        expected_factors = factors_by_definition(model, inputs, loss, seed=3, batch_size=batch_size)
+        dampings = global_dampings(expected_factors, 0.3)
+        factors = bound_factors(model, inputs, loss=loss, damping=0.3, rank=rank, seed=3, batch_size=batch_size)
         factors.refresh()
         solved = factors.inverse_product(v)
         offset = 0
@@ -149,7 +156,7 @@ def test_a_rank_k_input_factor_keeps_as_largest_eigenpairs(monkeypatch):
     factors = bound_factors(model, inputs, damping=0.3, rank=3)
     factors.refresh()
     input_inverse = factors._input_inverses[1]
-    assert input_inverse.kind == "eigen"
+    assert input_inverse.kind == "eigen" and input_inverse.tensors[0].dtype == torch.float64
     epsilon = input_inverse.epsilon
     values, vectors = torch.linalg.eigh(a)
     top, basis = values[-3:], vectors[:, -3:]
@@ -229,6 +236,7 @@ def test_the_compact_form_with_k_inverse_is_the_two_loop_recursion_and_refreshes
     for _ in range(7):
         direction, residual = (torch.randn(n, generator=generator, dtype=torch.float64) for _ in range(2))
         new_residual = residual - hessian @ (0.5 * direction)
+        pairs.refresh_factors_when_due()  # as SCG does before it commits an accepted step
         result = pairs.advance(split(direction, params), 0.5, split(residual, params), split(new_residual, params))
         refreshes.append(factors.refreshes)
         kept = (kept + [(0.5 * direction, residual - new_residual)])[-3:]
@@ -321,9 +329,10 @@ def test_a_state_saved_with_or_without_factors_is_refused_by_the_other():
         SCG(problem.model.parameters(), memory=4).load_state_dict(with_factors.state_dict())
 
 
-def test_a_refresh_that_raises_leaves_the_accepted_weights_and_the_pairs():
-    """The factors are formed at the accepted trial point, before its pair is kept: if the model raises there, SCG
-    puts the weights back to the point the step started from, and the pairs are as they were."""
+def test_a_refresh_that_raises_leaves_the_accepted_weights_and_the_state():
+    """The factors are formed at the accepted trial point, before SCG commits the step: if the model raises there, SCG
+    puts the weights back to the point the step started from, its k and the pairs are as they were, and once the
+    model works again the next steps go on."""
     problem = Classification()
     optimizer = problem.optimizer(every=1)
     optimizer.step(problem)
@@ -343,9 +352,149 @@ def test_a_refresh_that_raises_leaves_the_accepted_weights_and_the_pairs():
         for _ in range(5):  # until a step is accepted
             before = flat_weights(problem.model)
             held = list(pairs.slots)
+            k = optimizer.state_dict()["scg"]["scalars"]["k"]
             optimizer.step(problem)
     assert torch.equal(flat_weights(problem.model), before)
     assert pairs.slots == held
+    assert optimizer.state_dict()["scg"]["scalars"]["k"] == k
+    problem.model.forward = original_forward
+    losses = [float(optimizer.step(problem)) for _ in range(4)]
+    assert optimizer.state_dict()["scg"]["scalars"]["k"] == k + 4 and losses[-1] < losses[0]
+
+
+def test_factors_that_are_not_finite_are_refused_and_the_ones_held_stay():
+    model, inputs, _ = small_problem()
+    factors = bound_factors(model, inputs)
+    factors.refresh()
+    v = torch.randn(sum(p.numel() for p in model.parameters()), dtype=torch.float64)
+    held = factors.inverse_product(v)
+    with torch.no_grad():
+        model.hidden.weight[0, 0] = math.nan
+    with pytest.raises(FloatingPointError, match="not finite"):
+        factors.refresh()
+    assert factors.refreshes == 1 and torch.equal(factors.inverse_product(v), held)
+
+
+@pytest.mark.parametrize("with_factors", [False, True])
+def test_a_deep_copy_of_scg_with_memory_restarts_and_steps_as_the_original(with_factors):
+    """SCG(memory=m) deep-copied with its problem (the factors with it, whose model is the copy's), then restarted:
+    both step alike, bit for bit."""
+    problem = Classification()
+    optimizer = problem.optimizer() if with_factors else SCG(problem.model.parameters(), memory=4)
+    for _ in range(4):
+        optimizer.step(problem)
+    twin_problem, twin = copy.deepcopy((problem, optimizer))
+    if with_factors:
+        assert twin._kronecker_factors.model is twin_problem.model
+    for each, each_problem in ((optimizer, problem), (twin, twin_problem)):
+        each.restart()
+        for _ in range(6):
+            each.step(each_problem)
+    assert torch.equal(flat_weights(twin_problem.model), flat_weights(problem.model))
+
+
+def test_an_in_place_activation_after_a_layer_does_not_change_its_factors():
+    """With nn.ReLU(inplace=True) after the hidden layer, G is still taken with respect to the layer's output."""
+    torch.manual_seed(2)
+    inputs = torch.randn(30, 4, dtype=torch.float64)
+    results = []
+    for inplace in (False, True):
+        torch.manual_seed(3)
+        model = nn.Sequential(nn.Linear(4, 6), nn.ReLU(inplace=inplace), nn.Linear(6, 3)).double()
+        factors = bound_factors(model, inputs)
+        factors.refresh()
+        results.append(factors.inverse_product(torch.linspace(-1, 1, 4 * 6 + 6 + 6 * 3 + 3, dtype=torch.float64)))
+    torch.testing.assert_close(results[0], results[1], rtol=0, atol=0)
+
+
+def test_a_layer_called_twice_or_not_at_all_is_refused_at_the_first_refresh():
+    class Twice(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.layer = nn.Linear(3, 3)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.layer(torch.tanh(self.layer(x)))
+
+    twice = Twice().double()
+    factors = bound_factors(twice, torch.randn(8, 3, dtype=torch.float64))
+    with pytest.raises(ValueError, match="more than once"):
+        factors.refresh()
+
+    class Skips(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.used, self.unused = nn.Linear(3, 3), nn.Linear(3, 3)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.used(x)
+
+    skips = Skips().double()
+    factors = bound_factors(skips, torch.randn(8, 3, dtype=torch.float64))
+    with pytest.raises(ValueError, match="did not call"):
+        factors.refresh()
+
+
+def test_float32_factors_give_k_inverse_within_float32s_rounding_of_float64s(monkeypatch):
+    """The same model and inputs in float32 and float64: K⁻¹v agrees to float32's precision, through the narrow
+    inverses and the eigen form of a wide one (its basis and products in float64)."""
+    monkeypatch.setattr(kronecker, "LOW_RANK_ABOVE", 20)
+    model, inputs, _ = small_problem(samples=12)
+    v = torch.randn(sum(p.numel() for p in model.parameters()), dtype=torch.float64)
+    results = []
+    for dtype in (torch.float64, torch.float32):
+        copy_ = copy.deepcopy(model).to(dtype)
+        factors = bound_factors(copy_, inputs.to(dtype), damping=0.01, rank=6, seed=5)
+        factors.refresh()
+        results.append(factors.inverse_product(v.to(dtype)).double())
+    torch.testing.assert_close(results[1], results[0], rtol=2e-3, atol=1e-4 * float(results[0].abs().max()))
+
+
+def test_a_parameter_group_added_later_is_factored_from_the_next_step():
+    torch.manual_seed(4)
+    model = nn.Sequential(nn.Linear(4, 6), nn.Tanh(), nn.Linear(6, 3)).double()
+    inputs, targets = torch.randn(30, 4, dtype=torch.float64), torch.randint(0, 3, (30,))
+    factors = KroneckerFactors(model, inputs, fraction=0.5, every=100)
+    optimizer = SCG(model[2].parameters(), memory=3, kronecker_factors=factors)
+
+    def closure():
+        optimizer.zero_grad()
+        loss = functional.cross_entropy(model(inputs), targets)
+        loss.backward()
+        return loss
+
+    for _ in range(3):
+        optimizer.step(closure)
+    assert len(factors._layers) == 1 and factors.refreshes == 1
+    optimizer.add_param_group({"params": list(model[0].parameters())})
+    for _ in range(4):
+        optimizer.step(closure)
+    assert len(factors._layers) == 2 and factors.refreshes == 2  # formed anew for both layers, not after T = 100
+    assert len(factors._input_inverses) == 2
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        (lambda entry: entry["inverses"][0].update(kind="cholesky"), "do not belong"),
+        (lambda entry: entry["inverses"][2]["tensors"].__setitem__(0, torch.eye(5, dtype=torch.float64)), "do not"),
+        (lambda entry: entry["inverses"][2].update(output=torch.eye(2, dtype=torch.float64)), "another shape"),
+        (lambda entry: entry["inverses"].pop(), "these layers"),
+    ],
+)
+def test_saved_factors_of_other_layers_are_refused_and_nothing_is_loaded(change, message):
+    model, inputs, _ = small_problem()
+    factors = bound_factors(model, inputs, seed=1)
+    factors.refresh()
+    entry = copy.deepcopy(factors.state_dict())
+    change(entry)
+    other = bound_factors(model, inputs, seed=2)
+    other.refresh()
+    v = torch.randn(sum(p.numel() for p in model.parameters()), dtype=torch.float64)
+    held = other.inverse_product(v)
+    with pytest.raises(ValueError, match=message):
+        other.load_state_dict(entry)
+    assert torch.equal(other.inverse_product(v), held)
 
 
 @pytest.mark.parametrize(
@@ -359,6 +508,10 @@ def test_a_refresh_that_raises_leaves_the_accepted_weights_and_the_pairs():
         ({"damping": math.inf}, "damping"),
         ({"rank": 0}, "rank"),
         ({"batch_size": 0}, "batch_size"),
+        ({"every": 2.5}, "every"),
+        ({"rank": True}, "rank"),
+        ({"max_samples": 0}, "max_samples"),
+        ({"seed": 1.5}, "seed"),
     ],
 )
 def test_bad_settings_are_refused_by_name(options, message):
