@@ -52,12 +52,19 @@ import numbers
 from collections.abc import Sequence
 from typing import Any
 
+import numpy as np
 import torch
 import torch.nn.functional as functional
 from torch import nn
 
 LOW_RANK_ABOVE = 1024
 """An input factor A wider than this is kept as its samples' rows Z (A = ZᵀZ) and never formed."""
+
+HOST_FACTORS_MAX = 1 << 17
+"""The most numbers the factors' inverses may hold, all whole matrices on the CPU, for K⁻¹ to be applied in NumPy
+(:meth:`KroneckerFactors._host_product`); larger ones, or a wide factor's eigen or Woodbury form, stay in torch."""
+
+HOST_DTYPES = (torch.float32, torch.float64)
 
 LOSSES = ("cross_entropy", "binary_cross_entropy", "mse")
 """The losses whose predictive distribution the factors sample labels from: a categorical over the softmax of the
@@ -245,6 +252,7 @@ class KroneckerFactors:
         self._size = 0
         self._input_inverses: list[_InputInverse] = []  # per layer: V ↦ V(A + ε_A I)⁻¹
         self._output_inverses: list[torch.Tensor] = []  # per layer: (G + ε_G I)⁻¹
+        self._host_inverses: list[tuple[np.ndarray, np.ndarray]] | None = None  # NumPy views, small CPU factors
 
     # ----------------------------------------------------------------------------------------------------------
     # What SCG asks
@@ -303,7 +311,7 @@ class KroneckerFactors:
         if [(id(layer.module), layer.weight_offset, layer.bias_offset) for layer in layers] != [
             (id(layer.module), layer.weight_offset, layer.bias_offset) for layer in self._layers
         ]:  # other layers (a parameter group added): the inverses held belong to the old ones
-            self._input_inverses, self._output_inverses = [], []
+            self._set_inverses([], [])
         self._layers, self._size = layers, offset
 
     def count_accepted_step(self) -> bool:
@@ -329,7 +337,7 @@ class KroneckerFactors:
             batch = _gather(self.inputs, chosen[start : start + self.batch_size]).to(self.model_device())
             self._accumulate(batch, sums)
         factors = [layer_sums.factors(len(chosen)) for layer_sums in sums]
-        if not all(bool(torch.isfinite(a).all() and torch.isfinite(g).all()) for a, g in factors):
+        if not bool(torch.isfinite(torch.cat([f.reshape(-1) for pair in factors for f in pair])).all()):
             raise FloatingPointError(
                 "KroneckerFactors: the factors at these weights are not finite (the model's outputs or their "
                 "gradients are not); the factors held before are kept"
@@ -337,7 +345,7 @@ class KroneckerFactors:
         dampings = self._dampings(factors)
         input_inverses = [_input_inverse(a, a_damping, self.rank) for (a, _), (a_damping, _) in zip(factors, dampings)]
         output_inverses = [_damped_inverse(g, g_damping) for (_, g), (_, g_damping) in zip(factors, dampings)]
-        self._input_inverses, self._output_inverses = input_inverses, output_inverses
+        self._set_inverses(input_inverses, output_inverses)
         self.refreshes += 1
         self.steps_since_refresh = 0
 
@@ -350,6 +358,8 @@ class KroneckerFactors:
             raise ValueError(
                 f"KroneckerFactors.inverse_product takes a flat vector of {self._size}, got {tuple(vector.shape)}"
             )
+        if self._host_inverses is not None and vector.device.type == "cpu" and vector.dtype in HOST_DTYPES:
+            return self._host_product(vector)
         out = torch.empty_like(vector)
         for layer, input_inverse, output_inverse in zip(self._layers, self._input_inverses, self._output_inverses):
             weight = layer.module.weight
@@ -363,6 +373,42 @@ class KroneckerFactors:
             if layer.bias_offset is not None:
                 out[layer.bias_offset : layer.bias_offset + outputs] = result[:, width]
         return out
+
+    def _host_product(self, vector: torch.Tensor) -> torch.Tensor:
+        """:meth:`inverse_product` in NumPy, through views of the tensors (small factors on the CPU, all held whole):
+        a handful of NumPy calls per layer, at 1–2 µs each where torch's take 3–7 µs, on models whose gradient pass
+        takes a millisecond (the pairs' arithmetic does the same: :mod:`moller_scg.pair_arithmetic`)."""
+        assert self._host_inverses is not None
+        flat = vector.detach().numpy()
+        out = np.empty_like(flat)
+        for layer, (input_inverse, output_inverse) in zip(self._layers, self._host_inverses):
+            outputs, weights = layer.module.weight.shape[0], layer.module.weight.numel()
+            width = weights // outputs
+            block = flat[layer.weight_offset : layer.weight_offset + weights].reshape(outputs, width)
+            if layer.bias_offset is not None:
+                bias = flat[layer.bias_offset : layer.bias_offset + outputs, None]
+                block = np.concatenate([block, bias], axis=1)
+            result = output_inverse @ (block @ input_inverse)  # float64: the inverses are
+            out[layer.weight_offset : layer.weight_offset + weights] = result[:, :width].reshape(-1)
+            if layer.bias_offset is not None:
+                out[layer.bias_offset : layer.bias_offset + outputs] = result[:, width]
+        return torch.from_numpy(out)
+
+    def _set_inverses(self, input_inverses: list[_InputInverse], output_inverses: list[torch.Tensor]) -> None:
+        """Hold these inverses, with NumPy views of them when they are small CPU matrices (:meth:`_host_product`)."""
+        self._input_inverses, self._output_inverses = input_inverses, output_inverses
+        tensors = [t for inverse in input_inverses for t in inverse.tensors] + output_inverses
+        host = (
+            bool(input_inverses)
+            and all(inverse.kind == "matrix" for inverse in input_inverses)
+            and all(t.device.type == "cpu" for t in tensors)
+            and sum(t.numel() for t in tensors) <= HOST_FACTORS_MAX
+        )
+        self._host_inverses = (
+            [(inverse.tensors[0].numpy(), output.numpy()) for inverse, output in zip(input_inverses, output_inverses)]
+            if host
+            else None
+        )
 
     def model_device(self) -> torch.device:
         """The device of the model's factored layers (where a refresh runs and the factors live)."""
@@ -409,7 +455,7 @@ class KroneckerFactors:
             input_inverses.append(input_inverse.to(device))
             output_inverses.append(output.to(device=device, dtype=torch.float64))
         generator = torch.Generator().set_state(state["generator"])
-        self._input_inverses, self._output_inverses = input_inverses, output_inverses
+        self._set_inverses(input_inverses, output_inverses)
         self.refreshes = int(state["refreshes"])
         self.steps_since_refresh = int(state["steps_since_refresh"])
         self.generator = generator
@@ -567,9 +613,15 @@ def _has_shape(value: Any, shape: tuple[int | None, ...]) -> bool:
 
 
 def _damped_inverse(factor: torch.Tensor, epsilon: float) -> torch.Tensor:
-    """(F + εI)⁻¹ of a symmetric positive semi-definite F, in float64; ε > 0."""
-    damped = factor.double() + epsilon * torch.eye(factor.shape[0], dtype=torch.float64, device=factor.device)
-    return torch.cholesky_inverse(torch.linalg.cholesky(damped))
+    """(F + εI)⁻¹ of a symmetric positive semi-definite F, in float64, symmetric; ε > 0. In NumPy on the CPU (one call
+    for a small factor, where torch's Cholesky and its inverse took about 50 µs), by torch's Cholesky elsewhere."""
+    if factor.device.type != "cpu":
+        damped = factor.double() + epsilon * torch.eye(factor.shape[0], dtype=torch.float64, device=factor.device)
+        return torch.cholesky_inverse(torch.linalg.cholesky(damped))
+    damped = factor.double().numpy().copy()
+    damped.flat[:: damped.shape[0] + 1] += epsilon
+    inverse = np.linalg.inv(damped)
+    return torch.from_numpy(0.5 * (inverse + inverse.T))
 
 
 def _sample_count(inputs: Any) -> int:

@@ -579,3 +579,21 @@ def test_a_cross_entropy_model_that_does_not_return_logits_is_told_so():
     factors.bind(list(model.parameters()))
     with pytest.raises(ValueError, match=r"\(N, C\) logits"):
         factors.refresh()
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_small_factors_are_applied_in_numpy_as_torch_applies_them(monkeypatch, dtype):
+    """Whole factors on the CPU under HOST_FACTORS_MAX numbers take the NumPy path; K⁻¹v is torch's to rounding."""
+    model, inputs, _ = small_problem()
+    model = model.to(dtype)
+    v = torch.randn(sum(p.numel() for p in model.parameters()), dtype=dtype)
+    results = []
+    for host_max in (kronecker.HOST_FACTORS_MAX, 0):
+        monkeypatch.setattr(kronecker, "HOST_FACTORS_MAX", host_max)
+        factors = bound_factors(model, inputs.to(dtype), seed=4)
+        factors.refresh()
+        assert (factors._host_inverses is not None) == (host_max > 0)
+        results.append(factors.inverse_product(v))
+    assert results[0].dtype == dtype
+    tolerance = 1e-12 if dtype == torch.float64 else 1e-5
+    torch.testing.assert_close(results[0], results[1], rtol=tolerance, atol=tolerance * float(results[1].abs().max()))

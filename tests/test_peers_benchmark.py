@@ -157,8 +157,18 @@ def test_quick_run_writes_table_json_and_figure(tmp_path, monkeypatch, capsys):
         "SCG m=5",
         "SCG m=40",
         "SCG m=20 diag",
+        "SCG m=20 K-FAC",
         "SCG m=40 diag",
     ]
+    # The K-FAC row holds SCG(memory=20)'s buffers, and its factors on the problems that have them (the others run
+    # SCG(memory=20) itself: the same passes and memory).
+    for block in results["problems"]:
+        by_row = {r["name"]: r for r in block["results"]}
+        kfac, plain = by_row["SCG m=20 K-FAC"], by_row["SCG m=20"]
+        if block["problem"]["name"] in ("pinn", "autoencoder"):
+            assert kfac["passes"] == plain["passes"] and kfac["state_in_n"] == plain["state_in_n"]
+        else:
+            assert kfac["state_in_n"] > 45.0 and kfac["factor_passes"] > 0, block["problem"]["name"]
     # SCG(memory=m) holds the 2m secant pairs besides w and the (4, n) buffer of y, p, r₊ and r (kept between steps,
     # so that a step allocates no weight-sized temporary), and four m × m matrices: SᵀY and YᵀY by slot, R and YᵀY
     # in the pairs' order (4m² numbers: 12.8 n for m = 40 on the 501-weight regression). With diagonal scaling, v
