@@ -15,28 +15,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
 import levers_kfac  # noqa: E402
 from levers_kfac import FlatKFAC, KfacPairs, KroneckerFactors  # noqa: E402
 from levers_variants import FlatSCG  # noqa: E402
-
-
-class SmallCNN(nn.Module):
-    """A convolution (2 filters, 3 × 3, stride 1, padding 1), tanh, a hidden linear layer and a linear output."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.conv = nn.Conv2d(1, 2, 3, padding=1)
-        self.hidden = nn.Linear(2 * 5 * 5, 6)
-        self.output = nn.Linear(6, 3)
-
-    def forward(self, images: torch.Tensor) -> torch.Tensor:
-        x = torch.tanh(self.conv(images))
-        return self.output(torch.tanh(self.hidden(x.flatten(1))))
-
-
-def small_problem(samples: int = 7) -> tuple[SmallCNN, torch.Tensor, torch.Tensor]:
-    torch.manual_seed(0)
-    model = SmallCNN().double()
-    inputs = torch.randn(samples, 1, 5, 5, dtype=torch.float64)
-    targets = torch.randint(0, 3, (samples,))
-    return model, inputs, targets
+from test_kronecker import SmallCNN, as_matrix, small_problem  # noqa: E402  (the library's K-FAC tests' model)
 
 
 def factors_by_definition(
@@ -65,14 +44,6 @@ def factors_by_definition(
             g_sum = g_sum + g_rows.T @ g_rows
         result.append((a_sum / n, g_sum / (n * positions)))
     return result
-
-
-def as_matrix(v: torch.Tensor, offset: int, layer: nn.Module) -> torch.Tensor:
-    """The layer's part of the flat v as V = [W | b] (out × in + 1)."""
-    outputs, weights = layer.weight.shape[0], layer.weight.numel()
-    return torch.cat(
-        [v[offset : offset + weights].view(outputs, -1), v[offset + weights : offset + weights + outputs, None]], 1
-    )
 
 
 @pytest.mark.parametrize("low_rank", [False, True])
