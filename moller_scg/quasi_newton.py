@@ -435,10 +435,8 @@ class SecantPairs:
         yᵢᵀΛyᵢ of YᵀΛY (for γ_D = maxᵢ sᵢᵀyᵢ / yᵢᵀΛyᵢ) in one host synchronisation, and H v = γ_D Λq + S c_S in
         ``targets``. YᵀΛY itself, k²n products, is never formed."""
         assert self.scaling is not None
-        m, k, order = self.memory, self._rows_in_use(), self._order
-        minus_r_inv_u_by_slot = np.zeros(m)
-        minus_r_inv_u_by_slot[order] = -r_inv_u
-        c_q = minus_r_inv_u_by_slot[:k]
+        k, order = self._rows_in_use(), self._order
+        c_q = self._by_slot(-r_inv_u)
         scaled_rows, partial = [], []
         diagonals = self.scaling.working_diagonal
         for index, (stack, v, target, diagonal) in enumerate(zip(self._stacks, flat, targets, diagonals)):
@@ -450,11 +448,7 @@ class SecantPairs:
             partial.append(arithmetic.joined([products, arithmetic.scaled_squares(changes, diagonal)]))
         totals = arithmetic.summed_on_host(partial)
         changes_dot_scaled, gram_diagonal = totals[:k][order], totals[k:][order]  # YᵀΛq, yᵢᵀΛyᵢ, oldest first
-        diagonal_of_r = upper.diagonal()  # D: sᵢᵀyᵢ
-        gamma = float((diagonal_of_r / gram_diagonal).max())  # γ_D
-        c_s_by_slot = np.zeros(m)
-        c_s_by_slot[order] = _solve_upper(upper, diagonal_of_r * r_inv_u - gamma * changes_dot_scaled, transposed=True)
-        c_s = c_s_by_slot[:k]
+        gamma, c_s = self._scaled_step(upper, r_inv_u, changes_dot_scaled, gram_diagonal)  # γ_D
         return [
             arithmetic.add_product(scaled, stack[0, :k], c_s, gamma, target)  # γ_D Λq + S c_S
             for stack, scaled, target in zip(self._stacks, scaled_rows, targets)
@@ -480,20 +474,30 @@ class SecantPairs:
         vector; yᵢᵀK⁻¹yᵢ (for γ_K = maxᵢ sᵢᵀyᵢ / yᵢᵀK⁻¹yᵢ) is formed once per pair and factors
         (:meth:`_kronecker_curvatures`)."""
         assert self.kronecker is not None
-        m, k, order = self.memory, self._rows_in_use(), self._order
-        minus_r_inv_u_by_slot = np.zeros(m)
-        minus_r_inv_u_by_slot[order] = -r_inv_u
+        k, order = self._rows_in_use(), self._order
         (stack,), (v,), (target,) = self._stacks, flat, targets  # one block: KroneckerFactors.bind checked it
         changes = stack[1, :k]
-        q = arithmetic.add_product(v, changes, minus_r_inv_u_by_slot[:k], out=target)  # q = v − Y R⁻¹u
+        q = arithmetic.add_product(v, changes, self._by_slot(-r_inv_u), out=target)  # q = v − Y R⁻¹u
         (scaled,) = self._working([self.kronecker.inverse_product(arithmetic.as_tensor(q))])  # K⁻¹q
         changes_dot_scaled = arithmetic.summed_on_host([arithmetic.row_products(scaled[None], changes).reshape(-1)])
         changes_dot_scaled = changes_dot_scaled[order]  # YᵀK⁻¹q, oldest first
+        gamma, c_s = self._scaled_step(upper, r_inv_u, changes_dot_scaled, self._kronecker_curvatures())  # γ_K
+        return [arithmetic.add_product(scaled, stack[0, :k], c_s, gamma, target)]  # γ_K K⁻¹q + S c_S
+
+    def _by_slot(self, ordered: np.ndarray) -> np.ndarray:
+        """Numbers given per pair, oldest first, placed by slot over the k rows in use (zero in the others)."""
+        by_slot = np.zeros(self.memory)
+        by_slot[self._order] = ordered
+        return by_slot[: self._rows_in_use()]
+
+    def _scaled_step(
+        self, upper: np.ndarray, r_inv_u: np.ndarray, changes_dot_scaled: np.ndarray, metric: np.ndarray
+    ) -> tuple[float, np.ndarray]:
+        """For an H₀ = γ M (M = Λ or K⁻¹), given R, R⁻¹u, YᵀMq and yᵢᵀMyᵢ (oldest first): γ = maxᵢ sᵢᵀyᵢ / yᵢᵀMyᵢ and
+        c_S = R⁻ᵀ(D R⁻¹u − γ YᵀMq) by slot over the rows in use, so that H v = γ Mq + S c_S."""
         diagonal_of_r = upper.diagonal()  # D: sᵢᵀyᵢ
-        gamma = float((diagonal_of_r / self._kronecker_curvatures()).max())  # γ_K
-        c_s_by_slot = np.zeros(m)
-        c_s_by_slot[order] = _solve_upper(upper, diagonal_of_r * r_inv_u - gamma * changes_dot_scaled, transposed=True)
-        return [arithmetic.add_product(scaled, stack[0, :k], c_s_by_slot[:k], gamma, target)]  # γ_K K⁻¹q + S c_S
+        gamma = float((diagonal_of_r / metric).max())
+        return gamma, self._by_slot(_solve_upper(upper, diagonal_of_r * r_inv_u - gamma * changes_dot_scaled, True))
 
     def _kronecker_curvatures(self) -> np.ndarray:
         """yᵢᵀK⁻¹yᵢ of the pairs held, oldest first, each formed once per pair and factors (one K⁻¹ product for a new
