@@ -151,10 +151,16 @@ def reference_scg(
     return weights
 
 
-def two_loop(pairs: list[tuple[Vector, Vector]], v: Vector, scale: Vector | None = None) -> Vector:
+def two_loop(
+    pairs: list[tuple[Vector, Vector]],
+    v: Vector,
+    scale: Vector | None = None,
+    initial_inverse: Callable[[Vector], Vector] | None = None,
+) -> Vector:
     """H v of L-BFGS from the pairs (oldest first) by the two-loop recursion, H₀ = γI with γ the largest sᵀy / yᵀy
     of the pairs (the library's choice; L-BFGS's usual one is the newest pair's), or, given the diagonal Λ as
-    ``scale``, H₀ = γ_D Λ with γ_D the largest sᵀy / yᵀΛy."""
+    ``scale``, H₀ = γ_D Λ with γ_D the largest sᵀy / yᵀΛy, or, given a symmetric positive definite M as the function
+    ``initial_inverse`` (v ↦ Mv), H₀ = γ M with γ the largest sᵀy / yᵀMy."""
     if not pairs:
         return v.clone()
     q = v.clone()
@@ -163,7 +169,9 @@ def two_loop(pairs: list[tuple[Vector, Vector]], v: Vector, scale: Vector | None
         a = dot(s, q) / dot(s, y)
         alphas.append(a)
         q = q - a * y
-    if scale is None:
+    if initial_inverse is not None:
+        q = max(dot(s, y) / dot(y, initial_inverse(y)) for s, y in pairs) * initial_inverse(q)
+    elif scale is None:
         q = q * max(dot(s, y) / dot(y, y) for s, y in pairs)
     else:
         q = q * scale * max(dot(s, y) / dot(y, scale * y) for s, y in pairs)

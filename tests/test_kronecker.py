@@ -9,7 +9,7 @@ import math
 import pytest
 import torch
 import torch.nn.functional as functional
-from reference_scg import dot
+from reference_scg import two_loop
 from torch import nn
 
 from moller_scg import SCG, KroneckerFactors, kronecker
@@ -56,20 +56,27 @@ def sample_loss(output: torch.Tensor, label: torch.Tensor, loss: str) -> torch.T
 
 
 def factors_by_definition(
-    model: SmallCNN, inputs: torch.Tensor, loss: str, seed: int, batch_size: int = 1024
+    model: SmallCNN,
+    inputs: torch.Tensor,
+    loss: str,
+    seed: int = 0,
+    batch_size: int = 1024,
+    labels: torch.Tensor | None = None,
 ) -> list[tuple[torch.Tensor, torch.Tensor]]:
     """A = (1/N) Σₙ Σₜ aaᵀ and G = (1/(NT)) Σₙ Σₜ ggᵀ of each layer, sample by sample and position by position, at the
-    labels the factors draw, batch by batch (all N samples: fraction 1)."""
-    generator = torch.Generator().manual_seed(seed)
-    order = torch.randperm(inputs.shape[0], generator=generator)
-    inputs = inputs[order]
-    with torch.no_grad():
-        labels = torch.cat(
-            [
-                drawn_labels(model(inputs[start : start + batch_size]), loss, generator)
-                for start in range(0, len(inputs), batch_size)
-            ]
-        )
+    labels the factors draw, batch by batch (all N samples: fraction 1), or at ``labels`` (the empirical Fisher of
+    ``benchmarks/levers_kfac.py``'s research variant)."""
+    if labels is None:
+        generator = torch.Generator().manual_seed(seed)
+        order = torch.randperm(inputs.shape[0], generator=generator)
+        inputs = inputs[order]
+        with torch.no_grad():
+            labels = torch.cat(
+                [
+                    drawn_labels(model(inputs[start : start + batch_size]), loss, generator)
+                    for start in range(0, len(inputs), batch_size)
+                ]
+            )
     n = inputs.shape[0]
     result = []
     for layer in (model.conv, model.hidden, model.output):
@@ -199,20 +206,6 @@ def test_a_share_of_the_samples_is_drawn_afresh_at_each_refresh_and_grads_are_le
         assert p.grad is grad and bool((grad == 7.0).all())
 
 
-def two_loop_with(pairs: list[tuple[torch.Tensor, torch.Tensor]], v: torch.Tensor, inverse) -> torch.Tensor:
-    """H v by the two-loop recursion with H₀ = γ_K K⁻¹, γ_K = maxᵢ sᵢᵀyᵢ / yᵢᵀK⁻¹yᵢ."""
-    q = v.clone()
-    alphas = []
-    for s, y in reversed(pairs):
-        a = dot(s, q) / dot(s, y)
-        alphas.append(a)
-        q = q - a * y
-    q = max(dot(s, y) / dot(y, inverse(y)) for s, y in pairs) * inverse(q)
-    for (s, y), a in zip(pairs, reversed(alphas)):
-        q = q + (a - dot(y, q) / dot(s, y)) * s
-    return q
-
-
 @pytest.mark.parametrize("host", [True, False])
 def test_the_compact_form_with_k_inverse_is_the_two_loop_recursion_and_refreshes_every_t_steps(monkeypatch, host):
     """SecantPairs' H r₊ with the factors equals the two-loop recursion with H₀ = γ_K K⁻¹ over the same pairs, with
@@ -240,7 +233,7 @@ def test_the_compact_form_with_k_inverse_is_the_two_loop_recursion_and_refreshes
         result = pairs.advance(split(direction, params), 0.5, split(residual, params), split(new_residual, params))
         refreshes.append(factors.refreshes)
         kept = (kept + [(0.5 * direction, residual - new_residual)])[-3:]
-        expected = two_loop_with(kept, new_residual, factors.inverse_product)
+        expected = two_loop(kept, new_residual, initial_inverse=factors.inverse_product)
         torch.testing.assert_close(torch.cat([r.reshape(-1) for r in result]), expected, rtol=1e-10, atol=1e-12)
     assert refreshes == [1, 1, 2, 2, 3, 3, 4]
 

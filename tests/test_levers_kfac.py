@@ -13,37 +13,17 @@ from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
 import levers_kfac  # noqa: E402
+import test_kronecker as kronecker_tests  # noqa: E402  (the library's K-FAC tests: the model, the factors' definitions)
 from levers_kfac import FlatKFAC, KfacPairs, KroneckerFactors  # noqa: E402
 from levers_variants import FlatSCG  # noqa: E402
-from test_kronecker import SmallCNN, as_matrix, small_problem  # noqa: E402  (the library's K-FAC tests' model)
+from test_kronecker import SmallCNN, as_matrix, small_problem  # noqa: E402
 
 
 def factors_by_definition(
-    model: SmallCNN, inputs: torch.Tensor, targets: torch.Tensor
+    model, inputs: torch.Tensor, targets: torch.Tensor
 ) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    """A and G of each layer, sample by sample and position by position (the empirical Fisher: true labels)."""
-    n = inputs.shape[0]
-    result = []
-    for layer in (model.conv, model.hidden, model.output):
-        a_sum, g_sum, positions = 0.0, 0.0, 1
-        for i in range(n):
-            seen: dict[str, torch.Tensor] = {}
-            handle = layer.register_forward_hook(lambda m, args, out, seen=seen: seen.update(a=args[0], s=out))
-            logits = model(inputs[i : i + 1])
-            handle.remove()
-            (gradient,) = torch.autograd.grad(functional.cross_entropy(logits, targets[i : i + 1]), [seen["s"]])
-            if layer is model.conv:
-                patches = functional.unfold(seen["a"], 3, padding=1)[0].T  # (T, 9)
-                positions = patches.shape[0]
-                a_rows = torch.cat([patches, torch.ones(positions, 1, dtype=torch.float64)], dim=1)
-                g_rows = gradient[0].flatten(1).T  # (T, 2)
-            else:
-                a_rows = torch.cat([seen["a"], torch.ones(1, 1, dtype=torch.float64)], dim=1)
-                g_rows = gradient
-            a_sum = a_sum + a_rows.T @ a_rows
-            g_sum = g_sum + g_rows.T @ g_rows
-        result.append((a_sum / n, g_sum / (n * positions)))
-    return result
+    """A and G of each layer by their definitions at the true labels (the empirical Fisher)."""
+    return kronecker_tests.factors_by_definition(model, inputs, "cross_entropy", labels=targets)
 
 
 @pytest.mark.parametrize("low_rank", [False, True])
