@@ -96,7 +96,7 @@ from typing import Any
 import peers_memory_bound as memory_bound
 import torch
 from common import RESULTS, environment
-from peers_adapters import LBFGS_FAMILY, Row, optimizers, require_peers, warm_up
+from peers_adapters import LBFGS_FAMILY, REFERENCE, Row, optimizers, require_peers, warm_up
 from peers_metering import (
     BudgetSpent,
     RoundRobin,
@@ -198,7 +198,8 @@ def memory_probe(
     """
     peaks: dict[str, float] = {}
     table = optimizers(problem) if table is None else table
-    for name in [n for n in table if not n.startswith("Adam")] + [next(n for n in table if n.startswith("Adam"))]:
+    adam = [n for n in table if n.startswith("Adam")][:1]  # Adam's state is one size at every lr
+    for name in [n for n in table if not n.startswith("Adam")] + adam:
         run = Run(name, problem, initial, costs)
         run.budget = budget
         run.entry_code = memory_probe.__code__
@@ -255,19 +256,21 @@ def run_problem(
     shuffle: bool = True,
     default_lbfgs: bool = False,
     order_seed: int | None = None,
+    rows: list[str] | None = None,
 ) -> dict[str, Any]:
     """Calibrate, race (``races`` times: default :func:`races_for`; times are then medians over the races; with
     ``shuffle`` the baton's order is a new random permutation every lap, seeded by ``order_seed`` — by default the
     problem's seed — and the race's number: race k of a run draws its orders from 1000 · seed + k, so two runs with
     one seed race the same orders), probe memory (on :data:`PROBE_PROBLEM`) and analyse one problem;
-    ``default_lbfgs``: with the rows of torch LBFGS without a line search (``optimizers``)."""
+    ``default_lbfgs``: with the rows of torch LBFGS without a line search (``optimizers``); ``rows``: only those
+    rows and the reference (:func:`select_rows`)."""
     model = problem.make_model()
     initial = copy.deepcopy(model.state_dict())
     costs = calibrate(problem, initial)
     races = races_for(problem.name, quick) if races is None else races
     base = problem.seed if order_seed is None else order_seed
     seeds = [1000 * base + number if shuffle else None for number in range(races)]
-    table = optimizers(problem, default_lbfgs)
+    table = select_rows(optimizers(problem, default_lbfgs), rows)
     raws = [race(problem, initial, costs, table, shuffle_seed=seed) for seed in seeds]
     probe = memory_probe(problem, initial, costs, probe_budget, table) if problem.name == PROBE_PROBLEM else None
     results = best_adam(raws[0])
@@ -295,6 +298,26 @@ def run_problem(
         "memory_probe": probe,
         "probe_budget": probe_budget,
         "all_adam": raws[0],
+    }
+
+
+ADAM_ROWS = "Adam"
+"""In ``--rows``: every Adam row (one per learning rate of the problem's grid)."""
+
+
+def select_rows(table: dict[str, Row], rows: list[str] | None) -> dict[str, Row]:
+    """The rows of ``table`` that ``rows`` names (``--rows``; :data:`ADAM_ROWS` names every Adam row), in the table's
+    order, and always the reference, torch LBFGS(100), which every ratio is taken to; ``rows=None``: all of them.
+    A name the table does not hold is a ``ValueError`` that names it and the table's rows."""
+    if rows is None:
+        return table
+    unknown = [name for name in rows if name not in table and name != ADAM_ROWS]
+    if unknown:
+        choices = ", ".join(repr(name) for name in table if not name.startswith("Adam"))
+        raise ValueError(f"no row named {', '.join(map(repr, unknown))}; the rows are {choices} and {ADAM_ROWS!r}")
+    wanted = {REFERENCE, *rows}
+    return {
+        name: row for name, row in table.items() if name in wanted or (name.startswith("Adam") and ADAM_ROWS in wanted)
     }
 
 
@@ -364,6 +387,13 @@ def main(argv: list[str] | None = None) -> int:
         "each SCG row with one of them by the equal-memory rule, apart from the goals (docs/performance.md, lever 40)",
     )
     parser.add_argument(
+        "--rows",
+        nargs="+",
+        metavar="ROW",
+        help="race only these rows of the table (and the reference, torch LBFGS; 'Adam': every Adam row), e.g. a new "
+        "SCG mode against the LBFGS histories; its goals are judged among them. Not the memory-bound case's rows",
+    )
+    parser.add_argument(
         "--report-from",
         type=Path,
         nargs="+",
@@ -385,6 +415,11 @@ def main(argv: list[str] | None = None) -> int:
         except ValueError as error:
             parser.error(str(error))
         return write_report(pooled, args.out)
+    if args.rows is not None:
+        try:
+            select_rows(optimizers(types.SimpleNamespace(adam_lrs=()), args.default_lbfgs), args.rows)
+        except ValueError as error:
+            parser.error(str(error))
     require_peers()
     torch.set_num_threads(args.threads)
     warm_up()
@@ -403,6 +438,7 @@ def main(argv: list[str] | None = None) -> int:
                 not args.fixed_order,
                 args.default_lbfgs,
                 args.order_seed,
+                args.rows,
             )
             results["problems"].append(block)
         block["wall_seconds"] = time.perf_counter() - started

@@ -37,6 +37,10 @@ KRONECKER = f"SCG m={DEFAULT_MEMORY} K-FAC"
 memory=20)``, as a user of the mode would fall back to it."""
 DIAGONAL = f"SCG m={DEFAULT_MEMORY} diag"
 """SCG(params, memory=20, diagonal_scaling=True): H₀ = γ_D Λ from the gradients' second moments (lever 14)."""
+KRONECKER_OR_DIAGONAL = f"SCG m={DEFAULT_MEMORY} K-FAC/diag"
+"""K-FAC's H₀ where the problem has factors (:data:`KRONECKER_LOSSES`: the row :data:`KRONECKER`), the diagonal H₀
+where it has none (the row :data:`DIAGONAL`): the physics-informed net and the autoencoder. One row for the mode
+lever 72 read off two rows (docs/performance.md, lever 73)."""
 SCG_FAMILY, LBFGS_FAMILY, PEER_FAMILY, ADAM_FAMILY = "SCG", "torch LBFGS", "peer", "Adam"
 """Which kind of optimizer a row is: the report judges every SCG row by the goals, and pairs it with the LBFGS row
 of nearest memory."""
@@ -174,8 +178,11 @@ def run_scg(run: Run, hvp: str, curvature_fraction: float = 1.0, loss_first: boo
     run.extra["scg_rejected"] = 0
     if scg_options.get("kronecker_factors") is not None:  # the factors' settings, made into factors of this run
         settings = scg_options["kronecker_factors"]
-        has_factors = run.problem.name in KRONECKER_LOSSES  # else SCG(memory=m), as a user would fall back to
-        scg_options["kronecker_factors"] = ChargedKroneckerFactors(run, **settings) if has_factors else None
+        if run.problem.name in KRONECKER_LOSSES:
+            scg_options["kronecker_factors"] = ChargedKroneckerFactors(run, **settings)
+            scg_options["diagonal_scaling"] = False  # K-FAC's H₀ in place of the diagonal one, where both are asked
+        else:  # no factors: SCG(memory=m), or with diagonal_scaling its diagonal H₀, as a user would fall back to
+            scg_options["kronecker_factors"] = None
     optimizer = SCG(run.params, hvp=hvp, **scg_options)
     objective = MeteredObjective(run, run.params) if loss_first else run
     run.extra["record_in_step"] = True
@@ -330,6 +337,12 @@ def optimizers(problem: Problem, default_lbfgs: bool = False) -> dict[str, Row]:
             hvp="secant",
             memory=DEFAULT_MEMORY,
             kronecker_factors=KRONECKER_OPTIONS,
+        ),
+        KRONECKER_OR_DIAGONAL: scg(
+            hvp="secant",
+            memory=DEFAULT_MEMORY,
+            kronecker_factors=KRONECKER_OPTIONS,
+            diagonal_scaling=True,
         ),
         "SCG m=40 diag": scg(hvp="secant", memory=40, diagonal_scaling=True),
         **{f"torch LBFGS h={history}": lbfgs(history) for history in LBFGS_HISTORIES},
