@@ -260,6 +260,25 @@ class KroneckerFactors:
     def bind(self, params: Sequence[torch.Tensor]) -> None:
         """Map the optimizer's parameters (in its order, flattened one after the other) to the model's layers, or
         raise a ``ValueError`` that names what the factors cannot precondition."""
+        layers, size = self._layers_of(params)
+        if [(id(layer.module), layer.weight_offset, layer.bias_offset) for layer in layers] != [
+            (id(layer.module), layer.weight_offset, layer.bias_offset) for layer in self._layers
+        ]:  # other layers (a parameter group added): the inverses held belong to the old ones
+            self._set_inverses([], [])
+        self._layers, self._size = layers, size
+
+    def refusal(self, params: Sequence[torch.Tensor]) -> str | None:
+        """Why :meth:`bind` would refuse ``params`` (its ``ValueError``'s message), or ``None`` if the factors can
+        precondition them; binds nothing."""
+        try:
+            self._layers_of(params)
+        except ValueError as error:
+            return str(error)
+        return None
+
+    def _layers_of(self, params: Sequence[torch.Tensor]) -> tuple[list[_Layer], int]:
+        """The factored layers that hold ``params`` and the parameters' total size, or a ``ValueError`` naming what
+        the factors cannot precondition."""
         if not params:
             raise ValueError("KroneckerFactors: the optimizer has no parameters")
         first = params[0]
@@ -308,11 +327,7 @@ class KroneckerFactors:
                 f"but the optimizer also has {', '.join(missing[:5])}{' …' if len(missing) > 5 else ''}: use "
                 f"SCG(memory=m) or diagonal_scaling=True for such a model"
             )
-        if [(id(layer.module), layer.weight_offset, layer.bias_offset) for layer in layers] != [
-            (id(layer.module), layer.weight_offset, layer.bias_offset) for layer in self._layers
-        ]:  # other layers (a parameter group added): the inverses held belong to the old ones
-            self._set_inverses([], [])
-        self._layers, self._size = layers, offset
+        return layers, offset
 
     def count_accepted_step(self) -> bool:
         """Count one accepted quasi-Newton step, and return whether the factors are to be formed at it: at the first

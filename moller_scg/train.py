@@ -22,10 +22,11 @@ from torch import nn
 from moller_scg import distributed as _dist
 from moller_scg.accumulate import HVP_METHODS, GradientAccumulator
 from moller_scg.annealing import Annealer, AnnealingRestarts
+from moller_scg.default_optimizer import check_preconditioner, default_optimizer
 from moller_scg.fingerprint import data_fingerprint
 from moller_scg.history import History
 from moller_scg.run_checkpoint import RunCheckpoint, check_checkpoint_path, resume_run
-from moller_scg.scg import DEFAULT_MEMORY, SCG, SCGTrace
+from moller_scg.scg import SCG, SCGTrace
 from moller_scg.stopping import (
     EarlyStopping,
     StopRequests,
@@ -82,6 +83,7 @@ def fit(
     curvature_seed: int = 0,
     weight_decay: float = 0.0,
     hvp_method: str = "double-backward",
+    preconditioner: str = "scalar",
 ) -> History:
     """Train ``model`` by full-batch SCG (or another closure optimizer) until a stopping rule fires.
 
@@ -95,13 +97,13 @@ def fit(
         val_data: validation data in the same forms; its loss is computed after every successful step.
         metric: ``metric(outputs, targets)`` → the batch mean of a score (for example :func:`accuracy`), reported
             on the validation data as ``val_metric``.
-        optimizer: default ``SCG(params, memory=20)`` over the model's trainable parameters (``requires_grad``;
-            frozen ones are left alone): Møller's trust scaling on a quasi-Newton preconditioned direction, one
-            gradient pass per step (:class:`~moller_scg.SCG`'s ``memory``; ``SCG(params)`` for Møller's SCG with
-            exact curvature from the accumulator). Any optimizer whose ``step`` takes a closure works
-            (``torch.optim.LBFGS``); then only E is recorded per iteration, at the weights after the step (one more
-            loss-only pass, since such optimizers return the loss from before it). An SCG holding frozen
-            parameters is a ``ValueError``.
+        optimizer: default ``SCG(params, memory=20)`` (its H₀ the one ``preconditioner`` names) over the model's
+            trainable parameters (``requires_grad``; frozen ones are left alone): Møller's trust scaling on a
+            quasi-Newton preconditioned direction, one gradient pass per step (:class:`~moller_scg.SCG`'s
+            ``memory``; ``SCG(params)`` for Møller's SCG with exact curvature from the accumulator). Any optimizer
+            whose ``step`` takes a closure works (``torch.optim.LBFGS``); then only E is recorded per iteration, at
+            the weights after the step (one more loss-only pass, since such optimizers return the loss from before
+            it). An SCG holding frozen parameters is a ``ValueError``.
         batch_size: samples per streamed minibatch (memory, not the objective: every batch size gives the same
             E, E' and E''p). Default: the accumulator's.
         device: where the model and batches go.
@@ -156,6 +158,19 @@ def fit(
             δ ≤ 0. With a method other than the default, the default optimizer is Møller's ``SCG(params)``, which
             asks for the products, and a given optimizer that does not ask for them is refused before any data is
             touched.
+        preconditioner: the initial matrix H₀ of the default optimizer's secant preconditioner
+            (:mod:`moller_scg.default_optimizer`): ``"scalar"`` (default), H₀ = γI, ``SCG(params, memory=20)``;
+            ``"diagonal"``, H₀ = γ_D Λ from the gradients' second moments (``diagonal_scaling=True``);
+            ``"kronecker"``, H₀ = γ_K K⁻¹ from K-FAC's factors of the model's ``nn.Linear`` and ``nn.Conv2d`` layers
+            over 5 % of the training inputs (at most 512) every 5 accepted steps, the labels drawn from the
+            distribution of ``loss_fn`` (the cross-entropy, the squared error or the binary cross-entropy with
+            logits; :class:`~moller_scg.KroneckerFactors`); ``"auto"``: ``"kronecker"`` where the loss is the
+            cross-entropy or the squared error and every trained parameter lies in such a layer, ``"diagonal"``
+            otherwise. Only for the optimizer ``fit`` builds in its secant mode: with a given ``optimizer``, or with
+            curvature products asked for (``curvature_fraction`` < 1, ``hvp_method``), another value is a
+            ``ValueError``, before any data is touched. The factors' state is in the checkpoint, so a resumed run
+            ends bit-identical to one that was never interrupted. ``"kronecker"`` is refused under
+            ``torch.distributed``, where ``"auto"`` chooses ``"diagonal"``.
 
     Distributed (under ``torchrun``, or any initialised ``torch.distributed`` process group; see
     :mod:`moller_scg.distributed`): call ``fit`` on every rank with the same arguments and the same initial
@@ -185,6 +200,8 @@ def fit(
     _validate_callbacks(callbacks)
     _check_curvature_subsampling(curvature_fraction, curvature_subset, curvature_seed, optimizer)
     _check_hvp_method(hvp_method, optimizer)
+    asks_for_products = curvature_fraction < 1.0 or hvp_method != "double-backward"
+    check_preconditioner(preconditioner, optimizer, asks_for_products)
     if checkpoint is not None:
         check_checkpoint_path(checkpoint, resume, overwrite)
     if device is not None:
@@ -210,9 +227,8 @@ def fit(
     if optimizer is None:
         # The accumulator differentiates only the trainable parameters; SCG must hold the same w. Subsampled
         # curvature, or a method chosen for the products, asks for Møller's SCG, which takes them; otherwise the
-        # quasi-Newton preconditioned mode.
-        asks_for_products = train.curvature_fraction < 1.0 or hvp_method != "double-backward"
-        optimizer = SCG(train.params) if asks_for_products else SCG(train.params, memory=DEFAULT_MEMORY)
+        # quasi-Newton preconditioned mode with the H₀ preconditioner names.
+        optimizer = default_optimizer(train.params, model, loss_fn, train_data, preconditioner, asks_for_products)
     _check_no_frozen_parameters(optimizer)
     if min_grad is not None and not isinstance(optimizer, SCG):
         raise ValueError("min_grad needs the gradient norm, which only SCG reports; drop min_grad or use SCG")

@@ -590,3 +590,19 @@ def test_small_factors_are_applied_in_numpy_as_torch_applies_them(monkeypatch, d
     assert results[0].dtype == dtype
     tolerance = 1e-12 if dtype == torch.float64 else 1e-5
     torch.testing.assert_close(results[0], results[1], rtol=tolerance, atol=tolerance * float(results[1].abs().max()))
+
+
+def test_refusal_says_why_bind_would_refuse_and_binds_nothing():
+    model = nn.Sequential(nn.Linear(3, 4), nn.LayerNorm(4), nn.Linear(4, 2)).double()
+    factors = KroneckerFactors(model, torch.randn(20, 3, dtype=torch.float64))
+    linear = [*model[0].parameters(), *model[2].parameters()]
+    assert factors.refusal(linear) is None
+    everything = list(model.parameters())
+    reason = factors.refusal(everything)
+    assert reason is not None and "1.weight" in reason
+    with pytest.raises(ValueError) as refused:
+        factors.bind(everything)
+    assert str(refused.value) == reason
+    assert factors._layers == [] and factors._size == 0  # refusal bound nothing, nor did the refused bind
+    factors.bind(linear)
+    assert factors.refusal(everything) is not None and len(factors._layers) == 2  # a refusal leaves the binding

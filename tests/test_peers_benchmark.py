@@ -158,17 +158,24 @@ def test_quick_run_writes_table_json_and_figure(tmp_path, monkeypatch, capsys):
         "SCG m=40",
         "SCG m=20 diag",
         "SCG m=20 K-FAC",
+        "SCG m=20 K-FAC/diag",
         "SCG m=40 diag",
     ]
     # The K-FAC row holds SCG(memory=20)'s buffers, and its factors on the problems that have them (the others run
-    # SCG(memory=20) itself: the same passes and memory).
+    # SCG(memory=20) itself: the same passes and memory). The K-FAC/diag row computes what the K-FAC row computes
+    # where there are factors, and what the diagonal row computes where there are none.
     for block in results["problems"]:
         by_row = {r["name"]: r for r in block["results"]}
         kfac, plain = by_row["SCG m=20 K-FAC"], by_row["SCG m=20"]
-        if block["problem"]["name"] in ("pinn", "autoencoder"):
+        has_factors = block["problem"]["name"] not in ("pinn", "autoencoder")
+        if not has_factors:
             assert kfac["passes"] == plain["passes"] and kfac["state_in_n"] == plain["state_in_n"]
         else:
             assert kfac["state_in_n"] > 45.0 and kfac["factor_passes"] > 0, block["problem"]["name"]
+        same = by_row["SCG m=20 K-FAC" if has_factors else "SCG m=20 diag"]
+        either = by_row["SCG m=20 K-FAC/diag"]
+        assert [h["loss"] for h in either["history"]] == [h["loss"] for h in same["history"]], block["problem"]["name"]
+        assert either["passes"] == same["passes"] and either.get("factor_passes") == same.get("factor_passes")
     # SCG(memory=m) holds the 2m secant pairs besides w and the (4, n) buffer of y, p, r₊ and r (kept between steps,
     # so that a step allocates no weight-sized temporary), and four m × m matrices: SᵀY and YᵀY by slot, R and YᵀY
     # in the pairs' order (4m² numbers: 12.8 n for m = 40 on the 501-weight regression). With diagonal scaling, v
@@ -321,6 +328,35 @@ def test_default_lbfgs_adds_torchs_default_lbfgs_rows_to_the_race(monkeypatch):
     with pytest.raises(peers_metering.BudgetSpent):
         rows["LBFGS h=20 no LS"].run(run)
     assert (run.extra["lbfgs_iterations"], run.extra["lbfgs_evaluations"]) == (20, 20)
+
+
+def test_rows_races_the_named_rows_and_the_reference_and_refuses_a_name_the_table_lacks(monkeypatch, capsys):
+    peers = load_benchmark(monkeypatch)
+    from peers_problems import PROBLEMS
+
+    problem = PROBLEMS["regression"](True, 0)
+    table = peers.optimizers(problem)
+    chosen = peers.select_rows(table, ["torch LBFGS h=40", "SCG m=20 K-FAC/diag"])
+    assert list(chosen) == ["torch LBFGS", "SCG m=20 K-FAC/diag", "torch LBFGS h=40"]  # the table's order
+    assert all(chosen[name] is table[name] for name in chosen)
+    with_adam = peers.select_rows(table, ["Adam"])
+    assert list(with_adam) == ["torch LBFGS", *[f"Adam lr={lr:g}" for lr in problem.adam_lrs]]
+    assert peers.select_rows(table, None) is table
+    with pytest.raises(ValueError, match="no row named 'SCG m=3'.*'SCG m=20 K-FAC/diag'"):
+        peers.select_rows(table, ["SCG m=20", "SCG m=3"])
+
+    # run_problem races those rows only (the race itself replaced by a stub here), and main refuses a bad name
+    # before it races anything.
+    raced = []
+    monkeypatch.setattr(peers, "race", lambda problem, initial, costs, table, **kwargs: raced.append(list(table)) or [])
+    monkeypatch.setattr(peers, "calibrate", lambda problem, initial: {})
+    monkeypatch.setattr(peers, "analyse", lambda problem, results: {"targets": []})
+    peers.run_problem(problem, 1.0, quick=True, rows=["SCG m=20 diag"])
+    assert raced == [["torch LBFGS", "SCG m=20 diag"]]
+    with pytest.raises(SystemExit):
+        peers.main(["--quick", "--problems", "regression", "--rows", "SCG m=20", "no such row"])
+    assert "no row named 'no such row'" in capsys.readouterr().err
+    assert len(raced) == 1
 
 
 def test_the_millisecond_problems_race_nine_times_the_others_three_and_quick_once(monkeypatch):

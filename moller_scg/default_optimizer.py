@@ -1,0 +1,134 @@
+"""The SCG that :func:`~moller_scg.fit` builds when it is given no optimizer, and the initial matrix H₀ of its
+secant preconditioner, ``fit``'s ``preconditioner``.
+
+``SCG(params, memory=m)`` preconditions its direction by the m latest secant pairs over an initial inverse Hessian
+H₀ (:mod:`moller_scg.quasi_newton`). ``preconditioner`` chooses H₀:
+
+* ``"scalar"``: H₀ = γI (the default), ``SCG(params, memory=20)``;
+* ``"diagonal"``: H₀ = γ_D Λ from the gradients' second moments, ``SCG(params, memory=20, diagonal_scaling=True)``;
+* ``"kronecker"``: H₀ = γ_K K⁻¹ from K-FAC's factors of the model's layers over a share of the training inputs,
+  ``SCG(params, memory=20, kronecker_factors=KroneckerFactors(model, inputs, loss=…))``, the loss's distribution read
+  from ``loss_fn`` (:func:`kronecker_loss`);
+* ``"auto"``: ``"kronecker"`` where the loss is the cross-entropy or the squared error and every trained parameter
+  is a weight or bias of an ``nn.Linear`` or ``nn.Conv2d`` layer the factors take, ``"diagonal"`` everywhere else.
+
+Why ``"auto"`` chooses so (docs/performance.md, levers 71–73): K-FAC's H₀ took the fewest passes and the least time
+of every mode on the race's problems whose loss is the cross-entropy or the squared error of the model's output
+(the MNIST CNN, the logistic and the regression problem); the diagonal H₀ was the fastest mode on the two others,
+the physics-informed net (its loss is no likelihood of the output) and the autoencoder, whose binary cross-entropy
+over 784 outputs makes K-FAC's output factor dense and 784 wide (its factors lost in time there, lever 71). A
+physics-informed model passed to ``fit`` with ``nn.MSELoss`` looks like a regression to this rule: give it
+``preconditioner="diagonal"``.
+
+Under ``torch.distributed`` each rank would draw its factors from its own shard, and the ranks' steps would part:
+``"kronecker"`` is refused there, and ``"auto"`` chooses ``"diagonal"``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import torch
+from torch import nn
+from torch.nn import functional
+
+from moller_scg import distributed as _dist
+from moller_scg.kronecker import KroneckerFactors
+from moller_scg.scg import DEFAULT_MEMORY, SCG
+
+PRECONDITIONERS = ("scalar", "diagonal", "kronecker", "auto")
+"""The values of ``fit``'s ``preconditioner``: the H₀ of the secant mode it builds (the module's docstring)."""
+
+AUTO_KRONECKER_LOSSES = ("cross_entropy", "mse")
+"""The losses for which ``"auto"`` chooses K-FAC's H₀ (not the binary cross-entropy: lever 71's autoencoder)."""
+
+
+def check_preconditioner(preconditioner: Any, optimizer: torch.optim.Optimizer | None, asks_for_products: bool) -> None:
+    """Before any data is touched: ``preconditioner`` is one of :data:`PRECONDITIONERS`, and an H₀ other than γI is
+    asked for only where ``fit`` builds the secant mode (no optimizer given, no curvature products asked for)."""
+    if preconditioner not in PRECONDITIONERS:
+        raise ValueError(
+            f"Invalid preconditioner {preconditioner!r}; choose one of {', '.join(map(repr, PRECONDITIONERS))}"
+        )
+    if preconditioner == "scalar":
+        return
+    if optimizer is not None:
+        raise ValueError(
+            f"preconditioner={preconditioner!r} chooses the H₀ of the SCG that fit builds, but an optimizer was given: "
+            "drop preconditioner, or build the SCG with diagonal_scaling=True or kronecker_factors=…"
+        )
+    if asks_for_products:
+        raise ValueError(
+            f"preconditioner={preconditioner!r} chooses the H₀ of SCG's secant mode, but curvature_fraction < 1 or "
+            "hvp_method asks for Møller's SCG with curvature products, which has no preconditioner: drop one of them"
+        )
+
+
+def kronecker_loss(loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]) -> str | None:
+    """The predictive distribution behind ``loss_fn``, by the name :class:`~moller_scg.KroneckerFactors` takes, or
+    ``None`` when it is none of them: ``"cross_entropy"`` for ``nn.CrossEntropyLoss`` without class weights or label
+    smoothing and for ``F.cross_entropy``; ``"mse"`` for ``nn.MSELoss`` and ``F.mse_loss``;
+    ``"binary_cross_entropy"`` for ``nn.BCEWithLogitsLoss`` without weights and for
+    ``F.binary_cross_entropy_with_logits``. Any other function (a sum of a loss and a penalty too) is ``None``."""
+    if isinstance(loss_fn, nn.CrossEntropyLoss):
+        plain = loss_fn.weight is None and loss_fn.label_smoothing == 0.0
+        return "cross_entropy" if plain else None
+    if isinstance(loss_fn, nn.MSELoss) or loss_fn is functional.mse_loss:
+        return "mse"
+    if isinstance(loss_fn, nn.BCEWithLogitsLoss):
+        plain = loss_fn.weight is None and loss_fn.pos_weight is None
+        return "binary_cross_entropy" if plain else None
+    if loss_fn is functional.cross_entropy:
+        return "cross_entropy"
+    if loss_fn is functional.binary_cross_entropy_with_logits:
+        return "binary_cross_entropy"
+    return None
+
+
+def training_inputs(train_data: Any) -> torch.Tensor | torch.utils.data.Dataset:
+    """The inputs K-FAC's factors draw their samples from: the first tensor of ``(inputs, targets)``, a
+    ``DataLoader``'s dataset, or the map-style ``Dataset`` itself (whose items' first elements are the inputs)."""
+    if isinstance(train_data, (tuple, list)):
+        return train_data[0]
+    if isinstance(train_data, torch.utils.data.DataLoader):
+        return train_data.dataset
+    return train_data
+
+
+def default_optimizer(
+    params: Sequence[torch.Tensor],
+    model: nn.Module,
+    loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+    train_data: Any,
+    preconditioner: str,
+    asks_for_products: bool,
+) -> SCG:
+    """The SCG ``fit`` trains with when given none: Møller's ``SCG(params)`` where curvature products are asked for
+    (``asks_for_products``), else the secant mode ``SCG(params, memory=20)`` with the H₀ ``preconditioner`` names
+    (checked by :func:`check_preconditioner`)."""
+    if asks_for_products:
+        return SCG(params)
+    loss = kronecker_loss(loss_fn)
+    if preconditioner == "kronecker":
+        if loss is None:
+            raise ValueError(
+                f"preconditioner='kronecker' needs a loss whose distribution K-FAC's factors know "
+                f"(nn.CrossEntropyLoss, nn.MSELoss, nn.BCEWithLogitsLoss or their functions), got {loss_fn!r}: use "
+                "preconditioner='diagonal', or build SCG(params, memory=m, kronecker_factors=KroneckerFactors(model, "
+                "inputs, loss=…)) yourself"
+            )
+        if _dist.is_distributed():
+            raise ValueError(
+                "preconditioner='kronecker' is not supported under torch.distributed (each rank would form its "
+                "factors from its own shard, and their steps would part): use preconditioner='diagonal'"
+            )
+        factors = KroneckerFactors(model, training_inputs(train_data), loss=loss)
+        return SCG(params, memory=DEFAULT_MEMORY, kronecker_factors=factors)
+    if preconditioner == "auto" and loss in AUTO_KRONECKER_LOSSES and not _dist.is_distributed():
+        factors = KroneckerFactors(model, training_inputs(train_data), loss=loss)
+        if factors.refusal(list(params)) is None:
+            return SCG(params, memory=DEFAULT_MEMORY, kronecker_factors=factors)
+    if preconditioner in ("diagonal", "auto"):
+        return SCG(params, memory=DEFAULT_MEMORY, diagonal_scaling=True)
+    return SCG(params, memory=DEFAULT_MEMORY)

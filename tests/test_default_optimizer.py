@@ -1,0 +1,155 @@
+"""fit's ``preconditioner``: which H₀ the SCG it builds gets (moller_scg.default_optimizer), that each choice trains
+exactly as the SCG built by hand, resumes bit-identically, and that what it cannot serve is refused by name."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from problems import regression_problem
+from torch import nn
+from torch.nn import functional
+
+from moller_scg import SCG, KroneckerFactors, fit
+from moller_scg import distributed as dist_helpers
+from moller_scg.default_optimizer import default_optimizer, kronecker_loss, training_inputs
+
+
+def classifier_problem(seed: int = 0) -> tuple[nn.Module, tuple[torch.Tensor, torch.Tensor]]:
+    """A 5-6-3 tanh classifier (float64) and 60 samples of 3 classes that a linear rule separates, noisily."""
+    generator = torch.Generator().manual_seed(seed)
+    x = torch.randn(60, 5, generator=generator, dtype=torch.float64)
+    labels = (x[:, :3] + 0.3 * torch.randn(60, 3, generator=generator, dtype=torch.float64)).argmax(dim=1)
+    torch.manual_seed(seed)
+    return nn.Sequential(nn.Linear(5, 6), nn.Tanh(), nn.Linear(6, 3)).double(), (x, labels)
+
+
+def quiet_fit(model, loss_fn, data, **options):
+    options.setdefault("max_iter", 25)
+    return fit(model, loss_fn, data, progress=False, batch_size=16, **options)
+
+
+def by_hand(model, data, loss, mode):
+    """The SCG a user would build for ``mode``: what fit must build for the same choice."""
+    params = list(model.parameters())
+    if mode == "kronecker":
+        return SCG(params, memory=20, kronecker_factors=KroneckerFactors(model, data[0], loss=loss))
+    return SCG(params, memory=20, diagonal_scaling=mode == "diagonal")
+
+
+@pytest.mark.parametrize(
+    ("loss_fn", "expected"),
+    [
+        (nn.CrossEntropyLoss(), "cross_entropy"),
+        (nn.CrossEntropyLoss(reduction="sum"), "cross_entropy"),
+        (functional.cross_entropy, "cross_entropy"),
+        (nn.MSELoss(), "mse"),
+        (functional.mse_loss, "mse"),
+        (nn.BCEWithLogitsLoss(), "binary_cross_entropy"),
+        (functional.binary_cross_entropy_with_logits, "binary_cross_entropy"),
+        (nn.CrossEntropyLoss(weight=torch.ones(3)), None),
+        (nn.CrossEntropyLoss(label_smoothing=0.1), None),
+        (nn.BCEWithLogitsLoss(pos_weight=torch.ones(1)), None),
+        (nn.L1Loss(), None),
+        (nn.BCELoss(), None),  # on probabilities, not logits
+        (lambda outputs, targets: functional.mse_loss(outputs, targets) + 0.0, None),
+    ],
+)
+def test_kronecker_loss_names_the_distribution_of_the_losses_the_factors_know(loss_fn, expected):
+    assert kronecker_loss(loss_fn) == expected
+
+
+def test_the_factors_draw_from_the_training_inputs_in_each_form_fit_takes():
+    x, y = torch.randn(10, 2), torch.randn(10, 1)
+    dataset = torch.utils.data.TensorDataset(x, y)
+    assert training_inputs((x, y)) is x
+    assert training_inputs([x, y]) is x
+    assert training_inputs(dataset) is dataset
+    assert training_inputs(torch.utils.data.DataLoader(dataset, batch_size=4)) is dataset
+
+
+@pytest.mark.parametrize(
+    ("problem", "loss_fn", "preconditioner", "built"),
+    [
+        (classifier_problem, nn.CrossEntropyLoss(), "kronecker", "kronecker"),
+        (classifier_problem, nn.CrossEntropyLoss(), "auto", "kronecker"),
+        (classifier_problem, nn.CrossEntropyLoss(), "diagonal", "diagonal"),
+        (classifier_problem, nn.CrossEntropyLoss(), "scalar", "scalar"),
+        (regression_problem, nn.MSELoss(), "auto", "kronecker"),
+        (regression_problem, nn.BCEWithLogitsLoss(), "auto", "diagonal"),  # the autoencoder's loss: lever 71
+        (regression_problem, nn.BCEWithLogitsLoss(), "kronecker", "kronecker"),
+        (regression_problem, nn.L1Loss(), "auto", "diagonal"),
+    ],
+)
+def test_fit_with_a_preconditioner_trains_exactly_as_the_scg_built_by_hand(problem, loss_fn, preconditioner, built):
+    model, data = problem()
+    if isinstance(loss_fn, nn.BCEWithLogitsLoss):
+        data = (data[0], (data[1] > 0).double())
+    history = quiet_fit(model, loss_fn, data, preconditioner=preconditioner)
+
+    twin, _ = problem()
+    loss = kronecker_loss(loss_fn)
+    reference = quiet_fit(twin, loss_fn, data, optimizer=by_hand(twin, data, loss, built))
+    assert history["loss"] == reference["loss"] and len(history) == 25
+    for p, q in zip(model.parameters(), twin.parameters()):
+        assert torch.equal(p, q)
+    assert history["loss"][-1] < history["loss"][0]
+
+
+def test_auto_chooses_the_diagonal_h0_for_parameters_outside_the_factored_layers():
+    model, data = regression_problem()
+    model = nn.Sequential(model[0], nn.LayerNorm(8).double(), nn.Tanh(), model[2])
+    optimizer = default_optimizer(list(model.parameters()), model, nn.MSELoss(), data, "auto", False)
+    assert optimizer.defaults["diagonal_scaling"] and optimizer._kronecker_factors is None
+    with pytest.raises(ValueError, match=r"nn.Linear and nn.Conv2d layers only.*1.weight"):
+        default_optimizer(list(model.parameters()), model, nn.MSELoss(), data, "kronecker", False)
+
+
+def test_fit_builds_moller_scg_where_curvature_products_are_asked_for_whatever_h0_is_named():
+    model, data = regression_problem()
+    optimizer = default_optimizer(list(model.parameters()), model, nn.MSELoss(), data, "scalar", True)
+    assert optimizer.defaults["memory"] == 0
+
+
+def test_a_kronecker_run_resumed_from_its_checkpoint_ends_bit_identical(tmp_path):
+    path = tmp_path / "run.pt"
+    reference_model, data = classifier_problem()
+    quiet_fit(reference_model, nn.CrossEntropyLoss(), data, max_iter=24, preconditioner="kronecker")
+
+    model, data = classifier_problem()
+    first = quiet_fit(
+        model, nn.CrossEntropyLoss(), data, max_iter=11, preconditioner="kronecker", checkpoint=path, checkpoint_every=4
+    )
+    assert first.stop_reason == "max_iter"
+    fresh_model, _ = classifier_problem(seed=99)  # other initial weights: all come from the checkpoint
+    resumed = quiet_fit(
+        fresh_model, nn.CrossEntropyLoss(), data, max_iter=24, preconditioner="kronecker", checkpoint=path, resume=True
+    )
+    assert len(resumed) == 24
+    for p, q in zip(fresh_model.parameters(), reference_model.parameters()):
+        assert torch.equal(p, q)
+
+
+def test_a_preconditioner_fit_cannot_serve_is_refused_by_name_before_any_data_is_touched():
+    model, data = regression_problem()
+    untouched = [p.clone() for p in model.parameters()]
+    with pytest.raises(ValueError, match="Invalid preconditioner 'kfac'.*'auto'"):
+        quiet_fit(model, nn.MSELoss(), data, preconditioner="kfac")
+    with pytest.raises(ValueError, match="an optimizer was given"):
+        quiet_fit(model, nn.MSELoss(), data, preconditioner="diagonal", optimizer=SCG(model.parameters(), memory=5))
+    with pytest.raises(ValueError, match="curvature_fraction < 1 or hvp_method"):
+        quiet_fit(model, nn.MSELoss(), data, preconditioner="auto", curvature_fraction=0.5)
+    with pytest.raises(ValueError, match="curvature_fraction < 1 or hvp_method"):
+        quiet_fit(model, nn.MSELoss(), data, preconditioner="kronecker", hvp_method="gauss-newton")
+    with pytest.raises(ValueError, match="needs a loss whose distribution.*L1Loss"):
+        quiet_fit(model, nn.L1Loss(), data, preconditioner="kronecker")
+    assert all(torch.equal(p, q) for p, q in zip(model.parameters(), untouched))
+
+
+def test_under_torch_distributed_kronecker_is_refused_and_auto_chooses_the_diagonal_h0(monkeypatch):
+    model, data = classifier_problem()
+    params = list(model.parameters())
+    monkeypatch.setattr(dist_helpers, "is_distributed", lambda: True)
+    with pytest.raises(ValueError, match="not supported under torch.distributed"):
+        default_optimizer(params, model, nn.CrossEntropyLoss(), data, "kronecker", False)
+    optimizer = default_optimizer(params, model, nn.CrossEntropyLoss(), data, "auto", False)
+    assert optimizer.defaults["diagonal_scaling"] and optimizer._kronecker_factors is None
