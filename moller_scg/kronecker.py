@@ -66,6 +66,14 @@ HOST_FACTORS_MAX = 1 << 17
 
 HOST_DTYPES = (torch.float32, torch.float64)
 
+CHECK_SAMPLES = 8
+"""How many of the first training inputs :meth:`KroneckerFactors.refusal` runs the model on."""
+
+GRADIENT_IDENTITY_TOLERANCE = 1e-3
+"""The largest |∇_W ℓ − Σ g aᵀ| / |∇_W ℓ| a layer may show at the first refresh. On the race's models rounding
+gives at most 1.1e-6 in float32 (the MNIST CNN, the autoencoder) and 0 in float64; the physics-informed net's layers
+show 0.68–0.82 (``python benchmarks/kronecker_identity.py``)."""
+
 LOSSES = ("cross_entropy", "binary_cross_entropy", "mse")
 """The losses whose predictive distribution the factors sample labels from: a categorical over the softmax of the
 model's (N, C) logits, independent Bernoullis over the sigmoids of its logits, a unit Gaussian around its output."""
@@ -268,11 +276,26 @@ class KroneckerFactors:
         self._layers, self._size = layers, size
 
     def refusal(self, params: Sequence[torch.Tensor]) -> str | None:
-        """Why :meth:`bind` would refuse ``params`` (its ``ValueError``'s message), or ``None`` if the factors can
-        precondition them; binds nothing."""
+        """Why the factors cannot precondition ``params`` — what :meth:`bind` would refuse, or what the first
+        :meth:`refresh` would (the forward's refusals, the gradient identity ∇_W ℓ = Σ g aᵀ, non-finite outputs),
+        tried on the first :data:`CHECK_SAMPLES` inputs — or ``None`` if they can. Binds nothing, and leaves the
+        factors' generator, torch's global generators and the model's buffers (BatchNorm's running statistics) as
+        they were: ``fit(preconditioner="auto")`` asks it before it chooses."""
         try:
-            self._layers_of(params)
-        except ValueError as error:
+            layers, _ = self._layers_of(params)
+            device = layers[0].module.weight.device
+            batch = _gather(self.inputs, torch.arange(min(CHECK_SAMPLES, _sample_count(self.inputs))))
+            buffers = [buffer.clone() for buffer in self.model.buffers()]
+            with torch.random.fork_rng(devices=_cuda_devices(device)):
+                try:
+                    self._layer_inputs_and_output_gradients(
+                        batch.to(device), layers, torch.Generator().manual_seed(0), check_weights=True
+                    )
+                finally:
+                    with torch.no_grad():
+                        for buffer, saved in zip(self.model.buffers(), buffers):
+                            buffer.copy_(saved)
+        except (ValueError, FloatingPointError) as error:
             return str(error)
         return None
 
@@ -350,7 +373,7 @@ class KroneckerFactors:
         sums = [_Sums() for _ in self._layers]
         for start in range(0, len(chosen), self.batch_size):
             batch = _gather(self.inputs, chosen[start : start + self.batch_size]).to(self.model_device())
-            self._accumulate(batch, sums)
+            self._accumulate(batch, sums, check_weights=self.refreshes == 0 and start == 0)
         factors = [layer_sums.factors(len(chosen)) for layer_sums in sums]
         if not bool(torch.isfinite(torch.cat([f.reshape(-1) for pair in factors for f in pair])).all()):
             raise FloatingPointError(
@@ -478,20 +501,24 @@ class KroneckerFactors:
     # ----------------------------------------------------------------------------------------------------------
     # Forming the factors
 
-    def _accumulate(self, batch: torch.Tensor, sums: list[_Sums]) -> None:
-        """Add one batch's rows of each layer to ``sums``, with labels drawn from the model."""
-        inputs, gradients = self._layer_inputs_and_output_gradients(batch)
+    def _accumulate(self, batch: torch.Tensor, sums: list[_Sums], check_weights: bool = False) -> None:
+        """Add one batch's rows of each layer to ``sums``, with labels drawn from the model (``check_weights``: and
+        check the gradient identity on it, :func:`_check_gradient_identity`)."""
+        inputs, gradients = self._layer_inputs_and_output_gradients(batch, self._layers, self.generator, check_weights)
         for layer, layer_input, gradient, layer_sums in zip(self._layers, inputs, gradients, sums):
             rows, output_rows = _layer_rows(layer.module, layer_input, gradient)
             if layer.bias_offset is not None:
                 rows = torch.cat([rows, rows.new_ones(rows.shape[0], 1)], dim=1)
             layer_sums.add(rows.double(), output_rows.double(), positions=rows.shape[0] // batch.shape[0])
 
-    def _layer_inputs_and_output_gradients(self, batch: torch.Tensor) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
-        """Each factored layer's input and the gradient of Σₙ ℓₙ (labels drawn from the model) with respect to its
-        output, from one forward and one backward. The hooks hand on a copy of each output, so that an in-place
-        operation after the layer (``nn.ReLU(inplace=True)``) cannot change what the gradient is taken with respect
-        to; a layer called twice in one forward is refused."""
+    def _layer_inputs_and_output_gradients(
+        self, batch: torch.Tensor, layers: list[_Layer], generator: torch.Generator, check_weights: bool = False
+    ) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        """Each of ``layers``' input and the gradient of Σₙ ℓₙ (labels drawn from the model by ``generator``) with
+        respect to its output, from one forward and one backward. The hooks hand on a copy of each output, so that an
+        in-place operation after the layer (``nn.ReLU(inplace=True)``) cannot change what the gradient is taken with
+        respect to; a layer called twice in one forward is refused. ``check_weights``: the same backward also takes
+        the gradient with respect to the layers' weights, and :func:`_check_gradient_identity` checks it."""
         captured: dict[nn.Module, tuple[torch.Tensor, torch.Tensor]] = {}
 
         def keep(module: nn.Module, args: tuple[torch.Tensor, ...], output: torch.Tensor) -> torch.Tensor:
@@ -503,24 +530,31 @@ class KroneckerFactors:
             captured[module] = (args[0].detach(), output)
             return output.clone()  # what the rest of the forward gets, and may change in place
 
-        handles = [layer.module.register_forward_hook(keep) for layer in self._layers]
+        handles = [layer.module.register_forward_hook(keep) for layer in layers]
+        weights = [layer.module.weight for layer in layers] if check_weights else []
         try:
             with torch.enable_grad():
-                sampled = self._sampled_loss(self.model(batch))
-                missing = [layer.module for layer in self._layers if layer.module not in captured]
+                sampled = self._sampled_loss(self.model(batch), generator)
+                missing = [layer.module for layer in layers if layer.module not in captured]
                 if missing:
                     raise ValueError(f"KroneckerFactors: the model's forward did not call {missing[0]!r}")
-                outputs = [captured[layer.module][1] for layer in self._layers]
-                gradients = torch.autograd.grad(sampled, outputs, allow_unused=True)
+                outputs = [captured[layer.module][1] for layer in layers]
+                gradients = torch.autograd.grad(sampled, [*outputs, *weights], allow_unused=True)
         finally:
             for handle in handles:
                 handle.remove()
-        unused = [layer.module for layer, gradient in zip(self._layers, gradients) if gradient is None]
+        output_gradients = list(gradients[: len(layers)])
+        unused = [layer.module for layer, gradient in zip(layers, output_gradients) if gradient is None]
         if unused:
             raise ValueError(f"KroneckerFactors: the output of {unused[0]!r} does not reach the model's output")
-        return [captured[layer.module][0] for layer in self._layers], list(gradients)
+        inputs = [captured[layer.module][0] for layer in layers]
+        for layer, layer_input, gradient, weight_gradient in zip(
+            layers, inputs, output_gradients, gradients[len(layers) :]
+        ):
+            _check_gradient_identity(layer.module, layer_input, gradient, weight_gradient)
+        return inputs, output_gradients
 
-    def _sampled_loss(self, output: torch.Tensor) -> torch.Tensor:
+    def _sampled_loss(self, output: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
         """Σₙ ℓₙ at labels drawn from the model's predictive distribution (so that each sample's gradient is one
         draw of the sampled Fisher's ∇ℓ)."""
         detached = output.detach()
@@ -532,13 +566,13 @@ class KroneckerFactors:
         if self.loss == "cross_entropy":
             if output.dim() != 2:
                 raise ValueError(f"loss='cross_entropy' takes (N, C) logits, the model returned {tuple(output.shape)}")
-            labels = torch.multinomial(torch.softmax(detached.double(), 1).cpu(), 1, generator=self.generator)
+            labels = torch.multinomial(torch.softmax(detached.double(), 1).cpu(), 1, generator=generator)
             return functional.cross_entropy(output, labels.squeeze(1).to(output.device), reduction="sum")
         if self.loss == "binary_cross_entropy":
-            draws = torch.rand(output.shape, generator=self.generator, dtype=torch.float64).to(output.device)
+            draws = torch.rand(output.shape, generator=generator, dtype=torch.float64).to(output.device)
             labels = (draws < torch.sigmoid(detached.double())).to(output.dtype)
             return functional.binary_cross_entropy_with_logits(output, labels, reduction="sum")
-        noise = torch.randn(output.shape, generator=self.generator, dtype=torch.float64).to(output.device)
+        noise = torch.randn(output.shape, generator=generator, dtype=torch.float64).to(output.device)
         return 0.5 * ((output - (detached + noise.to(output.dtype))) ** 2).sum()
 
     def _dampings(self, factors: list[tuple[torch.Tensor, torch.Tensor]]) -> list[tuple[float, float]]:
@@ -553,6 +587,35 @@ class KroneckerFactors:
             pi = math.sqrt(a / g) if a > 0.0 and g > 0.0 else 1.0
             dampings.append((pi * math.sqrt(eta), math.sqrt(eta) / pi))
         return dampings
+
+
+def _check_gradient_identity(
+    module: nn.Module, layer_input: torch.Tensor, gradient: torch.Tensor, weight_gradient: torch.Tensor | None
+) -> None:
+    """K-FAC's premise for a layer: the loss reaches its weight W only through its outputs, so that
+    ∇_W ℓ = Σₙₜ gₙₜ aₙₜᵀ, from which A and G are formed. A ``ValueError`` naming the layer where the gradient the
+    backward took differs from that sum by more than :data:`GRADIENT_IDENTITY_TOLERANCE` of its norm: the loss holds
+    derivatives of the network with respect to its inputs (a physics-informed net's Δu), whose own dependence on W
+    the factors do not model. ``weight_gradient`` ``None``: the weight takes no part, nothing to check."""
+    if weight_gradient is None:
+        return
+    rows, output_rows = _layer_rows(module, layer_input, gradient)
+    implied = output_rows.double().T @ rows.double()
+    taken = weight_gradient.reshape(weight_gradient.shape[0], -1).double()
+    scale = max(float(taken.norm()), float(implied.norm()))
+    difference = float((taken - implied).norm())
+    if difference > GRADIENT_IDENTITY_TOLERANCE * scale:
+        raise ValueError(
+            f"KroneckerFactors: the loss reaches the weight of {module!r} other than through the layer's outputs "
+            f"(|∇_W ℓ − Σ g aᵀ| = {difference / scale:.2g} of |∇_W ℓ|), as when the model's output holds derivatives "
+            f"of the network with respect to its inputs (a physics-informed net); K-FAC's factors do not model such "
+            f"a loss: use SCG(memory=m) or diagonal_scaling=True"
+        )
+
+
+def _cuda_devices(device: torch.device) -> list[torch.device]:
+    """The devices whose generators ``torch.random.fork_rng`` is to keep besides the CPU's: the model's, if a GPU."""
+    return [device] if device.type == "cuda" else []
 
 
 def _layer_rows(module: nn.Module, layer_input: torch.Tensor, gradient: torch.Tensor) -> tuple[torch.Tensor, ...]:

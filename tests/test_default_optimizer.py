@@ -153,3 +153,16 @@ def test_under_torch_distributed_kronecker_is_refused_and_auto_chooses_the_diago
         default_optimizer(params, model, nn.CrossEntropyLoss(), data, "kronecker", False)
     optimizer = default_optimizer(params, model, nn.CrossEntropyLoss(), data, "auto", False)
     assert optimizer.defaults["diagonal_scaling"] and optimizer._kronecker_factors is None
+
+
+def test_auto_chooses_the_diagonal_h0_for_a_physics_informed_model_under_the_squared_error():
+    from test_kronecker import SecondDerivative
+
+    torch.manual_seed(0)
+    model = SecondDerivative()
+    x = torch.rand(30, 1, dtype=torch.float64)
+    data = (x, (1 - torch.pi**2) * torch.sin(torch.pi * x))
+    optimizer = default_optimizer(list(model.parameters()), model, nn.MSELoss(), data, "auto", False)
+    assert optimizer.defaults["diagonal_scaling"] and optimizer._kronecker_factors is None
+    history = quiet_fit(model, nn.MSELoss(), data, preconditioner="auto", max_iter=5)
+    assert history["loss"][-1] < history["loss"][0]

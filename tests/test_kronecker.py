@@ -606,3 +606,51 @@ def test_refusal_says_why_bind_would_refuse_and_binds_nothing():
     assert factors._layers == [] and factors._size == 0  # refusal bound nothing, nor did the refused bind
     factors.bind(linear)
     assert factors.refusal(everything) is not None and len(factors._layers) == 2  # a refusal leaves the binding
+
+
+class SecondDerivative(nn.Module):
+    """A physics-informed model in one dimension: its output is u''(x) + u(x) of a tanh MLP u, u'' by autograd (so
+    the loss reaches the weights through the network's derivatives too, not through the layers' outputs alone)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.net = nn.Sequential(nn.Linear(1, 5), nn.Tanh(), nn.Linear(5, 1)).double()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        with torch.enable_grad():
+            x = x.detach().requires_grad_(True)
+            u = self.net(x)
+            (du,) = torch.autograd.grad(u.sum(), x, create_graph=True)
+            (ddu,) = torch.autograd.grad(du.sum(), x, create_graph=True)
+        return ddu + u
+
+
+def test_a_loss_that_reaches_the_weights_through_the_networks_derivatives_is_refused_at_the_first_refresh():
+    torch.manual_seed(0)
+    model = SecondDerivative()
+    factors = KroneckerFactors(model, torch.rand(40, 1, dtype=torch.float64), loss="mse", fraction=0.5)
+    factors.bind(list(model.parameters()))
+    with pytest.raises(ValueError, match=r"reaches the weight of Linear\(.*other than through the layer's outputs"):
+        factors.refresh()
+    assert factors.refreshes == 0 and factors._input_inverses == []
+    reason = factors.refusal(list(model.parameters()))
+    assert reason is not None and "physics-informed" in reason
+
+
+def test_refusal_tries_the_forward_and_leaves_every_generator_and_buffer_as_it_was():
+    torch.manual_seed(0)
+    model = nn.Sequential(
+        nn.Linear(3, 6), nn.BatchNorm1d(6, affine=False), nn.Dropout(0.5), nn.Tanh(), nn.Linear(6, 2)
+    ).double()
+    factors = KroneckerFactors(model, torch.randn(30, 3, dtype=torch.float64), loss="cross_entropy")
+    params = list(model.parameters())
+    generator, global_rng = factors.generator.get_state(), torch.get_rng_state()
+    statistics = [buffer.clone() for buffer in model.buffers()]
+    assert factors.refusal(params) is None
+    assert torch.equal(factors.generator.get_state(), generator) and torch.equal(torch.get_rng_state(), global_rng)
+    assert all(torch.equal(buffer, saved) for buffer, saved in zip(model.buffers(), statistics))
+    # What only a forward shows is found too: a layer the forward never calls.
+    unused = nn.ModuleDict({"used": nn.Linear(3, 2), "unused": nn.Linear(3, 2)}).double()
+    unused.forward = lambda x: unused["used"](x)
+    factors = KroneckerFactors(unused, torch.randn(30, 3, dtype=torch.float64), loss="mse")
+    assert "did not call" in factors.refusal(list(unused.parameters()))

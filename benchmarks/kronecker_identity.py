@@ -1,0 +1,82 @@
+"""K-FAC's premise on the race's problems: the loss reaches each layer's weight W only through the layer's outputs,
+so that ∇_W ℓ = Σₙₜ gₙₜ aₙₜᵀ (docs/performance.md, lever 73).
+
+For each problem of ``benchmarks/peers.py`` and each of its ``nn.Linear`` / ``nn.Conv2d`` layers, one backward of
+the sampled loss that :class:`~moller_scg.KroneckerFactors` forms (labels drawn from the model, over the first
+``--samples`` training inputs, at the initial weights) gives both the gradient with respect to W and the rows a, g
+the factors are formed from; printed is |∇_W ℓ − Σ g aᵀ| / |∇_W ℓ|. ``KroneckerFactors`` refuses a layer above
+:data:`~moller_scg.kronecker.GRADIENT_IDENTITY_TOLERANCE` at its first refresh, and ``fit(preconditioner="auto")``
+then chooses the diagonal H₀: rounding is far below it, a physics-informed net's loss (Δu by autograd) far above.
+
+Usage:
+    python benchmarks/kronecker_identity.py            # the race's five problems, a few seconds
+    python benchmarks/kronecker_identity.py --quick    # their small versions
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+import torch
+from peers_problems import PROBLEMS
+from torch import nn
+
+from moller_scg import kronecker
+
+LOSSES = {
+    "mnist": "cross_entropy",
+    "regression": "mse",
+    "logistic": "cross_entropy",
+    "pinn": "mse",
+    "autoencoder": "binary_cross_entropy",
+}
+"""The distribution each problem's labels are drawn from (the physics-informed net's squared error as the others')."""
+
+
+def relative_differences(model: nn.Module, inputs: torch.Tensor, loss: str, seed: int = 0) -> list[float]:
+    """|∇_W ℓ − Σ g aᵀ| / |∇_W ℓ| for each factored layer of ``model``, in the order of ``model.modules()``."""
+    layers = [m for m in model.modules() if isinstance(m, (nn.Linear, nn.Conv2d))]
+    factors = kronecker.KroneckerFactors(model, inputs, loss=loss)
+    captured: dict[nn.Module, tuple[torch.Tensor, torch.Tensor]] = {}
+
+    def keep(module: nn.Module, args: tuple[torch.Tensor, ...], output: torch.Tensor) -> torch.Tensor:
+        captured[module] = (args[0].detach(), output)
+        return output.clone()
+
+    handles = [layer.register_forward_hook(keep) for layer in layers]
+    try:
+        sampled = factors._sampled_loss(model(inputs), torch.Generator().manual_seed(seed))
+        outputs = [captured[layer][1] for layer in layers]
+        gradients = torch.autograd.grad(sampled, [*outputs, *(layer.weight for layer in layers)])
+    finally:
+        for handle in handles:
+            handle.remove()
+    differences = []
+    for layer, gradient, weight_gradient in zip(layers, gradients, gradients[len(layers) :]):
+        rows, output_rows = kronecker._layer_rows(layer, captured[layer][0], gradient)
+        implied = output_rows.double().T @ rows.double()
+        taken = weight_gradient.reshape(weight_gradient.shape[0], -1).double()
+        differences.append(float((taken - implied).norm() / taken.norm()))
+    return differences
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="the problems' small versions")
+    parser.add_argument("--samples", type=int, default=100, help="training inputs of the backward (default 100)")
+    args = parser.parse_args(argv)
+    print(f"|∇_W ℓ − Σ g aᵀ| / |∇_W ℓ| per factored layer; refused above {kronecker.GRADIENT_IDENTITY_TOLERANCE:g}")
+    for name, loss in LOSSES.items():
+        problem = PROBLEMS[name](args.quick, 0)
+        model = problem.make_model()
+        differences = relative_differences(model, problem.train[0][: args.samples], loss)
+        dtype = str(next(model.parameters()).dtype).removeprefix("torch.")
+        cells = " ".join(f"{d:.2g}" for d in differences)
+        verdict = "refused" if max(differences) > kronecker.GRADIENT_IDENTITY_TOLERANCE else "factored"
+        print(f"{name:<12} {dtype:<8} {cells}  → {verdict}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
