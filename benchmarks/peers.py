@@ -86,6 +86,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import shlex
 import sys
 import threading
 import time
@@ -405,7 +406,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.races is not None and args.races < 1:
         parser.error(f"--races must be at least 1, got {args.races}")
-    command = " ".join(["python benchmarks/peers.py", *argv])
+    command = shlex.join(["python", "benchmarks/peers.py", *argv])  # quoted: a row name holds spaces
     if args.report_from is not None:
         runs = [from_json(path.read_text(encoding="utf-8")) for path in args.report_from]
         if len(runs) == 1:
