@@ -392,7 +392,9 @@ def main(argv: list[str] | None = None) -> int:
         nargs="+",
         metavar="ROW",
         help="race only these rows of the table (and the reference, torch LBFGS; 'Adam': every Adam row), e.g. a new "
-        "SCG mode against the LBFGS histories; its goals are judged among them. Not the memory-bound case's rows",
+        "SCG mode against the LBFGS histories; its goals are judged among them. Race the LBFGS histories too: the "
+        "time unit is the median of LBFGS(100) and its copies among the rows raced (lever 63), and the equal-memory "
+        "partners are among them. Not the memory-bound case's rows",
     )
     parser.add_argument(
         "--report-from",

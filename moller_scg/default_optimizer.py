@@ -9,16 +9,19 @@ H₀ (:mod:`moller_scg.quasi_newton`). ``preconditioner`` chooses H₀:
 * ``"kronecker"``: H₀ = γ_K K⁻¹ from K-FAC's factors of the model's layers over a share of the training inputs,
   ``SCG(params, memory=20, kronecker_factors=KroneckerFactors(model, inputs, loss=…))``, the loss's distribution read
   from ``loss_fn`` (:func:`kronecker_loss`);
-* ``"auto"``: ``"kronecker"`` where the loss is the cross-entropy or the squared error and every trained parameter
-  is a weight or bias of an ``nn.Linear`` or ``nn.Conv2d`` layer the factors take, ``"diagonal"`` everywhere else.
+* ``"auto"``: ``"kronecker"`` where the loss is the cross-entropy or the squared error and the factors take the
+  model (:meth:`~moller_scg.KroneckerFactors.refusal` answers ``None``: every trained parameter a weight or bias of
+  an ``nn.Linear`` or ``nn.Conv2d`` layer they take, and a trial forward and backward on 8 training inputs passes
+  the first refresh's checks, among them that the loss reaches each weight only through its layer's outputs),
+  ``"diagonal"`` everywhere else.
 
-Why ``"auto"`` chooses so (docs/performance.md, levers 71–73): K-FAC's H₀ took the fewest passes and the least time
-of every mode on the race's problems whose loss is the cross-entropy or the squared error of the model's output
-(the MNIST CNN, the logistic and the regression problem); the diagonal H₀ was the fastest mode on the two others,
-the physics-informed net (its loss is no likelihood of the output) and the autoencoder, whose binary cross-entropy
-over 784 outputs makes K-FAC's output factor dense and 784 wide (its factors lost in time there, lever 71). A
-physics-informed model passed to ``fit`` with ``nn.MSELoss`` looks like a regression to this rule: give it
-``preconditioner="diagonal"``.
+Why ``"auto"`` chooses so (docs/performance.md, levers 71–73): K-FAC's H₀ took the fewest passes of every mode on
+the race's problems whose loss is the cross-entropy or the squared error of the model's output (the MNIST CNN, the
+logistic and the regression problem) and the least time on the first two; the diagonal H₀ took the least time on
+the two others, the physics-informed net (its loss holds Δu, no likelihood of the output: the factors refuse it)
+and the autoencoder, whose binary cross-entropy over 784 outputs makes K-FAC's output factor dense and 784 wide
+(its factors lost in time there, lever 71). Raced as one row, that choice met issue #14's goal on the AVX-512
+machine type (lever 73).
 
 Under ``torch.distributed`` each rank would draw its factors from its own shard, and the ranks' steps would part:
 ``"kronecker"`` is refused there, and ``"auto"`` chooses ``"diagonal"``.
@@ -34,6 +37,7 @@ from torch import nn
 from torch.nn import functional
 
 from moller_scg import distributed as _dist
+from moller_scg.input_checks import as_tensor_pair
 from moller_scg.kronecker import KroneckerFactors
 from moller_scg.scg import DEFAULT_MEMORY, SCG
 
@@ -86,11 +90,12 @@ def kronecker_loss(loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
     return None
 
 
-def training_inputs(train_data: Any) -> torch.Tensor | torch.utils.data.Dataset:
-    """The inputs K-FAC's factors draw their samples from: the first tensor of ``(inputs, targets)``, a
-    ``DataLoader``'s dataset, or the map-style ``Dataset`` itself (whose items' first elements are the inputs)."""
+def training_inputs(train_data: Any, dtype: torch.dtype | None = None) -> torch.Tensor | torch.utils.data.Dataset:
+    """The inputs K-FAC's factors draw their samples from: the first tensor of ``(inputs, targets)`` (NumPy arrays
+    converted as the accumulator converts them, floating ones to ``dtype``), a ``DataLoader``'s dataset, or the
+    map-style ``Dataset`` itself (whose items' first elements are the inputs)."""
     if isinstance(train_data, (tuple, list)):
-        return train_data[0]
+        return as_tensor_pair(train_data, dtype)[0]
     if isinstance(train_data, torch.utils.data.DataLoader):
         return train_data.dataset
     return train_data
@@ -123,10 +128,10 @@ def default_optimizer(
                 "preconditioner='kronecker' is not supported under torch.distributed (each rank would form its "
                 "factors from its own shard, and their steps would part): use preconditioner='diagonal'"
             )
-        factors = KroneckerFactors(model, training_inputs(train_data), loss=loss)
+        factors = KroneckerFactors(model, training_inputs(train_data, params[0].dtype), loss=loss)
         return SCG(params, memory=DEFAULT_MEMORY, kronecker_factors=factors)
     if preconditioner == "auto" and loss in AUTO_KRONECKER_LOSSES and not _dist.is_distributed():
-        factors = KroneckerFactors(model, training_inputs(train_data), loss=loss)
+        factors = KroneckerFactors(model, training_inputs(train_data, params[0].dtype), loss=loss)
         if factors.refusal(list(params)) is None:
             return SCG(params, memory=DEFAULT_MEMORY, kronecker_factors=factors)
     if preconditioner in ("diagonal", "auto"):

@@ -56,6 +56,7 @@ import numpy as np
 import torch
 import torch.nn.functional as functional
 from torch import nn
+from torch.utils.data import default_collate
 
 LOW_RANK_ABOVE = 1024
 """An input factor A wider than this is kept as its samples' rows Z (A = ZᵀZ) and never formed."""
@@ -69,10 +70,12 @@ HOST_DTYPES = (torch.float32, torch.float64)
 CHECK_SAMPLES = 8
 """How many of the first training inputs :meth:`KroneckerFactors.refusal` runs the model on."""
 
-GRADIENT_IDENTITY_TOLERANCE = 1e-3
-"""The largest |∇_W ℓ − Σ g aᵀ| / |∇_W ℓ| a layer may show at the first refresh. On the race's models rounding
-gives at most 1.1e-6 in float32 (the MNIST CNN, the autoencoder) and 0 in float64; the physics-informed net's layers
-show 0.68–0.82 (``python benchmarks/kronecker_identity.py``)."""
+GRADIENT_IDENTITY_TOLERANCE = 1e-2
+"""The largest gap |∇_W ℓ − Σ g aᵀ| (over the larger of the two norms, :func:`identity_gap`) a layer may show at the
+first refresh of its factors. On the race's models rounding gives at most 9.1e-7 in float32 (the MNIST CNN, the
+autoencoder) and 0 in float64; the physics-informed net's layers show 0.60–0.82 (``python
+benchmarks/kronecker_identity.py``). 10⁻² leaves room for coarser arithmetic (TF32 convolutions on a GPU, half
+precision) without coming near the physics-informed net's."""
 
 LOSSES = ("cross_entropy", "binary_cross_entropy", "mse")
 """The losses whose predictive distribution the factors sample labels from: a categorical over the softmax of the
@@ -192,7 +195,9 @@ class KroneckerFactors:
     What the factors cannot precondition is refused when SCG is built (parameters outside ``nn.Linear`` and
     ``nn.Conv2d`` layers, mixed dtypes or devices, grouped or non-zero-padded convolutions); a forward that does not
     call a factored layer, calls one twice, or returns no (N, C) logits for the cross-entropy is refused at the first
-    refresh, by name.
+    refresh, by name, and so is a loss that reaches a layer's weight other than through the layer's outputs (the
+    gradient identity ∇_W ℓ = Σ g aᵀ the factors rest on, checked on the first refresh's first batch: a
+    physics-informed net's Δu breaks it). :meth:`refusal` asks all of this beforehand.
 
     Example:
         >>> import torch
@@ -283,20 +288,25 @@ class KroneckerFactors:
         they were: ``fit(preconditioner="auto")`` asks it before it chooses."""
         try:
             layers, _ = self._layers_of(params)
-            device = layers[0].module.weight.device
-            batch = _gather(self.inputs, torch.arange(min(CHECK_SAMPLES, _sample_count(self.inputs))))
-            buffers = [buffer.clone() for buffer in self.model.buffers()]
-            with torch.random.fork_rng(devices=_cuda_devices(device)):
-                try:
-                    self._layer_inputs_and_output_gradients(
-                        batch.to(device), layers, torch.Generator().manual_seed(0), check_weights=True
-                    )
-                finally:
-                    with torch.no_grad():
-                        for buffer, saved in zip(self.model.buffers(), buffers):
-                            buffer.copy_(saved)
+        except ValueError as error:
+            return str(error)
+        device = layers[0].module.weight.device
+        samples = min(CHECK_SAMPLES, _sample_count(self.inputs))
+        buffers = [buffer.clone() for buffer in self.model.buffers()]
+        try:
+            with _forked_generators(device):
+                batch = _gather(self.inputs, torch.arange(samples)).to(device)
+                self._layer_inputs_and_output_gradients(
+                    batch, layers, torch.Generator().manual_seed(0), check_weights=True
+                )
         except (ValueError, FloatingPointError) as error:
             return str(error)
+        except (TypeError, RuntimeError) as error:  # the model cannot run on the inputs as the factors take them
+            return f"KroneckerFactors: the model's forward on {samples} training inputs raised {error!r}"
+        finally:
+            with torch.no_grad():
+                for buffer, saved in zip(self.model.buffers(), buffers):
+                    buffer.copy_(saved)
         return None
 
     def _layers_of(self, params: Sequence[torch.Tensor]) -> tuple[list[_Layer], int]:
@@ -373,7 +383,7 @@ class KroneckerFactors:
         sums = [_Sums() for _ in self._layers]
         for start in range(0, len(chosen), self.batch_size):
             batch = _gather(self.inputs, chosen[start : start + self.batch_size]).to(self.model_device())
-            self._accumulate(batch, sums, check_weights=self.refreshes == 0 and start == 0)
+            self._accumulate(batch, sums, check_weights=not self._input_inverses and start == 0)
         factors = [layer_sums.factors(len(chosen)) for layer_sums in sums]
         if not bool(torch.isfinite(torch.cat([f.reshape(-1) for pair in factors for f in pair])).all()):
             raise FloatingPointError(
@@ -531,7 +541,8 @@ class KroneckerFactors:
             return output.clone()  # what the rest of the forward gets, and may change in place
 
         handles = [layer.module.register_forward_hook(keep) for layer in layers]
-        weights = [layer.module.weight for layer in layers] if check_weights else []
+        checked = [layer for layer in layers if check_weights and layer.module.weight.requires_grad]
+        weights = [layer.module.weight for layer in checked]
         try:
             with torch.enable_grad():
                 sampled = self._sampled_loss(self.model(batch), generator)
@@ -548,10 +559,9 @@ class KroneckerFactors:
         if unused:
             raise ValueError(f"KroneckerFactors: the output of {unused[0]!r} does not reach the model's output")
         inputs = [captured[layer.module][0] for layer in layers]
-        for layer, layer_input, gradient, weight_gradient in zip(
-            layers, inputs, output_gradients, gradients[len(layers) :]
-        ):
-            _check_gradient_identity(layer.module, layer_input, gradient, weight_gradient)
+        rows_of = {id(layer): pair for layer, pair in zip(layers, zip(inputs, output_gradients))}
+        for layer, weight_gradient in zip(checked, gradients[len(layers) :]):
+            _check_gradient_identity(layer.module, *rows_of[id(layer)], weight_gradient)
         return inputs, output_gradients
 
     def _sampled_loss(self, output: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
@@ -599,23 +609,33 @@ def _check_gradient_identity(
     the factors do not model. ``weight_gradient`` ``None``: the weight takes no part, nothing to check."""
     if weight_gradient is None:
         return
+    gap = identity_gap(module, layer_input, gradient, weight_gradient)
+    if gap > GRADIENT_IDENTITY_TOLERANCE:
+        raise ValueError(
+            f"KroneckerFactors: the loss reaches the weight of {module!r} other than through the layer's outputs "
+            f"(|∇_W ℓ − Σ g aᵀ| = {gap:.2g} of the larger norm), as when the model's output holds derivatives of the "
+            f"network with respect to its inputs (a physics-informed net); K-FAC's factors do not model such a loss: "
+            f"use SCG(memory=m) or diagonal_scaling=True"
+        )
+
+
+def identity_gap(
+    module: nn.Module, layer_input: torch.Tensor, gradient: torch.Tensor, weight_gradient: torch.Tensor
+) -> float:
+    """|∇_W ℓ − Σₙₜ gₙₜ aₙₜᵀ| over the larger of the two norms (0 when both are 0): how far the gradient a backward
+    took with respect to the layer's weight is from the one its input rows a and output-gradient rows g imply."""
     rows, output_rows = _layer_rows(module, layer_input, gradient)
     implied = output_rows.double().T @ rows.double()
     taken = weight_gradient.reshape(weight_gradient.shape[0], -1).double()
     scale = max(float(taken.norm()), float(implied.norm()))
-    difference = float((taken - implied).norm())
-    if difference > GRADIENT_IDENTITY_TOLERANCE * scale:
-        raise ValueError(
-            f"KroneckerFactors: the loss reaches the weight of {module!r} other than through the layer's outputs "
-            f"(|∇_W ℓ − Σ g aᵀ| = {difference / scale:.2g} of |∇_W ℓ|), as when the model's output holds derivatives "
-            f"of the network with respect to its inputs (a physics-informed net); K-FAC's factors do not model such "
-            f"a loss: use SCG(memory=m) or diagonal_scaling=True"
-        )
+    return float((taken - implied).norm()) / scale if scale > 0.0 else 0.0
 
 
-def _cuda_devices(device: torch.device) -> list[torch.device]:
-    """The devices whose generators ``torch.random.fork_rng`` is to keep besides the CPU's: the model's, if a GPU."""
-    return [device] if device.type == "cuda" else []
+def _forked_generators(device: torch.device) -> Any:
+    """``torch.random.fork_rng`` over the CPU's generator and, for a model on an accelerator, that device's."""
+    if device.type == "cpu":
+        return torch.random.fork_rng(devices=[])
+    return torch.random.fork_rng(devices=[device], device_type=device.type)
 
 
 def _layer_rows(module: nn.Module, layer_input: torch.Tensor, gradient: torch.Tensor) -> tuple[torch.Tensor, ...]:
@@ -723,7 +743,7 @@ def _gather(inputs: Any, indices: torch.Tensor) -> torch.Tensor:
     if isinstance(inputs, torch.Tensor):
         return inputs[indices]
     items = [inputs[int(i)] for i in indices]
-    return torch.stack([item[0] if isinstance(item, (tuple, list)) else item for item in items])
+    return default_collate([item[0] if isinstance(item, (tuple, list)) else item for item in items])
 
 
 def _is_real(value: Any) -> bool:

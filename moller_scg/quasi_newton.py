@@ -598,7 +598,7 @@ class SecantPairs:
             saved_with = "with" if "kronecker_factors" in state else "without"
             raise ValueError(
                 f"this SCG state_dict was saved by an SCG {saved_with} kronecker_factors: build the optimizer as it "
-                f"was saved"
+                f"was saved (with fit: the same preconditioner)"
             )
         if self.scaling is not None:
             self.scaling.load_state_dict(state["diagonal_scaling"])

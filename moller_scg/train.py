@@ -165,12 +165,15 @@ def fit(
             over 5 % of the training inputs (at most 512) every 5 accepted steps, the labels drawn from the
             distribution of ``loss_fn`` (the cross-entropy, the squared error or the binary cross-entropy with
             logits; :class:`~moller_scg.KroneckerFactors`); ``"auto"``: ``"kronecker"`` where the loss is the
-            cross-entropy or the squared error and every trained parameter lies in such a layer, ``"diagonal"``
-            otherwise. Only for the optimizer ``fit`` builds in its secant mode: with a given ``optimizer``, or with
-            curvature products asked for (``curvature_fraction`` < 1, ``hvp_method``), another value is a
-            ``ValueError``, before any data is touched. The factors' state is in the checkpoint, so a resumed run
-            ends bit-identical to one that was never interrupted. ``"kronecker"`` is refused under
-            ``torch.distributed``, where ``"auto"`` chooses ``"diagonal"``.
+            cross-entropy or the squared error and the factors take the model (every trained parameter in such a
+            layer, and a trial forward and backward on 8 training inputs passing the first refresh's checks, among
+            them that the loss reaches each weight only through its layer's outputs, which a physics-informed
+            model's Δu does not), ``"diagonal"`` otherwise. Only for the optimizer ``fit`` builds in its secant
+            mode: with a given ``optimizer``, or with curvature products asked for (``curvature_fraction`` < 1,
+            ``hvp_method``), another value is a ``ValueError``, before any data is touched. The factors' state is in
+            the checkpoint, so a resumed run ends bit-identical to one that was never interrupted; resume with the
+            same ``preconditioner``. ``"kronecker"`` is refused under ``torch.distributed``, where ``"auto"`` chooses
+            ``"diagonal"``.
 
     Distributed (under ``torchrun``, or any initialised ``torch.distributed`` process group; see
     :mod:`moller_scg.distributed`): call ``fit`` on every rank with the same arguments and the same initial

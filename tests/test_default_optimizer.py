@@ -28,6 +28,13 @@ def quiet_fit(model, loss_fn, data, **options):
     return fit(model, loss_fn, data, progress=False, batch_size=16, **options)
 
 
+def dropout_classifier_problem(seed: int = 0) -> tuple[nn.Module, tuple[torch.Tensor, torch.Tensor]]:
+    """The classifier with dropout: its forward draws from torch's global generator, which fit's choice of H₀ must
+    leave as it was."""
+    model, data = classifier_problem(seed)
+    return nn.Sequential(model[0], nn.Dropout(0.2), model[1], model[2]), data
+
+
 def by_hand(model, data, loss, mode):
     """The SCG a user would build for ``mode``: what fit must build for the same choice."""
     params = list(model.parameters())
@@ -72,6 +79,7 @@ def test_the_factors_draw_from_the_training_inputs_in_each_form_fit_takes():
     [
         (classifier_problem, nn.CrossEntropyLoss(), "kronecker", "kronecker"),
         (classifier_problem, nn.CrossEntropyLoss(), "auto", "kronecker"),
+        (dropout_classifier_problem, nn.CrossEntropyLoss(), "auto", "kronecker"),
         (classifier_problem, nn.CrossEntropyLoss(), "diagonal", "diagonal"),
         (classifier_problem, nn.CrossEntropyLoss(), "scalar", "scalar"),
         (regression_problem, nn.MSELoss(), "auto", "kronecker"),
@@ -84,15 +92,18 @@ def test_fit_with_a_preconditioner_trains_exactly_as_the_scg_built_by_hand(probl
     model, data = problem()
     if isinstance(loss_fn, nn.BCEWithLogitsLoss):
         data = (data[0], (data[1] > 0).double())
+    torch.manual_seed(1)  # dropout's draws, the same for both runs
     history = quiet_fit(model, loss_fn, data, preconditioner=preconditioner)
 
     twin, _ = problem()
+    torch.manual_seed(1)
     loss = kronecker_loss(loss_fn)
     reference = quiet_fit(twin, loss_fn, data, optimizer=by_hand(twin, data, loss, built))
-    assert history["loss"] == reference["loss"] and len(history) == 25
+    assert history["loss"] == reference["loss"]
     for p, q in zip(model.parameters(), twin.parameters()):
         assert torch.equal(p, q)
-    assert history["loss"][-1] < history["loss"][0]
+    if problem is not dropout_classifier_problem:  # (dropout makes E noisy: that run stalls before 25 iterations)
+        assert len(history) == 25 and history["loss"][-1] < history["loss"][0]
 
 
 def test_auto_chooses_the_diagonal_h0_for_parameters_outside_the_factored_layers():
@@ -166,3 +177,11 @@ def test_auto_chooses_the_diagonal_h0_for_a_physics_informed_model_under_the_squ
     assert optimizer.defaults["diagonal_scaling"] and optimizer._kronecker_factors is None
     history = quiet_fit(model, nn.MSELoss(), data, preconditioner="auto", max_iter=5)
     assert history["loss"][-1] < history["loss"][0]
+
+
+def test_numpy_training_data_gives_the_factors_the_converted_inputs():
+    model, (x, y) = regression_problem()
+    history = quiet_fit(model, nn.MSELoss(), (x.numpy(), y.numpy()), preconditioner="kronecker", max_iter=8)
+    twin, _ = regression_problem()
+    reference = quiet_fit(twin, nn.MSELoss(), (x, y), optimizer=by_hand(twin, (x, y), "mse", "kronecker"), max_iter=8)
+    assert history["loss"] == reference["loss"]

@@ -654,3 +654,42 @@ def test_refusal_tries_the_forward_and_leaves_every_generator_and_buffer_as_it_w
     unused.forward = lambda x: unused["used"](x)
     factors = KroneckerFactors(unused, torch.randn(30, 3, dtype=torch.float64), loss="mse")
     assert "did not call" in factors.refusal(list(unused.parameters()))
+
+
+def test_the_identity_check_changes_no_bit_of_the_factors():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(1, 3, 3), nn.Tanh(), nn.Flatten(), nn.Linear(3 * 4 * 4, 4))
+    batch = torch.randn(12, 1, 6, 6)
+    formed = []
+    for check in (False, True):
+        factors = KroneckerFactors(model, batch, loss="cross_entropy", seed=3)
+        factors.bind(list(model.parameters()))
+        sums = [kronecker._Sums() for _ in factors._layers]
+        factors._accumulate(batch, sums, check_weights=check)
+        formed.append([f for layer_sums in sums for f in layer_sums.factors(len(batch))])
+    assert all(torch.equal(a, b) for a, b in zip(*formed))
+
+
+def test_a_frozen_weight_in_the_optimizer_is_not_checked_and_the_refresh_goes_on():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 2)).double()
+    model[0].weight.requires_grad_(False)
+    factors = KroneckerFactors(model, torch.randn(30, 3, dtype=torch.float64), loss="mse", fraction=0.5)
+    factors.bind(list(model.parameters()))
+    assert factors.refusal(list(model.parameters())) is None
+    factors.refresh()
+    assert factors.refreshes == 1
+
+
+def test_a_dataset_of_numpy_inputs_gives_the_factors_of_the_same_tensors():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 2)).double()
+    x = torch.randn(30, 3, dtype=torch.float64)
+    arrays = [(row.numpy(), 0) for row in x]  # a map-style dataset: a list of (input, label) items
+    products = []
+    for inputs in (x, arrays):
+        factors = KroneckerFactors(model, inputs, loss="cross_entropy", fraction=0.5)
+        factors.bind(list(model.parameters()))
+        factors.refresh()
+        products.append(factors.inverse_product(torch.arange(26, dtype=torch.float64)))
+    assert torch.equal(*products)
