@@ -185,3 +185,13 @@ def test_numpy_training_data_gives_the_factors_the_converted_inputs():
     twin, _ = regression_problem()
     reference = quiet_fit(twin, nn.MSELoss(), (x, y), optimizer=by_hand(twin, (x, y), "mse", "kronecker"), max_iter=8)
     assert history["loss"] == reference["loss"]
+
+
+def test_a_dataloaders_dataset_gives_the_factors_the_same_inputs_as_its_tensors():
+    model, (x, y) = classifier_problem()
+    loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x, y), batch_size=16)
+    history = quiet_fit(model, nn.CrossEntropyLoss(), loader, preconditioner="kronecker", max_iter=8)
+    twin, _ = classifier_problem()
+    optimizer = by_hand(twin, (x, y), "cross_entropy", "kronecker")
+    reference = quiet_fit(twin, nn.CrossEntropyLoss(), loader, optimizer=optimizer, max_iter=8)
+    assert history["loss"] == reference["loss"]
