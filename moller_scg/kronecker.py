@@ -604,9 +604,10 @@ def _check_gradient_identity(
 ) -> None:
     """K-FAC's premise for a layer: the loss reaches its weight W only through its outputs, so that
     ∇_W ℓ = Σₙₜ gₙₜ aₙₜᵀ, from which A and G are formed. A ``ValueError`` naming the layer where the gradient the
-    backward took differs from that sum by more than :data:`GRADIENT_IDENTITY_TOLERANCE` of its norm: the loss holds
-    derivatives of the network with respect to its inputs (a physics-informed net's Δu), whose own dependence on W
-    the factors do not model. ``weight_gradient`` ``None``: the weight takes no part, nothing to check."""
+    backward took differs from that sum by more than :data:`GRADIENT_IDENTITY_TOLERANCE` (:func:`identity_gap`): the
+    loss holds derivatives of the network with respect to its inputs (a physics-informed net's Δu), whose own
+    dependence on W the factors do not model. ``weight_gradient`` ``None``: the weight takes no part, nothing to
+    check."""
     if weight_gradient is None:
         return
     gap = identity_gap(module, layer_input, gradient, weight_gradient)
