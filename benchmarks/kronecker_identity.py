@@ -36,27 +36,10 @@ LOSSES = {
 
 
 def relative_differences(model: nn.Module, inputs: torch.Tensor, loss: str, seed: int = 0) -> list[float]:
-    """|∇_W ℓ − Σ g aᵀ| over the larger norm for each factored layer of ``model``, in ``model.modules()``'s order."""
-    layers = [m for m in model.modules() if isinstance(m, (nn.Linear, nn.Conv2d))]
-    factors = kronecker.KroneckerFactors(model, inputs, loss=loss)
-    captured: dict[nn.Module, tuple[torch.Tensor, torch.Tensor]] = {}
-
-    def keep(module: nn.Module, args: tuple[torch.Tensor, ...], output: torch.Tensor) -> torch.Tensor:
-        captured[module] = (args[0].detach(), output)
-        return output.clone()
-
-    handles = [layer.register_forward_hook(keep) for layer in layers]
-    try:
-        sampled = factors._sampled_loss(model(inputs), torch.Generator().manual_seed(seed))
-        outputs = [captured[layer][1] for layer in layers]
-        gradients = torch.autograd.grad(sampled, [*outputs, *(layer.weight for layer in layers)])
-    finally:
-        for handle in handles:
-            handle.remove()
-    return [
-        kronecker.identity_gap(layer, captured[layer][0], gradient, weight_gradient)
-        for layer, gradient, weight_gradient in zip(layers, gradients, gradients[len(layers) :])
-    ]
+    """|∇_W ℓ − Σ g aᵀ| over the larger norm for each factored layer of ``model``, in ``model.modules()``'s order
+    (:meth:`~moller_scg.KroneckerFactors.identity_gaps`, labels drawn by a generator seeded with ``seed``)."""
+    factors = kronecker.KroneckerFactors(model, inputs, loss=loss, seed=seed)
+    return factors.identity_gaps(list(model.parameters()), inputs)
 
 
 def main(argv: list[str] | None = None) -> int:

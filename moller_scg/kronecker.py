@@ -296,8 +296,9 @@ class KroneckerFactors:
         try:
             with _forked_generators(device):
                 batch = _gather(self.inputs, torch.arange(samples)).to(device)
-                self._layer_inputs_and_output_gradients(
-                    batch, layers, torch.Generator().manual_seed(0), check_weights=True
+                generator = torch.Generator().manual_seed(0)
+                _check_gradient_identity(
+                    layers, *self._layer_inputs_and_output_gradients(batch, layers, generator, with_weights=True)
                 )
         except (ValueError, FloatingPointError) as error:
             return str(error)
@@ -511,10 +512,26 @@ class KroneckerFactors:
     # ----------------------------------------------------------------------------------------------------------
     # Forming the factors
 
+    def identity_gaps(self, params: Sequence[torch.Tensor], batch: torch.Tensor) -> list[float]:
+        """:func:`identity_gap` of each factored layer that holds ``params`` (in the model's order), over one forward
+        and backward of ``batch`` with labels drawn by the factors' generator (``nan`` for a weight that does not
+        require grad); what the first refresh checks, measured and not judged (``benchmarks/kronecker_identity.py``).
+        Binds nothing."""
+        layers, _ = self._layers_of(params)
+        gradients = self._layer_inputs_and_output_gradients(batch, layers, self.generator, with_weights=True)
+        return [
+            math.nan if weight_gradient is None else identity_gap(layer.module, layer_input, gradient, weight_gradient)
+            for layer, layer_input, gradient, weight_gradient in zip(layers, *gradients)
+        ]
+
     def _accumulate(self, batch: torch.Tensor, sums: list[_Sums], check_weights: bool = False) -> None:
         """Add one batch's rows of each layer to ``sums``, with labels drawn from the model (``check_weights``: and
         check the gradient identity on it, :func:`_check_gradient_identity`)."""
-        inputs, gradients = self._layer_inputs_and_output_gradients(batch, self._layers, self.generator, check_weights)
+        inputs, gradients, weight_gradients = self._layer_inputs_and_output_gradients(
+            batch, self._layers, self.generator, with_weights=check_weights
+        )
+        if check_weights:
+            _check_gradient_identity(self._layers, inputs, gradients, weight_gradients)
         for layer, layer_input, gradient, layer_sums in zip(self._layers, inputs, gradients, sums):
             rows, output_rows = _layer_rows(layer.module, layer_input, gradient)
             if layer.bias_offset is not None:
@@ -522,13 +539,13 @@ class KroneckerFactors:
             layer_sums.add(rows.double(), output_rows.double(), positions=rows.shape[0] // batch.shape[0])
 
     def _layer_inputs_and_output_gradients(
-        self, batch: torch.Tensor, layers: list[_Layer], generator: torch.Generator, check_weights: bool = False
-    ) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        self, batch: torch.Tensor, layers: list[_Layer], generator: torch.Generator, with_weights: bool = False
+    ) -> tuple[list[torch.Tensor], list[torch.Tensor], list[torch.Tensor | None]]:
         """Each of ``layers``' input and the gradient of Σₙ ℓₙ (labels drawn from the model by ``generator``) with
         respect to its output, from one forward and one backward. The hooks hand on a copy of each output, so that an
         in-place operation after the layer (``nn.ReLU(inplace=True)``) cannot change what the gradient is taken with
-        respect to; a layer called twice in one forward is refused. ``check_weights``: the same backward also takes
-        the gradient with respect to the layers' weights, and :func:`_check_gradient_identity` checks it."""
+        respect to; a layer called twice in one forward is refused. ``with_weights``: the same backward also takes the
+        gradient with respect to each layer's weight that requires grad (the third list; ``None`` elsewhere)."""
         captured: dict[nn.Module, tuple[torch.Tensor, torch.Tensor]] = {}
 
         def keep(module: nn.Module, args: tuple[torch.Tensor, ...], output: torch.Tensor) -> torch.Tensor:
@@ -541,8 +558,8 @@ class KroneckerFactors:
             return output.clone()  # what the rest of the forward gets, and may change in place
 
         handles = [layer.module.register_forward_hook(keep) for layer in layers]
-        checked = [layer for layer in layers if check_weights and layer.module.weight.requires_grad]
-        weights = [layer.module.weight for layer in checked]
+        wanted = [with_weights and layer.module.weight.requires_grad for layer in layers]
+        weights = [layer.module.weight for layer, want in zip(layers, wanted) if want]
         try:
             with torch.enable_grad():
                 sampled = self._sampled_loss(self.model(batch), generator)
@@ -558,11 +575,9 @@ class KroneckerFactors:
         unused = [layer.module for layer, gradient in zip(layers, output_gradients) if gradient is None]
         if unused:
             raise ValueError(f"KroneckerFactors: the output of {unused[0]!r} does not reach the model's output")
-        inputs = [captured[layer.module][0] for layer in layers]
-        rows_of = {id(layer): pair for layer, pair in zip(layers, zip(inputs, output_gradients))}
-        for layer, weight_gradient in zip(checked, gradients[len(layers) :]):
-            _check_gradient_identity(layer.module, *rows_of[id(layer)], weight_gradient)
-        return inputs, output_gradients
+        taken = iter(gradients[len(layers) :])
+        weight_gradients = [next(taken) if want else None for want in wanted]
+        return [captured[layer.module][0] for layer in layers], output_gradients, weight_gradients
 
     def _sampled_loss(self, output: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
         """Σₙ ℓₙ at labels drawn from the model's predictive distribution (so that each sample's gradient is one
@@ -600,24 +615,28 @@ class KroneckerFactors:
 
 
 def _check_gradient_identity(
-    module: nn.Module, layer_input: torch.Tensor, gradient: torch.Tensor, weight_gradient: torch.Tensor | None
+    layers: list[_Layer],
+    inputs: list[torch.Tensor],
+    gradients: list[torch.Tensor],
+    weight_gradients: list[torch.Tensor | None],
 ) -> None:
     """K-FAC's premise for a layer: the loss reaches its weight W only through its outputs, so that
     ∇_W ℓ = Σₙₜ gₙₜ aₙₜᵀ, from which A and G are formed. A ``ValueError`` naming the layer where the gradient the
     backward took differs from that sum by more than :data:`GRADIENT_IDENTITY_TOLERANCE` (:func:`identity_gap`): the
     loss holds derivatives of the network with respect to its inputs (a physics-informed net's Δu), whose own
-    dependence on W the factors do not model. ``weight_gradient`` ``None``: the weight takes no part, nothing to
-    check."""
-    if weight_gradient is None:
-        return
-    gap = identity_gap(module, layer_input, gradient, weight_gradient)
-    if gap > GRADIENT_IDENTITY_TOLERANCE:
-        raise ValueError(
-            f"KroneckerFactors: the loss reaches the weight of {module!r} other than through the layer's outputs "
-            f"(|∇_W ℓ − Σ g aᵀ| = {gap:.2g} of the larger norm), as when the model's output holds derivatives of the "
-            f"network with respect to its inputs (a physics-informed net); K-FAC's factors do not model such a loss: "
-            f"use SCG(memory=m) or diagonal_scaling=True"
-        )
+    dependence on W the factors do not model. A layer whose weight gradient is ``None`` (not taken: a frozen weight)
+    is not checked."""
+    for layer, layer_input, gradient, weight_gradient in zip(layers, inputs, gradients, weight_gradients):
+        if weight_gradient is None:
+            continue
+        gap = identity_gap(layer.module, layer_input, gradient, weight_gradient)
+        if gap > GRADIENT_IDENTITY_TOLERANCE:
+            raise ValueError(
+                f"KroneckerFactors: the loss reaches the weight of {layer.module!r} other than through the layer's "
+                f"outputs (|∇_W ℓ − Σ g aᵀ| = {gap:.2g} of the larger norm), as when the model's output holds "
+                f"derivatives of the network with respect to its inputs (a physics-informed net); K-FAC's factors do "
+                f"not model such a loss: use SCG(memory=m) or diagonal_scaling=True"
+            )
 
 
 def identity_gap(

@@ -679,6 +679,8 @@ def test_a_frozen_weight_in_the_optimizer_is_not_checked_and_the_refresh_goes_on
     assert factors.refusal(list(model.parameters())) is None
     factors.refresh()
     assert factors.refreshes == 1
+    gaps = factors.identity_gaps(list(model.parameters()), torch.randn(10, 3, dtype=torch.float64))
+    assert math.isnan(gaps[0]) and gaps[1] == 0.0  # the frozen weight is not measured; float64 closes the identity
 
 
 def test_a_dataset_of_numpy_inputs_gives_the_factors_of_the_same_tensors():
