@@ -35,7 +35,7 @@ def test_accuracy(
             diagonal_scaling.POWER = power
         result = train_mnist(
             seed=seed,
-            diagonal_scaling=power is not None,
+            preconditioner="scalar" if power is None else "diagonal",
             max_iter=max_iter,
             max_train=max_train,
             weight_decay=weight_decay,

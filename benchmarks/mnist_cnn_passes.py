@@ -22,7 +22,7 @@ machine's load falls on all alike):
   today's to lever 58's);
 * the loss of each row's first gradient pass (the same function: the same loss but for float32 rounding);
 * with ``--compile``, also a gradient pass of ``torch.compile`` of today's model (its compilation timed apart);
-* with ``--main-job R``, the whole main job (``train_mnist``, its defaults but the layout and the CNN) R times
+* with ``--main-job R``, the whole main job (``train_mnist``, its defaults but the layout, the CNN and H₀ = γI) R times
   for each row, alternated, with each run's training time, test accuracy and training objective, and each row's
   time run by run over the first row's (and today's over lever 58's).
 
@@ -174,20 +174,25 @@ def time_passes(rounds: int, with_compile: bool, max_train: int | None = None) -
 
 
 def time_main_job(repetitions: int, max_iter: int = DEFAULT_MAX_ITER, max_train: int | None = None) -> list[str]:
-    """``train_mnist`` with its defaults (but ``max_iter`` and ``max_train``) for each row of :data:`ROWS`,
+    """``train_mnist`` with its defaults (but ``max_iter``, ``max_train`` and H₀ = γI) for each row of :data:`ROWS`,
     alternated ``repetitions`` times: its ``memory_format``, and ``moller_scg.mnist.MnistCNN`` replaced by the row's
     model for the run."""
     images = "the 4,000" if max_train is None else f"{max_train:,}"
     lines = [
-        f"the main job (train_mnist, its defaults: SCG(memory=20); {max_iter} iterations on {images} embedded training "
-        f"digits), {repetitions}× each row, alternated: seconds of training, test accuracy, training objective"
+        f"the main job (train_mnist, its defaults but H₀ = γI: SCG(memory=20); {max_iter} iterations on {images} "
+        f"embedded training digits), {repetitions}× each row, alternated: seconds of training, test accuracy, "
+        f"training objective"
     ]
     wall: dict[str, list[float]] = {name: [] for name in ROWS}
     for repetition in range(repetitions):
         for name, (model_type, memory_format) in ROWS.items():
             with mock.patch.object(mnist, "MnistCNN", model_type):
                 result = train_mnist(
-                    memory_format=memory_format, max_iter=max_iter, max_train=max_train, progress=False
+                    memory_format=memory_format,
+                    preconditioner="scalar",  # the γI of lever 58's runs, not K-FAC's H₀ (the default since lever 74)
+                    max_iter=max_iter,
+                    max_train=max_train,
+                    progress=False,
                 )
             wall[name].append(result.wall_time)
             lines.append(

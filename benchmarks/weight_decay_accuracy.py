@@ -9,6 +9,7 @@ torch's default number of threads, as the command; deterministic on a given CPU 
     python benchmarks/weight_decay_accuracy.py                          # ν = 0, 3e-4, 1e-3 on seeds 0, 1, 2 (~12 min)
     python benchmarks/weight_decay_accuracy.py --memory 0 --weight-decays 0 3e-4
     python benchmarks/weight_decay_accuracy.py --diagonal-scaling --weight-decays 3e-4
+    python benchmarks/weight_decay_accuracy.py --preconditioner kronecker --weight-decays 0 3e-4   # the main job's H₀
     python benchmarks/weight_decay_accuracy.py --memory 0 --gauss-newton --weight-decays 0 3e-4
 
 Each cell also gives the run's gradient passes (closure calls) and curvature products (HVP calls), and its seconds of
@@ -23,6 +24,7 @@ import sys
 import torch
 from common import environment
 
+from moller_scg.default_optimizer import PRECONDITIONERS
 from moller_scg.mnist import DEFAULT_MAX_ITER, DEFAULT_MEMORY, MEMORY_FORMATS, train_mnist
 
 
@@ -31,7 +33,20 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--weight-decays", type=float, nargs="+", default=[0.0, 3e-4, 1e-3], metavar="NU")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--memory", type=int, default=DEFAULT_MEMORY, help="SCG's secant pairs (0: Møller's SCG)")
-    parser.add_argument("--diagonal-scaling", action="store_true")
+    parser.add_argument(
+        "--preconditioner",
+        choices=PRECONDITIONERS,
+        default="scalar",
+        help="SCG's H₀ with --memory > 0 (train_mnist's preconditioner). Default scalar, γI: the H₀ of the saved runs "
+        "without this option (the main job's own default is auto, K-FAC's H₀ for this CNN)",
+    )
+    parser.add_argument(
+        "--diagonal-scaling",
+        action="store_const",
+        dest="preconditioner",
+        const="diagonal",
+        help="--preconditioner diagonal",
+    )
     parser.add_argument("--gauss-newton", action="store_true", help="with --memory 0: Gauss–Newton curvature products")
     parser.add_argument("--max-iter", type=int, default=DEFAULT_MAX_ITER)
     parser.add_argument("--max-train", type=int, help="train on the first samples only (for a quick check)")
@@ -44,7 +59,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     arguments = sys.argv[1:] if argv is None else argv
     env = environment(" ".join(["python benchmarks/weight_decay_accuracy.py", *arguments]))
-    mode = f"SCG(memory={args.memory}{', diagonal_scaling=True' if args.diagonal_scaling else ''})"
+    memory_only = args.preconditioner == "scalar" or args.memory == 0
+    mode = f"SCG(memory={args.memory}{'' if memory_only else f', H₀ {args.preconditioner}'})"
     if args.gauss_newton:
         mode += ", Gauss–Newton curvature products"
     print(f"command: {env['command']}")
@@ -59,7 +75,7 @@ def main(argv: list[str] | None = None) -> int:
             result = train_mnist(
                 seed=seed,
                 memory=args.memory,
-                diagonal_scaling=args.diagonal_scaling,
+                preconditioner=args.preconditioner if args.memory > 0 else "auto",
                 weight_decay=weight_decay,
                 max_iter=args.max_iter,
                 max_train=args.max_train,

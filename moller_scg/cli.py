@@ -9,6 +9,7 @@ import sys
 from typing import Any
 
 from moller_scg import __version__
+from moller_scg.default_optimizer import PRECONDITIONERS
 from moller_scg.scg import HVP_MODES
 
 
@@ -60,16 +61,26 @@ def _parser() -> argparse.ArgumentParser:
         f"(default {mnist.DEFAULT_MEMORY}: one gradient pass a step); 0 = Møller's SCG",
     )
     job.add_argument(
+        "--preconditioner",
+        choices=PRECONDITIONERS,
+        default="auto",
+        help="with --memory > 0: H₀ of SCG's quasi-Newton preconditioner, as fit's. auto = kronecker for this CNN: "
+        "K-FAC's Kronecker factors of the CNN, formed over 5%% of the training images every 5 accepted steps "
+        "(KroneckerFactors); diagonal = from the gradients' second moments; scalar = γI",
+    )
+    job.add_argument(
         "--diagonal-scaling",
-        action="store_true",
-        help="with --memory > 0: H₀ of the quasi-Newton preconditioner from the gradients' second moments, not γI "
-        "(fewer gradient passes on some problems; with --weight-decay 0 the CNN tested lower on the embedded digits)",
+        action="store_const",
+        dest="preconditioner",
+        const="diagonal",
+        help="the same as --preconditioner diagonal",
     )
     job.add_argument(
         "--kronecker",
-        action="store_true",
-        help="with --memory > 0: H₀ of the quasi-Newton preconditioner from K-FAC's Kronecker factors of the CNN, "
-        "formed over 5%% of the training images every 5 accepted steps (KroneckerFactors)",
+        action="store_const",
+        dest="preconditioner",
+        const="kronecker",
+        help="the same as --preconditioner kronecker",
     )
     job.add_argument(
         "--weight-decay",
@@ -247,8 +258,7 @@ def _mnist(args: argparse.Namespace, main_process: bool = True) -> int:
             device=device,
             hvp=args.hvp,
             memory=args.memory,
-            diagonal_scaling=args.diagonal_scaling,
-            kronecker=args.kronecker,
+            preconditioner=args.preconditioner,
             curvature_fraction=args.curvature_fraction,
             weight_decay=args.weight_decay,
             hvp_method="gauss-newton" if args.gauss_newton else "double-backward",

@@ -4,27 +4,30 @@ secant preconditioner, ``fit``'s ``preconditioner``.
 ``SCG(params, memory=m)`` preconditions its direction by the m latest secant pairs over an initial inverse Hessian
 H₀ (:mod:`moller_scg.quasi_newton`). ``preconditioner`` chooses H₀:
 
-* ``"scalar"``: H₀ = γI (the default), ``SCG(params, memory=20)``;
+* ``"auto"`` (the default): ``"kronecker"`` where the loss is the cross-entropy or the squared error and the factors
+  take the model and its data (:meth:`~moller_scg.KroneckerFactors.refusal` answers ``None``: every trained
+  parameter a weight or bias of an ``nn.Linear`` or ``nn.Conv2d`` layer they take, and a trial forward and backward
+  on 8 training inputs passes the first refresh's checks, among them that the loss reaches each weight only through
+  its layer's outputs), ``"diagonal"`` everywhere else. Where ``fit`` builds Møller's ``SCG(params)`` (curvature
+  products asked for) or is given an optimizer, there is no H₀ to choose and ``"auto"`` asks for nothing;
+* ``"scalar"``: H₀ = γI, ``SCG(params, memory=20)``;
 * ``"diagonal"``: H₀ = γ_D Λ from the gradients' second moments, ``SCG(params, memory=20, diagonal_scaling=True)``;
 * ``"kronecker"``: H₀ = γ_K K⁻¹ from K-FAC's factors of the model's layers over a share of the training inputs,
   ``SCG(params, memory=20, kronecker_factors=KroneckerFactors(model, inputs, loss=…))``, the loss's distribution read
-  from ``loss_fn`` (:func:`kronecker_loss`);
-* ``"auto"``: ``"kronecker"`` where the loss is the cross-entropy or the squared error and the factors take the
-  model (:meth:`~moller_scg.KroneckerFactors.refusal` answers ``None``: every trained parameter a weight or bias of
-  an ``nn.Linear`` or ``nn.Conv2d`` layer they take, and a trial forward and backward on 8 training inputs passes
-  the first refresh's checks, among them that the loss reaches each weight only through its layer's outputs),
-  ``"diagonal"`` everywhere else.
+  from ``loss_fn`` (:func:`kronecker_loss`).
 
-Why ``"auto"`` chooses so (docs/performance.md, levers 71–73): K-FAC's H₀ took the fewest passes of every mode on
-the race's problems whose loss is the cross-entropy or the squared error of the model's output (the MNIST CNN, the
-logistic and the regression problem) and the least time on the first two; the diagonal H₀ took the least time on
-the two others, the physics-informed net (its loss holds Δu, no likelihood of the output: the factors refuse it)
-and the autoencoder, whose binary cross-entropy over 784 outputs makes K-FAC's output factor dense and 784 wide
-(its factors lost in time there, lever 71). Raced as one row, that choice met issue #14's goal on the AVX-512
-machine type (lever 73).
+Why ``"auto"`` chooses so, and why it is the default (docs/performance.md, levers 71–74): K-FAC's H₀ took the fewest
+passes of every mode on the race's problems whose loss is the cross-entropy or the squared error of the model's
+output (the MNIST CNN, the logistic and the regression problem) and the least time on the first two; the diagonal
+H₀ took the least time on the two others, the physics-informed net (its loss holds Δu, no likelihood of the output:
+the factors refuse it) and the autoencoder, whose binary cross-entropy over 784 outputs makes K-FAC's output factor
+dense and 784 wide (its factors lost in time there, lever 71). Raced as one row, that choice met issue #14's goal
+on the AVX-512 machine type, in the races of its rows and in full races of the whole table (levers 73 and 74).
 
-Under ``torch.distributed`` each rank would draw its factors from its own shard, and the ranks' steps would part:
-``"kronecker"`` is refused there, and ``"auto"`` chooses ``"diagonal"``.
+Under ``torch.distributed`` every rank is given the whole training set (``fit`` shards it for the passes), so every
+rank draws the same samples for K-FAC's factors, forms the same factors, and then takes rank 0's bits of their
+inverses (:func:`moller_scg.distributed.broadcast_from_main`): the ranks' steps stay bitwise equal, and follow one
+process's trajectory. The refresh is not sharded: each rank forms the factors over all of the draw.
 """
 
 from __future__ import annotations
@@ -35,6 +38,7 @@ from typing import Any
 import torch
 from torch import nn
 from torch.nn import functional
+from torch.utils.data import default_collate
 
 from moller_scg import distributed as _dist
 from moller_scg.input_checks import as_tensor_pair
@@ -49,13 +53,14 @@ AUTO_KRONECKER_LOSSES = ("cross_entropy", "mse")
 
 
 def check_preconditioner(preconditioner: Any, optimizer: torch.optim.Optimizer | None, asks_for_products: bool) -> None:
-    """Before any data is touched: ``preconditioner`` is one of :data:`PRECONDITIONERS`, and an H₀ other than γI is
-    asked for only where ``fit`` builds the secant mode (no optimizer given, no curvature products asked for)."""
+    """Before any data is touched: ``preconditioner`` is one of :data:`PRECONDITIONERS`, and an H₀ named outright
+    (``"diagonal"`` or ``"kronecker"``) is asked for only where ``fit`` builds the secant mode (no optimizer given, no
+    curvature products asked for)."""
     if preconditioner not in PRECONDITIONERS:
         raise ValueError(
             f"Invalid preconditioner {preconditioner!r}; choose one of {', '.join(map(repr, PRECONDITIONERS))}"
         )
-    if preconditioner == "scalar":
+    if preconditioner in ("scalar", "auto"):  # "auto": where fit builds no secant mode, it asks for nothing
         return
     if optimizer is not None:
         raise ValueError(
@@ -93,12 +98,78 @@ def kronecker_loss(loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 def training_inputs(train_data: Any, dtype: torch.dtype | None = None) -> torch.Tensor | torch.utils.data.Dataset:
     """The inputs K-FAC's factors draw their samples from: the first tensor of ``(inputs, targets)`` (NumPy arrays
     converted as the accumulator converts them, floating ones to ``dtype``), a ``DataLoader``'s dataset, or the
-    map-style ``Dataset`` itself (whose items' first elements are the inputs)."""
+    map-style ``Dataset`` itself (whose items' first elements are the inputs).
+
+    Raises:
+        ValueError: ``train_data`` is a ``DataLoader`` with a ``collate_fn`` of its own: the factors collate the
+            dataset's items with torch's ``default_collate``, so they would see other inputs than the training's.
+    """
     if isinstance(train_data, (tuple, list)):
         return as_tensor_pair(train_data, dtype)[0]
     if isinstance(train_data, torch.utils.data.DataLoader):
+        if train_data.collate_fn is not default_collate:
+            raise ValueError(
+                "KroneckerFactors collate the dataset's items with torch's default_collate, but this DataLoader has "
+                f"a collate_fn of its own ({train_data.collate_fn!r}), so the factors would see other inputs than "
+                "the training's: use preconditioner='diagonal', or build KroneckerFactors over the inputs yourself"
+            )
         return train_data.dataset
     return train_data
+
+
+def _factors_that_take(
+    model: nn.Module, train_data: Any, params: Sequence[torch.Tensor], loss: str, seed: int
+) -> KroneckerFactors | None:
+    """``"auto"``'s K-FAC factors over the model and its training inputs, or ``None`` where they cannot take them: an
+    ``IterableDataset`` (no samples to draw by index), a ``DataLoader`` with its own ``collate_fn``, or a
+    :meth:`~moller_scg.KroneckerFactors.refusal`."""
+    try:
+        factors: KroneckerFactors | None = KroneckerFactors(
+            model, training_inputs(train_data, params[0].dtype), loss=loss, seed=seed
+        )
+    except (TypeError, ValueError):
+        factors = None
+    refused = factors is None or factors.refusal(list(params)) is not None
+    # Under torch.distributed every rank asks the same of the same data; the ranks still agree, so that none is left
+    # with other steps than the rest if its rounding put a gap on the other side of the tolerance.
+    return None if _dist.agree_on_max(int(refused)) else factors
+
+
+def secant_optimizer(
+    params: Sequence[torch.Tensor],
+    model: nn.Module,
+    loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+    train_data: Any,
+    preconditioner: str,
+    *,
+    memory: int = DEFAULT_MEMORY,
+    hvp: str = "secant",
+    seed: int = 0,
+) -> SCG:
+    """``SCG(params, hvp=hvp, memory=m)`` with the H₀ ``preconditioner`` names (the module's docstring); ``seed``
+    seeds the draws of K-FAC's factors (:class:`~moller_scg.KroneckerFactors`' ``seed``).
+
+    Raises:
+        ValueError: ``"kronecker"`` with a loss whose distribution the factors do not know; what
+            :class:`~moller_scg.KroneckerFactors` or ``SCG`` refuse.
+    """
+    loss = kronecker_loss(loss_fn)
+    if preconditioner == "kronecker":
+        if loss is None:
+            raise ValueError(
+                f"preconditioner='kronecker' needs a loss whose distribution K-FAC's factors know "
+                f"(nn.CrossEntropyLoss, nn.MSELoss, nn.BCEWithLogitsLoss or their functions), got {loss_fn!r}: use "
+                "preconditioner='diagonal', or build SCG(params, memory=m, kronecker_factors=KroneckerFactors(model, "
+                "inputs, loss=…)) yourself"
+            )
+        factors = KroneckerFactors(model, training_inputs(train_data, params[0].dtype), loss=loss, seed=seed)
+        return SCG(params, hvp=hvp, memory=memory, kronecker_factors=factors)
+    if preconditioner == "auto" and loss in AUTO_KRONECKER_LOSSES:
+        auto_factors = _factors_that_take(model, train_data, params, loss, seed)
+        if auto_factors is not None:
+            return SCG(params, hvp=hvp, memory=memory, kronecker_factors=auto_factors)
+    diagonal = preconditioner in ("diagonal", "auto")
+    return SCG(params, hvp=hvp, memory=memory, diagonal_scaling=diagonal)
 
 
 def default_optimizer(
@@ -111,29 +182,7 @@ def default_optimizer(
 ) -> SCG:
     """The SCG ``fit`` trains with when given none: Møller's ``SCG(params)`` where curvature products are asked for
     (``asks_for_products``), else the secant mode ``SCG(params, memory=20)`` with the H₀ ``preconditioner`` names
-    (checked by :func:`check_preconditioner`)."""
+    (checked by :func:`check_preconditioner`; :func:`secant_optimizer`)."""
     if asks_for_products:
         return SCG(params)
-    loss = kronecker_loss(loss_fn)
-    if preconditioner == "kronecker":
-        if loss is None:
-            raise ValueError(
-                f"preconditioner='kronecker' needs a loss whose distribution K-FAC's factors know "
-                f"(nn.CrossEntropyLoss, nn.MSELoss, nn.BCEWithLogitsLoss or their functions), got {loss_fn!r}: use "
-                "preconditioner='diagonal', or build SCG(params, memory=m, kronecker_factors=KroneckerFactors(model, "
-                "inputs, loss=…)) yourself"
-            )
-        if _dist.is_distributed():
-            raise ValueError(
-                "preconditioner='kronecker' is not supported under torch.distributed (each rank would form its "
-                "factors from its own shard, and their steps would part): use preconditioner='diagonal'"
-            )
-        factors = KroneckerFactors(model, training_inputs(train_data, params[0].dtype), loss=loss)
-        return SCG(params, memory=DEFAULT_MEMORY, kronecker_factors=factors)
-    if preconditioner == "auto" and loss in AUTO_KRONECKER_LOSSES and not _dist.is_distributed():
-        factors = KroneckerFactors(model, training_inputs(train_data, params[0].dtype), loss=loss)
-        if factors.refusal(list(params)) is None:
-            return SCG(params, memory=DEFAULT_MEMORY, kronecker_factors=factors)
-    if preconditioner in ("diagonal", "auto"):
-        return SCG(params, memory=DEFAULT_MEMORY, diagonal_scaling=True)
-    return SCG(params, memory=DEFAULT_MEMORY)
+    return secant_optimizer(params, model, loss_fn, train_data, preconditioner)

@@ -119,6 +119,34 @@ def all_reduce_sum(tensors: Sequence[torch.Tensor | None]) -> list[torch.Tensor 
     return results
 
 
+def broadcast_from_main(tensors: Sequence[torch.Tensor]) -> None:
+    """Overwrite each of ``tensors``, in place, with rank 0's, by **one** ``broadcast`` of a flat float64 buffer (they
+    hold the same shapes on every rank, real floating-point, on one device).
+
+    For what every rank computes alike from the same numbers but need not round alike (K-FAC's factors, through
+    convolution backwards that a GPU may sum in another order): after it every rank holds rank 0's bits.
+
+    Raises:
+        DistributedError: the broadcast failed or timed out (a rank raised, died or is stuck).
+    """
+    if not tensors:
+        return
+    buffer = torch.cat([t.detach().to(torch.float64).reshape(-1) for t in tensors])
+    try:
+        dist.broadcast(buffer, src=0)
+    except Exception as error:  # gloo raises RuntimeError, NCCL DistBackendError; both are reported alike
+        raise DistributedError(
+            f"broadcast of {buffer.numel()} float64 numbers from rank 0 over {world_size()} ranks failed or timed out "
+            f"(rank {rank()}): {error}. A rank may have died or raised; the traceback of the rank that failed first "
+            f"says why"
+        ) from error
+    start = 0
+    with torch.no_grad():
+        for t in tensors:
+            t.copy_(buffer[start : start + t.numel()].view(t.shape))
+            start += t.numel()
+
+
 def check_same_on_every_rank(values: Mapping[str, float]) -> None:
     """Raise ``ValueError`` on every rank unless each named number is the same on all ranks (one all-reduce).
 

@@ -58,6 +58,8 @@ import torch.nn.functional as functional
 from torch import nn
 from torch.utils.data import default_collate
 
+from moller_scg import distributed as _dist
+
 LOW_RANK_ABOVE = 1024
 """An input factor A wider than this is kept as its samples' rows Z (A = ZᵀZ) and never formed."""
 
@@ -302,8 +304,9 @@ class KroneckerFactors:
                 )
         except (ValueError, FloatingPointError) as error:
             return str(error)
-        except (TypeError, RuntimeError) as error:  # the model cannot run on the inputs as the factors take them
-            return f"KroneckerFactors: the model's forward on {samples} training inputs raised {error!r}"
+        except (TypeError, RuntimeError, AttributeError, KeyError, IndexError) as error:
+            # the factors cannot draw the inputs, or the model cannot run on them as the factors take them
+            return f"KroneckerFactors: drawing {samples} training inputs and the forward on them raised {error!r}"
         finally:
             with torch.no_grad():
                 for buffer, saved in zip(self.model.buffers(), buffers):
@@ -394,6 +397,8 @@ class KroneckerFactors:
         dampings = self._dampings(factors)
         input_inverses = [_input_inverse(a, a_damping, self.rank) for (a, _), (a_damping, _) in zip(factors, dampings)]
         output_inverses = [_damped_inverse(g, g_damping) for (_, g), (_, g_damping) in zip(factors, dampings)]
+        if _dist.is_distributed():  # every rank formed them from the same draw; all now hold rank 0's bits
+            _dist.broadcast_from_main([t for inverse in input_inverses for t in inverse.tensors] + output_inverses)
         self._set_inverses(input_inverses, output_inverses)
         self.refreshes += 1
         self.steps_since_refresh = 0

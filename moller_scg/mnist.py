@@ -19,8 +19,8 @@ from torch import nn
 
 from moller_scg.accumulate import GradientAccumulator
 from moller_scg.data import MnistSplits, check_int, load_embedded_mnist, load_mnist_idx
+from moller_scg.default_optimizer import check_preconditioner, secant_optimizer
 from moller_scg.history import History
-from moller_scg.kronecker import KroneckerFactors
 from moller_scg.models import MnistCNN
 from moller_scg.scg import DEFAULT_MEMORY, SCG
 from moller_scg.train import DEFAULT_MAX_FAIL, accuracy, fit
@@ -116,8 +116,7 @@ def train_mnist(
     device: str | torch.device | None = None,
     hvp: str | None = None,
     memory: int = DEFAULT_MEMORY,
-    diagonal_scaling: bool = False,
-    kronecker: bool = False,
+    preconditioner: str = "auto",
     checkpoint: str | os.PathLike[str] | None = None,
     resume: bool = False,
     overwrite: bool = False,
@@ -145,11 +144,13 @@ def train_mnist(
             gradient pass over all of them), the blog's.
         memory: m, SCG's secant pairs (:class:`~moller_scg.SCG`); default :data:`~moller_scg.scg.DEFAULT_MEMORY`
             (a step costs one gradient pass); ``0`` is Møller's SCG.
-        diagonal_scaling: with ``memory`` ≥ 1, SCG's H₀ = γ_D Λ from the gradients' second moments
-            (:class:`~moller_scg.SCG`); default ``False`` (H₀ = γI).
-        kronecker: with ``memory`` ≥ 1, SCG's H₀ = γ_K K⁻¹ from K-FAC's factors of the CNN over 5 % of the training
-            images every 5 accepted steps (:class:`~moller_scg.KroneckerFactors` with its defaults, labels drawn from
-            the CNN's softmax); default ``False``.
+        preconditioner: with ``memory`` ≥ 1, the H₀ of SCG's secant preconditioner, as ``fit``'s
+            (:mod:`moller_scg.default_optimizer`): ``"auto"`` (default), which for this CNN and its cross-entropy is
+            ``"kronecker"``, H₀ = γ_K K⁻¹ from K-FAC's factors of the CNN over 5 % of the training images (at most
+            512) every 5 accepted steps, labels drawn from the CNN's softmax (:class:`~moller_scg.KroneckerFactors`
+            with its defaults, seeded by ``seed``); ``"diagonal"``,
+            H₀ = γ_D Λ from the gradients' second moments; ``"scalar"``, H₀ = γI. With ``memory=0`` there is no H₀:
+            ``"auto"`` and ``"scalar"`` give Møller's SCG, the others a ``ValueError``.
         checkpoint: a file to write the run's state to, as for :func:`moller_scg.fit`.
         resume: continue from ``checkpoint`` if it exists, as for :func:`moller_scg.fit`.
         overwrite: replace an existing ``checkpoint`` and start afresh, as for :func:`moller_scg.fit`.
@@ -178,6 +179,12 @@ def train_mnist(
             f"memory_format must be torch.channels_last or torch.contiguous_format (a torch.memory_format; the "
             f"command line's names are {', '.join(MEMORY_FORMATS)}), not {memory_format!r}"
         )
+    check_preconditioner(preconditioner, None, asks_for_products=False)
+    if memory == 0 and preconditioner not in ("auto", "scalar"):
+        raise ValueError(
+            f"preconditioner={preconditioner!r} chooses the H₀ of SCG's secant preconditioner, but memory=0 keeps no "
+            "secant pairs (Møller's SCG): pass memory=m ≥ 1, or drop preconditioner"
+        )
     if hvp is None:
         hvp = "secant" if memory > 0 else "double-backward"
     if curvature_fraction is None:
@@ -187,11 +194,12 @@ def train_mnist(
     model = MnistCNN().to(memory_format=memory_format)
     if device is not None:
         model.to(device)
-    factors = KroneckerFactors(model, splits.train[0], loss="cross_entropy", seed=seed) if kronecker else None
-    optimizer = SCG(
-        model.parameters(), hvp=hvp, memory=memory, diagonal_scaling=diagonal_scaling, kronecker_factors=factors
-    )
     loss_fn = nn.CrossEntropyLoss()
+    if memory > 0:
+        params, train = list(model.parameters()), splits.train
+        optimizer = secant_optimizer(params, model, loss_fn, train, preconditioner, memory=memory, hvp=hvp, seed=seed)
+    else:
+        optimizer = SCG(model.parameters(), hvp=hvp, memory=0)
     started = time.perf_counter()
     history = fit(
         model,

@@ -83,7 +83,7 @@ def fit(
     curvature_seed: int = 0,
     weight_decay: float = 0.0,
     hvp_method: str = "double-backward",
-    preconditioner: str = "scalar",
+    preconditioner: str = "auto",
 ) -> History:
     """Train ``model`` by full-batch SCG (or another closure optimizer) until a stopping rule fires.
 
@@ -97,7 +97,7 @@ def fit(
         val_data: validation data in the same forms; its loss is computed after every successful step.
         metric: ``metric(outputs, targets)`` → the batch mean of a score (for example :func:`accuracy`), reported
             on the validation data as ``val_metric``.
-        optimizer: default ``SCG(params, memory=20)`` (its H₀ the one ``preconditioner`` names) over the model's
+        optimizer: default ``SCG(params, memory=20)`` with the H₀ ``preconditioner`` chooses over the model's
             trainable parameters (``requires_grad``; frozen ones are left alone): Møller's trust scaling on a
             quasi-Newton preconditioned direction, one gradient pass per step (:class:`~moller_scg.SCG`'s
             ``memory``; ``SCG(params)`` for Møller's SCG with exact curvature from the accumulator). Any optimizer
@@ -159,21 +159,23 @@ def fit(
             asks for the products, and a given optimizer that does not ask for them is refused before any data is
             touched.
         preconditioner: the initial matrix H₀ of the default optimizer's secant preconditioner
-            (:mod:`moller_scg.default_optimizer`): ``"scalar"`` (default), H₀ = γI, ``SCG(params, memory=20)``;
-            ``"diagonal"``, H₀ = γ_D Λ from the gradients' second moments (``diagonal_scaling=True``);
-            ``"kronecker"``, H₀ = γ_K K⁻¹ from K-FAC's factors of the model's ``nn.Linear`` and ``nn.Conv2d`` layers
-            over 5 % of the training inputs (at most 512) every 5 accepted steps, the labels drawn from the
-            distribution of ``loss_fn`` (the cross-entropy, the squared error or the binary cross-entropy with
-            logits; :class:`~moller_scg.KroneckerFactors`); ``"auto"``: ``"kronecker"`` where the loss is the
-            cross-entropy or the squared error and the factors take the model (every trained parameter in such a
-            layer, and a trial forward and backward on 8 training inputs passing the first refresh's checks, among
-            them that the loss reaches each weight only through its layer's outputs, which a physics-informed
-            model's Δu does not), ``"diagonal"`` otherwise. Only for the optimizer ``fit`` builds in its secant
-            mode: with a given ``optimizer``, or with curvature products asked for (``curvature_fraction`` < 1,
-            ``hvp_method``), another value is a ``ValueError``, before any data is touched. The factors' state is in
-            the checkpoint, so a resumed run ends bit-identical to one that was never interrupted; resume with the
-            same ``preconditioner``. ``"kronecker"`` is refused under ``torch.distributed``, where ``"auto"`` chooses
-            ``"diagonal"``.
+            (:mod:`moller_scg.default_optimizer`): ``"auto"`` (default), ``"kronecker"`` where the loss is the
+            cross-entropy or the squared error and the factors take the model (every trained parameter in an
+            ``nn.Linear`` or ``nn.Conv2d`` layer, the training inputs drawable by index, and a trial forward and
+            backward on 8 of them passing the first refresh's checks, among them that the loss reaches each weight
+            only through its layer's outputs, which a physics-informed model's Δu does not), ``"diagonal"``
+            otherwise; ``"kronecker"``, H₀ = γ_K K⁻¹ from K-FAC's factors of the model's ``nn.Linear`` and
+            ``nn.Conv2d`` layers over 5 % of the training inputs (at most 512) every 5 accepted steps, the labels
+            drawn from the distribution of ``loss_fn`` (the cross-entropy, the squared error or the binary
+            cross-entropy with logits; :class:`~moller_scg.KroneckerFactors`); ``"diagonal"``, H₀ = γ_D Λ from the
+            gradients' second moments (``diagonal_scaling=True``); ``"scalar"``, H₀ = γI, plain
+            ``SCG(params, memory=20)``. Only for the optimizer ``fit`` builds in its secant mode: with a given
+            ``optimizer``, or with curvature products asked for (``curvature_fraction`` < 1, ``hvp_method``),
+            ``"auto"`` asks for nothing and ``"diagonal"`` or ``"kronecker"`` is a ``ValueError``, before any data is
+            touched. The factors' state is in the checkpoint, so a resumed run ends bit-identical to one that was
+            never interrupted; resume with the same ``preconditioner`` (a checkpoint of another H₀ is refused by
+            name). Under ``torch.distributed`` every rank forms the same factors from the whole training set and
+            takes rank 0's bits of them, so the ranks keep one trajectory.
 
     Distributed (under ``torchrun``, or any initialised ``torch.distributed`` process group; see
     :mod:`moller_scg.distributed`): call ``fit`` on every rank with the same arguments and the same initial

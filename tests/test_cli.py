@@ -75,17 +75,17 @@ def test_mnist_with_a_time_budget_spent_before_the_first_step_reports_no_iterati
     "flags, conv_weight_stride", [([], (25, 1, 5, 1)), (["--memory-format", "contiguous"], (25, 25, 5, 1))]
 )
 def test_the_cnn_is_laid_out_channels_last_unless_told_otherwise(flags, conv_weight_stride, monkeypatch, capsys):
-    from moller_scg import mnist
+    from moller_scg import default_optimizer
 
     strides = []
 
     def spy(params, **options):
         params = list(params)
         strides.append(params[0].stride())  # the convolution's weights, 32 × 1 × 5 × 5
-        return mnist_scg(params, **options)
+        return built_scg(params, **options)
 
-    mnist_scg = mnist.SCG
-    monkeypatch.setattr(mnist, "SCG", spy)
+    built_scg = default_optimizer.SCG  # the main job's SCG: the secant mode with the H₀ it chooses
+    monkeypatch.setattr(default_optimizer, "SCG", spy)
     status = main(["mnist", "--max-train", "100", "--max-iter", "1", "--quiet", *flags])
     assert status == 0, capsys.readouterr().out
     assert strides == [conv_weight_stride]
@@ -146,15 +146,15 @@ def test_mnist_checkpoint_and_resume(first_layout, capsys, tmp_path):
 
 
 def test_a_kronecker_run_resumed_from_its_checkpoint_ends_bit_identical(tmp_path):
-    """The main job with K-FAC's H₀ (refreshed every 5 accepted steps): 3 iterations, then a resume to 8 from the
-    checkpoint (through torch.load(weights_only=True)) end with the weights of 8 iterations in one go."""
+    """The main job with its default, K-FAC's H₀ (refreshed every 5 accepted steps): 3 iterations, then a resume to 8
+    from the checkpoint (through torch.load(weights_only=True)) end with the weights of 8 iterations in one go."""
     import torch
 
     from moller_scg.checkpoint import load_checkpoint
     from moller_scg.mnist import train_mnist
 
     write_tiny_mnist(tmp_path)
-    options = {"data": tmp_path, "batch_size": 32, "kronecker": True, "max_fail": None, "progress": False}
+    options = {"data": tmp_path, "batch_size": 32, "max_fail": None, "progress": False}
     whole, parted = tmp_path / "whole.pt", tmp_path / "parted.pt"
     train_mnist(max_iter=8, checkpoint=whole, **options)
     train_mnist(max_iter=3, checkpoint=parted, **options)
@@ -314,10 +314,15 @@ def test_after_a_max_fail_stop_the_train_loss_is_that_of_the_weights_held(tmp_pa
 
 @pytest.mark.parametrize(
     "flags, memory, expected",
-    [([], 20, False), (["--diagonal-scaling"], 20, True), (["--memory", "0"], 0, False)],
+    [
+        (["--preconditioner", "scalar"], 20, False),
+        (["--preconditioner", "diagonal"], 20, True),
+        (["--diagonal-scaling"], 20, True),
+        (["--memory", "0"], 0, False),
+    ],
 )
-def test_diagonal_scaling_is_off_by_default_and_a_flag_turns_it_on(flags, memory, expected, monkeypatch):
-    from moller_scg import mnist
+def test_the_diagonal_h0_is_chosen_by_name_and_memory_0_has_none(flags, memory, expected, monkeypatch):
+    from moller_scg import default_optimizer, mnist
 
     seen = {}
 
@@ -326,13 +331,17 @@ def test_diagonal_scaling_is_off_by_default_and_a_flag_turns_it_on(flags, memory
         raise ValueError("stop here")
 
     monkeypatch.setattr(mnist, "SCG", record_optimizer)
-    monkeypatch.setattr(mnist, "load_splits", lambda *args, **kwargs: None)
-    assert main(["mnist", "--quiet", *flags]) != 0
-    assert seen["memory"] == memory and seen["diagonal_scaling"] is expected
+    monkeypatch.setattr(default_optimizer, "SCG", record_optimizer)
+    assert main(["mnist", "--quiet", "--max-train", "100", *flags]) != 0
+    assert seen["memory"] == memory and seen.get("diagonal_scaling", False) is expected
+    assert seen.get("kronecker_factors") is None
 
 
-def test_kronecker_flag_gives_scg_factors_of_the_cnn_over_its_training_images(monkeypatch):
-    from moller_scg import KroneckerFactors, mnist
+@pytest.mark.parametrize(
+    "flags", [[], ["--preconditioner", "auto"], ["--preconditioner", "kronecker"], ["--kronecker"]]
+)
+def test_k_facs_h0_is_the_default_and_gives_scg_factors_of_the_cnn_over_its_training_images(flags, monkeypatch):
+    from moller_scg import KroneckerFactors, default_optimizer
 
     seen = {}
 
@@ -340,17 +349,17 @@ def test_kronecker_flag_gives_scg_factors_of_the_cnn_over_its_training_images(mo
         seen.update(options)
         raise ValueError("stop here")
 
-    monkeypatch.setattr(mnist, "SCG", record_optimizer)
-    assert main(["mnist", "--quiet", "--max-train", "100"]) != 0
-    assert seen["kronecker_factors"] is None
-    assert main(["mnist", "--quiet", "--max-train", "100", "--kronecker"]) != 0
+    monkeypatch.setattr(default_optimizer, "SCG", record_optimizer)
+    assert main(["mnist", "--quiet", "--max-train", "100", *flags]) != 0
     factors = seen["kronecker_factors"]
     assert isinstance(factors, KroneckerFactors) and factors.loss == "cross_entropy"
     assert factors.inputs.shape == (100, 1, 28, 28) and factors.samples == 5
+    assert seen["memory"] == 20 and not seen.get("diagonal_scaling", False)
 
 
-def test_kronecker_without_memory_is_one_line_not_a_traceback(capsys):
-    assert main(["mnist", "--quiet", "--max-train", "100", "--max-iter", "1", "--memory", "0", "--kronecker"]) == 1
+@pytest.mark.parametrize("flag", [["--kronecker"], ["--preconditioner", "diagonal"]])
+def test_a_named_h0_without_memory_is_one_line_not_a_traceback(flag, capsys):
+    assert main(["mnist", "--quiet", "--max-train", "100", "--max-iter", "1", "--memory", "0", *flag]) == 1
     assert "memory=m ≥ 1" in capsys.readouterr().err
 
 

@@ -10,7 +10,6 @@ from torch import nn
 from torch.nn import functional
 
 from moller_scg import SCG, KroneckerFactors, fit
-from moller_scg import distributed as dist_helpers
 from moller_scg.default_optimizer import default_optimizer, kronecker_loss, training_inputs
 
 
@@ -117,8 +116,80 @@ def test_auto_chooses_the_diagonal_h0_for_parameters_outside_the_factored_layers
 
 def test_fit_builds_moller_scg_where_curvature_products_are_asked_for_whatever_h0_is_named():
     model, data = regression_problem()
-    optimizer = default_optimizer(list(model.parameters()), model, nn.MSELoss(), data, "scalar", True)
-    assert optimizer.defaults["memory"] == 0
+    for preconditioner in ("scalar", "auto"):
+        optimizer = default_optimizer(list(model.parameters()), model, nn.MSELoss(), data, preconditioner, True)
+        assert optimizer.defaults["memory"] == 0 and optimizer._kronecker_factors is None
+
+
+def test_fits_default_is_auto_k_fac_for_the_cross_entropy_of_a_layered_model():
+    model, data = classifier_problem()
+    history = quiet_fit(model, nn.CrossEntropyLoss(), data)
+    twin, _ = classifier_problem()
+    reference = quiet_fit(
+        twin, nn.CrossEntropyLoss(), data, optimizer=by_hand(twin, data, "cross_entropy", "kronecker")
+    )
+    assert history["loss"] == reference["loss"]
+    scalar_model, _ = classifier_problem()
+    assert quiet_fit(scalar_model, nn.CrossEntropyLoss(), data, preconditioner="scalar")["loss"] != history["loss"]
+
+
+def test_the_default_auto_asks_for_nothing_where_fit_builds_no_secant_mode():
+    model, data = regression_problem()
+    history = quiet_fit(model, nn.MSELoss(), data, curvature_fraction=0.5, max_iter=5)  # Møller's SCG, no refusal
+    assert len(history) == 5
+    given = SCG(model.parameters(), memory=5)
+    quiet_fit(model, nn.MSELoss(), data, optimizer=given, max_iter=3)
+    assert given._kronecker_factors is None and not given.defaults["diagonal_scaling"]
+
+
+def test_a_dataloader_with_its_own_collate_fn_gets_the_diagonal_h0_from_auto_and_a_refusal_from_kronecker():
+    model, (x, y) = classifier_problem()
+    dataset = torch.utils.data.TensorDataset(x, y)
+
+    def scaled(items):  # the training sees inputs the dataset's items are not: the factors must not draw them
+        inputs, labels = torch.utils.data.default_collate(items)
+        return 2.0 * inputs, labels
+
+    loader = torch.utils.data.DataLoader(dataset, batch_size=16, collate_fn=scaled)
+    params = list(model.parameters())
+    optimizer = default_optimizer(params, model, nn.CrossEntropyLoss(), loader, "auto", False)
+    assert optimizer.defaults["diagonal_scaling"] and optimizer._kronecker_factors is None
+    with pytest.raises(ValueError, match="collate_fn of its own"):
+        default_optimizer(params, model, nn.CrossEntropyLoss(), loader, "kronecker", False)
+    assert len(quiet_fit(model, nn.CrossEntropyLoss(), loader, max_iter=3)) == 3
+
+
+def test_auto_chooses_the_diagonal_h0_where_the_factors_cannot_draw_the_inputs():
+    model, (x, y) = classifier_problem()
+
+    class KeyedDataset(torch.utils.data.Dataset):
+        """Items by key, not by position: the factors' draw by index raises KeyError."""
+
+        def __init__(self):
+            self.items = {f"sample{i}": (x[i], y[i]) for i in range(len(y))}
+
+        def __len__(self):
+            return len(self.items)
+
+        def __getitem__(self, key):
+            return self.items[key]
+
+    optimizer = default_optimizer(list(model.parameters()), model, nn.CrossEntropyLoss(), KeyedDataset(), "auto", False)
+    assert optimizer.defaults["diagonal_scaling"] and optimizer._kronecker_factors is None
+
+
+def test_a_checkpoint_of_the_scalar_h0_resumed_under_the_default_names_the_preconditioner_to_pass(tmp_path):
+    from moller_scg.checkpoint import CheckpointError
+
+    path = tmp_path / "run.pt"
+    model, data = classifier_problem()
+    quiet_fit(model, nn.CrossEntropyLoss(), data, max_iter=4, preconditioner="scalar", checkpoint=path)
+    with pytest.raises((CheckpointError, ValueError), match="preconditioner='scalar'"):
+        quiet_fit(model, nn.CrossEntropyLoss(), data, max_iter=8, checkpoint=path, resume=True)
+    resumed = quiet_fit(
+        model, nn.CrossEntropyLoss(), data, max_iter=8, preconditioner="scalar", checkpoint=path, resume=True
+    )
+    assert len(resumed) == 8
 
 
 def test_a_kronecker_run_resumed_from_its_checkpoint_ends_bit_identical(tmp_path):
@@ -148,22 +219,12 @@ def test_a_preconditioner_fit_cannot_serve_is_refused_by_name_before_any_data_is
     with pytest.raises(ValueError, match="an optimizer was given"):
         quiet_fit(model, nn.MSELoss(), data, preconditioner="diagonal", optimizer=SCG(model.parameters(), memory=5))
     with pytest.raises(ValueError, match="curvature_fraction < 1 or hvp_method"):
-        quiet_fit(model, nn.MSELoss(), data, preconditioner="auto", curvature_fraction=0.5)
+        quiet_fit(model, nn.MSELoss(), data, preconditioner="diagonal", curvature_fraction=0.5)
     with pytest.raises(ValueError, match="curvature_fraction < 1 or hvp_method"):
         quiet_fit(model, nn.MSELoss(), data, preconditioner="kronecker", hvp_method="gauss-newton")
     with pytest.raises(ValueError, match="needs a loss whose distribution.*L1Loss"):
         quiet_fit(model, nn.L1Loss(), data, preconditioner="kronecker")
     assert all(torch.equal(p, q) for p, q in zip(model.parameters(), untouched))
-
-
-def test_under_torch_distributed_kronecker_is_refused_and_auto_chooses_the_diagonal_h0(monkeypatch):
-    model, data = classifier_problem()
-    params = list(model.parameters())
-    monkeypatch.setattr(dist_helpers, "is_distributed", lambda: True)
-    with pytest.raises(ValueError, match="not supported under torch.distributed"):
-        default_optimizer(params, model, nn.CrossEntropyLoss(), data, "kronecker", False)
-    optimizer = default_optimizer(params, model, nn.CrossEntropyLoss(), data, "auto", False)
-    assert optimizer.defaults["diagonal_scaling"] and optimizer._kronecker_factors is None
 
 
 def test_auto_chooses_the_diagonal_h0_for_a_physics_informed_model_under_the_squared_error():

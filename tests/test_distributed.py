@@ -23,8 +23,9 @@ from hypothesis import strategies as st
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
-from moller_scg import SCG, GradientAccumulator, fit
+from moller_scg import SCG, GradientAccumulator, KroneckerFactors, fit
 from moller_scg import distributed as moller_dist
+from moller_scg import kronecker as kronecker_module
 from moller_scg import run_checkpoint as run_checkpoint_module
 from moller_scg import train as train_module
 from moller_scg.checkpoint import CheckpointError, load_checkpoint
@@ -76,6 +77,18 @@ def one_rank_group(tmp_path):
         yield
     finally:
         dist.destroy_process_group()
+
+
+def test_under_a_process_group_fits_default_is_k_facs_h0_as_in_one_process(one_rank_group):
+    x = torch.randn(20, 3, dtype=torch.float64)
+    labels = torch.randint(0, 3, (20,))
+    model = _mlp(3, 3)
+    history = fit(model, nn.CrossEntropyLoss(), (x, labels), max_iter=8, progress=False)
+    twin = _mlp(3, 3)
+    factors = KroneckerFactors(twin, x, loss="cross_entropy")
+    by_hand = SCG(twin.parameters(), memory=20, kronecker_factors=factors)
+    reference = fit(twin, nn.CrossEntropyLoss(), (x, labels), optimizer=by_hand, max_iter=8, progress=False)
+    assert history["loss"] == reference["loss"] and factors.refreshes >= 2
 
 
 def test_a_dataloader_is_refused_when_distributed(one_rank_group):
@@ -254,6 +267,23 @@ def _scenarios(folder: Path) -> dict:
     acc = GradientAccumulator(model, loss_fn, (x, labels), batch_size=2, weight_decay=0.2, hvp_method="gauss-newton")
     results["gauss_newton_losses"] = _scg_run(model, acc, 5)
     results["gauss_newton_weights"] = {k: v.clone() for k, v in model.state_dict().items()}
+
+    # K-FAC's factors: every rank forms them from the same draw of the whole inputs, then holds rank 0's bits, even
+    # where its own rounding differs (forced here: the ranks but rank 0 double their output factors' inverses).
+    x = torch.randn(30, 3, generator=generator, dtype=torch.float64)
+    model = _mlp(3, 3)
+    factors = KroneckerFactors(model, x, loss="cross_entropy", fraction=0.5)
+    factors.bind(list(model.parameters()))
+    damped_inverse = kronecker_module._damped_inverse
+    if moller_dist.rank() != 0:
+        kronecker_module._damped_inverse = lambda *args: 2.0 * damped_inverse(*args)
+    try:
+        factors.refresh()
+    finally:
+        kronecker_module._damped_inverse = damped_inverse
+    results["kronecker_inverses"] = [t.clone() for i in factors._input_inverses for t in i.tensors] + [
+        t.clone() for t in factors._output_inverses
+    ]
     return results
 
 
@@ -332,6 +362,7 @@ def test_ranks_follow_the_single_process_trajectory_and_stay_bitwise_equal(world
         "decay_weights",
         "gauss_newton_losses",
         "gauss_newton_weights",
+        "kronecker_inverses",
     )
     for key in numbers:
         _assert_close(ranks[0][key], single_process[key])
