@@ -49,6 +49,7 @@ def test_run_on_tiny_idx_files_writes_table_json_and_figure(blog_mnist, tmp_path
     # finite difference), two for Møller's finite differences after each success; Adam's 250 images are an epoch of
     # two minibatches, 128 and 122, so two steps are one pass.
     assert runs["SCG m=20"]["gradient_passes"] <= runs["SCG m=20"]["iterations"] + 2
+    assert runs["SCG m=20 K-FAC"]["gradient_passes"] <= runs["SCG m=20 K-FAC"]["iterations"] + 2
     assert runs["SCG finite-diff (blog)"]["gradient_passes"] > runs["SCG finite-diff (blog)"]["iterations"]
     adam_steps = runs["Adam"]["iterations"]
     assert runs["Adam"]["gradient_passes"] == pytest.approx(adam_steps // 2 + (adam_steps % 2) * 128 / 250)

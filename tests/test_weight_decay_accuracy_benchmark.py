@@ -15,13 +15,13 @@ def test_each_row_trains_the_main_job_with_its_weight_decay(monkeypatch, capsys)
     train_mnist = benchmark.train_mnist
 
     def recording(**options):
-        seen.append((options["weight_decay"], options["seed"], options["memory"]))
+        seen.append((options["weight_decay"], options["seed"], options["memory"], options["preconditioner"]))
         return train_mnist(**options)
 
     monkeypatch.setattr(benchmark, "train_mnist", recording)
     arguments = ["--weight-decays", "0", "0.001", "--seeds", "0", "1", "--memory", "5", "--max-iter", "2"]
     assert benchmark.main([*arguments, "--max-train", "40"]) == 0
-    assert seen == [(0.0, 0, 5), (0.0, 1, 5), (0.001, 0, 5), (0.001, 1, 5)]
+    assert seen == [(0.0, 0, 5, "scalar"), (0.0, 1, 5, "scalar"), (0.001, 0, 5, "scalar"), (0.001, 1, 5, "scalar")]
     lines = capsys.readouterr().out.splitlines()
     assert "SCG(memory=5), 2 iterations" in lines[1]
     assert lines[2].startswith("ν = 0 ") and "seed 0:" in lines[2] and "seed 1:" in lines[2]
@@ -44,3 +44,21 @@ def test_gauss_newton_rows_ask_the_main_job_for_gauss_newton_products(monkeypatc
     lines = capsys.readouterr().out.splitlines()
     assert "SCG(memory=0), Gauss–Newton curvature products, 2 iterations" in lines[1]
     assert "products" in lines[2] and "passes" in lines[2]
+
+
+def test_the_preconditioner_option_gives_the_main_job_its_h0_and_the_header_names_it(monkeypatch, capsys):
+    benchmark = load_script(BENCHMARK, monkeypatch)
+    seen = []
+    train_mnist = benchmark.train_mnist
+
+    def recording(**options):
+        seen.append(options["preconditioner"])
+        return train_mnist(**options)
+
+    monkeypatch.setattr(benchmark, "train_mnist", recording)
+    arguments = ["--weight-decays", "0", "--seeds", "0", "--max-iter", "2", "--max-train", "40"]
+    assert benchmark.main([*arguments, "--preconditioner", "kronecker"]) == 0
+    assert benchmark.main([*arguments, "--diagonal-scaling"]) == 0
+    assert seen == ["kronecker", "diagonal"]
+    lines = capsys.readouterr().out.splitlines()
+    assert "SCG(memory=20, H₀ kronecker), 2 iterations" in lines[1]
