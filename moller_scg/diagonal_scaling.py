@@ -13,8 +13,9 @@ absorbs any constant factor of Λ, v needs no bias correction.
 κ = ¼ is a fourth root where Adam takes a square root: on the problems of ``benchmarks/levers.py`` Adam's
 √v (κ = ½) took fewer gradient passes on the regression and the physics-informed net but more on the MNIST CNN,
 whose 99.9 % target it reached later than LBFGS; κ = ¼ took as many or fewer there (fewer on one of three seeds)
-(docs/performance.md, lever 14). What it costs: the CNN it trains on the embedded MNIST digits tests lower, so it is
-an option of :class:`~moller_scg.SCG`, not ``fit``'s default.
+(docs/performance.md, lever 14). What it costs: the CNN it trains on the embedded MNIST digits tests lower on the
+cross-entropy alone, so ``fit`` gives it only to models and losses K-FAC's factors do not take
+(``preconditioner="auto"``, :mod:`moller_scg.default_optimizer`).
 
 References:
     Kingma, D. P., Ba, J. (2015). Adam: a method for stochastic optimization. ICLR (the second moment v).

@@ -165,7 +165,8 @@ class SCG(torch.optim.Optimizer):
             accepted steps over a share of the samples, with labels drawn from the model; γ_K = maxᵢ sᵢᵀyᵢ /
             yᵢᵀK⁻¹yᵢ (:mod:`moller_scg.kronecker`). Every parameter must belong to such a layer, all of one dtype
             and device. Its refreshes are forwards and backwards of the model that the objective does not count.
-            Not with ``diagonal_scaling``. The factors are held in the state dict. Default ``None``.
+            Not with ``diagonal_scaling``. The factors are held in the state dict. Default ``None``; ``fit`` builds
+            them for a cross-entropy or squared-error loss (its default ``preconditioner="auto"``).
         **options_of_other_optimizers: none are accepted. Options of ``torch.optim.LBFGS`` or Adam kept by habit
             (``lr``, ``line_search_fn``, ``max_iter``, ``tolerance_grad``, ``history_size``, ``weight_decay``, …)
             raise a ``TypeError`` that says what SCG does instead of each.
