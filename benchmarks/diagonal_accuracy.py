@@ -66,7 +66,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     rows: list[tuple[str, float | None]] = [(f"diagonal H₀, κ = {power:g}", power) for power in args.powers]
     if not args.no_gamma:
-        rows.append(("γI (the default)", None))
+        rows.append(("γI", None))
     for label, power in rows:
         cells = []
         for seed in args.seeds:

@@ -57,6 +57,8 @@ def main(argv: list[str] | None = None) -> int:
         help="the CNN's layout, as moller-scg mnist's (runs saved before 2026-12-06 used contiguous)",
     )
     args = parser.parse_args(argv)
+    if args.memory == 0 and args.preconditioner != "scalar":
+        parser.error(f"--preconditioner {args.preconditioner} shapes the H₀ of the secant mode: give --memory M ≥ 1")
     arguments = sys.argv[1:] if argv is None else argv
     env = environment(" ".join(["python benchmarks/weight_decay_accuracy.py", *arguments]))
     memory_only = args.preconditioner == "scalar" or args.memory == 0
@@ -75,7 +77,7 @@ def main(argv: list[str] | None = None) -> int:
             result = train_mnist(
                 seed=seed,
                 memory=args.memory,
-                preconditioner=args.preconditioner if args.memory > 0 else "auto",
+                preconditioner=args.preconditioner,
                 weight_decay=weight_decay,
                 max_iter=args.max_iter,
                 max_train=args.max_train,

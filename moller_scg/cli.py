@@ -60,7 +60,8 @@ def _parser() -> argparse.ArgumentParser:
         help=f"SCG's secant pairs: the direction is preconditioned by the quasi-Newton inverse of the last M steps "
         f"(default {mnist.DEFAULT_MEMORY}: one gradient pass a step); 0 = Møller's SCG",
     )
-    job.add_argument(
+    h0 = job.add_mutually_exclusive_group()
+    h0.add_argument(
         "--preconditioner",
         choices=PRECONDITIONERS,
         default="auto",
@@ -68,14 +69,14 @@ def _parser() -> argparse.ArgumentParser:
         "K-FAC's Kronecker factors of the CNN, formed over 5%% of the training images every 5 accepted steps "
         "(KroneckerFactors); diagonal = from the gradients' second moments; scalar = γI",
     )
-    job.add_argument(
+    h0.add_argument(
         "--diagonal-scaling",
         action="store_const",
         dest="preconditioner",
         const="diagonal",
         help="the same as --preconditioner diagonal",
     )
-    job.add_argument(
+    h0.add_argument(
         "--kronecker",
         action="store_const",
         dest="preconditioner",

@@ -35,6 +35,7 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from typing import Any
 
+import numpy as np
 import torch
 from torch import nn
 from torch.nn import functional
@@ -95,17 +96,33 @@ def kronecker_loss(loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
     return None
 
 
+class _ArrayInputs(torch.utils.data.Dataset):
+    """The rows of a NumPy array of training inputs, each converted as the accumulator converts the whole array
+    (floating rows to the model's dtype) when K-FAC's factors draw it: a refresh draws a few hundred, so the array is
+    not copied a second time beside the accumulator's tensor."""
+
+    def __init__(self, array: Any, dtype: torch.dtype | None) -> None:
+        self.array, self.dtype = array, dtype
+
+    def __len__(self) -> int:
+        return len(self.array)
+
+    def __getitem__(self, index: int) -> torch.Tensor:
+        return as_tensor_pair((self.array[index : index + 1],), self.dtype)[0][0]
+
+
 def training_inputs(train_data: Any, dtype: torch.dtype | None = None) -> torch.Tensor | torch.utils.data.Dataset:
-    """The inputs K-FAC's factors draw their samples from: the first tensor of ``(inputs, targets)`` (NumPy arrays
-    converted as the accumulator converts them, floating ones to ``dtype``), a ``DataLoader``'s dataset, or the
-    map-style ``Dataset`` itself (whose items' first elements are the inputs).
+    """The inputs K-FAC's factors draw their samples from: the first tensor of ``(inputs, targets)`` (a NumPy array
+    converted row by row as the factors draw it, as the accumulator converts it: floating rows to ``dtype``), a
+    ``DataLoader``'s dataset, or the map-style ``Dataset`` itself (whose items' first elements are the inputs).
 
     Raises:
         ValueError: ``train_data`` is a ``DataLoader`` with a ``collate_fn`` of its own: the factors collate the
             dataset's items with torch's ``default_collate``, so they would see other inputs than the training's.
     """
     if isinstance(train_data, (tuple, list)):
-        return as_tensor_pair(train_data, dtype)[0]
+        inputs = train_data[0]
+        return _ArrayInputs(inputs, dtype) if isinstance(inputs, np.ndarray) else inputs
     if isinstance(train_data, torch.utils.data.DataLoader):
         if train_data.collate_fn is not default_collate:
             raise ValueError(
@@ -117,22 +134,24 @@ def training_inputs(train_data: Any, dtype: torch.dtype | None = None) -> torch.
     return train_data
 
 
-def _factors_that_take(
-    model: nn.Module, train_data: Any, params: Sequence[torch.Tensor], loss: str, seed: int
+def _auto_factors(
+    model: nn.Module, train_data: Any, params: Sequence[torch.Tensor], loss: str, seed: int, distributed: bool | None
 ) -> KroneckerFactors | None:
     """``"auto"``'s K-FAC factors over the model and its training inputs, or ``None`` where they cannot take them: an
     ``IterableDataset`` (no samples to draw by index), a ``DataLoader`` with its own ``collate_fn``, or a
     :meth:`~moller_scg.KroneckerFactors.refusal`."""
     try:
         factors: KroneckerFactors | None = KroneckerFactors(
-            model, training_inputs(train_data, params[0].dtype), loss=loss, seed=seed
+            model, training_inputs(train_data, params[0].dtype), loss=loss, seed=seed, distributed=distributed
         )
     except (TypeError, ValueError):
         factors = None
     refused = factors is None or factors.refusal(list(params)) is not None
-    # Under torch.distributed every rank asks the same of the same data; the ranks still agree, so that none is left
-    # with other steps than the rest if its rounding put a gap on the other side of the tolerance.
-    return None if _dist.agree_on_max(int(refused)) else factors
+    if _dist.resolve_distributed(distributed, None):
+        # Every rank asks the same of the same data; the ranks still agree, so that none is left with other steps
+        # than the rest if its rounding put a gap on the other side of the tolerance.
+        refused = bool(_dist.agree_on_max(int(refused), "the choice of H₀"))
+    return None if refused else factors
 
 
 def secant_optimizer(
@@ -145,14 +164,21 @@ def secant_optimizer(
     memory: int = DEFAULT_MEMORY,
     hvp: str = "secant",
     seed: int = 0,
+    distributed: bool | None = None,
 ) -> SCG:
-    """``SCG(params, hvp=hvp, memory=m)`` with the H₀ ``preconditioner`` names (the module's docstring); ``seed``
-    seeds the draws of K-FAC's factors (:class:`~moller_scg.KroneckerFactors`' ``seed``).
+    """``SCG(params, hvp=hvp, memory=m)``, m ≥ 1, with the H₀ ``preconditioner`` names (the module's docstring).
+    ``seed`` seeds the draws of K-FAC's factors and ``distributed`` says whether they are formed alike on every rank
+    (:class:`~moller_scg.KroneckerFactors`' ``seed`` and ``distributed``: the training accumulator's).
 
     Raises:
-        ValueError: ``"kronecker"`` with a loss whose distribution the factors do not know; what
-            :class:`~moller_scg.KroneckerFactors` or ``SCG`` refuse.
+        ValueError: m < 1 (no secant pairs, no H₀); ``"kronecker"`` with a loss whose distribution the factors do not
+            know; what :class:`~moller_scg.KroneckerFactors` or ``SCG`` refuse.
     """
+    if isinstance(memory, bool) or not isinstance(memory, int) or memory < 1:
+        raise ValueError(
+            f"secant_optimizer builds SCG's secant mode, whose H₀ preconditioner chooses: memory=m must be an int ≥ 1, "
+            f"got {memory!r} (memory=0 is Møller's SCG, SCG(params))"
+        )
     loss = kronecker_loss(loss_fn)
     if preconditioner == "kronecker":
         if loss is None:
@@ -162,10 +188,11 @@ def secant_optimizer(
                 "preconditioner='diagonal', or build SCG(params, memory=m, kronecker_factors=KroneckerFactors(model, "
                 "inputs, loss=…)) yourself"
             )
-        factors = KroneckerFactors(model, training_inputs(train_data, params[0].dtype), loss=loss, seed=seed)
+        inputs = training_inputs(train_data, params[0].dtype)
+        factors = KroneckerFactors(model, inputs, loss=loss, seed=seed, distributed=distributed)
         return SCG(params, hvp=hvp, memory=memory, kronecker_factors=factors)
     if preconditioner == "auto" and loss in AUTO_KRONECKER_LOSSES:
-        auto_factors = _factors_that_take(model, train_data, params, loss, seed)
+        auto_factors = _auto_factors(model, train_data, params, loss, seed, distributed)
         if auto_factors is not None:
             return SCG(params, hvp=hvp, memory=memory, kronecker_factors=auto_factors)
     diagonal = preconditioner in ("diagonal", "auto")
@@ -179,10 +206,11 @@ def default_optimizer(
     train_data: Any,
     preconditioner: str,
     asks_for_products: bool,
+    distributed: bool | None = None,
 ) -> SCG:
     """The SCG ``fit`` trains with when given none: Møller's ``SCG(params)`` where curvature products are asked for
     (``asks_for_products``), else the secant mode ``SCG(params, memory=20)`` with the H₀ ``preconditioner`` names
-    (checked by :func:`check_preconditioner`; :func:`secant_optimizer`)."""
+    (checked by :func:`check_preconditioner`; :func:`secant_optimizer`, ``distributed`` the training accumulator's)."""
     if asks_for_products:
         return SCG(params)
-    return secant_optimizer(params, model, loss_fn, train_data, preconditioner)
+    return secant_optimizer(params, model, loss_fn, train_data, preconditioner, distributed=distributed)

@@ -14,7 +14,8 @@ change the objective). Shard sizes differ by at most one, and a rank may hold no
 
 :func:`resolve_distributed` decides whether an accumulator reduces over a process group, :func:`check_ranks_agree`
 checks once that the ranks share N and the initial weights, and :func:`reduce_pass_sums` is the reduce step of
-every pass.
+every pass. What the ranks do not compute from all-reduced sums they agree on: :func:`agree_on_max` a rank-local
+decision, :func:`broadcast_from_main` numbers that every rank forms alike but may round otherwise (K-FAC's factors).
 
 A rank that raises or dies must not leave the others waiting forever: the process group's ``timeout`` bounds
 every collective, and a failed or timed-out collective is re-raised as :class:`DistributedError` naming this rank.
@@ -30,7 +31,7 @@ import datetime
 import logging
 import math
 import os
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any, cast
 
 import torch
@@ -119,27 +120,23 @@ def all_reduce_sum(tensors: Sequence[torch.Tensor | None]) -> list[torch.Tensor 
     return results
 
 
-def broadcast_from_main(tensors: Sequence[torch.Tensor]) -> None:
-    """Overwrite each of ``tensors``, in place, with rank 0's, by **one** ``broadcast`` of a flat float64 buffer (they
-    hold the same shapes on every rank, real floating-point, on one device).
+def broadcast_from_main(tensors: Sequence[torch.Tensor], what: str) -> None:
+    """Overwrite each of ``tensors`` (real floating-point, on one device), in place, with rank 0's, by **one**
+    ``broadcast`` of a flat float64 buffer, after one all-reduce that checks the ranks hold as many numbers.
 
     For what every rank computes alike from the same numbers but need not round alike (K-FAC's factors, through
-    convolution backwards that a GPU may sum in another order): after it every rank holds rank 0's bits.
+    convolution backwards that a GPU may sum in another order): after it every rank holds rank 0's bits, and what
+    it computes from them agrees bitwise, as after :func:`all_reduce_sum`.
 
     Raises:
+        ValueError: on every rank, when the ranks hold different numbers of them (``what`` names them).
         DistributedError: the broadcast failed or timed out (a rank raised, died or is stuck).
     """
+    check_same_on_every_rank({f"the number of {what}": float(sum(t.numel() for t in tensors))})
     if not tensors:
         return
-    buffer = torch.cat([t.detach().to(torch.float64).reshape(-1) for t in tensors])
-    try:
-        dist.broadcast(buffer, src=0)
-    except Exception as error:  # gloo raises RuntimeError, NCCL DistBackendError; both are reported alike
-        raise DistributedError(
-            f"broadcast of {buffer.numel()} float64 numbers from rank 0 over {world_size()} ranks failed or timed out "
-            f"(rank {rank()}): {error}. A rank may have died or raised; the traceback of the rank that failed first "
-            f"says why"
-        ) from error
+    buffer = torch.cat([_as_float64(t).reshape(-1) for t in tensors])
+    _collective("broadcast", f"{what} from rank 0", lambda: dist.broadcast(buffer, src=0))
     start = 0
     with torch.no_grad():
         for t in tensors:
@@ -189,12 +186,13 @@ def _coordination_device() -> torch.device:
     return torch.device("cuda", torch.cuda.current_device())
 
 
-def agree_on_max(code: int) -> int:
-    """The largest of the ranks' ``code`` (one tiny all-reduce): how ranks agree on a rank-local decision."""
+def agree_on_max(code: int, what: str = "a stop decision") -> int:
+    """The largest of the ranks' ``code`` (one tiny all-reduce): how ranks agree on a rank-local decision
+    (``what`` names it in a failure's message)."""
     if not is_distributed():
         return code
     value = torch.tensor([code], dtype=torch.float64, device=_coordination_device())
-    _all_reduce(value, dist.ReduceOp.MAX, "a stop decision")
+    _all_reduce(value, dist.ReduceOp.MAX, what)
     return int(value.item())
 
 
@@ -366,11 +364,16 @@ def _as_float64(tensor: torch.Tensor) -> torch.Tensor:
 
 def _all_reduce(buffer: torch.Tensor, op: dist.ReduceOp | dist.ReduceOp.RedOpType, what: str) -> None:
     """``dist.all_reduce`` in place, with a failure or timeout re-raised as :class:`DistributedError`."""
+    _collective("all_reduce", what, lambda: dist.all_reduce(buffer, op=op))
+
+
+def _collective(name: str, what: str, run: Callable[[], object]) -> None:
+    """Run one collective, with a failure or timeout re-raised as :class:`DistributedError` naming this rank."""
     try:
-        dist.all_reduce(buffer, op=op)
+        run()
     except Exception as error:  # gloo raises RuntimeError, NCCL DistBackendError; both are reported alike
         size, me = world_size(), rank()
         raise DistributedError(
-            f"all_reduce of {what} over {size} ranks failed or timed out (rank {me}): {error}. "
+            f"{name} of {what} over {size} ranks failed or timed out (rank {me}): {error}. "
             f"A rank may have died or raised; the traceback of the rank that failed first says why"
         ) from error

@@ -187,6 +187,12 @@ class KroneckerFactors:
         batch_size: the most samples one forward of a refresh takes (the factors are sums over such batches).
             Default 1024.
         seed: the seed of the generator that picks the samples and draws the labels. Default 0.
+        distributed: whether the factors are formed alike on every rank of a ``torch.distributed`` process group
+            and held as rank 0's bits (``None``: when a process group is initialised, as for
+            :class:`~moller_scg.GradientAccumulator`). Every rank must then give the same model, weights and
+            ``inputs`` (all of them, not its shard) and refresh at the same steps, as the ranks of one SCG do; each
+            forms the factors over the whole draw, then takes rank 0's by one broadcast, so the inverses, the damping
+            and every decision taken from them agree bitwise. ``False`` for factors of one rank's own model.
 
     Attributes:
         refreshes: how many times the factors were formed.
@@ -234,6 +240,7 @@ class KroneckerFactors:
         rank: int | None = 64,
         batch_size: int = 1024,
         seed: int = 0,
+        distributed: bool | None = None,
     ) -> None:
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
@@ -254,6 +261,7 @@ class KroneckerFactors:
         if not _is_int(seed):
             raise ValueError(f"Invalid seed {seed!r}: it must be an int")
         count = _sample_count(inputs)
+        self.distributed = _dist.resolve_distributed(distributed, inputs)
         self.model, self.inputs, self.loss = model, inputs, loss
         self.fraction, self.every, self.damping, self.rank = float(fraction), int(every), float(damping), rank
         self.batch_size = int(batch_size)
@@ -385,10 +393,20 @@ class KroneckerFactors:
             raise RuntimeError("KroneckerFactors.refresh before bind: pass the factors to SCG(kronecker_factors=…)")
         chosen = torch.randperm(_sample_count(self.inputs), generator=self.generator)[: self.samples]
         sums = [_Sums() for _ in self._layers]
-        for start in range(0, len(chosen), self.batch_size):
-            batch = _gather(self.inputs, chosen[start : start + self.batch_size]).to(self.model_device())
-            self._accumulate(batch, sums, check_weights=not self._input_inverses and start == 0)
+        failure: ValueError | FloatingPointError | None = None
+        try:
+            for start in range(0, len(chosen), self.batch_size):
+                batch = _gather(self.inputs, chosen[start : start + self.batch_size]).to(self.model_device())
+                self._accumulate(batch, sums, check_weights=not self._input_inverses and start == 0)
+        except (ValueError, FloatingPointError) as error:
+            failure = error
+        if self.distributed:  # a rank that raises alone would leave the others waiting in the broadcast below
+            failure = _agreed_failure(failure)
+        if failure is not None:
+            raise failure
         factors = [layer_sums.factors(len(chosen)) for layer_sums in sums]
+        if self.distributed:  # every rank formed them from the same draw; all now hold rank 0's bits
+            _dist.broadcast_from_main([f for pair in factors for f in pair], "K-FAC factors' numbers")
         if not bool(torch.isfinite(torch.cat([f.reshape(-1) for pair in factors for f in pair])).all()):
             raise FloatingPointError(
                 "KroneckerFactors: the factors at these weights are not finite (the model's outputs or their "
@@ -397,8 +415,6 @@ class KroneckerFactors:
         dampings = self._dampings(factors)
         input_inverses = [_input_inverse(a, a_damping, self.rank) for (a, _), (a_damping, _) in zip(factors, dampings)]
         output_inverses = [_damped_inverse(g, g_damping) for (_, g), (_, g_damping) in zip(factors, dampings)]
-        if _dist.is_distributed():  # every rank formed them from the same draw; all now hold rank 0's bits
-            _dist.broadcast_from_main([t for inverse in input_inverses for t in inverse.tensors] + output_inverses)
         self._set_inverses(input_inverses, output_inverses)
         self.refreshes += 1
         self.steps_since_refresh = 0
@@ -745,6 +761,23 @@ def _damped_inverse(factor: torch.Tensor, epsilon: float) -> torch.Tensor:
     damped.flat[:: damped.shape[0] + 1] += epsilon
     inverse = np.linalg.inv(damped)
     return torch.from_numpy(0.5 * (inverse + inverse.T))
+
+
+_FAILURES: tuple[type[ValueError] | type[FloatingPointError], ...] = (ValueError, FloatingPointError)
+"""What a refresh's forwards may raise by name, in the order of the codes the ranks agree on (1, 2)."""
+
+
+def _agreed_failure(failure: ValueError | FloatingPointError | None) -> ValueError | FloatingPointError | None:
+    """The failure every rank raises when any rank's refresh failed (one tiny all-reduce of its kind): its own, or
+    one of the same kind that says another rank's forward raised."""
+    code = 0 if failure is None else 2 if isinstance(failure, FloatingPointError) else 1
+    agreed = _dist.agree_on_max(code, "a K-FAC refresh's failure")
+    if agreed == 0 or (failure is not None and code == agreed):
+        return failure
+    return _FAILURES[agreed - 1](
+        f"KroneckerFactors: another rank's refresh raised {_FAILURES[agreed - 1].__name__} (its traceback says why); "
+        "the factors held before are kept"
+    )
 
 
 def _sample_count(inputs: Any) -> int:

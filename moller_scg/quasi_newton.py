@@ -71,12 +71,6 @@ CURVATURE_CONDITION = 1e-10
 """A pair is kept only if sᵀy > CURVATURE_CONDITION · yᵀy (a scale-free form of L-BFGS's sᵀy > 0): H then stays
 positive definite, so p = H r is a descent direction (pᵀr > 0)."""
 
-_FIT_RESUME_HINT = (
-    "with fit: the same preconditioner; a checkpoint fit wrote while its default was H₀ = γI resumes with "
-    "preconditioner='scalar'"
-)
-"""What a refused resume says to a ``fit`` user: ``fit``'s ``preconditioner`` chooses the H₀ it builds."""
-
 
 class SecantPairs:
     """The last m secant pairs (sᵢ, yᵢ) and the inner products the compact form of H needs.
@@ -598,13 +592,13 @@ class SecantPairs:
             saved_with = "diagonal_scaling=True" if "diagonal_scaling" in state else "diagonal_scaling=False"
             raise ValueError(
                 f"this SCG state_dict was saved by an SCG with {saved_with}: build the optimizer with the "
-                f"diagonal_scaling it was saved with ({_FIT_RESUME_HINT})"
+                f"diagonal_scaling it was saved with"
             )
         if ("kronecker_factors" in state) != (self.kronecker is not None):
             saved_with = "with" if "kronecker_factors" in state else "without"
             raise ValueError(
                 f"this SCG state_dict was saved by an SCG {saved_with} kronecker_factors: build the optimizer as it "
-                f"was saved ({_FIT_RESUME_HINT})"
+                f"was saved (with fit: the same preconditioner)"
             )
         if self.scaling is not None:
             self.scaling.load_state_dict(state["diagonal_scaling"])

@@ -190,6 +190,12 @@ def check_checkpoint_path(path: str | os.PathLike[str], resume: bool, overwrite:
         raise ValueError(f"rank 0 cannot use the checkpoint {os.fspath(path)!r}: see its error")
 
 
+H0_RESUME_HINT = (
+    "fit's own SCG takes its H₀ from preconditioner: resume with the one the run was started with, and a checkpoint "
+    "fit wrote while its default H₀ was γI with preconditioner='scalar'"
+)
+"""What a refused resume says of ``fit``'s ``preconditioner`` (its default was ``"scalar"`` before ``"auto"``)."""
+
 SCG_SETTINGS = ("sigma", "lambd", "hvp", "restart", "memory", "diagonal_scaling")
 """The settings of an SCG that a resumed fit must share with the run it continues (load_state_dict would take the
 saved ones over silently, past fit's checks of the given optimizer against its other arguments)."""
@@ -208,6 +214,11 @@ def _differing_scg_settings(optimizer: torch.optim.Optimizer, saved_optimizer: A
         for key in SCG_SETTINGS
         if key in saved and saved[key] != own.get(key)
     ]
+    entry = saved_optimizer.get("scg")
+    pairs = entry.get("secant_pairs") if isinstance(entry, Mapping) else None
+    if isinstance(pairs, Mapping) and ("kronecker_factors" in pairs) != (optimizer.kronecker_factors is not None):
+        had, has = ("KroneckerFactors", "none") if "kronecker_factors" in pairs else ("none", "KroneckerFactors")
+        differing.append(f"kronecker_factors={had} (this one has {has})")
     return ", ".join(differing)
 
 
@@ -269,8 +280,8 @@ def resume_run(
     if settings:
         raise CheckpointError(
             f"cannot resume from {path}: the SCG that wrote it had {settings}. Build the optimizer with the "
-            f"settings it was saved with (fit checks them against its other arguments), or pass resume=False to start "
-            f"afresh"
+            f"settings it was saved with (fit checks them against its other arguments; {H0_RESUME_HINT}), or pass "
+            f"resume=False to start afresh"
         )
     if annealer is not None and saved.annealing is not None:
         annealer.load_state_dict(saved.annealing)  # checked before anything else is loaded

@@ -233,7 +233,9 @@ def fit(
         # The accumulator differentiates only the trainable parameters; SCG must hold the same w. Subsampled
         # curvature, or a method chosen for the products, asks for Møller's SCG, which takes them; otherwise the
         # quasi-Newton preconditioned mode with the H₀ preconditioner names.
-        optimizer = default_optimizer(train.params, model, loss_fn, train_data, preconditioner, asks_for_products)
+        optimizer = default_optimizer(
+            train.params, model, loss_fn, train_data, preconditioner, asks_for_products, train.distributed
+        )
     _check_no_frozen_parameters(optimizer)
     if min_grad is not None and not isinstance(optimizer, SCG):
         raise ValueError("min_grad needs the gradient norm, which only SCG reports; drop min_grad or use SCG")

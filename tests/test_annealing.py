@@ -48,7 +48,8 @@ ESCAPING = AnnealingRestarts(window=5, temperature=0.5, scale=1.0, perturbations
 
 
 def fit_well(model: nn.Module, annealing: AnnealingRestarts | None = None, **options) -> History:
-    # The scenarios are Møller's SCG's stalls (fit's default is SCG(memory=20), whose λ reaches the bound first).
+    # The scenarios are Møller's SCG's stalls (fit's default is SCG(memory=20) with the H₀ its preconditioner
+    # chooses, the diagonal one for this energy, whose λ reaches the bound first).
     options.setdefault("optimizer", SCG(model.parameters()))
     options.setdefault("max_iter", 60)
     return fit(model, energy, WELL_DATA, reduction="mean", batch_size=4, progress=False, annealing=annealing, **options)

@@ -357,6 +357,12 @@ def test_k_facs_h0_is_the_default_and_gives_scg_factors_of_the_cnn_over_its_trai
     assert seen["memory"] == 20 and not seen.get("diagonal_scaling", False)
 
 
+def test_two_names_for_h0_are_refused_by_the_parser(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["mnist", "--quiet", "--preconditioner", "scalar", "--kronecker"])
+    assert exit_info.value.code == 2 and "not allowed with argument" in capsys.readouterr().err
+
+
 @pytest.mark.parametrize("flag", [["--kronecker"], ["--preconditioner", "diagonal"]])
 def test_a_named_h0_without_memory_is_one_line_not_a_traceback(flag, capsys):
     assert main(["mnist", "--quiet", "--max-train", "100", "--max-iter", "1", "--memory", "0", *flag]) == 1

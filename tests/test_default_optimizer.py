@@ -133,13 +133,16 @@ def test_fits_default_is_auto_k_fac_for_the_cross_entropy_of_a_layered_model():
     assert quiet_fit(scalar_model, nn.CrossEntropyLoss(), data, preconditioner="scalar")["loss"] != history["loss"]
 
 
-def test_the_default_auto_asks_for_nothing_where_fit_builds_no_secant_mode():
+def test_the_default_auto_asks_for_nothing_where_fit_builds_no_secant_mode(monkeypatch):
+    def never(*args, **kwargs):
+        raise AssertionError("auto asked KroneckerFactors where fit builds no secant mode")
+
+    monkeypatch.setattr(KroneckerFactors, "__init__", never)
     model, data = regression_problem()
-    history = quiet_fit(model, nn.MSELoss(), data, curvature_fraction=0.5, max_iter=5)  # Møller's SCG, no refusal
-    assert len(history) == 5
+    history = quiet_fit(model, nn.MSELoss(), data, curvature_fraction=0.5, max_iter=5)  # Møller's SCG
+    assert len(history) == 5 and history["hvp_calls"][-1] > 0
     given = SCG(model.parameters(), memory=5)
-    quiet_fit(model, nn.MSELoss(), data, optimizer=given, max_iter=3)
-    assert given._kronecker_factors is None and not given.defaults["diagonal_scaling"]
+    assert len(quiet_fit(model, nn.MSELoss(), data, optimizer=given, max_iter=3)) == 3
 
 
 def test_a_dataloader_with_its_own_collate_fn_gets_the_diagonal_h0_from_auto_and_a_refusal_from_kronecker():
@@ -163,7 +166,8 @@ def test_auto_chooses_the_diagonal_h0_where_the_factors_cannot_draw_the_inputs()
     model, (x, y) = classifier_problem()
 
     class KeyedDataset(torch.utils.data.Dataset):
-        """Items by key, not by position: the factors' draw by index raises KeyError."""
+        """Items by key, not by position: a DataLoader with a sampler of keys streams it; the factors' draw by
+        position raises KeyError."""
 
         def __init__(self):
             self.items = {f"sample{i}": (x[i], y[i]) for i in range(len(y))}
@@ -174,8 +178,12 @@ def test_auto_chooses_the_diagonal_h0_where_the_factors_cannot_draw_the_inputs()
         def __getitem__(self, key):
             return self.items[key]
 
-    optimizer = default_optimizer(list(model.parameters()), model, nn.CrossEntropyLoss(), KeyedDataset(), "auto", False)
-    assert optimizer.defaults["diagonal_scaling"] and optimizer._kronecker_factors is None
+    dataset = KeyedDataset()
+    loader = torch.utils.data.DataLoader(dataset, sampler=list(dataset.items), batch_size=16)
+    optimizer = default_optimizer(list(model.parameters()), model, nn.CrossEntropyLoss(), loader, "auto", False)
+    assert optimizer.defaults["diagonal_scaling"] and optimizer.kronecker_factors is None
+    history = quiet_fit(model, nn.CrossEntropyLoss(), loader, max_iter=6)
+    assert len(history) == 6 and history["loss"][-1] < history["loss"][0]
 
 
 def test_a_checkpoint_of_the_scalar_h0_resumed_under_the_default_names_the_preconditioner_to_pass(tmp_path):
@@ -184,12 +192,46 @@ def test_a_checkpoint_of_the_scalar_h0_resumed_under_the_default_names_the_preco
     path = tmp_path / "run.pt"
     model, data = classifier_problem()
     quiet_fit(model, nn.CrossEntropyLoss(), data, max_iter=4, preconditioner="scalar", checkpoint=path)
-    with pytest.raises((CheckpointError, ValueError), match="preconditioner='scalar'"):
+    with pytest.raises(CheckpointError, match="kronecker_factors=none.*preconditioner='scalar'"):
         quiet_fit(model, nn.CrossEntropyLoss(), data, max_iter=8, checkpoint=path, resume=True)
     resumed = quiet_fit(
         model, nn.CrossEntropyLoss(), data, max_iter=8, preconditioner="scalar", checkpoint=path, resume=True
     )
     assert len(resumed) == 8
+
+
+def test_a_checkpoint_of_the_scalar_h0_resumed_where_auto_picks_the_diagonal_names_the_preconditioner(tmp_path):
+    from moller_scg.checkpoint import CheckpointError
+
+    path = tmp_path / "run.pt"
+    model, data = regression_problem()
+    model = nn.Sequential(model[0], nn.LayerNorm(8).double(), nn.Tanh(), model[2])  # outside the factored layers
+    quiet_fit(model, nn.MSELoss(), data, max_iter=4, preconditioner="scalar", checkpoint=path)
+    with pytest.raises(CheckpointError, match="diagonal_scaling=False.*preconditioner='scalar'"):
+        quiet_fit(model, nn.MSELoss(), data, max_iter=8, checkpoint=path, resume=True)
+    assert (
+        len(quiet_fit(model, nn.MSELoss(), data, max_iter=8, preconditioner="scalar", checkpoint=path, resume=True))
+        == 8
+    )
+
+
+def test_numpy_inputs_reach_the_factors_row_by_row_without_a_second_copy():
+    model, (x, y) = classifier_problem()
+    inputs = x.float().numpy()  # float32 rows for a float64 model: the accumulator converts its own copy
+    optimizer = default_optimizer(
+        list(model.parameters()), model, nn.CrossEntropyLoss(), (inputs, y.numpy()), "kronecker", False
+    )
+    drawn = optimizer.kronecker_factors.inputs
+    assert drawn.array is inputs and len(drawn) == len(inputs)
+    assert torch.equal(drawn[3], x.float()[3].double()) and drawn[3].dtype == torch.float64
+
+
+def test_secant_optimizer_refuses_memory_0_by_name():
+    from moller_scg.default_optimizer import secant_optimizer
+
+    model, data = regression_problem()
+    with pytest.raises(ValueError, match="memory=m must be an int ≥ 1, got 0"):
+        secant_optimizer(list(model.parameters()), model, nn.MSELoss(), data, "auto", memory=0)
 
 
 def test_a_kronecker_run_resumed_from_its_checkpoint_ends_bit_identical(tmp_path):

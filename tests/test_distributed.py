@@ -79,7 +79,7 @@ def one_rank_group(tmp_path):
         dist.destroy_process_group()
 
 
-def test_under_a_process_group_fits_default_is_k_facs_h0_as_in_one_process(one_rank_group):
+def test_under_a_process_group_fits_default_builds_k_facs_h0_as_the_scg_built_by_hand(one_rank_group):
     x = torch.randn(20, 3, dtype=torch.float64)
     labels = torch.randint(0, 3, (20,))
     model = _mlp(3, 3)
@@ -269,21 +269,46 @@ def _scenarios(folder: Path) -> dict:
     results["gauss_newton_weights"] = {k: v.clone() for k, v in model.state_dict().items()}
 
     # K-FAC's factors: every rank forms them from the same draw of the whole inputs, then holds rank 0's bits, even
-    # where its own rounding differs (forced here: the ranks but rank 0 double their output factors' inverses).
-    x = torch.randn(30, 3, generator=generator, dtype=torch.float64)
-    model = _mlp(3, 3)
-    factors = KroneckerFactors(model, x, loss="cross_entropy", fraction=0.5)
-    factors.bind(list(model.parameters()))
-    damped_inverse = kronecker_module._damped_inverse
+    # where its own rounding differs (forced here: the ranks but rank 0 double their factors), so the inverses, their
+    # damping ε and the eigen form's kept columns agree bitwise. A narrow model (A formed whole) and a wide one (an
+    # input factor 1,101 wide from 15 rows, kept as its rows and inverted through its top eigenpairs).
+    factors_of = kronecker_module._Sums.factors
     if moller_dist.rank() != 0:
-        kronecker_module._damped_inverse = lambda *args: 2.0 * damped_inverse(*args)
+        kronecker_module._Sums.factors = lambda sums, samples: tuple(2.0 * f for f in factors_of(sums, samples))
     try:
-        factors.refresh()
+        for name, width in (("kronecker_narrow", 3), ("kronecker_wide", 1100)):
+            x = torch.randn(30, width, generator=generator, dtype=torch.float64)
+            torch.manual_seed(1)
+            model = nn.Sequential(nn.Linear(width, 4), nn.Tanh(), nn.Linear(4, 3)).double()
+            factors = KroneckerFactors(model, x, loss="cross_entropy", fraction=0.5)
+            factors.bind(list(model.parameters()))
+            factors.refresh()
+            inverses = factors._input_inverses
+            results[name] = [t.clone() for i in inverses for t in i.tensors] + [
+                t.clone() for t in factors._output_inverses
+            ]
+            results[f"{name}_epsilons"] = [i.epsilon for i in inverses]
+            results[f"{name}_kinds"] = [i.kind for i in inverses]
     finally:
-        kronecker_module._damped_inverse = damped_inverse
-    results["kronecker_inverses"] = [t.clone() for i in factors._input_inverses for t in i.tensors] + [
-        t.clone() for t in factors._output_inverses
-    ]
+        kronecker_module._Sums.factors = factors_of
+
+    # A refresh whose forward raises on one rank (the last) raises on every rank, of the same kind: none is left
+    # waiting in the broadcast.
+    def refused(*args):
+        raise ValueError("forced on this rank")
+
+    check = kronecker_module._check_gradient_identity
+    if moller_dist.is_distributed() and moller_dist.rank() == moller_dist.world_size() - 1:
+        kronecker_module._check_gradient_identity = refused
+    results["kronecker_failure"] = None
+    try:
+        factors = KroneckerFactors(model, x, loss="cross_entropy", fraction=0.5)
+        factors.bind(list(model.parameters()))
+        factors.refresh()
+    except ValueError as error:
+        results["kronecker_failure"] = str(error)
+    finally:
+        kronecker_module._check_gradient_identity = check
     return results
 
 
@@ -362,12 +387,21 @@ def test_ranks_follow_the_single_process_trajectory_and_stay_bitwise_equal(world
         "decay_weights",
         "gauss_newton_losses",
         "gauss_newton_weights",
-        "kronecker_inverses",
+        "kronecker_narrow",
+        "kronecker_narrow_epsilons",
+        "kronecker_wide",
+        "kronecker_wide_epsilons",
     )
     for key in numbers:
         _assert_close(ranks[0][key], single_process[key])
         for other in ranks[1:]:
             _assert_bitwise_equal(other[key], ranks[0][key])
+    assert all(r["kronecker_wide_kinds"] == ["eigen", "matrix"] for r in [single_process, *ranks])
+    assert single_process["kronecker_failure"] is None and ranks[-1]["kronecker_failure"] == "forced on this rank"
+    assert all(
+        r["kronecker_failure"].startswith("KroneckerFactors: another rank's refresh raised ValueError")
+        for r in ranks[:-1]
+    )
     # Subsampled curvature: the ranks' subsets differ from one process's, but every rank gets the same bits of the
     # mean over the union of the ranks' chosen samples.
     for rank in ranks:

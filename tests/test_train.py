@@ -713,3 +713,23 @@ def test_the_default_max_fail_does_not_stop_a_still_improving_regression_on_nois
     assert history.stop_reason == "max_iter"
     late_best = min(history["val_loss"][len(trainscg["val_loss"]) :])
     assert late_best < min(trainscg["val_loss"])  # a new best after max_fail=6 gave up
+
+
+def test_the_default_max_fail_stops_the_default_h0s_regression_after_its_best():
+    # The same problem under fit's default H₀ (K-FAC's): its best validation loss comes at iteration 60, below γI's
+    # best of the whole run, and no new one after it, so the default max_fail stops it 50 successful steps later, with
+    # the best weights back.
+    generator = torch.Generator().manual_seed(0)
+    x = torch.rand(200, 1, generator=generator, dtype=torch.float64) * 4 - 2
+    y = torch.sin(3 * x) + 0.1 * torch.randn(200, 1, generator=generator, dtype=torch.float64)
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(1, 20), nn.Tanh(), nn.Linear(20, 1)).double()
+    data, val_data = (x[:100], y[:100]), (x[100:], y[100:])
+    history = fit(model, nn.MSELoss(), data, val_data=val_data, max_iter=300, progress=False)
+    assert history.stop_reason == "max_fail" and len(history) < 300
+    best = history.best_iteration
+    assert history["val_loss"][best - 1] == min(history["val_loss"]) and len(history) - best >= 50
+    with torch.no_grad():
+        assert float(nn.functional.mse_loss(model(val_data[0]), val_data[1])) == pytest.approx(
+            history["val_loss"][best - 1], rel=1e-12
+        )

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pytest
 from scripts import load_script
 
 BENCHMARK = Path(__file__).resolve().parents[1] / "benchmarks" / "weight_decay_accuracy.py"
@@ -62,3 +63,10 @@ def test_the_preconditioner_option_gives_the_main_job_its_h0_and_the_header_name
     assert seen == ["kronecker", "diagonal"]
     lines = capsys.readouterr().out.splitlines()
     assert "SCG(memory=20, H₀ kronecker), 2 iterations" in lines[1]
+
+
+def test_an_h0_without_secant_pairs_is_refused_by_the_parser(monkeypatch, capsys):
+    benchmark = load_script(BENCHMARK, monkeypatch)
+    with pytest.raises(SystemExit) as exit_info:
+        benchmark.main(["--memory", "0", "--preconditioner", "kronecker"])
+    assert exit_info.value.code == 2 and "--memory M ≥ 1" in capsys.readouterr().err
