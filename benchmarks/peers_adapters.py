@@ -40,7 +40,8 @@ DIAGONAL = f"SCG m={DEFAULT_MEMORY} diag"
 KRONECKER_OR_DIAGONAL = f"SCG m={DEFAULT_MEMORY} K-FAC/diag"
 """K-FAC's H₀ where the problem has factors (:data:`KRONECKER_LOSSES`: the row :data:`KRONECKER`), the diagonal H₀
 where it has none (the row :data:`DIAGONAL`): the physics-informed net and the autoencoder. One row for the mode
-lever 72 read off two rows (docs/performance.md, lever 73)."""
+lever 72 read off two rows (docs/performance.md, lever 73); what ``fit`` builds by default (``preconditioner="auto"``,
+lever 74)."""
 SCG_FAMILY, LBFGS_FAMILY, PEER_FAMILY, ADAM_FAMILY = "SCG", "torch LBFGS", "peer", "Adam"
 """Which kind of optimizer a row is: the report judges every SCG row by the goals, and pairs it with the LBFGS row
 of nearest memory."""
