@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import datetime
 import platform
+import shlex
 import subprocess
 import sys
 from pathlib import Path
@@ -17,8 +18,9 @@ RESULTS = Path(__file__).resolve().parent / "results"
 
 
 def command_line() -> str:
-    """How this script was started, as ``python benchmarks/<script>.py [arguments]``."""
-    return " ".join([Path(sys.executable).name, *sys.argv])
+    """How this script was started, as ``python benchmarks/<script>.py [arguments]``, quoted for a shell (a row name
+    such as ``"SCG m=20"`` holds spaces)."""
+    return shlex.join([Path(sys.executable).name, *sys.argv])
 
 
 def git_commit() -> str | None:
