@@ -8,7 +8,8 @@ H₀ (:mod:`moller_scg.quasi_newton`). ``preconditioner`` chooses H₀:
   take the model and its data (:meth:`~moller_scg.KroneckerFactors.refusal` answers ``None``: every trained
   parameter a weight or bias of an ``nn.Linear`` or ``nn.Conv2d`` layer they take, and a trial forward and backward
   on 8 training inputs passes the first refresh's checks, among them that the loss reaches each weight only through
-  its layer's outputs), ``"diagonal"`` everywhere else. Where ``fit`` builds Møller's ``SCG(params)`` (curvature
+  its layer's outputs, and no factor formed whole is wider than :data:`AUTO_FACTOR_WIDTH_MAX`), ``"diagonal"``
+  everywhere else. Where ``fit`` builds Møller's ``SCG(params)`` (curvature
   products asked for) or is given an optimizer, there is no H₀ to choose and ``"auto"`` asks for nothing;
 * ``"scalar"``: H₀ = γI, ``SCG(params, memory=20)``;
 * ``"diagonal"``: H₀ = γ_D Λ from the gradients' second moments, ``SCG(params, memory=20, diagonal_scaling=True)``;
@@ -43,7 +44,7 @@ from torch.utils.data import default_collate
 
 from moller_scg import distributed as _dist
 from moller_scg.input_checks import as_tensor_pair
-from moller_scg.kronecker import KroneckerFactors
+from moller_scg.kronecker import LOW_RANK_ABOVE, KroneckerFactors
 from moller_scg.scg import DEFAULT_MEMORY, SCG
 
 PRECONDITIONERS = ("scalar", "diagonal", "kronecker", "auto")
@@ -51,6 +52,12 @@ PRECONDITIONERS = ("scalar", "diagonal", "kronecker", "auto")
 
 AUTO_KRONECKER_LOSSES = ("cross_entropy", "mse")
 """The losses for which ``"auto"`` chooses K-FAC's H₀ (not the binary cross-entropy: lever 71's autoencoder)."""
+
+AUTO_FACTOR_WIDTH_MAX = LOW_RANK_ABOVE
+"""The widest factor ``"auto"`` lets K-FAC form whole: a layer's output factor G (its C outputs) and a convolution's
+input factor A (C_in·k·k + 1, formed whole since its positions give it more rows than columns) are dense float64
+matrices inverted at every refresh, so a wider one takes the diagonal H₀ instead (a 50,000-class head's G alone would
+hold 20 GB). ``"kronecker"`` forms them whatever their width."""
 
 
 def check_preconditioner(preconditioner: Any, optimizer: torch.optim.Optimizer | None, asks_for_products: bool) -> None:
@@ -137,21 +144,35 @@ def training_inputs(train_data: Any, dtype: torch.dtype | None = None) -> torch.
 def _auto_factors(
     model: nn.Module, train_data: Any, params: Sequence[torch.Tensor], loss: str, seed: int, distributed: bool | None
 ) -> KroneckerFactors | None:
-    """``"auto"``'s K-FAC factors over the model and its training inputs, or ``None`` where they cannot take them: an
-    ``IterableDataset`` (no samples to draw by index), a ``DataLoader`` with its own ``collate_fn``, or a
-    :meth:`~moller_scg.KroneckerFactors.refusal`."""
-    try:
-        factors: KroneckerFactors | None = KroneckerFactors(
-            model, training_inputs(train_data, params[0].dtype), loss=loss, seed=seed, distributed=distributed
-        )
-    except (TypeError, ValueError):
-        factors = None
+    """``"auto"``'s K-FAC factors over the model and its training inputs, or ``None`` where they cannot take them: a
+    factor wider than :data:`AUTO_FACTOR_WIDTH_MAX`, an ``IterableDataset`` (no samples to draw by index), a
+    ``DataLoader`` with its own ``collate_fn``, or a :meth:`~moller_scg.KroneckerFactors.refusal`."""
+    factors: KroneckerFactors | None = None
+    if _widest_factor(model, params) <= AUTO_FACTOR_WIDTH_MAX:
+        try:
+            inputs = training_inputs(train_data, params[0].dtype)
+            factors = KroneckerFactors(model, inputs, loss=loss, seed=seed, distributed=distributed)
+        except (TypeError, ValueError):
+            factors = None
     refused = factors is None or factors.refusal(list(params)) is not None
     if _dist.resolve_distributed(distributed, None):
         # Every rank asks the same of the same data; the ranks still agree, so that none is left with other steps
         # than the rest if its rounding put a gap on the other side of the tolerance.
         refused = bool(_dist.agree_on_max(int(refused), "the choice of H₀"))
     return None if refused else factors
+
+
+def _widest_factor(model: nn.Module, params: Sequence[torch.Tensor]) -> int:
+    """The widest factor K-FAC would form whole for the layers that hold ``params``: each layer's output factor, and
+    each convolution's input factor (:data:`AUTO_FACTOR_WIDTH_MAX`)."""
+    held = {id(p) for p in params}
+    widths = [0]
+    for module in model.modules():
+        if isinstance(module, (nn.Linear, nn.Conv2d)) and id(module.weight) in held:
+            widths.append(module.weight.shape[0])
+            if isinstance(module, nn.Conv2d):
+                widths.append(module.weight[0].numel() + (module.bias is not None))
+    return max(widths)
 
 
 def secant_optimizer(

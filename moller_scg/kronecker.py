@@ -312,7 +312,7 @@ class KroneckerFactors:
                 )
         except (ValueError, FloatingPointError) as error:
             return str(error)
-        except (TypeError, RuntimeError, AttributeError, KeyError, IndexError) as error:
+        except Exception as error:  # a probe: whatever stops the trial is the answer, not an error of the caller's
             # the factors cannot draw the inputs, or the model cannot run on them as the factors take them
             return f"KroneckerFactors: drawing {samples} training inputs and the forward on them raised {error!r}"
         finally:
@@ -393,12 +393,12 @@ class KroneckerFactors:
             raise RuntimeError("KroneckerFactors.refresh before bind: pass the factors to SCG(kronecker_factors=…)")
         chosen = torch.randperm(_sample_count(self.inputs), generator=self.generator)[: self.samples]
         sums = [_Sums() for _ in self._layers]
-        failure: ValueError | FloatingPointError | None = None
+        failure: Exception | None = None
         try:
             for start in range(0, len(chosen), self.batch_size):
                 batch = _gather(self.inputs, chosen[start : start + self.batch_size]).to(self.model_device())
                 self._accumulate(batch, sums, check_weights=not self._input_inverses and start == 0)
-        except (ValueError, FloatingPointError) as error:
+        except Exception as error:  # (re-raised below, after the ranks agree)
             failure = error
         if self.distributed:  # a rank that raises alone would leave the others waiting in the broadcast below
             failure = _agreed_failure(failure)
@@ -763,14 +763,22 @@ def _damped_inverse(factor: torch.Tensor, epsilon: float) -> torch.Tensor:
     return torch.from_numpy(0.5 * (inverse + inverse.T))
 
 
-_FAILURES: tuple[type[ValueError] | type[FloatingPointError], ...] = (ValueError, FloatingPointError)
-"""What a refresh's forwards may raise by name, in the order of the codes the ranks agree on (1, 2)."""
+_FAILURES: tuple[type[Exception], ...] = (ValueError, FloatingPointError, RuntimeError)
+"""The kinds of failure the ranks agree on, by code 1, 2, 3: a refusal by name, non-finite factors, anything else
+(an out-of-memory error, say)."""
 
 
-def _agreed_failure(failure: ValueError | FloatingPointError | None) -> ValueError | FloatingPointError | None:
+def _agreed_failure(failure: Exception | None) -> Exception | None:
     """The failure every rank raises when any rank's refresh failed (one tiny all-reduce of its kind): its own, or
-    one of the same kind that says another rank's forward raised."""
-    code = 0 if failure is None else 2 if isinstance(failure, FloatingPointError) else 1
+    one of the agreed kind that says another rank's refresh raised."""
+    if failure is None:
+        code = 0
+    elif isinstance(failure, FloatingPointError):
+        code = 2
+    elif isinstance(failure, ValueError):
+        code = 1
+    else:
+        code = 3
     agreed = _dist.agree_on_max(code, "a K-FAC refresh's failure")
     if agreed == 0 or (failure is not None and code == agreed):
         return failure

@@ -47,16 +47,15 @@ tensor holding true, …) stops the run (reason "callback")."""
 DEFAULT_MAX_FAIL: int | None = 50
 """``fit``'s default ``max_fail``: stop after this many successful steps without a new best validation loss.
 
-MATLAB's ``trainscg`` uses 6, which on small regressions stops on noise: in ``benchmarks/early_stopping.py`` (3
-problems × 5 seeds, 300 iterations of ``fit``'s default optimizer), with H₀ = γI (the default until K-FAC's H₀,
+MATLAB's ``trainscg`` uses 6, which on small regressions stops on noise: in ``benchmarks/early_stopping.py`` (3 problems
+× 5 seeds, 300 iterations of ``fit``'s default optimizer), with H₀ = γI (the default until K-FAC's H₀,
 ``benchmarks/results/early_stopping_gamma.txt``) 6 stopped after 9–210 iterations with a restored validation loss
 1.04–6.0× the best of the run, 25 lost up to 1.86× on one run, and 50 at most 1.011× while still stopping the
-overfitting problem after a median of 173 of 300 iterations. With K-FAC's H₀ (``early_stopping.txt``), which
-reaches its best validation loss sooner, 6 lost up to 4.3×, 50 lost more than 1 % on three of the 15 runs (1.06×,
-1.45× and 1.45×) and 100 on one (1.45×, the overfitting problem's seed 0, whose late best only ``None`` keeps), the
-overfitting problem stopped after a median of 92 (50) or 153 (100) iterations. 50 stays the default; pass
-``max_fail=100`` to wait longer. A stop costs ``max_fail`` iterations past the best; the weights of the best come
-back either way."""
+overfitting problem after a median of 173 of 300 iterations. With K-FAC's H₀ (``early_stopping.txt``), which reaches its
+best validation loss sooner, 6 lost up to 4.3×, 50 lost more than 1 % on four of the 15 runs (1.01×, 1.06×, 1.45× and
+1.45×) and 100 on one (1.45×, the overfitting problem's seed 0, whose late best only ``None`` keeps), the overfitting
+problem stopped after a median of 92 (50) or 153 (100) iterations. 50 stays the default; pass ``max_fail=100`` to wait
+longer. A stop costs ``max_fail`` iterations past the best; the weights of the best come back either way."""
 
 
 def fit(

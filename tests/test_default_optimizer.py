@@ -298,3 +298,43 @@ def test_a_dataloaders_dataset_gives_the_factors_the_same_inputs_as_its_tensors(
     optimizer = by_hand(twin, (x, y), "cross_entropy", "kronecker")
     reference = quiet_fit(twin, nn.CrossEntropyLoss(), loader, optimizer=optimizer, max_iter=8)
     assert history["loss"] == reference["loss"]
+
+
+def test_auto_leaves_a_factor_too_wide_to_invert_at_each_refresh_to_the_diagonal_h0():
+    from moller_scg.default_optimizer import AUTO_FACTOR_WIDTH_MAX
+
+    torch.manual_seed(0)
+    classes = AUTO_FACTOR_WIDTH_MAX + 1  # the head's output factor G would be (C × C), formed and inverted whole
+    model = nn.Sequential(nn.Linear(5, 6), nn.Tanh(), nn.Linear(6, classes)).double()
+    data = (torch.randn(40, 5, dtype=torch.float64), torch.randint(classes, (40,)))
+    params = list(model.parameters())
+    optimizer = default_optimizer(params, model, nn.CrossEntropyLoss(), data, "auto", False)
+    assert optimizer.defaults["diagonal_scaling"] and optimizer.kronecker_factors is None
+    narrower = nn.Sequential(nn.Linear(5, 6), nn.Tanh(), nn.Linear(6, AUTO_FACTOR_WIDTH_MAX)).double()
+    labels = torch.randint(AUTO_FACTOR_WIDTH_MAX, (40,))
+    kept = default_optimizer(
+        list(narrower.parameters()), narrower, nn.CrossEntropyLoss(), (data[0], labels), "auto", False
+    )
+    assert kept.kronecker_factors is not None  # at the bound, K-FAC's H₀
+    forced = default_optimizer(params, model, nn.CrossEntropyLoss(), data, "kronecker", False)
+    assert forced.kronecker_factors is not None  # named outright, whatever the width
+
+
+def test_a_forward_that_raises_anything_is_a_refusal_and_auto_chooses_the_diagonal_h0():
+    class Checked(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.layer = nn.Linear(5, 3).double()
+
+        def forward(self, x):
+            assert x.shape[0] > 8, "this model wants more than 8 samples a batch"
+            return self.layer(x)
+
+    torch.manual_seed(0)
+    model = Checked()
+    data = (torch.randn(40, 5, dtype=torch.float64), torch.randint(3, (40,)))
+    params = list(model.parameters())
+    factors = KroneckerFactors(model, data[0], loss="cross_entropy")
+    assert "AssertionError" in factors.refusal(params)
+    optimizer = default_optimizer(params, model, nn.CrossEntropyLoss(), data, "auto", False)
+    assert optimizer.defaults["diagonal_scaling"] and optimizer.kronecker_factors is None

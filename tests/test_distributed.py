@@ -292,23 +292,25 @@ def _scenarios(folder: Path) -> dict:
     finally:
         kronecker_module._Sums.factors = factors_of
 
-    # A refresh whose forward raises on one rank (the last) raises on every rank, of the same kind: none is left
-    # waiting in the broadcast.
-    def refused(*args):
-        raise ValueError("forced on this rank")
-
+    # A refresh whose forward raises on one rank (the last) raises on every rank: a refusal by name as a ValueError,
+    # anything else (an out-of-memory error, say; here a KeyError) as a RuntimeError. None is left waiting.
     check = kronecker_module._check_gradient_identity
-    if moller_dist.is_distributed() and moller_dist.rank() == moller_dist.world_size() - 1:
-        kronecker_module._check_gradient_identity = refused
-    results["kronecker_failure"] = None
-    try:
-        factors = KroneckerFactors(model, x, loss="cross_entropy", fraction=0.5)
-        factors.bind(list(model.parameters()))
-        factors.refresh()
-    except ValueError as error:
-        results["kronecker_failure"] = str(error)
-    finally:
-        kronecker_module._check_gradient_identity = check
+    for name, forced in (("kronecker_failure", ValueError), ("kronecker_other_failure", KeyError)):
+
+        def refused(*args, forced=forced):
+            raise forced("forced on this rank")
+
+        if moller_dist.is_distributed() and moller_dist.rank() == moller_dist.world_size() - 1:
+            kronecker_module._check_gradient_identity = refused
+        results[name] = None
+        try:
+            factors = KroneckerFactors(model, x, loss="cross_entropy", fraction=0.5)
+            factors.bind(list(model.parameters()))
+            factors.refresh()
+        except (ValueError, KeyError, RuntimeError) as error:
+            results[name] = f"{type(error).__name__}: {error}"
+        finally:
+            kronecker_module._check_gradient_identity = check
     return results
 
 
@@ -397,11 +399,13 @@ def test_ranks_follow_the_single_process_trajectory_and_stay_bitwise_equal(world
         for other in ranks[1:]:
             _assert_bitwise_equal(other[key], ranks[0][key])
     assert all(r["kronecker_wide_kinds"] == ["eigen", "matrix"] for r in [single_process, *ranks])
-    assert single_process["kronecker_failure"] is None and ranks[-1]["kronecker_failure"] == "forced on this rank"
-    assert all(
-        r["kronecker_failure"].startswith("KroneckerFactors: another rank's refresh raised ValueError")
-        for r in ranks[:-1]
-    )
+    for name, own, other in (
+        ("kronecker_failure", "ValueError: forced on this rank", "ValueError"),
+        ("kronecker_other_failure", "KeyError: 'forced on this rank'", "RuntimeError"),
+    ):
+        assert single_process[name] is None and ranks[-1][name] == own
+        prefix = f"{other}: KroneckerFactors: another rank's refresh raised {other}"
+        assert all(r[name].startswith(prefix) for r in ranks[:-1]), [r[name] for r in ranks]
     # Subsampled curvature: the ranks' subsets differ from one process's, but every rank gets the same bits of the
     # mean over the union of the ranks' chosen samples.
     for rank in ranks:
