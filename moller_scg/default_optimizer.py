@@ -26,9 +26,9 @@ dense and 784 wide (its factors lost in time there, lever 71). Raced as one row,
 on the AVX-512 machine type, in the races of its rows and in full races of the whole table (levers 73 and 74).
 
 Under ``torch.distributed`` every rank is given the whole training set (``fit`` shards it for the passes), so every
-rank draws the same samples for K-FAC's factors, forms the same factors, and then takes rank 0's bits of their
-inverses (:func:`moller_scg.distributed.broadcast_from_main`): the ranks' steps stay bitwise equal, and follow one
-process's trajectory. The refresh is not sharded: each rank forms the factors over all of the draw.
+rank draws the same samples for K-FAC's factors, forms the same factors, and then takes rank 0's bits of them
+(:func:`moller_scg.distributed.broadcast_from_main`), so the damping, the inverses and the ranks' steps stay bitwise
+equal and follow one process's trajectory. The refresh is not sharded: each rank forms the factors over all of the draw.
 """
 
 from __future__ import annotations
